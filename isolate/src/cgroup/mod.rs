@@ -1,0 +1,332 @@
+//! cgroups: one [`CgroupBackend`] trait over v1 and v2, picked at run time.
+//!
+//! A small backend of our own rather than `cgroups-rs`: cgroups-rs hard-codes the v2 mount at
+//! /sys/fs/cgroup (no hybrid `unified` tree, no fake tree for tests), cannot hand out the directory
+//! fd that clone3's CLONE_INTO_CGROUP needs, cannot kill a v1 group, and re-reads mountinfo for
+//! every group. What a sandbox needs is a dozen file writes, kept here.
+
+mod v1;
+mod v2;
+
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::os::fd::RawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+pub use v1::V1;
+pub use v2::V2;
+
+use crate::error::{IsolateError, Result};
+use crate::spec::Limits;
+
+/// Which cgroup hierarchy the host gives us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CgroupVersion {
+    V1,
+    V2,
+}
+
+impl fmt::Display for CgroupVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CgroupVersion::V1 => "v1",
+            CgroupVersion::V2 => "v2",
+        })
+    }
+}
+
+/// How to choose the hierarchy.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CgroupMode {
+    /// v2 if /sys/fs/cgroup is a cgroup2 mount, else the v1 controllers found in mountinfo.
+    #[default]
+    Auto,
+    V1,
+    /// A cgroup2 hierarchy mounted at this path (e.g. /sys/fs/cgroup/unified on a hybrid host).
+    V2At(PathBuf),
+}
+
+/// Resource accounting of one group.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CgroupUsage {
+    pub peak_memory_bytes: Option<u64>,
+    pub cpu_time: Option<Duration>,
+    pub oom_kills: u64,
+}
+
+/// A hierarchy with our root in it; makes one group per sandbox.
+pub trait CgroupBackend: Send + Sync + fmt::Debug {
+    fn version(&self) -> CgroupVersion;
+    /// Creates `<root>/<leaf>` with the limits applied.
+    fn create(&self, leaf: &str, limits: &Limits) -> Result<Box<dyn SandboxCgroup>>;
+    /// Kills and removes every group under the root (what a crashed predecessor left).
+    fn reap_stale(&self) -> Result<usize>;
+    /// Removes the root itself if it is empty.
+    fn remove_root(&self) -> Result<()>;
+    /// Where the root lives, for messages.
+    fn root_display(&self) -> String;
+}
+
+/// One sandbox's group.
+pub trait SandboxCgroup: Send + Sync + fmt::Debug {
+    /// v1: the `cgroup.procs` files the child writes "0" into to join.
+    fn join_files(&self) -> Vec<PathBuf>;
+    /// v2: a directory fd for clone3's CLONE_INTO_CGROUP.
+    fn clone_into_fd(&self) -> Option<RawFd>;
+    fn usage(&self) -> CgroupUsage;
+    /// Whether any process is still in the group.
+    fn populated(&self) -> Result<bool>;
+    /// Kills every process in the group (cgroup.kill on v2; freeze, kill, thaw on v1).
+    fn kill_all(&self) -> Result<()>;
+    /// Removes the group; call after the processes are gone.
+    fn remove(&mut self) -> Result<()>;
+    fn path_display(&self) -> String;
+}
+
+/// Picks the backend for this host.
+pub fn detect(mode: &CgroupMode, root: &str) -> Result<Box<dyn CgroupBackend>> {
+    validate_root(root)?;
+    match mode {
+        CgroupMode::V2At(mount) => Ok(Box::new(V2::new(mount.clone(), root)?)),
+        CgroupMode::V1 => Ok(Box::new(V1::from_mountinfo(&read_mountinfo()?, root)?)),
+        CgroupMode::Auto => {
+            if is_cgroup2_mount(Path::new("/sys/fs/cgroup")) {
+                Ok(Box::new(V2::new("/sys/fs/cgroup".into(), root)?))
+            } else {
+                Ok(Box::new(V1::from_mountinfo(&read_mountinfo()?, root)?))
+            }
+        }
+    }
+}
+
+fn validate_root(root: &str) -> Result<()> {
+    let ok = !root.is_empty()
+        && !root.starts_with('/')
+        && root
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..")
+        && !root.contains("process_api");
+    if ok {
+        Ok(())
+    } else {
+        Err(IsolateError::CgroupDetect(format!(
+            "cgroup root {root:?} must be a relative path like \"fnlet\""
+        )))
+    }
+}
+
+/// statfs magic check: is `path` a cgroup2 mount?
+pub fn is_cgroup2_mount(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+}
+
+/// One cgroup mount from /proc/self/mountinfo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgroupMount {
+    pub mount_point: PathBuf,
+    /// Path of the mount's root inside the hierarchy (non-"/" inside a cgroup namespace).
+    pub root: String,
+    pub v2: bool,
+    /// v1 controllers bound to this mount.
+    pub controllers: Vec<String>,
+}
+
+fn read_mountinfo() -> Result<Vec<CgroupMount>> {
+    let path = Path::new("/proc/self/mountinfo");
+    let text = fs::read_to_string(path).map_err(|source| IsolateError::Read {
+        path: path.into(),
+        source,
+    })?;
+    Ok(parse_mountinfo(&text))
+}
+
+/// Parses the cgroup lines of a mountinfo file; other lines and malformed ones are skipped.
+pub fn parse_mountinfo(text: &str) -> Vec<CgroupMount> {
+    text.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let left: Vec<&str> = left.split(' ').collect();
+            let mut right = right.split(' ');
+            let fstype = right.next()?;
+            let _source = right.next()?;
+            let super_opts = right.next().unwrap_or("");
+            let (root, mount_point) = (left.get(3)?, left.get(4)?);
+            let v2 = match fstype {
+                "cgroup2" => true,
+                "cgroup" => false,
+                _ => return None,
+            };
+            Some(CgroupMount {
+                mount_point: PathBuf::from(unescape(mount_point)),
+                root: unescape(root),
+                v2,
+                controllers: if v2 {
+                    Vec::new()
+                } else {
+                    super_opts
+                        .split(',')
+                        .filter(|o| !o.contains('=') && *o != "rw" && *o != "ro")
+                        .map(String::from)
+                        .collect()
+                },
+            })
+        })
+        .collect()
+}
+
+/// mountinfo escapes space, tab, newline and backslash as \ooo.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 4 <= b.len() {
+            let oct = &s[i + 1..i + 4];
+            if let Ok(v) = u8::from_str_radix(oct, 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+// ---- helpers shared by v1 and v2 ----
+
+pub(crate) fn write_file(dir: &Path, file: &str, value: &str) -> Result<()> {
+    let path = dir.join(file);
+    // O_CREAT is harmless on cgroupfs (the file exists or the open fails) and lets fake trees work.
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .map_err(|source| IsolateError::Cgroup {
+            op: "open",
+            path: path.clone(),
+            source,
+        })?;
+    f.write_all(value.as_bytes())
+        .map_err(|source| IsolateError::Cgroup {
+            op: "write",
+            path,
+            source,
+        })
+}
+
+pub(crate) fn read_file(dir: &Path, file: &str) -> Option<String> {
+    fs::read_to_string(dir.join(file)).ok()
+}
+
+pub(crate) fn read_u64(dir: &Path, file: &str) -> Option<u64> {
+    read_file(dir, file)?.trim().parse().ok()
+}
+
+/// The value of `key` in a flat-keyed file such as memory.events or cpu.stat.
+pub(crate) fn keyed(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
+pub(crate) fn mkdir(path: &Path) -> Result<()> {
+    match fs::create_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(IsolateError::Cgroup {
+            op: "mkdir",
+            path: path.into(),
+            source,
+        }),
+    }
+}
+
+/// rmdir, retried briefly: a group stays busy for a moment after its last process is reaped.
+pub(crate) fn rmdir(path: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match fs::remove_dir(path) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(source) => {
+                return Err(IsolateError::Cgroup {
+                    op: "rmdir",
+                    path: path.into(),
+                    source,
+                });
+            }
+        }
+    }
+}
+
+/// Sub-directories (child groups) of a cgroup directory.
+pub(crate) fn child_dirs(path: &Path) -> Vec<PathBuf> {
+    fs::read_dir(path)
+        .map(|it| {
+            it.filter_map(|e| e.ok())
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub(crate) fn procs(dir: &Path) -> Vec<i32> {
+    read_file(dir, "cgroup.procs")
+        .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+35 25 0:30 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw
+36 25 0:31 / /sys/fs/cgroup/cpu rw,relatime shared:11 - cgroup cgroup rw,cpu
+37 25 0:32 / /sys/fs/cgroup/cpuacct rw,relatime shared:12 - cgroup cgroup rw,cpuacct
+38 25 0:33 / /sys/fs/cgroup/memory rw,relatime shared:13 - cgroup cgroup rw,memory
+39 25 0:34 / /sys/fs/cgroup/name\\040with\\040space rw - cgroup cgroup rw,pids,freezer
+40 25 0:35 / /proc rw - proc proc rw
+garbage line without separator";
+
+    #[test]
+    fn parses_hybrid_mountinfo() {
+        let m = parse_mountinfo(HYBRID);
+        assert_eq!(m.len(), 5);
+        assert!(m[0].v2 && m[0].mount_point == Path::new("/sys/fs/cgroup/unified"));
+        assert_eq!(m[1].controllers, vec!["cpu"]);
+        assert_eq!(
+            m[4].mount_point,
+            Path::new("/sys/fs/cgroup/name with space")
+        );
+        assert_eq!(m[4].controllers, vec!["pids", "freezer"]);
+    }
+
+    #[test]
+    fn refuses_roots_that_escape() {
+        for bad in ["", "/abs", "a/../b", "process_api/x", "a//b"] {
+            assert!(validate_root(bad).is_err(), "{bad:?}");
+        }
+        validate_root("fnlet/test-1").unwrap();
+    }
+
+    #[test]
+    fn keyed_files() {
+        assert_eq!(keyed("low 0\noom 2\noom_kill 1\n", "oom_kill"), Some(1));
+        assert_eq!(keyed("usage_usec 123\n", "missing"), None);
+    }
+}

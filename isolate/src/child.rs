@@ -1,0 +1,287 @@
+//! The code that runs between clone and exec.
+//!
+//! The first child is pid 1 of the new pid namespace. It joins its cgroup, builds the root,
+//! drops every privilege, loads seccomp, then forks the function and stays as a tiny init: it
+//! reaps zombies, forwards signals, and reports the function's wait status before it exits (its
+//! exit tears down the pid namespace, so nothing the function started survives it).
+//!
+//! The agent is multi-threaded: everything here was prepared by the parent, and this code makes
+//! only system calls (no allocation, no locks) until exec.
+
+use std::ffi::CString;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use nix::errno::Errno;
+
+use crate::error::Step;
+use crate::rootfs::Plan;
+use crate::sys;
+
+/// Size of a failure record on the report pipe: kind, step, index, errno.
+pub const RECORD_LEN: usize = 16;
+pub const KIND_PLAN: u32 = 1;
+pub const KIND_STEP: u32 = 2;
+
+/// Signals the init passes on to the function.
+pub const FORWARDED: [libc::c_int; 8] = [
+    libc::SIGHUP,
+    libc::SIGINT,
+    libc::SIGQUIT,
+    libc::SIGTERM,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGWINCH,
+    libc::SIGCONT,
+];
+
+/// Everything the child needs, made ready by the parent.
+pub struct Prepared {
+    pub join_files: Vec<CString>,
+    pub plan: Plan,
+    pub hostname: CString,
+    pub rlimits: Vec<(libc::__rlimit_resource_t, u64)>,
+    pub uid: u32,
+    pub gid: u32,
+    pub bounding: Vec<caps::Capability>,
+    /// Capabilities the running kernel has beyond what the `caps` crate knows.
+    pub bounding_extra: Vec<u8>,
+    pub bpf: Arc<Vec<libc::sock_filter>>,
+    /// Sources for fds 0, 1, 2 (None: keep the parent's).
+    pub stdio: [Option<RawFd>; 3],
+    pub cwd: CString,
+    pub exec_paths: Vec<CString>,
+    pub argv: Vec<*const libc::c_char>,
+    pub envp: Vec<*const libc::c_char>,
+    pub report_fd: RawFd,
+    pub status_fd: RawFd,
+    pub die_with_parent: bool,
+    pub signals: libc::sigset_t,
+}
+
+fn fail(p: &Prepared, kind: u32, step: Step, index: u32, errno: Errno) -> ! {
+    let mut rec = [0u8; RECORD_LEN];
+    rec[0..4].copy_from_slice(&kind.to_ne_bytes());
+    rec[4..8].copy_from_slice(&(step as u32).to_ne_bytes());
+    rec[8..12].copy_from_slice(&index.to_ne_bytes());
+    rec[12..16].copy_from_slice(&(errno as i32).to_ne_bytes());
+    sys::write_record(p.report_fd, &rec);
+    sys::exit_now(1)
+}
+
+fn check(p: &Prepared, step: Step, ret: libc::c_int) {
+    if ret < 0 {
+        fail(p, KIND_STEP, step, 0, Errno::last());
+    }
+}
+
+fn check_r<T>(p: &Prepared, step: Step, r: Result<T, Errno>) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => fail(p, KIND_STEP, step, 0, e),
+    }
+}
+
+/// Entry of the cloned child. Never returns.
+pub fn run(p: &Prepared) -> ! {
+    // SAFETY: umask only changes this process's file-creation mask.
+    unsafe { libc::umask(0) };
+    if p.die_with_parent {
+        check_r(
+            p,
+            Step::SetDumpable,
+            sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong),
+        );
+    }
+
+    // Join the cgroup first, so the new cgroup namespace is rooted at it.
+    for (i, f) in p.join_files.iter().enumerate() {
+        // SAFETY: f is NUL-terminated; the fd is closed below.
+        let fd = unsafe { libc::open(f.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+        // SAFETY: writing two bytes from a static buffer to our own fd.
+        if fd < 0 || unsafe { libc::write(fd, c"0".as_ptr().cast(), 1) } < 0 {
+            fail(p, KIND_STEP, Step::JoinCgroup, i as u32, Errno::last());
+        }
+        // SAFETY: fd is ours.
+        unsafe { libc::close(fd) };
+    }
+    // SAFETY: unshare only affects this process.
+    check(p, Step::UnshareCgroupNs, unsafe {
+        libc::unshare(libc::CLONE_NEWCGROUP)
+    });
+
+    if let Err((step, index, errno)) = p.plan.run() {
+        fail(p, KIND_PLAN, step, index, errno);
+    }
+
+    // SAFETY: the hostname buffer is valid for its length.
+    check(p, Step::SetHostname, unsafe {
+        libc::sethostname(p.hostname.as_ptr(), p.hostname.as_bytes().len())
+    });
+    check_r(p, Step::LoopbackUp, sys::loopback_up());
+
+    for (i, &(resource, value)) in p.rlimits.iter().enumerate() {
+        let lim = libc::rlimit {
+            rlim_cur: value,
+            rlim_max: value,
+        };
+        // SAFETY: lim is a valid rlimit.
+        if unsafe { libc::setrlimit(resource, &lim) } < 0 {
+            fail(p, KIND_STEP, Step::SetRlimit, i as u32, Errno::last());
+        }
+    }
+
+    drop_privileges(p);
+
+    // Block what init waits for, before the function exists, so no signal is lost.
+    // SAFETY: the sigset was built by the parent with sigemptyset/sigaddset.
+    check(p, Step::BlockSignals, unsafe {
+        libc::sigprocmask(libc::SIG_BLOCK, &p.signals, std::ptr::null_mut())
+    });
+    // SAFETY: restoring the default SIGCHLD disposition (the agent may have changed it).
+    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
+
+    check_r(p, Step::Seccomp, sys::seccomp_load(&p.bpf));
+
+    match sys::fork_raw() {
+        Err(e) => fail(p, KIND_STEP, Step::ForkWorker, 0, e),
+        Ok(sys::Forked::Child) => worker(p),
+        Ok(sys::Forked::Parent { pid, .. }) => init(p, pid),
+    }
+}
+
+fn drop_privileges(p: &Prepared) {
+    // SAFETY: setgroups with an empty list.
+    check(p, Step::SetGroups, unsafe {
+        libc::setgroups(0, std::ptr::null())
+    });
+    // SAFETY: plain ids.
+    check(p, Step::SetGid, unsafe {
+        libc::setresgid(p.gid, p.gid, p.gid)
+    });
+    // The bounding set needs CAP_SETPCAP, so it goes before the uid change.
+    for &cap in &p.bounding {
+        check_r(
+            p,
+            Step::DropCapabilities,
+            caps::drop(None, caps::CapSet::Bounding, cap).map_err(|_| Errno::last()),
+        );
+    }
+    for &cap in &p.bounding_extra {
+        check_r(p, Step::DropCapabilities, sys::capbset_drop(cap));
+    }
+    check_r(
+        p,
+        Step::DropCapabilities,
+        caps::clear(None, caps::CapSet::Ambient).map_err(|_| Errno::last()),
+    );
+    check_r(
+        p,
+        Step::DropCapabilities,
+        caps::clear(None, caps::CapSet::Inheritable).map_err(|_| Errno::last()),
+    );
+    // SAFETY: plain ids. Leaving uid 0 without SECBIT_KEEP_CAPS empties permitted and effective.
+    check(p, Step::SetUid, unsafe {
+        libc::setresuid(p.uid, p.uid, p.uid)
+    });
+    check_r(
+        p,
+        Step::DropCapabilities,
+        caps::clear(None, caps::CapSet::Permitted).map_err(|_| Errno::last()),
+    );
+    check_r(
+        p,
+        Step::NoNewPrivs,
+        sys::prctl(libc::PR_SET_NO_NEW_PRIVS, 1),
+    );
+    // Keeps the function (same uid) out of init's /proc entries and memory.
+    check_r(p, Step::SetDumpable, sys::prctl(libc::PR_SET_DUMPABLE, 0));
+}
+
+/// The function process: stdio, a clean signal state, and exec.
+fn worker(p: &Prepared) -> ! {
+    // SAFETY: an empty set unblocks everything; exec keeps the mask, so it must be clean.
+    unsafe {
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+    }
+    // Ignored signals stay ignored across exec (Rust ignores SIGPIPE): reset them.
+    for sig in 1..32 {
+        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            // SAFETY: setting a default disposition is always valid.
+            unsafe { libc::signal(sig, libc::SIG_DFL) };
+        }
+    }
+    for (target, src) in p.stdio.iter().enumerate() {
+        if let Some(src) = *src {
+            // SAFETY: src is an open fd (>= 3) prepared by the parent.
+            check(p, Step::Stdio, unsafe {
+                libc::dup2(src, target as libc::c_int)
+            });
+        }
+    }
+    // Nothing of the agent's may reach the function: every other fd closes at exec.
+    check_r(
+        p,
+        Step::Stdio,
+        sys::close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC),
+    );
+    // SAFETY: cwd is NUL-terminated.
+    check(p, Step::Chdir, unsafe { libc::chdir(p.cwd.as_ptr()) });
+
+    let mut first_err: Option<(u32, Errno)> = None;
+    for (i, path) in p.exec_paths.iter().enumerate() {
+        // SAFETY: argv and envp are NULL-terminated arrays of pointers into CStrings the parent
+        // keeps alive in `Prepared`.
+        unsafe { libc::execve(path.as_ptr(), p.argv.as_ptr(), p.envp.as_ptr()) };
+        let e = Errno::last();
+        // Like execvpe: keep searching PATH past "not here", but report the first real error.
+        let not_here = |e: Errno| matches!(e, Errno::ENOENT | Errno::ENOTDIR);
+        match first_err {
+            None => first_err = Some((i as u32, e)),
+            Some((_, prev)) if not_here(prev) && !not_here(e) => first_err = Some((i as u32, e)),
+            _ => {}
+        }
+        if !matches!(e, Errno::ENOENT | Errno::ENOTDIR | Errno::EACCES) {
+            break;
+        }
+    }
+    let (index, errno) = first_err.unwrap_or((0, Errno::ENOENT));
+    fail(p, KIND_STEP, Step::Exec, index, errno)
+}
+
+/// pid 1: reap, forward, report.
+fn init(p: &Prepared, worker: libc::pid_t) -> ! {
+    // Keep only the status pipe. The function's exec makes the report pipe's other copy go away,
+    // and this copy must go too so the parent sees EOF.
+    let keep = p.status_fd as u32;
+    if keep > 0 {
+        let _ = sys::close_range(0, keep - 1, 0);
+    }
+    let _ = sys::close_range(keep + 1, u32::MAX, 0);
+
+    loop {
+        // SAFETY: siginfo is plain data filled by the kernel.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: the set is valid and blocked in this process.
+        let sig = unsafe { libc::sigwaitinfo(&p.signals, &mut info) };
+        if sig == libc::SIGCHLD {
+            loop {
+                let mut status = 0;
+                // SAFETY: status is a valid out-pointer.
+                let r = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+                if r == worker {
+                    sys::write_record(p.status_fd, &status.to_ne_bytes());
+                    sys::exit_now(0);
+                }
+                if r <= 0 {
+                    break;
+                }
+            }
+        } else if sig > 0 {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(worker, sig) };
+        }
+    }
+}

@@ -1,0 +1,629 @@
+//! isolate: run one program as a sandboxed function instance.
+//!
+//! ```no_run
+//! # async fn demo() -> isolate::Result<()> {
+//! use isolate::{Isolator, IsolatorConfig, SandboxSpec};
+//! let isolator = Isolator::new(IsolatorConfig::default())?;
+//! let spec = SandboxSpec { program: "/var/task/bootstrap".into(), bundle: Some("/srv/fn".into()), ..Default::default() };
+//! let mut sandbox = isolator.spawn(&spec)?;
+//! let outcome = sandbox.wait().await?;
+//! println!("{:?}, peak {:?} bytes", outcome.status, outcome.peak_memory_bytes);
+//! # Ok(()) }
+//! ```
+//!
+//! Each sandbox is a process in new pid, mount, ipc, uts, cgroup and network namespaces (only
+//! `lo`, up), in its own cgroup (memory with swap off, cpu, pids), with a fresh read-only root
+//! (pivot_root) holding the bundle at /var/task, read-only host runtime directories, a masked
+//! /proc, a minimal /dev and a size-limited /tmp. It runs as an unprivileged uid with no
+//! supplementary groups, every capability dropped from all five sets, no_new_privs and a seccomp
+//! filter.
+//!
+//! **pid 1:** the function does not run as pid 1. A small init (a fork of the spawning process,
+//! no exec) is pid 1: it reaps zombies, forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT/SIGUSR1/SIGUSR2/
+//! SIGWINCH/SIGCONT, and reports the function's exit status. When the function exits, the init
+//! exits and the kernel kills whatever else is left in the pid namespace.
+//!
+//! All `unsafe` code of fnlet lives in this crate.
+
+pub mod cgroup;
+mod child;
+mod error;
+mod rootfs;
+pub mod seccomp;
+mod spec;
+mod sys;
+
+use std::ffi::CString;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+pub use cgroup::{CgroupMode, CgroupUsage, CgroupVersion};
+pub use error::{IsolateError, Result, Step};
+pub use spec::{Bind, Limits, SandboxSpec, Stdio, StdioSpec, TASK_ROOT, default_runtime_binds};
+
+use child::Prepared;
+use rootfs::Plan;
+
+/// How an [`Isolator`] finds and names its cgroups.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IsolatorConfig {
+    /// Our root below each hierarchy's mount, e.g. `fnlet`; under systemd, the unit's delegated
+    /// subtree.
+    pub cgroup_root: String,
+    pub cgroup_mode: CgroupMode,
+}
+
+impl Default for IsolatorConfig {
+    fn default() -> Self {
+        IsolatorConfig {
+            cgroup_root: "fnlet".into(),
+            cgroup_mode: CgroupMode::Auto,
+        }
+    }
+}
+
+/// Creates sandboxes. Holds what is the same for every spawn: the cgroup backend, the compiled
+/// seccomp filter and the capability list.
+#[derive(Debug)]
+pub struct Isolator {
+    cgroups: Box<dyn cgroup::CgroupBackend>,
+    bpf: Arc<Vec<libc::sock_filter>>,
+    bounding: Vec<caps::Capability>,
+    bounding_extra: Vec<u8>,
+    seq: AtomicU64,
+}
+
+/// How the function ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExitStatus {
+    Exited(i32),
+    Signaled(i32),
+}
+
+impl ExitStatus {
+    fn from_raw(status: i32) -> ExitStatus {
+        if libc::WIFSIGNALED(status) {
+            ExitStatus::Signaled(libc::WTERMSIG(status))
+        } else {
+            ExitStatus::Exited(libc::WEXITSTATUS(status))
+        }
+    }
+
+    pub fn success(&self) -> bool {
+        *self == ExitStatus::Exited(0)
+    }
+
+    /// The shell's convention: the exit code, or 128 + signal.
+    pub fn code(&self) -> i32 {
+        match *self {
+            ExitStatus::Exited(c) => c,
+            ExitStatus::Signaled(s) => 128 + s,
+        }
+    }
+}
+
+/// What [`Sandbox::wait`] reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outcome {
+    pub status: ExitStatus,
+    /// The memory cgroup killed something in the sandbox.
+    pub oom_killed: bool,
+    pub peak_memory_bytes: Option<u64>,
+    pub cpu_time: Option<Duration>,
+    pub wall_time: Duration,
+}
+
+impl Isolator {
+    pub fn new(config: IsolatorConfig) -> Result<Isolator> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(IsolateError::sys(
+                "creating sandboxes (needs root)",
+                Errno::EPERM,
+            ));
+        }
+        let cgroups = cgroup::detect(&config.cgroup_mode, &config.cgroup_root)?;
+        let bpf = Arc::new(seccomp::compile()?);
+        let last = sys::cap_last_cap();
+        let mut bounding: Vec<caps::Capability> = caps::all()
+            .into_iter()
+            .filter(|c| c.index() <= last)
+            .collect();
+        bounding.sort_by_key(|c| c.index());
+        let known = bounding.iter().map(|c| c.index()).max().unwrap_or(0);
+        let bounding_extra = (known + 1..=last).collect();
+        Ok(Isolator {
+            cgroups,
+            bpf,
+            bounding,
+            bounding_extra,
+            seq: AtomicU64::new(0),
+        })
+    }
+
+    pub fn cgroup_version(&self) -> CgroupVersion {
+        self.cgroups.version()
+    }
+
+    /// Where this isolator's cgroups live.
+    pub fn cgroup_root(&self) -> String {
+        self.cgroups.root_display()
+    }
+
+    /// Kills and removes every sandbox cgroup under our root: what a crashed predecessor left.
+    pub fn reap_stale(&self) -> Result<usize> {
+        self.cgroups.reap_stale()
+    }
+
+    /// Removes our (empty) cgroup root; call at shutdown.
+    pub fn remove_root(&self) -> Result<()> {
+        self.cgroups.remove_root()
+    }
+
+    /// Starts a sandbox. Returns once the function has been exec'd, or with the step that failed.
+    pub fn spawn(&self, spec: &SandboxSpec) -> Result<Sandbox> {
+        spec.validate()?;
+        let plan = Plan::build(spec)?;
+        let leaf = format!(
+            "{}-{}-{}",
+            spec.name,
+            std::process::id(),
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut cgroup = self.cgroups.create(&leaf, &spec.limits)?;
+        match self.spawn_in(spec, plan, cgroup.as_ref()) {
+            Ok(mut sb) => {
+                sb.cgroup = Some(cgroup);
+                Ok(sb)
+            }
+            Err(e) => {
+                let _ = cgroup.kill_all();
+                let _ = cgroup.remove();
+                Err(e)
+            }
+        }
+    }
+
+    fn spawn_in(
+        &self,
+        spec: &SandboxSpec,
+        plan: Plan,
+        cgroup: &dyn cgroup::SandboxCgroup,
+    ) -> Result<Sandbox> {
+        let started = Instant::now();
+        let (stdin_child, stdin_parent) = stdio_pair(spec.stdio.stdin, true)?;
+        let (stdout_child, stdout_parent) = stdio_pair(spec.stdio.stdout, false)?;
+        let (stderr_child, stderr_parent) = stdio_pair(spec.stdio.stderr, false)?;
+        let (report_r, report_w) = pipe()?;
+        let (status_r, status_w) = pipe()?;
+
+        let cs = |s: &str| {
+            CString::new(s).map_err(|_| IsolateError::InvalidSpec {
+                field: "args",
+                reason: "NUL byte".into(),
+            })
+        };
+        let argv_owned: Vec<CString> = std::iter::once(spec.program.as_str())
+            .chain(spec.args.iter().map(String::as_str))
+            .map(cs)
+            .collect::<Result<_>>()?;
+        let envp_owned: Vec<CString> = spec
+            .env
+            .iter()
+            .map(|(k, v)| cs(&format!("{k}={v}")))
+            .collect::<Result<_>>()?;
+        let exec_paths: Vec<CString> = exec_candidates(spec)
+            .iter()
+            .map(|p| cs(p))
+            .collect::<Result<_>>()?;
+        let join_files: Vec<CString> = cgroup
+            .join_files()
+            .iter()
+            .map(|p| {
+                CString::new(p.as_os_str().as_encoded_bytes())
+                    .map_err(|_| IsolateError::Protocol("cgroup path"))
+            })
+            .collect::<Result<_>>()?;
+
+        let ptrs = |v: &[CString]| {
+            v.iter()
+                .map(|c| c.as_ptr())
+                .chain(std::iter::once(std::ptr::null()))
+                .collect()
+        };
+        // SAFETY: sigset_t is plain data; sigemptyset initialises it.
+        let mut signals: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: signals is a valid sigset_t; the signal numbers are valid.
+        unsafe {
+            libc::sigemptyset(&mut signals);
+            libc::sigaddset(&mut signals, libc::SIGCHLD);
+            for s in child::FORWARDED {
+                libc::sigaddset(&mut signals, s);
+            }
+        }
+        let prepared = Prepared {
+            join_files,
+            plan,
+            hostname: cs(&spec.name)?,
+            rlimits: vec![
+                (libc::RLIMIT_CORE, 0),
+                (libc::RLIMIT_NOFILE, spec.limits.nofile),
+                (libc::RLIMIT_MEMLOCK, 64 << 10),
+                (libc::RLIMIT_RTPRIO, 0),
+                (libc::RLIMIT_NICE, 0),
+                (libc::RLIMIT_MSGQUEUE, 0),
+            ],
+            uid: spec.uid,
+            gid: spec.gid,
+            bounding: self.bounding.clone(),
+            bounding_extra: self.bounding_extra.clone(),
+            bpf: self.bpf.clone(),
+            stdio: [
+                stdin_child.as_ref().map(|f| f.as_raw_fd()),
+                stdout_child.as_ref().map(|f| f.as_raw_fd()),
+                stderr_child.as_ref().map(|f| f.as_raw_fd()),
+            ],
+            cwd: cs(&spec.cwd)?,
+            argv: ptrs(&argv_owned),
+            envp: ptrs(&envp_owned),
+            exec_paths,
+            report_fd: report_w.as_raw_fd(),
+            status_fd: status_w.as_raw_fd(),
+            die_with_parent: spec.die_with_parent,
+            signals,
+        };
+
+        let flags = (libc::CLONE_NEWPID
+            | libc::CLONE_NEWNS
+            | libc::CLONE_NEWIPC
+            | libc::CLONE_NEWUTS
+            | libc::CLONE_NEWNET) as u64;
+        // SAFETY: the child runs only `child::run`, which makes system calls on data prepared
+        // above and never returns (it execs or _exits).
+        let forked = unsafe { sys::clone3(flags, cgroup.clone_into_fd()) }
+            .map_err(|e| IsolateError::sys("clone3", e))?;
+        let (pid, pidfd) = match forked {
+            sys::Forked::Child => child::run(&prepared),
+            sys::Forked::Parent { pid, pidfd } => (pid, pidfd),
+        };
+        let pidfd = match pidfd {
+            Some(fd) => fd,
+            None => sys::pidfd_open(pid).map_err(|e| IsolateError::sys("pidfd_open", e))?,
+        };
+        // Our copies of the child's ends must close, or the pipes never report EOF.
+        drop((report_w, status_w, stdin_child, stdout_child, stderr_child));
+
+        let mut sandbox = Sandbox {
+            pid,
+            pidfd,
+            status_r,
+            cgroup: None,
+            stdin: stdin_parent,
+            stdout: stdout_parent,
+            stderr: stderr_parent,
+            outcome: None,
+            started,
+        };
+        let mut rec = [0u8; child::RECORD_LEN];
+        let n = read_full(&report_r, &mut rec)
+            .map_err(|e| IsolateError::sys("read sandbox report", e))?;
+        drop((argv_owned, envp_owned));
+        if n == 0 {
+            return Ok(sandbox);
+        }
+        // The child failed before exec: reap it and say where.
+        let _ = sandbox.reap_blocking();
+        sandbox.outcome = Some(sandbox.outcome_placeholder());
+        if n != child::RECORD_LEN {
+            return Err(IsolateError::Protocol(
+                "short failure record from sandbox child",
+            ));
+        }
+        let word = |i: usize| u32::from_ne_bytes([rec[i], rec[i + 1], rec[i + 2], rec[i + 3]]);
+        let (kind, step, index, errno) = (word(0), word(4), word(8) as usize, word(12) as i32);
+        let step =
+            Step::from_u32(step).ok_or(IsolateError::Protocol("unknown step in failure record"))?;
+        let detail = if kind == child::KIND_PLAN {
+            prepared.plan.describe(index)
+        } else {
+            match step {
+                Step::Exec => prepared
+                    .exec_paths
+                    .get(index)
+                    .map(|p| p.to_string_lossy().into_owned()),
+                Step::JoinCgroup => prepared
+                    .join_files
+                    .get(index)
+                    .map(|p| p.to_string_lossy().into_owned()),
+                Step::SetRlimit => Some(format!(
+                    "resource {}",
+                    prepared.rlimits.get(index).map_or(-1, |r| r.0 as i64)
+                )),
+                Step::Chdir => Some(spec.cwd.clone()),
+                Step::SetHostname => Some(spec.name.clone()),
+                _ => None,
+            }
+        };
+        Err(IsolateError::Child {
+            step,
+            detail,
+            errno: Errno::from_raw(errno),
+        })
+    }
+}
+
+/// Where exec looks for the program: itself if it has a slash, else each PATH entry.
+fn exec_candidates(spec: &SandboxSpec) -> Vec<String> {
+    if spec.program.contains('/') {
+        return vec![spec.program.clone()];
+    }
+    let path = spec
+        .env
+        .get("PATH")
+        .map(String::as_str)
+        .unwrap_or("/usr/local/bin:/usr/bin:/bin");
+    path.split(':')
+        .filter(|d| d.starts_with('/'))
+        .map(|d| format!("{}/{}", d.trim_end_matches('/'), spec.program))
+        .collect()
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| IsolateError::sys("pipe2", e))?;
+    Ok((above_stdio(r)?, above_stdio(w)?))
+}
+
+/// The child dup2()s onto 0, 1 and 2: its sources must not sit there already.
+fn above_stdio(fd: OwnedFd) -> Result<OwnedFd> {
+    if fd.as_raw_fd() > 2 {
+        return Ok(fd);
+    }
+    // try_clone uses F_DUPFD_CLOEXEC with a minimum of 3.
+    fd.try_clone()
+        .map_err(|e| IsolateError::sys("dup", Errno::from_raw(e.raw_os_error().unwrap_or(0))))
+}
+
+/// (child end, parent end) for one standard stream.
+fn stdio_pair(mode: Stdio, is_input: bool) -> Result<(Option<OwnedFd>, Option<OwnedFd>)> {
+    match mode {
+        Stdio::Inherit => Ok((None, None)),
+        Stdio::Null => {
+            let f = std::fs::OpenOptions::new()
+                .read(is_input)
+                .write(!is_input)
+                .open("/dev/null")
+                .map_err(|e| {
+                    IsolateError::sys(
+                        "open /dev/null",
+                        Errno::from_raw(e.raw_os_error().unwrap_or(0)),
+                    )
+                })?;
+            Ok((Some(above_stdio(f.into())?), None))
+        }
+        Stdio::Piped => {
+            let (r, w) = pipe()?;
+            Ok(if is_input {
+                (Some(r), Some(w))
+            } else {
+                (Some(w), Some(r))
+            })
+        }
+    }
+}
+
+fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> std::result::Result<usize, Errno> {
+    let mut got = 0;
+    while got < buf.len() {
+        match nix::unistd::read(fd.as_fd(), &mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// A running sandbox. Dropping it kills and removes everything of it.
+#[derive(Debug)]
+pub struct Sandbox {
+    pid: libc::pid_t,
+    pidfd: OwnedFd,
+    status_r: OwnedFd,
+    cgroup: Option<Box<dyn cgroup::SandboxCgroup>>,
+    stdin: Option<OwnedFd>,
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+    outcome: Option<Outcome>,
+    started: Instant,
+}
+
+impl Sandbox {
+    /// Host pid of the sandbox's init.
+    pub fn pid(&self) -> u32 {
+        self.pid as u32
+    }
+
+    /// The write end of the function's stdin, when it was [`Stdio::Piped`].
+    pub fn take_stdin(&mut self) -> Option<OwnedFd> {
+        self.stdin.take()
+    }
+    pub fn take_stdout(&mut self) -> Option<OwnedFd> {
+        self.stdout.take()
+    }
+    pub fn take_stderr(&mut self) -> Option<OwnedFd> {
+        self.stderr.take()
+    }
+
+    /// Sends `sig` to the function (through its init).
+    pub fn signal(&self, sig: nix::sys::signal::Signal) -> Result<()> {
+        if self.outcome.is_some() {
+            return Ok(());
+        }
+        sys::pidfd_send_signal(self.pidfd.as_fd(), sig as libc::c_int).or_else(ignore_esrch)
+    }
+
+    /// Kills the whole sandbox: SIGKILL to its init takes the pid namespace down with it.
+    pub fn kill(&self) -> Result<()> {
+        if self.outcome.is_some() {
+            return Ok(());
+        }
+        sys::pidfd_send_signal(self.pidfd.as_fd(), libc::SIGKILL).or_else(ignore_esrch)
+    }
+
+    /// Live accounting from the cgroup.
+    pub fn usage(&self) -> CgroupUsage {
+        self.cgroup.as_ref().map(|c| c.usage()).unwrap_or_default()
+    }
+
+    /// Cgroup directory (for diagnostics).
+    pub fn cgroup_path(&self) -> Option<String> {
+        self.cgroup.as_ref().map(|c| c.path_display())
+    }
+
+    /// Waits for the function to end, then collects accounting and removes the cgroup.
+    pub async fn wait(&mut self) -> Result<Outcome> {
+        if let Some(o) = &self.outcome {
+            return Ok(o.clone());
+        }
+        // SAFETY: the pidfd is owned by `self` and stays open for the whole life of `afd`,
+        // which is dropped before this function returns.
+        let afd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(
+                self.pidfd.as_raw_fd(),
+                tokio::io::Interest::READABLE,
+            )
+        }
+        .map_err(|e| {
+            IsolateError::sys(
+                "register pidfd",
+                Errno::from_raw(e.into_parts().1.raw_os_error().unwrap_or(0)),
+            )
+        })?;
+        // A pidfd turns readable when the process exits.
+        let _guard = afd.readable().await.map_err(|e| {
+            IsolateError::sys("poll pidfd", Errno::from_raw(e.raw_os_error().unwrap_or(0)))
+        })?;
+        drop(_guard);
+        drop(afd);
+        self.finish()
+    }
+
+    /// [`Sandbox::wait`] for callers without a tokio runtime.
+    pub fn wait_blocking(&mut self) -> Result<Outcome> {
+        if let Some(o) = &self.outcome {
+            return Ok(o.clone());
+        }
+        self.finish()
+    }
+
+    fn reap_blocking(&mut self) -> Result<i32> {
+        loop {
+            match waitpid(Pid::from_raw(self.pid), Some(WaitPidFlag::__WALL)) {
+                Ok(WaitStatus::Exited(_, code)) => return Ok(code << 8),
+                Ok(WaitStatus::Signaled(_, sig, core)) => {
+                    return Ok(sig as i32 | if core { 0x80 } else { 0 });
+                }
+                Ok(_) => continue,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(IsolateError::sys("waitpid", e)),
+            }
+        }
+    }
+
+    fn outcome_placeholder(&self) -> Outcome {
+        Outcome {
+            status: ExitStatus::Exited(-1),
+            oom_killed: false,
+            peak_memory_bytes: None,
+            cpu_time: None,
+            wall_time: self.started.elapsed(),
+        }
+    }
+
+    fn finish(&mut self) -> Result<Outcome> {
+        let init_status = self.reap_blocking()?;
+        let wall_time = self.started.elapsed();
+        let mut buf = [0u8; 4];
+        // The init writes the function's wait status just before it exits; without it the init
+        // itself was killed (by us, or the OOM killer), and its status is the answer.
+        let raw = match read_full(&self.status_r, &mut buf) {
+            Ok(4) => i32::from_ne_bytes(buf),
+            _ => init_status,
+        };
+        let usage = self.usage();
+        let outcome = Outcome {
+            status: ExitStatus::from_raw(raw),
+            oom_killed: usage.oom_kills > 0,
+            peak_memory_bytes: usage.peak_memory_bytes,
+            cpu_time: usage.cpu_time,
+            wall_time,
+        };
+        self.outcome = Some(outcome.clone());
+        self.teardown()?;
+        Ok(outcome)
+    }
+
+    fn teardown(&mut self) -> Result<()> {
+        if let Some(mut cg) = self.cgroup.take() {
+            cg.kill_all()?;
+            cg.remove()?;
+        }
+        Ok(())
+    }
+}
+
+fn ignore_esrch(e: Errno) -> Result<()> {
+    if e == Errno::ESRCH {
+        Ok(())
+    } else {
+        Err(IsolateError::sys("pidfd_send_signal", e))
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if self.outcome.is_none() {
+            let _ = sys::pidfd_send_signal(self.pidfd.as_fd(), libc::SIGKILL);
+            let _ = self.reap_blocking();
+        }
+        let _ = self.teardown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_candidates_follow_path() {
+        let mut spec = SandboxSpec {
+            program: "python3".into(),
+            ..Default::default()
+        };
+        spec.env
+            .insert("PATH".into(), "/usr/local/bin:relative:/usr/bin/".into());
+        assert_eq!(
+            exec_candidates(&spec),
+            vec!["/usr/local/bin/python3", "/usr/bin/python3"]
+        );
+        spec.program = "/var/task/bootstrap".into();
+        assert_eq!(exec_candidates(&spec), vec!["/var/task/bootstrap"]);
+    }
+
+    #[test]
+    fn exit_status_codes() {
+        assert_eq!(ExitStatus::from_raw(3 << 8), ExitStatus::Exited(3));
+        assert_eq!(ExitStatus::from_raw(9), ExitStatus::Signaled(9));
+        assert_eq!(ExitStatus::Signaled(9).code(), 137);
+    }
+}

@@ -1,0 +1,228 @@
+//! Raw system calls the rest of the crate needs and nix does not wrap. Each is wrapped once here.
+//!
+//! Everything in this file is safe to call in the child between clone and exec: no allocation,
+//! no locks, only system calls.
+
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::errno::Errno;
+
+pub const CLONE_PIDFD: u64 = 0x1000;
+pub const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// `struct clone_args` of clone3(2), version 2 (with `cgroup`).
+#[repr(C)]
+#[derive(Default)]
+pub struct CloneArgs {
+    pub flags: u64,
+    pub pidfd: u64,
+    pub child_tid: u64,
+    pub parent_tid: u64,
+    pub exit_signal: u64,
+    pub stack: u64,
+    pub stack_size: u64,
+    pub tls: u64,
+    pub set_tid: u64,
+    pub set_tid_size: u64,
+    pub cgroup: u64,
+}
+
+/// Result of a fork-like clone: which side we are on.
+pub enum Forked {
+    Parent {
+        pid: libc::pid_t,
+        pidfd: Option<OwnedFd>,
+    },
+    Child,
+}
+
+/// clone3 with fork semantics (no CLONE_VM, stack 0: the child runs on a copy of our stack).
+///
+/// # Safety
+/// The caller is in a multi-threaded process: the child may only run async-signal-safe code
+/// (no allocation, no locks) until it execs or exits.
+pub unsafe fn clone3(flags: u64, cgroup_fd: Option<RawFd>) -> Result<Forked, Errno> {
+    let mut pidfd: libc::c_int = -1;
+    let mut args = CloneArgs {
+        flags: flags
+            | CLONE_PIDFD
+            | if cgroup_fd.is_some() {
+                CLONE_INTO_CGROUP
+            } else {
+                0
+            },
+        pidfd: &mut pidfd as *mut libc::c_int as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        cgroup: cgroup_fd.map(|fd| fd as u64).unwrap_or(0),
+        ..Default::default()
+    };
+    // SAFETY: args is a valid clone_args of the size we pass; without CLONE_VM and with stack 0
+    // the child gets a private copy of the address space, so returning into Rust is sound.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &mut args as *mut CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    match ret {
+        -1 => Err(Errno::last()),
+        0 => Ok(Forked::Child),
+        pid => Ok(Forked::Parent {
+            pid: pid as libc::pid_t,
+            // SAFETY: the kernel stored a new, owned pidfd because we asked for CLONE_PIDFD.
+            pidfd: (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd) }),
+        }),
+    }
+}
+
+/// A plain fork through the raw syscall: glibc's fork() would run atfork handlers and take
+/// malloc locks, which may be held by threads that do not exist in this child.
+pub fn fork_raw() -> Result<Forked, Errno> {
+    // SAFETY: clone with only SIGCHLD and no new stack is fork(2); the caller is a
+    // single-threaded sandbox child.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            libc::SIGCHLD as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    match ret {
+        -1 => Err(Errno::last()),
+        0 => Ok(Forked::Child),
+        pid => Ok(Forked::Parent {
+            pid: pid as libc::pid_t,
+            pidfd: None,
+        }),
+    }
+}
+
+/// pidfd_open(2): a pidfd for a pid we own (used when clone3 did not give one).
+pub fn pidfd_open(pid: libc::pid_t) -> Result<OwnedFd, Errno> {
+    // SAFETY: plain syscall with integer arguments.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: the kernel returned a new fd that nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// pidfd_send_signal(2): signals exactly the process the pidfd names, even if its pid was reused.
+pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, sig: libc::c_int) -> Result<(), Errno> {
+    // SAFETY: the fd is borrowed and open; a null siginfo is allowed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig,
+            std::ptr::null::<u8>(),
+            0,
+        )
+    };
+    if r < 0 { Err(Errno::last()) } else { Ok(()) }
+}
+
+/// close_range(2).
+pub fn close_range(first: u32, last: u32, flags: u32) -> Result<(), Errno> {
+    // SAFETY: close_range only affects this process's fd table; the callers own every fd in range.
+    let r = unsafe { libc::syscall(libc::SYS_close_range, first, last, flags) };
+    if r < 0 { Err(Errno::last()) } else { Ok(()) }
+}
+
+/// Installs a classic-BPF seccomp filter that was compiled in the parent.
+pub fn seccomp_load(prog: &[libc::sock_filter]) -> Result<(), Errno> {
+    let fprog = libc::sock_fprog {
+        len: prog.len() as libc::c_ushort,
+        filter: prog.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: fprog points at a live slice for the duration of the call; the kernel copies it.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            0,
+            &fprog as *const libc::sock_fprog,
+        )
+    };
+    if r < 0 { Err(Errno::last()) } else { Ok(()) }
+}
+
+/// Sets IFF_UP on the loopback interface of the current network namespace.
+pub fn loopback_up() -> Result<(), Errno> {
+    // SAFETY: socket() with constant arguments; the fd is wrapped at once so it is closed.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: raw is a new fd owned by nobody else.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: req is a valid ifreq naming "lo"; SIOCGIFFLAGS fills ifru_flags.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: reading and writing the flags member that SIOCGIFFLAGS just filled.
+    unsafe { req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
+    // SAFETY: as above; SIOCSIFFLAGS reads the same struct.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}
+
+/// write(2) of a small record, retried on EINTR. Records are below PIPE_BUF, so a pipe write is atomic.
+pub fn write_record(fd: RawFd, buf: &[u8]) {
+    loop {
+        // SAFETY: buf is a live slice; a failed or short write only loses the report.
+        let r = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+        if r >= 0 || Errno::last() != Errno::EINTR {
+            return;
+        }
+    }
+}
+
+/// _exit(2): leave the child without running atexit handlers or flushing the parent's buffers.
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit never returns and is async-signal-safe.
+    unsafe { libc::_exit(code) }
+}
+
+/// The last capability the running kernel knows.
+pub fn cap_last_cap() -> u8 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40)
+}
+
+/// Drops one capability from the bounding set by number (for capabilities newer than the `caps`
+/// crate knows).
+pub fn capbset_drop(cap: u8) -> Result<(), Errno> {
+    // SAFETY: prctl with integer arguments.
+    let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+    if r < 0 { Err(Errno::last()) } else { Ok(()) }
+}
+
+/// prctl with integer arguments only.
+pub fn prctl(option: libc::c_int, arg: libc::c_ulong) -> Result<(), Errno> {
+    // SAFETY: every option we pass takes integer arguments.
+    let r = unsafe {
+        libc::prctl(
+            option,
+            arg,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    };
+    if r < 0 { Err(Errno::last()) } else { Ok(()) }
+}
