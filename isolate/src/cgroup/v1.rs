@@ -261,6 +261,9 @@ mod tests {
 
     fn fake() -> (tempfile::TempDir, V1) {
         let tmp = tempfile::tempdir().unwrap();
+        for c in CONTROLLERS {
+            std::fs::create_dir(tmp.path().join(c)).unwrap();
+        }
         let v1 = V1::at(tmp.path(), "fnlet-test");
         (tmp, v1)
     }
