@@ -216,7 +216,10 @@ impl SandboxSpec {
             return bad("tmp_size_bytes", "must be at least 4096".into());
         }
         if let Some(bundle) = self.bundle.as_ref().filter(|b| !b.is_absolute()) {
-            return bad("bundle", format!("{} must be an absolute path", bundle.display()));
+            return bad(
+                "bundle",
+                format!("{} must be an absolute path", bundle.display()),
+            );
         }
         for b in &self.ro_binds {
             if !b.source.is_absolute() || !b.dest.is_absolute() {

@@ -1,0 +1,165 @@
+//! The library against the real kernel: cgroup v2 through a writable cgroup2 hierarchy (the
+//! hybrid host's /sys/fs/cgroup/unified, or /sys/fs/cgroup on a pure v2 host), and recovery of
+//! what a crashed agent left, on both hierarchies. Needs root.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use isolate::{
+    CgroupMode, CgroupVersion, ExitStatus, IsolateError, Isolator, IsolatorConfig, Limits,
+    SandboxSpec,
+};
+
+fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "these tests create namespaces and cgroups and must run as root (try: sudo cargo nextest run)"
+    );
+}
+
+/// A writable cgroup2 mount: pure v2, or the hybrid host's unified tree.
+fn cgroup2_mount() -> PathBuf {
+    for p in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
+        if isolate::cgroup::is_cgroup2_mount(Path::new(p)) {
+            return p.into();
+        }
+    }
+    panic!(
+        "no cgroup2 hierarchy is mounted at /sys/fs/cgroup or /sys/fs/cgroup/unified: the v2 backend cannot be tested on this host"
+    );
+}
+
+fn sleeper(name: &str) -> SandboxSpec {
+    SandboxSpec {
+        name: name.into(),
+        program: "/bin/sleep".into(),
+        args: vec!["30".into()],
+        limits: Limits {
+            memory_bytes: None,
+            cpus: None,
+            pids: None,
+            nofile: 1024,
+        },
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn v2_puts_the_sandbox_in_its_group_and_removes_it() {
+    require_root();
+    let mount = cgroup2_mount();
+    let root = format!("fnlet-test-{}-v2", std::process::id());
+    let iso = Isolator::new(IsolatorConfig {
+        cgroup_root: root.clone(),
+        cgroup_mode: CgroupMode::V2At(mount.clone()),
+    })
+    .unwrap();
+    assert_eq!(iso.cgroup_version(), CgroupVersion::V2);
+
+    let mut sb = iso.spawn(&sleeper("v2fn")).unwrap();
+    let dir = PathBuf::from(sb.cgroup_path().unwrap());
+    assert!(dir.starts_with(mount.join(&root)), "{}", dir.display());
+    // clone3(CLONE_INTO_CGROUP): the init was born inside the group.
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
+    assert!(
+        procs.lines().any(|l| l == sb.pid().to_string()),
+        "init {} not in {procs:?}",
+        sb.pid()
+    );
+    let own = std::fs::read_to_string(format!("/proc/{}/cgroup", sb.pid())).unwrap();
+    assert!(
+        own.contains(&format!("0::/{root}/")) || own.contains(&format!("{root}/v2fn")),
+        "{own}"
+    );
+
+    sb.kill().unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(5), sb.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(out.status, ExitStatus::Signaled(9));
+    assert!(!dir.exists(), "group {} left behind", dir.display());
+    iso.remove_root().unwrap();
+    assert!(!mount.join(&root).exists());
+}
+
+#[test]
+fn v2_refuses_limits_whose_controller_is_not_delegated() {
+    require_root();
+    let mount = cgroup2_mount();
+    let controllers = std::fs::read_to_string(mount.join("cgroup.controllers")).unwrap();
+    let root = format!("fnlet-test-{}-v2lim", std::process::id());
+    let iso = Isolator::new(IsolatorConfig {
+        cgroup_root: root,
+        cgroup_mode: CgroupMode::V2At(mount.clone()),
+    })
+    .unwrap();
+    let mut spec = sleeper("v2lim");
+    spec.limits.pids = Some(16);
+    match iso.spawn(&spec) {
+        Err(IsolateError::CgroupControllerMissing { controller, .. }) => {
+            assert!(!controllers.split_whitespace().any(|c| c == "pids"));
+            assert_eq!(controller, "pids");
+        }
+        Ok(mut sb) => {
+            // A pure v2 host has pids: the limit must then be in force.
+            let dir = PathBuf::from(sb.cgroup_path().unwrap());
+            assert_eq!(
+                std::fs::read_to_string(dir.join("pids.max"))
+                    .unwrap()
+                    .trim(),
+                "16"
+            );
+            sb.kill().unwrap();
+            sb.wait_blocking().unwrap();
+        }
+        Err(e) => panic!("unexpected error: {e}"),
+    }
+    iso.remove_root().unwrap();
+}
+
+/// A sandbox whose agent vanished without cleaning up: the next agent's reap_stale kills it and
+/// removes its group.
+fn reap_after_crash(mode: CgroupMode, tag: &str) {
+    let root = format!("fnlet-test-{}-{tag}", std::process::id());
+    let iso = Isolator::new(IsolatorConfig {
+        cgroup_root: root.clone(),
+        cgroup_mode: mode.clone(),
+    })
+    .unwrap();
+    let sb = iso.spawn(&sleeper(tag)).unwrap();
+    let pid = sb.pid();
+    let dir = PathBuf::from(sb.cgroup_path().unwrap());
+    // Simulate the crash: the handle is never dropped.
+    std::mem::forget(sb);
+
+    let next = Isolator::new(IsolatorConfig {
+        cgroup_root: root,
+        cgroup_mode: mode,
+    })
+    .unwrap();
+    assert_eq!(next.reap_stale().unwrap(), 1);
+    assert!(!dir.exists(), "{} left behind", dir.display());
+    // The init is a zombie of ours now (we are its parent): reap it, and check it died of SIGKILL.
+    let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None).unwrap();
+    assert!(
+        matches!(
+            status,
+            nix::sys::wait::WaitStatus::Signaled(_, nix::sys::signal::Signal::SIGKILL, _)
+        ),
+        "{status:?}"
+    );
+    next.remove_root().unwrap();
+}
+
+#[test]
+fn reap_stale_on_v2() {
+    require_root();
+    reap_after_crash(CgroupMode::V2At(cgroup2_mount()), "reapv2");
+}
+
+#[test]
+fn reap_stale_on_the_hosts_own_hierarchy() {
+    require_root();
+    reap_after_crash(CgroupMode::Auto, "reapauto");
+}
