@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Installs the Debian/Ubuntu packages fnlet builds and tests with. Idempotent; needs root.
+set -euo pipefail
+need=()
+for pkg in libseccomp-dev pkg-config gcc libc6-dev iproute2 python3 curl; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
