@@ -2,7 +2,12 @@
 
 #![forbid(unsafe_code)]
 
+mod bundle;
 mod cli;
+mod config;
+mod daemon;
+mod manifest;
+mod store;
 mod units;
 
 fn main() -> std::process::ExitCode {

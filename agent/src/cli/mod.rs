@@ -16,6 +16,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the agent daemon (as root; usually under systemd).
+    Agent(crate::daemon::AgentArgs),
     /// Run programs in the sandbox every function instance gets.
     #[command(subcommand)]
     Sandbox(sandbox::SandboxCommand),
@@ -31,6 +33,7 @@ pub fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
+        Command::Agent(args) => crate::daemon::run(args),
         Command::Sandbox(cmd) => sandbox::run(cmd),
     };
     match result {

@@ -1,0 +1,236 @@
+//! `fnlet.toml`: what a function is and what it may use.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::FunctionDefaults;
+
+pub const MANIFEST_FILE: &str = "fnlet.toml";
+
+/// How the agent talks to a function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// One sandboxed process per invocation: request on stdin, response on stdout.
+    Exec,
+    /// The AWS Lambda Runtime API.
+    Lambda,
+}
+
+/// What to run: a program in the bundle, or a host interpreter with a script and arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Entrypoint {
+    Path(String),
+    Command(Vec<String>),
+}
+
+/// The manifest as written by the user; missing numbers come from the agent's defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub name: String,
+    #[serde(default = "default_mode")]
+    pub mode: Mode,
+    pub entrypoint: Entrypoint,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<u32>,
+    #[serde(default)]
+    pub public: bool,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+fn default_mode() -> Mode {
+    Mode::Exec
+}
+
+/// A manifest with every default filled in: what the agent runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Resolved {
+    pub memory_mb: u64,
+    pub cpus: f64,
+    pub timeout_s: f64,
+    pub max_concurrency: u32,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ManifestError {
+    #[error("fnlet.toml: {0}")]
+    Syntax(String),
+    #[error("fnlet.toml: {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+/// Environment variables the agent sets itself.
+const RESERVED_ENV_PREFIXES: [&str; 2] = ["FNLET_", "AWS_LAMBDA_"];
+
+pub fn valid_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 64
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'_')
+}
+
+impl Manifest {
+    pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
+        let m: Manifest = toml::from_str(text).map_err(|e| ManifestError::Syntax(e.message().to_string() + &span_hint(text, e.span())))?;
+        m.validate()?;
+        Ok(m)
+    }
+
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        let bad = |field, reason: String| Err(ManifestError::Invalid { field, reason });
+        if !valid_name(&self.name) {
+            return bad("name", format!("{:?} must be 1-64 characters of a-z, 0-9, - and _, starting with a letter or digit", self.name));
+        }
+        match &self.entrypoint {
+            Entrypoint::Path(p) => {
+                if p.is_empty() || p.contains('\0') {
+                    return bad("entrypoint", "must not be empty".into());
+                }
+                if p.starts_with('/') || p.split('/').any(|c| c == "..") {
+                    return bad("entrypoint", format!("{p:?} must be a path inside the bundle"));
+                }
+            }
+            Entrypoint::Command(argv) => {
+                if argv.is_empty() || argv[0].is_empty() {
+                    return bad("entrypoint", "the command must name a program".into());
+                }
+                if argv.iter().any(|a| a.contains('\0')) {
+                    return bad("entrypoint", "arguments must not contain NUL bytes".into());
+                }
+            }
+        }
+        if let Some(m) = self.memory_mb
+            && !(16..=65536).contains(&m)
+        {
+            return bad("memory_mb", format!("{m} must be between 16 and 65536"));
+        }
+        if let Some(c) = self.cpus
+            && !(c.is_finite() && (0.01..=1024.0).contains(&c))
+        {
+            return bad("cpus", format!("{c} must be between 0.01 and 1024"));
+        }
+        if let Some(t) = self.timeout_s
+            && !(t.is_finite() && (0.001..=86400.0).contains(&t))
+        {
+            return bad("timeout_s", format!("{t} must be between 0.001 and 86400 seconds"));
+        }
+        if self.max_concurrency == Some(0) {
+            return bad("max_concurrency", "must be at least 1".into());
+        }
+        if self.max_concurrency.is_some_and(|c| c > 10_000) {
+            return bad("max_concurrency", "must be at most 10000".into());
+        }
+        if self.description.as_ref().is_some_and(|d| d.len() > 1024) {
+            return bad("description", "must be at most 1024 bytes".into());
+        }
+        for (k, v) in &self.env {
+            let ok_key = !k.is_empty()
+                && k.len() <= 256
+                && !k.as_bytes()[0].is_ascii_digit()
+                && k.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_');
+            if !ok_key {
+                return bad("env", format!("{k:?} is not a valid variable name"));
+            }
+            if RESERVED_ENV_PREFIXES.iter().any(|p| k.starts_with(p)) {
+                return bad("env", format!("{k:?} is reserved for the agent"));
+            }
+            if v.contains('\0') || v.len() > 4096 {
+                return bad("env", format!("value of {k} must be under 4096 bytes without NUL"));
+            }
+        }
+        if self.env.values().map(|v| v.len()).sum::<usize>() > 4096 * 16 {
+            return bad("env", "the environment must total under 64 KiB".into());
+        }
+        if self.mode == Mode::Lambda {
+            return bad("mode", "\"lambda\" is not supported by this agent yet; use \"exec\"".into());
+        }
+        Ok(())
+    }
+
+    pub fn resolve(&self, d: &FunctionDefaults) -> Resolved {
+        Resolved {
+            memory_mb: self.memory_mb.unwrap_or(d.memory_mb),
+            cpus: self.cpus.unwrap_or(d.cpus),
+            timeout_s: self.timeout_s.unwrap_or(d.timeout_s),
+            max_concurrency: self.max_concurrency.unwrap_or(d.max_concurrency),
+        }
+    }
+}
+
+/// " (field `memory_mb`, line N)" for a toml error span: toml names the expected type, the
+/// user wants the field.
+fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    let Some(s) = span.filter(|s| s.start <= text.len()) else { return String::new() };
+    let line_no = text[..s.start].matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or("");
+    match line.split_once('=') {
+        Some((key, _)) if !key.trim().is_empty() && !line.trim_start().starts_with('[') => {
+            format!(" (field `{}`, line {line_no})", key.trim().trim_matches('"'))
+        }
+        _ => format!(" (line {line_no})"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_manifest() {
+        let m = Manifest::parse("name = \"hello\"\nentrypoint = \"hello.sh\"\n").unwrap();
+        assert_eq!(m.mode, Mode::Exec);
+        assert_eq!(m.entrypoint, Entrypoint::Path("hello.sh".into()));
+        let r = m.resolve(&FunctionDefaults::default());
+        assert_eq!(r.memory_mb, 128);
+    }
+
+    #[test]
+    fn interpreter_entrypoint() {
+        let m = Manifest::parse("name = \"py\"\nentrypoint = [\"python3\", \"main.py\"]\nmemory_mb = 256\n[env]\nGREETING = \"hi\"\n").unwrap();
+        assert_eq!(m.entrypoint, Entrypoint::Command(vec!["python3".into(), "main.py".into()]));
+        assert_eq!(m.env["GREETING"], "hi");
+    }
+
+    #[test]
+    fn wrong_type_names_the_field() {
+        let err = Manifest::parse("name = \"x\"\nentrypoint = \"a\"\nmemory_mb = \"lots\"\n").unwrap_err().to_string();
+        assert!(err.contains("memory_mb") || err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Manifest::parse("name = \"x\"\nentrypoint = \"a\"\nmemroy_mb = 3\n").unwrap_err().to_string();
+        assert!(err.contains("memroy_mb"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        for (text, field) in [
+            ("name = \"Bad Name\"\nentrypoint = \"a\"", "name"),
+            ("name = \"x\"\nentrypoint = \"../a\"", "entrypoint"),
+            ("name = \"x\"\nentrypoint = \"/bin/sh\"", "entrypoint"),
+            ("name = \"x\"\nentrypoint = []", "entrypoint"),
+            ("name = \"x\"\nentrypoint = \"a\"\ncpus = 0.0", "cpus"),
+            ("name = \"x\"\nentrypoint = \"a\"\ntimeout_s = -1", "timeout_s"),
+            ("name = \"x\"\nentrypoint = \"a\"\nmax_concurrency = 0", "max_concurrency"),
+            ("name = \"x\"\nentrypoint = \"a\"\n[env]\nFNLET_X = \"1\"", "env"),
+            ("name = \"x\"\nentrypoint = \"a\"\n[env]\n\"A-B\" = \"1\"", "env"),
+        ] {
+            let err = Manifest::parse(text).unwrap_err().to_string();
+            assert!(err.contains(field), "{text:?} -> {err}");
+        }
+    }
+}

@@ -1,0 +1,399 @@
+//! The function store: metadata in redb, bundles content-addressed on disk.
+//!
+//! Layout under the state dir:
+//! - `fnlet.redb`: functions (name -> record) and versions ((name, version) -> record);
+//! - `bundles/<sha256>/`: unpacked bundles, immutable, shared by versions with the same content;
+//! - `staging/`: where uploads are unpacked before they are moved into `bundles/`.
+//!
+//! A deploy moves the bundle into place first and then commits one redb transaction that adds
+//! the version and makes it active: a crash in between leaves the previous version serving and
+//! an unreferenced bundle that the next start removes.
+
+use std::collections::HashSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::bundle::Unpacked;
+use crate::manifest::Manifest;
+
+const FUNCTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("functions");
+const VERSIONS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("versions");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FunctionRecord {
+    pub name: String,
+    /// The unprivileged uid (and gid) this function's instances run as.
+    pub uid: u32,
+    pub active: u64,
+    pub next_version: u64,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VersionRecord {
+    pub name: String,
+    pub version: u64,
+    pub sha256: String,
+    pub size_bytes: u64,
+    pub created_at: String,
+    pub manifest: Manifest,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("no function named {0:?}")]
+    NotFound(String),
+    #[error("{name} has no version {version}")]
+    NoSuchVersion { name: String, version: u64 },
+    #[error("{0} has no earlier version to roll back to")]
+    NothingToRollBack(String),
+    #[error("no free uid left in the configured range")]
+    UidsExhausted,
+    #[error("metadata store: {0}")]
+    Db(#[from] redb::Error),
+    #[error("corrupt record for {key}: {source}")]
+    Corrupt { key: String, source: serde_json::Error },
+    #[error("bundle store: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+macro_rules! db_err {
+    ($($t:ty),*) => { $(impl From<$t> for StoreError { fn from(e: $t) -> Self { StoreError::Db(e.into()) } })* };
+}
+db_err!(redb::DatabaseError, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+pub struct Store {
+    db: Database,
+    dir: PathBuf,
+    uid_base: u32,
+    uid_count: u32,
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt { key: key.into(), source })
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("records serialize")
+}
+
+impl Store {
+    pub fn open(state_dir: &Path, uid_base: u32, uid_count: u32) -> Result<Store, StoreError> {
+        for d in ["bundles", "staging"] {
+            fs::create_dir_all(state_dir.join(d))?;
+        }
+        let db = Database::create(state_dir.join("fnlet.redb"))?;
+        let txn = db.begin_write()?;
+        txn.open_table(FUNCTIONS)?;
+        txn.open_table(VERSIONS)?;
+        txn.open_table(META)?;
+        txn.commit()?;
+        Ok(Store { db, dir: state_dir.to_path_buf(), uid_base, uid_count })
+    }
+
+    /// A fresh empty directory to unpack an upload into.
+    pub fn staging_dir(&self) -> Result<tempfile::TempDir, StoreError> {
+        Ok(tempfile::Builder::new().prefix("upload-").tempdir_in(self.dir.join("staging"))?)
+    }
+
+    pub fn bundle_path(&self, sha256: &str) -> PathBuf {
+        self.dir.join("bundles").join(sha256)
+    }
+
+    /// Records a new version from an unpacked upload and makes it active.
+    pub fn deploy(&self, unpacked: &Unpacked) -> Result<VersionRecord, StoreError> {
+        let dest = self.bundle_path(&unpacked.sha256);
+        if !dest.exists() {
+            fs::rename(&unpacked.root, &dest)?;
+            // The rename must be durable before the metadata points at it.
+            fs::File::open(self.dir.join("bundles"))?.sync_all()?;
+        }
+        let name = unpacked.manifest.name.as_str();
+        let now = now_rfc3339();
+        let txn = self.db.begin_write()?;
+        let version = {
+            let mut functions = txn.open_table(FUNCTIONS)?;
+            let mut meta = txn.open_table(META)?;
+            let existing = functions.get(name)?.map(|g| decode::<FunctionRecord>(name, g.value())).transpose()?;
+            let mut rec = match existing {
+                Some(r) => r,
+                None => {
+                    let n = meta.get("next_uid")?.map(|g| g.value()).unwrap_or(0);
+                    if n >= u64::from(self.uid_count) {
+                        return Err(StoreError::UidsExhausted);
+                    }
+                    meta.insert("next_uid", n + 1)?;
+                    FunctionRecord {
+                        name: name.into(),
+                        uid: self.uid_base + n as u32,
+                        active: 0,
+                        next_version: 1,
+                        created_at: now.clone(),
+                        updated_at: now.clone(),
+                    }
+                }
+            };
+            let v = VersionRecord {
+                name: name.into(),
+                version: rec.next_version,
+                sha256: unpacked.sha256.clone(),
+                size_bytes: unpacked.size_bytes,
+                created_at: now.clone(),
+                manifest: unpacked.manifest.clone(),
+            };
+            rec.active = v.version;
+            rec.next_version += 1;
+            rec.updated_at = now;
+            txn.open_table(VERSIONS)?.insert((name, v.version), encode(&v).as_slice())?;
+            functions.insert(name, encode(&rec).as_slice())?;
+            v
+        };
+        txn.commit()?;
+        Ok(version)
+    }
+
+    pub fn function(&self, name: &str) -> Result<FunctionRecord, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(FUNCTIONS)?;
+        let g = t.get(name)?.ok_or_else(|| StoreError::NotFound(name.into()))?;
+        decode(name, g.value())
+    }
+
+    pub fn version(&self, name: &str, version: u64) -> Result<VersionRecord, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(VERSIONS)?;
+        let g = t.get((name, version))?.ok_or_else(|| StoreError::NoSuchVersion { name: name.into(), version })?;
+        decode(name, g.value())
+    }
+
+    /// Every function with its active version.
+    pub fn list(&self) -> Result<Vec<(FunctionRecord, VersionRecord)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let functions = txn.open_table(FUNCTIONS)?;
+        let versions = txn.open_table(VERSIONS)?;
+        let mut out = Vec::new();
+        for item in functions.iter()? {
+            let (k, v) = item?;
+            let rec: FunctionRecord = decode(k.value(), v.value())?;
+            let g = versions
+                .get((rec.name.as_str(), rec.active))?
+                .ok_or_else(|| StoreError::NoSuchVersion { name: rec.name.clone(), version: rec.active })?;
+            let ver = decode(k.value(), g.value())?;
+            out.push((rec, ver));
+        }
+        Ok(out)
+    }
+
+    /// Versions of `name`, newest first.
+    pub fn versions(&self, name: &str) -> Result<Vec<VersionRecord>, StoreError> {
+        self.function(name)?;
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(VERSIONS)?;
+        let mut out = Vec::new();
+        for item in t.range((name, 0)..=(name, u64::MAX))? {
+            let (_, v) = item?;
+            out.push(decode(name, v.value())?);
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Makes `to` (default: the newest version before the active one) active.
+    pub fn rollback(&self, name: &str, to: Option<u64>) -> Result<VersionRecord, StoreError> {
+        let txn = self.db.begin_write()?;
+        let v = {
+            let mut functions = txn.open_table(FUNCTIONS)?;
+            let versions = txn.open_table(VERSIONS)?;
+            let mut rec: FunctionRecord = {
+                let g = functions.get(name)?.ok_or_else(|| StoreError::NotFound(name.into()))?;
+                decode(name, g.value())?
+            };
+            let target = match to {
+                Some(t) => t,
+                None => {
+                    let mut prev = versions.range((name, 0)..(name, rec.active))?;
+                    let Some(last) = prev.next_back() else { return Err(StoreError::NothingToRollBack(name.into())) };
+                    last?.0.value().1
+                }
+            };
+            let g = versions.get((name, target))?.ok_or_else(|| StoreError::NoSuchVersion { name: name.into(), version: target })?;
+            let v: VersionRecord = decode(name, g.value())?;
+            rec.active = target;
+            rec.updated_at = now_rfc3339();
+            drop(g);
+            functions.insert(name, encode(&rec).as_slice())?;
+            v
+        };
+        txn.commit()?;
+        Ok(v)
+    }
+
+    pub fn remove(&self, name: &str) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut functions = txn.open_table(FUNCTIONS)?;
+            if functions.remove(name)?.is_none() {
+                return Err(StoreError::NotFound(name.into()));
+            }
+            let mut versions = txn.open_table(VERSIONS)?;
+            versions.retain_in((name, 0)..=(name, u64::MAX), |_, _| false)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Forgets versions beyond the newest `retain` of each function (never the active one),
+    /// then deletes bundles no version refers to, except those in `in_use`, and stale uploads.
+    pub fn gc(&self, retain: u32, in_use: &HashSet<String>) -> Result<usize, StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let functions = txn.open_table(FUNCTIONS)?;
+            let mut versions = txn.open_table(VERSIONS)?;
+            for item in functions.iter()? {
+                let (k, v) = item?;
+                let rec: FunctionRecord = decode(k.value(), v.value())?;
+                let all: Vec<u64> =
+                    versions.range((rec.name.as_str(), 0)..=(rec.name.as_str(), u64::MAX))?.filter_map(|r| r.ok()).map(|(k, _)| k.value().1).collect();
+                let keep_from = all.len().saturating_sub(retain as usize);
+                for &old in &all[..keep_from] {
+                    if old != rec.active {
+                        versions.remove((rec.name.as_str(), old))?;
+                    }
+                }
+            }
+        }
+        txn.commit()?;
+
+        let mut referenced: HashSet<String> = in_use.clone();
+        let txn = self.db.begin_read()?;
+        for item in txn.open_table(VERSIONS)?.iter()? {
+            let (k, v) = item?;
+            let rec: VersionRecord = decode(k.value().0, v.value())?;
+            referenced.insert(rec.sha256);
+        }
+        let mut removed = 0;
+        for e in fs::read_dir(self.dir.join("bundles"))? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !referenced.contains(&name) {
+                fs::remove_dir_all(e.path())?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Removes half-finished uploads (called at start, when no upload can be running).
+    pub fn clear_staging(&self) -> Result<(), StoreError> {
+        for e in fs::read_dir(self.dir.join("staging"))? {
+            let p = e?.path();
+            if p.is_dir() { fs::remove_dir_all(p)? } else { fs::remove_file(p)? }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bundle::{self, tests::{LIMITS, tar_gz}};
+
+    fn upload(store: &Store, name: &str, body: &str) -> VersionRecord {
+        let manifest = format!("name = \"{name}\"\nentrypoint = \"run.sh\"\n");
+        let bytes = tar_gz(&[
+            ("fnlet.toml", tar::EntryType::Regular, manifest.as_bytes(), None),
+            ("run.sh", tar::EntryType::Regular, body.as_bytes(), None),
+        ]);
+        let staging = store.staging_dir().unwrap();
+        let u = bundle::unpack(&bytes, staging.path(), LIMITS).unwrap();
+        store.deploy(&u).unwrap()
+    }
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 200_000, 10).unwrap();
+        (dir, s)
+    }
+
+    #[test]
+    fn deploy_versions_and_rollback() {
+        let (_d, s) = store();
+        assert_eq!(upload(&s, "a", "v1").version, 1);
+        assert_eq!(upload(&s, "a", "v2").version, 2);
+        assert_eq!(s.function("a").unwrap().active, 2);
+        assert_eq!(s.rollback("a", None).unwrap().version, 1);
+        assert_eq!(s.function("a").unwrap().active, 1);
+        assert!(matches!(s.rollback("a", None), Err(StoreError::NothingToRollBack(_))));
+        assert_eq!(s.rollback("a", Some(2)).unwrap().version, 2);
+        assert!(matches!(s.rollback("a", Some(9)), Err(StoreError::NoSuchVersion { .. })));
+        assert_eq!(s.versions("a").unwrap().iter().map(|v| v.version).collect::<Vec<_>>(), vec![2, 1]);
+    }
+
+    #[test]
+    fn uids_are_per_function_and_bounded() {
+        let (_d, s) = store();
+        upload(&s, "a", "x");
+        upload(&s, "b", "x");
+        upload(&s, "a", "y");
+        assert_eq!(s.function("a").unwrap().uid, 200_000);
+        assert_eq!(s.function("b").unwrap().uid, 200_001);
+    }
+
+    #[test]
+    fn identical_content_shares_a_bundle_and_gc_keeps_what_is_referenced() {
+        let (d, s) = store();
+        let v1 = upload(&s, "a", "same");
+        let v2 = upload(&s, "a", "same");
+        assert_eq!(v1.sha256, v2.sha256);
+        for i in 0..5 {
+            upload(&s, "a", &format!("body {i}"));
+        }
+        let removed = s.gc(2, &HashSet::new()).unwrap();
+        assert!(removed >= 1);
+        let kept: Vec<u64> = s.versions("a").unwrap().iter().map(|v| v.version).collect();
+        assert_eq!(kept, vec![7, 6]);
+        assert_eq!(fs::read_dir(d.path().join("bundles")).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn gc_never_drops_the_active_version() {
+        let (_d, s) = store();
+        upload(&s, "a", "1");
+        upload(&s, "a", "2");
+        upload(&s, "a", "3");
+        s.rollback("a", Some(1)).unwrap();
+        s.gc(1, &HashSet::new()).unwrap();
+        let kept: Vec<u64> = s.versions("a").unwrap().iter().map(|v| v.version).collect();
+        assert_eq!(kept, vec![3, 1]);
+    }
+
+    #[test]
+    fn remove_and_reopen() {
+        let (d, s) = store();
+        upload(&s, "a", "1");
+        upload(&s, "b", "1");
+        s.remove("a").unwrap();
+        assert!(matches!(s.function("a"), Err(StoreError::NotFound(_))));
+        assert!(matches!(s.remove("a"), Err(StoreError::NotFound(_))));
+        drop(s);
+        let s = Store::open(d.path(), 200_000, 10).unwrap();
+        assert_eq!(s.list().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_bundle_moved_in_but_never_recorded_is_collected() {
+        let (d, s) = store();
+        upload(&s, "a", "1");
+        fs::create_dir(d.path().join("bundles/deadbeef")).unwrap();
+        assert_eq!(s.gc(5, &HashSet::new()).unwrap(), 1);
+    }
+}
