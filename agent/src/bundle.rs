@@ -42,13 +42,6 @@ pub enum BundleError {
     Io(#[from] std::io::Error),
 }
 
-impl BundleError {
-    /// Errors caused by the archive (400/413) rather than by this host (500).
-    pub fn is_client_error(&self) -> bool {
-        !matches!(self, BundleError::Io(_))
-    }
-}
-
 /// An unpacked bundle, ready to be moved into the store.
 #[derive(Debug)]
 pub struct Unpacked {
@@ -75,9 +68,17 @@ fn safe_relative(raw: &Path) -> Result<PathBuf, BundleError> {
         match c {
             Component::Normal(p) => out.push(p),
             Component::CurDir => {}
-            Component::ParentDir => return Err(BundleError::Unsafe { path: shown, reason: "path contains .." }),
+            Component::ParentDir => {
+                return Err(BundleError::Unsafe {
+                    path: shown,
+                    reason: "path contains ..",
+                });
+            }
             Component::RootDir | Component::Prefix(_) => {
-                return Err(BundleError::Unsafe { path: shown, reason: "absolute path" });
+                return Err(BundleError::Unsafe {
+                    path: shown,
+                    reason: "absolute path",
+                });
             }
         }
     }
@@ -88,7 +89,9 @@ impl Writer<'_> {
     fn count(&mut self) -> Result<(), BundleError> {
         self.files += 1;
         if self.files > self.limits.max_files {
-            return Err(BundleError::TooManyFiles { limit: self.limits.max_files });
+            return Err(BundleError::TooManyFiles {
+                limit: self.limits.max_files,
+            });
         }
         Ok(())
     }
@@ -126,7 +129,10 @@ impl Writer<'_> {
         let path = self.parent_dirs(rel)?;
         match fs::symlink_metadata(&path) {
             Ok(m) if m.is_dir() => Ok(()),
-            Ok(_) => Err(BundleError::Unsafe { path: rel.display().to_string(), reason: "duplicate entry" }),
+            Ok(_) => Err(BundleError::Unsafe {
+                path: rel.display().to_string(),
+                reason: "duplicate entry",
+            }),
             Err(_) => {
                 self.count()?;
                 fs::create_dir(&path)?;
@@ -138,23 +144,35 @@ impl Writer<'_> {
 
     fn file(&mut self, rel: &Path, mode: u32, data: &mut dyn Read) -> Result<(), BundleError> {
         if rel.as_os_str().is_empty() {
-            return Err(BundleError::Unsafe { path: String::new(), reason: "empty file name" });
+            return Err(BundleError::Unsafe {
+                path: String::new(),
+                reason: "empty file name",
+            });
         }
         let path = self.parent_dirs(rel)?;
         self.count()?;
         // create_new: never follow or overwrite an existing entry (a planted symlink).
-        let mut f = fs::OpenOptions::new().write(true).create_new(true).open(&path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                BundleError::Unsafe { path: rel.display().to_string(), reason: "duplicate entry" }
-            } else {
-                BundleError::Io(e)
-            }
-        })?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    BundleError::Unsafe {
+                        path: rel.display().to_string(),
+                        reason: "duplicate entry",
+                    }
+                } else {
+                    BundleError::Io(e)
+                }
+            })?;
         let room = self.limits.max_unpacked_bytes.saturating_sub(self.bytes);
         let n = std::io::copy(&mut data.take(room + 1), &mut f)?;
         self.bytes += n;
         if self.bytes > self.limits.max_unpacked_bytes {
-            return Err(BundleError::TooLarge { limit: self.limits.max_unpacked_bytes });
+            return Err(BundleError::TooLarge {
+                limit: self.limits.max_unpacked_bytes,
+            });
         }
         f.flush()?;
         let perm = if mode & 0o111 != 0 { 0o755 } else { 0o644 };
@@ -165,16 +183,25 @@ impl Writer<'_> {
     fn symlink(&mut self, rel: &Path, target: &Path) -> Result<(), BundleError> {
         let shown = rel.display().to_string();
         if target.is_absolute() {
-            return Err(BundleError::Unsafe { path: shown, reason: "symlink to an absolute path" });
+            return Err(BundleError::Unsafe {
+                path: shown,
+                reason: "symlink to an absolute path",
+            });
         }
         if target.as_os_str().is_empty() {
-            return Err(BundleError::Unsafe { path: shown, reason: "empty symlink" });
+            return Err(BundleError::Unsafe {
+                path: shown,
+                reason: "empty symlink",
+            });
         }
         let path = self.parent_dirs(rel)?;
         self.count()?;
         symlink(target, &path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
-                BundleError::Unsafe { path: shown.clone(), reason: "duplicate entry" }
+                BundleError::Unsafe {
+                    path: shown.clone(),
+                    reason: "duplicate entry",
+                }
             } else {
                 BundleError::Io(e)
             }
@@ -186,8 +213,17 @@ impl Writer<'_> {
 /// inside the tree; returns false when it climbs above the root.
 fn stays_inside(root: &Path, rel: &Path) -> bool {
     let mut stack: Vec<std::ffi::OsString> = Vec::new();
-    let mut pending: Vec<std::ffi::OsString> =
-        rel.components().rev().filter_map(|c| if let Component::Normal(p) = c { Some(p.to_owned()) } else { None }).collect();
+    let mut pending: Vec<std::ffi::OsString> = rel
+        .components()
+        .rev()
+        .filter_map(|c| {
+            if let Component::Normal(p) = c {
+                Some(p.to_owned())
+            } else {
+                None
+            }
+        })
+        .collect();
     let mut hops = 0;
     while let Some(c) = pending.pop() {
         if c == ".." {
@@ -205,7 +241,9 @@ fn stays_inside(root: &Path, rel: &Path) -> bool {
         match fs::symlink_metadata(&here) {
             Ok(m) if m.file_type().is_symlink() => {
                 hops += 1;
-                let Ok(target) = fs::read_link(&here) else { return false };
+                let Ok(target) = fs::read_link(&here) else {
+                    return false;
+                };
                 if hops > 40 || target.is_absolute() {
                     return false;
                 }
@@ -228,10 +266,15 @@ fn stays_inside(root: &Path, rel: &Path) -> bool {
 fn unpack_tar_gz(bytes: &[u8], w: &mut Writer) -> Result<(), BundleError> {
     let gz = flate2::read::GzDecoder::new(bytes);
     let mut ar = tar::Archive::new(gz);
-    let entries = ar.entries().map_err(|e| BundleError::Corrupt(e.to_string()))?;
+    let entries = ar
+        .entries()
+        .map_err(|e| BundleError::Corrupt(e.to_string()))?;
     for entry in entries {
         let mut entry = entry.map_err(|e| BundleError::Corrupt(e.to_string()))?;
-        let raw = entry.path().map_err(|e| BundleError::Corrupt(e.to_string()))?.into_owned();
+        let raw = entry
+            .path()
+            .map_err(|e| BundleError::Corrupt(e.to_string()))?
+            .into_owned();
         let rel = safe_relative(&raw)?;
         let kind = entry.header().entry_type();
         match kind {
@@ -248,9 +291,15 @@ fn unpack_tar_gz(bytes: &[u8], w: &mut Writer) -> Result<(), BundleError> {
                     .into_owned();
                 w.symlink(&rel, &target)?;
             }
-            tar::EntryType::XHeader | tar::EntryType::XGlobalHeader | tar::EntryType::GNULongName | tar::EntryType::GNULongLink => {}
+            tar::EntryType::XHeader
+            | tar::EntryType::XGlobalHeader
+            | tar::EntryType::GNULongName
+            | tar::EntryType::GNULongLink => {}
             tar::EntryType::Link => {
-                return Err(BundleError::Unsafe { path: raw.display().to_string(), reason: "hard links are not supported" });
+                return Err(BundleError::Unsafe {
+                    path: raw.display().to_string(),
+                    reason: "hard links are not supported",
+                });
             }
             _ => {
                 return Err(BundleError::Unsafe {
@@ -269,14 +318,23 @@ const S_IFREG: u32 = 0o100000;
 const S_IFDIR: u32 = 0o040000;
 
 fn unpack_zip(bytes: &[u8], w: &mut Writer) -> Result<(), BundleError> {
-    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes)).map_err(|e| BundleError::Corrupt(e.to_string()))?;
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes))
+        .map_err(|e| BundleError::Corrupt(e.to_string()))?;
     for i in 0..zip.len() {
-        let mut f = zip.by_index(i).map_err(|e| BundleError::Corrupt(e.to_string()))?;
-        let name = f.name().map_err(|e| BundleError::Corrupt(e.to_string()))?.to_string();
+        let mut f = zip
+            .by_index(i)
+            .map_err(|e| BundleError::Corrupt(e.to_string()))?;
+        let name = f
+            .name()
+            .map_err(|e| BundleError::Corrupt(e.to_string()))?
+            .to_string();
         // enclosed_name refuses absolute paths and "..", but check ourselves for the message.
         let rel = safe_relative(Path::new(&name))?;
         if f.enclosed_name().is_none() {
-            return Err(BundleError::Unsafe { path: name, reason: "path leaves the bundle" });
+            return Err(BundleError::Unsafe {
+                path: name,
+                reason: "path leaves the bundle",
+            });
         }
         let mode = f.unix_mode().unwrap_or(0);
         let fmt = mode & S_IFMT;
@@ -284,7 +342,10 @@ fn unpack_zip(bytes: &[u8], w: &mut Writer) -> Result<(), BundleError> {
             w.dir(&rel)?;
         } else if fmt == S_IFLNK {
             let mut target = String::new();
-            f.by_ref().take(4096).read_to_string(&mut target).map_err(|e| BundleError::Corrupt(e.to_string()))?;
+            f.by_ref()
+                .take(4096)
+                .read_to_string(&mut target)
+                .map_err(|e| BundleError::Corrupt(e.to_string()))?;
             w.symlink(&rel, Path::new(&target))?;
         } else if fmt == 0 || fmt == S_IFREG {
             w.file(&rel, mode, &mut f)?;
@@ -300,7 +361,12 @@ fn unpack_zip(bytes: &[u8], w: &mut Writer) -> Result<(), BundleError> {
 
 /// Unpacks `bytes` into the empty directory `dest` and checks the result.
 pub fn unpack(bytes: &[u8], dest: &Path, limits: BundleLimits) -> Result<Unpacked, BundleError> {
-    let mut w = Writer { dest, limits, bytes: 0, files: 0 };
+    let mut w = Writer {
+        dest,
+        limits,
+        bytes: 0,
+        files: 0,
+    };
     match bytes {
         [0x1f, 0x8b, ..] => unpack_tar_gz(bytes, &mut w)?,
         [b'P', b'K', 3, 4, ..] | [b'P', b'K', 5, 6, ..] => unpack_zip(bytes, &mut w)?,
@@ -313,7 +379,12 @@ pub fn unpack(bytes: &[u8], dest: &Path, limits: BundleLimits) -> Result<Unpacke
     check_entrypoint(&root, &manifest)?;
     fs::set_permissions(&root, fs::Permissions::from_mode(0o755))?;
     let sha256 = tree_hash(&root)?;
-    Ok(Unpacked { root, manifest, sha256, size_bytes })
+    Ok(Unpacked {
+        root,
+        manifest,
+        sha256,
+        size_bytes,
+    })
 }
 
 /// The bundle root: `dest`, or its only folder when the archive wrapped everything in one.
@@ -339,7 +410,10 @@ fn check_symlinks(root: &Path, dir: &Path) -> Result<(), BundleError> {
         let rel = path.strip_prefix(root).unwrap_or(&path).to_path_buf();
         if t.is_symlink() {
             if !stays_inside(root, &rel) {
-                return Err(BundleError::Unsafe { path: rel.display().to_string(), reason: "symlink leads outside the bundle" });
+                return Err(BundleError::Unsafe {
+                    path: rel.display().to_string(),
+                    reason: "symlink leads outside the bundle",
+                });
             }
         } else if t.is_dir() {
             check_symlinks(root, &path)?;
@@ -352,10 +426,16 @@ fn read_manifest(root: &Path) -> Result<Manifest, BundleError> {
     let path = root.join(MANIFEST_FILE);
     let meta = fs::symlink_metadata(&path)?;
     if !meta.is_file() {
-        return Err(BundleError::Unsafe { path: MANIFEST_FILE.into(), reason: "must be a regular file" });
+        return Err(BundleError::Unsafe {
+            path: MANIFEST_FILE.into(),
+            reason: "must be a regular file",
+        });
     }
     if meta.len() > 64 * 1024 {
-        return Err(BundleError::Unsafe { path: MANIFEST_FILE.into(), reason: "larger than 64 KiB" });
+        return Err(BundleError::Unsafe {
+            path: MANIFEST_FILE.into(),
+            reason: "larger than 64 KiB",
+        });
     }
     let text = fs::read_to_string(&path).map_err(|_| ManifestError::Syntax("not UTF-8".into()))?;
     Ok(Manifest::parse(&text)?)
@@ -365,7 +445,8 @@ fn check_entrypoint(root: &Path, m: &Manifest) -> Result<(), BundleError> {
     if let crate::manifest::Entrypoint::Path(p) = &m.entrypoint {
         let rel = Path::new(p);
         let ok = stays_inside(root, rel)
-            && fs::metadata(root.join(rel)).is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0);
+            && fs::metadata(root.join(rel))
+                .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0);
         if !ok {
             return Err(BundleError::Entrypoint(p.clone()));
         }
@@ -380,17 +461,28 @@ pub fn tree_hash(root: &Path) -> Result<String, BundleError> {
         entries.sort_by_key(|e| e.file_name());
         for e in entries {
             let path = e.path();
-            let rel = path.strip_prefix(root).unwrap_or(&path).to_string_lossy().into_owned();
+            let rel = path
+                .strip_prefix(root)
+                .unwrap_or(&path)
+                .to_string_lossy()
+                .into_owned();
             let meta = fs::symlink_metadata(&path)?;
             if meta.file_type().is_symlink() {
-                out.push(format!("L {rel} {}", fs::read_link(&path)?.to_string_lossy()));
+                out.push(format!(
+                    "L {rel} {}",
+                    fs::read_link(&path)?.to_string_lossy()
+                ));
             } else if meta.is_dir() {
                 out.push(format!("D {rel}"));
                 walk(root, &path, out)?;
             } else {
                 let mut h = Sha256::new();
                 std::io::copy(&mut fs::File::open(&path)?, &mut h)?;
-                out.push(format!("F {rel} {:o} {}", meta.permissions().mode() & 0o777, hex::encode(h.finalize())));
+                out.push(format!(
+                    "F {rel} {:o} {}",
+                    meta.permissions().mode() & 0o777,
+                    hex::encode(h.finalize())
+                ));
             }
         }
         Ok(())
@@ -409,12 +501,21 @@ pub fn tree_hash(root: &Path) -> Result<String, BundleError> {
 pub mod tests {
     use super::*;
 
-    pub const LIMITS: BundleLimits = BundleLimits { max_unpacked_bytes: 1 << 20, max_files: 100 };
+    /// (path, kind, data, link target) of one archive entry.
+    pub type Entry<'a> = (&'a str, tar::EntryType, &'a [u8], Option<&'a str>);
+
+    pub const LIMITS: BundleLimits = BundleLimits {
+        max_unpacked_bytes: 1 << 20,
+        max_files: 100,
+    };
     const MANIFEST: &[u8] = b"name = \"t\"\nentrypoint = \"run.sh\"\n";
 
     /// Builds a .tar.gz from (path, kind) entries with raw header control.
-    pub fn tar_gz(entries: &[(&str, tar::EntryType, &[u8], Option<&str>)]) -> Vec<u8> {
-        let mut b = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+    pub fn tar_gz(entries: &[Entry]) -> Vec<u8> {
+        let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+            Vec::new(),
+            flate2::Compression::fast(),
+        ));
         for (path, kind, data, link) in entries {
             let mut h = tar::Header::new_gnu();
             h.set_entry_type(*kind);
@@ -432,8 +533,11 @@ pub mod tests {
         b.into_inner().unwrap().finish().unwrap()
     }
 
-    fn ok_entries() -> Vec<(&'static str, tar::EntryType, &'static [u8], Option<&'static str>)> {
-        vec![("fnlet.toml", tar::EntryType::Regular, MANIFEST, None), ("run.sh", tar::EntryType::Regular, b"#!/bin/sh\ncat\n", None)]
+    fn ok_entries() -> Vec<Entry<'static>> {
+        vec![
+            ("fnlet.toml", tar::EntryType::Regular, MANIFEST, None),
+            ("run.sh", tar::EntryType::Regular, b"#!/bin/sh\ncat\n", None),
+        ]
     }
 
     fn try_unpack(bytes: &[u8]) -> Result<Unpacked, BundleError> {
@@ -449,7 +553,11 @@ pub mod tests {
         let dir = tempfile::tempdir().unwrap();
         let u = unpack(&tar_gz(&ok_entries()), dir.path(), LIMITS).unwrap();
         assert_eq!(u.manifest.name, "t");
-        let mode = fs::metadata(dir.path().join("run.sh")).unwrap().permissions().mode() & 0o777;
+        let mode = fs::metadata(dir.path().join("run.sh"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o755);
         assert_eq!(u.sha256.len(), 64);
     }
@@ -465,18 +573,42 @@ pub mod tests {
 
     #[test]
     fn refuses_zip_slip_absolute_devices_and_escaping_symlinks() {
-        let cases: Vec<(Vec<(&str, tar::EntryType, &[u8], Option<&str>)>, &str)> = vec![
+        let cases: Vec<(Vec<Entry>, &str)> = vec![
             (vec![("../evil", tar::EntryType::Regular, b"x", None)], ".."),
-            (vec![("/etc/evil", tar::EntryType::Regular, b"x", None)], "absolute"),
+            (
+                vec![("/etc/evil", tar::EntryType::Regular, b"x", None)],
+                "absolute",
+            ),
             (vec![("dev", tar::EntryType::Char, b"", None)], "devices"),
             (vec![("fifo", tar::EntryType::Fifo, b"", None)], "fifos"),
-            (vec![("l", tar::EntryType::Symlink, b"", Some("/etc/shadow"))], "absolute"),
-            (vec![("l", tar::EntryType::Symlink, b"", Some("../../etc"))], "outside"),
+            (
+                vec![("l", tar::EntryType::Symlink, b"", Some("/etc/shadow"))],
+                "absolute",
+            ),
+            (
+                vec![("l", tar::EntryType::Symlink, b"", Some("../../etc"))],
+                "outside",
+            ),
             // "x" -> "." looks harmless, and "y" -> "x/.." is "." lexically, but it resolves to ".."
-            (vec![("x", tar::EntryType::Symlink, b"", Some(".")), ("y", tar::EntryType::Symlink, b"", Some("x/.."))], "outside"),
-            (vec![("h", tar::EntryType::Link, b"", Some("fnlet.toml"))], "hard links"),
+            (
+                vec![
+                    ("x", tar::EntryType::Symlink, b"", Some(".")),
+                    ("y", tar::EntryType::Symlink, b"", Some("x/..")),
+                ],
+                "outside",
+            ),
+            (
+                vec![("h", tar::EntryType::Link, b"", Some("fnlet.toml"))],
+                "hard links",
+            ),
             // A symlink planted first, then a file written "through" it.
-            (vec![("d", tar::EntryType::Symlink, b"", Some("sub")), ("d/f", tar::EntryType::Regular, b"x", None)], "parent"),
+            (
+                vec![
+                    ("d", tar::EntryType::Symlink, b"", Some("sub")),
+                    ("d/f", tar::EntryType::Regular, b"x", None),
+                ],
+                "parent",
+            ),
         ];
         for (mut entries, want) in cases {
             entries.extend(ok_entries());
@@ -489,7 +621,12 @@ pub mod tests {
     fn symlinks_inside_are_fine() {
         let mut e = ok_entries();
         e.push(("lib/a.txt", tar::EntryType::Regular, b"a", None));
-        e.push(("bin/link", tar::EntryType::Symlink, b"", Some("../lib/a.txt")));
+        e.push((
+            "bin/link",
+            tar::EntryType::Symlink,
+            b"",
+            Some("../lib/a.txt"),
+        ));
         try_unpack(&tar_gz(&e)).unwrap();
     }
 
@@ -498,22 +635,44 @@ pub mod tests {
         let big = vec![0u8; (1 << 20) + 1];
         let mut e = ok_entries();
         e.push(("big", tar::EntryType::Regular, &big, None));
-        assert!(matches!(try_unpack(&tar_gz(&e)), Err(BundleError::TooLarge { .. })));
+        assert!(matches!(
+            try_unpack(&tar_gz(&e)),
+            Err(BundleError::TooLarge { .. })
+        ));
         let names: Vec<String> = (0..200).map(|i| format!("f{i}")).collect();
         let mut e = ok_entries();
         for n in &names {
             e.push((n.as_str(), tar::EntryType::Regular, b"", None));
         }
-        assert!(matches!(try_unpack(&tar_gz(&e)), Err(BundleError::TooManyFiles { .. })));
+        assert!(matches!(
+            try_unpack(&tar_gz(&e)),
+            Err(BundleError::TooManyFiles { .. })
+        ));
     }
 
     #[test]
     fn manifest_and_entrypoint_are_checked() {
         let e = vec![("run.sh", tar::EntryType::Regular, &b"x"[..], None)];
-        assert!(matches!(try_unpack(&tar_gz(&e)), Err(BundleError::NoManifest)));
-        let e = vec![("fnlet.toml", tar::EntryType::Regular, &b"name = \"t\"\nentrypoint = \"missing\"\n"[..], None)];
-        assert!(matches!(try_unpack(&tar_gz(&e)), Err(BundleError::Entrypoint(_))));
-        let e = vec![("fnlet.toml", tar::EntryType::Regular, &b"name = 3\n"[..], None)];
+        assert!(matches!(
+            try_unpack(&tar_gz(&e)),
+            Err(BundleError::NoManifest)
+        ));
+        let e = vec![(
+            "fnlet.toml",
+            tar::EntryType::Regular,
+            &b"name = \"t\"\nentrypoint = \"missing\"\n"[..],
+            None,
+        )];
+        assert!(matches!(
+            try_unpack(&tar_gz(&e)),
+            Err(BundleError::Entrypoint(_))
+        ));
+        let e = vec![(
+            "fnlet.toml",
+            tar::EntryType::Regular,
+            &b"name = 3\n"[..],
+            None,
+        )];
         let err = try_unpack(&tar_gz(&e)).unwrap_err().to_string();
         assert!(err.contains("name"), "{err}");
     }
@@ -522,7 +681,12 @@ pub mod tests {
     fn single_top_level_folder_is_the_root() {
         let e = vec![
             ("hello/fnlet.toml", tar::EntryType::Regular, MANIFEST, None),
-            ("hello/run.sh", tar::EntryType::Regular, &b"#!/bin/sh\n"[..], None),
+            (
+                "hello/run.sh",
+                tar::EntryType::Regular,
+                &b"#!/bin/sh\n"[..],
+                None,
+            ),
         ];
         let dir = tempfile::tempdir().unwrap();
         let u = unpack(&tar_gz(&e), dir.path(), LIMITS).unwrap();
@@ -535,21 +699,32 @@ pub mod tests {
         let mk = |names: &[(&str, &[u8])]| {
             let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
             for (n, d) in names {
-                w.start_file(*n, SimpleFileOptions::default().unix_permissions(0o755)).unwrap();
+                w.start_file(*n, SimpleFileOptions::default().unix_permissions(0o755))
+                    .unwrap();
                 w.write_all(d).unwrap();
             }
             w.finish().unwrap().into_inner()
         };
         let good = mk(&[("fnlet.toml", MANIFEST), ("run.sh", b"#!/bin/sh\n")]);
         try_unpack(&good).unwrap();
-        let slip = mk(&[("fnlet.toml", MANIFEST), ("run.sh", b"#!/bin/sh\n"), ("../../evil", b"x")]);
+        let slip = mk(&[
+            ("fnlet.toml", MANIFEST),
+            ("run.sh", b"#!/bin/sh\n"),
+            ("../../evil", b"x"),
+        ]);
         let err = try_unpack(&slip).unwrap_err().to_string();
         assert!(err.contains(".."), "{err}");
     }
 
     #[test]
     fn garbage_is_not_a_bundle() {
-        assert!(matches!(try_unpack(b"hello"), Err(BundleError::UnknownFormat)));
-        assert!(matches!(try_unpack(&[0x1f, 0x8b, 0, 1, 2]), Err(BundleError::Corrupt(_))));
+        assert!(matches!(
+            try_unpack(b"hello"),
+            Err(BundleError::UnknownFormat)
+        ));
+        assert!(matches!(
+            try_unpack(&[0x1f, 0x8b, 0, 1, 2]),
+            Err(BundleError::Corrupt(_))
+        ));
     }
 }

@@ -115,18 +115,30 @@ impl Default for SandboxConfig {
 
 impl Default for FunctionDefaults {
     fn default() -> Self {
-        FunctionDefaults { memory_mb: 128, cpus: 1.0, timeout_s: 10.0, max_concurrency: 10 }
+        FunctionDefaults {
+            memory_mb: 128,
+            cpus: 1.0,
+            timeout_s: 10.0,
+            max_concurrency: 10,
+        }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{path}: {key}: {reason}")]
-    Invalid { path: PathBuf, key: &'static str, reason: String },
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        reason: String,
+    },
 }
 
 impl Config {
@@ -134,21 +146,36 @@ impl Config {
     pub fn load(path: &Path, explicit: bool) -> Result<Config, ConfigError> {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => return Ok(Config::default()),
-            Err(source) => return Err(ConfigError::Read { path: path.into(), source }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                return Ok(Config::default());
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.into(),
+                    source,
+                });
+            }
         };
         Config::parse(&text, path)
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let config: Config =
-            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
         config.validate(path)?;
         Ok(config)
     }
 
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let bad = |key, reason: &str| Err(ConfigError::Invalid { path: path.into(), key, reason: reason.into() });
+        let bad = |key, reason: &str| {
+            Err(ConfigError::Invalid {
+                path: path.into(),
+                key,
+                reason: reason.into(),
+            })
+        };
         if !self.state_dir.is_absolute() {
             return bad("state_dir", "must be an absolute path");
         }
@@ -170,13 +197,25 @@ impl Config {
         }
         let s = &self.sandbox;
         if s.uid_base < 1000 || s.uid_count == 0 || s.uid_base.checked_add(s.uid_count).is_none() {
-            return bad("sandbox.uid_base", "uids must be at least 1000 and the range must fit in 32 bits");
+            return bad(
+                "sandbox.uid_base",
+                "uids must be at least 1000 and the range must fit in 32 bits",
+            );
         }
         if s.cgroup != "auto" && s.cgroup != "v1" && !s.cgroup.starts_with('/') {
-            return bad("sandbox.cgroup", "must be \"auto\", \"v1\", or the absolute path of a cgroup2 mount");
+            return bad(
+                "sandbox.cgroup",
+                "must be \"auto\", \"v1\", or the absolute path of a cgroup2 mount",
+            );
         }
-        if s.cgroup_root.is_empty() || s.cgroup_root.starts_with('/') || s.cgroup_root.contains("..") {
-            return bad("sandbox.cgroup_root", "must be a relative path like \"fnlet\"");
+        if s.cgroup_root.is_empty()
+            || s.cgroup_root.starts_with('/')
+            || s.cgroup_root.contains("..")
+        {
+            return bad(
+                "sandbox.cgroup_root",
+                "must be a relative path like \"fnlet\"",
+            );
         }
         if s.tmp_mb == 0 || s.pids < 2 {
             return bad("sandbox.pids", "tmp_mb must be > 0 and pids at least 2");
@@ -237,7 +276,9 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_refused_by_name() {
-        let err = parse("listen = \"127.0.0.1:1\"\n[limits]\nmax_bundel_mb = 3\n").unwrap_err().to_string();
+        let err = parse("listen = \"127.0.0.1:1\"\n[limits]\nmax_bundel_mb = 3\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("max_bundel_mb"), "{err}");
     }
 

@@ -1,9 +1,28 @@
 //! `fnlet agent`: start-up, serving, and shutdown of the daemon.
+//!
+//! Start-up: load the config, take the state dir, remove what a crashed predecessor left (its
+//! sandboxes' cgroups and half-finished uploads), load the functions, bind, serve.
+//! SIGTERM/SIGINT: stop accepting, let in-flight invocations finish for up to
+//! `shutdown_grace_s`, kill what is left, remove every cgroup, exit 0.
 
-use std::path::PathBuf;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use anyhow::{Context, bail};
 use clap::Args;
+use isolate::{Isolator, IsolatorConfig};
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, App};
+use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::logs::Logs;
+use crate::metrics::Metrics;
+use crate::pool::{ActiveFunction, Registry};
+use crate::router::Router;
+use crate::store::Store;
 
 /// Options of `fnlet agent`; each overrides the config file.
 #[derive(Debug, Args)]
@@ -17,12 +36,197 @@ pub struct AgentArgs {
     /// Config file [default: /etc/fnlet/config.toml, if it exists].
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Deploy every bundle folder found under DIR at start (for demos and tests).
-    #[arg(long, value_name = "DIR")]
-    pub deploy_examples: Option<PathBuf>,
+    /// Print the default configuration (every key, with its embedded default) and exit.
+    #[arg(long)]
+    pub print_default_config: bool,
 }
 
 pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
-    let _ = args;
-    anyhow::bail!("the agent is being written")
+    if args.print_default_config {
+        print!("{}", Config::default_toml());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut config = match &args.config {
+        Some(p) => Config::load(p, true)?,
+        None => Config::load(Path::new(DEFAULT_CONFIG_PATH), false)?,
+    };
+    if let Some(l) = args.listen {
+        config.listen = l;
+    }
+    if let Some(d) = &args.state_dir {
+        config.state_dir =
+            std::path::absolute(d).with_context(|| format!("--state-dir {}", d.display()))?;
+    }
+    config.validate(args.config.as_deref().unwrap_or(Path::new("--state-dir")))?;
+    if !nix::unistd::geteuid().is_root() {
+        bail!("fnlet agent must run as root: it creates namespaces and cgroups for every function");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(serve(config))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reads the admin token, creating it (mode 0600) at first start.
+fn admin_token(state_dir: &Path) -> anyhow::Result<String> {
+    let path = state_dir.join("admin.token");
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    let mut raw = [0u8; 32];
+    getrandom::fill(&mut raw)
+        .map_err(|e| anyhow::anyhow!("no randomness for the admin token: {e}"))?;
+    let token = hex::encode(raw);
+    let tmp = state_dir.join("admin.token.tmp");
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        writeln!(f, "{token}")?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path).with_context(|| format!("creating {}", path.display()))?;
+    tracing::info!(path = %path.display(), "created the admin token");
+    Ok(token)
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let state = &config.state_dir;
+    std::fs::create_dir_all(state)
+        .with_context(|| format!("creating state dir {}", state.display()))?;
+    std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o750))
+        .with_context(|| format!("chmod {}", state.display()))?;
+    let token = admin_token(state)?;
+
+    let isolator = Isolator::new(IsolatorConfig {
+        cgroup_root: config.sandbox.cgroup_root.clone(),
+        cgroup_mode: config.cgroup_mode(),
+    })
+    .context("preparing sandboxes")?;
+    let stale = isolator
+        .reap_stale()
+        .context("removing sandboxes left by a previous agent")?;
+    if stale > 0 {
+        tracing::warn!(
+            count = stale,
+            "killed and removed sandboxes left by a previous agent"
+        );
+    }
+
+    let store = Store::open(state, config.sandbox.uid_base, config.sandbox.uid_count)
+        .with_context(|| format!("opening the store in {}", state.display()))?;
+    store
+        .clear_staging()
+        .context("clearing half-finished uploads")?;
+    let registry = Arc::new(Registry::default());
+    for (rec, v) in store.list().context("loading functions")? {
+        let bundle = store.bundle_path(&v.sha256);
+        registry.activate(ActiveFunction::new(&rec, &v, bundle, &config));
+    }
+    let removed = store
+        .gc(config.retain_versions, &Default::default())
+        .context("collecting unused bundles")?;
+    if removed > 0 {
+        tracing::info!(count = removed, "removed unreferenced bundles");
+    }
+
+    let logs = Arc::new(
+        Logs::open(&state.join("logs"), config.limits.log_max_kb << 10)
+            .context("opening the log dir")?,
+    );
+    let draining = CancellationToken::new();
+    let kill = CancellationToken::new();
+    let router = Router {
+        registry: registry.clone(),
+        isolator: Arc::new(isolator),
+        logs,
+        metrics: Arc::new(Metrics::new()),
+        queue_timeout: Duration::from_millis(config.limits.queue_timeout_ms),
+        max_response: (config.limits.max_response_mb << 20) as usize,
+        draining: draining.clone(),
+        kill: kill.clone(),
+    };
+    let isolator = router.isolator.clone();
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    let app = Arc::new(App {
+        cgroup_version: isolator.cgroup_version().to_string(),
+        cgroup_root: isolator.cgroup_root(),
+        config: config.clone(),
+        store: Arc::new(store),
+        router,
+        token,
+        started,
+    });
+    tracing::info!(
+        listen = %config.listen,
+        state_dir = %state.display(),
+        functions = registry.len(),
+        cgroup = %app.cgroup_version,
+        startup_ms = started.elapsed().as_secs_f64() * 1000.0,
+        "fnlet agent ready"
+    );
+
+    let grace = Duration::from_secs_f64(config.shutdown_grace_s);
+    let shutdown = {
+        let draining = draining.clone();
+        let kill = kill.clone();
+        async move {
+            wait_for_signal().await;
+            tracing::info!(
+                grace_s = grace.as_secs_f64(),
+                "shutting down: draining in-flight invocations"
+            );
+            draining.cancel();
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                if !kill.is_cancelled() {
+                    tracing::warn!("shutdown grace over: killing the instances still running");
+                    kill.cancel();
+                }
+            });
+        }
+    };
+    axum::serve(listener, api::app(app.clone()))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("serving HTTP")?;
+    kill.cancel();
+    // Whatever did not end with its invocation goes now.
+    let left = isolator.reap_stale().unwrap_or(0);
+    if left > 0 {
+        tracing::warn!(count = left, "removed sandboxes still running at shutdown");
+    }
+    if let Err(e) = isolator.remove_root() {
+        tracing::warn!("removing the cgroup root: {e}");
+    }
+    tracing::info!("fnlet agent stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop the agent with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
 }

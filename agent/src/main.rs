@@ -2,11 +2,17 @@
 
 #![forbid(unsafe_code)]
 
+mod api;
 mod bundle;
 mod cli;
 mod config;
 mod daemon;
+mod instance;
+mod logs;
 mod manifest;
+mod metrics;
+mod pool;
+mod router;
 mod store;
 mod units;
 

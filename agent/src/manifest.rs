@@ -79,12 +79,15 @@ pub fn valid_name(name: &str) -> bool {
     !b.is_empty()
         && b.len() <= 64
         && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'_')
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'_')
 }
 
 impl Manifest {
     pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
-        let m: Manifest = toml::from_str(text).map_err(|e| ManifestError::Syntax(e.message().to_string() + &span_hint(text, e.span())))?;
+        let m: Manifest = toml::from_str(text).map_err(|e| {
+            ManifestError::Syntax(e.message().to_string() + &span_hint(text, e.span()))
+        })?;
         m.validate()?;
         Ok(m)
     }
@@ -92,7 +95,13 @@ impl Manifest {
     pub fn validate(&self) -> Result<(), ManifestError> {
         let bad = |field, reason: String| Err(ManifestError::Invalid { field, reason });
         if !valid_name(&self.name) {
-            return bad("name", format!("{:?} must be 1-64 characters of a-z, 0-9, - and _, starting with a letter or digit", self.name));
+            return bad(
+                "name",
+                format!(
+                    "{:?} must be 1-64 characters of a-z, 0-9, - and _, starting with a letter or digit",
+                    self.name
+                ),
+            );
         }
         match &self.entrypoint {
             Entrypoint::Path(p) => {
@@ -100,7 +109,10 @@ impl Manifest {
                     return bad("entrypoint", "must not be empty".into());
                 }
                 if p.starts_with('/') || p.split('/').any(|c| c == "..") {
-                    return bad("entrypoint", format!("{p:?} must be a path inside the bundle"));
+                    return bad(
+                        "entrypoint",
+                        format!("{p:?} must be a path inside the bundle"),
+                    );
                 }
             }
             Entrypoint::Command(argv) => {
@@ -125,7 +137,10 @@ impl Manifest {
         if let Some(t) = self.timeout_s
             && !(t.is_finite() && (0.001..=86400.0).contains(&t))
         {
-            return bad("timeout_s", format!("{t} must be between 0.001 and 86400 seconds"));
+            return bad(
+                "timeout_s",
+                format!("{t} must be between 0.001 and 86400 seconds"),
+            );
         }
         if self.max_concurrency == Some(0) {
             return bad("max_concurrency", "must be at least 1".into());
@@ -148,14 +163,20 @@ impl Manifest {
                 return bad("env", format!("{k:?} is reserved for the agent"));
             }
             if v.contains('\0') || v.len() > 4096 {
-                return bad("env", format!("value of {k} must be under 4096 bytes without NUL"));
+                return bad(
+                    "env",
+                    format!("value of {k} must be under 4096 bytes without NUL"),
+                );
             }
         }
         if self.env.values().map(|v| v.len()).sum::<usize>() > 4096 * 16 {
             return bad("env", "the environment must total under 64 KiB".into());
         }
         if self.mode == Mode::Lambda {
-            return bad("mode", "\"lambda\" is not supported by this agent yet; use \"exec\"".into());
+            return bad(
+                "mode",
+                "\"lambda\" is not supported by this agent yet; use \"exec\"".into(),
+            );
         }
         Ok(())
     }
@@ -173,12 +194,17 @@ impl Manifest {
 /// " (field `memory_mb`, line N)" for a toml error span: toml names the expected type, the
 /// user wants the field.
 fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
-    let Some(s) = span.filter(|s| s.start <= text.len()) else { return String::new() };
+    let Some(s) = span.filter(|s| s.start <= text.len()) else {
+        return String::new();
+    };
     let line_no = text[..s.start].matches('\n').count() + 1;
     let line = text.lines().nth(line_no - 1).unwrap_or("");
     match line.split_once('=') {
         Some((key, _)) if !key.trim().is_empty() && !line.trim_start().starts_with('[') => {
-            format!(" (field `{}`, line {line_no})", key.trim().trim_matches('"'))
+            format!(
+                " (field `{}`, line {line_no})",
+                key.trim().trim_matches('"')
+            )
         }
         _ => format!(" (line {line_no})"),
     }
@@ -200,19 +226,26 @@ mod tests {
     #[test]
     fn interpreter_entrypoint() {
         let m = Manifest::parse("name = \"py\"\nentrypoint = [\"python3\", \"main.py\"]\nmemory_mb = 256\n[env]\nGREETING = \"hi\"\n").unwrap();
-        assert_eq!(m.entrypoint, Entrypoint::Command(vec!["python3".into(), "main.py".into()]));
+        assert_eq!(
+            m.entrypoint,
+            Entrypoint::Command(vec!["python3".into(), "main.py".into()])
+        );
         assert_eq!(m.env["GREETING"], "hi");
     }
 
     #[test]
     fn wrong_type_names_the_field() {
-        let err = Manifest::parse("name = \"x\"\nentrypoint = \"a\"\nmemory_mb = \"lots\"\n").unwrap_err().to_string();
+        let err = Manifest::parse("name = \"x\"\nentrypoint = \"a\"\nmemory_mb = \"lots\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("memory_mb") || err.contains("line 3"), "{err}");
     }
 
     #[test]
     fn unknown_key_is_named() {
-        let err = Manifest::parse("name = \"x\"\nentrypoint = \"a\"\nmemroy_mb = 3\n").unwrap_err().to_string();
+        let err = Manifest::parse("name = \"x\"\nentrypoint = \"a\"\nmemroy_mb = 3\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("memroy_mb"), "{err}");
     }
 
@@ -224,10 +257,22 @@ mod tests {
             ("name = \"x\"\nentrypoint = \"/bin/sh\"", "entrypoint"),
             ("name = \"x\"\nentrypoint = []", "entrypoint"),
             ("name = \"x\"\nentrypoint = \"a\"\ncpus = 0.0", "cpus"),
-            ("name = \"x\"\nentrypoint = \"a\"\ntimeout_s = -1", "timeout_s"),
-            ("name = \"x\"\nentrypoint = \"a\"\nmax_concurrency = 0", "max_concurrency"),
-            ("name = \"x\"\nentrypoint = \"a\"\n[env]\nFNLET_X = \"1\"", "env"),
-            ("name = \"x\"\nentrypoint = \"a\"\n[env]\n\"A-B\" = \"1\"", "env"),
+            (
+                "name = \"x\"\nentrypoint = \"a\"\ntimeout_s = -1",
+                "timeout_s",
+            ),
+            (
+                "name = \"x\"\nentrypoint = \"a\"\nmax_concurrency = 0",
+                "max_concurrency",
+            ),
+            (
+                "name = \"x\"\nentrypoint = \"a\"\n[env]\nFNLET_X = \"1\"",
+                "env",
+            ),
+            (
+                "name = \"x\"\nentrypoint = \"a\"\n[env]\n\"A-B\" = \"1\"",
+                "env",
+            ),
         ] {
             let err = Manifest::parse(text).unwrap_err().to_string();
             assert!(err.contains(field), "{text:?} -> {err}");

@@ -57,7 +57,10 @@ pub enum StoreError {
     #[error("metadata store: {0}")]
     Db(#[from] redb::Error),
     #[error("corrupt record for {key}: {source}")]
-    Corrupt { key: String, source: serde_json::Error },
+    Corrupt {
+        key: String,
+        source: serde_json::Error,
+    },
     #[error("bundle store: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -65,10 +68,18 @@ pub enum StoreError {
 macro_rules! db_err {
     ($($t:ty),*) => { $(impl From<$t> for StoreError { fn from(e: $t) -> Self { StoreError::Db(e.into()) } })* };
 }
-db_err!(redb::DatabaseError, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+db_err!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
 
 pub fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 pub struct Store {
@@ -79,7 +90,10 @@ pub struct Store {
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt { key: key.into(), source })
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt {
+        key: key.into(),
+        source,
+    })
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -97,12 +111,19 @@ impl Store {
         txn.open_table(VERSIONS)?;
         txn.open_table(META)?;
         txn.commit()?;
-        Ok(Store { db, dir: state_dir.to_path_buf(), uid_base, uid_count })
+        Ok(Store {
+            db,
+            dir: state_dir.to_path_buf(),
+            uid_base,
+            uid_count,
+        })
     }
 
     /// A fresh empty directory to unpack an upload into.
     pub fn staging_dir(&self) -> Result<tempfile::TempDir, StoreError> {
-        Ok(tempfile::Builder::new().prefix("upload-").tempdir_in(self.dir.join("staging"))?)
+        Ok(tempfile::Builder::new()
+            .prefix("upload-")
+            .tempdir_in(self.dir.join("staging"))?)
     }
 
     pub fn bundle_path(&self, sha256: &str) -> PathBuf {
@@ -123,7 +144,10 @@ impl Store {
         let version = {
             let mut functions = txn.open_table(FUNCTIONS)?;
             let mut meta = txn.open_table(META)?;
-            let existing = functions.get(name)?.map(|g| decode::<FunctionRecord>(name, g.value())).transpose()?;
+            let existing = functions
+                .get(name)?
+                .map(|g| decode::<FunctionRecord>(name, g.value()))
+                .transpose()?;
             let mut rec = match existing {
                 Some(r) => r,
                 None => {
@@ -153,7 +177,8 @@ impl Store {
             rec.active = v.version;
             rec.next_version += 1;
             rec.updated_at = now;
-            txn.open_table(VERSIONS)?.insert((name, v.version), encode(&v).as_slice())?;
+            txn.open_table(VERSIONS)?
+                .insert((name, v.version), encode(&v).as_slice())?;
             functions.insert(name, encode(&rec).as_slice())?;
             v
         };
@@ -164,14 +189,21 @@ impl Store {
     pub fn function(&self, name: &str) -> Result<FunctionRecord, StoreError> {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(FUNCTIONS)?;
-        let g = t.get(name)?.ok_or_else(|| StoreError::NotFound(name.into()))?;
+        let g = t
+            .get(name)?
+            .ok_or_else(|| StoreError::NotFound(name.into()))?;
         decode(name, g.value())
     }
 
     pub fn version(&self, name: &str, version: u64) -> Result<VersionRecord, StoreError> {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(VERSIONS)?;
-        let g = t.get((name, version))?.ok_or_else(|| StoreError::NoSuchVersion { name: name.into(), version })?;
+        let g = t
+            .get((name, version))?
+            .ok_or_else(|| StoreError::NoSuchVersion {
+                name: name.into(),
+                version,
+            })?;
         decode(name, g.value())
     }
 
@@ -186,7 +218,10 @@ impl Store {
             let rec: FunctionRecord = decode(k.value(), v.value())?;
             let g = versions
                 .get((rec.name.as_str(), rec.active))?
-                .ok_or_else(|| StoreError::NoSuchVersion { name: rec.name.clone(), version: rec.active })?;
+                .ok_or_else(|| StoreError::NoSuchVersion {
+                    name: rec.name.clone(),
+                    version: rec.active,
+                })?;
             let ver = decode(k.value(), g.value())?;
             out.push((rec, ver));
         }
@@ -214,18 +249,27 @@ impl Store {
             let mut functions = txn.open_table(FUNCTIONS)?;
             let versions = txn.open_table(VERSIONS)?;
             let mut rec: FunctionRecord = {
-                let g = functions.get(name)?.ok_or_else(|| StoreError::NotFound(name.into()))?;
+                let g = functions
+                    .get(name)?
+                    .ok_or_else(|| StoreError::NotFound(name.into()))?;
                 decode(name, g.value())?
             };
             let target = match to {
                 Some(t) => t,
                 None => {
                     let mut prev = versions.range((name, 0)..(name, rec.active))?;
-                    let Some(last) = prev.next_back() else { return Err(StoreError::NothingToRollBack(name.into())) };
+                    let Some(last) = prev.next_back() else {
+                        return Err(StoreError::NothingToRollBack(name.into()));
+                    };
                     last?.0.value().1
                 }
             };
-            let g = versions.get((name, target))?.ok_or_else(|| StoreError::NoSuchVersion { name: name.into(), version: target })?;
+            let g = versions
+                .get((name, target))?
+                .ok_or_else(|| StoreError::NoSuchVersion {
+                    name: name.into(),
+                    version: target,
+                })?;
             let v: VersionRecord = decode(name, g.value())?;
             rec.active = target;
             rec.updated_at = now_rfc3339();
@@ -261,8 +305,11 @@ impl Store {
             for item in functions.iter()? {
                 let (k, v) = item?;
                 let rec: FunctionRecord = decode(k.value(), v.value())?;
-                let all: Vec<u64> =
-                    versions.range((rec.name.as_str(), 0)..=(rec.name.as_str(), u64::MAX))?.filter_map(|r| r.ok()).map(|(k, _)| k.value().1).collect();
+                let all: Vec<u64> = versions
+                    .range((rec.name.as_str(), 0)..=(rec.name.as_str(), u64::MAX))?
+                    .filter_map(|r| r.ok())
+                    .map(|(k, _)| k.value().1)
+                    .collect();
                 let keep_from = all.len().saturating_sub(retain as usize);
                 for &old in &all[..keep_from] {
                     if old != rec.active {
@@ -296,7 +343,11 @@ impl Store {
     pub fn clear_staging(&self) -> Result<(), StoreError> {
         for e in fs::read_dir(self.dir.join("staging"))? {
             let p = e?.path();
-            if p.is_dir() { fs::remove_dir_all(p)? } else { fs::remove_file(p)? }
+            if p.is_dir() {
+                fs::remove_dir_all(p)?
+            } else {
+                fs::remove_file(p)?
+            }
         }
         Ok(())
     }
@@ -305,12 +356,20 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bundle::{self, tests::{LIMITS, tar_gz}};
+    use crate::bundle::{
+        self,
+        tests::{LIMITS, tar_gz},
+    };
 
     fn upload(store: &Store, name: &str, body: &str) -> VersionRecord {
         let manifest = format!("name = \"{name}\"\nentrypoint = \"run.sh\"\n");
         let bytes = tar_gz(&[
-            ("fnlet.toml", tar::EntryType::Regular, manifest.as_bytes(), None),
+            (
+                "fnlet.toml",
+                tar::EntryType::Regular,
+                manifest.as_bytes(),
+                None,
+            ),
             ("run.sh", tar::EntryType::Regular, body.as_bytes(), None),
         ]);
         let staging = store.staging_dir().unwrap();
@@ -332,10 +391,23 @@ mod tests {
         assert_eq!(s.function("a").unwrap().active, 2);
         assert_eq!(s.rollback("a", None).unwrap().version, 1);
         assert_eq!(s.function("a").unwrap().active, 1);
-        assert!(matches!(s.rollback("a", None), Err(StoreError::NothingToRollBack(_))));
+        assert!(matches!(
+            s.rollback("a", None),
+            Err(StoreError::NothingToRollBack(_))
+        ));
         assert_eq!(s.rollback("a", Some(2)).unwrap().version, 2);
-        assert!(matches!(s.rollback("a", Some(9)), Err(StoreError::NoSuchVersion { .. })));
-        assert_eq!(s.versions("a").unwrap().iter().map(|v| v.version).collect::<Vec<_>>(), vec![2, 1]);
+        assert!(matches!(
+            s.rollback("a", Some(9)),
+            Err(StoreError::NoSuchVersion { .. })
+        ));
+        assert_eq!(
+            s.versions("a")
+                .unwrap()
+                .iter()
+                .map(|v| v.version)
+                .collect::<Vec<_>>(),
+            vec![2, 1]
+        );
     }
 
     #[test]

@@ -1,0 +1,496 @@
+//! The HTTP API (axum): admin calls under /v1, invocation at /fn/{name}, health and metrics.
+//! Handlers parse HTTP into calls on the store and the router; status codes live here only.
+
+mod error;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router as AxumRouter;
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::BodyExt;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+pub use error::AppError;
+
+use crate::bundle::{self, BundleLimits};
+use crate::config::Config;
+use crate::manifest::valid_name;
+use crate::pool::ActiveFunction;
+use crate::router::Router;
+use crate::store::{Store, VersionRecord};
+
+pub struct App {
+    pub config: Config,
+    pub store: Arc<Store>,
+    pub router: Router,
+    pub token: String,
+    pub started: Instant,
+    pub cgroup_version: String,
+    pub cgroup_root: String,
+}
+
+type Shared = State<Arc<App>>;
+
+pub fn app(state: Arc<App>) -> AxumRouter {
+    AxumRouter::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/status", get(status))
+        .route("/v1/functions", get(list).post(deploy))
+        .route("/v1/functions/{name}", get(describe).delete(remove))
+        .route("/v1/functions/{name}/versions", get(versions))
+        .route("/v1/functions/{name}/rollback", post(rollback))
+        .route("/v1/functions/{name}/logs", get(logs))
+        .route("/fn/{name}", post(invoke))
+        .fallback(|| async {
+            AppError::not_found("no such route (see the API reference in the README)")
+        })
+        .method_not_allowed_fallback(|| async {
+            AppError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this route",
+            )
+        })
+        .with_state(state)
+}
+
+/// Constant-time comparison of the bearer token.
+fn authorized(app: &App, headers: &HeaderMap) -> bool {
+    let Some(given) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    let (a, b) = (given.trim().as_bytes(), app.token.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn admin(app: &App, headers: &HeaderMap) -> Result<(), AppError> {
+    if authorized(app, headers) {
+        Ok(())
+    } else {
+        Err(AppError::unauthorized())
+    }
+}
+
+fn checked_name(name: &str) -> Result<(), AppError> {
+    if valid_name(name) {
+        Ok(())
+    } else {
+        Err(AppError::not_found(format!("no function named {name:?}")))
+    }
+}
+
+/// Reads a body of at most `limit` bytes, answering 413 past it.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, AppError> {
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > limit as u64
+    {
+        return Err(AppError::too_large(limit));
+    }
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(AppError::too_large(limit))
+        }
+        Err(e) => Err(AppError::bad_request(format!(
+            "reading the request body: {e}"
+        ))),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, AppError> + Send + 'static,
+) -> Result<T, AppError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AppError::internal("blocking task", e))?
+}
+
+async fn readyz(State(app): Shared) -> Response {
+    if app.router.draining.is_cancelled() {
+        let mut e = AppError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the agent is shutting down",
+        );
+        e.retry_after = Some(5);
+        return e.into_response();
+    }
+    "ready\n".into_response()
+}
+
+async fn metrics(State(app): Shared) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        app.router.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn status(State(app): Shared, headers: HeaderMap) -> Result<Response, AppError> {
+    admin(&app, &headers)?;
+    Ok(axum::Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_s": app.started.elapsed().as_secs_f64(),
+        "functions": app.router.registry.len(),
+        "running_instances": app.router.registry.running_total(),
+        "cgroup": app.cgroup_version,
+        "cgroup_root": app.cgroup_root,
+        "state_dir": app.config.state_dir,
+        "draining": app.router.draining.is_cancelled(),
+        "resident_memory_bytes": crate::metrics::resident_bytes(),
+    }))
+    .into_response())
+}
+
+fn version_json(v: &VersionRecord, active: u64) -> Value {
+    json!({
+        "name": v.name,
+        "version": v.version,
+        "sha256": v.sha256,
+        "size_bytes": v.size_bytes,
+        "created_at": v.created_at,
+        "active": v.version == active,
+    })
+}
+
+async fn list(State(app): Shared, headers: HeaderMap) -> Result<Response, AppError> {
+    admin(&app, &headers)?;
+    let store = app.store.clone();
+    let all = blocking(move || Ok(store.list()?)).await?;
+    let functions: Vec<Value> = all
+        .iter()
+        .map(|(rec, v)| {
+            let running = app
+                .router
+                .registry
+                .get(&rec.name)
+                .map(|s| s.running.load(std::sync::atomic::Ordering::Relaxed))
+                .unwrap_or(0);
+            json!({
+                "name": rec.name,
+                "version": rec.active,
+                "manifest": v.manifest,
+                "sha256": v.sha256,
+                "uid": rec.uid,
+                "created_at": rec.created_at,
+                "updated_at": rec.updated_at,
+                "running": running,
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({ "functions": functions })).into_response())
+}
+
+async fn describe(
+    State(app): Shared,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, AppError> {
+    admin(&app, &headers)?;
+    checked_name(&name)?;
+    let store = app.store.clone();
+    let n = name.clone();
+    let (rec, versions) = blocking(move || Ok((store.function(&n)?, store.versions(&n)?))).await?;
+    let active = versions.iter().find(|v| v.version == rec.active);
+    let running = app
+        .router
+        .registry
+        .get(&name)
+        .map(|s| s.running.load(std::sync::atomic::Ordering::Relaxed))
+        .unwrap_or(0);
+    Ok(axum::Json(json!({
+        "name": rec.name,
+        "version": rec.active,
+        "manifest": active.map(|v| &v.manifest),
+        "sha256": active.map(|v| &v.sha256),
+        "uid": rec.uid,
+        "created_at": rec.created_at,
+        "updated_at": rec.updated_at,
+        "running": running,
+        "versions": versions.iter().map(|v| version_json(v, rec.active)).collect::<Vec<_>>(),
+    }))
+    .into_response())
+}
+
+async fn versions(
+    State(app): Shared,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, AppError> {
+    admin(&app, &headers)?;
+    checked_name(&name)?;
+    let store = app.store.clone();
+    let (rec, versions) =
+        blocking(move || Ok((store.function(&name)?, store.versions(&name)?))).await?;
+    Ok(axum::Json(json!({ "versions": versions.iter().map(|v| version_json(v, rec.active)).collect::<Vec<_>>() })).into_response())
+}
+
+/// Makes the version that the store now says is active the one new invocations run.
+fn activate(app: &App, name: &str) -> Result<(), AppError> {
+    let rec = app.store.function(name)?;
+    let v = app.store.version(name, rec.active)?;
+    let bundle = app.store.bundle_path(&v.sha256);
+    app.router
+        .registry
+        .activate(ActiveFunction::new(&rec, &v, bundle, &app.config));
+    Ok(())
+}
+
+async fn deploy(
+    State(app): Shared,
+    headers: HeaderMap,
+    req: Request,
+) -> Result<Response, AppError> {
+    admin(&app, &headers)?;
+    let limit = (app.config.limits.max_bundle_mb << 20) as usize;
+    let body = read_body(&headers, req.into_body(), limit).await?;
+    let app2 = app.clone();
+    let v = blocking(move || {
+        let app = app2;
+        let limits = BundleLimits {
+            max_unpacked_bytes: app.config.limits.max_unpacked_mb << 20,
+            max_files: app.config.limits.max_bundle_files,
+        };
+        let staging = app.store.staging_dir()?;
+        let unpacked = bundle::unpack(&body, staging.path(), limits)?;
+        let v = app.store.deploy(&unpacked)?;
+        activate(&app, &v.name)?;
+        if let Err(e) = app.store.gc(
+            app.config.retain_versions,
+            &app.router.registry.bundles_in_use(),
+        ) {
+            tracing::warn!("garbage collection after deploy: {e}");
+        }
+        Ok(v)
+    })
+    .await?;
+    tracing::info!(function = %v.name, version = v.version, sha256 = %v.sha256, "deployed");
+    app.router.logs.append(
+        &v.name,
+        v.version,
+        "-",
+        "agent",
+        &format!("deployed version {} ({})", v.version, &v.sha256[..12]),
+    );
+    Ok((StatusCode::CREATED, axum::Json(version_json(&v, v.version))).into_response())
+}
+
+async fn remove(
+    State(app): Shared,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, AppError> {
+    admin(&app, &headers)?;
+    checked_name(&name)?;
+    let app2 = app.clone();
+    blocking(move || {
+        app2.store.remove(&name)?;
+        app2.router.registry.remove(&name);
+        app2.router.logs.remove(&name);
+        tracing::info!(function = %name, "removed");
+        if let Err(e) = app2.store.gc(
+            app2.config.retain_versions,
+            &app2.router.registry.bundles_in_use(),
+        ) {
+            tracing::warn!("garbage collection after remove: {e}");
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackBody {
+    to: Option<u64>,
+}
+
+async fn rollback(
+    State(app): Shared,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    req: Request,
+) -> Result<Response, AppError> {
+    admin(&app, &headers)?;
+    checked_name(&name)?;
+    let raw = read_body(&headers, req.into_body(), 4096).await?;
+    let body: RollbackBody = if raw.iter().all(u8::is_ascii_whitespace) {
+        RollbackBody::default()
+    } else {
+        serde_json::from_slice(&raw)
+            .map_err(|e| AppError::bad_request(format!("rollback body: {e}")))?
+    };
+    let app2 = app.clone();
+    let v = blocking(move || {
+        let v = app2.store.rollback(&name, body.to)?;
+        activate(&app2, &name)?;
+        Ok(v)
+    })
+    .await?;
+    tracing::info!(function = %v.name, version = v.version, "rolled back");
+    app.router.logs.append(
+        &v.name,
+        v.version,
+        "-",
+        "agent",
+        &format!("rolled back to version {}", v.version),
+    );
+    Ok(axum::Json(version_json(&v, v.version)).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct LogQuery {
+    #[serde(default)]
+    follow: bool,
+    #[serde(default = "default_tail")]
+    tail: usize,
+}
+
+fn default_tail() -> usize {
+    100
+}
+
+async fn logs(
+    State(app): Shared,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> Result<Response, AppError> {
+    admin(&app, &headers)?;
+    checked_name(&name)?;
+    if app.router.registry.get(&name).is_none() {
+        return Err(AppError::not_found(format!("no function named {name:?}")));
+    }
+    let logs = app.router.logs.clone();
+    // Subscribe before reading the tail so no line falls between the two.
+    let live = q.follow.then(|| logs.subscribe(&name));
+    let tail = logs.tail(&name, q.tail.min(100_000));
+    let head = futures_util::stream::iter(
+        tail.into_iter()
+            .map(|l| Ok::<_, Infallible>(Bytes::from(l))),
+    );
+    let body = match live {
+        None => Body::from_stream(head),
+        Some(rx) => {
+            let stop = app.router.draining.clone().cancelled_owned();
+            let live = tokio_stream::wrappers::BroadcastStream::new(rx)
+                .filter_map(|r| async move {
+                    r.ok()
+                        .map(|l| Ok::<_, Infallible>(Bytes::copy_from_slice(l.as_bytes())))
+                })
+                .take_until(stop);
+            Body::from_stream(head.chain(live))
+        }
+    };
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
+}
+
+fn request_id() -> String {
+    let mut b = [0u8; 16];
+    if getrandom::fill(&mut b).is_err() {
+        // Uniqueness matters, secrecy does not: fall back to time and a counter.
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        b[..8].copy_from_slice(&(t as u64).to_le_bytes());
+        b[8..].copy_from_slice(
+            &N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                .to_le_bytes(),
+        );
+    }
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+async fn invoke(
+    State(app): Shared,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    req: Request,
+) -> Response {
+    let id = request_id();
+    let mut resp = match invoke_inner(&app, &headers, &name, req, &id).await {
+        Ok(r) => r,
+        Err((e, version)) => {
+            let mut r = e.into_response();
+            if let Some(v) = version {
+                r.headers_mut()
+                    .insert("x-fnlet-version", HeaderValue::from(v));
+            }
+            r
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-fnlet-request-id", v);
+    }
+    resp
+}
+
+async fn invoke_inner(
+    app: &App,
+    headers: &HeaderMap,
+    name: &str,
+    req: Request,
+    id: &str,
+) -> Result<Response, (AppError, Option<u64>)> {
+    let f = app.router.lookup(name).ok_or_else(|| {
+        (
+            AppError::not_found(format!("no function named {name:?}")),
+            None,
+        )
+    })?;
+    if !f.manifest.public && !authorized(app, headers) {
+        return Err((AppError::unauthorized(), None));
+    }
+    let limit = (app.config.limits.max_request_mb << 20) as usize;
+    let body = read_body(headers, req.into_body(), limit)
+        .await
+        .map_err(|e| (e, None))?;
+    match app.router.invoke(name, body, id).await {
+        Ok(inv) => {
+            let mut r = (StatusCode::OK, inv.body).into_response();
+            r.headers_mut()
+                .insert("x-fnlet-version", HeaderValue::from(inv.version));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            Ok(r)
+        }
+        Err(f) => Err((f.error.into(), f.version)),
+    }
+}

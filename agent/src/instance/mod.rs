@@ -1,0 +1,175 @@
+//! One running function instance. Exec mode: a fresh sandbox per invocation, the request on
+//! stdin, the response on stdout, stderr to the function's log under the request id.
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use isolate::{ExitStatus, Isolator, SandboxSpec, StdioSpec};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::logs::Logs;
+
+/// Why an invocation did not produce a response.
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeError {
+    #[error("no function named {0:?}")]
+    NotFound(String),
+    #[error("the function ran longer than its {0:?} timeout and was killed")]
+    Timeout(Duration),
+    #[error("the function ran out of memory ({limit_mb} MB) and was killed")]
+    OutOfMemory { limit_mb: u64 },
+    #[error("the function crashed: killed by signal {signal} ({name})")]
+    Crashed { signal: i32, name: &'static str },
+    #[error("the function failed: exit status {0}")]
+    FunctionError(i32),
+    #[error("the function's response is larger than {limit} bytes")]
+    ResponseTooLarge { limit: usize },
+    #[error("{function} is at its concurrency limit ({limit}); retry later")]
+    Overloaded { function: String, limit: u32 },
+    #[error("the agent is shutting down")]
+    Draining,
+    #[error("the function could not be started: {0}")]
+    Spawn(#[source] isolate::IsolateError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl InvokeError {
+    /// The error kind of the API's JSON body and of the metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            InvokeError::NotFound(_) => "not_found",
+            InvokeError::Timeout(_) => "timeout",
+            InvokeError::OutOfMemory { .. } => "out_of_memory",
+            InvokeError::Crashed { .. } => "crashed",
+            InvokeError::FunctionError(_) => "function_error",
+            InvokeError::ResponseTooLarge { .. } => "response_too_large",
+            InvokeError::Overloaded { .. } => "overloaded",
+            InvokeError::Draining => "unavailable",
+            InvokeError::Spawn(_) => "spawn_failed",
+            InvokeError::Internal(_) => "internal",
+        }
+    }
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    nix::sys::signal::Signal::try_from(sig)
+        .map(|s| s.as_str())
+        .unwrap_or("unknown")
+}
+
+/// What an exec invocation needs to know about the function.
+pub struct ExecCall<'a> {
+    pub spec: &'a SandboxSpec,
+    pub function: &'a str,
+    pub version: u64,
+    pub request_id: &'a str,
+    pub timeout: Duration,
+    pub max_response: usize,
+    pub memory_mb: u64,
+}
+
+fn pipe_err(e: std::io::Error) -> InvokeError {
+    InvokeError::Internal(format!("sandbox pipe: {e}"))
+}
+
+/// Runs one exec-mode invocation. `cancel` kills it early (agent shutdown after the grace).
+pub async fn run_exec(
+    isolator: &Arc<Isolator>,
+    logs: &Arc<Logs>,
+    call: ExecCall<'_>,
+    body: Bytes,
+    cancel: &CancellationToken,
+) -> Result<Bytes, InvokeError> {
+    let mut spec = call.spec.clone();
+    spec.stdio = StdioSpec::piped();
+    spec.env
+        .insert("FNLET_REQUEST_ID".into(), call.request_id.into());
+    let iso = isolator.clone();
+    let mut sandbox = tokio::task::spawn_blocking(move || iso.spawn(&spec))
+        .await
+        .map_err(|e| InvokeError::Internal(e.to_string()))?
+        .map_err(InvokeError::Spawn)?;
+
+    let take =
+        |fd: Option<OwnedFd>| fd.ok_or_else(|| InvokeError::Internal("missing stdio pipe".into()));
+    let stdin = tokio::net::unix::pipe::Sender::from_owned_fd(take(sandbox.take_stdin())?)
+        .map_err(pipe_err)?;
+    let stdout = tokio::net::unix::pipe::Receiver::from_owned_fd(take(sandbox.take_stdout())?)
+        .map_err(pipe_err)?;
+    let stderr = tokio::net::unix::pipe::Receiver::from_owned_fd(take(sandbox.take_stderr())?)
+        .map_err(pipe_err)?;
+
+    let write = async move {
+        let mut stdin = stdin;
+        // A function that does not read its input is fine: ignore EPIPE.
+        let _ = stdin.write_all(&body).await;
+        drop(stdin);
+    };
+    let limit = call.max_response;
+    let read_out = async move {
+        let mut buf = Vec::new();
+        let mut r = stdout.take(limit as u64 + 1);
+        let res = r.read_to_end(&mut buf).await;
+        (buf, res)
+    };
+    let (function, version, request_id) = (call.function, call.version, call.request_id);
+    let read_err = async move {
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            logs.append(function, version, request_id, "stderr", &line);
+        }
+    };
+
+    let deadline = tokio::time::Instant::now() + call.timeout;
+    let run = async {
+        let ((), (out, out_res), ()) = tokio::join!(write, read_out, read_err);
+        (out, out_res)
+    };
+    let outcome = tokio::select! {
+        (out, res) = run => {
+            if out.len() > limit {
+                let _ = sandbox.kill();
+                let _ = sandbox.wait().await;
+                return Err(InvokeError::ResponseTooLarge { limit });
+            }
+            res.map_err(pipe_err)?;
+            // Output closed: the function is exiting; its wait is bounded by the same timeout.
+            match tokio::time::timeout_at(deadline, sandbox.wait()).await {
+                Ok(o) => (o.map_err(|e| InvokeError::Internal(e.to_string()))?, out),
+                Err(_) => {
+                    let _ = sandbox.kill();
+                    let _ = sandbox.wait().await;
+                    return Err(InvokeError::Timeout(call.timeout));
+                }
+            }
+        }
+        _ = tokio::time::sleep_until(deadline) => {
+            let _ = sandbox.kill();
+            let _ = sandbox.wait().await;
+            return Err(InvokeError::Timeout(call.timeout));
+        }
+        _ = cancel.cancelled() => {
+            let _ = sandbox.kill();
+            let _ = sandbox.wait().await;
+            return Err(InvokeError::Draining);
+        }
+    };
+    let (outcome, out) = outcome;
+    if outcome.oom_killed {
+        return Err(InvokeError::OutOfMemory {
+            limit_mb: call.memory_mb,
+        });
+    }
+    match outcome.status {
+        ExitStatus::Exited(0) => Ok(Bytes::from(out)),
+        ExitStatus::Exited(code) => Err(InvokeError::FunctionError(code)),
+        ExitStatus::Signaled(sig) => Err(InvokeError::Crashed {
+            signal: sig,
+            name: signal_name(sig),
+        }),
+    }
+}

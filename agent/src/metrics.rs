@@ -1,0 +1,158 @@
+//! Prometheus metrics: per function and for the agent itself.
+
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FnLabels {
+    pub function: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub function: String,
+    pub kind: String,
+}
+
+fn duration_histogram() -> Histogram {
+    // 1 ms .. ~65 s
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub invocations: Family<FnLabels, Counter>,
+    pub errors: Family<ErrorLabels, Counter>,
+    pub duration: Family<FnLabels, Histogram, fn() -> Histogram>,
+    pub cold_starts: Family<FnLabels, Counter>,
+    pub running: Family<FnLabels, Gauge>,
+    uptime: Gauge<f64, AtomicU64>,
+    rss: Gauge,
+    started: Instant,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("fnlet");
+        let invocations = Family::<FnLabels, Counter>::default();
+        let errors = Family::<ErrorLabels, Counter>::default();
+        let duration = Family::<FnLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            duration_histogram,
+        );
+        let cold_starts = Family::<FnLabels, Counter>::default();
+        let running = Family::<FnLabels, Gauge>::default();
+        let uptime = Gauge::<f64, AtomicU64>::default();
+        let rss = Gauge::default();
+        registry.register(
+            "invocations",
+            "Invocations, by function",
+            invocations.clone(),
+        );
+        registry.register(
+            "invocation_errors",
+            "Failed invocations, by function and kind",
+            errors.clone(),
+        );
+        registry.register(
+            "invocation_duration_seconds",
+            "Invocation duration, by function",
+            duration.clone(),
+        );
+        registry.register(
+            "cold_starts",
+            "Invocations that started a new instance",
+            cold_starts.clone(),
+        );
+        registry.register(
+            "running_instances",
+            "Instances running now, by function",
+            running.clone(),
+        );
+        registry.register(
+            "agent_uptime_seconds",
+            "Seconds since the agent started",
+            uptime.clone(),
+        );
+        registry.register(
+            "agent_resident_memory_bytes",
+            "Resident memory of the agent",
+            rss.clone(),
+        );
+        Metrics {
+            registry,
+            invocations,
+            errors,
+            duration,
+            cold_starts,
+            running,
+            uptime,
+            rss,
+            started: Instant::now(),
+        }
+    }
+
+    pub fn function(name: &str) -> FnLabels {
+        FnLabels {
+            function: name.to_string(),
+        }
+    }
+
+    pub fn error(&self, function: &str, kind: &str) {
+        self.errors
+            .get_or_create(&ErrorLabels {
+                function: function.into(),
+                kind: kind.into(),
+            })
+            .inc();
+    }
+
+    /// The text exposition, with the agent's own gauges refreshed.
+    pub fn render(&self) -> String {
+        self.uptime.set(self.started.elapsed().as_secs_f64());
+        self.rss.set(resident_bytes().unwrap_or(0) as i64);
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// RSS from /proc/self/statm (pages).
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_families() {
+        let m = Metrics::new();
+        m.invocations
+            .get_or_create(&Metrics::function("hello"))
+            .inc();
+        m.error("hello", "timeout");
+        m.duration
+            .get_or_create(&Metrics::function("hello"))
+            .observe(0.01);
+        let text = m.render();
+        assert!(
+            text.contains("fnlet_invocations_total{function=\"hello\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fnlet_invocation_errors_total{function=\"hello\",kind=\"timeout\"} 1")
+        );
+        assert!(text.contains("fnlet_invocation_duration_seconds_bucket"));
+        assert!(text.contains("fnlet_agent_resident_memory_bytes"));
+    }
+}
