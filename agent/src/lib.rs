@@ -1,0 +1,21 @@
+//! fnlet: the agent daemon and its command-line interface, as a library so that tests and fuzz
+//! targets can reach the parsers. The `fnlet` binary is `main.rs`.
+//!
+//! Layers: `api` (HTTP) -> `router` (where to run) -> `pool` (which version, concurrency) ->
+//! `instance` (one run) -> `isolate` (the sandbox). `store` keeps functions and bundles.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod bundle;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod instance;
+pub mod logs;
+pub mod manifest;
+pub mod metrics;
+pub mod pool;
+pub mod router;
+pub mod store;
+pub mod units;
