@@ -1,0 +1,780 @@
+//! A small typed client of the agent's HTTP API (agent/api/openapi.yaml), and where to find it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use reqwest::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, RETRY_AFTER};
+use reqwest::{Method, RequestBuilder, Response, StatusCode, Url};
+use serde::Deserialize;
+use serde_json::Value;
+
+pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:8740";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/fnlet";
+pub const TOKEN_FILE: &str = "admin.token";
+pub const ENV_ENDPOINT: &str = "FNLET_ENDPOINT";
+pub const ENV_TOKEN: &str = "FNLET_TOKEN";
+pub const ENV_STATE_DIR: &str = "FNLET_STATE_DIR";
+
+pub const HEADER_REQUEST_ID: &str = "x-fnlet-request-id";
+pub const HEADER_VERSION: &str = "x-fnlet-version";
+
+/// Largest JSON answer read from the agent (a listing of many functions and versions).
+const MAX_JSON_BYTES: usize = 32 << 20;
+/// Largest error body read; the rest is dropped.
+const MAX_ERROR_BYTES: usize = 64 << 10;
+
+/// Parses an agent address: `http://host:port[/prefix]`, or `host:port` meaning http.
+pub fn parse_endpoint(s: &str) -> Result<Url, String> {
+    let t = s.trim();
+    if t.is_empty() {
+        return Err("the endpoint is empty".into());
+    }
+    let with_scheme = if t.contains("://") {
+        t.to_string()
+    } else {
+        format!("http://{t}")
+    };
+    let url = Url::parse(&with_scheme).map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    match url.scheme() {
+        "http" => {}
+        "https" => {
+            return Err(format!(
+                "{s:?}: this fnlet speaks plain HTTP only; put the agent behind a TLS proxy \
+                 and use an http:// endpoint on the proxy's host, or an SSH tunnel"
+            ));
+        }
+        other => return Err(format!("{s:?}: unsupported scheme {other:?} (use http://)")),
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{s:?} has no host"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("{s:?}: an endpoint has no query or fragment"));
+    }
+    Ok(url)
+}
+
+/// Where the admin token came from; decides the hint shown when the agent refuses it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    Flag,
+    Env,
+    File(PathBuf),
+    /// No token: the file could not be used, for `reason`.
+    Missing {
+        file: PathBuf,
+        reason: String,
+    },
+}
+
+/// The agent to talk to, resolved from flags, the environment and the token file.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub endpoint: Url,
+    pub token: Option<String>,
+    pub token_source: TokenSource,
+}
+
+/// What the user passed on the command line.
+#[derive(Debug, Clone, Default)]
+pub struct TargetFlags {
+    pub endpoint: Option<Url>,
+    pub token: Option<String>,
+    pub state_dir: Option<PathBuf>,
+}
+
+/// Resolves the target: a flag beats its environment variable, which beats the default.
+/// The token file `<state dir>/admin.token` is read only when no token was given.
+///
+/// `env` and `read_file` are parameters so the precedence can be tested without touching the
+/// process environment.
+pub fn resolve_target(
+    flags: &TargetFlags,
+    env: &dyn Fn(&str) -> Option<String>,
+    read_file: &dyn Fn(&Path) -> std::io::Result<String>,
+) -> Result<Target, String> {
+    let env_set = |key: &str| env(key).filter(|v| !v.trim().is_empty());
+    let endpoint = match (&flags.endpoint, env_set(ENV_ENDPOINT)) {
+        (Some(url), _) => url.clone(),
+        (None, Some(v)) => parse_endpoint(&v).map_err(|e| format!("{ENV_ENDPOINT}: {e}"))?,
+        (None, None) => parse_endpoint(DEFAULT_ENDPOINT)?,
+    };
+    let (token, token_source) = if let Some(t) = flags.token.as_ref().filter(|t| !t.is_empty()) {
+        (Some(t.trim().to_string()), TokenSource::Flag)
+    } else if let Some(t) = env_set(ENV_TOKEN) {
+        (Some(t.trim().to_string()), TokenSource::Env)
+    } else {
+        let dir = match (&flags.state_dir, env_set(ENV_STATE_DIR)) {
+            (Some(d), _) => d.clone(),
+            (None, Some(d)) => PathBuf::from(d),
+            (None, None) => PathBuf::from(DEFAULT_STATE_DIR),
+        };
+        let file = dir.join(TOKEN_FILE);
+        match read_file(&file) {
+            Ok(s) if !s.trim().is_empty() => (Some(s.trim().to_string()), TokenSource::File(file)),
+            Ok(_) => (
+                None,
+                TokenSource::Missing {
+                    file,
+                    reason: "it is empty".into(),
+                },
+            ),
+            Err(e) => {
+                let reason = match e.kind() {
+                    std::io::ErrorKind::NotFound => "it does not exist".to_string(),
+                    std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
+                    _ => e.to_string(),
+                };
+                (None, TokenSource::Missing { file, reason })
+            }
+        }
+    };
+    Ok(Target {
+        endpoint,
+        token,
+        token_source,
+    })
+}
+
+/// An error the agent answered with: `{"error": {"kind": "...", "message": "..."}}`.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub kind: String,
+    pub message: String,
+    /// The error body as sent, when it was JSON (printed by `--json`).
+    pub body: Option<Value>,
+    pub request_id: Option<String>,
+    pub version: Option<String>,
+    pub retry_after: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the fnlet agent at {endpoint}: {reason} — is `fnlet agent` running?")]
+    Unreachable { endpoint: String, reason: String },
+    #[error("lost the connection to the fnlet agent at {endpoint}: {reason}")]
+    Connection { endpoint: String, reason: String },
+    #[error("error ({}): {}", .0.kind, .0.message)]
+    Api(Box<ApiError>),
+    #[error("unexpected answer from the fnlet agent at {endpoint}: {detail}")]
+    Protocol { endpoint: String, detail: String },
+}
+
+impl ClientError {
+    /// The agent could not be reached or went away: exit status 3.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Unreachable { .. } | ClientError::Connection { .. }
+        )
+    }
+}
+
+pub type ClientResult<T> = std::result::Result<T, ClientError>;
+
+/// A deployed version (`Version` in the API).
+#[derive(Debug, Clone, Deserialize)]
+pub struct VersionInfo {
+    pub name: String,
+    pub version: u64,
+    pub sha256: String,
+    pub size_bytes: u64,
+    pub created_at: String,
+    #[serde(default)]
+    pub active: Option<bool>,
+}
+
+/// `Manifest` in the API.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ManifestInfo {
+    #[serde(default)]
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub entrypoint: Option<Value>,
+    #[serde(default)]
+    pub memory_mb: Option<u64>,
+    #[serde(default)]
+    pub cpus: Option<f64>,
+    #[serde(default)]
+    pub timeout_s: Option<f64>,
+    #[serde(default)]
+    pub max_concurrency: Option<u64>,
+    #[serde(default)]
+    pub public: Option<bool>,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+/// `Function` in the API.
+#[derive(Debug, Clone, Deserialize)]
+pub struct FunctionInfo {
+    pub name: String,
+    pub version: u64,
+    pub manifest: ManifestInfo,
+    #[serde(default)]
+    pub sha256: Option<String>,
+    #[serde(default)]
+    pub uid: Option<u64>,
+    pub created_at: String,
+    pub updated_at: String,
+    #[serde(default)]
+    pub running: Option<u64>,
+    #[serde(default)]
+    pub versions: Option<Vec<VersionInfo>>,
+}
+
+/// `Status` in the API; every field is optional there.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct StatusInfo {
+    pub version: Option<String>,
+    pub uptime_s: Option<f64>,
+    pub functions: Option<u64>,
+    pub running_instances: Option<u64>,
+    pub cgroup: Option<String>,
+    pub cgroup_root: Option<String>,
+    pub state_dir: Option<String>,
+    pub draining: Option<bool>,
+}
+
+/// One line of a function's log.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LogLine {
+    #[serde(default)]
+    pub ts: String,
+    #[serde(default)]
+    pub function: String,
+    #[serde(default)]
+    pub version: Option<u64>,
+    #[serde(default)]
+    pub request_id: Option<String>,
+    #[serde(default)]
+    pub stream: Option<String>,
+    #[serde(default)]
+    pub line: String,
+}
+
+/// A successful invocation whose body is still to be read.
+#[derive(Debug)]
+pub struct Invocation {
+    pub status: StatusCode,
+    pub request_id: Option<String>,
+    pub version: Option<String>,
+    pub response: Response,
+}
+
+pub struct Client {
+    http: reqwest::Client,
+    base: Url,
+    /// The endpoint as people write it, for messages.
+    shown: String,
+    token: Option<String>,
+}
+
+impl Client {
+    pub fn new(target: &Target) -> ClientResult<Client> {
+        let shown = target.endpoint.as_str().trim_end_matches('/').to_string();
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("fnlet/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(10))
+            .no_proxy()
+            .build()
+            .map_err(|e| ClientError::Protocol {
+                endpoint: shown.clone(),
+                detail: format!("setting up the HTTP client: {e}"),
+            })?;
+        Ok(Client {
+            http,
+            base: target.endpoint.clone(),
+            shown,
+            token: target.token.clone(),
+        })
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.shown
+    }
+
+    /// `base` with `segments` appended, each percent-encoded.
+    fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        // An http URL always has a path to extend (parse_endpoint refuses the others).
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().extend(segments);
+        }
+        url
+    }
+
+    fn request(&self, method: Method, url: Url) -> RequestBuilder {
+        let req = self.http.request(method, url);
+        match &self.token {
+            Some(t) => req.header(AUTHORIZATION, format!("Bearer {t}")),
+            None => req,
+        }
+    }
+
+    /// Sends `req`; answers other than 2xx become `ClientError::Api`.
+    async fn send(&self, req: RequestBuilder) -> ClientResult<Response> {
+        let resp = req.send().await.map_err(|e| self.transport(&e))?;
+        if resp.status().is_success() {
+            Ok(resp)
+        } else {
+            Err(self.api_error(resp).await)
+        }
+    }
+
+    async fn json(&self, req: RequestBuilder) -> ClientResult<Value> {
+        let mut resp = self.send(req).await?;
+        let body = read_capped(&mut resp, MAX_JSON_BYTES + 1)
+            .await
+            .map_err(|e| self.transport(&e))?;
+        if body.len() > MAX_JSON_BYTES {
+            return Err(self.protocol(format!(
+                "the answer is larger than {}",
+                crate::units::format_size(MAX_JSON_BYTES as u64)
+            )));
+        }
+        serde_json::from_slice(&body)
+            .map_err(|e| self.protocol(format!("the answer is not JSON ({e})")))
+    }
+
+    /// GET /v1/status
+    pub async fn status(&self) -> ClientResult<Value> {
+        self.json(self.request(Method::GET, self.url(&["v1", "status"])))
+            .await
+    }
+
+    /// GET /v1/functions
+    pub async fn functions(&self) -> ClientResult<Value> {
+        self.json(self.request(Method::GET, self.url(&["v1", "functions"])))
+            .await
+    }
+
+    /// GET /v1/functions/{name}
+    pub async fn function(&self, name: &str) -> ClientResult<Value> {
+        self.json(self.request(Method::GET, self.url(&["v1", "functions", name])))
+            .await
+    }
+
+    /// GET /v1/functions/{name}/versions
+    pub async fn versions(&self, name: &str) -> ClientResult<Value> {
+        let url = self.url(&["v1", "functions", name, "versions"]);
+        self.json(self.request(Method::GET, url)).await
+    }
+
+    /// DELETE /v1/functions/{name}
+    pub async fn remove(&self, name: &str) -> ClientResult<()> {
+        let url = self.url(&["v1", "functions", name]);
+        self.send(self.request(Method::DELETE, url)).await?;
+        Ok(())
+    }
+
+    /// POST /v1/functions/{name}/rollback, to the version before the active one by default.
+    pub async fn rollback(&self, name: &str, to: Option<u64>) -> ClientResult<Value> {
+        let url = self.url(&["v1", "functions", name, "rollback"]);
+        let body = match to {
+            Some(v) => serde_json::json!({ "to": v }),
+            None => serde_json::json!({}),
+        };
+        self.json(self.request(Method::POST, url).json(&body)).await
+    }
+
+    /// POST /v1/functions with a bundle of `len` bytes.
+    pub async fn deploy(
+        &self,
+        body: reqwest::Body,
+        len: u64,
+        content_type: &'static str,
+    ) -> ClientResult<Value> {
+        let req = self
+            .request(Method::POST, self.url(&["v1", "functions"]))
+            .header(CONTENT_TYPE, content_type)
+            // A streamed body has no length of its own: say it, so the agent can refuse an
+            // oversized bundle before it arrives.
+            .header(CONTENT_LENGTH, len)
+            .body(body);
+        self.json(req).await
+    }
+
+    /// POST /fn/{name}; the caller reads the function's output from the response.
+    pub async fn invoke(&self, name: &str, input: Vec<u8>) -> ClientResult<Invocation> {
+        let req = self
+            .request(Method::POST, self.url(&["fn", name]))
+            .header(CONTENT_TYPE, "application/octet-stream")
+            .body(input);
+        let response = self.send(req).await?;
+        let headers = response.headers();
+        Ok(Invocation {
+            status: response.status(),
+            request_id: header(headers, HEADER_REQUEST_ID),
+            version: header(headers, HEADER_VERSION),
+            response,
+        })
+    }
+
+    /// GET /v1/functions/{name}/logs; the caller reads the NDJSON lines as they come.
+    pub async fn logs(
+        &self,
+        name: &str,
+        follow: bool,
+        tail: Option<u64>,
+    ) -> ClientResult<Response> {
+        let mut url = self.url(&["v1", "functions", name, "logs"]);
+        {
+            let mut q = url.query_pairs_mut();
+            q.append_pair("follow", if follow { "true" } else { "false" });
+            if let Some(n) = tail {
+                q.append_pair("tail", &n.to_string());
+            }
+        }
+        self.send(self.request(Method::GET, url)).await
+    }
+
+    /// Reads the next piece of a streamed answer.
+    pub async fn chunk(&self, resp: &mut Response) -> ClientResult<Option<bytes::Bytes>> {
+        resp.chunk().await.map_err(|e| self.transport(&e))
+    }
+
+    fn transport(&self, e: &reqwest::Error) -> ClientError {
+        let reason = describe_transport(e);
+        if e.is_connect() {
+            ClientError::Unreachable {
+                endpoint: self.shown.clone(),
+                reason,
+            }
+        } else {
+            ClientError::Connection {
+                endpoint: self.shown.clone(),
+                reason,
+            }
+        }
+    }
+
+    fn protocol(&self, detail: String) -> ClientError {
+        ClientError::Protocol {
+            endpoint: self.shown.clone(),
+            detail,
+        }
+    }
+
+    async fn api_error(&self, mut resp: Response) -> ClientError {
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = match read_capped(&mut resp, MAX_ERROR_BYTES).await {
+            Ok(b) => b,
+            Err(e) => return self.transport(&e),
+        };
+        ClientError::Api(Box::new(parse_api_error(status, &headers, &body)))
+    }
+}
+
+fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// Builds the error from the agent's body, or from the status when the body is not fnlet's
+/// (a proxy in between, or not an fnlet agent at all).
+pub fn parse_api_error(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> ApiError {
+    #[derive(Deserialize)]
+    struct Envelope {
+        error: Inner,
+    }
+    #[derive(Deserialize)]
+    struct Inner {
+        kind: String,
+        message: String,
+    }
+    let json: Option<Value> = serde_json::from_slice(body).ok();
+    let parsed = json
+        .clone()
+        .and_then(|v| serde_json::from_value::<Envelope>(v).ok());
+    let (kind, message) = match parsed {
+        Some(e) => (e.error.kind, e.error.message),
+        None => {
+            let kind = match status.as_u16() {
+                400 => "bad_request".to_string(),
+                401 => "unauthorized".into(),
+                403 => "forbidden".into(),
+                404 => "not_found".into(),
+                413 => "payload_too_large".into(),
+                429 => "overloaded".into(),
+                500 => "internal".into(),
+                503 => "unavailable".into(),
+                504 => "timeout".into(),
+                n => format!("http_{n}"),
+            };
+            let text = String::from_utf8_lossy(body);
+            let first = text.lines().map(str::trim).find(|l| !l.is_empty());
+            let message = match first {
+                Some(l) if l.chars().count() > 200 => {
+                    format!("{}…", l.chars().take(200).collect::<String>())
+                }
+                Some(l) => l.to_string(),
+                None => format!("the agent answered {status} with no error body"),
+            };
+            (kind, message)
+        }
+    };
+    ApiError {
+        status,
+        kind,
+        message,
+        body: json,
+        request_id: header(headers, HEADER_REQUEST_ID),
+        version: header(headers, HEADER_VERSION),
+        retry_after: header(headers, RETRY_AFTER.as_str()),
+    }
+}
+
+async fn read_capped(
+    resp: &mut Response,
+    cap: usize,
+) -> std::result::Result<Vec<u8>, reqwest::Error> {
+    let mut buf = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        let room = cap.saturating_sub(buf.len());
+        buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if buf.len() >= cap {
+            break;
+        }
+    }
+    Ok(buf)
+}
+
+/// The root cause of a transport failure, in words ("connection refused").
+fn describe_transport(e: &reqwest::Error) -> String {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    let mut innermost = e.to_string();
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            let said = match io.kind() {
+                ConnectionRefused => "connection refused",
+                ConnectionReset => "connection reset",
+                ConnectionAborted => "connection aborted",
+                TimedOut => "connection timed out",
+                HostUnreachable => "host unreachable",
+                NetworkUnreachable => "network unreachable",
+                AddrNotAvailable => "address not available",
+                UnexpectedEof => "the agent closed the connection",
+                _ => "",
+            };
+            if !said.is_empty() {
+                return said.to_string();
+            }
+        }
+        innermost = s.to_string();
+        source = s.source();
+    }
+    if e.is_timeout() {
+        return "timed out".into();
+    }
+    innermost
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |k| {
+            pairs
+                .iter()
+                .find(|(key, _)| *key == k)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    fn no_file(_: &Path) -> std::io::Result<String> {
+        Err(std::io::Error::from(std::io::ErrorKind::PermissionDenied))
+    }
+
+    #[test]
+    fn endpoints() {
+        assert_eq!(
+            parse_endpoint("http://127.0.0.1:8740").unwrap().as_str(),
+            "http://127.0.0.1:8740/"
+        );
+        assert_eq!(
+            parse_endpoint("10.0.0.5:9000").unwrap().as_str(),
+            "http://10.0.0.5:9000/"
+        );
+        assert_eq!(
+            parse_endpoint("localhost:8740").unwrap().as_str(),
+            "http://localhost:8740/"
+        );
+        assert_eq!(
+            parse_endpoint("http://gw/fnlet/").unwrap().as_str(),
+            "http://gw/fnlet/"
+        );
+        assert!(
+            parse_endpoint("https://x")
+                .unwrap_err()
+                .contains("plain HTTP")
+        );
+        assert!(parse_endpoint("ftp://x").is_err());
+        assert!(parse_endpoint("").is_err());
+        assert!(parse_endpoint("http://x/?a=b").is_err());
+        assert!(parse_endpoint("http://").is_err());
+    }
+
+    #[test]
+    fn endpoint_precedence() {
+        let flags = TargetFlags {
+            endpoint: Some(parse_endpoint("http://flag:1").unwrap()),
+            ..Default::default()
+        };
+        let env = env_of(&[("FNLET_ENDPOINT", "http://env:2")]);
+        let t = resolve_target(&flags, &env, &no_file).unwrap();
+        assert_eq!(t.endpoint.as_str(), "http://flag:1/");
+
+        let t = resolve_target(&TargetFlags::default(), &env, &no_file).unwrap();
+        assert_eq!(t.endpoint.as_str(), "http://env:2/");
+
+        let t = resolve_target(&TargetFlags::default(), &env_of(&[]), &no_file).unwrap();
+        assert_eq!(t.endpoint.as_str(), "http://127.0.0.1:8740/");
+
+        // An empty variable counts as unset.
+        let t = resolve_target(
+            &TargetFlags::default(),
+            &env_of(&[("FNLET_ENDPOINT", "")]),
+            &no_file,
+        )
+        .unwrap();
+        assert_eq!(t.endpoint.as_str(), "http://127.0.0.1:8740/");
+
+        let err = resolve_target(
+            &TargetFlags::default(),
+            &env_of(&[("FNLET_ENDPOINT", "https://x")]),
+            &no_file,
+        )
+        .unwrap_err();
+        assert!(err.starts_with("FNLET_ENDPOINT: "), "{err}");
+    }
+
+    #[test]
+    fn token_precedence() {
+        let file = |p: &Path| -> std::io::Result<String> {
+            assert!(p.ends_with("admin.token"));
+            Ok(format!("file-token-from {}\n", p.display()))
+        };
+        let env = env_of(&[
+            ("FNLET_TOKEN", "env-token"),
+            ("FNLET_STATE_DIR", "/env/dir"),
+        ]);
+
+        let flags = TargetFlags {
+            token: Some("flag-token".into()),
+            ..Default::default()
+        };
+        let t = resolve_target(&flags, &env, &file).unwrap();
+        assert_eq!(t.token.as_deref(), Some("flag-token"));
+        assert_eq!(t.token_source, TokenSource::Flag);
+
+        let t = resolve_target(&TargetFlags::default(), &env, &file).unwrap();
+        assert_eq!(t.token.as_deref(), Some("env-token"));
+        assert_eq!(t.token_source, TokenSource::Env);
+
+        // No token given: the file in the state dir, flag over env over default; trimmed.
+        let env = env_of(&[("FNLET_STATE_DIR", "/env/dir")]);
+        let t = resolve_target(&TargetFlags::default(), &env, &file).unwrap();
+        assert_eq!(
+            t.token.as_deref(),
+            Some("file-token-from /env/dir/admin.token")
+        );
+        assert_eq!(
+            t.token_source,
+            TokenSource::File("/env/dir/admin.token".into())
+        );
+        let flags = TargetFlags {
+            state_dir: Some("/flag/dir".into()),
+            ..Default::default()
+        };
+        let t = resolve_target(&flags, &env, &file).unwrap();
+        assert_eq!(
+            t.token.as_deref(),
+            Some("file-token-from /flag/dir/admin.token")
+        );
+        let t = resolve_target(&TargetFlags::default(), &env_of(&[]), &file).unwrap();
+        assert_eq!(
+            t.token.as_deref(),
+            Some("file-token-from /var/lib/fnlet/admin.token")
+        );
+    }
+
+    #[test]
+    fn an_unreadable_token_file_means_no_token() {
+        let t = resolve_target(&TargetFlags::default(), &env_of(&[]), &no_file).unwrap();
+        assert_eq!(t.token, None);
+        assert_eq!(
+            t.token_source,
+            TokenSource::Missing {
+                file: "/var/lib/fnlet/admin.token".into(),
+                reason: "permission denied".into()
+            }
+        );
+        let empty = |_: &Path| Ok("  \n".to_string());
+        let t = resolve_target(&TargetFlags::default(), &env_of(&[]), &empty).unwrap();
+        assert_eq!(t.token, None);
+    }
+
+    #[test]
+    fn api_errors_from_the_agent() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-fnlet-request-id", "req-1".parse().unwrap());
+        headers.insert("retry-after", "2".parse().unwrap());
+        let body = br#"{"error":{"kind":"overloaded","message":"hello is at max_concurrency"}}"#;
+        let e = parse_api_error(StatusCode::TOO_MANY_REQUESTS, &headers, body);
+        assert_eq!(e.kind, "overloaded");
+        assert_eq!(e.message, "hello is at max_concurrency");
+        assert_eq!(e.request_id.as_deref(), Some("req-1"));
+        assert_eq!(e.retry_after.as_deref(), Some("2"));
+        assert!(e.body.is_some());
+        assert_eq!(
+            ClientError::Api(Box::new(e)).to_string(),
+            "error (overloaded): hello is at max_concurrency"
+        );
+    }
+
+    #[test]
+    fn api_errors_without_fnlet_bodies() {
+        let e = parse_api_error(
+            StatusCode::NOT_FOUND,
+            &HeaderMap::new(),
+            b"<html>\n<h1>Not Found</h1>",
+        );
+        assert_eq!(e.kind, "not_found");
+        assert_eq!(e.message, "<html>");
+        let e = parse_api_error(StatusCode::IM_A_TEAPOT, &HeaderMap::new(), b"");
+        assert_eq!(e.kind, "http_418");
+        assert!(e.message.contains("418"), "{}", e.message);
+    }
+
+    #[test]
+    fn urls_are_built_from_segments() {
+        let target = Target {
+            endpoint: parse_endpoint("http://gw:1/prefix").unwrap(),
+            token: None,
+            token_source: TokenSource::Flag,
+        };
+        let c = Client::new(&target).unwrap();
+        assert_eq!(
+            c.url(&["v1", "functions", "a b/c"]).as_str(),
+            "http://gw:1/prefix/v1/functions/a%20b%2Fc"
+        );
+        let target = Target {
+            endpoint: parse_endpoint("http://gw:1/").unwrap(),
+            ..target
+        };
+        let c = Client::new(&target).unwrap();
+        assert_eq!(c.url(&["fn", "x"]).as_str(), "http://gw:1/fn/x");
+        assert_eq!(c.endpoint(), "http://gw:1");
+    }
+}
