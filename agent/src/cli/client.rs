@@ -61,11 +61,31 @@ pub enum TokenSource {
     Flag,
     Env,
     File(PathBuf),
-    /// No token: the file could not be used, for `reason`.
+    /// No token: the file could not be used.
     Missing {
         file: PathBuf,
-        reason: String,
+        problem: TokenFileProblem,
     },
+}
+
+/// Why the token file gave no token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenFileProblem {
+    NotFound,
+    PermissionDenied,
+    Empty,
+    Other(String),
+}
+
+impl std::fmt::Display for TokenFileProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TokenFileProblem::NotFound => f.write_str("it does not exist"),
+            TokenFileProblem::PermissionDenied => f.write_str("permission denied"),
+            TokenFileProblem::Empty => f.write_str("it is empty"),
+            TokenFileProblem::Other(e) => f.write_str(e),
+        }
+    }
 }
 
 /// The agent to talk to, resolved from flags, the environment and the token file.
@@ -117,16 +137,16 @@ pub fn resolve_target(
                 None,
                 TokenSource::Missing {
                     file,
-                    reason: "it is empty".into(),
+                    problem: TokenFileProblem::Empty,
                 },
             ),
             Err(e) => {
-                let reason = match e.kind() {
-                    std::io::ErrorKind::NotFound => "it does not exist".to_string(),
-                    std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
-                    _ => e.to_string(),
+                let problem = match e.kind() {
+                    std::io::ErrorKind::NotFound => TokenFileProblem::NotFound,
+                    std::io::ErrorKind::PermissionDenied => TokenFileProblem::PermissionDenied,
+                    _ => TokenFileProblem::Other(e.to_string()),
                 };
-                (None, TokenSource::Missing { file, reason })
+                (None, TokenSource::Missing { file, problem })
             }
         }
     };
@@ -517,7 +537,10 @@ pub fn parse_api_error(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> 
                     format!("{}…", l.chars().take(200).collect::<String>())
                 }
                 Some(l) => l.to_string(),
-                None => format!("the agent answered {status} with no error body"),
+                None => format!(
+                    "the server answered {status} without an fnlet error body; is the endpoint \
+                     an fnlet agent?"
+                ),
             };
             (kind, message)
         }
@@ -717,7 +740,7 @@ mod tests {
             t.token_source,
             TokenSource::Missing {
                 file: "/var/lib/fnlet/admin.token".into(),
-                reason: "permission denied".into()
+                problem: TokenFileProblem::PermissionDenied,
             }
         );
         let empty = |_: &Path| Ok("  \n".to_string());

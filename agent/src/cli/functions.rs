@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use super::client::{
     self, ApiError, Client, ClientError, FunctionInfo, LogLine, StatusInfo, Target, TargetFlags,
-    TokenSource, VersionInfo,
+    TokenFileProblem, TokenSource, VersionInfo,
 };
 use super::pack::{self, ArchiveKind};
 use crate::units::format_size;
@@ -21,6 +21,13 @@ const PROGRESS_MIN_BYTES: u64 = 1 << 20;
 const SHORT_SHA: usize = 12;
 /// Characters of a request id shown in log lines.
 const SHORT_REQUEST_ID: usize = 8;
+
+// What the API says a manifest's missing fields mean (the Manifest schema's defaults).
+const DEFAULT_MODE: &str = "exec";
+const DEFAULT_MEMORY_MB: u64 = 128;
+const DEFAULT_CPUS: f64 = 1.0;
+const DEFAULT_TIMEOUT_S: f64 = 10.0;
+const DEFAULT_MAX_CONCURRENCY: u64 = 10;
 
 /// Help text after the options: `Examples:` with one indented line per example, then the
 /// exit statuses every client command shares.
@@ -267,16 +274,17 @@ fn write_err(e: std::io::Error) -> CliError {
 
 /// Runs one client command; prints its errors and returns the exit status.
 pub fn run(cmd: FunctionsCommand) -> ExitCode {
-    let (conn, name) = match &cmd {
-        FunctionsCommand::Deploy(a) => (&a.conn, None),
-        FunctionsCommand::Invoke(a) => (&a.conn, Some(a.name.clone())),
-        FunctionsCommand::Ls(a) | FunctionsCommand::Status(a) => (&a.conn, None),
+    let conn = match &cmd {
+        FunctionsCommand::Deploy(a) => &a.conn,
+        FunctionsCommand::Invoke(a) => &a.conn,
+        FunctionsCommand::Ls(a) | FunctionsCommand::Status(a) => &a.conn,
         FunctionsCommand::Describe(a) | FunctionsCommand::Versions(a) | FunctionsCommand::Rm(a) => {
-            (&a.conn, Some(a.name.clone()))
+            &a.conn
         }
-        FunctionsCommand::Rollback(a) => (&a.conn, Some(a.name.clone())),
-        FunctionsCommand::Logs(a) => (&a.conn, Some(a.name.clone())),
+        FunctionsCommand::Rollback(a) => &a.conn,
+        FunctionsCommand::Logs(a) => &a.conn,
     };
+    let context = error_context(&cmd);
     let flags = TargetFlags {
         endpoint: conn.endpoint.clone(),
         token: conn.token.clone(),
@@ -286,13 +294,46 @@ pub fn run(cmd: FunctionsCommand) -> ExitCode {
         std::fs::read_to_string(p)
     }) {
         Ok(t) => t,
-        Err(e) => return report(&CliError::Usage(e), None, None),
+        Err(e) => return report(&CliError::Usage(e), None, &context),
     };
     let result = dispatch(cmd, &target);
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => report(&e, Some(&target), name.as_deref()),
+        Err(e) => report(&e, Some(&target), &context),
     }
+}
+
+fn error_context(cmd: &FunctionsCommand) -> ErrorContext {
+    let name = match cmd {
+        FunctionsCommand::Deploy(_) | FunctionsCommand::Ls(_) | FunctionsCommand::Status(_) => None,
+        FunctionsCommand::Invoke(a) => Some(a.name.clone()),
+        FunctionsCommand::Describe(a) | FunctionsCommand::Versions(a) | FunctionsCommand::Rm(a) => {
+            Some(a.name.clone())
+        }
+        FunctionsCommand::Rollback(a) => Some(a.name.clone()),
+        FunctionsCommand::Logs(a) => Some(a.name.clone()),
+    };
+    let not_found_hint = match (cmd, &name) {
+        // A rollback's 404 may be about the version rather than the function.
+        (FunctionsCommand::Rollback(_), Some(n)) => Some(format!(
+            "hint: `fnlet versions {n}` lists the versions kept, `fnlet ls` the functions"
+        )),
+        (_, Some(_)) => Some("hint: `fnlet ls` lists the deployed functions".into()),
+        (_, None) => None,
+    };
+    ErrorContext {
+        name,
+        not_found_hint,
+    }
+}
+
+/// What an error's hints may mention.
+#[derive(Debug, Default)]
+struct ErrorContext {
+    /// The function the command is about.
+    name: Option<String>,
+    /// What to say when the agent answers not_found.
+    not_found_hint: Option<String>,
 }
 
 fn dispatch(cmd: FunctionsCommand, target: &Target) -> CmdResult {
@@ -345,7 +386,7 @@ fn block_on<F: Future<Output = CmdResult>>(f: F) -> CmdResult {
 }
 
 /// Prints the error and returns the exit status it means.
-fn report(e: &CliError, target: Option<&Target>, name: Option<&str>) -> ExitCode {
+fn report(e: &CliError, target: Option<&Target>, context: &ErrorContext) -> ExitCode {
     match e {
         CliError::Usage(msg) => {
             eprintln!("error: {msg}");
@@ -358,7 +399,7 @@ fn report(e: &CliError, target: Option<&Target>, name: Option<&str>) -> ExitCode
         CliError::BrokenPipe => ExitCode::SUCCESS,
         CliError::Client(ClientError::Api(api)) => {
             eprintln!("error ({}): {}", api.kind, api.message);
-            for hint in api_hints(api, target, name) {
+            for hint in api_hints(api, target, context) {
                 eprintln!("{hint}");
             }
             ExitCode::from(1)
@@ -375,12 +416,20 @@ fn report(e: &CliError, target: Option<&Target>, name: Option<&str>) -> ExitCode
 }
 
 /// Follow-up lines for an API error: what to do about it.
-fn api_hints(api: &ApiError, target: Option<&Target>, name: Option<&str>) -> Vec<String> {
+fn api_hints(api: &ApiError, target: Option<&Target>, context: &ErrorContext) -> Vec<String> {
     let mut hints = Vec::new();
     if api.status == reqwest::StatusCode::UNAUTHORIZED {
         match target.map(|t| &t.token_source) {
-            Some(TokenSource::Missing { file, reason }) => hints.push(format!(
-                "hint: set FNLET_TOKEN or run as root so fnlet can read {} ({reason})",
+            Some(TokenSource::Missing {
+                file,
+                problem: TokenFileProblem::NotFound,
+            }) => hints.push(format!(
+                "hint: set FNLET_TOKEN, or point --state-dir (FNLET_STATE_DIR) at the agent's \
+                 state directory: there is no {}",
+                file.display()
+            )),
+            Some(TokenSource::Missing { file, problem }) => hints.push(format!(
+                "hint: set FNLET_TOKEN or run as root so fnlet can read {} ({problem})",
                 file.display()
             )),
             Some(TokenSource::File(file)) => hints.push(format!(
@@ -396,19 +445,22 @@ fn api_hints(api: &ApiError, target: Option<&Target>, name: Option<&str>) -> Vec
             None => {}
         }
     }
-    if let Some(secs) = &api.retry_after {
-        hints.push(format!("hint: the agent says to retry after {secs}s"));
+    if let Some(after) = &api.retry_after {
+        // Retry-After is seconds or an HTTP date.
+        let when = match after.trim().parse::<u64>() {
+            Ok(secs) => format!("{secs}s"),
+            Err(_) => after.clone(),
+        };
+        hints.push(format!("hint: the agent says to retry after {when}"));
     }
-    if let (Some(n), "not_found") = (name, api.kind.as_str()) {
-        hints.push(format!(
-            "hint: no function {n:?}? `fnlet ls` lists the deployed ones"
-        ));
+    if let (Some(h), "not_found") = (&context.not_found_hint, api.kind.as_str()) {
+        hints.push(h.clone());
     }
     let about_the_run = matches!(
         api.kind.as_str(),
         "timeout" | "out_of_memory" | "crashed" | "function_error" | "response_too_large"
     );
-    if let (true, Some(id), Some(n)) = (about_the_run, &api.request_id, name) {
+    if let (true, Some(id), Some(n)) = (about_the_run, &api.request_id, &context.name) {
         hints.push(format!(
             "request id {id}: `fnlet logs {n}` shows what the function wrote"
         ));
@@ -708,10 +760,10 @@ fn functions_table(functions: &[FunctionInfo], now: SystemTime) -> String {
             vec![
                 f.name.clone(),
                 f.version.to_string(),
-                m.mode.clone().unwrap_or_else(|| "exec".into()),
-                memory(m.memory_mb),
-                m.timeout_s.map(seconds).unwrap_or_else(|| "-".into()),
-                if m.public == Some(true) { "yes" } else { "no" }.into(),
+                m.mode.clone().unwrap_or_else(|| DEFAULT_MODE.into()),
+                memory(m.memory_mb.unwrap_or(DEFAULT_MEMORY_MB)),
+                seconds(m.timeout_s.unwrap_or(DEFAULT_TIMEOUT_S)),
+                yes_no(m.public.unwrap_or(false)).into(),
                 f.running.map_or("-".into(), |n| n.to_string()),
                 age(&f.updated_at, now),
             ]
@@ -752,21 +804,33 @@ fn describe_text(f: &FunctionInfo, versions: &[VersionInfo]) -> String {
     if let Some(sha) = &f.sha256 {
         pairs.push(("sha256", sha.clone()));
     }
-    pairs.push(("mode", m.mode.clone().unwrap_or_else(|| "exec".into())));
+    pairs.push(("mode", or_default(m.mode.clone(), DEFAULT_MODE.into())));
     pairs.push((
         "entrypoint",
         m.entrypoint.as_ref().map_or("-".into(), entrypoint),
     ));
-    pairs.push(("memory", memory(m.memory_mb)));
-    pairs.push(("cpus", m.cpus.map_or("-".into(), |c| c.to_string())));
-    pairs.push(("timeout", m.timeout_s.map_or("-".into(), seconds)));
+    pairs.push((
+        "memory",
+        or_default(m.memory_mb.map(memory), memory(DEFAULT_MEMORY_MB)),
+    ));
+    pairs.push((
+        "cpus",
+        or_default(m.cpus.map(|c| c.to_string()), DEFAULT_CPUS.to_string()),
+    ));
+    pairs.push((
+        "timeout",
+        or_default(m.timeout_s.map(seconds), seconds(DEFAULT_TIMEOUT_S)),
+    ));
     pairs.push((
         "concurrency",
-        m.max_concurrency.map_or("-".into(), |c| c.to_string()),
+        or_default(
+            m.max_concurrency.map(|c| c.to_string()),
+            DEFAULT_MAX_CONCURRENCY.to_string(),
+        ),
     ));
     pairs.push((
         "public",
-        if m.public == Some(true) { "yes" } else { "no" }.into(),
+        or_default(m.public.map(|p| yes_no(p).into()), "no".into()),
     ));
     if let Some(uid) = f.uid {
         pairs.push(("uid", uid.to_string()));
@@ -774,8 +838,8 @@ fn describe_text(f: &FunctionInfo, versions: &[VersionInfo]) -> String {
     if let Some(n) = f.running {
         pairs.push(("running", n.to_string()));
     }
-    pairs.push(("created", f.created_at.clone()));
-    pairs.push(("updated", f.updated_at.clone()));
+    pairs.push(("created", trim_fraction(&f.created_at, 0)));
+    pairs.push(("updated", trim_fraction(&f.updated_at, 0)));
     let env = m
         .env
         .iter()
@@ -823,7 +887,7 @@ fn versions_table(versions: &[VersionInfo], active: Option<u64>) -> String {
                 if is_active { "*" } else { "" }.into(),
                 format_size(v.size_bytes),
                 short_sha(&v.sha256),
-                v.created_at.clone(),
+                trim_fraction(&v.created_at, 0),
             ]
         })
         .collect::<Vec<_>>();
@@ -841,12 +905,12 @@ async fn status(client: &Client, json: bool) -> CmdResult {
 
 fn status_text(s: &StatusInfo, endpoint: &str) -> String {
     let opt = |v: Option<u64>| v.map_or("-".into(), |n| n.to_string());
-    let cgroup = match (&s.cgroup, &s.cgroup_root) {
-        (Some(c), Some(r)) => format!("{c} (root {r})"),
-        (Some(c), None) => c.clone(),
-        (None, Some(r)) => format!("root {r}"),
-        (None, None) => "-".into(),
-    };
+    let none = || "-".to_string();
+    // Under cgroup v1 the root is one directory per hierarchy, listed with commas.
+    let cgroup_root = s
+        .cgroup_root
+        .as_ref()
+        .map_or_else(none, |r| r.split(", ").collect::<Vec<_>>().join("\n"));
     kv(&[
         ("endpoint", endpoint.to_string()),
         ("agent", s.version.clone().unwrap_or_else(|| "-".into())),
@@ -860,19 +924,15 @@ fn status_text(s: &StatusInfo, endpoint: &str) -> String {
         ),
         ("functions", opt(s.functions)),
         ("running", opt(s.running_instances)),
-        ("cgroup", cgroup),
+        ("cgroup", s.cgroup.clone().unwrap_or_else(none)),
+        ("cgroup root", cgroup_root),
         (
             "state dir",
             s.state_dir.clone().unwrap_or_else(|| "-".into()),
         ),
         (
             "draining",
-            match s.draining {
-                Some(true) => "yes",
-                Some(false) => "no",
-                None => "-",
-            }
-            .into(),
+            s.draining.map_or_else(none, |d| yes_no(d).into()),
         ),
     ])
 }
@@ -898,7 +958,16 @@ async fn logs(client: &Client, a: &LogsArgs) -> CmdResult {
     if !pending.is_empty() {
         write_log_line(&mut out, &pending, a.json)?;
     }
-    out.flush().map_err(write_err)
+    out.flush().map_err(write_err)?;
+    if a.follow {
+        // Following only ends when the agent ends it: say so, and fail like a lost connection.
+        return Err(ClientError::Connection {
+            endpoint: client.endpoint().to_string(),
+            reason: "the agent closed the log stream (is it shutting down?)".into(),
+        }
+        .into());
+    }
+    Ok(())
 }
 
 fn write_log_line(out: &mut impl Write, raw: &[u8], json: bool) -> CmdResult {
@@ -933,7 +1002,7 @@ fn format_log_line(l: &LogLine) -> String {
     };
     format!(
         "{} {} {} {:<width$} {marker}{}",
-        l.ts,
+        trim_fraction(&l.ts, 3),
         l.function,
         version,
         rid,
@@ -996,8 +1065,45 @@ fn short_sha(sha: &str) -> String {
     }
 }
 
-fn memory(mb: Option<u64>) -> String {
-    mb.map_or("-".into(), |mb| format_size(mb.saturating_mul(1 << 20)))
+fn memory(mb: u64) -> String {
+    format_size(mb.saturating_mul(1 << 20))
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+/// The manifest's value, or the API's default for it, marked as such.
+fn or_default(value: Option<String>, default: String) -> String {
+    value.unwrap_or_else(|| format!("{default} (default)"))
+}
+
+/// An RFC 3339 time with its fraction of a second cut or padded to `digits` (none for 0),
+/// so that times line up: the agent writes nanoseconds without trailing zeros.
+fn trim_fraction(ts: &str, digits: usize) -> String {
+    // Seconds end 9 bytes after the 'T' ("T03:40:00").
+    let Some(secs_end) = ts
+        .find('T')
+        .map(|t| t + 9)
+        .filter(|&e| e <= ts.len() && ts.is_char_boundary(e))
+    else {
+        return ts.to_string();
+    };
+    let (head, rest) = ts.split_at(secs_end);
+    let rest_digits = rest.strip_prefix('.').unwrap_or("");
+    let frac_len = rest_digits
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest_digits.len());
+    let (frac, tail) = if rest.starts_with('.') {
+        rest_digits.split_at(frac_len)
+    } else {
+        ("", rest)
+    };
+    if digits == 0 {
+        return format!("{head}{tail}");
+    }
+    let frac = format!("{frac:0<digits$}");
+    format!("{head}.{}{tail}", &frac[..digits])
 }
 
 fn seconds(s: f64) -> String {
@@ -1216,12 +1322,18 @@ mod tests {
         other.manifest.memory_mb = Some(1024);
         other.manifest.timeout_s = Some(30.0);
         other.updated_at = "2026-11-20T03:45:00Z".into();
-        let t = functions_table(&[function(), other], now);
+        let mut bare = function();
+        bare.name = "bare".into();
+        bare.manifest = serde_json::from_value(serde_json::json!({"entrypoint": "run"})).unwrap();
+        bare.running = None;
+        bare.updated_at = "2026-11-22T03:44:00.123456789Z".into();
+        let t = functions_table(&[function(), other, bare], now);
         assert_eq!(
             t,
             "NAME           VERSION  MODE  MEMORY  TIMEOUT  PUBLIC  RUNNING  UPDATED\n\
              hello          3        exec  256M    2.5s     no      2        5m ago\n\
-             resize-images  12       exec  1G      30s      yes     2        2d ago\n"
+             resize-images  12       exec  1G      30s      yes     2        2d ago\n\
+             bare           3        exec  128M    10s      no      -        59s ago\n"
         );
     }
 
@@ -1238,7 +1350,7 @@ mod tests {
              cpus:         0.5\n\
              timeout:      2.5s\n\
              concurrency:  4\n\
-             public:       no\n\
+             public:       no (default)\n\
              uid:          200003\n\
              running:      2\n\
              created:      2026-11-22T03:00:00Z\n\
@@ -1272,14 +1384,15 @@ mod tests {
         };
         assert_eq!(
             status_text(&s, "http://127.0.0.1:8740"),
-            "endpoint:   http://127.0.0.1:8740\n\
-             agent:      0.1.0\n\
-             uptime:     1h 2m 5s\n\
-             functions:  2\n\
-             running:    1\n\
-             cgroup:     v2 (root fnlet)\n\
-             state dir:  /var/lib/fnlet\n\
-             draining:   no\n"
+            "endpoint:     http://127.0.0.1:8740\n\
+             agent:        0.1.0\n\
+             uptime:       1h 2m 5s\n\
+             functions:    2\n\
+             running:      1\n\
+             cgroup:       v2\n\
+             cgroup root:  fnlet\n\
+             state dir:    /var/lib/fnlet\n\
+             draining:     no\n"
         );
     }
 
@@ -1292,16 +1405,16 @@ mod tests {
         .unwrap();
         assert_eq!(
             format_log_line(&l),
-            "2026-11-22T03:40:00Z hello v3 01234567 hi there"
+            "2026-11-22T03:40:00.000Z hello v3 01234567 hi there"
         );
         let l: LogLine = serde_json::from_str(
-            r#"{"ts":"2026-11-22T03:40:01Z","function":"hello","version":3,
+            r#"{"ts":"2026-11-22T03:40:01.0523Z","function":"hello","version":3,
                 "stream":"agent","line":"instance started"}"#,
         )
         .unwrap();
         assert_eq!(
             format_log_line(&l),
-            "2026-11-22T03:40:01Z hello v3 -        [agent] instance started"
+            "2026-11-22T03:40:01.052Z hello v3 -        [agent] instance started"
         );
 
         let mut out = Vec::new();
@@ -1336,20 +1449,48 @@ mod tests {
             token: None,
             token_source: src,
         };
-        let missing = target(TokenSource::Missing {
-            file: "/var/lib/fnlet/admin.token".into(),
-            reason: "permission denied".into(),
-        });
+        let missing = |problem| {
+            target(TokenSource::Missing {
+                file: "/var/lib/fnlet/admin.token".into(),
+                problem,
+            })
+        };
+        let denied = missing(TokenFileProblem::PermissionDenied);
+        let none = ErrorContext::default();
         assert_eq!(
-            api_hints(&api(401, "unauthorized"), Some(&missing), None),
+            api_hints(&api(401, "unauthorized"), Some(&denied), &none),
             [
                 "hint: set FNLET_TOKEN or run as root so fnlet can read /var/lib/fnlet/admin.token \
               (permission denied)"
             ]
         );
-        let h = api_hints(&api(404, "not_found"), Some(&missing), Some("nope"));
-        assert!(h[0].contains("fnlet ls"), "{h:?}");
-        let h = api_hints(&api(504, "timeout"), Some(&missing), Some("slow"));
+        let h = api_hints(
+            &api(401, "unauthorized"),
+            Some(&missing(TokenFileProblem::NotFound)),
+            &none,
+        );
+        assert!(h[0].contains("--state-dir"), "{h:?}");
+        let h = api_hints(
+            &api(401, "unauthorized"),
+            Some(&target(TokenSource::Env)),
+            &none,
+        );
+        assert!(h[0].contains("refused the token given"), "{h:?}");
+
+        let context = |args: &[&str]| error_context(&parse(args).unwrap());
+        let h = api_hints(
+            &api(404, "not_found"),
+            None,
+            &context(&["describe", "nope"]),
+        );
+        assert_eq!(h, ["hint: `fnlet ls` lists the deployed functions"]);
+        let h = api_hints(
+            &api(404, "not_found"),
+            None,
+            &context(&["rollback", "x", "--to", "9"]),
+        );
+        assert!(h[0].contains("fnlet versions x"), "{h:?}");
+        let h = api_hints(&api(504, "timeout"), None, &context(&["invoke", "slow"]));
         assert_eq!(
             h,
             ["request id req-9: `fnlet logs slow` shows what the function wrote"]
@@ -1357,7 +1498,7 @@ mod tests {
         let mut busy = api(429, "overloaded");
         busy.retry_after = Some("1".into());
         assert_eq!(
-            api_hints(&busy, Some(&missing), Some("x")),
+            api_hints(&busy, None, &context(&["invoke", "x"])),
             ["hint: the agent says to retry after 1s"]
         );
     }
@@ -1366,8 +1507,29 @@ mod tests {
     fn small_formats() {
         assert_eq!(seconds(10.0), "10s");
         assert_eq!(seconds(0.25), "0.25s");
-        assert_eq!(memory(Some(128)), "128M");
-        assert_eq!(memory(None), "-");
+        assert_eq!(memory(128), "128M");
+        assert_eq!(
+            trim_fraction("2026-11-22T03:40:00.68982626Z", 3),
+            "2026-11-22T03:40:00.689Z"
+        );
+        assert_eq!(
+            trim_fraction("2026-11-22T03:40:00.5Z", 3),
+            "2026-11-22T03:40:00.500Z"
+        );
+        assert_eq!(
+            trim_fraction("2026-11-22T03:40:00Z", 3),
+            "2026-11-22T03:40:00.000Z"
+        );
+        assert_eq!(
+            trim_fraction("2026-11-22T03:40:00.123456+02:00", 0),
+            "2026-11-22T03:40:00+02:00"
+        );
+        assert_eq!(
+            trim_fraction("2026-11-22T03:40:00.1Z", 0),
+            "2026-11-22T03:40:00Z"
+        );
+        assert_eq!(trim_fraction("t", 3), "t");
+        assert_eq!(trim_fraction("2026-11-22T03", 3), "2026-11-22T03");
         assert_eq!(short_sha("abc"), "abc");
         assert_eq!(format_duration(Duration::from_micros(12_345)), "12.3ms");
         assert_eq!(format_duration(Duration::from_millis(1_500)), "1.50s");

@@ -67,16 +67,30 @@ pub fn main() -> ExitCode {
         Command::Agent(args) => crate::daemon::run(args),
         Command::Sandbox(cmd) => sandbox::run(cmd),
         Command::Functions(cmd) => Ok(functions::run(cmd)),
-        Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "fnlet", &mut std::io::stdout());
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Completions { shell } => Ok(completions(shell)),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("fnlet: {e:#}");
             ExitCode::from(125)
+        }
+    }
+}
+
+/// Prints completions; generated into memory first because clap_complete panics on a write
+/// error (`fnlet completions bash | head`).
+fn completions(shell: clap_complete::Shell) -> ExitCode {
+    use std::io::Write;
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "fnlet", &mut script);
+    let mut out = std::io::stdout().lock();
+    match out.write_all(&script).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: writing the completions: {e}");
+            ExitCode::from(1)
         }
     }
 }
