@@ -191,6 +191,11 @@ impl Manifest {
     }
 }
 
+/// The manifest as TOML (what `fnlet describe` shows and fuzzing round-trips).
+pub fn to_toml(m: &Manifest) -> Result<String, toml::ser::Error> {
+    toml::to_string(m)
+}
+
 /// " (field `memory_mb`, line N)" for a toml error span: toml names the expected type, the
 /// user wants the field.
 fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
