@@ -38,6 +38,12 @@ pub struct Metrics {
     started: Instant,
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
 impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("fnlet");

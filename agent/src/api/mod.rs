@@ -1,6 +1,7 @@
 //! The HTTP API (axum): admin calls under /v1, invocation at /fn/{name}, health and metrics.
 //! Handlers parse HTTP into calls on the store and the router; status codes live here only.
 
+mod drain;
 mod error;
 
 use std::convert::Infallible;
@@ -62,6 +63,7 @@ pub fn app(state: Arc<App>) -> AxumRouter {
                 "method not allowed on this route",
             )
         })
+        .layer(axum::middleware::map_request(drain::drain_refused_bodies))
         .with_state(state)
 }
 
@@ -195,6 +197,7 @@ async fn list(State(app): Shared, headers: HeaderMap) -> Result<Response, AppErr
                 "version": rec.active,
                 "manifest": v.manifest,
                 "sha256": v.sha256,
+                "limits": v.manifest.resolve(&app.config.defaults),
                 "uid": rec.uid,
                 "created_at": rec.created_at,
                 "updated_at": rec.updated_at,
@@ -227,6 +230,7 @@ async fn describe(
         "version": rec.active,
         "manifest": active.map(|v| &v.manifest),
         "sha256": active.map(|v| &v.sha256),
+        "limits": active.map(|v| v.manifest.resolve(&app.config.defaults)),
         "uid": rec.uid,
         "created_at": rec.created_at,
         "updated_at": rec.updated_at,

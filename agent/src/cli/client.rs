@@ -245,6 +245,30 @@ pub struct FunctionInfo {
     pub running: Option<u64>,
     #[serde(default)]
     pub versions: Option<Vec<VersionInfo>>,
+    /// What the agent runs: the manifest with the agent's defaults filled in.
+    #[serde(default)]
+    pub limits: Option<LimitsInfo>,
+}
+
+/// `Function.limits` in the API.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct LimitsInfo {
+    pub memory_mb: u64,
+    pub cpus: f64,
+    pub timeout_s: f64,
+    pub max_concurrency: u64,
+}
+
+impl Default for LimitsInfo {
+    /// The API's documented defaults, for an agent that does not send `limits`.
+    fn default() -> Self {
+        LimitsInfo {
+            memory_mb: 128,
+            cpus: 1.0,
+            timeout_s: 10.0,
+            max_concurrency: 10,
+        }
+    }
 }
 
 /// `Status` in the API; every field is optional there.

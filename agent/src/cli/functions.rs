@@ -22,12 +22,8 @@ const SHORT_SHA: usize = 12;
 /// Characters of a request id shown in log lines.
 const SHORT_REQUEST_ID: usize = 8;
 
-// What the API says a manifest's missing fields mean (the Manifest schema's defaults).
+// What the API says a manifest without `mode` means.
 const DEFAULT_MODE: &str = "exec";
-const DEFAULT_MEMORY_MB: u64 = 128;
-const DEFAULT_CPUS: f64 = 1.0;
-const DEFAULT_TIMEOUT_S: f64 = 10.0;
-const DEFAULT_MAX_CONCURRENCY: u64 = 10;
 
 /// Help text after the options: `Examples:` with one indented line per example, then the
 /// exit statuses every client command shares.
@@ -757,12 +753,13 @@ fn functions_table(functions: &[FunctionInfo], now: SystemTime) -> String {
         .iter()
         .map(|f| {
             let m = &f.manifest;
+            let lim = f.limits.clone().unwrap_or_default();
             vec![
                 f.name.clone(),
                 f.version.to_string(),
                 m.mode.clone().unwrap_or_else(|| DEFAULT_MODE.into()),
-                memory(m.memory_mb.unwrap_or(DEFAULT_MEMORY_MB)),
-                seconds(m.timeout_s.unwrap_or(DEFAULT_TIMEOUT_S)),
+                memory(m.memory_mb.unwrap_or(lim.memory_mb)),
+                seconds(m.timeout_s.unwrap_or(lim.timeout_s)),
                 yes_no(m.public.unwrap_or(false)).into(),
                 f.running.map_or("-".into(), |n| n.to_string()),
                 age(&f.updated_at, now),
@@ -796,6 +793,7 @@ async fn describe(client: &Client, name: &str, json: bool) -> CmdResult {
 
 fn describe_text(f: &FunctionInfo, versions: &[VersionInfo]) -> String {
     let m = &f.manifest;
+    let lim = f.limits.clone().unwrap_or_default();
     let mut pairs = vec![("name", f.name.clone())];
     if let Some(d) = m.description.as_ref().filter(|d| !d.is_empty()) {
         pairs.push(("description", d.clone()));
@@ -811,21 +809,21 @@ fn describe_text(f: &FunctionInfo, versions: &[VersionInfo]) -> String {
     ));
     pairs.push((
         "memory",
-        or_default(m.memory_mb.map(memory), memory(DEFAULT_MEMORY_MB)),
+        or_default(m.memory_mb.map(memory), memory(lim.memory_mb)),
     ));
     pairs.push((
         "cpus",
-        or_default(m.cpus.map(|c| c.to_string()), DEFAULT_CPUS.to_string()),
+        or_default(m.cpus.map(|c| c.to_string()), lim.cpus.to_string()),
     ));
     pairs.push((
         "timeout",
-        or_default(m.timeout_s.map(seconds), seconds(DEFAULT_TIMEOUT_S)),
+        or_default(m.timeout_s.map(seconds), seconds(lim.timeout_s)),
     ));
     pairs.push((
         "concurrency",
         or_default(
             m.max_concurrency.map(|c| c.to_string()),
-            DEFAULT_MAX_CONCURRENCY.to_string(),
+            lim.max_concurrency.to_string(),
         ),
     ));
     pairs.push((

@@ -56,10 +56,16 @@ Examples:
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The daemon logs one line per invocation; the CLI only its warnings.
+    let default_level = if matches!(cli.command, Command::Agent(_)) {
+        "info"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FNLET_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+                .unwrap_or_else(|_| default_level.into()),
         )
         .with_writer(std::io::stderr)
         .init();
