@@ -1,7 +1,10 @@
 //! Shared helpers for the integration tests: find the built binaries, require root, make a
-//! bundle holding the probe, and check that nothing is left behind.
+//! bundle holding the probe, and check that nothing is left behind. `agent` runs the real
+//! `fnlet agent` for a test.
 
 #![allow(dead_code)]
+
+pub mod agent;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

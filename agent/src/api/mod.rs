@@ -41,6 +41,23 @@ pub struct App {
 
 type Shared = State<Arc<App>>;
 
+/// Every route `app()` serves, as (method, path). The API reference (api/openapi.yaml) lists
+/// exactly these: the tests below hold `app()`, this list and the document together.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("GET", "/v1/status"),
+    ("GET", "/v1/functions"),
+    ("POST", "/v1/functions"),
+    ("GET", "/v1/functions/{name}"),
+    ("DELETE", "/v1/functions/{name}"),
+    ("GET", "/v1/functions/{name}/versions"),
+    ("POST", "/v1/functions/{name}/rollback"),
+    ("GET", "/v1/functions/{name}/logs"),
+    ("POST", "/fn/{name}"),
+];
+
 pub fn app(state: Arc<App>) -> AxumRouter {
     AxumRouter::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -496,5 +513,126 @@ async fn invoke_inner(
             Ok(r)
         }
         Err(f) => Err((f.error.into(), f.version)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::ROUTES;
+
+    const METHODS: [&str; 7] = ["get", "put", "post", "delete", "patch", "head", "options"];
+
+    fn routes() -> BTreeSet<(String, String)> {
+        ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect()
+    }
+
+    /// (METHOD, path) of every operation under `paths:` in the OpenAPI document. The document
+    /// is indented by two spaces: paths at two, their operations at four.
+    fn documented(yaml: &str) -> BTreeSet<(String, String)> {
+        let mut out = BTreeSet::new();
+        let mut in_paths = false;
+        let mut path = None;
+        for line in yaml.lines() {
+            if !line.starts_with(' ') && !line.trim().is_empty() {
+                in_paths = line.trim_end() == "paths:";
+                continue;
+            }
+            if !in_paths {
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix("  ")
+                && !rest.starts_with(' ')
+                && let Some(p) = rest.trim_end().strip_suffix(':')
+            {
+                path = Some(p.trim_matches('"').to_string());
+            } else if let Some(rest) = line.strip_prefix("    ")
+                && !rest.starts_with(' ')
+                && let Some((key, _)) = rest.split_once(':')
+                && METHODS.contains(&key)
+            {
+                let p = path.clone().expect("an operation outside a path");
+                out.insert((key.to_uppercase(), p));
+            }
+        }
+        out
+    }
+
+    /// (METHOD, path) of every `.route("path", get(..).post(..))` in the source of `app()`.
+    fn served(source: &str) -> BTreeSet<(String, String)> {
+        let body = source
+            .split_once("pub fn app(")
+            .and_then(|(_, rest)| rest.split_once(".with_state("))
+            .expect("app() in the source")
+            .0;
+        let mut out = BTreeSet::new();
+        for call in body.split(".route(").skip(1) {
+            let (path, handlers) = call
+                .trim_start()
+                .strip_prefix('"')
+                .and_then(|c| c.split_once('"'))
+                .expect("a route's path is a string literal");
+            let handlers = handlers.split(".fallback(").next().unwrap_or(handlers);
+            let mut any = false;
+            for m in METHODS {
+                let at = |h: &str| {
+                    h.match_indices(&format!("{m}(")).any(|(i, _)| {
+                        i == 0
+                            || !h.as_bytes()[i - 1].is_ascii_alphanumeric()
+                                && h.as_bytes()[i - 1] != b'_'
+                    })
+                };
+                if at(handlers) {
+                    out.insert((m.to_uppercase(), path.to_string()));
+                    any = true;
+                }
+            }
+            assert!(any, "no method found for route {path}");
+        }
+        out
+    }
+
+    #[test]
+    fn routes_match_the_openapi_document() {
+        let doc = documented(include_str!("../../api/openapi.yaml"));
+        assert!(doc.len() >= 10, "parsed only {doc:?}");
+        let routes = routes();
+        assert_eq!(routes.len(), ROUTES.len(), "ROUTES has duplicates");
+        let undocumented: Vec<_> = routes.difference(&doc).collect();
+        let unserved: Vec<_> = doc.difference(&routes).collect();
+        assert!(
+            undocumented.is_empty() && unserved.is_empty(),
+            "served but not in openapi.yaml: {undocumented:?}; in openapi.yaml but not served: {unserved:?}"
+        );
+    }
+
+    #[test]
+    fn routes_match_app() {
+        let served = served(include_str!("mod.rs"));
+        assert_eq!(
+            served,
+            routes(),
+            "app() and ROUTES disagree: update ROUTES (and openapi.yaml) with the router"
+        );
+    }
+
+    #[test]
+    fn the_parsers_see_what_they_should() {
+        let yaml = "info:\n  title: x\npaths:\n  /a/{name}:\n    parameters: []\n    get:\n      summary: a\n    delete:\n      responses: {}\n  /b:\n    post: {}\ncomponents:\n  x:\n    get: {}\n";
+        let want: BTreeSet<(String, String)> = [
+            ("GET", "/a/{name}"),
+            ("DELETE", "/a/{name}"),
+            ("POST", "/b"),
+        ]
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+        assert_eq!(documented(yaml), want);
+        let src = "pub fn app(s: S) -> R {\n R::new()\n .route(\"/a/{name}\", get(target).delete(remove))\n .route(\"/b\", post(|| async { budget() }))\n .fallback(x)\n .with_state(s)\n}";
+        assert_eq!(served(src), want);
     }
 }

@@ -1,0 +1,908 @@
+//! `fnlet agent` end to end: the real binary on a free port with its own state dir, cgroup root
+//! and uid range, driven over HTTP and through the CLI. Every failure is provoked for real, and
+//! every test ends by stopping the agent and checking that it left no cgroup, process or mount.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::agent::{Agent, Fixture, Resp, sandbox_cgroups, zip_of};
+use reqwest::Method;
+use reqwest::blocking::Body;
+use serde_json::{Value, json};
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn assert_version(v: &Value, name: &str, version: u64) {
+    assert_eq!(v["name"], name, "{v}");
+    assert_eq!(v["version"], version, "{v}");
+    assert_eq!(v["active"], true, "{v}");
+    let sha = v["sha256"].as_str().unwrap_or_default();
+    assert!(
+        sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit()),
+        "sha256: {v}"
+    );
+    assert!(v["size_bytes"].as_u64().is_some_and(|n| n > 0), "{v}");
+    assert!(
+        v["created_at"].as_str().is_some_and(|t| t.contains('T')),
+        "{v}"
+    );
+}
+
+fn versions_of(v: &Value) -> Vec<(u64, bool)> {
+    v["versions"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no versions: {v}"))
+        .iter()
+        .map(|x| (x["version"].as_u64().unwrap(), x["active"] == true))
+        .collect()
+}
+
+fn names(list: &Value) -> Vec<String> {
+    list["functions"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no functions: {list}"))
+        .iter()
+        .map(|f| f["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn deploy_invoke_redeploy_rollback_and_remove() {
+    let agent = Agent::start("lifecycle");
+    let v1 = Fixture::sh(
+        "greet",
+        "public = true\ntimeout_s = 2\n[env]\nGREETING = \"hi\"",
+        "echo \"v1 $GREETING $(cat)\"\necho \"stderr of v1\" >&2",
+    );
+    let v2 = Fixture::sh(
+        "greet",
+        "public = true\ntimeout_s = 2\n[env]\nGREETING = \"hello\"",
+        "echo \"v2 $GREETING $(cat)\"",
+    );
+
+    assert_version(&agent.deploy(v1.path()), "greet", 1);
+    let r = agent.invoke("greet", b"abc");
+    assert_eq!(r.expect_ok(200).text(), "v1 hi abc\n");
+    assert_eq!(r.header("x-fnlet-version").as_deref(), Some("1"));
+    assert_eq!(
+        r.header("content-type").as_deref(),
+        Some("application/octet-stream")
+    );
+    let first_request = r.header("x-fnlet-request-id").expect("request id");
+    assert_eq!(first_request.len(), 36, "{first_request}");
+
+    assert_version(&agent.deploy(v2.path()), "greet", 2);
+    let r = agent.invoke("greet", b"abc");
+    assert_eq!(r.expect_ok(200).text(), "v2 hello abc\n");
+    assert_eq!(r.header("x-fnlet-version").as_deref(), Some("2"));
+    assert_ne!(r.header("x-fnlet-request-id").unwrap(), first_request);
+
+    let d = agent.admin(Method::GET, "/v1/functions/greet", None);
+    let d = d.expect_ok(200).json();
+    assert_eq!(d["version"], 2, "{d}");
+    assert_eq!(d["manifest"]["env"]["GREETING"], "hello", "{d}");
+    assert!(
+        d["uid"]
+            .as_u64()
+            .is_some_and(|u| agent.uids.contains(&(u as u32))),
+        "{d}"
+    );
+    assert_eq!(versions_of(&d), [(2, true), (1, false)]);
+    let vs = agent.admin(Method::GET, "/v1/functions/greet/versions", None);
+    assert_eq!(
+        versions_of(&vs.expect_ok(200).json()),
+        [(2, true), (1, false)]
+    );
+    let list = agent.admin(Method::GET, "/v1/functions", None);
+    let list = list.expect_ok(200).json();
+    assert_eq!(names(&list), ["greet"]);
+    assert_eq!(list["functions"][0]["version"], 2);
+
+    // Rollback with no body: the version before the active one.
+    let rb = agent.admin(Method::POST, "/v1/functions/greet/rollback", None);
+    assert_version(&rb.expect_ok(200).json(), "greet", 1);
+    let r = agent.invoke("greet", b"abc");
+    assert_eq!(r.expect_ok(200).text(), "v1 hi abc\n");
+    assert_eq!(r.header("x-fnlet-version").as_deref(), Some("1"));
+    // There is nothing before version 1.
+    agent
+        .admin(Method::POST, "/v1/functions/greet/rollback", None)
+        .expect_error(400, "bad_request");
+
+    let rb = agent.admin(
+        Method::POST,
+        "/v1/functions/greet/rollback",
+        Some(br#"{"to": 2}"#),
+    );
+    assert_version(&rb.expect_ok(200).json(), "greet", 2);
+    assert_eq!(
+        agent.invoke("greet", b"x").expect_ok(200).text(),
+        "v2 hello x\n"
+    );
+    agent
+        .admin(
+            Method::POST,
+            "/v1/functions/greet/rollback",
+            Some(br#"{"to": 7}"#),
+        )
+        .expect_error(404, "not_found");
+    agent
+        .admin(
+            Method::POST,
+            "/v1/functions/greet/rollback",
+            Some(b"{not json"),
+        )
+        .expect_error(400, "bad_request");
+
+    // The log holds the agent's notes and what the function wrote to stderr, by request.
+    let logs = agent.admin(Method::GET, "/v1/functions/greet/logs?tail=100", None);
+    assert_eq!(
+        logs.expect_ok(200).header("content-type").as_deref(),
+        Some("application/x-ndjson")
+    );
+    let lines: Vec<Value> = logs
+        .text()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let stderr_line = lines
+        .iter()
+        .find(|l| l["stream"] == "stderr")
+        .unwrap_or_else(|| panic!("no stderr line in {lines:?}"));
+    assert_eq!(stderr_line["line"], "stderr of v1");
+    assert_eq!(stderr_line["request_id"], first_request.as_str());
+    assert_eq!(stderr_line["function"], "greet");
+    assert_eq!(stderr_line["version"], 1);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["stream"] == "agent" && l["line"] == "rolled back to version 1"),
+        "{lines:?}"
+    );
+
+    agent
+        .admin(Method::DELETE, "/v1/functions/greet", None)
+        .expect_ok(204);
+    agent.invoke("greet", b"abc").expect_error(404, "not_found");
+    agent
+        .admin(Method::GET, "/v1/functions/greet", None)
+        .expect_error(404, "not_found");
+    agent
+        .admin(Method::DELETE, "/v1/functions/greet", None)
+        .expect_error(404, "not_found");
+    let list = agent.admin(Method::GET, "/v1/functions", None);
+    assert_eq!(names(&list.expect_ok(200).json()), Vec::<String>::new());
+    agent.finish();
+}
+
+#[test]
+fn cli_deploy_invoke_ls_rollback_rm() {
+    let agent = Agent::start("cli");
+    // Not public: every call, invoke included, needs the token the CLI reads from the state dir.
+    let one = Fixture::sh("clifn", "timeout_s = 2", "echo \"one $(cat)\"");
+    let two = Fixture::sh("clifn", "timeout_s = 2", "echo \"two $(cat)\"");
+    let broken = Fixture::sh("broken", "timeout_s = 2", "echo 'it broke' >&2; exit 4");
+
+    let o = agent.cli(&["deploy", one.path_str(), "--json"]);
+    assert!(o.status.success(), "{o:?}");
+    let v: Value = serde_json::from_slice(&o.stdout).expect("deploy --json");
+    assert_version(&v, "clifn", 1);
+    let o = agent.cli(&["invoke", "clifn", "-d", "x"]);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(stdout(&o), "one x\n");
+
+    let o = agent.cli(&["deploy", two.path_str()]);
+    assert!(o.status.success(), "{o:?}");
+    assert!(stdout(&o).contains("clifn version 2"), "{}", stdout(&o));
+    assert_eq!(
+        stdout(&agent.cli(&["invoke", "clifn", "-d", "x"])),
+        "two x\n"
+    );
+
+    let o = agent.cli(&["ls", "--json"]);
+    assert!(o.status.success(), "{o:?}");
+    let list: Value = serde_json::from_slice(&o.stdout).expect("ls --json");
+    assert_eq!(names(&list), ["clifn"]);
+    assert_eq!(list["functions"][0]["version"], 2);
+    let o = agent.cli(&["ls"]);
+    assert!(
+        o.status.success() && stdout(&o).lines().any(|l| l.starts_with("clifn ")),
+        "{o:?}"
+    );
+
+    let o = agent.cli(&["rollback", "clifn"]);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(
+        stdout(&agent.cli(&["invoke", "clifn", "-d", "x"])),
+        "one x\n"
+    );
+    let o = agent.cli(&["rollback", "clifn", "--to", "2", "--json"]);
+    assert!(o.status.success(), "{o:?}");
+    let v: Value = serde_json::from_slice(&o.stdout).expect("rollback --json");
+    assert_version(&v, "clifn", 2);
+    assert_eq!(
+        stdout(&agent.cli(&["invoke", "clifn", "-d", "x"])),
+        "two x\n"
+    );
+    let o = agent.cli(&["rollback", "clifn", "--to", "9"]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+
+    // A failing function: status 1, the kind on stderr.
+    assert!(agent.cli(&["deploy", broken.path_str()]).status.success());
+    let o = agent.cli(&["invoke", "broken"]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(stderr(&o).contains("function_error"), "{}", stderr(&o));
+
+    let o = agent.cli(&["rm", "clifn"]);
+    assert!(o.status.success(), "{o:?}");
+    let o = agent.cli(&["invoke", "clifn", "-d", "x"]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(stderr(&o).contains("not_found"), "{}", stderr(&o));
+    let list: Value = serde_json::from_slice(&agent.cli(&["ls", "--json"]).stdout).unwrap();
+    assert_eq!(names(&list), ["broken"]);
+
+    // No agent there: status 3.
+    let o = std::process::Command::new(common::fnlet())
+        .args(["ls"])
+        .env(
+            "FNLET_ENDPOINT",
+            format!("http://127.0.0.1:{}", common::agent::free_port()),
+        )
+        .env("FNLET_TOKEN", "x")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(3), "{o:?}");
+    agent.finish();
+}
+
+#[test]
+fn function_failures_have_their_status_and_kind() {
+    let agent = Agent::start("failures");
+    let probe = std::fs::read(common::probe()).expect("read the probe");
+    let hog = Fixture::new(
+        "name = \"hog\"\nentrypoint = \"run.sh\"\nmemory_mb = 32\ntimeout_s = 10\npublic = true\n",
+        &[
+            (
+                "run.sh",
+                b"#!/bin/sh\nexec /var/task/probe alloc 100\n",
+                0o755,
+            ),
+            ("probe", &probe, 0o755),
+        ],
+    );
+    for f in [
+        Fixture::sh(
+            "slow",
+            "public = true\ntimeout_s = 1",
+            "sleep 10 & sleep 10; echo late",
+        ),
+        hog,
+        Fixture::sh("segv", "public = true\ntimeout_s = 2", "kill -SEGV $$"),
+        Fixture::sh(
+            "fail",
+            "public = true\ntimeout_s = 2",
+            "echo oops >&2; exit 3",
+        ),
+    ] {
+        agent.deploy(f.path());
+    }
+
+    let started = Instant::now();
+    let r = agent.invoke("slow", b"");
+    let took = started.elapsed();
+    let msg = r.expect_error(504, "timeout");
+    assert!(msg.contains("1s"), "{msg}");
+    assert_eq!(r.header("x-fnlet-version").as_deref(), Some("1"));
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "a 1 s timeout answered after {took:?}"
+    );
+
+    let r = agent.invoke("hog", b"");
+    let msg = r.expect_error(502, "out_of_memory");
+    assert!(msg.contains("32 MB"), "{msg}");
+
+    let msg = agent.invoke("segv", b"").expect_error(502, "crashed");
+    assert!(msg.contains("SIGSEGV"), "{msg}");
+
+    let msg = agent
+        .invoke("fail", b"")
+        .expect_error(502, "function_error");
+    assert!(msg.contains("exit status 3"), "{msg}");
+
+    // Each failed sandbox is gone already, with everything it started, before the agent stops.
+    assert_eq!(sandbox_cgroups(&agent.root), Vec::<PathBuf>::new());
+    assert_eq!(
+        common::agent::processes_of_uids(&agent.uids),
+        Vec::<String>::new()
+    );
+    agent.finish();
+}
+
+#[test]
+fn requests_are_refused_with_the_right_status() {
+    let agent = Agent::start("refusals");
+    let public = Fixture::sh("open", "public = true\ntimeout_s = 2", "wc -c");
+    let private = Fixture::sh("closed", "timeout_s = 2", "echo secret");
+    agent.deploy(public.path());
+    agent.deploy(private.path());
+
+    agent.invoke("nope", b"").expect_error(404, "not_found");
+    agent
+        .invoke("Not-A-Name", b"")
+        .expect_error(404, "not_found");
+    agent.get("/no/such/route").expect_error(404, "not_found");
+
+    // 100 MiB against the default max_request_mb of 6: refused by its Content-Length...
+    let big = vec![b'x'; 100 << 20];
+    let msg = agent
+        .request(
+            Method::POST,
+            "/fn/open",
+            false,
+            Some(Body::from(big.clone())),
+        )
+        .expect_error(413, "payload_too_large");
+    assert!(msg.contains(&(6u64 << 20).to_string()), "{msg}");
+    // ...and streamed without one.
+    let chunked = Body::new(std::io::Cursor::new(big));
+    agent
+        .request(Method::POST, "/fn/open", false, Some(chunked))
+        .expect_error(413, "payload_too_large");
+    // Just under the limit passes.
+    let under = vec![b'y'; (6 << 20) - 1];
+    let r = agent.invoke("open", &under);
+    assert_eq!(r.expect_ok(200).text().trim(), ((6 << 20) - 1).to_string());
+
+    // Non-public functions need the token.
+    agent
+        .invoke("closed", b"")
+        .expect_error(401, "unauthorized");
+    let r = agent.request(Method::POST, "/fn/closed", true, None);
+    assert_eq!(r.expect_ok(200).text(), "secret\n");
+
+    // Admin calls need the token: none, or a wrong one, is 401 and changes nothing.
+    let bundle = Fixture::sh("sneaky", "", "true").tar_gz();
+    for (method, path) in [
+        (Method::GET, "/v1/status"),
+        (Method::GET, "/v1/functions"),
+        (Method::POST, "/v1/functions"),
+        (Method::GET, "/v1/functions/open"),
+        (Method::DELETE, "/v1/functions/open"),
+        (Method::GET, "/v1/functions/open/versions"),
+        (Method::POST, "/v1/functions/open/rollback"),
+        (Method::GET, "/v1/functions/open/logs"),
+    ] {
+        let body = (method == Method::POST).then(|| Body::from(bundle.clone()));
+        agent
+            .request(method.clone(), path, false, body)
+            .expect_error(401, "unauthorized");
+        let wrong = agent
+            .http_with_token(method.clone(), path, &"0".repeat(64))
+            .send()
+            .expect("request");
+        assert_eq!(wrong.status().as_u16(), 401, "{method} {path} wrong token");
+    }
+    let list = agent.admin(Method::GET, "/v1/functions", None);
+    assert_eq!(names(&list.expect_ok(200).json()), ["closed", "open"]);
+    agent.finish();
+}
+
+#[test]
+fn bad_bundles_are_refused() {
+    let agent = Agent::start("badbundle");
+    let manifest: &[u8] = b"name = \"slip\"\nentrypoint = \"run.sh\"\npublic = true\n";
+    let run: &[u8] = b"#!/bin/sh\necho zipped\n";
+
+    // Zip slip: an entry that climbs out of the bundle.
+    let slip = zip_of(&[
+        ("fnlet.toml", manifest, 0o644),
+        ("run.sh", run, 0o755),
+        ("../escaped.sh", run, 0o755),
+    ]);
+    let msg = agent
+        .deploy_archive(slip, "application/zip")
+        .expect_error(400, "bad_bundle");
+    assert!(msg.contains("escaped.sh"), "{msg}");
+    let abs = zip_of(&[
+        ("fnlet.toml", manifest, 0o644),
+        ("run.sh", run, 0o755),
+        ("/tmp/fnlet-abs-escape", run, 0o755),
+    ]);
+    agent
+        .deploy_archive(abs, "application/zip")
+        .expect_error(400, "bad_bundle");
+    assert!(!Path::new("/tmp/fnlet-abs-escape").exists());
+    let escaped = find_named(agent.state_dir().parent().unwrap(), "escaped.sh");
+    assert_eq!(escaped, Vec::<PathBuf>::new(), "zip slip wrote outside");
+
+    // A wrong type in the manifest names the field.
+    let wrong = Fixture::new(
+        "name = \"lots\"\nentrypoint = \"run.sh\"\nmemory_mb = \"lots\"\n",
+        &[("run.sh", run, 0o755)],
+    );
+    let msg = agent
+        .deploy_archive(wrong.tar_gz(), "application/gzip")
+        .expect_error(400, "bad_manifest");
+    assert!(msg.contains("memory_mb"), "{msg}");
+    // An entrypoint that is not in the bundle.
+    let missing = Fixture::new("name = \"missing\"\nentrypoint = \"nothere\"\n", &[]);
+    agent
+        .deploy_archive(missing.tar_gz(), "application/gzip")
+        .expect_error(400, "bad_bundle");
+    // Not an archive at all.
+    agent
+        .deploy_archive(b"hello, I am not a bundle".to_vec(), "application/gzip")
+        .expect_error(400, "bad_bundle");
+
+    let list = agent.admin(Method::GET, "/v1/functions", None);
+    assert_eq!(names(&list.expect_ok(200).json()), Vec::<String>::new());
+
+    // The same bundle without the bad entry deploys fine, as a zip.
+    let good = zip_of(&[("fnlet.toml", manifest, 0o644), ("run.sh", run, 0o755)]);
+    let r = agent.deploy_archive(good, "application/zip");
+    assert_version(&r.expect_ok(201).json(), "slip", 1);
+    assert_eq!(agent.invoke("slip", b"").expect_ok(200).text(), "zipped\n");
+    agent.finish();
+}
+
+fn find_named(dir: &Path, name: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if e.file_name() == name {
+                found.push(p.clone());
+            }
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(p);
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn a_full_function_answers_429_with_retry_after() {
+    // queue_timeout_ms = 200 (the test agent's setting), one slot, each call holds it 600 ms.
+    let agent = Agent::start("concurrency");
+    let f = Fixture::sh(
+        "busy",
+        "public = true\ntimeout_s = 5\nmax_concurrency = 1",
+        "sleep 0.6; echo done",
+    );
+    agent.deploy(f.path());
+    let started = Instant::now();
+    let answers: Vec<Resp> = std::thread::scope(|s| {
+        let calls: Vec<_> = (0..6)
+            .map(|_| s.spawn(|| agent.invoke("busy", b"")))
+            .collect();
+        calls.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    let (mut ok, mut busy) = (0, 0);
+    for r in &answers {
+        match r.status {
+            200 => {
+                assert_eq!(r.text(), "done\n");
+                ok += 1;
+            }
+            429 => {
+                let msg = r.expect_error(429, "overloaded");
+                assert!(msg.contains("busy"), "{msg}");
+                let retry: u32 = r
+                    .header("retry-after")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| panic!("429 without Retry-After: {:?}", r.headers));
+                assert!(retry >= 1);
+                busy += 1;
+            }
+            _ => panic!("unexpected answer {} {}", r.status, r.text()),
+        }
+    }
+    assert!(ok >= 1, "no call got the slot");
+    assert!(
+        busy >= 1,
+        "no call was refused: {ok} ran one after the other"
+    );
+    // Refused calls do not wait for the running one to finish: the whole burst is quick.
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    agent.finish();
+}
+
+#[test]
+fn sigterm_lets_the_running_invocation_finish() {
+    let mut agent = Agent::start("drain");
+    let f = Fixture::sh("slow", "public = true\ntimeout_s = 5", "sleep 1; echo done");
+    agent.deploy(f.path());
+    let call = agent.invoke_in_background("slow", b"");
+    agent.wait_running("slow", 1);
+    let signalled = Instant::now();
+    agent.signal("TERM");
+
+    // While it drains, /readyz must not say ready: 503, or no longer listening.
+    let mut seen: Vec<String> = Vec::new();
+    let mut refused_invoke = None;
+    let status = loop {
+        if let Some(s) = agent.try_exited() {
+            break s;
+        }
+        let r = agent.try_request(Method::GET, "/readyz", false, None);
+        let label = match &r {
+            Ok(r) if r.status == 503 => {
+                let msg = r.expect_error(503, "unavailable");
+                assert!(r.header("retry-after").is_some(), "{msg}");
+                "503".to_string()
+            }
+            Ok(r) => r.status.to_string(),
+            Err(_) => "closed".to_string(),
+        };
+        if seen.last() != Some(&label) {
+            seen.push(label);
+        }
+        if refused_invoke.is_none() && seen.last().is_some_and(|l| l != "200") {
+            // A new invocation is not taken either.
+            refused_invoke = Some(
+                agent
+                    .try_request(Method::POST, "/fn/slow", false, None)
+                    .map(|r| r.status),
+            );
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(15),
+            "agent did not stop: {seen:?}\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(0), "{}", agent.log());
+    // The signal may land a moment after kill(1) returns: 200 first is fine, never after.
+    let after: Vec<&String> = seen.iter().skip_while(|l| *l == "200").collect();
+    assert!(
+        !after.iter().any(|l| *l == "200"),
+        "ready again while draining: {seen:?}"
+    );
+    eprintln!("/readyz while draining: {seen:?}");
+    if let Some(Ok(s)) = refused_invoke {
+        assert_eq!(s, 503, "an invocation was taken while draining");
+    }
+
+    let r = call.join().expect("invocation thread");
+    let r = r.unwrap_or_else(|e| panic!("the running invocation was cut off: {e}"));
+    assert_eq!(r.expect_ok(200).text(), "done\n");
+    assert!(
+        signalled.elapsed() >= Duration::from_millis(500),
+        "the agent did not wait for the invocation"
+    );
+    assert!(
+        agent.log().contains("fnlet agent stopped"),
+        "{}",
+        agent.log()
+    );
+    agent.assert_clean();
+}
+
+#[test]
+fn after_kill_9_a_restart_keeps_functions_and_reaps_the_sandbox() {
+    let mut agent = Agent::start("crash");
+    let quick = Fixture::sh("quick", "public = true\ntimeout_s = 2", "echo ok");
+    let sleepy = Fixture::sh(
+        "sleepy",
+        "public = true\ntimeout_s = 60",
+        "sleep \"$(cat)\"; echo slept",
+    );
+    agent.deploy(quick.path());
+    agent.deploy(sleepy.path());
+    agent.deploy(sleepy.path());
+    let call = agent.invoke_in_background("sleepy", b"30");
+    let leaves = agent.wait_running("sleepy", 1);
+    let pids: Vec<String> = leaves
+        .iter()
+        .flat_map(|l| {
+            std::fs::read_to_string(l.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect::<BTreeSet<String>>()
+        .into_iter()
+        .collect();
+    assert!(!pids.is_empty());
+
+    agent.kill9();
+    // The sandbox outlives its agent: that is what the restart has to clean up.
+    assert!(leaves.iter().all(|l| l.exists()), "{leaves:?}");
+    assert!(
+        pids.iter().any(|p| Path::new("/proc").join(p).exists()),
+        "the sandbox died with the agent: {pids:?}"
+    );
+    let cut = call.join().expect("invocation thread");
+    assert!(
+        cut.is_err(),
+        "the call got an answer from a killed agent: {cut:?}"
+    );
+
+    agent.restart();
+    assert!(
+        agent.log().contains("left by a previous agent"),
+        "{}",
+        agent.log()
+    );
+    let left: Vec<&PathBuf> = leaves.iter().filter(|l| l.exists()).collect();
+    assert!(left.is_empty(), "stale sandbox cgroups: {left:?}");
+    let alive: Vec<&String> = pids
+        .iter()
+        .filter(|p| Path::new("/proc").join(p).exists())
+        .collect();
+    assert!(
+        common::agent::processes_of_uids(&agent.uids).is_empty(),
+        "stale sandbox processes: {alive:?}"
+    );
+
+    let list = agent.admin(Method::GET, "/v1/functions", None);
+    let list = list.expect_ok(200).json();
+    assert_eq!(names(&list), ["quick", "sleepy"]);
+    let versions: Vec<u64> = list["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(versions, [1, 2]);
+    assert_eq!(agent.invoke("quick", b"").expect_ok(200).text(), "ok\n");
+    let r = agent.invoke("sleepy", b"0");
+    assert_eq!(r.expect_ok(200).text(), "slept\n");
+    assert_eq!(r.header("x-fnlet-version").as_deref(), Some("2"));
+    agent.finish();
+}
+
+#[test]
+fn health_status_and_metrics() {
+    let agent = Agent::start("metrics");
+    let r = agent.get("/healthz");
+    assert_eq!(r.expect_ok(200).text().trim(), "ok");
+    assert_eq!(agent.get("/readyz").expect_ok(200).text().trim(), "ready");
+    agent.deploy(Fixture::sh("counted", "public = true\ntimeout_s = 2", "echo ok").path());
+    agent.deploy(Fixture::sh("failing", "public = true\ntimeout_s = 2", "exit 1").path());
+    for _ in 0..3 {
+        agent.invoke("counted", b"").expect_ok(200);
+    }
+    agent
+        .invoke("failing", b"")
+        .expect_error(502, "function_error");
+
+    let m = agent.get("/metrics");
+    assert!(
+        m.expect_ok(200)
+            .header("content-type")
+            .is_some_and(|c| c.starts_with("text/plain")),
+        "{:?}",
+        m.headers
+    );
+    let text = m.text();
+    for line in [
+        "fnlet_invocations_total{function=\"counted\"} 3",
+        "fnlet_invocations_total{function=\"failing\"} 1",
+        "fnlet_invocation_errors_total{function=\"failing\",kind=\"function_error\"} 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
+    }
+    assert!(
+        text.contains("fnlet_invocation_duration_seconds_bucket"),
+        "{text}"
+    );
+
+    let s = agent.admin(Method::GET, "/v1/status", None);
+    let s = s.expect_ok(200).json();
+    assert_eq!(s["functions"], 2, "{s}");
+    assert_eq!(s["running_instances"], 0, "{s}");
+    assert_eq!(s["draining"], false, "{s}");
+    assert!(s["cgroup"] == "v1" || s["cgroup"] == "v2", "{s}");
+    assert!(
+        s["cgroup_root"]
+            .as_str()
+            .is_some_and(|r| r.contains(&agent.root)),
+        "{s}"
+    );
+    assert_eq!(s["state_dir"], json!(agent.state_dir()), "{s}");
+    assert!(s["uptime_s"].as_f64().is_some_and(|u| u >= 0.0), "{s}");
+    agent.finish();
+}
+
+/// (METHOD, path, documented status codes, needs the token) for every operation in the API
+/// reference.
+fn documented_operations() -> Vec<(Method, String, BTreeSet<u16>, bool)> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/api/openapi.yaml");
+    let text = std::fs::read_to_string(&path).expect("read openapi.yaml");
+    let doc: serde_norway::Value = serde_norway::from_str(&text).expect("openapi.yaml is YAML");
+    let paths = doc["paths"].as_mapping().expect("paths");
+    let mut ops = Vec::new();
+    for (p, item) in paths {
+        let p = p.as_str().expect("path is a string");
+        for (m, op) in item.as_mapping().expect("path item") {
+            let m = m.as_str().expect("key");
+            if !["get", "put", "post", "delete", "patch", "head", "options"].contains(&m) {
+                continue;
+            }
+            let statuses = op["responses"]
+                .as_mapping()
+                .unwrap_or_else(|| panic!("{m} {p} has no responses"))
+                .keys()
+                .map(|k| {
+                    k.as_str()
+                        .and_then(|s| s.parse().ok())
+                        .or_else(|| k.as_u64().map(|n| n as u16))
+                        .unwrap_or_else(|| panic!("{m} {p}: status {k:?}"))
+                })
+                .collect();
+            let secured = op["security"].as_sequence().is_some_and(|s| !s.is_empty());
+            ops.push((
+                Method::from_bytes(m.to_uppercase().as_bytes()).unwrap(),
+                p.to_string(),
+                statuses,
+                secured,
+            ));
+        }
+    }
+    assert!(
+        ops.len() >= 10,
+        "only {} operations in {}",
+        ops.len(),
+        path.display()
+    );
+    ops
+}
+
+#[test]
+fn openapi_document_matches_the_running_agent() {
+    let agent = Agent::start("openapi");
+    let ops = documented_operations();
+    let f = Fixture::sh("doc", "public = true\ntimeout_s = 2", "echo documented");
+    agent.deploy(f.path());
+    let concrete = |p: &str| p.replace("{name}", "doc");
+    let is_fallback = |r: &Resp| r.status == 404 && r.text().contains("no such route");
+
+    // Secured operations refuse a call without the token, as documented.
+    for (method, path, statuses, secured) in &ops {
+        let r = agent.request(method.clone(), &concrete(path), false, None);
+        if *secured {
+            assert!(
+                statuses.contains(&401),
+                "{method} {path}: 401 not documented"
+            );
+            r.expect_error(401, "unauthorized");
+        } else {
+            assert_ne!(
+                r.status, 401,
+                "{method} {path} wants a token it does not document"
+            );
+        }
+    }
+
+    // Every operation is served, with a status the document lists. Removal goes last.
+    let mut ordered: Vec<_> = ops.iter().collect();
+    ordered.sort_by_key(|(m, ..)| *m == Method::DELETE);
+    for (method, path, statuses, _) in ordered {
+        let body = match (method, path.as_str()) {
+            (&Method::POST, "/v1/functions") => Some(Body::from(f.tar_gz())),
+            (&Method::POST, p) if p.starts_with("/fn/") => Some(Body::from("x")),
+            _ => None,
+        };
+        let r = agent.request(method.clone(), &concrete(path), true, body);
+        assert!(
+            r.status != 405 && !is_fallback(&r),
+            "{method} {path} is documented but not served: {} {}",
+            r.status,
+            r.text()
+        );
+        assert!(
+            statuses.contains(&r.status),
+            "{method} {path} answered {} ({}), documented: {statuses:?}",
+            r.status,
+            r.text()
+        );
+        assert!(r.status < 400, "{method} {path}: {} {}", r.status, r.text());
+    }
+
+    // Methods the document does not list are refused on every documented path.
+    let documented: BTreeSet<(String, String)> = ops
+        .iter()
+        .map(|(m, p, ..)| (m.to_string(), p.clone()))
+        .collect();
+    let paths: BTreeSet<&String> = ops.iter().map(|(_, p, ..)| p).collect();
+    for path in paths {
+        for method in [
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::DELETE,
+            Method::PATCH,
+        ] {
+            if documented.contains(&(method.to_string(), path.clone())) {
+                continue;
+            }
+            agent
+                .request(method.clone(), &concrete(path), true, None)
+                .expect_error(405, "method_not_allowed");
+        }
+    }
+    agent
+        .admin(Method::GET, "/v1/undocumented", None)
+        .expect_error(404, "not_found");
+    agent.finish();
+}
+
+#[test]
+fn the_examples_deploy_and_answer() {
+    let agent = Agent::start("examples");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+
+    agent.deploy(&repo.join("examples/hello-sh"));
+    let r = agent.invoke("hello-sh", b"Ada");
+    assert_eq!(
+        r.expect_ok(200).text(),
+        "Hello, Ada! (from hello-sh version 1)\n"
+    );
+
+    agent.deploy(&repo.join("examples/hello-py"));
+    let r = agent
+        .invoke("hello-py", br#"{"name": "Ada"}"#)
+        .expect_ok(200)
+        .json();
+    assert_eq!(r["message"], "Hello, Ada!", "{r}");
+    assert_eq!(r["function"], "hello-py", "{r}");
+    assert_eq!(r["version"], 1, "{r}");
+    agent
+        .invoke("hello-py", b"not json")
+        .expect_error(502, "function_error");
+
+    // The compiled example: its fnlet.toml and the binary `cargo build --workspace --bins`
+    // made, as scripts/build-examples.sh puts them together.
+    let bundle = tempfile::Builder::new()
+        .prefix("fnlet-test-wordcount")
+        .tempdir()
+        .unwrap();
+    common::set_mode(bundle.path(), 0o755);
+    std::fs::copy(
+        repo.join("examples/wordcount-rust/bundle/fnlet.toml"),
+        bundle.path().join("fnlet.toml"),
+    )
+    .unwrap();
+    let bin = common::target_dir().join("example-wordcount");
+    assert!(
+        bin.exists(),
+        "{} is not built: run `cargo build --workspace --bins` first",
+        bin.display()
+    );
+    std::fs::copy(&bin, bundle.path().join("bootstrap")).unwrap();
+    common::set_mode(&bundle.path().join("bootstrap"), 0o755);
+    agent.deploy(bundle.path());
+    let text = std::fs::read_to_string(repo.join("README.md")).unwrap();
+    let r = agent
+        .invoke("wordcount", b"the cat and the hat\n")
+        .expect_ok(200)
+        .json();
+    assert_eq!(r["lines"], 1, "{r}");
+    assert_eq!(r["words"], 5, "{r}");
+    assert_eq!(r["top"][0], json!({"word": "the", "count": 2}), "{r}");
+    let r = agent
+        .invoke("wordcount", text.as_bytes())
+        .expect_ok(200)
+        .json();
+    assert_eq!(r["bytes"], text.len(), "{r}");
+    agent.finish();
+}

@@ -1,0 +1,682 @@
+//! The real `fnlet agent` for one test: its own port, state dir, cgroup root and uid range,
+//! driven over HTTP and through the CLI, and checked for leftovers once it has stopped.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use reqwest::blocking::{Body, Client};
+use reqwest::header::{self, HeaderMap};
+use serde_json::Value;
+
+use super::{HostState, cgroup_root, fnlet, host_state, leftover_cgroups, processes_matching};
+
+/// Config keys a test may change; everything else is the agent's embedded default.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `[limits] queue_timeout_ms`: short, so concurrency tests see 429 quickly.
+    pub queue_timeout_ms: u64,
+    pub shutdown_grace_s: f64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            queue_timeout_ms: 200,
+            shutdown_grace_s: 10.0,
+        }
+    }
+}
+
+/// Uids the agent gives functions: a range per test, so "no process of ours is left" can be
+/// checked while other tests run.
+fn uid_range(test: &str) -> Range<u32> {
+    // FNV-1a: stable across runs, so a collision would show at once rather than sometimes.
+    let h = test.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    let base = 300_000 + (h % 4000) * 50;
+    base..base + 50
+}
+
+/// A free port on 127.0.0.1 (bound, then released for the agent).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// An HTTP answer, read in full.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", self.status, self.text()))
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    }
+
+    /// Checks the error body is `{"error": {"kind": "...", "message": "..."}}` and nothing
+    /// else; returns (kind, message).
+    pub fn error(&self) -> (String, String) {
+        let v = self.json();
+        let obj = v.as_object().expect("error body is an object");
+        assert_eq!(obj.len(), 1, "error body has only `error`: {v}");
+        let e = v["error"]
+            .as_object()
+            .unwrap_or_else(|| panic!("no `error` object: {v}"));
+        let kind = e["kind"].as_str().unwrap_or_else(|| panic!("no kind: {v}"));
+        let message = e["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no message: {v}"));
+        assert!(!message.is_empty(), "empty message: {v}");
+        (kind.to_string(), message.to_string())
+    }
+
+    /// Asserts the status and the error kind; returns the message.
+    pub fn expect_error(&self, status: u16, kind: &str) -> String {
+        assert_eq!(
+            self.status,
+            status,
+            "expected {status} {kind}, got {} {}",
+            self.status,
+            self.text()
+        );
+        let (k, message) = self.error();
+        assert_eq!(k, kind, "{}", self.text());
+        message
+    }
+
+    pub fn expect_ok(&self, status: u16) -> &Self {
+        assert_eq!(
+            self.status,
+            status,
+            "expected {status}, got {} {}",
+            self.status,
+            self.text()
+        );
+        self
+    }
+}
+
+/// A running agent; dropping it stops it (SIGTERM, then SIGKILL).
+pub struct Agent {
+    pub test: String,
+    /// The cgroup root of its sandboxes, `fnlet-test-<pid>-<test>`.
+    pub root: String,
+    pub port: u16,
+    pub token: String,
+    /// The uids its functions run as.
+    pub uids: Range<u32>,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    before: HostState,
+    http: Client,
+}
+
+impl Agent {
+    pub fn start(test: &str) -> Agent {
+        Agent::start_with(test, Settings::default())
+    }
+
+    pub fn start_with(test: &str, settings: Settings) -> Agent {
+        super::require_root();
+        let root = cgroup_root(test);
+        assert_eq!(
+            leftover_cgroups(&root),
+            Vec::<PathBuf>::new(),
+            "cgroups of an earlier run of {test}"
+        );
+        let before = host_state();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("fnlet-agent-{test}-"))
+            .tempdir()
+            .expect("tempdir");
+        let uids = uid_range(test);
+        // The file is named after the cgroup root, so the agent's command line (and that of
+        // any process it forked) mentions the root: processes_matching(root) finds them.
+        let config = format!(
+            "shutdown_grace_s = {}\n\n[limits]\nqueue_timeout_ms = {}\n\n[sandbox]\ncgroup_root = \"{root}\"\nuid_base = {}\nuid_count = {}\n",
+            settings.shutdown_grace_s,
+            settings.queue_timeout_ms,
+            uids.start,
+            uids.end - uids.start,
+        );
+        std::fs::write(dir.path().join(format!("{root}.toml")), config).expect("write config");
+        let http = Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .expect("http client");
+        let mut agent = Agent {
+            test: test.into(),
+            root,
+            port: free_port(),
+            token: String::new(),
+            uids,
+            dir,
+            child: None,
+            before,
+            http,
+        };
+        agent.spawn();
+        agent.token = std::fs::read_to_string(agent.state_dir().join("admin.token"))
+            .expect("admin.token in the state dir")
+            .trim()
+            .to_string();
+        assert_eq!(agent.token.len(), 64, "admin token: {:?}", agent.token);
+        agent
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join(format!("{}.toml", self.root))
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("agent.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent running").id()
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the agent on this state dir and waits for /readyz.
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "agent already running");
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("agent log");
+        let child = Command::new(fnlet())
+            .arg("agent")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--config")
+            .arg(self.config_path())
+            .env("FNLET_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("start fnlet agent");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "fnlet agent exited during start-up ({status}):\n{}",
+                    self.log()
+                );
+            }
+            if let Ok(r) = self.try_request(Method::GET, "/readyz", false, None)
+                && r.status == 200
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fnlet agent not ready after 20 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// One HTTP call to the agent; `auth` adds the admin token.
+    pub fn try_request(
+        &self,
+        method: Method,
+        path: &str,
+        auth: bool,
+        body: Option<Body>,
+    ) -> reqwest::Result<Resp> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base_url()));
+        if auth {
+            req = req.bearer_auth(&self.token);
+        }
+        if let Some(b) = body {
+            req = req.body(b);
+        }
+        let resp = req.send()?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.bytes()?.to_vec();
+        Ok(Resp {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    pub fn request(&self, method: Method, path: &str, auth: bool, body: Option<Body>) -> Resp {
+        self.try_request(method.clone(), path, auth, body)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}\nagent log:\n{}", self.log()))
+    }
+
+    /// A request with the given bearer token, to send yourself.
+    pub fn http_with_token(
+        &self,
+        method: Method,
+        path: &str,
+        token: &str,
+    ) -> reqwest::blocking::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.base_url()))
+            .bearer_auth(token)
+    }
+
+    /// POST /fn/{name} from another thread; join for the answer (or the transport error).
+    pub fn invoke_in_background(
+        &self,
+        name: &str,
+        input: &[u8],
+    ) -> std::thread::JoinHandle<reqwest::Result<Resp>> {
+        let req = self
+            .http
+            .post(format!("{}/fn/{name}", self.base_url()))
+            .body(input.to_vec());
+        std::thread::spawn(move || {
+            let resp = req.send()?;
+            let status = resp.status().as_u16();
+            let headers = resp.headers().clone();
+            let body = resp.bytes()?.to_vec();
+            Ok(Resp {
+                status,
+                headers,
+                body,
+            })
+        })
+    }
+
+    /// GET without the token.
+    pub fn get(&self, path: &str) -> Resp {
+        self.request(Method::GET, path, false, None)
+    }
+
+    /// An admin call (with the token).
+    pub fn admin(&self, method: Method, path: &str, body: Option<&[u8]>) -> Resp {
+        self.request(method, path, true, body.map(|b| Body::from(b.to_vec())))
+    }
+
+    /// POST /fn/{name} without the token.
+    pub fn invoke(&self, name: &str, input: &[u8]) -> Resp {
+        self.request(
+            Method::POST,
+            &format!("/fn/{name}"),
+            false,
+            Some(Body::from(input.to_vec())),
+        )
+    }
+
+    /// Deploys an archive; the answer as it came.
+    pub fn deploy_archive(&self, archive: Vec<u8>, content_type: &str) -> Resp {
+        let req = self
+            .http
+            .post(format!("{}/v1/functions", self.base_url()))
+            .bearer_auth(&self.token)
+            .header(header::CONTENT_TYPE, content_type)
+            .body(archive);
+        let resp = req
+            .send()
+            .unwrap_or_else(|e| panic!("deploy: {e}\nagent log:\n{}", self.log()));
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        Resp {
+            status,
+            headers,
+            body: resp.bytes().expect("deploy answer").to_vec(),
+        }
+    }
+
+    /// Deploys a folder as a .tar.gz; asserts 201 and returns the new version's record.
+    pub fn deploy(&self, dir: &Path) -> Value {
+        let r = self.deploy_archive(tar_gz(dir), "application/gzip");
+        r.expect_ok(201);
+        r.json()
+    }
+
+    /// `fnlet ARGS` against this agent (endpoint and token file from the environment).
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(fnlet())
+            .args(args)
+            .env("FNLET_ENDPOINT", self.base_url())
+            .env("FNLET_STATE_DIR", self.state_dir())
+            .env_remove("FNLET_TOKEN")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run fnlet")
+    }
+
+    /// Sends a signal with kill(1) (the tests stay free of unsafe).
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -{sig} {}", self.pid());
+    }
+
+    /// The agent's exit status if it has exited.
+    pub fn try_exited(&mut self) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        let s = child.try_wait().expect("wait for the agent")?;
+        self.child = None;
+        Some(s)
+    }
+
+    /// Waits up to `limit` for the agent to exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("agent running");
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = child.try_wait().expect("wait for the agent") {
+                self.child = None;
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                self.child = None;
+                panic!(
+                    "fnlet agent still running {limit:?} after it was told to stop:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM; asserts a clean exit (status 0).
+    pub fn stop(&mut self) {
+        self.signal("TERM");
+        let status = self.wait_exit(Duration::from_secs(30));
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "agent exit: {status}\n{}",
+            self.log()
+        );
+    }
+
+    /// SIGKILL: the agent gets no chance to clean up.
+    pub fn kill9(&mut self) {
+        self.signal("KILL");
+        let status = self.wait_exit(Duration::from_secs(10));
+        assert_eq!(status.code(), None, "killed by a signal: {status}");
+    }
+
+    /// Starts the agent again on the same state dir, config and port.
+    pub fn restart(&mut self) {
+        self.spawn();
+    }
+
+    /// Stops the agent and asserts it left nothing: no cgroup under its root, no process of
+    /// its own or running as one of its functions' uids, no mount.
+    pub fn finish(mut self) {
+        self.stop();
+        self.assert_clean();
+    }
+
+    pub fn assert_clean(&self) {
+        assert_eq!(
+            leftover_cgroups(&self.root),
+            Vec::<PathBuf>::new(),
+            "cgroups left behind by the agent"
+        );
+        assert_eq!(
+            processes_matching(&self.root),
+            Vec::<String>::new(),
+            "agent processes left behind"
+        );
+        assert_eq!(
+            processes_of_uids(&self.uids),
+            Vec::<String>::new(),
+            "function processes left behind"
+        );
+        let dir = self.dir.path().to_string_lossy().into_owned();
+        let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+            .expect("mountinfo")
+            .lines()
+            .filter(|l| l.contains(&dir))
+            .map(str::to_string)
+            .collect();
+        assert_eq!(mounts, Vec::<String>::new(), "mounts of the state dir left");
+        assert_eq!(
+            host_state(),
+            self.before,
+            "mounts or network namespaces left behind"
+        );
+    }
+
+    /// The sandbox cgroups (leaves under the root) that hold processes now.
+    pub fn running_sandboxes(&self) -> Vec<PathBuf> {
+        sandbox_cgroups(&self.root)
+            .into_iter()
+            .filter(|p| {
+                std::fs::read_to_string(p.join("cgroup.procs")).is_ok_and(|s| !s.trim().is_empty())
+            })
+            .collect()
+    }
+
+    /// Waits until `n` sandboxes of `function` hold processes; returns their cgroups.
+    pub fn wait_running(&self, function: &str, n: usize) -> Vec<PathBuf> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let running: Vec<PathBuf> = self
+                .running_sandboxes()
+                .into_iter()
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with(&format!("{function}-")))
+                })
+                .collect();
+            if running.len() >= n {
+                return running;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{function} never started:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- fnlet agent log ({}) ----\n{}", self.test, self.log());
+        }
+        if let Some(child) = self.child.as_mut() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Every cgroup directory one level under `root`, in each hierarchy (v1) or the unified one.
+pub fn sandbox_cgroups(root: &str) -> Vec<PathBuf> {
+    let mut tops = vec![PathBuf::from("/sys/fs/cgroup").join(root)];
+    if let Ok(it) = std::fs::read_dir("/sys/fs/cgroup") {
+        tops.extend(it.filter_map(|e| e.ok()).map(|e| e.path().join(root)));
+    }
+    let mut out = Vec::new();
+    for top in tops {
+        if let Ok(it) = std::fs::read_dir(&top) {
+            out.extend(
+                it.filter_map(|e| e.ok())
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Live processes whose real uid is in `uids`. Zombies are dead already: a sandbox whose agent
+/// was killed is reparented to pid 1, which reaps it in its own time.
+pub fn processes_of_uids(uids: &Range<u32>) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.chars().all(|c| c.is_ascii_digit()))
+        })
+        .filter_map(|e| {
+            let status = std::fs::read_to_string(e.path().join("status")).ok()?;
+            if status
+                .lines()
+                .any(|l| l.starts_with("State:") && l.contains('Z'))
+            {
+                return None;
+            }
+            let uid: u32 = status
+                .lines()
+                .find(|l| l.starts_with("Uid:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            uids.contains(&uid).then(|| {
+                format!(
+                    "{} (uid {uid}): {}",
+                    e.file_name().to_string_lossy(),
+                    String::from_utf8_lossy(&cmd).replace('\0', " ")
+                )
+            })
+        })
+        .collect()
+}
+
+/// A bundle folder for a test: fnlet.toml and files, readable by the function's uid.
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    /// `files` are (path, contents, mode).
+    pub fn new(manifest: &str, files: &[(&str, &[u8], u32)]) -> Fixture {
+        let dir = tempfile::Builder::new()
+            .prefix("fnlet-test-fixture")
+            .tempdir()
+            .expect("tempdir");
+        super::set_mode(dir.path(), 0o755);
+        std::fs::write(dir.path().join("fnlet.toml"), manifest).expect("write fnlet.toml");
+        for (path, contents, mode) in files {
+            let p = dir.path().join(path);
+            if let Some(parent) = p.parent() {
+                std::fs::create_dir_all(parent).expect("mkdir");
+            }
+            std::fs::write(&p, contents).expect("write fixture file");
+            super::set_mode(&p, *mode);
+        }
+        Fixture { dir }
+    }
+
+    /// A function whose entrypoint `run.sh` is `#!/bin/sh` and `script`; `extra` is more
+    /// manifest (timeout_s, memory_mb, ...).
+    pub fn sh(name: &str, extra: &str, script: &str) -> Fixture {
+        let manifest = format!("name = \"{name}\"\nentrypoint = \"run.sh\"\n{extra}\n");
+        let script = format!("#!/bin/sh\n{script}\n");
+        Fixture::new(&manifest, &[("run.sh", script.as_bytes(), 0o755)])
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn path_str(&self) -> &str {
+        self.dir.path().to_str().expect("utf-8 temp path")
+    }
+
+    pub fn tar_gz(&self) -> Vec<u8> {
+        tar_gz(self.path())
+    }
+}
+
+/// A folder as a .tar.gz, paths relative to it, modes kept.
+pub fn tar_gz(dir: &Path) -> Vec<u8> {
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut ar = tar::Builder::new(gz);
+    ar.follow_symlinks(false);
+    ar.append_dir_all(".", dir).expect("tar the bundle");
+    ar.into_inner()
+        .and_then(|gz| gz.finish())
+        .expect("finish the tar.gz")
+}
+
+/// A .zip with the given (name, contents, unix mode) entries, names taken as they are.
+pub fn zip_of(entries: &[(&str, &[u8], u32)]) -> Vec<u8> {
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for (name, contents, mode) in entries {
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated)
+            .unix_permissions(*mode);
+        w.start_file(*name, opts).expect("zip entry");
+        w.write_all(contents).expect("zip write");
+    }
+    w.finish().expect("finish the zip").into_inner()
+}
