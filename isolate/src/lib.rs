@@ -31,6 +31,7 @@ mod error;
 mod rootfs;
 pub mod seccomp;
 mod spec;
+pub mod steps;
 mod sys;
 
 use std::ffi::CString;
