@@ -86,6 +86,8 @@ fn check_r<T>(p: &Prepared, step: Step, r: Result<T, Errno>) -> T {
 pub fn run(p: &Prepared) -> ! {
     // SAFETY: umask only changes this process's file-creation mask.
     unsafe { libc::umask(0) };
+    // Cosmetic (ps, pgrep): best effort.
+    let _ = sys::set_name(c"fnlet-init");
     if p.die_with_parent {
         check_r(
             p,
@@ -151,14 +153,9 @@ pub fn run(p: &Prepared) -> ! {
 }
 
 fn drop_privileges(p: &Prepared) {
-    // SAFETY: setgroups with an empty list.
-    check(p, Step::SetGroups, unsafe {
-        libc::setgroups(0, std::ptr::null())
-    });
-    // SAFETY: plain ids.
-    check(p, Step::SetGid, unsafe {
-        libc::setresgid(p.gid, p.gid, p.gid)
-    });
+    // Raw syscalls, not glibc's wrappers: those can hang in a child of a threaded process.
+    check_r(p, Step::SetGroups, sys::clear_groups());
+    check_r(p, Step::SetGid, sys::setresgid(p.gid));
     // The bounding set needs CAP_SETPCAP, so it goes before the uid change.
     for &cap in &p.bounding {
         check_r(
@@ -180,10 +177,8 @@ fn drop_privileges(p: &Prepared) {
         Step::DropCapabilities,
         caps::clear(None, caps::CapSet::Inheritable).map_err(|_| Errno::last()),
     );
-    // SAFETY: plain ids. Leaving uid 0 without SECBIT_KEEP_CAPS empties permitted and effective.
-    check(p, Step::SetUid, unsafe {
-        libc::setresuid(p.uid, p.uid, p.uid)
-    });
+    // Leaving uid 0 without SECBIT_KEEP_CAPS empties permitted and effective.
+    check_r(p, Step::SetUid, sys::setresuid(p.uid));
     check_r(
         p,
         Step::DropCapabilities,

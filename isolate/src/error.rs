@@ -140,6 +140,9 @@ pub enum IsolateError {
     #[error("sandbox child died before reporting (status {0})")]
     ChildVanished(i32),
 
+    #[error("sandbox setup did not finish within {0:?}; the child was killed")]
+    SetupTimeout(std::time::Duration),
+
     #[error("sandbox setup protocol error: {0}")]
     Protocol(&'static str),
 

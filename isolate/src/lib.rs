@@ -314,6 +314,13 @@ impl Isolator {
             started,
         };
         let mut rec = [0u8; child::RECORD_LEN];
+        // Setup takes milliseconds; a child stuck far longer is killed rather than waited for.
+        if !wait_readable(&report_r, SETUP_TIMEOUT).map_err(|e| IsolateError::sys("poll sandbox report", e))? {
+            let _ = sandbox.kill();
+            let _ = sandbox.reap_blocking();
+            sandbox.outcome = Some(sandbox.outcome_placeholder());
+            return Err(IsolateError::SetupTimeout(SETUP_TIMEOUT));
+        }
         let n = read_full(&report_r, &mut rec)
             .map_err(|e| IsolateError::sys("read sandbox report", e))?;
         drop((argv_owned, envp_owned));
@@ -417,6 +424,26 @@ fn stdio_pair(mode: Stdio, is_input: bool) -> Result<(Option<OwnedFd>, Option<Ow
             } else {
                 (Some(w), Some(r))
             })
+        }
+    }
+}
+
+/// How long a sandbox child may take from clone to exec.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Waits until `fd` is readable (data or EOF); false on timeout.
+fn wait_readable(fd: &OwnedFd, timeout: Duration) -> std::result::Result<bool, Errno> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ms = PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, ms) {
+            Ok(0) => return Ok(false),
+            Ok(_) => return Ok(true),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
         }
     }
 }

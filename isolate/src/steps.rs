@@ -292,12 +292,9 @@ pub fn mount_plan(spec: &SandboxSpec) -> Result<Timing> {
 pub fn drop_privileges(uid: u32, gid: u32) -> Result<Timing> {
     let last = sys::cap_last_cap();
     let (step, total) = measure(Namespaces::NONE, &|| {
-        // SAFETY: setgroups with an empty list.
-        check(Step::SetGroups, unsafe {
-            libc::setgroups(0, std::ptr::null())
-        })?;
-        // SAFETY: plain ids.
-        check(Step::SetGid, unsafe { libc::setresgid(gid, gid, gid) })?;
+        // Raw syscalls, as in the sandbox child (glibc's wrappers can hang after clone).
+        sys::clear_groups().map_err(|e| (Step::SetGroups, 0, e))?;
+        sys::setresgid(gid).map_err(|e| (Step::SetGid, 0, e))?;
         // The bounding set needs CAP_SETPCAP, so it goes before the uid change.
         for cap in 0..=last {
             sys::capbset_drop(cap).map_err(|e| (Step::DropCapabilities, cap as u32, e))?;
@@ -305,8 +302,8 @@ pub fn drop_privileges(uid: u32, gid: u32) -> Result<Timing> {
         let caps_err = |_| (Step::DropCapabilities, 0, Errno::last());
         caps::clear(None, caps::CapSet::Ambient).map_err(caps_err)?;
         caps::clear(None, caps::CapSet::Inheritable).map_err(caps_err)?;
-        // SAFETY: plain ids; leaving uid 0 empties the permitted and effective sets.
-        check(Step::SetUid, unsafe { libc::setresuid(uid, uid, uid) })?;
+        // Leaving uid 0 empties the permitted and effective sets.
+        sys::setresuid(uid).map_err(|e| (Step::SetUid, 0, e))?;
         caps::clear(None, caps::CapSet::Permitted).map_err(caps_err)?;
         sys::prctl(libc::PR_SET_NO_NEW_PRIVS, 1).map_err(|e| (Step::NoNewPrivs, 0, e))?;
         sys::prctl(libc::PR_SET_DUMPABLE, 0).map_err(|e| (Step::SetDumpable, 0, e))

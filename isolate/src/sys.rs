@@ -212,6 +212,36 @@ pub fn capbset_drop(cap: u8) -> Result<(), Errno> {
     if r < 0 { Err(Errno::last()) } else { Ok(()) }
 }
 
+/// Raw id syscalls. glibc's setgroups/setresgid/setresuid apply the change to every thread it
+/// knows of (its "setxid" broadcast). In a child cloned from the multi-threaded agent, glibc
+/// still lists the agent's threads, and waits forever for one that was being created at clone
+/// time. The raw syscalls change only the calling, single-threaded, process.
+fn id_syscall(
+    nr: libc::c_long,
+    a: libc::c_ulong,
+    b: libc::c_ulong,
+    c: libc::c_ulong,
+) -> Result<(), Errno> {
+    // SAFETY: the id syscalls take integers (setgroups: a count of 0 and a null list).
+    let r = unsafe { libc::syscall(nr, a, b, c) };
+    if r < 0 { Err(Errno::last()) } else { Ok(()) }
+}
+
+/// setgroups(0, NULL): no supplementary groups.
+pub fn clear_groups() -> Result<(), Errno> {
+    id_syscall(libc::SYS_setgroups, 0, 0, 0)
+}
+
+pub fn setresgid(gid: libc::gid_t) -> Result<(), Errno> {
+    let g = libc::c_ulong::from(gid);
+    id_syscall(libc::SYS_setresgid, g, g, g)
+}
+
+pub fn setresuid(uid: libc::uid_t) -> Result<(), Errno> {
+    let u = libc::c_ulong::from(uid);
+    id_syscall(libc::SYS_setresuid, u, u, u)
+}
+
 /// prctl with integer arguments only.
 pub fn prctl(option: libc::c_int, arg: libc::c_ulong) -> Result<(), Errno> {
     // SAFETY: every option we pass takes integer arguments.
@@ -225,4 +255,15 @@ pub fn prctl(option: libc::c_int, arg: libc::c_ulong) -> Result<(), Errno> {
         )
     };
     if r < 0 { Err(Errno::last()) } else { Ok(()) }
+}
+
+/// Names this process in /proc/<pid>/comm (what `ps` and `pgrep` show): the sandbox init is a
+/// fork of the agent and should not look like it. (Its /proc/<pid>/cmdline still reads like the
+/// agent's: PR_SET_MM, which could change that, is refused on the hosts we run on.)
+pub fn set_name(name: &'static std::ffi::CStr) -> Result<(), Errno> {
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes from a static.
+    if unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr() as libc::c_ulong, 0, 0, 0) } < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
 }

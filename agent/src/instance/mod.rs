@@ -88,9 +88,14 @@ pub async fn run_exec(
     spec.stdio = StdioSpec::piped();
     spec.env
         .insert("FNLET_REQUEST_ID".into(), call.request_id.into());
+    // The timeout covers the sandbox's setup too. A setup that overruns it finishes (or fails)
+    // on its blocking thread, and the sandbox is dropped, hence killed, there.
+    let deadline = tokio::time::Instant::now() + call.timeout;
     let iso = isolator.clone();
-    let mut sandbox = tokio::task::spawn_blocking(move || iso.spawn(&spec))
+    let spawn = tokio::task::spawn_blocking(move || iso.spawn(&spec));
+    let mut sandbox = tokio::time::timeout_at(deadline, spawn)
         .await
+        .map_err(|_| InvokeError::Timeout(call.timeout))?
         .map_err(|e| InvokeError::Internal(e.to_string()))?
         .map_err(InvokeError::Spawn)?;
 
@@ -124,7 +129,6 @@ pub async fn run_exec(
         }
     };
 
-    let deadline = tokio::time::Instant::now() + call.timeout;
     let run = async {
         let ((), (out, out_res), ()) = tokio::join!(write, read_out, read_err);
         (out, out_res)
