@@ -524,6 +524,34 @@ fn a_full_function_answers_429_with_retry_after() {
 }
 
 #[test]
+fn bursts_of_invocations_all_complete() {
+    // Many sandboxes spawned at once from the agent's growing thread pool: each must start and
+    // answer (a sandbox child once hung for good in glibc's setresuid after clone).
+    let agent = Agent::start("burst");
+    let f = Fixture::sh(
+        "burst",
+        "public = true\ntimeout_s = 5\nmax_concurrency = 64",
+        "echo \"got $(cat)\"",
+    );
+    agent.deploy(f.path());
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..8 {
+            let agent = &agent;
+            s.spawn(move || {
+                for i in 0..25 {
+                    let input = format!("{t}-{i}");
+                    let r = agent.invoke("burst", input.as_bytes());
+                    assert_eq!(r.expect_ok(200).text(), format!("got {input}\n"));
+                }
+            });
+        }
+    });
+    eprintln!("200 invocations in {:?}", started.elapsed());
+    agent.finish();
+}
+
+#[test]
 fn sigterm_lets_the_running_invocation_finish() {
     let mut agent = Agent::start("drain");
     let f = Fixture::sh("slow", "public = true\ntimeout_s = 5", "sleep 1; echo done");

@@ -32,15 +32,16 @@ impl Default for Settings {
     }
 }
 
-/// Uids the agent gives functions: a range per test, so "no process of ours is left" can be
-/// checked while other tests run.
+/// Uids the agent gives functions: a range per test and test process, so "no process of ours
+/// is left" can be checked while other tests (and other runs of this one) go on.
 fn uid_range(test: &str) -> Range<u32> {
-    // FNV-1a: stable across runs, so a collision would show at once rather than sometimes.
-    let h = test.bytes().fold(0x811c_9dc5_u32, |h, b| {
+    // FNV-1a of the pid and the name into one of ten million slots of 64 uids.
+    let key = format!("{}-{test}", std::process::id());
+    let h = key.bytes().fold(0x811c_9dc5_u32, |h, b| {
         (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
     });
-    let base = 300_000 + (h % 4000) * 50;
-    base..base + 50
+    let base = 100_000_000 + (h % 10_000_000) * 64;
+    base..base + 64
 }
 
 /// A free port on 127.0.0.1 (bound, then released for the agent).
