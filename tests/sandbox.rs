@@ -36,10 +36,9 @@ const ATTEMPTS: &[&str] = &[
     "exec from /tmp",
 ];
 
-#[test]
-fn escape_suite_finds_every_door_closed() {
+fn escape_suite(userns: bool) {
     require_root();
-    let root = cgroup_root("escape");
+    let root = cgroup_root(if userns { "escape-userns" } else { "escape" });
     let before = host_state();
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
     let bundle = Bundle::with_probe();
@@ -82,6 +81,62 @@ fn escape_suite_finds_every_door_closed() {
         hostname,
         "host hostname changed"
     );
+    assert_clean(&root, &before, &root);
+}
+
+#[test]
+fn escape_suite_finds_every_door_closed() {
+    escape_suite(false);
+}
+
+#[test]
+fn escape_suite_finds_every_door_closed_in_a_user_namespace() {
+    escape_suite(true);
+}
+
+#[test]
+fn a_user_namespace_maps_only_the_functions_ids_and_keeps_the_limits() {
+    require_root();
+    let root = cgroup_root("userns");
+    let before = host_state();
+    let out = output(sandbox_run(
+        &root,
+        &["--userns"],
+        &[
+            "/bin/sh",
+            "-c",
+            "cat /proc/self/uid_map /proc/self/gid_map; id -u",
+        ],
+    ));
+    assert!(out.status.success(), "{out:?}");
+    let lines: Vec<Vec<String>> = text(&out.stdout)
+        .lines()
+        .map(|l| l.split_whitespace().map(String::from).collect())
+        .collect();
+    assert_eq!(lines[0], ["65534", "65534", "1"], "uid_map");
+    assert_eq!(lines[1], ["65534", "65534", "1"], "gid_map");
+    assert_eq!(lines[2], ["65534"]);
+    // The cgroup is joined by the parent in this mode: the pids limit still holds.
+    let bundle = Bundle::with_probe();
+    let out = output(sandbox_run(
+        &root,
+        &[
+            "--userns",
+            "--bundle",
+            bundle.path().to_str().unwrap(),
+            "--pids",
+            "16",
+        ],
+        &["/var/task/probe", "forkbomb"],
+    ));
+    let stdout = text(&out.stdout);
+    assert!(stdout.starts_with("fork failed after "), "{stdout} {out:?}");
+    let n: usize = stdout
+        .split_whitespace()
+        .nth(3)
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    assert!(n <= 14, "{n} children under a limit of 16");
     assert_clean(&root, &before, &root);
 }
 

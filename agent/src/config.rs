@@ -61,6 +61,8 @@ pub struct SandboxConfig {
     pub tmp_mb: u64,
     /// Processes and threads per instance.
     pub pids: u64,
+    /// Run every instance in a user namespace of its own too (its uid maps to itself only).
+    pub user_namespace: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -109,6 +111,7 @@ impl Default for SandboxConfig {
             uid_count: 10_000,
             tmp_mb: 64,
             pids: 256,
+            user_namespace: false,
         }
     }
 }

@@ -57,6 +57,9 @@ pub struct Prepared {
     pub status_fd: RawFd,
     pub die_with_parent: bool,
     pub signals: libc::sigset_t,
+    /// With a user namespace: wait for one byte here (the parent writes the id maps and joins
+    /// the cgroup for us first).
+    pub go_fd: Option<RawFd>,
 }
 
 fn fail(p: &Prepared, kind: u32, step: Step, index: u32, errno: Errno) -> ! {
@@ -88,6 +91,29 @@ pub fn run(p: &Prepared) -> ! {
     unsafe { libc::umask(0) };
     // Cosmetic (ps, pgrep): best effort.
     let _ = sys::set_name(c"fnlet-init");
+    if let Some(fd) = p.go_fd {
+        let mut b = [0u8; 1];
+        let n = loop {
+            // SAFETY: reading one byte into a stack buffer from our own fd.
+            let n = unsafe { libc::read(fd, b.as_mut_ptr().cast(), 1) };
+            if n >= 0 || Errno::last() != Errno::EINTR {
+                break n;
+            }
+        };
+        // No byte: the parent gave up on us (it reports its own error).
+        if n != 1 {
+            sys::exit_now(1);
+        }
+        // SAFETY: fd is ours and no longer needed.
+        unsafe { libc::close(fd) };
+        // Our own uid (the host's root) has no mapping in the new namespace, and the kernel
+        // will not create files for an unmapped owner: build the root as the function's ids.
+        // SAFETY: plain id calls; CAP_SYS_ADMIN (for the mounts) survives the fs id change.
+        unsafe {
+            libc::setfsgid(p.gid);
+            libc::setfsuid(p.uid);
+        }
+    }
     if p.die_with_parent {
         check_r(
             p,

@@ -176,6 +176,13 @@ pub enum IsolateError {
     #[error("building seccomp filter: {0}")]
     Seccomp(String),
 
+    #[error("writing {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
     #[error("reading {path}: {source}")]
     Read {
         path: PathBuf,

@@ -205,6 +205,15 @@ impl Isolator {
         let (stderr_child, stderr_parent) = stdio_pair(spec.stdio.stderr, false)?;
         let (report_r, report_w) = pipe()?;
         let (status_r, status_w) = pipe()?;
+        // With a user namespace the child cannot join its cgroup itself (cgroupfs belongs to the
+        // host's root): the parent joins it and writes the id maps, then says go.
+        let userns = spec.user_namespace;
+        let (go_r, go_w) = if userns {
+            let (r, w) = pipe()?;
+            (Some(r), Some(w))
+        } else {
+            (None, None)
+        };
 
         let cs = |s: &str| {
             CString::new(s).map_err(|_| IsolateError::InvalidSpec {
@@ -225,14 +234,17 @@ impl Isolator {
             .iter()
             .map(|p| cs(p))
             .collect::<Result<_>>()?;
-        let join_files: Vec<CString> = cgroup
-            .join_files()
-            .iter()
-            .map(|p| {
-                CString::new(p.as_os_str().as_encoded_bytes())
-                    .map_err(|_| IsolateError::Protocol("cgroup path"))
-            })
-            .collect::<Result<_>>()?;
+        let join_files: Vec<CString> = if userns {
+            Vec::new()
+        } else {
+            cgroup.join_files()
+        }
+        .iter()
+        .map(|p| {
+            CString::new(p.as_os_str().as_encoded_bytes())
+                .map_err(|_| IsolateError::Protocol("cgroup path"))
+        })
+        .collect::<Result<_>>()?;
 
         let ptrs = |v: &[CString]| {
             v.iter()
@@ -280,13 +292,20 @@ impl Isolator {
             status_fd: status_w.as_raw_fd(),
             die_with_parent: spec.die_with_parent,
             signals,
+            go_fd: go_r.as_ref().map(|f| f.as_raw_fd()),
         };
 
-        let flags = (libc::CLONE_NEWPID
-            | libc::CLONE_NEWNS
-            | libc::CLONE_NEWIPC
-            | libc::CLONE_NEWUTS
-            | libc::CLONE_NEWNET) as u64;
+        let userns_flag = if userns {
+            libc::CLONE_NEWUSER as u64
+        } else {
+            0
+        };
+        let flags = userns_flag
+            | (libc::CLONE_NEWPID
+                | libc::CLONE_NEWNS
+                | libc::CLONE_NEWIPC
+                | libc::CLONE_NEWUTS
+                | libc::CLONE_NEWNET) as u64;
         // SAFETY: the child runs only `child::run`, which makes system calls on data prepared
         // above and never returns (it execs or _exits).
         let forked = unsafe { sys::clone3(flags, cgroup.clone_into_fd()) }
@@ -300,7 +319,14 @@ impl Isolator {
             None => sys::pidfd_open(pid).map_err(|e| IsolateError::sys("pidfd_open", e))?,
         };
         // Our copies of the child's ends must close, or the pipes never report EOF.
-        drop((report_w, status_w, stdin_child, stdout_child, stderr_child));
+        drop((
+            report_w,
+            status_w,
+            stdin_child,
+            stdout_child,
+            stderr_child,
+            go_r,
+        ));
 
         let mut sandbox = Sandbox {
             pid,
@@ -313,9 +339,19 @@ impl Isolator {
             outcome: None,
             started,
         };
+        if let Some(go) = go_w
+            && let Err(e) = self.let_child_go(pid, spec, cgroup, go)
+        {
+            let _ = sandbox.kill();
+            let _ = sandbox.reap_blocking();
+            sandbox.outcome = Some(sandbox.outcome_placeholder());
+            return Err(e);
+        }
         let mut rec = [0u8; child::RECORD_LEN];
         // Setup takes milliseconds; a child stuck far longer is killed rather than waited for.
-        if !wait_readable(&report_r, SETUP_TIMEOUT).map_err(|e| IsolateError::sys("poll sandbox report", e))? {
+        if !wait_readable(&report_r, SETUP_TIMEOUT)
+            .map_err(|e| IsolateError::sys("poll sandbox report", e))?
+        {
             let _ = sandbox.kill();
             let _ = sandbox.reap_blocking();
             sandbox.outcome = Some(sandbox.outcome_placeholder());
@@ -365,6 +401,37 @@ impl Isolator {
             detail,
             errno: Errno::from_raw(errno),
         })
+    }
+}
+
+impl Isolator {
+    /// User-namespace start: map the function's ids, join the cgroup, and release the child.
+    fn let_child_go(
+        &self,
+        pid: libc::pid_t,
+        spec: &SandboxSpec,
+        cgroup: &dyn cgroup::SandboxCgroup,
+        go: OwnedFd,
+    ) -> Result<()> {
+        let write = |path: String, text: String| {
+            std::fs::write(&path, text).map_err(|source| IsolateError::Write {
+                path: path.into(),
+                source,
+            })
+        };
+        write(
+            format!("/proc/{pid}/uid_map"),
+            format!("{0} {0} 1\n", spec.uid),
+        )?;
+        write(
+            format!("/proc/{pid}/gid_map"),
+            format!("{0} {0} 1\n", spec.gid),
+        )?;
+        for f in cgroup.join_files() {
+            write(f.display().to_string(), pid.to_string())?;
+        }
+        nix::unistd::write(&go, b"g").map_err(|e| IsolateError::sys("release sandbox child", e))?;
+        Ok(())
     }
 }
 
@@ -437,7 +504,8 @@ fn wait_readable(fd: &OwnedFd, timeout: Duration) -> std::result::Result<bool, E
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let ms = PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX);
+        let ms = PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32)
+            .unwrap_or(PollTimeout::MAX);
         let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, ms) {
             Ok(0) => return Ok(false),

@@ -70,6 +70,11 @@ pub enum Op {
     MaskFile(CString),
     MaskDir(CString),
     ReadOnlyBind(CString),
+    /// Bind a host device node (user namespaces cannot mknod).
+    BindDevice {
+        src: CString,
+        dst: CString,
+    },
     Mknod {
         path: CString,
         dev: libc::dev_t,
@@ -190,10 +195,20 @@ impl Plan {
             step: Step::MountDev,
         });
         for (name, major, minor) in DEVICES {
-            ops.push(Op::Mknod {
-                path: staged(&Path::new("/dev").join(name))?,
-                dev: libc::makedev(major as u32, minor as u32),
-            });
+            let path = staged(&Path::new("/dev").join(name))?;
+            if spec.user_namespace {
+                // mknod is refused inside a user namespace: bind the host's nodes instead.
+                ops.push(Op::Touch(path.clone()));
+                ops.push(Op::BindDevice {
+                    src: cstr(format!("/dev/{name}"))?,
+                    dst: path,
+                });
+            } else {
+                ops.push(Op::Mknod {
+                    path,
+                    dev: libc::makedev(major as u32, minor as u32),
+                });
+            }
         }
         for (name, target) in DEV_LINKS {
             ops.push(Op::Symlink {
@@ -245,7 +260,8 @@ impl Plan {
             Op::Bind { src, dst } => Some(format!("{} -> {}", src.to_string_lossy(), s(dst)?)),
             Op::Tmpfs { dst, .. }
             | Op::RemountReadOnly { path: dst, .. }
-            | Op::Mknod { path: dst, .. } => s(dst),
+            | Op::Mknod { path: dst, .. }
+            | Op::BindDevice { dst, .. } => s(dst),
             Op::Symlink { path, .. } => s(path),
             Op::PivotRoot { new_root } => s(new_root),
         }
@@ -399,6 +415,18 @@ fn run_op(op: &Op) -> std::result::Result<(), (Step, Errno)> {
                 )
             }),
         ),
+        Op::BindDevice { src, dst } => {
+            mount(Step::Mknod, Some(src), dst, None, libc::MS_BIND, None)?;
+            // Keep nosuid and noexec: inside a user namespace the host's flags are locked.
+            mount(
+                Step::RemountReadOnly,
+                None,
+                dst,
+                None,
+                RO_BIND | libc::MS_NOSUID | libc::MS_NOEXEC,
+                None,
+            )
+        }
         Op::Mknod { path, dev } => {
             // SAFETY: path is NUL-terminated.
             cvt(Step::Mknod, unsafe {

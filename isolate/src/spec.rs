@@ -39,6 +39,10 @@ pub struct SandboxSpec {
     /// Linux ties the parent-death signal to the spawning *thread*: leave this off when spawning
     /// from a thread pool.
     pub die_with_parent: bool,
+    /// Also a new user namespace: the function's uid and gid map to the same ids on the host and
+    /// nothing else is mapped, so even a kernel bug that hands the function "root" gives it root
+    /// of an empty namespace only. Needs a host that allows user namespaces.
+    pub user_namespace: bool,
 }
 
 /// A read-only bind mount of a host path.
@@ -170,6 +174,7 @@ impl Default for SandboxSpec {
             gid: 65534,
             stdio: StdioSpec::default(),
             die_with_parent: false,
+            user_namespace: false,
         }
     }
 }

@@ -532,15 +532,17 @@ fn host_network(port: u16) -> Attempt {
 }
 
 fn become_root() -> Attempt {
+    // EPERM for want of CAP_SETUID; EINVAL in a user namespace where 0 is not mapped at all.
+    let refused = [libc::EPERM, libc::EINVAL];
     // SAFETY: setuid/setgid with integer arguments.
-    let a = must_fail(unsafe { libc::setuid(0) } as libc::c_long, &[libc::EPERM])?;
+    let a = must_fail(unsafe { libc::setuid(0) } as libc::c_long, &refused)?;
     // SAFETY: as above.
-    let b = must_fail(unsafe { libc::setgid(0) } as libc::c_long, &[libc::EPERM])?;
+    let b = must_fail(unsafe { libc::setgid(0) } as libc::c_long, &refused)?;
     let groups = [0 as libc::gid_t];
     // SAFETY: setgroups reads one gid.
     let d = must_fail(
         unsafe { libc::setgroups(1, groups.as_ptr()) } as libc::c_long,
-        &[libc::EPERM],
+        &refused,
     )?;
     let status = std::fs::read_to_string("/proc/self/status").map_err(|e| e.to_string())?;
     for key in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {

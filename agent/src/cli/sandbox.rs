@@ -60,6 +60,9 @@ pub struct RunArgs {
     /// Cgroup root below each hierarchy.
     #[arg(long, default_value = "fnlet-sandbox")]
     cgroup_root: String,
+    /// Also a new user namespace (the uid and gid map to themselves, nothing else is mapped).
+    #[arg(long)]
+    userns: bool,
     /// Print what the sandbox used (peak memory, CPU time, wall time) on stderr.
     #[arg(long)]
     stats: bool,
@@ -100,6 +103,7 @@ fn spec_from(args: &RunArgs) -> anyhow::Result<SandboxSpec> {
     spec.stdio = StdioSpec::inherit();
     // The CLI spawns from its main thread and waits: tie the sandbox to it.
     spec.die_with_parent = true;
+    spec.user_namespace = args.userns;
     for b in &args.ro_bind {
         let (src, dest) = b
             .split_once(':')

@@ -58,6 +58,7 @@ impl ActiveFunction {
             },
             uid: rec.uid,
             gid: rec.uid,
+            user_namespace: config.sandbox.user_namespace,
             ..Default::default()
         };
         spec.env.extend(v.manifest.env.clone());
