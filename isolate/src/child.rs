@@ -22,6 +22,8 @@ use crate::sys;
 pub const RECORD_LEN: usize = 16;
 pub const KIND_PLAN: u32 = 1;
 pub const KIND_STEP: u32 = 2;
+/// Not a failure: a prepared sandbox is ready and waits for its start.
+pub const KIND_READY: u32 = 3;
 
 /// Signals the init passes on to the function.
 pub const FORWARDED: [libc::c_int; 8] = [
@@ -60,6 +62,8 @@ pub struct Prepared {
     /// With a user namespace: wait for one byte here (the parent writes the id maps and joins
     /// the cgroup for us first).
     pub go_fd: Option<RawFd>,
+    /// A prepared sandbox: report ready, then wait for one byte here before the function starts.
+    pub start_fd: Option<RawFd>,
 }
 
 fn fail(p: &Prepared, kind: u32, step: Step, index: u32, errno: Errno) -> ! {
@@ -92,16 +96,8 @@ pub fn run(p: &Prepared) -> ! {
     // Cosmetic (ps, pgrep): best effort.
     let _ = sys::set_name(c"fnlet-init");
     if let Some(fd) = p.go_fd {
-        let mut b = [0u8; 1];
-        let n = loop {
-            // SAFETY: reading one byte into a stack buffer from our own fd.
-            let n = unsafe { libc::read(fd, b.as_mut_ptr().cast(), 1) };
-            if n >= 0 || Errno::last() != Errno::EINTR {
-                break n;
-            }
-        };
         // No byte: the parent gave up on us (it reports its own error).
-        if n != 1 {
+        if !read_one_byte(fd) {
             sys::exit_now(1);
         }
         // SAFETY: fd is ours and no longer needed.
@@ -171,10 +167,33 @@ pub fn run(p: &Prepared) -> ! {
 
     check_r(p, Step::Seccomp, sys::seccomp_load(&p.bpf));
 
+    if let Some(fd) = p.start_fd {
+        let mut rec = [0u8; RECORD_LEN];
+        rec[0..4].copy_from_slice(&KIND_READY.to_ne_bytes());
+        sys::write_record(p.report_fd, &rec);
+        if !read_one_byte(fd) {
+            sys::exit_now(1);
+        }
+        // SAFETY: fd is ours and no longer needed.
+        unsafe { libc::close(fd) };
+    }
+
     match sys::fork_raw() {
         Err(e) => fail(p, KIND_STEP, Step::ForkWorker, 0, e),
         Ok(sys::Forked::Child) => worker(p),
         Ok(sys::Forked::Parent { pid, .. }) => init(p, pid),
+    }
+}
+
+/// Blocks until one byte arrives on `fd`; false on EOF or error (the parent is gone or gave up).
+fn read_one_byte(fd: RawFd) -> bool {
+    let mut b = [0u8; 1];
+    loop {
+        // SAFETY: reading one byte into a stack buffer from our own fd.
+        let n = unsafe { libc::read(fd, b.as_mut_ptr().cast(), 1) };
+        if n >= 0 || Errno::last() != Errno::EINTR {
+            return n == 1;
+        }
     }
 }
 

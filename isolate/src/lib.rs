@@ -23,6 +23,11 @@
 //! SIGWINCH/SIGCONT, and reports the function's exit status. When the function exits, the init
 //! exits and the kernel kills whatever else is left in the pid namespace.
 //!
+//! [`Isolator::prepare`] builds a sandbox ahead of time (everything but the function's exec),
+//! and [`PreparedSandbox::start`] runs the function in it: a cold start then costs little more
+//! than fork and exec. With [`SandboxSpec::user_namespace`] the sandbox also gets a user
+//! namespace in which only the function's uid and gid exist.
+//!
 //! All `unsafe` code of fnlet lives in this crate.
 
 pub mod cgroup;
@@ -171,6 +176,24 @@ impl Isolator {
 
     /// Starts a sandbox. Returns once the function has been exec'd, or with the step that failed.
     pub fn spawn(&self, spec: &SandboxSpec) -> Result<Sandbox> {
+        let (sandbox, mut pending) = self.launch(spec, false)?;
+        pending.finish(sandbox, Report::Exec)
+    }
+
+    /// Builds a sandbox ahead of time: namespaces, cgroup, root, privileges dropped, seccomp
+    /// loaded, everything but the function itself, whose exec waits for
+    /// [`PreparedSandbox::start`]. Cold starts then pay little more than fork and exec.
+    pub fn prepare(&self, spec: &SandboxSpec) -> Result<PreparedSandbox> {
+        let (sandbox, mut pending) = self.launch(spec, true)?;
+        let sandbox = pending.finish(sandbox, Report::Ready)?;
+        Ok(PreparedSandbox {
+            sandbox: Some(sandbox),
+            pending,
+        })
+    }
+
+    /// Creates the cgroup and clones the child; the caller waits for its report.
+    fn launch(&self, spec: &SandboxSpec, hold: bool) -> Result<(Sandbox, Pending)> {
         spec.validate()?;
         let plan = Plan::build(spec)?;
         let leaf = format!(
@@ -180,10 +203,10 @@ impl Isolator {
             self.seq.fetch_add(1, Ordering::Relaxed)
         );
         let mut cgroup = self.cgroups.create(&leaf, &spec.limits)?;
-        match self.spawn_in(spec, plan, cgroup.as_ref()) {
-            Ok(mut sb) => {
+        match self.spawn_in(spec, plan, cgroup.as_ref(), hold) {
+            Ok((mut sb, pending)) => {
                 sb.cgroup = Some(cgroup);
-                Ok(sb)
+                Ok((sb, pending))
             }
             Err(e) => {
                 let _ = cgroup.kill_all();
@@ -198,7 +221,8 @@ impl Isolator {
         spec: &SandboxSpec,
         plan: Plan,
         cgroup: &dyn cgroup::SandboxCgroup,
-    ) -> Result<Sandbox> {
+        hold: bool,
+    ) -> Result<(Sandbox, Pending)> {
         let started = Instant::now();
         let (stdin_child, stdin_parent) = stdio_pair(spec.stdio.stdin, true)?;
         let (stdout_child, stdout_parent) = stdio_pair(spec.stdio.stdout, false)?;
@@ -209,6 +233,12 @@ impl Isolator {
         // host's root): the parent joins it and writes the id maps, then says go.
         let userns = spec.user_namespace;
         let (go_r, go_w) = if userns {
+            let (r, w) = pipe()?;
+            (Some(r), Some(w))
+        } else {
+            (None, None)
+        };
+        let (start_r, start_w) = if hold {
             let (r, w) = pipe()?;
             (Some(r), Some(w))
         } else {
@@ -293,6 +323,7 @@ impl Isolator {
             die_with_parent: spec.die_with_parent,
             signals,
             go_fd: go_r.as_ref().map(|f| f.as_raw_fd()),
+            start_fd: start_r.as_ref().map(|f| f.as_raw_fd()),
         };
 
         let userns_flag = if userns {
@@ -326,6 +357,7 @@ impl Isolator {
             stdout_child,
             stderr_child,
             go_r,
+            start_r,
         ));
 
         let mut sandbox = Sandbox {
@@ -347,9 +379,77 @@ impl Isolator {
             sandbox.outcome = Some(sandbox.outcome_placeholder());
             return Err(e);
         }
+        drop((argv_owned, envp_owned));
+        let Prepared {
+            plan,
+            exec_paths,
+            join_files,
+            rlimits,
+            ..
+        } = prepared;
+        let pending = Pending {
+            report_r,
+            start_w,
+            decoder: Decoder {
+                plan,
+                exec_paths,
+                join_files,
+                rlimits,
+                cwd: spec.cwd.clone(),
+                name: spec.name.clone(),
+            },
+        };
+        Ok((sandbox, pending))
+    }
+}
+
+/// What the child reports on its report pipe.
+#[derive(Debug, PartialEq, Eq)]
+enum Report {
+    /// EOF: the function was exec'd.
+    Exec,
+    /// A prepared sandbox waits for its start.
+    Ready,
+}
+
+/// The parent's end of a child still reporting, and what it needs to name a failure.
+#[derive(Debug)]
+struct Pending {
+    report_r: OwnedFd,
+    start_w: Option<OwnedFd>,
+    decoder: Decoder,
+}
+
+#[derive(Debug)]
+struct Decoder {
+    plan: Plan,
+    exec_paths: Vec<CString>,
+    join_files: Vec<CString>,
+    rlimits: Vec<(libc::__rlimit_resource_t, u64)>,
+    cwd: String,
+    name: String,
+}
+
+impl Pending {
+    /// Waits for the child's next report; on a failure (or an unexpected report) the sandbox is
+    /// reaped and its cgroup removed (by its drop), and the step is named.
+    fn finish(&mut self, mut sandbox: Sandbox, want: Report) -> Result<Sandbox> {
+        match self.report(&mut sandbox) {
+            Ok(r) if r == want => Ok(sandbox),
+            Ok(_) => {
+                let _ = sandbox.kill();
+                Err(IsolateError::Protocol(
+                    "unexpected report from sandbox child",
+                ))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn report(&mut self, sandbox: &mut Sandbox) -> Result<Report> {
         let mut rec = [0u8; child::RECORD_LEN];
         // Setup takes milliseconds; a child stuck far longer is killed rather than waited for.
-        if !wait_readable(&report_r, SETUP_TIMEOUT)
+        if !wait_readable(&self.report_r, SETUP_TIMEOUT)
             .map_err(|e| IsolateError::sys("poll sandbox report", e))?
         {
             let _ = sandbox.kill();
@@ -357,11 +457,14 @@ impl Isolator {
             sandbox.outcome = Some(sandbox.outcome_placeholder());
             return Err(IsolateError::SetupTimeout(SETUP_TIMEOUT));
         }
-        let n = read_full(&report_r, &mut rec)
+        let n = read_full(&self.report_r, &mut rec)
             .map_err(|e| IsolateError::sys("read sandbox report", e))?;
-        drop((argv_owned, envp_owned));
         if n == 0 {
-            return Ok(sandbox);
+            return Ok(Report::Exec);
+        }
+        let word = |i: usize| u32::from_ne_bytes([rec[i], rec[i + 1], rec[i + 2], rec[i + 3]]);
+        if n == child::RECORD_LEN && word(0) == child::KIND_READY {
+            return Ok(Report::Ready);
         }
         // The child failed before exec: reap it and say where.
         let _ = sandbox.reap_blocking();
@@ -371,36 +474,70 @@ impl Isolator {
                 "short failure record from sandbox child",
             ));
         }
-        let word = |i: usize| u32::from_ne_bytes([rec[i], rec[i + 1], rec[i + 2], rec[i + 3]]);
         let (kind, step, index, errno) = (word(0), word(4), word(8) as usize, word(12) as i32);
         let step =
             Step::from_u32(step).ok_or(IsolateError::Protocol("unknown step in failure record"))?;
-        let detail = if kind == child::KIND_PLAN {
-            prepared.plan.describe(index)
-        } else {
-            match step {
-                Step::Exec => prepared
-                    .exec_paths
-                    .get(index)
-                    .map(|p| p.to_string_lossy().into_owned()),
-                Step::JoinCgroup => prepared
-                    .join_files
-                    .get(index)
-                    .map(|p| p.to_string_lossy().into_owned()),
-                Step::SetRlimit => Some(format!(
-                    "resource {}",
-                    prepared.rlimits.get(index).map_or(-1, |r| r.0 as i64)
-                )),
-                Step::Chdir => Some(spec.cwd.clone()),
-                Step::SetHostname => Some(spec.name.clone()),
-                _ => None,
-            }
-        };
         Err(IsolateError::Child {
             step,
-            detail,
+            detail: self.decoder.detail(kind, step, index),
             errno: Errno::from_raw(errno),
         })
+    }
+}
+
+impl Decoder {
+    /// The path or value a failed step was working on.
+    fn detail(&self, kind: u32, step: Step, index: usize) -> Option<String> {
+        if kind == child::KIND_PLAN {
+            return self.plan.describe(index);
+        }
+        let lossy = |c: &CString| c.to_string_lossy().into_owned();
+        match step {
+            Step::Exec => self.exec_paths.get(index).map(lossy),
+            Step::JoinCgroup => self.join_files.get(index).map(lossy),
+            Step::SetRlimit => Some(format!(
+                "resource {}",
+                self.rlimits.get(index).map_or(-1, |r| r.0 as i64)
+            )),
+            Step::Chdir => Some(self.cwd.clone()),
+            Step::SetHostname => Some(self.name.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// A sandbox built ahead of time by [`Isolator::prepare`]; dropping it unused kills it and
+/// removes its cgroup.
+#[derive(Debug)]
+pub struct PreparedSandbox {
+    sandbox: Option<Sandbox>,
+    pending: Pending,
+}
+
+impl PreparedSandbox {
+    /// Host pid of the waiting init.
+    pub fn pid(&self) -> u32 {
+        self.sandbox.as_ref().map_or(0, |s| s.pid())
+    }
+
+    /// Execs the function; returns once it runs, or with the step that failed.
+    pub fn start(mut self) -> Result<Sandbox> {
+        let mut sandbox = self
+            .sandbox
+            .take()
+            .ok_or(IsolateError::Protocol("prepared sandbox already started"))?;
+        sandbox.started = Instant::now();
+        let go = self
+            .pending
+            .start_w
+            .take()
+            .ok_or(IsolateError::Protocol("prepared sandbox already started"))?;
+        if let Err(e) = nix::unistd::write(&go, b"s") {
+            let _ = sandbox.kill();
+            return Err(IsolateError::sys("start prepared sandbox", e));
+        }
+        drop(go);
+        self.pending.finish(sandbox, Report::Exec)
     }
 }
 

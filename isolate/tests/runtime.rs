@@ -163,3 +163,58 @@ fn reap_stale_on_the_hosts_own_hierarchy() {
     require_root();
     reap_after_crash(CgroupMode::Auto, "reapauto");
 }
+
+/// A sandbox built ahead of time runs the function only when started, and a sandbox that is
+/// never started leaves nothing behind.
+#[test]
+fn prepared_sandboxes_start_on_demand_and_clean_up_unused() {
+    require_root();
+    let root = format!("fnlet-test-{}-prepared", std::process::id());
+    let iso = Isolator::new(IsolatorConfig {
+        cgroup_root: root.clone(),
+        ..Default::default()
+    })
+    .unwrap();
+    let spec = SandboxSpec {
+        name: "prep".into(),
+        program: "/bin/sh".into(),
+        args: vec!["-c".into(), "exit 7".into()],
+        ..Default::default()
+    };
+    let prepared = iso.prepare(&spec).unwrap();
+    // The init waits: it is alive, and the function has not run.
+    let init = prepared.pid();
+    assert!(std::path::Path::new(&format!("/proc/{init}")).exists());
+    let mut sb = prepared.start().unwrap();
+    assert_eq!(sb.wait_blocking().unwrap().status, ExitStatus::Exited(7));
+
+    let unused = iso.prepare(&spec).unwrap();
+    let init = unused.pid();
+    drop(unused);
+    assert!(
+        !std::path::Path::new(&format!("/proc/{init}")).exists(),
+        "init {init} survived its drop"
+    );
+
+    // A failure at exec still names the step, reported at start.
+    let bad = SandboxSpec {
+        program: "/var/task/missing".into(),
+        ..spec
+    };
+    let err = iso.prepare(&bad).unwrap().start().unwrap_err();
+    assert!(
+        err.to_string().contains("exec /var/task/missing: ENOENT"),
+        "{err}"
+    );
+    iso.remove_root().unwrap();
+    for h in std::fs::read_dir("/sys/fs/cgroup")
+        .unwrap()
+        .filter_map(|e| e.ok())
+    {
+        assert!(
+            !h.path().join(&root).exists(),
+            "cgroup left in {}",
+            h.path().display()
+        );
+    }
+}
