@@ -104,11 +104,8 @@ pub fn run(p: &Prepared) -> ! {
         unsafe { libc::close(fd) };
         // Our own uid (the host's root) has no mapping in the new namespace, and the kernel
         // will not create files for an unmapped owner: build the root as the function's ids.
-        // SAFETY: plain id calls; CAP_SYS_ADMIN (for the mounts) survives the fs id change.
-        unsafe {
-            libc::setfsgid(p.gid);
-            libc::setfsuid(p.uid);
-        }
+        // CAP_SYS_ADMIN (for the mounts) survives the fs id change.
+        sys::set_fs_ids(p.uid, p.gid);
     }
     if p.die_with_parent {
         check_r(

@@ -242,6 +242,12 @@ pub fn setresuid(uid: libc::uid_t) -> Result<(), Errno> {
     id_syscall(libc::SYS_setresuid, u, u, u)
 }
 
+/// setfsgid then setfsuid (they report no errors; the ids are checked by what follows).
+pub fn set_fs_ids(uid: libc::uid_t, gid: libc::gid_t) {
+    let _ = id_syscall(libc::SYS_setfsgid, libc::c_ulong::from(gid), 0, 0);
+    let _ = id_syscall(libc::SYS_setfsuid, libc::c_ulong::from(uid), 0, 0);
+}
+
 /// prctl with integer arguments only.
 pub fn prctl(option: libc::c_int, arg: libc::c_ulong) -> Result<(), Errno> {
     // SAFETY: every option we pass takes integer arguments.
