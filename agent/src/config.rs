@@ -50,7 +50,9 @@ pub struct LimitsConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SandboxConfig {
-    /// cgroup root below each hierarchy (under systemd: the unit's delegated subtree).
+    /// cgroup root below each hierarchy: a relative path, or "auto": under systemd with
+    /// Delegate=yes on a cgroup v2 host, the unit's delegated subtree
+    /// (`<unit>/instances`, beside the agent's own `<unit>/agent`), else "fnlet".
     pub cgroup_root: String,
     /// "auto", "v1", or a path to a cgroup2 mount.
     pub cgroup: String,
@@ -63,6 +65,10 @@ pub struct SandboxConfig {
     pub pids: u64,
     /// Run every instance in a user namespace of its own too (its uid maps to itself only).
     pub user_namespace: bool,
+    /// Refuse to start when the host cannot enforce the memory, cpu or pids limit (a container
+    /// whose cgroup tree has no controllers). Off: the agent starts, runs functions without the
+    /// limits it cannot enforce, and says so (log, `systemctl status`, `fnlet status`).
+    pub require_limits: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -105,13 +111,14 @@ impl Default for LimitsConfig {
 impl Default for SandboxConfig {
     fn default() -> Self {
         SandboxConfig {
-            cgroup_root: "fnlet".into(),
+            cgroup_root: "auto".into(),
             cgroup: "auto".into(),
             uid_base: 200_000,
             uid_count: 10_000,
             tmp_mb: 64,
             pids: 256,
             user_namespace: false,
+            require_limits: false,
         }
     }
 }
@@ -217,7 +224,7 @@ impl Config {
         {
             return bad(
                 "sandbox.cgroup_root",
-                "must be a relative path like \"fnlet\"",
+                "must be \"auto\" or a relative path like \"fnlet\"",
             );
         }
         if s.tmp_mb == 0 || s.pids < 2 {
@@ -253,7 +260,8 @@ impl Config {
         }
     }
 
-    /// The default file, commented, as the package installs it.
+    /// Every key with its default, as `--print-default-config` prints it. (The package installs
+    /// packaging/config.toml: the same keys, commented; a test keeps the two in step.)
     pub fn default_toml() -> String {
         toml::to_string_pretty(&Config::default()).unwrap_or_default()
     }
@@ -293,6 +301,54 @@ mod tests {
         assert!(err.contains("listen"), "{err}");
         let err = parse("state_dir = \"relative\"").unwrap_err().to_string();
         assert!(err.contains("state_dir"), "{err}");
+    }
+
+    /// The file the packages install as /etc/fnlet/config.toml.
+    const PACKAGED: &str = include_str!("../../packaging/config.toml");
+
+    /// Dotted names of every key in a TOML document.
+    fn keys(text: &str) -> std::collections::BTreeSet<String> {
+        fn walk(prefix: &str, t: &toml::Table, out: &mut std::collections::BTreeSet<String>) {
+            for (k, v) in t {
+                let name = format!("{prefix}{k}");
+                match v {
+                    toml::Value::Table(t) => walk(&format!("{name}."), t, out),
+                    _ => {
+                        out.insert(name);
+                    }
+                }
+            }
+        }
+        let mut out = Default::default();
+        walk("", &text.parse::<toml::Table>().unwrap(), &mut out);
+        out
+    }
+
+    #[test]
+    fn the_packaged_config_parses_and_documents_every_default() {
+        // As shipped, every setting commented out: the agent runs on its defaults.
+        assert_eq!(parse(PACKAGED).unwrap(), Config::default());
+        // Uncommenting every setting changes nothing: the file shows the real defaults ...
+        let uncommented: Vec<&str> = PACKAGED
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(rest)
+                    if rest.starts_with(|c: char| c.is_ascii_lowercase())
+                        && rest.contains(" = ") =>
+                {
+                    rest
+                }
+                _ => l,
+            })
+            .collect();
+        let uncommented = uncommented.join("\n");
+        assert_eq!(parse(&uncommented).unwrap(), Config::default());
+        // ... and every key: a new key needs its line in packaging/config.toml.
+        assert_eq!(
+            keys(&uncommented),
+            keys(&Config::default_toml()),
+            "packaging/config.toml must show every key of Config with its default"
+        );
     }
 
     #[test]

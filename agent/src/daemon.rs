@@ -23,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::pool::{ActiveFunction, Registry};
 use crate::router::Router;
 use crate::store::Store;
+use crate::systemd;
 
 /// Options of `fnlet agent`; each overrides the config file.
 #[derive(Debug, Args)]
@@ -112,8 +113,20 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let isolator = Isolator::new(IsolatorConfig {
         cgroup_root: config.sandbox.cgroup_root.clone(),
         cgroup_mode: config.cgroup_mode(),
+        best_effort_limits: !config.sandbox.require_limits,
     })
     .context("preparing sandboxes")?;
+    let unenforced = report_placement(&isolator, config.sandbox.require_limits)?;
+    let placed = match &isolator.cgroup_placement().mount {
+        Some(m) => format!(
+            "cgroup v2 {}",
+            m.join(&isolator.cgroup_placement().root).display()
+        ),
+        None => format!(
+            "cgroup v1 {}/ per controller",
+            isolator.cgroup_placement().root
+        ),
+    };
     let stale = isolator
         .reap_stale()
         .context("removing sandboxes left by a previous agent")?;
@@ -141,9 +154,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::info!(count = removed, "removed unreferenced bundles");
     }
 
+    let logs_dir = logs_dir(state);
     let logs = Arc::new(
-        Logs::open(&state.join("logs"), config.limits.log_max_kb << 10)
-            .context("opening the log dir")?,
+        Logs::open(&logs_dir, config.limits.log_max_kb << 10)
+            .with_context(|| format!("opening the log dir {}", logs_dir.display()))?,
     );
     let draining = CancellationToken::new();
     let kill = CancellationToken::new();
@@ -164,6 +178,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let app = Arc::new(App {
         cgroup_version: isolator.cgroup_version().to_string(),
         cgroup_root: isolator.cgroup_root(),
+        unenforced_limits: unenforced.clone(),
         config: config.clone(),
         store: Arc::new(store),
         router,
@@ -178,6 +193,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         startup_ms = started.elapsed().as_secs_f64() * 1000.0,
         "fnlet agent ready"
     );
+    // Listeners bound, functions loaded: tell systemd (Type=notify), then keep the watchdog fed
+    // from the runtime's own health path.
+    systemd::publish_endpoint(config.listen);
+    let status = format!("{placed}; {}", limits_summary(&unenforced));
+    systemd::ready(&summary(&app, &status));
+    {
+        let app = app.clone();
+        systemd::spawn_watchdog(config.listen, draining.clone(), move || {
+            summary(&app, &status)
+        });
+    }
 
     let grace = Duration::from_secs_f64(config.shutdown_grace_s);
     let shutdown = {
@@ -185,6 +211,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         let kill = kill.clone();
         async move {
             wait_for_signal().await;
+            systemd::stopping("draining in-flight invocations");
             tracing::info!(
                 grace_s = grace.as_secs_f64(),
                 "shutting down: draining in-flight invocations"
@@ -212,8 +239,78 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if let Err(e) = isolator.remove_root() {
         tracing::warn!("removing the cgroup root: {e}");
     }
+    systemd::status("stopped");
     tracing::info!("fnlet agent stopped");
     Ok(())
+}
+
+/// Logs where sandbox cgroups go and why, and which limits cannot be enforced here; with
+/// `require_limits` the latter stops the agent. Returns the unenforced limits' controllers.
+fn report_placement(isolator: &Isolator, require_limits: bool) -> anyhow::Result<Vec<String>> {
+    let p = isolator.cgroup_placement();
+    for note in &p.notes {
+        tracing::warn!("{note}");
+    }
+    match &p.delegation {
+        Some(d) => tracing::info!(
+            unit = %d.unit,
+            evidence = ?d.evidence,
+            agent_cgroup = ?p.move_self_to,
+            sandboxes = %isolator.cgroup_root(),
+            "using the cgroup subtree systemd delegated to this unit"
+        ),
+        None => tracing::info!(sandboxes = %isolator.cgroup_root(), "sandbox cgroups"),
+    }
+    let missing = isolator.missing_controllers();
+    if !missing.is_empty() {
+        let list = missing.join("/");
+        if require_limits {
+            bail!(
+                "the cgroup tree at {} has no {list} controller: function limits cannot be \
+                 enforced on this host, and sandbox.require_limits is set",
+                isolator.cgroup_root()
+            );
+        }
+        tracing::warn!(
+            controllers = %list,
+            cgroup = %isolator.cgroup_root(),
+            "function limits NOT enforced: the agent's cgroup tree has no {list} controller \
+             (set sandbox.require_limits = true to refuse to start instead)"
+        );
+    }
+    Ok(missing.into_iter().map(String::from).collect())
+}
+
+/// Function logs go to systemd's LogsDirectory= (`$LOGS_DIRECTORY`, /var/log/fnlet) when the
+/// agent runs under systemd, else to `<state dir>/logs`.
+fn logs_dir(state: &Path) -> PathBuf {
+    std::env::var_os("LOGS_DIRECTORY")
+        .and_then(|v| {
+            // systemd lists one directory per LogsDirectory= entry, ':'-separated.
+            let first = v.to_str()?.split(':').next()?.to_string();
+            Path::new(&first)
+                .is_absolute()
+                .then(|| PathBuf::from(first))
+        })
+        .unwrap_or_else(|| state.join("logs"))
+}
+
+fn limits_summary(unenforced: &[String]) -> String {
+    if unenforced.is_empty() {
+        "limits enforced".to_string()
+    } else {
+        format!("limits NOT enforced ({})", unenforced.join(" "))
+    }
+}
+
+/// The one-line STATUS= that `systemctl status fnlet` shows.
+fn summary(app: &App, placement: &str) -> String {
+    format!(
+        "serving {} functions ({} running) on {}; {placement}",
+        app.router.registry.len(),
+        app.router.registry.running_total(),
+        app.config.listen,
+    )
 }
 
 async fn wait_for_signal() {

@@ -18,4 +18,5 @@ pub mod metrics;
 pub mod pool;
 pub mod router;
 pub mod store;
+pub mod systemd;
 pub mod units;

@@ -61,10 +61,16 @@ use rootfs::Plan;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct IsolatorConfig {
-    /// Our root below each hierarchy's mount, e.g. `fnlet`; under systemd, the unit's delegated
-    /// subtree.
+    /// Our root below each hierarchy's mount, e.g. `fnlet`; or `"auto"`: under systemd with
+    /// `Delegate=yes`, the unit's delegated subtree (this process then moves itself into
+    /// `<unit>/agent` and sandboxes go to `<unit>/instances`), else `fnlet`. See
+    /// [`cgroup::host`].
     pub cgroup_root: String,
     pub cgroup_mode: CgroupMode,
+    /// When the hierarchy lacks a controller a limit needs (a container's delegated cgroup2 tree
+    /// on a hybrid host has none), run sandboxes without that limit instead of refusing them;
+    /// [`Isolator::missing_controllers`] says which. Off by default.
+    pub best_effort_limits: bool,
 }
 
 impl Default for IsolatorConfig {
@@ -72,6 +78,7 @@ impl Default for IsolatorConfig {
         IsolatorConfig {
             cgroup_root: "fnlet".into(),
             cgroup_mode: CgroupMode::Auto,
+            best_effort_limits: false,
         }
     }
 }
@@ -81,6 +88,7 @@ impl Default for IsolatorConfig {
 #[derive(Debug)]
 pub struct Isolator {
     cgroups: Box<dyn cgroup::CgroupBackend>,
+    placement: cgroup::host::Placement,
     bpf: Arc<Vec<libc::sock_filter>>,
     bounding: Vec<caps::Capability>,
     bounding_extra: Vec<u8>,
@@ -136,7 +144,14 @@ impl Isolator {
                 Errno::EPERM,
             ));
         }
-        let cgroups = cgroup::detect(&config.cgroup_mode, &config.cgroup_root)?;
+        let cgroup::Placed {
+            backend: cgroups,
+            placement,
+        } = cgroup::place(
+            &config.cgroup_mode,
+            &config.cgroup_root,
+            config.best_effort_limits,
+        )?;
         let bpf = Arc::new(seccomp::compile()?);
         let last = sys::cap_last_cap();
         let mut bounding: Vec<caps::Capability> = caps::all()
@@ -148,6 +163,7 @@ impl Isolator {
         let bounding_extra = (known + 1..=last).collect();
         Ok(Isolator {
             cgroups,
+            placement,
             bpf,
             bounding,
             bounding_extra,
@@ -162,6 +178,17 @@ impl Isolator {
     /// Where this isolator's cgroups live.
     pub fn cgroup_root(&self) -> String {
         self.cgroups.root_display()
+    }
+
+    /// How the cgroup placement was chosen (delegation, notes for the operator).
+    pub fn cgroup_placement(&self) -> &cgroup::host::Placement {
+        &self.placement
+    }
+
+    /// Controllers the limits need that this host does not give us (only non-empty with
+    /// [`IsolatorConfig::best_effort_limits`]: otherwise spawns needing them fail).
+    pub fn missing_controllers(&self) -> Vec<&'static str> {
+        self.cgroups.missing_controllers()
     }
 
     /// Kills and removes every sandbox cgroup under our root: what a crashed predecessor left.

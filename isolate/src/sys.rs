@@ -273,3 +273,24 @@ pub fn set_name(name: &'static std::ffi::CStr) -> Result<(), Errno> {
     }
     Ok(())
 }
+
+/// Whether extended attribute `name` of `path` holds exactly `value` (false when it is absent or
+/// unreadable). Parent side only: it allocates.
+pub fn xattr_is(path: &std::path::Path, name: &std::ffi::CStr, value: &[u8]) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(cpath) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    let mut buf = [0u8; 16];
+    // SAFETY: both strings are NUL-terminated and outlive the call; the kernel writes at most
+    // buf.len() bytes into buf.
+    let n = unsafe {
+        libc::getxattr(
+            cpath.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    usize::try_from(n).is_ok_and(|n| &buf[..n] == value)
+}

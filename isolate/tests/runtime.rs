@@ -52,6 +52,7 @@ async fn v2_puts_the_sandbox_in_its_group_and_removes_it() {
     let iso = Isolator::new(IsolatorConfig {
         cgroup_root: root.clone(),
         cgroup_mode: CgroupMode::V2At(mount.clone()),
+        ..Default::default()
     })
     .unwrap();
     assert_eq!(iso.cgroup_version(), CgroupVersion::V2);
@@ -92,6 +93,7 @@ fn v2_refuses_limits_whose_controller_is_not_delegated() {
     let iso = Isolator::new(IsolatorConfig {
         cgroup_root: root,
         cgroup_mode: CgroupMode::V2At(mount.clone()),
+        ..Default::default()
     })
     .unwrap();
     let mut spec = sleeper("v2lim");
@@ -125,6 +127,7 @@ fn reap_after_crash(mode: CgroupMode, tag: &str) {
     let iso = Isolator::new(IsolatorConfig {
         cgroup_root: root.clone(),
         cgroup_mode: mode.clone(),
+        ..Default::default()
     })
     .unwrap();
     let sb = iso.spawn(&sleeper(tag)).unwrap();
@@ -136,6 +139,7 @@ fn reap_after_crash(mode: CgroupMode, tag: &str) {
     let next = Isolator::new(IsolatorConfig {
         cgroup_root: root,
         cgroup_mode: mode,
+        ..Default::default()
     })
     .unwrap();
     assert_eq!(next.reap_stale().unwrap(), 1);

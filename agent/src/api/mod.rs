@@ -37,6 +37,8 @@ pub struct App {
     pub started: Instant,
     pub cgroup_version: String,
     pub cgroup_root: String,
+    /// Controllers (memory, cpu, pids) whose limits this host cannot enforce.
+    pub unenforced_limits: Vec<String>,
 }
 
 type Shared = State<Arc<App>>;
@@ -178,6 +180,7 @@ async fn status(State(app): Shared, headers: HeaderMap) -> Result<Response, AppE
         "running_instances": app.router.registry.running_total(),
         "cgroup": app.cgroup_version,
         "cgroup_root": app.cgroup_root,
+        "unenforced_limits": app.unenforced_limits,
         "state_dir": app.config.state_dir,
         "draining": app.router.draining.is_cancelled(),
         "resident_memory_bytes": crate::metrics::resident_bytes(),

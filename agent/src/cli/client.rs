@@ -13,6 +13,9 @@ pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:8740";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/fnlet";
 pub const TOKEN_FILE: &str = "admin.token";
 pub const ENV_ENDPOINT: &str = "FNLET_ENDPOINT";
+/// Written by an agent running under systemd (RuntimeDirectory=fnlet, removed when it stops):
+/// the URL its API answers on, used when neither --endpoint nor FNLET_ENDPOINT is given.
+pub const RUNTIME_ENDPOINT_FILE: &str = "/run/fnlet/endpoint";
 pub const ENV_TOKEN: &str = "FNLET_TOKEN";
 pub const ENV_STATE_DIR: &str = "FNLET_STATE_DIR";
 
@@ -118,7 +121,13 @@ pub fn resolve_target(
     let endpoint = match (&flags.endpoint, env_set(ENV_ENDPOINT)) {
         (Some(url), _) => url.clone(),
         (None, Some(v)) => parse_endpoint(&v).map_err(|e| format!("{ENV_ENDPOINT}: {e}"))?,
-        (None, None) => parse_endpoint(DEFAULT_ENDPOINT)?,
+        // An agent under systemd says where it listens (its listen may not be the default).
+        (None, None) => match read_file(Path::new(RUNTIME_ENDPOINT_FILE)) {
+            Ok(s) if !s.trim().is_empty() => {
+                parse_endpoint(s.trim()).map_err(|e| format!("{RUNTIME_ENDPOINT_FILE}: {e}"))?
+            }
+            _ => parse_endpoint(DEFAULT_ENDPOINT)?,
+        },
     };
     let (token, token_source) = if let Some(t) = flags.token.as_ref().filter(|t| !t.is_empty()) {
         (Some(t.trim().to_string()), TokenSource::Flag)
@@ -283,6 +292,8 @@ pub struct StatusInfo {
     pub cgroup_root: Option<String>,
     pub state_dir: Option<String>,
     pub draining: Option<bool>,
+    /// Controllers whose limits the host cannot enforce (absent from older agents).
+    pub unenforced_limits: Option<Vec<String>>,
 }
 
 /// One line of a function's log.
@@ -709,6 +720,9 @@ mod tests {
     #[test]
     fn token_precedence() {
         let file = |p: &Path| -> std::io::Result<String> {
+            if p == Path::new(RUNTIME_ENDPOINT_FILE) {
+                return Err(std::io::ErrorKind::NotFound.into());
+            }
             assert!(p.ends_with("admin.token"));
             Ok(format!("file-token-from {}\n", p.display()))
         };
@@ -754,6 +768,22 @@ mod tests {
             t.token.as_deref(),
             Some("file-token-from /var/lib/fnlet/admin.token")
         );
+    }
+
+    #[test]
+    fn an_agent_under_systemd_tells_the_cli_where_it_listens() {
+        let runtime = |p: &Path| -> std::io::Result<String> {
+            match p.to_str() {
+                Some(RUNTIME_ENDPOINT_FILE) => Ok("http://127.0.0.1:9000\n".into()),
+                _ => Err(std::io::ErrorKind::NotFound.into()),
+            }
+        };
+        let t = resolve_target(&TargetFlags::default(), &env_of(&[]), &runtime).unwrap();
+        assert_eq!(t.endpoint.as_str(), "http://127.0.0.1:9000/");
+        // The variable still wins.
+        let env = env_of(&[("FNLET_ENDPOINT", "http://10.0.0.1:1")]);
+        let t = resolve_target(&TargetFlags::default(), &env, &runtime).unwrap();
+        assert_eq!(t.endpoint.as_str(), "http://10.0.0.1:1/");
     }
 
     #[test]

@@ -925,6 +925,14 @@ fn status_text(s: &StatusInfo, endpoint: &str) -> String {
         ("cgroup", s.cgroup.clone().unwrap_or_else(none)),
         ("cgroup root", cgroup_root),
         (
+            "limits",
+            match &s.unenforced_limits {
+                None => none(),
+                Some(u) if u.is_empty() => "enforced".into(),
+                Some(u) => format!("NOT enforced: no {} controller here", u.join(", ")),
+            },
+        ),
+        (
             "state dir",
             s.state_dir.clone().unwrap_or_else(|| "-".into()),
         ),
@@ -1379,6 +1387,7 @@ mod tests {
             cgroup_root: Some("fnlet".into()),
             state_dir: Some("/var/lib/fnlet".into()),
             draining: Some(false),
+            unenforced_limits: Some(vec!["memory".into(), "pids".into()]),
         };
         assert_eq!(
             status_text(&s, "http://127.0.0.1:8740"),
@@ -1389,6 +1398,7 @@ mod tests {
              running:      1\n\
              cgroup:       v2\n\
              cgroup root:  fnlet\n\
+             limits:       NOT enforced: no memory, pids controller here\n\
              state dir:    /var/lib/fnlet\n\
              draining:     no\n"
         );

@@ -52,6 +52,15 @@ Examples:
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Write man pages (fnlet.1, fnlet-<command>.1, ...) into a directory; packaging uses it.
+    #[command(
+        hide = true,
+        after_help = "Examples:\n  fnlet manpages target/man && man -l target/man/fnlet.1"
+    )]
+    Manpages {
+        /// Directory to write into (created if missing).
+        dir: std::path::PathBuf,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -62,18 +71,14 @@ pub fn main() -> ExitCode {
     } else {
         "warn"
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FNLET_LOG")
-                .unwrap_or_else(|_| default_level.into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // To the journal, with fields, when systemd connected stderr to it; else to stderr.
+    crate::systemd::init_logging(default_level);
     let result = match cli.command {
         Command::Agent(args) => crate::daemon::run(args),
         Command::Sandbox(cmd) => sandbox::run(cmd),
         Command::Functions(cmd) => Ok(functions::run(cmd)),
         Command::Completions { shell } => Ok(completions(shell)),
+        Command::Manpages { dir } => manpages(&dir),
     };
     match result {
         Ok(code) => code,
@@ -99,6 +104,18 @@ fn completions(shell: clap_complete::Shell) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Man pages from the clap definitions: one page for fnlet and one per (visible) subcommand.
+/// A hidden subcommand of the shipped binary rather than a build script or an xtask: the
+/// definitions live in this library, so the pages describe exactly the binary that is packaged,
+/// with no second build.
+fn manpages(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+    use anyhow::Context;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    clap_mangen::generate_to(Cli::command(), dir)
+        .with_context(|| format!("writing man pages into {}", dir.display()))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]
@@ -130,6 +147,22 @@ mod tests {
                 "{name}'s examples do not use it"
             );
         }
+    }
+
+    #[test]
+    fn man_pages_for_every_command() {
+        let dir = tempfile::tempdir().unwrap();
+        super::manpages(dir.path()).unwrap();
+        for page in [
+            "fnlet.1",
+            "fnlet-deploy.1",
+            "fnlet-agent.1",
+            "fnlet-sandbox-run.1",
+        ] {
+            let text = std::fs::read_to_string(dir.path().join(page)).unwrap();
+            assert!(text.starts_with(".ie") || text.contains(".TH"), "{page}");
+        }
+        assert!(!dir.path().join("fnlet-manpages.1").exists());
     }
 
     #[test]

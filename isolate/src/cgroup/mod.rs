@@ -5,6 +5,7 @@
 //! fd that clone3's CLONE_INTO_CGROUP needs, cannot kill a v1 group, and re-reads mountinfo for
 //! every group. What a sandbox needs is a dozen file writes, kept here.
 
+pub mod host;
 mod v1;
 mod v2;
 
@@ -70,6 +71,11 @@ pub trait CgroupBackend: Send + Sync + fmt::Debug {
     fn remove_root(&self) -> Result<()>;
     /// Where the root lives, for messages.
     fn root_display(&self) -> String;
+    /// Controllers the limits need that this hierarchy cannot give (skipped in best-effort
+    /// mode, an error at spawn otherwise).
+    fn missing_controllers(&self) -> Vec<&'static str> {
+        Vec::new()
+    }
 }
 
 /// One sandbox's group.
@@ -104,6 +110,44 @@ pub fn detect(mode: &CgroupMode, root: &str) -> Result<Box<dyn CgroupBackend>> {
     }
 }
 
+/// The backend [`place`] chose, and why.
+#[derive(Debug)]
+pub struct Placed {
+    pub backend: Box<dyn CgroupBackend>,
+    pub placement: host::Placement,
+}
+
+/// Like [`detect`], for an agent: `root` may be [`host::AUTO_ROOT`] (the systemd unit's
+/// delegated subtree, else `fnlet`), in which case this process moves itself into its leaf
+/// first; with `best_effort`, limits whose controller the hierarchy lacks are skipped (the
+/// caller reports [`CgroupBackend::missing_controllers`]) instead of failing every spawn.
+pub fn place(mode: &CgroupMode, root: &str, best_effort: bool) -> Result<Placed> {
+    if root != host::AUTO_ROOT {
+        validate_root(root)?;
+    }
+    let view = host::HostView::read()?;
+    let placement = host::plan(&view, mode, root)?;
+    validate_root(&placement.root)?;
+    if let Some(leaf) = &placement.move_self_to {
+        move_self(leaf)?;
+    }
+    let backend: Box<dyn CgroupBackend> = match (&placement.version, &placement.mount) {
+        (CgroupVersion::V2, Some(mount)) => {
+            let v2 = V2::new(mount.clone(), &placement.root)?;
+            Box::new(if best_effort { v2.best_effort() } else { v2 })
+        }
+        _ => Box::new(V1::from_mountinfo(&view.mounts, &placement.root)?),
+    };
+    Ok(Placed { backend, placement })
+}
+
+/// Moves this whole process (every thread) into the cgroup2 leaf `dir`, creating it: a v2
+/// cgroup that enables controllers for its children may hold no process itself.
+fn move_self(dir: &Path) -> Result<()> {
+    mkdir(dir)?;
+    write_file(dir, "cgroup.procs", &std::process::id().to_string())
+}
+
 fn validate_root(root: &str) -> Result<()> {
     let ok = !root.is_empty()
         && !root.starts_with('/')
@@ -135,9 +179,11 @@ pub struct CgroupMount {
     pub v2: bool,
     /// v1 controllers bound to this mount.
     pub controllers: Vec<String>,
+    /// Mounted read-only (as a container sees the host's v1 hierarchies).
+    pub read_only: bool,
 }
 
-fn read_mountinfo() -> Result<Vec<CgroupMount>> {
+pub(crate) fn read_mountinfo() -> Result<Vec<CgroupMount>> {
     let path = Path::new("/proc/self/mountinfo");
     let text = fs::read_to_string(path).map_err(|source| IsolateError::Read {
         path: path.into(),
@@ -157,6 +203,9 @@ pub fn parse_mountinfo(text: &str) -> Vec<CgroupMount> {
             let _source = right.next()?;
             let super_opts = right.next().unwrap_or("");
             let (root, mount_point) = (left.get(3)?, left.get(4)?);
+            let read_only = left
+                .get(5)
+                .is_some_and(|opts| opts.split(',').any(|o| o == "ro"));
             let v2 = match fstype {
                 "cgroup2" => true,
                 "cgroup" => false,
@@ -166,6 +215,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<CgroupMount> {
                 mount_point: PathBuf::from(unescape(mount_point)),
                 root: unescape(root),
                 v2,
+                read_only,
                 controllers: if v2 {
                     Vec::new()
                 } else {

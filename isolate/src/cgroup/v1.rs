@@ -11,7 +11,7 @@ use crate::error::{IsolateError, Result};
 use crate::spec::Limits;
 
 /// Controllers a sandbox uses; freezer makes the kill of a whole group race-free.
-const CONTROLLERS: [&str; 5] = ["memory", "cpu", "cpuacct", "pids", "freezer"];
+pub(crate) const CONTROLLERS: [&str; 5] = ["memory", "cpu", "cpuacct", "pids", "freezer"];
 
 const CFS_PERIOD_US: u64 = 100_000;
 

@@ -17,7 +17,12 @@ const CPU_PERIOD_US: u64 = 100_000;
 pub struct V2 {
     mount: PathBuf,
     root: PathBuf,
+    /// Skip limits whose controller is missing instead of failing the spawn.
+    best_effort: bool,
 }
+
+/// The controller each limit needs.
+const LIMIT_CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
 
 impl V2 {
     /// `mount` is a cgroup2 mount (or a fake tree in tests); `root` is created below it.
@@ -31,7 +36,48 @@ impl V2 {
         Ok(V2 {
             root: mount.join(root),
             mount,
+            best_effort: false,
         })
+    }
+
+    /// Limits whose controller this hierarchy cannot give are left out (see
+    /// [`CgroupBackend::missing_controllers`]) rather than failing every spawn: for a tree
+    /// delegated without controllers, as a container on a hybrid host gets.
+    pub fn best_effort(mut self) -> V2 {
+        self.best_effort = true;
+        self
+    }
+
+    /// What our root's parent can hand down: the `cgroup.controllers` of the nearest existing
+    /// directory above the root (the mount, or the delegated unit's cgroup).
+    fn offered(&self) -> Vec<String> {
+        let mut dir = self.root.parent();
+        while let Some(d) = dir {
+            if d.join("cgroup.controllers").exists() || !d.starts_with(&self.mount) {
+                return Self::available(d);
+            }
+            dir = d.parent();
+        }
+        Vec::new()
+    }
+
+    /// The limits left once the missing controllers' ones are dropped (best-effort only).
+    fn enforceable(&self, limits: &Limits) -> Limits {
+        let mut l = limits.clone();
+        if self.best_effort {
+            let missing = self.missing_controllers();
+            let gone = |c| missing.contains(&c);
+            if gone("memory") {
+                l.memory_bytes = None;
+            }
+            if gone("cpu") {
+                l.cpus = None;
+            }
+            if gone("pids") {
+                l.pids = None;
+            }
+        }
+        l
     }
 
     fn available(dir: &Path) -> Vec<String> {
@@ -91,6 +137,7 @@ impl CgroupBackend for V2 {
     }
 
     fn create(&self, leaf: &str, limits: &Limits) -> Result<Box<dyn SandboxCgroup>> {
+        let limits = &self.enforceable(limits);
         self.ensure_root(&wanted(limits))?;
         let dir = self.root.join(leaf);
         mkdir(&dir)?;
@@ -132,6 +179,14 @@ impl CgroupBackend for V2 {
 
     fn root_display(&self) -> String {
         self.root.display().to_string()
+    }
+
+    fn missing_controllers(&self) -> Vec<&'static str> {
+        let offered = self.offered();
+        LIMIT_CONTROLLERS
+            .into_iter()
+            .filter(|c| !offered.iter().any(|o| o == c))
+            .collect()
     }
 }
 
@@ -301,6 +356,39 @@ mod tests {
         assert_eq!(u.peak_memory_bytes, Some(8192));
         assert_eq!(u.cpu_time, Some(Duration::from_micros(250)));
         assert_eq!(u.oom_kills, 1);
+    }
+
+    #[test]
+    fn best_effort_leaves_out_the_limits_it_cannot_enforce() {
+        // A delegated unit that got no controllers: the root's parent offers nothing.
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("cgroup.controllers"), "pids\n").unwrap();
+        std::fs::create_dir_all(tmp.path().join("unit.service")).unwrap();
+        std::fs::write(tmp.path().join("unit.service/cgroup.controllers"), "pids\n").unwrap();
+        // No kernel propagates controllers in a fake tree: the root's file is written up front.
+        std::fs::create_dir_all(tmp.path().join("unit.service/instances")).unwrap();
+        std::fs::write(
+            tmp.path().join("unit.service/instances/cgroup.controllers"),
+            "pids\n",
+        )
+        .unwrap();
+        let strict = V2::new(tmp.path().into(), "unit.service/instances").unwrap();
+        assert_eq!(strict.missing_controllers(), vec!["memory", "cpu"]);
+        let limits = Limits {
+            memory_bytes: Some(64 << 20),
+            cpus: Some(1.0),
+            pids: Some(8),
+            nofile: 64,
+        };
+        let err = strict.create("f1", &limits).unwrap_err();
+        assert!(err.to_string().contains("memory"), "{err}");
+
+        let lenient = strict.clone().best_effort();
+        lenient.create("f2", &limits).unwrap();
+        let dir = tmp.path().join("unit.service/instances/f2");
+        assert!(!dir.join("memory.max").exists());
+        assert!(!dir.join("cpu.max").exists());
+        assert_eq!(std::fs::read_to_string(dir.join("pids.max")).unwrap(), "8");
     }
 
     #[test]
