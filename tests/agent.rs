@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::agent::{Agent, Fixture, Resp, sandbox_cgroups, zip_of};
+use common::agent::{Agent, Fixture, Resp, Settings, sandbox_cgroups, zip_of};
 use reqwest::Method;
 use reqwest::blocking::Body;
 use serde_json::{Value, json};
@@ -266,7 +266,14 @@ fn cli_deploy_invoke_ls_rollback_rm() {
 
 #[test]
 fn function_failures_have_their_status_and_kind() {
-    let agent = Agent::start("failures");
+    // No sandboxes built ahead: the test counts what is left after each failure.
+    let agent = Agent::start_with(
+        "failures",
+        Settings {
+            prepare_ahead: false,
+            ..Settings::default()
+        },
+    );
     let probe = std::fs::read(common::probe()).expect("read the probe");
     let hog = Fixture::new(
         "name = \"hog\"\nentrypoint = \"run.sh\"\nmemory_mb = 32\ntimeout_s = 10\npublic = true\n",
@@ -625,7 +632,14 @@ fn sigterm_lets_the_running_invocation_finish() {
 
 #[test]
 fn after_kill_9_a_restart_keeps_functions_and_reaps_the_sandbox() {
-    let mut agent = Agent::start("crash");
+    // No sandboxes built ahead: the test counts the sandboxes and processes left.
+    let mut agent = Agent::start_with(
+        "crash",
+        Settings {
+            prepare_ahead: false,
+            ..Settings::default()
+        },
+    );
     let quick = Fixture::sh("quick", "public = true\ntimeout_s = 2", "echo ok");
     let sleepy = Fixture::sh(
         "sleepy",
@@ -932,5 +946,64 @@ fn the_examples_deploy_and_answer() {
         .expect_ok(200)
         .json();
     assert_eq!(r["bytes"], text.len(), "{r}");
+    agent.finish();
+}
+
+/// Sandbox cgroups of `root` holding exactly one process, a waiting `fnlet-init`: the sandboxes
+/// built ahead of time.
+fn prepared_sandboxes(root: &str) -> Vec<PathBuf> {
+    sandbox_cgroups(root)
+        .into_iter()
+        .filter(|c| c.starts_with("/sys/fs/cgroup/pids"))
+        .filter(|c| {
+            let procs = std::fs::read_to_string(c.join("cgroup.procs")).unwrap_or_default();
+            common::agent::is_waiting_init(&procs.lines().collect::<Vec<_>>())
+        })
+        .collect()
+}
+
+#[test]
+fn a_sandbox_built_ahead_serves_the_next_invocation() {
+    let agent = Agent::start("prepared");
+    agent.deploy(
+        Fixture::sh(
+            "warm",
+            "public = true\ntimeout_s = 2",
+            "echo \"req=$FNLET_REQUEST_ID\"",
+        )
+        .path(),
+    );
+    // The deploy builds one sandbox ahead of time; wait for it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while prepared_sandboxes(&agent.root).len() != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "no sandbox built ahead: {:?}",
+            sandbox_cgroups(&agent.root)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = agent.invoke("warm", b"");
+    let id = r.header("x-fnlet-request-id").expect("request id");
+    // The request id reaches the function although its sandbox was built before the request.
+    assert_eq!(r.expect_ok(200).text(), format!("req={id}\n"));
+    let m = agent.get("/metrics").text();
+    assert!(
+        !m.lines()
+            .any(|l| l.starts_with("fnlet_cold_starts_total{function=\"warm\"}")),
+        "the first call after the deploy was a cold start:\n{m}"
+    );
+    // The next one is built again, and never more than one waits per function.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while prepared_sandboxes(&agent.root).len() != 1 {
+        assert!(Instant::now() < deadline, "the sandbox was not built again");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for _ in 0..5 {
+        agent.invoke("warm", b"").expect_ok(200);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(prepared_sandboxes(&agent.root).len() <= 1);
+    // finish() checks that stopping the agent removes the waiting sandbox too.
     agent.finish();
 }

@@ -69,6 +69,9 @@ pub struct SandboxConfig {
     /// whose cgroup tree has no controllers). Off: the agent starts, runs functions without the
     /// limits it cannot enforce, and says so (log, `systemctl status`, `fnlet status`).
     pub require_limits: bool,
+    /// Keep one sandbox per function built ahead of time, so an invocation only pays for the
+    /// function's own exec.
+    pub prepare_ahead: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -119,6 +122,7 @@ impl Default for SandboxConfig {
             pids: 256,
             user_namespace: false,
             require_limits: false,
+            prepare_ahead: true,
         }
     }
 }

@@ -143,7 +143,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .clear_staging()
         .context("clearing half-finished uploads")?;
     let registry = Arc::new(Registry::default());
+    let mut names = Vec::new();
     for (rec, v) in store.list().context("loading functions")? {
+        names.push(rec.name.clone());
         let bundle = store.bundle_path(&v.sha256);
         registry.activate(ActiveFunction::new(&rec, &v, bundle, &config));
     }
@@ -170,6 +172,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         max_response: (config.limits.max_response_mb << 20) as usize,
         draining: draining.clone(),
         kill: kill.clone(),
+        prepare_ahead: config.sandbox.prepare_ahead,
     };
     let isolator = router.isolator.clone();
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -185,6 +188,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         token,
         started,
     });
+    for name in &names {
+        app.router.prewarm(name);
+    }
     tracing::info!(
         listen = %config.listen,
         state_dir = %state.display(),

@@ -62,8 +62,20 @@ pub struct Prepared {
     /// With a user namespace: wait for one byte here (the parent writes the id maps and joins
     /// the cgroup for us first).
     pub go_fd: Option<RawFd>,
-    /// A prepared sandbox: report ready, then wait for one byte here before the function starts.
+    /// A prepared sandbox: report ready, then wait for the start message here before the
+    /// function starts.
     pub start_fd: Option<RawFd>,
+    /// Where the start message's value goes: an environment entry `NAME=` already in `envp`.
+    pub late_env: Option<LateEnv>,
+}
+
+/// A buffer the parent allocated for one environment entry whose value comes with the start
+/// message. In the child it is our own copy of the parent's memory, referenced by nothing else.
+pub struct LateEnv {
+    pub ptr: *mut u8,
+    /// Length of `NAME=`.
+    pub prefix: usize,
+    pub cap: usize,
 }
 
 fn fail(p: &Prepared, kind: u32, step: Step, index: u32, errno: Errno) -> ! {
@@ -95,6 +107,10 @@ pub fn run(p: &Prepared) -> ! {
     unsafe { libc::umask(0) };
     // Cosmetic (ps, pgrep): best effort.
     let _ = sys::set_name(c"fnlet-init");
+    // First of all, let go of every fd of the agent's we do not need. Other sandboxes' pipes,
+    // copied by our clone, would otherwise stay open here: their EOF would wait for us (for as
+    // long as a prepared sandbox waits to be started).
+    close_all_but(p);
     if let Some(fd) = p.go_fd {
         // No byte: the parent gave up on us (it reports its own error).
         if !read_one_byte(fd) {
@@ -168,8 +184,21 @@ pub fn run(p: &Prepared) -> ! {
         let mut rec = [0u8; RECORD_LEN];
         rec[0..4].copy_from_slice(&KIND_READY.to_ne_bytes());
         sys::write_record(p.report_fd, &rec);
-        if !read_one_byte(fd) {
+        // The start message: one length byte, then that many bytes of value.
+        let mut len = [0u8; 1];
+        if !read_exact(fd, &mut len) {
             sys::exit_now(1);
+        }
+        if let Some(slot) = &p.late_env {
+            let want = usize::from(len[0]).min(slot.cap - slot.prefix - 1);
+            // SAFETY: ptr..ptr+cap is the buffer the parent allocated for this entry; the range
+            // written stays inside it, and no Rust reference to it exists in this process.
+            let value =
+                unsafe { std::slice::from_raw_parts_mut(slot.ptr.add(slot.prefix), want + 1) };
+            if !read_exact(fd, &mut value[..want]) {
+                sys::exit_now(1);
+            }
+            value[want] = 0;
         }
         // SAFETY: fd is ours and no longer needed.
         unsafe { libc::close(fd) };
@@ -182,16 +211,58 @@ pub fn run(p: &Prepared) -> ! {
     }
 }
 
-/// Blocks until one byte arrives on `fd`; false on EOF or error (the parent is gone or gave up).
-fn read_one_byte(fd: RawFd) -> bool {
-    let mut b = [0u8; 1];
-    loop {
-        // SAFETY: reading one byte into a stack buffer from our own fd.
-        let n = unsafe { libc::read(fd, b.as_mut_ptr().cast(), 1) };
-        if n >= 0 || Errno::last() != Errno::EINTR {
-            return n == 1;
+/// Closes every fd above 2 except the ones `p` names. No allocation: a fixed, sorted array.
+fn close_all_but(p: &Prepared) {
+    let mut keep = [-1i32; 8];
+    let mut n = 0;
+    for fd in [
+        Some(p.report_fd),
+        Some(p.status_fd),
+        p.go_fd,
+        p.start_fd,
+        p.stdio[0],
+        p.stdio[1],
+        p.stdio[2],
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if fd > 2 && n < keep.len() {
+            keep[n] = fd;
+            n += 1;
         }
     }
+    let keep = &mut keep[..n];
+    keep.sort_unstable();
+    let mut next: u32 = 3;
+    for &fd in keep.iter() {
+        let fd = fd as u32;
+        if fd > next {
+            let _ = sys::close_range(next, fd - 1, 0);
+        }
+        next = next.max(fd + 1);
+    }
+    let _ = sys::close_range(next, u32::MAX, 0);
+}
+
+/// Blocks until one byte arrives on `fd`; false on EOF or error (the parent is gone or gave up).
+fn read_one_byte(fd: RawFd) -> bool {
+    read_exact(fd, &mut [0u8; 1])
+}
+
+/// Fills `buf` from `fd`; false on EOF or error.
+fn read_exact(fd: RawFd, buf: &mut [u8]) -> bool {
+    let mut got = 0;
+    while got < buf.len() {
+        // SAFETY: reading into the unfilled tail of a live buffer from our own fd.
+        let n = unsafe { libc::read(fd, buf[got..].as_mut_ptr().cast(), buf.len() - got) };
+        if n > 0 {
+            got += n as usize;
+        } else if n == 0 || Errno::last() != Errno::EINTR {
+            return false;
+        }
+    }
+    true
 }
 
 fn drop_privileges(p: &Prepared) {

@@ -303,6 +303,23 @@ impl Isolator {
         })
         .collect::<Result<_>>()?;
 
+        // A prepared sandbox's late variable: a buffer "NAME=" the child fills in at start.
+        let late_env: Option<(*mut [u8], usize)> = match (&spec.late_env, hold) {
+            (Some(name), true) => {
+                let mut buf = vec![0u8; LATE_ENV_CAP].into_boxed_slice();
+                let prefix = name.len() + 1;
+                buf[..name.len()].copy_from_slice(name.as_bytes());
+                buf[name.len()] = b'=';
+                Some((Box::into_raw(buf), prefix))
+            }
+            _ => None,
+        };
+        let envp: Vec<*const libc::c_char> = envp_owned
+            .iter()
+            .map(|c| c.as_ptr())
+            .chain(late_env.map(|(ptr, _)| ptr.cast::<libc::c_char>() as *const libc::c_char))
+            .chain(std::iter::once(std::ptr::null()))
+            .collect();
         let ptrs = |v: &[CString]| {
             v.iter()
                 .map(|c| c.as_ptr())
@@ -343,7 +360,7 @@ impl Isolator {
             ],
             cwd: cs(&spec.cwd)?,
             argv: ptrs(&argv_owned),
-            envp: ptrs(&envp_owned),
+            envp,
             exec_paths,
             report_fd: report_w.as_raw_fd(),
             status_fd: status_w.as_raw_fd(),
@@ -351,6 +368,11 @@ impl Isolator {
             signals,
             go_fd: go_r.as_ref().map(|f| f.as_raw_fd()),
             start_fd: start_r.as_ref().map(|f| f.as_raw_fd()),
+            late_env: late_env.as_ref().map(|(ptr, prefix)| child::LateEnv {
+                ptr: ptr.cast::<u8>(),
+                prefix: *prefix,
+                cap: LATE_ENV_CAP,
+            }),
         };
 
         let userns_flag = if userns {
@@ -376,6 +398,11 @@ impl Isolator {
             Some(fd) => fd,
             None => sys::pidfd_open(pid).map_err(|e| IsolateError::sys("pidfd_open", e))?,
         };
+        if let Some((ptr, _)) = late_env {
+            // SAFETY: ptr came from Box::into_raw above and is freed once; the child has its own
+            // copy of the memory.
+            drop(unsafe { Box::from_raw(ptr) });
+        }
         // Our copies of the child's ends must close, or the pipes never report EOF.
         drop((
             report_w,
@@ -547,8 +574,19 @@ impl PreparedSandbox {
         self.sandbox.as_ref().map_or(0, |s| s.pid())
     }
 
-    /// Execs the function; returns once it runs, or with the step that failed.
-    pub fn start(mut self) -> Result<Sandbox> {
+    /// Execs the function, with the spec's `late_env` variable set to `late_value` (when the
+    /// spec names one); returns once it runs, or with the step that failed.
+    pub fn start(mut self, late_value: Option<&str>) -> Result<Sandbox> {
+        let value = late_value.unwrap_or("");
+        if value.len() > 200 || value.contains('\0') {
+            return Err(IsolateError::InvalidSpec {
+                field: "late_env",
+                reason: "the value must be at most 200 bytes without NUL".into(),
+            });
+        }
+        let mut msg = Vec::with_capacity(value.len() + 1);
+        msg.push(value.len() as u8);
+        msg.extend_from_slice(value.as_bytes());
         let mut sandbox = self
             .sandbox
             .take()
@@ -559,7 +597,7 @@ impl PreparedSandbox {
             .start_w
             .take()
             .ok_or(IsolateError::Protocol("prepared sandbox already started"))?;
-        if let Err(e) = nix::unistd::write(&go, b"s") {
+        if let Err(e) = write_all(&go, &msg) {
             let _ = sandbox.kill();
             return Err(IsolateError::sys("start prepared sandbox", e));
         }
@@ -659,6 +697,9 @@ fn stdio_pair(mode: Stdio, is_input: bool) -> Result<(Option<OwnedFd>, Option<Ow
     }
 }
 
+/// Room for a prepared sandbox's late variable, `NAME=value` and its NUL.
+const LATE_ENV_CAP: usize = 256;
+
 /// How long a sandbox child may take from clone to exec.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -678,6 +719,17 @@ fn wait_readable(fd: &OwnedFd, timeout: Duration) -> std::result::Result<bool, E
             Err(e) => return Err(e),
         }
     }
+}
+
+fn write_all(fd: &OwnedFd, mut buf: &[u8]) -> std::result::Result<(), Errno> {
+    while !buf.is_empty() {
+        match nix::unistd::write(fd, buf) {
+            Ok(n) => buf = &buf[n..],
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> std::result::Result<usize, Errno> {

@@ -43,6 +43,9 @@ pub struct SandboxSpec {
     /// nothing else is mapped, so even a kernel bug that hands the function "root" gives it root
     /// of an empty namespace only. Needs a host that allows user namespaces.
     pub user_namespace: bool,
+    /// A variable whose value is only known when a prepared sandbox starts (a request id, say):
+    /// [`crate::PreparedSandbox::start`] sets it. Ignored by a plain spawn (put it in `env`).
+    pub late_env: Option<String>,
 }
 
 /// A read-only bind mount of a host path.
@@ -175,6 +178,7 @@ impl Default for SandboxSpec {
             stdio: StdioSpec::default(),
             die_with_parent: false,
             user_namespace: false,
+            late_env: None,
         }
     }
 }
@@ -211,6 +215,13 @@ impl SandboxSpec {
             if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
                 return bad("env", format!("{k:?} is not a valid variable"));
             }
+        }
+        if let Some(name) = &self.late_env
+            && (name.is_empty()
+                || name.len() > 48
+                || !name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_'))
+        {
+            return bad("late_env", format!("{name:?} is not a valid variable name"));
         }
         for s in self.args.iter().chain([&self.program, &self.cwd]) {
             if s.contains('\0') {

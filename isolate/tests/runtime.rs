@@ -189,7 +189,7 @@ fn prepared_sandboxes_start_on_demand_and_clean_up_unused() {
     // The init waits: it is alive, and the function has not run.
     let init = prepared.pid();
     assert!(std::path::Path::new(&format!("/proc/{init}")).exists());
-    let mut sb = prepared.start().unwrap();
+    let mut sb = prepared.start(None).unwrap();
     assert_eq!(sb.wait_blocking().unwrap().status, ExitStatus::Exited(7));
 
     let unused = iso.prepare(&spec).unwrap();
@@ -205,7 +205,7 @@ fn prepared_sandboxes_start_on_demand_and_clean_up_unused() {
         program: "/var/task/missing".into(),
         ..spec
     };
-    let err = iso.prepare(&bad).unwrap().start().unwrap_err();
+    let err = iso.prepare(&bad).unwrap().start(None).unwrap_err();
     assert!(
         err.to_string().contains("exec /var/task/missing: ENOENT"),
         "{err}"
@@ -221,4 +221,40 @@ fn prepared_sandboxes_start_on_demand_and_clean_up_unused() {
             h.path().display()
         );
     }
+}
+
+#[test]
+fn a_prepared_sandbox_gets_its_late_variable_at_start() {
+    require_root();
+    let root = format!("fnlet-test-{}-late", std::process::id());
+    let iso = Isolator::new(IsolatorConfig {
+        cgroup_root: root,
+        ..Default::default()
+    })
+    .unwrap();
+    let spec = SandboxSpec {
+        name: "late".into(),
+        program: "/bin/sh".into(),
+        args: vec!["-c".into(), "printf %s \"$REQ\"".into()],
+        late_env: Some("REQ".into()),
+        stdio: isolate::StdioSpec {
+            stdout: isolate::Stdio::Piped,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    for value in ["4b2f-request-1", ""] {
+        let mut sb = iso.prepare(&spec).unwrap().start(Some(value)).unwrap();
+        let out = std::fs::File::from(sb.take_stdout().unwrap());
+        let text = std::io::read_to_string(out).unwrap();
+        assert_eq!(sb.wait_blocking().unwrap().status, ExitStatus::Exited(0));
+        assert_eq!(text, value);
+    }
+    assert!(
+        iso.prepare(&spec)
+            .unwrap()
+            .start(Some(&"x".repeat(300)))
+            .is_err()
+    );
+    iso.remove_root().unwrap();
 }

@@ -21,6 +21,9 @@ pub struct Settings {
     /// `[limits] queue_timeout_ms`: short, so concurrency tests see 429 quickly.
     pub queue_timeout_ms: u64,
     pub shutdown_grace_s: f64,
+    /// `[sandbox] prepare_ahead`: off where a test counts sandboxes, since a prepared one waits
+    /// per function.
+    pub prepare_ahead: bool,
 }
 
 impl Default for Settings {
@@ -28,6 +31,7 @@ impl Default for Settings {
         Settings {
             queue_timeout_ms: 200,
             shutdown_grace_s: 10.0,
+            prepare_ahead: true,
         }
     }
 }
@@ -157,11 +161,12 @@ impl Agent {
         // The file is named after the cgroup root, so the agent's command line (and that of
         // any process it forked) mentions the root: processes_matching(root) finds them.
         let config = format!(
-            "shutdown_grace_s = {}\n\n[limits]\nqueue_timeout_ms = {}\n\n[sandbox]\ncgroup_root = \"{root}\"\nuid_base = {}\nuid_count = {}\n",
+            "shutdown_grace_s = {}\n\n[limits]\nqueue_timeout_ms = {}\n\n[sandbox]\ncgroup_root = \"{root}\"\nuid_base = {}\nuid_count = {}\nprepare_ahead = {}\n",
             settings.shutdown_grace_s,
             settings.queue_timeout_ms,
             uids.start,
             uids.end - uids.start,
+            settings.prepare_ahead,
         );
         std::fs::write(dir.path().join(format!("{root}.toml")), config).expect("write config");
         let http = Client::builder()
@@ -499,11 +504,15 @@ impl Agent {
     }
 
     /// The sandbox cgroups (leaves under the root) that hold processes now.
+    /// Sandboxes running a function: processes in the cgroup, other than a lone waiting
+    /// `fnlet-init` (a sandbox built ahead of time).
     pub fn running_sandboxes(&self) -> Vec<PathBuf> {
         sandbox_cgroups(&self.root)
             .into_iter()
             .filter(|p| {
-                std::fs::read_to_string(p.join("cgroup.procs")).is_ok_and(|s| !s.trim().is_empty())
+                let procs = std::fs::read_to_string(p.join("cgroup.procs")).unwrap_or_default();
+                let pids: Vec<&str> = procs.lines().collect();
+                !pids.is_empty() && !is_waiting_init(&pids)
             })
             .collect()
     }
@@ -680,4 +689,11 @@ pub fn zip_of(entries: &[(&str, &[u8], u32)]) -> Vec<u8> {
         w.write_all(contents).expect("zip write");
     }
     w.finish().expect("finish the zip").into_inner()
+}
+
+/// One process, named fnlet-init: a sandbox built ahead of time, waiting for its start.
+pub fn is_waiting_init(pids: &[&str]) -> bool {
+    pids.len() == 1
+        && std::fs::read_to_string(format!("/proc/{}/comm", pids[0]))
+            .is_ok_and(|comm| comm.trim() == "fnlet-init")
 }

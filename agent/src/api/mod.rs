@@ -281,6 +281,7 @@ fn activate(app: &App, name: &str) -> Result<(), AppError> {
     app.router
         .registry
         .activate(ActiveFunction::new(&rec, &v, bundle, &app.config));
+    app.router.prewarm(name);
     Ok(())
 }
 

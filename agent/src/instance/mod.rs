@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use isolate::{ExitStatus, Isolator, SandboxSpec, StdioSpec};
+use isolate::{ExitStatus, Isolator, PreparedSandbox, SandboxSpec, StdioSpec};
+
+use crate::pool::REQUEST_ID_ENV;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
@@ -82,17 +84,24 @@ pub async fn run_exec(
     logs: &Arc<Logs>,
     call: ExecCall<'_>,
     body: Bytes,
+    ready: Option<PreparedSandbox>,
     cancel: &CancellationToken,
 ) -> Result<Bytes, InvokeError> {
-    let mut spec = call.spec.clone();
-    spec.stdio = StdioSpec::piped();
-    spec.env
-        .insert("FNLET_REQUEST_ID".into(), call.request_id.into());
     // The timeout covers the sandbox's setup too. A setup that overruns it finishes (or fails)
     // on its blocking thread, and the sandbox is dropped, hence killed, there.
     let deadline = tokio::time::Instant::now() + call.timeout;
-    let iso = isolator.clone();
-    let spawn = tokio::task::spawn_blocking(move || iso.spawn(&spec));
+    let request_id = call.request_id.to_string();
+    let spawn = match ready {
+        // Built ahead of time: only the exec is left.
+        Some(prepared) => tokio::task::spawn_blocking(move || prepared.start(Some(&request_id))),
+        None => {
+            let mut spec = call.spec.clone();
+            spec.stdio = StdioSpec::piped();
+            spec.env.insert(REQUEST_ID_ENV.into(), request_id);
+            let iso = isolator.clone();
+            tokio::task::spawn_blocking(move || iso.spawn(&spec))
+        }
+    };
     let mut sandbox = tokio::time::timeout_at(deadline, spawn)
         .await
         .map_err(|_| InvokeError::Timeout(call.timeout))?

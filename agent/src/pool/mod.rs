@@ -5,17 +5,21 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use isolate::{Limits, SandboxSpec};
+use isolate::{Isolator, Limits, PreparedSandbox, SandboxSpec, StdioSpec};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Config;
 use crate::instance::InvokeError;
 use crate::manifest::{Entrypoint, Manifest, Resolved};
 use crate::store::{FunctionRecord, VersionRecord};
+
+/// The variable that tells an instance its request id.
+pub const REQUEST_ID_ENV: &str = "FNLET_REQUEST_ID";
 
 /// The version of a function that new invocations run.
 #[derive(Debug)]
@@ -59,6 +63,9 @@ impl ActiveFunction {
             uid: rec.uid,
             gid: rec.uid,
             user_namespace: config.sandbox.user_namespace,
+            stdio: StdioSpec::piped(),
+            // Set when the instance starts: a prepared sandbox is built before the request.
+            late_env: Some(REQUEST_ID_ENV.into()),
             ..Default::default()
         };
         spec.env.extend(v.manifest.env.clone());
@@ -86,6 +93,9 @@ pub struct FunctionSlot {
     limit: AtomicU64,
     pub running: AtomicU64,
     waiting: AtomicU64,
+    /// A sandbox built ahead of time for the active version: (version, sandbox).
+    ready: Mutex<Option<(u64, PreparedSandbox)>>,
+    refilling: AtomicBool,
 }
 
 /// A running invocation's hold on its slot; released on drop.
@@ -110,6 +120,8 @@ impl FunctionSlot {
             limit: AtomicU64::new(limit.into()),
             running: AtomicU64::new(0),
             waiting: AtomicU64::new(0),
+            ready: Mutex::new(None),
+            refilling: AtomicBool::new(false),
         }
     }
 
@@ -128,6 +140,52 @@ impl FunctionSlot {
                 Arc::new(Semaphore::new(limit as usize));
         }
         *self.active.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(f);
+    }
+
+    /// The sandbox built ahead of time for `version`, if one is ready.
+    pub fn take_ready(&self, version: u64) -> Option<PreparedSandbox> {
+        let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
+        match ready.take() {
+            Some((v, sb)) if v == version => Some(sb),
+            // Built for a version no longer active: dropping it kills it.
+            _ => None,
+        }
+    }
+
+    /// Builds the next sandbox ahead of time, in the background, unless one is ready or being
+    /// built.
+    pub fn refill(self: &Arc<Self>, isolator: &Arc<Isolator>) {
+        let f = self.active();
+        {
+            let ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
+            if ready.as_ref().is_some_and(|(v, _)| *v == f.version) {
+                return;
+            }
+        }
+        if self.refilling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let slot = self.clone();
+        let iso = isolator.clone();
+        tokio::task::spawn_blocking(move || {
+            let res = iso.prepare(&f.spec);
+            slot.refilling.store(false, Ordering::Release);
+            match res {
+                Ok(sb) => {
+                    if slot.active().version == f.version {
+                        let old = slot
+                            .ready
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .replace((f.version, sb));
+                        drop(old);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(function = %f.name, version = f.version, "building a sandbox ahead of time failed: {e}")
+                }
+            }
+        });
     }
 
     /// Takes a slot, queueing up to `wait`; a queue longer than ten times the limit refuses at once.

@@ -25,6 +25,8 @@ pub struct Router {
     pub draining: CancellationToken,
     /// Cancelled when the shutdown grace is over: running instances are killed.
     pub kill: CancellationToken,
+    /// Keep a sandbox per function built ahead of time.
+    pub prepare_ahead: bool,
 }
 
 /// A successful invocation.
@@ -40,6 +42,13 @@ pub struct Failure {
 }
 
 impl Router {
+    /// Builds the next sandbox of `name` ahead of time (after a deploy, a rollback, a start).
+    pub fn prewarm(&self, name: &str) {
+        if let (true, Some(slot)) = (self.prepare_ahead, self.registry.get(name)) {
+            slot.refill(&self.isolator);
+        }
+    }
+
     /// The version an invocation of `name` would run now (for authorisation and headers).
     pub fn lookup(&self, name: &str) -> Option<Arc<ActiveFunction>> {
         self.registry.get(name).map(|s| s.active())
@@ -73,8 +82,19 @@ impl Router {
         self.metrics.running.get_or_create(&labels).inc();
         let result = match f.manifest.mode {
             Mode::Exec => {
-                // Exec mode starts a new instance for every call: each is a cold start.
-                self.metrics.cold_starts.get_or_create(&labels).inc();
+                // Exec mode starts a new instance for every call. With a sandbox built ahead of
+                // time only the exec is left; without one it is a full cold start.
+                let ready = if self.prepare_ahead {
+                    slot.take_ready(f.version)
+                } else {
+                    None
+                };
+                if ready.is_none() {
+                    self.metrics.cold_starts.get_or_create(&labels).inc();
+                }
+                if self.prepare_ahead {
+                    slot.refill(&self.isolator);
+                }
                 let call = ExecCall {
                     spec: &f.spec,
                     function: &f.name,
@@ -84,7 +104,7 @@ impl Router {
                     max_response: self.max_response,
                     memory_mb: f.resolved.memory_mb,
                 };
-                instance::run_exec(&self.isolator, &self.logs, call, body, &self.kill).await
+                instance::run_exec(&self.isolator, &self.logs, call, body, ready, &self.kill).await
             }
             Mode::Lambda => Err(InvokeError::Internal(
                 "lambda mode is not supported by this agent".into(),
