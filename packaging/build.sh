@@ -9,9 +9,12 @@
 # Steps: the release binary (stripped), man pages and shell completions generated from the
 # binary's own clap definitions (`fnlet manpages`, `fnlet completions`) into
 # target/release/packaging/, a check that the binary needs nothing the rpm's requirements do not
-# list, then `cargo deb` and `cargo generate-rpm`. Installs what it lacks: Debian's binutils and
-# dpkg-dev, and cargo-deb / cargo-generate-rpm (`cargo install --locked`, a few minutes once per
-# machine).
+# list, then `cargo deb` and `cargo generate-rpm`. Installs what it lacks: Debian's binutils,
+# dpkg-dev and rpm, and cargo-deb (`cargo install --locked`, a minute or two once per machine).
+#
+# The .rpm: with cargo-generate-rpm when it is installed; otherwise (installing it compiles for
+# about five minutes) rpmbuild builds the same package from the same metadata
+# (packaging/rpm/spec.py writes the spec). FNLET_RPM_BUILDER=cargo|rpmbuild forces one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,15 +36,23 @@ t0=$(date +%s.%N)
 step() { printf '==> %s\n' "$*" >&2; }
 took() { printf '    %.1f s\n' "$(echo "$(date +%s.%N) - $1" | bc)" >&2; }
 
+rpm_builder=${FNLET_RPM_BUILDER:-auto}
+if [ "$rpm_builder" = auto ]; then
+  command -v cargo-generate-rpm >/dev/null 2>&1 && rpm_builder=cargo || rpm_builder=rpmbuild
+fi
+case "$rpm_builder" in cargo|rpmbuild) ;; *) echo "build.sh: FNLET_RPM_BUILDER is cargo or rpmbuild" >&2; exit 2 ;; esac
+
 need=()
-for pkg in binutils dpkg-dev bc; do
+for pkg in binutils dpkg-dev bc rpm python3; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
   step "apt-get install ${need[*]}"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
 fi
-for tool in cargo-deb cargo-generate-rpm; do
+tools=(cargo-deb)
+[ "$rpm_builder" = cargo ] && tools+=(cargo-generate-rpm)
+for tool in "${tools[@]}"; do
   if ! command -v "$tool" >/dev/null 2>&1; then
     step "cargo install --locked $tool (once per machine)"
     t=$(date +%s.%N)
@@ -92,12 +103,24 @@ step "cargo deb (revision $release)"
 t=$(date +%s.%N)
 cargo deb -p fnlet --no-build --deb-revision "$release" -o "$out/" >/dev/null
 took "$t"
-step "cargo generate-rpm (release $release)"
-t=$(date +%s.%N)
-cargo generate-rpm -p agent -s "release = \"$release\"" -o "$out/" >/dev/null
-took "$t"
-
 version=$(target/release/fnlet --version | awk '{print $2}')
+t=$(date +%s.%N)
+if [ "$rpm_builder" = cargo ]; then
+  step "cargo generate-rpm (release $release)"
+  cargo generate-rpm -p agent -s "release = \"$release\"" -o "$out/" >/dev/null
+else
+  step "rpmbuild (release $release), spec from agent/Cargo.toml's generate-rpm metadata"
+  top=target/packages/rpmbuild
+  rm -rf "$top"
+  mkdir -p "$top/SPECS"
+  python3 packaging/rpm/spec.py agent/Cargo.toml "$CARGO_TARGET_DIR" "$release" >"$top/SPECS/fnlet.spec"
+  rpmbuild -bb --quiet --nodeps --target x86_64 \
+    --define "_topdir $PWD/$top" --define "_rpmdir $PWD/$out" \
+    --define "_build_name_fmt %%{NAME}-%%{VERSION}-%%{RELEASE}.%%{ARCH}.rpm" \
+    "$top/SPECS/fnlet.spec" 2>&1 | grep -v -e 'should not be used directly' -e 'know what you are doing' >&2 || true
+  rm -rf "$top"
+fi
+took "$t"
 deb="$out/fnlet_${version}-${release}_amd64.deb"
 rpm="$out/fnlet-${version}-${release}.x86_64.rpm"
 for f in "$deb" "$rpm"; do
