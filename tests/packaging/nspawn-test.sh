@@ -102,6 +102,8 @@ poweroff() {
 
 cleanup() {
   local status=$?
+  # A root still being debootstrapped (the build failed first): let it finish, then drop it.
+  if [ -n "${rootfs_job:-}" ]; then wait "$rootfs_job" 2>/dev/null || true; fi
   poweroff || status=1
   rm -rf "$work"
   exit "$status"
@@ -415,6 +417,35 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
 fi
 
+# The container root first, in the background (mostly downloading and unpacking) while the
+# packages build.
+say "container root: Debian bookworm (minbase + $include)"
+rootfs_job=
+if [ ! -f "$rootfs_tar" ]; then
+  note "not cached: debootstrap into $rootfs_tar while the packages build"
+  mkdir -p "$cache"
+  build_root() {
+    local r="$work/build-root" t
+    t=$(now)
+    debootstrap --variant=minbase --include="$include" bookworm "$r" >"$work/debootstrap.log" 2>&1 ||
+      { tail -20 "$work/debootstrap.log"; return 1; }
+    echo fnlet-ci >"$r/etc/hostname"
+    rm -f "$r/etc/machine-id"
+    chroot "$r" systemd-machine-id-setup >/dev/null
+    rm -rf "$r/var/cache/apt/archives/"*.deb "$r/var/lib/apt/lists/"*
+    tar -C "$r" --zstd -cf "$rootfs_tar.tmp.$$" .
+    mv "$rootfs_tar.tmp.$$" "$rootfs_tar"
+    rm -rf "$r"
+    # Older recipes' tarballs are of no use any more.
+    find "$cache" -maxdepth 1 -name 'rootfs-*.tar.zst' ! -path "$rootfs_tar" -delete
+    secs "$t" >"$work/rootfs.secs"
+  }
+  build_root >"$work/build-root.out" 2>&1 &
+  rootfs_job=$!
+else
+  note "cached: $rootfs_tar"
+fi
+
 say "packages: revision 1, then revision 2 (the upgrade)"
 mkdir -p "$work/share/pkgs" "$work/share/examples"
 timed "packaging/build.sh --release 1" packaging/build.sh --release 1
@@ -429,27 +460,16 @@ cp -r examples/hello-sh examples/hello-py "$work/share/examples/"
 chmod -R a+rX "$work/share"
 chmod 0755 "$work/share/examples/hello-sh/hello.sh"
 
-say "container root: Debian bookworm (minbase + $include)"
-if [ ! -f "$rootfs_tar" ]; then
-  note "not cached: debootstrap into $rootfs_tar"
-  mkdir -p "$cache"
-  build_root() {
-    local r="$work/build-root"
-    debootstrap --variant=minbase --include="$include" bookworm "$r" >"$work/debootstrap.log" 2>&1 ||
-      { tail -20 "$work/debootstrap.log" >&2; return 1; }
-    echo fnlet-ci >"$r/etc/hostname"
-    rm -f "$r/etc/machine-id"
-    chroot "$r" systemd-machine-id-setup >/dev/null
-    rm -rf "$r/var/cache/apt/archives/"*.deb "$r/var/lib/apt/lists/"*
-    tar -C "$r" --zstd -cf "$rootfs_tar.tmp" .
-    mv "$rootfs_tar.tmp" "$rootfs_tar"
-    rm -rf "$r"
-    # Older recipes' tarballs are of no use any more.
-    find "$cache" -maxdepth 1 -name 'rootfs-*.tar.zst' ! -path "$rootfs_tar" -delete
-  }
-  timed "debootstrap + cache the root" build_root
-else
-  note "cached: $rootfs_tar"
+if [ -n "$rootfs_job" ]; then
+  t=$(now)
+  if ! wait "$rootfs_job"; then
+    rootfs_job=
+    cat "$work/build-root.out" >&2
+    fail "building the container root failed"
+  fi
+  rootfs_job=
+  timings+=("$(printf '%-44s %6s s' "debootstrap + cache (beside the build)" "$(cat "$work/rootfs.secs")")")
+  timings+=("$(printf '%-44s %6s s' "  of which waited for after the build" "$(secs "$t")")")
 fi
 mkdir "$work/root"
 timed "unpack the root" tar -C "$work/root" --zstd -xf "$rootfs_tar"
