@@ -19,7 +19,6 @@
 # dir) is removed on exit, also on failure.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-repo=$PWD
 
 if [ "$(id -u)" != 0 ]; then
   echo "nspawn-test: needs root (it boots a container): sudo $0" >&2
@@ -61,7 +60,7 @@ leader=
 
 # Removes a cgroup directory tree that is ours, deepest first, once no process is left in it.
 remove_cgroup_tree() {
-  local top=$1 d
+  local top=$1
   [ -d "$top" ] || return 0
   for _ in $(seq 50); do
     if ! find "$top" -name cgroup.procs -exec cat {} + 2>/dev/null | grep -q .; then
@@ -89,7 +88,7 @@ poweroff() {
     kill -KILL "$nspawn_pid" 2>/dev/null || true
   fi
   wait "$nspawn_pid" 2>/dev/null || true
-  nspawn_pid= leader=
+  nspawn_pid='' leader=''
   # nspawn leaves its payload/supervisor cgroups behind (no host systemd to clean them up), and
   # its propagation dirs (this host's /run is not a tmpfs).
   remove_cgroup_tree "$cg_unified"
