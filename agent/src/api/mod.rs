@@ -255,6 +255,7 @@ async fn describe(
         "created_at": rec.created_at,
         "updated_at": rec.updated_at,
         "running": running,
+        "prepared": app.router.registry.get(&name).is_some_and(|s| s.has_ready()),
         "versions": versions.iter().map(|v| version_json(v, rec.active)).collect::<Vec<_>>(),
     }))
     .into_response())

@@ -136,9 +136,11 @@ fn run_one(args: RunArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("starting tokio")?;
     let outcome = rt.block_on(async {
-        let mut sandbox = isolator.spawn(&spec)?;
+        // Handlers first: a SIGTERM that arrives while the sandbox starts must be forwarded,
+        // not kill us before we can remove its cgroup.
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        let mut sandbox = isolator.spawn(&spec)?;
         loop {
             tokio::select! {
                 out = sandbox.wait() => break anyhow::Ok(out?),

@@ -142,6 +142,16 @@ impl FunctionSlot {
         *self.active.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(f);
     }
 
+    /// Whether a sandbox built ahead of time waits for the active version.
+    pub fn has_ready(&self) -> bool {
+        let version = self.active().version;
+        self.ready
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|(v, _)| *v == version)
+    }
+
     /// The sandbox built ahead of time for `version`, if one is ready.
     pub fn take_ready(&self, version: u64) -> Option<PreparedSandbox> {
         let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
