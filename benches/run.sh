@@ -1,20 +1,44 @@
 #!/usr/bin/env bash
-# The spawn benchmark in one command, as root: installs the peers (bubblewrap, runc, and crun,
-# which is tried and reported when the host refuses it) and the C toolchain for the static
-# fixture, builds fnlet, then runs `cargo bench -p fnlet-benches --bench spawn`.
-# FNLET_BENCH_RUNS (default 200) and FNLET_BENCH_WARMUP (default 10) pass through.
+# fnlet's benchmarks in one command, as root: `benches/run.sh [spawn|agent|all]` (default all).
+#
+# spawn: spawn-to-exit of a sandboxed static binary against fork+exec, bwrap and runc. Installs
+#   the peers (bubblewrap, runc, and crun, which is tried and reported when the host refuses it)
+#   and the C toolchain for the static fixture; builds fnlet; runs
+#   `cargo bench -p fnlet-benches --bench spawn`.
+# agent: exec-mode invocation of examples/wordcount-rust over HTTP on a real `fnlet agent`,
+#   beside `fnlet sandbox run`, the isolate library and fork+exec; throughput with concurrent
+#   clients; the agent's RSS. Builds fnlet and the example (scripts/build-examples.sh); runs
+#   `cargo bench -p fnlet-benches --bench agent`.
+#
+# FNLET_BENCH_RUNS and FNLET_BENCH_WARMUP pass through to both (see each bench's header for its
+# other variables); arguments after the first go to the bench binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+which=${1:-all}
+[ $# -gt 0 ] && shift
+case "$which" in
+  spawn | agent | all) ;;
+  *)
+    echo "usage: $0 [spawn|agent|all]" >&2
+    exit 2
+    ;;
+esac
 if [ "$(id -u)" != 0 ]; then
-  echo "the spawn benchmark creates namespaces and cgroups: run it as root (sudo $0)" >&2
+  echo "the benchmarks create namespaces and cgroups: run them as root (sudo $0 $which)" >&2
   exit 1
 fi
 need=()
-for pkg in bubblewrap runc gcc libc6-dev libseccomp-dev pkg-config; do
+pkgs=(libseccomp-dev pkg-config)
+if [ "$which" != agent ]; then
+  pkgs+=(bubblewrap runc gcc libc6-dev)
+fi
+for pkg in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 optional=()
-dpkg-query -W -f='${Status}' crun 2>/dev/null | grep -q "install ok installed" || optional+=(crun)
+if [ "$which" != agent ]; then
+  dpkg-query -W -f='${Status}' crun 2>/dev/null | grep -q "install ok installed" || optional+=(crun)
+fi
 if [ $((${#need[@]} + ${#optional[@]})) -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
@@ -27,4 +51,16 @@ if [ $((${#need[@]} + ${#optional[@]})) -gt 0 ]; then
   fi
 fi
 cargo build --release -p fnlet
-exec cargo bench -p fnlet-benches --bench spawn "$@"
+if [ "$which" != spawn ]; then
+  # The agent bench deploys the example: build it (the bench copies the fresh binary into a
+  # temporary bundle beside the example's fnlet.toml).
+  scripts/build-examples.sh
+fi
+status=0
+if [ "$which" != agent ]; then
+  cargo bench -p fnlet-benches --bench spawn -- "$@" || status=$?
+fi
+if [ "$which" != spawn ]; then
+  cargo bench -p fnlet-benches --bench agent -- "$@" || status=$?
+fi
+exit $status

@@ -9,18 +9,25 @@
 
 #![forbid(unsafe_code)]
 
+mod common;
+
 use std::ffi::OsString;
 use std::fs;
 use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use isolate::cgroup::{CgroupBackend, CgroupMode};
 use isolate::steps::{self, Namespaces, Timing};
 use isolate::{Isolator, IsolatorConfig, Limits, SandboxSpec, TASK_ROOT};
+
+use common::{
+    Contender, Stats, env_count, fnlet_binary, load_average, ms, ratio, remove_cgroup_dirs,
+    run_quiet, us, which,
+};
 
 /// Where the binary sits inside the bundle, and so at /var/task/true in every sandbox.
 const BINARY: &str = "true";
@@ -181,14 +188,7 @@ fn main() {
     }
 
     // One trial run each: a peer that cannot run here is reported and left out.
-    let mut failed: Vec<(String, String)> = Vec::new();
-    contenders.retain_mut(|c| match (c.run)(usize::MAX - 1) {
-        Ok(()) => true,
-        Err(e) => {
-            failed.push((c.name.clone(), e));
-            false
-        }
-    });
+    let failed = common::trial(&mut contenders);
     for (name, why) in &failed {
         println!("NOT MEASURED: {name}: {why}");
     }
@@ -201,22 +201,7 @@ fn main() {
 
     println!("\n== spawn-to-exit, {runs} interleaved runs each after {warmup} warm-up rounds ==\n");
     let started = Instant::now();
-    for i in 0..warmup + runs {
-        // Rotate who goes first, so what one contender leaves behind (say, a network namespace
-        // the kernel tears down in the background) does not always land on the same neighbour.
-        let n = contenders.len();
-        for k in 0..n {
-            let c = &mut contenders[(i + k) % n];
-            let t = Instant::now();
-            if let Err(e) = (c.run)(i) {
-                panic!("{} failed on run {i}: {e}", c.name);
-            }
-            let d = t.elapsed();
-            if i >= warmup {
-                c.samples.push(d);
-            }
-        }
-    }
+    common::interleave(&mut contenders, warmup, runs);
     let spawn_secs = started.elapsed().as_secs_f64();
     let results: Vec<(String, String, Stats)> = contenders
         .iter()
@@ -260,14 +245,7 @@ fn main() {
     let rows: Vec<StepRow> = probes.into_iter().flat_map(|p| p.rows).collect();
     print_step_table(&rows, lib_median);
     let _ = backend.remove_root();
-    let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    println!(
-        "load average at the end: {}",
-        load.split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
+    println!("load average at the end: {}", load_average());
     drop(isolator);
     drop(cleanup);
     drop(work);
@@ -275,84 +253,6 @@ fn main() {
 
 // ---------------------------------------------------------------------------------------------
 // contenders
-
-type RunFn<'a> = Box<dyn FnMut(usize) -> Result<(), String> + 'a>;
-
-struct Contender<'a> {
-    name: String,
-    what: String,
-    run: RunFn<'a>,
-    samples: Vec<Duration>,
-}
-
-impl<'a> Contender<'a> {
-    fn new(name: &str, what: &str, run: RunFn<'a>) -> Self {
-        Contender {
-            name: name.into(),
-            what: what.into(),
-            run,
-            samples: Vec::new(),
-        }
-    }
-}
-
-/// Runs a command with all three streams on /dev/null; on failure, runs it once more with
-/// stderr captured so the error says why.
-fn run_quiet(cmd: &mut Command) -> Result<(), String> {
-    let status = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map_err(|e| format!("{}: {e}", cmd.get_program().to_string_lossy()))?;
-    if status.success() {
-        return Ok(());
-    }
-    let again = cmd.stderr(Stdio::piped()).output();
-    let stderr = again
-        .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_string())
-        .unwrap_or_default();
-    Err(format!("{status}: {stderr}"))
-}
-
-fn which(program: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {program}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn env_count(name: &str, default: usize) -> usize {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
-        Err(_) => default,
-    }
-}
-
-/// `<target>/release/fnlet`: this bench runs as `<target>/release/deps/spawn-<hash>`.
-fn fnlet_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("FNLET_BIN") {
-        return p.into();
-    }
-    let exe = std::env::current_exe().expect("locating the bench executable");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the bench executable lives in <target>/<profile>/deps");
-    let fnlet = profile_dir.join("fnlet");
-    if !fnlet.is_file() {
-        eprintln!(
-            "{} is missing: build it first with `cargo build --release -p fnlet` \
-             (benches/run.sh does), or point FNLET_BIN at a fnlet binary",
-            fnlet.display()
-        );
-        std::process::exit(1);
-    }
-    fnlet
-}
 
 /// `gcc -static -O2 benches/fixtures/true.c`: the same static binary for every contender.
 fn compile_fixture(out: &Path) {
@@ -724,55 +624,6 @@ fn step_probes<'a>(
 // ---------------------------------------------------------------------------------------------
 // statistics and output
 
-#[derive(Debug, Clone, Copy, Default)]
-struct Stats {
-    n: usize,
-    median: Duration,
-    p99: Duration,
-    min: Duration,
-    max: Duration,
-}
-
-impl Stats {
-    fn of(samples: &[Duration]) -> Stats {
-        let mut s = samples.to_vec();
-        s.sort();
-        let n = s.len();
-        if n == 0 {
-            return Stats::default();
-        }
-        let median = if n % 2 == 1 {
-            s[n / 2]
-        } else {
-            (s[n / 2 - 1] + s[n / 2]) / 2
-        };
-        // Nearest rank.
-        let p99 = s[((n * 99).div_ceil(100)).max(1) - 1];
-        Stats {
-            n,
-            median,
-            p99,
-            min: s[0],
-            max: s[n - 1],
-        }
-    }
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.3}", d.as_secs_f64() * 1e3)
-}
-
-fn us(d: Duration) -> String {
-    format!("{:.1}", d.as_secs_f64() * 1e6)
-}
-
-fn ratio(a: Duration, b: Option<Duration>) -> String {
-    match b {
-        Some(b) if !b.is_zero() => format!("{:.2}x", a.as_secs_f64() / b.as_secs_f64()),
-        _ => "-".into(),
-    }
-}
-
 fn print_spawn_table(results: &[(String, String, Stats)]) {
     let find = |name: &str| {
         results
@@ -935,31 +786,7 @@ fn print_step_table(rows: &[StepRow], lib_median: Duration) {
 }
 
 fn print_machine() {
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let v2 = isolate::cgroup::is_cgroup2_mount(Path::new("/sys/fs/cgroup"));
-    let hybrid = isolate::cgroup::is_cgroup2_mount(Path::new("/sys/fs/cgroup/unified"));
-    let cgroups = match (v2, hybrid) {
-        (true, _) => "v2",
-        (false, true) => "v1 (hybrid: v2 at /sys/fs/cgroup/unified)",
-        (false, false) => "v1",
-    };
-    let date = Command::new("date")
-        .arg("-u")
-        .arg("+%Y-%m-%dT%H:%M:%SZ")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
-    let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    println!(
-        "fnlet spawn benchmark, {date}: {cores} cores, kernel {}, cgroup {cgroups}, load average {}",
-        kernel.trim(),
-        load.split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
-    println!("  cgroup favordynmods: {}", favordynmods());
+    common::print_machine("spawn");
     for (tool, arg) in [
         ("bwrap", "--version"),
         ("runc", "--version"),
@@ -980,29 +807,6 @@ fn print_machine() {
         println!("  {tool}: {v}");
     }
     let _ = std::io::stdout().flush();
-}
-
-/// Whether cgroup migrations skip the RCU grace period ("favordynmods"): a mount option, or, on
-/// kernels from 6.17 on, sticky until reboot once any hierarchy was mounted with it.
-fn favordynmods() -> String {
-    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let with: Vec<&str> = mounts
-        .lines()
-        .filter(|l| l.contains("cgroup") && l.contains("favordynmods"))
-        .filter_map(|l| l.split_whitespace().nth(1))
-        .collect();
-    if !with.is_empty() {
-        return format!("on (mounted with it: {})", with.join(", "));
-    }
-    let log = Command::new("dmesg")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    if log.contains("favordynmods: per threadgroup rwsem mechanism can't be disabled") {
-        "on until reboot (a hierarchy was mounted with it earlier; see the kernel log)".into()
-    } else {
-        "off (no cgroup mount has it)".into()
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1055,39 +859,9 @@ impl Drop for Cleanup {
             format!("fnlet-bench-cli-{}", self.pid),
             format!("fnlet-bench-steps-{}", self.pid),
         ];
-        let mut left = Vec::new();
-        if let Ok(hierarchies) = fs::read_dir("/sys/fs/cgroup") {
-            for h in hierarchies.flatten() {
-                for name in &mine {
-                    let dir = h.path().join(name);
-                    if dir.exists() {
-                        remove_cgroup_tree(&dir);
-                        if dir.exists() {
-                            left.push(dir);
-                        }
-                    }
-                }
-            }
-        }
+        let left = remove_cgroup_dirs(&mine);
         for d in left {
             eprintln!("cleanup: could not remove {}", d.display());
         }
-    }
-}
-
-/// rmdir of a cgroup directory and its (empty) children, deepest first.
-fn remove_cgroup_tree(dir: &Path) {
-    if let Ok(entries) = fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_cgroup_tree(&e.path());
-            }
-        }
-    }
-    for _ in 0..100 {
-        if fs::remove_dir(dir).is_ok() || !dir.exists() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
