@@ -27,7 +27,7 @@ use crate::config::Config;
 use crate::manifest::valid_name;
 use crate::pool::ActiveFunction;
 use crate::router::Router;
-use crate::store::{Store, VersionRecord};
+use crate::store::{FunctionRecord, Store, VersionRecord};
 
 pub struct App {
     pub config: Config,
@@ -205,27 +205,26 @@ async fn list(State(app): Shared, headers: HeaderMap) -> Result<Response, AppErr
     let all = blocking(move || Ok(store.list()?)).await?;
     let functions: Vec<Value> = all
         .iter()
-        .map(|(rec, v)| {
-            let running = app
-                .router
-                .registry
-                .get(&rec.name)
-                .map(|s| s.running.load(std::sync::atomic::Ordering::Relaxed))
-                .unwrap_or(0);
-            json!({
-                "name": rec.name,
-                "version": rec.active,
-                "manifest": v.manifest,
-                "sha256": v.sha256,
-                "limits": v.manifest.resolve(&app.config.defaults),
-                "uid": rec.uid,
-                "created_at": rec.created_at,
-                "updated_at": rec.updated_at,
-                "running": running,
-            })
-        })
+        .map(|(rec, v)| function_json(&app, rec, Some(v)))
         .collect();
     Ok(axum::Json(json!({ "functions": functions })).into_response())
+}
+
+/// A function as the API shows it: the record, its active version, and what runs now.
+fn function_json(app: &App, rec: &FunctionRecord, active: Option<&VersionRecord>) -> Value {
+    let slot = app.router.registry.get(&rec.name);
+    json!({
+        "name": rec.name,
+        "version": rec.active,
+        "manifest": active.map(|v| &v.manifest),
+        "sha256": active.map(|v| &v.sha256),
+        "limits": active.map(|v| v.manifest.resolve(&app.config.defaults)),
+        "uid": rec.uid,
+        "created_at": rec.created_at,
+        "updated_at": rec.updated_at,
+        "running": slot.as_ref().map_or(0, |s| s.running.load(std::sync::atomic::Ordering::Relaxed)),
+        "prepared": slot.is_some_and(|s| s.has_ready()),
+    })
 }
 
 async fn describe(
@@ -239,26 +238,12 @@ async fn describe(
     let n = name.clone();
     let (rec, versions) = blocking(move || Ok((store.function(&n)?, store.versions(&n)?))).await?;
     let active = versions.iter().find(|v| v.version == rec.active);
-    let running = app
-        .router
-        .registry
-        .get(&name)
-        .map(|s| s.running.load(std::sync::atomic::Ordering::Relaxed))
-        .unwrap_or(0);
-    Ok(axum::Json(json!({
-        "name": rec.name,
-        "version": rec.active,
-        "manifest": active.map(|v| &v.manifest),
-        "sha256": active.map(|v| &v.sha256),
-        "limits": active.map(|v| v.manifest.resolve(&app.config.defaults)),
-        "uid": rec.uid,
-        "created_at": rec.created_at,
-        "updated_at": rec.updated_at,
-        "running": running,
-        "prepared": app.router.registry.get(&name).is_some_and(|s| s.has_ready()),
-        "versions": versions.iter().map(|v| version_json(v, rec.active)).collect::<Vec<_>>(),
-    }))
-    .into_response())
+    let mut f = function_json(&app, &rec, active);
+    f["versions"] = versions
+        .iter()
+        .map(|v| version_json(v, rec.active))
+        .collect();
+    Ok(axum::Json(f).into_response())
 }
 
 async fn versions(
