@@ -237,6 +237,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .context("serving HTTP")?;
     kill.cancel();
+    // Sandboxes built ahead (and any still being built) go first, so none appears after the
+    // sweep below.
+    let reg = registry.clone();
+    let _ = tokio::task::spawn_blocking(move || reg.drop_prepared(Duration::from_secs(10))).await;
     // Whatever did not end with its invocation goes now.
     let left = isolator.reap_stale().unwrap_or(0);
     if left > 0 {

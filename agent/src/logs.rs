@@ -17,6 +17,9 @@ pub struct LogLine<'a> {
     pub function: &'a str,
     pub version: u64,
     pub request_id: &'a str,
+    /// The sandbox the line came from (its cgroup leaf), for lines a function wrote.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance: Option<&'a str>,
     pub stream: &'a str,
     pub line: &'a str,
 }
@@ -64,6 +67,31 @@ impl Logs {
 
     /// Appends one line; failures to write the file are logged, never fatal.
     pub fn append(&self, function: &str, version: u64, request_id: &str, stream: &str, line: &str) {
+        self.write(function, version, request_id, None, stream, line);
+    }
+
+    /// A line the function itself wrote, attributed to its instance.
+    pub fn append_from_instance(
+        &self,
+        function: &str,
+        version: u64,
+        request_id: &str,
+        instance: &str,
+        stream: &str,
+        line: &str,
+    ) {
+        self.write(function, version, request_id, Some(instance), stream, line);
+    }
+
+    fn write(
+        &self,
+        function: &str,
+        version: u64,
+        request_id: &str,
+        instance: Option<&str>,
+        stream: &str,
+        line: &str,
+    ) {
         let line = if line.len() > MAX_LINE {
             let mut cut = MAX_LINE;
             while !line.is_char_boundary(cut) {
@@ -73,12 +101,13 @@ impl Logs {
         } else {
             line
         };
-        tracing::info!(target: "fnlet::function", function, version, request_id, stream, "{line}");
+        tracing::info!(target: "fnlet::function", function, version, request_id, instance = instance.unwrap_or("-"), stream, "{line}");
         let rec = LogLine {
             ts: crate::store::now_rfc3339(),
             function,
             version,
             request_id,
+            instance,
             stream,
             line,
         };
@@ -161,6 +190,19 @@ mod tests {
         assert!(rx.try_recv().unwrap().contains("line 0"));
         logs.remove("f");
         assert!(logs.tail("f", 10).is_empty());
+    }
+
+    #[test]
+    fn function_lines_name_their_instance() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = Logs::open(dir.path(), 1 << 20).unwrap();
+        logs.append_from_instance("f", 2, "r1", "f-10-3", "stderr", "hello");
+        logs.append("f", 2, "-", "agent", "deployed");
+        let t = logs.tail("f", 2);
+        let a: serde_json::Value = serde_json::from_str(&t[0]).unwrap();
+        let b: serde_json::Value = serde_json::from_str(&t[1]).unwrap();
+        assert_eq!(a["instance"], "f-10-3");
+        assert!(b.get("instance").is_none());
     }
 
     #[test]

@@ -131,10 +131,15 @@ pub async fn run_exec(
         (buf, res)
     };
     let (function, version, request_id) = (call.function, call.version, call.request_id);
+    // The instance is named after its cgroup leaf: unique, and what an operator finds on the host.
+    let instance = sandbox
+        .cgroup_path()
+        .and_then(|p| p.rsplit('/').next().map(str::to_string))
+        .unwrap_or_else(|| sandbox.pid().to_string());
     let read_err = async move {
         let mut lines = tokio::io::BufReader::new(stderr).lines();
         while let Ok(Some(line)) = lines.next_line().await {
-            logs.append(function, version, request_id, "stderr", &line);
+            logs.append_from_instance(function, version, request_id, &instance, "stderr", &line);
         }
     };
 

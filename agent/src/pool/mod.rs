@@ -284,6 +284,28 @@ impl Registry {
             .sum()
     }
 
+    /// At shutdown: waits (up to `limit`) for sandboxes being built ahead to finish, then drops
+    /// every one that waits, which kills it and removes its cgroup.
+    pub fn drop_prepared(&self, limit: std::time::Duration) {
+        let slots: Vec<Arc<FunctionSlot>> = self
+            .map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let deadline = std::time::Instant::now() + limit;
+        while slots.iter().any(|s| s.refilling.load(Ordering::Acquire))
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        for s in &slots {
+            let ready = s.ready.lock().unwrap_or_else(|p| p.into_inner()).take();
+            drop(ready);
+        }
+    }
+
     /// Bundles that running instances may still have mounted.
     pub fn bundles_in_use(&self) -> std::collections::HashSet<String> {
         self.map

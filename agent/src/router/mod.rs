@@ -44,6 +44,9 @@ pub struct Failure {
 impl Router {
     /// Builds the next sandbox of `name` ahead of time (after a deploy, a rollback, a start).
     pub fn prewarm(&self, name: &str) {
+        if self.draining.is_cancelled() {
+            return;
+        }
         if let (true, Some(slot)) = (self.prepare_ahead, self.registry.get(name)) {
             slot.refill(&self.isolator);
         }
@@ -110,7 +113,7 @@ impl Router {
         drop(held);
         // Build the next sandbox only now: built during the call, it would compete with the
         // function for the CPUs (measured: 5.0 ms median per call before, 3.2 ms after).
-        if self.prepare_ahead && f.manifest.mode == Mode::Exec {
+        if self.prepare_ahead && f.manifest.mode == Mode::Exec && !self.draining.is_cancelled() {
             slot.refill(&self.isolator);
         }
         self.metrics.running.get_or_create(&labels).dec();
