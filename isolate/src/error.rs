@@ -183,6 +183,13 @@ pub enum IsolateError {
         source: std::io::Error,
     },
 
+    #[error("listening on 127.0.0.1:{port} inside the sandbox: {source}")]
+    Listen {
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
+
     #[error("reading {path}: {source}")]
     Read {
         path: PathBuf,

@@ -33,6 +33,7 @@
 pub mod cgroup;
 mod child;
 mod error;
+mod netns;
 mod rootfs;
 pub mod seccomp;
 mod spec;
@@ -203,6 +204,15 @@ impl Isolator {
 
     /// Starts a sandbox. Returns once the function has been exec'd, or with the step that failed.
     pub fn spawn(&self, spec: &SandboxSpec) -> Result<Sandbox> {
+        if spec.loopback_listener.is_some() {
+            // The listener must exist before the function runs: hold the child at the exec
+            // while it is made. A plain spawn has no late variable.
+            let spec = SandboxSpec {
+                late_env: None,
+                ..spec.clone()
+            };
+            return self.prepare(&spec)?.start(None);
+        }
         let (sandbox, mut pending) = self.launch(spec, false)?;
         pending.finish(sandbox, Report::Exec)
     }
@@ -212,7 +222,12 @@ impl Isolator {
     /// [`PreparedSandbox::start`]. Cold starts then pay little more than fork and exec.
     pub fn prepare(&self, spec: &SandboxSpec) -> Result<PreparedSandbox> {
         let (sandbox, mut pending) = self.launch(spec, true)?;
-        let sandbox = pending.finish(sandbox, Report::Ready)?;
+        let mut sandbox = pending.finish(sandbox, Report::Ready)?;
+        if let Some(port) = spec.loopback_listener {
+            // The child is held before its exec, its loopback already up. On failure the
+            // sandbox's drop kills it and removes its cgroup.
+            sandbox.listener = Some(netns::loopback_listener(sandbox.pid, port)?);
+        }
         Ok(PreparedSandbox {
             sandbox: Some(sandbox),
             pending,
@@ -422,6 +437,7 @@ impl Isolator {
             stdin: stdin_parent,
             stdout: stdout_parent,
             stderr: stderr_parent,
+            listener: None,
             outcome: None,
             started,
         };
@@ -755,6 +771,7 @@ pub struct Sandbox {
     stdin: Option<OwnedFd>,
     stdout: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
+    listener: Option<std::net::TcpListener>,
     outcome: Option<Outcome>,
     started: Instant,
 }
@@ -774,6 +791,26 @@ impl Sandbox {
     }
     pub fn take_stderr(&mut self) -> Option<OwnedFd> {
         self.stderr.take()
+    }
+
+    /// The socket listening inside the sandbox's network namespace, when the spec asked for
+    /// one ([`SandboxSpec::loopback_listener`]); non-blocking.
+    pub fn take_listener(&mut self) -> Option<std::net::TcpListener> {
+        self.listener.take()
+    }
+
+    /// A handle that can kill the sandbox and learn when it ends from another task, while the
+    /// owner of the [`Sandbox`] waits for it.
+    pub fn watch(&self) -> Result<SandboxWatch> {
+        let pidfd = self
+            .pidfd
+            .try_clone()
+            .map_err(|e| IsolateError::sys("dup pidfd", errno_of(&e)))?;
+        let cgroup_path = self.cgroup_path();
+        Ok(SandboxWatch {
+            pidfd: Arc::new(pidfd),
+            cgroup_path,
+        })
     }
 
     /// Sends `sig` to the function (through its init).
@@ -892,6 +929,56 @@ impl Sandbox {
         }
         Ok(())
     }
+}
+
+/// A second handle on a running sandbox: kill it, or wait until it has ended. Cheap to clone.
+/// The [`Sandbox`] itself still reaps the process and removes its cgroup.
+#[derive(Debug, Clone)]
+pub struct SandboxWatch {
+    pidfd: Arc<OwnedFd>,
+    cgroup_path: Option<String>,
+}
+
+impl SandboxWatch {
+    /// SIGKILL to the sandbox's init; the pid namespace goes down with it. A sandbox that has
+    /// already ended (and even been reaped) is not an error.
+    pub fn kill(&self) -> Result<()> {
+        sys::pidfd_send_signal(self.pidfd.as_fd(), libc::SIGKILL).or_else(ignore_esrch)
+    }
+
+    /// Resolves once the sandbox's init has exited (the pidfd turns readable).
+    pub async fn exited(&self) -> Result<()> {
+        // Each waiter registers a descriptor of its own: one fd can be registered only once.
+        let fd = self
+            .pidfd
+            .try_clone()
+            .map_err(|e| IsolateError::sys("dup pidfd", errno_of(&e)))?;
+        // SAFETY: `fd` is owned here and outlives `afd`, which is dropped before it.
+        let afd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(
+                fd.as_raw_fd(),
+                tokio::io::Interest::READABLE,
+            )
+        }
+        .map_err(|e| IsolateError::sys("register pidfd", errno_of(&e.into_parts().1)))?;
+        let ready = afd
+            .readable()
+            .await
+            .map(drop)
+            .map_err(|e| IsolateError::sys("poll pidfd", errno_of(&e)));
+        drop(afd);
+        drop(fd);
+        ready
+    }
+
+    /// The sandbox's cgroup directory, for diagnostics and naming.
+    pub fn cgroup_path(&self) -> Option<&str> {
+        self.cgroup_path.as_deref()
+    }
+}
+
+fn errno_of(e: &std::io::Error) -> Errno {
+    Errno::from_raw(e.raw_os_error().unwrap_or(0))
 }
 
 fn ignore_esrch(e: Errno) -> Result<()> {

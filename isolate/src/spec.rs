@@ -46,6 +46,10 @@ pub struct SandboxSpec {
     /// A variable whose value is only known when a prepared sandbox starts (a request id, say):
     /// [`crate::PreparedSandbox::start`] sets it. Ignored by a plain spawn (put it in `env`).
     pub late_env: Option<String>,
+    /// Listen on 127.0.0.1:PORT inside the sandbox's own network namespace before the function
+    /// starts, and hand the socket to the caller ([`crate::Sandbox::take_listener`]): a service
+    /// the function reaches on its loopback while it has no other network.
+    pub loopback_listener: Option<u16>,
 }
 
 /// A read-only bind mount of a host path.
@@ -179,6 +183,7 @@ impl Default for SandboxSpec {
             die_with_parent: false,
             user_namespace: false,
             late_env: None,
+            loopback_listener: None,
         }
     }
 }
@@ -215,6 +220,9 @@ impl SandboxSpec {
             if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
                 return bad("env", format!("{k:?} is not a valid variable"));
             }
+        }
+        if self.loopback_listener == Some(0) {
+            return bad("loopback_listener", "the port must not be 0".into());
         }
         if let Some(name) = &self.late_env
             && (name.is_empty()

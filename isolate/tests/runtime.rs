@@ -258,3 +258,60 @@ fn a_prepared_sandbox_gets_its_late_variable_at_start() {
     );
     iso.remove_root().unwrap();
 }
+
+/// The loopback listener lives in the sandbox's own network namespace: the function reaches it
+/// on 127.0.0.1, the host's loopback does not, and the watch sees the sandbox end.
+#[tokio::test]
+async fn a_loopback_listener_is_served_from_the_host_side() {
+    require_root();
+    let root = format!("fnlet-test-{}-listen", std::process::id());
+    let iso = Isolator::new(IsolatorConfig {
+        cgroup_root: root,
+        ..Default::default()
+    })
+    .unwrap();
+    // Port 1 on the host's loopback: nothing of ours listens there, and the sandbox's
+    // 127.0.0.1:1 is a different socket (in its own namespace).
+    let spec = SandboxSpec {
+        name: "listen".into(),
+        program: "/bin/bash".into(),
+        args: vec![
+            "-c".into(),
+            "exec 3<>/dev/tcp/127.0.0.1/9001; echo hello-from-inside >&3; read -r answer <&3; [ \"$answer\" = ok ]".into(),
+        ],
+        loopback_listener: Some(9001),
+        ..Default::default()
+    };
+    for prepared in [false, true] {
+        let mut sb = if prepared {
+            iso.prepare(&spec).unwrap().start(None).unwrap()
+        } else {
+            iso.spawn(&spec).unwrap()
+        };
+        let watch = sb.watch().unwrap();
+        let listener = sb.take_listener().expect("a listener");
+        assert!(
+            std::net::TcpStream::connect(listener.local_addr().unwrap()).is_err(),
+            "the sandbox's socket must not be reachable from the host's loopback"
+        );
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let (mut conn, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
+            .await
+            .expect("the function connects")
+            .unwrap();
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let mut line = String::new();
+        let mut reader = tokio::io::BufReader::new(&mut conn);
+        reader.read_line(&mut line).await.unwrap();
+        assert_eq!(line, "hello-from-inside\n");
+        conn.write_all(b"ok\n").await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), watch.exited())
+            .await
+            .expect("the watch sees the exit")
+            .unwrap();
+        assert_eq!(sb.wait().await.unwrap().status, ExitStatus::Exited(0));
+        // Killing through the watch after the end is harmless.
+        watch.kill().unwrap();
+    }
+    iso.remove_root().unwrap();
+}
