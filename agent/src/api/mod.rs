@@ -3,6 +3,7 @@
 
 mod drain;
 mod error;
+pub mod function_url;
 
 use std::convert::Infallible;
 use std::sync::Arc;
