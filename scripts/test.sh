@@ -8,7 +8,10 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 scripts/install-deps.sh
-cargo build --workspace --bins
+# The Lambda fixtures are built once, in release, by build-fixtures.sh into their bundles.
+cargo build --workspace --bins --exclude fixture-lambda-rust --exclude fixture-lambda-http \
+  --exclude fixture-lambda-noop
+scripts/build-fixtures.sh
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast
 else
