@@ -815,7 +815,28 @@ fn openapi_document_matches_the_running_agent() {
     let ops = documented_operations();
     let f = Fixture::sh("doc", "public = true\ntimeout_s = 2", "echo documented");
     agent.deploy(f.path());
-    let concrete = |p: &str| p.replace("{name}", "doc");
+    let key = agent.admin(Method::POST, "/v1/keys", None);
+    let key = key.expect_ok(201).json()["access_key_id"]
+        .as_str()
+        .expect("an access key id")
+        .to_string();
+    // Function URLs and the Invoke API are a Lambda-mode function's (the no-op fixture).
+    let noop = std::fs::read(common::fixture_bootstrap("lambda-noop")).expect("read bootstrap");
+    let lf = Fixture::new(
+        "name = \"docl\"\nmode = \"lambda\"\npublic = true\n",
+        &[("bootstrap", &noop, 0o755)],
+    );
+    agent.deploy(lf.path());
+    let concrete = |p: &str| {
+        let name = if p.starts_with("/fn/") || p.starts_with("/2015-03-31/") {
+            "docl"
+        } else {
+            "doc"
+        };
+        p.replace("{name}", name)
+            .replace("{path}", "any/path")
+            .replace("{id}", &key)
+    };
     let is_fallback = |r: &Resp| r.status == 404 && r.text().contains("no such route");
 
     // Secured operations refuse a call without the token, as documented.
@@ -841,7 +862,9 @@ fn openapi_document_matches_the_running_agent() {
     for (method, path, statuses, _) in ordered {
         let body = match (method, path.as_str()) {
             (&Method::POST, "/v1/functions") => Some(Body::from(f.tar_gz())),
-            (&Method::POST, p) if p.starts_with("/fn/") => Some(Body::from("x")),
+            (&Method::POST, p) if p.starts_with("/fn/") || p.starts_with("/2015-03-31/") => {
+                Some(Body::from("{}"))
+            }
             _ => None,
         };
         let r = agent.request(method.clone(), &concrete(path), true, body);

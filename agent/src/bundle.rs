@@ -442,7 +442,14 @@ fn read_manifest(root: &Path) -> Result<Manifest, BundleError> {
 }
 
 fn check_entrypoint(root: &Path, m: &Manifest) -> Result<(), BundleError> {
-    if let crate::manifest::Entrypoint::Path(p) = &m.entrypoint {
+    use crate::manifest::{BOOTSTRAP, Entrypoint, Mode};
+    // A Lambda bundle without entrypoint or runtime runs its own bootstrap.
+    let program = match (&m.entrypoint, m.mode, &m.runtime) {
+        (Some(Entrypoint::Path(p)), _, _) => Some(p.clone()),
+        (None, Mode::Lambda, None) => Some(BOOTSTRAP.to_string()),
+        _ => None,
+    };
+    if let Some(p) = &program {
         let rel = Path::new(p);
         let ok = stays_inside(root, rel)
             && fs::metadata(root.join(rel))

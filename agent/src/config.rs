@@ -22,6 +22,10 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub sandbox: SandboxConfig,
     pub defaults: FunctionDefaults,
+    pub lambda: LambdaConfig,
+    /// Lambda runtimes by name (`runtime = "python3.11"` in a manifest). `fnlet runtime add`
+    /// installs the runtime client the default entries point at.
+    pub runtimes: std::collections::BTreeMap<String, RuntimeConfig>,
     /// Versions kept per function (the active one always is).
     pub retain_versions: u32,
     /// On SIGTERM, how long in-flight invocations may finish before they are killed.
@@ -81,6 +85,37 @@ pub struct FunctionDefaults {
     pub cpus: f64,
     pub timeout_s: f64,
     pub max_concurrency: u32,
+    /// Lambda mode: how long an idle instance is kept warm.
+    pub keep_alive_s: f64,
+    /// Lambda mode: how long a new instance may take to ask for its first event.
+    pub init_timeout_s: f64,
+}
+
+/// Lambda compatibility: what instances and callers are told about "the cloud" they run in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LambdaConfig {
+    /// AWS_REGION inside instances, and in function ARNs.
+    pub region: String,
+    /// The account id in function ARNs (12 digits).
+    pub account_id: String,
+    /// The Runtime API's port on each instance's own loopback (AWS_LAMBDA_RUNTIME_API).
+    pub runtime_api_port: u16,
+}
+
+/// A Lambda runtime: the host interpreter and runtime client that run `handler`s of functions
+/// whose manifest names this runtime.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// The command, inside the sandbox; the function's handler is appended as the last
+    /// argument (`python3 -m awslambdaric app.lambda_handler`).
+    pub command: Vec<String>,
+    /// Host directories bound read-only at the same path (where the runtime client lives).
+    #[serde(default)]
+    pub paths: Vec<PathBuf>,
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for Config {
@@ -91,6 +126,8 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             sandbox: SandboxConfig::default(),
             defaults: FunctionDefaults::default(),
+            lambda: LambdaConfig::default(),
+            runtimes: default_runtimes(),
             retain_versions: 5,
             shutdown_grace_s: 30.0,
         }
@@ -134,8 +171,66 @@ impl Default for FunctionDefaults {
             cpus: 1.0,
             timeout_s: 10.0,
             max_concurrency: 10,
+            keep_alive_s: 300.0,
+            init_timeout_s: 10.0,
         }
     }
+}
+
+impl Default for LambdaConfig {
+    fn default() -> Self {
+        LambdaConfig {
+            region: "us-east-1".into(),
+            account_id: "000000000000".into(),
+            runtime_api_port: 9001,
+        }
+    }
+}
+
+/// Where `fnlet runtime add NAME` installs a runtime's client, below the state directory.
+pub fn runtime_dir(state_dir: &Path, name: &str) -> PathBuf {
+    state_dir.join("runtimes").join(name)
+}
+
+/// Stands for the agent's state directory in a runtime's `paths` and `env` values.
+pub const STATE_DIR_VAR: &str = "{state_dir}";
+
+impl RuntimeConfig {
+    /// `paths` and `env` with `{state_dir}` replaced.
+    pub fn resolved(&self, state_dir: &Path) -> RuntimeConfig {
+        let sd = state_dir.display().to_string();
+        RuntimeConfig {
+            command: self.command.clone(),
+            paths: self
+                .paths
+                .iter()
+                .map(|p| p.display().to_string().replace(STATE_DIR_VAR, &sd).into())
+                .collect(),
+            env: self
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.replace(STATE_DIR_VAR, &sd)))
+                .collect(),
+        }
+    }
+}
+
+/// The Python runtimes, run by the host's python3 with AWS's runtime client (awslambdaric),
+/// which `fnlet runtime add python3.11` installs under the default state directory.
+fn default_runtimes() -> std::collections::BTreeMap<String, RuntimeConfig> {
+    // Debian 12's python3 is 3.11: map only what the host really has.
+    let name = "python3.11";
+    let dir = runtime_dir(Path::new(STATE_DIR_VAR), name);
+    let python = RuntimeConfig {
+        command: vec![
+            "/usr/bin/python3".into(),
+            "-m".into(),
+            "awslambdaric".into(),
+        ],
+        paths: vec![dir.clone()],
+        env: [("PYTHONPATH".to_string(), dir.display().to_string())].into(),
+    };
+    [(name.to_string(), python)].into()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -246,6 +341,48 @@ impl Config {
         }
         if d.max_concurrency == 0 {
             return bad("defaults.max_concurrency", "must be at least 1");
+        }
+        if !(d.keep_alive_s.is_finite() && (0.0..=86400.0).contains(&d.keep_alive_s)) {
+            return bad("defaults.keep_alive_s", "must be between 0 and 86400");
+        }
+        if !(d.init_timeout_s.is_finite() && (0.01..=900.0).contains(&d.init_timeout_s)) {
+            return bad("defaults.init_timeout_s", "must be between 0.01 and 900");
+        }
+        let lc = &self.lambda;
+        if lc.account_id.len() != 12 || !lc.account_id.bytes().all(|c| c.is_ascii_digit()) {
+            return bad("lambda.account_id", "must be 12 digits");
+        }
+        if lc.region.is_empty()
+            || lc.region.len() > 32
+            || !lc
+                .region
+                .bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+        {
+            return bad("lambda.region", "must be like \"us-east-1\" (a-z, 0-9, -)");
+        }
+        if lc.runtime_api_port == 0 {
+            return bad("lambda.runtime_api_port", "must not be 0");
+        }
+        for (name, r) in &self.runtimes {
+            if !crate::manifest::valid_runtime_name(name) {
+                return bad("runtimes", "names must be of a-z, 0-9, '.', '-' and '_'");
+            }
+            if r.command.first().is_none_or(|c| !c.starts_with('/')) {
+                return bad(
+                    "runtimes.command",
+                    "must start with the absolute path of the interpreter",
+                );
+            }
+            if r.paths.iter().any(|p| {
+                !(p.is_absolute() || p.starts_with(STATE_DIR_VAR))
+                    || p.components().any(|c| c == std::path::Component::ParentDir)
+            }) {
+                return bad(
+                    "runtimes.paths",
+                    "must be absolute paths (or start with {state_dir}), without ..",
+                );
+            }
         }
         if self.retain_versions == 0 {
             return bad("retain_versions", "must be at least 1");

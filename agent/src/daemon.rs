@@ -145,9 +145,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let registry = Arc::new(Registry::default());
     let mut names = Vec::new();
     for (rec, v) in store.list().context("loading functions")? {
-        names.push(rec.name.clone());
         let bundle = store.bundle_path(&v.sha256);
-        registry.activate(ActiveFunction::new(&rec, &v, bundle, &config));
+        match ActiveFunction::new(&rec, &v, bundle, &config) {
+            Ok(f) => {
+                names.push(rec.name.clone());
+                registry.activate(f);
+            }
+            // Kept in the store, not served: the operator fixes the config or redeploys.
+            Err(e) => {
+                tracing::error!(function = %rec.name, version = v.version, "not serving: {e}")
+            }
+        }
     }
     let removed = store
         .gc(config.retain_versions, &Default::default())
@@ -173,23 +181,43 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         draining: draining.clone(),
         kill: kill.clone(),
         prepare_ahead: config.sandbox.prepare_ahead,
+        config: Arc::new(config.clone()),
+        instances: tokio_util::task::TaskTracker::new(),
     };
     let isolator = router.isolator.clone();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
+    let keys = crate::auth::KeyStore::open(state)
+        .with_context(|| format!("opening the access keys in {}", state.display()))?;
     let app = Arc::new(App {
+        keys: Arc::new(keys),
         cgroup_version: isolator.cgroup_version().to_string(),
         cgroup_root: isolator.cgroup_root(),
         unenforced_limits: unenforced.clone(),
         config: config.clone(),
         store: Arc::new(store),
-        router,
+        router: Arc::new(router),
         token,
         started,
     });
     for name in &names {
         app.router.prewarm(name);
+    }
+    // The warm pool's clock: keep-alive reaping and min_instances.
+    {
+        let app = app.clone();
+        let stop = draining.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(crate::router::REAP_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => app.router.reap().await,
+                    _ = stop.cancelled() => break,
+                }
+            }
+        });
     }
     tracing::info!(
         listen = %config.listen,
@@ -232,15 +260,23 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             });
         }
     };
-    axum::serve(listener, api::app(app.clone()))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("serving HTTP")?;
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(
+        listener,
+        api::app(app.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+    .context("serving HTTP")?;
     kill.cancel();
     // Sandboxes built ahead (and any still being built) go first, so none appears after the
     // sweep below.
     let reg = registry.clone();
     let _ = tokio::task::spawn_blocking(move || reg.drop_prepared(Duration::from_secs(10))).await;
+    // Lambda instances: idle ones are stopped, busy ones were killed with their invocation.
+    app.router.stop_instances(Duration::from_secs(10)).await;
     // Whatever did not end with its invocation goes now.
     let left = isolator.reap_stale().unwrap_or(0);
     if left > 0 {

@@ -33,7 +33,17 @@ pub struct Manifest {
     pub name: String,
     #[serde(default = "default_mode")]
     pub mode: Mode,
-    pub entrypoint: Entrypoint,
+    /// Exec mode: what to run (required). Lambda mode: optional; without it (and without
+    /// `runtime`) the bundle's own `bootstrap` runs, the `provided.al2023` convention.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Entrypoint>,
+    /// Lambda mode: a runtime the operator mapped to a host interpreter and runtime client in
+    /// the agent's `[runtimes]` (e.g. "python3.11"), with `handler`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<String>,
+    /// Lambda mode with `runtime`: the handler the runtime client loads, e.g. "app.lambda_handler".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handler: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -44,6 +54,15 @@ pub struct Manifest {
     pub timeout_s: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrency: Option<u32>,
+    /// Lambda mode: instances kept warm even when idle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_instances: Option<u32>,
+    /// Lambda mode: how long an idle instance is kept before it is stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_alive_s: Option<f64>,
+    /// Lambda mode: how long a new instance may take to ask for its first event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_timeout_s: Option<f64>,
     #[serde(default)]
     pub public: bool,
     #[serde(default)]
@@ -61,7 +80,13 @@ pub struct Resolved {
     pub cpus: f64,
     pub timeout_s: f64,
     pub max_concurrency: u32,
+    pub min_instances: u32,
+    pub keep_alive_s: f64,
+    pub init_timeout_s: f64,
 }
+
+/// The file a Lambda bundle without `runtime` or `entrypoint` runs.
+pub const BOOTSTRAP: &str = "bootstrap";
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ManifestError {
@@ -103,8 +128,15 @@ impl Manifest {
                 ),
             );
         }
-        match &self.entrypoint {
-            Entrypoint::Path(p) => {
+        match (&self.entrypoint, self.mode) {
+            (None, Mode::Exec) => {
+                return bad(
+                    "entrypoint",
+                    "is required in exec mode (a program in the bundle, or [interpreter, script, ...])".into(),
+                );
+            }
+            (None, Mode::Lambda) => {}
+            (Some(Entrypoint::Path(p)), _) => {
                 if p.is_empty() || p.contains('\0') {
                     return bad("entrypoint", "must not be empty".into());
                 }
@@ -115,7 +147,7 @@ impl Manifest {
                     );
                 }
             }
-            Entrypoint::Command(argv) => {
+            (Some(Entrypoint::Command(argv)), _) => {
                 if argv.is_empty() || argv[0].is_empty() {
                     return bad("entrypoint", "the command must name a program".into());
                 }
@@ -172,11 +204,87 @@ impl Manifest {
         if self.env.values().map(|v| v.len()).sum::<usize>() > 4096 * 16 {
             return bad("env", "the environment must total under 64 KiB".into());
         }
-        if self.mode == Mode::Lambda {
+        self.validate_lambda()
+    }
+
+    fn validate_lambda(&self) -> Result<(), ManifestError> {
+        let bad = |field, reason: String| Err(ManifestError::Invalid { field, reason });
+        if self.mode == Mode::Exec {
+            for (field, set) in [
+                ("runtime", self.runtime.is_some()),
+                ("handler", self.handler.is_some()),
+                ("min_instances", self.min_instances.is_some()),
+                ("keep_alive_s", self.keep_alive_s.is_some()),
+                ("init_timeout_s", self.init_timeout_s.is_some()),
+            ] {
+                if set {
+                    return bad(
+                        field,
+                        "applies to mode = \"lambda\" only (exec mode starts a process per call)"
+                            .into(),
+                    );
+                }
+            }
+            return Ok(());
+        }
+        match (&self.runtime, &self.handler) {
+            (Some(_), None) => return bad("handler", "is required with runtime".into()),
+            (None, Some(_)) => {
+                return bad(
+                    "runtime",
+                    "is required with handler (or leave both out and ship a bootstrap)".into(),
+                );
+            }
+            _ => {}
+        }
+        if self.runtime.is_some() && self.entrypoint.is_some() {
             return bad(
-                "mode",
-                "\"lambda\" is not supported by this agent yet; use \"exec\"".into(),
+                "entrypoint",
+                "cannot be combined with runtime: the runtime says what runs".into(),
             );
+        }
+        if let Some(r) = &self.runtime
+            && !valid_runtime_name(r)
+        {
+            return bad(
+                "runtime",
+                format!("{r:?} must be 1-64 characters of a-z, 0-9, '.', '-' and '_'"),
+            );
+        }
+        if let Some(h) = &self.handler
+            && (h.is_empty() || h.len() > 128 || h.contains(['\0', '/', ' ']))
+        {
+            return bad(
+                "handler",
+                format!("{h:?} must be 1-128 characters, without '/', spaces or NUL"),
+            );
+        }
+        if let Some(t) = self.keep_alive_s
+            && !(t.is_finite() && (0.0..=86400.0).contains(&t))
+        {
+            return bad(
+                "keep_alive_s",
+                format!("{t} must be between 0 and 86400 seconds"),
+            );
+        }
+        if let Some(t) = self.init_timeout_s
+            && !(t.is_finite() && (0.01..=900.0).contains(&t))
+        {
+            return bad(
+                "init_timeout_s",
+                format!("{t} must be between 0.01 and 900 seconds"),
+            );
+        }
+        if let (Some(min), Some(max)) = (self.min_instances, self.max_concurrency)
+            && min > max
+        {
+            return bad(
+                "min_instances",
+                format!("{min} must not exceed max_concurrency ({max})"),
+            );
+        }
+        if self.min_instances.is_some_and(|m| m > 1000) {
+            return bad("min_instances", "must be at most 1000".into());
         }
         Ok(())
     }
@@ -187,8 +295,19 @@ impl Manifest {
             cpus: self.cpus.unwrap_or(d.cpus),
             timeout_s: self.timeout_s.unwrap_or(d.timeout_s),
             max_concurrency: self.max_concurrency.unwrap_or(d.max_concurrency),
+            min_instances: self.min_instances.unwrap_or(0),
+            keep_alive_s: self.keep_alive_s.unwrap_or(d.keep_alive_s),
+            init_timeout_s: self.init_timeout_s.unwrap_or(d.init_timeout_s),
         }
     }
+}
+
+pub fn valid_runtime_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"._-".contains(&c))
 }
 
 /// The manifest as TOML (what `fnlet describe` shows and fuzzing round-trips).
@@ -223,7 +342,7 @@ mod tests {
     fn minimal_manifest() {
         let m = Manifest::parse("name = \"hello\"\nentrypoint = \"hello.sh\"\n").unwrap();
         assert_eq!(m.mode, Mode::Exec);
-        assert_eq!(m.entrypoint, Entrypoint::Path("hello.sh".into()));
+        assert_eq!(m.entrypoint, Some(Entrypoint::Path("hello.sh".into())));
         let r = m.resolve(&FunctionDefaults::default());
         assert_eq!(r.memory_mb, 128);
     }
@@ -233,7 +352,10 @@ mod tests {
         let m = Manifest::parse("name = \"py\"\nentrypoint = [\"python3\", \"main.py\"]\nmemory_mb = 256\n[env]\nGREETING = \"hi\"\n").unwrap();
         assert_eq!(
             m.entrypoint,
-            Entrypoint::Command(vec!["python3".into(), "main.py".into()])
+            Some(Entrypoint::Command(vec![
+                "python3".into(),
+                "main.py".into()
+            ]))
         );
         assert_eq!(m.env["GREETING"], "hi");
     }
@@ -277,6 +399,57 @@ mod tests {
             (
                 "name = \"x\"\nentrypoint = \"a\"\n[env]\n\"A-B\" = \"1\"",
                 "env",
+            ),
+        ] {
+            let err = Manifest::parse(text).unwrap_err().to_string();
+            assert!(err.contains(field), "{text:?} -> {err}");
+        }
+    }
+
+    #[test]
+    fn lambda_manifests() {
+        let m = Manifest::parse("name = \"l\"\nmode = \"lambda\"\n").unwrap();
+        assert_eq!(
+            (m.mode, &m.entrypoint, &m.runtime),
+            (Mode::Lambda, &None, &None)
+        );
+        let r = m.resolve(&FunctionDefaults::default());
+        assert_eq!(r.min_instances, 0);
+        assert!(r.keep_alive_s > 0.0);
+        let m = Manifest::parse(
+            "name = \"py\"\nmode = \"lambda\"\nruntime = \"python3.11\"\nhandler = \"app.lambda_handler\"\nmin_instances = 1\nkeep_alive_s = 2\n",
+        )
+        .unwrap();
+        assert_eq!(m.handler.as_deref(), Some("app.lambda_handler"));
+        for (text, field) in [
+            ("name = \"x\"\nmode = \"exec\"", "entrypoint"),
+            (
+                "name = \"x\"\nmode = \"lambda\"\nruntime = \"python3.11\"",
+                "handler",
+            ),
+            (
+                "name = \"x\"\nmode = \"lambda\"\nhandler = \"a.b\"",
+                "runtime",
+            ),
+            (
+                "name = \"x\"\nmode = \"lambda\"\nruntime = \"Py 3\"\nhandler = \"a.b\"",
+                "runtime",
+            ),
+            (
+                "name = \"x\"\nentrypoint = \"a\"\nmin_instances = 1",
+                "min_instances",
+            ),
+            (
+                "name = \"x\"\nmode = \"lambda\"\nmin_instances = 3\nmax_concurrency = 2",
+                "min_instances",
+            ),
+            (
+                "name = \"x\"\nmode = \"lambda\"\nkeep_alive_s = -1",
+                "keep_alive_s",
+            ),
+            (
+                "name = \"x\"\nmode = \"lambda\"\ninit_timeout_s = 0",
+                "init_timeout_s",
             ),
         ] {
             let err = Manifest::parse(text).unwrap_err().to_string();

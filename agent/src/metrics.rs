@@ -15,6 +15,13 @@ pub struct FnLabels {
     pub function: String,
 }
 
+/// A function's Lambda instances in one state: starting, idle or busy.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InstanceLabels {
+    pub function: String,
+    pub state: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub function: String,
@@ -26,12 +33,21 @@ fn duration_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 17))
 }
 
+fn wait_histogram() -> Histogram {
+    // 10 µs .. ~10 s
+    Histogram::new(exponential_buckets(0.00001, 2.0, 21))
+}
+
 pub struct Metrics {
     registry: Registry,
     pub invocations: Family<FnLabels, Counter>,
     pub errors: Family<ErrorLabels, Counter>,
     pub duration: Family<FnLabels, Histogram, fn() -> Histogram>,
     pub cold_starts: Family<FnLabels, Counter>,
+    pub warm_starts: Family<FnLabels, Counter>,
+    pub init_duration: Family<FnLabels, Histogram, fn() -> Histogram>,
+    pub queue_wait: Family<FnLabels, Histogram, fn() -> Histogram>,
+    pub instances: Family<InstanceLabels, Gauge>,
     pub running: Family<FnLabels, Gauge>,
     uptime: Gauge<f64, AtomicU64>,
     rss: Gauge,
@@ -53,6 +69,13 @@ impl Metrics {
             duration_histogram,
         );
         let cold_starts = Family::<FnLabels, Counter>::default();
+        let warm_starts = Family::<FnLabels, Counter>::default();
+        let init_duration = Family::<FnLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            duration_histogram,
+        );
+        let queue_wait =
+            Family::<FnLabels, Histogram, fn() -> Histogram>::new_with_constructor(wait_histogram);
+        let instances = Family::<InstanceLabels, Gauge>::default();
         let running = Family::<FnLabels, Gauge>::default();
         let uptime = Gauge::<f64, AtomicU64>::default();
         let rss = Gauge::default();
@@ -77,6 +100,26 @@ impl Metrics {
             cold_starts.clone(),
         );
         registry.register(
+            "warm_starts",
+            "Lambda-mode invocations served by a warm instance",
+            warm_starts.clone(),
+        );
+        registry.register(
+            "init_duration_seconds",
+            "Lambda-mode instance start until its runtime's first /next, by function",
+            init_duration.clone(),
+        );
+        registry.register(
+            "queue_wait_seconds",
+            "Time an invocation waited for a concurrency slot, by function",
+            queue_wait.clone(),
+        );
+        registry.register(
+            "lambda_instances",
+            "Lambda-mode instances by function and state (starting, idle, busy)",
+            instances.clone(),
+        );
+        registry.register(
             "running_instances",
             "Instances running now, by function",
             running.clone(),
@@ -97,6 +140,10 @@ impl Metrics {
             errors,
             duration,
             cold_starts,
+            warm_starts,
+            init_duration,
+            queue_wait,
+            instances,
             running,
             uptime,
             rss,

@@ -77,6 +77,20 @@ pub fn set_mode(p: &Path, mode: u32) {
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
 }
 
+/// The built `bootstrap` of a Lambda fixture (tests/fixtures/NAME/bundle/bootstrap).
+pub fn fixture_bootstrap(fixture: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(fixture)
+        .join("bundle/bootstrap");
+    assert!(
+        p.exists(),
+        "{} is not built: run scripts/build-fixtures.sh (the README's test command does)",
+        p.display()
+    );
+    p
+}
+
 /// A cgroup root name unique to this test.
 pub fn cgroup_root(test: &str) -> String {
     format!("fnlet-test-{}-{test}", std::process::id())

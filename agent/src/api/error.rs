@@ -114,6 +114,9 @@ impl From<InvokeError> for AppError {
             InvokeError::OutOfMemory { .. }
             | InvokeError::Crashed { .. }
             | InvokeError::FunctionError(_)
+            | InvokeError::Handler { .. }
+            | InvokeError::InitFailed { .. }
+            | InvokeError::InitTimeout(_)
             | InvokeError::ResponseTooLarge { .. }
             | InvokeError::Spawn(_) => StatusCode::BAD_GATEWAY,
             InvokeError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,

@@ -4,6 +4,8 @@
 mod drain;
 mod error;
 pub mod function_url;
+mod keys;
+mod lambda;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -14,7 +16,7 @@ use axum::body::Body;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http_body_util::BodyExt;
@@ -33,7 +35,9 @@ use crate::store::{FunctionRecord, Store, VersionRecord};
 pub struct App {
     pub config: Config,
     pub store: Arc<Store>,
-    pub router: Router,
+    pub router: Arc<Router>,
+    /// Access keys that may sign Invoke API calls (SigV4).
+    pub keys: Arc<crate::auth::KeyStore>,
     pub token: String,
     pub started: Instant,
     pub cgroup_version: String,
@@ -58,7 +62,24 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/functions/{name}/versions"),
     ("POST", "/v1/functions/{name}/rollback"),
     ("GET", "/v1/functions/{name}/logs"),
+    ("GET", "/v1/keys"),
+    ("POST", "/v1/keys"),
+    ("DELETE", "/v1/keys/{id}"),
+    ("POST", "/2015-03-31/functions/{name}/invocations"),
+    ("GET", "/fn/{name}"),
+    ("PUT", "/fn/{name}"),
     ("POST", "/fn/{name}"),
+    ("DELETE", "/fn/{name}"),
+    ("PATCH", "/fn/{name}"),
+    ("HEAD", "/fn/{name}"),
+    ("OPTIONS", "/fn/{name}"),
+    ("GET", "/fn/{name}/{path}"),
+    ("PUT", "/fn/{name}/{path}"),
+    ("POST", "/fn/{name}/{path}"),
+    ("DELETE", "/fn/{name}/{path}"),
+    ("PATCH", "/fn/{name}/{path}"),
+    ("HEAD", "/fn/{name}/{path}"),
+    ("OPTIONS", "/fn/{name}/{path}"),
 ];
 
 pub fn app(state: Arc<App>) -> AxumRouter {
@@ -72,7 +93,34 @@ pub fn app(state: Arc<App>) -> AxumRouter {
         .route("/v1/functions/{name}/versions", get(versions))
         .route("/v1/functions/{name}/rollback", post(rollback))
         .route("/v1/functions/{name}/logs", get(logs))
-        .route("/fn/{name}", post(invoke))
+        .route("/v1/keys", get(keys::list).post(keys::create))
+        .route("/v1/keys/{id}", delete(keys::remove))
+        .route(
+            "/2015-03-31/functions/{name}/invocations",
+            post(lambda::invoke_api),
+        )
+        // Exec-mode functions take POST /fn/{name}; Lambda-mode ones are function URLs, any
+        // method and path.
+        .route(
+            "/fn/{name}",
+            get(lambda::function_url)
+                .put(lambda::function_url)
+                .post(lambda::function_url)
+                .delete(lambda::function_url)
+                .patch(lambda::function_url)
+                .head(lambda::function_url)
+                .options(lambda::function_url),
+        )
+        .route(
+            "/fn/{name}/{*path}",
+            get(lambda::function_url)
+                .put(lambda::function_url)
+                .post(lambda::function_url)
+                .delete(lambda::function_url)
+                .patch(lambda::function_url)
+                .head(lambda::function_url)
+                .options(lambda::function_url),
+        )
         .fallback(|| async {
             AppError::not_found("no such route (see the API reference in the README)")
         })
@@ -88,7 +136,7 @@ pub fn app(state: Arc<App>) -> AxumRouter {
 }
 
 /// Constant-time comparison of the bearer token.
-fn authorized(app: &App, headers: &HeaderMap) -> bool {
+pub(crate) fn authorized(app: &App, headers: &HeaderMap) -> bool {
     let Some(given) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -117,7 +165,11 @@ fn checked_name(name: &str) -> Result<(), AppError> {
 }
 
 /// Reads a body of at most `limit` bytes, answering 413 past it.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, AppError> {
+pub(crate) async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Bytes, AppError> {
     if let Some(len) = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -224,7 +276,17 @@ fn function_json(app: &App, rec: &FunctionRecord, active: Option<&VersionRecord>
         "created_at": rec.created_at,
         "updated_at": rec.updated_at,
         "running": slot.as_ref().map_or(0, |s| s.running.load(std::sync::atomic::Ordering::Relaxed)),
-        "prepared": slot.is_some_and(|s| s.has_ready()),
+        "prepared": slot.as_ref().is_some_and(|s| s.has_ready()),
+        "instances": slot.as_ref().map(|s| {
+            let c = &s.instances;
+            let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Acquire);
+            json!({
+                "alive": load(&c.alive),
+                "starting": load(&c.starting),
+                "idle": s.idle_count(),
+                "peak": load(&c.peak),
+            })
+        }),
     })
 }
 
@@ -265,9 +327,9 @@ fn activate(app: &App, name: &str) -> Result<(), AppError> {
     let rec = app.store.function(name)?;
     let v = app.store.version(name, rec.active)?;
     let bundle = app.store.bundle_path(&v.sha256);
-    app.router
-        .registry
-        .activate(ActiveFunction::new(&rec, &v, bundle, &app.config));
+    let f = ActiveFunction::new(&rec, &v, bundle, &app.config)
+        .map_err(|e| AppError::new(StatusCode::BAD_REQUEST, "bad_manifest", e.to_string()))?;
+    app.router.registry.activate(f);
     app.router.prewarm(name);
     Ok(())
 }
@@ -289,6 +351,20 @@ async fn deploy(
         };
         let staging = app.store.staging_dir()?;
         let unpacked = bundle::unpack(&body, staging.path(), limits)?;
+        // Refused before it is stored: a function this agent could not run.
+        if let Some(r) = &unpacked.manifest.runtime
+            && !app.config.runtimes.contains_key(r)
+        {
+            let known: Vec<&str> = app.config.runtimes.keys().map(String::as_str).collect();
+            return Err(AppError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_manifest",
+                format!(
+                    "fnlet.toml: runtime: {r:?} is not configured on this agent (configured: {})",
+                    known.join(", ")
+                ),
+            ));
+        }
         let v = app.store.deploy(&unpacked)?;
         activate(&app, &v.name)?;
         if let Err(e) = app.store.gc(
@@ -422,7 +498,7 @@ async fn logs(
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
 }
 
-fn request_id() -> String {
+pub(crate) fn request_id() -> String {
     let mut b = [0u8; 16];
     if getrandom::fill(&mut b).is_err() {
         // Uniqueness matters, secrecy does not: fall back to time and a counter.
@@ -448,37 +524,15 @@ fn request_id() -> String {
     )
 }
 
-async fn invoke(
-    State(app): Shared,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-    req: Request,
-) -> Response {
-    let id = request_id();
-    let mut resp = match invoke_inner(&app, &headers, &name, req, &id).await {
-        Ok(r) => r,
-        Err((e, version)) => {
-            let mut r = e.into_response();
-            if let Some(v) = version {
-                r.headers_mut()
-                    .insert("x-fnlet-version", HeaderValue::from(v));
-            }
-            r
-        }
-    };
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        resp.headers_mut().insert("x-fnlet-request-id", v);
-    }
-    resp
-}
-
-async fn invoke_inner(
+/// An exec-mode invocation: the request body in, the function's stdout out.
+async fn invoke_exec(
     app: &App,
-    headers: &HeaderMap,
+    headers: HeaderMap,
     name: &str,
     req: Request,
     id: &str,
 ) -> Result<Response, (AppError, Option<u64>)> {
+    let headers = &headers;
     let f = app.router.lookup(name).ok_or_else(|| {
         (
             AppError::not_found(format!("no function named {name:?}")),
@@ -492,7 +546,14 @@ async fn invoke_inner(
     let body = read_body(headers, req.into_body(), limit)
         .await
         .map_err(|e| (e, None))?;
-    match app.router.invoke(name, body, id).await {
+    let req = crate::router::InvokeRequest {
+        name,
+        body,
+        request_id: id,
+        want_tail: false,
+        client_context: None,
+    };
+    match app.router.invoke(req).await {
         Ok(inv) => {
             let mut r = (StatusCode::OK, inv.body).into_response();
             r.headers_mut()
@@ -578,7 +639,8 @@ mod tests {
                     })
                 };
                 if at(handlers) {
-                    out.insert((m.to_uppercase(), path.to_string()));
+                    // axum's catch-all `{*path}` is OpenAPI's `{path}`.
+                    out.insert((m.to_uppercase(), path.replace("{*", "{")));
                     any = true;
                 }
             }

@@ -428,6 +428,29 @@ impl Client {
         Ok(())
     }
 
+    /// POST /v1/keys: a new access key, with its secret (shown this once).
+    pub async fn create_key(&self, description: Option<&str>) -> ClientResult<Value> {
+        let body = match description {
+            Some(d) => serde_json::json!({ "description": d }),
+            None => serde_json::json!({}),
+        };
+        let url = self.url(&["v1", "keys"]);
+        self.json(self.request(Method::POST, url).json(&body)).await
+    }
+
+    /// GET /v1/keys
+    pub async fn keys(&self) -> ClientResult<Value> {
+        self.json(self.request(Method::GET, self.url(&["v1", "keys"])))
+            .await
+    }
+
+    /// DELETE /v1/keys/{id}
+    pub async fn remove_key(&self, id: &str) -> ClientResult<()> {
+        let url = self.url(&["v1", "keys", id]);
+        self.send(self.request(Method::DELETE, url)).await?;
+        Ok(())
+    }
+
     /// POST /v1/functions/{name}/rollback, to the version before the active one by default.
     pub async fn rollback(&self, name: &str, to: Option<u64>) -> ClientResult<Value> {
         let url = self.url(&["v1", "functions", name, "rollback"]);

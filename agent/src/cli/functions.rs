@@ -138,7 +138,7 @@ pub struct ConnArgs {
 pub struct OutputArgs {
     /// Print the agent's JSON answer (pretty) instead of text, for scripts.
     #[arg(long)]
-    json: bool,
+    pub(super) json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -241,7 +241,7 @@ pub fn parse_name(s: &str) -> Result<String, String> {
 
 /// Why a command failed; decides the message and the exit status.
 #[derive(Debug)]
-enum CliError {
+pub(super) enum CliError {
     /// Bad input found before talking to the agent: status 2, like clap's usage errors.
     Usage(String),
     /// The agent answered with an error, or could not be reached.
@@ -258,9 +258,9 @@ impl From<ClientError> for CliError {
     }
 }
 
-type CmdResult = Result<(), CliError>;
+pub(super) type CmdResult = Result<(), CliError>;
 
-fn write_err(e: std::io::Error) -> CliError {
+pub(super) fn write_err(e: std::io::Error) -> CliError {
     if e.kind() == std::io::ErrorKind::BrokenPipe {
         CliError::BrokenPipe
     } else {
@@ -294,6 +294,38 @@ pub fn run(cmd: FunctionsCommand) -> ExitCode {
     };
     let result = dispatch(cmd, &target);
     match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => report(&e, Some(&target), &context),
+    }
+}
+
+/// Runs a client command from another module (`fnlet keys`): finds the agent from `conn`,
+/// runs `f`, and prints its error with the usual hints (`not_found_hint` on a 404).
+pub(super) fn run_client(
+    conn: &ConnArgs,
+    not_found_hint: Option<String>,
+    f: impl FnOnce(&Client) -> CmdResult,
+) -> ExitCode {
+    let context = ErrorContext {
+        name: None,
+        not_found_hint,
+    };
+    let flags = TargetFlags {
+        endpoint: conn.endpoint.clone(),
+        token: conn.token.clone(),
+        state_dir: conn.state_dir.clone(),
+    };
+    let target = match client::resolve_target(&flags, &|k| std::env::var(k).ok(), &|p| {
+        std::fs::read_to_string(p)
+    }) {
+        Ok(t) => t,
+        Err(e) => return report(&CliError::Usage(e), None, &context),
+    };
+    let client = match Client::new(&target) {
+        Ok(c) => c,
+        Err(e) => return report(&CliError::from(e), Some(&target), &context),
+    };
+    match f(&client) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => report(&e, Some(&target), &context),
     }
@@ -373,7 +405,7 @@ fn dispatch(cmd: FunctionsCommand, target: &Target) -> CmdResult {
     }
 }
 
-fn block_on<F: Future<Output = CmdResult>>(f: F) -> CmdResult {
+pub(super) fn block_on<F: Future<Output = CmdResult>>(f: F) -> CmdResult {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -464,21 +496,24 @@ fn api_hints(api: &ApiError, target: Option<&Target>, context: &ErrorContext) ->
     hints
 }
 
-fn print_json(v: &Value) -> CmdResult {
+pub(super) fn print_json(v: &Value) -> CmdResult {
     let text = serde_json::to_string_pretty(v)
         .map_err(|e| CliError::Local(format!("formatting JSON: {e}")))?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{text}").map_err(write_err)
 }
 
-fn print_text(text: &str) -> CmdResult {
+pub(super) fn print_text(text: &str) -> CmdResult {
     let mut out = std::io::stdout().lock();
     out.write_all(text.as_bytes()).map_err(write_err)?;
     out.flush().map_err(write_err)
 }
 
 /// The agent's JSON read as `T`, or a protocol error saying what did not fit.
-fn typed<T: serde::de::DeserializeOwned>(client: &Client, v: Value) -> Result<T, CliError> {
+pub(super) fn typed<T: serde::de::DeserializeOwned>(
+    client: &Client,
+    v: Value,
+) -> Result<T, CliError> {
     serde_json::from_value(v).map_err(|e| {
         CliError::Client(ClientError::Protocol {
             endpoint: client.endpoint().to_string(),
@@ -1020,7 +1055,7 @@ fn format_log_line(l: &LogLine) -> String {
 // ---- formatting helpers ----
 
 /// Columns aligned with two spaces between them; the last column is not padded.
-fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+pub(super) fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {
@@ -1136,7 +1171,7 @@ fn entrypoint(v: &Value) -> String {
 }
 
 /// "5m ago" for an RFC 3339 time, or the text as is when it does not parse.
-fn age(ts: &str, now: SystemTime) -> String {
+pub(super) fn age(ts: &str, now: SystemTime) -> String {
     let Ok(then) = humantime::parse_rfc3339_weak(ts) else {
         return ts.to_string();
     };

@@ -2,6 +2,7 @@
 
 mod client;
 mod functions;
+mod keys;
 mod pack;
 mod sandbox;
 
@@ -41,6 +42,16 @@ enum Command {
     /// Run programs in the sandbox every function instance gets.
     #[command(subcommand)]
     Sandbox(sandbox::SandboxCommand),
+    /// Access keys that sign Lambda Invoke API calls (AWS SigV4): create, list, remove.
+    #[command(
+        subcommand,
+        after_help = "\
+Examples:
+  fnlet keys create --description ci   # prints the id and the secret, once
+  fnlet keys ls
+  fnlet keys rm FNLTABCDEFGHIJKLMNOP"
+    )]
+    Keys(keys::KeysCommand),
     /// Print shell completions for fnlet.
     #[command(after_help = "\
 Examples:
@@ -77,6 +88,7 @@ pub fn main() -> ExitCode {
         Command::Agent(args) => crate::daemon::run(args),
         Command::Sandbox(cmd) => sandbox::run(cmd),
         Command::Functions(cmd) => Ok(functions::run(cmd)),
+        Command::Keys(cmd) => Ok(keys::run(cmd)),
         Command::Completions { shell } => Ok(completions(shell)),
         Command::Manpages { dir } => manpages(&dir),
     };

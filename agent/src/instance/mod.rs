@@ -1,5 +1,10 @@
-//! One running function instance. Exec mode: a fresh sandbox per invocation, the request on
-//! stdin, the response on stdout, stderr to the function's log under the request id.
+//! One running function instance. Exec mode (here): a fresh sandbox per invocation, the
+//! request on stdin, the response on stdout, stderr to the function's log under the request id.
+//! Lambda mode ([`lambda`]): a long-lived sandbox serving one invocation at a time through the
+//! Runtime API ([`runtime_api`]).
+
+pub mod lambda;
+pub mod runtime_api;
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -27,6 +32,16 @@ pub enum InvokeError {
     Crashed { signal: i32, name: &'static str },
     #[error("the function failed: exit status {0}")]
     FunctionError(i32),
+    /// A Lambda handler's own error, reported through the Runtime API; `body` is its
+    /// `{errorMessage, errorType, stackTrace}`.
+    #[error("the function's handler returned an error ({error_type})")]
+    Handler { error_type: String, body: Bytes },
+    #[error("the function's instance failed to start ({error_type})")]
+    InitFailed { error_type: String, body: Bytes },
+    #[error(
+        "the function's instance did not ask for its first event within its {0:?} init timeout and was killed"
+    )]
+    InitTimeout(Duration),
     #[error("the function's response is larger than {limit} bytes")]
     ResponseTooLarge { limit: usize },
     #[error("{function} is at its concurrency limit ({limit}); retry later")]
@@ -48,6 +63,9 @@ impl InvokeError {
             InvokeError::OutOfMemory { .. } => "out_of_memory",
             InvokeError::Crashed { .. } => "crashed",
             InvokeError::FunctionError(_) => "function_error",
+            InvokeError::Handler { .. } => "handler_error",
+            InvokeError::InitFailed { .. } => "init_error",
+            InvokeError::InitTimeout(_) => "init_timeout",
             InvokeError::ResponseTooLarge { .. } => "response_too_large",
             InvokeError::Overloaded { .. } => "overloaded",
             InvokeError::Draining => "unavailable",
@@ -57,7 +75,7 @@ impl InvokeError {
     }
 }
 
-fn signal_name(sig: i32) -> &'static str {
+pub(crate) fn signal_name(sig: i32) -> &'static str {
     nix::sys::signal::Signal::try_from(sig)
         .map(|s| s.as_str())
         .unwrap_or("unknown")

@@ -8,14 +8,15 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use isolate::{Isolator, Limits, PreparedSandbox, SandboxSpec, StdioSpec};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Config;
 use crate::instance::InvokeError;
-use crate::manifest::{Entrypoint, Manifest, Resolved};
+use crate::instance::lambda::LambdaInstance;
+use crate::manifest::{BOOTSTRAP, Entrypoint, Manifest, Mode, Resolved};
 use crate::store::{FunctionRecord, VersionRecord};
 
 /// The variable that tells an instance its request id.
@@ -33,26 +34,70 @@ pub struct ActiveFunction {
     pub spec: SandboxSpec,
 }
 
+/// Why a stored function cannot be served by this agent as configured.
+#[derive(Debug, thiserror::Error)]
+pub enum FunctionConfigError {
+    #[error(
+        "runtime {0:?} is not configured on this agent (see [runtimes] in its config; configured: {1})"
+    )]
+    UnknownRuntime(String, String),
+}
+
 impl ActiveFunction {
     pub fn new(
         rec: &FunctionRecord,
         v: &VersionRecord,
         bundle: PathBuf,
         config: &Config,
-    ) -> ActiveFunction {
-        let resolved = v.manifest.resolve(&config.defaults);
-        let (program, args) = match &v.manifest.entrypoint {
-            Entrypoint::Path(p) => (
-                format!("{}/{}", isolate::TASK_ROOT, p.trim_start_matches("./")),
-                Vec::new(),
+    ) -> Result<ActiveFunction, FunctionConfigError> {
+        let m = &v.manifest;
+        let resolved = m.resolve(&config.defaults);
+        let in_bundle = |p: &str| format!("{}/{}", isolate::TASK_ROOT, p.trim_start_matches("./"));
+        let mut ro_binds = isolate::default_runtime_binds();
+        let runtime = match &m.runtime {
+            Some(name) => Some(
+                config
+                    .runtimes
+                    .get(name)
+                    .map(|r| r.resolved(&config.state_dir))
+                    .ok_or_else(|| {
+                        FunctionConfigError::UnknownRuntime(
+                            name.clone(),
+                            config
+                                .runtimes
+                                .keys()
+                                .cloned()
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                        )
+                    })?,
             ),
-            Entrypoint::Command(argv) => (argv[0].clone(), argv[1..].to_vec()),
+            None => None,
         };
+        let (program, args) = match (&m.entrypoint, &runtime) {
+            (Some(Entrypoint::Path(p)), _) => (in_bundle(p), Vec::new()),
+            (Some(Entrypoint::Command(argv)), _) => (argv[0].clone(), argv[1..].to_vec()),
+            (None, Some(r)) => {
+                let mut args = r.command[1..].to_vec();
+                args.extend(m.handler.clone());
+                (r.command[0].clone(), args)
+            }
+            (None, None) => (in_bundle(BOOTSTRAP), Vec::new()),
+        };
+        if let Some(r) = &runtime {
+            ro_binds.extend(r.paths.iter().map(|p| isolate::Bind {
+                source: p.clone(),
+                dest: p.clone(),
+                optional: false,
+            }));
+        }
+        let lambda = m.mode == Mode::Lambda;
         let mut spec = SandboxSpec {
             name: rec.name.clone(),
             program,
             args,
             bundle: Some(bundle),
+            ro_binds,
             tmp_size_bytes: config.sandbox.tmp_mb << 20,
             limits: Limits {
                 memory_bytes: Some(resolved.memory_mb << 20),
@@ -63,26 +108,116 @@ impl ActiveFunction {
             uid: rec.uid,
             gid: rec.uid,
             user_namespace: config.sandbox.user_namespace,
-            stdio: StdioSpec::piped(),
-            // Set when the instance starts: a prepared sandbox is built before the request.
-            late_env: Some(REQUEST_ID_ENV.into()),
+            stdio: if lambda {
+                StdioSpec {
+                    stdin: isolate::Stdio::Null,
+                    ..StdioSpec::piped()
+                }
+            } else {
+                StdioSpec::piped()
+            },
+            // Exec mode: set when the instance starts (a prepared sandbox is built before the
+            // request). A Lambda instance learns its request ids from the Runtime API.
+            late_env: (!lambda).then(|| REQUEST_ID_ENV.into()),
+            loopback_listener: lambda.then_some(config.lambda.runtime_api_port),
             ..Default::default()
         };
-        spec.env.extend(v.manifest.env.clone());
+        if let Some(r) = &runtime {
+            spec.env.extend(r.env.clone());
+        }
+        spec.env.extend(m.env.clone());
         spec.env
             .insert("FNLET_FUNCTION_NAME".into(), rec.name.clone());
         spec.env
             .insert("FNLET_FUNCTION_VERSION".into(), v.version.to_string());
         spec.env
             .insert("FNLET_MEMORY_MB".into(), resolved.memory_mb.to_string());
-        ActiveFunction {
+        if lambda {
+            lambda_env(&mut spec.env, rec, v, &resolved, config);
+        }
+        Ok(ActiveFunction {
             name: rec.name.clone(),
             version: v.version,
             sha256: v.sha256.clone(),
             manifest: v.manifest.clone(),
             resolved,
             spec,
+        })
+    }
+
+    /// `arn:aws:lambda:REGION:ACCOUNT:function:NAME` (with `:VERSION` when qualified).
+    pub fn arn(&self, config: &Config, qualified: bool) -> String {
+        let base = function_arn(config, &self.name);
+        if qualified {
+            format!("{base}:{}", self.version)
+        } else {
+            base
         }
+    }
+}
+
+pub fn function_arn(config: &Config, name: &str) -> String {
+    format!(
+        "arn:aws:lambda:{}:{}:function:{name}",
+        config.lambda.region, config.lambda.account_id
+    )
+}
+
+/// The environment Lambda gives an instance (what runtime clients read at start).
+fn lambda_env(
+    env: &mut std::collections::BTreeMap<String, String>,
+    rec: &FunctionRecord,
+    v: &VersionRecord,
+    resolved: &Resolved,
+    config: &Config,
+) {
+    let m = &v.manifest;
+    let today = crate::store::now_rfc3339();
+    let date = today.get(..10).unwrap_or("1970-01-01").replace('-', "/");
+    let set = [
+        (
+            "AWS_LAMBDA_RUNTIME_API",
+            format!("127.0.0.1:{}", config.lambda.runtime_api_port),
+        ),
+        (
+            "_HANDLER",
+            m.handler.clone().unwrap_or_else(|| BOOTSTRAP.to_string()),
+        ),
+        ("LAMBDA_TASK_ROOT", isolate::TASK_ROOT.to_string()),
+        ("LAMBDA_RUNTIME_DIR", isolate::TASK_ROOT.to_string()),
+        ("AWS_LAMBDA_FUNCTION_NAME", rec.name.clone()),
+        ("AWS_LAMBDA_FUNCTION_VERSION", v.version.to_string()),
+        (
+            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+            resolved.memory_mb.to_string(),
+        ),
+        (
+            "AWS_LAMBDA_LOG_GROUP_NAME",
+            format!("/aws/lambda/{}", rec.name),
+        ),
+        (
+            "AWS_LAMBDA_LOG_STREAM_NAME",
+            format!("{date}/[{}]fnlet", v.version),
+        ),
+        (
+            "AWS_LAMBDA_INITIALIZATION_TYPE",
+            if resolved.min_instances > 0 {
+                "provisioned-concurrency"
+            } else {
+                "on-demand"
+            }
+            .to_string(),
+        ),
+        ("AWS_REGION", config.lambda.region.clone()),
+        ("AWS_DEFAULT_REGION", config.lambda.region.clone()),
+        ("TZ", ":UTC".to_string()),
+        ("LANG", "en_US.UTF-8".to_string()),
+    ];
+    for (k, val) in set {
+        env.insert(k.to_string(), val);
+    }
+    if let Some(r) = &m.runtime {
+        env.insert("AWS_EXECUTION_ENV".into(), format!("AWS_Lambda_{r}"));
     }
 }
 
@@ -96,6 +231,77 @@ pub struct FunctionSlot {
     /// A sandbox built ahead of time for the active version: (version, sandbox).
     ready: Mutex<Option<(u64, PreparedSandbox)>>,
     refilling: AtomicBool,
+    /// Lambda mode: warm instances waiting for an invocation, most recently used last.
+    idle: Mutex<Vec<Idle>>,
+    /// Lambda mode: instances alive (starting, busy or idle), and the most there ever were.
+    pub instances: Arc<InstanceCounts>,
+}
+
+/// A warm instance and since when it waits.
+struct Idle {
+    instance: Tracked,
+    since: Instant,
+}
+
+/// Counts of a function's Lambda instances.
+#[derive(Debug, Default)]
+pub struct InstanceCounts {
+    pub alive: AtomicU64,
+    pub starting: AtomicU64,
+    pub peak: AtomicU64,
+}
+
+/// An instance counted in its function's [`InstanceCounts`] for as long as it lives.
+pub struct Tracked {
+    pub instance: LambdaInstance,
+    counts: Arc<InstanceCounts>,
+}
+
+impl Tracked {
+    /// Counts an instance about to start; the returned guard uncounts it if the start fails.
+    pub fn reserve(counts: &Arc<InstanceCounts>) -> Reservation {
+        let alive = counts.alive.fetch_add(1, Ordering::AcqRel) + 1;
+        counts.peak.fetch_max(alive, Ordering::AcqRel);
+        counts.starting.fetch_add(1, Ordering::AcqRel);
+        Reservation {
+            counts: Some(counts.clone()),
+        }
+    }
+}
+
+impl std::ops::Deref for Tracked {
+    type Target = LambdaInstance;
+    fn deref(&self) -> &LambdaInstance {
+        &self.instance
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.counts.alive.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// An instance being started, counted as alive and starting.
+pub struct Reservation {
+    counts: Option<Arc<InstanceCounts>>,
+}
+
+impl Reservation {
+    pub fn started(mut self, instance: LambdaInstance) -> Tracked {
+        let counts = self.counts.take().expect("a reservation is used once");
+        counts.starting.fetch_sub(1, Ordering::AcqRel);
+        Tracked { instance, counts }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(c) = self.counts.take() {
+            c.starting.fetch_sub(1, Ordering::AcqRel);
+            c.alive.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 /// A running invocation's hold on its slot; released on drop.
@@ -122,7 +328,88 @@ impl FunctionSlot {
             waiting: AtomicU64::new(0),
             ready: Mutex::new(None),
             refilling: AtomicBool::new(false),
+            idle: Mutex::new(Vec::new()),
+            instances: Arc::new(InstanceCounts::default()),
         }
+    }
+
+    /// A warm instance of `version`, the most recently used (its caches are warmest).
+    /// Instances of other versions, or that have died, are dropped on the way.
+    pub fn take_idle(&self, version: u64) -> Option<Tracked> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(i) = idle.pop() {
+            if i.instance.version == version && i.instance.is_alive() {
+                return Some(i.instance);
+            }
+        }
+        None
+    }
+
+    /// Returns an instance to the warm pool after an invocation.
+    pub fn put_idle(&self, instance: Tracked) {
+        if instance.version != self.active().version || !instance.is_alive() {
+            return;
+        }
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Idle {
+                instance,
+                since: Instant::now(),
+            });
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Stops idle instances that have waited longer than `keep_alive` (the oldest first),
+    /// keeping `min` alive, and every one that died or runs an old version. Returns how many
+    /// instances should be started to reach `min`.
+    pub fn reap_idle(&self, now: Instant) -> u32 {
+        let f = self.active();
+        let keep_alive = Duration::from_secs_f64(f.resolved.keep_alive_s);
+        let min = u64::from(f.resolved.min_instances);
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.retain(|i| i.instance.version == f.version && i.instance.is_alive());
+        // Oldest first; the count of alive instances drops as each is dropped.
+        let mut i = 0;
+        while i < idle.len() {
+            let alive = self.instances.alive.load(Ordering::Acquire);
+            if alive <= min {
+                break;
+            }
+            if now.saturating_duration_since(idle[i].since) >= keep_alive {
+                drop(idle.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        let alive = self.instances.alive.load(Ordering::Acquire);
+        min.saturating_sub(alive) as u32
+    }
+
+    /// Drops every idle instance (shutdown, removal): each is killed.
+    pub fn drop_idle(&self) {
+        let all = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|p| p.into_inner()));
+        drop(all);
+    }
+
+    /// A slot without queueing, for background warm-ups (min_instances): they never take a
+    /// slot a caller waits for.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
+        let sem = self
+            .permits
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let permit = sem.try_acquire_owned().ok()?;
+        self.running.fetch_add(1, Ordering::Relaxed);
+        Some(Slot {
+            _permit: permit,
+            slot: self.clone(),
+            function: self.active(),
+        })
     }
 
     pub fn active(&self) -> Arc<ActiveFunction> {
@@ -261,10 +548,25 @@ impl Registry {
     }
 
     pub fn remove(&self, name: &str) -> Option<Arc<FunctionSlot>> {
-        self.map
+        let slot = self
+            .map
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(name)
+            .remove(name);
+        if let Some(s) = &slot {
+            s.drop_idle();
+        }
+        slot
+    }
+
+    /// Every function's slot.
+    pub fn slots(&self) -> Vec<Arc<FunctionSlot>> {
+        self.map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -303,6 +605,7 @@ impl Registry {
         for s in &slots {
             let ready = s.ready.lock().unwrap_or_else(|p| p.into_inner()).take();
             drop(ready);
+            s.drop_idle();
         }
     }
 
@@ -342,7 +645,7 @@ mod tests {
             created_at: String::new(),
             manifest,
         };
-        ActiveFunction::new(&rec, &v, "/b".into(), &Config::default())
+        ActiveFunction::new(&rec, &v, "/b".into(), &Config::default()).unwrap()
     }
 
     #[test]

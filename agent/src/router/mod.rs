@@ -8,11 +8,17 @@ use bytes::Bytes;
 use isolate::Isolator;
 use tokio_util::sync::CancellationToken;
 
-use crate::instance::{self, ExecCall, InvokeError};
+use std::sync::atomic::Ordering;
+
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::instance::lambda::{EventArgs, LambdaInstance, StartArgs};
+use crate::instance::{self, ExecCall, InvokeError, runtime_api};
 use crate::logs::Logs;
 use crate::manifest::Mode;
 use crate::metrics::Metrics;
-use crate::pool::{ActiveFunction, Registry};
+use crate::pool::{ActiveFunction, FunctionSlot, Registry, Slot, Tracked};
 
 pub struct Router {
     pub registry: Arc<Registry>,
@@ -27,18 +33,36 @@ pub struct Router {
     pub kill: CancellationToken,
     /// Keep a sandbox per function built ahead of time.
     pub prepare_ahead: bool,
+    /// The agent's config, for what Lambda instances are told (region, ARNs).
+    pub config: Arc<Config>,
+    /// Every Lambda instance's sandbox owner: shutdown waits for them.
+    pub instances: TaskTracker,
+}
+
+/// One invocation as the API layer asks for it.
+pub struct InvokeRequest<'a> {
+    pub name: &'a str,
+    pub body: Bytes,
+    pub request_id: &'a str,
+    /// Lambda mode: return the last 4 KB of the invocation's log (X-Amz-Log-Type: Tail).
+    pub want_tail: bool,
+    /// Lambda mode: the caller's client context (X-Amz-Client-Context), passed to the runtime.
+    pub client_context: Option<String>,
 }
 
 /// A successful invocation.
 pub struct Invocation {
     pub body: Bytes,
     pub version: u64,
+    /// The invocation's log tail, when asked for.
+    pub log_tail: Option<String>,
 }
 
 /// A failed invocation, with the version that ran when one did.
 pub struct Failure {
     pub error: InvokeError,
     pub version: Option<u64>,
+    pub log_tail: Option<String>,
 }
 
 impl Router {
@@ -57,13 +81,13 @@ impl Router {
         self.registry.get(name).map(|s| s.active())
     }
 
-    pub async fn invoke(
-        &self,
-        name: &str,
-        body: Bytes,
-        request_id: &str,
-    ) -> Result<Invocation, Failure> {
-        let fail = |error, version| Failure { error, version };
+    pub async fn invoke(&self, req: InvokeRequest<'_>) -> Result<Invocation, Failure> {
+        let (name, request_id) = (req.name, req.request_id);
+        let fail = |error, version| Failure {
+            error,
+            version,
+            log_tail: None,
+        };
         if self.draining.is_cancelled() {
             return Err(fail(InvokeError::Draining, None));
         }
@@ -80,9 +104,14 @@ impl Router {
                 return Err(fail(e, None));
             }
         };
+        self.metrics
+            .queue_wait
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
         let f = held.function.clone();
         self.metrics.invocations.get_or_create(&labels).inc();
         self.metrics.running.get_or_create(&labels).inc();
+        let mut log_tail = None;
         let result = match f.manifest.mode {
             Mode::Exec => {
                 // Exec mode starts a new instance for every call. With a sandbox built ahead of
@@ -104,16 +133,27 @@ impl Router {
                     max_response: self.max_response,
                     memory_mb: f.resolved.memory_mb,
                 };
-                instance::run_exec(&self.isolator, &self.logs, call, body, ready, &self.kill).await
+                let r = instance::run_exec(
+                    &self.isolator,
+                    &self.logs,
+                    call,
+                    req.body,
+                    ready,
+                    &self.kill,
+                )
+                .await;
+                drop(held);
+                r
             }
-            Mode::Lambda => Err(InvokeError::Internal(
-                "lambda mode is not supported by this agent".into(),
-            )),
+            Mode::Lambda => {
+                let (r, tail) = self.invoke_lambda(&slot, held, &f, req).await;
+                log_tail = tail;
+                r
+            }
         };
-        drop(held);
         // Build the next sandbox only now: built during the call, it would compete with the
         // function for the CPUs (measured: 5.0 ms median per call before, 3.2 ms after).
-        if self.prepare_ahead && f.manifest.mode == Mode::Exec && !self.draining.is_cancelled() {
+        if self.prepare_ahead && !self.draining.is_cancelled() {
             slot.refill(&self.isolator);
         }
         self.metrics.running.get_or_create(&labels).dec();
@@ -133,16 +173,19 @@ impl Router {
                     bytes = body.len(),
                     "invocation ok"
                 );
-                self.logs.append(
-                    name,
-                    f.version,
-                    request_id,
-                    "agent",
-                    &format!("END ok duration={ms:.1}ms bytes={}", body.len()),
-                );
+                if f.manifest.mode == Mode::Exec {
+                    self.logs.append(
+                        name,
+                        f.version,
+                        request_id,
+                        "agent",
+                        &format!("END ok duration={ms:.1}ms bytes={}", body.len()),
+                    );
+                }
                 Ok(Invocation {
                     body,
                     version: f.version,
+                    log_tail,
                 })
             }
             Err(e) => {
@@ -155,15 +198,198 @@ impl Router {
                     kind = e.kind(),
                     "invocation failed: {e}"
                 );
-                self.logs.append(
-                    name,
-                    f.version,
-                    request_id,
-                    "agent",
-                    &format!("END {} duration={ms:.1}ms: {e}", e.kind()),
-                );
-                Err(fail(e, Some(f.version)))
+                if f.manifest.mode == Mode::Exec {
+                    self.logs.append(
+                        name,
+                        f.version,
+                        request_id,
+                        "agent",
+                        &format!("END {} duration={ms:.1}ms: {e}", e.kind()),
+                    );
+                }
+                Err(Failure {
+                    error: e,
+                    version: Some(f.version),
+                    log_tail,
+                })
             }
         }
     }
+
+    /// Lambda mode: a warm instance if one waits, else a cold start; the instance goes back to
+    /// the warm pool unless the invocation killed it. Returns the log tail when asked for.
+    async fn invoke_lambda(
+        &self,
+        slot: &Arc<FunctionSlot>,
+        held: Slot,
+        f: &Arc<ActiveFunction>,
+        req: InvokeRequest<'_>,
+    ) -> (Result<Bytes, InvokeError>, Option<String>) {
+        let labels = Metrics::function(&f.name);
+        let request_id = req.request_id;
+        let (instance, init) = match slot.take_idle(f.version) {
+            Some(i) => {
+                self.metrics.warm_starts.get_or_create(&labels).inc();
+                (i, None)
+            }
+            None => {
+                self.metrics.cold_starts.get_or_create(&labels).inc();
+                match self.start_instance(slot, f).await {
+                    Ok(i) => {
+                        let init = i.init_duration;
+                        (i, Some(init))
+                    }
+                    Err(e) => {
+                        self.logs.append(
+                            &f.name,
+                            f.version,
+                            request_id,
+                            "agent",
+                            &format!("INIT_REPORT Status: error Error Type: {}: {e}", e.kind()),
+                        );
+                        return (Err(e), None);
+                    }
+                }
+            }
+        };
+        let timeout = Duration::from_secs_f64(f.resolved.timeout_s);
+        let ev = EventArgs {
+            request_id,
+            body: req.body,
+            deadline: Instant::now() + timeout,
+            function_arn: f.arn(&self.config, false),
+            client_context: req.client_context,
+        };
+        let (result, log) = instance.invoke(ev, &self.kill).await;
+        let peak = instance.peak_memory().await;
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let mut report = format!(
+            "REPORT RequestId: {request_id}\tDuration: {:.2} ms\tBilled Duration: {} ms\tMemory Size: {} MB\tMax Memory Used: {} MB",
+            ms(log.duration),
+            log.duration.as_micros().div_ceil(1000),
+            f.resolved.memory_mb,
+            peak.map_or(0, |b| b.div_ceil(1 << 20)),
+        );
+        if let Some(init) = init {
+            report.push_str(&format!("\tInit Duration: {:.2} ms", ms(init)));
+            self.metrics
+                .init_duration
+                .get_or_create(&labels)
+                .observe(init.as_secs_f64());
+        }
+        if let Err(e) = &result {
+            report.push_str(&format!("\tStatus: {}", e.kind()));
+        }
+        log.agent_line(request_id, &format!("END RequestId: {request_id}"));
+        log.agent_line(request_id, &report);
+        let tail = log.finish();
+        // A handler's own error leaves the instance fine; any other failure ended it.
+        let reusable = matches!(&result, Ok(_) | Err(InvokeError::Handler { .. }));
+        if reusable && instance.is_alive() && !self.draining.is_cancelled() {
+            slot.put_idle(instance);
+        }
+        drop(held);
+        (result, req.want_tail.then_some(tail))
+    }
+
+    /// Starts a Lambda instance of `f` (a prepared sandbox when one waits) and waits for its
+    /// init.
+    async fn start_instance(
+        &self,
+        slot: &Arc<FunctionSlot>,
+        f: &Arc<ActiveFunction>,
+    ) -> Result<Tracked, InvokeError> {
+        let reservation = Tracked::reserve(&slot.instances);
+        let prepared = if self.prepare_ahead {
+            slot.take_ready(f.version)
+        } else {
+            None
+        };
+        let instance = LambdaInstance::start(StartArgs {
+            isolator: &self.isolator,
+            logs: &self.logs,
+            function: f,
+            prepared,
+            max_response: self.max_response.min(runtime_api::MAX_RESPONSE),
+            cancel: &self.kill,
+            tracker: &self.instances,
+        })
+        .await?;
+        Ok(reservation.started(instance))
+    }
+
+    /// The warm pool's clock: stops instances idle past their keep-alive and starts
+    /// `min_instances`. Called about every [`REAP_INTERVAL`].
+    pub async fn reap(self: &Arc<Self>) {
+        let now = Instant::now();
+        for slot in self.registry.slots() {
+            let f = slot.active();
+            if f.manifest.mode != Mode::Lambda {
+                continue;
+            }
+            let missing = slot.reap_idle(now);
+            let counts = &slot.instances;
+            let starting = counts.starting.load(Ordering::Acquire);
+            let alive = counts.alive.load(Ordering::Acquire);
+            let idle = slot.idle_count() as u64;
+            for (state, n) in [
+                ("starting", starting),
+                ("idle", idle),
+                ("busy", alive.saturating_sub(starting + idle)),
+            ] {
+                self.metrics
+                    .instances
+                    .get_or_create(&crate::metrics::InstanceLabels {
+                        function: f.name.clone(),
+                        state: state.into(),
+                    })
+                    .set(n as i64);
+            }
+            if self.draining.is_cancelled() || starting > 0 {
+                continue;
+            }
+            for _ in 0..missing {
+                // Background warm-ups take a free slot or none: callers come first.
+                let Some(held) = slot.try_acquire() else {
+                    break;
+                };
+                let (router, slot, f) = (self.clone(), slot.clone(), f.clone());
+                tokio::spawn(async move {
+                    match router.start_instance(&slot, &f).await {
+                        Ok(i) => {
+                            tracing::info!(function = %f.name, version = f.version, instance = %i.id, init_ms = i.init_duration.as_secs_f64() * 1000.0, "warm instance started (min_instances)");
+                            slot.put_idle(i);
+                        }
+                        Err(e) => {
+                            tracing::warn!(function = %f.name, "starting a warm instance failed: {e}")
+                        }
+                    }
+                    drop(held);
+                    if router.prepare_ahead {
+                        slot.refill(&router.isolator);
+                    }
+                });
+            }
+        }
+    }
+
+    /// At shutdown: stops every idle instance and waits (up to `limit`) until every instance's
+    /// sandbox is gone.
+    pub async fn stop_instances(&self, limit: Duration) {
+        for slot in self.registry.slots() {
+            slot.drop_idle();
+        }
+        self.instances.close();
+        if tokio::time::timeout(limit, self.instances.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "instances still ending after {limit:?}; they are swept with the cgroups"
+            );
+        }
+    }
 }
+
+/// How often the warm pool is looked after.
+pub const REAP_INTERVAL: Duration = Duration::from_millis(250);

@@ -1,0 +1,85 @@
+//! `/v1/keys`: the access keys that sign Lambda Invoke API calls, made, listed and removed by
+//! the operator (admin token). A key's secret is in the answer to its creation only.
+
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{AppError, Shared, admin, blocking, read_body};
+use crate::auth::KeyStoreError;
+use crate::auth::keys::valid_id;
+
+impl From<KeyStoreError> for AppError {
+    fn from(e: KeyStoreError) -> AppError {
+        match e {
+            KeyStoreError::NotFound(_) => AppError::not_found(e.to_string()),
+            KeyStoreError::BadDescription(_) => AppError::bad_request(e.to_string()),
+            other => AppError::internal("access keys", other),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    #[serde(default)]
+    description: Option<String>,
+}
+
+pub(super) async fn create(
+    State(app): Shared,
+    headers: HeaderMap,
+    req: Request,
+) -> Result<Response, AppError> {
+    admin(&app, &headers)?;
+    let raw = read_body(&headers, req.into_body(), 4096).await?;
+    let body: CreateBody = if raw.iter().all(u8::is_ascii_whitespace) {
+        CreateBody::default()
+    } else {
+        serde_json::from_slice(&raw)
+            .map_err(|e| AppError::bad_request(format!("access key body: {e}")))?
+    };
+    let keys = app.keys.clone();
+    let description = body.description.unwrap_or_default();
+    let (info, secret) = blocking(move || Ok(keys.create(&description)?)).await?;
+    tracing::info!(access_key_id = %info.access_key_id, "created an access key");
+    let mut resp = (
+        StatusCode::CREATED,
+        axum::Json(json!({
+            "access_key_id": info.access_key_id,
+            "secret_access_key": secret.expose(),
+            "description": info.description,
+            "created_at": info.created_at,
+        })),
+    )
+        .into_response();
+    // The one answer that carries a secret: no cache keeps it.
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(resp)
+}
+
+pub(super) async fn list(State(app): Shared, headers: HeaderMap) -> Result<Response, AppError> {
+    admin(&app, &headers)?;
+    let keys = app.keys.clone();
+    let all = blocking(move || Ok(keys.list()?)).await?;
+    Ok(axum::Json(json!({ "keys": all })).into_response())
+}
+
+pub(super) async fn remove(
+    State(app): Shared,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, AppError> {
+    admin(&app, &headers)?;
+    if !valid_id(&id) {
+        return Err(AppError::not_found(format!("no access key {id:?}")));
+    }
+    let keys = app.keys.clone();
+    let removed = id.clone();
+    blocking(move || Ok(keys.remove(&removed)?)).await?;
+    tracing::info!(access_key_id = %id, "removed an access key");
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

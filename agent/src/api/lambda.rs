@@ -1,0 +1,558 @@
+//! Lambda's own front doors: the Invoke API (`POST /2015-03-31/functions/{name}/invocations`,
+//! what the AWS SDKs and CLI call) and function URLs (`/fn/{name}/{path}` for Lambda-mode
+//! functions: an HTTP request in, a payload format 2.0 event to the function, its
+//! `{statusCode, headers, cookies, body}` back out as the HTTP response).
+//!
+//! Errors of the caller or the agent are answered as Lambda does (a status, `x-amzn-ErrorType`
+//! and `{"Type", "message"}`); errors of the function are a 200 with `X-Amz-Function-Error`
+//! and the error as the payload, as the SDKs expect.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use bytes::Bytes;
+use serde::Deserialize;
+
+use super::{App, AppError, authorized, read_body, request_id};
+use crate::auth;
+use crate::instance::InvokeError;
+use crate::manifest::Mode;
+use crate::pool::{ActiveFunction, function_arn};
+use crate::router::{Failure, InvokeRequest};
+
+type Shared = State<Arc<App>>;
+
+/// A Lambda API error: status, `x-amzn-ErrorType`, and the body the SDKs parse.
+struct LambdaError {
+    status: StatusCode,
+    error_type: &'static str,
+    message: String,
+    retry_after: Option<u32>,
+}
+
+impl LambdaError {
+    fn new(status: StatusCode, error_type: &'static str, message: impl Into<String>) -> Self {
+        LambdaError {
+            status,
+            error_type,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    fn not_found(arn: &str) -> Self {
+        LambdaError::new(
+            StatusCode::NOT_FOUND,
+            "ResourceNotFoundException",
+            format!("Function not found: {arn}"),
+        )
+    }
+
+    fn invalid(message: impl Into<String>) -> Self {
+        LambdaError::new(
+            StatusCode::BAD_REQUEST,
+            "InvalidParameterValueException",
+            message,
+        )
+    }
+
+    fn response(self, request_id: &str) -> Response {
+        let body = serde_json::json!({ "Type": "User", "message": self.message });
+        let mut r = (self.status, axum::Json(body)).into_response();
+        let h = r.headers_mut();
+        h.insert(
+            "x-amzn-errortype",
+            HeaderValue::from_static(self.error_type),
+        );
+        if let Ok(v) = HeaderValue::from_str(request_id) {
+            h.insert("x-amzn-requestid", v);
+        }
+        if let Some(s) = self.retry_after {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        r
+    }
+}
+
+/// `name`, `name:qualifier`, `ACCOUNT:function:name[:qualifier]` or the full ARN, as the
+/// Invoke API accepts them: (name, qualifier).
+fn parse_function_name(raw: &str) -> Option<(String, Option<String>)> {
+    let parts: Vec<&str> = raw.split(':').collect();
+    let (name, qualifier) = match parts.as_slice() {
+        [name] => (*name, None),
+        [name, q] => (*name, Some(*q)),
+        [_account, "function", name] => (*name, None),
+        [_account, "function", name, q] => (*name, Some(*q)),
+        [
+            "arn",
+            _partition,
+            "lambda",
+            _region,
+            _account,
+            "function",
+            name,
+        ] => (*name, None),
+        [
+            "arn",
+            _partition,
+            "lambda",
+            _region,
+            _account,
+            "function",
+            name,
+            q,
+        ] => (*name, Some(*q)),
+        _ => return None,
+    };
+    Some((name.to_string(), qualifier.map(str::to_string)))
+}
+
+/// Whether `qualifier` names what this agent runs for `f`: `$LATEST` or its active version.
+fn check_qualifier(
+    f: &ActiveFunction,
+    arn: &str,
+    qualifier: Option<&str>,
+) -> Result<(), LambdaError> {
+    match qualifier {
+        None | Some("$LATEST") => Ok(()),
+        Some(q) if q == f.version.to_string() => Ok(()),
+        Some(q) if q.parse::<u64>().is_ok() => Err(LambdaError::invalid(format!(
+            "fnlet serves the active version of {} only (version {}); version {q} can run after `fnlet rollback {} --to {q}`",
+            f.name, f.version, f.name
+        ))),
+        Some(q) => Err(LambdaError::not_found(&format!(
+            "{arn}:{q} (fnlet has no aliases; use $LATEST or the active version {})",
+            f.version
+        ))),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct InvokeQuery {
+    #[serde(rename = "Qualifier")]
+    qualifier: Option<String>,
+}
+
+/// Who may invoke: a `public` function anyone; others a SigV4 signature by one of the
+/// operator's access keys, or the admin bearer token.
+fn check_caller(
+    app: &App,
+    f: &ActiveFunction,
+    parts: &axum::http::request::Parts,
+    body: &[u8],
+) -> Result<(), auth::AuthError> {
+    if f.manifest.public || authorized(app, &parts.headers) {
+        return Ok(());
+    }
+    app.keys
+        .verify(
+            &parts.method,
+            &parts.uri,
+            &parts.headers,
+            body,
+            SystemTime::now(),
+        )
+        .map(drop)
+}
+
+/// The payload a function error becomes on the Invoke API (with `X-Amz-Function-Error`).
+fn function_error_payload(e: &InvokeError, request_id: &str) -> Option<Bytes> {
+    let json = |t: &str, m: String| {
+        Some(Bytes::from(
+            serde_json::json!({ "errorType": t, "errorMessage": m }).to_string(),
+        ))
+    };
+    match e {
+        InvokeError::Handler { body, .. } | InvokeError::InitFailed { body, .. } => {
+            Some(body.clone())
+        }
+        InvokeError::Timeout(d) => json(
+            "Sandbox.Timedout",
+            format!(
+                "RequestId: {request_id} Error: Task timed out after {:.2} seconds",
+                d.as_secs_f64()
+            ),
+        ),
+        InvokeError::InitTimeout(d) => json(
+            "Runtime.InitTimeout",
+            format!(
+                "RequestId: {request_id} Error: the runtime did not ask for its first event within {:.2} seconds",
+                d.as_secs_f64()
+            ),
+        ),
+        InvokeError::OutOfMemory { limit_mb } => json(
+            "Runtime.OutOfMemory",
+            format!(
+                "RequestId: {request_id} Error: Runtime exited with error: signal: killed (out of memory, {limit_mb} MB)"
+            ),
+        ),
+        InvokeError::Crashed { name, .. } => json(
+            "Runtime.ExitError",
+            format!(
+                "RequestId: {request_id} Error: Runtime exited with error: signal: {}",
+                name.trim_start_matches("SIG").to_lowercase()
+            ),
+        ),
+        InvokeError::FunctionError(code) => json(
+            "Runtime.ExitError",
+            format!("RequestId: {request_id} Error: Runtime exited with error: exit status {code}"),
+        ),
+        InvokeError::ResponseTooLarge { limit } => json(
+            "Function.ResponseSizeTooLarge",
+            format!("Response payload size exceeded maximum allowed payload size ({limit} bytes)."),
+        ),
+        InvokeError::Spawn(err) => json(
+            "Runtime.InvalidEntrypoint",
+            format!("RequestId: {request_id} Error: {err}"),
+        ),
+        _ => None,
+    }
+}
+
+/// The Lambda API error for what the function did not cause.
+fn service_error(e: &InvokeError, arn: &str) -> LambdaError {
+    match e {
+        InvokeError::NotFound(_) => LambdaError::not_found(arn),
+        InvokeError::Overloaded { .. } => LambdaError {
+            retry_after: Some(1),
+            ..LambdaError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "TooManyRequestsException",
+                "Rate Exceeded.",
+            )
+        },
+        InvokeError::Draining => LambdaError {
+            retry_after: Some(5),
+            ..LambdaError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceException",
+                "the agent is shutting down",
+            )
+        },
+        other => {
+            tracing::error!("invocation: {other}");
+            LambdaError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "ServiceException",
+                "internal error (see the agent's log)",
+            )
+        }
+    }
+}
+
+/// `POST /2015-03-31/functions/{name}/invocations`.
+pub async fn invoke_api(
+    State(app): Shared,
+    Path(raw_name): Path<String>,
+    Query(q): Query<InvokeQuery>,
+    req: Request,
+) -> Response {
+    let id = request_id();
+    match invoke_api_inner(&app, &raw_name, q, req, &id).await {
+        Ok(r) => r,
+        Err(e) => e.response(&id),
+    }
+}
+
+async fn invoke_api_inner(
+    app: &App,
+    raw_name: &str,
+    q: InvokeQuery,
+    req: Request,
+    id: &str,
+) -> Result<Response, LambdaError> {
+    let config = &app.router.config;
+    let (name, path_qualifier) = parse_function_name(raw_name).ok_or_else(|| {
+        LambdaError::invalid(format!(
+            "1 validation error detected: Value '{raw_name}' at 'functionName' failed to satisfy constraint: a function name, partial ARN or ARN"
+        ))
+    })?;
+    let arn = function_arn(config, &name);
+    let f = app
+        .router
+        .lookup(&name)
+        .ok_or_else(|| LambdaError::not_found(&arn))?;
+    let qualifier = q.qualifier.or(path_qualifier);
+    check_qualifier(&f, &arn, qualifier.as_deref())?;
+    let (parts, body) = req.into_parts();
+    let headers = &parts.headers;
+    let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+    let invocation_type = header("x-amz-invocation-type").unwrap_or("RequestResponse");
+    let want_tail = match header("x-amz-log-type") {
+        None | Some("None") => false,
+        Some("Tail") => true,
+        Some(other) => {
+            return Err(LambdaError::invalid(format!(
+                "X-Amz-Log-Type must be None or Tail, not {other:?}"
+            )));
+        }
+    };
+    let limit = (app.config.limits.max_request_mb << 20) as usize;
+    let body = read_body(headers, body, limit).await.map_err(|e| {
+        if e.status == StatusCode::PAYLOAD_TOO_LARGE {
+            LambdaError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "RequestTooLargeException",
+                format!(
+                    "Request must be smaller than {limit} bytes for the InvokeFunction operation"
+                ),
+            )
+        } else {
+            LambdaError::invalid(e.message)
+        }
+    })?;
+    check_caller(app, &f, &parts, &body).map_err(|e| LambdaError {
+        status: e.status(),
+        error_type: e.error_type(),
+        message: e.to_string(),
+        retry_after: None,
+    })?;
+    if f.manifest.mode != Mode::Lambda {
+        return Err(LambdaError::invalid(format!(
+            "{name} is an exec-mode function: invoke it with POST /fn/{name}"
+        )));
+    }
+    // Lambda takes only JSON payloads; no payload is an empty object.
+    let body = if body.iter().all(u8::is_ascii_whitespace) {
+        Bytes::from_static(b"{}")
+    } else {
+        if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&body) {
+            return Err(LambdaError::new(
+                StatusCode::BAD_REQUEST,
+                "InvalidRequestContentException",
+                format!("Could not parse request body into json: {e}"),
+            ));
+        }
+        body
+    };
+    let client_context = match header("x-amz-client-context") {
+        None => None,
+        Some(c) => Some(
+            base64::engine::general_purpose::STANDARD
+                .decode(c)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .ok_or_else(|| {
+                    LambdaError::invalid("X-Amz-Client-Context must be base64-encoded JSON")
+                })?,
+        ),
+    };
+    match invocation_type {
+        "RequestResponse" => {}
+        "DryRun" => {
+            let mut r = StatusCode::NO_CONTENT.into_response();
+            set_header(&mut r, "x-amzn-requestid", id);
+            set_header(&mut r, "x-amz-executed-version", &f.version.to_string());
+            return Ok(r);
+        }
+        "Event" => {
+            return Err(LambdaError::invalid(
+                "InvocationType Event (asynchronous invocation) is not supported by this agent yet; use RequestResponse",
+            ));
+        }
+        other => {
+            return Err(LambdaError::invalid(format!(
+                "InvocationType must be RequestResponse, Event or DryRun, not {other:?}"
+            )));
+        }
+    }
+    let result = app
+        .router
+        .invoke(InvokeRequest {
+            name: &name,
+            body,
+            request_id: id,
+            want_tail,
+            client_context,
+        })
+        .await;
+    let (status_body, version, tail, function_error) = match result {
+        Ok(inv) => (inv.body, inv.version, inv.log_tail, None),
+        Err(Failure {
+            error,
+            version,
+            log_tail,
+        }) => match function_error_payload(&error, id) {
+            Some(payload) => (payload, version.unwrap_or(f.version), log_tail, Some(())),
+            None => return Err(service_error(&error, &arn)),
+        },
+    };
+    let mut r = (StatusCode::OK, status_body).into_response();
+    set_header(&mut r, header::CONTENT_TYPE.as_str(), "application/json");
+    set_header(&mut r, "x-amzn-requestid", id);
+    set_header(&mut r, "x-amz-executed-version", &version.to_string());
+    if function_error.is_some() {
+        set_header(&mut r, "x-amz-function-error", "Unhandled");
+    }
+    if let Some(t) = tail {
+        set_header(
+            &mut r,
+            "x-amz-log-result",
+            &base64::engine::general_purpose::STANDARD.encode(t),
+        );
+    }
+    Ok(r)
+}
+
+fn set_header(r: &mut Response, name: &str, value: &str) {
+    if let (Ok(n), Ok(v)) = (
+        header::HeaderName::from_bytes(name.as_bytes()),
+        HeaderValue::from_str(value),
+    ) {
+        r.headers_mut().insert(n, v);
+    }
+}
+
+/// `/fn/{name}` and `/fn/{name}/{*path}`: a function URL for a Lambda-mode function, the
+/// raw-body invocation for an exec-mode one (POST on `/fn/{name}` only).
+pub async fn function_url(State(app): Shared, req: Request) -> Response {
+    let id = request_id();
+    let path = req.uri().path().to_string();
+    let rest = path.strip_prefix("/fn/").unwrap_or("");
+    let (name, raw_path) = match rest.split_once('/') {
+        Some((n, p)) => (n.to_string(), format!("/{p}")),
+        None => (rest.to_string(), "/".to_string()),
+    };
+    let mut resp = match function_url_inner(&app, &name, &raw_path, req, &id).await {
+        Ok(r) => r,
+        Err((e, version)) => {
+            let mut r = e.into_response();
+            if let Some(v) = version {
+                r.headers_mut()
+                    .insert("x-fnlet-version", HeaderValue::from(v));
+            }
+            r
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-fnlet-request-id", v.clone());
+        resp.headers_mut().insert("x-amzn-requestid", v);
+    }
+    resp
+}
+
+async fn function_url_inner(
+    app: &App,
+    name: &str,
+    raw_path: &str,
+    req: Request,
+    id: &str,
+) -> Result<Response, (AppError, Option<u64>)> {
+    let f = app.router.lookup(name).ok_or_else(|| {
+        (
+            AppError::not_found(format!("no function named {name:?}")),
+            None,
+        )
+    })?;
+    if f.manifest.mode == Mode::Exec {
+        if raw_path != "/" || req.method() != axum::http::Method::POST {
+            return Err((
+                AppError::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    format!("{name} is an exec-mode function: invoke it with POST /fn/{name}"),
+                ),
+                None,
+            ));
+        }
+        return super::invoke_exec(app, req.headers().clone(), name, req, id).await;
+    }
+    let source_ip = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |c| c.0.ip());
+    let (parts, body) = req.into_parts();
+    let limit = (app.config.limits.max_request_mb << 20) as usize;
+    let body = read_body(&parts.headers, body, limit)
+        .await
+        .map_err(|e| (e, None))?;
+    check_caller(app, &f, &parts, &body).map_err(|e| {
+        (
+            AppError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string()),
+            None,
+        )
+    })?;
+    // Runtime clients build URLs from it (lambda_http panics on one it cannot parse): only a
+    // well-formed host[:port] is passed on.
+    let domain = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+        .filter(|h| {
+            h.parse::<axum::http::uri::Authority>()
+                .is_ok_and(|a| a.as_str() == *h && !h.contains('@'))
+        })
+        .unwrap_or("localhost")
+        .to_string();
+    let event = super::function_url::event(&super::function_url::UrlRequest {
+        method: &parts.method,
+        version: parts.version,
+        raw_path,
+        raw_query: parts.uri.query().unwrap_or(""),
+        headers: &parts.headers,
+        body: &body,
+        source_ip,
+        request_id: id,
+        domain_name: &domain,
+        function: name,
+        account_id: &app.router.config.lambda.account_id,
+        now: SystemTime::now(),
+    });
+    let result = app
+        .router
+        .invoke(InvokeRequest {
+            name,
+            body: Bytes::from(event),
+            request_id: id,
+            want_tail: false,
+            client_context: None,
+        })
+        .await;
+    match result {
+        Ok(inv) => {
+            let mut r = super::function_url::response(&inv.body)
+                .map_err(|e| {
+                    (
+                        AppError::new(
+                            StatusCode::BAD_GATEWAY,
+                            "bad_function_response",
+                            e.to_string(),
+                        ),
+                        Some(inv.version),
+                    )
+                })?
+                .map(axum::body::Body::from);
+            r.headers_mut()
+                .insert("x-fnlet-version", HeaderValue::from(inv.version));
+            Ok(r)
+        }
+        Err(f) => Err((f.error.into(), f.version)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn function_names_in_every_form() {
+        let n = |s: &str| parse_function_name(s);
+        assert_eq!(n("hello"), Some(("hello".into(), None)));
+        assert_eq!(n("hello:3"), Some(("hello".into(), Some("3".into()))));
+        assert_eq!(
+            n("000000000000:function:hello"),
+            Some(("hello".into(), None))
+        );
+        assert_eq!(
+            n("arn:aws:lambda:us-east-1:000000000000:function:hello:$LATEST"),
+            Some(("hello".into(), Some("$LATEST".into())))
+        );
+        assert_eq!(n("a:b:c:d:e"), None);
+    }
+}

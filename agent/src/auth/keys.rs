@@ -1,0 +1,794 @@
+//! Access keys for the Invoke API: made, listed and removed by the operator, kept sealed in a
+//! redb database of their own.
+//!
+//! Layout under the state dir:
+//! - `keys.key`: the master key, 32 random bytes, mode 0600, made at first use;
+//! - `keys.redb`: one record per access key id: description, times, and the secret sealed
+//!   with ChaCha20-Poly1305 under the master key (a random nonce each; the associated data
+//!   binds the sealed secret to its key id, so a sealed secret moved to another id does not
+//!   open).
+//!
+//! SigV4 needs the secret itself (not a hash of it) to recompute signatures, so secrets are
+//! sealed rather than hashed. They are opened once, at `open`, and kept in memory, so that
+//! verifying a request touches no disk; they are wiped from memory when dropped. A key's last
+//! use is kept in memory and written out when the keys are listed, and when the store is
+//! dropped.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::http::{HeaderMap, Method, Uri};
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use super::AuthError;
+use super::sigv4;
+
+const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("access_keys");
+pub const MASTER_KEY_FILE: &str = "keys.key";
+pub const DB_FILE: &str = "keys.redb";
+/// Access key ids: this prefix and 16 base32 characters, 20 in all like AWS's.
+pub const ID_PREFIX: &str = "FNLT";
+pub const ID_LEN: usize = 20;
+pub const SECRET_LEN: usize = 40;
+pub const MAX_DESCRIPTION: usize = 256;
+const NONCE_LEN: usize = 12;
+/// Associated data: what a sealed secret belongs to (and the format's version).
+const AAD_PREFIX: &[u8] = b"fnlet access key v1\0";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyStoreError {
+    #[error("no access key {0:?}")]
+    NotFound(String),
+    #[error("bad description: {0}")]
+    BadDescription(String),
+    #[error("access key database: {0}")]
+    Db(#[from] redb::Error),
+    #[error("master key {path}: {source}")]
+    MasterKey {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "master key {path}: {len} bytes, expected 32 (restore it, or remove it and keys.redb and make new keys)"
+    )]
+    MasterKeyLength { path: PathBuf, len: usize },
+    #[error("no randomness for an access key: {0}")]
+    Random(getrandom::Error),
+    #[error("corrupt access key record {id:?}: {source}")]
+    Corrupt {
+        id: String,
+        source: serde_json::Error,
+    },
+    #[error("sealing the secret of {0}")]
+    Seal(String),
+}
+
+macro_rules! db_err {
+    ($($t:ty),*) => { $(impl From<$t> for KeyStoreError { fn from(e: $t) -> Self { KeyStoreError::Db(e.into()) } })* };
+}
+db_err!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// A secret access key. Not `Display`, and `Debug` hides it, so it cannot end up in a log
+/// line by accident; wiped from memory when dropped.
+#[derive(Clone)]
+pub struct Secret(Zeroizing<String>);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for Secret {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// What the API and `fnlet keys ls` show of a key: never the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyInfo {
+    pub access_key_id: String,
+    pub description: String,
+    pub created_at: String,
+    /// When a request signed with it was last let in (to the second).
+    pub last_used: Option<String>,
+}
+
+/// One key on disk.
+#[derive(Serialize, Deserialize)]
+struct Record {
+    #[serde(flatten)]
+    info: KeyInfo,
+    /// Hex of nonce || ciphertext || tag.
+    sealed: String,
+}
+
+struct Entry {
+    info: KeyInfo,
+    /// `None` when the sealed secret did not open (the master key was replaced): the key is
+    /// listed and can be removed, but lets nobody in.
+    secret: Option<Secret>,
+    /// Unix seconds of the last successful verification; 0: never.
+    last_used: AtomicU64,
+    /// What the database holds, to know when to write.
+    persisted: AtomicU64,
+}
+
+pub struct KeyStore {
+    db: Database,
+    cipher: ChaCha20Poly1305,
+    /// Read on every verification; written only after the database, for a moment.
+    keys: RwLock<HashMap<String, Arc<Entry>>>,
+    /// One writer at a time (create, remove), so the map's lock is never held across a commit.
+    writer: Mutex<()>,
+}
+
+impl std::fmt::Debug for KeyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyStore").finish_non_exhaustive()
+    }
+}
+
+fn rfc3339(unix: u64) -> Option<String> {
+    let t = time::OffsetDateTime::from_unix_timestamp(i64::try_from(unix).ok()?).ok()?;
+    t.format(&time::format_description::well_known::Rfc3339)
+        .ok()
+}
+
+fn parse_rfc3339(s: &str) -> u64 {
+    // `time` has no parsing feature here: compare through SystemTime via humantime.
+    humantime::parse_rfc3339_weak(s)
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs())
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn aad(id: &str) -> Vec<u8> {
+    let mut a = AAD_PREFIX.to_vec();
+    a.extend_from_slice(id.as_bytes());
+    a
+}
+
+/// Whether `id` looks like one of ours (anything else cannot be in the store).
+pub fn valid_id(id: &str) -> bool {
+    id.len() == ID_LEN
+        && id.starts_with(ID_PREFIX)
+        && id[ID_PREFIX.len()..]
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b))
+}
+
+fn random(buf: &mut [u8]) -> Result<(), KeyStoreError> {
+    getrandom::fill(buf).map_err(KeyStoreError::Random)
+}
+
+/// `FNLT` + 16 characters of RFC 4648 base32 over 10 random bytes (80 bits).
+fn new_id() -> Result<String, KeyStoreError> {
+    const B32: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let mut raw = [0u8; 10];
+    random(&mut raw)?;
+    let mut bits = 0u128;
+    for b in raw {
+        bits = (bits << 8) | u128::from(b);
+    }
+    let mut id = String::with_capacity(ID_LEN);
+    id.push_str(ID_PREFIX);
+    for i in (0..16).rev() {
+        id.push(char::from(B32[((bits >> (i * 5)) & 31) as usize]));
+    }
+    Ok(id)
+}
+
+/// 40 characters of [A-Za-z0-9], each uniform (bytes past 247 are dropped: 248 = 4 * 62).
+fn new_secret() -> Result<Secret, KeyStoreError> {
+    const ALPHABET: &[u8; 62] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut s = Zeroizing::new(String::with_capacity(SECRET_LEN));
+    let mut raw = Zeroizing::new([0u8; 64]);
+    while s.len() < SECRET_LEN {
+        random(raw.as_mut())?;
+        for &b in raw.iter().filter(|b| **b < 248) {
+            if s.len() == SECRET_LEN {
+                break;
+            }
+            s.push(char::from(ALPHABET[usize::from(b % 62)]));
+        }
+    }
+    Ok(Secret(s))
+}
+
+fn check_description(d: &str) -> Result<(), KeyStoreError> {
+    if d.chars().count() > MAX_DESCRIPTION {
+        return Err(KeyStoreError::BadDescription(format!(
+            "at most {MAX_DESCRIPTION} characters"
+        )));
+    }
+    if d.chars().any(char::is_control) {
+        return Err(KeyStoreError::BadDescription(
+            "no control characters (newlines, tabs, escapes)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads the master key, making it (mode 0600) at first use.
+fn master_key(path: &Path) -> Result<Zeroizing<[u8; 32]>, KeyStoreError> {
+    let io = |source| KeyStoreError::MasterKey {
+        path: path.to_path_buf(),
+        source,
+    };
+    match fs::read(path) {
+        Ok(raw) => {
+            let raw = Zeroizing::new(raw);
+            let key: [u8; 32] =
+                raw.as_slice()
+                    .try_into()
+                    .map_err(|_| KeyStoreError::MasterKeyLength {
+                        path: path.to_path_buf(),
+                        len: raw.len(),
+                    })?;
+            let mode = fs::metadata(path).map_err(io)?.permissions().mode();
+            if mode & 0o077 != 0 {
+                fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io)?;
+                tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777), "the access keys' master key was readable by others: made it 0600");
+            }
+            Ok(Zeroizing::new(key))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut key = Zeroizing::new([0u8; 32]);
+            random(key.as_mut())?;
+            let tmp = path.with_extension("key.tmp");
+            {
+                let mut f = fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)
+                    .map_err(io)?;
+                f.write_all(key.as_ref()).map_err(io)?;
+                f.sync_all().map_err(io)?;
+            }
+            fs::rename(&tmp, path).map_err(io)?;
+            if let Some(dir) = path.parent() {
+                fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+            }
+            tracing::info!(path = %path.display(), "created the access keys' master key");
+            Ok(key)
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
+impl KeyStore {
+    /// Opens (creating) `<state_dir>/keys.redb` and `<state_dir>/keys.key`, and opens every
+    /// sealed secret into memory.
+    pub fn open(state_dir: &Path) -> Result<KeyStore, KeyStoreError> {
+        let master = master_key(&state_dir.join(MASTER_KEY_FILE))?;
+        let cipher = ChaCha20Poly1305::new(Key::from_slice(master.as_ref()));
+        let db = Database::create(state_dir.join(DB_FILE))?;
+        let txn = db.begin_write()?;
+        txn.open_table(KEYS)?;
+        txn.commit()?;
+        let store = KeyStore {
+            db,
+            cipher,
+            keys: RwLock::new(HashMap::new()),
+            writer: Mutex::new(()),
+        };
+        let mut keys = HashMap::new();
+        let txn = store.db.begin_read()?;
+        let table = txn.open_table(KEYS)?;
+        for row in table.iter()? {
+            let (k, v) = row?;
+            let id = k.value().to_string();
+            let rec: Record =
+                serde_json::from_slice(v.value()).map_err(|source| KeyStoreError::Corrupt {
+                    id: id.clone(),
+                    source,
+                })?;
+            let secret = store.unseal(&id, &rec.sealed);
+            if secret.is_none() {
+                tracing::warn!(access_key_id = %id, "the sealed secret of this access key does not open with keys.key (was the master key replaced?): it lets nobody in; remove it and make a new one");
+            }
+            let used = rec.info.last_used.as_deref().map_or(0, parse_rfc3339);
+            keys.insert(
+                id,
+                Arc::new(Entry {
+                    info: rec.info,
+                    secret,
+                    last_used: AtomicU64::new(used),
+                    persisted: AtomicU64::new(used),
+                }),
+            );
+        }
+        *store.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
+        Ok(store)
+    }
+
+    fn seal(&self, id: &str, secret: &Secret) -> Result<String, KeyStoreError> {
+        let mut nonce = [0u8; NONCE_LEN];
+        random(&mut nonce)?;
+        let ct = self
+            .cipher
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: secret.expose().as_bytes(),
+                    aad: &aad(id),
+                },
+            )
+            .map_err(|_| KeyStoreError::Seal(id.to_string()))?;
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&ct);
+        Ok(hex::encode(out))
+    }
+
+    fn unseal(&self, id: &str, sealed: &str) -> Option<Secret> {
+        let raw = hex::decode(sealed).ok()?;
+        if raw.len() < NONCE_LEN {
+            return None;
+        }
+        let (nonce, ct) = raw.split_at(NONCE_LEN);
+        let plain = Zeroizing::new(
+            self.cipher
+                .decrypt(
+                    Nonce::from_slice(nonce),
+                    Payload {
+                        msg: ct,
+                        aad: &aad(id),
+                    },
+                )
+                .ok()?,
+        );
+        let s = std::str::from_utf8(&plain).ok()?;
+        Some(Secret(Zeroizing::new(s.to_string())))
+    }
+
+    fn map(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Entry>>> {
+        // A panic while holding the lock leaves the map as it was: keep using it.
+        self.keys.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes a key. The secret is returned this once: the store keeps it sealed only.
+    pub fn create(&self, description: &str) -> Result<(KeyInfo, Secret), KeyStoreError> {
+        check_description(description)?;
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let id = loop {
+            let id = new_id()?;
+            if !self.map().contains_key(&id) {
+                break id;
+            }
+        };
+        let secret = new_secret()?;
+        let info = KeyInfo {
+            access_key_id: id.clone(),
+            description: description.to_string(),
+            created_at: crate::store::now_rfc3339(),
+            last_used: None,
+        };
+        let rec = Record {
+            info: info.clone(),
+            sealed: self.seal(&id, &secret)?,
+        };
+        let bytes = serde_json::to_vec(&rec).expect("records serialize");
+        let txn = self.db.begin_write()?;
+        txn.open_table(KEYS)?
+            .insert(id.as_str(), bytes.as_slice())?;
+        txn.commit()?;
+        self.keys.write().unwrap_or_else(|p| p.into_inner()).insert(
+            id,
+            Arc::new(Entry {
+                info: info.clone(),
+                secret: Some(secret.clone()),
+                last_used: AtomicU64::new(0),
+                persisted: AtomicU64::new(0),
+            }),
+        );
+        Ok((info, secret))
+    }
+
+    /// Every key, oldest first; never a secret. Writes out the last uses seen since the last
+    /// call.
+    pub fn list(&self) -> Result<Vec<KeyInfo>, KeyStoreError> {
+        self.flush_last_used()?;
+        let mut out: Vec<KeyInfo> = self.map().values().map(|e| e.current_info()).collect();
+        out.sort_by(|a, b| {
+            (&a.created_at, &a.access_key_id).cmp(&(&b.created_at, &b.access_key_id))
+        });
+        Ok(out)
+    }
+
+    pub fn get(&self, id: &str) -> Option<KeyInfo> {
+        self.map().get(id).map(|e| e.current_info())
+    }
+
+    pub fn remove(&self, id: &str) -> Result<(), KeyStoreError> {
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.map().contains_key(id) {
+            return Err(KeyStoreError::NotFound(id.to_string()));
+        }
+        let txn = self.db.begin_write()?;
+        txn.open_table(KEYS)?.remove(id)?;
+        txn.commit()?;
+        self.keys
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        Ok(())
+    }
+
+    /// The secret of a key, for verification; `None` for an unknown key.
+    pub fn secret(&self, id: &str) -> Option<Secret> {
+        self.map().get(id).and_then(|e| e.secret.clone())
+    }
+
+    /// Checks the request's SigV4 signature (header or presigned query) against the key it
+    /// names, with `body` as its payload; returns that access key id. See the module doc of
+    /// `auth` for what is checked. Touches no disk.
+    pub fn verify(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: &[u8],
+        now: SystemTime,
+    ) -> Result<String, AuthError> {
+        self.verify_payload(method, uri, headers, sigv4::Payload::Body(body), now)
+    }
+
+    /// `verify` for a body the caller hashed as it streamed in.
+    pub fn verify_sha256(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body_sha256: &[u8; 32],
+        now: SystemTime,
+    ) -> Result<String, AuthError> {
+        self.verify_payload(
+            method,
+            uri,
+            headers,
+            sigv4::Payload::Sha256(body_sha256),
+            now,
+        )
+    }
+
+    fn verify_payload(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        payload: sigv4::Payload<'_>,
+        now: SystemTime,
+    ) -> Result<String, AuthError> {
+        let mut entry = None;
+        let id = sigv4::authenticate(method, uri, headers, payload, now, |id| {
+            let e = self.map().get(id).cloned()?;
+            let secret = e.secret.clone()?;
+            entry = Some(e);
+            Some(secret)
+        })?;
+        if let Some(e) = entry {
+            e.last_used.fetch_max(unix(now), Ordering::Relaxed);
+        }
+        Ok(id)
+    }
+
+    /// Writes the last uses newer than what the database holds.
+    pub fn flush_last_used(&self) -> Result<(), KeyStoreError> {
+        let stale: Vec<(Arc<Entry>, u64)> = self
+            .map()
+            .values()
+            .filter_map(|e| {
+                let used = e.last_used.load(Ordering::Relaxed);
+                (used > e.persisted.load(Ordering::Relaxed)).then(|| (e.clone(), used))
+            })
+            .collect();
+        if stale.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(KEYS)?;
+            for (e, used) in &stale {
+                let id = e.info.access_key_id.as_str();
+                let Some(bytes) = table.get(id)?.map(|v| v.value().to_vec()) else {
+                    continue; // removed meanwhile
+                };
+                let mut rec: Record =
+                    serde_json::from_slice(&bytes).map_err(|source| KeyStoreError::Corrupt {
+                        id: id.to_string(),
+                        source,
+                    })?;
+                rec.info.last_used = rfc3339(*used);
+                let bytes = serde_json::to_vec(&rec).expect("records serialize");
+                table.insert(id, bytes.as_slice())?;
+            }
+        }
+        txn.commit()?;
+        for (e, used) in stale {
+            e.persisted.fetch_max(used, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+impl Entry {
+    fn current_info(&self) -> KeyInfo {
+        let mut info = self.info.clone();
+        let used = self.last_used.load(Ordering::Relaxed);
+        if used > 0 {
+            info.last_used = rfc3339(used);
+        }
+        info
+    }
+}
+
+impl Drop for KeyStore {
+    fn drop(&mut self) {
+        if let Err(e) = self.flush_last_used() {
+            tracing::warn!("writing the access keys' last uses: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use axum::http::HeaderValue;
+
+    use super::*;
+
+    fn signed_request(id: &str, secret: &str, now: SystemTime) -> (Method, Uri, HeaderMap) {
+        let uri: Uri = "/2015-03-31/functions/hello/invocations".parse().unwrap();
+        let date = sigv4::format_amz_date(now);
+        let cred = sigv4::Credential {
+            access_key_id: id.into(),
+            date: date[..8].into(),
+            region: "eu-west-1".into(),
+            service: "lambda".into(),
+        };
+        let claim = sigv4::Claim {
+            form: sigv4::Form::Header,
+            credential: cred.clone(),
+            amz_date: date.clone(),
+            time: now,
+            signed_headers: vec!["host".into(), "x-amz-date".into()],
+            signature: None,
+        };
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("127.0.0.1:8740"));
+        h.insert("x-amz-date", HeaderValue::from_str(&date).unwrap());
+        let cr =
+            sigv4::canonical_request(&claim, &Method::POST, &uri, &h, sigv4::Payload::Body(b"{}"))
+                .unwrap();
+        let key = sigv4::signing_key(secret, &cred.date, &cred.region, "lambda");
+        let sig = sigv4::signature(&key, &sigv4::string_to_sign(&date, &cred, &cr));
+        let auth = format!(
+            "AWS4-HMAC-SHA256 Credential={id}/{}, SignedHeaders=host;x-amz-date, Signature={}",
+            cred.scope(),
+            hex::encode(sig)
+        );
+        h.insert("authorization", HeaderValue::from_str(&auth).unwrap());
+        (Method::POST, uri, h)
+    }
+
+    fn files_contain(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+        let mut hits = Vec::new();
+        for e in fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_file() {
+                let data = fs::read(&p).unwrap();
+                if data.windows(needle.len()).any(|w| w == needle) {
+                    hits.push(p);
+                }
+            }
+        }
+        hits
+    }
+
+    #[test]
+    fn ids_and_secrets_look_like_aws() {
+        for _ in 0..50 {
+            let id = new_id().unwrap();
+            assert!(valid_id(&id), "{id}");
+            let s = new_secret().unwrap();
+            assert_eq!(s.expose().len(), SECRET_LEN);
+            assert!(s.expose().bytes().all(|b| b.is_ascii_alphanumeric()));
+        }
+        assert_ne!(new_id().unwrap(), new_id().unwrap());
+        assert!(!valid_id("FNLT0000000000000000"));
+        assert!(!valid_id("AKIAAAAAAAAAAAAAAAAA"));
+        assert!(!valid_id("FNLTAAAA"));
+        assert_eq!(format!("{:?}", new_secret().unwrap()), "Secret(<redacted>)");
+    }
+
+    #[test]
+    fn create_list_remove_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let ks = KeyStore::open(dir.path()).unwrap();
+        assert_eq!(ks.list().unwrap(), vec![]);
+        let (a, sa) = ks.create("ci").unwrap();
+        let (b, _) = ks.create("").unwrap();
+        assert_eq!(a.description, "ci");
+        assert_eq!(a.last_used, None);
+        let ids: Vec<String> = ks
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|k| k.access_key_id)
+            .collect();
+        assert_eq!(ids.len(), 2);
+        assert!(ids.contains(&a.access_key_id) && ids.contains(&b.access_key_id));
+        assert_eq!(ks.secret(&a.access_key_id).unwrap().expose(), sa.expose());
+
+        // The master key is private, and no secret is on disk in clear.
+        let mode = fs::metadata(dir.path().join(MASTER_KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(
+            fs::read(dir.path().join(MASTER_KEY_FILE)).unwrap().len(),
+            32
+        );
+        drop(ks);
+        assert_eq!(
+            files_contain(dir.path(), sa.expose().as_bytes()),
+            Vec::<PathBuf>::new()
+        );
+
+        // Reopened: the same keys, the secret opens again.
+        let ks = KeyStore::open(dir.path()).unwrap();
+        assert_eq!(ks.secret(&a.access_key_id).unwrap().expose(), sa.expose());
+        ks.remove(&b.access_key_id).unwrap();
+        assert!(matches!(
+            ks.remove(&b.access_key_id),
+            Err(KeyStoreError::NotFound(_))
+        ));
+        assert!(ks.secret(&b.access_key_id).is_none());
+        drop(ks);
+        let ks = KeyStore::open(dir.path()).unwrap();
+        assert_eq!(ks.list().unwrap().len(), 1);
+        assert!(ks.get(&b.access_key_id).is_none());
+    }
+
+    #[test]
+    fn descriptions_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let ks = KeyStore::open(dir.path()).unwrap();
+        assert!(matches!(
+            ks.create("two\nlines"),
+            Err(KeyStoreError::BadDescription(_))
+        ));
+        assert!(matches!(
+            ks.create(&"x".repeat(MAX_DESCRIPTION + 1)),
+            Err(KeyStoreError::BadDescription(_))
+        ));
+        ks.create(&"é".repeat(MAX_DESCRIPTION)).unwrap();
+    }
+
+    #[test]
+    fn a_sealed_secret_is_bound_to_its_id_and_the_master_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let ks = KeyStore::open(dir.path()).unwrap();
+        let (a, secret) = ks.create("a").unwrap();
+        let sealed = ks.seal(&a.access_key_id, &secret).unwrap();
+        assert!(ks.unseal(&a.access_key_id, &sealed).is_some());
+        assert!(ks.unseal("FNLTAAAAAAAAAAAAAAAA", &sealed).is_none());
+        let mut flipped = hex::decode(&sealed).unwrap();
+        *flipped.last_mut().unwrap() ^= 1;
+        assert!(ks.unseal(&a.access_key_id, &hex::encode(flipped)).is_none());
+        drop(ks);
+
+        // Another master key: the key is still listed, and lets nobody in.
+        fs::write(dir.path().join(MASTER_KEY_FILE), [7u8; 32]).unwrap();
+        let ks = KeyStore::open(dir.path()).unwrap();
+        assert_eq!(ks.list().unwrap().len(), 1);
+        assert!(ks.secret(&a.access_key_id).is_none());
+        let now = SystemTime::now();
+        let (m, uri, h) = signed_request(&a.access_key_id, secret.expose(), now);
+        assert_eq!(
+            ks.verify(&m, &uri, &h, b"{}", now),
+            Err(AuthError::UnknownKey)
+        );
+        ks.remove(&a.access_key_id).unwrap();
+    }
+
+    #[test]
+    fn a_bad_master_key_is_refused_and_a_loose_one_tightened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(MASTER_KEY_FILE);
+        fs::write(&path, b"short").unwrap();
+        assert!(matches!(
+            KeyStore::open(dir.path()),
+            Err(KeyStoreError::MasterKeyLength { len: 5, .. })
+        ));
+        fs::write(&path, [1u8; 32]).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        KeyStore::open(dir.path()).unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn verify_lets_in_the_right_secret_and_records_the_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let ks = KeyStore::open(dir.path()).unwrap();
+        let (a, secret) = ks.create("a").unwrap();
+        let now = SystemTime::now();
+        let (m, uri, h) = signed_request(&a.access_key_id, secret.expose(), now);
+        assert_eq!(
+            ks.verify(&m, &uri, &h, b"{}", now),
+            Ok(a.access_key_id.clone())
+        );
+        let digest: [u8; 32] =
+            sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(b"{}")).into();
+        assert_eq!(
+            ks.verify_sha256(&m, &uri, &h, &digest, now),
+            Ok(a.access_key_id.clone())
+        );
+        assert_eq!(
+            ks.verify(&m, &uri, &h, b"{ }", now),
+            Err(AuthError::SignatureMismatch)
+        );
+        let later = now + Duration::from_secs(600);
+        assert!(matches!(
+            ks.verify(&m, &uri, &h, b"{}", later),
+            Err(AuthError::Expired { .. })
+        ));
+        // Signed with a secret that is not the key's.
+        let (m2, uri2, h2) = signed_request(&a.access_key_id, "not the secret", now);
+        assert_eq!(
+            ks.verify(&m2, &uri2, &h2, b"{}", now),
+            Err(AuthError::SignatureMismatch)
+        );
+        // A key that does not exist (or no longer does).
+        let (m3, uri3, h3) = signed_request("FNLTAAAAAAAAAAAAAAAA", secret.expose(), now);
+        assert_eq!(
+            ks.verify(&m3, &uri3, &h3, b"{}", now),
+            Err(AuthError::UnknownKey)
+        );
+
+        let listed = ks.list().unwrap();
+        assert_eq!(listed[0].last_used, rfc3339(unix(now)));
+        drop(ks);
+        // Written out: it survives a restart.
+        let ks = KeyStore::open(dir.path()).unwrap();
+        assert_eq!(ks.list().unwrap()[0].last_used, rfc3339(unix(now)));
+        ks.remove(&a.access_key_id).unwrap();
+        assert_eq!(
+            ks.verify(&m, &uri, &h, b"{}", now),
+            Err(AuthError::UnknownKey)
+        );
+    }
+}

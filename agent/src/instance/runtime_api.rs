@@ -1,0 +1,703 @@
+//! The AWS Lambda Runtime API (2018-06-01), served to one instance on the listener the sandbox
+//! made in the instance's own network namespace.
+//!
+//! The instance asks for work with a long poll on `/invocation/next`, answers with
+//! `/invocation/{id}/response` (buffered, or streamed: chunked with error trailers) or
+//! `/invocation/{id}/error`, and reports a failed start with `/init/error`. Bad calls get
+//! Lambda's own status codes and `{errorMessage, errorType}` bodies.
+
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+/// One invocation handed to the instance.
+#[derive(Debug)]
+pub struct Event {
+    pub request_id: String,
+    /// Milliseconds since the epoch by which the function must answer.
+    pub deadline_ms: u128,
+    pub function_arn: String,
+    pub trace_id: String,
+    pub client_context: Option<String>,
+    pub cognito_identity: Option<String>,
+    pub body: Bytes,
+    pub reply: oneshot::Sender<Reply>,
+}
+
+/// What the runtime answered.
+#[derive(Debug)]
+pub enum Reply {
+    Response(Bytes),
+    /// `/invocation/{id}/error`, or a streamed response that ended with error trailers.
+    Error {
+        error_type: String,
+        body: Bytes,
+    },
+    /// The response was larger than the agent accepts.
+    TooLarge {
+        limit: usize,
+    },
+}
+
+/// How far the instance's start has come.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Init {
+    Starting,
+    /// The runtime asked for its first event.
+    Ready,
+    /// The runtime reported `/init/error`.
+    Failed {
+        error_type: String,
+        body: Bytes,
+    },
+}
+
+/// The state one instance's Runtime API works on.
+pub struct RuntimeApi {
+    events: tokio::sync::Mutex<mpsc::Receiver<Event>>,
+    /// The invocation handed out and not yet answered: its id and where the answer goes.
+    current: Mutex<Option<(String, oneshot::Sender<Reply>)>>,
+    init: watch::Sender<Init>,
+    /// Cancelled when the instance ends: pending long polls return.
+    ended: CancellationToken,
+    max_response: usize,
+}
+
+/// The agent's side of an instance's Runtime API.
+pub struct RuntimeHandle {
+    pub events: mpsc::Sender<Event>,
+    pub init: watch::Receiver<Init>,
+    api: Arc<RuntimeApi>,
+}
+
+impl RuntimeHandle {
+    /// The request id of the invocation the runtime is working on, if any.
+    pub fn current_request(&self) -> Option<String> {
+        self.api
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(id, _)| id.clone())
+    }
+
+    /// Forgets the current invocation (after a timeout: the instance is being killed).
+    pub fn abandon_current(&self) {
+        self.api
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+    }
+}
+
+/// Lambda's limit for a synchronous response.
+pub const MAX_RESPONSE: usize = 6 * 1024 * 1024;
+/// Error bodies are small; a runtime that sends more is cut off.
+const MAX_ERROR_BODY: usize = 1024 * 1024;
+
+const NEXT: &str = "/2018-06-01/runtime/invocation/next";
+const RESPONSE: &str = "/2018-06-01/runtime/invocation/{id}/response";
+const ERROR: &str = "/2018-06-01/runtime/invocation/{id}/error";
+const INIT_ERROR: &str = "/2018-06-01/runtime/init/error";
+
+/// Serves the Runtime API on `listener` until `ended` is cancelled.
+pub fn serve(
+    listener: std::net::TcpListener,
+    ended: CancellationToken,
+    max_response: usize,
+) -> std::io::Result<RuntimeHandle> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let (tx, rx) = mpsc::channel(1);
+    let (init_tx, init_rx) = watch::channel(Init::Starting);
+    let api = Arc::new(RuntimeApi {
+        events: tokio::sync::Mutex::new(rx),
+        current: Mutex::new(None),
+        init: init_tx,
+        ended: ended.clone(),
+        max_response,
+    });
+    let app = Router::new()
+        .route(NEXT, get(next))
+        .route(RESPONSE, post(response))
+        .route(ERROR, post(invocation_error))
+        .route(INIT_ERROR, post(init_error))
+        .fallback(|| async {
+            lambda_error(
+                StatusCode::NOT_FOUND,
+                "InvalidRequest",
+                "no such Runtime API path (this is the 2018-06-01 Runtime API)",
+            )
+        })
+        .with_state(api.clone());
+    tokio::spawn(async move {
+        let stop = ended.clone();
+        // Small answers on a kept-alive connection: never wait for Nagle.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+        {
+            tracing::debug!("runtime API server: {e}");
+        }
+    });
+    Ok(RuntimeHandle {
+        events: tx,
+        init: init_rx,
+        api,
+    })
+}
+
+/// `{errorMessage, errorType}` with a status, as the Runtime API answers bad calls.
+fn lambda_error(status: StatusCode, error_type: &str, message: &str) -> Response {
+    (
+        status,
+        axum::Json(serde_json::json!({ "errorMessage": message, "errorType": error_type })),
+    )
+        .into_response()
+}
+
+fn accepted() -> Response {
+    (
+        StatusCode::ACCEPTED,
+        axum::Json(serde_json::json!({ "status": "OK" })),
+    )
+        .into_response()
+}
+
+fn state_transition(from: &str, to: &str, why: &str) -> Response {
+    lambda_error(
+        StatusCode::FORBIDDEN,
+        "InvalidStateTransition",
+        &format!("State transition from {from} to {to} failed for runtime. Error: {why}"),
+    )
+}
+
+async fn next(State(api): State<Arc<RuntimeApi>>) -> Response {
+    if api
+        .current
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .is_some()
+    {
+        return state_transition(
+            "Invoke",
+            "Ready",
+            "the current invocation has not been answered",
+        );
+    }
+    if matches!(*api.init.borrow(), Init::Failed { .. }) {
+        return state_transition("InitError", "Ready", "init already failed");
+    }
+    // Only one long poll at a time takes events; the first one marks the end of init.
+    let mut events = tokio::select! {
+        e = api.events.lock() => e,
+        _ = api.ended.cancelled() => return shutting_down(),
+    };
+    api.init.send_if_modified(|s| {
+        if *s == Init::Starting {
+            *s = Init::Ready;
+            true
+        } else {
+            false
+        }
+    });
+    let event = tokio::select! {
+        e = events.recv() => e,
+        _ = api.ended.cancelled() => None,
+    };
+    drop(events);
+    let Some(event) = event else {
+        return shutting_down();
+    };
+    let mut headers = HeaderMap::new();
+    let mut put = |name: &'static str, value: &str| {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            headers.insert(name, v);
+        }
+    };
+    put("lambda-runtime-aws-request-id", &event.request_id);
+    put("lambda-runtime-deadline-ms", &event.deadline_ms.to_string());
+    put("lambda-runtime-invoked-function-arn", &event.function_arn);
+    put("lambda-runtime-trace-id", &event.trace_id);
+    if let Some(c) = &event.client_context {
+        put("lambda-runtime-client-context", c);
+    }
+    if let Some(c) = &event.cognito_identity {
+        put("lambda-runtime-cognito-identity", c);
+    }
+    put("content-type", "application/json");
+    *api.current.lock().unwrap_or_else(|p| p.into_inner()) =
+        Some((event.request_id.clone(), event.reply));
+    (StatusCode::OK, headers, event.body).into_response()
+}
+
+fn shutting_down() -> Response {
+    lambda_error(
+        StatusCode::GONE,
+        "ShutdownInProgress",
+        "the instance is shutting down",
+    )
+}
+
+/// Takes the current invocation's reply channel if `id` names it.
+fn take_current(api: &RuntimeApi, id: &str) -> Option<oneshot::Sender<Reply>> {
+    let mut cur = api.current.lock().unwrap_or_else(|p| p.into_inner());
+    match cur.as_ref() {
+        Some((cur_id, _)) if cur_id == id => cur.take().map(|(_, tx)| tx),
+        _ => None,
+    }
+}
+
+fn invalid_request_id() -> Response {
+    lambda_error(
+        StatusCode::BAD_REQUEST,
+        "InvalidRequestID",
+        "Invalid request ID",
+    )
+}
+
+fn too_large(limit: usize) -> Response {
+    lambda_error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "RequestEntityTooLarge",
+        &format!("Exceeded maximum allowed payload size ({limit} bytes)."),
+    )
+}
+
+/// The error type a runtime named in its header, or Lambda's default.
+fn error_type(headers: &HeaderMap, name: &str) -> String {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .unwrap_or(UNKNOWN_ERROR)
+        .chars()
+        .take(256)
+        .collect()
+}
+
+const UNKNOWN_ERROR: &str = "Runtime.Unknown";
+
+/// `errorType` of an error body, when it is the JSON Lambda's clients send.
+fn body_error_type(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let t = v.get("errorType")?.as_str()?;
+    (!t.is_empty()).then(|| t.chars().take(256).collect())
+}
+
+/// The body the caller gets for an error the runtime reported without one.
+fn default_error_body(error_type: &str) -> Bytes {
+    Bytes::from(
+        serde_json::json!({ "errorMessage": "Unknown application error occurred", "errorType": error_type })
+            .to_string(),
+    )
+}
+
+async fn response(
+    State(api): State<Arc<RuntimeApi>>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Response {
+    let mode = req.headers().get("lambda-runtime-function-response-mode");
+    if mode.is_some_and(|m| {
+        !(m.as_bytes().eq_ignore_ascii_case(b"streaming")
+            || m.as_bytes().eq_ignore_ascii_case(b"buffered"))
+    }) {
+        return lambda_error(
+            StatusCode::BAD_REQUEST,
+            "InvalidFunctionResponseMode",
+            "Invalid function response mode",
+        );
+    }
+    let Some(reply) = take_current(&api, &id) else {
+        return invalid_request_id();
+    };
+    let limit = api.max_response;
+    // A streamed response is chunked and may end with trailers that turn it into an error.
+    let collected = match http_body_util::Limited::new(req.into_body(), limit)
+        .collect()
+        .await
+    {
+        Ok(c) => c,
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            let _ = reply.send(Reply::TooLarge { limit });
+            return too_large(limit);
+        }
+        Err(e) => {
+            let _ = reply.send(Reply::Error {
+                error_type: "Runtime.TruncatedResponse".into(),
+                body: Bytes::from(
+                    serde_json::json!({"errorMessage": format!("the runtime's response was cut off: {e}"), "errorType": "Runtime.TruncatedResponse"}).to_string(),
+                ),
+            });
+            return lambda_error(
+                StatusCode::BAD_REQUEST,
+                "TruncatedHTTPRequest",
+                "HTTP request detected as truncated",
+            );
+        }
+    };
+    let trailers = collected.trailers().cloned();
+    let body = collected.to_bytes();
+    if let Some(t) = trailers
+        && t.contains_key("lambda-runtime-function-error-type")
+    {
+        let error_type = error_type(&t, "lambda-runtime-function-error-type");
+        let body = t
+            .get("lambda-runtime-function-error-body")
+            .and_then(|v| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(v.as_bytes())
+                    .ok()
+            })
+            .map(Bytes::from)
+            .unwrap_or_else(|| default_error_body(&error_type));
+        let _ = reply.send(Reply::Error { error_type, body });
+        return accepted();
+    }
+    let _ = reply.send(Reply::Response(body));
+    accepted()
+}
+
+async fn read_error_body(req: Request) -> Bytes {
+    match http_body_util::Limited::new(req.into_body(), MAX_ERROR_BODY)
+        .collect()
+        .await
+    {
+        Ok(c) => c.to_bytes(),
+        Err(_) => Bytes::new(),
+    }
+}
+
+async fn invocation_error(
+    State(api): State<Arc<RuntimeApi>>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Response {
+    let Some(reply) = take_current(&api, &id) else {
+        return invalid_request_id();
+    };
+    let header_type = error_type(req.headers(), "lambda-runtime-function-error-type");
+    let mut body = read_error_body(req).await;
+    if body.is_empty() {
+        body = default_error_body(&header_type);
+    }
+    // Some clients (awslambdaric) name the type only in the body.
+    let error_type = if header_type == UNKNOWN_ERROR {
+        body_error_type(&body).unwrap_or(header_type)
+    } else {
+        header_type
+    };
+    let _ = reply.send(Reply::Error { error_type, body });
+    accepted()
+}
+
+async fn init_error(State(api): State<Arc<RuntimeApi>>, req: Request) -> Response {
+    let header_type = error_type(req.headers(), "lambda-runtime-function-error-type");
+    if *api.init.borrow() != Init::Starting {
+        return state_transition(
+            "Ready",
+            "InitError",
+            "init errors are reported before the first /next",
+        );
+    }
+    let mut body = read_error_body(req).await;
+    if body.is_empty() {
+        body = default_error_body(&header_type);
+    }
+    let error_type = if header_type == UNKNOWN_ERROR {
+        body_error_type(&body).unwrap_or(header_type)
+    } else {
+        header_type
+    };
+    api.init.send_replace(Init::Failed { error_type, body });
+    accepted()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    struct Served {
+        base: String,
+        handle: RuntimeHandle,
+        stop: CancellationToken,
+    }
+
+    fn start() -> Served {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let base = format!("http://{}/2018-06-01", l.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        let handle = serve(l, stop.clone(), 1024).unwrap();
+        Served { base, handle, stop }
+    }
+
+    fn event(id: &str, body: &'static str) -> (Event, oneshot::Receiver<Reply>) {
+        let (tx, rx) = oneshot::channel();
+        let e = Event {
+            request_id: id.into(),
+            deadline_ms: 1_700_000_000_000,
+            function_arn: "arn:aws:lambda:us-east-1:000000000000:function:f".into(),
+            trace_id: "Root=1-0-0".into(),
+            client_context: Some("{\"custom\":{}}".into()),
+            cognito_identity: None,
+            body: Bytes::from_static(body.as_bytes()),
+            reply: tx,
+        };
+        (e, rx)
+    }
+
+    async fn json(r: reqwest::Response) -> (u16, serde_json::Value) {
+        let s = r.status().as_u16();
+        (s, r.json().await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn next_response_and_lambdas_errors_for_bad_calls() {
+        let s = start();
+        let c = reqwest::Client::new();
+        assert_eq!(*s.handle.init.borrow(), Init::Starting);
+        let (e, rx) = event("req-1", "{\"a\":1}");
+        s.handle.events.send(e).await.unwrap();
+        let r = c
+            .get(format!("{}/runtime/invocation/next", s.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let h = r.headers();
+        assert_eq!(h["lambda-runtime-aws-request-id"], "req-1");
+        assert_eq!(h["lambda-runtime-deadline-ms"], "1700000000000");
+        assert_eq!(h["lambda-runtime-client-context"], "{\"custom\":{}}");
+        assert!(h.contains_key("lambda-runtime-invoked-function-arn"));
+        assert!(h.contains_key("lambda-runtime-trace-id"));
+        assert!(!h.contains_key("lambda-runtime-cognito-identity"));
+        assert_eq!(r.text().await.unwrap(), "{\"a\":1}");
+        assert_eq!(*s.handle.init.borrow(), Init::Ready);
+        assert_eq!(s.handle.current_request().as_deref(), Some("req-1"));
+
+        // Asking for more work before answering is a state transition Lambda refuses.
+        let (st, b) = json(
+            c.get(format!("{}/runtime/invocation/next", s.base))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(
+            (st, b["errorType"].as_str()),
+            (403, Some("InvalidStateTransition"))
+        );
+        // A response for another request id.
+        let (st, b) = json(
+            c.post(format!("{}/runtime/invocation/other/response", s.base))
+                .body("x")
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(
+            (st, b["errorType"].as_str()),
+            (400, Some("InvalidRequestID"))
+        );
+        assert_eq!(b["errorMessage"], "Invalid request ID");
+        // The right one.
+        let (st, b) = json(
+            c.post(format!("{}/runtime/invocation/req-1/response", s.base))
+                .body("{\"ok\":true}")
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!((st, b["status"].as_str()), (202, Some("OK")));
+        match rx.await.unwrap() {
+            Reply::Response(b) => assert_eq!(&b[..], b"{\"ok\":true}"),
+            other => panic!("{other:?}"),
+        }
+        // Answered once: a second answer is for no invocation.
+        let r = c
+            .post(format!("{}/runtime/invocation/req-1/response", s.base))
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400);
+        // Unknown paths and init errors after init.
+        let r = c
+            .get(format!("{}/runtime/nope", s.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404);
+        let (st, b) = json(
+            c.post(format!("{}/runtime/init/error", s.base))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(
+            (st, b["errorType"].as_str()),
+            (403, Some("InvalidStateTransition"))
+        );
+        s.stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn handler_errors_oversized_responses_and_init_errors() {
+        let s = start();
+        let c = reqwest::Client::new();
+        let (e, rx) = event("req-2", "{}");
+        s.handle.events.send(e).await.unwrap();
+        c.get(format!("{}/runtime/invocation/next", s.base))
+            .send()
+            .await
+            .unwrap();
+        let r = c
+            .post(format!("{}/runtime/invocation/req-2/error", s.base))
+            .header("lambda-runtime-function-error-type", "Handler.Boom")
+            .body("{\"errorMessage\":\"boom\",\"errorType\":\"Handler.Boom\",\"stackTrace\":[]}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        match rx.await.unwrap() {
+            Reply::Error { error_type, body } => {
+                assert_eq!(error_type, "Handler.Boom");
+                assert!(String::from_utf8_lossy(&body).contains("boom"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Larger than the 1024 bytes this server takes.
+        let (e, rx) = event("req-3", "{}");
+        s.handle.events.send(e).await.unwrap();
+        c.get(format!("{}/runtime/invocation/next", s.base))
+            .send()
+            .await
+            .unwrap();
+        let (st, b) = json(
+            c.post(format!("{}/runtime/invocation/req-3/response", s.base))
+                .body(vec![b'x'; 4096])
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(
+            (st, b["errorType"].as_str()),
+            (413, Some("RequestEntityTooLarge"))
+        );
+        assert!(matches!(rx.await.unwrap(), Reply::TooLarge { limit: 1024 }));
+        s.stop.cancel();
+
+        // A runtime that fails its init says so before its first /next.
+        let s = start();
+        let r = c
+            .post(format!("{}/runtime/init/error", s.base))
+            .header(
+                "lambda-runtime-function-error-type",
+                "Runtime.ImportModuleError",
+            )
+            .body("{\"errorMessage\":\"no module\",\"errorType\":\"Runtime.ImportModuleError\"}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        match &*s.handle.init.borrow() {
+            Init::Failed { error_type, .. } => assert_eq!(error_type, "Runtime.ImportModuleError"),
+            other => panic!("{other:?}"),
+        }
+        s.stop.cancel();
+    }
+
+    /// Response streaming: chunked, and an error reported in the trailers after some output.
+    #[tokio::test]
+    async fn streamed_responses_and_error_trailers() {
+        use http_body_util::{BodyExt, StreamBody};
+        use hyper::body::Frame;
+        let s = start();
+        let addr = s
+            .base
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string();
+        for with_error in [false, true] {
+            let id = if with_error { "s-err" } else { "s-ok" };
+            let (e, rx) = event(id, "{}");
+            s.handle.events.send(e).await.unwrap();
+            reqwest::get(format!("{}/runtime/invocation/next", s.base))
+                .await
+                .unwrap();
+            let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            let mut frames: Vec<Result<Frame<Bytes>, std::io::Error>> = vec![
+                Ok(Frame::data(Bytes::from_static(b"part1,"))),
+                Ok(Frame::data(Bytes::from_static(b"part2"))),
+            ];
+            if with_error {
+                let mut t = HeaderMap::new();
+                t.insert(
+                    "lambda-runtime-function-error-type",
+                    HeaderValue::from_static("Stream.Fail"),
+                );
+                let body = base64::engine::general_purpose::STANDARD
+                    .encode("{\"errorMessage\":\"mid-stream\"}");
+                t.insert(
+                    "lambda-runtime-function-error-body",
+                    HeaderValue::from_str(&body).unwrap(),
+                );
+                frames.push(Ok(Frame::trailers(t)));
+            }
+            let body = StreamBody::new(futures_util::stream::iter(frames)).boxed();
+            let req = hyper::Request::post(format!("/2018-06-01/runtime/invocation/{id}/response"))
+                .header("host", &addr)
+                .header("lambda-runtime-function-response-mode", "streaming")
+                .header("transfer-encoding", "chunked")
+                .header(
+                    "trailer",
+                    "Lambda-Runtime-Function-Error-Type, Lambda-Runtime-Function-Error-Body",
+                )
+                .body(body)
+                .unwrap();
+            let resp = sender.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), 202);
+            match (
+                with_error,
+                tokio::time::timeout(Duration::from_secs(5), rx)
+                    .await
+                    .unwrap()
+                    .unwrap(),
+            ) {
+                (false, Reply::Response(b)) => assert_eq!(&b[..], b"part1,part2"),
+                (true, Reply::Error { error_type, body }) => {
+                    assert_eq!(error_type, "Stream.Fail");
+                    assert_eq!(&body[..], b"{\"errorMessage\":\"mid-stream\"}");
+                }
+                (_, other) => panic!("{other:?}"),
+            }
+        }
+        s.stop.cancel();
+    }
+}

@@ -1,0 +1,458 @@
+//! Lambda mode against the real agent, with runtime clients nobody here wrote: a function built
+//! with the `lambda_runtime` crate and one with `lambda_http` (tests/fixtures/, built by
+//! scripts/build-fixtures.sh), through the Invoke API and function URLs; the warm pool's
+//! scaling, keep-alive and init failures. Needs root.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use common::agent::{Agent, Fixture, Resp, Settings};
+use reqwest::Method;
+use reqwest::blocking::Body;
+use serde_json::{Value, json};
+
+/// A Lambda bundle: the fixture's bootstrap and a manifest of our own.
+fn lambda_fixture(fixture: &str, name: &str, extra: &str) -> Fixture {
+    let bin = std::fs::read(common::fixture_bootstrap(fixture)).expect("read bootstrap");
+    let manifest = format!("name = \"{name}\"\nmode = \"lambda\"\npublic = true\n{extra}\n");
+    Fixture::new(&manifest, &[("bootstrap", &bin, 0o755)])
+}
+
+fn invoke_api(agent: &Agent, name: &str, payload: &Value, headers: &[(&str, &str)]) -> Resp {
+    let mut req = agent
+        .http_with_token(
+            Method::POST,
+            &format!("/2015-03-31/functions/{name}/invocations"),
+            "",
+        )
+        .body(payload.to_string());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let r = req.send().expect("invoke API");
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    Resp {
+        status,
+        headers,
+        body: r.bytes().expect("body").to_vec(),
+    }
+}
+
+fn describe(agent: &Agent, name: &str) -> Value {
+    agent
+        .admin(Method::GET, &format!("/v1/functions/{name}"), None)
+        .json()
+}
+
+fn metric(agent: &Agent, line_start: &str) -> f64 {
+    let text = agent.get("/metrics").text();
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn lambda_runtime_function_through_the_invoke_api_and_its_url() {
+    let agent = Agent::start("lambda-rt");
+    let f = lambda_fixture("lambda-rust", "echo", "memory_mb = 96\ntimeout_s = 5");
+    agent.deploy(f.path());
+
+    // Cold, then warm: the same instance serves both.
+    let r = invoke_api(&agent, "echo", &json!({"hello": "world"}), &[]);
+    r.expect_ok(200);
+    let body = r.json();
+    assert_eq!(body["echo"], json!({"hello": "world"}), "{body}");
+    assert_eq!(body["function"], "echo");
+    assert_eq!(body["memory"], "96");
+    assert_eq!(
+        body["request_id"].as_str(),
+        r.header("x-amzn-requestid").as_deref()
+    );
+    assert_eq!(
+        body["invoked_function_arn"],
+        "arn:aws:lambda:us-east-1:000000000000:function:echo"
+    );
+    assert!(body["deadline_ms"].as_u64().unwrap_or(0) > 1_700_000_000_000);
+    assert_eq!(r.header("x-amz-executed-version").as_deref(), Some("1"));
+    assert_eq!(r.header("x-amz-function-error"), None);
+    let r2 = invoke_api(&agent, "echo", &json!({"n": 2}), &[]);
+    r2.expect_ok(200);
+    assert_eq!(r2.json()["echo"], json!({"n": 2}));
+    assert_eq!(
+        metric(&agent, "fnlet_cold_starts_total{function=\"echo\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&agent, "fnlet_warm_starts_total{function=\"echo\"}"),
+        1.0
+    );
+    assert_eq!(describe(&agent, "echo")["instances"]["alive"], 1);
+
+    // A handler error: 200, X-Amz-Function-Error, the runtime's error as the payload; the
+    // instance survives it.
+    let r = invoke_api(&agent, "echo", &json!({"fail": true}), &[]);
+    r.expect_ok(200);
+    assert_eq!(
+        r.header("x-amz-function-error").as_deref(),
+        Some("Unhandled")
+    );
+    let e = r.json();
+    assert_eq!(e["errorType"], "FixtureError", "{e}");
+    assert_eq!(e["errorMessage"], "the event asked for a failure");
+    assert_eq!(describe(&agent, "echo")["instances"]["peak"], 1);
+
+    // Tail: the invocation's own log, START to REPORT, with what the function wrote.
+    let r = invoke_api(
+        &agent,
+        "echo",
+        &json!({"stderr": "a line on stderr", "stdout": "a line on stdout"}),
+        &[("X-Amz-Log-Type", "Tail")],
+    );
+    r.expect_ok(200);
+    let id = r.header("x-amzn-requestid").expect("request id");
+    let tail = base64::engine::general_purpose::STANDARD
+        .decode(r.header("x-amz-log-result").expect("X-Amz-Log-Result"))
+        .expect("base64");
+    let tail = String::from_utf8(tail).expect("utf-8");
+    assert!(
+        tail.contains(&format!("START RequestId: {id} Version: 1")),
+        "{tail}"
+    );
+    assert!(
+        tail.contains("a line on stderr") && tail.contains("a line on stdout"),
+        "{tail}"
+    );
+    assert!(tail.contains(&format!("END RequestId: {id}")), "{tail}");
+    assert!(
+        tail.contains(&format!("REPORT RequestId: {id}\tDuration: ")),
+        "{tail}"
+    );
+    assert!(
+        tail.contains("Memory Size: 96 MB\tMax Memory Used: "),
+        "{tail}"
+    );
+    // The function's lines are in `fnlet logs` under their request id.
+    let logs = agent.cli(&["logs", "echo", "--json"]);
+    let logs = String::from_utf8_lossy(&logs.stdout).into_owned();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("a line on stderr") && l.contains(&id)),
+        "{logs}"
+    );
+    // Only the first call had a cold start: its REPORT says Init Duration.
+    assert_eq!(logs.matches("Init Duration: ").count(), 1, "{logs}");
+
+    // The function URL of a plain handler: the event is the HTTP request, the handler's JSON
+    // answer (no statusCode) comes back as application/json.
+    let r = agent
+        .http_with_token(Method::POST, "/fn/echo/some/path?x=1", "")
+        .header("content-type", "application/json")
+        .body("{\"k\":\"v\"}")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let event = &r.json::<Value>().unwrap()["echo"];
+    assert_eq!(event["version"], "2.0", "{event}");
+    assert_eq!(event["rawPath"], "/some/path");
+    assert_eq!(event["rawQueryString"], "x=1");
+    assert_eq!(event["requestContext"]["http"]["method"], "POST");
+    assert_eq!(
+        event["body"], "{\"k\":\"v\"}",
+        "text bodies are passed as they are"
+    );
+    assert_eq!(event["isBase64Encoded"], false);
+    // A body of another type goes base64-encoded, as function URLs do.
+    let r = agent.request(
+        Method::PUT,
+        "/fn/echo",
+        false,
+        Some(Body::from(vec![0u8, 159, 146, 150])),
+    );
+    r.expect_ok(200);
+    let event = &r.json()["echo"];
+    assert_eq!(event["isBase64Encoded"], true, "{event}");
+    assert_eq!(event["body"], "AJ+Slg==");
+    // Qualifiers: $LATEST and the active version run; others are refused, Lambda-style.
+    invoke_api(&agent, "echo:$LATEST", &json!({}), &[]).expect_ok(200);
+    let r = invoke_api(
+        &agent,
+        "arn:aws:lambda:us-east-1:000000000000:function:echo:1",
+        &json!({}),
+        &[],
+    );
+    r.expect_ok(200);
+    let r = invoke_api(&agent, "echo:7", &json!({}), &[]);
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.header("x-amzn-errortype").as_deref(),
+        Some("InvalidParameterValueException")
+    );
+    // DryRun, bad payloads and unknown functions.
+    let r = invoke_api(
+        &agent,
+        "echo",
+        &json!({}),
+        &[("X-Amz-Invocation-Type", "DryRun")],
+    );
+    assert_eq!(r.status, 204);
+    let r = agent
+        .http_with_token(Method::POST, "/2015-03-31/functions/echo/invocations", "")
+        .body("{not json")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        r.headers()["x-amzn-errortype"],
+        "InvalidRequestContentException"
+    );
+    let r = invoke_api(&agent, "nope", &json!({}), &[]);
+    assert_eq!(r.status, 404);
+    assert_eq!(
+        r.header("x-amzn-errortype").as_deref(),
+        Some("ResourceNotFoundException")
+    );
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("function:nope")
+    );
+    agent.finish();
+}
+
+#[test]
+fn lambda_http_function_url_and_invoke_api() {
+    let agent = Agent::start("lambda-http");
+    let f = lambda_fixture("lambda-http", "web", "timeout_s = 5");
+    agent.deploy(f.path());
+
+    let r = agent.request(Method::GET, "/fn/web/hello?name=fnlet", false, None);
+    r.expect_ok(200);
+    assert_eq!(r.text(), "hello fnlet");
+    assert_eq!(r.header("x-fixture").as_deref(), Some("1"));
+    assert!(r.header("set-cookie").is_some(), "{:?}", r.headers);
+
+    let r = agent
+        .http_with_token(Method::POST, "/fn/web/echo", "")
+        .header("content-type", "text/plain")
+        .body("echo me")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(r.text().unwrap(), "echo me");
+
+    let r = agent.request(Method::GET, "/fn/web/status/418", false, None);
+    assert_eq!(r.status, 418);
+    // A handler error through a function URL: 502 naming it.
+    agent
+        .request(Method::GET, "/fn/web/fail", false, None)
+        .expect_error(502, "handler_error");
+    // What the handler saw of the request.
+    let r = agent.request(Method::DELETE, "/fn/web/inspect?a=1&a=2", false, None);
+    r.expect_ok(200);
+    let seen = r.json();
+    assert_eq!(seen["method"], "DELETE", "{seen}");
+
+    // The same function through the Invoke API, with a function URL event built by hand.
+    let event = json!({
+        "version": "2.0", "routeKey": "$default", "rawPath": "/hello", "rawQueryString": "name=sdk",
+        "headers": {"host": "localhost"}, "queryStringParameters": {"name": "sdk"},
+        "requestContext": {"accountId": "000000000000", "apiId": "web", "domainName": "localhost",
+            "domainPrefix": "localhost", "http": {"method": "GET", "path": "/hello", "protocol": "HTTP/1.1",
+            "sourceIp": "127.0.0.1", "userAgent": "test"}, "requestId": "r", "routeKey": "$default",
+            "stage": "$default", "time": "01/Dec/2026:00:00:00 +0000", "timeEpoch": 0},
+        "isBase64Encoded": false
+    });
+    let r = invoke_api(&agent, "web", &event, &[]);
+    r.expect_ok(200);
+    let out = r.json();
+    assert_eq!(out["statusCode"], 200, "{out}");
+    assert_eq!(out["body"], "hello sdk");
+    let mut fail = event.clone();
+    fail["rawPath"] = json!("/fail");
+    fail["requestContext"]["http"]["path"] = json!("/fail");
+    let r = invoke_api(&agent, "web", &fail, &[]);
+    r.expect_ok(200);
+    assert_eq!(
+        r.header("x-amz-function-error").as_deref(),
+        Some("Unhandled")
+    );
+    agent.finish();
+}
+
+/// 50 concurrent calls to a function with max concurrency 5: all succeed (queued), instances
+/// never exceed 5; after the keep-alive the function is back to zero instances.
+#[test]
+fn the_warm_pool_scales_to_its_limit_and_back_to_zero() {
+    let agent = Agent::start_with(
+        "lambda-scale",
+        Settings {
+            queue_timeout_ms: 20_000,
+            ..Settings::default()
+        },
+    );
+    let f = lambda_fixture(
+        "lambda-rust",
+        "scale",
+        "max_concurrency = 5\nkeep_alive_s = 1\ntimeout_s = 10",
+    );
+    agent.deploy(f.path());
+    let url = format!(
+        "{}/2015-03-31/functions/scale/invocations",
+        agent.base_url()
+    );
+    let calls: Vec<_> = (0..50)
+        .map(|i| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let c = reqwest::blocking::Client::builder()
+                    .no_proxy()
+                    .timeout(Duration::from_secs(60))
+                    .build()
+                    .unwrap();
+                let r = c
+                    .post(url)
+                    .body(json!({"sleep_ms": 50, "i": i}).to_string())
+                    .send()
+                    .unwrap();
+                (r.status().as_u16(), r.text().unwrap_or_default())
+            })
+        })
+        .collect();
+    for c in calls {
+        let (status, body) = c.join().unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("\"echo\""), "{body}");
+    }
+    let d = describe(&agent, "scale");
+    let peak = d["instances"]["peak"].as_u64().unwrap();
+    assert!((2..=5).contains(&peak), "peak instances {peak}: {d}");
+    assert_eq!(
+        metric(&agent, "fnlet_cold_starts_total{function=\"scale\"}") as u64,
+        peak,
+        "one cold start per instance"
+    );
+    // Idle past the keep-alive: scaled to zero, sandboxes gone.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while describe(&agent, "scale")["instances"]["alive"] != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "still {}",
+            describe(&agent, "scale")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(agent.running_sandboxes(), Vec::<PathBuf>::new());
+    // And the next call starts one again.
+    invoke_api(&agent, "scale", &json!({}), &[]).expect_ok(200);
+    agent.finish();
+}
+
+#[test]
+fn min_instances_stay_warm() {
+    let agent = Agent::start("lambda-min");
+    let f = lambda_fixture("lambda-rust", "warm", "min_instances = 2\nkeep_alive_s = 0");
+    agent.deploy(f.path());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while describe(&agent, "warm")["instances"]["idle"] != 2 {
+        assert!(Instant::now() < deadline, "{}", describe(&agent, "warm"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Served warm, and still two after the keep-alive (0 s) has passed many times over.
+    invoke_api(&agent, "warm", &json!({}), &[]).expect_ok(200);
+    assert_eq!(
+        metric(&agent, "fnlet_warm_starts_total{function=\"warm\"}"),
+        1.0
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(describe(&agent, "warm")["instances"]["alive"], 2);
+    agent.finish();
+}
+
+#[test]
+fn init_failures_timeouts_and_crashes_get_a_fresh_instance() {
+    let agent = Agent::start("lambda-fail");
+    // Never asks for its first event: an init error after init_timeout_s.
+    let f = lambda_fixture(
+        "lambda-rust",
+        "stuck",
+        "init_timeout_s = 0.5\n[env]\nFIXTURE_NEVER_READY = \"1\"",
+    );
+    agent.deploy(f.path());
+    let t = Instant::now();
+    let r = invoke_api(&agent, "stuck", &json!({}), &[]);
+    r.expect_ok(200);
+    assert_eq!(
+        r.header("x-amz-function-error").as_deref(),
+        Some("Unhandled")
+    );
+    assert_eq!(r.json()["errorType"], "Runtime.InitTimeout", "{}", r.text());
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert_eq!(describe(&agent, "stuck")["instances"]["alive"], 0);
+    // The same through a function URL: a 502 naming the init timeout.
+    agent
+        .request(Method::GET, "/fn/stuck", false, None)
+        .expect_error(502, "init_timeout");
+
+    // Exits before its runtime starts.
+    let f = lambda_fixture("lambda-rust", "dies", "[env]\nFIXTURE_INIT_FAIL = \"1\"");
+    agent.deploy(f.path());
+    let r = invoke_api(&agent, "dies", &json!({}), &[]);
+    assert_eq!(
+        r.header("x-amz-function-error").as_deref(),
+        Some("Unhandled")
+    );
+    assert_eq!(r.json()["errorType"], "Runtime.ExitError", "{}", r.text());
+    let logs = String::from_utf8_lossy(&agent.cli(&["logs", "dies"]).stdout).into_owned();
+    assert!(
+        logs.contains("FIXTURE_INIT_FAIL"),
+        "init output is logged: {logs}"
+    );
+
+    // A timeout kills the instance; the next call gets a fresh one.
+    let f = lambda_fixture("lambda-rust", "slow", "timeout_s = 0.5");
+    agent.deploy(f.path());
+    invoke_api(&agent, "slow", &json!({}), &[]).expect_ok(200);
+    let r = invoke_api(&agent, "slow", &json!({"sleep_ms": 5000}), &[]);
+    r.expect_ok(200);
+    assert_eq!(
+        r.header("x-amz-function-error").as_deref(),
+        Some("Unhandled")
+    );
+    assert_eq!(r.json()["errorType"], "Sandbox.Timedout", "{}", r.text());
+    let r = invoke_api(&agent, "slow", &json!({"n": 1}), &[]);
+    r.expect_ok(200);
+    assert_eq!(r.header("x-amz-function-error"), None, "{}", r.text());
+    assert_eq!(
+        metric(&agent, "fnlet_cold_starts_total{function=\"slow\"}"),
+        2.0
+    );
+    agent.finish();
+}
+
+/// A redeploy retires the warm instances of the old version.
+#[test]
+fn a_new_version_gets_new_instances() {
+    let agent = Agent::start("lambda-ver");
+    let f = lambda_fixture("lambda-rust", "ver", "[env]\nV = \"1\"");
+    agent.deploy(f.path());
+    invoke_api(&agent, "ver", &json!({}), &[]).expect_ok(200);
+    let f2 = lambda_fixture("lambda-rust", "ver", "memory_mb = 64");
+    agent.deploy(f2.path());
+    let r = invoke_api(&agent, "ver", &json!({}), &[]);
+    r.expect_ok(200);
+    assert_eq!(r.header("x-amz-executed-version").as_deref(), Some("2"));
+    assert_eq!(r.json()["memory"], "64");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while describe(&agent, "ver")["instances"]["alive"] != 1 {
+        assert!(Instant::now() < deadline, "{}", describe(&agent, "ver"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    agent.finish();
+}
