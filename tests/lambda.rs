@@ -456,3 +456,101 @@ fn a_new_version_gets_new_instances() {
     }
     agent.finish();
 }
+
+/// A custom runtime in bash, speaking the Runtime API over /dev/tcp: it reaches the API on its
+/// loopback, and nothing else of the host (the agent's own port, the host's loopback).
+const BASH_RUNTIME: &str = r#"#!/bin/bash
+set -u
+api=${AWS_LAMBDA_RUNTIME_API%:*}; port=${AWS_LAMBDA_RUNTIME_API#*:}
+while true; do
+  exec 3<>"/dev/tcp/$api/$port" || exit 3
+  printf 'GET /2018-06-01/runtime/invocation/next HTTP/1.1\r\nHost: rt\r\nConnection: close\r\n\r\n' >&3
+  id=; len=0
+  while IFS= read -r line <&3; do
+    line=${line%$'\r'}
+    [ -z "$line" ] && break
+    case "${line,,}" in
+      lambda-runtime-aws-request-id:*) id=${line#*: } ;;
+      content-length:*) len=${line#*: } ;;
+    esac
+  done
+  event=$(head -c "$len" <&3)
+  exec 3<&-
+  # The event names a port of the host's loopback to try.
+  target=${event//[^0-9]/}
+  if (exec 4<>"/dev/tcp/127.0.0.1/$target") 2>/dev/null; then reach=true; else reach=false; fi
+  body="{\"reached\": $reach, \"uid\": $(id -u), \"runtime_api\": \"$AWS_LAMBDA_RUNTIME_API\"}"
+  exec 3<>"/dev/tcp/$api/$port"
+  printf 'POST /2018-06-01/runtime/invocation/%s/response HTTP/1.1\r\nHost: rt\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s' "$id" "${#body}" "$body" >&3
+  cat <&3 >/dev/null
+  exec 3<&-
+done
+"#;
+
+#[test]
+fn the_runtime_api_is_the_only_thing_an_instance_reaches() {
+    let agent = Agent::start("lambda-net");
+    let f = Fixture::new(
+        "name = \"net\"\nmode = \"lambda\"\npublic = true\ntimeout_s = 5\n",
+        &[("bootstrap", BASH_RUNTIME.as_bytes(), 0o755)],
+    );
+    agent.deploy(f.path());
+    for port in [agent.port, 9001] {
+        let r = invoke_api(&agent, "net", &json!(port), &[]);
+        r.expect_ok(200);
+        let out = r.json();
+        assert_eq!(out["runtime_api"], "127.0.0.1:9001", "{out}");
+        assert!(
+            agent.uids.contains(&(out["uid"].as_u64().unwrap() as u32)),
+            "{out}"
+        );
+        if port == 9001 {
+            // Its own Runtime API, from a second connection: reachable.
+            assert_eq!(out["reached"], true, "{out}");
+        } else {
+            assert_eq!(
+                out["reached"], false,
+                "the agent's API port is reachable: {out}"
+            );
+        }
+    }
+    agent.finish();
+}
+
+#[test]
+fn memory_limits_and_the_cli() {
+    let agent = Agent::start("lambda-mem");
+    let f = lambda_fixture("lambda-rust", "hog", "memory_mb = 48");
+    agent.deploy(f.path());
+    let r = invoke_api(&agent, "hog", &json!({"alloc_mb": 200}), &[]);
+    r.expect_ok(200);
+    assert_eq!(
+        r.header("x-amz-function-error").as_deref(),
+        Some("Unhandled")
+    );
+    assert_eq!(r.json()["errorType"], "Runtime.OutOfMemory", "{}", r.text());
+    // Killed: the next call is a new instance, and small allocations are fine.
+    invoke_api(&agent, "hog", &json!({"alloc_mb": 4}), &[]).expect_ok(200);
+    assert_eq!(
+        metric(&agent, "fnlet_cold_starts_total{function=\"hog\"}"),
+        2.0
+    );
+
+    // `fnlet invoke` sends a Lambda function its input as the event (the Invoke API).
+    let out = agent.cli(&["invoke", "hog", "-d", "{\"x\": 1}"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    assert_eq!(v["echo"], json!({"x": 1}));
+    let out = agent.cli(&["invoke", "hog", "-d", "{\"fail\": true}"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("FixtureError"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the function failed"));
+    let d = agent.cli(&["describe", "hog", "--json"]);
+    let d: Value = serde_json::from_slice(&d.stdout).expect("describe --json");
+    assert_eq!(d["manifest"]["mode"], "lambda");
+    agent.finish();
+}

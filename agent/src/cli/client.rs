@@ -319,6 +319,8 @@ pub struct Invocation {
     pub status: StatusCode,
     pub request_id: Option<String>,
     pub version: Option<String>,
+    /// Lambda mode: the function failed (X-Amz-Function-Error); the payload is its error.
+    pub function_error: Option<String>,
     pub response: Response,
 }
 
@@ -490,6 +492,26 @@ impl Client {
             status: response.status(),
             request_id: header(headers, HEADER_REQUEST_ID),
             version: header(headers, HEADER_VERSION),
+            function_error: None,
+            response,
+        })
+    }
+
+    /// POST /2015-03-31/functions/{name}/invocations: the Lambda Invoke API, for a Lambda-mode
+    /// function (the input is its JSON event).
+    pub async fn invoke_lambda(&self, name: &str, input: Vec<u8>) -> ClientResult<Invocation> {
+        let url = self.url(&["2015-03-31", "functions", name, "invocations"]);
+        let req = self
+            .request(Method::POST, url)
+            .header(CONTENT_TYPE, "application/json")
+            .body(input);
+        let response = self.send(req).await?;
+        let headers = response.headers();
+        Ok(Invocation {
+            status: response.status(),
+            request_id: header(headers, "x-amzn-requestid"),
+            version: header(headers, "x-amz-executed-version"),
+            function_error: header(headers, "x-amz-function-error"),
             response,
         })
     }

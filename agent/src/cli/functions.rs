@@ -699,8 +699,19 @@ fn read_input(data: Option<&str>) -> Result<Vec<u8>, CliError> {
 }
 
 async fn invoke(client: &Client, a: &InvokeArgs, input: Vec<u8>) -> CmdResult {
+    // A Lambda-mode function takes its input as the event, through the Invoke API (its
+    // /fn/{name} is a function URL, which would wrap the input in an HTTP event).
+    let lambda = client
+        .function(&a.name)
+        .await
+        .is_ok_and(|f| f["manifest"]["mode"] == "lambda");
     let start = Instant::now();
-    let mut inv = match client.invoke(&a.name, input).await {
+    let result = if lambda {
+        client.invoke_lambda(&a.name, input).await
+    } else {
+        client.invoke(&a.name, input).await
+    };
+    let mut inv = match result {
         Ok(inv) => inv,
         Err(ClientError::Api(api)) => {
             if a.verbose {
@@ -737,7 +748,13 @@ async fn invoke(client: &Client, a: &InvokeArgs, input: Vec<u8>) -> CmdResult {
             )
         );
     }
-    Ok(())
+    match inv.function_error {
+        Some(kind) => Err(CliError::Local(format!(
+            "the function failed ({kind}): its error is above; `fnlet logs {}` has its output",
+            a.name
+        ))),
+        None => Ok(()),
+    }
 }
 
 fn invoke_summary(
