@@ -2,7 +2,8 @@
 # Installs the Debian/Ubuntu packages fnlet builds and tests with. Idempotent; needs root.
 set -euo pipefail
 need=()
-for pkg in libseccomp-dev pkg-config gcc libc6-dev iproute2 python3 curl; do
+# python3-pip: `fnlet runtime add python3.11` installs awslambdaric with it (tests/python.rs).
+for pkg in libseccomp-dev pkg-config gcc libc6-dev iproute2 python3 python3-pip curl; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -53,7 +53,10 @@ use serde::{Deserialize, Serialize};
 
 pub use cgroup::{CgroupMode, CgroupUsage, CgroupVersion};
 pub use error::{IsolateError, Result, Step};
-pub use spec::{Bind, Limits, SandboxSpec, Stdio, StdioSpec, TASK_ROOT, default_runtime_binds};
+pub use spec::{
+    Bind, Limits, SandboxSpec, Stdio, StdioSpec, TASK_ROOT, bind_dest_allowed,
+    default_runtime_binds,
+};
 
 use child::Prepared;
 use rootfs::Plan;

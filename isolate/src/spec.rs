@@ -191,6 +191,18 @@ impl Default for SandboxSpec {
 /// Paths a bind may not target: they are built by the sandbox itself.
 const RESERVED_DESTS: [&str; 4] = ["/proc", "/dev", "/tmp", TASK_ROOT];
 
+/// Whether a bind may target `dest`: absolute, no `..`, not `/`, and not under what the sandbox
+/// builds itself (/proc, /dev, its own /tmp, the bundle). Lets a caller check a host path it
+/// means to bind at the same place (a runtime client under the state directory) ahead of time.
+pub fn bind_dest_allowed(dest: &std::path::Path) -> bool {
+    dest.is_absolute()
+        && dest != std::path::Path::new("/")
+        && !dest
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+        && !RESERVED_DESTS.iter().any(|r| dest.starts_with(r))
+}
+
 impl SandboxSpec {
     /// Checks what the child cannot check cheaply; every error names the field.
     pub fn validate(&self) -> Result<()> {
@@ -262,12 +274,7 @@ impl SandboxSpec {
                     format!("{} may not be bound into a sandbox", b.source.display()),
                 );
             }
-            if b.dest == std::path::Path::new("/")
-                || b.dest
-                    .components()
-                    .any(|c| matches!(c, std::path::Component::ParentDir))
-                || RESERVED_DESTS.iter().any(|r| b.dest.starts_with(r))
-            {
+            if !bind_dest_allowed(&b.dest) {
                 return bad(
                     "ro_binds",
                     format!("{} is not an allowed destination", b.dest.display()),

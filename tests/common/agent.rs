@@ -24,6 +24,10 @@ pub struct Settings {
     /// `[sandbox] prepare_ahead`: off where a test counts sandboxes, since a prepared one waits
     /// per function.
     pub prepare_ahead: bool,
+    /// Where the agent's folder (state dir, config, log) is made; None: the system's temp dir.
+    /// A Lambda runtime installed under the state dir needs one outside /tmp, which every
+    /// sandbox has of its own.
+    pub dir_in: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -32,6 +36,7 @@ impl Default for Settings {
             queue_timeout_ms: 200,
             shutdown_grace_s: 10.0,
             prepare_ahead: true,
+            dir_in: None,
         }
     }
 }
@@ -153,10 +158,17 @@ impl Agent {
             "cgroups of an earlier run of {test}"
         );
         let before = host_state();
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("fnlet-agent-{test}-"))
-            .tempdir()
-            .expect("tempdir");
+        let prefix = format!("fnlet-agent-{test}-");
+        let mut builder = tempfile::Builder::new();
+        builder.prefix(&prefix);
+        let dir = match &settings.dir_in {
+            Some(parent) => {
+                std::fs::create_dir_all(parent).expect("create the agents' parent dir");
+                builder.tempdir_in(parent)
+            }
+            None => builder.tempdir(),
+        }
+        .expect("tempdir");
         let uids = uid_range(test);
         // The file is named after the cgroup root, so the agent's command line (and that of
         // any process it forked) mentions the root: processes_matching(root) finds them.

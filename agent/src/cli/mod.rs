@@ -4,6 +4,7 @@ mod client;
 mod functions;
 mod keys;
 mod pack;
+mod runtime;
 mod sandbox;
 
 use std::process::ExitCode;
@@ -52,6 +53,15 @@ Examples:
   fnlet keys rm FNLTABCDEFGHIJKLMNOP"
     )]
     Keys(keys::KeysCommand),
+    /// Lambda runtimes (`runtime = "python3.11"`): install a runtime's client, list them.
+    #[command(
+        subcommand,
+        after_help = "\
+Examples:
+  fnlet runtime add python3.11         # AWS's awslambdaric, with the host's python3
+  fnlet runtime ls"
+    )]
+    Runtime(runtime::RuntimeCommand),
     /// Print shell completions for fnlet.
     #[command(after_help = "\
 Examples:
@@ -89,6 +99,7 @@ pub fn main() -> ExitCode {
         Command::Sandbox(cmd) => sandbox::run(cmd),
         Command::Functions(cmd) => Ok(functions::run(cmd)),
         Command::Keys(cmd) => Ok(keys::run(cmd)),
+        Command::Runtime(cmd) => Ok(runtime::run(cmd)),
         Command::Completions { shell } => Ok(completions(shell)),
         Command::Manpages { dir } => manpages(&dir),
     };
