@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 ENDPOINT=http://127.0.0.1:8740
 STATE_DIR=/var/lib/fnlet
 FNLET=target/release/fnlet
-EXAMPLES=(examples/hello-sh examples/hello-py examples/wordcount-rust/bundle)
+EXAMPLES=(examples/hello-sh examples/hello-py examples/wordcount-rust/bundle examples/hello-lambda/bundle)
 
 say() { printf '\n\033[1m==> %s\033[0m\n' "$*" >&2; }
 
@@ -78,6 +78,10 @@ call() {
 call hello-sh -d 'Ada'
 call hello-py -d '{"name": "Ada"}'
 call wordcount --data-binary @README.md
+echo "hello-lambda answers (the AWS Lambda Invoke API):" >&2
+curl -sS --fail-with-body -d '{"name": "Ada"}' "$ENDPOINT/2015-03-31/functions/hello-lambda/invocations" ||
+  fail "calling hello-lambda failed"
+echo >&2
 
 cat >&2 <<EOF
 
@@ -86,6 +90,7 @@ fnlet is running at $ENDPOINT with ${#EXAMPLES[@]} functions. From another termi
   curl -d 'Ada' $ENDPOINT/fn/hello-sh
   curl -d '{"name": "Ada"}' $ENDPOINT/fn/hello-py
   curl --data-binary @README.md $ENDPOINT/fn/wordcount
+  curl -d '{"name": "Ada"}' $ENDPOINT/2015-03-31/functions/hello-lambda/invocations
 
   $FNLET ls                        # the functions (admin calls read $STATE_DIR/admin.token)
   $FNLET invoke hello-sh -d Ada -v

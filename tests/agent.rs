@@ -969,6 +969,40 @@ fn the_examples_deploy_and_answer() {
         .expect_ok(200)
         .json();
     assert_eq!(r["bytes"], text.len(), "{r}");
+
+    // The AWS Lambda example, through the Invoke API.
+    let bundle = tempfile::Builder::new()
+        .prefix("fnlet-test-hello-lambda")
+        .tempdir()
+        .unwrap();
+    common::set_mode(bundle.path(), 0o755);
+    std::fs::copy(
+        repo.join("examples/hello-lambda/bundle/fnlet.toml"),
+        bundle.path().join("fnlet.toml"),
+    )
+    .unwrap();
+    std::fs::copy(
+        common::target_dir().join("example-hello-lambda"),
+        bundle.path().join("bootstrap"),
+    )
+    .expect("example-hello-lambda is built by `cargo build --workspace --bins`");
+    common::set_mode(&bundle.path().join("bootstrap"), 0o755);
+    agent.deploy(bundle.path());
+    let r = agent.request(
+        Method::POST,
+        "/2015-03-31/functions/hello-lambda/invocations",
+        false,
+        Some(Body::from(r#"{"name": "Ada"}"#)),
+    );
+    assert_eq!(r.expect_ok(200).json()["message"], "Hello, Ada!");
+    let r = agent.request(
+        Method::POST,
+        "/2015-03-31/functions/hello-lambda/invocations",
+        false,
+        Some(Body::from(r#"{"name": ""}"#)),
+    );
+    assert_eq!(r.header("x-amz-function-error").as_deref(), Some("Unhandled"));
+    assert_eq!(r.json()["errorType"], "InvalidName");
     agent.finish();
 }
 
