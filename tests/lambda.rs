@@ -211,6 +211,16 @@ fn lambda_runtime_function_through_the_invoke_api_and_its_url() {
         r.headers()["x-amzn-errortype"],
         "InvalidRequestContentException"
     );
+    // A runtime whose directory no sandbox can mount (this test's state dir is under /tmp)
+    // is refused at deploy, naming why.
+    let py = Fixture::new(
+        "name = \"py\"\nmode = \"lambda\"\nruntime = \"python3.11\"\nhandler = \"app.h\"\n",
+        &[("app.py", b"def h(e, c):\n    return e\n", 0o644)],
+    );
+    let msg = agent
+        .deploy_archive(py.tar_gz(), "application/gzip")
+        .expect_error(400, "bad_manifest");
+    assert!(msg.contains("cannot be mounted into a sandbox"), "{msg}");
     let r = invoke_api(&agent, "nope", &json!({}), &[]);
     assert_eq!(r.status, 404);
     assert_eq!(
@@ -247,6 +257,12 @@ fn lambda_http_function_url_and_invoke_api() {
     assert_eq!(r.status(), 201);
     assert_eq!(r.text().unwrap(), "echo me");
 
+    // The URL's root, with and without its slash.
+    for path in ["/fn/web", "/fn/web/"] {
+        let r = agent.request(Method::GET, path, false, None);
+        assert_eq!(r.status, 404, "{path}: the fixture's own 404: {}", r.text());
+        assert!(!r.text().contains("no such route"), "{path}: {}", r.text());
+    }
     let r = agent.request(Method::GET, "/fn/web/status/418", false, None);
     assert_eq!(r.status, 418);
     // A handler error through a function URL: 502 naming it.

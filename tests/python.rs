@@ -203,7 +203,8 @@ fn python_handler_through_its_url_and_the_invoke_api() {
     let r = agent.invoke("lambda-py", b"{}");
     assert_ne!(r.status, 200, "{}", r.text());
     assert!(
-        r.text().contains(&runtime_dir.display().to_string()),
+        r.text().contains(&runtime_dir.display().to_string())
+            && r.text().contains("fnlet runtime add python3.11"),
         "{}",
         r.text()
     );

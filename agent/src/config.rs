@@ -393,6 +393,18 @@ impl Config {
         Ok(())
     }
 
+    /// Why runtime `name` cannot be mounted into sandboxes, if it cannot: its directories are
+    /// bound at the same path, and every sandbox makes its own /tmp, /proc and /dev (a
+    /// state_dir under /tmp, say). Deploys of functions using it are refused with this.
+    pub fn unmountable_runtime(&self, name: &str) -> Option<String> {
+        let r = self.runtimes.get(name)?.resolved(&self.state_dir);
+        let p = r.paths.iter().find(|p| !isolate::bind_dest_allowed(p))?;
+        Some(format!(
+            "runtime {name:?}: {} cannot be mounted into a sandbox (each has its own /tmp, /proc and /dev): move state_dir, or point runtimes.{name}.paths elsewhere",
+            p.display()
+        ))
+    }
+
     pub fn cgroup_mode(&self) -> isolate::CgroupMode {
         match self.sandbox.cgroup.as_str() {
             "auto" => isolate::CgroupMode::Auto,
@@ -490,6 +502,19 @@ mod tests {
             keys(&Config::default_toml()),
             "packaging/config.toml must show every key of Config with its default"
         );
+    }
+
+    #[test]
+    fn runtimes_must_be_mountable_in_a_sandbox() {
+        let c = parse("state_dir = \"/tmp/fnlet-state\"\n").unwrap();
+        let why = c.unmountable_runtime("python3.11").expect("under /tmp");
+        assert!(why.contains("/tmp/fnlet-state/runtimes/python3.11"), "{why}");
+        let c = parse("state_dir = \"/srv/fnlet\"\n").unwrap();
+        assert_eq!(c.unmountable_runtime("python3.11"), None);
+        let err = parse("[runtimes.py]\ncommand = [\"python3\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("runtimes.command"), "{err}");
     }
 
     #[test]

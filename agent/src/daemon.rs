@@ -59,6 +59,11 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
             std::path::absolute(d).with_context(|| format!("--state-dir {}", d.display()))?;
     }
     config.validate(args.config.as_deref().unwrap_or(Path::new("--state-dir")))?;
+    for name in config.runtimes.keys() {
+        if let Some(why) = config.unmountable_runtime(name) {
+            tracing::warn!("{why}; functions using it are refused");
+        }
+    }
     if !nix::unistd::geteuid().is_root() {
         bail!("fnlet agent must run as root: it creates namespaces and cgroups for every function");
     }

@@ -128,10 +128,23 @@ impl From<InvokeError> for AppError {
             InvokeError::Draining => Some(5),
             _ => None,
         };
+        // A runtime's own error says what went wrong: name it.
+        let detail = match &e {
+            InvokeError::Handler { body, .. } | InvokeError::InitFailed { body, .. } => {
+                serde_json::from_slice::<serde_json::Value>(body)
+                    .ok()
+                    .and_then(|v| v["errorMessage"].as_str().map(str::to_string))
+            }
+            _ => None,
+        };
+        let message = match detail {
+            Some(d) => format!("{e}: {d}"),
+            None => e.to_string(),
+        };
         AppError {
             status,
             kind: e.kind(),
-            message: e.to_string(),
+            message,
             retry_after,
         }
     }

@@ -121,9 +121,7 @@ pub fn app(state: Arc<App>) -> AxumRouter {
                 .head(lambda::function_url)
                 .options(lambda::function_url),
         )
-        .fallback(|| async {
-            AppError::not_found("no such route (see the API reference in the README)")
-        })
+        .fallback(fallback)
         .method_not_allowed_fallback(|| async {
             AppError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -133,6 +131,20 @@ pub fn app(state: Arc<App>) -> AxumRouter {
         })
         .layer(axum::middleware::map_request(drain::drain_refused_bodies))
         .with_state(state)
+}
+
+/// Unrouted paths; `/fn/{name}/` is a function URL's root (the `{*path}` route wants at least
+/// one character after the slash).
+async fn fallback(state: Shared, req: Request) -> Response {
+    let p = req.uri().path();
+    if p.len() > "/fn/".len()
+        && p.starts_with("/fn/")
+        && p.ends_with('/')
+        && p["/fn/".len()..].find('/') == Some(p.len() - "/fn/".len() - 1)
+    {
+        return lambda::function_url(state, req).await;
+    }
+    AppError::not_found("no such route (see the API reference in the README)").into_response()
 }
 
 /// Constant-time comparison of the bearer token.
@@ -363,6 +375,18 @@ async fn deploy(
                     "fnlet.toml: runtime: {r:?} is not configured on this agent (configured: {})",
                     known.join(", ")
                 ),
+            ));
+        }
+        if let Some(why) = unpacked
+            .manifest
+            .runtime
+            .as_deref()
+            .and_then(|r| app.config.unmountable_runtime(r))
+        {
+            return Err(AppError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_manifest",
+                format!("fnlet.toml: runtime: {why}"),
             ));
         }
         let v = app.store.deploy(&unpacked)?;

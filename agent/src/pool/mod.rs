@@ -32,6 +32,8 @@ pub struct ActiveFunction {
     pub resolved: Resolved,
     /// The sandbox every instance of this version gets.
     pub spec: SandboxSpec,
+    /// Lambda mode with a runtime: the host directories its client lives in.
+    pub runtime_paths: Vec<PathBuf>,
 }
 
 /// Why a stored function cannot be served by this agent as configured.
@@ -142,6 +144,25 @@ impl ActiveFunction {
             manifest: v.manifest.clone(),
             resolved,
             spec,
+            runtime_paths: runtime.map(|r| r.paths).unwrap_or_default(),
+        })
+    }
+
+    /// A runtime whose client is not installed on this host (its directories are missing),
+    /// as the init error the caller gets.
+    pub fn missing_runtime(&self) -> Option<InvokeError> {
+        let runtime = self.manifest.runtime.as_ref()?;
+        let missing = self.runtime_paths.iter().find(|p| !p.exists())?;
+        let message = format!(
+            "runtime {runtime} is not installed on this host ({} is missing): run `fnlet runtime add {runtime}`",
+            missing.display()
+        );
+        Some(InvokeError::InitFailed {
+            error_type: "Runtime.NotInstalled".into(),
+            body: bytes::Bytes::from(
+                serde_json::json!({ "errorType": "Runtime.NotInstalled", "errorMessage": message })
+                    .to_string(),
+            ),
         })
     }
 

@@ -299,6 +299,9 @@ impl Router {
         slot: &Arc<FunctionSlot>,
         f: &Arc<ActiveFunction>,
     ) -> Result<Tracked, InvokeError> {
+        if let Some(missing) = f.missing_runtime() {
+            return Err(missing);
+        }
         let reservation = Tracked::reserve(&slot.instances);
         let prepared = if self.prepare_ahead {
             slot.take_ready(f.version)
