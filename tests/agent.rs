@@ -1001,7 +1001,10 @@ fn the_examples_deploy_and_answer() {
         false,
         Some(Body::from(r#"{"name": ""}"#)),
     );
-    assert_eq!(r.header("x-amz-function-error").as_deref(), Some("Unhandled"));
+    assert_eq!(
+        r.header("x-amz-function-error").as_deref(),
+        Some("Unhandled")
+    );
     assert_eq!(r.json()["errorType"], "InvalidName");
     agent.finish();
 }

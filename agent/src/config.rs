@@ -508,7 +508,10 @@ mod tests {
     fn runtimes_must_be_mountable_in_a_sandbox() {
         let c = parse("state_dir = \"/tmp/fnlet-state\"\n").unwrap();
         let why = c.unmountable_runtime("python3.11").expect("under /tmp");
-        assert!(why.contains("/tmp/fnlet-state/runtimes/python3.11"), "{why}");
+        assert!(
+            why.contains("/tmp/fnlet-state/runtimes/python3.11"),
+            "{why}"
+        );
         let c = parse("state_dir = \"/srv/fnlet\"\n").unwrap();
         assert_eq!(c.unmountable_runtime("python3.11"), None);
         let err = parse("[runtimes.py]\ncommand = [\"python3\"]\n")
