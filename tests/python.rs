@@ -163,24 +163,7 @@ fn private_copy(name: &str) -> Fixture {
 }
 
 fn invoke_api(agent: &Agent, name: &str, payload: &Value, headers: &[(&str, &str)]) -> Resp {
-    let mut req = agent
-        .http_with_token(
-            Method::POST,
-            &format!("/2015-03-31/functions/{name}/invocations"),
-            "",
-        )
-        .body(payload.to_string());
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let r = req.send().expect("invoke API");
-    let status = r.status().as_u16();
-    let headers = r.headers().clone();
-    Resp {
-        status,
-        headers,
-        body: r.bytes().expect("body").to_vec(),
-    }
+    agent.invoke_lambda(name, payload.to_string().into_bytes(), headers)
 }
 
 /// What the fixture's handler put in its answer's body.

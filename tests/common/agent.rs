@@ -372,6 +372,31 @@ impl Agent {
         )
     }
 
+    /// POST /2015-03-31/functions/{name}/invocations (the Lambda Invoke API), unsigned, with
+    /// extra headers.
+    pub fn invoke_lambda(&self, name: &str, payload: Vec<u8>, headers: &[(&str, &str)]) -> Resp {
+        let mut req = self
+            .http
+            .post(format!(
+                "{}/2015-03-31/functions/{name}/invocations",
+                self.base_url()
+            ))
+            .body(payload);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req
+            .send()
+            .unwrap_or_else(|e| panic!("invoke {name}: {e}\nagent log:\n{}", self.log()));
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        Resp {
+            status,
+            headers,
+            body: resp.bytes().expect("invoke answer").to_vec(),
+        }
+    }
+
     /// Deploys an archive; the answer as it came.
     pub fn deploy_archive(&self, archive: Vec<u8>, content_type: &str) -> Resp {
         let req = self

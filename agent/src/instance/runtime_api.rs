@@ -371,14 +371,26 @@ async fn response(
     accepted()
 }
 
-async fn read_error_body(req: Request) -> Bytes {
-    match http_body_util::Limited::new(req.into_body(), MAX_ERROR_BODY)
+/// The error a runtime reported (`/invocation/{id}/error`, `/init/error`): its type and body.
+async fn reported_error(req: Request) -> (String, Bytes) {
+    let header_type = error_type(req.headers(), "lambda-runtime-function-error-type");
+    let body = match http_body_util::Limited::new(req.into_body(), MAX_ERROR_BODY)
         .collect()
         .await
     {
         Ok(c) => c.to_bytes(),
         Err(_) => Bytes::new(),
+    };
+    if body.is_empty() {
+        return (header_type.clone(), default_error_body(&header_type));
     }
+    // Some clients (awslambdaric) name the type only in the body.
+    if header_type == UNKNOWN_ERROR
+        && let Some(t) = body_error_type(&body)
+    {
+        return (t, body);
+    }
+    (header_type, body)
 }
 
 async fn invocation_error(
@@ -389,23 +401,12 @@ async fn invocation_error(
     let Some(reply) = take_current(&api, &id) else {
         return invalid_request_id();
     };
-    let header_type = error_type(req.headers(), "lambda-runtime-function-error-type");
-    let mut body = read_error_body(req).await;
-    if body.is_empty() {
-        body = default_error_body(&header_type);
-    }
-    // Some clients (awslambdaric) name the type only in the body.
-    let error_type = if header_type == UNKNOWN_ERROR {
-        body_error_type(&body).unwrap_or(header_type)
-    } else {
-        header_type
-    };
+    let (error_type, body) = reported_error(req).await;
     let _ = reply.send(Reply::Error { error_type, body });
     accepted()
 }
 
 async fn init_error(State(api): State<Arc<RuntimeApi>>, req: Request) -> Response {
-    let header_type = error_type(req.headers(), "lambda-runtime-function-error-type");
     if *api.init.borrow() != Init::Starting {
         return state_transition(
             "Ready",
@@ -413,15 +414,7 @@ async fn init_error(State(api): State<Arc<RuntimeApi>>, req: Request) -> Respons
             "init errors are reported before the first /next",
         );
     }
-    let mut body = read_error_body(req).await;
-    if body.is_empty() {
-        body = default_error_body(&header_type);
-    }
-    let error_type = if header_type == UNKNOWN_ERROR {
-        body_error_type(&body).unwrap_or(header_type)
-    } else {
-        header_type
-    };
+    let (error_type, body) = reported_error(req).await;
     api.init.send_replace(Init::Failed { error_type, body });
     accepted()
 }
@@ -582,6 +575,22 @@ mod tests {
                 assert_eq!(error_type, "Handler.Boom");
                 assert!(String::from_utf8_lossy(&body).contains("boom"));
             }
+            other => panic!("{other:?}"),
+        }
+        // No type header (awslambdaric): the body's errorType.
+        let (e, rx) = event("req-2b", "{}");
+        s.handle.events.send(e).await.unwrap();
+        c.get(format!("{}/runtime/invocation/next", s.base))
+            .send()
+            .await
+            .unwrap();
+        c.post(format!("{}/runtime/invocation/req-2b/error", s.base))
+            .body("{\"errorMessage\":\"x\",\"errorType\":\"ValueError\"}")
+            .send()
+            .await
+            .unwrap();
+        match rx.await.unwrap() {
+            Reply::Error { error_type, .. } => assert_eq!(error_type, "ValueError"),
             other => panic!("{other:?}"),
         }
         // Larger than the 1024 bytes this server takes.
