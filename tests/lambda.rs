@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -347,7 +346,11 @@ fn the_warm_pool_scales_to_its_limit_and_back_to_zero() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(agent.running_sandboxes(), Vec::<PathBuf>::new());
+    // Their sandboxes are torn down right after (killed, reaped, cgroups removed).
+    while !agent.running_sandboxes().is_empty() {
+        assert!(Instant::now() < deadline, "{:?}", agent.running_sandboxes());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // And the next call starts one again.
     invoke_api(&agent, "scale", &json!({}), &[]).expect_ok(200);
     agent.finish();
@@ -551,5 +554,36 @@ fn memory_limits_and_the_cli() {
     let d = agent.cli(&["describe", "hog", "--json"]);
     let d: Value = serde_json::from_slice(&d.stdout).expect("describe --json");
     assert_eq!(d["manifest"]["mode"], "lambda");
+    agent.finish();
+}
+
+/// Response streaming (lambda_http's run_with_streaming_response): the HTTP integration
+/// prelude becomes the status and headers, the rest the body; the Invoke API answers it
+/// buffered; the instance serves the next call once the stream is done.
+#[test]
+fn streamed_responses_reach_the_caller() {
+    let agent = Agent::start("lambda-stream");
+    let f = lambda_fixture(
+        "lambda-http",
+        "stream",
+        "timeout_s = 5\n[env]\nFIXTURE_STREAMING = \"1\"",
+    );
+    agent.deploy(f.path());
+    for _ in 0..3 {
+        let r = agent.request(Method::GET, "/fn/stream/hello?name=stream", false, None);
+        r.expect_ok(200);
+        assert_eq!(r.text(), "hello stream");
+        assert_eq!(r.header("x-fixture").as_deref(), Some("1"));
+        assert!(r.header("set-cookie").is_some(), "{:?}", r.headers);
+    }
+    let r = agent.request(Method::GET, "/fn/stream/status/418", false, None);
+    assert_eq!(r.status, 418);
+    agent
+        .request(Method::GET, "/fn/stream/fail", false, None)
+        .expect_error(502, "handler_error");
+    // One instance served them all, one after the other.
+    assert_eq!(describe(&agent, "stream")["instances"]["peak"], 1);
+    let logs = String::from_utf8_lossy(&agent.cli(&["logs", "stream"]).stdout).into_owned();
+    assert_eq!(logs.matches("REPORT RequestId").count(), 5, "{logs}");
     agent.finish();
 }

@@ -21,9 +21,10 @@ use serde::Deserialize;
 use super::{App, AppError, authorized, read_body, request_id};
 use crate::auth;
 use crate::instance::InvokeError;
+use crate::instance::runtime_api::StreamFrame;
 use crate::manifest::Mode;
 use crate::pool::{ActiveFunction, function_arn};
-use crate::router::{Failure, InvokeRequest};
+use crate::router::{Failure, InvokeRequest, Payload};
 
 type Shared = State<Arc<App>>;
 
@@ -371,8 +372,21 @@ async fn invoke_api_inner(
             client_context,
         })
         .await;
+    let limit = app.router.max_response;
+    let result = match result {
+        // A streamed answer is read to its end: the Invoke API answers buffered.
+        Ok(inv) => match inv.body.collect(limit).await {
+            Ok(body) => Ok((body, inv.version, inv.log_tail)),
+            Err(error) => Err(Failure {
+                error,
+                version: Some(inv.version),
+                log_tail: inv.log_tail,
+            }),
+        },
+        Err(f) => Err(f),
+    };
     let (status_body, version, tail, function_error) = match result {
-        Ok(inv) => (inv.body, inv.version, inv.log_tail, None),
+        Ok((body, version, tail)) => (body, version, tail, None),
         Err(Failure {
             error,
             version,
@@ -516,24 +530,107 @@ async fn function_url_inner(
         .await;
     match result {
         Ok(inv) => {
-            let mut r = super::function_url::response(&inv.body)
-                .map_err(|e| {
-                    (
-                        AppError::new(
-                            StatusCode::BAD_GATEWAY,
-                            "bad_function_response",
-                            e.to_string(),
+            let version = inv.version;
+            let bad = |e: super::function_url::UrlError| {
+                (
+                    AppError::new(
+                        StatusCode::BAD_GATEWAY,
+                        "bad_function_response",
+                        e.to_string(),
+                    ),
+                    Some(version),
+                )
+            };
+            let mut r = match inv.body {
+                Payload::Full(b) => super::function_url::response(&b)
+                    .map_err(bad)?
+                    .map(axum::body::Body::from),
+                Payload::Stream {
+                    content_type,
+                    frames,
+                    released,
+                } => streamed_response(content_type, frames, released)
+                    .await
+                    .map_err(|e| match e {
+                        StreamStart::Url(e) => bad(e),
+                        StreamStart::Failed(error_type, body) => (
+                            InvokeError::Handler { error_type, body }.into(),
+                            Some(version),
                         ),
-                        Some(inv.version),
-                    )
-                })?
-                .map(axum::body::Body::from);
+                    })?,
+            };
             r.headers_mut()
-                .insert("x-fnlet-version", HeaderValue::from(inv.version));
+                .insert("x-fnlet-version", HeaderValue::from(version));
             Ok(r)
         }
         Err(f) => Err((f.error.into(), f.version)),
     }
+}
+
+/// Why a streamed answer could not become an HTTP response.
+enum StreamStart {
+    Url(super::function_url::UrlError),
+    /// The stream failed before its first byte reached the caller.
+    Failed(String, Bytes),
+}
+
+/// A streamed function-URL answer: the HTTP integration prelude (status, headers, cookies,
+/// then eight NULs) when the runtime says so, then the body as it comes. An error after the
+/// status has gone out cuts the connection, as Lambda does.
+async fn streamed_response(
+    content_type: Option<String>,
+    mut frames: tokio::sync::mpsc::Receiver<StreamFrame>,
+    released: Option<tokio::sync::oneshot::Receiver<()>>,
+) -> Result<Response, StreamStart> {
+    use futures_util::StreamExt;
+    let integration = content_type.as_deref() == Some(super::function_url::STREAM_CONTENT_TYPE);
+    let mut head = Vec::new();
+    let (parts, rest) = if integration {
+        loop {
+            match frames.recv().await {
+                Some(StreamFrame::Data(d)) => head.extend_from_slice(&d),
+                Some(StreamFrame::Error { error_type, body }) => {
+                    return Err(StreamStart::Failed(error_type, body));
+                }
+                None => {}
+            }
+            match super::function_url::split_stream_prelude(&head).map_err(StreamStart::Url)? {
+                Some((parts, at)) => break (parts, head.split_off(at)),
+                None if frames.is_closed() && frames.is_empty() => {
+                    // Ended inside its prelude: what came is the whole answer.
+                    let whole = std::mem::take(&mut head);
+                    if let Some(r) = released {
+                        let _ = r.await;
+                    }
+                    let r = super::function_url::response(&whole).map_err(StreamStart::Url)?;
+                    return Ok(r.map(axum::body::Body::from));
+                }
+                None => {}
+            }
+        }
+    } else {
+        let mut r = Response::new(());
+        if let Some(v) = content_type.and_then(|c| HeaderValue::from_str(&c).ok()) {
+            r.headers_mut().insert(header::CONTENT_TYPE, v);
+        }
+        (r.into_parts().0, Vec::new())
+    };
+    let first = futures_util::stream::iter((!rest.is_empty()).then(|| Ok(Bytes::from(rest))));
+    let more = tokio_stream::wrappers::ReceiverStream::new(frames).map(|f| match f {
+        StreamFrame::Data(d) => Ok(d),
+        StreamFrame::Error { error_type, .. } => Err(std::io::Error::other(format!(
+            "the function's streamed response failed: {error_type}"
+        ))),
+    });
+    // The answer ends once the instance is free again.
+    let settle = futures_util::stream::once(async move {
+        if let Some(r) = released {
+            let _ = r.await;
+        }
+    })
+    .filter_map(|()| async { None::<Result<Bytes, std::io::Error>> });
+    let body = axum::body::Body::from_stream(first.chain(more).chain(settle));
+    Ok(Response::from_parts(parts, body))
 }
 
 #[cfg(test)]

@@ -579,7 +579,17 @@ async fn invoke_exec(
     };
     match app.router.invoke(req).await {
         Ok(inv) => {
-            let mut r = (StatusCode::OK, inv.body).into_response();
+            let body = match inv.body {
+                crate::router::Payload::Full(b) => b,
+                // Exec mode never streams.
+                crate::router::Payload::Stream { .. } => {
+                    return Err((
+                        AppError::internal("invocation", "a stream in exec mode"),
+                        None,
+                    ));
+                }
+            };
+            let mut r = (StatusCode::OK, body).into_response();
             r.headers_mut()
                 .insert("x-fnlet-version", HeaderValue::from(inv.version));
             r.headers_mut().insert(

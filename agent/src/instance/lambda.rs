@@ -193,14 +193,13 @@ pub struct LambdaInstance {
     usage: mpsc::Sender<oneshot::Sender<CgroupUsage>>,
     flushes: Vec<mpsc::Sender<Flush>>,
     output: Arc<Output>,
-    /// Stops the Runtime API server when the instance goes.
-    stop: CancellationToken,
 }
 
 impl Drop for LambdaInstance {
     fn drop(&mut self) {
+        // The owner task stops the Runtime API once the sandbox has exited: a long poll
+        // answered earlier would only make the runtime fail loudly before the kill lands.
         let _ = self.watch.kill();
-        self.stop.cancel();
     }
 }
 
@@ -315,7 +314,6 @@ impl LambdaInstance {
             usage: usage_tx,
             flushes,
             output,
-            stop,
         };
         let mut init = instance.runtime.init.clone();
         let settled = async {
@@ -407,7 +405,7 @@ impl LambdaInstance {
         &self,
         ev: EventArgs<'_>,
         cancel: &CancellationToken,
-    ) -> (Result<Bytes, InvokeError>, InvokeLog) {
+    ) -> (Result<Payload, InvokeError>, InvokeLog) {
         self.output.begin(ev.request_id);
         self.output.agent_line(
             ev.request_id,
@@ -434,13 +432,18 @@ impl LambdaInstance {
             body: ev.body,
             reply: tx,
         };
+        let mut streaming = None;
         let result = if self.runtime.events.try_send(event).is_err() {
             Err(self.exit_error(false))
         } else {
             let deadline = tokio::time::Instant::from_std(ev.deadline);
             tokio::select! {
                 r = rx => match r {
-                    Ok(Reply::Response(body)) => Ok(body),
+                    Ok(Reply::Response(body)) => Ok(Payload::Full(body)),
+                    Ok(Reply::Stream { content_type, frames, finished }) => {
+                        streaming = Some(finished);
+                        Ok(Payload::Stream { content_type, frames, released: None })
+                    }
                     Ok(Reply::Error { error_type, body }) => Err(InvokeError::Handler { error_type, body }),
                     Ok(Reply::TooLarge { limit }) => Err(InvokeError::ResponseTooLarge { limit }),
                     // The reply channel went with the instance.
@@ -462,10 +465,14 @@ impl LambdaInstance {
             }
         };
         let duration = started.elapsed();
-        self.flush().await;
+        if streaming.is_none() {
+            self.flush().await;
+        }
         (
             result,
             InvokeLog {
+                started,
+                streaming,
                 duration,
                 output: self.output.clone(),
             },
@@ -489,10 +496,92 @@ impl LambdaInstance {
 /// finish (END and REPORT lines, then the tail).
 pub struct InvokeLog {
     pub duration: Duration,
+    started: Instant,
+    /// A streamed answer: resolves when the runtime's response has ended.
+    streaming: Option<oneshot::Receiver<()>>,
     output: Arc<Output>,
 }
 
+/// What an invocation answered.
+pub enum Payload {
+    Full(Bytes),
+    /// Response streaming: the chunks as the runtime sends them.
+    Stream {
+        content_type: Option<String>,
+        frames: mpsc::Receiver<runtime_api::StreamFrame>,
+        /// Resolves once the instance is back in the warm pool (or gone): the answer ends
+        /// only then, so a caller's next call finds the instance idle.
+        released: Option<oneshot::Receiver<()>>,
+    },
+}
+
+impl Payload {
+    /// Bytes of a full answer (0 for a stream, which has not been read yet).
+    pub fn len(&self) -> usize {
+        match self {
+            Payload::Full(b) => b.len(),
+            Payload::Stream { .. } => 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The whole answer: a stream is read to its end (the Invoke API answers buffered); an
+    /// error the stream ended with is the handler's.
+    pub async fn collect(self, limit: usize) -> Result<Bytes, InvokeError> {
+        match self {
+            Payload::Full(b) => Ok(b),
+            Payload::Stream {
+                frames, released, ..
+            } => {
+                let r = runtime_api::collect_stream(frames, limit).await;
+                if let Some(r) = released {
+                    let _ = r.await;
+                }
+                r.map_err(|(error_type, body)| InvokeError::Handler { error_type, body })
+            }
+        }
+    }
+}
+
+impl LambdaInstance {
+    /// For a streamed answer: waits until the runtime has finished it (within the deadline,
+    /// else the instance is killed), so the instance can serve again. Returns whether it
+    /// ended in time.
+    pub async fn finish_stream(
+        &self,
+        log: &mut InvokeLog,
+        deadline: Instant,
+        cancel: &CancellationToken,
+    ) -> Result<(), InvokeError> {
+        let Some(finished) = log.streaming.take() else {
+            return Ok(());
+        };
+        let r = tokio::select! {
+            _ = finished => Ok(()),
+            _ = self.ended.cancelled() => Err(self.exit_error(false)),
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {
+                let _ = self.watch.kill();
+                Err(InvokeError::Timeout(deadline.saturating_duration_since(log.started)))
+            }
+            _ = cancel.cancelled() => {
+                let _ = self.watch.kill();
+                Err(InvokeError::Draining)
+            }
+        };
+        log.duration = log.started.elapsed();
+        self.flush().await;
+        r
+    }
+}
+
 impl InvokeLog {
+    pub fn is_streaming(&self) -> bool {
+        self.streaming.is_some()
+    }
+
     /// Writes a line under the invocation (REPORT and the like).
     pub fn agent_line(&self, request_id: &str, line: &str) {
         self.output.agent_line(request_id, line);

@@ -37,6 +37,14 @@ pub struct Event {
 #[derive(Debug)]
 pub enum Reply {
     Response(Bytes),
+    /// A streamed response (`Lambda-Runtime-Function-Response-Mode: streaming`), passed on as
+    /// it comes; `finished` resolves once the runtime's request has ended (the instance is
+    /// free again), whether or not anyone still reads `frames`.
+    Stream {
+        content_type: Option<String>,
+        frames: mpsc::Receiver<StreamFrame>,
+        finished: oneshot::Receiver<()>,
+    },
     /// `/invocation/{id}/error`, or a streamed response that ended with error trailers.
     Error {
         error_type: String,
@@ -47,6 +55,20 @@ pub enum Reply {
         limit: usize,
     },
 }
+
+/// A piece of a streamed response.
+#[derive(Debug)]
+pub enum StreamFrame {
+    Data(Bytes),
+    /// The stream ended with an error (error trailers, a cut-off body, too much data).
+    Error {
+        error_type: String,
+        body: Bytes,
+    },
+}
+
+/// Lambda's limit for a streamed response.
+pub const MAX_STREAMED_RESPONSE: usize = 20 * 1024 * 1024;
 
 /// How far the instance's start has come.
 #[derive(Debug, Clone, PartialEq)]
@@ -324,6 +346,9 @@ async fn response(
     let Some(reply) = take_current(&api, &id) else {
         return invalid_request_id();
     };
+    if mode.is_some_and(|m| m.as_bytes().eq_ignore_ascii_case(b"streaming")) {
+        return stream_response(req, reply).await;
+    }
     let limit = api.max_response;
     // A streamed response is chunked and may end with trailers that turn it into an error.
     let collected = match http_body_util::Limited::new(req.into_body(), limit)
@@ -391,6 +416,119 @@ async fn reported_error(req: Request) -> (String, Bytes) {
         return (t, body);
     }
     (header_type, body)
+}
+
+/// A streamed response: each chunk goes to the caller as it arrives; error trailers (or a
+/// body cut off, or one over [`MAX_STREAMED_RESPONSE`]) end the stream with an error.
+async fn stream_response(req: Request, reply: oneshot::Sender<Reply>) -> Response {
+    let content_type = req
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let (tx, frames) = mpsc::channel(16);
+    let (done, finished) = oneshot::channel();
+    let _ = reply.send(Reply::Stream {
+        content_type,
+        frames,
+        finished,
+    });
+    let mut body = req.into_body();
+    let mut sent = 0usize;
+    let mut failed = None;
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(f) => f,
+            Err(e) => {
+                failed = Some(stream_error(
+                    "Runtime.TruncatedResponse",
+                    &format!("the runtime's streamed response was cut off: {e}"),
+                ));
+                break;
+            }
+        };
+        match frame.into_data() {
+            Ok(data) => {
+                sent += data.len();
+                if sent > MAX_STREAMED_RESPONSE {
+                    failed = Some(stream_error(
+                        "Function.ResponseSizeTooLarge",
+                        &format!(
+                            "Response payload size exceeded maximum allowed payload size ({MAX_STREAMED_RESPONSE} bytes)."
+                        ),
+                    ));
+                    break;
+                }
+                // A caller that went away does not stop the runtime's request: drain it.
+                let _ = tx.send(StreamFrame::Data(data)).await;
+            }
+            Err(frame) => {
+                if let Ok(t) = frame.into_trailers()
+                    && t.contains_key("lambda-runtime-function-error-type")
+                {
+                    let error_type = error_type(&t, "lambda-runtime-function-error-type");
+                    let body = t
+                        .get("lambda-runtime-function-error-body")
+                        .and_then(|v| {
+                            base64::engine::general_purpose::STANDARD
+                                .decode(v.as_bytes())
+                                .ok()
+                        })
+                        .map(Bytes::from)
+                        .unwrap_or_else(|| default_error_body(&error_type));
+                    failed = Some(StreamFrame::Error { error_type, body });
+                }
+            }
+        }
+    }
+    let truncated = matches!(&failed, Some(StreamFrame::Error { error_type, .. }) if error_type == "Runtime.TruncatedResponse");
+    if let Some(f) = failed {
+        let _ = tx.send(f).await;
+    }
+    drop(tx);
+    let _ = done.send(());
+    if truncated {
+        return lambda_error(
+            StatusCode::BAD_REQUEST,
+            "TruncatedHTTPRequest",
+            "HTTP request detected as truncated",
+        );
+    }
+    accepted()
+}
+
+fn stream_error(error_type: &str, message: &str) -> StreamFrame {
+    StreamFrame::Error {
+        error_type: error_type.into(),
+        body: Bytes::from(
+            serde_json::json!({ "errorMessage": message, "errorType": error_type }).to_string(),
+        ),
+    }
+}
+
+/// Collects a streamed reply into one answer (the Invoke API answers buffered).
+pub async fn collect_stream(
+    mut frames: mpsc::Receiver<StreamFrame>,
+    limit: usize,
+) -> Result<Bytes, (String, Bytes)> {
+    let mut out = Vec::new();
+    while let Some(f) = frames.recv().await {
+        match f {
+            StreamFrame::Data(d) => {
+                if out.len() + d.len() > limit {
+                    return Err((
+                        "Function.ResponseSizeTooLarge".into(),
+                        Bytes::from(format!(
+                            "{{\"errorType\":\"Function.ResponseSizeTooLarge\",\"errorMessage\":\"Response payload size exceeded maximum allowed payload size ({limit} bytes).\"}}"
+                        )),
+                    ));
+                }
+                out.extend_from_slice(&d);
+            }
+            StreamFrame::Error { error_type, body } => return Err((error_type, body)),
+        }
+    }
+    Ok(Bytes::from(out))
 }
 
 async fn invocation_error(
@@ -690,17 +828,22 @@ mod tests {
                 )
                 .body(body)
                 .unwrap();
-            let resp = sender.send_request(req).await.unwrap();
-            assert_eq!(resp.status(), 202);
-            match (
-                with_error,
-                tokio::time::timeout(Duration::from_secs(5), rx)
-                    .await
-                    .unwrap()
-                    .unwrap(),
-            ) {
-                (false, Reply::Response(b)) => assert_eq!(&b[..], b"part1,part2"),
-                (true, Reply::Error { error_type, body }) => {
+            let resp = tokio::spawn(sender.send_request(req));
+            let Reply::Stream {
+                frames, finished, ..
+            } = tokio::time::timeout(Duration::from_secs(5), rx)
+                .await
+                .unwrap()
+                .unwrap()
+            else {
+                panic!("a streamed reply");
+            };
+            let collected = collect_stream(frames, 1 << 20).await;
+            finished.await.unwrap();
+            assert_eq!(resp.await.unwrap().unwrap().status(), 202);
+            match (with_error, collected) {
+                (false, Ok(b)) => assert_eq!(&b[..], b"part1,part2"),
+                (true, Err((error_type, body))) => {
                     assert_eq!(error_type, "Stream.Fail");
                     assert_eq!(&body[..], b"{\"errorMessage\":\"mid-stream\"}");
                 }

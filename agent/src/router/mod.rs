@@ -13,7 +13,8 @@ use std::sync::atomic::Ordering;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::instance::lambda::{EventArgs, LambdaInstance, StartArgs};
+pub use crate::instance::lambda::Payload;
+use crate::instance::lambda::{EventArgs, InvokeLog, LambdaInstance, StartArgs};
 use crate::instance::{self, ExecCall, InvokeError, runtime_api};
 use crate::logs::Logs;
 use crate::manifest::Mode;
@@ -52,7 +53,7 @@ pub struct InvokeRequest<'a> {
 
 /// A successful invocation.
 pub struct Invocation {
-    pub body: Bytes,
+    pub body: Payload,
     pub version: u64,
     /// The invocation's log tail, when asked for.
     pub log_tail: Option<String>,
@@ -81,7 +82,7 @@ impl Router {
         self.registry.get(name).map(|s| s.active())
     }
 
-    pub async fn invoke(&self, req: InvokeRequest<'_>) -> Result<Invocation, Failure> {
+    pub async fn invoke(self: &Arc<Self>, req: InvokeRequest<'_>) -> Result<Invocation, Failure> {
         let (name, request_id) = (req.name, req.request_id);
         let fail = |error, version| Failure {
             error,
@@ -143,7 +144,7 @@ impl Router {
                 )
                 .await;
                 drop(held);
-                r
+                r.map(Payload::Full)
             }
             Mode::Lambda => {
                 let (r, tail) = self.invoke_lambda(&slot, held, &f, req).await;
@@ -219,12 +220,12 @@ impl Router {
     /// Lambda mode: a warm instance if one waits, else a cold start; the instance goes back to
     /// the warm pool unless the invocation killed it. Returns the log tail when asked for.
     async fn invoke_lambda(
-        &self,
+        self: &Arc<Self>,
         slot: &Arc<FunctionSlot>,
         held: Slot,
         f: &Arc<ActiveFunction>,
         req: InvokeRequest<'_>,
-    ) -> (Result<Bytes, InvokeError>, Option<String>) {
+    ) -> (Result<Payload, InvokeError>, Option<String>) {
         let labels = Metrics::function(&f.name);
         let request_id = req.request_id;
         let (instance, init) = match slot.take_idle(f.version) {
@@ -260,7 +261,62 @@ impl Router {
             function_arn: f.arn(&self.config, false),
             client_context: req.client_context,
         };
-        let (result, log) = instance.invoke(ev, &self.kill).await;
+        let deadline = ev.deadline;
+        let (mut result, mut log) = instance.invoke(ev, &self.kill).await;
+        if log.is_streaming() {
+            let (release, released) = tokio::sync::oneshot::channel();
+            if let Ok(Payload::Stream { released: r, .. }) = &mut result {
+                *r = Some(released);
+            }
+            // The answer is still coming: the instance is busy until the runtime has sent it
+            // all. The caller reads the stream meanwhile; its log and slot are settled after.
+            let (router, slot, f, id) = (
+                self.clone(),
+                slot.clone(),
+                f.clone(),
+                request_id.to_string(),
+            );
+            tokio::spawn(async move {
+                let outcome = instance
+                    .finish_stream(&mut log, deadline, &router.kill)
+                    .await;
+                router
+                    .end_invocation(&slot, instance, &f, &id, init, outcome.err().as_ref(), log)
+                    .await;
+                drop(held);
+                let _ = release.send(());
+            });
+            return (result, None);
+        }
+        let tail = self
+            .end_invocation(
+                slot,
+                instance,
+                f,
+                request_id,
+                init,
+                result.as_ref().err(),
+                log,
+            )
+            .await;
+        drop(held);
+        (result, req.want_tail.then_some(tail))
+    }
+
+    /// Writes END and REPORT, and returns the instance to the warm pool unless the invocation
+    /// ended it. Returns the invocation's log tail.
+    #[allow(clippy::too_many_arguments)]
+    async fn end_invocation(
+        &self,
+        slot: &Arc<FunctionSlot>,
+        instance: Tracked,
+        f: &Arc<ActiveFunction>,
+        request_id: &str,
+        init: Option<Duration>,
+        error: Option<&InvokeError>,
+        log: InvokeLog,
+    ) -> String {
+        let labels = Metrics::function(&f.name);
         let peak = instance.peak_memory().await;
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         let mut report = format!(
@@ -277,19 +333,18 @@ impl Router {
                 .get_or_create(&labels)
                 .observe(init.as_secs_f64());
         }
-        if let Err(e) = &result {
+        if let Some(e) = error {
             report.push_str(&format!("\tStatus: {}", e.kind()));
         }
         log.agent_line(request_id, &format!("END RequestId: {request_id}"));
         log.agent_line(request_id, &report);
         let tail = log.finish();
         // A handler's own error leaves the instance fine; any other failure ended it.
-        let reusable = matches!(&result, Ok(_) | Err(InvokeError::Handler { .. }));
+        let reusable = matches!(error, None | Some(InvokeError::Handler { .. }));
         if reusable && instance.is_alive() && !self.draining.is_cancelled() {
             slot.put_idle(instance);
         }
-        drop(held);
-        (result, req.want_tail.then_some(tail))
+        tail
     }
 
     /// Starts a Lambda instance of `f` (a prepared sandbox when one waits) and waits for its
