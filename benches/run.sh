@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# fnlet's benchmarks in one command, as root: `benches/run.sh [spawn|agent|all]` (default all).
+# fnlet's benchmarks in one command, as root: `benches/run.sh [spawn|agent|lambda|all]` (default
+# all).
 #
 # spawn: spawn-to-exit of a sandboxed static binary against fork+exec, bwrap and runc. Installs
 #   the peers (bubblewrap, runc, and crun, which is tried and reported when the host refuses it)
@@ -9,17 +10,23 @@
 #   beside `fnlet sandbox run`, the isolate library and fork+exec; throughput with concurrent
 #   clients; the agent's RSS. Builds fnlet and the example (scripts/build-examples.sh); runs
 #   `cargo bench -p fnlet-benches --bench agent`.
+# lambda: Lambda mode on a real `fnlet agent` with the benchmark no-op (tests/fixtures/lambda-noop,
+#   statically linked): cold start with a prepared sandbox beside fork+exec and the isolate
+#   library, warm invocation through /fn beside a plain HTTP server and nginx in front of it, and
+#   throughput at 32 clients. Installs nginx; builds fnlet and the no-op (as
+#   scripts/build-fixtures.sh does, into tests/fixtures/lambda-noop/bundle/bootstrap); runs
+#   `cargo bench -p fnlet-benches --bench lambda`.
 #
-# FNLET_BENCH_RUNS and FNLET_BENCH_WARMUP pass through to both (see each bench's header for its
+# FNLET_BENCH_RUNS and FNLET_BENCH_WARMUP pass through to each (see each bench's header for its
 # other variables); arguments after the first go to the bench binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 which=${1:-all}
 [ $# -gt 0 ] && shift
 case "$which" in
-  spawn | agent | all) ;;
+  spawn | agent | lambda | all) ;;
   *)
-    echo "usage: $0 [spawn|agent|all]" >&2
+    echo "usage: $0 [spawn|agent|lambda|all]" >&2
     exit 2
     ;;
 esac
@@ -29,14 +36,19 @@ if [ "$(id -u)" != 0 ]; then
 fi
 need=()
 pkgs=(libseccomp-dev pkg-config)
-if [ "$which" != agent ]; then
+if [ "$which" = spawn ] || [ "$which" = all ]; then
   pkgs+=(bubblewrap runc gcc libc6-dev)
+fi
+if [ "$which" = lambda ] || [ "$which" = all ]; then
+  # Debian's nginx: the reverse proxy peer (started by the bench on a loopback port, never as a
+  # service).
+  pkgs+=(nginx)
 fi
 for pkg in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 optional=()
-if [ "$which" != agent ]; then
+if [ "$which" = spawn ] || [ "$which" = all ]; then
   dpkg-query -W -f='${Status}' crun 2>/dev/null | grep -q "install ok installed" || optional+=(crun)
 fi
 if [ $((${#need[@]} + ${#optional[@]})) -gt 0 ]; then
@@ -51,16 +63,27 @@ if [ $((${#need[@]} + ${#optional[@]})) -gt 0 ]; then
   fi
 fi
 cargo build --release -p fnlet
-if [ "$which" != spawn ]; then
+if [ "$which" = agent ] || [ "$which" = all ]; then
   # The agent bench deploys the example: build it (the bench copies the fresh binary into a
   # temporary bundle beside the example's fnlet.toml).
   scripts/build-examples.sh
 fi
+if [ "$which" = lambda ] || [ "$which" = all ]; then
+  # The no-op links statically, so the same file is the fork+exec floor and what fnlet runs.
+  # With --target the flag reaches only this crate (it has no dependencies), not the host build.
+  target=$(rustc -vV | sed -n 's/^host: //p')
+  RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
+    cargo build --release -p fixture-lambda-noop --target "$target"
+  install -m 0755 "target/$target/release/fixture-lambda-noop" tests/fixtures/lambda-noop/bundle/bootstrap
+fi
 status=0
-if [ "$which" != agent ]; then
+if [ "$which" = spawn ] || [ "$which" = all ]; then
   cargo bench -p fnlet-benches --bench spawn -- "$@" || status=$?
 fi
-if [ "$which" != spawn ]; then
+if [ "$which" = agent ] || [ "$which" = all ]; then
   cargo bench -p fnlet-benches --bench agent -- "$@" || status=$?
+fi
+if [ "$which" = lambda ] || [ "$which" = all ]; then
+  cargo bench -p fnlet-benches --bench lambda -- "$@" || status=$?
 fi
 exit $status
