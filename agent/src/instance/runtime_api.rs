@@ -376,19 +376,7 @@ async fn response(
     };
     let trailers = collected.trailers().cloned();
     let body = collected.to_bytes();
-    if let Some(t) = trailers
-        && t.contains_key("lambda-runtime-function-error-type")
-    {
-        let error_type = error_type(&t, "lambda-runtime-function-error-type");
-        let body = t
-            .get("lambda-runtime-function-error-body")
-            .and_then(|v| {
-                base64::engine::general_purpose::STANDARD
-                    .decode(v.as_bytes())
-                    .ok()
-            })
-            .map(Bytes::from)
-            .unwrap_or_else(|| default_error_body(&error_type));
+    if let Some((error_type, body)) = trailers.as_ref().and_then(trailer_error) {
         let _ = reply.send(Reply::Error { error_type, body });
         return accepted();
     }
@@ -463,19 +451,9 @@ async fn stream_response(req: Request, reply: oneshot::Sender<Reply>) -> Respons
                 let _ = tx.send(StreamFrame::Data(data)).await;
             }
             Err(frame) => {
-                if let Ok(t) = frame.into_trailers()
-                    && t.contains_key("lambda-runtime-function-error-type")
+                if let Some((error_type, body)) =
+                    frame.into_trailers().ok().as_ref().and_then(trailer_error)
                 {
-                    let error_type = error_type(&t, "lambda-runtime-function-error-type");
-                    let body = t
-                        .get("lambda-runtime-function-error-body")
-                        .and_then(|v| {
-                            base64::engine::general_purpose::STANDARD
-                                .decode(v.as_bytes())
-                                .ok()
-                        })
-                        .map(Bytes::from)
-                        .unwrap_or_else(|| default_error_body(&error_type));
                     failed = Some(StreamFrame::Error { error_type, body });
                 }
             }
@@ -495,6 +473,25 @@ async fn stream_response(req: Request, reply: oneshot::Sender<Reply>) -> Respons
         );
     }
     accepted()
+}
+
+/// The error a streamed response's trailers report, if they report one: its type, and its
+/// body (base64 in `Lambda-Runtime-Function-Error-Body`).
+fn trailer_error(t: &HeaderMap) -> Option<(String, Bytes)> {
+    if !t.contains_key("lambda-runtime-function-error-type") {
+        return None;
+    }
+    let error_type = error_type(t, "lambda-runtime-function-error-type");
+    let body = t
+        .get("lambda-runtime-function-error-body")
+        .and_then(|v| {
+            base64::engine::general_purpose::STANDARD
+                .decode(v.as_bytes())
+                .ok()
+        })
+        .map(Bytes::from)
+        .unwrap_or_else(|| default_error_body(&error_type));
+    Some((error_type, body))
 }
 
 fn stream_error(error_type: &str, message: &str) -> StreamFrame {
