@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Builds fnlet's .deb and .rpm into target/packages/ from the metadata in agent/Cargo.toml:
 #
-#   packaging/build.sh [--release N]
+#   packaging/build.sh [--release N]...
 #
 # --release N: the package revision (deb fnlet_<version>-N, rpm fnlet-<version>-N; default 1).
-# Bump it to make an upgrade of the same version.
+# Bump it to make an upgrade of the same version. Given more than once, every revision is
+# packaged from the same binary (the packaging test's upgrade: --release 1 --release 2).
 #
 # Steps: the release binary (stripped), man pages and shell completions generated from the
 # binary's own clap definitions (`fnlet manpages`, `fnlet completions`) into
 # target/release/packaging/, a check that the binary needs nothing the rpm's requirements do not
-# list, then `cargo deb` and `cargo generate-rpm`. Installs what it lacks: Debian's binutils,
-# dpkg-dev and rpm, and cargo-deb (`cargo install --locked`, a minute or two once per machine).
+# list, then `cargo deb` and `cargo generate-rpm`, side by side. Installs what it lacks: Debian's
+# binutils, dpkg-dev, xz-utils and rpm, and cargo-deb (`cargo install`, compiled beside the
+# release build, once per machine).
 #
 # The .rpm: with cargo-generate-rpm when it is installed; otherwise (installing it compiles for
 # about five minutes) rpmbuild builds the same package from the same metadata
@@ -18,15 +20,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-release=1
+releases=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --release) release=$2; shift 2 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    --release)
+      case "${2:-}" in *[!0-9]*|'') echo "build.sh: --release takes a number" >&2; exit 2 ;; esac
+      releases+=("$2")
+      shift 2
+      ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "build.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-case "$release" in *[!0-9]*|'') echo "build.sh: --release takes a number" >&2; exit 2 ;; esac
+[ ${#releases[@]} -gt 0 ] || releases=(1)
 
 # The asset paths in agent/Cargo.toml say target/release/: keep cargo's output there.
 export CARGO_TARGET_DIR="$PWD/target"
@@ -43,23 +49,61 @@ fi
 case "$rpm_builder" in cargo|rpmbuild) ;; *) echo "build.sh: FNLET_RPM_BUILDER is cargo or rpmbuild" >&2; exit 2 ;; esac
 
 need=()
-for pkg in binutils dpkg-dev bc rpm python3; do
+for pkg in binutils dpkg-dev xz-utils bc rpm python3; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
   step "apt-get install ${need[*]}"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
 fi
-tools=(cargo-deb)
-[ "$rpm_builder" = cargo ] && tools+=(cargo-generate-rpm)
-for tool in "${tools[@]}"; do
-  if ! command -v "$tool" >/dev/null 2>&1; then
-    step "cargo install --locked $tool (once per machine)"
-    t=$(date +%s.%N)
-    cargo install --locked --quiet "$tool"
-    took "$t"
-  fi
-done
+tools=()
+command -v cargo-deb >/dev/null 2>&1 || tools+=(cargo-deb)
+if [ "$rpm_builder" = cargo ] && ! command -v cargo-generate-rpm >/dev/null 2>&1; then
+  tools+=(cargo-generate-rpm)
+fi
+logs=$(mktemp -d)
+tools_job='' deb_job=''
+kill_tree() { # a job of ours and everything it started, children first
+  local child
+  for child in $(pgrep -P "$1" || true); do kill_tree "$child"; done
+  kill "$1" 2>/dev/null || true
+}
+cleanup() {
+  # A tool install or a .deb still being made when a step failed (or on Ctrl-C, which a script's
+  # background jobs ignore): stop it.
+  local job
+  for job in $tools_job $deb_job; do
+    kill_tree "$job"
+    wait "$job" 2>/dev/null || true
+  done
+  rm -rf "$logs"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# The tools compile beside the release build, which leaves a core idle for much of its end (one
+# big crate, then the link). cargo-deb as a debug build takes about half the CPU time of its
+# release profile, and without its default features (liblzma compiled from C, ELF build ids) it
+# pipes the payload to Debian's xz at the same level instead: the same .deb (same files, same
+# control data), made no slower, since xz does that work either way.
+install_tools() {
+  local tool
+  for tool in "$@"; do
+    case "$tool" in
+      cargo-deb) cargo install --locked --quiet --debug --no-default-features cargo-deb || return 1 ;;
+      *) cargo install --locked --quiet "$tool" || return 1 ;;
+    esac
+  done
+}
+if [ ${#tools[@]} -gt 0 ]; then
+  step "cargo install ${tools[*]} (once per machine), beside the build"
+  t_tools=$(date +%s.%N)
+  (
+    if install_tools "${tools[@]}"; then echo 0; else echo 1; fi >"$logs/tools.rc"
+    date +%s.%N >"$logs/tools.end"
+  ) >"$logs/tools.log" 2>&1 &
+  tools_job=$!
+fi
 
 step "cargo build --release -p fnlet"
 t=$(date +%s.%N)
@@ -98,33 +142,76 @@ target/release/fnlet completions bash >"$gen/completions/fnlet.bash"
 target/release/fnlet completions zsh >"$gen/completions/_fnlet"
 target/release/fnlet completions fish >"$gen/completions/fnlet.fish"
 
-mkdir -p "$out"
-step "cargo deb (revision $release)"
-t=$(date +%s.%N)
-cargo deb -p fnlet --no-build --deb-revision "$release" -o "$out/" >/dev/null
-took "$t"
-version=$(target/release/fnlet --version | awk '{print $2}')
-t=$(date +%s.%N)
-if [ "$rpm_builder" = cargo ]; then
-  step "cargo generate-rpm (release $release)"
-  cargo generate-rpm -p agent -s "release = \"$release\"" -o "$out/" >/dev/null
-else
-  step "rpmbuild (release $release), spec from agent/Cargo.toml's generate-rpm metadata"
-  top=target/packages/rpmbuild
-  rm -rf "$top"
-  mkdir -p "$top/SPECS"
-  python3 packaging/rpm/spec.py agent/Cargo.toml "$CARGO_TARGET_DIR" "$release" >"$top/SPECS/fnlet.spec"
-  rpmbuild -bb --quiet --nodeps --target x86_64 \
-    --define "_topdir $PWD/$top" --define "_rpmdir $PWD/$out" \
-    --define "_build_name_fmt %%{NAME}-%%{VERSION}-%%{RELEASE}.%%{ARCH}.rpm" \
-    "$top/SPECS/fnlet.spec" 2>&1 | grep -v -e 'should not be used directly' -e 'know what you are doing' >&2 || true
-  rm -rf "$top"
+if [ -n "$tools_job" ]; then
+  t=$(date +%s.%N)
+  wait "$tools_job" || true
+  tools_job=''
+  if [ "$(cat "$logs/tools.rc" 2>/dev/null)" != 0 ]; then
+    cat "$logs/tools.log" >&2
+    echo "build.sh: cargo install ${tools[*]} failed" >&2
+    exit 1
+  fi
+  printf '    cargo install %s: %.1f s, of which waited for after the build: %.1f s\n' "${tools[*]}" \
+    "$(echo "$(cat "$logs/tools.end") - $t_tools" | bc)" "$(echo "$(date +%s.%N) - $t" | bc)" >&2
 fi
+
+version=$(target/release/fnlet --version | awk '{print $2}')
+mkdir -p "$out"
+# Making a package is mostly one compressor on one core (xz for the .deb, zstd for the .rpm):
+# the .debs and the .rpms are made side by side.
+build_debs() {
+  local release
+  for release in "${releases[@]}"; do
+    cargo deb -p fnlet --no-build --deb-revision "$release" -o "$out/" >/dev/null || return 1
+  done
+}
+build_rpms() {
+  local release top
+  for release in "${releases[@]}"; do
+    if [ "$rpm_builder" = cargo ]; then
+      cargo generate-rpm -p agent -s "release = \"$release\"" -o "$out/" >/dev/null || return 1
+    else
+      top=target/packages/rpmbuild-$release
+      rm -rf "$top"
+      mkdir -p "$top/SPECS"
+      python3 packaging/rpm/spec.py agent/Cargo.toml "$CARGO_TARGET_DIR" "$release" >"$top/SPECS/fnlet.spec" || return 1
+      rpmbuild -bb --quiet --nodeps --target x86_64 \
+        --define "_topdir $PWD/$top" --define "_rpmdir $PWD/$out" \
+        --define "_build_name_fmt %%{NAME}-%%{VERSION}-%%{RELEASE}.%%{ARCH}.rpm" \
+        "$top/SPECS/fnlet.spec" 2>&1 | grep -v -e 'should not be used directly' -e 'know what you are doing' \
+        -e '^Building target platforms' -e '^Building for target' || true
+      rm -rf "$top"
+    fi
+  done
+}
+if [ "$rpm_builder" = cargo ]; then
+  step "cargo deb and cargo generate-rpm (revision ${releases[*]})"
+else
+  step "cargo deb, and rpmbuild from agent/Cargo.toml's generate-rpm metadata (revision ${releases[*]})"
+fi
+t=$(date +%s.%N)
+build_debs >"$logs/deb.log" 2>&1 &
+deb_job=$!
+if ! build_rpms >"$logs/rpm.log" 2>&1; then
+  cat "$logs/rpm.log" >&2
+  echo "build.sh: building the .rpm failed" >&2
+  exit 1
+fi
+if ! wait "$deb_job"; then
+  deb_job=''
+  cat "$logs/deb.log" >&2
+  echo "build.sh: cargo deb failed" >&2
+  exit 1
+fi
+deb_job=''
+cat "$logs/deb.log" "$logs/rpm.log" >&2 # their warnings, if any
 took "$t"
-deb="$out/fnlet_${version}-${release}_amd64.deb"
-rpm="$out/fnlet-${version}-${release}.x86_64.rpm"
-for f in "$deb" "$rpm"; do
+built=()
+for release in "${releases[@]}"; do
+  built+=("$out/fnlet_${version}-${release}_amd64.deb" "$out/fnlet-${version}-${release}.x86_64.rpm")
+done
+for f in "${built[@]}"; do
   [ -f "$f" ] || { echo "build.sh: $f was not built" >&2; exit 1; }
 done
 printf '==> built in %.0f s:\n' "$(echo "$(date +%s.%N) - $t0" | bc)" >&2
-ls -l "$deb" "$rpm" >&2
+ls -l "${built[@]}" >&2

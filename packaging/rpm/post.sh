@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # fnlet .rpm %post ($1: 1 on install, 2+ on upgrade). Like %systemd_post, but enabling and
 # starting the agent on first install, as the .deb does: installing fnlet means running it.
 if [ -d /run/systemd/system ]; then

@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # fnlet .rpm %postun ($1: 0 on erase, 1+ on upgrade): after an upgrade restart the agent on the
 # new binary (try-restart: only if it was running). An erase keeps /var/lib/fnlet (deployed
 # functions) and /var/log/fnlet, as RPM packages keep data; remove them by hand to purge.
@@ -13,6 +14,6 @@ if [ "$1" -eq 0 ]; then
 	rmdir /usr/share/doc/fnlet /etc/fnlet 2>/dev/null || :
 	# fnlet's own cgroup roots on a cgroup v1 host, if empty (never recursive).
 	for d in /sys/fs/cgroup/*/fnlet; do
-		[ -d "$d" ] && rmdir "$d" 2>/dev/null || :
+		if [ -d "$d" ]; then rmdir "$d" 2>/dev/null || :; fi
 	done
 fi

@@ -3,7 +3,8 @@
 # Debian bookworm container with systemd as its PID 1 (systemd-nspawn; this host's PID 1 need not
 # be systemd), and for each package: installs it, waits for `systemctl is-active fnlet`, checks the
 # unit (Type=notify, STATUS=, Delegate, the agent's cgroup leaf), deploys and invokes the
-# examples with the CLI and curl, finds the invocation in `journalctl -u fnlet` with its fields,
+# examples with the CLI and curl, finds the invocation in `journalctl -u fnlet` with its fields
+# (the function's own stderr line with FUNCTION=, VERSION=, REQUEST_ID= and INSTANCE=),
 # restarts, lets the watchdog kill a frozen agent, upgrades to a second build with an edited
 # /etc/fnlet/config.toml, stops, removes, and checks that no fnlet process, cgroup or directory is
 # left, inside the container and on this host.
@@ -99,11 +100,23 @@ poweroff() {
   fi
 }
 
+# Mounts on this host under our temp dir or named after our container (nspawn mounts in a
+# namespace of its own, so there should be none).
+own_mounts() {
+  awk -v w="$work" -v m="$machine" '
+    $5 == w || index($5, w "/") == 1 || index($5 "/", "/" m "/") {print $5}' /proc/self/mountinfo
+}
+
 cleanup() {
-  local status=$?
+  local status=$? m
   # A root still being debootstrapped (the build failed first): let it finish, then drop it.
   if [ -n "${rootfs_job:-}" ]; then wait "$rootfs_job" 2>/dev/null || true; fi
   poweroff || status=1
+  # Never rm -rf through a mount: a leftover bind mount would take its source with it.
+  for m in $(own_mounts | sort -r); do
+    echo "nspawn-test: unmounting leftover $m" >&2
+    umount -l "$m" || status=1
+  done
   rm -rf "$work"
   exit "$status"
 }
@@ -233,16 +246,24 @@ invoke_examples() { # invoke_examples LABEL: CLI and curl, then the journal; pri
   for field in "_SYSTEMD_UNIT=fnlet.service" "SYSLOG_IDENTIFIER=fnlet" "VERSION=" "TARGET=fnlet::function"; do
     case "$entry" in *"$field"*) ;; *) fail "the journal entry has no $field: $entry" ;; esac
   done
+  # INSTANCE= names the sandbox that wrote the line: its cgroup leaf, <function>-<agent pid>-<n>.
+  local instance agent_pid
+  instance=$(printf '%s\n' "$entry" | sed -n 's/^ *INSTANCE=//p' | head -1)
+  agent_pid=$(main_pid)
+  [[ $instance =~ ^hello-sh-$agent_pid-[0-9]+$ ]] ||
+    fail "the stderr line's INSTANCE is '$instance', not hello-sh-$agent_pid-<n> (its sandbox's cgroup leaf): $entry"
+  in_ct journalctl -u fnlet --no-pager -o cat INSTANCE="$instance" | grep -q "greeting Linus" ||
+    fail "journalctl INSTANCE=$instance does not find hello-sh's stderr line"
   in_ct journalctl -u fnlet --no-pager -o verbose FUNCTION=hello-sh REQUEST_ID="$rid" MESSAGE="invocation ok" |
     grep -q DURATION_MS= || fail "no 'invocation ok' entry with DURATION_MS for request $rid"
-  note "journalctl -u fnlet FUNCTION=hello-sh REQUEST_ID=$rid: the function's stderr and the agent's line:"
+  note "journalctl -u fnlet FUNCTION=hello-sh REQUEST_ID=$rid STREAM=stderr: the function's own line:"
   in_ct journalctl -u fnlet --no-pager -o json FUNCTION=hello-sh REQUEST_ID="$rid" STREAM=stderr |
     in_ct python3 -c '
 import json, sys
 for line in sys.stdin:
     e = json.loads(line)
     print("      " + " ".join(f"{k}={e.get(k)!r}" for k in
-        ("_SYSTEMD_UNIT", "PRIORITY", "FUNCTION", "VERSION", "REQUEST_ID", "STREAM", "MESSAGE")))
+        ("_SYSTEMD_UNIT", "PRIORITY", "FUNCTION", "VERSION", "REQUEST_ID", "INSTANCE", "STREAM", "MESSAGE")))
 ' >&2
 }
 
@@ -357,6 +378,7 @@ test_deb() {
   pid=$(main_pid)
   timed "deb: upgrade (dpkg -i revision 2)" in_ct dpkg -i "/mnt/ci/pkgs/$deb2" >/dev/null
   timed "deb: after the upgrade" after_upgrade "$version-2" "$pid"
+  # shellcheck disable=SC2016 # dpkg-query's own ${Version}, not the shell's
   [ "$(in_ct dpkg-query -W -f '${Version}' fnlet)" = "$version-2" ] || fail "dpkg does not have $version-2"
   timed "deb: systemctl stop" stop_cleanly
   timed "deb: dpkg -P (purge)" in_ct dpkg -P fnlet >/dev/null
@@ -445,15 +467,13 @@ else
   note "cached: $rootfs_tar"
 fi
 
-say "packages: revision 1, then revision 2 (the upgrade)"
+say "packages: revision 1, and revision 2 (the upgrade) of the same binary"
 mkdir -p "$work/share/pkgs" "$work/share/examples"
-timed "packaging/build.sh --release 1" packaging/build.sh --release 1
+timed "packaging/build.sh --release 1 --release 2" packaging/build.sh --release 1 --release 2
 version=$(target/release/fnlet --version | awk '{print $2}')
 deb1=fnlet_${version}-1_amd64.deb rpm1=fnlet-${version}-1.x86_64.rpm
 deb2=fnlet_${version}-2_amd64.deb rpm2=fnlet-${version}-2.x86_64.rpm
-cp "target/packages/$deb1" "target/packages/$rpm1" "$work/share/pkgs/"
-timed "packaging/build.sh --release 2" packaging/build.sh --release 2
-cp "target/packages/$deb2" "target/packages/$rpm2" "$work/share/pkgs/"
+cp "target/packages/$deb1" "target/packages/$rpm1" "target/packages/$deb2" "target/packages/$rpm2" "$work/share/pkgs/"
 # The examples as a user deploys them: readable by every uid, scripts executable.
 cp -r examples/hello-sh examples/hello-py "$work/share/examples/"
 chmod -R a+rX "$work/share"
@@ -477,10 +497,12 @@ test_deb hybrid
 test_rpm unified
 
 say "host: nothing left"
-[ ! -d "$cg_unified" ] && [ ! -d "$cg_systemd" ] || fail "nspawn's cgroups are still on the host"
+if [ -d "$cg_unified" ] || [ -d "$cg_systemd" ]; then fail "nspawn's cgroups are still on the host"; fi
 left=$(find /sys/fs/cgroup/unified /sys/fs/cgroup/systemd -maxdepth 1 -name "$machine" 2>/dev/null || true)
 [ -z "$left" ] || fail "host cgroups left: $left"
-note "no container, cgroup or process of the test is left on this host"
+left=$(own_mounts)
+[ -z "$left" ] || fail "mounts left on the host: $left"
+note "no container, cgroup, mount or process of the test is left on this host"
 
 say "timings"
 for t in "${timings[@]}"; do printf '    %s\n' "$t"; done
