@@ -10,10 +10,15 @@
 # Steps: the release binary (stripped), man pages and shell completions generated from the
 # binary's own clap definitions (`fnlet manpages`, `fnlet completions`) into
 # target/release/packaging/, a check that the binary needs nothing the rpm's requirements do not
-# list, then `cargo deb` and `cargo generate-rpm`, side by side. Installs what it lacks: Debian's
-# binutils, dpkg-dev, xz-utils and rpm, and cargo-deb (`cargo install`, compiled beside the
-# release build, once per machine).
+# list, then the .debs and the .rpms, side by side. Installs what it lacks from Debian's packages
+# (binutils, dpkg-dev, xz-utils, rpm, debhelper).
 #
+# The .deb: with cargo-deb when it is installed; otherwise (installing it compiles for about two
+# minutes, most of a fresh machine's packaging time) Debian's debhelper makes the same package
+# from the same metadata: packaging/debian/stage.py lays out the files and the control data,
+# dh_installsystemd writes the unit's maintainer-script snippets (the ones cargo-deb copies from
+# debhelper), dh_shlibdeps the Depends. FNLET_DEB_BUILDER=cargo|debhelper forces one (cargo
+# installs cargo-deb if missing, compiled beside the release build).
 # The .rpm: with cargo-generate-rpm when it is installed; otherwise (installing it compiles for
 # about five minutes) rpmbuild builds the same package from the same metadata
 # (packaging/rpm/spec.py writes the spec). FNLET_RPM_BUILDER=cargo|rpmbuild forces one.
@@ -28,7 +33,7 @@ while [ $# -gt 0 ]; do
       releases+=("$2")
       shift 2
       ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "build.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -40,24 +45,30 @@ out=target/packages
 gen=target/release/packaging
 t0=$(date +%s.%N)
 step() { printf '==> %s\n' "$*" >&2; }
-took() { printf '    %.1f s\n' "$(echo "$(date +%s.%N) - $1" | bc)" >&2; }
+since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}'; }
+took() { printf '    %s s\n' "$(since "$1")" >&2; }
 
 rpm_builder=${FNLET_RPM_BUILDER:-auto}
 if [ "$rpm_builder" = auto ]; then
   command -v cargo-generate-rpm >/dev/null 2>&1 && rpm_builder=cargo || rpm_builder=rpmbuild
 fi
 case "$rpm_builder" in cargo|rpmbuild) ;; *) echo "build.sh: FNLET_RPM_BUILDER is cargo or rpmbuild" >&2; exit 2 ;; esac
+deb_builder=${FNLET_DEB_BUILDER:-auto}
+if [ "$deb_builder" = auto ]; then
+  command -v cargo-deb >/dev/null 2>&1 && deb_builder=cargo || deb_builder=debhelper
+fi
+case "$deb_builder" in cargo|debhelper) ;; *) echo "build.sh: FNLET_DEB_BUILDER is cargo or debhelper" >&2; exit 2 ;; esac
 
 need=()
-for pkg in binutils dpkg-dev xz-utils bc rpm python3; do
+apt_pkgs="binutils dpkg-dev xz-utils rpm python3"
+[ "$deb_builder" = cargo ] || apt_pkgs="$apt_pkgs debhelper"
+for pkg in $apt_pkgs; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
-if [ ${#need[@]} -gt 0 ]; then
-  step "apt-get install ${need[*]}"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
-fi
 tools=()
-command -v cargo-deb >/dev/null 2>&1 || tools+=(cargo-deb)
+if [ "$deb_builder" = cargo ] && ! command -v cargo-deb >/dev/null 2>&1; then
+  tools+=(cargo-deb)
+fi
 if [ "$rpm_builder" = cargo ] && ! command -v cargo-generate-rpm >/dev/null 2>&1; then
   tools+=(cargo-generate-rpm)
 fi
@@ -88,18 +99,23 @@ trap 'exit 130' INT TERM
 # control data), made no slower, since xz does that work either way.
 install_tools() {
   local tool
-  for tool in "$@"; do
+  if [ ${#need[@]} -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" || return 1
+  fi
+  for tool in "${tools[@]}"; do
     case "$tool" in
       cargo-deb) cargo install --locked --quiet --debug --no-default-features cargo-deb || return 1 ;;
       *) cargo install --locked --quiet "$tool" || return 1 ;;
     esac
   done
 }
-if [ ${#tools[@]} -gt 0 ]; then
-  step "cargo install ${tools[*]} (once per machine), beside the build"
+# What is missing is installed beside the release build (it is needed only after it).
+installing="${need[*]:+apt-get install ${need[*]}}${need[*]:+${tools[*]:+; }}${tools[*]:+cargo install ${tools[*]}}"
+if [ -n "$installing" ]; then
+  step "$installing (once per machine), beside the build"
   t_tools=$(date +%s.%N)
   (
-    if install_tools "${tools[@]}"; then echo 0; else echo 1; fi >"$logs/tools.rc"
+    if install_tools >&2; then echo 0; else echo 1; fi >"$logs/tools.rc"
     date +%s.%N >"$logs/tools.end"
   ) >"$logs/tools.log" 2>&1 &
   tools_job=$!
@@ -108,8 +124,21 @@ fi
 step "cargo build --release -p fnlet"
 t=$(date +%s.%N)
 cargo build --release -p fnlet --quiet
-strip --strip-unneeded target/release/fnlet
 took "$t"
+
+if [ -n "$tools_job" ]; then
+  t=$(date +%s.%N)
+  wait "$tools_job" || true
+  tools_job=''
+  if [ "$(cat "$logs/tools.rc" 2>/dev/null)" != 0 ]; then
+    cat "$logs/tools.log" >&2
+    echo "build.sh: $installing failed" >&2
+    exit 1
+  fi
+  printf '    %s: %s s, of which waited for after the build: %s s\n' "$installing" \
+    "$(awk -v a="$t_tools" -v b="$(cat "$logs/tools.end")" 'BEGIN {printf "%.1f", b - a}')" "$(since "$t")" >&2
+fi
+strip --strip-unneeded target/release/fnlet
 
 # The rpm lists its requirements by hand (auto-req = "no"): fail if the binary needs more.
 step "checking the binary's library needs against the rpm's requirements"
@@ -142,27 +171,38 @@ target/release/fnlet completions bash >"$gen/completions/fnlet.bash"
 target/release/fnlet completions zsh >"$gen/completions/_fnlet"
 target/release/fnlet completions fish >"$gen/completions/fnlet.fish"
 
-if [ -n "$tools_job" ]; then
-  t=$(date +%s.%N)
-  wait "$tools_job" || true
-  tools_job=''
-  if [ "$(cat "$logs/tools.rc" 2>/dev/null)" != 0 ]; then
-    cat "$logs/tools.log" >&2
-    echo "build.sh: cargo install ${tools[*]} failed" >&2
-    exit 1
-  fi
-  printf '    cargo install %s: %.1f s, of which waited for after the build: %.1f s\n' "${tools[*]}" \
-    "$(echo "$(cat "$logs/tools.end") - $t_tools" | bc)" "$(echo "$(date +%s.%N) - $t" | bc)" >&2
-fi
 
 version=$(target/release/fnlet --version | awk '{print $2}')
 mkdir -p "$out"
 # Making a package is mostly one compressor on one core (xz for the .deb, zstd for the .rpm):
 # the .debs and the .rpms are made side by side.
 build_debs() {
-  local release
+  local release stage dest="$PWD/$out"
   for release in "${releases[@]}"; do
-    cargo deb -p fnlet --no-build --deb-revision "$release" -o "$out/" >/dev/null || return 1
+    if [ "$deb_builder" = cargo ]; then
+      cargo deb -p fnlet --no-build --deb-revision "$release" -o "$out/" >/dev/null || return 1
+      continue
+    fi
+    stage=$PWD/target/packages/debhelper-$release
+    python3 packaging/debian/stage.py agent/Cargo.toml "$CARGO_TARGET_DIR" "$release" "$stage" || return 1
+    # One && chain: errexit does not apply inside a function called from an `if`.
+    # shellcheck disable=SC2046 # the flags are words
+    (
+      cd "$stage" &&
+        unset DH_VERBOSE &&
+        dh_installsystemd -pfnlet $(cat installsystemd.flags) &&
+        # Bookworm's dh_installsystemd reads units from lib/systemd/system only; the package
+        # ships it where cargo-deb (and merged /usr) put it.
+        mkdir -p debian/fnlet/usr/lib/systemd &&
+        mv debian/fnlet/lib/systemd/system debian/fnlet/usr/lib/systemd/ &&
+        rmdir debian/fnlet/lib/systemd debian/fnlet/lib &&
+        dh_installdeb -pfnlet &&
+        dh_shlibdeps -pfnlet &&
+        dh_gencontrol -pfnlet &&
+        dh_md5sums -pfnlet &&
+        dh_builddeb -pfnlet --destdir="$dest" >/dev/null
+    ) || return 1
+    rm -rf "$stage"
   done
 }
 build_rpms() {
@@ -184,11 +224,9 @@ build_rpms() {
     fi
   done
 }
-if [ "$rpm_builder" = cargo ]; then
-  step "cargo deb and cargo generate-rpm (revision ${releases[*]})"
-else
-  step "cargo deb, and rpmbuild from agent/Cargo.toml's generate-rpm metadata (revision ${releases[*]})"
-fi
+if [ "$deb_builder" = cargo ]; then deb_how="cargo deb"; else deb_how="debhelper from agent/Cargo.toml's deb metadata"; fi
+if [ "$rpm_builder" = cargo ]; then rpm_how="cargo generate-rpm"; else rpm_how="rpmbuild from its generate-rpm metadata"; fi
+step "$deb_how, and $rpm_how (revision ${releases[*]})"
 t=$(date +%s.%N)
 build_debs >"$logs/deb.log" 2>&1 &
 deb_job=$!
@@ -200,7 +238,7 @@ fi
 if ! wait "$deb_job"; then
   deb_job=''
   cat "$logs/deb.log" >&2
-  echo "build.sh: cargo deb failed" >&2
+  echo "build.sh: building the .deb failed" >&2
   exit 1
 fi
 deb_job=''
@@ -213,5 +251,5 @@ done
 for f in "${built[@]}"; do
   [ -f "$f" ] || { echo "build.sh: $f was not built" >&2; exit 1; }
 done
-printf '==> built in %.0f s:\n' "$(echo "$(date +%s.%N) - $t0" | bc)" >&2
+printf '==> built in %s s:\n' "$(since "$t0")" >&2
 ls -l "${built[@]}" >&2

@@ -14,7 +14,7 @@ use std::time::Duration;
 use sd_notify::NotifyState;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::prelude::*;
 
 /// Whether stderr is the journal: systemd sets `JOURNAL_STREAM=<dev>:<inode>` of the stream it
@@ -36,13 +36,40 @@ fn stderr_is_journal() -> bool {
     nix::sys::stat::fstat(std::io::stderr()).is_ok_and(matches)
 }
 
-/// Sets up logging: `FNLET_LOG` (an env filter) or `default_level`. When stderr is the journal,
+/// The log filter: `FNLET_LOG` (`info`, `debug`, `fnlet=debug,hyper=warn`: a default level and
+/// levels per module path), else `default_level`. Targets, not tracing's `EnvFilter`: the same
+/// syntax minus span and field filters, and no regex engine compiled into the binary.
+fn log_filter(default_level: &str) -> Targets {
+    let spec = std::env::var("FNLET_LOG").ok();
+    let (targets, refused) = parse_log_filter(spec.as_deref(), default_level);
+    if let Some(e) = refused {
+        eprintln!("fnlet: FNLET_LOG={spec:?} is not a log filter ({e}): using {default_level}");
+    }
+    targets
+}
+
+/// `spec` as a filter, else `default_level` (and why `spec` was refused).
+fn parse_log_filter(spec: Option<&str>, default_level: &str) -> (Targets, Option<String>) {
+    let fallback = || {
+        default_level
+            .parse()
+            .unwrap_or_else(|_| Targets::new().with_default(tracing::Level::INFO))
+    };
+    match spec.map(str::trim) {
+        Some(spec) if !spec.is_empty() => match spec.parse() {
+            Ok(targets) => (targets, None),
+            Err(e) => (fallback(), Some(e.to_string())),
+        },
+        _ => (fallback(), None),
+    }
+}
+
+/// Sets up logging: `FNLET_LOG` (see [`log_filter`]) or `default_level`. When stderr is the journal,
 /// events go over the native journal protocol instead, each field its own journal field
 /// (`FUNCTION`, `VERSION`, `REQUEST_ID`, `STREAM`, `INSTANCE`, ... plus the fields of enclosing
 /// spans), so `journalctl -u fnlet FUNCTION=hello` works. Returns whether the journal is used.
 pub fn init_logging(default_level: &str) -> bool {
-    let filter =
-        || EnvFilter::try_from_env("FNLET_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
+    let filter = || log_filter(default_level);
     if stderr_is_journal() {
         match tracing_journald::layer() {
             Ok(layer) => {
@@ -67,9 +94,12 @@ pub fn init_logging(default_level: &str) -> bool {
             }
         }
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(filter())
-        .with_writer(std::io::stderr)
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(filter()),
+        )
         .init();
     false
 }
@@ -200,6 +230,28 @@ pub fn spawn_watchdog(
 
 #[cfg(test)]
 mod tests {
+    use tracing::level_filters::LevelFilter;
+
+    #[test]
+    fn log_filter_reads_levels_per_module() {
+        let (t, refused) = super::parse_log_filter(Some("fnlet=debug,hyper=warn,info"), "info");
+        assert!(refused.is_none());
+        assert!(t.would_enable("fnlet::router", &tracing::Level::DEBUG));
+        assert!(!t.would_enable("hyper::proto", &tracing::Level::INFO));
+        assert!(t.would_enable("axum", &tracing::Level::INFO));
+        assert!(!t.would_enable("axum", &tracing::Level::DEBUG));
+    }
+
+    #[test]
+    fn log_filter_refuses_nonsense_and_keeps_the_default() {
+        let (t, refused) = super::parse_log_filter(Some("fnlet=loud"), "warn");
+        assert!(refused.is_some());
+        assert_eq!(t.default_level(), Some(LevelFilter::WARN));
+        let (t, refused) = super::parse_log_filter(None, "debug");
+        assert!(refused.is_none());
+        assert_eq!(t.default_level(), Some(LevelFilter::DEBUG));
+    }
+
     use super::*;
 
     #[test]
