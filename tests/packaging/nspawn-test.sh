@@ -291,15 +291,15 @@ restart_keeps_functions() {
 }
 
 watchdog_restarts_a_frozen_agent() {
-  sh_ct 'mkdir -p /run/systemd/system/fnlet.service.d && printf "[Service]\nWatchdogSec=3\nTimeoutAbortSec=2\n" >/run/systemd/system/fnlet.service.d/ci-watchdog.conf'
+  sh_ct 'mkdir -p /run/systemd/system/fnlet.service.d && printf "[Service]\nWatchdogSec=2\nTimeoutAbortSec=1\n" >/run/systemd/system/fnlet.service.d/ci-watchdog.conf'
   in_ct systemctl daemon-reload
   in_ct systemctl restart fnlet
   wait_active
   local frozen restarts now_pid
   frozen=$(main_pid)
   restarts=$(prop NRestarts)
-  # Two healthy periods first: the self-check passes and the pings keep it alive.
-  sleep 3.5
+  # More than a watchdog period first: the self-check passes and the pings keep it alive.
+  sleep 2.5
   [ "$(main_pid)" = "$frozen" ] || fail "the watchdog restarted a healthy agent"
   in_ct kill -STOP "$frozen"
   for _ in $(seq 200); do
