@@ -21,7 +21,7 @@ import tomllib
 
 SUPPORTED_KEYS = {
     "maintainer", "copyright", "section", "priority", "extended-description", "depends",
-    "recommends", "maintainer-scripts", "assets", "systemd-units",
+    "recommends", "suggests", "maintainer-scripts", "assets", "systemd-units",
 }
 SUPPORTED_UNIT_KEYS = {
     "unit-scripts", "unit-name", "enable", "start", "restart-after-upgrade", "stop-on-upgrade",
@@ -119,6 +119,8 @@ def main() -> None:
         )
         if "recommends" in meta:
             f.write(f"Recommends: {meta['recommends']}\n")
+        if "suggests" in meta:
+            f.write(f"Suggests: {meta['suggests']}\n")
         f.write(f"Description: {description}\n")
         for line in wrap(extended):
             f.write(f" {line}\n")

@@ -16,7 +16,7 @@ import tomllib
 
 SUPPORTED_KEYS = {
     "summary", "release", "assets", "post_install_script", "pre_uninstall_script",
-    "post_uninstall_script", "auto-req", "requires",
+    "post_uninstall_script", "auto-req", "requires", "suggests",
 }
 
 
@@ -91,6 +91,8 @@ def main() -> None:
     w("Requires: /bin/sh")
     for name, version in meta.get("requires", {}).items():
         w(f"Requires: {name}" + ("" if version == "*" else f" {version}"))
+    for name, version in meta.get("suggests", {}).items():
+        w(f"Suggests: {name}" + ("" if version == "*" else f" {version}"))
     w("")
     w("%description")
     w(package.get("description", ""))
