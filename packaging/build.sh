@@ -100,7 +100,11 @@ trap 'exit 130' INT TERM
 install_tools() {
   local tool
   if [ ${#need[@]} -gt 0 ]; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" || return 1
+    # With the package lists as they are, else fresh ones (a machine that never ran apt-get update).
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" ||
+      { DEBIAN_FRONTEND=noninteractive apt-get update -q &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}"; } ||
+      return 1
   fi
   for tool in "${tools[@]}"; do
     case "$tool" in

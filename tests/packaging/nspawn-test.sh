@@ -435,8 +435,12 @@ for pkg in mmdebstrap systemd-container rpm zstd; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
-  timed "apt-get install ${need[*]}" env DEBIAN_FRONTEND=noninteractive \
-    apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
+  apt_install() { # with the package lists as they are, else fresh ones
+    local get=(env DEBIAN_FRONTEND=noninteractive apt-get -y -q)
+    "${get[@]}" install --no-install-recommends "$@" >/dev/null 2>&1 ||
+      { "${get[@]}" update >/dev/null && "${get[@]}" install --no-install-recommends "$@" >/dev/null; }
+  }
+  timed "apt-get install ${need[*]}" apt_install "${need[@]}"
 fi
 
 # The container root first, in the background (mostly downloading and unpacking) while the
