@@ -373,16 +373,20 @@ async fn invoke_api_inner(
         })
         .await;
     let limit = app.router.max_response;
+    let mut refill = None;
     let result = match result {
         // A streamed answer is read to its end: the Invoke API answers buffered.
-        Ok(inv) => match inv.body.collect(limit).await {
-            Ok(body) => Ok((body, inv.version, inv.log_tail)),
-            Err(error) => Err(Failure {
-                error,
-                version: Some(inv.version),
-                log_tail: inv.log_tail,
-            }),
-        },
+        Ok(inv) => {
+            refill = inv.refill;
+            match inv.body.collect(limit).await {
+                Ok(body) => Ok((body, inv.version, inv.log_tail)),
+                Err(error) => Err(Failure {
+                    error,
+                    version: Some(inv.version),
+                    log_tail: inv.log_tail,
+                }),
+            }
+        }
         Err(f) => Err(f),
     };
     let (status_body, version, tail, function_error) = match result {
@@ -410,7 +414,7 @@ async fn invoke_api_inner(
             &base64::engine::general_purpose::STANDARD.encode(t),
         );
     }
-    Ok(r)
+    Ok(super::refill_after_sent(r, refill))
 }
 
 fn set_header(r: &mut Response, name: &str, value: &str) {
@@ -531,6 +535,7 @@ async fn function_url_inner(
     match result {
         Ok(inv) => {
             let version = inv.version;
+            let refill = inv.refill;
             let bad = |e: super::function_url::UrlError| {
                 (
                     AppError::new(
@@ -561,7 +566,7 @@ async fn function_url_inner(
             };
             r.headers_mut()
                 .insert("x-fnlet-version", HeaderValue::from(version));
-            Ok(r)
+            Ok(super::refill_after_sent(r, refill))
         }
         Err(f) => Err((f.error.into(), f.version)),
     }

@@ -596,9 +596,49 @@ async fn invoke_exec(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/octet-stream"),
             );
-            Ok(r)
+            Ok(refill_after_sent(r, inv.refill))
         }
         Err(f) => Err((f.error.into(), f.version)),
+    }
+}
+
+/// `r` with `refill` held by its body: hyper drops the body once it has taken the last of it,
+/// so the next prepared sandbox (a fork of the agent) is built after the answer is written.
+fn refill_after_sent(r: Response, refill: Option<crate::router::RefillOnDrop>) -> Response {
+    match refill {
+        Some(refill) => r.map(|inner| {
+            Body::new(Holding {
+                inner,
+                _refill: refill,
+            })
+        }),
+        None => r,
+    }
+}
+
+/// A body that keeps `_refill` until it is dropped.
+struct Holding {
+    inner: Body,
+    _refill: crate::router::RefillOnDrop,
+}
+
+impl http_body::Body for Holding {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
