@@ -1,11 +1,23 @@
 //! A small typed client of the agent's HTTP API (agent/api/openapi.yaml), and where to find it.
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::Ipv6Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use reqwest::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, RETRY_AFTER};
-use reqwest::{Method, RequestBuilder, Response, StatusCode, Url};
+use bytes::Bytes;
+use http::header::{
+    AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER, USER_AGENT,
+};
+use http::{Method, Request, StatusCode, Uri};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -27,8 +39,82 @@ const MAX_JSON_BYTES: usize = 32 << 20;
 /// Largest error body read; the rest is dropped.
 const MAX_ERROR_BYTES: usize = 64 << 10;
 
+const USER_AGENT_VALUE: &str = concat!("fnlet/", env!("CARGO_PKG_VERSION"));
+
+/// What the WHATWG URL standard percent-encodes in a path (the url crate's sets): a prefix
+/// keeps its escapes and reserved characters, and loses its spaces and non-ASCII.
+const PATH: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'<')
+    .add(b'>')
+    .add(b'`')
+    .add(b'#')
+    .add(b'?')
+    .add(b'{')
+    .add(b'}');
+/// One path segment of a special scheme's URL: `/`, `\` and `%` are data too.
+const PATH_SEGMENT: &AsciiSet = &PATH.add(b'/').add(b'%').add(b'\\');
+
+/// Where the agent's API answers: `http://host[:port][/prefix]`. Plain HTTP only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Lowercase; an IPv6 address in brackets, in its shortest form.
+    host: String,
+    port: u16,
+    /// Starts with `/`; just `/` without a prefix. Percent-encoded.
+    path: String,
+}
+
+impl Endpoint {
+    /// The URL of `segments` under the prefix, each segment percent-encoded, with `query`
+    /// (form-encoded) when it is not empty.
+    fn join(&self, segments: &[&str], query: &[(&str, &str)]) -> String {
+        let mut s = String::new();
+        self.write_origin(&mut s);
+        // Like url's `pop_if_empty`: "/prefix/" and "/" lose their empty last segment.
+        s.push_str(self.path.strip_suffix('/').unwrap_or(&self.path));
+        for seg in segments {
+            s.push('/');
+            match *seg {
+                // Sent as they are, these would climb the path: escaped, they are just a name
+                // (which the agent refuses).
+                "." => s.push_str("%2E"),
+                ".." => s.push_str("%2E%2E"),
+                _ => s.extend(utf8_percent_encode(seg, PATH_SEGMENT)),
+            }
+        }
+        if !query.is_empty() {
+            let mut q = form_urlencoded::Serializer::new(String::new());
+            q.extend_pairs(query);
+            s.push('?');
+            s.push_str(&q.finish());
+        }
+        s
+    }
+
+    fn write_origin(&self, s: &mut String) {
+        s.push_str("http://");
+        s.push_str(&self.host);
+        if self.port != 80 {
+            s.push(':');
+            s.push_str(&self.port.to_string());
+        }
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    /// As a URL is written: `http://gw/`, `http://127.0.0.1:8740/`, `http://gw/fnlet/`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut s = String::new();
+        self.write_origin(&mut s);
+        f.write_str(&s)?;
+        f.write_str(&self.path)
+    }
+}
+
 /// Parses an agent address: `http://host:port[/prefix]`, or `host:port` meaning http.
-pub fn parse_endpoint(s: &str) -> Result<Url, String> {
+pub fn parse_endpoint(s: &str) -> Result<Endpoint, String> {
     let t = s.trim();
     if t.is_empty() {
         return Err("the endpoint is empty".into());
@@ -38,24 +124,59 @@ pub fn parse_endpoint(s: &str) -> Result<Url, String> {
     } else {
         format!("http://{t}")
     };
-    let url = Url::parse(&with_scheme).map_err(|e| format!("{s:?} is not a URL: {e}"))?;
-    match url.scheme() {
-        "http" => {}
-        "https" => {
+    let not_url = |why: &dyn std::fmt::Display| format!("{s:?} is not a URL: {why}");
+    let uri: Uri = with_scheme.parse().map_err(|e| not_url(&e))?;
+    let authority = uri.authority().map_or("", |a| a.as_str());
+    let raw_host = uri.host().unwrap_or_default();
+    let host = match raw_host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => match v6.parse::<Ipv6Addr>() {
+            Ok(ip) => format!("[{ip}]"),
+            Err(_) => return Err(not_url(&"invalid IPv6 address")),
+        },
+        None => raw_host.to_ascii_lowercase(),
+    };
+    // http::Uri keeps a port it cannot read as written and reports none: read it here.
+    let after_user = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let port = match after_user
+        .strip_prefix(raw_host)
+        .and_then(|r| r.strip_prefix(':'))
+    {
+        None | Some("") => 80,
+        Some(p) => p
+            .parse::<u16>()
+            .map_err(|_| not_url(&"invalid port number"))?,
+    };
+    match uri.scheme_str().map(str::to_ascii_lowercase).as_deref() {
+        Some("http") => {}
+        Some("https") => {
             return Err(format!(
                 "{s:?}: this fnlet speaks plain HTTP only; put the agent behind a TLS proxy \
                  and use an http:// endpoint on the proxy's host, or an SSH tunnel"
             ));
         }
-        other => return Err(format!("{s:?}: unsupported scheme {other:?} (use http://)")),
+        other => {
+            let other = other.unwrap_or_default();
+            return Err(format!("{s:?}: unsupported scheme {other:?} (use http://)"));
+        }
     }
-    if url.host_str().is_none_or(str::is_empty) {
+    if host.is_empty() {
         return Err(format!("{s:?} has no host"));
     }
-    if url.query().is_some() || url.fragment().is_some() {
+    if authority.contains('@') {
+        return Err(format!(
+            "{s:?}: an endpoint has no user name or password (the token goes in --token, \
+             FNLET_TOKEN or the token file)"
+        ));
+    }
+    // http::Uri drops a fragment without a word: look for one in the text.
+    if uri.query().is_some() || with_scheme.contains('#') {
         return Err(format!("{s:?}: an endpoint has no query or fragment"));
     }
-    Ok(url)
+    Ok(Endpoint {
+        host,
+        port,
+        path: utf8_percent_encode(uri.path(), PATH).to_string(),
+    })
 }
 
 /// Where the admin token came from; decides the hint shown when the agent refuses it.
@@ -94,7 +215,7 @@ impl std::fmt::Display for TokenFileProblem {
 /// The agent to talk to, resolved from flags, the environment and the token file.
 #[derive(Debug, Clone)]
 pub struct Target {
-    pub endpoint: Url,
+    pub endpoint: Endpoint,
     pub token: Option<String>,
     pub token_source: TokenSource,
 }
@@ -102,7 +223,7 @@ pub struct Target {
 /// What the user passed on the command line.
 #[derive(Debug, Clone, Default)]
 pub struct TargetFlags {
-    pub endpoint: Option<Url>,
+    pub endpoint: Option<Endpoint>,
     pub token: Option<String>,
     pub state_dir: Option<PathBuf>,
 }
@@ -313,6 +434,27 @@ pub struct LogLine {
     pub line: String,
 }
 
+/// An answer from the agent whose body is still to be read (see [`Client::chunk`]).
+pub type Response = http::Response<Incoming>;
+
+/// A request body: bytes in memory, or a stream read as it is sent (a bundle being uploaded).
+pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+/// A request body read from `stream` as it is sent.
+pub fn stream_body<S>(stream: S) -> Body
+where
+    S: futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+{
+    use futures_util::TryStreamExt;
+    StreamBody::new(stream.map_ok(Frame::data)).boxed_unsync()
+}
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed_unsync()
+}
+
 /// A successful invocation whose body is still to be read.
 #[derive(Debug)]
 pub struct Invocation {
@@ -325,30 +467,48 @@ pub struct Invocation {
 }
 
 pub struct Client {
-    http: reqwest::Client,
-    base: Url,
+    // The legacy client reads no proxy settings from the environment: the agent is talked to
+    // directly, as intended.
+    http: HttpClient<HttpConnector, Body>,
+    base: Endpoint,
     /// The endpoint as people write it, for messages.
     shown: String,
-    token: Option<String>,
+    /// `Bearer <token>`, made once so that a token unfit for a header fails before any request.
+    authorization: Option<HeaderValue>,
 }
 
 impl Client {
     pub fn new(target: &Target) -> ClientResult<Client> {
-        let shown = target.endpoint.as_str().trim_end_matches('/').to_string();
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("fnlet/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(10))
-            .no_proxy()
-            .build()
-            .map_err(|e| ClientError::Protocol {
-                endpoint: shown.clone(),
-                detail: format!("setting up the HTTP client: {e}"),
-            })?;
+        let shown = target
+            .endpoint
+            .to_string()
+            .trim_end_matches('/')
+            .to_string();
+        let authorization = match &target.token {
+            Some(t) => {
+                let mut v = HeaderValue::try_from(format!("Bearer {t}")).map_err(|_| {
+                    ClientError::Protocol {
+                        endpoint: shown.clone(),
+                        detail: "setting up the HTTP client: the token is not a valid HTTP \
+                                 header value"
+                            .into(),
+                    }
+                })?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+            None => None,
+        };
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_secs(10)));
+        // Headers and a small body go out at once, not held back for the agent's delayed ACK.
+        connector.set_nodelay(true);
+        let http = HttpClient::builder(TokioExecutor::new()).build(connector);
         Ok(Client {
             http,
             base: target.endpoint.clone(),
             shown,
-            token: target.token.clone(),
+            authorization,
         })
     }
 
@@ -356,27 +516,65 @@ impl Client {
         &self.shown
     }
 
-    /// `base` with `segments` appended, each percent-encoded.
-    fn url(&self, segments: &[&str]) -> Url {
-        let mut url = self.base.clone();
-        // An http URL always has a path to extend (parse_endpoint refuses the others).
-        if let Ok(mut path) = url.path_segments_mut() {
-            path.pop_if_empty().extend(segments);
-        }
-        url
+    /// `base` with `segments` appended, each percent-encoded, and `query` if any.
+    fn url(&self, segments: &[&str], query: &[(&str, &str)]) -> ClientResult<Uri> {
+        // Only fails if the endpoint were not a valid URL, which parse_endpoint saw to.
+        self.base
+            .join(segments, query)
+            .parse()
+            .map_err(|e| self.protocol(format!("building the request URL: {e}")))
     }
 
-    fn request(&self, method: Method, url: Url) -> RequestBuilder {
-        let req = self.http.request(method, url);
-        match &self.token {
-            Some(t) => req.header(AUTHORIZATION, format!("Bearer {t}")),
-            None => req,
+    fn request(&self, method: Method, uri: Uri, body: Body) -> Request<Body> {
+        let mut req = Request::new(body);
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        let headers = req.headers_mut();
+        headers.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
+        if let Some(a) = &self.authorization {
+            headers.insert(AUTHORIZATION, a.clone());
         }
+        req
+    }
+
+    /// A request without a body.
+    fn empty(&self, method: Method, segments: &[&str]) -> ClientResult<Request<Body>> {
+        Ok(self.request(method, self.url(segments, &[])?, full(Bytes::new())))
+    }
+
+    /// A request with `body`, sent as `content_type`.
+    fn with_body(
+        &self,
+        method: Method,
+        segments: &[&str],
+        content_type: &'static str,
+        body: Body,
+    ) -> ClientResult<Request<Body>> {
+        let mut req = self.request(method, self.url(segments, &[])?, body);
+        req.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        Ok(req)
+    }
+
+    /// A request with a JSON body.
+    fn with_json(
+        &self,
+        method: Method,
+        segments: &[&str],
+        body: &Value,
+    ) -> ClientResult<Request<Body>> {
+        // A Value's Display is its compact JSON, and cannot fail.
+        let json = full(body.to_string());
+        self.with_body(method, segments, "application/json", json)
     }
 
     /// Sends `req`; answers other than 2xx become `ClientError::Api`.
-    async fn send(&self, req: RequestBuilder) -> ClientResult<Response> {
-        let resp = req.send().await.map_err(|e| self.transport(&e))?;
+    async fn send(&self, req: Request<Body>) -> ClientResult<Response> {
+        let resp = self
+            .http
+            .request(req)
+            .await
+            .map_err(|e| self.transport(&e))?;
         if resp.status().is_success() {
             Ok(resp)
         } else {
@@ -384,7 +582,7 @@ impl Client {
         }
     }
 
-    async fn json(&self, req: RequestBuilder) -> ClientResult<Value> {
+    async fn json(&self, req: Request<Body>) -> ClientResult<Value> {
         let mut resp = self.send(req).await?;
         let body = read_capped(&mut resp, MAX_JSON_BYTES + 1)
             .await
@@ -401,32 +599,31 @@ impl Client {
 
     /// GET /v1/status
     pub async fn status(&self) -> ClientResult<Value> {
-        self.json(self.request(Method::GET, self.url(&["v1", "status"])))
-            .await
+        self.json(self.empty(Method::GET, &["v1", "status"])?).await
     }
 
     /// GET /v1/functions
     pub async fn functions(&self) -> ClientResult<Value> {
-        self.json(self.request(Method::GET, self.url(&["v1", "functions"])))
+        self.json(self.empty(Method::GET, &["v1", "functions"])?)
             .await
     }
 
     /// GET /v1/functions/{name}
     pub async fn function(&self, name: &str) -> ClientResult<Value> {
-        self.json(self.request(Method::GET, self.url(&["v1", "functions", name])))
+        self.json(self.empty(Method::GET, &["v1", "functions", name])?)
             .await
     }
 
     /// GET /v1/functions/{name}/versions
     pub async fn versions(&self, name: &str) -> ClientResult<Value> {
-        let url = self.url(&["v1", "functions", name, "versions"]);
-        self.json(self.request(Method::GET, url)).await
+        let req = self.empty(Method::GET, &["v1", "functions", name, "versions"])?;
+        self.json(req).await
     }
 
     /// DELETE /v1/functions/{name}
     pub async fn remove(&self, name: &str) -> ClientResult<()> {
-        let url = self.url(&["v1", "functions", name]);
-        self.send(self.request(Method::DELETE, url)).await?;
+        let req = self.empty(Method::DELETE, &["v1", "functions", name])?;
+        self.send(req).await?;
         Ok(())
     }
 
@@ -436,56 +633,55 @@ impl Client {
             Some(d) => serde_json::json!({ "description": d }),
             None => serde_json::json!({}),
         };
-        let url = self.url(&["v1", "keys"]);
-        self.json(self.request(Method::POST, url).json(&body)).await
+        self.json(self.with_json(Method::POST, &["v1", "keys"], &body)?)
+            .await
     }
 
     /// GET /v1/keys
     pub async fn keys(&self) -> ClientResult<Value> {
-        self.json(self.request(Method::GET, self.url(&["v1", "keys"])))
-            .await
+        self.json(self.empty(Method::GET, &["v1", "keys"])?).await
     }
 
     /// DELETE /v1/keys/{id}
     pub async fn remove_key(&self, id: &str) -> ClientResult<()> {
-        let url = self.url(&["v1", "keys", id]);
-        self.send(self.request(Method::DELETE, url)).await?;
+        self.send(self.empty(Method::DELETE, &["v1", "keys", id])?)
+            .await?;
         Ok(())
     }
 
     /// POST /v1/functions/{name}/rollback, to the version before the active one by default.
     pub async fn rollback(&self, name: &str, to: Option<u64>) -> ClientResult<Value> {
-        let url = self.url(&["v1", "functions", name, "rollback"]);
         let body = match to {
             Some(v) => serde_json::json!({ "to": v }),
             None => serde_json::json!({}),
         };
-        self.json(self.request(Method::POST, url).json(&body)).await
+        let req = self.with_json(Method::POST, &["v1", "functions", name, "rollback"], &body)?;
+        self.json(req).await
     }
 
     /// POST /v1/functions with a bundle of `len` bytes.
     pub async fn deploy(
         &self,
-        body: reqwest::Body,
+        body: Body,
         len: u64,
         content_type: &'static str,
     ) -> ClientResult<Value> {
-        let req = self
-            .request(Method::POST, self.url(&["v1", "functions"]))
-            .header(CONTENT_TYPE, content_type)
-            // A streamed body has no length of its own: say it, so the agent can refuse an
-            // oversized bundle before it arrives.
-            .header(CONTENT_LENGTH, len)
-            .body(body);
+        let mut req = self.with_body(Method::POST, &["v1", "functions"], content_type, body)?;
+        // A streamed body has no length of its own: say it, so the agent can refuse an
+        // oversized bundle before it arrives.
+        req.headers_mut()
+            .insert(CONTENT_LENGTH, HeaderValue::from(len));
         self.json(req).await
     }
 
     /// POST /fn/{name}; the caller reads the function's output from the response.
     pub async fn invoke(&self, name: &str, input: Vec<u8>) -> ClientResult<Invocation> {
-        let req = self
-            .request(Method::POST, self.url(&["fn", name]))
-            .header(CONTENT_TYPE, "application/octet-stream")
-            .body(input);
+        let req = self.with_body(
+            Method::POST,
+            &["fn", name],
+            "application/octet-stream",
+            full(input),
+        )?;
         let response = self.send(req).await?;
         let headers = response.headers();
         Ok(Invocation {
@@ -500,11 +696,12 @@ impl Client {
     /// POST /2015-03-31/functions/{name}/invocations: the Lambda Invoke API, for a Lambda-mode
     /// function (the input is its JSON event).
     pub async fn invoke_lambda(&self, name: &str, input: Vec<u8>) -> ClientResult<Invocation> {
-        let url = self.url(&["2015-03-31", "functions", name, "invocations"]);
-        let req = self
-            .request(Method::POST, url)
-            .header(CONTENT_TYPE, "application/json")
-            .body(input);
+        let req = self.with_body(
+            Method::POST,
+            &["2015-03-31", "functions", name, "invocations"],
+            "application/json",
+            full(input),
+        )?;
         let response = self.send(req).await?;
         let headers = response.headers();
         Ok(Invocation {
@@ -523,25 +720,29 @@ impl Client {
         follow: bool,
         tail: Option<u64>,
     ) -> ClientResult<Response> {
-        let mut url = self.url(&["v1", "functions", name, "logs"]);
-        {
-            let mut q = url.query_pairs_mut();
-            q.append_pair("follow", if follow { "true" } else { "false" });
-            if let Some(n) = tail {
-                q.append_pair("tail", &n.to_string());
-            }
+        let tail = tail.map(|n| n.to_string());
+        let mut query = vec![("follow", if follow { "true" } else { "false" })];
+        if let Some(n) = &tail {
+            query.push(("tail", n));
         }
-        self.send(self.request(Method::GET, url)).await
+        let url = self.url(&["v1", "functions", name, "logs"], &query)?;
+        let req = self.request(Method::GET, url, full(Bytes::new()));
+        self.send(req).await
     }
 
-    /// Reads the next piece of a streamed answer.
-    pub async fn chunk(&self, resp: &mut Response) -> ClientResult<Option<bytes::Bytes>> {
-        resp.chunk().await.map_err(|e| self.transport(&e))
+    /// Reads the next piece of a streamed answer; `None` at its end.
+    pub async fn chunk(&self, resp: &mut Response) -> ClientResult<Option<Bytes>> {
+        next_data(resp).await.map_err(|e| self.transport(&e))
     }
 
-    fn transport(&self, e: &reqwest::Error) -> ClientError {
+    /// A failed exchange: `Unreachable` if no connection could be made, `Connection` if it
+    /// broke. `e` is the client's error, or the body's while an answer is read.
+    fn transport(&self, e: &(dyn std::error::Error + 'static)) -> ClientError {
         let reason = describe_transport(e);
-        if e.is_connect() {
+        let connect = e
+            .downcast_ref::<hyper_util::client::legacy::Error>()
+            .is_some_and(hyper_util::client::legacy::Error::is_connect);
+        if connect {
             ClientError::Unreachable {
                 endpoint: self.shown.clone(),
                 reason,
@@ -636,12 +837,20 @@ pub fn parse_api_error(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> 
     }
 }
 
-async fn read_capped(
-    resp: &mut Response,
-    cap: usize,
-) -> std::result::Result<Vec<u8>, reqwest::Error> {
+/// The next data frame of `resp`'s body; trailers are skipped (nothing here reads them).
+async fn next_data(resp: &mut Response) -> Result<Option<Bytes>, hyper::Error> {
+    while let Some(frame) = resp.body_mut().frame().await {
+        if let Ok(data) = frame?.into_data() {
+            return Ok(Some(data));
+        }
+    }
+    Ok(None)
+}
+
+/// Up to `cap` bytes of `resp`'s body; the rest is left unread.
+async fn read_capped(resp: &mut Response, cap: usize) -> Result<Vec<u8>, hyper::Error> {
     let mut buf = Vec::new();
-    while let Some(chunk) = resp.chunk().await? {
+    while let Some(chunk) = next_data(resp).await? {
         let room = cap.saturating_sub(buf.len());
         buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
         if buf.len() >= cap {
@@ -652,8 +861,8 @@ async fn read_capped(
 }
 
 /// The root cause of a transport failure, in words ("connection refused").
-fn describe_transport(e: &reqwest::Error) -> String {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+fn describe_transport(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut source = Some(e);
     let mut innermost = e.to_string();
     while let Some(s) = source {
         if let Some(io) = s.downcast_ref::<std::io::Error>() {
@@ -675,9 +884,6 @@ fn describe_transport(e: &reqwest::Error) -> String {
         }
         innermost = s.to_string();
         source = s.source();
-    }
-    if e.is_timeout() {
-        return "timed out".into();
     }
     innermost
 }
@@ -702,19 +908,19 @@ mod tests {
     #[test]
     fn endpoints() {
         assert_eq!(
-            parse_endpoint("http://127.0.0.1:8740").unwrap().as_str(),
+            parse_endpoint("http://127.0.0.1:8740").unwrap().to_string(),
             "http://127.0.0.1:8740/"
         );
         assert_eq!(
-            parse_endpoint("10.0.0.5:9000").unwrap().as_str(),
+            parse_endpoint("10.0.0.5:9000").unwrap().to_string(),
             "http://10.0.0.5:9000/"
         );
         assert_eq!(
-            parse_endpoint("localhost:8740").unwrap().as_str(),
+            parse_endpoint("localhost:8740").unwrap().to_string(),
             "http://localhost:8740/"
         );
         assert_eq!(
-            parse_endpoint("http://gw/fnlet/").unwrap().as_str(),
+            parse_endpoint("http://gw/fnlet/").unwrap().to_string(),
             "http://gw/fnlet/"
         );
         assert!(
@@ -736,13 +942,13 @@ mod tests {
         };
         let env = env_of(&[("FNLET_ENDPOINT", "http://env:2")]);
         let t = resolve_target(&flags, &env, &no_file).unwrap();
-        assert_eq!(t.endpoint.as_str(), "http://flag:1/");
+        assert_eq!(t.endpoint.to_string(), "http://flag:1/");
 
         let t = resolve_target(&TargetFlags::default(), &env, &no_file).unwrap();
-        assert_eq!(t.endpoint.as_str(), "http://env:2/");
+        assert_eq!(t.endpoint.to_string(), "http://env:2/");
 
         let t = resolve_target(&TargetFlags::default(), &env_of(&[]), &no_file).unwrap();
-        assert_eq!(t.endpoint.as_str(), "http://127.0.0.1:8740/");
+        assert_eq!(t.endpoint.to_string(), "http://127.0.0.1:8740/");
 
         // An empty variable counts as unset.
         let t = resolve_target(
@@ -751,7 +957,7 @@ mod tests {
             &no_file,
         )
         .unwrap();
-        assert_eq!(t.endpoint.as_str(), "http://127.0.0.1:8740/");
+        assert_eq!(t.endpoint.to_string(), "http://127.0.0.1:8740/");
 
         let err = resolve_target(
             &TargetFlags::default(),
@@ -824,11 +1030,11 @@ mod tests {
             }
         };
         let t = resolve_target(&TargetFlags::default(), &env_of(&[]), &runtime).unwrap();
-        assert_eq!(t.endpoint.as_str(), "http://127.0.0.1:9000/");
+        assert_eq!(t.endpoint.to_string(), "http://127.0.0.1:9000/");
         // The variable still wins.
         let env = env_of(&[("FNLET_ENDPOINT", "http://10.0.0.1:1")]);
         let t = resolve_target(&TargetFlags::default(), &env, &runtime).unwrap();
-        assert_eq!(t.endpoint.as_str(), "http://10.0.0.1:1/");
+        assert_eq!(t.endpoint.to_string(), "http://10.0.0.1:1/");
     }
 
     #[test]
@@ -888,7 +1094,9 @@ mod tests {
         };
         let c = Client::new(&target).unwrap();
         assert_eq!(
-            c.url(&["v1", "functions", "a b/c"]).as_str(),
+            c.url(&["v1", "functions", "a b/c"], &[])
+                .unwrap()
+                .to_string(),
             "http://gw:1/prefix/v1/functions/a%20b%2Fc"
         );
         let target = Target {
@@ -896,7 +1104,100 @@ mod tests {
             ..target
         };
         let c = Client::new(&target).unwrap();
-        assert_eq!(c.url(&["fn", "x"]).as_str(), "http://gw:1/fn/x");
+        assert_eq!(
+            c.url(&["fn", "x"], &[]).unwrap().to_string(),
+            "http://gw:1/fn/x"
+        );
         assert_eq!(c.endpoint(), "http://gw:1");
+    }
+
+    #[test]
+    fn endpoint_parts() {
+        let e = parse_endpoint("http://[::1]:9000/").unwrap();
+        assert_eq!(
+            (e.host.as_str(), e.port, e.path.as_str()),
+            ("[::1]", 9000, "/")
+        );
+        assert_eq!(e.to_string(), "http://[::1]:9000/");
+        // Without a scheme, and in its shortest form.
+        let e = parse_endpoint("[0:0::1]:8740").unwrap();
+        assert_eq!(e.to_string(), "http://[::1]:8740/");
+        // The default port is not written out; the host is lowercase.
+        let e = parse_endpoint("HTTP://GW:80").unwrap();
+        assert_eq!((e.host.as_str(), e.port, e.path.as_str()), ("gw", 80, "/"));
+        assert_eq!(e.to_string(), "http://gw/");
+        assert_eq!(parse_endpoint("http://gw:").unwrap().port, 80);
+        // A prefix keeps its form; what a URL cannot hold is percent-encoded.
+        let e = parse_endpoint("http://gw/fnlet").unwrap();
+        assert_eq!((e.port, e.path.as_str()), (80, "/fnlet"));
+        assert_eq!(e.to_string(), "http://gw/fnlet");
+        assert_eq!(
+            parse_endpoint("http://gw/é%20/").unwrap().path,
+            "/%C3%A9%20/"
+        );
+    }
+
+    #[test]
+    fn endpoints_refused() {
+        let err = |s: &str| parse_endpoint(s).unwrap_err();
+        assert_eq!(err("  "), "the endpoint is empty");
+        assert!(err("http://[zz]/").contains("is not a URL: invalid IPv6 address"));
+        assert!(err("http://x:99999").contains("is not a URL: invalid port number"));
+        assert!(err("http://x:8o").contains("invalid port number"));
+        assert!(err("http://x y").contains("is not a URL"));
+        assert!(err("HTTPS://x").contains("plain HTTP only"));
+        assert_eq!(
+            err("ftp://x"),
+            "\"ftp://x\": unsupported scheme \"ftp\" (use http://)"
+        );
+        assert_eq!(err("http://:80"), "\"http://:80\" has no host");
+        assert!(err("http://x/?").contains("no query or fragment"));
+        assert!(err("http://x/#top").contains("no query or fragment"));
+        assert!(err("http://u:p@x/").contains("no user name or password"));
+    }
+
+    #[test]
+    fn segments_are_encoded_one_by_one() {
+        let e = parse_endpoint("http://[::1]:1/p/").unwrap();
+        assert_eq!(
+            e.join(&["fn", "a b", "c/d", "50%", "x?y#z", "é"], &[]),
+            "http://[::1]:1/p/fn/a%20b/c%2Fd/50%25/x%3Fy%23z/%C3%A9"
+        );
+        // Dot segments would be resolved away by whoever reads the path.
+        assert_eq!(
+            e.join(&["fn", "..", "."], &[]),
+            "http://[::1]:1/p/fn/%2E%2E/%2E"
+        );
+        assert_eq!(
+            e.join(&["logs"], &[("follow", "true"), ("tail", "a b&c")]),
+            "http://[::1]:1/p/logs?follow=true&tail=a+b%26c"
+        );
+        let e = parse_endpoint("gw").unwrap();
+        assert_eq!(e.join(&["v1", "status"], &[]), "http://gw/v1/status");
+        // What join builds is a valid request URI.
+        let target = Target {
+            endpoint: parse_endpoint("http://[::1]:1/p").unwrap(),
+            token: Some("t".into()),
+            token_source: TokenSource::Flag,
+        };
+        let c = Client::new(&target).unwrap();
+        let uri = c.url(&["fn", "a b{}|^\\"], &[("q", "1")]).unwrap();
+        assert_eq!(uri.host(), Some("[::1]"));
+        assert_eq!(uri.port_u16(), Some(1));
+        assert_eq!(uri.path(), "/p/fn/a%20b%7B%7D|^%5C");
+        assert_eq!(uri.query(), Some("q=1"));
+    }
+
+    #[test]
+    fn a_token_unfit_for_a_header_is_refused_before_any_request() {
+        let target = Target {
+            endpoint: parse_endpoint(DEFAULT_ENDPOINT).unwrap(),
+            token: Some("a\nb".into()),
+            token_source: TokenSource::Flag,
+        };
+        assert!(matches!(
+            Client::new(&target),
+            Err(ClientError::Protocol { .. })
+        ));
     }
 }

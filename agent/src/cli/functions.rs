@@ -122,7 +122,7 @@ pub enum FunctionsCommand {
 pub struct ConnArgs {
     /// The agent's API [env: FNLET_ENDPOINT] [default: http://127.0.0.1:8740].
     #[arg(long, value_name = "URL", value_parser = client::parse_endpoint)]
-    endpoint: Option<reqwest::Url>,
+    endpoint: Option<client::Endpoint>,
     /// Admin token [env: FNLET_TOKEN] [default: the contents of <STATE_DIR>/admin.token].
     ///
     /// Prefer FNLET_TOKEN: other users can see command lines.
@@ -446,7 +446,7 @@ fn report(e: &CliError, target: Option<&Target>, context: &ErrorContext) -> Exit
 /// Follow-up lines for an API error: what to do about it.
 fn api_hints(api: &ApiError, target: Option<&Target>, context: &ErrorContext) -> Vec<String> {
     let mut hints = Vec::new();
-    if api.status == reqwest::StatusCode::UNAUTHORIZED {
+    if api.status == http::StatusCode::UNAUTHORIZED {
         match target.map(|t| &t.token_source) {
             Some(TokenSource::Missing {
                 file,
@@ -611,7 +611,7 @@ fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 /// The file as a streamed request body, advancing `progress` as it is read.
-fn file_body(file: std::fs::File, progress: Option<indicatif::ProgressBar>) -> reqwest::Body {
+fn file_body(file: std::fs::File, progress: Option<indicatif::ProgressBar>) -> client::Body {
     use tokio::io::AsyncReadExt;
     let file = tokio::fs::File::from_std(file);
     let stream = futures_util::stream::unfold(Some((file, progress)), |state| async move {
@@ -630,7 +630,7 @@ fn file_body(file: std::fs::File, progress: Option<indicatif::ProgressBar>) -> r
             Err(e) => Some((Err(e), None)),
         }
     });
-    reqwest::Body::wrap_stream(stream)
+    client::stream_body(stream)
 }
 
 fn upload_progress(len: u64) -> Option<indicatif::ProgressBar> {
@@ -758,7 +758,7 @@ async fn invoke(client: &Client, a: &InvokeArgs, input: Vec<u8>) -> CmdResult {
 }
 
 fn invoke_summary(
-    status: reqwest::StatusCode,
+    status: http::StatusCode,
     request_id: Option<&str>,
     version: Option<&str>,
     took: Duration,
@@ -1496,7 +1496,7 @@ mod tests {
     #[test]
     fn hints() {
         let api = |status: u16, kind: &str| ApiError {
-            status: reqwest::StatusCode::from_u16(status).unwrap(),
+            status: http::StatusCode::from_u16(status).unwrap(),
             kind: kind.into(),
             message: "m".into(),
             body: None,
