@@ -27,13 +27,25 @@ fn cache_dir() -> PathBuf {
     common::target_dir().join("python")
 }
 
-/// Agents of these tests live under target/, outside /tmp: their state dir holds the runtime,
-/// which is bound into sandboxes at the same path.
+/// Where these tests' agents live: outside /tmp (and the other paths every sandbox builds for
+/// itself), since their state dir holds the runtime, bound into sandboxes at the same path.
+/// Under target/, unless the checkout itself is under /tmp: then in /var/tmp (each agent's dir
+/// is a temporary dir, removed with it).
+fn agents_dir() -> PathBuf {
+    let dir = cache_dir().join("agents");
+    let sandbox_own = ["/tmp", "/dev", "/proc", "/var/task"];
+    if sandbox_own.iter().any(|p| dir.starts_with(p)) {
+        PathBuf::from("/var/tmp")
+    } else {
+        dir
+    }
+}
+
 fn python_agent(test: &str) -> Agent {
     Agent::start_with(
         test,
         Settings {
-            dir_in: Some(cache_dir().join("agents")),
+            dir_in: Some(agents_dir()),
             ..Settings::default()
         },
     )
@@ -542,7 +554,7 @@ fn runtime_add_refuses_another_python_and_explains_an_unreachable_index() {
     let dir = tempfile::Builder::new()
         .prefix("fnlet-runtime-add-")
         .tempdir_in({
-            let d = cache_dir().join("agents");
+            let d = agents_dir();
             std::fs::create_dir_all(&d).expect("mkdir");
             d
         })
