@@ -351,6 +351,13 @@ fn the_warm_pool_scales_to_its_limit_and_back_to_zero() {
         assert!(Instant::now() < deadline, "{:?}", agent.running_sandboxes());
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Stopped while waiting for their next event, without being handed a bogus one (the
+    // lambda_runtime client panics on an answer to /next that carries no request id).
+    let log = agent.log();
+    assert!(
+        !log.contains("panicked") && !log.contains("lambda-runtime-aws-request-id"),
+        "a reaped instance saw an answer to its long poll:\n{log}"
+    );
     // And the next call starts one again.
     invoke_api(&agent, "scale", &json!({}), &[]).expect_ok(200);
     agent.finish();

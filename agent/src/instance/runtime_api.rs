@@ -241,6 +241,11 @@ async fn next(State(api): State<Arc<RuntimeApi>>) -> Response {
     };
     drop(events);
     let Some(event) = event else {
+        // The instance was dropped (reaped, retired, shut down) and its sandbox is being
+        // killed. No answer before it is gone: runtime clients read any answer to /next as an
+        // event (lambda_runtime panics on the missing request id), and Lambda never answers a
+        // runtime it is stopping either.
+        api.ended.cancelled().await;
         return shutting_down();
     };
     let mut headers = HeaderMap::new();
