@@ -49,6 +49,8 @@ pub struct Metrics {
     pub queue_wait: Family<FnLabels, Histogram, fn() -> Histogram>,
     pub instances: Family<InstanceLabels, Gauge>,
     pub running: Family<FnLabels, Gauge>,
+    /// Invocations whose caller hung up before the answer.
+    pub abandoned: Family<FnLabels, Counter>,
     uptime: Gauge<f64, AtomicU64>,
     rss: Gauge,
     started: Instant,
@@ -77,6 +79,7 @@ impl Metrics {
             Family::<FnLabels, Histogram, fn() -> Histogram>::new_with_constructor(wait_histogram);
         let instances = Family::<InstanceLabels, Gauge>::default();
         let running = Family::<FnLabels, Gauge>::default();
+        let abandoned = Family::<FnLabels, Counter>::default();
         let uptime = Gauge::<f64, AtomicU64>::default();
         let rss = Gauge::default();
         registry.register(
@@ -115,6 +118,12 @@ impl Metrics {
             queue_wait.clone(),
         );
         registry.register(
+            "abandoned_invocations",
+            "Invocations whose caller disconnected before the answer (a Lambda instance \
+             finishes the invocation and stays warm; an exec sandbox is killed), by function",
+            abandoned.clone(),
+        );
+        registry.register(
             "lambda_instances",
             "Lambda-mode instances by function and state (starting, idle, busy)",
             instances.clone(),
@@ -145,6 +154,7 @@ impl Metrics {
             queue_wait,
             instances,
             running,
+            abandoned,
             uptime,
             rss,
             started: Instant::now(),

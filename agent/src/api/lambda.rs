@@ -140,14 +140,17 @@ pub struct InvokeQuery {
 }
 
 /// Who may invoke: a `public` function anyone; others a SigV4 signature by one of the
-/// operator's access keys, or the admin bearer token.
+/// operator's access keys, or the admin bearer token. A signature that is there is checked
+/// even on a public function: public welcomes unsigned calls, it does not ignore bad ones.
 fn check_caller(
     app: &App,
     f: &ActiveFunction,
     parts: &axum::http::request::Parts,
     body: &[u8],
 ) -> Result<(), auth::AuthError> {
-    if f.manifest.public || authorized(app, &parts.headers) {
+    if authorized(app, &parts.headers)
+        || (f.manifest.public && !auth::carries_sigv4(&parts.uri, &parts.headers))
+    {
         return Ok(());
     }
     app.keys
@@ -484,7 +487,7 @@ async fn function_url_inner(
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |c| c.0.ip());
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let limit = (app.config.limits.max_request_mb << 20) as usize;
     let body = read_body(&parts.headers, body, limit)
         .await
@@ -495,6 +498,11 @@ async fn function_url_inner(
             None,
         )
     })?;
+    // What the agent checked is not the function's to see (or log, or return).
+    let raw_query =
+        auth::strip_credentials(&mut parts.headers, parts.uri.query().unwrap_or(""), |v| {
+            super::is_admin_token(app, v)
+        });
     // Runtime clients build URLs from it (lambda_http panics on one it cannot parse): only a
     // well-formed host[:port] is passed on.
     let domain = parts
@@ -512,7 +520,7 @@ async fn function_url_inner(
         method: &parts.method,
         version: parts.version,
         raw_path,
-        raw_query: parts.uri.query().unwrap_or(""),
+        raw_query: &raw_query,
         headers: &parts.headers,
         body: &body,
         source_ip,

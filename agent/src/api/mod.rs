@@ -147,13 +147,16 @@ async fn fallback(state: Shared, req: Request) -> Response {
     AppError::not_found("no such route (see the API reference in the README)").into_response()
 }
 
-/// Constant-time comparison of the bearer token.
+/// Whether the request carries the admin bearer token.
 pub(crate) fn authorized(app: &App, headers: &HeaderMap) -> bool {
-    let Some(given) = headers
+    headers
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-    else {
+        .is_some_and(|v| is_admin_token(app, v))
+}
+
+/// Constant-time comparison of an `Authorization` value with `Bearer <admin token>`.
+pub(crate) fn is_admin_token(app: &App, value: &HeaderValue) -> bool {
+    let Some(given) = value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")) else {
         return false;
     };
     let (a, b) = (given.trim().as_bytes(), app.token.as_bytes());
