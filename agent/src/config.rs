@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/fnlet/config.toml";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8740";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/fnlet";
+pub const DEFAULT_PEER_LISTEN: &str = "127.0.0.1:8741";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -30,6 +31,40 @@ pub struct Config {
     pub retain_versions: u32,
     /// On SIGTERM, how long in-flight invocations may finish before they are killed.
     pub shutdown_grace_s: f64,
+    pub cluster: ClusterConfig,
+}
+
+/// The cluster: this agent's QUIC endpoint for peers and QUIC callers, its identity, and the
+/// peers it joins. Unused until the agent is in a cluster (`fnlet cluster init`, or `join`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// UDP address of the QUIC endpoint (ALPNs fnlet-peer/1 and fnlet-invoke/1).
+    pub listen: SocketAddr,
+    /// The address peers dial, when `listen` is not it (a wildcard, NAT); "" = `listen`.
+    pub advertise: String,
+    /// This node's id in the cluster (a DNS label); "" = the host name.
+    pub node_id: String,
+    /// Peers to join (any members' `listen` addresses); used at the first start, with a token.
+    pub join: Vec<SocketAddr>,
+    /// A file holding the join token (instead of `--token`).
+    pub token_file: String,
+    /// Hosts a deploy waits for to hold the bundle before it answers (capped by the cluster's
+    /// size).
+    pub replicas: u32,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            listen: DEFAULT_PEER_LISTEN.parse().expect("constant address"),
+            advertise: String::new(),
+            node_id: String::new(),
+            join: Vec::new(),
+            token_file: String::new(),
+            replicas: 2,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -130,6 +165,7 @@ impl Default for Config {
             runtimes: default_runtimes(),
             retain_versions: 5,
             shutdown_grace_s: 30.0,
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -185,6 +221,40 @@ impl Default for LambdaConfig {
             runtime_api_port: 9001,
         }
     }
+}
+
+impl Config {
+    /// This node's id: `cluster.node_id`, else the host name as a DNS label.
+    pub fn node_id(&self) -> String {
+        if !self.cluster.node_id.is_empty() {
+            return self.cluster.node_id.clone();
+        }
+        let host = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_default();
+        host_to_node_id(&host)
+    }
+
+    /// The address peers dial: `cluster.advertise`, else `cluster.listen`.
+    pub fn peer_advertise(&self) -> SocketAddr {
+        self.cluster
+            .advertise
+            .parse()
+            .unwrap_or(self.cluster.listen)
+    }
+}
+
+/// A host name as a node id: the first label, lowercased, other characters as '-'.
+fn host_to_node_id(host: &str) -> String {
+    let label = host.split('.').next().unwrap_or_default().to_ascii_lowercase();
+    let id: String = label
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(63)
+        .collect();
+    let id = id.trim_matches('-').to_string();
+    if id.is_empty() { "node".into() } else { id }
 }
 
 /// Where `fnlet runtime add NAME` installs a runtime's client, below the state directory.
@@ -329,6 +399,19 @@ impl Config {
         if s.tmp_mb == 0 || s.pids < 2 {
             return bad("sandbox.pids", "tmp_mb must be > 0 and pids at least 2");
         }
+        let c = &self.cluster;
+        if !c.node_id.is_empty() && !crate::cluster::pki::valid_node_id(&c.node_id) {
+            return bad(
+                "cluster.node_id",
+                "1-63 of a-z 0-9 -, not starting or ending with - (it names the node's certificate)",
+            );
+        }
+        if !c.advertise.is_empty() && c.advertise.parse::<SocketAddr>().is_err() {
+            return bad("cluster.advertise", "must be an ADDR:PORT, or \"\" for `listen`");
+        }
+        if c.replicas == 0 {
+            return bad("cluster.replicas", "must be at least 1");
+        }
         let d = &self.defaults;
         if !(16..=65536).contains(&d.memory_mb) {
             return bad("defaults.memory_mb", "must be between 16 and 65536");
@@ -426,6 +509,16 @@ mod tests {
 
     fn parse(t: &str) -> Result<Config, ConfigError> {
         Config::parse(t, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn host_names_become_node_ids() {
+        assert_eq!(host_to_node_id("Web-01.example.com"), "web-01");
+        assert_eq!(host_to_node_id("db_2"), "db-2");
+        assert_eq!(host_to_node_id("-"), "node");
+        assert!(crate::cluster::pki::valid_node_id(&host_to_node_id(&"x".repeat(80))));
+        let err = parse("[cluster]\nnode_id = \"Bad_Id\"\n").unwrap_err().to_string();
+        assert!(err.contains("cluster.node_id"), "{err}");
     }
 
     #[test]

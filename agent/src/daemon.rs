@@ -40,6 +40,22 @@ pub struct AgentArgs {
     /// Print the default configuration (every key, with its embedded default) and exit.
     #[arg(long)]
     pub print_default_config: bool,
+    /// UDP address of the cluster's QUIC endpoint [default: 127.0.0.1:8741].
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub peer_listen: Option<std::net::SocketAddr>,
+    /// The address peers dial, when --peer-listen is not it.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub advertise: Option<std::net::SocketAddr>,
+    /// This node's id in the cluster [default: the host name].
+    #[arg(long, value_name = "NAME")]
+    pub node_id: Option<String>,
+    /// A cluster member to join (repeatable); needs --token (or cluster.token_file) at the
+    /// first start.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub join: Vec<std::net::SocketAddr>,
+    /// The join token from `fnlet cluster init` or `fnlet cluster token`.
+    #[arg(long, value_name = "TOKEN", env = "FNLET_JOIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
@@ -57,6 +73,18 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     if let Some(d) = &args.state_dir {
         config.state_dir =
             std::path::absolute(d).with_context(|| format!("--state-dir {}", d.display()))?;
+    }
+    if let Some(a) = args.peer_listen {
+        config.cluster.listen = a;
+    }
+    if let Some(a) = args.advertise {
+        config.cluster.advertise = a.to_string();
+    }
+    if let Some(id) = &args.node_id {
+        config.cluster.node_id = id.clone();
+    }
+    if !args.join.is_empty() {
+        config.cluster.join = args.join.clone();
     }
     config.validate(args.config.as_deref().unwrap_or(Path::new("--state-dir")))?;
     for name in config.runtimes.keys() {
