@@ -52,6 +52,7 @@
 pub mod catalog;
 pub mod frame;
 pub mod hlc;
+pub mod route;
 
 use std::fmt;
 use std::str::FromStr;
