@@ -3,3 +3,4 @@
 
 pub mod pki;
 pub mod transport;
+pub mod wire;
