@@ -190,6 +190,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         instances: tokio_util::task::TaskTracker::new(),
     };
     let isolator = router.isolator.clone();
+    let nofile = api::listener::raise_nofile();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
@@ -237,11 +238,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     systemd::publish_endpoint(config.listen);
     let status = format!("{placed}; {}", limits_summary(&unenforced));
     systemd::ready(&summary(&app, &status));
+    let self_checks = api::listener::SelfChecks::default();
     {
         let app = app.clone();
-        systemd::spawn_watchdog(config.listen, draining.clone(), move || {
-            summary(&app, &status)
-        });
+        systemd::spawn_watchdog(
+            config.listen,
+            self_checks.clone(),
+            draining.clone(),
+            move || summary(&app, &status),
+        );
     }
 
     let grace = Duration::from_secs_f64(config.shutdown_grace_s);
@@ -265,16 +270,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             });
         }
     };
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(
+    api::listener::serve(
         listener,
-        api::app(app.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        api::app(app.clone()),
+        api::listener::ListenerLimits::new(&config.limits, nofile),
+        &app.router.metrics,
+        self_checks,
+        shutdown,
+        kill.clone(),
     )
-    .with_graceful_shutdown(shutdown)
-    .await
-    .context("serving HTTP")?;
+    .await;
     kill.cancel();
     // Sandboxes built ahead (and any still being built) go first, so none appears after the
     // sweep below.
