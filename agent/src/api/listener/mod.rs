@@ -117,7 +117,11 @@ pub fn raise_nofile() -> Option<u64> {
         hard
     };
     if want <= soft {
-        tracing::info!(open_files = soft, "open-file limit");
+        tracing::info!(
+            open_files = soft,
+            hard,
+            "open-file limit (already the hard limit)"
+        );
         return Some(soft);
     }
     match setrlimit(Resource::RLIMIT_NOFILE, want, hard) {
@@ -224,9 +228,10 @@ pub async fn serve(
                         client = %peer.ip(),
                         max_connections = limits.max_connections,
                         max_connections_per_ip = limits.max_connections_per_ip,
-                        "refused {n} connection(s) at accept in the last {} s: {} reached",
-                        LOG_EVERY.as_secs(),
-                        why.key()
+                        "refused {n} connection(s) at accept since the last such warning: {} \
+                         reached (warned at most every {} s)",
+                        why.key(),
+                        LOG_EVERY.as_secs()
                     );
                 }
                 drop(tcp);
