@@ -84,6 +84,18 @@ pub struct LimitsConfig {
     pub queue_timeout_ms: u64,
     /// Bytes of log kept per function (two files of this size).
     pub log_max_kb: u64,
+    /// A connection's first request head must arrive within this of the connect, and every
+    /// later one within this of its first byte; else the connection is closed.
+    pub header_timeout_s: f64,
+    /// A request body that sends no byte for this long while the agent reads it is cut: 408.
+    pub body_timeout_s: f64,
+    /// A keep-alive connection with no request for this long is closed.
+    pub idle_timeout_s: f64,
+    /// Open connections at most; beyond, new ones are closed at accept. Lowered at start to
+    /// leave a quarter of the agent's open-file limit to sandboxes, pipes and the store.
+    pub max_connections: u64,
+    /// Open connections per client address (per /64 for IPv6) at most.
+    pub max_connections_per_ip: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -180,6 +192,11 @@ impl Default for LimitsConfig {
             max_response_mb: 6,
             queue_timeout_ms: 1000,
             log_max_kb: 1024,
+            header_timeout_s: 10.0,
+            body_timeout_s: 30.0,
+            idle_timeout_s: 60.0,
+            max_connections: 16384,
+            max_connections_per_ip: 1024,
         }
     }
 }
@@ -247,7 +264,11 @@ impl Config {
 
 /// A host name as a node id: the first label, lowercased, other characters as '-'.
 fn host_to_node_id(host: &str) -> String {
-    let label = host.split('.').next().unwrap_or_default().to_ascii_lowercase();
+    let label = host
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
     let id: String = label
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
@@ -366,6 +387,8 @@ impl Config {
             ("limits.max_request_mb", l.max_request_mb),
             ("limits.max_response_mb", l.max_response_mb),
             ("limits.log_max_kb", l.log_max_kb),
+            ("limits.max_connections", l.max_connections),
+            ("limits.max_connections_per_ip", l.max_connections_per_ip),
         ] {
             if v == 0 {
                 return bad(key, "must be greater than 0");
@@ -373,6 +396,23 @@ impl Config {
         }
         if l.max_request_mb > 1024 || l.max_response_mb > 1024 {
             return bad("limits.max_request_mb", "must be at most 1024");
+        }
+        for (key, v) in [
+            ("limits.header_timeout_s", l.header_timeout_s),
+            ("limits.body_timeout_s", l.body_timeout_s),
+            ("limits.idle_timeout_s", l.idle_timeout_s),
+        ] {
+            if !(v.is_finite() && (0.1..=86400.0).contains(&v)) {
+                return bad(key, "must be between 0.1 and 86400");
+            }
+        }
+        for (key, v) in [
+            ("limits.max_connections", l.max_connections),
+            ("limits.max_connections_per_ip", l.max_connections_per_ip),
+        ] {
+            if v > 1 << 24 {
+                return bad(key, "must be at most 16777216");
+            }
         }
         let s = &self.sandbox;
         if s.uid_base < 1000 || s.uid_count == 0 || s.uid_base.checked_add(s.uid_count).is_none() {
@@ -407,7 +447,10 @@ impl Config {
             );
         }
         if !c.advertise.is_empty() && c.advertise.parse::<SocketAddr>().is_err() {
-            return bad("cluster.advertise", "must be an ADDR:PORT, or \"\" for `listen`");
+            return bad(
+                "cluster.advertise",
+                "must be an ADDR:PORT, or \"\" for `listen`",
+            );
         }
         if c.replicas == 0 {
             return bad("cluster.replicas", "must be at least 1");
@@ -516,8 +559,12 @@ mod tests {
         assert_eq!(host_to_node_id("Web-01.example.com"), "web-01");
         assert_eq!(host_to_node_id("db_2"), "db-2");
         assert_eq!(host_to_node_id("-"), "node");
-        assert!(crate::cluster::pki::valid_node_id(&host_to_node_id(&"x".repeat(80))));
-        let err = parse("[cluster]\nnode_id = \"Bad_Id\"\n").unwrap_err().to_string();
+        assert!(crate::cluster::pki::valid_node_id(&host_to_node_id(
+            &"x".repeat(80)
+        )));
+        let err = parse("[cluster]\nnode_id = \"Bad_Id\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("cluster.node_id"), "{err}");
     }
 
@@ -547,6 +594,23 @@ mod tests {
         assert!(err.contains("listen"), "{err}");
         let err = parse("state_dir = \"relative\"").unwrap_err().to_string();
         assert!(err.contains("state_dir"), "{err}");
+        for bad in [
+            "header_timeout_s = 0",
+            "body_timeout_s = -1",
+            "idle_timeout_s = inf",
+            "max_connections = 0",
+            "max_connections_per_ip = 0",
+            "max_connections_per_ip = 100000000",
+        ] {
+            let key = bad.split(' ').next().unwrap();
+            let err = parse(&format!("[limits]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("limits.{key}")), "{bad}: {err}");
+        }
+        // Whole seconds are fine for the timeouts.
+        let c = parse("[limits]\nheader_timeout_s = 2\n").unwrap();
+        assert_eq!(c.limits.header_timeout_s, 2.0);
     }
 
     /// The file the packages install as /etc/fnlet/config.toml.

@@ -54,7 +54,12 @@ pub struct AgentArgs {
     #[arg(long, value_name = "ADDR:PORT")]
     pub join: Vec<std::net::SocketAddr>,
     /// The join token from `fnlet cluster init` or `fnlet cluster token`.
-    #[arg(long, value_name = "TOKEN", env = "FNLET_JOIN_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "FNLET_JOIN_TOKEN",
+        hide_env_values = true
+    )]
     pub token: Option<String>,
 }
 
@@ -218,6 +223,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         instances: tokio_util::task::TaskTracker::new(),
     };
     let isolator = router.isolator.clone();
+    let nofile = api::listener::raise_nofile();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
@@ -265,11 +271,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     systemd::publish_endpoint(config.listen);
     let status = format!("{placed}; {}", limits_summary(&unenforced));
     systemd::ready(&summary(&app, &status));
+    let self_checks = api::listener::SelfChecks::default();
     {
         let app = app.clone();
-        systemd::spawn_watchdog(config.listen, draining.clone(), move || {
-            summary(&app, &status)
-        });
+        systemd::spawn_watchdog(
+            config.listen,
+            self_checks.clone(),
+            draining.clone(),
+            move || summary(&app, &status),
+        );
     }
 
     let grace = Duration::from_secs_f64(config.shutdown_grace_s);
@@ -293,16 +303,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             });
         }
     };
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(
+    api::listener::serve(
         listener,
-        api::app(app.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        api::app(app.clone()),
+        api::listener::ListenerLimits::new(&config.limits, nofile),
+        &app.router.metrics,
+        self_checks,
+        shutdown,
+        kill.clone(),
     )
-    .with_graceful_shutdown(shutdown)
-    .await
-    .context("serving HTTP")?;
+    .await;
     kill.cancel();
     // Sandboxes built ahead (and any still being built) go first, so none appears after the
     // sweep below.

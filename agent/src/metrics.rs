@@ -22,6 +22,12 @@ pub struct InstanceLabels {
     pub state: String,
 }
 
+/// Why the HTTP listener refused or closed a connection.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub function: String,
@@ -51,6 +57,9 @@ pub struct Metrics {
     pub running: Family<FnLabels, Gauge>,
     /// Invocations whose caller hung up before the answer.
     pub abandoned: Family<FnLabels, Counter>,
+    pub connections_open: Gauge,
+    connections_refused: Family<ReasonLabels, Counter>,
+    connection_timeouts: Family<ReasonLabels, Counter>,
     uptime: Gauge<f64, AtomicU64>,
     rss: Gauge,
     started: Instant,
@@ -80,6 +89,9 @@ impl Metrics {
         let instances = Family::<InstanceLabels, Gauge>::default();
         let running = Family::<FnLabels, Gauge>::default();
         let abandoned = Family::<FnLabels, Counter>::default();
+        let connections_open = Gauge::default();
+        let connections_refused = Family::<ReasonLabels, Counter>::default();
+        let connection_timeouts = Family::<ReasonLabels, Counter>::default();
         let uptime = Gauge::<f64, AtomicU64>::default();
         let rss = Gauge::default();
         registry.register(
@@ -134,6 +146,21 @@ impl Metrics {
             running.clone(),
         );
         registry.register(
+            "connections_open",
+            "HTTP connections open now",
+            connections_open.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "HTTP connections closed at accept, by reason (max_connections, per_ip)",
+            connections_refused.clone(),
+        );
+        registry.register(
+            "connection_timeouts",
+            "Requests and connections cut by a listener timeout, by reason (header, body, idle)",
+            connection_timeouts.clone(),
+        );
+        registry.register(
             "agent_uptime_seconds",
             "Seconds since the agent started",
             uptime.clone(),
@@ -155,6 +182,9 @@ impl Metrics {
             instances,
             running,
             abandoned,
+            connections_open,
+            connections_refused,
+            connection_timeouts,
             uptime,
             rss,
             started: Instant::now(),
@@ -174,6 +204,24 @@ impl Metrics {
                 kind: kind.into(),
             })
             .inc();
+    }
+
+    /// The counter of connections refused for `reason` (shown from the start, at 0).
+    pub fn connections_refused(&self, reason: &str) -> Counter {
+        self.connections_refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .clone()
+    }
+
+    /// The counter of listener timeouts of `reason` (shown from the start, at 0).
+    pub fn connection_timeouts(&self, reason: &str) -> Counter {
+        self.connection_timeouts
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .clone()
     }
 
     /// The text exposition, with the agent's own gauges refreshed.
@@ -217,5 +265,25 @@ mod tests {
         );
         assert!(text.contains("fnlet_invocation_duration_seconds_bucket"));
         assert!(text.contains("fnlet_agent_resident_memory_bytes"));
+    }
+
+    #[test]
+    fn listener_counters_are_shared_with_the_registry() {
+        let m = Metrics::new();
+        let refused = m.connections_refused("per_ip");
+        m.connection_timeouts("header");
+        refused.inc();
+        refused.inc();
+        m.connections_open.set(3);
+        let text = m.render();
+        assert!(
+            text.contains("fnlet_connections_refused_total{reason=\"per_ip\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fnlet_connection_timeouts_total{reason=\"header\"} 0"),
+            "{text}"
+        );
+        assert!(text.contains("fnlet_connections_open 3"), "{text}");
     }
 }

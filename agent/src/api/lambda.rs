@@ -297,19 +297,24 @@ async fn invoke_api_inner(
         }
     };
     let limit = (app.config.limits.max_request_mb << 20) as usize;
-    let body = read_body(headers, body, limit).await.map_err(|e| {
-        if e.status == StatusCode::PAYLOAD_TOO_LARGE {
-            LambdaError::new(
+    let body = read_body(headers, body, limit)
+        .await
+        .map_err(|e| match e.status {
+            StatusCode::PAYLOAD_TOO_LARGE => LambdaError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "RequestTooLargeException",
                 format!(
                     "Request must be smaller than {limit} bytes for the InvokeFunction operation"
                 ),
-            )
-        } else {
-            LambdaError::invalid(e.message)
-        }
-    })?;
+            ),
+            // SDKs retry a 408 as a transient failure.
+            StatusCode::REQUEST_TIMEOUT => LambdaError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "RequestTimeoutException",
+                e.message,
+            ),
+            _ => LambdaError::invalid(e.message),
+        })?;
     check_caller(app, &f, &parts, &body).map_err(|e| LambdaError {
         status: e.status(),
         error_type: e.error_type(),

@@ -6,6 +6,7 @@ mod error;
 pub mod function_url;
 mod keys;
 mod lambda;
+pub mod listener;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -179,7 +180,8 @@ fn checked_name(name: &str) -> Result<(), AppError> {
     }
 }
 
-/// Reads a body of at most `limit` bytes, answering 413 past it.
+/// Reads a body of at most `limit` bytes, answering 413 past it, and 408 when it stalls for
+/// `limits.body_timeout_s`.
 pub(crate) async fn read_body(
     headers: &HeaderMap,
     body: Body,
@@ -201,9 +203,10 @@ pub(crate) async fn read_body(
         {
             Err(AppError::too_large(limit))
         }
-        Err(e) => Err(AppError::bad_request(format!(
-            "reading the request body: {e}"
-        ))),
+        Err(e) => Err(match listener::body_timeout(&*e) {
+            Some(t) => AppError::request_timeout(t),
+            None => AppError::bad_request(format!("reading the request body: {e}")),
+        }),
     }
 }
 
