@@ -58,6 +58,7 @@ pub mod frame;
 pub mod hlc;
 pub mod membership;
 pub mod route;
+pub mod token;
 
 use std::fmt;
 use std::str::FromStr;
