@@ -37,9 +37,10 @@
 //! # Failure detection bounds (foca's LAN configuration)
 //!
 //! From [`membership::DetectionBounds`] for [`membership::foca_config`]: a probe every 1 s, a
-//! direct ack awaited 500 ms before indirect probes; "expected" is the SWIM paper's mean
-//! (e/(e-1) probe periods until some member probes the failed one), "worst" assumes every
-//! member's round-robin order reaches it last.
+//! direct ack awaited 500 ms before indirect probes. "Expected" is the SWIM paper's mean (about
+//! e/(e-1) probe periods until some member probes the failed host) plus the probe's own
+//! period; "worst" is one member's round-robin reaching it `2(N-1) - 1` periods after its last
+//! probe.
 //!
 //! | hosts | suspect → down | updates sent | suspected (expected / worst) | down (expected / worst) |
 //! |---|---|---|---|---|
