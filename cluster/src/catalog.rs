@@ -652,7 +652,8 @@ impl Catalog {
     }
 
     /// Applies received entries: each replaces the stored one if its version is greater; an
-    /// equal or older one changes nothing. Returns what changed, in key order of arrival.
+    /// equal or older one changes nothing. Returns the changes to what keys hold, in the
+    /// delta's order (a tombstone replacing a tombstone is not one).
     ///
     /// The clock takes in every stamp. All or nothing: if any entry is malformed or stamped
     /// too far ahead of `now`, nothing is applied.
