@@ -17,7 +17,7 @@
 //! test against this code).
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -229,27 +229,36 @@ impl fmt::Display for Part {
     }
 }
 
-/// How a call came into the cluster (what the host running it must build for the function).
+/// How a call came into the cluster: which of the agent's front doors the host running it
+/// passes it through, so the caller gets what that door answers.
 ///
-/// JSON: `{"kind":"exec"}`, `{"kind":"invoke_api"}`, or `{"kind":"function_url","method":..,
-/// "path":..,"query":..,"headers":[[name,value],..]}`; no other fields.
+/// JSON: `{"kind":"exec"}`, `{"kind":"invoke_api"}`, `{"kind":"auto"}`, or
+/// `{"kind":"function_url","method":..,"path":..,"query":..,"source_ip":..}` (`query` and
+/// `source_ip` optional); no other fields.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "EntryJson", into = "EntryJson")]
 pub enum InvokeEntry {
     /// `POST /fn/NAME` (exec mode): the payload is the function's stdin.
     Exec,
-    /// The Lambda Invoke API: the payload is the event.
+    /// The Lambda Invoke API (`POST /2015-03-31/functions/NAME/invocations`): the payload is
+    /// the event.
     InvokeApi,
-    /// A function URL: the host builds the function URL event from these and the payload.
+    /// The function's own door, picked by the host that runs it: the Invoke API for a
+    /// Lambda-mode function, exec otherwise (what `fnlet invoke` does).
+    Auto,
+    /// A function URL (`METHOD /fn/NAME/PATH?QUERY`): the host builds the function URL event
+    /// from these, the request's headers and the payload.
     FunctionUrl {
         /// The HTTP method.
         method: String,
-        /// The path after the function's URL prefix, starting with `/`.
+        /// The path after the function's URL prefix, starting with `/`, percent-encoded as
+        /// received.
         path: String,
         /// The raw query string, without `?` (may be empty).
         query: String,
-        /// The request headers, in order, as `[name, value]`.
-        headers: Vec<(String, String)>,
+        /// The address the request came from (the event's `sourceIp`), when the sender is a
+        /// peer passing on a call it received; a QUIC caller's own address counts for it.
+        source_ip: Option<IpAddr>,
     },
 }
 
@@ -258,6 +267,7 @@ pub enum InvokeEntry {
 enum EntryKind {
     Exec,
     InvokeApi,
+    Auto,
     FunctionUrl,
 }
 
@@ -274,25 +284,27 @@ struct EntryJson {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     query: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    headers: Option<Vec<(String, String)>>,
+    source_ip: Option<IpAddr>,
 }
 
 impl TryFrom<EntryJson> for InvokeEntry {
     type Error = &'static str;
 
     fn try_from(e: EntryJson) -> Result<Self, &'static str> {
-        let url_fields = e.method.is_some() || e.path.is_some() || e.query.is_some();
+        let url_fields =
+            e.method.is_some() || e.path.is_some() || e.query.is_some() || e.source_ip.is_some();
         match e.kind {
-            EntryKind::Exec | EntryKind::InvokeApi if url_fields || e.headers.is_some() => {
-                Err("method, path, query and headers are for function_url entries only")
+            EntryKind::Exec | EntryKind::InvokeApi | EntryKind::Auto if url_fields => {
+                Err("method, path, query and source_ip are for function_url entries only")
             }
             EntryKind::Exec => Ok(InvokeEntry::Exec),
             EntryKind::InvokeApi => Ok(InvokeEntry::InvokeApi),
+            EntryKind::Auto => Ok(InvokeEntry::Auto),
             EntryKind::FunctionUrl => Ok(InvokeEntry::FunctionUrl {
                 method: e.method.ok_or("a function_url entry needs a method")?,
                 path: e.path.ok_or("a function_url entry needs a path")?,
                 query: e.query.unwrap_or_default(),
-                headers: e.headers.unwrap_or_default(),
+                source_ip: e.source_ip,
             }),
         }
     }
@@ -305,26 +317,31 @@ impl From<InvokeEntry> for EntryJson {
             method: None,
             path: None,
             query: None,
-            headers: None,
+            source_ip: None,
         };
         match e {
             InvokeEntry::Exec => bare(EntryKind::Exec),
             InvokeEntry::InvokeApi => bare(EntryKind::InvokeApi),
+            InvokeEntry::Auto => bare(EntryKind::Auto),
             InvokeEntry::FunctionUrl {
                 method,
                 path,
                 query,
-                headers,
+                source_ip,
             } => EntryJson {
                 kind: EntryKind::FunctionUrl,
                 method: Some(method),
                 path: Some(path),
-                query: Some(query),
-                headers: Some(headers),
+                query: (!query.is_empty()).then_some(query),
+                source_ip,
             },
         }
     }
 }
+
+/// Headers the Invoke API reads that an InvokeRequest carries as fields of its own
+/// (`log_tail`, `client_context`): an `invoke_api` request's `headers` may not repeat them.
+pub const INVOKE_API_FIELD_HEADERS: [&str; 2] = ["x-amz-log-type", "x-amz-client-context"];
 
 /// Meta of an InvokeRequest frame: one call. The body is the payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -332,7 +349,7 @@ impl From<InvokeEntry> for EntryJson {
 pub struct InvokeRequest {
     /// The function's name.
     pub function: String,
-    /// `$LATEST` or a version number; absent: the active version.
+    /// Invoke API only: `$LATEST` or a version number; absent: the active version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qualifier: Option<String>,
     /// The request id (the same on every host the call passes).
@@ -344,10 +361,15 @@ pub struct InvokeRequest {
     pub hops: u8,
     /// How the call came in.
     pub entry: InvokeEntry,
-    /// Whether the caller wants the log tail (Invoke API `X-Amz-Log-Type: Tail`).
+    /// The request's headers, in order, as `[name, value]`: what the caller authorised the
+    /// call with (`authorization`, SigV4's `x-amz-*`), and for a function URL what the
+    /// function sees.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<(String, String)>,
+    /// Invoke API only: the caller wants the log tail (`X-Amz-Log-Type: Tail`).
     #[serde(default)]
     pub log_tail: bool,
-    /// The Invoke API client context (decoded JSON text), if any.
+    /// Invoke API only: the client context (`X-Amz-Client-Context`, decoded JSON text).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_context: Option<String>,
 }
@@ -617,20 +639,78 @@ fn name(field: &'static str, v: &str) -> Result<(), (&'static str, &'static str)
     }
 }
 
+/// Header lists: names are HTTP tokens (RFC 9110 5.1), values hold no control characters
+/// but tab.
+fn header_list(
+    field: &'static str,
+    h: &[(String, String)],
+) -> Result<(), (&'static str, &'static str)> {
+    let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    for (n, v) in h {
+        if n.is_empty() || !n.bytes().all(tchar) {
+            return Err((field, "header names must be HTTP tokens"));
+        }
+        if v.chars().any(|c| c.is_control() && c != '\t') {
+            return Err((field, "header values must not contain control characters"));
+        }
+    }
+    Ok(())
+}
+
+/// Part of a URL as sent: printable ASCII, none of `except`.
+fn url_part(v: &str, except: &[u8]) -> bool {
+    v.bytes()
+        .all(|b| b.is_ascii_graphic() && !except.contains(&b))
+}
+
 impl Meta for InvokeRequest {
     const KIND: Kind = Kind::InvokeRequest;
     fn validate(&self) -> Result<(), (&'static str, &'static str)> {
         name("function", &self.function)?;
         name("request_id", &self.request_id)?;
+        header_list("headers", &self.headers)?;
         if let Some(q) = &self.qualifier {
             name("qualifier", q)?;
         }
-        if let InvokeEntry::FunctionUrl { method, path, .. } = &self.entry {
-            if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) {
+        if self.entry == InvokeEntry::InvokeApi {
+            if self.headers.iter().any(|(n, _)| {
+                INVOKE_API_FIELD_HEADERS
+                    .iter()
+                    .any(|f| n.eq_ignore_ascii_case(f))
+            }) {
+                return Err((
+                    "headers",
+                    "x-amz-log-type and x-amz-client-context travel as log_tail and client_context",
+                ));
+            }
+        } else if self.qualifier.is_some() {
+            return Err(("qualifier", "is for invoke_api entries only"));
+        } else if self.log_tail {
+            return Err(("log_tail", "is for invoke_api entries only"));
+        } else if self.client_context.is_some() {
+            return Err(("client_context", "is for invoke_api entries only"));
+        }
+        if let InvokeEntry::FunctionUrl {
+            method,
+            path,
+            query,
+            ..
+        } = &self.entry
+        {
+            if method.is_empty()
+                || method.len() > 32
+                || !method.bytes().all(|b| b.is_ascii_alphabetic())
+            {
                 return Err(("entry.method", "must be an HTTP method (letters only)"));
             }
-            if !path.starts_with('/') {
-                return Err(("entry.path", "must start with /"));
+            if !path.starts_with('/') || !url_part(path, b"?#") {
+                return Err((
+                    "entry.path",
+                    "must start with / and be printable ASCII without ? or #",
+                ));
+            }
+            if !url_part(query, b"#") {
+                return Err(("entry.query", "must be printable ASCII without #"));
             }
         }
         Ok(())
@@ -642,6 +722,7 @@ impl Meta for ResponseHead {
         if !(100..=599).contains(&self.status) {
             return Err(("status", "must be an HTTP status (100 to 599)"));
         }
+        header_list("headers", &self.headers)?;
         name("host", &self.host)
     }
 }
@@ -1220,6 +1301,7 @@ mod tests {
                     deadline_ms: 1_767_225_630_000,
                     hops: 1,
                     entry: InvokeEntry::InvokeApi,
+                    headers: vec![("content-type".into(), "application/json".into())],
                     log_tail: false,
                     client_context: None,
                 },
@@ -1501,6 +1583,56 @@ mod tests {
                 "{\"function\":\"f\",\"request_id\":\"r\",\"deadline_ms\":1,\"entry\":{\"kind\":\"function_url\",\"path\":\"/\"}}",
                 "needs a method",
             ),
+            (
+                Kind::InvokeRequest,
+                "{\"function\":\"f\",\"request_id\":\"r\",\"deadline_ms\":1,\"entry\":{\"kind\":\"function_url\",\"method\":\"GET\",\"path\":\"/\",\"headers\":[]}}",
+                "unknown field `headers`",
+            ),
+            (
+                Kind::InvokeRequest,
+                "{\"function\":\"f\",\"request_id\":\"r\",\"deadline_ms\":1,\"entry\":{\"kind\":\"function_url\",\"method\":\"GET\",\"path\":\"/a b\"}}",
+                "entry.path",
+            ),
+            (
+                Kind::InvokeRequest,
+                "{\"function\":\"f\",\"request_id\":\"r\",\"deadline_ms\":1,\"entry\":{\"kind\":\"function_url\",\"method\":\"GET\",\"path\":\"/\",\"query\":\"a#b\"}}",
+                "entry.query",
+            ),
+            (
+                Kind::InvokeRequest,
+                "{\"function\":\"f\",\"request_id\":\"r\",\"deadline_ms\":1,\"entry\":{\"kind\":\"function_url\",\"method\":\"GET\",\"path\":\"/\",\"source_ip\":\"nowhere\"}}",
+                "invalid IP address",
+            ),
+            (
+                Kind::InvokeRequest,
+                "{\"function\":\"f\",\"request_id\":\"r\",\"deadline_ms\":1,\"entry\":{\"kind\":\"exec\"},\"headers\":[[\"bad name\",\"v\"]]}",
+                "header names must be HTTP tokens",
+            ),
+            (
+                Kind::InvokeRequest,
+                "{\"function\":\"f\",\"request_id\":\"r\",\"deadline_ms\":1,\"entry\":{\"kind\":\"exec\"},\"headers\":[[\"x\",\"a\\r\\nb: c\"]]}",
+                "header values must not contain control characters",
+            ),
+            (
+                Kind::InvokeRequest,
+                "{\"function\":\"f\",\"request_id\":\"r\",\"deadline_ms\":1,\"entry\":{\"kind\":\"exec\"},\"qualifier\":\"3\"}",
+                "qualifier: is for invoke_api entries only",
+            ),
+            (
+                Kind::InvokeRequest,
+                "{\"function\":\"f\",\"request_id\":\"r\",\"deadline_ms\":1,\"entry\":{\"kind\":\"auto\"},\"log_tail\":true}",
+                "log_tail: is for invoke_api entries only",
+            ),
+            (
+                Kind::InvokeRequest,
+                "{\"function\":\"f\",\"request_id\":\"r\",\"deadline_ms\":1,\"entry\":{\"kind\":\"invoke_api\"},\"headers\":[[\"X-Amz-Log-Type\",\"Tail\"]]}",
+                "travel as log_tail and client_context",
+            ),
+            (
+                Kind::ResponseHead,
+                "{\"status\":200,\"headers\":[[\"a\",\"\\u0000\"]],\"host\":\"a\"}",
+                "control characters",
+            ),
             (Kind::End, "\"not an object\"", "invalid type"),
             (Kind::End, "{\"error\":\"\u{0}\"}", "control character"),
         ];
@@ -1723,74 +1855,94 @@ mod tests {
 
     fn arb_frame() -> impl Strategy<Value = Frame> {
         let text = "[a-zA-Z0-9 ./_-]{1,20}";
+        let token = "[a-zA-Z0-9!#$%&'*+.^_`|~-]{1,20}";
+        let value = "[^\\p{Cc}]{0,30}";
+        let headers = proptest::collection::vec((token, value), 0..5);
         let body = proptest::collection::vec(any::<u8>(), 0..300).prop_map(Bytes::from);
-        let entry = prop_oneof![
-            Just(InvokeEntry::Exec),
-            Just(InvokeEntry::InvokeApi),
-            (
-                "[A-Z]{3,7}",
-                "/[a-z/]{0,10}",
-                ".{0,20}",
-                proptest::collection::vec((text, ".{0,20}"), 0..4)
-            )
-                .prop_map(|(method, path, query, headers)| InvokeEntry::FunctionUrl {
+        let url_entry = (
+            "[A-Z]{3,7}",
+            "/[a-z/%0-9]{0,10}",
+            "[!-\"$-~]{0,20}",
+            proptest::option::of(any::<std::net::IpAddr>()),
+        )
+            .prop_map(
+                |(method, path, query, source_ip)| InvokeEntry::FunctionUrl {
                     method,
                     path,
                     query,
-                    headers
-                }),
+                    source_ip,
+                },
+            );
+        // The Invoke API's own fields go with an invoke_api entry only.
+        let entry = prop_oneof![
+            Just(InvokeEntry::Exec).prop_map(|e| (e, None, false, None)),
+            Just(InvokeEntry::Auto).prop_map(|e| (e, None, false, None)),
+            url_entry.prop_map(|e| (e, None, false, None)),
+            (
+                proptest::option::of(text),
+                any::<bool>(),
+                proptest::option::of(".{0,40}")
+            )
+                .prop_map(|(q, t, c)| (InvokeEntry::InvokeApi, q, t, c)),
         ];
         prop_oneof![
             (
                 text,
-                proptest::option::of(text),
                 text,
                 any::<u64>(),
                 any::<u8>(),
                 entry,
-                any::<bool>(),
-                proptest::option::of(".{0,40}"),
+                headers.clone(),
                 body.clone()
             )
                 .prop_map(
                     |(
                         function,
-                        qualifier,
                         request_id,
                         deadline_ms,
                         hops,
-                        entry,
-                        log_tail,
-                        client_context,
+                        (entry, qualifier, log_tail, client_context),
+                        headers,
                         payload,
-                    )| Frame::InvokeRequest {
-                        meta: InvokeRequest {
-                            function,
-                            qualifier,
-                            request_id,
-                            deadline_ms,
-                            hops,
-                            entry,
-                            log_tail,
-                            client_context
-                        },
-                        payload,
+                    )| {
+                        // What log_tail and client_context carry is not repeated as a header.
+                        let headers = match entry {
+                            InvokeEntry::InvokeApi => headers
+                                .into_iter()
+                                .filter(|(n, _): &(String, String)| {
+                                    !INVOKE_API_FIELD_HEADERS
+                                        .iter()
+                                        .any(|f| n.eq_ignore_ascii_case(f))
+                                })
+                                .collect(),
+                            _ => headers,
+                        };
+                        Frame::InvokeRequest {
+                            meta: InvokeRequest {
+                                function,
+                                qualifier,
+                                request_id,
+                                deadline_ms,
+                                hops,
+                                entry,
+                                headers,
+                                log_tail,
+                                client_context,
+                            },
+                            payload,
+                        }
                     }
                 ),
-            (
-                100u16..600,
-                proptest::collection::vec((text, ".{0,30}"), 0..5),
-                text,
-                body.clone()
-            )
-                .prop_map(|(status, headers, host, body)| Frame::ResponseHead {
+            (100u16..600, headers, text, body.clone()).prop_map(|(status, headers, host, body)| {
+                Frame::ResponseHead {
                     meta: ResponseHead {
                         status,
                         headers,
-                        host
+                        host,
                     },
-                    body
-                }),
+                    body,
+                }
+            }),
             body.prop_map(Frame::Data),
             proptest::option::of((text, ".{0,40}")).prop_map(|e| Frame::End(End {
                 error: e.map(|(kind, message)| EndError { kind, message })
