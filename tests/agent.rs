@@ -77,6 +77,10 @@ fn deploy_invoke_redeploy_rollback_and_remove() {
         r.header("content-type").as_deref(),
         Some("application/octet-stream")
     );
+    assert_eq!(
+        r.header("x-fnlet-host").as_deref(),
+        Some(agent.node_id.as_str())
+    );
     let first_request = r.header("x-fnlet-request-id").expect("request id");
     assert_eq!(first_request.len(), 36, "{first_request}");
 
@@ -343,7 +347,13 @@ fn requests_are_refused_with_the_right_status() {
     agent.deploy(public.path());
     agent.deploy(private.path());
 
-    agent.invoke("nope", b"").expect_error(404, "not_found");
+    let r = agent.invoke("nope", b"");
+    r.expect_error(404, "not_found");
+    // A refusal is an invocation answer too: it names the host that gave it.
+    assert_eq!(
+        r.header("x-fnlet-host").as_deref(),
+        Some(agent.node_id.as_str())
+    );
     agent
         .invoke("Not-A-Name", b"")
         .expect_error(404, "not_found");

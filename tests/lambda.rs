@@ -63,6 +63,10 @@ fn lambda_runtime_function_through_the_invoke_api_and_its_url() {
     assert!(body["deadline_ms"].as_u64().unwrap_or(0) > 1_700_000_000_000);
     assert_eq!(r.header("x-amz-executed-version").as_deref(), Some("1"));
     assert_eq!(r.header("x-amz-function-error"), None);
+    assert_eq!(
+        r.header("x-fnlet-host").as_deref(),
+        Some(agent.node_id.as_str())
+    );
     let r2 = invoke_api(&agent, "echo", &json!({"n": 2}), &[]);
     r2.expect_ok(200);
     assert_eq!(r2.json()["echo"], json!({"n": 2}));
@@ -228,6 +232,10 @@ fn lambda_http_function_url_and_invoke_api() {
     r.expect_ok(200);
     assert_eq!(r.text(), "hello fnlet");
     assert_eq!(r.header("x-fixture").as_deref(), Some("1"));
+    assert_eq!(
+        r.header("x-fnlet-host").as_deref(),
+        Some(agent.node_id.as_str())
+    );
     assert!(r.header("set-cookie").is_some(), "{:?}", r.headers);
 
     let r = agent
@@ -628,6 +636,10 @@ fn streamed_responses_reach_the_caller() {
         r.expect_ok(200);
         assert_eq!(r.text(), "hello stream");
         assert_eq!(r.header("x-fixture").as_deref(), Some("1"));
+        assert_eq!(
+            r.header("x-fnlet-host").as_deref(),
+            Some(agent.node_id.as_str())
+        );
         assert!(r.header("set-cookie").is_some(), "{:?}", r.headers);
     }
     let r = agent.request(Method::GET, "/fn/stream/status/418", false, None);

@@ -234,6 +234,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         cgroup_version: isolator.cgroup_version().to_string(),
         cgroup_root: isolator.cgroup_root(),
         unenforced_limits: unenforced.clone(),
+        node_id: config.node_id(),
         config: config.clone(),
         store: Arc::new(store),
         router: Arc::new(router),

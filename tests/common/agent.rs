@@ -56,6 +56,22 @@ fn uid_range(test: &str) -> Range<u32> {
     base..base + 64
 }
 
+/// A node id for the test's agent: its name as a DNS label.
+fn node_id(test: &str) -> String {
+    let label: String = test
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .take(60)
+        .collect();
+    format!("n-{}", label.trim_matches('-'))
+}
+
 /// A free port on 127.0.0.1 (bound, then released for the agent).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -141,6 +157,8 @@ pub struct Agent {
     pub token: String,
     /// The uids its functions run as.
     pub uids: Range<u32>,
+    /// Its node id (`--node-id`), which invocation answers name in `x-fnlet-host`.
+    pub node_id: String,
     dir: tempfile::TempDir,
     child: Option<Child>,
     before: HostState,
@@ -195,6 +213,7 @@ impl Agent {
             root,
             port: free_port(),
             token: String::new(),
+            node_id: node_id(test),
             uids,
             dir,
             child: None,
@@ -250,6 +269,8 @@ impl Agent {
             .arg(self.state_dir())
             .arg("--config")
             .arg(self.config_path())
+            .arg("--node-id")
+            .arg(&self.node_id)
             .env("FNLET_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

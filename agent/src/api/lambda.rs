@@ -18,7 +18,7 @@ use base64::Engine;
 use bytes::Bytes;
 use serde::Deserialize;
 
-use super::{App, AppError, authorized, read_body, request_id};
+use super::{App, AppError, authorized, read_body};
 use crate::auth;
 use crate::instance::InvokeError;
 use crate::instance::runtime_api::StreamFrame;
@@ -148,7 +148,8 @@ fn check_caller(
     parts: &axum::http::request::Parts,
     body: &[u8],
 ) -> Result<(), auth::AuthError> {
-    if authorized(app, &parts.headers)
+    if super::forwarded(&parts.extensions)
+        || authorized(app, &parts.headers)
         || (f.manifest.public && !auth::carries_sigv4(&parts.uri, &parts.headers))
     {
         return Ok(());
@@ -256,11 +257,13 @@ pub async fn invoke_api(
     Query(q): Query<InvokeQuery>,
     req: Request,
 ) -> Response {
-    let id = request_id();
-    match invoke_api_inner(&app, &raw_name, q, req, &id).await {
+    let id = super::invocation_id(req.extensions());
+    let mut resp = match invoke_api_inner(&app, &raw_name, q, req, &id).await {
         Ok(r) => r,
         Err(e) => e.response(&id),
-    }
+    };
+    super::stamp_host(&app.node_id, &mut resp);
+    resp
 }
 
 async fn invoke_api_inner(
@@ -437,7 +440,7 @@ fn set_header(r: &mut Response, name: &str, value: &str) {
 /// `/fn/{name}` and `/fn/{name}/{*path}`: a function URL for a Lambda-mode function, the
 /// raw-body invocation for an exec-mode one (POST on `/fn/{name}` only).
 pub async fn function_url(State(app): Shared, req: Request) -> Response {
-    let id = request_id();
+    let id = super::invocation_id(req.extensions());
     let path = req.uri().path().to_string();
     let rest = path.strip_prefix("/fn/").unwrap_or("");
     let (name, raw_path) = match rest.split_once('/') {
@@ -459,6 +462,7 @@ pub async fn function_url(State(app): Shared, req: Request) -> Response {
         resp.headers_mut().insert("x-fnlet-request-id", v.clone());
         resp.headers_mut().insert("x-amzn-requestid", v);
     }
+    super::stamp_host(&app.node_id, &mut resp);
     resp
 }
 
@@ -585,6 +589,15 @@ async fn function_url_inner(
     }
 }
 
+/// A streamed answer the function failed after its status went out: the body ends with this
+/// error (hyper cuts the connection, as Lambda does; over QUIC it is the End frame's error).
+#[derive(Debug, thiserror::Error)]
+#[error("the function's streamed response failed: {error_type}")]
+pub struct StreamFailed {
+    /// The runtime's error type (`errorType`).
+    pub error_type: String,
+}
+
 /// Why a streamed answer could not become an HTTP response.
 enum StreamStart {
     Url(super::function_url::UrlError),
@@ -636,9 +649,7 @@ async fn streamed_response(
     let first = futures_util::stream::iter((!rest.is_empty()).then(|| Ok(Bytes::from(rest))));
     let more = tokio_stream::wrappers::ReceiverStream::new(frames).map(|f| match f {
         StreamFrame::Data(d) => Ok(d),
-        StreamFrame::Error { error_type, .. } => Err(std::io::Error::other(format!(
-            "the function's streamed response failed: {error_type}"
-        ))),
+        StreamFrame::Error { error_type, .. } => Err(StreamFailed { error_type }),
     });
     // The answer ends once the instance is free again.
     let settle = futures_util::stream::once(async move {
@@ -646,7 +657,7 @@ async fn streamed_response(
             let _ = r.await;
         }
     })
-    .filter_map(|()| async { None::<Result<Bytes, std::io::Error>> });
+    .filter_map(|()| async { None::<Result<Bytes, StreamFailed>> });
     let body = axum::body::Body::from_stream(first.chain(more).chain(settle));
     Ok(Response::from_parts(parts, body))
 }

@@ -45,6 +45,55 @@ pub struct App {
     pub cgroup_root: String,
     /// Controllers (memory, cpu, pids) whose limits this host cannot enforce.
     pub unenforced_limits: Vec<String>,
+    /// This host's node id (`Config::node_id`): every invocation answer names it in
+    /// `x-fnlet-host`.
+    pub node_id: String,
+}
+
+/// The header naming the host that ran an invocation.
+pub const HEADER_HOST: &str = "x-fnlet-host";
+
+/// A call handed to the API by the cluster layer rather than read from an HTTP connection: a
+/// request extension that only this process can set.
+#[derive(Debug, Clone)]
+pub struct ClusterCall {
+    /// The call's request id, the same on every host it passes.
+    pub request_id: String,
+    /// The peer that forwarded the call, having authorised its caller already: the call is
+    /// not authorised again here (its credentials are still kept from the function).
+    pub forwarded_by: Option<String>,
+}
+
+/// A response extension on an answer another host produced (a forwarded call): the node id
+/// that ran it, which `x-fnlet-host` keeps.
+#[derive(Debug, Clone)]
+pub struct RanOn(pub String);
+
+/// The request id of an invocation: the cluster's when it handed the call in, else a new one.
+pub(crate) fn invocation_id(extensions: &axum::http::Extensions) -> String {
+    match extensions.get::<ClusterCall>() {
+        Some(c) => c.request_id.clone(),
+        None => request_id(),
+    }
+}
+
+/// Whether a peer forwarded the call after authorising its caller.
+pub(crate) fn forwarded(extensions: &axum::http::Extensions) -> bool {
+    extensions
+        .get::<ClusterCall>()
+        .is_some_and(|c| c.forwarded_by.is_some())
+}
+
+/// Names the host that ran the invocation: this one, or for a forwarded answer the one that
+/// did. A function cannot set the header itself.
+pub(crate) fn stamp_host(node_id: &str, resp: &mut Response) {
+    let host = match resp.extensions().get::<RanOn>() {
+        Some(RanOn(h)) => h.as_str(),
+        None => node_id,
+    };
+    if let Ok(v) = HeaderValue::from_str(host) {
+        resp.headers_mut().insert(HEADER_HOST, v);
+    }
 }
 
 type Shared = State<Arc<App>>;
@@ -569,7 +618,7 @@ async fn invoke_exec(
             None,
         )
     })?;
-    if !f.manifest.public && !authorized(app, headers) {
+    if !f.manifest.public && !authorized(app, headers) && !forwarded(req.extensions()) {
         return Err((AppError::unauthorized(), None));
     }
     let limit = (app.config.limits.max_request_mb << 20) as usize;
@@ -751,6 +800,21 @@ mod tests {
             routes(),
             "app() and ROUTES disagree: update ROUTES (and openapi.yaml) with the router"
         );
+    }
+
+    #[test]
+    fn answers_name_the_host_that_ran_them() {
+        use axum::response::IntoResponse;
+        // A function cannot claim another host.
+        let mut r = ([(super::HEADER_HOST, "elsewhere")], "hi").into_response();
+        super::stamp_host("node-a", &mut r);
+        assert_eq!(r.headers()[super::HEADER_HOST], "node-a");
+        // A forwarded answer keeps the host that ran it.
+        let mut r = "hi".into_response();
+        r.extensions_mut().insert(super::RanOn("node-b".into()));
+        super::stamp_host("node-a", &mut r);
+        assert_eq!(r.headers()[super::HEADER_HOST], "node-b");
+        assert_eq!(r.headers().get_all(super::HEADER_HOST).iter().count(), 1);
     }
 
     #[test]
