@@ -639,8 +639,8 @@ fn name(field: &'static str, v: &str) -> Result<(), (&'static str, &'static str)
     }
 }
 
-/// Header lists: names are HTTP tokens (RFC 9110 5.1), values hold no control characters
-/// but tab.
+/// Header lists: names are HTTP tokens (RFC 9110 5.1), values hold none of the control
+/// characters HTTP forbids (NUL to US but tab, and DEL).
 fn header_list(
     field: &'static str,
     h: &[(String, String)],
@@ -650,7 +650,7 @@ fn header_list(
         if n.is_empty() || !n.bytes().all(tchar) {
             return Err((field, "header names must be HTTP tokens"));
         }
-        if v.chars().any(|c| c.is_control() && c != '\t') {
+        if v.bytes().any(|b| (b < b' ' && b != b'\t') || b == 0x7f) {
             return Err((field, "header values must not contain control characters"));
         }
     }

@@ -25,6 +25,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 pub use error::AppError;
+pub use lambda::StreamFailed;
 
 use crate::bundle::{self, BundleLimits};
 use crate::config::Config;
@@ -62,6 +63,10 @@ pub struct ClusterCall {
     /// The peer that forwarded the call, having authorised its caller already: the call is
     /// not authorised again here (its credentials are still kept from the function).
     pub forwarded_by: Option<String>,
+    /// How many times the call was forwarded already (a call is forwarded at most once).
+    pub hops: u8,
+    /// When its caller stops waiting (Unix milliseconds), for a call passed on.
+    pub deadline_ms: Option<u64>,
 }
 
 /// A response extension on an answer another host produced (a forwarded call): the node id
