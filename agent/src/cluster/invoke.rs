@@ -858,6 +858,9 @@ fn answer_body(
 }
 
 #[cfg(test)]
+pub(crate) mod app_tests;
+
+#[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
