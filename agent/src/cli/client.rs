@@ -37,9 +37,9 @@ pub const HEADER_VERSION: &str = "x-fnlet-version";
 /// Largest JSON answer read from the agent (a listing of many functions and versions).
 const MAX_JSON_BYTES: usize = 32 << 20;
 /// Largest error body read; the rest is dropped.
-const MAX_ERROR_BYTES: usize = 64 << 10;
+pub const MAX_ERROR_BYTES: usize = 64 << 10;
 
-const USER_AGENT_VALUE: &str = concat!("fnlet/", env!("CARGO_PKG_VERSION"));
+pub const USER_AGENT_VALUE: &str = concat!("fnlet/", env!("CARGO_PKG_VERSION"));
 
 /// What the WHATWG URL standard percent-encodes in a path (the url crate's sets): a prefix
 /// keeps its escapes and reserved characters, and loses its spaces and non-ASCII.
@@ -228,6 +228,18 @@ pub struct TargetFlags {
     pub state_dir: Option<PathBuf>,
 }
 
+/// The agent's state directory: --state-dir, else FNLET_STATE_DIR, else the default.
+pub fn state_dir(flags: &TargetFlags, env: &dyn Fn(&str) -> Option<String>) -> PathBuf {
+    match (
+        &flags.state_dir,
+        env(ENV_STATE_DIR).filter(|v| !v.trim().is_empty()),
+    ) {
+        (Some(d), _) => d.clone(),
+        (None, Some(d)) => PathBuf::from(d),
+        (None, None) => PathBuf::from(DEFAULT_STATE_DIR),
+    }
+}
+
 /// Resolves the target: a flag beats its environment variable, which beats the default.
 /// The token file `<state dir>/admin.token` is read only when no token was given.
 ///
@@ -255,12 +267,7 @@ pub fn resolve_target(
     } else if let Some(t) = env_set(ENV_TOKEN) {
         (Some(t.trim().to_string()), TokenSource::Env)
     } else {
-        let dir = match (&flags.state_dir, env_set(ENV_STATE_DIR)) {
-            (Some(d), _) => d.clone(),
-            (None, Some(d)) => PathBuf::from(d),
-            (None, None) => PathBuf::from(DEFAULT_STATE_DIR),
-        };
-        let file = dir.join(TOKEN_FILE);
+        let file = state_dir(flags, env).join(TOKEN_FILE);
         match read_file(&file) {
             Ok(s) if !s.trim().is_empty() => (Some(s.trim().to_string()), TokenSource::File(file)),
             Ok(_) => (
@@ -455,7 +462,10 @@ fn full(bytes: impl Into<Bytes>) -> Body {
         .boxed_unsync()
 }
 
-/// A successful invocation whose body is still to be read.
+/// An answer's body still to be read, over HTTP or QUIC; its errors say which agent.
+pub type AnswerBody = UnsyncBoxBody<Bytes, ClientError>;
+
+/// A successful invocation whose body is still to be read ([`Invocation::chunk`]).
 #[derive(Debug)]
 pub struct Invocation {
     pub status: StatusCode,
@@ -463,7 +473,33 @@ pub struct Invocation {
     pub version: Option<String>,
     /// Lambda mode: the function failed (X-Amz-Function-Error); the payload is its error.
     pub function_error: Option<String>,
-    pub response: Response,
+    pub body: AnswerBody,
+}
+
+impl Invocation {
+    /// An invocation's answer, over HTTP or QUIC: the request id and version as either front
+    /// door names them (`/fn/{name}` or the Invoke API).
+    pub fn from_answer(status: StatusCode, headers: &HeaderMap, body: AnswerBody) -> Invocation {
+        Invocation {
+            status,
+            request_id: header(headers, HEADER_REQUEST_ID)
+                .or_else(|| header(headers, "x-amzn-requestid")),
+            version: header(headers, HEADER_VERSION)
+                .or_else(|| header(headers, "x-amz-executed-version")),
+            function_error: header(headers, "x-amz-function-error"),
+            body,
+        }
+    }
+
+    /// The next piece of the answer; `None` at its end.
+    pub async fn chunk(&mut self) -> ClientResult<Option<Bytes>> {
+        while let Some(frame) = self.body.frame().await {
+            if let Ok(data) = frame?.into_data() {
+                return Ok(Some(data));
+            }
+        }
+        Ok(None)
+    }
 }
 
 pub struct Client {
@@ -683,14 +719,7 @@ impl Client {
             full(input),
         )?;
         let response = self.send(req).await?;
-        let headers = response.headers();
-        Ok(Invocation {
-            status: response.status(),
-            request_id: header(headers, HEADER_REQUEST_ID),
-            version: header(headers, HEADER_VERSION),
-            function_error: None,
-            response,
-        })
+        Ok(self.invocation(response))
     }
 
     /// POST /2015-03-31/functions/{name}/invocations: the Lambda Invoke API, for a Lambda-mode
@@ -703,14 +732,16 @@ impl Client {
             full(input),
         )?;
         let response = self.send(req).await?;
-        let headers = response.headers();
-        Ok(Invocation {
-            status: response.status(),
-            request_id: header(headers, "x-amzn-requestid"),
-            version: header(headers, "x-amz-executed-version"),
-            function_error: header(headers, "x-amz-function-error"),
-            response,
-        })
+        Ok(self.invocation(response))
+    }
+
+    fn invocation(&self, response: Response) -> Invocation {
+        let (parts, body) = response.into_parts();
+        let shown = self.shown.clone();
+        let body = body
+            .map_err(move |e| transport_error(&shown, &e))
+            .boxed_unsync();
+        Invocation::from_answer(parts.status, &parts.headers, body)
     }
 
     /// GET /v1/functions/{name}/logs; the caller reads the NDJSON lines as they come.
@@ -738,21 +769,7 @@ impl Client {
     /// A failed exchange: `Unreachable` if no connection could be made, `Connection` if it
     /// broke. `e` is the client's error, or the body's while an answer is read.
     fn transport(&self, e: &(dyn std::error::Error + 'static)) -> ClientError {
-        let reason = describe_transport(e);
-        let connect = e
-            .downcast_ref::<hyper_util::client::legacy::Error>()
-            .is_some_and(hyper_util::client::legacy::Error::is_connect);
-        if connect {
-            ClientError::Unreachable {
-                endpoint: self.shown.clone(),
-                reason,
-            }
-        } else {
-            ClientError::Connection {
-                endpoint: self.shown.clone(),
-                reason,
-            }
-        }
+        transport_error(&self.shown, e)
     }
 
     fn protocol(&self, detail: String) -> ClientError {
@@ -770,6 +787,26 @@ impl Client {
             Err(e) => return self.transport(&e),
         };
         ClientError::Api(Box::new(parse_api_error(status, &headers, &body)))
+    }
+}
+
+/// A failed exchange with the agent at `endpoint`: `Unreachable` if no connection could be
+/// made, `Connection` if it broke.
+fn transport_error(endpoint: &str, e: &(dyn std::error::Error + 'static)) -> ClientError {
+    let reason = describe_transport(e);
+    let connect = e
+        .downcast_ref::<hyper_util::client::legacy::Error>()
+        .is_some_and(hyper_util::client::legacy::Error::is_connect);
+    if connect {
+        ClientError::Unreachable {
+            endpoint: endpoint.to_string(),
+            reason,
+        }
+    } else {
+        ClientError::Connection {
+            endpoint: endpoint.to_string(),
+            reason,
+        }
     }
 }
 

@@ -60,7 +60,8 @@ pub enum FunctionsCommand {
     #[command(after_help = examples!(
         "fnlet invoke hello -d '{\"name\": \"world\"}'",
         "fnlet invoke resize -d @photo.jpg > thumb.jpg",
-        "echo hi | fnlet invoke echo -d @- -v"
+        "echo hi | fnlet invoke echo -d @- -v",
+        "fnlet invoke hello --quic 10.0.0.7:8741 -d '{}'   # over QUIC, the cluster endpoint"
     ))]
     Invoke(InvokeArgs),
 
@@ -166,6 +167,14 @@ pub struct InvokeArgs {
     /// On an error, print the agent's JSON error on stdout (the output is always raw).
     #[arg(long)]
     json: bool,
+    /// Call the agent over QUIC at its cluster endpoint (`[cluster] listen`, UDP) instead of
+    /// its HTTP API.
+    #[arg(long, value_name = "ADDR:PORT")]
+    quic: Option<std::net::SocketAddr>,
+    /// With --quic: the cluster CA certificate the agent must show
+    /// [default: <STATE_DIR>/cluster/ca.pem].
+    #[arg(long, value_name = "FILE", requires = "quic")]
+    ca: Option<PathBuf>,
     #[command(flatten)]
     conn: ConnArgs,
 }
@@ -281,11 +290,7 @@ pub fn run(cmd: FunctionsCommand) -> ExitCode {
         FunctionsCommand::Logs(a) => &a.conn,
     };
     let context = error_context(&cmd);
-    let flags = TargetFlags {
-        endpoint: conn.endpoint.clone(),
-        token: conn.token.clone(),
-        state_dir: conn.state_dir.clone(),
-    };
+    let flags = conn_flags(conn);
     let target = match client::resolve_target(&flags, &|k| std::env::var(k).ok(), &|p| {
         std::fs::read_to_string(p)
     }) {
@@ -328,6 +333,14 @@ pub(super) fn run_client(
     match f(&client) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => report(&e, Some(&target), &context),
+    }
+}
+
+fn conn_flags(conn: &ConnArgs) -> TargetFlags {
+    TargetFlags {
+        endpoint: conn.endpoint.clone(),
+        token: conn.token.clone(),
+        state_dir: conn.state_dir.clone(),
     }
 }
 
@@ -374,7 +387,19 @@ fn dispatch(cmd: FunctionsCommand, target: &Target) -> CmdResult {
         }
         FunctionsCommand::Invoke(a) => {
             let input = read_input(a.data.as_deref())?;
-            block_on(invoke(&client, &a, input))
+            match a.quic {
+                Some(addr) => {
+                    let ca = match &a.ca {
+                        Some(f) => f.clone(),
+                        None => client::state_dir(&conn_flags(&a.conn), &|k| std::env::var(k).ok())
+                            .join("cluster")
+                            .join("ca.pem"),
+                    };
+                    let ca = super::quic::read_ca(&ca, a.ca.is_some())?;
+                    block_on(invoke_quic(target, addr, ca, &a, input))
+                }
+                None => block_on(invoke(&client, &a, input)),
+            }
         }
         FunctionsCommand::Ls(a) => block_on(list(&client, a.output.json)),
         FunctionsCommand::Describe(a) => block_on(describe(&client, &a.name, a.output.json)),
@@ -711,6 +736,34 @@ async fn invoke(client: &Client, a: &InvokeArgs, input: Vec<u8>) -> CmdResult {
     } else {
         client.invoke(&a.name, input).await
     };
+    show_invocation(a, result, start).await
+}
+
+/// `fnlet invoke --quic`: the agent picks the function's own door (the Invoke API for a
+/// Lambda-mode function, exec otherwise), as the HTTP path does with a lookup first.
+async fn invoke_quic(
+    target: &Target,
+    addr: std::net::SocketAddr,
+    ca: rustls_pki_types::CertificateDer<'static>,
+    a: &InvokeArgs,
+    input: Vec<u8>,
+) -> CmdResult {
+    let start = Instant::now();
+    let session = super::quic::Session::connect(addr, &ca).await?;
+    let result = session
+        .invoke(&a.name, target.token.as_deref(), input)
+        .await;
+    let shown = show_invocation(a, result, start).await;
+    session.close().await;
+    shown
+}
+
+/// Prints an invocation's answer, or its error, as `fnlet invoke` does whichever way it went.
+async fn show_invocation(
+    a: &InvokeArgs,
+    result: client::ClientResult<client::Invocation>,
+    start: Instant,
+) -> CmdResult {
     let mut inv = match result {
         Ok(inv) => inv,
         Err(ClientError::Api(api)) => {
@@ -733,7 +786,7 @@ async fn invoke(client: &Client, a: &InvokeArgs, input: Vec<u8>) -> CmdResult {
         Err(e) => return Err(e.into()),
     };
     let mut out = std::io::stdout().lock();
-    while let Some(chunk) = client.chunk(&mut inv.response).await? {
+    while let Some(chunk) = inv.chunk().await? {
         out.write_all(&chunk).map_err(write_err)?;
     }
     out.flush().map_err(write_err)?;

@@ -4,6 +4,7 @@ mod client;
 mod functions;
 mod keys;
 mod pack;
+mod quic;
 mod runtime;
 mod sandbox;
 
