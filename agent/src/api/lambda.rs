@@ -82,7 +82,7 @@ impl LambdaError {
 
 /// `name`, `name:qualifier`, `ACCOUNT:function:name[:qualifier]` or the full ARN, as the
 /// Invoke API accepts them: (name, qualifier).
-fn parse_function_name(raw: &str) -> Option<(String, Option<String>)> {
+pub(crate) fn parse_function_name(raw: &str) -> Option<(String, Option<String>)> {
     let parts: Vec<&str> = raw.split(':').collect();
     let (name, qualifier) = match parts.as_slice() {
         [name] => (*name, None),

@@ -26,6 +26,7 @@ use serde_json::{Value, json};
 
 pub use error::AppError;
 pub use lambda::StreamFailed;
+pub(crate) use lambda::parse_function_name;
 
 use crate::bundle::{self, BundleLimits};
 use crate::config::Config;

@@ -402,6 +402,124 @@ pub fn http_request(
     Ok(r)
 }
 
+/// Why an HTTP request this host took cannot be passed on as an InvokeRequest: what the
+/// caller sent is wrong (answer it here, as the door would).
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("{0} is not an invocation route")]
+    NotAnInvocation(String),
+    #[error("X-Amz-Log-Type must be None or Tail, not {0:?}")]
+    LogType(String),
+    #[error("X-Amz-Client-Context must be base64-encoded JSON")]
+    ClientContext,
+    #[error("{0:?} is not a function name, partial ARN or ARN")]
+    FunctionName(String),
+}
+
+/// What a call passed on to a peer carries besides the request.
+#[derive(Debug, Clone)]
+pub struct Passing<'a> {
+    /// The call's request id (the same on every host).
+    pub request_id: &'a str,
+    /// When its caller stops waiting, Unix milliseconds.
+    pub deadline_ms: u64,
+    /// Times it was forwarded before reaching this host (0 from a caller).
+    pub hops: u8,
+    /// Where the caller is (a function URL event's `sourceIp`).
+    pub source: std::net::IpAddr,
+}
+
+/// The call a host sends a peer for an HTTP invocation it took and authorised: the front
+/// door from the route (`lambda`: the function is Lambda-mode, which makes `POST /fn/NAME` a
+/// function URL rather than exec), the caller's headers without the credentials this host
+/// checked (`is_admin` knows its admin token; SigV4 and session tokens go too, and a presigned
+/// query's parameters), one hop more. The inverse of [`http_request`].
+pub fn forward_call(
+    parts: &http::request::Parts,
+    payload: Bytes,
+    lambda: bool,
+    is_admin: impl Fn(&HeaderValue) -> bool,
+    passing: &Passing<'_>,
+) -> Result<InvokeCall, ForwardError> {
+    let mut headers = parts.headers.clone();
+    let query =
+        crate::auth::strip_credentials(&mut headers, parts.uri.query().unwrap_or(""), is_admin)
+            .into_owned();
+    let path = parts.uri.path();
+    let not_ours = || ForwardError::NotAnInvocation(path.to_string());
+    let mut request = InvokeRequest {
+        function: String::new(),
+        qualifier: None,
+        request_id: passing.request_id.to_string(),
+        deadline_ms: passing.deadline_ms,
+        hops: passing.hops.saturating_add(1),
+        entry: InvokeEntry::Exec,
+        headers: Vec::new(),
+        log_tail: false,
+        client_context: None,
+    };
+    if let Some(rest) = path.strip_prefix("/fn/") {
+        let (name, raw_path) = match rest.split_once('/') {
+            Some((n, p)) => (n, format!("/{p}")),
+            None => (rest, "/".to_string()),
+        };
+        request.function = name.to_string();
+        request.entry = if !lambda && parts.method == Method::POST && raw_path == "/" {
+            InvokeEntry::Exec
+        } else {
+            InvokeEntry::FunctionUrl {
+                method: parts.method.as_str().to_string(),
+                path: raw_path,
+                query,
+                source_ip: Some(passing.source),
+            }
+        };
+    } else if let Some(raw) = path
+        .strip_prefix("/2015-03-31/functions/")
+        .and_then(|r| r.strip_suffix("/invocations"))
+    {
+        let raw = percent_encoding::percent_decode_str(raw).decode_utf8_lossy();
+        let (name, in_path) = crate::api::parse_function_name(&raw)
+            .ok_or_else(|| ForwardError::FunctionName(raw.to_string()))?;
+        let in_query = form_urlencoded::parse(query.as_bytes())
+            .find(|(k, _)| k == "Qualifier")
+            .map(|(_, v)| v.into_owned());
+        request.function = name;
+        request.qualifier = in_query.or(in_path);
+        request.entry = InvokeEntry::InvokeApi;
+        if let Some(v) = headers.remove("x-amz-log-type") {
+            request.log_tail = match v.to_str() {
+                Ok("Tail") => true,
+                Ok("None") => false,
+                _ => {
+                    let shown = String::from_utf8_lossy(v.as_bytes()).into_owned();
+                    return Err(ForwardError::LogType(shown));
+                }
+            };
+        }
+        if let Some(v) = headers.remove("x-amz-client-context") {
+            let text = base64::engine::general_purpose::STANDARD
+                .decode(v.as_bytes())
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .ok_or(ForwardError::ClientContext)?;
+            request.client_context = Some(text);
+        }
+    } else {
+        return Err(not_ours());
+    }
+    request.headers = headers
+        .iter()
+        .filter(|(n, _)| !NOT_PASSED_ON.contains(&n.as_str()))
+        .map(|(n, v)| {
+            // As a function URL event reads a value that is not UTF-8.
+            let v = String::from_utf8_lossy(v.as_bytes()).into_owned();
+            (n.as_str().to_string(), v)
+        })
+        .collect();
+    Ok(InvokeCall { request, payload })
+}
+
 /// One step of an answer's body.
 enum Next {
     Data(Bytes),
@@ -969,6 +1087,166 @@ mod tests {
         let r = http_request(&odd, Bytes::new(), false).unwrap();
         assert_eq!(r.uri().path(), "/fn/a%2Fb%3Fc");
         assert_eq!(r.uri().query(), None);
+    }
+
+    fn forwarded(
+        method: &str,
+        uri: &str,
+        headers: &[(&str, &str)],
+        lambda: bool,
+    ) -> Result<InvokeCall, ForwardError> {
+        let mut r = Request::builder().method(method).uri(uri);
+        for (n, v) in headers {
+            r = r.header(*n, *v);
+        }
+        let (parts, ()) = r.body(()).unwrap().into_parts();
+        let passing = Passing {
+            request_id: "r-9",
+            deadline_ms: 1_767_225_630_000,
+            hops: 0,
+            source: "198.51.100.4".parse().unwrap(),
+        };
+        let call = forward_call(
+            &parts,
+            Bytes::from_static(b"pay"),
+            lambda,
+            |v| v == "Bearer admin",
+            &passing,
+        )?;
+        // Whatever it makes, the frame takes.
+        let frame = Frame::InvokeRequest {
+            meta: call.request.clone(),
+            payload: call.payload.clone(),
+        };
+        frame.encode().unwrap();
+        Ok(call)
+    }
+
+    fn names(h: &[(String, String)]) -> Vec<&str> {
+        h.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn an_http_call_passed_on_is_the_same_call_without_the_credentials_checked() {
+        // Exec: the admin token checked here does not travel; the rest does, one hop on.
+        let c = forwarded(
+            "POST",
+            "/fn/echo",
+            &[
+                ("authorization", "Bearer admin"),
+                ("content-type", "text/plain"),
+            ],
+            false,
+        )
+        .unwrap();
+        let r = &c.request;
+        assert_eq!(
+            (r.entry.clone(), r.function.as_str()),
+            (InvokeEntry::Exec, "echo")
+        );
+        assert_eq!(
+            (r.request_id.as_str(), r.hops, r.deadline_ms),
+            ("r-9", 1, 1_767_225_630_000)
+        );
+        assert_eq!(
+            r.headers,
+            [("content-type".to_string(), "text/plain".to_string())]
+        );
+        let (parts, body) = body_text(http_request(r, c.payload, false).unwrap()).await;
+        assert_eq!(parts.uri, "/fn/echo");
+        assert_eq!(body, "pay");
+
+        // A Lambda-mode function's URL root, a presigned query and the caller's own token on a
+        // public function: the signature goes, the caller's token stays, the source travels.
+        let c = forwarded(
+            "POST",
+            "/fn/web?x=1&X-Amz-Signature=abc&X-Amz-Credential=k",
+            &[("authorization", "Bearer callers-own")],
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            c.request.entry,
+            InvokeEntry::FunctionUrl {
+                method: "POST".into(),
+                path: "/".into(),
+                query: "x=1".into(),
+                source_ip: Some("198.51.100.4".parse().unwrap()),
+            }
+        );
+        assert_eq!(names(&c.request.headers), ["authorization"]);
+        let back = http_request(&c.request, c.payload, true).unwrap();
+        assert_eq!(back.uri(), "/fn/web/?x=1");
+        let c = forwarded("GET", "/fn/web/a%20b/c", &[("cookie", "a=1")], true).unwrap();
+        let back = http_request(&c.request, c.payload, true).unwrap();
+        assert_eq!(
+            (back.method(), back.uri().to_string()),
+            (&Method::GET, "/fn/web/a%20b/c".into())
+        );
+        assert_eq!(back.headers()["cookie"], "a=1");
+
+        // The Invoke API: name and qualifier from an ARN, its own headers as fields, SigV4 gone.
+        let c = forwarded(
+            "POST",
+            "/2015-03-31/functions/arn%3Aaws%3Alambda%3Aus-east-1%3A000000000000%3Afunction%3Ahello%3A3/invocations",
+            &[
+                ("authorization", "AWS4-HMAC-SHA256 Credential=k/20260101/us-east-1/lambda/aws4_request, SignedHeaders=host, Signature=00"),
+                ("x-amz-security-token", "t"),
+                ("x-amz-log-type", "Tail"),
+                ("x-amz-client-context", "eyJhIjoxfQ=="),
+                ("x-amz-invocation-type", "DryRun"),
+            ],
+            true,
+        )
+        .unwrap();
+        let r = &c.request;
+        assert_eq!(
+            (r.function.as_str(), r.qualifier.as_deref()),
+            ("hello", Some("3"))
+        );
+        assert_eq!(
+            (r.log_tail, r.client_context.as_deref()),
+            (true, Some("{\"a\":1}"))
+        );
+        assert_eq!(names(&r.headers), ["x-amz-invocation-type"]);
+        let (parts, _) = body_text(http_request(r, c.payload, true).unwrap()).await;
+        assert_eq!(
+            parts.uri,
+            "/2015-03-31/functions/hello/invocations?Qualifier=3"
+        );
+        assert_eq!(parts.headers["x-amz-client-context"], "eyJhIjoxfQ==");
+        assert_eq!(parts.headers["x-amz-log-type"], "Tail");
+        // The query's Qualifier wins over the name's, as the handler has it.
+        let c = forwarded(
+            "POST",
+            "/2015-03-31/functions/hello:3/invocations?Qualifier=%24LATEST",
+            &[],
+            true,
+        )
+        .unwrap();
+        assert_eq!(c.request.qualifier.as_deref(), Some("$LATEST"));
+
+        // What the door would refuse is refused before it travels.
+        let bad = |uri: &str, headers: &[(&str, &str)]| {
+            forwarded("POST", uri, headers, true).unwrap_err()
+        };
+        let api = "/2015-03-31/functions/hello/invocations";
+        assert!(matches!(
+            bad(api, &[("x-amz-log-type", "All")]),
+            ForwardError::LogType(_)
+        ));
+        assert!(matches!(
+            bad(api, &[("x-amz-client-context", "%%")]),
+            ForwardError::ClientContext
+        ));
+        assert!(matches!(
+            bad("/2015-03-31/functions/a:b:c:d:e/invocations", &[]),
+            ForwardError::FunctionName(_)
+        ));
+        assert!(matches!(
+            bad("/v1/functions", &[]),
+            ForwardError::NotAnInvocation(_)
+        ));
     }
 
     #[test]

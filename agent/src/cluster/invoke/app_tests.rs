@@ -560,6 +560,30 @@ async fn function_urls_and_the_invoke_api_over_quic_answer_as_over_http() {
         seen["request_context"]["domainName"], "fn.example:8740",
         "{seen}"
     );
+    // The same request taken by another host and passed on (what forwarding will do): the
+    // function sees it as if it had come here.
+    let (parts, ()) = request("DELETE", "/fn/web/inspect?a=1&a=2", &headers, "")
+        .map(|_| ())
+        .into_parts();
+    let passing = Passing {
+        request_id: "r-passed-on",
+        deadline_ms: deadline_in(Duration::from_secs(60)),
+        hops: 0,
+        source: "127.0.0.1".parse().unwrap(),
+    };
+    let is_admin = |v: &http::HeaderValue| v.as_bytes() == bearer.as_bytes();
+    let c = forward_call(
+        &parts,
+        Bytes::from_static(b"data"),
+        true,
+        is_admin,
+        &passing,
+    )
+    .unwrap();
+    let (_beta, peer) = agent.peer().await;
+    let passed_on = quic(&peer, c).await;
+    assert_eq!(seen_by_the_function(&passed_on), seen);
+    assert_eq!(passed_on.header("x-fnlet-host"), Some("alpha"));
 
     for (method, path, body) in [
         ("POST", "/echo", "echo me"),
