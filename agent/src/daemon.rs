@@ -163,6 +163,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
     }
     let removed = store
+        .changes()
         .gc(config.retain_versions, &Default::default())
         .context("collecting unused bundles")?;
     if removed > 0 {

@@ -30,7 +30,7 @@ use crate::config::Config;
 use crate::manifest::valid_name;
 use crate::pool::ActiveFunction;
 use crate::router::Router;
-use crate::store::{FunctionRecord, Store, VersionRecord};
+use crate::store::{Changes, FunctionRecord, Store, VersionRecord};
 
 pub struct App {
     pub config: Config,
@@ -334,11 +334,13 @@ async fn versions(
     Ok(axum::Json(json!({ "versions": versions.iter().map(|v| version_json(v, rec.active)).collect::<Vec<_>>() })).into_response())
 }
 
-/// Makes the version that the store now says is active the one new invocations run.
-fn activate(app: &App, name: &str) -> Result<(), AppError> {
-    let rec = app.store.function(name)?;
-    let v = app.store.version(name, rec.active)?;
-    let bundle = app.store.bundle_path(&v.sha256);
+/// Makes the version that the store now says is active the one new invocations run. Called
+/// with the store's changes held, so no other change lands between the store's answer and
+/// the registry's.
+fn activate(app: &App, store: &Changes<'_>, name: &str) -> Result<(), AppError> {
+    let rec = store.function(name)?;
+    let v = store.version(name, rec.active)?;
+    let bundle = store.bundle_path(&v.sha256);
     let f = ActiveFunction::new(&rec, &v, bundle, &app.config)
         .map_err(|e| AppError::new(StatusCode::BAD_REQUEST, "bad_manifest", e.to_string()))?;
     app.router.registry.activate(f);
@@ -389,9 +391,11 @@ async fn deploy(
                 format!("fnlet.toml: runtime: {why}"),
             ));
         }
-        let v = app.store.deploy(&unpacked)?;
-        activate(&app, &v.name)?;
-        if let Err(e) = app.store.gc(
+        // From the move into bundles/ to the collection after it, no other change.
+        let store = app.store.changes();
+        let v = store.deploy(&unpacked)?;
+        activate(&app, &store, &v.name)?;
+        if let Err(e) = store.gc(
             app.config.retain_versions,
             &app.router.registry.bundles_in_use(),
         ) {
@@ -420,11 +424,12 @@ async fn remove(
     checked_name(&name)?;
     let app2 = app.clone();
     blocking(move || {
-        app2.store.remove(&name)?;
+        let store = app2.store.changes();
+        store.remove(&name)?;
         app2.router.registry.remove(&name);
         app2.router.logs.remove(&name);
         tracing::info!(function = %name, "removed");
-        if let Err(e) = app2.store.gc(
+        if let Err(e) = store.gc(
             app2.config.retain_versions,
             &app2.router.registry.bundles_in_use(),
         ) {
@@ -459,8 +464,9 @@ async fn rollback(
     };
     let app2 = app.clone();
     let v = blocking(move || {
-        let v = app2.store.rollback(&name, body.to)?;
-        activate(&app2, &name)?;
+        let store = app2.store.changes();
+        let v = store.rollback(&name, body.to)?;
+        activate(&app2, &store, &name)?;
         Ok(v)
     })
     .await?;
