@@ -151,14 +151,27 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let mut names = Vec::new();
     for (rec, v) in store.list().context("loading functions")? {
         let bundle = store.bundle_path(&v.sha256);
-        match ActiveFunction::new(&rec, &v, bundle, &config) {
+        // A bundle lost from disk has no other copy (there is one per content hash): the
+        // function is failed, rather than a spawn error on every call.
+        let active = if bundle.is_dir() {
+            ActiveFunction::new(&rec, &v, bundle, &config).map_err(|e| e.to_string())
+        } else {
+            Err(crate::store::StoreError::BundleMissing {
+                name: rec.name.clone(),
+                version: v.version,
+                path: bundle,
+            }
+            .to_string())
+        };
+        match active {
             Ok(f) => {
                 names.push(rec.name.clone());
                 registry.activate(f);
             }
             // Kept in the store, not served: the operator fixes the config or redeploys.
-            Err(e) => {
-                tracing::error!(function = %rec.name, version = v.version, "not serving: {e}")
+            Err(why) => {
+                tracing::error!(function = %rec.name, version = v.version, "not serving: {why}");
+                registry.mark_failed(&rec.name, why);
             }
         }
     }

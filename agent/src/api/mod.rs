@@ -278,9 +278,12 @@ async fn list(State(app): Shared, headers: HeaderMap) -> Result<Response, AppErr
 /// A function as the API shows it: the record, its active version, and what runs now.
 fn function_json(app: &App, rec: &FunctionRecord, active: Option<&VersionRecord>) -> Value {
     let slot = app.router.registry.get(&rec.name);
+    let failed = app.router.registry.failed(&rec.name);
     json!({
         "name": rec.name,
         "version": rec.active,
+        "status": if failed.is_some() { "failed" } else { "active" },
+        "status_reason": failed,
         "manifest": active.map(|v| &v.manifest),
         "sha256": active.map(|v| &v.sha256),
         "limits": active.map(|v| v.manifest.resolve(&app.config.defaults)),
@@ -501,7 +504,8 @@ async fn logs(
 ) -> Result<Response, AppError> {
     admin(&app, &headers)?;
     checked_name(&name)?;
-    if app.router.registry.get(&name).is_none() {
+    // A failed function's log says what happened to it.
+    if app.router.registry.get(&name).is_none() && app.router.registry.failed(&name).is_none() {
         return Err(AppError::not_found(format!("no function named {name:?}")));
     }
     let logs = app.router.logs.clone();
@@ -554,6 +558,19 @@ pub(crate) fn request_id() -> String {
     )
 }
 
+/// Why `name` has no version to invoke: it was never deployed (404), or it is stored but
+/// failed (503, with the reason).
+pub(crate) fn not_served(app: &App, name: &str) -> AppError {
+    match app.router.registry.failed(name) {
+        Some(why) => AppError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "function_failed",
+            format!("{name} is failed: {why}"),
+        ),
+        None => AppError::not_found(format!("no function named {name:?}")),
+    }
+}
+
 /// An exec-mode invocation: the request body in, the function's stdout out.
 async fn invoke_exec(
     app: &App,
@@ -563,12 +580,10 @@ async fn invoke_exec(
     id: &str,
 ) -> Result<Response, (AppError, Option<u64>)> {
     let headers = &headers;
-    let f = app.router.lookup(name).ok_or_else(|| {
-        (
-            AppError::not_found(format!("no function named {name:?}")),
-            None,
-        )
-    })?;
+    let f = app
+        .router
+        .lookup(name)
+        .ok_or_else(|| (not_served(app, name), None))?;
     if !f.manifest.public && !authorized(app, headers) {
         return Err((AppError::unauthorized(), None));
     }

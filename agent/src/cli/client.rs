@@ -371,6 +371,11 @@ pub struct FunctionInfo {
     pub uid: Option<u64>,
     pub created_at: String,
     pub updated_at: String,
+    /// "active", or "failed" (stored but not runnable here), with the reason.
+    #[serde(default)]
+    pub status: Option<String>,
+    #[serde(default)]
+    pub status_reason: Option<String>,
     #[serde(default)]
     pub running: Option<u64>,
     #[serde(default)]

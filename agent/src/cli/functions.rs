@@ -851,6 +851,10 @@ fn describe_text(f: &FunctionInfo, versions: &[VersionInfo]) -> String {
         pairs.push(("description", d.clone()));
     }
     pairs.push(("version", format!("{} (active)", f.version)));
+    if f.status.as_deref() == Some("failed") {
+        let why = f.status_reason.as_deref().unwrap_or("no reason given");
+        pairs.push(("status", format!("failed: {why}")));
+    }
     if let Some(sha) = &f.sha256 {
         pairs.push(("sha256", sha.clone()));
     }
@@ -1422,6 +1426,19 @@ mod tests {
             sha = "ab".repeat(32)
         );
         assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn describe_says_why_a_function_is_failed() {
+        let mut f = function();
+        assert!(!describe_text(&f, &[]).contains("status:"));
+        f.status = Some("failed".into());
+        f.status_reason = Some("its bundle is missing; redeploy it".into());
+        let text = describe_text(&f, &[]);
+        assert!(
+            text.contains("\nstatus:       failed: its bundle is missing; redeploy it\n"),
+            "{text}"
+        );
     }
 
     #[test]
