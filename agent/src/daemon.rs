@@ -1,7 +1,8 @@
 //! `fnlet agent`: start-up, serving, and shutdown of the daemon.
 //!
-//! Start-up: load the config, take the state dir, remove what a crashed predecessor left (its
-//! sandboxes' cgroups and half-finished uploads), load the functions, bind, serve.
+//! Start-up: load the config, take the state dir and the cgroup root (refused if another agent
+//! holds either), remove what a crashed predecessor left (its sandboxes' cgroups and
+//! half-finished uploads), load the functions, bind, serve.
 //! SIGTERM/SIGINT: stop accepting, let in-flight invocations finish for up to
 //! `shutdown_grace_s`, kill what is left, remove every cgroup, exit 0.
 
@@ -20,6 +21,7 @@ use crate::api::{self, App};
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
 use crate::logs::Logs;
 use crate::metrics::Metrics;
+use crate::ownership;
 use crate::pool::{ActiveFunction, Registry};
 use crate::router::Router;
 use crate::store::Store;
@@ -113,6 +115,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("creating state dir {}", state.display()))?;
     std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o750))
         .with_context(|| format!("chmod {}", state.display()))?;
+    // Held until serve() returns: one agent per state dir, and below, per cgroup root.
+    let _state_dir = ownership::claim_state_dir(state)?;
     let token = admin_token(state)?;
 
     let isolator = Isolator::new(IsolatorConfig {
@@ -132,6 +136,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             isolator.cgroup_placement().root
         ),
     };
+    // Only the root's owner reaps under it: another live agent's sandboxes would go too.
+    let _cgroup_root =
+        ownership::claim_cgroup_root(&isolator.cgroup_placement().root, || isolator.root_dir())?;
     let stale = isolator
         .reap_stale()
         .context("removing sandboxes left by a previous agent")?;
