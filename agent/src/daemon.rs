@@ -166,7 +166,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             Err(crate::store::StoreError::BundleMissing {
                 name: rec.name.clone(),
                 version: v.version,
-                path: bundle,
+                sha256: v.sha256.clone(),
             }
             .to_string())
         };

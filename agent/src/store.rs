@@ -58,11 +58,15 @@ pub enum StoreError {
     NoSuchVersion { name: String, version: u64 },
     #[error("{0} has no earlier version to roll back to")]
     NothingToRollBack(String),
-    #[error("{name} version {version} cannot run: its bundle {} is missing; redeploy it", path.display())]
+    /// Named relative to the state dir: callers of a function see this too.
+    #[error(
+        "{name} version {version} cannot run: its bundle (bundles/{sha256} in the agent's state \
+         dir) is missing; redeploy it"
+    )]
     BundleMissing {
         name: String,
         version: u64,
-        path: PathBuf,
+        sha256: String,
     },
     #[error("no free uid left in the configured range")]
     UidsExhausted,
@@ -328,12 +332,11 @@ impl Changes<'_> {
                     version: target,
                 })?;
             let v: VersionRecord = decode(name, g.value())?;
-            let bundle = self.bundle_path(&v.sha256);
-            if !bundle.is_dir() {
+            if !self.bundle_path(&v.sha256).is_dir() {
                 return Err(StoreError::BundleMissing {
                     name: name.into(),
                     version: target,
-                    path: bundle,
+                    sha256: v.sha256,
                 });
             }
             rec.active = target;
