@@ -257,6 +257,53 @@ fn lambda_http_function_url_and_invoke_api() {
     let seen = r.json();
     assert_eq!(seen["method"], "DELETE", "{seen}");
 
+    // Credentials the agent checks never reach the function: the admin token, a session
+    // token, a presigned request's parameters. The callers' own headers and query do.
+    let r = agent
+        .http_with_token(
+            Method::GET,
+            "/fn/web/inspect?a=1&X-Amz-Credential=FNLTX%2F20261204&X-Amz-Signature=00&b=2",
+            &agent.token,
+        )
+        .header("x-amz-security-token", "session")
+        .header("x-app-token", "mine")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen: Value = r.json().unwrap();
+    let text = seen.to_string();
+    for secret in [agent.token.as_str(), "X-Amz-", "session", "Signature"] {
+        assert!(
+            !text.contains(secret),
+            "{secret:?} reached the function: {seen}"
+        );
+    }
+    assert_eq!(seen["raw_query"], "a=1&b=2", "{seen}");
+    assert_eq!(seen["headers"]["x-app-token"], "mine", "{seen}");
+    assert!(seen["headers"].get("authorization").is_none(), "{seen}");
+    // A public function's callers' own bearer token is theirs: it passes through.
+    let r = agent
+        .http_with_token(Method::GET, "/fn/web/inspect", "app-token-123")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen: Value = r.json().unwrap();
+    assert_eq!(
+        seen["headers"]["authorization"], "Bearer app-token-123",
+        "{seen}"
+    );
+    // A public function takes unsigned calls, not wrongly signed ones.
+    let r = agent
+        .http_with_token(Method::GET, "/fn/web/inspect", "")
+        .header(
+            "authorization",
+            "AWS4-HMAC-SHA256 Credential=FNLTAAAAAAAAAAAAAAAA/20261204/us-east-1/lambda/aws4_request, SignedHeaders=host;x-amz-date, Signature=0000000000000000000000000000000000000000000000000000000000000000",
+        )
+        .header("x-amz-date", "20261204T000000Z")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 403);
+
     // The same function through the Invoke API, with a function URL event built by hand.
     let event = json!({
         "version": "2.0", "routeKey": "$default", "rawPath": "/hello", "rawQueryString": "name=sdk",
@@ -592,5 +639,106 @@ fn streamed_responses_reach_the_caller() {
     assert_eq!(describe(&agent, "stream")["instances"]["peak"], 1);
     let logs = String::from_utf8_lossy(&agent.cli(&["logs", "stream"]).stdout).into_owned();
     assert_eq!(logs.matches("REPORT RequestId").count(), 5, "{logs}");
+    agent.finish();
+}
+
+/// Sends a request on a raw connection and hangs up before the answer.
+fn call_and_hang_up(agent: &Agent, path: &str, body: &str, after: Duration) {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", agent.port)).expect("connect");
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    std::thread::sleep(after);
+    drop(s);
+}
+
+/// A caller who hangs up mid-call costs no warm instance: the invocation runs to its end, the
+/// instance goes back to the pool, and the log and a counter say the caller left. An exec-mode
+/// sandbox is killed (nobody reads its answer) and counted too.
+#[test]
+fn a_caller_who_hangs_up_leaves_the_instance_warm() {
+    let agent = Agent::start("lambda-hangup");
+    let f = lambda_fixture("lambda-rust", "patient", "timeout_s = 10");
+    agent.deploy(f.path());
+    invoke_api(&agent, "patient", &json!({}), &[]).expect_ok(200);
+    assert_eq!(
+        metric(&agent, "fnlet_cold_starts_total{function=\"patient\"}"),
+        1.0
+    );
+
+    call_and_hang_up(
+        &agent,
+        "/2015-03-31/functions/patient/invocations",
+        r#"{"sleep_ms": 1000, "stderr": "still running"}"#,
+        Duration::from_millis(300),
+    );
+    let abandoned = "fnlet_abandoned_invocations_total{function=\"patient\"}";
+    let t = Instant::now();
+    while metric(&agent, abandoned) < 1.0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the abandoned call was never counted:\n{}",
+            agent.get("/metrics").text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The same instance serves the next call: a warm start, no new cold one.
+    let r = invoke_api(&agent, "patient", &json!({"n": 2}), &[]);
+    r.expect_ok(200);
+    assert_eq!(r.header("x-amz-function-error"), None, "{}", r.text());
+    assert_eq!(
+        metric(&agent, "fnlet_cold_starts_total{function=\"patient\"}"),
+        1.0,
+        "a hung-up call cost the warm instance"
+    );
+    assert_eq!(
+        metric(&agent, "fnlet_warm_starts_total{function=\"patient\"}"),
+        2.0
+    );
+    let logs = String::from_utf8_lossy(&agent.cli(&["logs", "patient"]).stdout).into_owned();
+    assert!(
+        logs.contains("still running") && logs.contains("caller disconnected"),
+        "{logs}"
+    );
+    assert_eq!(describe(&agent, "patient")["instances"]["alive"], 1);
+
+    // Exec mode: the sandbox goes with the caller.
+    let f = Fixture::sh(
+        "sleepy",
+        "public = true\ntimeout_s = 60",
+        "sleep 30; echo done",
+    );
+    agent.deploy(f.path());
+    call_and_hang_up(&agent, "/fn/sleepy", "", Duration::from_millis(500));
+    let abandoned = "fnlet_abandoned_invocations_total{function=\"sleepy\"}";
+    let t = Instant::now();
+    while metric(&agent, abandoned) < 1.0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the abandoned exec call was never counted"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Killed, not left to sleep its 30 s: only the Lambda instance still runs.
+    let t = Instant::now();
+    let sleepy = || {
+        agent
+            .running_sandboxes()
+            .into_iter()
+            .filter(|p| p.to_string_lossy().contains("/sleepy-"))
+            .collect::<Vec<_>>()
+    };
+    while !sleepy().is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the abandoned exec sandbox still runs: {:?}",
+            sleepy()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     agent.finish();
 }

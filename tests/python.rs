@@ -403,6 +403,7 @@ print(json.dumps({
     "public_unsigned": invoke(client(signed=False), cfg["public"], {"public": 2}),
     "private_unsigned": invoke(client(signed=False), cfg["private"], {}),
     "wrong_secret": invoke(client(secret="x" * 40), cfg["private"], {}),
+    "public_wrong_secret": invoke(client(secret="x" * 40), cfg["public"], {}),
     "unknown": invoke(c, "no-such-function", {}),
 }))
 "#;
@@ -516,6 +517,12 @@ fn boto3_invokes_signed_and_reads_errors_and_logs() {
         "{ctx}"
     );
     assert_eq!(report["wrong_secret"]["http"], 403, "{ctx}");
+    // Public means unsigned calls are welcome, not that a bad signature is ignored.
+    assert_eq!(
+        report["public_wrong_secret"]["error"], "InvalidSignatureException",
+        "{ctx}"
+    );
+    assert_eq!(report["public_wrong_secret"]["http"], 403, "{ctx}");
     assert_eq!(
         report["unknown"]["error"], "ResourceNotFoundException",
         "{ctx}"

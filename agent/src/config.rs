@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/fnlet/config.toml";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8740";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/fnlet";
+pub const DEFAULT_PEER_LISTEN: &str = "127.0.0.1:8741";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -30,6 +31,40 @@ pub struct Config {
     pub retain_versions: u32,
     /// On SIGTERM, how long in-flight invocations may finish before they are killed.
     pub shutdown_grace_s: f64,
+    pub cluster: ClusterConfig,
+}
+
+/// The cluster: this agent's QUIC endpoint for peers and QUIC callers, its identity, and the
+/// peers it joins. Unused until the agent is in a cluster (`fnlet cluster init`, or `join`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// UDP address of the QUIC endpoint (ALPNs fnlet-peer/1 and fnlet-invoke/1).
+    pub listen: SocketAddr,
+    /// The address peers dial, when `listen` is not it (a wildcard, NAT); "" = `listen`.
+    pub advertise: String,
+    /// This node's id in the cluster (a DNS label); "" = the host name.
+    pub node_id: String,
+    /// Peers to join (any members' `listen` addresses); used at the first start, with a token.
+    pub join: Vec<SocketAddr>,
+    /// A file holding the join token (instead of `--token`).
+    pub token_file: String,
+    /// Hosts a deploy waits for to hold the bundle before it answers (capped by the cluster's
+    /// size).
+    pub replicas: u32,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            listen: DEFAULT_PEER_LISTEN.parse().expect("constant address"),
+            advertise: String::new(),
+            node_id: String::new(),
+            join: Vec::new(),
+            token_file: String::new(),
+            replicas: 2,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -49,6 +84,18 @@ pub struct LimitsConfig {
     pub queue_timeout_ms: u64,
     /// Bytes of log kept per function (two files of this size).
     pub log_max_kb: u64,
+    /// A connection's first request head must arrive within this of the connect, and every
+    /// later one within this of its first byte; else the connection is closed.
+    pub header_timeout_s: f64,
+    /// A request body that sends no byte for this long while the agent reads it is cut: 408.
+    pub body_timeout_s: f64,
+    /// A keep-alive connection with no request for this long is closed.
+    pub idle_timeout_s: f64,
+    /// Open connections at most; beyond, new ones are closed at accept. Lowered at start to
+    /// leave a quarter of the agent's open-file limit to sandboxes, pipes and the store.
+    pub max_connections: u64,
+    /// Open connections per client address (per /64 for IPv6) at most.
+    pub max_connections_per_ip: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -130,6 +177,7 @@ impl Default for Config {
             runtimes: default_runtimes(),
             retain_versions: 5,
             shutdown_grace_s: 30.0,
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -144,6 +192,11 @@ impl Default for LimitsConfig {
             max_response_mb: 6,
             queue_timeout_ms: 1000,
             log_max_kb: 1024,
+            header_timeout_s: 10.0,
+            body_timeout_s: 30.0,
+            idle_timeout_s: 60.0,
+            max_connections: 16384,
+            max_connections_per_ip: 1024,
         }
     }
 }
@@ -185,6 +238,44 @@ impl Default for LambdaConfig {
             runtime_api_port: 9001,
         }
     }
+}
+
+impl Config {
+    /// This node's id: `cluster.node_id`, else the host name as a DNS label.
+    pub fn node_id(&self) -> String {
+        if !self.cluster.node_id.is_empty() {
+            return self.cluster.node_id.clone();
+        }
+        let host = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_default();
+        host_to_node_id(&host)
+    }
+
+    /// The address peers dial: `cluster.advertise`, else `cluster.listen`.
+    pub fn peer_advertise(&self) -> SocketAddr {
+        self.cluster
+            .advertise
+            .parse()
+            .unwrap_or(self.cluster.listen)
+    }
+}
+
+/// A host name as a node id: the first label, lowercased, other characters as '-'.
+fn host_to_node_id(host: &str) -> String {
+    let label = host
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let id: String = label
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(63)
+        .collect();
+    let id = id.trim_matches('-').to_string();
+    if id.is_empty() { "node".into() } else { id }
 }
 
 /// Where `fnlet runtime add NAME` installs a runtime's client, below the state directory.
@@ -296,6 +387,8 @@ impl Config {
             ("limits.max_request_mb", l.max_request_mb),
             ("limits.max_response_mb", l.max_response_mb),
             ("limits.log_max_kb", l.log_max_kb),
+            ("limits.max_connections", l.max_connections),
+            ("limits.max_connections_per_ip", l.max_connections_per_ip),
         ] {
             if v == 0 {
                 return bad(key, "must be greater than 0");
@@ -303,6 +396,23 @@ impl Config {
         }
         if l.max_request_mb > 1024 || l.max_response_mb > 1024 {
             return bad("limits.max_request_mb", "must be at most 1024");
+        }
+        for (key, v) in [
+            ("limits.header_timeout_s", l.header_timeout_s),
+            ("limits.body_timeout_s", l.body_timeout_s),
+            ("limits.idle_timeout_s", l.idle_timeout_s),
+        ] {
+            if !(v.is_finite() && (0.1..=86400.0).contains(&v)) {
+                return bad(key, "must be between 0.1 and 86400");
+            }
+        }
+        for (key, v) in [
+            ("limits.max_connections", l.max_connections),
+            ("limits.max_connections_per_ip", l.max_connections_per_ip),
+        ] {
+            if v > 1 << 24 {
+                return bad(key, "must be at most 16777216");
+            }
         }
         let s = &self.sandbox;
         if s.uid_base < 1000 || s.uid_count == 0 || s.uid_base.checked_add(s.uid_count).is_none() {
@@ -328,6 +438,22 @@ impl Config {
         }
         if s.tmp_mb == 0 || s.pids < 2 {
             return bad("sandbox.pids", "tmp_mb must be > 0 and pids at least 2");
+        }
+        let c = &self.cluster;
+        if !c.node_id.is_empty() && !crate::cluster::pki::valid_node_id(&c.node_id) {
+            return bad(
+                "cluster.node_id",
+                "1-63 of a-z 0-9 -, not starting or ending with - (it names the node's certificate)",
+            );
+        }
+        if !c.advertise.is_empty() && c.advertise.parse::<SocketAddr>().is_err() {
+            return bad(
+                "cluster.advertise",
+                "must be an ADDR:PORT, or \"\" for `listen`",
+            );
+        }
+        if c.replicas == 0 {
+            return bad("cluster.replicas", "must be at least 1");
         }
         let d = &self.defaults;
         if !(16..=65536).contains(&d.memory_mb) {
@@ -429,6 +555,20 @@ mod tests {
     }
 
     #[test]
+    fn host_names_become_node_ids() {
+        assert_eq!(host_to_node_id("Web-01.example.com"), "web-01");
+        assert_eq!(host_to_node_id("db_2"), "db-2");
+        assert_eq!(host_to_node_id("-"), "node");
+        assert!(crate::cluster::pki::valid_node_id(&host_to_node_id(
+            &"x".repeat(80)
+        )));
+        let err = parse("[cluster]\nnode_id = \"Bad_Id\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cluster.node_id"), "{err}");
+    }
+
+    #[test]
     fn empty_file_is_all_defaults() {
         assert_eq!(parse("").unwrap(), Config::default());
     }
@@ -454,6 +594,23 @@ mod tests {
         assert!(err.contains("listen"), "{err}");
         let err = parse("state_dir = \"relative\"").unwrap_err().to_string();
         assert!(err.contains("state_dir"), "{err}");
+        for bad in [
+            "header_timeout_s = 0",
+            "body_timeout_s = -1",
+            "idle_timeout_s = inf",
+            "max_connections = 0",
+            "max_connections_per_ip = 0",
+            "max_connections_per_ip = 100000000",
+        ] {
+            let key = bad.split(' ').next().unwrap();
+            let err = parse(&format!("[limits]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("limits.{key}")), "{bad}: {err}");
+        }
+        // Whole seconds are fine for the timeouts.
+        let c = parse("[limits]\nheader_timeout_s = 2\n").unwrap();
+        assert_eq!(c.limits.header_timeout_s, 2.0);
     }
 
     /// The file the packages install as /etc/fnlet/config.toml.

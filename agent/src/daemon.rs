@@ -42,6 +42,27 @@ pub struct AgentArgs {
     /// Print the default configuration (every key, with its embedded default) and exit.
     #[arg(long)]
     pub print_default_config: bool,
+    /// UDP address of the cluster's QUIC endpoint [default: 127.0.0.1:8741].
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub peer_listen: Option<std::net::SocketAddr>,
+    /// The address peers dial, when --peer-listen is not it.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub advertise: Option<std::net::SocketAddr>,
+    /// This node's id in the cluster [default: the host name].
+    #[arg(long, value_name = "NAME")]
+    pub node_id: Option<String>,
+    /// A cluster member to join (repeatable); needs --token (or cluster.token_file) at the
+    /// first start.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub join: Vec<std::net::SocketAddr>,
+    /// The join token from `fnlet cluster init` or `fnlet cluster token`.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "FNLET_JOIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
 }
 
 pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
@@ -59,6 +80,18 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     if let Some(d) = &args.state_dir {
         config.state_dir =
             std::path::absolute(d).with_context(|| format!("--state-dir {}", d.display()))?;
+    }
+    if let Some(a) = args.peer_listen {
+        config.cluster.listen = a;
+    }
+    if let Some(a) = args.advertise {
+        config.cluster.advertise = a.to_string();
+    }
+    if let Some(id) = &args.node_id {
+        config.cluster.node_id = id.clone();
+    }
+    if !args.join.is_empty() {
+        config.cluster.join = args.join.clone();
     }
     config.validate(args.config.as_deref().unwrap_or(Path::new("--state-dir")))?;
     for name in config.runtimes.keys() {
@@ -211,6 +244,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         instances: tokio_util::task::TaskTracker::new(),
     };
     let isolator = router.isolator.clone();
+    let nofile = api::listener::raise_nofile();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
@@ -258,11 +292,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     systemd::publish_endpoint(config.listen);
     let status = format!("{placed}; {}", limits_summary(&unenforced));
     systemd::ready(&summary(&app, &status));
+    let self_checks = api::listener::SelfChecks::default();
     {
         let app = app.clone();
-        systemd::spawn_watchdog(config.listen, draining.clone(), move || {
-            summary(&app, &status)
-        });
+        systemd::spawn_watchdog(
+            config.listen,
+            self_checks.clone(),
+            draining.clone(),
+            move || summary(&app, &status),
+        );
     }
 
     let grace = Duration::from_secs_f64(config.shutdown_grace_s);
@@ -286,16 +324,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             });
         }
     };
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(
+    api::listener::serve(
         listener,
-        api::app(app.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        api::app(app.clone()),
+        api::listener::ListenerLimits::new(&config.limits, nofile),
+        &app.router.metrics,
+        self_checks,
+        shutdown,
+        kill.clone(),
     )
-    .with_graceful_shutdown(shutdown)
-    .await
-    .context("serving HTTP")?;
+    .await;
     kill.cancel();
     // Sandboxes built ahead (and any still being built) go first, so none appears after the
     // sweep below.

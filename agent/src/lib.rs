@@ -10,6 +10,7 @@ pub mod api;
 pub mod auth;
 pub mod bundle;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod instance;

@@ -22,6 +22,12 @@ pub struct InstanceLabels {
     pub state: String,
 }
 
+/// Why the HTTP listener refused or closed a connection.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub function: String,
@@ -49,6 +55,11 @@ pub struct Metrics {
     pub queue_wait: Family<FnLabels, Histogram, fn() -> Histogram>,
     pub instances: Family<InstanceLabels, Gauge>,
     pub running: Family<FnLabels, Gauge>,
+    /// Invocations whose caller hung up before the answer.
+    pub abandoned: Family<FnLabels, Counter>,
+    pub connections_open: Gauge,
+    connections_refused: Family<ReasonLabels, Counter>,
+    connection_timeouts: Family<ReasonLabels, Counter>,
     uptime: Gauge<f64, AtomicU64>,
     rss: Gauge,
     started: Instant,
@@ -77,6 +88,10 @@ impl Metrics {
             Family::<FnLabels, Histogram, fn() -> Histogram>::new_with_constructor(wait_histogram);
         let instances = Family::<InstanceLabels, Gauge>::default();
         let running = Family::<FnLabels, Gauge>::default();
+        let abandoned = Family::<FnLabels, Counter>::default();
+        let connections_open = Gauge::default();
+        let connections_refused = Family::<ReasonLabels, Counter>::default();
+        let connection_timeouts = Family::<ReasonLabels, Counter>::default();
         let uptime = Gauge::<f64, AtomicU64>::default();
         let rss = Gauge::default();
         registry.register(
@@ -115,6 +130,12 @@ impl Metrics {
             queue_wait.clone(),
         );
         registry.register(
+            "abandoned_invocations",
+            "Invocations whose caller disconnected before the answer (a Lambda instance \
+             finishes the invocation and stays warm; an exec sandbox is killed), by function",
+            abandoned.clone(),
+        );
+        registry.register(
             "lambda_instances",
             "Lambda-mode instances by function and state (starting, idle, busy)",
             instances.clone(),
@@ -123,6 +144,21 @@ impl Metrics {
             "running_instances",
             "Instances running now, by function",
             running.clone(),
+        );
+        registry.register(
+            "connections_open",
+            "HTTP connections open now",
+            connections_open.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "HTTP connections closed at accept, by reason (max_connections, per_ip)",
+            connections_refused.clone(),
+        );
+        registry.register(
+            "connection_timeouts",
+            "Requests and connections cut by a listener timeout, by reason (header, body, idle)",
+            connection_timeouts.clone(),
         );
         registry.register(
             "agent_uptime_seconds",
@@ -145,6 +181,10 @@ impl Metrics {
             queue_wait,
             instances,
             running,
+            abandoned,
+            connections_open,
+            connections_refused,
+            connection_timeouts,
             uptime,
             rss,
             started: Instant::now(),
@@ -164,6 +204,24 @@ impl Metrics {
                 kind: kind.into(),
             })
             .inc();
+    }
+
+    /// The counter of connections refused for `reason` (shown from the start, at 0).
+    pub fn connections_refused(&self, reason: &str) -> Counter {
+        self.connections_refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .clone()
+    }
+
+    /// The counter of listener timeouts of `reason` (shown from the start, at 0).
+    pub fn connection_timeouts(&self, reason: &str) -> Counter {
+        self.connection_timeouts
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .clone()
     }
 
     /// The text exposition, with the agent's own gauges refreshed.
@@ -207,5 +265,25 @@ mod tests {
         );
         assert!(text.contains("fnlet_invocation_duration_seconds_bucket"));
         assert!(text.contains("fnlet_agent_resident_memory_bytes"));
+    }
+
+    #[test]
+    fn listener_counters_are_shared_with_the_registry() {
+        let m = Metrics::new();
+        let refused = m.connections_refused("per_ip");
+        m.connection_timeouts("header");
+        refused.inc();
+        refused.inc();
+        m.connections_open.set(3);
+        let text = m.render();
+        assert!(
+            text.contains("fnlet_connections_refused_total{reason=\"per_ip\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fnlet_connection_timeouts_total{reason=\"header\"} 0"),
+            "{text}"
+        );
+        assert!(text.contains("fnlet_connections_open 3"), "{text}");
     }
 }

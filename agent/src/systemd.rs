@@ -17,6 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::prelude::*;
 
+use crate::api::listener::SelfChecks;
+
 /// Whether stderr is the journal: systemd sets `JOURNAL_STREAM=<dev>:<inode>` of the stream it
 /// connects a service's stdout/stderr to. Checking the inode (not just the variable) keeps a
 /// child whose stderr was redirected elsewhere, or a shell started from a service, on stderr.
@@ -157,10 +159,23 @@ pub fn publish_endpoint(listen: SocketAddr) {
 }
 
 /// One `GET /healthz` over TCP to our own listener: proves the runtime schedules tasks, the
-/// accept loop runs and a handler answers, not merely that some thread is alive.
-pub async fn self_check(listen: SocketAddr) -> Result<(), String> {
+/// accept loop runs and a handler answers, not merely that some thread is alive. The socket is
+/// bound first and its address given a pass in `checks`: the listener lets it in even when
+/// clients fill every connection slot (which is theirs to do, not a wedged agent).
+pub async fn self_check(listen: SocketAddr, checks: &SelfChecks) -> Result<(), String> {
     let addr = self_address(listen);
-    let mut s = tokio::net::TcpStream::connect(addr)
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .and_then(|s| s.bind(SocketAddr::new(addr.ip(), 0)).map(|()| s))
+    .map_err(|e| format!("socket for {addr}: {e}"))?;
+    let from = socket
+        .local_addr()
+        .map_err(|e| format!("socket for {addr}: {e}"))?;
+    let _pass = checks.pass(from);
+    let mut s = socket
+        .connect(addr)
         .await
         .map_err(|e| format!("connect {addr}: {e}"))?;
     s.write_all(b"GET /healthz HTTP/1.1\r\nHost: fnlet\r\nConnection: close\r\n\r\n")
@@ -184,6 +199,7 @@ pub async fn self_check(listen: SocketAddr) -> Result<(), String> {
 /// this still refreshes STATUS= every 10 s.
 pub fn spawn_watchdog(
     listen: SocketAddr,
+    checks: SelfChecks,
     draining: CancellationToken,
     summary: impl Fn() -> String + Send + 'static,
 ) {
@@ -210,7 +226,7 @@ pub fn spawn_watchdog(
                 continue;
             }
             if watchdog.is_some() {
-                match tokio::time::timeout(check_timeout, self_check(listen)).await {
+                match tokio::time::timeout(check_timeout, self_check(listen, &checks)).await {
                     Ok(Ok(())) => notify(&[NotifyState::Watchdog]),
                     Ok(Err(e)) => tracing::warn!("self-check failed, watchdog not pinged: {e}"),
                     Err(_) => tracing::warn!(
@@ -276,14 +292,15 @@ mod tests {
             addr
         }
         let ok = serve_once(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n").await;
-        self_check(ok).await.unwrap();
+        let checks = SelfChecks::default();
+        self_check(ok, &checks).await.unwrap();
         let bad = serve_once(b"HTTP/1.1 503 Service Unavailable\r\n\r\n").await;
-        assert!(self_check(bad).await.unwrap_err().contains("503"));
+        assert!(self_check(bad, &checks).await.unwrap_err().contains("503"));
         let closed = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()
         };
-        assert!(self_check(closed).await.is_err());
+        assert!(self_check(closed, &checks).await.is_err());
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub struct Settings {
     /// A Lambda runtime installed under the state dir needs one outside /tmp, which every
     /// sandbox has of its own.
     pub dir_in: Option<PathBuf>,
+    /// More `[limits]` lines, as TOML (`"header_timeout_s = 1\n"`).
+    pub limits_extra: String,
     /// `[sandbox] cgroup_root`; None: the test's own, `fnlet-test-<pid>-<test>`. A root that
     /// another agent of the test uses is not checked for leftovers at start.
     pub cgroup_root: Option<String>,
@@ -42,6 +44,7 @@ impl Default for Settings {
             shutdown_grace_s: 10.0,
             prepare_ahead: true,
             dir_in: None,
+            limits_extra: String::new(),
             cgroup_root: None,
             state_dir: None,
         }
@@ -207,9 +210,10 @@ impl Agent {
         // The file is named after the cgroup root, so the agent's command line (and that of
         // any process it forked) mentions the root: processes_matching(root) finds them.
         let config = format!(
-            "shutdown_grace_s = {}\n\n[limits]\nqueue_timeout_ms = {}\n\n[sandbox]\ncgroup_root = \"{root}\"\nuid_base = {}\nuid_count = {}\nprepare_ahead = {}\n",
+            "shutdown_grace_s = {}\n\n[limits]\nqueue_timeout_ms = {}\n{}\n[sandbox]\ncgroup_root = \"{root}\"\nuid_base = {}\nuid_count = {}\nprepare_ahead = {}\n",
             settings.shutdown_grace_s,
             settings.queue_timeout_ms,
+            settings.limits_extra,
             uids.start,
             uids.end - uids.start,
             settings.prepare_ahead,

@@ -51,6 +51,14 @@ impl AppError {
         AppError::new(StatusCode::BAD_REQUEST, "bad_request", msg)
     }
 
+    pub fn request_timeout(t: &super::listener::BodyTimeout) -> AppError {
+        AppError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!("{t} (limits.body_timeout_s)"),
+        )
+    }
+
     pub fn too_large(limit: usize) -> AppError {
         AppError::new(
             StatusCode::PAYLOAD_TOO_LARGE,

@@ -140,14 +140,17 @@ pub struct InvokeQuery {
 }
 
 /// Who may invoke: a `public` function anyone; others a SigV4 signature by one of the
-/// operator's access keys, or the admin bearer token.
+/// operator's access keys, or the admin bearer token. A signature that is there is checked
+/// even on a public function: public welcomes unsigned calls, it does not ignore bad ones.
 fn check_caller(
     app: &App,
     f: &ActiveFunction,
     parts: &axum::http::request::Parts,
     body: &[u8],
 ) -> Result<(), auth::AuthError> {
-    if f.manifest.public || authorized(app, &parts.headers) {
+    if authorized(app, &parts.headers)
+        || (f.manifest.public && !auth::carries_sigv4(&parts.uri, &parts.headers))
+    {
         return Ok(());
     }
     app.keys
@@ -303,19 +306,24 @@ async fn invoke_api_inner(
         }
     };
     let limit = (app.config.limits.max_request_mb << 20) as usize;
-    let body = read_body(headers, body, limit).await.map_err(|e| {
-        if e.status == StatusCode::PAYLOAD_TOO_LARGE {
-            LambdaError::new(
+    let body = read_body(headers, body, limit)
+        .await
+        .map_err(|e| match e.status {
+            StatusCode::PAYLOAD_TOO_LARGE => LambdaError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "RequestTooLargeException",
                 format!(
                     "Request must be smaller than {limit} bytes for the InvokeFunction operation"
                 ),
-            )
-        } else {
-            LambdaError::invalid(e.message)
-        }
-    })?;
+            ),
+            // SDKs retry a 408 as a transient failure.
+            StatusCode::REQUEST_TIMEOUT => LambdaError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "RequestTimeoutException",
+                e.message,
+            ),
+            _ => LambdaError::invalid(e.message),
+        })?;
     check_caller(app, &f, &parts, &body).map_err(|e| LambdaError {
         status: e.status(),
         error_type: e.error_type(),
@@ -491,7 +499,7 @@ async fn function_url_inner(
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |c| c.0.ip());
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let limit = (app.config.limits.max_request_mb << 20) as usize;
     let body = read_body(&parts.headers, body, limit)
         .await
@@ -502,6 +510,11 @@ async fn function_url_inner(
             None,
         )
     })?;
+    // What the agent checked is not the function's to see (or log, or return).
+    let raw_query =
+        auth::strip_credentials(&mut parts.headers, parts.uri.query().unwrap_or(""), |v| {
+            super::is_admin_token(app, v)
+        });
     // Runtime clients build URLs from it (lambda_http panics on one it cannot parse): only a
     // well-formed host[:port] is passed on.
     let domain = parts
@@ -519,7 +532,7 @@ async fn function_url_inner(
         method: &parts.method,
         version: parts.version,
         raw_path,
-        raw_query: parts.uri.query().unwrap_or(""),
+        raw_query: &raw_query,
         headers: &parts.headers,
         body: &body,
         source_ip,

@@ -6,6 +6,7 @@ mod error;
 pub mod function_url;
 mod keys;
 mod lambda;
+pub mod listener;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -147,13 +148,16 @@ async fn fallback(state: Shared, req: Request) -> Response {
     AppError::not_found("no such route (see the API reference in the README)").into_response()
 }
 
-/// Constant-time comparison of the bearer token.
+/// Whether the request carries the admin bearer token.
 pub(crate) fn authorized(app: &App, headers: &HeaderMap) -> bool {
-    let Some(given) = headers
+    headers
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-    else {
+        .is_some_and(|v| is_admin_token(app, v))
+}
+
+/// Constant-time comparison of an `Authorization` value with `Bearer <admin token>`.
+pub(crate) fn is_admin_token(app: &App, value: &HeaderValue) -> bool {
+    let Some(given) = value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")) else {
         return false;
     };
     let (a, b) = (given.trim().as_bytes(), app.token.as_bytes());
@@ -176,7 +180,8 @@ fn checked_name(name: &str) -> Result<(), AppError> {
     }
 }
 
-/// Reads a body of at most `limit` bytes, answering 413 past it.
+/// Reads a body of at most `limit` bytes, answering 413 past it, and 408 when it stalls for
+/// `limits.body_timeout_s`.
 pub(crate) async fn read_body(
     headers: &HeaderMap,
     body: Body,
@@ -198,9 +203,10 @@ pub(crate) async fn read_body(
         {
             Err(AppError::too_large(limit))
         }
-        Err(e) => Err(AppError::bad_request(format!(
-            "reading the request body: {e}"
-        ))),
+        Err(e) => Err(match listener::body_timeout(&*e) {
+            Some(t) => AppError::request_timeout(t),
+            None => AppError::bad_request(format!("reading the request body: {e}")),
+        }),
     }
 }
 

@@ -123,6 +123,72 @@ pub fn lambda_error_response(err: &AuthError, request_id: &str) -> Response {
     resp
 }
 
+/// The query parameters of a presigned request (SigV4 in the query string).
+const PRESIGNED_PARAMS: &[&str] = &[
+    "X-Amz-Algorithm",
+    "X-Amz-Credential",
+    "X-Amz-Date",
+    "X-Amz-Expires",
+    "X-Amz-SignedHeaders",
+    "X-Amz-Signature",
+    "X-Amz-Security-Token",
+];
+
+/// Whether `value` is a SigV4 `Authorization` header (as opposed to, say, a caller's own
+/// bearer token for a public function).
+fn is_sigv4_authorization(value: &HeaderValue) -> bool {
+    value.as_bytes().starts_with(b"AWS4-")
+}
+
+fn query_key(pair: &str) -> std::borrow::Cow<'_, str> {
+    let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+    percent_encoding::percent_decode_str(key).decode_utf8_lossy()
+}
+
+/// Whether the request carries an AWS signature or session token (header or presigned query):
+/// a public function takes unsigned calls, but a signature that is there must be right.
+pub fn carries_sigv4(uri: &axum::http::Uri, headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .any(is_sigv4_authorization)
+        || headers.contains_key("x-amz-security-token")
+        || uri.query().is_some_and(|q| {
+            q.split('&')
+                .any(|p| PRESIGNED_PARAMS.contains(&query_key(p).as_ref()))
+        })
+}
+
+/// Removes the credentials the agent checks from what a function will see: an `Authorization`
+/// header that is the admin token (`is_admin`) or a SigV4 signature, `X-Amz-Security-Token`,
+/// and a presigned request's query parameters. Anything else (a public function's callers'
+/// own tokens) is left as it came. Returns the query string to pass on.
+pub fn strip_credentials<'q>(
+    headers: &mut axum::http::HeaderMap,
+    query: &'q str,
+    is_admin: impl Fn(&HeaderValue) -> bool,
+) -> std::borrow::Cow<'q, str> {
+    let checked = headers
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .any(|v| is_sigv4_authorization(v) || is_admin(v));
+    if checked {
+        headers.remove(header::AUTHORIZATION);
+    }
+    headers.remove("x-amz-security-token");
+    let presigned = |p: &str| PRESIGNED_PARAMS.contains(&query_key(p).as_ref());
+    if !query.split('&').any(presigned) {
+        return std::borrow::Cow::Borrowed(query);
+    }
+    std::borrow::Cow::Owned(
+        query
+            .split('&')
+            .filter(|p| !p.is_empty() && !presigned(p))
+            .collect::<Vec<_>>()
+            .join("&"),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use http_body_util::BodyExt;
@@ -183,6 +249,52 @@ mod tests {
             body["message"],
             "Signature expired: 20261201T120000Z is now earlier than 20261201T120001Z \
              (20261201T120501Z - 5 min.)"
+        );
+    }
+
+    #[test]
+    fn checked_credentials_are_stripped_and_app_tokens_kept() {
+        use axum::http::{HeaderMap, Uri};
+        let admin = |v: &HeaderValue| v.as_bytes() == b"Bearer admin-secret";
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer admin-secret"),
+        );
+        h.insert("x-app", HeaderValue::from_static("1"));
+        assert_eq!(strip_credentials(&mut h, "a=1", admin), "a=1");
+        assert!(!h.contains_key(header::AUTHORIZATION));
+        assert!(h.contains_key("x-app"));
+
+        let mut h = HeaderMap::new();
+        let sig = "AWS4-HMAC-SHA256 Credential=FNLTX/20261204/us-east-1/lambda/aws4_request, \
+                   SignedHeaders=host, Signature=00";
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static(sig));
+        h.insert("x-amz-security-token", HeaderValue::from_static("tok"));
+        assert!(carries_sigv4(&Uri::from_static("/x"), &h));
+        strip_credentials(&mut h, "", admin);
+        assert!(h.is_empty(), "{h:?}");
+
+        // A public function's callers' own bearer token passes through.
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer app-token"),
+        );
+        assert!(!carries_sigv4(&Uri::from_static("/x?a=1"), &h));
+        strip_credentials(&mut h, "", admin);
+        assert_eq!(h[header::AUTHORIZATION], "Bearer app-token");
+
+        // Presigned: the X-Amz-* parameters go (encoded keys too), the rest stays in order.
+        let q = "b=2&X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=FNLTX%2F20261204&\
+                 X%2DAmz%2DSignature=ab&a=1&X-Amz-Date=20261204T000000Z";
+        assert!(carries_sigv4(
+            &format!("/x?{q}").parse::<Uri>().unwrap(),
+            &HeaderMap::new()
+        ));
+        assert_eq!(
+            strip_credentials(&mut HeaderMap::new(), q, admin),
+            "b=2&a=1"
         );
     }
 }

@@ -525,9 +525,11 @@ impl FunctionSlot {
                 if self.waiting.load(Ordering::Relaxed) >= 10 * u64::from(limit) {
                     return Err(overloaded());
                 }
+                // Counted down however the wait ends: a caller who hangs up while queued
+                // drops this future, and must not hold a place in the queue forever.
                 self.waiting.fetch_add(1, Ordering::Relaxed);
+                let _queued = Queued(&self.waiting);
                 let r = tokio::time::timeout(wait, sem.acquire_owned()).await;
-                self.waiting.fetch_sub(1, Ordering::Relaxed);
                 match r {
                     Ok(Ok(p)) => p,
                     _ => return Err(overloaded()),
@@ -670,6 +672,15 @@ impl Registry {
     }
 }
 
+/// One caller's place in a function's queue, given up when dropped.
+struct Queued<'a>(&'a AtomicU64);
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -734,5 +745,25 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         drop(a);
         assert!(waiter.await.unwrap());
+    }
+
+    /// Callers who hang up while queued give their places back: past 10 x max_concurrency
+    /// waiting, calls are refused at once, so a leaked place would refuse them forever.
+    #[tokio::test]
+    async fn a_caller_who_leaves_the_queue_frees_its_place() {
+        let reg = Registry::default();
+        reg.activate(function(1));
+        let slot = reg.get("f").unwrap();
+        let held = slot.acquire(Duration::from_millis(10)).await.unwrap();
+        for _ in 0..20 {
+            let s = slot.clone();
+            let waiter = tokio::spawn(async move { s.acquire(Duration::from_secs(30)).await });
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            waiter.abort();
+            let _ = waiter.await;
+        }
+        assert_eq!(slot.waiting.load(Ordering::Relaxed), 0);
+        drop(held);
+        slot.acquire(Duration::from_millis(10)).await.unwrap();
     }
 }

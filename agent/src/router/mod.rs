@@ -51,6 +51,49 @@ pub struct InvokeRequest<'a> {
     pub client_context: Option<String>,
 }
 
+/// The `running` gauge of one invocation: up while it lives, down when dropped.
+struct Running(prometheus_client::metrics::gauge::Gauge);
+
+impl Running {
+    fn start(gauge: prometheus_client::metrics::gauge::Gauge) -> Running {
+        gauge.inc();
+        Running(gauge)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Armed while an exec-mode call runs: dropped (not forgotten) means the caller hung up.
+struct CallerLeft<'a> {
+    router: &'a Router,
+    function: &'a ActiveFunction,
+    request_id: &'a str,
+}
+
+impl Drop for CallerLeft<'_> {
+    fn drop(&mut self) {
+        let f = self.function;
+        self.router.caller_left(
+            &f.name,
+            f.version,
+            self.request_id,
+            "the sandbox was killed",
+        );
+    }
+}
+
+/// A Lambda-mode call, owned so that it outlives its caller.
+struct LambdaCall {
+    request_id: String,
+    body: Bytes,
+    want_tail: bool,
+    client_context: Option<String>,
+}
+
 /// A successful invocation.
 pub struct Invocation {
     pub body: Payload,
@@ -129,7 +172,8 @@ impl Router {
             .observe(started.elapsed().as_secs_f64());
         let f = held.function.clone();
         self.metrics.invocations.get_or_create(&labels).inc();
-        self.metrics.running.get_or_create(&labels).inc();
+        // Counted down however the call ends, the caller hanging up included.
+        let _running = Running::start(self.metrics.running.get_or_create(&labels).clone());
         let mut log_tail = None;
         let result = match f.manifest.mode {
             Mode::Exec => {
@@ -152,6 +196,13 @@ impl Router {
                     max_response: self.max_response,
                     memory_mb: f.resolved.memory_mb,
                 };
+                // Dropped with this future when the caller hangs up: the sandbox is killed
+                // (nobody reads its answer), and that is said.
+                let left = CallerLeft {
+                    router: self,
+                    function: &f,
+                    request_id,
+                };
                 let r = instance::run_exec(
                     &self.isolator,
                     &self.logs,
@@ -161,11 +212,12 @@ impl Router {
                     &self.kill,
                 )
                 .await;
+                std::mem::forget(left);
                 drop(held);
                 r.map(Payload::Full)
             }
             Mode::Lambda => {
-                let (r, tail) = self.invoke_lambda(&slot, held, &f, req).await;
+                let (r, tail) = self.invoke_lambda_detached(&slot, held, &f, req).await;
                 log_tail = tail;
                 r
             }
@@ -179,7 +231,6 @@ impl Router {
             isolator: self.isolator.clone(),
             draining: self.draining.clone(),
         });
-        self.metrics.running.get_or_create(&labels).dec();
         let elapsed = started.elapsed();
         self.metrics
             .duration
@@ -240,6 +291,68 @@ impl Router {
         }
     }
 
+    /// Counts and logs a call whose caller disconnected before the answer.
+    fn caller_left(&self, function: &str, version: u64, request_id: &str, outcome: &str) {
+        self.metrics
+            .abandoned
+            .get_or_create(&Metrics::function(function))
+            .inc();
+        tracing::info!(
+            function,
+            version,
+            request_id,
+            "the caller disconnected before the answer; {outcome}"
+        );
+        self.logs.append(
+            function,
+            version,
+            request_id,
+            "agent",
+            &format!("the caller disconnected before the answer ({outcome})"),
+        );
+    }
+
+    /// [`Router::invoke_lambda`] in a task of its own, so that a caller who hangs up costs no
+    /// warm instance: the invocation runs to its end, the instance goes back to the pool, and
+    /// the function's log and `fnlet_abandoned_invocations_total` say the caller left.
+    async fn invoke_lambda_detached(
+        self: &Arc<Self>,
+        slot: &Arc<FunctionSlot>,
+        held: Slot,
+        f: &Arc<ActiveFunction>,
+        req: InvokeRequest<'_>,
+    ) -> (Result<Payload, InvokeError>, Option<String>) {
+        let call = LambdaCall {
+            request_id: req.request_id.to_string(),
+            body: req.body,
+            want_tail: req.want_tail,
+            client_context: req.client_context,
+        };
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let (router, slot, f) = (self.clone(), slot.clone(), f.clone());
+        tokio::spawn(async move {
+            let request_id = call.request_id.clone();
+            let out = router.invoke_lambda(&slot, held, &f, call).await;
+            if answer.send(out).is_err() {
+                router.caller_left(
+                    &f.name,
+                    f.version,
+                    &request_id,
+                    "the invocation ran to its end",
+                );
+            }
+        });
+        answered.await.unwrap_or_else(|_| {
+            // The task ended without answering: it panicked.
+            (
+                Err(InvokeError::Internal(
+                    "the invocation task ended early".into(),
+                )),
+                None,
+            )
+        })
+    }
+
     /// Lambda mode: a warm instance if one waits, else a cold start; the instance goes back to
     /// the warm pool unless the invocation killed it. Returns the log tail when asked for.
     async fn invoke_lambda(
@@ -247,10 +360,10 @@ impl Router {
         slot: &Arc<FunctionSlot>,
         held: Slot,
         f: &Arc<ActiveFunction>,
-        req: InvokeRequest<'_>,
+        req: LambdaCall,
     ) -> (Result<Payload, InvokeError>, Option<String>) {
         let labels = Metrics::function(&f.name);
-        let request_id = req.request_id;
+        let request_id = req.request_id.as_str();
         let (instance, init) = match slot.take_idle(f.version) {
             Some(i) => {
                 self.metrics.warm_starts.get_or_create(&labels).inc();

@@ -1,0 +1,322 @@
+//! The QUIC endpoint: one UDP socket per agent for peers (ALPN `fnlet-peer/1`) and QUIC
+//! callers (ALPN `fnlet-invoke/1`), and one reused connection per peer, dialled on demand and
+//! re-dialled when it is gone (corrosion's transport keeps the same shape).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+
+use super::pki::{self, Credentials, PkiError};
+
+/// How long a dial may take before the peer counts as unreachable.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Keep-alives hold NAT and conntrack state open and let a dead path show within the idle
+/// timeout even when no call is running.
+const KEEP_ALIVE: Duration = Duration::from_secs(2);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error("QUIC configuration: {0}")]
+    Config(String),
+    #[error("binding UDP {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("dialling {peer} at {addr}: {reason}")]
+    Connect {
+        peer: String,
+        addr: SocketAddr,
+        reason: String,
+    },
+}
+
+/// Transport parameters shared by both sides: datagrams on (SWIM), keep-alive, idle timeout.
+fn transport_config() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.max_idle_timeout(IDLE_TIMEOUT.try_into().ok());
+    t.datagram_receive_buffer_size(Some(1 << 20));
+    Arc::new(t)
+}
+
+/// A QUIC client configuration from a rustls one.
+pub fn client_config(tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, TransportError> {
+    let quic =
+        QuicClientConfig::try_from(tls).map_err(|e| TransportError::Config(e.to_string()))?;
+    let mut c = quinn::ClientConfig::new(Arc::new(quic));
+    c.transport_config(transport_config());
+    Ok(c)
+}
+
+/// This agent's QUIC endpoint and its connections to peers.
+pub struct Transport {
+    pub endpoint: quinn::Endpoint,
+    pub node_id: String,
+    peer_client: quinn::ClientConfig,
+    /// One connection per peer node id.
+    conns: Mutex<HashMap<String, quinn::Connection>>,
+    /// Serialises dials per peer, so concurrent callers share one connection.
+    dialling: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Transport {
+    /// Binds `addr` (UDP) and serves TLS with this node's certificate.
+    pub fn bind(addr: SocketAddr, creds: &Credentials) -> Result<Transport, TransportError> {
+        let server_tls = pki::server_config(creds)?;
+        let quic = QuicServerConfig::try_from(server_tls)
+            .map_err(|e| TransportError::Config(e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        server.transport_config(transport_config());
+        let endpoint = quinn::Endpoint::server(server, addr)
+            .map_err(|source| TransportError::Bind { addr, source })?;
+        Ok(Transport {
+            endpoint,
+            node_id: creds.node_id.clone(),
+            peer_client: client_config(pki::peer_client_config(creds)?)?,
+            conns: Mutex::new(HashMap::new()),
+            dialling: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// The live connection to `peer` at `addr`, dialled if there is none. The peer's
+    /// certificate must name `peer`.
+    pub async fn connect(
+        &self,
+        peer: &str,
+        addr: SocketAddr,
+    ) -> Result<quinn::Connection, TransportError> {
+        if let Some(c) = self.cached(peer, addr) {
+            return Ok(c);
+        }
+        let gate = {
+            let mut d = self.dialling.lock().unwrap_or_else(|p| p.into_inner());
+            d.entry(peer.to_string()).or_default().clone()
+        };
+        let _one_dial = gate.lock().await;
+        if let Some(c) = self.cached(peer, addr) {
+            return Ok(c);
+        }
+        let fail = |reason: String| TransportError::Connect {
+            peer: peer.to_string(),
+            addr,
+            reason,
+        };
+        let connecting = self
+            .endpoint
+            .connect_with(self.peer_client.clone(), addr, peer)
+            .map_err(|e| fail(e.to_string()))?;
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+            .await
+            .map_err(|_| fail(format!("no answer within {CONNECT_TIMEOUT:?}")))?
+            .map_err(|e| fail(e.to_string()))?;
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(peer.to_string(), conn.clone());
+        Ok(conn)
+    }
+
+    fn cached(&self, peer: &str, addr: SocketAddr) -> Option<quinn::Connection> {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        match conns.get(peer) {
+            Some(c) if c.close_reason().is_none() && c.remote_address() == addr => Some(c.clone()),
+            Some(_) => {
+                conns.remove(peer);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Keeps a connection a peer dialled to us, so replies reuse it.
+    pub fn adopt(&self, peer: &str, conn: &quinn::Connection) {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let live = conns.get(peer).is_some_and(|c| c.close_reason().is_none());
+        if !live {
+            conns.insert(peer.to_string(), conn.clone());
+        }
+    }
+
+    /// Closes the connection to `peer` (declared down): calls in flight on it fail now.
+    pub fn drop_peer(&self, peer: &str, code: u32, reason: &str) {
+        if let Some(c) = self
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(peer)
+        {
+            c.close(code.into(), reason.as_bytes());
+        }
+    }
+
+    /// Every live peer connection with its node id.
+    pub fn connections(&self) -> Vec<(String, quinn::Connection)> {
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, c)| c.close_reason().is_none())
+            .map(|(k, c)| (k.clone(), c.clone()))
+            .collect()
+    }
+}
+
+/// The node id a connection's other side proved with its certificate, if it showed one.
+pub fn peer_node_id(conn: &quinn::Connection) -> Option<String> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    pki::cert_node_id(certs.first()?).ok()
+}
+
+/// The ALPN a connection agreed on.
+pub fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::pki::{ClusterDir, node_key_and_csr, sign_csr};
+
+    /// A second node's credentials issued by `ca`'s CA.
+    fn member(ca: &ClusterDir, dir: &std::path::Path, id: &str) -> Credentials {
+        let c = ClusterDir::new(dir);
+        let (key, csr) = node_key_and_csr(id).unwrap();
+        let cert = sign_csr(&ca.issuer().unwrap(), &csr, id).unwrap();
+        c.store_ca_cert(&std::fs::read_to_string(ca.ca_cert()).unwrap())
+            .unwrap();
+        c.store_node(&key.serialize_pem(), &cert).unwrap();
+        c.node_credentials().unwrap()
+    }
+
+    /// Accepts every connection (a handshake goes on only once accepted); the first one that
+    /// completes is reported.
+    async fn serve_one(t: Arc<Transport>) -> Option<(Option<String>, Option<Vec<u8>>)> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+        tokio::spawn(async move {
+            while let Some(incoming) = t.endpoint.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    if let Ok(conn) = incoming.await {
+                        let _ = tx.send((peer_node_id(&conn), alpn(&conn))).await;
+                        // Held open until the test ends.
+                        conn.closed().await;
+                    }
+                });
+            }
+        });
+        rx.recv().await
+    }
+
+    #[tokio::test]
+    async fn peers_of_one_ca_connect_and_know_each_other() {
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let ca = ClusterDir::new(d1.path());
+        ca.init("alpha").unwrap();
+        let alpha = Arc::new(
+            Transport::bind(
+                "127.0.0.1:0".parse().unwrap(),
+                &ca.node_credentials().unwrap(),
+            )
+            .unwrap(),
+        );
+        let beta_creds = member(&ca, d2.path(), "beta");
+        let beta = Transport::bind("127.0.0.1:0".parse().unwrap(), &beta_creds).unwrap();
+        let server = tokio::spawn(serve_one(alpha.clone()));
+        let conn = beta
+            .connect("alpha", alpha.local_addr().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(peer_node_id(&conn).as_deref(), Some("alpha"));
+        let (seen, proto) = server.await.unwrap().unwrap();
+        assert_eq!(seen.as_deref(), Some("beta"));
+        assert_eq!(proto.as_deref(), Some(pki::ALPN_PEER));
+        // Reused, not dialled again.
+        let again = beta
+            .connect("alpha", alpha.local_addr().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(again.stable_id(), conn.stable_id());
+        // Dialling alpha's address under another name fails: the cert names alpha.
+        let wrong = beta.connect("gamma", alpha.local_addr().unwrap()).await;
+        assert!(wrong.is_err());
+    }
+
+    #[tokio::test]
+    async fn another_clusters_node_is_refused() {
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let ours = ClusterDir::new(d1.path());
+        ours.init("alpha").unwrap();
+        let theirs = ClusterDir::new(d2.path());
+        theirs.init("mallory").unwrap();
+        let alpha = Arc::new(
+            Transport::bind(
+                "127.0.0.1:0".parse().unwrap(),
+                &ours.node_credentials().unwrap(),
+            )
+            .unwrap(),
+        );
+        let mallory = Transport::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            &theirs.node_credentials().unwrap(),
+        )
+        .unwrap();
+        let server = tokio::spawn(serve_one(alpha.clone()));
+        let r = mallory.connect("alpha", alpha.local_addr().unwrap()).await;
+        assert!(r.is_err(), "mallory's CA does not vouch for alpha");
+        // And alpha refuses mallory's certificate as a client.
+        let r = tokio::time::timeout(Duration::from_secs(2), server).await;
+        if let Ok(Ok(Some((seen, _)))) = r {
+            assert_eq!(seen, None, "a foreign certificate was accepted");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_joiner_pins_the_ca_by_its_hash() {
+        let d1 = tempfile::tempdir().unwrap();
+        let ca = ClusterDir::new(d1.path());
+        ca.init("alpha").unwrap();
+        let alpha = Arc::new(
+            Transport::bind(
+                "127.0.0.1:0".parse().unwrap(),
+                &ca.node_credentials().unwrap(),
+            )
+            .unwrap(),
+        );
+        let pin = pki::cert_sha256(&ca.ca_der().unwrap());
+        let joiner = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let server = tokio::spawn(serve_one(alpha.clone()));
+        let good = client_config(pki::join_client_config(&pin).unwrap()).unwrap();
+        let conn = joiner
+            .connect_with(good, alpha.local_addr().unwrap(), "join")
+            .unwrap()
+            .await
+            .unwrap();
+        assert_eq!(peer_node_id(&conn).as_deref(), Some("alpha"));
+        let (seen, _) = server.await.unwrap().unwrap();
+        assert_eq!(seen, None, "a joiner shows no certificate");
+        let wrong = client_config(pki::join_client_config(&"0".repeat(64)).unwrap()).unwrap();
+        let r = joiner
+            .connect_with(wrong, alpha.local_addr().unwrap(), "join")
+            .unwrap()
+            .await;
+        assert!(r.is_err(), "a token pinning another CA must not connect");
+    }
+}
