@@ -106,7 +106,17 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    rt.block_on(serve(config))?;
+    let join_token = match (&args.token, config.cluster.token_file.as_str()) {
+        (Some(t), _) => Some(t.clone()),
+        (None, "") => None,
+        (None, file) => Some(
+            std::fs::read_to_string(file)
+                .with_context(|| format!("cluster.token_file {file}"))?
+                .trim()
+                .to_string(),
+        ),
+    };
+    rt.block_on(serve(config, join_token))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -141,7 +151,7 @@ fn admin_token(state_dir: &Path) -> anyhow::Result<String> {
     Ok(token)
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()> {
     let started = Instant::now();
     let state = &config.state_dir;
     std::fs::create_dir_all(state)
@@ -260,7 +270,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         router: Arc::new(router),
         token,
         started,
+        cluster: std::sync::OnceLock::new(),
     });
+    start_cluster(&app, join_token.as_deref()).await?;
     for name in &names {
         app.router.prewarm(name);
     }
@@ -346,11 +358,59 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if left > 0 {
         tracing::warn!(count = left, "removed sandboxes still running at shutdown");
     }
+    if let Some(node) = app.cluster.get() {
+        node.close().await;
+    }
     if let Err(e) = isolator.remove_root() {
         tracing::warn!("removing the cgroup root: {e}");
     }
     systemd::status("stopped");
     tracing::info!("fnlet agent stopped");
+    Ok(())
+}
+
+/// Joins the cluster named by `cluster.join` at the first start (with the token), and opens the
+/// cluster endpoint whenever this agent is a member.
+async fn start_cluster(app: &Arc<App>, join_token: Option<&str>) -> anyhow::Result<()> {
+    use crate::cluster::{node, pki::ClusterDir};
+    let config = &app.config;
+    let dir = ClusterDir::new(&config.state_dir);
+    let mut seeds = Vec::new();
+    if !dir.is_member() {
+        if config.cluster.join.is_empty() {
+            return Ok(());
+        }
+        let Some(token) = join_token else {
+            bail!(
+                "--join needs a join token the first time (--token, FNLET_JOIN_TOKEN or \
+                 cluster.token_file): `fnlet cluster token` on the cluster's first host makes one"
+            );
+        };
+        seeds = node::join(&dir, &config.node_id(), &config.cluster.join, token)
+            .await
+            .context("joining the cluster")?;
+    }
+    let creds = dir
+        .node_credentials()
+        .context("reading this node's certificate")?;
+    if creds.node_id != config.node_id() {
+        bail!(
+            "this node's certificate names {:?}, but its node id is {:?} (cluster.node_id, \
+             --node-id, or the host name): keep the id it joined with",
+            creds.node_id,
+            config.node_id()
+        );
+    }
+    let node = node::Node::start(
+        dir,
+        config.cluster.listen,
+        config.peer_advertise(),
+        seeds,
+        app.router.metrics.clone(),
+        app.router.draining.child_token(),
+    )
+    .with_context(|| format!("opening the cluster endpoint on {}", config.cluster.listen))?;
+    let _ = app.cluster.set(node);
     Ok(())
 }
 

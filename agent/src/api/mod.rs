@@ -1,6 +1,7 @@
 //! The HTTP API (axum): admin calls under /v1, invocation at /fn/{name}, health and metrics.
 //! Handlers parse HTTP into calls on the store and the router; status codes live here only.
 
+mod cluster;
 mod drain;
 mod error;
 pub mod function_url;
@@ -45,6 +46,8 @@ pub struct App {
     pub cgroup_root: String,
     /// Controllers (memory, cpu, pids) whose limits this host cannot enforce.
     pub unenforced_limits: Vec<String>,
+    /// This agent as a cluster member, once it is one (at start, or after `cluster init`).
+    pub cluster: std::sync::OnceLock<Arc<crate::cluster::node::Node>>,
 }
 
 type Shared = State<Arc<App>>;
@@ -66,6 +69,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/keys"),
     ("POST", "/v1/keys"),
     ("DELETE", "/v1/keys/{id}"),
+    ("POST", "/v1/cluster/init"),
+    ("POST", "/v1/cluster/tokens"),
+    ("GET", "/v1/cluster/members"),
     ("POST", "/2015-03-31/functions/{name}/invocations"),
     ("GET", "/fn/{name}"),
     ("PUT", "/fn/{name}"),
@@ -96,6 +102,9 @@ pub fn app(state: Arc<App>) -> AxumRouter {
         .route("/v1/functions/{name}/logs", get(logs))
         .route("/v1/keys", get(keys::list).post(keys::create))
         .route("/v1/keys/{id}", delete(keys::remove))
+        .route("/v1/cluster/init", post(cluster::init))
+        .route("/v1/cluster/tokens", post(cluster::token))
+        .route("/v1/cluster/members", get(cluster::members))
         .route(
             "/2015-03-31/functions/{name}/invocations",
             post(lambda::invoke_api),

@@ -642,6 +642,26 @@ impl Client {
             .await
     }
 
+    /// POST /v1/cluster/init
+    pub async fn cluster_init(&self, ttl_s: u64) -> ClientResult<Value> {
+        let body = serde_json::json!({ "ttl_s": ttl_s });
+        self.json(self.with_json(Method::POST, &["v1", "cluster", "init"], &body)?)
+            .await
+    }
+
+    /// POST /v1/cluster/tokens
+    pub async fn cluster_token(&self, ttl_s: u64) -> ClientResult<Value> {
+        let body = serde_json::json!({ "ttl_s": ttl_s });
+        self.json(self.with_json(Method::POST, &["v1", "cluster", "tokens"], &body)?)
+            .await
+    }
+
+    /// GET /v1/cluster/members
+    pub async fn members(&self) -> ClientResult<Value> {
+        self.json(self.empty(Method::GET, &["v1", "cluster", "members"])?)
+            .await
+    }
+
     /// GET /v1/keys
     pub async fn keys(&self) -> ClientResult<Value> {
         self.json(self.empty(Method::GET, &["v1", "keys"])?).await

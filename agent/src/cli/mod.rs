@@ -1,6 +1,7 @@
 //! Command-line front: clap definitions and dispatch.
 
 mod client;
+mod cluster;
 mod functions;
 mod keys;
 mod pack;
@@ -62,6 +63,21 @@ Examples:
   fnlet runtime ls"
     )]
     Runtime(runtime::RuntimeCommand),
+    /// The cluster: make one here, print join tokens.
+    #[command(
+        subcommand,
+        after_help = "\
+Examples:
+  fnlet cluster init                   # prints a join token for the other hosts
+  fnlet cluster token --ttl 2h"
+    )]
+    Cluster(cluster::ClusterCommand),
+    /// The cluster's members as the local agent sees them: id, address, state, RTT.
+    #[command(after_help = "\
+Examples:
+  fnlet members
+  fnlet members --json | jq -r '.[] | select(.state != \"alive\") | .id'")]
+    Members(cluster::MembersArgs),
     /// Print shell completions for fnlet.
     #[command(after_help = "\
 Examples:
@@ -99,6 +115,8 @@ pub fn main() -> ExitCode {
         Command::Sandbox(cmd) => sandbox::run(cmd),
         Command::Functions(cmd) => Ok(functions::run(cmd)),
         Command::Keys(cmd) => Ok(keys::run(cmd)),
+        Command::Cluster(cmd) => Ok(cluster::run(cmd)),
+        Command::Members(args) => Ok(cluster::run_members(args)),
         Command::Runtime(cmd) => Ok(runtime::run(cmd)),
         Command::Completions { shell } => Ok(completions(shell)),
         Command::Manpages { dir } => manpages(&dir),
