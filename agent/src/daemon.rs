@@ -410,6 +410,7 @@ async fn start_cluster(app: &Arc<App>, join_token: Option<&str>) -> anyhow::Resu
         app.router.draining.child_token(),
     )
     .with_context(|| format!("opening the cluster endpoint on {}", config.cluster.listen))?;
+    node.attach(app);
     let _ = app.cluster.set(node);
     Ok(())
 }

@@ -249,13 +249,59 @@ impl Store {
 impl Changes<'_> {
     /// Records a new version from an unpacked upload and makes it active.
     pub fn deploy(&self, unpacked: &Unpacked) -> Result<VersionRecord, StoreError> {
+        self.keep_bundle(unpacked)?;
+        self.record(
+            &unpacked.manifest,
+            &unpacked.sha256,
+            unpacked.size_bytes,
+            None,
+        )
+    }
+
+    /// Records version `version` of a function as the cluster's catalog says it is (deployed
+    /// on another host) and makes it active. `unpacked` is its bundle, when it had to be
+    /// fetched; without it the bundle must be here already. A version of that number holding
+    /// other content (concurrent deploys in a partition, the other one won) is replaced.
+    pub fn import(
+        &self,
+        manifest: &Manifest,
+        sha256: &str,
+        size_bytes: u64,
+        version: u64,
+        unpacked: Option<&Unpacked>,
+    ) -> Result<VersionRecord, StoreError> {
+        if let Some(u) = unpacked {
+            self.keep_bundle(u)?;
+        }
+        if !self.bundle_path(sha256).is_dir() {
+            return Err(StoreError::Io(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("bundles/{sha256} is not here"),
+            )));
+        }
+        self.record(manifest, sha256, size_bytes, Some(version))
+    }
+
+    /// Moves an unpacked bundle into `bundles/` (unless that content is there already).
+    fn keep_bundle(&self, unpacked: &Unpacked) -> Result<(), StoreError> {
         let dest = self.bundle_path(&unpacked.sha256);
         if !dest.exists() {
             fs::rename(&unpacked.root, &dest)?;
             // The rename must be durable before the metadata points at it.
             fs::File::open(self.dir.join("bundles"))?.sync_all()?;
         }
-        let name = unpacked.manifest.name.as_str();
+        Ok(())
+    }
+
+    /// Records a version (the next number, or `version`) and makes it active.
+    fn record(
+        &self,
+        manifest: &Manifest,
+        sha256: &str,
+        size_bytes: u64,
+        version: Option<u64>,
+    ) -> Result<VersionRecord, StoreError> {
+        let name = manifest.name.as_str();
         let now = now_rfc3339();
         let txn = self.db.begin_write()?;
         let version = {
@@ -283,16 +329,17 @@ impl Changes<'_> {
                     }
                 }
             };
+            let number = version.unwrap_or(rec.next_version);
             let v = VersionRecord {
                 name: name.into(),
-                version: rec.next_version,
-                sha256: unpacked.sha256.clone(),
-                size_bytes: unpacked.size_bytes,
+                version: number,
+                sha256: sha256.to_string(),
+                size_bytes,
                 created_at: now.clone(),
-                manifest: unpacked.manifest.clone(),
+                manifest: manifest.clone(),
             };
             rec.active = v.version;
-            rec.next_version += 1;
+            rec.next_version = rec.next_version.max(number.saturating_add(1));
             rec.updated_at = now;
             txn.open_table(VERSIONS)?
                 .insert((name, v.version), encode(&v).as_slice())?;
@@ -476,6 +523,35 @@ mod tests {
             Err(StoreError::BundleMissing { version: 1, .. })
         ));
         assert_eq!(s.function("a").unwrap().active, 2);
+    }
+
+    #[test]
+    fn imports_take_the_clusters_version_number() {
+        let (_d, s) = store();
+        let v1 = upload(&s, "a", "1");
+        let v2 = upload(&s, "a", "2");
+        let changes = s.changes();
+        // The cluster's version 7 of "a", with content already here.
+        let v = changes
+            .import(&v1.manifest, &v1.sha256, v1.size_bytes, 7, None)
+            .unwrap();
+        assert_eq!((v.version, s.function("a").unwrap().active), (7, 7));
+        // Version 2 as another host won it: its record is replaced.
+        let v = changes
+            .import(&v1.manifest, &v1.sha256, v1.size_bytes, 2, None)
+            .unwrap();
+        assert_eq!(v.version, 2);
+        assert_eq!(s.version("a", 2).unwrap().sha256, v1.sha256);
+        assert_ne!(v2.sha256, v1.sha256);
+        drop(changes);
+        // Local deploys go on after the highest number seen.
+        assert_eq!(upload(&s, "a", "3").version, 8);
+        // Content that is not here cannot be imported without its bundle.
+        assert!(
+            s.changes()
+                .import(&v1.manifest, &"0".repeat(64), 1, 9, None)
+                .is_err()
+        );
     }
 
     #[test]

@@ -99,6 +99,7 @@ fn start_new_cluster(app: &Arc<App>) -> Result<Arc<Node>, AppError> {
         app.router.draining.child_token(),
     )
     .map_err(|e| AppError::internal("starting the cluster endpoint", e))?;
+    node.attach(app);
     // Two inits at once: the first one's node serves, the second answers as above.
     let _ = app.cluster.set(node.clone());
     Ok(app.cluster.get().cloned().unwrap_or(node))

@@ -355,7 +355,7 @@ async fn versions(
 /// Makes the version that the store now says is active the one new invocations run. Called
 /// with the store's changes held, so no other change lands between the store's answer and
 /// the registry's.
-fn activate(app: &App, store: &Changes<'_>, name: &str) -> Result<(), AppError> {
+pub(crate) fn activate(app: &App, store: &Changes<'_>, name: &str) -> Result<(), AppError> {
     let rec = store.function(name)?;
     let v = store.version(name, rec.active)?;
     let bundle = store.bundle_path(&v.sha256);
@@ -411,6 +411,7 @@ async fn deploy(
         }
         // From the move into bundles/ to the collection after it, no other change.
         let store = app.store.changes();
+        let new_content = !store.bundle_path(&unpacked.sha256).exists();
         let v = store.deploy(&unpacked)?;
         activate(&app, &store, &v.name)?;
         if let Err(e) = store.gc(
@@ -419,10 +420,28 @@ async fn deploy(
         ) {
             tracing::warn!("garbage collection after deploy: {e}");
         }
-        Ok(v)
+        Ok((v, new_content))
     })
     .await?;
+    let (v, new_content) = v;
     tracing::info!(function = %v.name, version = v.version, sha256 = %v.sha256, "deployed");
+    let mut answer = version_json(&v, v.version);
+    if let Some(node) = app.cluster.get() {
+        node.published(&v);
+        // The answer waits until `replicas` hosts hold new content (peers fetch it from
+        // here); content a peer already has is not fetched again.
+        let hosts = node.live_peers().len() + 1;
+        let want = (app.config.cluster.replicas as usize).min(hosts);
+        let holding = if new_content && want > 1 {
+            node.await_replicas(&v.sha256, want - 1, REPLICA_WAIT).await
+        } else {
+            want
+        };
+        answer["replicas"] = json!({ "wanted": want, "holding": holding, "hosts": hosts });
+        if holding < want {
+            tracing::warn!(function = %v.name, holding, wanted = want, "deployed, but fewer hosts than cluster.replicas hold the bundle yet");
+        }
+    }
     app.router.logs.append(
         &v.name,
         v.version,
@@ -430,8 +449,11 @@ async fn deploy(
         "agent",
         &format!("deployed version {} ({})", v.version, &v.sha256[..12]),
     );
-    Ok((StatusCode::CREATED, axum::Json(version_json(&v, v.version))).into_response())
+    Ok((StatusCode::CREATED, axum::Json(answer)).into_response())
 }
+
+/// How long a deploy waits for `cluster.replicas` hosts to hold its bundle.
+const REPLICA_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 async fn remove(
     State(app): Shared,
@@ -447,6 +469,9 @@ async fn remove(
         app2.router.registry.remove(&name);
         app2.router.logs.remove(&name);
         tracing::info!(function = %name, "removed");
+        if let Some(node) = app2.cluster.get() {
+            node.unpublished(&name);
+        }
         if let Err(e) = store.gc(
             app2.config.retain_versions,
             &app2.router.registry.bundles_in_use(),
@@ -489,6 +514,9 @@ async fn rollback(
     })
     .await?;
     tracing::info!(function = %v.name, version = v.version, "rolled back");
+    if let Some(node) = app.cluster.get() {
+        node.published(&v);
+    }
     app.router.logs.append(
         &v.name,
         v.version,

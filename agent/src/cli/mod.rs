@@ -4,7 +4,7 @@ mod client;
 mod cluster;
 mod functions;
 mod keys;
-mod pack;
+pub(crate) mod pack;
 mod runtime;
 mod sandbox;
 

@@ -3,5 +3,6 @@
 
 pub mod node;
 pub mod pki;
+pub mod replica;
 pub mod transport;
 pub mod wire;

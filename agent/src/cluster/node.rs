@@ -82,7 +82,9 @@ pub struct Node {
     pub generation: u64,
     pub transport: Arc<Transport>,
     dir: ClusterDir,
-    metrics: Arc<Metrics>,
+    pub(super) metrics: Arc<Metrics>,
+    /// The catalog, kept in step with the store and the peers.
+    pub(super) replica: super::replica::Replica,
     /// The membership table as the membership task last saw it (other hosts only).
     members: RwLock<Vec<MemberInfo>>,
     /// Hosts that said they were leaving (they closed their connection as they left), until
@@ -133,6 +135,8 @@ impl Node {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         let (tx, rx) = mpsc::channel(1024);
+        let replica =
+            super::replica::Replica::open(&creds.node_id, &dir.dir).map_err(ClusterError::Join)?;
         let node = Arc::new(Node {
             id: creds.node_id.clone(),
             advertise,
@@ -140,6 +144,7 @@ impl Node {
             transport,
             dir,
             metrics,
+            replica,
             members: RwLock::new(Vec::new()),
             left: Mutex::new(std::collections::HashSet::new()),
             datagrams: tx,
@@ -152,6 +157,7 @@ impl Node {
         seeds.sort_by(|a, b| a.id.cmp(&b.id));
         seeds.dedup_by(|a, b| a.id == b.id);
         tokio::spawn(node.clone().accept_loop());
+        tokio::spawn(node.clone().sync_loop());
         {
             // Connections this side dials carry the peer's datagrams and streams too.
             let node = node.clone();
@@ -342,20 +348,32 @@ impl Node {
                 }
             }
         };
-        tokio::join!(datagrams, streams);
+        let gossip = {
+            let (node, peer, conn) = (self.clone(), peer.clone(), conn.clone());
+            async move {
+                while let Ok(recv) = conn.accept_uni().await {
+                    let (node, peer, conn) = (node.clone(), peer.clone(), conn.clone());
+                    tokio::spawn(async move { node.serve_gossip(&peer, &conn, recv).await });
+                }
+            }
+        };
+        tokio::join!(datagrams, streams, gossip);
     }
 
     async fn serve_peer_stream(
-        &self,
+        self: &Arc<Self>,
         peer: &str,
         conn: &quinn::Connection,
         mut send: quinn::SendStream,
         recv: quinn::RecvStream,
     ) {
         let mut reader = FrameReader::new(recv, Limits::default(), Expect::request(Alpn::Peer));
-        match reader.next().await {
+        let served = match reader.next().await {
+            Ok(Some(Frame::CatalogDigest(d))) => self.serve_digest(d, &mut reader, &mut send).await,
+            Ok(Some(Frame::BundleRequest(r))) => self.serve_bundle(r, &mut send).await,
             Ok(Some(Frame::JoinRequest(_))) => {
-                wire::refuse(&mut send, ErrorCode::UNEXPECTED_FRAME, "already a member").await
+                wire::refuse(&mut send, ErrorCode::UNEXPECTED_FRAME, "already a member").await;
+                Ok(())
             }
             Ok(Some(other)) => {
                 wire::refuse(
@@ -363,14 +381,16 @@ impl Node {
                     ErrorCode::NOT_FOUND,
                     format!("{:?} frames are not served by this agent yet", other.kind()),
                 )
-                .await
+                .await;
+                Ok(())
             }
-            Ok(None) => {}
-            Err(e) => {
-                if wire::close_for(conn, &e, peer) {
-                    self.metrics.bad_frame();
-                }
-            }
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = served
+            && wire::close_for(conn, &e, peer)
+        {
+            self.metrics.bad_frame();
         }
     }
 
@@ -611,7 +631,8 @@ impl Node {
             }
             match ev {
                 MemberEvent::Up(id) => {
-                    tracing::info!(peer = %id.id, addr = %id.addr, "member up")
+                    tracing::info!(peer = %id.id, addr = %id.addr, "member up");
+                    self.spawn_sync(id);
                 }
                 MemberEvent::Down(id) => {
                     tracing::warn!(peer = %id.id, addr = %id.addr, "member down");
@@ -620,7 +641,8 @@ impl Node {
                         .drop_peer(&id.id, ErrorCode::NO_ERROR.0 as u32, "declared down");
                 }
                 MemberEvent::Replaced { old, new } => {
-                    tracing::info!(peer = %new.id, old_generation = old.generation, generation = new.generation, "member restarted")
+                    tracing::info!(peer = %new.id, old_generation = old.generation, generation = new.generation, "member restarted");
+                    self.spawn_sync(new);
                 }
                 MemberEvent::Joined => tracing::info!("joined the cluster"),
                 MemberEvent::Alone => tracing::warn!("no other member is alive"),
@@ -642,6 +664,18 @@ impl Node {
         if changed {
             self.remember_members();
         }
+    }
+}
+
+impl Node {
+    /// A digest swap with a member that just came up: what either missed converges.
+    fn spawn_sync(self: &Arc<Self>, peer: NodeIdentity) {
+        let node = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = node.sync_with(&peer.id, peer.addr).await {
+                tracing::debug!(peer = %peer.id, "catalog sync: {e}");
+            }
+        });
     }
 }
 
