@@ -132,5 +132,6 @@ pub(super) async fn token(
 pub(super) async fn members(State(app): Shared, headers: HeaderMap) -> Result<Response, AppError> {
     admin(&app, &headers)?;
     let node = node(&app)?;
-    Ok(axum::Json(json!({ "node_id": node.id, "members": node.members() })).into_response())
+    let own = app.router.registry.running_total() as u32;
+    Ok(axum::Json(json!({ "node_id": node.id, "members": node.members(own) })).into_response())
 }

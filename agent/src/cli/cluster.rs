@@ -87,6 +87,8 @@ struct Member {
     #[serde(default)]
     rtt_ms: Option<f64>,
     #[serde(default)]
+    load: u64,
+    #[serde(default)]
     this_host: bool,
 }
 
@@ -153,12 +155,13 @@ async fn members(client: &Client, json: bool) -> CmdResult {
                 m.addr.clone(),
                 m.state.clone(),
                 m.incarnation.to_string(),
+                m.load.to_string(),
                 m.rtt_ms.map_or("-".into(), |r| format!("{r:.2} ms")),
             ]
         })
         .collect();
     print_text(&table(
-        &["ID", "ADDRESS", "STATE", "INCARNATION", "RTT"],
+        &["ID", "ADDRESS", "STATE", "INCARNATION", "LOAD", "RTT"],
         &rows,
     ))
 }

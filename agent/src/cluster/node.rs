@@ -59,6 +59,9 @@ pub struct MemberRow {
     pub generation: u64,
     /// Round-trip time of this host's connection to it, when one is open.
     pub rtt_ms: Option<f64>,
+    /// In-flight calls, as routing sees them: this host's running calls, and for a peer the
+    /// calls this host forwarded to it that are still running.
+    pub load: u32,
     pub this_host: bool,
 }
 
@@ -92,6 +95,8 @@ pub struct Node {
     left: Mutex<std::collections::HashSet<String>>,
     datagrams: mpsc::Sender<(String, bytes::Bytes)>,
     tokens: Mutex<()>,
+    /// Calls this host forwarded that are still running, per peer: the load it routes by.
+    forwarded: Mutex<HashMap<String, u32>>,
     pub stop: CancellationToken,
 }
 
@@ -149,6 +154,7 @@ impl Node {
             left: Mutex::new(std::collections::HashSet::new()),
             datagrams: tx,
             tokens: Mutex::new(()),
+            forwarded: Mutex::new(HashMap::new()),
             stop,
         });
         let mut seeds = seeds;
@@ -184,8 +190,13 @@ impl Node {
             tokio::time::timeout(Duration::from_secs(1), self.transport.endpoint.wait_idle()).await;
     }
 
-    /// The members table, this host first.
-    pub fn members(&self) -> Vec<MemberRow> {
+    /// The members table, this host first (running `own_load` calls).
+    pub fn members(&self, own_load: u32) -> Vec<MemberRow> {
+        let forwarded = self
+            .forwarded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let mut rows = vec![MemberRow {
             id: self.id.clone(),
             addr: self.advertise,
@@ -193,6 +204,7 @@ impl Node {
             incarnation: 0,
             generation: self.generation,
             rtt_ms: None,
+            load: own_load,
             this_host: true,
         }];
         let conns: HashMap<String, quinn::Connection> =
@@ -215,6 +227,7 @@ impl Node {
                 rtt_ms: conns
                     .get(&m.identity.id)
                     .map(|c| c.rtt().as_secs_f64() * 1000.0),
+                load: forwarded.get(&m.identity.id).copied().unwrap_or(0),
                 this_host: false,
             });
         }
@@ -231,6 +244,50 @@ impl Node {
             .filter(|m| m.state != MemberState::Down)
             .map(|m| m.identity.clone())
             .collect()
+    }
+
+    /// Where a call to `function` should run: the first live host in the function's
+    /// rendezvous ranking whose in-flight load is within the bound (ceil(1.25 x mean)). Loads
+    /// are as this host sees them: its own running calls, and the calls it forwarded to each
+    /// peer that are still running. `None`: here.
+    pub fn pick(&self, function: &str, own_load: u32) -> Option<NodeIdentity> {
+        let peers = self.live_peers();
+        if peers.is_empty() {
+            return None;
+        }
+        let forwarded = self
+            .forwarded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut hosts = vec![fnlet_cluster::route::Host {
+            id: self.id.as_str(),
+            load: own_load,
+        }];
+        hosts.extend(peers.iter().map(|p| fnlet_cluster::route::Host {
+            id: p.id.as_str(),
+            load: forwarded.get(&p.id).copied().unwrap_or(0),
+        }));
+        let chosen = fnlet_cluster::route::pick(
+            function,
+            &hosts,
+            fnlet_cluster::route::BalanceFactor::DEFAULT,
+        )?;
+        peers.iter().find(|p| p.id == chosen.host).cloned()
+    }
+
+    /// Counts a call forwarded to `peer` until the returned guard is dropped.
+    pub fn forwarding(self: &Arc<Self>, peer: &str) -> Forwarding {
+        *self
+            .forwarded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(peer.to_string())
+            .or_default() += 1;
+        Forwarding {
+            node: self.clone(),
+            peer: peer.to_string(),
+        }
     }
 
     fn is_alive(&self, id: &str) -> bool {
@@ -676,6 +733,25 @@ impl Node {
                 tracing::debug!(peer = %peer.id, "catalog sync: {e}");
             }
         });
+    }
+}
+
+/// One forwarded call in flight (see [`Node::forwarding`]).
+pub struct Forwarding {
+    node: Arc<Node>,
+    peer: String,
+}
+
+impl Drop for Forwarding {
+    fn drop(&mut self) {
+        let mut f = self
+            .node
+            .forwarded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = f.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+        }
     }
 }
 
