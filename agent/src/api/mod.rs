@@ -264,6 +264,17 @@ async fn status(State(app): Shared, headers: HeaderMap) -> Result<Response, AppE
         "state_dir": app.config.state_dir,
         "draining": app.router.draining.is_cancelled(),
         "resident_memory_bytes": crate::metrics::resident_bytes(),
+        "cluster": app.cluster.get().map(|node| {
+            let mut counts = std::collections::BTreeMap::<&str, u64>::new();
+            for m in node.members(0).iter().filter(|m| !m.this_host) {
+                *counts.entry(m.state).or_default() += 1;
+            }
+            json!({
+                "node_id": node.id,
+                "peer_addr": node.advertise.to_string(),
+                "members": counts,
+            })
+        }),
     }))
     .into_response())
 }

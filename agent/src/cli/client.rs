@@ -420,6 +420,16 @@ pub struct StatusInfo {
     pub draining: Option<bool>,
     /// Controllers whose limits the host cannot enforce (absent from older agents).
     pub unenforced_limits: Option<Vec<String>>,
+    /// The cluster, when the agent is in one.
+    pub cluster: Option<ClusterStatus>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct ClusterStatus {
+    pub node_id: String,
+    pub peer_addr: String,
+    pub members: std::collections::BTreeMap<String, u64>,
 }
 
 /// One line of a function's log.

@@ -996,6 +996,26 @@ fn status_text(s: &StatusInfo, endpoint: &str) -> String {
             "draining",
             s.draining.map_or_else(none, |d| yes_no(d).into()),
         ),
+        (
+            "cluster",
+            s.cluster.as_ref().map_or_else(
+                || "not in a cluster".into(),
+                |c| {
+                    let counts: Vec<String> =
+                        c.members.iter().map(|(k, v)| format!("{v} {k}")).collect();
+                    format!(
+                        "node {} at {}; other members: {}",
+                        c.node_id,
+                        c.peer_addr,
+                        if counts.is_empty() {
+                            "none".into()
+                        } else {
+                            counts.join(", ")
+                        }
+                    )
+                },
+            ),
+        ),
     ])
 }
 
@@ -1457,6 +1477,11 @@ mod tests {
             state_dir: Some("/var/lib/fnlet".into()),
             draining: Some(false),
             unenforced_limits: Some(vec!["memory".into(), "pids".into()]),
+            cluster: Some(crate::cli::client::ClusterStatus {
+                node_id: "host-a".into(),
+                peer_addr: "10.0.0.1:8741".into(),
+                members: [("alive".to_string(), 2), ("down".to_string(), 1)].into(),
+            }),
         };
         assert_eq!(
             status_text(&s, "http://127.0.0.1:8740"),
@@ -1469,7 +1494,8 @@ mod tests {
              cgroup root:  fnlet\n\
              limits:       NOT enforced: no memory, pids controller here\n\
              state dir:    /var/lib/fnlet\n\
-             draining:     no\n"
+             draining:     no\n\
+             cluster:      node host-a at 10.0.0.1:8741; other members: 2 alive, 1 down\n"
         );
     }
 
