@@ -12,17 +12,6 @@ use super::functions::{
     CmdResult, ConnArgs, OutputArgs, block_on, print_json, print_text, run_client, table, typed,
 };
 
-macro_rules! examples {
-    ($($line:literal),+ $(,)?) => {
-        concat!(
-            "Examples:\n",
-            $("  ", $line, "\n",)+
-            "\nExit status: 0 success; 1 the agent answered with an error; 2 usage error; \
-             3 the agent could not be reached.",
-        )
-    };
-}
-
 #[derive(Debug, Subcommand)]
 pub enum ClusterCommand {
     /// Make a cluster with the local agent as its first member; print a join token.
@@ -31,13 +20,13 @@ pub enum ClusterCommand {
     /// and opens its QUIC endpoint ([cluster] listen, default 127.0.0.1:8741: set it to an
     /// address the other hosts reach). The token is printed alone on one line of stdout; other
     /// hosts join with `fnlet agent --join ADDR:PORT --token TOKEN`.
-    #[command(after_help = examples!(
+    #[command(after_help = admin_examples!(
         "fnlet cluster init",
         "TOKEN=$(fnlet cluster init --ttl 2h)"
     ))]
     Init(TokenArgs),
     /// Print another join token (on the host that ran `fnlet cluster init`).
-    #[command(after_help = examples!(
+    #[command(after_help = admin_examples!(
         "fnlet cluster token",
         "fnlet cluster token --ttl 30m"
     ))]

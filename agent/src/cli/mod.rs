@@ -1,5 +1,17 @@
 //! Command-line front: clap definitions and dispatch.
 
+/// The help epilogue of an admin command (`keys`, `cluster`): its examples and exit statuses.
+macro_rules! admin_examples {
+    ($($line:literal),+ $(,)?) => {
+        concat!(
+            "Examples:\n",
+            $("  ", $line, "\n",)+
+            "\nExit status: 0 success; 1 the agent answered with an error; 2 usage error; \
+             3 the agent could not be reached.",
+        )
+    };
+}
+
 mod client;
 mod cluster;
 mod functions;
