@@ -1,7 +1,8 @@
 //! `fnlet agent`: start-up, serving, and shutdown of the daemon.
 //!
-//! Start-up: load the config, take the state dir, remove what a crashed predecessor left (its
-//! sandboxes' cgroups and half-finished uploads), load the functions, bind, serve.
+//! Start-up: load the config, take the state dir and the cgroup root (refused if another agent
+//! holds either), remove what a crashed predecessor left (its sandboxes' cgroups and
+//! half-finished uploads), load the functions, bind, serve.
 //! SIGTERM/SIGINT: stop accepting, let in-flight invocations finish for up to
 //! `shutdown_grace_s`, kill what is left, remove every cgroup, exit 0.
 
@@ -20,6 +21,7 @@ use crate::api::{self, App};
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
 use crate::logs::Logs;
 use crate::metrics::Metrics;
+use crate::ownership;
 use crate::pool::{ActiveFunction, Registry};
 use crate::router::Router;
 use crate::store::Store;
@@ -104,7 +106,17 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    rt.block_on(serve(config))?;
+    let join_token = match (&args.token, config.cluster.token_file.as_str()) {
+        (Some(t), _) => Some(t.clone()),
+        (None, "") => None,
+        (None, file) => Some(
+            std::fs::read_to_string(file)
+                .with_context(|| format!("cluster.token_file {file}"))?
+                .trim()
+                .to_string(),
+        ),
+    };
+    rt.block_on(serve(config, join_token))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -139,13 +151,15 @@ fn admin_token(state_dir: &Path) -> anyhow::Result<String> {
     Ok(token)
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()> {
     let started = Instant::now();
     let state = &config.state_dir;
     std::fs::create_dir_all(state)
         .with_context(|| format!("creating state dir {}", state.display()))?;
     std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o750))
         .with_context(|| format!("chmod {}", state.display()))?;
+    // Held until serve() returns: one agent per state dir, and below, per cgroup root.
+    let _state_dir = ownership::claim_state_dir(state)?;
     let token = admin_token(state)?;
 
     let isolator = Isolator::new(IsolatorConfig {
@@ -165,6 +179,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             isolator.cgroup_placement().root
         ),
     };
+    // Only the root's owner reaps under it: another live agent's sandboxes would go too.
+    let _cgroup_root =
+        ownership::claim_cgroup_root(&isolator.cgroup_placement().root, || isolator.root_dir())?;
     let stale = isolator
         .reap_stale()
         .context("removing sandboxes left by a previous agent")?;
@@ -184,18 +201,32 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let mut names = Vec::new();
     for (rec, v) in store.list().context("loading functions")? {
         let bundle = store.bundle_path(&v.sha256);
-        match ActiveFunction::new(&rec, &v, bundle, &config) {
+        // A bundle lost from disk has no other copy (there is one per content hash): the
+        // function is failed, rather than a spawn error on every call.
+        let active = if bundle.is_dir() {
+            ActiveFunction::new(&rec, &v, bundle, &config).map_err(|e| e.to_string())
+        } else {
+            Err(crate::store::StoreError::BundleMissing {
+                name: rec.name.clone(),
+                version: v.version,
+                sha256: v.sha256.clone(),
+            }
+            .to_string())
+        };
+        match active {
             Ok(f) => {
                 names.push(rec.name.clone());
                 registry.activate(f);
             }
             // Kept in the store, not served: the operator fixes the config or redeploys.
-            Err(e) => {
-                tracing::error!(function = %rec.name, version = v.version, "not serving: {e}")
+            Err(why) => {
+                tracing::error!(function = %rec.name, version = v.version, "not serving: {why}");
+                registry.mark_failed(&rec.name, why);
             }
         }
     }
     let removed = store
+        .changes()
         .gc(config.retain_versions, &Default::default())
         .context("collecting unused bundles")?;
     if removed > 0 {
@@ -240,7 +271,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         router: Arc::new(router),
         token,
         started,
+        cluster: std::sync::OnceLock::new(),
     });
+    start_cluster(&app, join_token.as_deref()).await?;
     for name in &names {
         app.router.prewarm(name);
     }
@@ -326,11 +359,60 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if left > 0 {
         tracing::warn!(count = left, "removed sandboxes still running at shutdown");
     }
+    if let Some(node) = app.cluster.get() {
+        node.close().await;
+    }
     if let Err(e) = isolator.remove_root() {
         tracing::warn!("removing the cgroup root: {e}");
     }
     systemd::status("stopped");
     tracing::info!("fnlet agent stopped");
+    Ok(())
+}
+
+/// Joins the cluster named by `cluster.join` at the first start (with the token), and opens the
+/// cluster endpoint whenever this agent is a member.
+async fn start_cluster(app: &Arc<App>, join_token: Option<&str>) -> anyhow::Result<()> {
+    use crate::cluster::{node, pki::ClusterDir};
+    let config = &app.config;
+    let dir = ClusterDir::new(&config.state_dir);
+    let mut seeds = Vec::new();
+    if !dir.is_member() {
+        if config.cluster.join.is_empty() {
+            return Ok(());
+        }
+        let Some(token) = join_token else {
+            bail!(
+                "--join needs a join token the first time (--token, FNLET_JOIN_TOKEN or \
+                 cluster.token_file): `fnlet cluster token` on the cluster's first host makes one"
+            );
+        };
+        seeds = node::join(&dir, &config.node_id(), &config.cluster.join, token)
+            .await
+            .context("joining the cluster")?;
+    }
+    let creds = dir
+        .node_credentials()
+        .context("reading this node's certificate")?;
+    if creds.node_id != config.node_id() {
+        bail!(
+            "this node's certificate names {:?}, but its node id is {:?} (cluster.node_id, \
+             --node-id, or the host name): keep the id it joined with",
+            creds.node_id,
+            config.node_id()
+        );
+    }
+    let node = node::Node::start(
+        dir,
+        config.cluster.listen,
+        config.peer_advertise(),
+        seeds,
+        app.router.metrics.clone(),
+        app.router.draining.child_token(),
+    )
+    .with_context(|| format!("opening the cluster endpoint on {}", config.cluster.listen))?;
+    node.attach(app);
+    let _ = app.cluster.set(node);
     Ok(())
 }
 

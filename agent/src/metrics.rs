@@ -28,6 +28,12 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+/// Cluster members in one state.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub function: String,
@@ -57,6 +63,10 @@ pub struct Metrics {
     pub running: Family<FnLabels, Gauge>,
     /// Invocations whose caller hung up before the answer.
     pub abandoned: Family<FnLabels, Counter>,
+    cluster_members: Family<StateLabels, Gauge>,
+    handshake_failures: Family<ReasonLabels, Counter>,
+    bad_frames: Counter,
+    swim_dropped: Counter,
     pub connections_open: Gauge,
     connections_refused: Family<ReasonLabels, Counter>,
     connection_timeouts: Family<ReasonLabels, Counter>,
@@ -89,6 +99,30 @@ impl Metrics {
         let instances = Family::<InstanceLabels, Gauge>::default();
         let running = Family::<FnLabels, Gauge>::default();
         let abandoned = Family::<FnLabels, Counter>::default();
+        let cluster_members = Family::<StateLabels, Gauge>::default();
+        let handshake_failures = Family::<ReasonLabels, Counter>::default();
+        let bad_frames = Counter::default();
+        let swim_dropped = Counter::default();
+        registry.register(
+            "cluster_members",
+            "Other cluster members by state (alive, suspect, down)",
+            cluster_members.clone(),
+        );
+        registry.register(
+            "cluster_handshake_failures",
+            "QUIC handshakes and joins refused, by reason (certificate, join_refused, timeout, other)",
+            handshake_failures.clone(),
+        );
+        registry.register(
+            "cluster_bad_frames",
+            "Peer frames or SWIM packets refused as malformed or out of place",
+            bad_frames.clone(),
+        );
+        registry.register(
+            "cluster_swim_dropped",
+            "SWIM packets dropped because the membership task was behind",
+            swim_dropped.clone(),
+        );
         let connections_open = Gauge::default();
         let connections_refused = Family::<ReasonLabels, Counter>::default();
         let connection_timeouts = Family::<ReasonLabels, Counter>::default();
@@ -182,6 +216,10 @@ impl Metrics {
             instances,
             running,
             abandoned,
+            cluster_members,
+            handshake_failures,
+            bad_frames,
+            swim_dropped,
             connections_open,
             connections_refused,
             connection_timeouts,
@@ -189,6 +227,30 @@ impl Metrics {
             rss,
             started: Instant::now(),
         }
+    }
+
+    pub fn members(&self, state: &str, n: i64) {
+        self.cluster_members
+            .get_or_create(&StateLabels {
+                state: state.to_string(),
+            })
+            .set(n);
+    }
+
+    pub fn handshake_failure(&self, reason: &str) {
+        self.handshake_failures
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn bad_frame(&self) {
+        self.bad_frames.inc();
+    }
+
+    pub fn swim_dropped(&self) {
+        self.swim_dropped.inc();
     }
 
     pub fn function(name: &str) -> FnLabels {

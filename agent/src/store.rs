@@ -8,10 +8,16 @@
 //! A deploy moves the bundle into place first and then commits one redb transaction that adds
 //! the version and makes it active: a crash in between leaves the previous version serving and
 //! an unreferenced bundle that the next start removes.
+//!
+//! Changes (deploy, rollback, remove, gc) go through [`Store::changes`], one at a time per
+//! store: a collection that ran between a deploy's move and its commit would see an
+//! unreferenced bundle and delete the version about to become active.
 
 use std::collections::HashSet;
 use std::fs;
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -52,6 +58,16 @@ pub enum StoreError {
     NoSuchVersion { name: String, version: u64 },
     #[error("{0} has no earlier version to roll back to")]
     NothingToRollBack(String),
+    /// Named relative to the state dir: callers of a function see this too.
+    #[error(
+        "{name} version {version} cannot run: its bundle (bundles/{sha256} in the agent's state \
+         dir) is missing; redeploy it"
+    )]
+    BundleMissing {
+        name: String,
+        version: u64,
+        sha256: String,
+    },
     #[error("no free uid left in the configured range")]
     UidsExhausted,
     #[error("metadata store: {0}")]
@@ -87,6 +103,23 @@ pub struct Store {
     dir: PathBuf,
     uid_base: u32,
     uid_count: u32,
+    /// Held by [`Changes`].
+    changing: Mutex<()>,
+}
+
+/// The right to change the store, one holder at a time (see [`Store::changes`]). Reads go
+/// through it too (it derefs to the [`Store`]); they never wait for it.
+pub struct Changes<'a> {
+    store: &'a Store,
+    _held: MutexGuard<'a, ()>,
+}
+
+impl Deref for Changes<'_> {
+    type Target = Store;
+
+    fn deref(&self) -> &Store {
+        self.store
+    }
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
@@ -116,7 +149,20 @@ impl Store {
             dir: state_dir.to_path_buf(),
             uid_base,
             uid_count,
+            changing: Mutex::new(()),
         })
+    }
+
+    /// Waits for the right to change the store. Hold it across a change and whatever must see
+    /// that change alone: a deploy's move and record, making the result the version that runs,
+    /// and the collection after it.
+    pub fn changes(&self) -> Changes<'_> {
+        Changes {
+            store: self,
+            // The guarded data is (): a holder that panicked left nothing half-changed here
+            // (redb transactions roll back), so a poisoned lock is taken as it is.
+            _held: self.changing.lock().unwrap_or_else(|p| p.into_inner()),
+        }
     }
 
     /// A fresh empty directory to unpack an upload into.
@@ -128,62 +174,6 @@ impl Store {
 
     pub fn bundle_path(&self, sha256: &str) -> PathBuf {
         self.dir.join("bundles").join(sha256)
-    }
-
-    /// Records a new version from an unpacked upload and makes it active.
-    pub fn deploy(&self, unpacked: &Unpacked) -> Result<VersionRecord, StoreError> {
-        let dest = self.bundle_path(&unpacked.sha256);
-        if !dest.exists() {
-            fs::rename(&unpacked.root, &dest)?;
-            // The rename must be durable before the metadata points at it.
-            fs::File::open(self.dir.join("bundles"))?.sync_all()?;
-        }
-        let name = unpacked.manifest.name.as_str();
-        let now = now_rfc3339();
-        let txn = self.db.begin_write()?;
-        let version = {
-            let mut functions = txn.open_table(FUNCTIONS)?;
-            let mut meta = txn.open_table(META)?;
-            let existing = functions
-                .get(name)?
-                .map(|g| decode::<FunctionRecord>(name, g.value()))
-                .transpose()?;
-            let mut rec = match existing {
-                Some(r) => r,
-                None => {
-                    let n = meta.get("next_uid")?.map(|g| g.value()).unwrap_or(0);
-                    if n >= u64::from(self.uid_count) {
-                        return Err(StoreError::UidsExhausted);
-                    }
-                    meta.insert("next_uid", n + 1)?;
-                    FunctionRecord {
-                        name: name.into(),
-                        uid: self.uid_base + n as u32,
-                        active: 0,
-                        next_version: 1,
-                        created_at: now.clone(),
-                        updated_at: now.clone(),
-                    }
-                }
-            };
-            let v = VersionRecord {
-                name: name.into(),
-                version: rec.next_version,
-                sha256: unpacked.sha256.clone(),
-                size_bytes: unpacked.size_bytes,
-                created_at: now.clone(),
-                manifest: unpacked.manifest.clone(),
-            };
-            rec.active = v.version;
-            rec.next_version += 1;
-            rec.updated_at = now;
-            txn.open_table(VERSIONS)?
-                .insert((name, v.version), encode(&v).as_slice())?;
-            functions.insert(name, encode(&rec).as_slice())?;
-            v
-        };
-        txn.commit()?;
-        Ok(version)
     }
 
     pub fn function(&self, name: &str) -> Result<FunctionRecord, StoreError> {
@@ -242,6 +232,124 @@ impl Store {
         Ok(out)
     }
 
+    /// Removes half-finished uploads (called at start, when no upload can be running).
+    pub fn clear_staging(&self) -> Result<(), StoreError> {
+        for e in fs::read_dir(self.dir.join("staging"))? {
+            let p = e?.path();
+            if p.is_dir() {
+                fs::remove_dir_all(p)?
+            } else {
+                fs::remove_file(p)?
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Changes<'_> {
+    /// Records a new version from an unpacked upload and makes it active.
+    pub fn deploy(&self, unpacked: &Unpacked) -> Result<VersionRecord, StoreError> {
+        self.keep_bundle(unpacked)?;
+        self.record(
+            &unpacked.manifest,
+            &unpacked.sha256,
+            unpacked.size_bytes,
+            None,
+        )
+    }
+
+    /// Records version `version` of a function as the cluster's catalog says it is (deployed
+    /// on another host) and makes it active. `unpacked` is its bundle, when it had to be
+    /// fetched; without it the bundle must be here already. A version of that number holding
+    /// other content (concurrent deploys in a partition, the other one won) is replaced.
+    pub fn import(
+        &self,
+        manifest: &Manifest,
+        sha256: &str,
+        size_bytes: u64,
+        version: u64,
+        unpacked: Option<&Unpacked>,
+    ) -> Result<VersionRecord, StoreError> {
+        if let Some(u) = unpacked {
+            self.keep_bundle(u)?;
+        }
+        if !self.bundle_path(sha256).is_dir() {
+            return Err(StoreError::Io(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("bundles/{sha256} is not here"),
+            )));
+        }
+        self.record(manifest, sha256, size_bytes, Some(version))
+    }
+
+    /// Moves an unpacked bundle into `bundles/` (unless that content is there already).
+    fn keep_bundle(&self, unpacked: &Unpacked) -> Result<(), StoreError> {
+        let dest = self.bundle_path(&unpacked.sha256);
+        if !dest.exists() {
+            fs::rename(&unpacked.root, &dest)?;
+            // The rename must be durable before the metadata points at it.
+            fs::File::open(self.dir.join("bundles"))?.sync_all()?;
+        }
+        Ok(())
+    }
+
+    /// Records a version (the next number, or `version`) and makes it active.
+    fn record(
+        &self,
+        manifest: &Manifest,
+        sha256: &str,
+        size_bytes: u64,
+        version: Option<u64>,
+    ) -> Result<VersionRecord, StoreError> {
+        let name = manifest.name.as_str();
+        let now = now_rfc3339();
+        let txn = self.db.begin_write()?;
+        let version = {
+            let mut functions = txn.open_table(FUNCTIONS)?;
+            let mut meta = txn.open_table(META)?;
+            let existing = functions
+                .get(name)?
+                .map(|g| decode::<FunctionRecord>(name, g.value()))
+                .transpose()?;
+            let mut rec = match existing {
+                Some(r) => r,
+                None => {
+                    let n = meta.get("next_uid")?.map(|g| g.value()).unwrap_or(0);
+                    if n >= u64::from(self.uid_count) {
+                        return Err(StoreError::UidsExhausted);
+                    }
+                    meta.insert("next_uid", n + 1)?;
+                    FunctionRecord {
+                        name: name.into(),
+                        uid: self.uid_base + n as u32,
+                        active: 0,
+                        next_version: 1,
+                        created_at: now.clone(),
+                        updated_at: now.clone(),
+                    }
+                }
+            };
+            let number = version.unwrap_or(rec.next_version);
+            let v = VersionRecord {
+                name: name.into(),
+                version: number,
+                sha256: sha256.to_string(),
+                size_bytes,
+                created_at: now.clone(),
+                manifest: manifest.clone(),
+            };
+            rec.active = v.version;
+            rec.next_version = rec.next_version.max(number.saturating_add(1));
+            rec.updated_at = now;
+            txn.open_table(VERSIONS)?
+                .insert((name, v.version), encode(&v).as_slice())?;
+            functions.insert(name, encode(&rec).as_slice())?;
+            v
+        };
+        txn.commit()?;
+        Ok(version)
+    }
+
     /// Makes `to` (default: the newest version before the active one) active.
     pub fn rollback(&self, name: &str, to: Option<u64>) -> Result<VersionRecord, StoreError> {
         let txn = self.db.begin_write()?;
@@ -271,6 +379,13 @@ impl Store {
                     version: target,
                 })?;
             let v: VersionRecord = decode(name, g.value())?;
+            if !self.bundle_path(&v.sha256).is_dir() {
+                return Err(StoreError::BundleMissing {
+                    name: name.into(),
+                    version: target,
+                    sha256: v.sha256,
+                });
+            }
             rec.active = target;
             rec.updated_at = now_rfc3339();
             drop(g);
@@ -338,19 +453,6 @@ impl Store {
         }
         Ok(removed)
     }
-
-    /// Removes half-finished uploads (called at start, when no upload can be running).
-    pub fn clear_staging(&self) -> Result<(), StoreError> {
-        for e in fs::read_dir(self.dir.join("staging"))? {
-            let p = e?.path();
-            if p.is_dir() {
-                fs::remove_dir_all(p)?
-            } else {
-                fs::remove_file(p)?
-            }
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]
@@ -374,7 +476,7 @@ mod tests {
         ]);
         let staging = store.staging_dir().unwrap();
         let u = bundle::unpack(&bytes, staging.path(), LIMITS).unwrap();
-        store.deploy(&u).unwrap()
+        store.changes().deploy(&u).unwrap()
     }
 
     fn store() -> (tempfile::TempDir, Store) {
@@ -389,15 +491,15 @@ mod tests {
         assert_eq!(upload(&s, "a", "v1").version, 1);
         assert_eq!(upload(&s, "a", "v2").version, 2);
         assert_eq!(s.function("a").unwrap().active, 2);
-        assert_eq!(s.rollback("a", None).unwrap().version, 1);
+        assert_eq!(s.changes().rollback("a", None).unwrap().version, 1);
         assert_eq!(s.function("a").unwrap().active, 1);
         assert!(matches!(
-            s.rollback("a", None),
+            s.changes().rollback("a", None),
             Err(StoreError::NothingToRollBack(_))
         ));
-        assert_eq!(s.rollback("a", Some(2)).unwrap().version, 2);
+        assert_eq!(s.changes().rollback("a", Some(2)).unwrap().version, 2);
         assert!(matches!(
-            s.rollback("a", Some(9)),
+            s.changes().rollback("a", Some(9)),
             Err(StoreError::NoSuchVersion { .. })
         ));
         assert_eq!(
@@ -407,6 +509,48 @@ mod tests {
                 .map(|v| v.version)
                 .collect::<Vec<_>>(),
             vec![2, 1]
+        );
+    }
+
+    #[test]
+    fn no_rollback_onto_a_missing_bundle() {
+        let (_d, s) = store();
+        let v1 = upload(&s, "a", "1");
+        upload(&s, "a", "2");
+        fs::remove_dir_all(s.bundle_path(&v1.sha256)).unwrap();
+        assert!(matches!(
+            s.changes().rollback("a", Some(1)),
+            Err(StoreError::BundleMissing { version: 1, .. })
+        ));
+        assert_eq!(s.function("a").unwrap().active, 2);
+    }
+
+    #[test]
+    fn imports_take_the_clusters_version_number() {
+        let (_d, s) = store();
+        let v1 = upload(&s, "a", "1");
+        let v2 = upload(&s, "a", "2");
+        let changes = s.changes();
+        // The cluster's version 7 of "a", with content already here.
+        let v = changes
+            .import(&v1.manifest, &v1.sha256, v1.size_bytes, 7, None)
+            .unwrap();
+        assert_eq!((v.version, s.function("a").unwrap().active), (7, 7));
+        // Version 2 as another host won it: its record is replaced.
+        let v = changes
+            .import(&v1.manifest, &v1.sha256, v1.size_bytes, 2, None)
+            .unwrap();
+        assert_eq!(v.version, 2);
+        assert_eq!(s.version("a", 2).unwrap().sha256, v1.sha256);
+        assert_ne!(v2.sha256, v1.sha256);
+        drop(changes);
+        // Local deploys go on after the highest number seen.
+        assert_eq!(upload(&s, "a", "3").version, 8);
+        // Content that is not here cannot be imported without its bundle.
+        assert!(
+            s.changes()
+                .import(&v1.manifest, &"0".repeat(64), 1, 9, None)
+                .is_err()
         );
     }
 
@@ -429,7 +573,7 @@ mod tests {
         for i in 0..5 {
             upload(&s, "a", &format!("body {i}"));
         }
-        let removed = s.gc(2, &HashSet::new()).unwrap();
+        let removed = s.changes().gc(2, &HashSet::new()).unwrap();
         assert!(removed >= 1);
         let kept: Vec<u64> = s.versions("a").unwrap().iter().map(|v| v.version).collect();
         assert_eq!(kept, vec![7, 6]);
@@ -442,8 +586,8 @@ mod tests {
         upload(&s, "a", "1");
         upload(&s, "a", "2");
         upload(&s, "a", "3");
-        s.rollback("a", Some(1)).unwrap();
-        s.gc(1, &HashSet::new()).unwrap();
+        s.changes().rollback("a", Some(1)).unwrap();
+        s.changes().gc(1, &HashSet::new()).unwrap();
         let kept: Vec<u64> = s.versions("a").unwrap().iter().map(|v| v.version).collect();
         assert_eq!(kept, vec![3, 1]);
     }
@@ -453,12 +597,54 @@ mod tests {
         let (d, s) = store();
         upload(&s, "a", "1");
         upload(&s, "b", "1");
-        s.remove("a").unwrap();
+        s.changes().remove("a").unwrap();
         assert!(matches!(s.function("a"), Err(StoreError::NotFound(_))));
-        assert!(matches!(s.remove("a"), Err(StoreError::NotFound(_))));
+        assert!(matches!(
+            s.changes().remove("a"),
+            Err(StoreError::NotFound(_))
+        ));
         drop(s);
         let s = Store::open(d.path(), 200_000, 10).unwrap();
         assert_eq!(s.list().unwrap().len(), 1);
+    }
+
+    /// Deploys racing garbage collection: a bundle moved into place is recorded before any
+    /// collection decides what is unreferenced, so no recorded version loses its bundle.
+    #[test]
+    fn deploys_racing_gc_keep_every_recorded_bundle() {
+        let (_d, s) = store();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|t| {
+            let deployers: Vec<_> = (0..3)
+                .map(|w| {
+                    let s = &s;
+                    t.spawn(move || {
+                        for i in 0..30 {
+                            upload(s, &format!("f{w}"), &format!("{w} {i}"));
+                        }
+                    })
+                })
+                .collect();
+            t.spawn(|| {
+                while !done.load(std::sync::atomic::Ordering::Acquire) {
+                    s.changes().gc(3, &HashSet::new()).unwrap();
+                }
+            });
+            for d in deployers {
+                d.join().unwrap();
+            }
+            done.store(true, std::sync::atomic::Ordering::Release);
+        });
+        for (rec, _) in s.list().unwrap() {
+            for v in s.versions(&rec.name).unwrap() {
+                assert!(
+                    s.bundle_path(&v.sha256).is_dir(),
+                    "{} version {} lost its bundle",
+                    v.name,
+                    v.version
+                );
+            }
+        }
     }
 
     #[test]
@@ -466,6 +652,6 @@ mod tests {
         let (d, s) = store();
         upload(&s, "a", "1");
         fs::create_dir(d.path().join("bundles/deadbeef")).unwrap();
-        assert_eq!(s.gc(5, &HashSet::new()).unwrap(), 1);
+        assert_eq!(s.changes().gc(5, &HashSet::new()).unwrap(), 1);
     }
 }

@@ -196,8 +196,18 @@ impl Isolator {
     }
 
     /// Kills and removes every sandbox cgroup under our root: what a crashed predecessor left.
+    /// Only the root's owner may call it (see [`Isolator::root_dir`]): under a root another
+    /// live process uses, its sandboxes are killed too.
     pub fn reap_stale(&self) -> Result<usize> {
         self.cgroups.reap_stale()
+    }
+
+    /// The directory that stands for our cgroup root (the root in the first hierarchy),
+    /// created if missing. Whoever holds an exclusive lock (flock) on it owns the root, as
+    /// the agent does for its whole life; the lock lives with the cgroup tree itself, so no
+    /// other file has to outlive anything for it to hold.
+    pub fn root_dir(&self) -> Result<std::path::PathBuf> {
+        self.cgroups.root_dir()
     }
 
     /// Removes our (empty) cgroup root; call at shutdown.

@@ -30,6 +30,11 @@ pub struct Settings {
     pub dir_in: Option<PathBuf>,
     /// More `[limits]` lines, as TOML (`"header_timeout_s = 1\n"`).
     pub limits_extra: String,
+    /// `[sandbox] cgroup_root`; None: the test's own, `fnlet-test-<pid>-<test>`. A root that
+    /// another agent of the test uses is not checked for leftovers at start.
+    pub cgroup_root: Option<String>,
+    /// `--state-dir`; None: `state/` in the agent's own folder.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -40,6 +45,8 @@ impl Default for Settings {
             prepare_ahead: true,
             dir_in: None,
             limits_extra: String::new(),
+            cgroup_root: None,
+            state_dir: None,
         }
     }
 }
@@ -148,6 +155,14 @@ impl Resp {
     }
 }
 
+/// An agent that exited during its start-up.
+#[derive(Debug)]
+pub struct Refused {
+    pub status: ExitStatus,
+    /// Everything it wrote.
+    pub log: String,
+}
+
 /// A running agent; dropping it stops it (SIGTERM, then SIGKILL).
 pub struct Agent {
     pub test: String,
@@ -160,6 +175,7 @@ pub struct Agent {
     /// Its node id (`--node-id`), which invocation answers name in `x-fnlet-host`.
     pub node_id: String,
     dir: tempfile::TempDir,
+    state: PathBuf,
     child: Option<Child>,
     before: HostState,
     http: Client,
@@ -171,13 +187,31 @@ impl Agent {
     }
 
     pub fn start_with(test: &str, settings: Settings) -> Agent {
+        match Agent::try_start_with(test, settings) {
+            Ok(agent) => agent,
+            Err(refused) => panic!(
+                "fnlet agent exited during start-up ({}):\n{}",
+                refused.status, refused.log
+            ),
+        }
+    }
+
+    /// Like [`Agent::start_with`], for an agent that may refuse to start: its exit status and
+    /// log then.
+    pub fn try_start_with(test: &str, settings: Settings) -> Result<Agent, Refused> {
         super::require_root();
-        let root = cgroup_root(test);
-        assert_eq!(
-            leftover_cgroups(&root),
-            Vec::<PathBuf>::new(),
-            "cgroups of an earlier run of {test}"
-        );
+        let root = match &settings.cgroup_root {
+            Some(r) => r.clone(),
+            None => {
+                let root = cgroup_root(test);
+                assert_eq!(
+                    leftover_cgroups(&root),
+                    Vec::<PathBuf>::new(),
+                    "cgroups of an earlier run of {test}"
+                );
+                root
+            }
+        };
         let before = host_state();
         let prefix = format!("fnlet-agent-{test}-");
         let mut builder = tempfile::Builder::new();
@@ -208,6 +242,10 @@ impl Agent {
             .timeout(Duration::from_secs(60))
             .build()
             .expect("http client");
+        let state = settings
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("state"));
         let mut agent = Agent {
             test: test.into(),
             root,
@@ -216,21 +254,27 @@ impl Agent {
             node_id: node_id(test),
             uids,
             dir,
+            state,
             child: None,
             before,
             http,
         };
-        agent.spawn();
+        if let Err(status) = agent.try_spawn() {
+            return Err(Refused {
+                status,
+                log: agent.log(),
+            });
+        }
         agent.token = std::fs::read_to_string(agent.state_dir().join("admin.token"))
             .expect("admin.token in the state dir")
             .trim()
             .to_string();
         assert_eq!(agent.token.len(), 64, "admin token: {:?}", agent.token);
-        agent
+        Ok(agent)
     }
 
     pub fn state_dir(&self) -> PathBuf {
-        self.dir.path().join("state")
+        self.state.clone()
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -255,6 +299,16 @@ impl Agent {
 
     /// Starts the agent on this state dir and waits for /readyz.
     fn spawn(&mut self) {
+        if let Err(status) = self.try_spawn() {
+            panic!(
+                "fnlet agent exited during start-up ({status}):\n{}",
+                self.log()
+            );
+        }
+    }
+
+    /// Starts the agent and waits for /readyz, or for its exit during start-up.
+    fn try_spawn(&mut self) -> Result<(), ExitStatus> {
         assert!(self.child.is_none(), "agent already running");
         let log = OpenOptions::new()
             .create(true)
@@ -279,10 +333,10 @@ impl Agent {
             .spawn()
             .expect("start fnlet agent");
         self.child = Some(child);
-        self.wait_ready();
+        self.wait_ready()
     }
 
-    fn wait_ready(&mut self) {
+    fn wait_ready(&mut self) -> Result<(), ExitStatus> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = self
@@ -290,15 +344,13 @@ impl Agent {
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
-                panic!(
-                    "fnlet agent exited during start-up ({status}):\n{}",
-                    self.log()
-                );
+                self.child = None;
+                return Err(status);
             }
             if let Ok(r) = self.try_request(Method::GET, "/readyz", false, None)
                 && r.status == 200
             {
-                return;
+                return Ok(());
             }
             assert!(
                 Instant::now() < deadline,

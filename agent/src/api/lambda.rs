@@ -280,10 +280,19 @@ async fn invoke_api_inner(
         ))
     })?;
     let arn = function_arn(config, &name);
-    let f = app
-        .router
-        .lookup(&name)
-        .ok_or_else(|| LambdaError::not_found(&arn))?;
+    let f = app.router.lookup(&name).ok_or_else(|| {
+        match app.router.registry.failed(&name) {
+            // Lambda's answer for a function whose state forbids the call.
+            Some(why) => LambdaError::new(
+                StatusCode::CONFLICT,
+                "ResourceConflictException",
+                format!(
+                    "The operation cannot be performed at this time. The function is currently in the following state: Failed ({why})"
+                ),
+            ),
+            None => LambdaError::not_found(&arn),
+        }
+    })?;
     let qualifier = q.qualifier.or(path_qualifier);
     check_qualifier(&f, &arn, qualifier.as_deref())?;
     let (parts, body) = req.into_parts();
@@ -473,12 +482,10 @@ async fn function_url_inner(
     req: Request,
     id: &str,
 ) -> Result<Response, (AppError, Option<u64>)> {
-    let f = app.router.lookup(name).ok_or_else(|| {
-        (
-            AppError::not_found(format!("no function named {name:?}")),
-            None,
-        )
-    })?;
+    let f = app
+        .router
+        .lookup(name)
+        .ok_or_else(|| (super::not_served(app, name), None))?;
     if f.manifest.mode == Mode::Exec {
         if raw_path != "/" || req.method() != axum::http::Method::POST {
             return Err((

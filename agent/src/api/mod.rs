@@ -1,6 +1,7 @@
 //! The HTTP API (axum): admin calls under /v1, invocation at /fn/{name}, health and metrics.
 //! Handlers parse HTTP into calls on the store and the router; status codes live here only.
 
+mod cluster;
 mod drain;
 mod error;
 pub mod function_url;
@@ -33,7 +34,7 @@ use crate::config::Config;
 use crate::manifest::valid_name;
 use crate::pool::ActiveFunction;
 use crate::router::Router;
-use crate::store::{FunctionRecord, Store, VersionRecord};
+use crate::store::{Changes, FunctionRecord, Store, VersionRecord};
 
 pub struct App {
     pub config: Config,
@@ -50,6 +51,8 @@ pub struct App {
     /// This host's node id (`Config::node_id`): every invocation answer names it in
     /// `x-fnlet-host`.
     pub node_id: String,
+    /// This agent as a cluster member, once it is one (at start, or after `cluster init`).
+    pub cluster: std::sync::OnceLock<Arc<crate::cluster::node::Node>>,
 }
 
 /// The header naming the host that ran an invocation.
@@ -121,6 +124,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/keys"),
     ("POST", "/v1/keys"),
     ("DELETE", "/v1/keys/{id}"),
+    ("POST", "/v1/cluster/init"),
+    ("POST", "/v1/cluster/tokens"),
+    ("GET", "/v1/cluster/members"),
     ("POST", "/2015-03-31/functions/{name}/invocations"),
     ("GET", "/fn/{name}"),
     ("PUT", "/fn/{name}"),
@@ -151,6 +157,9 @@ pub fn app(state: Arc<App>) -> AxumRouter {
         .route("/v1/functions/{name}/logs", get(logs))
         .route("/v1/keys", get(keys::list).post(keys::create))
         .route("/v1/keys/{id}", delete(keys::remove))
+        .route("/v1/cluster/init", post(cluster::init))
+        .route("/v1/cluster/tokens", post(cluster::token))
+        .route("/v1/cluster/members", get(cluster::members))
         .route(
             "/2015-03-31/functions/{name}/invocations",
             post(lambda::invoke_api),
@@ -310,6 +319,17 @@ async fn status(State(app): Shared, headers: HeaderMap) -> Result<Response, AppE
         "state_dir": app.config.state_dir,
         "draining": app.router.draining.is_cancelled(),
         "resident_memory_bytes": crate::metrics::resident_bytes(),
+        "cluster": app.cluster.get().map(|node| {
+            let mut counts = std::collections::BTreeMap::<&str, u64>::new();
+            for m in node.members(0).iter().filter(|m| !m.this_host) {
+                *counts.entry(m.state).or_default() += 1;
+            }
+            json!({
+                "node_id": node.id,
+                "peer_addr": node.advertise.to_string(),
+                "members": counts,
+            })
+        }),
     }))
     .into_response())
 }
@@ -339,9 +359,12 @@ async fn list(State(app): Shared, headers: HeaderMap) -> Result<Response, AppErr
 /// A function as the API shows it: the record, its active version, and what runs now.
 fn function_json(app: &App, rec: &FunctionRecord, active: Option<&VersionRecord>) -> Value {
     let slot = app.router.registry.get(&rec.name);
+    let failed = app.router.registry.failed(&rec.name);
     json!({
         "name": rec.name,
         "version": rec.active,
+        "status": if failed.is_some() { "failed" } else { "active" },
+        "status_reason": failed,
         "manifest": active.map(|v| &v.manifest),
         "sha256": active.map(|v| &v.sha256),
         "limits": active.map(|v| v.manifest.resolve(&app.config.defaults)),
@@ -395,11 +418,13 @@ async fn versions(
     Ok(axum::Json(json!({ "versions": versions.iter().map(|v| version_json(v, rec.active)).collect::<Vec<_>>() })).into_response())
 }
 
-/// Makes the version that the store now says is active the one new invocations run.
-fn activate(app: &App, name: &str) -> Result<(), AppError> {
-    let rec = app.store.function(name)?;
-    let v = app.store.version(name, rec.active)?;
-    let bundle = app.store.bundle_path(&v.sha256);
+/// Makes the version that the store now says is active the one new invocations run. Called
+/// with the store's changes held, so no other change lands between the store's answer and
+/// the registry's.
+pub(crate) fn activate(app: &App, store: &Changes<'_>, name: &str) -> Result<(), AppError> {
+    let rec = store.function(name)?;
+    let v = store.version(name, rec.active)?;
+    let bundle = store.bundle_path(&v.sha256);
     let f = ActiveFunction::new(&rec, &v, bundle, &app.config)
         .map_err(|e| AppError::new(StatusCode::BAD_REQUEST, "bad_manifest", e.to_string()))?;
     app.router.registry.activate(f);
@@ -450,18 +475,39 @@ async fn deploy(
                 format!("fnlet.toml: runtime: {why}"),
             ));
         }
-        let v = app.store.deploy(&unpacked)?;
-        activate(&app, &v.name)?;
-        if let Err(e) = app.store.gc(
+        // From the move into bundles/ to the collection after it, no other change.
+        let store = app.store.changes();
+        let new_content = !store.bundle_path(&unpacked.sha256).exists();
+        let v = store.deploy(&unpacked)?;
+        activate(&app, &store, &v.name)?;
+        if let Err(e) = store.gc(
             app.config.retain_versions,
             &app.router.registry.bundles_in_use(),
         ) {
             tracing::warn!("garbage collection after deploy: {e}");
         }
-        Ok(v)
+        Ok((v, new_content))
     })
     .await?;
+    let (v, new_content) = v;
     tracing::info!(function = %v.name, version = v.version, sha256 = %v.sha256, "deployed");
+    let mut answer = version_json(&v, v.version);
+    if let Some(node) = app.cluster.get() {
+        node.published(&v);
+        // The answer waits until `replicas` hosts hold new content (peers fetch it from
+        // here); content a peer already has is not fetched again.
+        let hosts = node.live_peers().len() + 1;
+        let want = (app.config.cluster.replicas as usize).min(hosts);
+        let holding = if new_content && want > 1 {
+            node.await_replicas(&v.sha256, want - 1, REPLICA_WAIT).await
+        } else {
+            want
+        };
+        answer["replicas"] = json!({ "wanted": want, "holding": holding, "hosts": hosts });
+        if holding < want {
+            tracing::warn!(function = %v.name, holding, wanted = want, "deployed, but fewer hosts than cluster.replicas hold the bundle yet");
+        }
+    }
     app.router.logs.append(
         &v.name,
         v.version,
@@ -469,8 +515,11 @@ async fn deploy(
         "agent",
         &format!("deployed version {} ({})", v.version, &v.sha256[..12]),
     );
-    Ok((StatusCode::CREATED, axum::Json(version_json(&v, v.version))).into_response())
+    Ok((StatusCode::CREATED, axum::Json(answer)).into_response())
 }
+
+/// How long a deploy waits for `cluster.replicas` hosts to hold its bundle.
+const REPLICA_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 async fn remove(
     State(app): Shared,
@@ -481,11 +530,15 @@ async fn remove(
     checked_name(&name)?;
     let app2 = app.clone();
     blocking(move || {
-        app2.store.remove(&name)?;
+        let store = app2.store.changes();
+        store.remove(&name)?;
         app2.router.registry.remove(&name);
         app2.router.logs.remove(&name);
         tracing::info!(function = %name, "removed");
-        if let Err(e) = app2.store.gc(
+        if let Some(node) = app2.cluster.get() {
+            node.unpublished(&name);
+        }
+        if let Err(e) = store.gc(
             app2.config.retain_versions,
             &app2.router.registry.bundles_in_use(),
         ) {
@@ -520,12 +573,16 @@ async fn rollback(
     };
     let app2 = app.clone();
     let v = blocking(move || {
-        let v = app2.store.rollback(&name, body.to)?;
-        activate(&app2, &name)?;
+        let store = app2.store.changes();
+        let v = store.rollback(&name, body.to)?;
+        activate(&app2, &store, &name)?;
         Ok(v)
     })
     .await?;
     tracing::info!(function = %v.name, version = v.version, "rolled back");
+    if let Some(node) = app.cluster.get() {
+        node.published(&v);
+    }
     app.router.logs.append(
         &v.name,
         v.version,
@@ -556,7 +613,8 @@ async fn logs(
 ) -> Result<Response, AppError> {
     admin(&app, &headers)?;
     checked_name(&name)?;
-    if app.router.registry.get(&name).is_none() {
+    // A failed function's log says what happened to it.
+    if app.router.registry.get(&name).is_none() && app.router.registry.failed(&name).is_none() {
         return Err(AppError::not_found(format!("no function named {name:?}")));
     }
     let logs = app.router.logs.clone();
@@ -609,6 +667,19 @@ pub(crate) fn request_id() -> String {
     )
 }
 
+/// Why `name` has no version to invoke: it was never deployed (404), or it is stored but
+/// failed (503, with the reason).
+pub(crate) fn not_served(app: &App, name: &str) -> AppError {
+    match app.router.registry.failed(name) {
+        Some(why) => AppError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "function_failed",
+            format!("{name} is failed: {why}"),
+        ),
+        None => AppError::not_found(format!("no function named {name:?}")),
+    }
+}
+
 /// An exec-mode invocation: the request body in, the function's stdout out.
 async fn invoke_exec(
     app: &App,
@@ -618,12 +689,10 @@ async fn invoke_exec(
     id: &str,
 ) -> Result<Response, (AppError, Option<u64>)> {
     let headers = &headers;
-    let f = app.router.lookup(name).ok_or_else(|| {
-        (
-            AppError::not_found(format!("no function named {name:?}")),
-            None,
-        )
-    })?;
+    let f = app
+        .router
+        .lookup(name)
+        .ok_or_else(|| (not_served(app, name), None))?;
     if !f.manifest.public && !authorized(app, headers) && !forwarded(req.extensions()) {
         return Err((AppError::unauthorized(), None));
     }

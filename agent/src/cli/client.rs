@@ -378,6 +378,11 @@ pub struct FunctionInfo {
     pub uid: Option<u64>,
     pub created_at: String,
     pub updated_at: String,
+    /// "active", or "failed" (stored but not runnable here), with the reason.
+    #[serde(default)]
+    pub status: Option<String>,
+    #[serde(default)]
+    pub status_reason: Option<String>,
     #[serde(default)]
     pub running: Option<u64>,
     #[serde(default)]
@@ -422,6 +427,16 @@ pub struct StatusInfo {
     pub draining: Option<bool>,
     /// Controllers whose limits the host cannot enforce (absent from older agents).
     pub unenforced_limits: Option<Vec<String>>,
+    /// The cluster, when the agent is in one.
+    pub cluster: Option<ClusterStatus>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct ClusterStatus {
+    pub node_id: String,
+    pub peer_addr: String,
+    pub members: std::collections::BTreeMap<String, u64>,
 }
 
 /// One line of a function's log.
@@ -670,6 +685,26 @@ impl Client {
             None => serde_json::json!({}),
         };
         self.json(self.with_json(Method::POST, &["v1", "keys"], &body)?)
+            .await
+    }
+
+    /// POST /v1/cluster/init
+    pub async fn cluster_init(&self, ttl_s: u64) -> ClientResult<Value> {
+        let body = serde_json::json!({ "ttl_s": ttl_s });
+        self.json(self.with_json(Method::POST, &["v1", "cluster", "init"], &body)?)
+            .await
+    }
+
+    /// POST /v1/cluster/tokens
+    pub async fn cluster_token(&self, ttl_s: u64) -> ClientResult<Value> {
+        let body = serde_json::json!({ "ttl_s": ttl_s });
+        self.json(self.with_json(Method::POST, &["v1", "cluster", "tokens"], &body)?)
+            .await
+    }
+
+    /// GET /v1/cluster/members
+    pub async fn members(&self) -> ClientResult<Value> {
+        self.json(self.empty(Method::GET, &["v1", "cluster", "members"])?)
             .await
     }
 

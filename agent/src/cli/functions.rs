@@ -904,6 +904,10 @@ fn describe_text(f: &FunctionInfo, versions: &[VersionInfo]) -> String {
         pairs.push(("description", d.clone()));
     }
     pairs.push(("version", format!("{} (active)", f.version)));
+    if f.status.as_deref() == Some("failed") {
+        let why = f.status_reason.as_deref().unwrap_or("no reason given");
+        pairs.push(("status", format!("failed: {why}")));
+    }
     if let Some(sha) = &f.sha256 {
         pairs.push(("sha256", sha.clone()));
     }
@@ -1044,6 +1048,26 @@ fn status_text(s: &StatusInfo, endpoint: &str) -> String {
         (
             "draining",
             s.draining.map_or_else(none, |d| yes_no(d).into()),
+        ),
+        (
+            "cluster",
+            s.cluster.as_ref().map_or_else(
+                || "not in a cluster".into(),
+                |c| {
+                    let counts: Vec<String> =
+                        c.members.iter().map(|(k, v)| format!("{v} {k}")).collect();
+                    format!(
+                        "node {} at {}; other members: {}",
+                        c.node_id,
+                        c.peer_addr,
+                        if counts.is_empty() {
+                            "none".into()
+                        } else {
+                            counts.join(", ")
+                        }
+                    )
+                },
+            ),
         ),
     ])
 }
@@ -1478,6 +1502,19 @@ mod tests {
     }
 
     #[test]
+    fn describe_says_why_a_function_is_failed() {
+        let mut f = function();
+        assert!(!describe_text(&f, &[]).contains("status:"));
+        f.status = Some("failed".into());
+        f.status_reason = Some("its bundle is missing; redeploy it".into());
+        let text = describe_text(&f, &[]);
+        assert!(
+            text.contains("\nstatus:       failed: its bundle is missing; redeploy it\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn deploy_and_status_lines() {
         assert_eq!(
             deployed_line(&version(3, true)),
@@ -1493,6 +1530,11 @@ mod tests {
             state_dir: Some("/var/lib/fnlet".into()),
             draining: Some(false),
             unenforced_limits: Some(vec!["memory".into(), "pids".into()]),
+            cluster: Some(crate::cli::client::ClusterStatus {
+                node_id: "host-a".into(),
+                peer_addr: "10.0.0.1:8741".into(),
+                members: [("alive".to_string(), 2), ("down".to_string(), 1)].into(),
+            }),
         };
         assert_eq!(
             status_text(&s, "http://127.0.0.1:8740"),
@@ -1505,7 +1547,8 @@ mod tests {
              cgroup root:  fnlet\n\
              limits:       NOT enforced: no memory, pids controller here\n\
              state dir:    /var/lib/fnlet\n\
-             draining:     no\n"
+             draining:     no\n\
+             cluster:      node host-a at 10.0.0.1:8741; other members: 2 alive, 1 down\n"
         );
     }
 

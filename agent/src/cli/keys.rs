@@ -13,18 +13,6 @@ use super::functions::{
     typed,
 };
 
-/// The exit statuses, as every client command's help ends.
-macro_rules! examples {
-    ($($line:literal),+ $(,)?) => {
-        concat!(
-            "Examples:\n",
-            $("  ", $line, "\n",)+
-            "\nExit status: 0 success; 1 the agent answered with an error; 2 usage error; \
-             3 the agent could not be reached.",
-        )
-    };
-}
-
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
     /// Make an access key and print its id and secret (the secret is shown this once).
@@ -32,21 +20,21 @@ pub enum KeysCommand {
     /// Callers sign Lambda Invoke API calls (`aws lambda invoke`, boto3, any AWS SDK pointed
     /// at the agent with an endpoint URL) with the key; functions that are not `public` refuse
     /// unsigned calls. The agent keeps the secret sealed and never shows it again.
-    #[command(after_help = examples!(
+    #[command(after_help = admin_examples!(
         "fnlet keys create --description \"ci deploys\"",
         "fnlet keys create --json | jq -r .secret_access_key"
     ))]
     Create(CreateArgs),
 
     /// List the access keys: id, description, when made and last used (never the secrets).
-    #[command(visible_alias = "list", after_help = examples!(
+    #[command(visible_alias = "list", after_help = admin_examples!(
         "fnlet keys ls",
         "fnlet keys ls --json | jq -r '.keys[].access_key_id'"
     ))]
     Ls(LsArgs),
 
     /// Remove an access key: calls it signs are refused from then on.
-    #[command(visible_alias = "remove", after_help = examples!(
+    #[command(visible_alias = "remove", after_help = admin_examples!(
         "fnlet keys rm FNLTABCDEFGHIJKLMNOP"
     ))]
     Rm(RmArgs),

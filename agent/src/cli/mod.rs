@@ -1,9 +1,22 @@
 //! Command-line front: clap definitions and dispatch.
 
+/// The help epilogue of an admin command (`keys`, `cluster`): its examples and exit statuses.
+macro_rules! admin_examples {
+    ($($line:literal),+ $(,)?) => {
+        concat!(
+            "Examples:\n",
+            $("  ", $line, "\n",)+
+            "\nExit status: 0 success; 1 the agent answered with an error; 2 usage error; \
+             3 the agent could not be reached.",
+        )
+    };
+}
+
 mod client;
+mod cluster;
 mod functions;
 mod keys;
-mod pack;
+pub(crate) mod pack;
 mod quic;
 mod runtime;
 mod sandbox;
@@ -63,6 +76,21 @@ Examples:
   fnlet runtime ls"
     )]
     Runtime(runtime::RuntimeCommand),
+    /// The cluster: make one here, print join tokens.
+    #[command(
+        subcommand,
+        after_help = "\
+Examples:
+  fnlet cluster init                   # prints a join token for the other hosts
+  fnlet cluster token --ttl 2h"
+    )]
+    Cluster(cluster::ClusterCommand),
+    /// The cluster's members as the local agent sees them: id, address, state, RTT.
+    #[command(after_help = "\
+Examples:
+  fnlet members
+  fnlet members --json | jq -r '.[] | select(.state != \"alive\") | .id'")]
+    Members(cluster::MembersArgs),
     /// Print shell completions for fnlet.
     #[command(after_help = "\
 Examples:
@@ -100,6 +128,8 @@ pub fn main() -> ExitCode {
         Command::Sandbox(cmd) => sandbox::run(cmd),
         Command::Functions(cmd) => Ok(functions::run(cmd)),
         Command::Keys(cmd) => Ok(keys::run(cmd)),
+        Command::Cluster(cmd) => Ok(cluster::run(cmd)),
+        Command::Members(args) => Ok(cluster::run_members(args)),
         Command::Runtime(cmd) => Ok(runtime::run(cmd)),
         Command::Completions { shell } => Ok(completions(shell)),
         Command::Manpages { dir } => manpages(&dir),

@@ -2,6 +2,8 @@
 //! (the cluster CA, node certificates, rustls configurations).
 
 pub mod invoke;
+pub mod node;
 pub mod pki;
+pub mod replica;
 pub mod transport;
 pub mod wire;

@@ -65,6 +65,9 @@ pub struct Transport {
     conns: Mutex<HashMap<String, quinn::Connection>>,
     /// Serialises dials per peer, so concurrent callers share one connection.
     dialling: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Told of every connection this side dials: the peer sends datagrams and opens streams
+    /// on it too, so someone must read them.
+    dialled: Mutex<Option<tokio::sync::mpsc::UnboundedSender<(String, quinn::Connection)>>>,
 }
 
 impl Transport {
@@ -83,6 +86,7 @@ impl Transport {
             peer_client: client_config(pki::peer_client_config(creds)?)?,
             conns: Mutex::new(HashMap::new()),
             dialling: Mutex::new(HashMap::new()),
+            dialled: Mutex::new(None),
         })
     }
 
@@ -125,7 +129,22 @@ impl Transport {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(peer.to_string(), conn.clone());
+        if let Some(tx) = self
+            .dialled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            let _ = tx.send((peer.to_string(), conn.clone()));
+        }
         Ok(conn)
+    }
+
+    /// Where to hear of the connections this side dials (see `dialled`).
+    pub fn on_dial(&self) -> tokio::sync::mpsc::UnboundedReceiver<(String, quinn::Connection)> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        *self.dialled.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        rx
     }
 
     fn cached(&self, peer: &str, addr: SocketAddr) -> Option<quinn::Connection> {

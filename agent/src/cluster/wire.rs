@@ -23,6 +23,9 @@ pub enum WireError {
     Refused { code: ErrorCode, message: String },
     #[error("no answer within {0:?}")]
     Timeout(std::time::Duration),
+    /// This side could not make its answer.
+    #[error("{0}")]
+    Local(String),
 }
 
 impl WireError {

@@ -548,6 +548,9 @@ impl FunctionSlot {
 #[derive(Default)]
 pub struct Registry {
     map: RwLock<HashMap<String, Arc<FunctionSlot>>>,
+    /// Stored functions this agent cannot run, and why (e.g. the active version's bundle is
+    /// gone); a deploy or rollback that activates one clears it.
+    failed: RwLock<HashMap<String, String>>,
 }
 
 impl Registry {
@@ -561,6 +564,10 @@ impl Registry {
 
     /// Makes `f` the version new invocations of its function run.
     pub fn activate(&self, f: ActiveFunction) {
+        self.failed
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&f.name);
         let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
         match map.get(&f.name) {
             Some(slot) => slot.set_active(f),
@@ -570,7 +577,29 @@ impl Registry {
         }
     }
 
+    /// Records that the stored function `name`, which has no active version here, cannot run,
+    /// and why; until a deploy or rollback activates a version, its calls get that reason.
+    pub fn mark_failed(&self, name: &str, reason: String) {
+        self.failed
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), reason);
+    }
+
+    /// Why `name` cannot run, if it was marked failed.
+    pub fn failed(&self, name: &str) -> Option<String> {
+        self.failed
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
     pub fn remove(&self, name: &str) -> Option<Arc<FunctionSlot>> {
+        self.failed
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
         let slot = self
             .map
             .write()

@@ -67,6 +67,9 @@ pub trait CgroupBackend: Send + Sync + fmt::Debug {
     fn create(&self, leaf: &str, limits: &Limits) -> Result<Box<dyn SandboxCgroup>>;
     /// Kills and removes every group under the root (what a crashed predecessor left).
     fn reap_stale(&self) -> Result<usize>;
+    /// Creates the root where missing and returns the directory that stands for it: the root
+    /// in the first hierarchy (v1: of the first controller).
+    fn root_dir(&self) -> Result<PathBuf>;
     /// Removes the root itself if it is empty.
     fn remove_root(&self) -> Result<()>;
     /// Where the root lives, for messages.

@@ -110,6 +110,17 @@ impl CgroupBackend for V1 {
         Ok(n)
     }
 
+    fn root_dir(&self) -> Result<PathBuf> {
+        let first = V1::distinct(&self.roots)
+            .into_iter()
+            .next()
+            .ok_or_else(|| {
+                IsolateError::CgroupDetect("no cgroup v1 controller to put the root in".into())
+            })?;
+        mkdir(&first)?;
+        Ok(first)
+    }
+
     fn remove_root(&self) -> Result<()> {
         for root in V1::distinct(&self.roots) {
             if root.exists() {
@@ -266,6 +277,16 @@ mod tests {
         }
         let v1 = V1::at(tmp.path(), "fnlet-test");
         (tmp, v1)
+    }
+
+    #[test]
+    fn the_root_dir_is_the_first_controllers_root() {
+        let (tmp, v1) = fake();
+        let dir = v1.root_dir().unwrap();
+        assert_eq!(dir, tmp.path().join(CONTROLLERS[0]).join("fnlet-test"));
+        assert!(dir.is_dir());
+        // Already there: the same directory again.
+        assert_eq!(v1.root_dir().unwrap(), dir);
     }
 
     #[test]

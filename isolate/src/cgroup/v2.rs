@@ -169,6 +169,16 @@ impl CgroupBackend for V2 {
         Ok(n)
     }
 
+    fn root_dir(&self) -> Result<PathBuf> {
+        let rel = self.root.strip_prefix(&self.mount).unwrap_or(Path::new(""));
+        let mut dir = self.mount.clone();
+        for comp in rel.components() {
+            dir.push(comp);
+            mkdir(&dir)?;
+        }
+        Ok(self.root.clone())
+    }
+
     fn remove_root(&self) -> Result<()> {
         if self.root.exists() {
             rmdir(&self.root)
@@ -289,6 +299,17 @@ mod tests {
         std::fs::write(tmp.path().join("fnlet/cgroup.controllers"), controllers).unwrap();
         let v2 = V2::new(tmp.path().into(), "fnlet").unwrap();
         (tmp, v2)
+    }
+
+    #[test]
+    fn the_root_dir_is_made_along_the_path() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("cgroup.controllers"), "").unwrap();
+        let v2 = V2::new(tmp.path().into(), "unit.service/instances").unwrap();
+        let dir = v2.root_dir().unwrap();
+        assert_eq!(dir, tmp.path().join("unit.service/instances"));
+        assert!(dir.is_dir());
+        assert_eq!(v2.root_dir().unwrap(), dir);
     }
 
     #[test]

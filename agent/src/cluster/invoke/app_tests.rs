@@ -101,6 +101,7 @@ impl TestAgent {
             router: Arc::new(router),
             token: TOKEN.into(),
             started: Instant::now(),
+            cluster: std::sync::OnceLock::new(),
         });
         let cluster = ClusterDir::new(&state);
         cluster.init("alpha").unwrap();

@@ -1,0 +1,859 @@
+//! This agent as a cluster member: the QUIC endpoint's accept loop, the membership task that
+//! drives foca over QUIC datagrams, the join handshake (both sides) and the members table.
+//!
+//! Connections are told apart by ALPN and certificate: `fnlet-peer/1` with a certificate of
+//! this cluster is a peer (SWIM datagrams, frame streams); `fnlet-peer/1` without one may only
+//! ask to join; `fnlet-invoke/1` is a QUIC caller.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fnlet_cluster::Sha256Hash;
+use fnlet_cluster::frame::{self, Alpn, ErrorCode, Expect, Frame, Limits, Seed};
+use fnlet_cluster::membership::{
+    MemberEvent, MemberInfo, MemberState, Membership, NodeIdentity, foca_config,
+};
+use fnlet_cluster::token::{JoinToken, StoredToken};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::pki::{self, ClusterDir, PkiError};
+use super::transport::{self, Transport, TransportError};
+use super::wire::{self, FrameReader, WireError};
+use crate::metrics::Metrics;
+
+/// How often a host that knows no live peer announces itself to its seeds again.
+const REANNOUNCE: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("join token: {0}")]
+    Token(#[from] fnlet_cluster::token::TokenError),
+    #[error("{0}")]
+    Join(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A member as `fnlet members` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MemberRow {
+    pub id: String,
+    pub addr: SocketAddr,
+    /// alive, suspect, down, left
+    pub state: &'static str,
+    pub incarnation: u16,
+    pub generation: u64,
+    /// Round-trip time of this host's connection to it, when one is open.
+    pub rtt_ms: Option<f64>,
+    /// In-flight calls, as routing sees them: this host's running calls, and for a peer the
+    /// calls this host forwarded to it that are still running.
+    pub load: u32,
+    pub this_host: bool,
+}
+
+/// The join tokens the CA holder has made: only their secrets' hashes, and the node ids each
+/// admitted (a token admits a node id once: a replayed join is refused).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct TokenBook {
+    tokens: Vec<BookEntry>,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct BookEntry {
+    stored: StoredToken,
+    #[serde(default)]
+    admitted: Vec<String>,
+}
+
+pub struct Node {
+    pub id: String,
+    pub advertise: SocketAddr,
+    pub generation: u64,
+    pub transport: Arc<Transport>,
+    dir: ClusterDir,
+    pub(super) metrics: Arc<Metrics>,
+    /// The catalog, kept in step with the store and the peers.
+    pub(super) replica: super::replica::Replica,
+    /// The membership table as the membership task last saw it (other hosts only).
+    members: RwLock<Vec<MemberInfo>>,
+    /// Hosts that said they were leaving (they closed their connection as they left), until
+    /// they come back.
+    left: Mutex<std::collections::HashSet<String>>,
+    datagrams: mpsc::Sender<(String, bytes::Bytes)>,
+    tokens: Mutex<()>,
+    /// Calls this host forwarded that are still running, per peer: the load it routes by.
+    forwarded: Mutex<HashMap<String, u32>>,
+    pub stop: CancellationToken,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> ClusterError + '_ {
+    move |source| ClusterError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl Node {
+    /// Starts this agent's membership: binds the endpoint, starts the accept loop and the
+    /// membership task, and announces itself to `seeds`.
+    pub fn start(
+        dir: ClusterDir,
+        listen: SocketAddr,
+        advertise: SocketAddr,
+        seeds: Vec<Seed>,
+        metrics: Arc<Metrics>,
+        stop: CancellationToken,
+    ) -> Result<Arc<Node>, ClusterError> {
+        let creds = dir.node_credentials()?;
+        let transport = Arc::new(Transport::bind(listen, &creds)?);
+        // A listen port of 0 is chosen now: advertise what was bound.
+        let advertise = if advertise.port() == 0 {
+            transport
+                .local_addr()
+                .map_err(|e| ClusterError::Join(format!("reading the bound address: {e}")))?
+        } else {
+            advertise
+        };
+        // Each run of the agent is a new SWIM identity, so a restarted host replaces its old
+        // run at once instead of waiting to be declared down.
+        let generation = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let (tx, rx) = mpsc::channel(1024);
+        let replica =
+            super::replica::Replica::open(&creds.node_id, &dir.dir).map_err(ClusterError::Join)?;
+        let node = Arc::new(Node {
+            id: creds.node_id.clone(),
+            advertise,
+            generation,
+            transport,
+            dir,
+            metrics,
+            replica,
+            members: RwLock::new(Vec::new()),
+            left: Mutex::new(std::collections::HashSet::new()),
+            datagrams: tx,
+            tokens: Mutex::new(()),
+            forwarded: Mutex::new(HashMap::new()),
+            stop,
+        });
+        let mut seeds = seeds;
+        seeds.extend(node.known_members());
+        seeds.retain(|s| s.id != node.id);
+        seeds.sort_by(|a, b| a.id.cmp(&b.id));
+        seeds.dedup_by(|a, b| a.id == b.id);
+        tokio::spawn(node.clone().accept_loop());
+        tokio::spawn(node.clone().sync_loop());
+        {
+            // Connections this side dials carry the peer's datagrams and streams too.
+            let node = node.clone();
+            let mut dialled = node.transport.on_dial();
+            tokio::spawn(async move {
+                while let Some((peer, conn)) = dialled.recv().await {
+                    tokio::spawn(node.clone().serve_peer(peer, conn));
+                }
+            });
+        }
+        tokio::spawn(node.clone().membership_loop(rx, seeds));
+        tracing::info!(node = %node.id, peer_listen = %listen, advertise = %node.advertise, "cluster endpoint ready");
+        Ok(node)
+    }
+
+    /// The last of shutdown: closes every connection saying this host leaves (peers show it
+    /// as left, not down) and waits briefly for the closes to go out.
+    pub async fn close(&self) {
+        self.transport.endpoint.close(
+            quinn::VarInt::from_u64(ErrorCode::SHUTTING_DOWN.0).unwrap_or(quinn::VarInt::MAX),
+            b"leaving",
+        );
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), self.transport.endpoint.wait_idle()).await;
+    }
+
+    /// The members table, this host first (running `own_load` calls).
+    pub fn members(&self, own_load: u32) -> Vec<MemberRow> {
+        let forwarded = self
+            .forwarded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut rows = vec![MemberRow {
+            id: self.id.clone(),
+            addr: self.advertise,
+            state: "alive",
+            incarnation: 0,
+            generation: self.generation,
+            rtt_ms: None,
+            load: own_load,
+            this_host: true,
+        }];
+        let conns: HashMap<String, quinn::Connection> =
+            self.transport.connections().into_iter().collect();
+        let left = self.left.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let members = self.members.read().unwrap_or_else(|p| p.into_inner());
+        for m in members.iter() {
+            let state = match m.state {
+                MemberState::Alive => "alive",
+                MemberState::Suspect => "suspect",
+                MemberState::Down if left.contains(&m.identity.id) => "left",
+                MemberState::Down => "down",
+            };
+            rows.push(MemberRow {
+                id: m.identity.id.clone(),
+                addr: m.identity.addr,
+                state,
+                incarnation: m.incarnation,
+                generation: m.identity.generation,
+                rtt_ms: conns
+                    .get(&m.identity.id)
+                    .map(|c| c.rtt().as_secs_f64() * 1000.0),
+                load: forwarded.get(&m.identity.id).copied().unwrap_or(0),
+                this_host: false,
+            });
+        }
+        rows[1..].sort_by(|a, b| a.id.cmp(&b.id));
+        rows
+    }
+
+    /// Hosts alive or suspect (not down), other than this one.
+    pub fn live_peers(&self) -> Vec<NodeIdentity> {
+        self.members
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|m| m.state != MemberState::Down)
+            .map(|m| m.identity.clone())
+            .collect()
+    }
+
+    /// Where a call to `function` should run: the first live host in the function's
+    /// rendezvous ranking whose in-flight load is within the bound (ceil(1.25 x mean)). Loads
+    /// are as this host sees them: its own running calls, and the calls it forwarded to each
+    /// peer that are still running. `None`: here.
+    pub fn pick(&self, function: &str, own_load: u32) -> Option<NodeIdentity> {
+        let peers = self.live_peers();
+        if peers.is_empty() {
+            return None;
+        }
+        let forwarded = self
+            .forwarded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut hosts = vec![fnlet_cluster::route::Host {
+            id: self.id.as_str(),
+            load: own_load,
+        }];
+        hosts.extend(peers.iter().map(|p| fnlet_cluster::route::Host {
+            id: p.id.as_str(),
+            load: forwarded.get(&p.id).copied().unwrap_or(0),
+        }));
+        let chosen = fnlet_cluster::route::pick(
+            function,
+            &hosts,
+            fnlet_cluster::route::BalanceFactor::DEFAULT,
+        )?;
+        peers.iter().find(|p| p.id == chosen.host).cloned()
+    }
+
+    /// Counts a call forwarded to `peer` until the returned guard is dropped.
+    pub fn forwarding(self: &Arc<Self>, peer: &str) -> Forwarding {
+        *self
+            .forwarded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(peer.to_string())
+            .or_default() += 1;
+        Forwarding {
+            node: self.clone(),
+            peer: peer.to_string(),
+        }
+    }
+
+    fn is_alive(&self, id: &str) -> bool {
+        id == self.id || self.live_peers().iter().any(|m| m.id == id)
+    }
+
+    /// Members to dial at the next start: every member seen, kept in the state dir.
+    fn known_members(&self) -> Vec<Seed> {
+        let path = self.dir.dir.join("members.json");
+        std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    fn remember_members(&self) {
+        let seeds: Vec<Seed> = self
+            .members
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|m| Seed {
+                id: m.identity.id.clone(),
+                addr: m.identity.addr,
+            })
+            .collect();
+        let path = self.dir.dir.join("members.json");
+        let tmp = path.with_extension("tmp");
+        let written = serde_json::to_vec(&seeds)
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(&tmp, b))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            tracing::warn!("keeping the members list in {}: {e}", path.display());
+        }
+    }
+
+    async fn accept_loop(self: Arc<Self>) {
+        loop {
+            let incoming = tokio::select! {
+                i = self.transport.endpoint.accept() => i,
+                _ = self.stop.cancelled() => break,
+            };
+            let Some(incoming) = incoming else { break };
+            let node = self.clone();
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                match incoming.await {
+                    Ok(conn) => node.serve_connection(conn).await,
+                    Err(e) => {
+                        node.metrics.handshake_failure(handshake_reason(&e));
+                        tracing::info!(%remote, "refused a QUIC connection: {e}");
+                    }
+                }
+            });
+        }
+    }
+
+    async fn serve_connection(self: Arc<Self>, conn: quinn::Connection) {
+        let alpn = transport::alpn(&conn).and_then(|a| Alpn::from_protocol(&a));
+        match (alpn, transport::peer_node_id(&conn)) {
+            (Some(Alpn::Peer), Some(peer)) => {
+                self.transport.adopt(&peer, &conn);
+                self.serve_peer(peer, conn).await;
+            }
+            (Some(Alpn::Peer), None) => self.serve_joiner(conn).await,
+            (Some(Alpn::Invoke), _) => {
+                // QUIC callers: their streams are served once invocations over QUIC land.
+                conn.close(
+                    quinn::VarInt::from_u64(ErrorCode::NOT_FOUND.0).unwrap_or(quinn::VarInt::MAX),
+                    b"invocations over QUIC are not served by this agent yet",
+                );
+            }
+            (None, _) => conn.close(quinn::VarInt::from_u32(0x100), b"unknown ALPN"),
+        }
+    }
+
+    /// A peer's connection: SWIM datagrams to the membership task, frame streams served.
+    async fn serve_peer(self: Arc<Self>, peer: String, conn: quinn::Connection) {
+        let datagrams = {
+            let (node, peer, conn) = (self.clone(), peer.clone(), conn.clone());
+            async move {
+                loop {
+                    match conn.read_datagram().await {
+                        Ok(d) => {
+                            if node.datagrams.try_send((peer.clone(), d)).is_err() {
+                                // The membership task is behind: a lost SWIM packet is what
+                                // SWIM is built to survive.
+                                node.metrics.swim_dropped();
+                            }
+                        }
+                        Err(quinn::ConnectionError::ApplicationClosed(c))
+                            if c.error_code.into_inner() == ErrorCode::SHUTTING_DOWN.0 =>
+                        {
+                            tracing::info!(peer = %peer, "member left");
+                            node.left
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert(peer.clone());
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+        };
+        let streams = {
+            let (node, peer, conn) = (self.clone(), peer.clone(), conn.clone());
+            async move {
+                while let Ok((send, recv)) = conn.accept_bi().await {
+                    let (node, peer, conn) = (node.clone(), peer.clone(), conn.clone());
+                    tokio::spawn(async move {
+                        node.serve_peer_stream(&peer, &conn, send, recv).await;
+                    });
+                }
+            }
+        };
+        let gossip = {
+            let (node, peer, conn) = (self.clone(), peer.clone(), conn.clone());
+            async move {
+                while let Ok(recv) = conn.accept_uni().await {
+                    let (node, peer, conn) = (node.clone(), peer.clone(), conn.clone());
+                    tokio::spawn(async move { node.serve_gossip(&peer, &conn, recv).await });
+                }
+            }
+        };
+        tokio::join!(datagrams, streams, gossip);
+    }
+
+    async fn serve_peer_stream(
+        self: &Arc<Self>,
+        peer: &str,
+        conn: &quinn::Connection,
+        mut send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) {
+        let mut reader = FrameReader::new(recv, Limits::default(), Expect::request(Alpn::Peer));
+        let served = match reader.next().await {
+            Ok(Some(Frame::CatalogDigest(d))) => self.serve_digest(d, &mut reader, &mut send).await,
+            Ok(Some(Frame::BundleRequest(r))) => self.serve_bundle(r, &mut send).await,
+            Ok(Some(Frame::JoinRequest(_))) => {
+                wire::refuse(&mut send, ErrorCode::UNEXPECTED_FRAME, "already a member").await;
+                Ok(())
+            }
+            Ok(Some(other)) => {
+                wire::refuse(
+                    &mut send,
+                    ErrorCode::NOT_FOUND,
+                    format!("{:?} frames are not served by this agent yet", other.kind()),
+                )
+                .await;
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = served
+            && wire::close_for(conn, &e, peer)
+        {
+            self.metrics.bad_frame();
+        }
+    }
+
+    /// A host without a certificate: one stream, one JoinRequest.
+    async fn serve_joiner(self: Arc<Self>, conn: quinn::Connection) {
+        let remote = conn.remote_address();
+        let Ok(Ok((mut send, recv))) =
+            tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await
+        else {
+            return;
+        };
+        let mut reader = FrameReader::new(recv, Limits::default(), Expect::join_request());
+        let req = match reader.next().await {
+            Ok(Some(Frame::JoinRequest(r))) => r,
+            Ok(_) => return,
+            Err(e) => {
+                if wire::close_for(&conn, &e, &remote.to_string()) {
+                    self.metrics.bad_frame();
+                }
+                return;
+            }
+        };
+        match self.admit(&req) {
+            Ok(answer) => {
+                tracing::info!(node = %req.node_id, %remote, "admitted a new member");
+                if wire::send(&mut send, &Frame::JoinResponse(answer))
+                    .await
+                    .is_ok()
+                {
+                    let _ = send.finish();
+                    // Let the answer arrive before the connection goes.
+                    let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+                }
+            }
+            Err(why) => {
+                self.metrics.handshake_failure("join_refused");
+                tracing::warn!(node = %req.node_id, %remote, "refused a join: {why}");
+                wire::refuse(&mut send, ErrorCode::UNAUTHORIZED, why).await;
+                let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+            }
+        }
+    }
+
+    /// Checks a join request against the token book and issues the certificate.
+    fn admit(&self, req: &frame::JoinRequest) -> Result<frame::JoinResponse, String> {
+        if !pki::valid_node_id(&req.node_id) {
+            return Err(format!(
+                "node id {:?}: 1-63 of a-z 0-9 -, not starting or ending with -",
+                req.node_id
+            ));
+        }
+        if self.is_alive(&req.node_id) {
+            return Err(format!(
+                "node id {:?} is alive in the cluster: a second host cannot take it (pick another --node-id)",
+                req.node_id
+            ));
+        }
+        let issuer = self.dir.issuer().map_err(|e| e.to_string())?;
+        {
+            let _one_at_a_time = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+            let mut book = self.token_book().map_err(|e| e.to_string())?;
+            let entry = book
+                .tokens
+                .iter_mut()
+                .find(|t| t.stored.id == req.token_id)
+                .ok_or("unknown join token (made by another cluster, or never)")?;
+            entry
+                .stored
+                .verify(&req.token_id, &req.token_secret, unix_now())
+                .map_err(|e| e.to_string())?;
+            if entry.admitted.iter().any(|n| n == &req.node_id) {
+                return Err(format!(
+                    "this token already admitted {:?}: a join is not replayed (make a new token with `fnlet cluster token`)",
+                    req.node_id
+                ));
+            }
+            entry.admitted.push(req.node_id.clone());
+            self.save_token_book(&book).map_err(|e| e.to_string())?;
+        }
+        let cert_pem =
+            pki::sign_csr(&issuer, &req.csr_pem, &req.node_id).map_err(|e| e.to_string())?;
+        let ca_pem = std::fs::read_to_string(self.dir.ca_cert()).map_err(|e| e.to_string())?;
+        let mut members = vec![Seed {
+            id: self.id.clone(),
+            addr: self.advertise,
+        }];
+        members.extend(self.live_peers().into_iter().map(|m| Seed {
+            id: m.id,
+            addr: m.addr,
+        }));
+        Ok(frame::JoinResponse {
+            cert_pem,
+            ca_pem,
+            members,
+        })
+    }
+
+    fn token_book_path(&self) -> std::path::PathBuf {
+        self.dir.dir.join("tokens.json")
+    }
+
+    fn token_book(&self) -> Result<TokenBook, ClusterError> {
+        let path = self.token_book_path();
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(|e| ClusterError::Join(format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(TokenBook::default()),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    fn save_token_book(&self, book: &TokenBook) -> Result<(), ClusterError> {
+        let path = self.token_book_path();
+        let tmp = path.with_extension("tmp");
+        let bytes =
+            serde_json::to_vec_pretty(book).map_err(|e| ClusterError::Join(e.to_string()))?;
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(io(&tmp))?;
+            f.write_all(&bytes).map_err(io(&tmp))?;
+            f.sync_all().map_err(io(&tmp))?;
+        }
+        std::fs::rename(&tmp, &path).map_err(io(&path))
+    }
+
+    /// A new join token, valid for `ttl` (on the CA holder).
+    pub fn make_token(&self, ttl: Duration) -> Result<JoinToken, ClusterError> {
+        if !self.dir.is_ca_holder() {
+            return Err(PkiError::NotCaHolder.into());
+        }
+        let _one_at_a_time = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        let mut random = [0u8; fnlet_cluster::token::RANDOM_LEN];
+        getrandom::fill(&mut random)
+            .map_err(|e| ClusterError::Join(format!("no randomness for a token: {e}")))?;
+        let ca = self.dir.ca_der()?;
+        let token = JoinToken::new(random, Sha256Hash::of(&ca), unix_now() + ttl.as_secs());
+        let mut book = self.token_book()?;
+        // Expired tokens are of no use to anyone: drop them as new ones are made.
+        let now = unix_now();
+        book.tokens.retain(|t| t.stored.expires_at > now);
+        book.tokens.push(BookEntry {
+            stored: token.stored(),
+            admitted: Vec::new(),
+        });
+        self.save_token_book(&book)?;
+        Ok(token)
+    }
+
+    /// The membership task: foca driven by datagrams, timers and announces.
+    async fn membership_loop(
+        self: Arc<Self>,
+        mut datagrams: mpsc::Receiver<(String, bytes::Bytes)>,
+        seeds: Vec<Seed>,
+    ) {
+        let me = NodeIdentity::new(self.id.clone(), self.advertise, self.generation);
+        let size = NonZeroU32::new((seeds.len() + 1).max(3) as u32).unwrap_or(NonZeroU32::MIN);
+        let rng = <rand::rngs::StdRng as rand::SeedableRng>::from_rng(&mut rand::rng());
+        let mut swim = Membership::new(me, foca_config(size), rng);
+        let announce = |swim: &mut Membership<rand::rngs::StdRng>| {
+            for s in &seeds {
+                if let Err(e) =
+                    swim.announce(NodeIdentity::new(s.id.clone(), s.addr, 0), Instant::now())
+                {
+                    tracing::debug!(seed = %s.id, "announce: {e}");
+                }
+            }
+        };
+        announce(&mut swim);
+        let mut reannounce = tokio::time::interval(REANNOUNCE);
+        reannounce.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            self.drain(&mut swim);
+            let next = swim.poll_timeout();
+            let timer = async {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = self.stop.cancelled() => {
+                    let _ = swim.leave(Instant::now());
+                    self.drain(&mut swim);
+                    break;
+                }
+                d = datagrams.recv() => {
+                    let Some((from, data)) = d else { break };
+                    if let Err(e) = swim.handle_datagram(&from, &data, Instant::now()) {
+                        self.metrics.bad_frame();
+                        tracing::debug!(peer = %from, "SWIM packet refused: {e}");
+                    }
+                }
+                _ = timer => {
+                    if let Err(e) = swim.handle_timeout(Instant::now()) {
+                        tracing::debug!("SWIM timer: {e}");
+                    }
+                }
+                _ = reannounce.tick() => {
+                    if swim.live().next().is_none() {
+                        announce(&mut swim);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends what foca wants sent, acts on its events and refreshes the members table.
+    fn drain(self: &Arc<Self>, swim: &mut Membership<rand::rngs::StdRng>) {
+        while let Some((to, data)) = swim.poll_transmit() {
+            let node = self.clone();
+            tokio::spawn(async move {
+                match node.transport.connect(&to.id, to.addr).await {
+                    Ok(conn) => {
+                        if let Err(e) = conn.send_datagram(data) {
+                            tracing::debug!(peer = %to.id, "SWIM datagram: {e}");
+                        }
+                    }
+                    Err(e) => tracing::debug!(peer = %to.id, "SWIM: {e}"),
+                }
+            });
+        }
+        let mut changed = false;
+        while let Some(ev) = swim.poll_event() {
+            changed = true;
+            if let MemberEvent::Up(id) | MemberEvent::Replaced { new: id, .. } = &ev {
+                // Back: no longer "left".
+                self.left
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id.id);
+            }
+            match ev {
+                MemberEvent::Up(id) => {
+                    tracing::info!(peer = %id.id, addr = %id.addr, "member up");
+                    self.spawn_sync(id);
+                }
+                MemberEvent::Down(id) => {
+                    tracing::warn!(peer = %id.id, addr = %id.addr, "member down");
+                    // Calls in flight to it fail now, not after an idle timeout.
+                    self.transport
+                        .drop_peer(&id.id, ErrorCode::NO_ERROR.0 as u32, "declared down");
+                }
+                MemberEvent::Replaced { old, new } => {
+                    tracing::info!(peer = %new.id, old_generation = old.generation, generation = new.generation, "member restarted");
+                    self.spawn_sync(new);
+                }
+                MemberEvent::Joined => tracing::info!("joined the cluster"),
+                MemberEvent::Alone => tracing::warn!("no other member is alive"),
+                MemberEvent::Rejoined(me) => {
+                    tracing::warn!(
+                        generation = me.generation,
+                        "the cluster had declared this host down; rejoined"
+                    )
+                }
+                MemberEvent::Defunct => tracing::error!("this host cannot rejoin the cluster"),
+            }
+        }
+        let members: Vec<MemberInfo> = swim.members().collect();
+        for state in [MemberState::Alive, MemberState::Suspect, MemberState::Down] {
+            let n = members.iter().filter(|m| m.state == state).count();
+            self.metrics.members(state_name(state), n as i64);
+        }
+        *self.members.write().unwrap_or_else(|p| p.into_inner()) = members;
+        if changed {
+            self.remember_members();
+        }
+    }
+}
+
+impl Node {
+    /// A digest swap with a member that just came up: what either missed converges.
+    fn spawn_sync(self: &Arc<Self>, peer: NodeIdentity) {
+        let node = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = node.sync_with(&peer.id, peer.addr).await {
+                tracing::debug!(peer = %peer.id, "catalog sync: {e}");
+            }
+        });
+    }
+}
+
+/// One forwarded call in flight (see [`Node::forwarding`]).
+pub struct Forwarding {
+    node: Arc<Node>,
+    peer: String,
+}
+
+impl Drop for Forwarding {
+    fn drop(&mut self) {
+        let mut f = self
+            .node
+            .forwarded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = f.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+fn state_name(s: MemberState) -> &'static str {
+    match s {
+        MemberState::Alive => "alive",
+        MemberState::Suspect => "suspect",
+        MemberState::Down => "down",
+    }
+}
+
+/// Why a QUIC handshake failed, as a metric label.
+fn handshake_reason(e: &quinn::ConnectionError) -> &'static str {
+    let text = e.to_string();
+    if text.contains("certificate") || text.contains("Certificate") || text.contains("CA") {
+        "certificate"
+    } else if text.contains("timed out") {
+        "timeout"
+    } else {
+        "other"
+    }
+}
+
+/// Joins a cluster: asks each seed in turn, pinning the CA by the token's hash, and keeps the
+/// certificate it is given. Returns the members to dial.
+pub async fn join(
+    dir: &ClusterDir,
+    node_id: &str,
+    seeds: &[SocketAddr],
+    token: &str,
+) -> Result<Vec<Seed>, ClusterError> {
+    let token: JoinToken = token.trim().parse()?;
+    token.check_expiry(unix_now())?;
+    let (key, csr_pem) = pki::node_key_and_csr(node_id)?;
+    let tls = pki::join_client_config(&token.ca_sha256.to_string())?;
+    let client = transport::client_config(tls)?;
+    let mut last = String::from("no seed to join (--join ADDR:PORT)");
+    for &seed in seeds {
+        let bind: SocketAddr = if seed.is_ipv6() {
+            "[::]:0".parse().expect("constant address")
+        } else {
+            "0.0.0.0:0".parse().expect("constant address")
+        };
+        let endpoint = match quinn::Endpoint::client(bind) {
+            Ok(e) => e,
+            Err(e) => {
+                last = format!("{seed}: a UDP socket: {e}");
+                continue;
+            }
+        };
+        let attempt = async {
+            let conn = endpoint
+                .connect_with(client.clone(), seed, "fnlet-join")
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())?;
+            let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            let request = Frame::JoinRequest(frame::JoinRequest {
+                token_id: token.id.clone(),
+                token_secret: token.secret.expose().to_string(),
+                node_id: node_id.to_string(),
+                csr_pem: csr_pem.clone(),
+            });
+            wire::send(&mut send, &request)
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = send.finish();
+            let expect = Expect::answer_to(&request).ok_or("no answer expected")?;
+            let mut reader = FrameReader::new(recv, Limits::default(), expect);
+            let answer = reader.next().await.map_err(|e| e.to_string())?;
+            conn.close(0u32.into(), b"joined");
+            match answer {
+                Some(Frame::JoinResponse(r)) => Ok(r),
+                Some(Frame::Error(e)) => Err(format!("refused: {}", e.message)),
+                _ => Err("no answer".to_string()),
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs(15), attempt).await {
+            Ok(Ok(answer)) => {
+                use rustls::pki_types::pem::PemObject;
+                let ca =
+                    rustls::pki_types::CertificateDer::from_pem_slice(answer.ca_pem.as_bytes())
+                        .map_err(|_| {
+                            ClusterError::Join("the CA in the answer is not PEM".into())
+                        })?;
+                token.check_ca(&ca)?;
+                dir.store_ca_cert(&answer.ca_pem)?;
+                dir.store_node(&key.serialize_pem(), &answer.cert_pem)?;
+                let creds = dir.node_credentials()?;
+                if creds.node_id != node_id {
+                    return Err(ClusterError::Join(format!(
+                        "the certificate names {:?}, not {node_id:?}",
+                        creds.node_id
+                    )));
+                }
+                tracing::info!(%seed, node = node_id, "joined the cluster");
+                return Ok(answer.members);
+            }
+            Ok(Err(e)) => last = format!("{seed}: {e}"),
+            Err(_) => last = format!("{seed}: no answer within 15 s"),
+        }
+        tracing::warn!("joining through {last}");
+    }
+    Err(ClusterError::Join(format!("could not join: {last}")))
+}

@@ -1,0 +1,636 @@
+//! Deploy once, call anywhere: the cluster's catalog kept in step with this host's store.
+//!
+//! A deploy, rollback or removal here is written to the catalog (a last-writer-wins map ordered
+//! by a hybrid logical clock) and its delta pushed to every live peer on a unidirectional
+//! stream. A peer applies what is newer, fetches a bundle it lacks by hash from the host that
+//! sent the delta (verifying the content hash before use), records the version and serves it.
+//! Digests are swapped when a peer comes up and every [`SYNC_EVERY`] with one live peer, so
+//! what a lost push or a partition missed converges, to the same winner on every host.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use fnlet_cluster::Sha256Hash;
+use fnlet_cluster::catalog::{Catalog, Change, Delta, Digest, Entry, FunctionRecord, Key, Value};
+use fnlet_cluster::frame::{self, ErrorCode, Expect, Frame, Limits};
+use fnlet_cluster::hlc::ntp64;
+
+use super::node::Node;
+use super::wire::{self, FrameReader, WireError};
+use crate::api::App;
+use crate::bundle::{self, BundleLimits};
+use crate::manifest::Manifest;
+use crate::store::VersionRecord;
+
+/// How often a host swaps digests with one live peer.
+pub const SYNC_EVERY: Duration = Duration::from_secs(10);
+/// Largest catalog frame meta: well under the frame limit.
+const CHUNK: usize = 48 * 1024;
+/// A bundle travels in Data frames of this size.
+const BUNDLE_CHUNK: usize = 256 * 1024;
+
+fn now() -> fnlet_cluster::hlc::NTP64 {
+    ntp64(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default(),
+    )
+}
+
+/// The catalog and what this host knows about the bundles it served.
+pub struct Replica {
+    catalog: Mutex<Catalog>,
+    path: PathBuf,
+    app: Mutex<Weak<App>>,
+    /// Per bundle hash: how many peers fetched it from here (a deploy waits on it).
+    served: Mutex<HashMap<String, usize>>,
+    served_changed: tokio::sync::Notify,
+}
+
+impl Replica {
+    /// The catalog kept in `<cluster dir>/catalog.json`.
+    pub fn open(node_id: &str, dir: &std::path::Path) -> Result<Replica, String> {
+        let path = dir.join("catalog.json");
+        let entries: Vec<Entry> = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        let catalog = Catalog::from_entries(node_id, entries).map_err(|e| e.to_string())?;
+        Ok(Replica {
+            catalog: Mutex::new(catalog),
+            path,
+            app: Mutex::new(Weak::new()),
+            served: Mutex::new(HashMap::new()),
+            served_changed: tokio::sync::Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Catalog> {
+        self.catalog.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn app(&self) -> Option<Arc<App>> {
+        self.app.lock().unwrap_or_else(|p| p.into_inner()).upgrade()
+    }
+
+    fn save(&self, catalog: &Catalog) {
+        let entries: Vec<Entry> = catalog.entries().collect();
+        let tmp = self.path.with_extension("tmp");
+        let written = serde_json::to_vec(&entries)
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(&tmp, b))
+            .and_then(|()| std::fs::rename(&tmp, &self.path));
+        if let Err(e) = written {
+            tracing::error!("keeping the catalog in {}: {e}", self.path.display());
+        }
+    }
+
+    pub fn digest(&self) -> Digest {
+        self.lock().digest()
+    }
+}
+
+fn record_of(node: &str, v: &VersionRecord) -> Result<FunctionRecord, String> {
+    Ok(FunctionRecord {
+        version: v.version,
+        manifest: serde_json::to_value(&v.manifest).map_err(|e| e.to_string())?,
+        bundle_sha256: v.sha256.parse::<Sha256Hash>().map_err(|e| e.to_string())?,
+        size: v.size_bytes,
+        deployed_by: node.to_string(),
+        deployed_at_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+    })
+}
+
+impl Node {
+    /// Connects the catalog to the agent: functions this host had before it was in a cluster
+    /// (or deployed while it was cut off and unknown to the catalog) are published.
+    pub fn attach(self: &Arc<Self>, app: &Arc<App>) {
+        *self.replica.app.lock().unwrap_or_else(|p| p.into_inner()) = Arc::downgrade(app);
+        let Ok(list) = app.store.list() else { return };
+        let mut missing = Vec::new();
+        {
+            let catalog = self.replica.lock();
+            for (_, v) in list {
+                if catalog.version(&Key::Function(v.name.clone())).is_none() {
+                    missing.push(v);
+                }
+            }
+        }
+        for v in missing {
+            self.published(&v);
+        }
+    }
+
+    /// A deploy or rollback made here: written to the catalog and pushed to the peers.
+    pub fn published(self: &Arc<Self>, v: &VersionRecord) {
+        let delta = {
+            let mut catalog = self.replica.lock();
+            let written = record_of(&self.id, v).and_then(|r| {
+                catalog
+                    .put_function(&v.name, r, now())
+                    .map_err(|e| e.to_string())
+            });
+            match written {
+                Ok(d) => {
+                    self.replica.save(&catalog);
+                    d
+                }
+                Err(e) => {
+                    tracing::error!(function = %v.name, "not published to the cluster: {e}");
+                    return;
+                }
+            }
+        };
+        self.push(delta);
+    }
+
+    /// A removal made here.
+    pub fn unpublished(self: &Arc<Self>, name: &str) {
+        let delta = {
+            let mut catalog = self.replica.lock();
+            match catalog.remove_function(name, now()) {
+                Ok(d) => {
+                    self.replica.save(&catalog);
+                    d
+                }
+                Err(e) => {
+                    tracing::error!(function = name, "removal not published to the cluster: {e}");
+                    return;
+                }
+            }
+        };
+        self.push(delta);
+    }
+
+    /// Sends a delta to every live peer, each on a unidirectional stream.
+    fn push(self: &Arc<Self>, delta: Delta) {
+        let Ok(chunks) = delta.chunks(CHUNK) else {
+            tracing::error!("a catalog delta does not fit in frames");
+            return;
+        };
+        for peer in self.live_peers() {
+            let (node, chunks) = (self.clone(), chunks.clone());
+            tokio::spawn(async move {
+                let sent = async {
+                    let conn = node
+                        .transport
+                        .connect(&peer.id, peer.addr)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let mut send = conn.open_uni().await.map_err(|e| e.to_string())?;
+                    for c in chunks {
+                        wire::send(&mut send, &Frame::CatalogDelta(c))
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    }
+                    send.finish().map_err(|e| e.to_string())?;
+                    Ok::<(), String>(())
+                };
+                if let Err(e) = sent.await {
+                    // The next digest swap makes up for it.
+                    tracing::debug!(peer = %peer.id, "pushing a catalog delta: {e}");
+                }
+            });
+        }
+    }
+
+    /// Waits until `want` peers fetched bundle `sha` from here, or `limit` passes; returns how
+    /// many hosts hold it (this one included).
+    pub async fn await_replicas(&self, sha: &str, want: usize, limit: Duration) -> usize {
+        let count = || {
+            self.replica
+                .served
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(sha)
+                .copied()
+                .unwrap_or(0)
+        };
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.replica.served_changed.notified();
+            let n = count();
+            if n >= want {
+                return n + 1;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return count() + 1;
+            }
+        }
+    }
+
+    /// Gossip from `peer`: CatalogDelta frames on a unidirectional stream.
+    pub(super) async fn serve_gossip(
+        self: &Arc<Self>,
+        peer: &str,
+        conn: &quinn::Connection,
+        recv: quinn::RecvStream,
+    ) {
+        let mut reader = FrameReader::new(recv, Limits::default(), Expect::gossip());
+        loop {
+            match reader.next().await {
+                Ok(Some(Frame::CatalogDelta(d))) => self.apply_remote(&d, peer),
+                Ok(Some(_)) | Ok(None) => break,
+                Err(e) => {
+                    if wire::close_for(conn, &e, peer) {
+                        self.metrics.bad_frame();
+                    }
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Answers a peer's digest (the rest of the request is read here) with what it lacks.
+    pub(super) async fn serve_digest(
+        self: &Arc<Self>,
+        first: Digest,
+        reader: &mut FrameReader,
+        send: &mut quinn::SendStream,
+    ) -> Result<(), WireError> {
+        let mut digests = vec![first];
+        while let Some(f) = reader.next().await? {
+            if let Frame::CatalogDigest(d) = f {
+                digests.push(d);
+            }
+        }
+        let delta = {
+            let catalog = self.replica.lock();
+            let mut out = Delta::default();
+            for d in &digests {
+                out.entries.extend(catalog.diff(d).entries);
+            }
+            out
+        };
+        if !delta.is_empty() {
+            let chunks = delta
+                .chunks(CHUNK)
+                .map_err(|e| WireError::Local(e.to_string()))?;
+            for c in chunks {
+                wire::send(send, &Frame::CatalogDelta(c)).await?;
+            }
+        }
+        wire::send(send, &Frame::End(frame::End::default())).await?;
+        send.finish()?;
+        Ok(())
+    }
+
+    /// Swaps digests with `peer`: what it has newer is applied here.
+    pub async fn sync_with(
+        self: &Arc<Self>,
+        peer: &str,
+        addr: std::net::SocketAddr,
+    ) -> Result<usize, String> {
+        let conn = self
+            .transport
+            .connect(peer, addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let digest = self.replica.digest();
+        let chunks = digest.chunks(CHUNK).map_err(|e| e.to_string())?;
+        let Some(first) = chunks.first().cloned() else {
+            return Ok(0);
+        };
+        let request = Frame::CatalogDigest(first);
+        for c in chunks {
+            wire::send(&mut send, &Frame::CatalogDigest(c))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        send.finish().map_err(|e| e.to_string())?;
+        let expect = Expect::answer_to(&request).ok_or("no answer expected")?;
+        let mut reader = FrameReader::new(recv, Limits::default(), expect);
+        let mut applied = 0;
+        loop {
+            match reader.next().await {
+                Ok(Some(Frame::CatalogDelta(d))) => {
+                    applied += d.entries.len();
+                    self.apply_remote(&d, peer);
+                }
+                Ok(Some(Frame::Error(e))) => return Err(e.message),
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    if wire::close_for(&conn, &e, peer) {
+                        self.metrics.bad_frame();
+                    }
+                    return Err(e.to_string());
+                }
+            }
+        }
+        Ok(applied)
+    }
+
+    /// Applies a peer's delta; what changed is made so in the store, in the background.
+    fn apply_remote(self: &Arc<Self>, delta: &Delta, from: &str) {
+        let changes = {
+            let mut catalog = self.replica.lock();
+            match catalog.apply(delta, now()) {
+                Ok(c) => {
+                    if !c.is_empty() {
+                        self.replica.save(&catalog);
+                    }
+                    c
+                }
+                Err(e) => {
+                    tracing::warn!(peer = from, "catalog delta refused: {e}");
+                    return;
+                }
+            }
+        };
+        for change in changes {
+            let (node, from) = (self.clone(), from.to_string());
+            tokio::spawn(async move { node.reconcile(change, &from).await });
+        }
+    }
+
+    /// Makes the store hold what the catalog now says about one key.
+    async fn reconcile(self: Arc<Self>, change: Change, from: &str) {
+        let Key::Function(name) = &change.key else {
+            // Access keys are not replicated yet: each host keeps its own (sealed with its own
+            // key), see the README.
+            return;
+        };
+        let Some(app) = self.replica.app() else {
+            return;
+        };
+        match change.value {
+            Some(Value::Function(rec)) => {
+                if let Err(e) = self.take_version(&app, name, &rec, from).await {
+                    tracing::warn!(function = %name, version = rec.version, peer = from, "not serving the cluster's version: {e}");
+                }
+            }
+            None => {
+                let app2 = app.clone();
+                let name = name.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    let store = app2.store.changes();
+                    if store.function(&name).is_ok() {
+                        if let Err(e) = store.remove(&name) {
+                            tracing::warn!(function = %name, "removing as the cluster did: {e}");
+                            return;
+                        }
+                        app2.router.registry.remove(&name);
+                        app2.router.logs.remove(&name);
+                        tracing::info!(function = %name, "removed (by the cluster)");
+                    }
+                })
+                .await;
+            }
+            Some(_) => {}
+        }
+    }
+
+    async fn take_version(
+        &self,
+        app: &Arc<App>,
+        name: &str,
+        rec: &FunctionRecord,
+        from: &str,
+    ) -> Result<(), String> {
+        let sha = rec.bundle_sha256.to_string();
+        if let Ok(f) = app.store.function(name)
+            && let Ok(v) = app.store.version(name, f.active)
+            && v.version == rec.version
+            && v.sha256 == sha
+        {
+            return Ok(());
+        }
+        let manifest: Manifest = serde_json::from_value(rec.manifest.clone())
+            .map_err(|e| format!("its manifest: {e}"))?;
+        if manifest.name != name {
+            return Err(format!("its manifest names {:?}", manifest.name));
+        }
+        let staging = app.store.staging_dir().map_err(|e| e.to_string())?;
+        let unpacked = if app.store.bundle_path(&sha).is_dir() {
+            None
+        } else {
+            let bytes = self.fetch_bundle(from, &rec.deployed_by, &sha, app).await?;
+            let limits = BundleLimits {
+                max_unpacked_bytes: app.config.limits.max_unpacked_mb << 20,
+                max_files: app.config.limits.max_bundle_files,
+            };
+            let dest = staging.path().to_path_buf();
+            let u = tokio::task::spawn_blocking(move || bundle::unpack(&bytes, &dest, limits))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("the fetched bundle: {e}"))?;
+            if u.sha256 != sha {
+                return Err(format!(
+                    "the fetched bundle's content hash is {}, not {sha}: refused",
+                    u.sha256
+                ));
+            }
+            Some(u)
+        };
+        let (app2, name2, rec2) = (app.clone(), name.to_string(), rec.clone());
+        let v = tokio::task::spawn_blocking(move || {
+            let store = app2.store.changes();
+            let v = store
+                .import(&manifest, &sha, rec2.size, rec2.version, unpacked.as_ref())
+                .map_err(|e| e.to_string())?;
+            crate::api::activate(&app2, &store, &name2).map_err(|e| e.message)?;
+            if let Err(e) = store.gc(
+                app2.config.retain_versions,
+                &app2.router.registry.bundles_in_use(),
+            ) {
+                tracing::warn!("garbage collection after a cluster deploy: {e}");
+            }
+            Ok::<VersionRecord, String>(v)
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        drop(staging);
+        tracing::info!(function = %name, version = v.version, deployed_by = %rec.deployed_by, "serving the cluster's version");
+        app.router.logs.append(
+            name,
+            v.version,
+            "-",
+            "agent",
+            &format!(
+                "version {} from {} ({})",
+                v.version,
+                rec.deployed_by,
+                &v.sha256[..12.min(v.sha256.len())]
+            ),
+        );
+        Ok(())
+    }
+
+    /// Fetches a bundle by hash: from the peer that sent the change, else from the deployer,
+    /// else from any live peer.
+    async fn fetch_bundle(
+        &self,
+        from: &str,
+        deployer: &str,
+        sha: &str,
+        app: &App,
+    ) -> Result<Bytes, String> {
+        let mut sources: Vec<(String, std::net::SocketAddr)> = Vec::new();
+        let live = self.live_peers();
+        for id in [from, deployer] {
+            if let Some(p) = live.iter().find(|p| p.id == id)
+                && !sources.iter().any(|(s, _)| s == id)
+            {
+                sources.push((p.id.clone(), p.addr));
+            }
+        }
+        sources.extend(
+            live.iter()
+                .filter(|p| !sources.iter().any(|(s, _)| *s == p.id))
+                .map(|p| (p.id.clone(), p.addr))
+                .collect::<Vec<_>>(),
+        );
+        let hash: Sha256Hash = sha
+            .parse()
+            .map_err(|e: fnlet_cluster::BadSha256| e.to_string())?;
+        let max = app.config.limits.max_bundle_mb << 20;
+        let mut last = "no live peer holds it".to_string();
+        for (peer, addr) in sources {
+            match self.fetch_from(&peer, addr, hash, max).await {
+                Ok(b) => return Ok(b),
+                Err(e) => last = format!("{peer}: {e}"),
+            }
+        }
+        Err(format!("fetching bundle {sha}: {last}"))
+    }
+
+    async fn fetch_from(
+        &self,
+        peer: &str,
+        addr: std::net::SocketAddr,
+        sha: Sha256Hash,
+        max: u64,
+    ) -> Result<Bytes, String> {
+        let conn = self
+            .transport
+            .connect(peer, addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let request = Frame::BundleRequest(frame::BundleRequest { sha256: sha });
+        wire::send(&mut send, &request)
+            .await
+            .map_err(|e| e.to_string())?;
+        send.finish().map_err(|e| e.to_string())?;
+        let expect = Expect::answer_to(&request).ok_or("no answer expected")?;
+        let limits = Limits {
+            max_body: BUNDLE_CHUNK as u32 * 2,
+        };
+        let mut reader = FrameReader::new(recv, limits, expect);
+        let mut out = Vec::new();
+        loop {
+            match reader.next().await {
+                Ok(Some(Frame::BundleHead(h))) => {
+                    if h.size > max {
+                        return Err(format!("{} bytes, over limits.max_bundle_mb", h.size));
+                    }
+                    out.reserve(h.size as usize);
+                }
+                Ok(Some(Frame::Data(d))) => out.extend_from_slice(&d),
+                Ok(Some(Frame::Error(e))) => return Err(e.message),
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    if wire::close_for(&conn, &e, peer) {
+                        self.metrics.bad_frame();
+                    }
+                    return Err(e.to_string());
+                }
+            }
+        }
+        Ok(Bytes::from(out))
+    }
+
+    /// Sends a bundle this host holds, packed as a .tar.gz (the content hash is checked by the
+    /// receiver after unpacking).
+    pub(super) async fn serve_bundle(
+        &self,
+        req: frame::BundleRequest,
+        send: &mut quinn::SendStream,
+    ) -> Result<(), WireError> {
+        let sha = req.sha256.to_string();
+        let Some(app) = self.replica.app() else {
+            wire::refuse(send, ErrorCode::SHUTTING_DOWN, "the agent is stopping").await;
+            return Ok(());
+        };
+        let dir = app.store.bundle_path(&sha);
+        if !dir.is_dir() {
+            wire::refuse(send, ErrorCode::NOT_FOUND, format!("no bundle {sha} here")).await;
+            return Ok(());
+        }
+        let packed = tokio::task::spawn_blocking(move || {
+            crate::cli::pack::pack_dir(&dir, Vec::new()).map(|p| p.out)
+        })
+        .await;
+        let bytes = match packed {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                wire::refuse(
+                    send,
+                    ErrorCode::INTERNAL,
+                    format!("packing bundle {sha}: {e}"),
+                )
+                .await;
+                return Ok(());
+            }
+            Err(e) => {
+                wire::refuse(send, ErrorCode::INTERNAL, e.to_string()).await;
+                return Ok(());
+            }
+        };
+        wire::send(
+            send,
+            &Frame::BundleHead(frame::BundleHead {
+                sha256: req.sha256,
+                size: bytes.len() as u64,
+            }),
+        )
+        .await?;
+        for chunk in bytes.chunks(BUNDLE_CHUNK) {
+            wire::send(send, &Frame::Data(Bytes::copy_from_slice(chunk))).await?;
+        }
+        wire::send(send, &Frame::End(frame::End::default())).await?;
+        send.finish()?;
+        // Counted once the peer has taken it all.
+        let _ = send.stopped().await;
+        *self
+            .replica
+            .served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(sha)
+            .or_default() += 1;
+        self.replica.served_changed.notify_waiters();
+        Ok(())
+    }
+
+    /// Keeps catalogs in step: a digest swap with one live peer every [`SYNC_EVERY`].
+    pub(super) async fn sync_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(SYNC_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut turn = 0usize;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.stop.cancelled() => break,
+            }
+            let peers = self.live_peers();
+            if peers.is_empty() {
+                continue;
+            }
+            let p = &peers[turn % peers.len()];
+            turn = turn.wrapping_add(1);
+            if let Err(e) = self.sync_with(&p.id, p.addr).await {
+                tracing::debug!(peer = %p.id, "catalog sync: {e}");
+            }
+        }
+    }
+}
