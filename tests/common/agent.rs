@@ -79,6 +79,14 @@ fn node_id(test: &str) -> String {
     format!("n-{}", label.trim_matches('-'))
 }
 
+/// A free UDP port on 127.0.0.1 (bound, then released for the agent).
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("bind udp 127.0.0.1:0")
+        .port()
+}
+
 /// A free port on 127.0.0.1 (bound, then released for the agent).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -169,6 +177,9 @@ pub struct Agent {
     /// The cgroup root of its sandboxes, `fnlet-test-<pid>-<test>`.
     pub root: String,
     pub port: u16,
+    /// The UDP port of its cluster endpoint (`[cluster] listen`, 127.0.0.1), open once it is
+    /// in a cluster.
+    pub peer_port: u16,
     pub token: String,
     /// The uids its functions run as.
     pub uids: Range<u32>,
@@ -225,10 +236,11 @@ impl Agent {
         }
         .expect("tempdir");
         let uids = uid_range(test);
+        let peer_port = free_udp_port();
         // The file is named after the cgroup root, so the agent's command line (and that of
         // any process it forked) mentions the root: processes_matching(root) finds them.
         let config = format!(
-            "shutdown_grace_s = {}\n\n[limits]\nqueue_timeout_ms = {}\n{}\n[sandbox]\ncgroup_root = \"{root}\"\nuid_base = {}\nuid_count = {}\nprepare_ahead = {}\n",
+            "shutdown_grace_s = {}\n\n[limits]\nqueue_timeout_ms = {}\n{}\n[sandbox]\ncgroup_root = \"{root}\"\nuid_base = {}\nuid_count = {}\nprepare_ahead = {}\n\n[cluster]\nlisten = \"127.0.0.1:{peer_port}\"\n",
             settings.shutdown_grace_s,
             settings.queue_timeout_ms,
             settings.limits_extra,
@@ -250,6 +262,7 @@ impl Agent {
             test: test.into(),
             root,
             port: free_port(),
+            peer_port,
             token: String::new(),
             node_id: node_id(test),
             uids,
