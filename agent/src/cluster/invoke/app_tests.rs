@@ -191,6 +191,17 @@ impl TestAgent {
     }
 }
 
+/// A test that fails half-way leaves no sandbox and no cgroup behind either.
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        self.app.router.draining.cancel();
+        self.app.router.kill.cancel();
+        let isolator = &self.app.router.isolator;
+        let _ = isolator.reap_stale();
+        let _ = isolator.remove_root();
+    }
+}
+
 /// The accept loop node.rs runs: callers' connections to `serve_connection`, peers' streams
 /// read and handed to `serve_invoke`.
 async fn accept(app: Arc<App>, transport: Arc<Transport>) {
