@@ -65,6 +65,9 @@ pub struct Manifest {
     pub init_timeout_s: Option<f64>,
     #[serde(default)]
     pub public: bool,
+    /// Safe to run twice: a call whose host was lost mid-call may be run again elsewhere.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub idempotent: bool,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
 }

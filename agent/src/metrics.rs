@@ -28,6 +28,12 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+/// A forwarded call's result.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
 /// Cluster members in one state.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabels {
@@ -66,6 +72,8 @@ pub struct Metrics {
     cluster_members: Family<StateLabels, Gauge>,
     handshake_failures: Family<ReasonLabels, Counter>,
     bad_frames: Counter,
+    forwards: Family<ResultLabels, Counter>,
+    forward_duration: Histogram,
     swim_dropped: Counter,
     pub connections_open: Gauge,
     connections_refused: Family<ReasonLabels, Counter>,
@@ -102,6 +110,19 @@ impl Metrics {
         let cluster_members = Family::<StateLabels, Gauge>::default();
         let handshake_failures = Family::<ReasonLabels, Counter>::default();
         let bad_frames = Counter::default();
+        let forwards = Family::<ResultLabels, Counter>::default();
+        let forward_duration = duration_histogram();
+        registry.register(
+            "cluster_forwards",
+            "Invocations forwarded to the host their function's ranking picked, by result (ok, \
+             unreachable, retried_here, peer_lost, ...)",
+            forwards.clone(),
+        );
+        registry.register(
+            "cluster_forward_duration_seconds",
+            "Forwarded invocations, from sending the call to the answer's head",
+            forward_duration.clone(),
+        );
         let swim_dropped = Counter::default();
         registry.register(
             "cluster_members",
@@ -219,6 +240,8 @@ impl Metrics {
             cluster_members,
             handshake_failures,
             bad_frames,
+            forwards,
+            forward_duration,
             swim_dropped,
             connections_open,
             connections_refused,
@@ -243,6 +266,17 @@ impl Metrics {
                 reason: reason.to_string(),
             })
             .inc();
+    }
+
+    pub fn forward(&self, result: &str, took: Option<std::time::Duration>) {
+        self.forwards
+            .get_or_create(&ResultLabels {
+                result: result.to_string(),
+            })
+            .inc();
+        if let Some(d) = took {
+            self.forward_duration.observe(d.as_secs_f64());
+        }
     }
 
     pub fn bad_frame(&self) {

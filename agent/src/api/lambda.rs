@@ -142,7 +142,7 @@ pub struct InvokeQuery {
 /// Who may invoke: a `public` function anyone; others a SigV4 signature by one of the
 /// operator's access keys, or the admin bearer token. A signature that is there is checked
 /// even on a public function: public welcomes unsigned calls, it does not ignore bad ones.
-fn check_caller(
+pub(crate) fn check_caller(
     app: &App,
     f: &ActiveFunction,
     parts: &axum::http::request::Parts,

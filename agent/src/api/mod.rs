@@ -4,6 +4,7 @@
 mod cluster;
 mod drain;
 mod error;
+mod forward;
 pub mod function_url;
 mod keys;
 mod lambda;
@@ -195,6 +196,10 @@ pub fn app(state: Arc<App>) -> AxumRouter {
             )
         })
         .layer(axum::middleware::map_request(drain::drain_refused_bodies))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            forward::route,
+        ))
         .with_state(state)
 }
 

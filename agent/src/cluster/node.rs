@@ -251,7 +251,15 @@ impl Node {
     /// are as this host sees them: its own running calls, and the calls it forwarded to each
     /// peer that are still running. `None`: here.
     pub fn pick(&self, function: &str, own_load: u32) -> Option<NodeIdentity> {
-        let peers = self.live_peers();
+        // A suspect gets no new calls: only members answering their probes.
+        let peers: Vec<NodeIdentity> = self
+            .members
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|m| m.state == MemberState::Alive)
+            .map(|m| m.identity.clone())
+            .collect();
         if peers.is_empty() {
             return None;
         }
@@ -354,13 +362,17 @@ impl Node {
                 self.serve_peer(peer, conn).await;
             }
             (Some(Alpn::Peer), None) => self.serve_joiner(conn).await,
-            (Some(Alpn::Invoke), _) => {
-                // QUIC callers: their streams are served once invocations over QUIC land.
-                conn.close(
-                    quinn::VarInt::from_u64(ErrorCode::NOT_FOUND.0).unwrap_or(quinn::VarInt::MAX),
-                    b"invocations over QUIC are not served by this agent yet",
-                );
-            }
+            (Some(Alpn::Invoke), _) => match self.replica.app() {
+                Some(app) => {
+                    let metrics = self.metrics.clone();
+                    super::invoke::serve_connection(app, conn, move || metrics.bad_frame()).await
+                }
+                None => conn.close(
+                    quinn::VarInt::from_u64(ErrorCode::SHUTTING_DOWN.0)
+                        .unwrap_or(quinn::VarInt::MAX),
+                    b"the agent is not serving",
+                ),
+            },
             (None, _) => conn.close(quinn::VarInt::from_u32(0x100), b"unknown ALPN"),
         }
     }
@@ -424,8 +436,32 @@ impl Node {
         mut send: quinn::SendStream,
         recv: quinn::RecvStream,
     ) {
-        let mut reader = FrameReader::new(recv, Limits::default(), Expect::request(Alpn::Peer));
+        let limits = match self.replica.app() {
+            Some(app) => super::invoke::request_limits(&app.config),
+            None => Limits::default(),
+        };
+        let mut reader = FrameReader::new(recv, limits, Expect::request(Alpn::Peer));
         let served = match reader.next().await {
+            Ok(Some(Frame::InvokeRequest { meta, payload })) => {
+                match self.replica.app() {
+                    Some(app) => {
+                        let caller = super::invoke::Caller::Peer {
+                            node_id: peer.to_string(),
+                            conn: conn.clone(),
+                        };
+                        let served =
+                            super::invoke::serve_invoke(app, send, meta, payload, caller).await;
+                        if served == super::invoke::Served::BadFrame {
+                            self.metrics.bad_frame();
+                        }
+                    }
+                    None => {
+                        wire::refuse(&mut send, ErrorCode::SHUTTING_DOWN, "the agent is stopping")
+                            .await
+                    }
+                }
+                return;
+            }
             Ok(Some(Frame::CatalogDigest(d))) => self.serve_digest(d, &mut reader, &mut send).await,
             Ok(Some(Frame::BundleRequest(r))) => self.serve_bundle(r, &mut send).await,
             Ok(Some(Frame::JoinRequest(_))) => {

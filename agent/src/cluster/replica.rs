@@ -73,7 +73,7 @@ impl Replica {
         self.catalog.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn app(&self) -> Option<Arc<App>> {
+    pub(super) fn app(&self) -> Option<Arc<App>> {
         self.app.lock().unwrap_or_else(|p| p.into_inner()).upgrade()
     }
 

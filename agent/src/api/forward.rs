@@ -1,0 +1,175 @@
+//! Calls go to warm hosts: an invocation that reached this host is run by the host the
+//! function's rendezvous ranking picks (bounded load), forwarded over QUIC when that is another
+//! host. The caller is authorised here first; the host that runs the call trusts that, and the
+//! caller sees the same status, headers and body as from a local call, `x-fnlet-host` naming
+//! where it ran. A call is forwarded at most once, and sent elsewhere only if it provably never
+//! started.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::{App, authorized, read_body};
+use crate::cluster::invoke::{self, CallError, Passing};
+use crate::manifest::Mode;
+use crate::pool::ActiveFunction;
+
+/// The function an invocation path names: `/fn/NAME[/...]` or the Invoke API's
+/// `/2015-03-31/functions/NAME/invocations` (NAME may be an ARN there).
+fn function_of(path: &str) -> Option<String> {
+    if let Some(rest) = path.strip_prefix("/fn/") {
+        let name = rest.split('/').next()?;
+        return (!name.is_empty()).then(|| name.to_string());
+    }
+    let raw = path
+        .strip_prefix("/2015-03-31/functions/")?
+        .strip_suffix("/invocations")?;
+    let raw = percent_encoding::percent_decode_str(raw).decode_utf8_lossy();
+    super::parse_function_name(&raw).map(|(name, _)| name)
+}
+
+/// Whether the caller may invoke `f` here, as the handler would decide: it must be, before
+/// anything is forwarded (the peer that runs it does not ask again).
+fn may_invoke(
+    app: &App,
+    f: &ActiveFunction,
+    parts: &axum::http::request::Parts,
+    body: &[u8],
+) -> bool {
+    match f.manifest.mode {
+        Mode::Exec if parts.uri.path().starts_with("/fn/") => {
+            f.manifest.public || authorized(app, &parts.headers)
+        }
+        _ => super::lambda::check_caller(app, f, parts, body).is_ok(),
+    }
+}
+
+/// The routing layer in front of the invocation routes.
+pub(super) async fn route(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let Some(node) = app.cluster.get().cloned() else {
+        return next.run(req).await;
+    };
+    if super::forwarded(req.extensions()) || app.router.draining.is_cancelled() {
+        return next.run(req).await;
+    }
+    let Some(name) = function_of(req.uri().path()) else {
+        return next.run(req).await;
+    };
+    let Some(f) = app.router.lookup(&name) else {
+        return next.run(req).await;
+    };
+    let own_load = app.router.registry.running_total().min(u64::from(u32::MAX)) as u32;
+    let Some(peer) = node.pick(&name, own_load) else {
+        return next.run(req).await;
+    };
+    let source = req
+        .extensions()
+        .get::<ConnectInfo<std::net::SocketAddr>>()
+        .map_or(std::net::Ipv4Addr::LOCALHOST.into(), |c| c.0.ip());
+    let (parts, body) = req.into_parts();
+    let limit = (app.config.limits.max_request_mb << 20) as usize;
+    let payload = match read_body(&parts.headers, body, limit).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let local = |parts, payload: bytes::Bytes| Request::from_parts(parts, Body::from(payload));
+    if !may_invoke(&app, &f, &parts, &payload) {
+        // Refused here, in the handler's own words.
+        return next.run(local(parts, payload)).await;
+    }
+    let request_id = super::request_id();
+    // The caller's wait: the function's timeout and its queue, with room for the trip.
+    let wait = Duration::from_secs_f64(f.resolved.timeout_s)
+        + app.router.queue_timeout
+        + Duration::from_secs(2);
+    let deadline_ms = SystemTime::now()
+        .checked_add(wait)
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map_or(u64::MAX, |d| d.as_millis() as u64);
+    let passing = Passing {
+        request_id: &request_id,
+        deadline_ms,
+        hops: 0,
+        source,
+    };
+    let call = match invoke::forward_call(
+        &parts,
+        payload.clone(),
+        f.manifest.mode == Mode::Lambda,
+        |v| super::is_admin_token(&app, v),
+        &passing,
+    ) {
+        Ok(c) => c,
+        // Not something a peer can be handed (a bad log type, say): the handler answers.
+        Err(_) => return next.run(local(parts, payload)).await,
+    };
+    let metrics = &app.router.metrics;
+    let conn = match node.transport.connect(&peer.id, peer.addr).await {
+        Ok(c) => c,
+        Err(e) => {
+            // Never started there: run it here.
+            metrics.forward("unreachable", None);
+            tracing::info!(function = %name, peer = %peer.id, "running here: {e}");
+            return next.run(local(parts, payload)).await;
+        }
+    };
+    let started = Instant::now();
+    let _in_flight = node.forwarding(&peer.id);
+    let max_answer = u32::try_from(app.config.limits.max_response_mb << 20).unwrap_or(u32::MAX);
+    match invoke::call(
+        &conn,
+        call,
+        max_answer.max(fnlet_cluster::frame::DEFAULT_MAX_BODY),
+    )
+    .await
+    {
+        Ok(resp) => {
+            metrics.forward("ok", Some(started.elapsed()));
+            resp
+        }
+        Err(e) => {
+            let never_started = matches!(
+                e,
+                CallError::Busy { .. }
+                    | CallError::ShuttingDown { .. }
+                    | CallError::HopLimit { .. }
+            );
+            if never_started || (f.manifest.idempotent && matches!(e, CallError::PeerLost { .. })) {
+                metrics.forward("retried_here", None);
+                tracing::info!(function = %name, peer = %peer.id, "running here: {e}");
+                return next.run(local(parts, payload)).await;
+            }
+            metrics.forward(e.app_error().kind, None);
+            tracing::warn!(function = %name, peer = %peer.id, request_id, "forwarded call failed: {e}");
+            e.app_error().into_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::function_of;
+
+    #[test]
+    fn invocation_paths_name_their_function() {
+        assert_eq!(function_of("/fn/hello").as_deref(), Some("hello"));
+        assert_eq!(function_of("/fn/hello/a/b").as_deref(), Some("hello"));
+        assert_eq!(function_of("/fn/").as_deref(), None);
+        assert_eq!(
+            function_of("/2015-03-31/functions/hello/invocations").as_deref(),
+            Some("hello")
+        );
+        assert_eq!(
+            function_of(
+                "/2015-03-31/functions/arn%3Aaws%3Alambda%3Aus-east-1%3A000000000000%3Afunction%3Ahello/invocations"
+            )
+            .as_deref(),
+            Some("hello")
+        );
+        assert_eq!(function_of("/v1/functions/hello").as_deref(), None);
+    }
+}
