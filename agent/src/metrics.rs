@@ -73,6 +73,9 @@ pub struct Metrics {
     handshake_failures: Family<ReasonLabels, Counter>,
     bad_frames: Counter,
     forwards: Family<ResultLabels, Counter>,
+    /// Functions whose catalog version this host does not serve yet (a bundle being fetched, a
+    /// change being applied, or one that failed).
+    pub catalog_lag: Gauge,
     forward_duration: Histogram,
     swim_dropped: Counter,
     pub connections_open: Gauge,
@@ -111,6 +114,12 @@ impl Metrics {
         let handshake_failures = Family::<ReasonLabels, Counter>::default();
         let bad_frames = Counter::default();
         let forwards = Family::<ResultLabels, Counter>::default();
+        let catalog_lag = Gauge::default();
+        registry.register(
+            "cluster_catalog_lag",
+            "Functions whose cluster catalog version this host does not serve yet",
+            catalog_lag.clone(),
+        );
         let forward_duration = duration_histogram();
         registry.register(
             "cluster_forwards",
@@ -241,6 +250,7 @@ impl Metrics {
             handshake_failures,
             bad_frames,
             forwards,
+            catalog_lag,
             forward_duration,
             swim_dropped,
             connections_open,

@@ -612,6 +612,24 @@ impl Node {
         Ok(())
     }
 
+    /// Counts the catalog's functions this host does not serve at their catalog version.
+    fn measure_lag(&self) {
+        let Some(app) = self.replica.app() else {
+            return;
+        };
+        let behind = self
+            .replica
+            .lock()
+            .functions()
+            .filter(|(name, rec)| {
+                app.router
+                    .lookup(name)
+                    .is_none_or(|f| f.version != rec.version)
+            })
+            .count();
+        self.metrics.catalog_lag.set(behind as i64);
+    }
+
     /// Keeps catalogs in step: a digest swap with one live peer every [`SYNC_EVERY`].
     pub(super) async fn sync_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(SYNC_EVERY);
@@ -622,6 +640,7 @@ impl Node {
                 _ = tick.tick() => {}
                 _ = self.stop.cancelled() => break,
             }
+            self.measure_lag();
             let peers = self.live_peers();
             if peers.is_empty() {
                 continue;
