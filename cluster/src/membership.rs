@@ -278,6 +278,31 @@ impl<R: RngExt> Membership<R> {
         r.map_err(MembershipError::Foca)
     }
 
+    /// Takes each of `members` as alive, without a word on the wire: for a host restarting with
+    /// the members it kept, or a simulation that starts from a converged cluster. Nothing is
+    /// gossiped (the others are assumed to know them already); foca probes them like any
+    /// member, so one that is gone is suspected and declared down in due course. This host's
+    /// own node id (this run or an earlier one), if listed, is skipped. `Up` (and `Joined`, for the first) follow.
+    pub fn add_members(
+        &mut self,
+        members: impl IntoIterator<Item = NodeIdentity>,
+        now: Instant,
+    ) -> Result<(), MembershipError> {
+        // foca would take an earlier run of this host for a stale rumour and declare it down.
+        let me = self.foca.identity().id.clone();
+        let mut out = Outputs::default();
+        let r = self.foca.apply_many(
+            members
+                .into_iter()
+                .filter(|m| m.id != me)
+                .map(foca::Member::alive),
+            false,
+            &mut out,
+        );
+        self.take(out, now);
+        r.map_err(MembershipError::Foca)
+    }
+
     /// A SWIM datagram received on the connection of the peer whose certificate names
     /// `from_node`. A packet claiming another sender is refused before foca sees it.
     pub fn handle_datagram(
@@ -609,6 +634,57 @@ mod tests {
                     assert_eq!(row.state, MemberState::Down);
                 }
             }
+        }
+    }
+
+    #[test]
+    fn hosts_started_from_kept_members_find_each_other_and_drop_the_missing_one() {
+        let ids: Vec<NodeIdentity> = (0..3).map(|i| identity(&format!("h{i}"), 1)).collect();
+        let gone = identity("h9", 1);
+        let mut sim = Sim::new(4, 11);
+        for i in &ids {
+            sim.start(i.clone());
+        }
+        for me in &ids {
+            // Its own identity and an earlier run of it are listed too: both skipped.
+            let mut kept = ids.clone();
+            kept.push(gone.clone());
+            kept.push(NodeIdentity {
+                generation: 0,
+                ..me.clone()
+            });
+            let i = sim.slots[&me.id];
+            let now = sim.now;
+            sim.hosts[i]
+                .as_mut()
+                .unwrap()
+                .add_members(kept, now)
+                .unwrap();
+            sim.drain(i);
+        }
+        // Known at once, with nothing sent.
+        assert!(sim.in_flight.is_empty());
+        for me in &ids {
+            assert_eq!(sim.host(&me.id).live().count(), 3, "{}", me.id);
+            assert!(sim.first_event(&me.id, &MemberEvent::Joined).is_some());
+            assert!(
+                sim.first_event(&me.id, &MemberEvent::Up(gone.clone()))
+                    .is_some()
+            );
+        }
+        let size = NonZeroU32::new(4).unwrap();
+        let bounds = DetectionBounds::new(&foca_config(size), size);
+        sim.run_until(bounds.down_worst * 2);
+        for me in &ids {
+            let others: Vec<_> = ids.iter().filter(|o| *o != me).cloned().collect();
+            assert_eq!(sim.live(&me.id), others, "{}", me.id);
+            let row = sim
+                .host(&me.id)
+                .members()
+                .find(|m| m.identity == gone)
+                .unwrap();
+            assert_eq!(row.state, MemberState::Down);
+            assert!(sim.host(&me.id).members().all(|m| m.identity.id != me.id));
         }
     }
 
