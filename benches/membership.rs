@@ -836,12 +836,19 @@ fn main() {
         let (_, p) = med_max(&r.runs, |o| o.join_99, JOIN_LIMIT.as_secs_f64());
         let (am, a) = med_max(&r.runs, |o| o.join_all, JOIN_LIMIT.as_secs_f64());
         let ann = r.runs.iter().map(|o| o.announces).max().unwrap_or(0);
+        let rounds = |period: f64, digits: usize| {
+            if am.is_finite() {
+                format!("{:.digits$}", am / period)
+            } else {
+                "-".into()
+            }
+        };
         println!(
-            "| {} | {}% | {h} | {p} | {a} | {:.1} | {:.2} | {ann} |",
+            "| {} | {}% | {h} | {p} | {a} | {} | {} | {ann} |",
             r.n,
             r.loss,
-            am / secs(GOSSIP_PERIOD),
-            am,
+            rounds(secs(GOSSIP_PERIOD), 1),
+            rounds(1.0, 2),
         );
     }
     println!();
@@ -860,8 +867,10 @@ fn main() {
         let (_, f) = med_max(&r.runs, |o| o.down_first, lim);
         let (_, a) = med_max(&r.runs, |o| o.down_all, lim);
         let (_, spread) = med_max(&r.runs, |o| Some(o.down_all? - o.suspect_first?), lim);
+        // The bounds of the configuration the hosts ran, for the real cluster size.
         let size = NonZeroU32::new(r.n).expect("n >= 3");
-        let b = DetectionBounds::new(&foca_config(size), size);
+        let made_for = NonZeroU32::new(config_size().unwrap_or(r.n)).expect("n >= 3");
+        let b = DetectionBounds::new(&foca_config(made_for), size);
         println!(
             "| {} | {}% | {s} | {f} | {a} | {spread} | {:.1} | {:.1} / {:.0} | {:.1} |",
             r.n,
