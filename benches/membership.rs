@@ -32,7 +32,7 @@
 //! 1,000 hosts run at 0 % only: at 10 % they take about four minutes alone), `FNLET_BENCH_SEEDS`
 //! (seeds per size and loss; default 10 up to 100 hosts, 2 above),
 //! `FNLET_BENCH_LATENCY_US` (one-way latency, default 200), `FNLET_BENCH_QUIET_S` (default 60
-//! s up to 100 hosts, 20 s at 500, 10 s at 1,000),
+//! s up to 100 hosts, 30 s above: at least foca's 30 s announce period),
 //! `FNLET_BENCH_CONFIG_SIZE` (make every host's `foca_config` for this many hosts instead of
 //! the real N: what a host that guessed the size wrong would run).
 
@@ -754,10 +754,11 @@ fn main() {
             0..=100 => 10,
             _ => 2,
         });
+        // At least 30 s: each host announces itself to a random member every 30 s (foca's
+        // periodic announce), and the Feed it gets back is a share of the steady traffic.
         let quiet = Duration::from_secs(quiet_override.unwrap_or(match n {
             0..=100 => 60,
-            101..=500 => 20,
-            _ => 10,
+            _ => 30,
         }));
         for &loss_pct in losses.iter().filter(|&&l| !skipped(n, l)) {
             let loss = loss_pct / 100.0;
@@ -791,7 +792,7 @@ fn main() {
     if sizes.iter().any(|&n| losses.iter().any(|&l| skipped(n, l))) {
         println!(
             "(1,000 hosts at 10 % loss left out: run them alone with FNLET_BENCH_SIZES=1000 \
-             FNLET_BENCH_LOSS=10 FNLET_BENCH_SEEDS=1, about four minutes)"
+             FNLET_BENCH_LOSS=10 FNLET_BENCH_SEEDS=1 FNLET_BENCH_QUIET_S=10, about four minutes)"
         );
     }
     println!();
