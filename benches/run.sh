@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# fnlet's benchmarks in one command, as root: `benches/run.sh [spawn|agent|lambda|all]` (default
-# all).
+# fnlet's benchmarks in one command, as root: `benches/run.sh [spawn|agent|lambda|membership|all]`
+# (default all; membership alone needs no root).
 #
 # spawn: spawn-to-exit of a sandboxed static binary against fork+exec, bwrap and runc. Installs
 #   the peers (bubblewrap, runc, and crun, which is tried and reported when the host refuses it)
@@ -16,6 +16,11 @@
 #   throughput at 32 clients. Installs nginx; builds fnlet and the no-op (as
 #   scripts/build-fixtures.sh does, into tests/fixtures/lambda-noop/bundle/bootstrap); runs
 #   `cargo bench -p fnlet-benches --bench lambda`.
+# membership: foca instances (the cluster crate's Membership, production foca_config) on a
+#   simulated clock, N = 5 to 1,000, 0 and 10 % loss: join dissemination, failure detection,
+#   false positives and traffic per host, beside memberlist's and Serf's published figures. No
+#   root, no peers to install, no fnlet build; runs
+#   `cargo bench -p fnlet-benches --bench membership` (about 5 minutes on 2 cores).
 #
 # FNLET_BENCH_RUNS and FNLET_BENCH_WARMUP pass through to each (see each bench's header for its
 # other variables); arguments after the first go to the bench binary.
@@ -24,12 +29,16 @@ cd "$(dirname "$0")/.."
 which=${1:-all}
 [ $# -gt 0 ] && shift
 case "$which" in
-  spawn | agent | lambda | all) ;;
+  spawn | agent | lambda | membership | all) ;;
   *)
-    echo "usage: $0 [spawn|agent|lambda|all]" >&2
+    echo "usage: $0 [spawn|agent|lambda|membership|all]" >&2
     exit 2
     ;;
 esac
+if [ "$which" = membership ]; then
+  # In-process simulation: nothing to install or build beyond the bench itself.
+  exec cargo bench -p fnlet-benches --bench membership -- "$@"
+fi
 if [ "$(id -u)" != 0 ]; then
   echo "the benchmarks create namespaces and cgroups: run them as root (sudo $0 $which)" >&2
   exit 1
@@ -85,5 +94,8 @@ if [ "$which" = agent ] || [ "$which" = all ]; then
 fi
 if [ "$which" = lambda ] || [ "$which" = all ]; then
   cargo bench -p fnlet-benches --bench lambda -- "$@" || status=$?
+fi
+if [ "$which" = all ]; then
+  cargo bench -p fnlet-benches --bench membership -- "$@" || status=$?
 fi
 exit $status

@@ -30,7 +30,8 @@
 //! - **Membership.** One task owns a [`membership::Membership`]: SWIM datagrams in
 //!   ([`membership::Membership::handle_datagram`]), timers in
 //!   ([`membership::Membership::handle_timeout`]); datagrams, the next timeout and member events
-//!   out (`poll_transmit`, `poll_timeout`, `poll_event`).
+//!   out (`poll_transmit`, `poll_timeout`, `poll_event`). A restart can start from the members
+//!   it kept ([`membership::Membership::add_members`]) rather than announcing to each.
 //! - **Routing.** [`route::pick`] names the host for a call from the live members and their
 //!   in-flight loads.
 //!

@@ -278,6 +278,31 @@ impl<R: RngExt> Membership<R> {
         r.map_err(MembershipError::Foca)
     }
 
+    /// Takes each of `members` as alive, without a word on the wire: for a host restarting with
+    /// the members it kept, or a simulation that starts from a converged cluster. Nothing is
+    /// gossiped (the others are assumed to know them already); foca probes them like any
+    /// member, so one that is gone is suspected and declared down in due course. This host's
+    /// own node id (this run or an earlier one), if listed, is skipped. `Up` (and `Joined`, for the first) follow.
+    pub fn add_members(
+        &mut self,
+        members: impl IntoIterator<Item = NodeIdentity>,
+        now: Instant,
+    ) -> Result<(), MembershipError> {
+        // foca would take an earlier run of this host for a stale rumour and declare it down.
+        let me = self.foca.identity().id.clone();
+        let mut out = Outputs::default();
+        let r = self.foca.apply_many(
+            members
+                .into_iter()
+                .filter(|m| m.id != me)
+                .map(foca::Member::alive),
+            false,
+            &mut out,
+        );
+        self.take(out, now);
+        r.map_err(MembershipError::Foca)
+    }
+
     /// A SWIM datagram received on the connection of the peer whose certificate names
     /// `from_node`. A packet claiming another sender is refused before foca sees it.
     pub fn handle_datagram(
@@ -314,8 +339,15 @@ impl<R: RngExt> Membership<R> {
                 break;
             }
             let timer = entry.remove();
+            let suspect = match &timer {
+                Timer::ChangeSuspectToDown { member_id, .. } => Some(member_id.clone()),
+                _ => None,
+            };
             let mut out = Outputs::default();
             let r = self.foca.handle_timer(timer, &mut out);
+            if let Some(suspect) = suspect {
+                self.keep_refuted_suspect_up(&suspect, &mut out);
+            }
             self.take(out, now);
             if let Err(e) = r {
                 first_error.get_or_insert(MembershipError::Foca(e));
@@ -361,6 +393,21 @@ impl<R: RngExt> Membership<R> {
         })
     }
 
+    /// When a suspicion's time is up, foca 2.0 tells the member it is down (`TurnUndead`) even
+    /// when the member refuted the suspicion in time and stays alive here; told so, the member
+    /// renews its identity and rejoins, as if it had been declared down. Here that message only
+    /// goes to a member this host did declare down.
+    fn keep_refuted_suspect_up(&self, suspect: &NodeIdentity, out: &mut Outputs) {
+        let still_up = self
+            .foca
+            .iter_membership_state()
+            .any(|m| m.id() == suspect && m.state() != foca::State::Down);
+        if still_up {
+            out.sends
+                .retain(|(to, data)| to != suspect || !is_turn_undead(data));
+        }
+    }
+
     fn take(&mut self, out: Outputs, now: Instant) {
         self.transmits.extend(out.sends);
         for (after, timer) in out.timers {
@@ -378,6 +425,12 @@ impl<R: RngExt> Membership<R> {
                 OwnedNotification::Rejoin(id) => MemberEvent::Rejoined(id),
             }));
     }
+}
+
+/// Whether a SWIM packet of ours tells its receiver it was declared down.
+fn is_turn_undead(data: &[u8]) -> bool {
+    <PostcardCodec as foca::Codec<NodeIdentity>>::decode_header(&mut PostcardCodec, &mut &data[..])
+        .is_ok_and(|h| h.message == foca::Message::TurnUndead)
 }
 
 #[cfg(test)]
@@ -402,6 +455,8 @@ mod tests {
         events: Vec<(Duration, String, MemberEvent)>,
         config: Config,
         seed: u64,
+        /// A host whose acks are lost (probes of it fail; all else goes through).
+        mute: Option<String>,
     }
 
     const LATENCY: Duration = Duration::from_millis(1);
@@ -424,6 +479,7 @@ mod tests {
                 events: Vec::new(),
                 config: foca_config(NonZeroU32::new(size).unwrap()),
                 seed,
+                mute: None,
             }
         }
 
@@ -481,6 +537,19 @@ mod tests {
             }
             for (to, data) in sends {
                 assert!(data.len() <= MAX_SWIM_PACKET);
+                if self.mute.as_ref() == Some(&from) {
+                    let h = <PostcardCodec as foca::Codec<NodeIdentity>>::decode_header(
+                        &mut PostcardCodec,
+                        &mut &data[..],
+                    )
+                    .unwrap();
+                    if matches!(
+                        h.message,
+                        foca::Message::Ack(_) | foca::Message::IndirectAck { .. }
+                    ) {
+                        continue;
+                    }
+                }
                 if let Some(&j) = self.slots.get(&to.id) {
                     self.in_flight
                         .insert((self.now + LATENCY, self.seq), (j, from.clone(), data));
@@ -608,6 +677,110 @@ mod tests {
                         .unwrap();
                     assert_eq!(row.state, MemberState::Down);
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn hosts_started_from_kept_members_find_each_other_and_drop_the_missing_one() {
+        let ids: Vec<NodeIdentity> = (0..3).map(|i| identity(&format!("h{i}"), 1)).collect();
+        let gone = identity("h9", 1);
+        let mut sim = Sim::new(4, 11);
+        for i in &ids {
+            sim.start(i.clone());
+        }
+        for me in &ids {
+            // Its own identity and an earlier run of it are listed too: both skipped.
+            let mut kept = ids.clone();
+            kept.push(gone.clone());
+            kept.push(NodeIdentity {
+                generation: 0,
+                ..me.clone()
+            });
+            let i = sim.slots[&me.id];
+            let now = sim.now;
+            sim.hosts[i]
+                .as_mut()
+                .unwrap()
+                .add_members(kept, now)
+                .unwrap();
+            sim.drain(i);
+        }
+        // Known at once, with nothing sent.
+        assert!(sim.in_flight.is_empty());
+        for me in &ids {
+            assert_eq!(sim.host(&me.id).live().count(), 3, "{}", me.id);
+            assert!(sim.first_event(&me.id, &MemberEvent::Joined).is_some());
+            assert!(
+                sim.first_event(&me.id, &MemberEvent::Up(gone.clone()))
+                    .is_some()
+            );
+        }
+        let size = NonZeroU32::new(4).unwrap();
+        let bounds = DetectionBounds::new(&foca_config(size), size);
+        sim.run_until(bounds.down_worst * 2);
+        for me in &ids {
+            let others: Vec<_> = ids.iter().filter(|o| *o != me).cloned().collect();
+            assert_eq!(sim.live(&me.id), others, "{}", me.id);
+            let row = sim
+                .host(&me.id)
+                .members()
+                .find(|m| m.identity == gone)
+                .unwrap();
+            assert_eq!(row.state, MemberState::Down);
+            assert!(sim.host(&me.id).members().all(|m| m.identity.id != me.id));
+        }
+    }
+
+    #[test]
+    fn a_host_that_refutes_a_suspicion_keeps_its_identity() {
+        for seed in 0..10 {
+            let (mut sim, ids) = joined(3, seed * 10 + 1);
+            let c = ids[2].clone();
+            // c's acks are lost until someone suspects it; it hears of the suspicion and refutes
+            // (c answers nothing, so some probe of it fails within a few periods).
+            sim.mute = Some(c.id.clone());
+            // Refuted: c raised its incarnation, which others have heard.
+            let refuted = |sim: &Sim| {
+                ids[..2].iter().any(|o| {
+                    sim.host(&o.id)
+                        .members()
+                        .any(|m| m.identity == c && m.incarnation >= 1)
+                })
+            };
+            let muted = sim.elapsed();
+            while !refuted(&sim) {
+                assert!(
+                    sim.elapsed() - muted < Duration::from_secs(10),
+                    "never suspected"
+                );
+                let next = sim.elapsed() + Duration::from_millis(5);
+                sim.run_until(next);
+            }
+            sim.mute = None;
+            let refuting = sim.elapsed();
+            // Past the suspicion's time (4 s) with room for gossip.
+            sim.run_until(refuting + Duration::from_secs(8));
+            assert_eq!(
+                sim.host(&c.id).identity(),
+                &c,
+                "seed {seed}: c renewed itself"
+            );
+            for (_, who, e) in &sim.events {
+                assert!(
+                    !matches!(
+                        e,
+                        MemberEvent::Rejoined(_)
+                            | MemberEvent::Down(_)
+                            | MemberEvent::Replaced { .. }
+                    ),
+                    "seed {seed}: {who}: {e:?}"
+                );
+            }
+            for o in &ids[..2] {
+                let row = sim.host(&o.id).members().find(|m| m.identity == c).unwrap();
+                assert_eq!(row.state, MemberState::Alive, "seed {seed}");
+                assert!(row.incarnation >= 1, "seed {seed}: c refuted");
             }
         }
     }
