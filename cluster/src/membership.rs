@@ -259,6 +259,13 @@ impl<R: RngExt> Membership<R> {
         }
     }
 
+    /// Re-tunes foca for a cluster of `cluster_size` hosts ([`foca_config`]): suspicion time
+    /// and gossip fan-out grow with the cluster, so the driver calls this as members come and
+    /// go. Returns whether foca took the new configuration.
+    pub fn set_cluster_size(&mut self, cluster_size: NonZeroU32) -> bool {
+        self.foca.set_config(foca_config(cluster_size)).is_ok()
+    }
+
     /// This host's current identity (it changes when it renews itself).
     pub fn identity(&self) -> &NodeIdentity {
         self.foca.identity()
@@ -901,5 +908,17 @@ mod tests {
                 .get(),
             MAX_SWIM_PACKET
         );
+    }
+
+    #[test]
+    fn the_configuration_follows_the_cluster_size() {
+        use rand::SeedableRng;
+        let me = NodeIdentity::new("a", "127.0.0.1:1".parse().unwrap(), 1);
+        let rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut m = Membership::new(me, foca_config(NonZeroU32::new(3).unwrap()), rng);
+        // foca takes every size's LAN configuration in place of another's.
+        for n in [1000, 5, 100] {
+            assert!(m.set_cluster_size(NonZeroU32::new(n).unwrap()), "{n}");
+        }
     }
 }

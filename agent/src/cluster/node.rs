@@ -25,6 +25,9 @@ use super::transport::{self, Transport, TransportError};
 use super::wire::{self, FrameReader, WireError};
 use crate::metrics::Metrics;
 
+/// How stale the members table readers see may get when nothing changed.
+const REFRESH: Duration = Duration::from_millis(100);
+
 /// How often a host that knows no live peer announces itself to its seeds again.
 const REANNOUNCE: Duration = Duration::from_secs(2);
 
@@ -95,6 +98,8 @@ pub struct Node {
     left: Mutex<std::collections::HashSet<String>>,
     datagrams: mpsc::Sender<(String, bytes::Bytes)>,
     tokens: Mutex<()>,
+    /// When the members table was last copied out of foca.
+    refreshed: Mutex<Option<Instant>>,
     /// Calls this host forwarded that are still running, per peer: the load it routes by.
     forwarded: Mutex<HashMap<String, u32>>,
     pub stop: CancellationToken,
@@ -155,6 +160,7 @@ impl Node {
             datagrams: tx,
             tokens: Mutex::new(()),
             forwarded: Mutex::new(HashMap::new()),
+            refreshed: Mutex::new(None),
             stop,
         });
         let mut seeds = seeds;
@@ -659,10 +665,23 @@ impl Node {
             }
         };
         announce(&mut swim);
+        let mut tuned_for = size;
         let mut reannounce = tokio::time::interval(REANNOUNCE);
         reannounce.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.drain(&mut swim);
+            // Suspicion time and gossip fan-out follow the cluster's size (at least 3, so a
+            // small cluster does not suspect on every lost packet).
+            let known = u32::try_from(swim.members().count() + 1)
+                .unwrap_or(u32::MAX)
+                .max(3);
+            if let Some(n) = NonZeroU32::new(known)
+                && n != tuned_for
+                && swim.set_cluster_size(n)
+            {
+                tracing::debug!(hosts = n.get(), "membership tuned for the cluster's size");
+                tuned_for = n;
+            }
             let next = swim.poll_timeout();
             let timer = async {
                 match next {
@@ -748,6 +767,17 @@ impl Node {
                 MemberEvent::Defunct => tracing::error!("this host cannot rejoin the cluster"),
             }
         }
+        // The table is copied out for readers when something changed, and otherwise at most
+        // every REFRESH (suspicions come with no event): not after every packet.
+        let due = self
+            .refreshed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none_or(|t| t.elapsed() >= REFRESH);
+        if !changed && !due {
+            return;
+        }
+        *self.refreshed.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         let members: Vec<MemberInfo> = swim.members().collect();
         for state in [MemberState::Alive, MemberState::Suspect, MemberState::Down] {
             let n = members.iter().filter(|m| m.state == state).count();
