@@ -122,15 +122,25 @@ pub struct HostState {
     pub netns: Vec<String>,
 }
 
+/// What sandboxes could leave on the host, less the network namespaces that the multi-host
+/// tests make on purpose (`fnlet-test-*` under /run/netns, and their mounts there): those tests
+/// run beside the others and check their own.
 pub fn host_state() -> HostState {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo")
         .expect("mountinfo")
         .lines()
+        .filter(|l| {
+            // Field 5 is the mount point.
+            l.split(' ')
+                .nth(4)
+                .is_none_or(|m| m != "/run/netns" && !m.starts_with("/run/netns/"))
+        })
         .count();
     let netns = std::fs::read_dir("/run/netns")
         .map(|it| {
             it.filter_map(|e| e.ok())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.starts_with("fnlet-test-"))
                 .collect()
         })
         .unwrap_or_default();
