@@ -162,12 +162,14 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
     let _state_dir = ownership::claim_state_dir(state)?;
     let token = admin_token(state)?;
 
-    let isolator = Isolator::new(IsolatorConfig {
-        cgroup_root: config.sandbox.cgroup_root.clone(),
-        cgroup_mode: config.cgroup_mode(),
-        best_effort_limits: !config.sandbox.require_limits,
-    })
-    .context("preparing sandboxes")?;
+    let isolator = Arc::new(
+        Isolator::new(IsolatorConfig {
+            cgroup_root: config.sandbox.cgroup_root.clone(),
+            cgroup_mode: config.cgroup_mode(),
+            best_effort_limits: !config.sandbox.require_limits,
+        })
+        .context("preparing sandboxes")?,
+    );
     let unenforced = report_placement(&isolator, config.sandbox.require_limits)?;
     let placed = match &isolator.cgroup_placement().mount {
         Some(m) => format!(
@@ -182,6 +184,8 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
     // Only the root's owner reaps under it: another live agent's sandboxes would go too.
     let _cgroup_root =
         ownership::claim_cgroup_root(&isolator.cgroup_placement().root, || isolator.root_dir())?;
+    // Ours now: a start-up that fails from here on (a refused join, a port in use) removes it.
+    let mut root_guard = RemoveRootOnFailure(Some(isolator.clone()));
     let stale = isolator
         .reap_stale()
         .context("removing sandboxes left by a previous agent")?;
@@ -242,7 +246,7 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
     let kill = CancellationToken::new();
     let router = Router {
         registry: registry.clone(),
-        isolator: Arc::new(isolator),
+        isolator: isolator.clone(),
         logs,
         metrics: Arc::new(Metrics::new()),
         queue_timeout: Duration::from_millis(config.limits.queue_timeout_ms),
@@ -337,6 +341,8 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
             });
         }
     };
+    // Serving: shutdown removes the root below, after the sandboxes.
+    root_guard.0 = None;
     api::listener::serve(
         listener,
         api::app(app.clone()),
@@ -368,6 +374,20 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
     systemd::status("stopped");
     tracing::info!("fnlet agent stopped");
     Ok(())
+}
+
+/// Removes the agent's cgroup root when start-up fails after the agent claimed it (no
+/// sandbox runs yet); emptied once the agent serves.
+struct RemoveRootOnFailure(Option<Arc<Isolator>>);
+
+impl Drop for RemoveRootOnFailure {
+    fn drop(&mut self) {
+        if let Some(isolator) = self.0.take()
+            && let Err(e) = isolator.remove_root()
+        {
+            tracing::warn!("removing the cgroup root after a failed start: {e}");
+        }
+    }
 }
 
 /// Joins the cluster named by `cluster.join` at the first start (with the token), and opens the
