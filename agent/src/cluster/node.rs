@@ -28,6 +28,9 @@ use crate::metrics::Metrics;
 /// How stale the members table readers see may get when nothing changed.
 const REFRESH: Duration = Duration::from_millis(100);
 
+/// How long a member waits for the CA holder's answer to a join it passed on (the joiner
+/// waits 15 s for the whole).
+const RELAYED_JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a host that knows no live peer announces itself to its seeds again.
 const REANNOUNCE: Duration = Duration::from_secs(2);
 
@@ -470,8 +473,8 @@ impl Node {
             }
             Ok(Some(Frame::CatalogDigest(d))) => self.serve_digest(d, &mut reader, &mut send).await,
             Ok(Some(Frame::BundleRequest(r))) => self.serve_bundle(r, &mut send).await,
-            Ok(Some(Frame::JoinRequest(_))) => {
-                wire::refuse(&mut send, ErrorCode::UNEXPECTED_FRAME, "already a member").await;
+            Ok(Some(Frame::JoinRequest(r))) => {
+                self.serve_relayed_join(peer, &r, &mut send).await;
                 Ok(())
             }
             Ok(Some(other)) => {
@@ -512,7 +515,7 @@ impl Node {
                 return;
             }
         };
-        match self.admit(&req) {
+        match self.admit_or_relay(&req).await {
             Ok(answer) => {
                 tracing::info!(node = %req.node_id, %remote, "admitted a new member");
                 if wire::send(&mut send, &Frame::JoinResponse(answer))
@@ -529,6 +532,74 @@ impl Node {
                 tracing::warn!(node = %req.node_id, %remote, "refused a join: {why}");
                 wire::refuse(&mut send, ErrorCode::UNAUTHORIZED, why).await;
                 let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+            }
+        }
+    }
+
+    /// A join asked of this host: decided here on the CA holder; elsewhere passed on to the
+    /// live members in turn until the CA holder answers (the others say they cannot), so a
+    /// host may join through any member.
+    async fn admit_or_relay(
+        &self,
+        req: &frame::JoinRequest,
+    ) -> Result<frame::JoinResponse, String> {
+        if self.dir.is_ca_holder() {
+            return self.admit(req);
+        }
+        let mut last = "no live member holds the cluster CA".to_string();
+        for peer in self.live_peers() {
+            let conn = match self.transport.connect(&peer.id, peer.addr).await {
+                Ok(c) => c,
+                Err(e) => {
+                    last = e.to_string();
+                    continue;
+                }
+            };
+            match relay_join(&conn, req).await {
+                Ok(answer) => return Ok(answer),
+                // The CA holder's verdict is the answer.
+                Err(WireError::Refused { code, message }) if code == ErrorCode::UNAUTHORIZED => {
+                    return Err(message);
+                }
+                Err(e) => {
+                    tracing::debug!(peer = %peer.id, "passing on a join: {e}");
+                    last = format!("{}: {e}", peer.id);
+                }
+            }
+        }
+        Err(format!(
+            "this member does not hold the cluster CA and could not reach the one that does ({last})"
+        ))
+    }
+
+    /// A join another member passes on (see [`Node::admit_or_relay`]): decided if this host
+    /// holds the CA, else NOT_FOUND (the member asks another).
+    async fn serve_relayed_join(
+        &self,
+        peer: &str,
+        req: &frame::JoinRequest,
+        send: &mut quinn::SendStream,
+    ) {
+        if !self.dir.is_ca_holder() {
+            wire::refuse(
+                send,
+                ErrorCode::NOT_FOUND,
+                "this member does not hold the cluster CA",
+            )
+            .await;
+            return;
+        }
+        match self.admit(req) {
+            Ok(answer) => {
+                tracing::info!(node = %req.node_id, via = peer, "admitted a new member");
+                if wire::send(send, &Frame::JoinResponse(answer)).await.is_ok() {
+                    let _ = send.finish();
+                }
+            }
+            Err(why) => {
+                self.metrics.handshake_failure("join_refused");
+                tracing::warn!(node = %req.node_id, via = peer, "refused a join: {why}");
+                wire::refuse(send, ErrorCode::UNAUTHORIZED, why).await;
             }
         }
     }
@@ -826,6 +897,34 @@ fn state_name(s: MemberState) -> &'static str {
         MemberState::Alive => "alive",
         MemberState::Suspect => "suspect",
         MemberState::Down => "down",
+    }
+}
+
+/// Passes a join on to a peer on a stream of its connection; the peer's answer.
+async fn relay_join(
+    conn: &quinn::Connection,
+    req: &frame::JoinRequest,
+) -> Result<frame::JoinResponse, WireError> {
+    let (mut send, recv) = conn.open_bi().await?;
+    let request = Frame::JoinRequest(req.clone());
+    wire::send(&mut send, &request).await?;
+    send.finish()?;
+    let expect = Expect::answer_to(&request).expect("a JoinRequest has an answer");
+    let mut reader = FrameReader::new(recv, Limits::default(), expect);
+    let answer = tokio::time::timeout(RELAYED_JOIN_TIMEOUT, reader.next())
+        .await
+        .map_err(|_| WireError::Timeout(RELAYED_JOIN_TIMEOUT))??;
+    match answer {
+        Some(Frame::JoinResponse(r)) => Ok(r),
+        Some(Frame::Error(e)) => Err(WireError::Refused {
+            code: e.code,
+            message: e.message,
+        }),
+        // The answer's Expect allows nothing else, and no answer at all is TRUNCATED.
+        _ => Err(WireError::Refused {
+            code: ErrorCode::INTERNAL,
+            message: "the stream ended without an answer".into(),
+        }),
     }
 }
 
