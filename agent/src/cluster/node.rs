@@ -31,6 +31,8 @@ const REFRESH: Duration = Duration::from_millis(100);
 /// How long a member waits for the CA holder's answer to a join it passed on (the joiner
 /// waits 15 s for the whole).
 const RELAYED_JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the SWIM leave may take to go out at shutdown.
+const LEAVE_FLUSH: Duration = Duration::from_secs(1);
 /// How often a host that knows no live peer announces itself to its seeds again.
 const REANNOUNCE: Duration = Duration::from_secs(2);
 
@@ -191,6 +193,8 @@ impl Node {
     /// The last of shutdown: closes every connection saying this host leaves (peers show it
     /// as left, not down) and waits briefly for the closes to go out.
     pub async fn close(&self) {
+        // The membership task sends the SWIM leave first (it has been told to stop).
+        let _ = tokio::time::timeout(LEAVE_FLUSH, self.datagrams.closed()).await;
         self.transport.endpoint.close(
             quinn::VarInt::from_u64(ErrorCode::SHUTTING_DOWN.0).unwrap_or(quinn::VarInt::MAX),
             b"leaving",
@@ -763,6 +767,7 @@ impl Node {
             tokio::select! {
                 _ = self.stop.cancelled() => {
                     let _ = swim.leave(Instant::now());
+                    self.send_leave(&mut swim).await;
                     self.drain(&mut swim);
                     break;
                 }
@@ -784,6 +789,33 @@ impl Node {
                     }
                 }
             }
+        }
+    }
+
+    /// Sends the SWIM leave before [`Node::close`] closes the connections (which it waits for
+    /// this task to end to do): queued here rather than in spawned tasks, and given until
+    /// their connections have sent them, at most [`LEAVE_FLUSH`].
+    async fn send_leave(&self, swim: &mut Membership<rand::rngs::StdRng>) {
+        let deadline = tokio::time::Instant::now() + LEAVE_FLUSH;
+        let mut queued = Vec::new();
+        while let Some((to, data)) = swim.poll_transmit() {
+            let Ok(Ok(conn)) =
+                tokio::time::timeout_at(deadline, self.transport.connect(&to.id, to.addr)).await
+            else {
+                continue;
+            };
+            let space = conn.datagram_send_buffer_space();
+            if conn.send_datagram(data).is_ok() {
+                queued.push((conn, space));
+            }
+        }
+        // A datagram leaves the buffer once it is in a packet on the wire.
+        while queued
+            .iter()
+            .any(|(c, space)| c.close_reason().is_none() && c.datagram_send_buffer_space() < *space)
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
