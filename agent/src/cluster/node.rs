@@ -33,6 +33,9 @@ const REFRESH: Duration = Duration::from_millis(100);
 const RELAYED_JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the SWIM leave may take to go out at shutdown.
 const LEAVE_FLUSH: Duration = Duration::from_secs(1);
+/// How long a member declared down has to close its connection itself (as a host that leaves
+/// does) before this host closes it.
+const LEAVE_CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// How often a host that knows no live peer announces itself to its seeds again.
 const REANNOUNCE: Duration = Duration::from_secs(2);
 
@@ -225,10 +228,12 @@ impl Node {
         let left = self.left.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let members = self.members.read().unwrap_or_else(|p| p.into_inner());
         for m in members.iter() {
+            // A host that closed its connection saying it leaves has left, whether or not
+            // SWIM has heard of its leave yet (its gossip can take a while to reach everyone).
             let state = match m.state {
+                _ if left.contains(&m.identity.id) => "left",
                 MemberState::Alive => "alive",
                 MemberState::Suspect => "suspect",
-                MemberState::Down if left.contains(&m.identity.id) => "left",
                 MemberState::Down => "down",
             };
             rows.push(MemberRow {
@@ -851,9 +856,25 @@ impl Node {
                 }
                 MemberEvent::Down(id) => {
                     tracing::warn!(peer = %id.id, addr = %id.addr, "member down");
-                    // Calls in flight to it fail now, not after an idle timeout.
-                    self.transport
-                        .drop_peer(&id.id, ErrorCode::NO_ERROR.0 as u32, "declared down");
+                    // Calls in flight to it fail soon, not after an idle timeout; a restart of
+                    // it is dialled afresh at once. The old connection is closed a little
+                    // later: a host that leaves sends its SWIM leave first and closes its
+                    // connections (SHUTTING_DOWN, which shows it as left) just after; closing
+                    // ours first would lose that close, and show it down.
+                    if let Some(conn) = self.transport.take_peer(&id.id) {
+                        tokio::spawn(async move {
+                            if tokio::time::timeout(LEAVE_CLOSE_GRACE, conn.closed())
+                                .await
+                                .is_err()
+                            {
+                                conn.close(
+                                    quinn::VarInt::from_u64(ErrorCode::NO_ERROR.0)
+                                        .unwrap_or(quinn::VarInt::MAX),
+                                    b"declared down",
+                                );
+                            }
+                        });
+                    }
                 }
                 MemberEvent::Replaced { old, new } => {
                     tracing::info!(peer = %new.id, old_generation = old.generation, generation = new.generation, "member restarted");

@@ -168,16 +168,13 @@ impl Transport {
         }
     }
 
-    /// Closes the connection to `peer` (declared down): calls in flight on it fail now.
-    pub fn drop_peer(&self, peer: &str, code: u32, reason: &str) {
-        if let Some(c) = self
-            .conns
+    /// Forgets the connection to `peer` (declared down) and hands it back to be closed: the
+    /// next call to it dials afresh.
+    pub fn take_peer(&self, peer: &str) -> Option<quinn::Connection> {
+        self.conns
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(peer)
-        {
-            c.close(code.into(), reason.as_bytes());
-        }
     }
 
     /// Every live peer connection with its node id.
