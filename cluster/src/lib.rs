@@ -45,8 +45,8 @@
 //!
 //! | hosts | suspect → down | updates sent | suspected (expected / worst) | down (expected / worst) |
 //! |---|---|---|---|---|
-//! | 5 | 4 s | 3 times | 2.5 s / 8 s | 6.5 s / 12 s |
-//! | 10 | 4 s | 4 times | 2.5 s / 18 s | 6.5 s / 22 s |
+//! | 5 | 4 s | 6 times | 2.5 s / 8 s | 6.5 s / 12 s |
+//! | 10 | 4 s | 6 times | 2.5 s / 18 s | 6.5 s / 22 s |
 //! | 100 | 8 s | 8 times | 2.6 s / 198 s | 10.6 s / 206 s |
 //!
 //! The worst cases grow with N because each host probes the others round-robin; with many
