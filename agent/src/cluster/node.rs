@@ -47,7 +47,8 @@ pub enum ClusterError {
     Transport(#[from] TransportError),
     #[error(transparent)]
     Wire(#[from] WireError),
-    #[error("join token: {0}")]
+    /// Its messages name the join token already.
+    #[error(transparent)]
     Token(#[from] fnlet_cluster::token::TokenError),
     #[error("{0}")]
     Join(String),
