@@ -3,6 +3,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -13,7 +14,9 @@ use reqwest::blocking::{Body, Client};
 use reqwest::header::{self, HeaderMap};
 use serde_json::Value;
 
-use super::{HostState, cgroup_root, fnlet, host_state, leftover_cgroups, processes_matching};
+use super::{
+    HostState, cgroup_root, fnlet, host_state, in_netns, leftover_cgroups, processes_matching,
+};
 
 /// Config keys a test may change; everything else is the agent's embedded default.
 #[derive(Debug, Clone)]
@@ -35,6 +38,17 @@ pub struct Settings {
     pub cgroup_root: Option<String>,
     /// `--state-dir`; None: `state/` in the agent's own folder.
     pub state_dir: Option<PathBuf>,
+    /// Run the agent in this network namespace (a name under /run/netns). The test process
+    /// is outside it, so the agent's API is then called with curl from inside it.
+    pub netns: Option<String>,
+    /// `--listen`; None: 127.0.0.1 and a free port.
+    pub listen: Option<SocketAddr>,
+    /// `[cluster] listen`; None: 127.0.0.1 and a free UDP port.
+    pub peer_listen: Option<SocketAddr>,
+    /// `--node-id`; None: `n-<test>`.
+    pub node_id: Option<String>,
+    /// More `fnlet agent` arguments (`--join`, `--token`).
+    pub args: Vec<String>,
 }
 
 impl Default for Settings {
@@ -47,6 +61,11 @@ impl Default for Settings {
             limits_extra: String::new(),
             cgroup_root: None,
             state_dir: None,
+            netns: None,
+            listen: None,
+            peer_listen: None,
+            node_id: None,
+            args: Vec::new(),
         }
     }
 }
@@ -163,6 +182,155 @@ impl Resp {
     }
 }
 
+/// How the test reaches an agent's API.
+#[derive(Clone)]
+enum Api {
+    /// Directly: the agent is in the test's network namespace.
+    Direct(Client),
+    /// With curl run inside the agent's network namespace (named).
+    Curl(String),
+}
+
+/// How long one call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Api {
+    /// One HTTP call; Err: no answer came (the client's words).
+    fn send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(String, String)],
+        body: Option<Body>,
+    ) -> Result<Resp, String> {
+        match self {
+            Api::Direct(http) => {
+                let mut req = http.request(method, url);
+                for (k, v) in headers {
+                    req = req.header(k, v);
+                }
+                if let Some(b) = body {
+                    req = req.body(b);
+                }
+                let resp = req.send().map_err(|e| e.to_string())?;
+                let status = resp.status().as_u16();
+                let headers = resp.headers().clone();
+                let body = resp.bytes().map_err(|e| e.to_string())?.to_vec();
+                Ok(Resp {
+                    status,
+                    headers,
+                    body,
+                })
+            }
+            Api::Curl(ns) => {
+                let body = body.map(|b| {
+                    b.as_bytes()
+                        .expect("curl takes a body held in memory, not a stream")
+                        .to_vec()
+                });
+                curl(ns, method, url, headers, body)
+            }
+        }
+    }
+}
+
+/// An HTTP call made by curl in network namespace `ns`: the answer's head and body as curl
+/// printed them (`-i`).
+fn curl(
+    ns: &str,
+    method: Method,
+    url: &str,
+    headers: &[(String, String)],
+    body: Option<Vec<u8>>,
+) -> Result<Resp, String> {
+    let mut cmd = in_netns(Some(ns), "curl");
+    cmd.args(["-sS", "-i", "--noproxy", "*", "--max-time"])
+        .arg(CALL_TIMEOUT.as_secs().to_string())
+        .args(["-X", method.as_str()])
+        // No `Expect: 100-continue` (a second head), and no content type the caller did
+        // not give (curl adds one to every body).
+        .args(["-H", "Expect:"]);
+    if !headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+    {
+        cmd.args(["-H", "Content-Type:"]);
+    }
+    for (k, v) in headers {
+        cmd.arg("-H").arg(format!("{k}: {v}"));
+    }
+    if body.is_some() {
+        cmd.args(["--data-binary", "@-"]);
+    }
+    cmd.arg(url)
+        .stdin(if body.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|e| format!("running curl: {e}"))?;
+    // Written from another thread: curl may answer before it has read everything.
+    let writer = match (child.stdin.take(), body) {
+        (Some(mut stdin), Some(b)) => Some(std::thread::spawn(move || {
+            let _ = stdin.write_all(&b);
+        })),
+        _ => None,
+    };
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("waiting for curl: {e}"))?;
+    if let Some(w) = writer {
+        let _ = w.join();
+    }
+    if !out.status.success() {
+        return Err(format!(
+            "curl {method} {url}: {} ({})",
+            String::from_utf8_lossy(&out.stderr).trim(),
+            out.status
+        ));
+    }
+    parse_http_answer(&out.stdout)
+}
+
+/// An answer as `curl -i` prints it: a head (after any 1xx heads), a blank line, the body.
+fn parse_http_answer(mut raw: &[u8]) -> Result<Resp, String> {
+    loop {
+        let end = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .ok_or_else(|| format!("no HTTP head in {:?}", String::from_utf8_lossy(raw)))?;
+        let head = String::from_utf8_lossy(&raw[..end]).into_owned();
+        raw = &raw[end + 4..];
+        let mut lines = head.split("\r\n");
+        let status: u16 = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("no status line in {head:?}"))?;
+        if (100..200).contains(&status) {
+            continue;
+        }
+        let mut headers = HeaderMap::new();
+        for line in lines {
+            let (k, v) = line
+                .split_once(':')
+                .ok_or_else(|| format!("bad header line {line:?}"))?;
+            let name = header::HeaderName::from_bytes(k.trim().as_bytes())
+                .map_err(|e| format!("header {k:?}: {e}"))?;
+            let value = header::HeaderValue::from_str(v.trim())
+                .map_err(|e| format!("header {k:?}: {e}"))?;
+            headers.append(name, value);
+        }
+        return Ok(Resp {
+            status,
+            headers,
+            body: raw.to_vec(),
+        });
+    }
+}
+
 /// An agent that exited during its start-up.
 #[derive(Debug)]
 pub struct Refused {
@@ -177,19 +345,26 @@ pub struct Agent {
     /// The cgroup root of its sandboxes, `fnlet-test-<pid>-<test>`.
     pub root: String,
     pub port: u16,
-    /// The UDP port of its cluster endpoint (`[cluster] listen`, 127.0.0.1), open once it is
-    /// in a cluster.
+    /// The address it listens on (127.0.0.1 unless [`Settings::listen`] says otherwise).
+    pub ip: IpAddr,
+    /// The UDP port of its cluster endpoint (`[cluster] listen`: 127.0.0.1, or
+    /// [`Settings::peer_listen`]), open once it is in a cluster.
     pub peer_port: u16,
     pub token: String,
     /// The uids its functions run as.
     pub uids: Range<u32>,
     /// Its node id (`--node-id`), which invocation answers name in `x-fnlet-host`.
     pub node_id: String,
+    /// The network namespace it runs in ([`Settings::netns`]).
+    pub netns: Option<String>,
+    /// More `fnlet agent` arguments, used at each start: a test may change them between a
+    /// stop and a restart (a join token is needed only at the first start).
+    pub args: Vec<String>,
     dir: tempfile::TempDir,
     state: PathBuf,
     child: Option<Child>,
     before: HostState,
-    http: Client,
+    api: Api,
 }
 
 impl Agent {
@@ -236,11 +411,13 @@ impl Agent {
         }
         .expect("tempdir");
         let uids = uid_range(test);
-        let peer_port = free_udp_port();
+        let peer_listen = settings
+            .peer_listen
+            .unwrap_or_else(|| SocketAddr::from((Ipv4Addr::LOCALHOST, free_udp_port())));
         // The file is named after the cgroup root, so the agent's command line (and that of
         // any process it forked) mentions the root: processes_matching(root) finds them.
         let config = format!(
-            "shutdown_grace_s = {}\n\n[limits]\nqueue_timeout_ms = {}\n{}\n[sandbox]\ncgroup_root = \"{root}\"\nuid_base = {}\nuid_count = {}\nprepare_ahead = {}\n\n[cluster]\nlisten = \"127.0.0.1:{peer_port}\"\n",
+            "shutdown_grace_s = {}\n\n[limits]\nqueue_timeout_ms = {}\n{}\n[sandbox]\ncgroup_root = \"{root}\"\nuid_base = {}\nuid_count = {}\nprepare_ahead = {}\n\n[cluster]\nlisten = \"{peer_listen}\"\n",
             settings.shutdown_grace_s,
             settings.queue_timeout_ms,
             settings.limits_extra,
@@ -249,28 +426,39 @@ impl Agent {
             settings.prepare_ahead,
         );
         std::fs::write(dir.path().join(format!("{root}.toml")), config).expect("write config");
-        let http = Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(60))
-            .build()
-            .expect("http client");
+        let api = match &settings.netns {
+            None => Api::Direct(
+                Client::builder()
+                    .no_proxy()
+                    .timeout(Duration::from_secs(60))
+                    .build()
+                    .expect("http client"),
+            ),
+            Some(ns) => Api::Curl(ns.clone()),
+        };
         let state = settings
             .state_dir
             .clone()
             .unwrap_or_else(|| dir.path().join("state"));
+        let listen = settings
+            .listen
+            .unwrap_or_else(|| SocketAddr::from((Ipv4Addr::LOCALHOST, free_port())));
         let mut agent = Agent {
             test: test.into(),
             root,
-            port: free_port(),
-            peer_port,
+            port: listen.port(),
+            ip: listen.ip(),
+            peer_port: peer_listen.port(),
             token: String::new(),
-            node_id: node_id(test),
+            node_id: settings.node_id.clone().unwrap_or_else(|| node_id(test)),
             uids,
+            netns: settings.netns.clone(),
+            args: settings.args.clone(),
             dir,
             state,
             child: None,
             before,
-            http,
+            api,
         };
         if let Err(status) = agent.try_spawn() {
             return Err(Refused {
@@ -278,12 +466,17 @@ impl Agent {
                 log: agent.log(),
             });
         }
-        agent.token = std::fs::read_to_string(agent.state_dir().join("admin.token"))
+        agent.read_token();
+        Ok(agent)
+    }
+
+    /// Reads the admin token the agent keeps in its state dir (made at its first start).
+    fn read_token(&mut self) {
+        self.token = std::fs::read_to_string(self.state_dir().join("admin.token"))
             .expect("admin.token in the state dir")
             .trim()
             .to_string();
-        assert_eq!(agent.token.len(), 64, "admin token: {:?}", agent.token);
-        Ok(agent)
+        assert_eq!(self.token.len(), 64, "admin token: {:?}", self.token);
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -302,12 +495,17 @@ impl Agent {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// Whether the agent process is running (started, and not seen to exit).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("agent running").id()
     }
 
     pub fn base_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}", SocketAddr::new(self.ip, self.port))
     }
 
     /// Starts the agent on this state dir and waits for /readyz.
@@ -328,16 +526,18 @@ impl Agent {
             .append(true)
             .open(self.log_path())
             .expect("agent log");
-        let child = Command::new(fnlet())
+        // nsenter execs the agent: the child's pid is the agent's.
+        let child = in_netns(self.netns.as_deref(), fnlet())
             .arg("agent")
             .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
+            .arg(SocketAddr::new(self.ip, self.port).to_string())
             .arg("--state-dir")
             .arg(self.state_dir())
             .arg("--config")
             .arg(self.config_path())
             .arg("--node-id")
             .arg(&self.node_id)
+            .args(&self.args)
             .env("FNLET_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -374,32 +574,28 @@ impl Agent {
         }
     }
 
-    /// One HTTP call to the agent; `auth` adds the admin token.
+    /// One HTTP call to the agent; `auth` adds the admin token. Err: the call got no answer
+    /// (what the client said).
     pub fn try_request(
         &self,
         method: Method,
         path: &str,
         auth: bool,
         body: Option<Body>,
-    ) -> reqwest::Result<Resp> {
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.base_url()));
+    ) -> Result<Resp, String> {
+        let mut headers = Vec::new();
         if auth {
-            req = req.bearer_auth(&self.token);
+            headers.push((
+                "authorization".to_string(),
+                format!("Bearer {}", self.token),
+            ));
         }
-        if let Some(b) = body {
-            req = req.body(b);
-        }
-        let resp = req.send()?;
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let body = resp.bytes()?.to_vec();
-        Ok(Resp {
-            status,
-            headers,
+        self.api.send(
+            method,
+            &format!("{}{path}", self.base_url()),
+            &headers,
             body,
-        })
+        )
     }
 
     pub fn request(&self, method: Method, path: &str, auth: bool, body: Option<Body>) -> Resp {
@@ -407,15 +603,18 @@ impl Agent {
             .unwrap_or_else(|e| panic!("{method} {path}: {e}\nagent log:\n{}", self.log()))
     }
 
-    /// A request with the given bearer token, to send yourself.
+    /// A request with the given bearer token, to send yourself (an agent in the test's own
+    /// network namespace only).
     pub fn http_with_token(
         &self,
         method: Method,
         path: &str,
         token: &str,
     ) -> reqwest::blocking::RequestBuilder {
-        self.http
-            .request(method, format!("{}{path}", self.base_url()))
+        let Api::Direct(http) = &self.api else {
+            panic!("http_with_token: the agent runs in another network namespace");
+        };
+        http.request(method, format!("{}{path}", self.base_url()))
             .bearer_auth(token)
     }
 
@@ -424,22 +623,11 @@ impl Agent {
         &self,
         name: &str,
         input: &[u8],
-    ) -> std::thread::JoinHandle<reqwest::Result<Resp>> {
-        let req = self
-            .http
-            .post(format!("{}/fn/{name}", self.base_url()))
-            .body(input.to_vec());
-        std::thread::spawn(move || {
-            let resp = req.send()?;
-            let status = resp.status().as_u16();
-            let headers = resp.headers().clone();
-            let body = resp.bytes()?.to_vec();
-            Ok(Resp {
-                status,
-                headers,
-                body,
-            })
-        })
+    ) -> std::thread::JoinHandle<Result<Resp, String>> {
+        let api = self.api.clone();
+        let url = format!("{}/fn/{name}", self.base_url());
+        let input = input.to_vec();
+        std::thread::spawn(move || api.send(Method::POST, &url, &[], Some(Body::from(input))))
     }
 
     /// GET without the token.
@@ -465,46 +653,32 @@ impl Agent {
     /// POST /2015-03-31/functions/{name}/invocations (the Lambda Invoke API), unsigned, with
     /// extra headers.
     pub fn invoke_lambda(&self, name: &str, payload: Vec<u8>, headers: &[(&str, &str)]) -> Resp {
-        let mut req = self
-            .http
-            .post(format!(
-                "{}/2015-03-31/functions/{name}/invocations",
-                self.base_url()
-            ))
-            .body(payload);
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let resp = req
-            .send()
-            .unwrap_or_else(|e| panic!("invoke {name}: {e}\nagent log:\n{}", self.log()));
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        Resp {
-            status,
-            headers,
-            body: resp.bytes().expect("invoke answer").to_vec(),
-        }
+        let headers: Vec<(String, String)> = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let url = format!(
+            "{}/2015-03-31/functions/{name}/invocations",
+            self.base_url()
+        );
+        self.api
+            .send(Method::POST, &url, &headers, Some(Body::from(payload)))
+            .unwrap_or_else(|e| panic!("invoke {name}: {e}\nagent log:\n{}", self.log()))
     }
 
     /// Deploys an archive; the answer as it came.
     pub fn deploy_archive(&self, archive: Vec<u8>, content_type: &str) -> Resp {
-        let req = self
-            .http
-            .post(format!("{}/v1/functions", self.base_url()))
-            .bearer_auth(&self.token)
-            .header(header::CONTENT_TYPE, content_type)
-            .body(archive);
-        let resp = req
-            .send()
-            .unwrap_or_else(|e| panic!("deploy: {e}\nagent log:\n{}", self.log()));
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        Resp {
-            status,
-            headers,
-            body: resp.bytes().expect("deploy answer").to_vec(),
-        }
+        let headers = [
+            (
+                "authorization".to_string(),
+                format!("Bearer {}", self.token),
+            ),
+            (header::CONTENT_TYPE.to_string(), content_type.to_string()),
+        ];
+        let url = format!("{}/v1/functions", self.base_url());
+        self.api
+            .send(Method::POST, &url, &headers, Some(Body::from(archive)))
+            .unwrap_or_else(|e| panic!("deploy: {e}\nagent log:\n{}", self.log()))
     }
 
     /// Deploys a folder as a .tar.gz; asserts 201 and returns the new version's record.
@@ -514,9 +688,10 @@ impl Agent {
         r.json()
     }
 
-    /// `fnlet ARGS` against this agent (endpoint and token file from the environment).
+    /// `fnlet ARGS` against this agent (endpoint and token file from the environment), in its
+    /// network namespace.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(fnlet())
+        in_netns(self.netns.as_deref(), fnlet())
             .args(args)
             .env("FNLET_ENDPOINT", self.base_url())
             .env("FNLET_STATE_DIR", self.state_dir())
@@ -587,9 +762,18 @@ impl Agent {
         assert_eq!(status.code(), None, "killed by a signal: {status}");
     }
 
-    /// Starts the agent again on the same state dir, config and port.
+    /// Starts the agent again on the same state dir, config, port and [`Agent::args`].
     pub fn restart(&mut self) {
         self.spawn();
+        self.read_token();
+    }
+
+    /// Like [`Agent::restart`], for an agent that may refuse to start: its exit status then
+    /// (its log says why).
+    pub fn try_restart(&mut self) -> Result<(), ExitStatus> {
+        self.try_spawn()?;
+        self.read_token();
+        Ok(())
     }
 
     /// Stops the agent and asserts it left nothing: no cgroup under its root, no process of

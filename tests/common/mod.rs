@@ -36,6 +36,27 @@ pub fn probe() -> PathBuf {
     built("fnlet-probe")
 }
 
+pub fn peer_client() -> PathBuf {
+    built("fnlet-peer-client")
+}
+
+/// `program` run in network namespace `ns` (a name under /run/netns), or here when None.
+/// nsenter, not `ip netns exec`: that one also mounts a new /sys, hiding the cgroup
+/// hierarchies an agent needs; nsenter changes only the network namespace, and execs the
+/// program (its pid is the program's).
+pub fn in_netns(ns: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match ns {
+        None => Command::new(program),
+        Some(ns) => {
+            let mut cmd = Command::new("nsenter");
+            cmd.arg(format!("--net=/run/netns/{ns}"))
+                .arg("--")
+                .arg(program);
+            cmd
+        }
+    }
+}
+
 /// Sandboxes need root: fail loudly rather than pass by skipping.
 pub fn require_root() {
     // SAFETY-free: geteuid via /proc to keep tests free of unsafe.

@@ -1,0 +1,1082 @@
+//! The cluster, with real agents: five `fnlet agent`s on 127.0.0.1 to 127.0.0.5 inside a
+//! network namespace this test makes and removes (`fnlet-test-<pid>`), driven by the CLI and
+//! curl run inside it (the test process stays outside), and by fnlet-peer-client, a stranger
+//! on their QUIC endpoints.
+//!
+//! Agents take seconds to start and to notice each other, so one cluster serves every case, in
+//! order, in one test (nextest runs each test in its own process): forming it, joins that must
+//! be refused, bad frames, a killed member, a member that leaves, packet loss, and a deploy
+//! served everywhere. Each case is a step: a failing step is reported with every member's view
+//! of the cluster and the agents' log tails, the cluster is brought back to five alive members
+//! if it can be, and the next step runs; the test then fails naming each failed step. New
+//! cases (forwarding, partitions: nft rules that drop one address's packets, see
+//! [`NftTable`]) are more steps on the same cluster.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::panic::AssertUnwindSafe;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::agent::{Agent, Fixture, Settings};
+use serde_json::Value;
+
+/// Members of the cluster: n1 .. n5 on 127.0.0.1 .. 127.0.0.5.
+const NODES: usize = 5;
+const API_PORT: u16 = 8740;
+const PEER_PORT: u16 = 8741;
+/// The agent that makes a cluster of its own (a token from another cluster).
+const OTHER_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 8);
+/// Where agents that must be refused try to join from.
+const JOINER_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 9);
+/// How often a wait reads the members tables.
+const POLL: Duration = Duration::from_millis(200);
+/// A generous bound for members to see a change that takes a few round trips (a join, a
+/// leave, a restart): seconds at most, here.
+const SETTLE: Duration = Duration::from_secs(20);
+/// Detection of a killed member. The crate's bound for 5 hosts (cluster/src/lib.rs) is down
+/// expected in 6.5 s, 12 s at worst; several times that.
+const DETECT: Duration = Duration::from_secs(40);
+/// How long the cluster runs under packet loss.
+const LOSS_RUN: Duration = Duration::from_secs(30);
+
+fn node_id(i: usize) -> String {
+    format!("n{}", i + 1)
+}
+
+fn node_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, i as u8 + 1)
+}
+
+fn peer_addr(ip: Ipv4Addr) -> String {
+    SocketAddr::from((ip, PEER_PORT)).to_string()
+}
+
+/// Runs a command that must succeed; its output.
+fn run(mut cmd: Command) -> Output {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}\n{}{}",
+        out.status,
+        common::text(&out.stdout),
+        common::text(&out.stderr)
+    );
+    out
+}
+
+/// The network namespace the cluster lives in; removed when dropped (a panic included).
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn create() -> Netns {
+        let name = format!("fnlet-test-{}", std::process::id());
+        let mut add = Command::new("ip");
+        add.args(["netns", "add", &name]);
+        run(add);
+        let ns = Netns { name };
+        // 127.0.0.0/8 is all on lo: every member's address is there once lo is up.
+        let mut up = Command::new("ip");
+        up.args(["-n", &ns.name, "link", "set", "lo", "up"]);
+        run(up);
+        ns
+    }
+
+    fn cmd(&self, program: &str) -> Command {
+        common::in_netns(Some(&self.name), program)
+    }
+
+    /// `nft ARGS` in the namespace (nftables: scripts/install-deps.sh installs it).
+    fn nft(&self, args: &[&str]) {
+        let mut cmd = self.cmd("nft");
+        cmd.args(args);
+        run(cmd);
+    }
+
+    fn exists(name: &str) -> bool {
+        std::path::Path::new("/run/netns").join(name).exists()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .status();
+    }
+}
+
+/// An nftables table in the namespace, deleted when dropped (a failed step included).
+struct NftTable<'a> {
+    ns: &'a Netns,
+    name: &'static str,
+}
+
+impl<'a> NftTable<'a> {
+    /// A table with one input chain holding `rule`.
+    fn input_rule(ns: &'a Netns, name: &'static str, rule: &str) -> NftTable<'a> {
+        ns.nft(&["add", "table", "inet", name]);
+        let table = NftTable { ns, name };
+        ns.nft(&[
+            "add",
+            "chain",
+            "inet",
+            name,
+            "input",
+            "{ type filter hook input priority 0; policy accept; }",
+        ]);
+        let mut args = vec!["add", "rule", "inet", name, "input"];
+        args.extend(rule.split_whitespace());
+        ns.nft(&args);
+        table
+    }
+}
+
+impl NftTable<'_> {
+    /// What the table's `counter` counted: packets.
+    fn packets(&self) -> u64 {
+        let mut cmd = self.ns.cmd("nft");
+        cmd.args(["list", "table", "inet", self.name]);
+        let text = common::text(&run(cmd).stdout);
+        text.split_whitespace()
+            .skip_while(|w| *w != "packets")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no packet counter in:\n{text}"))
+    }
+}
+
+impl Drop for NftTable<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .ns
+            .cmd("nft")
+            .args(["delete", "table", "inet", self.name])
+            .status();
+    }
+}
+
+/// One row of `fnlet members --json`.
+#[derive(Debug, Clone)]
+struct Row {
+    id: String,
+    addr: String,
+    state: String,
+    generation: u64,
+    this_host: bool,
+}
+
+fn parse_rows(v: &Value) -> Result<Vec<Row>, String> {
+    let rows = v.as_array().ok_or_else(|| format!("not an array: {v}"))?;
+    rows.iter()
+        .map(|r| {
+            let s = |k: &str| {
+                r[k].as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| format!("{k} in {r}"))
+            };
+            Ok(Row {
+                id: s("id")?,
+                addr: s("addr")?,
+                state: s("state")?,
+                generation: r["generation"]
+                    .as_u64()
+                    .ok_or_else(|| format!("generation in {r}"))?,
+                this_host: r["this_host"]
+                    .as_bool()
+                    .ok_or_else(|| format!("this_host in {r}"))?,
+            })
+        })
+        .collect()
+}
+
+/// Every running member's members table, by observer; Err: what `fnlet members` said.
+struct Views(BTreeMap<String, Result<Vec<Row>, String>>);
+
+impl Views {
+    /// `who` as `observer` sees it.
+    fn row(&self, observer: &str, who: &str) -> Option<&Row> {
+        self.0
+            .get(observer)?
+            .as_ref()
+            .ok()?
+            .iter()
+            .find(|r| r.id == who)
+    }
+
+    /// Whether every observer in the map sees `who` in `state`.
+    fn all_see(&self, who: &str, state: &str) -> bool {
+        self.0
+            .keys()
+            .filter(|o| o.as_str() != who)
+            .all(|o| self.row(o, who).is_some_and(|r| r.state == state))
+    }
+
+    /// Whether every observer sees exactly the five members, all alive.
+    fn all_alive(&self) -> bool {
+        self.0.len() == NODES
+            && self.0.values().all(|rows| {
+                rows.as_ref().is_ok_and(|rows| {
+                    rows.len() == NODES
+                        && (0..NODES).all(|i| {
+                            rows.iter()
+                                .any(|r| r.id == node_id(i) && r.state == "alive")
+                        })
+                })
+            })
+    }
+}
+
+impl std::fmt::Display for Views {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (observer, rows) in &self.0 {
+            write!(f, "  {observer} sees:")?;
+            match rows {
+                Ok(rows) => {
+                    for r in rows {
+                        write!(f, " {}={}(gen {})", r.id, r.state, r.generation)?;
+                    }
+                    writeln!(f)?;
+                }
+                Err(e) => writeln!(f, " ERROR {e}")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The cluster: its members (dropped first: stopped) and its namespace (removed last).
+struct Cluster {
+    nodes: Vec<Agent>,
+    /// The token the members joined with (`fnlet cluster init`'s).
+    token: String,
+    ns: Netns,
+}
+
+/// Settings for an agent in the namespace listening on `ip` (API and peer ports) with node
+/// id `id` and more arguments `args` (see [`join_args`]).
+fn settings(ns: &Netns, ip: Ipv4Addr, id: &str, args: Vec<String>) -> Settings {
+    Settings {
+        netns: Some(ns.name.clone()),
+        listen: Some(SocketAddr::from((ip, API_PORT))),
+        peer_listen: Some(SocketAddr::from((ip, PEER_PORT))),
+        node_id: Some(id.to_string()),
+        args,
+        prepare_ahead: false,
+        shutdown_grace_s: 5.0,
+        ..Settings::default()
+    }
+}
+
+/// `--join ADDR --token TOKEN`, to join through `via`.
+fn join_args(via: Ipv4Addr, token: &str) -> Vec<String> {
+    vec![
+        "--join".to_string(),
+        peer_addr(via),
+        "--token".to_string(),
+        token.to_string(),
+    ]
+}
+
+/// A join token from `fnlet ARGS` (`cluster init` or `cluster token`): alone on stdout.
+fn token_from(agent: &Agent, args: &[&str]) -> String {
+    let out = agent.cli(args);
+    let stdout = common::text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "fnlet {args:?}: {}\n{stdout}{}",
+        out.status,
+        common::text(&out.stderr)
+    );
+    let token = stdout.trim().to_string();
+    assert!(
+        token.starts_with("fnlet1.") && stdout.lines().count() == 1,
+        "fnlet {args:?} printed {stdout:?}, not a token alone"
+    );
+    token
+}
+
+/// `fnlet members --json` on `agent`.
+fn members(agent: &Agent) -> Result<Vec<Row>, String> {
+    let out = agent.cli(&["members", "--json"]);
+    if !out.status.success() {
+        return Err(format!(
+            "fnlet members: {}: {}",
+            out.status,
+            common::text(&out.stderr).trim()
+        ));
+    }
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("not JSON ({e}): {}", common::text(&out.stdout)))?;
+    parse_rows(&v)
+}
+
+/// A Prometheus sample of `agent` (`name{labels}` as written); 0 when absent.
+fn metric(agent: &Agent, sample: &str) -> f64 {
+    let text = agent.get("/metrics").expect_ok(200).text();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(sample)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+fn handshake_failures(agent: &Agent, reason: &str) -> f64 {
+    metric(
+        agent,
+        &format!("fnlet_cluster_handshake_failures_total{{reason=\"{reason}\"}}"),
+    )
+}
+
+/// The node id of a member (its test name is `cluster-<id>`).
+fn label(a: &Agent) -> String {
+    a.test.trim_start_matches("cluster-").to_string()
+}
+
+/// The last `n` lines of a log.
+fn tail(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+impl Cluster {
+    /// Every running member's view.
+    fn views(&self) -> Views {
+        Views(
+            self.nodes
+                .iter()
+                .filter(|a| a.is_running())
+                .map(|a| (label(a), members(a)))
+                .collect(),
+        )
+    }
+
+    /// The members' views and log tails, for a failure message.
+    fn describe(&self) -> String {
+        let mut s = format!("members as each running agent sees them:\n{}", self.views());
+        for a in &self.nodes {
+            let _ = write!(
+                s,
+                "\n---- {} log, last lines ({}) ----\n{}\n",
+                label(a),
+                if a.is_running() { "running" } else { "stopped" },
+                tail(&a.log(), 25)
+            );
+        }
+        s
+    }
+
+    /// Waits until `done` holds for the views; panics after `limit` with `what`, the views and
+    /// the logs. Returns the views that satisfied it.
+    fn wait_for(&self, what: &str, limit: Duration, done: impl Fn(&Views) -> bool) -> Views {
+        let start = Instant::now();
+        loop {
+            let views = self.views();
+            if done(&views) {
+                eprintln!("     {what}: after {:.1} s", start.elapsed().as_secs_f64());
+                return views;
+            }
+            if start.elapsed() > limit {
+                panic!("{what}: not within {limit:?}\n{}", self.describe());
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    fn wait_all_alive(&self, what: &str, limit: Duration) -> Views {
+        self.wait_for(what, limit, Views::all_alive)
+    }
+
+    /// After a failed step: every member running again and the five alive, if that can be.
+    fn recover(&mut self) -> bool {
+        for a in &mut self.nodes {
+            if !a.is_running() {
+                a.args.clear();
+                if a.try_restart().is_err() {
+                    return false;
+                }
+            }
+        }
+        let start = Instant::now();
+        while start.elapsed() < DETECT {
+            if self.views().all_alive() {
+                return true;
+            }
+            std::thread::sleep(POLL);
+        }
+        false
+    }
+
+    /// Stops every member (SIGTERM, all at once), checks each exited cleanly and left nothing
+    /// behind, and removes the namespace.
+    fn teardown(self) {
+        let Cluster { mut nodes, ns, .. } = self;
+        for a in nodes.iter().filter(|a| a.is_running()) {
+            a.signal("TERM");
+        }
+        for a in nodes.iter_mut().filter(|a| a.is_running()) {
+            let status = a.wait_exit(Duration::from_secs(30));
+            assert_eq!(status.code(), Some(0), "agent exit: {status}\n{}", a.log());
+        }
+        for a in &nodes {
+            a.assert_clean();
+        }
+        drop(nodes);
+        let name = ns.name.clone();
+        drop(ns);
+        assert!(
+            !Netns::exists(&name),
+            "network namespace {name} left behind"
+        );
+    }
+}
+
+/// One case of the suite, run on the shared cluster.
+type Case = fn(&mut Cluster);
+
+/// The steps run so far and which failed.
+#[derive(Default)]
+struct Steps {
+    failed: Vec<String>,
+    not_run: Vec<&'static str>,
+}
+
+impl Steps {
+    /// Runs one step; false if it failed.
+    fn run(&mut self, c: &mut Cluster, name: &'static str, f: Case) -> bool {
+        eprintln!("==== {name}");
+        let start = Instant::now();
+        match std::panic::catch_unwind(AssertUnwindSafe(|| f(c))) {
+            Ok(()) => {
+                eprintln!("==== {name}: ok ({:.1} s)", start.elapsed().as_secs_f64());
+                true
+            }
+            Err(e) => {
+                let msg = e
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                eprintln!("==== {name}: FAILED (the message is above)");
+                let first = msg.lines().next().unwrap_or("").to_string();
+                self.failed.push(format!("{name}: {first}"));
+                false
+            }
+        }
+    }
+}
+
+#[test]
+fn cluster() {
+    common::require_root();
+    let started = Instant::now();
+    let ns = Netns::create();
+    let mut c = Cluster {
+        nodes: Vec::new(),
+        token: String::new(),
+        ns,
+    };
+    let cases: [(&'static str, Case); 6] = [
+        ("2 refused joins", refused_joins),
+        ("3 bad frames on the QUIC endpoint", bad_frames),
+        ("4 kill -9 of a member, and its restart", killed_member),
+        ("5 SIGTERM of a member, and its restart", leaving_member),
+        ("6 10% packet loss without a false down", packet_loss),
+        ("7 deploy once, call anywhere", deploy_once),
+    ];
+    let mut steps = Steps::default();
+    if steps.run(&mut c, "1 five agents form a cluster", form) {
+        for (i, (name, case)) in cases.iter().enumerate() {
+            if steps.run(&mut c, name, *case) {
+                continue;
+            }
+            if !c.recover() {
+                eprintln!(
+                    "the cluster did not come back to five alive members:\n{}",
+                    c.describe()
+                );
+                steps.not_run = cases[i + 1..].iter().map(|(n, _)| *n).collect();
+                break;
+            }
+        }
+    } else {
+        steps.not_run = cases.iter().map(|(n, _)| *n).collect();
+    }
+    if !steps.failed.is_empty() {
+        for a in &c.nodes {
+            eprintln!("---- {} log ----\n{}", label(a), a.log());
+        }
+    }
+    c.teardown();
+    eprintln!("cluster suite: {:.1} s", started.elapsed().as_secs_f64());
+    assert!(
+        steps.failed.is_empty(),
+        "failed steps:\n  {}\nnot run: {:?}",
+        steps.failed.join("\n  "),
+        steps.not_run
+    );
+}
+
+/// 1. `fnlet cluster init` on n1; n2 joins through n1; then n3 through n1, n4 through n2 and
+///    n5 through n3, at once. Every member sees the five alive, at their addresses.
+fn form(c: &mut Cluster) {
+    let n1 = Agent::start_with("cluster-n1", settings(&c.ns, node_ip(0), "n1", Vec::new()));
+    c.token = token_from(&n1, &["cluster", "init"]);
+    c.nodes.push(n1);
+    // Ok(agent), or why it could not join.
+    let start = |c: &Cluster, i: usize, via: usize| {
+        let s = settings(
+            &c.ns,
+            node_ip(i),
+            &node_id(i),
+            join_args(node_ip(via), &c.token),
+        );
+        Agent::try_start_with(&format!("cluster-{}", node_id(i)), s).map_err(|r| {
+            format!(
+                "{} could not join through {}: {}\n{}",
+                node_id(i),
+                node_id(via),
+                r.status,
+                tail(&r.log, 20)
+            )
+        })
+    };
+    let joined = [start(c, 1, 0)];
+    // The rest at once: every one is in before any failure is reported (an agent dropped
+    // early would stop, and confuse the others' story).
+    let rest: Vec<Result<Agent, String>> = std::thread::scope(|s| {
+        let c = &*c;
+        let joins: Vec<_> = [(2, 0), (3, 1), (4, 2)]
+            .into_iter()
+            .map(|(i, via)| s.spawn(move || start(c, i, via)))
+            .collect();
+        joins
+            .into_iter()
+            .map(|j| j.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    });
+    let mut failed = Vec::new();
+    for r in joined.into_iter().chain(rest) {
+        match r {
+            Ok(a) => c.nodes.push(a),
+            Err(why) => failed.push(why),
+        }
+    }
+    assert!(failed.is_empty(), "{}\n{}", failed.join("\n"), c.describe());
+    // Restarts take no --join and no --token: the certificate and the members list each
+    // member keeps are enough.
+    for a in &mut c.nodes {
+        a.args.clear();
+    }
+    let views = c.wait_all_alive("all five see the five alive", SETTLE);
+    for i in 0..NODES {
+        for j in 0..NODES {
+            let r = views
+                .row(&node_id(i), &node_id(j))
+                .expect("all_alive saw every row");
+            assert_eq!(r.addr, peer_addr(node_ip(j)), "{views}");
+            assert_eq!(r.this_host, i == j, "{views}");
+        }
+    }
+}
+
+/// Starts an agent that joins through n1 with `token` as `id`, which must refuse to start
+/// with a log naming `why`, and leave nothing behind.
+fn expect_refused(c: &Cluster, test: &str, id: &str, token: &str, why: &str) {
+    let s = settings(&c.ns, JOINER_IP, id, join_args(node_ip(0), token));
+    let test = format!("cluster-{test}");
+    match Agent::try_start_with(&test, s) {
+        Ok(a) => panic!(
+            "{test}: an agent joined as {id:?} with a token that should be refused ({why})\n{}",
+            tail(&a.log(), 20)
+        ),
+        Err(r) => {
+            assert!(!r.status.success(), "{test}: exit {}\n{}", r.status, r.log);
+            assert!(
+                r.log.contains(why),
+                "{test}: the refusal does not say {why:?}:\n{}",
+                tail(&r.log, 10)
+            );
+            eprintln!(
+                "     {test}: refused: {}",
+                r.log.lines().last().unwrap_or("")
+            );
+            let root = common::cgroup_root(&test);
+            assert_eq!(
+                common::leftover_cgroups(&root),
+                Vec::<std::path::PathBuf>::new(),
+                "{test}: a refused agent left its cgroup root"
+            );
+            assert_eq!(
+                common::processes_matching(&root),
+                Vec::<String>::new(),
+                "{test}: a refused agent left processes"
+            );
+        }
+    }
+}
+
+/// 2. Joins that must fail: an unknown token (right format), a token from another cluster, a
+///    node id alive in the cluster, a used token replayed by the node it admitted (whose state
+///    was wiped), an expired token. Each joining agent exits naming why; none appears in any
+///    members table; n1 counts the refusals. n5 then rejoins with a new token.
+fn refused_joins(c: &mut Cluster) {
+    let n1 = &c.nodes[0];
+    let expiring = token_from(n1, &["cluster", "token", "--ttl", "1s"]);
+    let expiring_made = Instant::now();
+    let fresh = token_from(n1, &["cluster", "token", "--ttl", "10m"]);
+    let refused_before = handshake_failures(n1, "join_refused");
+    let cert_before = handshake_failures(n1, "certificate");
+
+    // Right format and the right CA hash (so the TLS handshake succeeds and n1 itself
+    // decides), an id and secret it never made.
+    let parts: Vec<&str> = fresh.split('.').collect();
+    assert_eq!(parts.len(), 5, "token {fresh}");
+    let unknown = format!(
+        "fnlet1.0badc0de.00112233445566778899aabbccddeeff.{}.{}",
+        parts[3], parts[4]
+    );
+    expect_refused(c, "j-unknown", "j-unknown", &unknown, "unknown join token");
+
+    // A sixth agent makes a cluster of its own: its token pins another CA.
+    let other = Agent::start_with("cluster-other", settings(&c.ns, OTHER_IP, "o1", Vec::new()));
+    let foreign = token_from(&other, &["cluster", "init"]);
+    expect_refused(
+        c,
+        "j-foreign",
+        "j-foreign",
+        &foreign,
+        "the server's CA is not the one the join token pins",
+    );
+    other.finish();
+
+    expect_refused(
+        c,
+        "j-alive",
+        "n3",
+        &fresh,
+        "node id \"n3\" is alive in the cluster",
+    );
+
+    // n5 leaves, loses its state, and comes back with the token that admitted it.
+    let n5 = 4;
+    c.nodes[n5].stop();
+    let views = c.wait_for("the others see n5 left", SETTLE, |v| {
+        v.all_see("n5", "left")
+    });
+    let generation = views
+        .row("n1", "n5")
+        .map(|r| r.generation)
+        .expect("n1 sees n5");
+    std::fs::remove_dir_all(c.nodes[n5].state_dir()).expect("wipe n5's state dir");
+    c.nodes[n5].args = join_args(node_ip(0), &c.token);
+    match c.nodes[n5].try_restart() {
+        Ok(()) => panic!(
+            "n5 joined again with the token it joined with before\n{}",
+            c.describe()
+        ),
+        Err(status) => {
+            let log = c.nodes[n5].log();
+            assert!(
+                log.contains("this token already admitted \"n5\""),
+                "n5's replayed join was refused without saying why (exit {status}):\n{}",
+                tail(&log, 10)
+            );
+        }
+    }
+
+    let wait = Duration::from_millis(2100).saturating_sub(expiring_made.elapsed());
+    std::thread::sleep(wait);
+    expect_refused(
+        c,
+        "j-expired",
+        "j-expired",
+        &expiring,
+        "the join token expired at",
+    );
+
+    let n1 = &c.nodes[0];
+    let refused = handshake_failures(n1, "join_refused") - refused_before;
+    assert!(
+        refused >= 3.0,
+        "n1 counted {refused} refused joins (unknown token, alive node id, replay)"
+    );
+    let cert = handshake_failures(n1, "certificate") - cert_before;
+    assert!(
+        cert >= 1.0,
+        "n1 counted {cert} certificate failures (the foreign token's joiner)"
+    );
+    let views = c.views();
+    for (observer, rows) in &views.0 {
+        let rows = rows.as_ref().unwrap_or_else(|e| panic!("{observer}: {e}"));
+        let strangers: Vec<&Row> = rows
+            .iter()
+            .filter(|r| !(0..NODES).any(|i| r.id == node_id(i)))
+            .collect();
+        assert!(
+            strangers.is_empty(),
+            "{observer} lists {strangers:?}\n{views}"
+        );
+        if let Some(n3) = rows.iter().find(|r| r.id == "n3") {
+            assert_eq!(
+                n3.addr,
+                peer_addr(node_ip(2)),
+                "{observer}: n3 moved\n{views}"
+            );
+        }
+        if let Some(r) = rows.iter().find(|r| r.id == "n5") {
+            assert_eq!(
+                (r.state.as_str(), r.generation),
+                ("left", generation),
+                "{observer}: n5 is not its old, left self after the refused replay\n{views}"
+            );
+        }
+    }
+
+    // Back with a token it has not used.
+    let fresh = token_from(n1, &["cluster", "token", "--ttl", "10m"]);
+    c.nodes[n5].args = join_args(node_ip(0), &fresh);
+    c.nodes[n5].restart();
+    c.nodes[n5].args.clear();
+    c.wait_for("n5 alive again everywhere, a new run", SETTLE, |v| {
+        v.all_alive()
+            && v.0
+                .keys()
+                .all(|o| v.row(o, "n5").is_some_and(|r| r.generation > generation))
+    });
+}
+
+/// One stream a stranger sends, and the QUIC close code FRAMES.md gives it on each ALPN
+/// (None: not sent there).
+struct Poke {
+    what: &'static str,
+    bytes: Vec<u8>,
+    peer: Option<u64>,
+    invoke: Option<u64>,
+}
+
+impl Poke {
+    /// A stream refused alike on both ALPNs.
+    fn both(what: &'static str, bytes: Vec<u8>, code: u64) -> Poke {
+        Poke {
+            what,
+            bytes,
+            peer: Some(code),
+            invoke: Some(code),
+        }
+    }
+}
+
+/// A frame header (FRAMES.md, Frame layout).
+fn header(version: u8, kind: u8, reserved: u16, meta_len: u32, body_len: u32) -> Vec<u8> {
+    let mut h = vec![version, kind];
+    h.extend(reserved.to_be_bytes());
+    h.extend(meta_len.to_be_bytes());
+    h.extend(body_len.to_be_bytes());
+    h
+}
+
+fn cat(a: Vec<u8>, b: &[u8]) -> Vec<u8> {
+    [a.as_slice(), b].concat()
+}
+
+const BAD_VERSION: u64 = 0x100;
+const FRAME_TOO_LARGE: u64 = 0x101;
+const BAD_FRAME: u64 = 0x102;
+const UNEXPECTED_FRAME: u64 = 0x103;
+const TRUNCATED: u64 = 0x104;
+/// QUIC's CRYPTO_ERROR for TLS alert 120, no_application_protocol.
+const NO_ALPN: u64 = 0x100 + 120;
+
+fn pokes() -> Vec<Poke> {
+    let join = 0x20;
+    let data = 0x03;
+    // FRAMES.md's JoinRequest example: well-formed, but a join, not a call.
+    let join_meta = br#"{"token_id":"0a1b2c3d","token_secret":"00112233445566778899aabbccddeeff","node_id":"node-c","csr_pem":"-----BEGIN CERTIFICATE REQUEST-----\nMIIB\n-----END CERTIFICATE REQUEST-----\n"}"#;
+    vec![
+        Poke::both(
+            "an HTTP request",
+            b"GET / HTTP/1.1\r\nhost: n2\r\n\r\n".to_vec(),
+            BAD_VERSION,
+        ),
+        Poke::both(
+            "version 2",
+            cat(header(2, join, 0, 2, 0), b"{}"),
+            BAD_VERSION,
+        ),
+        Poke::both(
+            "a meta over 64 KiB",
+            header(1, join, 0, 65537, 0),
+            FRAME_TOO_LARGE,
+        ),
+        Poke::both(
+            "a body of 4 GiB",
+            header(1, data, 0, 0, u32::MAX),
+            FRAME_TOO_LARGE,
+        ),
+        Poke::both(
+            "an unknown kind",
+            cat(header(1, 0x7f, 0, 2, 0), b"{}"),
+            BAD_FRAME,
+        ),
+        Poke::both(
+            "reserved bits set",
+            cat(header(1, join, 1, 2, 0), b"{}"),
+            BAD_FRAME,
+        ),
+        Poke::both(
+            "a JoinRequest whose meta is not JSON",
+            cat(header(1, join, 0, 9, 0), b"{not json"),
+            BAD_FRAME,
+        ),
+        Poke::both(
+            "a Data frame where a request must come",
+            cat(header(1, data, 0, 0, 5), b"hello"),
+            UNEXPECTED_FRAME,
+        ),
+        Poke {
+            what: "a well-formed JoinRequest (calls only on fnlet-invoke/1)",
+            bytes: cat(header(1, join, 0, join_meta.len() as u32, 0), join_meta),
+            // On fnlet-peer/1 it is a join, refused in an Error frame: case 2's business.
+            peer: None,
+            invoke: Some(UNEXPECTED_FRAME),
+        },
+        Poke::both(
+            "a stream ending inside a header",
+            header(1, join, 0, 2, 0)[..5].to_vec(),
+            TRUNCATED,
+        ),
+        Poke::both("an empty stream", Vec::new(), TRUNCATED),
+    ]
+}
+
+/// fnlet-peer-client's report of one connection to `addr` offering `alpn`.
+fn poke(c: &Cluster, addr: &str, alpn: &str, bytes: &[u8]) -> Value {
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let mut cmd = common::in_netns(Some(&c.ns.name), common::peer_client());
+    cmd.args([addr, alpn, &hex]);
+    let out = run(cmd);
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("fnlet-peer-client: {e}: {}", common::text(&out.stdout)))
+}
+
+/// 3. A stranger (no certificate) on n2's QUIC endpoint. On `fnlet-peer/1` (where it may only
+///    ask to join) and on `fnlet-invoke/1` (calls only), each malformed or misplaced stream
+///    closes its connection with the code FRAMES.md names and is counted; an unknown ALPN
+///    fails the handshake and is counted. Through all of it n2 keeps serving.
+fn bad_frames(c: &mut Cluster) {
+    let target = &c.nodes[1];
+    let addr = peer_addr(node_ip(1));
+    let bad_before = metric(target, "fnlet_cluster_bad_frames_total");
+    let other_before = handshake_failures(target, "other");
+    let mut wrong = Vec::new();
+    let mut sent = 0;
+    for p in pokes() {
+        for (alpn, code) in [("fnlet-peer/1", p.peer), ("fnlet-invoke/1", p.invoke)] {
+            let Some(code) = code else { continue };
+            sent += 1;
+            let r = poke(c, &addr, alpn, &p.bytes);
+            let ok = r["outcome"] == "closed" && r["code"] == code;
+            eprintln!("     {alpn}, {}: {r}", p.what);
+            if !ok {
+                wrong.push(format!(
+                    "{alpn}, {}: expected a close with 0x{code:x}, got {r}",
+                    p.what
+                ));
+            }
+        }
+    }
+    let r = poke(c, &addr, "h3", b"");
+    eprintln!("     ALPN h3: {r}");
+    if !(r["outcome"] == "transport_error" && r["code"] == NO_ALPN) {
+        wrong.push(format!(
+            "ALPN h3: expected the handshake refused (0x{NO_ALPN:x}), got {r}"
+        ));
+    }
+    assert!(wrong.is_empty(), "{}\n{}", wrong.join("\n"), c.describe());
+
+    let bad = metric(target, "fnlet_cluster_bad_frames_total") - bad_before;
+    assert!(
+        bad >= f64::from(sent),
+        "n2 counted {bad} bad frames for {sent} bad streams"
+    );
+    let other = handshake_failures(target, "other") - other_before;
+    assert!(
+        other >= 1.0,
+        "n2 counted {other} handshake failures for the unknown ALPN"
+    );
+    assert_eq!(target.get("/healthz").expect_ok(200).text(), "ok\n");
+    c.wait_all_alive("all five still alive", SETTLE);
+}
+
+/// 4. kill -9 of n4: every other member sees it down within several times the documented
+///    bound; restarted without a token, it is alive again everywhere as a new run.
+fn killed_member(c: &mut Cluster) {
+    let victim = 3;
+    let id = node_id(victim);
+    let generation = c
+        .views()
+        .row("n1", &id)
+        .map(|r| r.generation)
+        .expect("n1 sees n4");
+    c.nodes[victim].kill9();
+    // Each observer's states for it, in the order seen (suspect is usually among them, but a
+    // member may hear the verdict before its own probe fails).
+    let seen = std::cell::RefCell::new(BTreeMap::<String, Vec<String>>::new());
+    c.wait_for(&format!("the others see {id} down"), DETECT, |v| {
+        let mut seen = seen.borrow_mut();
+        for o in v.0.keys() {
+            if let Some(r) = v.row(o, &id) {
+                let states = seen.entry(o.clone()).or_default();
+                if states.last() != Some(&r.state) {
+                    states.push(r.state.clone());
+                }
+            }
+        }
+        v.all_see(&id, "down")
+    });
+    eprintln!("     states seen: {:?}", seen.borrow());
+    let n1 = &c.nodes[0];
+    let gauges = |n1: &Agent| {
+        ["alive", "suspect", "down"]
+            .map(|s| metric(n1, &format!("fnlet_cluster_members{{state=\"{s}\"}}")))
+    };
+    assert_eq!(
+        gauges(n1),
+        [3.0, 0.0, 1.0],
+        "n1's fnlet_cluster_members{{state}} (alive, suspect, down) with {id} down"
+    );
+    c.nodes[victim].restart();
+    c.wait_for(
+        &format!("{id} alive again everywhere, a new run"),
+        SETTLE,
+        |v| {
+            v.all_alive()
+                && v.0
+                    .keys()
+                    .all(|o| v.row(o, &id).is_some_and(|r| r.generation > generation))
+        },
+    );
+    assert_eq!(
+        gauges(&c.nodes[0]),
+        [4.0, 0.0, 0.0],
+        "n1's fnlet_cluster_members{{state}} (alive, suspect, down) with {id} back"
+    );
+}
+
+/// 5. SIGTERM of n3: the others show it left (not down); restarted, alive again.
+fn leaving_member(c: &mut Cluster) {
+    let victim = 2;
+    let id = node_id(victim);
+    c.nodes[victim].stop();
+    c.wait_for(&format!("the others see {id} left"), SETTLE, |v| {
+        v.all_see(&id, "left")
+    });
+    c.nodes[victim].restart();
+    c.wait_all_alive(&format!("{id} alive again everywhere"), SETTLE);
+}
+
+/// 6. 10% of the packets to the peer port dropped (nftables in the namespace) for 30 s:
+///    members may be suspected, never declared down. Then all five alive again.
+fn packet_loss(c: &mut Cluster) {
+    let start = Instant::now();
+    let mut downs = Vec::new();
+    let mut suspects = 0;
+    let mut polls = 0;
+    let dropped;
+    {
+        let loss = NftTable::input_rule(
+            &c.ns,
+            "fnlet_loss",
+            &format!("udp dport {PEER_PORT} numgen random mod 100 < 10 counter drop"),
+        );
+        while start.elapsed() < LOSS_RUN {
+            let views = c.views();
+            polls += 1;
+            for (observer, rows) in &views.0 {
+                let rows = rows.as_ref().unwrap_or_else(|e| panic!("{observer}: {e}"));
+                for r in rows {
+                    match r.state.as_str() {
+                        "alive" => {}
+                        "suspect" => suspects += 1,
+                        _ => downs.push(format!(
+                            "at {:.1} s {observer} saw {} {}",
+                            start.elapsed().as_secs_f64(),
+                            r.id,
+                            r.state
+                        )),
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        dropped = loss.packets();
+    }
+    eprintln!(
+        "     {polls} polls under loss, {suspects} suspect rows seen, {dropped} packets dropped"
+    );
+    // At least a probe and its ack per member per second: 30 s of them lose dozens.
+    assert!(
+        dropped > 0,
+        "the loss rule dropped nothing: the case tested nothing"
+    );
+    assert!(
+        downs.is_empty(),
+        "members declared down under 10% loss:\n{}\n{}",
+        downs.join("\n"),
+        c.describe()
+    );
+    c.wait_all_alive("all five alive after the loss", SETTLE);
+}
+
+/// 7. A function deployed on n2 answers on every member (its catalog entry and bundle reach
+///    them all), each answer naming in `x-fnlet-host` the member that ran it. Forwarding under
+///    load and partitions come next, as more cases.
+fn deploy_once(c: &mut Cluster) {
+    let hello = Fixture::sh("hello", "public = true", "echo \"hi $(cat)\"");
+    let record = c.nodes[1].deploy(hello.path());
+    eprintln!("     deployed on n2: {record}");
+    let start = Instant::now();
+    let mut ran_on = BTreeMap::new();
+    for (i, a) in c.nodes.iter().enumerate() {
+        loop {
+            let r = a.invoke("hello", b"there");
+            if r.status == 200 {
+                assert_eq!(r.text(), "hi there\n", "{} answered", node_id(i));
+                let host = r.header("x-fnlet-host").unwrap_or_default();
+                assert!(
+                    (0..NODES).any(|j| host == node_id(j)),
+                    "{}'s answer names {host:?} as the host that ran it",
+                    node_id(i)
+                );
+                ran_on.insert(node_id(i), host);
+                break;
+            }
+            assert!(
+                start.elapsed() < SETTLE,
+                "{} does not serve hello {SETTLE:?} after its deploy on n2: {} {}\n{}",
+                node_id(i),
+                r.status,
+                r.text(),
+                c.describe()
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+    eprintln!(
+        "     every member answers: after {:.1} s; asked -> ran on: {ran_on:?}",
+        start.elapsed().as_secs_f64()
+    );
+}
