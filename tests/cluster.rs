@@ -488,13 +488,18 @@ fn cluster() {
         token: String::new(),
         ns,
     };
-    let cases: [(&'static str, Case); 6] = [
+    let cases: [(&'static str, Case); 8] = [
         ("2 refused joins", refused_joins),
         ("3 bad frames on the QUIC endpoint", bad_frames),
         ("4 kill -9 of a member, and its restart", killed_member),
         ("5 SIGTERM of a member, and its restart", leaving_member),
         ("6 10% packet loss without a false down", packet_loss),
         ("7 deploy once, call anywhere", deploy_once),
+        (
+            "8 calls go to the owner, and spill over under load",
+            forwarding,
+        ),
+        ("9 a call forwarded too often is refused", hop_limit),
     ];
     let mut steps = Steps::default();
     if steps.run(&mut c, "1 five agents form a cluster", form) {
@@ -1078,5 +1083,230 @@ fn deploy_once(c: &mut Cluster) {
     eprintln!(
         "     every member answers: after {:.1} s; asked -> ran on: {ran_on:?}",
         start.elapsed().as_secs_f64()
+    );
+}
+
+/// The members ranked for `function` as every agent ranks them (cluster/src/route.rs), best
+/// first: with all five alive, the first is the function's owner.
+fn ranking(function: &str) -> Vec<String> {
+    let ids: Vec<String> = (0..NODES).map(node_id).collect();
+    fnlet_cluster::route::rank(function, ids.iter().map(String::as_str))
+        .into_iter()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The index of member `id` (`n3` is 2).
+fn index_of(id: &str) -> usize {
+    (0..NODES)
+        .find(|&i| node_id(i) == id)
+        .unwrap_or_else(|| panic!("{id} is not a member"))
+}
+
+/// Calls of `function` each member ran (fnlet_invocations_total, every label set), summed.
+fn invocations(c: &Cluster, function: &str) -> f64 {
+    let prefix = format!("fnlet_invocations_total{{function=\"{function}\"");
+    c.nodes
+        .iter()
+        .map(|a| {
+            let text = a.get("/metrics").expect_ok(200).text();
+            text.lines()
+                .filter(|l| l.starts_with(&prefix))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>()
+        })
+        .sum()
+}
+
+/// Deploys `fixture` on `on` and waits until every member serves `function` (a 200 to
+/// `input`).
+fn deploy_everywhere(c: &Cluster, on: usize, fixture: &Fixture, function: &str, input: &[u8]) {
+    let record = c.nodes[on].deploy(fixture.path());
+    eprintln!("     deployed {function} on {}: {record}", node_id(on));
+    let start = Instant::now();
+    for (i, a) in c.nodes.iter().enumerate() {
+        loop {
+            let r = a.invoke(function, input);
+            if r.status == 200 {
+                break;
+            }
+            assert!(
+                start.elapsed() < SETTLE,
+                "{} does not serve {function} {SETTLE:?} after its deploy on {}: {} {}\n{}",
+                node_id(i),
+                node_id(on),
+                r.status,
+                r.text(),
+                c.describe()
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+}
+
+/// The function cases 8 on call: sleeps as long as its input says, then says it ran.
+fn sleeper() -> Fixture {
+    Fixture::sh(
+        "sleeper",
+        "public = true\nmax_concurrency = 20",
+        "read s; sleep \"$s\"; echo slept",
+    )
+}
+
+/// 8. A function is run by its owner, the first member of its rendezvous ranking, whichever
+///    member is asked. Eight slow calls at once to one other member spill over: the owner
+///    gets no more than its bounded share, so the answers name more than one host; each call
+///    succeeds and runs exactly once (the members' invocation counters add up).
+fn forwarding(c: &mut Cluster) {
+    let f = sleeper();
+    let rank = ranking("sleeper");
+    let owner = rank[0].clone();
+    eprintln!("     sleeper's ranking: {rank:?}");
+    deploy_everywhere(c, 0, &f, "sleeper", b"0");
+    let before = invocations(c, "sleeper");
+    for (i, a) in c.nodes.iter().enumerate() {
+        let r = a.invoke("sleeper", b"0.1");
+        assert_eq!(
+            (r.status, r.text()),
+            (200, "slept\n".to_string()),
+            "{} answered",
+            node_id(i)
+        );
+        let host = r.header("x-fnlet-host").unwrap_or_default();
+        assert_eq!(
+            host,
+            owner,
+            "{} had sleeper run on {host:?}, not on its owner\n{}",
+            node_id(i),
+            c.describe()
+        );
+    }
+
+    const AT_ONCE: usize = 8;
+    let entry = index_of(&rank[1]);
+    let calls: Vec<_> = (0..AT_ONCE)
+        .map(|_| c.nodes[entry].invoke_in_background("sleeper", b"2"))
+        .collect();
+    let mut hosts = BTreeMap::new();
+    for (k, call) in calls.into_iter().enumerate() {
+        let r = match call.join() {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => panic!("call {k} to {}: {e}\n{}", node_id(entry), c.describe()),
+            Err(_) => panic!("call {k} to {}: its thread panicked", node_id(entry)),
+        };
+        assert_eq!(
+            (r.status, r.text()),
+            (200, "slept\n".to_string()),
+            "call {k} to {}\n{}",
+            node_id(entry),
+            c.describe()
+        );
+        let host = r.header("x-fnlet-host").unwrap_or_default();
+        *hosts.entry(host).or_insert(0) += 1;
+    }
+    eprintln!(
+        "     {AT_ONCE} calls at once to {}: ran on {hosts:?}",
+        node_id(entry)
+    );
+    assert!(
+        hosts.len() > 1,
+        "{AT_ONCE} slow calls at once to {} all ran on {hosts:?}: no spill-over\n{}",
+        node_id(entry),
+        c.describe()
+    );
+    let ran = invocations(c, "sleeper") - before;
+    assert_eq!(
+        ran,
+        (NODES + AT_ONCE) as f64,
+        "the members ran sleeper {ran} times for {} calls",
+        NODES + AT_ONCE
+    );
+}
+
+/// The frames in `bytes`, as (kind, meta); panics on a truncated one.
+fn frames(bytes: &[u8]) -> Vec<(u8, Value)> {
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        assert!(rest.len() >= 12, "a truncated frame header: {rest:02x?}");
+        let len = |at: usize| {
+            u32::from_be_bytes([rest[at], rest[at + 1], rest[at + 2], rest[at + 3]]) as usize
+        };
+        let (meta_len, body_len) = (len(4), len(8));
+        assert!(
+            rest.len() >= 12 + meta_len + body_len,
+            "a truncated frame: {rest:02x?}"
+        );
+        let meta = if meta_len == 0 {
+            Value::Null
+        } else {
+            serde_json::from_slice(&rest[12..12 + meta_len])
+                .unwrap_or_else(|e| panic!("a frame's meta is not JSON: {e}"))
+        };
+        out.push((rest[1], meta));
+        rest = &rest[12 + meta_len + body_len..];
+    }
+    out
+}
+
+fn unhex(hex: &str) -> Vec<u8> {
+    (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("hex"))
+        .collect()
+}
+
+/// 9. A QUIC caller (fnlet-invoke/1) sending an InvokeRequest that says it was already
+///    forwarded (hops 2, and 255; at most 1 is allowed) gets one Error frame, HOP_LIMIT, and
+///    the function does not run. A call with hops 0 on the same door runs.
+fn hop_limit(c: &mut Cluster) {
+    const INVOKE_REQUEST: u8 = 0x01;
+    const ERROR: u8 = 0x05;
+    const RESPONSE_HEAD: u8 = 0x02;
+    const HOP_LIMIT: u64 = 0x108;
+    let addr = peer_addr(node_ip(1));
+    let deadline_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64 + 30_000)
+        .unwrap_or_default();
+    let request = |hops: u8| {
+        let meta = serde_json::json!({
+            "function": "sleeper",
+            "request_id": format!("hops-{hops}"),
+            "deadline_ms": deadline_ms,
+            "hops": hops,
+            "entry": {"kind": "exec"},
+        })
+        .to_string();
+        let body = b"0";
+        let h = header(1, INVOKE_REQUEST, 0, meta.len() as u32, body.len() as u32);
+        cat(cat(h, meta.as_bytes()), body)
+    };
+    let before = invocations(c, "sleeper");
+    for hops in [2u8, 255] {
+        let r = poke(c, &addr, "fnlet-invoke/1", &request(hops));
+        eprintln!("     hops {hops}: {r}");
+        let answer = unhex(
+            r["answer"]
+                .as_str()
+                .unwrap_or_else(|| panic!("hops {hops}: {r}")),
+        );
+        let got = frames(&answer);
+        assert!(
+            got.len() == 1 && got[0].0 == ERROR && got[0].1["code"] == HOP_LIMIT,
+            "hops {hops}: expected one Error frame with HOP_LIMIT (0x{HOP_LIMIT:x}), got {got:?}"
+        );
+    }
+    let ran = invocations(c, "sleeper") - before;
+    assert_eq!(ran, 0.0, "sleeper ran {ran} times for calls refused");
+    let r = poke(c, &addr, "fnlet-invoke/1", &request(0));
+    let got = frames(&unhex(
+        r["answer"]
+            .as_str()
+            .unwrap_or_else(|| panic!("hops 0: {r}")),
+    ));
+    assert!(
+        got.first()
+            .is_some_and(|(kind, meta)| *kind == RESPONSE_HEAD && meta["status"] == 200),
+        "hops 0: expected a ResponseHead with status 200, got {got:?}"
     );
 }
