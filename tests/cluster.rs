@@ -488,7 +488,7 @@ fn cluster() {
         token: String::new(),
         ns,
     };
-    let cases: [(&'static str, Case); 8] = [
+    let cases: [(&'static str, Case); 9] = [
         ("2 refused joins", refused_joins),
         ("3 bad frames on the QUIC endpoint", bad_frames),
         ("4 kill -9 of a member, and its restart", killed_member),
@@ -500,6 +500,10 @@ fn cluster() {
             forwarding,
         ),
         ("9 a call forwarded too often is refused", hop_limit),
+        (
+            "10 Lambda calls and function URLs through a forwarding member",
+            lambda_forwarded,
+        ),
     ];
     let mut steps = Steps::default();
     if steps.run(&mut c, "1 five agents form a cluster", form) {
@@ -1309,4 +1313,120 @@ fn hop_limit(c: &mut Cluster) {
             .is_some_and(|(kind, meta)| *kind == RESPONSE_HEAD && meta["status"] == 200),
         "hops 0: expected a ResponseHead with status 200, got {got:?}"
     );
+}
+
+/// 10. A Lambda function (the lambda-rust fixture) called on a member that is not its owner:
+///     through the Invoke API (with its log tail) and its function URL, the answers are the
+///     owner's (same status, same event seen by the handler, `x-fnlet-host` naming the owner,
+///     `X-Amz-Log-Result` carried back); `fnlet invoke --quic` at that member's cluster
+///     endpoint works too.
+fn lambda_forwarded(c: &mut Cluster) {
+    let bin = std::fs::read(common::fixture_bootstrap("lambda-rust")).expect("read bootstrap");
+    let f = Fixture::new(
+        "name = \"lecho\"\nmode = \"lambda\"\npublic = true\nmemory_mb = 96\n",
+        &[("bootstrap", &bin, 0o755)],
+    );
+    let rank = ranking("lecho");
+    let (owner, other) = (index_of(&rank[0]), index_of(&rank[1]));
+    eprintln!("     lecho's ranking: {rank:?}");
+    deploy_everywhere(c, other, &f, "lecho", b"{}");
+
+    let payload = br#"{"stderr":"to the tail","k":"v"}"#.to_vec();
+    let tail_of = |r: &common::agent::Resp| -> String {
+        use base64::Engine;
+        let b64 = r.header("x-amz-log-result").unwrap_or_default();
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap_or_default();
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
+    let mut seen = Vec::new();
+    for i in [owner, other] {
+        let r = c.nodes[i].invoke_lambda("lecho", payload.clone(), &[("X-Amz-Log-Type", "Tail")]);
+        let body = r.json();
+        let tail = tail_of(&r);
+        let host = r.header("x-fnlet-host").unwrap_or_default();
+        eprintln!(
+            "     Invoke API on {}: {} from {host}",
+            node_id(i),
+            r.status
+        );
+        assert_eq!(
+            host,
+            rank[0],
+            "Invoke API on {}: ran on {host:?}",
+            node_id(i)
+        );
+        assert!(
+            tail.contains("to the tail") && tail.contains("REPORT RequestId: "),
+            "Invoke API on {}: the log tail is {tail:?}",
+            node_id(i)
+        );
+        seen.push((
+            r.status,
+            body["echo"].clone(),
+            body["function"].clone(),
+            r.header("x-amz-executed-version"),
+        ));
+
+        let r = c.nodes[i].request(
+            reqwest::Method::POST,
+            "/fn/lecho/some/path?x=1",
+            false,
+            Some(reqwest::blocking::Body::from(b"{\"k\":\"v\"}".to_vec())),
+        );
+        let host = r.header("x-fnlet-host").unwrap_or_default();
+        eprintln!(
+            "     function URL on {}: {} from {host}",
+            node_id(i),
+            r.status
+        );
+        assert_eq!(
+            host,
+            rank[0],
+            "function URL on {}: ran on {host:?}",
+            node_id(i)
+        );
+        let event = r.json()["echo"].clone();
+        seen.push((
+            r.status,
+            event["rawPath"].clone(),
+            event["rawQueryString"].clone(),
+            event["body"].as_str().map(str::to_string),
+        ));
+    }
+    assert_eq!(
+        seen[0], seen[2],
+        "the Invoke API, on the owner and through another member"
+    );
+    assert_eq!(
+        seen[1], seen[3],
+        "the function URL, on the owner and through another member"
+    );
+    assert_eq!(seen[0].0, 200, "{seen:?}");
+    assert_eq!(seen[1].0, 200, "{seen:?}");
+
+    let ca = c.nodes[other].state_dir().join("cluster/ca.pem");
+    let ca = ca.to_str().expect("utf-8 path");
+    let quic = peer_addr(node_ip(other));
+    let out = c.nodes[other].cli(&[
+        "invoke",
+        "lecho",
+        "--quic",
+        &quic,
+        "--ca",
+        ca,
+        "-d",
+        r#"{"q":1}"#,
+    ]);
+    let stdout = common::text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "fnlet invoke lecho --quic {quic}: {}\n{stdout}{}",
+        out.status,
+        common::text(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("fnlet invoke --quic printed {stdout:?}: {e}"));
+    assert_eq!(v["echo"], serde_json::json!({"q": 1}), "{v}");
 }
