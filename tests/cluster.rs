@@ -488,7 +488,7 @@ fn cluster() {
         token: String::new(),
         ns,
     };
-    let cases: [(&'static str, Case); 9] = [
+    let cases: [(&'static str, Case); 10] = [
         ("2 refused joins", refused_joins),
         ("3 bad frames on the QUIC endpoint", bad_frames),
         ("4 kill -9 of a member, and its restart", killed_member),
@@ -503,6 +503,10 @@ fn cluster() {
         (
             "10 Lambda calls and function URLs through a forwarding member",
             lambda_forwarded,
+        ),
+        (
+            "11 kill -9 of a function's owner under calls, and its return",
+            owner_killed,
         ),
     ];
     let mut steps = Steps::default();
@@ -1429,4 +1433,94 @@ fn lambda_forwarded(c: &mut Cluster) {
     let v: Value = serde_json::from_str(&stdout)
         .unwrap_or_else(|e| panic!("fnlet invoke --quic printed {stdout:?}: {e}"));
     assert_eq!(v["echo"], serde_json::json!({"q": 1}), "{v}");
+}
+
+/// What became of one call: `200 HOST`, or `STATUS KIND: MESSAGE`.
+fn outcome(r: &common::agent::Resp) -> String {
+    if r.status == 200 {
+        format!("200 {}", r.header("x-fnlet-host").unwrap_or_default())
+    } else {
+        let (kind, message) = r.error();
+        format!("{} {kind}: {message}", r.status)
+    }
+}
+
+/// 11. kill -9 of sleeper's owner while a slow call forwarded to it runs: that call answers
+///     502 `peer_lost` naming the owner (sleeper is not idempotent). Calls that follow, one
+///     after another from the same member, each succeed (run elsewhere), or fail the same way
+///     while the owner is not yet found gone; within several times the detection bound five
+///     in a row succeed on another member. Restarted, the owner is alive again everywhere and
+///     runs sleeper's calls again.
+fn owner_killed(c: &mut Cluster) {
+    let rank = ranking("sleeper");
+    let (owner, entry) = (index_of(&rank[0]), index_of(&rank[1]));
+    let owner_id = rank[0].clone();
+    let r = c.nodes[entry].invoke("sleeper", b"0");
+    assert_eq!(outcome(&r), format!("200 {owner_id}"), "before the kill");
+
+    let in_flight = c.nodes[entry].invoke_in_background("sleeper", b"3");
+    std::thread::sleep(Duration::from_secs(1));
+    c.nodes[owner].kill9();
+    let killed = Instant::now();
+    let r = match in_flight.join() {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => panic!("the call in flight: {e}"),
+        Err(_) => panic!("the call in flight: its thread panicked"),
+    };
+    eprintln!("     the call in flight: {}", outcome(&r));
+    let message = r.expect_error(502, "peer_lost");
+    assert!(message.contains(&owner_id), "peer_lost names {message:?}");
+
+    let mut outcomes = Vec::new();
+    let mut in_a_row = 0;
+    while in_a_row < 5 {
+        assert!(
+            killed.elapsed() < DETECT,
+            "calls to {} after the kill of {owner_id}: not five in a row served by another \
+             member within {DETECT:?}: {outcomes:?}\n{}",
+            node_id(entry),
+            c.describe()
+        );
+        let r = c.nodes[entry].invoke("sleeper", b"0.1");
+        let o = outcome(&r);
+        let lost = r.status == 502 && o.contains("peer_lost") && o.contains(&owner_id);
+        assert!(
+            r.status == 200 || lost,
+            "a call after the kill of {owner_id}: {o}; so far {outcomes:?}"
+        );
+        if r.status == 200 && !o.ends_with(&owner_id) {
+            in_a_row += 1;
+        } else {
+            in_a_row = 0;
+        }
+        outcomes.push(o);
+        std::thread::sleep(POLL);
+    }
+    eprintln!(
+        "     five in a row elsewhere after {:.1} s; {} calls: {outcomes:?}",
+        killed.elapsed().as_secs_f64(),
+        outcomes.len()
+    );
+
+    c.nodes[owner].restart();
+    c.wait_all_alive(&format!("{owner_id} alive again everywhere"), SETTLE);
+    let back = Instant::now();
+    loop {
+        let r = c.nodes[entry].invoke("sleeper", b"0");
+        let o = outcome(&r);
+        assert_eq!(r.status, 200, "a call after {owner_id}'s return: {o}");
+        if o.ends_with(&owner_id) {
+            eprintln!(
+                "     {owner_id} runs sleeper again: after {:.1} s",
+                back.elapsed().as_secs_f64()
+            );
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(30),
+            "{owner_id} is back but sleeper still runs on another member: {o}\n{}",
+            c.describe()
+        );
+        std::thread::sleep(POLL);
+    }
 }
