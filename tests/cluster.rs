@@ -5,12 +5,14 @@
 //!
 //! Agents take seconds to start and to notice each other, so one cluster serves every case, in
 //! order, in one test (nextest runs each test in its own process): forming it, joins that must
-//! be refused, bad frames, a killed member, a member that leaves, packet loss, and a deploy
-//! served everywhere. Each case is a step: a failing step is reported with every member's view
-//! of the cluster and the agents' log tails, the cluster is brought back to five alive members
-//! if it can be, and the next step runs; the test then fails naming each failed step. New
-//! cases (forwarding, partitions: nft rules that drop one address's packets, see
-//! [`NftTable`]) are more steps on the same cluster.
+//! be refused, bad frames, a killed member, a member that leaves, packet loss, a deploy
+//! served everywhere, forwarding to a function's owner and spill-over under load, the hop
+//! limit, Lambda calls through a forwarding member, a function's owner killed mid-call, and a
+//! 2|3 partition healed. Each case is a step: a failing step is reported with every member's
+//! view of the cluster and the agents' log tails, the cluster is brought back to five alive
+//! members if it can be, and the next step runs; the test then fails naming each failed step. New
+//! cases are more steps on the same cluster (partitions and loss: nft rules in the namespace,
+//! see [`NftTable`]).
 
 mod common;
 
@@ -141,6 +143,13 @@ impl<'a> NftTable<'a> {
 }
 
 impl NftTable<'_> {
+    /// One more rule in the input chain.
+    fn add_rule(&self, rule: &str) {
+        let mut args = vec!["add", "rule", "inet", self.name, "input"];
+        args.extend(rule.split_whitespace());
+        self.ns.nft(&args);
+    }
+
     /// What the table's `counter` counted: packets.
     fn packets(&self) -> u64 {
         let mut cmd = self.ns.cmd("nft");
@@ -488,7 +497,7 @@ fn cluster() {
         token: String::new(),
         ns,
     };
-    let cases: [(&'static str, Case); 10] = [
+    let cases: [(&'static str, Case); 11] = [
         ("2 refused joins", refused_joins),
         ("3 bad frames on the QUIC endpoint", bad_frames),
         ("4 kill -9 of a member, and its restart", killed_member),
@@ -508,6 +517,7 @@ fn cluster() {
             "11 kill -9 of a function's owner under calls, and its return",
             owner_killed,
         ),
+        ("12 a partition 2|3 and its healing", partition),
     ];
     let mut steps = Steps::default();
     if steps.run(&mut c, "1 five agents form a cluster", form) {
@@ -1055,8 +1065,7 @@ fn packet_loss(c: &mut Cluster) {
 }
 
 /// 7. A function deployed on n2 answers on every member (its catalog entry and bundle reach
-///    them all), each answer naming in `x-fnlet-host` the member that ran it. Forwarding under
-///    load and partitions come next, as more cases.
+///    them all), each answer naming in `x-fnlet-host` the member that ran it.
 fn deploy_once(c: &mut Cluster) {
     let hello = Fixture::sh("hello", "public = true", "echo \"hi $(cat)\"");
     let record = c.nodes[1].deploy(hello.path());
@@ -1522,5 +1531,131 @@ fn owner_killed(c: &mut Cluster) {
             c.describe()
         );
         std::thread::sleep(POLL);
+    }
+}
+
+/// `twin` on `a`: what it answers (200 only), and its version and sha256 in `fnlet ls --json`.
+fn twin_on(a: &Agent) -> Result<(String, String, String), String> {
+    let r = a.invoke("twin", b"");
+    if r.status != 200 {
+        return Err(format!("{} {}", r.status, r.text()));
+    }
+    let out = a.cli(&["ls", "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("fnlet ls --json: {e}: {}", common::text(&out.stdout)))?;
+    let f = v["functions"]
+        .as_array()
+        .and_then(|fs| fs.iter().find(|f| f["name"] == "twin"))
+        .ok_or_else(|| format!("fnlet ls --json has no twin: {v}"))?;
+    Ok((r.text(), f["version"].to_string(), f["sha256"].to_string()))
+}
+
+/// 12. UDP between {n1, n2} and {n3, n4, n5} dropped both ways (nftables): each side sees
+///     the other down. `twin` deployed on n1 (`one`) and on n4 (`four`): each side serves
+///     its own. Healed, all five are alive again everywhere, and within a minute every member
+///     serves the same twin (one of the two) and `fnlet ls --json` gives that deploy's version
+///     and sha256 everywhere.
+fn partition(c: &mut Cluster) {
+    let left = [0usize, 1];
+    let right = [2usize, 3, 4];
+    let set = |side: &[usize]| {
+        let ips: Vec<String> = side.iter().map(|&i| node_ip(i).to_string()).collect();
+        format!("{{ {} }}", ips.join(", "))
+    };
+    let side_of = |id: &str| left.contains(&index_of(id));
+    // What each deploy made: answer -> (version, sha256).
+    let mut records = BTreeMap::new();
+    {
+        let split = NftTable::input_rule(
+            &c.ns,
+            "fnlet_split",
+            &format!(
+                "ip saddr {} ip daddr {} ip protocol udp counter drop",
+                set(&left),
+                set(&right)
+            ),
+        );
+        split.add_rule(&format!(
+            "ip saddr {} ip daddr {} ip protocol udp counter drop",
+            set(&right),
+            set(&left)
+        ));
+        c.wait_for("each side sees the other down", DETECT, |v| {
+            v.0.iter().all(|(o, rows)| {
+                rows.as_ref().is_ok_and(|rows| {
+                    rows.iter().all(|r| {
+                        let want = if side_of(&r.id) == side_of(o) {
+                            "alive"
+                        } else {
+                            "down"
+                        };
+                        r.state == want
+                    })
+                })
+            })
+        });
+        let one = Fixture::sh("twin", "public = true", "echo one");
+        let four = Fixture::sh("twin", "public = true", "echo four");
+        for (i, f, text) in [(0, &one, "one\n"), (3, &four, "four\n")] {
+            let record = c.nodes[i].deploy(f.path());
+            records.insert(
+                text,
+                (record["version"].to_string(), record["sha256"].to_string()),
+            );
+        }
+        let start = Instant::now();
+        for (side, text) in [(&left[..], "one\n"), (&right[..], "four\n")] {
+            for &i in side {
+                loop {
+                    let r = c.nodes[i].invoke("twin", b"");
+                    if r.status == 200 && r.text() == text {
+                        break;
+                    }
+                    assert!(
+                        start.elapsed() < SETTLE,
+                        "{} does not serve its side's twin ({text:?}): {} {}\n{}",
+                        node_id(i),
+                        r.status,
+                        r.text(),
+                        c.describe()
+                    );
+                    std::thread::sleep(POLL);
+                }
+            }
+        }
+        eprintln!(
+            "     each side serves its own twin: after {:.1} s",
+            start.elapsed().as_secs_f64()
+        );
+    }
+    let healed = Instant::now();
+    c.wait_all_alive(
+        "all five alive again after the healing",
+        Duration::from_secs(60),
+    );
+    let mut last = Vec::new();
+    loop {
+        let got: Vec<_> = c.nodes.iter().map(twin_on).collect();
+        // The same everywhere, and one of the two deploys: its answer, version and sha256.
+        let agreed = got.iter().all(|g| g.is_ok() && *g == got[0])
+            && got[0].as_ref().is_ok_and(|(text, version, sha)| {
+                records.get(text.as_str()) == Some(&(version.clone(), sha.clone()))
+            });
+        if agreed {
+            eprintln!(
+                "     every member serves the same twin after {:.1} s: {:?}",
+                healed.elapsed().as_secs_f64(),
+                got[0]
+            );
+            break;
+        }
+        assert!(
+            healed.elapsed() < Duration::from_secs(60),
+            "a minute after the healing the members do not agree on twin \
+             (answer, version, sha256): {last:?}\n{}",
+            c.describe()
+        );
+        last = got;
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
