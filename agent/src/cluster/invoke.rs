@@ -615,7 +615,8 @@ async fn write_data(
 }
 
 /// Streams `resp` back: ResponseHead (with the first bytes when the body has them at once),
-/// Data frames as the body yields them, End.
+/// Data frames as the body yields them, End. The head names the host that ran the call: this
+/// one (`host`), or the peer this host passed it on to (the answer's [`RanOn`]).
 async fn answer(
     mut send: quinn::SendStream,
     resp: Response<Body>,
@@ -623,6 +624,10 @@ async fn answer(
     deadline: tokio::time::Instant,
 ) -> Served {
     let (parts, mut body) = resp.into_parts();
+    let host = parts
+        .extensions
+        .get::<RanOn>()
+        .map_or(host, |r| r.0.as_str());
     let mut first = Bytes::new();
     let mut end = None;
     match next(&mut body).now_or_never() {
@@ -1390,8 +1395,15 @@ mod tests {
             let bytes: Vec<u8> = (0..DATA_CHUNK * 3 + 17).map(|i| (i % 251) as u8).collect();
             bytes
         };
+        // What the forwarding layer hands back for a call a peer ("gamma") ran.
+        let elsewhere = || async {
+            let mut r = ([(HEADER_HOST, "gamma")], "ran on gamma").into_response();
+            r.extensions_mut().insert(RanOn("gamma".into()));
+            r
+        };
         axum::Router::new()
             .route("/fn/stream/{*path}", any(streamed))
+            .route("/fn/elsewhere", post(elsewhere))
             .route("/fn/slow", post(slow))
             .route("/fn/big", post(big))
             .route("/fn/{name}", post(echo))
@@ -1593,6 +1605,24 @@ mod tests {
             .to_bytes();
         let want: Vec<u8> = (0..DATA_CHUNK * 3 + 17).map(|i| (i % 251) as u8).collect();
         assert!(bytes == want, "{} bytes back", bytes.len());
+    }
+
+    #[tokio::test]
+    async fn a_call_passed_on_to_a_peer_names_the_peer_that_ran_it() {
+        let mut s = server().await;
+        let (_ep, conn) = s.client().await;
+        let c = invoke(InvokeEntry::Exec, "elsewhere", b"");
+        let r = call(&conn, c, frame::DEFAULT_MAX_BODY).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()[HEADER_HOST], "gamma");
+        assert_eq!(r.headers().get_all(HEADER_HOST).iter().count(), 1);
+        assert_eq!(
+            r.extensions().get::<RanOn>().map(|h| h.0.as_str()),
+            Some("gamma")
+        );
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ran on gamma");
+        assert_eq!(s.next_served().await, Served::Answered);
     }
 
     #[tokio::test]
