@@ -801,7 +801,8 @@ pub struct AnswerCut {
     pub message: String,
 }
 
-/// How a call's peer is named: the node id its certificate proved, else its address.
+/// How a call's peer is named: the node id its certificate proved, else its address. This
+/// parses the certificate: name a peer when a message needs it, not on every call.
 fn peer_name(conn: &quinn::Connection) -> String {
     transport::peer_node_id(conn).unwrap_or_else(|| conn.remote_address().to_string())
 }
@@ -860,9 +861,10 @@ pub async fn call(
     call: InvokeCall,
     max_body: u32,
 ) -> Result<Response<Body>, CallError> {
-    let peer = peer_name(conn);
+    // Named only when an error needs it: the name is parsed from the peer's certificate.
+    let peer = || peer_name(conn);
     let Some(deadline) = deadline_at(call.request.deadline_ms) else {
-        return Err(CallError::DeadlineExceeded { peer });
+        return Err(CallError::DeadlineExceeded { peer: peer() });
     };
     let deadline = deadline + DEADLINE_GRACE;
     let frame = Frame::InvokeRequest {
@@ -875,28 +877,28 @@ pub async fn call(
         let (mut send, recv) = conn
             .open_bi()
             .await
-            .map_err(|e| call_error(conn, &peer, e.into()))?;
+            .map_err(|e| call_error(conn, &peer(), e.into()))?;
         send.write_all_chunks(&mut [head, body])
             .await
-            .map_err(|e| call_error(conn, &peer, e.into()))?;
+            .map_err(|e| call_error(conn, &peer(), e.into()))?;
         let _ = send.finish();
         let mut reader = FrameReader::new(recv, Limits { max_body }, expect);
         match reader.next().await {
             Ok(Some(Frame::ResponseHead { meta, body })) => Ok((meta, body, reader)),
-            Ok(Some(Frame::Error(e))) => Err(refused(&peer, e)),
+            Ok(Some(Frame::Error(e))) => Err(refused(&peer(), e)),
             // The reader lets only these through first.
             Ok(_) => Err(CallError::BadAnswer {
-                peer: peer.clone(),
+                peer: peer(),
                 reason: "no answer".into(),
             }),
-            Err(e) => Err(call_error(conn, &peer, e)),
+            Err(e) => Err(call_error(conn, &peer(), e)),
         }
     };
     let (head, first, reader) = match tokio::time::timeout_at(deadline, exchange).await {
         Ok(r) => r?,
-        Err(_) => return Err(CallError::DeadlineExceeded { peer }),
+        Err(_) => return Err(CallError::DeadlineExceeded { peer: peer() }),
     };
-    let body = answer_body(conn.clone(), peer, reader, first, deadline);
+    let body = answer_body(conn.clone(), reader, first, deadline);
     let mut resp = Response::new(body);
     *resp.status_mut() = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
     for (n, v) in &head.headers {
@@ -918,26 +920,23 @@ pub async fn call(
 /// The Data frames after a ResponseHead, as a body.
 fn answer_body(
     conn: quinn::Connection,
-    peer: String,
     reader: FrameReader,
     first: Bytes,
     deadline: tokio::time::Instant,
 ) -> Body {
     struct State {
         conn: quinn::Connection,
-        peer: String,
         reader: FrameReader,
         first: Bytes,
         deadline: tokio::time::Instant,
     }
     let cut = |s: &State, kind: &str, message: String| AnswerCut {
-        peer: s.peer.clone(),
+        peer: peer_name(&s.conn),
         kind: kind.to_string(),
         message,
     };
     let state = State {
         conn,
-        peer,
         reader,
         first,
         deadline,
@@ -967,7 +966,7 @@ fn answer_body(
                         WireError::Frame(_) => "Fnlet.BadAnswer",
                         _ => "Fnlet.PeerLost",
                     };
-                    let err = call_error(&s.conn, &s.peer, e);
+                    let err = call_error(&s.conn, &peer_name(&s.conn), e);
                     Err(cut(&s, kind, err.to_string()))
                 }
             };
