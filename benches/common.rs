@@ -1,6 +1,6 @@
 //! What the bench targets share: counts from the environment, locating the release binaries,
-//! running a quiet subprocess, statistics and formatting, the machine header, and removing
-//! cgroup directories. Each target uses a part of it.
+//! running a quiet subprocess, statistics and formatting, the machine header, the CPU time of
+//! processes, and removing cgroup directories. Each target uses a part of it.
 
 #![allow(dead_code)]
 
@@ -272,6 +272,55 @@ pub fn favordynmods() -> String {
          boot to say whether an earlier mount made it stick"
             .into()
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// what processes cost
+
+/// (CPU time in ns, context switches) of a process, summed over its threads now alive
+/// (/proc/<pid>/task/*/schedstat and status).
+pub fn task_stats(pid: u32) -> (u64, u64) {
+    let (mut ns, mut cs) = (0, 0);
+    if let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            ns += fs::read_to_string(t.path().join("schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+                .unwrap_or(0);
+            let status = fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            cs += status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+    }
+    (ns, cs)
+}
+
+/// Pids of the processes in a function's instance cgroups (`<root>/<function>-*`).
+pub fn instance_pids(root: &str, function: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for base in ["/sys/fs/cgroup/pids", "/sys/fs/cgroup"] {
+        let Ok(entries) = fs::read_dir(Path::new(base).join(root)) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{function}-"))
+            {
+                let procs = fs::read_to_string(e.path().join("cgroup.procs")).unwrap_or_default();
+                pids.extend(
+                    procs
+                        .split_whitespace()
+                        .filter_map(|p| p.parse::<u32>().ok()),
+                );
+            }
+        }
+        break;
+    }
+    pids
 }
 
 // ---------------------------------------------------------------------------------------------

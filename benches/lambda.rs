@@ -55,7 +55,8 @@ use std::time::{Duration, Instant};
 use isolate::{Isolator, IsolatorConfig, Limits, PreparedSandbox, Sandbox, SandboxSpec, StdioSpec};
 
 use common::{
-    Stats, env_count, fnlet_binary, load_average, ms, ratio, remove_cgroup_dirs, run_quiet,
+    Stats, env_count, fnlet_binary, instance_pids, load_average, ms, ratio, remove_cgroup_dirs,
+    run_quiet, task_stats,
 };
 
 /// What every client sends (the function URL turns it into a payload 2.0 event's body).
@@ -1304,52 +1305,6 @@ impl Snapshot {
             host_total: total,
         }
     }
-}
-
-/// (CPU time in ns, context switches) of a process, summed over its threads now alive
-/// (/proc/<pid>/task/*/schedstat and status).
-fn task_stats(pid: u32) -> (u64, u64) {
-    let (mut ns, mut cs) = (0, 0);
-    if let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) {
-        for t in tasks.flatten() {
-            ns += fs::read_to_string(t.path().join("schedstat"))
-                .ok()
-                .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-                .unwrap_or(0);
-            let status = fs::read_to_string(t.path().join("status")).unwrap_or_default();
-            cs += status
-                .lines()
-                .filter(|l| l.contains("ctxt_switches:"))
-                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .sum::<u64>();
-        }
-    }
-    (ns, cs)
-}
-
-/// Pids of the processes in a function's instance cgroups (`<root>/<function>-*`).
-fn instance_pids(root: &str, function: &str) -> Vec<u32> {
-    let mut pids = Vec::new();
-    for base in ["/sys/fs/cgroup/pids", "/sys/fs/cgroup"] {
-        let Ok(entries) = fs::read_dir(Path::new(base).join(root)) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            if e.file_name()
-                .to_string_lossy()
-                .starts_with(&format!("{function}-"))
-            {
-                let procs = fs::read_to_string(e.path().join("cgroup.procs")).unwrap_or_default();
-                pids.extend(
-                    procs
-                        .split_whitespace()
-                        .filter_map(|p| p.parse::<u32>().ok()),
-                );
-            }
-        }
-        break;
-    }
-    pids
 }
 
 /// What one warm call costs each side, at one client: `calls` back-to-back requests per

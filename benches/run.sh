@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# fnlet's benchmarks in one command, as root: `benches/run.sh [spawn|agent|lambda|membership|all]`
-# (default all; membership alone needs no root).
+# fnlet's benchmarks in one command, as root:
+# `benches/run.sh [spawn|agent|lambda|cluster|membership|all]` (default all; membership alone
+# needs no root).
 #
 # spawn: spawn-to-exit of a sandboxed static binary against fork+exec, bwrap and runc. Installs
 #   the peers (bubblewrap, runc, and crun, which is tried and reported when the host refuses it)
@@ -16,6 +17,10 @@
 #   throughput at 32 clients. Installs nginx; builds fnlet and the no-op (as
 #   scripts/build-fixtures.sh does, into tests/fixtures/lambda-noop/bundle/bootstrap); runs
 #   `cargo bench -p fnlet-benches --bench lambda`.
+# cluster: a cluster of real `fnlet agent`s on 127.0.0.1 (3 by default); the same no-op, warm,
+#   called on the host that owns it and on a host that forwards the call to it over QUIC, over
+#   HTTP (function URL, Invoke API) and as a QUIC caller (fnlet-invoke/1). Builds fnlet and the
+#   no-op as for lambda; runs `cargo bench -p fnlet-benches --bench cluster`.
 # membership: foca instances (the cluster crate's Membership, production foca_config) on a
 #   simulated clock, N = 5 to 1,000, 0 and 10 % loss: join dissemination, failure detection,
 #   false positives and traffic per host, beside memberlist's and Serf's published figures. No
@@ -29,9 +34,9 @@ cd "$(dirname "$0")/.."
 which=${1:-all}
 [ $# -gt 0 ] && shift
 case "$which" in
-  spawn | agent | lambda | membership | all) ;;
+  spawn | agent | lambda | cluster | membership | all) ;;
   *)
-    echo "usage: $0 [spawn|agent|lambda|membership|all]" >&2
+    echo "usage: $0 [spawn|agent|lambda|cluster|membership|all]" >&2
     exit 2
     ;;
 esac
@@ -77,7 +82,7 @@ if [ "$which" = agent ] || [ "$which" = all ]; then
   # temporary bundle beside the example's fnlet.toml).
   scripts/build-examples.sh
 fi
-if [ "$which" = lambda ] || [ "$which" = all ]; then
+if [ "$which" = lambda ] || [ "$which" = cluster ] || [ "$which" = all ]; then
   # The no-op links statically, so the same file is the fork+exec floor and what fnlet runs.
   # With --target the flag reaches only this crate (it has no dependencies), not the host build.
   target=$(rustc -vV | sed -n 's/^host: //p')
@@ -94,6 +99,9 @@ if [ "$which" = agent ] || [ "$which" = all ]; then
 fi
 if [ "$which" = lambda ] || [ "$which" = all ]; then
   cargo bench -p fnlet-benches --bench lambda -- "$@" || status=$?
+fi
+if [ "$which" = cluster ] || [ "$which" = all ]; then
+  cargo bench -p fnlet-benches --bench cluster -- "$@" || status=$?
 fi
 if [ "$which" = all ]; then
   cargo bench -p fnlet-benches --bench membership -- "$@" || status=$?

@@ -428,10 +428,13 @@ impl Node {
         let streams = {
             let (node, peer, conn) = (self.clone(), peer.clone(), conn.clone());
             async move {
+                // The API for the peer's calls: made at its first call, kept for the rest.
+                let api: Arc<std::sync::OnceLock<super::invoke::Api>> = Arc::default();
                 while let Ok((send, recv)) = conn.accept_bi().await {
-                    let (node, peer, conn) = (node.clone(), peer.clone(), conn.clone());
+                    let (node, peer, conn, api) =
+                        (node.clone(), peer.clone(), conn.clone(), api.clone());
                     tokio::spawn(async move {
-                        node.serve_peer_stream(&peer, &conn, send, recv).await;
+                        node.serve_peer_stream(&peer, &conn, send, recv, &api).await;
                     });
                 }
             }
@@ -454,6 +457,7 @@ impl Node {
         conn: &quinn::Connection,
         mut send: quinn::SendStream,
         recv: quinn::RecvStream,
+        api: &std::sync::OnceLock<super::invoke::Api>,
     ) {
         let limits = match self.replica.app() {
             Some(app) => super::invoke::request_limits(&app.config),
@@ -468,8 +472,9 @@ impl Node {
                             node_id: peer.to_string(),
                             conn: conn.clone(),
                         };
+                        let api = api.get_or_init(|| super::invoke::Api::new(app)).clone();
                         let served =
-                            super::invoke::serve_invoke(app, send, meta, payload, caller).await;
+                            super::invoke::serve_invoke(api, send, meta, payload, caller).await;
                         if served == super::invoke::Served::BadFrame {
                             self.metrics.bad_frame();
                         }

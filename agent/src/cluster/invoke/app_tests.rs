@@ -213,6 +213,7 @@ async fn accept(app: Arc<App>, transport: Arc<Transport>) {
             match (alpn, transport::peer_node_id(&conn)) {
                 (Some(Alpn::Invoke), _) => serve_connection(app, conn, || {}).await,
                 (Some(Alpn::Peer), Some(node_id)) => {
+                    let api = Api::new(app.clone());
                     while let Ok((send, recv)) = conn.accept_bi().await {
                         let limits = request_limits(&app.config);
                         let mut reader =
@@ -225,7 +226,7 @@ async fn accept(app: Arc<App>, transport: Arc<Transport>) {
                             node_id: node_id.clone(),
                             conn: conn.clone(),
                         };
-                        tokio::spawn(serve_invoke(app.clone(), send, meta, payload, caller));
+                        tokio::spawn(serve_invoke(api.clone(), send, meta, payload, caller));
                     }
                 }
                 _ => {}
