@@ -1173,7 +1173,8 @@ fn sleeper() -> Fixture {
 /// 8. A function is run by its owner, the first member of its rendezvous ranking, whichever
 ///    member is asked. Eight slow calls at once to one other member spill over: the owner
 ///    gets no more than its bounded share, so the answers name more than one host; each call
-///    succeeds and runs exactly once (the members' invocation counters add up).
+///    succeeds and runs exactly once (the members' invocation counters add up), and the
+///    member asked counts each call it sent elsewhere in fnlet_cluster_forwards_total.
 fn forwarding(c: &mut Cluster) {
     let f = sleeper();
     let rank = ranking("sleeper");
@@ -1201,6 +1202,13 @@ fn forwarding(c: &mut Cluster) {
 
     const AT_ONCE: usize = 8;
     let entry = index_of(&rank[1]);
+    let forwarded = |c: &Cluster| {
+        metric(
+            &c.nodes[entry],
+            "fnlet_cluster_forwards_total{result=\"ok\"}",
+        )
+    };
+    let forwarded_before = forwarded(c);
     let calls: Vec<_> = (0..AT_ONCE)
         .map(|_| c.nodes[entry].invoke_in_background("sleeper", b"2"))
         .collect();
@@ -1230,6 +1238,15 @@ fn forwarding(c: &mut Cluster) {
         "{AT_ONCE} slow calls at once to {} all ran on {hosts:?}: no spill-over\n{}",
         node_id(entry),
         c.describe()
+    );
+    // The entry counted each call it sent to another member as forwarded.
+    let elsewhere = AT_ONCE - hosts.get(&node_id(entry)).copied().unwrap_or(0);
+    let counted = forwarded(c) - forwarded_before;
+    assert_eq!(
+        counted,
+        elsewhere as f64,
+        "{} counted {counted} calls forwarded, {elsewhere} ran elsewhere",
+        node_id(entry)
     );
     let ran = invocations(c, "sleeper") - before;
     assert_eq!(
@@ -1476,7 +1493,11 @@ fn owner_killed(c: &mut Cluster) {
         Ok(Err(e)) => panic!("the call in flight: {e}"),
         Err(_) => panic!("the call in flight: its thread panicked"),
     };
-    eprintln!("     the call in flight: {}", outcome(&r));
+    eprintln!(
+        "     the call in flight: {}, {:.1} s after the kill",
+        outcome(&r),
+        killed.elapsed().as_secs_f64()
+    );
     let message = r.expect_error(502, "peer_lost");
     assert!(message.contains(&owner_id), "peer_lost names {message:?}");
 

@@ -630,6 +630,34 @@ impl Node {
         self.metrics.catalog_lag.set(behind as i64);
     }
 
+    /// Takes again each catalog function this host does not serve (version and bundle): a
+    /// take that failed (its bundle on no live peer yet, e.g. just after a partition healed)
+    /// is not left for good, since the digest swaps that follow find the catalogs equal.
+    async fn retry_behind(&self) {
+        let Some(app) = self.replica.app() else {
+            return;
+        };
+        let behind: Vec<(String, FunctionRecord)> = self
+            .replica
+            .lock()
+            .functions()
+            .filter(|(name, rec)| {
+                let sha = rec.bundle_sha256.to_string();
+                !app.store
+                    .function(name)
+                    .and_then(|f| app.store.version(name, f.active))
+                    .is_ok_and(|v| v.version == rec.version && v.sha256 == sha)
+            })
+            .map(|(name, rec)| (name.to_string(), rec.clone()))
+            .collect();
+        for (name, rec) in behind {
+            let from = rec.deployed_by.clone();
+            if let Err(e) = self.take_version(&app, &name, &rec, &from).await {
+                tracing::warn!(function = %name, version = rec.version, "not serving the cluster's version yet: {e}");
+            }
+        }
+    }
+
     /// Keeps catalogs in step: a digest swap with one live peer every [`SYNC_EVERY`].
     pub(super) async fn sync_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(SYNC_EVERY);
@@ -641,6 +669,7 @@ impl Node {
                 _ = self.stop.cancelled() => break,
             }
             self.measure_lag();
+            self.retry_behind().await;
             let peers = self.live_peers();
             if peers.is_empty() {
                 continue;
