@@ -622,9 +622,9 @@ impl Node {
             .lock()
             .functions()
             .filter(|(name, rec)| {
-                app.router
-                    .lookup(name)
-                    .is_none_or(|f| f.version != rec.version)
+                app.router.lookup(name).is_none_or(|f| {
+                    f.version != rec.version || f.sha256 != rec.bundle_sha256.to_string()
+                })
             })
             .count();
         self.metrics.catalog_lag.set(behind as i64);
