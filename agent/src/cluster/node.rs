@@ -36,6 +36,9 @@ const LEAVE_FLUSH: Duration = Duration::from_secs(1);
 /// How long a member declared down has to close its connection itself (as a host that leaves
 /// does) before this host closes it.
 const LEAVE_CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Every this many re-announce ticks, members declared down are announced to again.
+const RECONNECT_EVERY: u32 = 2;
+
 /// How often a host that knows no live peer announces itself to its seeds again.
 const REANNOUNCE: Duration = Duration::from_secs(2);
 
@@ -752,6 +755,7 @@ impl Node {
         };
         announce(&mut swim);
         let mut tuned_for = size;
+        let mut ticks: u32 = 0;
         let mut reannounce = tokio::time::interval(REANNOUNCE);
         reannounce.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -797,6 +801,26 @@ impl Node {
                 _ = reannounce.tick() => {
                     if swim.live().next().is_none() {
                         announce(&mut swim);
+                    }
+                    // Members declared down (not left) are asked again now and then, as Serf
+                    // reconnects to failed members: after a partition heals, two sides that
+                    // each hold the other down (and a host that renewed itself meanwhile)
+                    // find each other without waiting for a probe that never comes.
+                    ticks = ticks.wrapping_add(1);
+                    if ticks % RECONNECT_EVERY == 0 {
+                        let left = self.left.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                        let down: Vec<NodeIdentity> = swim
+                            .members()
+                            .filter(|m| {
+                                m.state == MemberState::Down && !left.contains(&m.identity.id)
+                            })
+                            .map(|m| m.identity)
+                            .collect();
+                        for m in down {
+                            if let Err(e) = swim.announce(m.clone(), Instant::now()) {
+                                tracing::debug!(peer = %m.id, "announce to a down member: {e}");
+                            }
+                        }
                     }
                 }
             }
