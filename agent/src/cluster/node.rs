@@ -807,7 +807,7 @@ impl Node {
                     // each hold the other down (and a host that renewed itself meanwhile)
                     // find each other without waiting for a probe that never comes.
                     ticks = ticks.wrapping_add(1);
-                    if ticks % RECONNECT_EVERY == 0 {
+                    if ticks.is_multiple_of(RECONNECT_EVERY) {
                         let left = self.left.lock().unwrap_or_else(|p| p.into_inner()).clone();
                         let down: Vec<NodeIdentity> = swim
                             .members()
