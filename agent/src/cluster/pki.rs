@@ -376,7 +376,6 @@ pub fn caller_client_config(
 pub fn join_client_config(ca_sha256: &str) -> Result<rustls::ClientConfig, PkiError> {
     let verifier = PinnedCa {
         ca_sha256: ca_sha256.to_ascii_lowercase(),
-        seen: std::sync::Mutex::new(None),
     };
     let mut c = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -445,8 +444,6 @@ impl ServerCertVerifier for AnyNodeOf {
 #[derive(Debug)]
 struct PinnedCa {
     ca_sha256: String,
-    /// The CA certificate found in the chain, kept for the join's answer to be checked against.
-    seen: std::sync::Mutex<Option<CertificateDer<'static>>>,
 }
 
 impl ServerCertVerifier for PinnedCa {
@@ -454,7 +451,7 @@ impl ServerCertVerifier for PinnedCa {
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
+        server_name: &ServerName<'_>,
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
@@ -469,13 +466,9 @@ impl ServerCertVerifier for PinnedCa {
             })?
             .clone()
             .into_owned();
-        let verifier =
-            AnyNodeOf::new(ca.clone()).map_err(|e| rustls::Error::General(e.to_string()))?;
-        let ok = verifier.verify_server_cert(end_entity, &[], _server_name, ocsp, now)?;
-        if let Ok(mut seen) = self.seen.lock() {
-            *seen = Some(ca);
-        }
-        Ok(ok)
+        let verifier = AnyNodeOf::new(ca).map_err(|e| rustls::Error::General(e.to_string()))?;
+        // The joiner checks the CA in the join's answer against the token itself.
+        verifier.verify_server_cert(end_entity, &[], server_name, ocsp, now)
     }
     fn verify_tls12_signature(
         &self,
