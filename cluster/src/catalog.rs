@@ -811,6 +811,53 @@ mod tests {
         c.entries().collect()
     }
 
+    /// Access keys: made on one host, removed on another; a late copy of the make (a lost
+    /// push retried, a digest answer in flight) never brings a removed key back, and a replica
+    /// that was away gets the removal from a digest swap.
+    #[test]
+    fn a_removed_access_key_stays_removed_everywhere() {
+        let mut a = Catalog::new("a").unwrap();
+        let mut b = Catalog::new("b").unwrap();
+        let mut c = Catalog::new("c").unwrap();
+        let made = a.put_access_key("FNLTAAAA", key(1), ms(1_000)).unwrap();
+        assert_eq!(
+            b.apply(&made, ms(1_001)).unwrap(),
+            vec![Change {
+                key: Key::AccessKey("FNLTAAAA".into()),
+                value: Some(Value::AccessKey(key(1))),
+            }]
+        );
+        assert_eq!(b.access_key("FNLTAAAA"), Some(&key(1)));
+        // b's clock is behind a's: the removal still orders after the make it saw.
+        let removed = b.remove_access_key("FNLTAAAA", ms(500)).unwrap();
+        assert!(removed.entries[0].version > made.entries[0].version);
+        assert_eq!(
+            a.apply(&removed, ms(1_002)).unwrap(),
+            vec![Change {
+                key: Key::AccessKey("FNLTAAAA".into()),
+                value: None,
+            }]
+        );
+        // The make arrives again, late: nothing changes.
+        assert_eq!(a.apply(&made, ms(1_003)).unwrap(), vec![]);
+        assert_eq!(b.apply(&made, ms(1_003)).unwrap(), vec![]);
+        assert_eq!(a.access_key("FNLTAAAA"), None);
+        assert_eq!(a.access_keys().count(), 0);
+        // c was away for both; the make reaches it after the removal did, by a digest swap.
+        assert_eq!(c.apply(&b.diff(&c.digest()), ms(1_004)).unwrap(), vec![]);
+        assert_eq!(c.apply(&made, ms(1_005)).unwrap(), vec![]);
+        assert_eq!(c.access_key("FNLTAAAA"), None);
+        assert_eq!(state(&a), state(&b));
+        assert_eq!(state(&b), state(&c));
+        // Other keys are untouched, and functions and keys of one name do not mix.
+        let other = c.put_access_key("FNLTBBBB", key(2), ms(1_006)).unwrap();
+        a.apply(&other, ms(1_006)).unwrap();
+        a.put_function("FNLTBBBB", func(1, "a"), ms(1_007)).unwrap();
+        let keys: Vec<(&str, &AccessKeyRecord)> = a.access_keys().collect();
+        assert_eq!(keys, vec![("FNLTBBBB", &key(2))]);
+        assert!(a.function("FNLTBBBB").is_some());
+    }
+
     #[test]
     fn a_write_is_seen_by_a_peer_and_a_later_removal_wins() {
         let mut a = Catalog::new("a").unwrap();

@@ -468,6 +468,75 @@ pub struct JoinResponse {
     pub ca_pem: String,
     /// Members to dial.
     pub members: Vec<Seed>,
+    /// The cluster's key for sealing access key secrets in the catalog. It is sent only on
+    /// the join's stream, after the token checked out, to a joiner that verified the answerer
+    /// against the CA its token pins.
+    pub sealing_key: SealingKey,
+}
+
+/// The cluster's access key sealing key: 32 bytes (a ChaCha20-Poly1305 key), 64 lowercase hex
+/// characters in JSON. `Debug` does not show it, and it is wiped from memory when dropped.
+#[derive(Clone)]
+pub struct SealingKey([u8; SealingKey::LEN]);
+
+impl SealingKey {
+    /// Its length in bytes.
+    pub const LEN: usize = 32;
+
+    /// The key of these bytes.
+    pub fn new(bytes: [u8; SealingKey::LEN]) -> SealingKey {
+        SealingKey(bytes)
+    }
+
+    /// The key's bytes.
+    pub fn expose(&self) -> &[u8; SealingKey::LEN] {
+        &self.0
+    }
+}
+
+impl Drop for SealingKey {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
+
+impl fmt::Debug for SealingKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SealingKey(..)")
+    }
+}
+
+/// Compared in constant time.
+impl PartialEq for SealingKey {
+    fn eq(&self, other: &SealingKey) -> bool {
+        subtle::ConstantTimeEq::ct_eq(&self.0[..], &other.0[..]).into()
+    }
+}
+
+impl Eq for SealingKey {}
+
+impl Serialize for SealingKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let text = zeroize::Zeroizing::new(hex::encode(self.0));
+        s.serialize_str(&text)
+    }
+}
+
+impl<'de> Deserialize<'de> for SealingKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = zeroize::Zeroizing::new(String::deserialize(d)?);
+        let mut key = SealingKey([0; SealingKey::LEN]);
+        // The error never quotes the text: it is a secret.
+        if text.len() != 2 * SealingKey::LEN
+            || !text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            || hex::decode_to_slice(text.as_bytes(), &mut key.0).is_err()
+        {
+            return Err(serde::de::Error::custom(
+                "sealing_key: 64 lowercase hex characters (32 bytes)",
+            ));
+        }
+        Ok(key)
+    }
 }
 
 /// One frame.
@@ -1343,6 +1412,7 @@ mod tests {
                     id: "node-a".into(),
                     addr: "10.0.0.1:8741".parse().unwrap(),
                 }],
+                sealing_key: SealingKey::new(std::array::from_fn(|i| i as u8)),
             }),
         ]
     }
@@ -1804,6 +1874,38 @@ mod tests {
         let e = run(asked.clone(), &[other]).unwrap_err();
         assert!(e.to_string().contains("the answer is for bundle"), "{e}");
         run(asked, &[ex(Kind::Error)]).unwrap().finish().unwrap();
+    }
+
+    #[test]
+    fn the_sealing_key_is_hex_on_the_wire_and_never_shown() {
+        let key = SealingKey::new([0xab; SealingKey::LEN]);
+        assert_eq!(format!("{key:?}"), "SealingKey(..)");
+        let json = serde_json::to_string(&key).unwrap();
+        assert_eq!(json, format!("\"{}\"", "ab".repeat(32)));
+        assert_eq!(serde_json::from_str::<SealingKey>(&json).unwrap(), key);
+        assert_ne!(key, SealingKey::new([0xac; SealingKey::LEN]));
+        // Wrong length, upper case, not hex: refused, and the error does not quote it.
+        for bad in [
+            "ab".repeat(31),
+            "AB".repeat(32),
+            "zz".repeat(32),
+            "ab".repeat(33),
+        ] {
+            let err = serde_json::from_str::<SealingKey>(&format!("\"{bad}\"")).unwrap_err();
+            assert!(!err.to_string().contains(&bad[..8]), "{err}");
+            assert!(err.to_string().contains("64 lowercase hex"), "{err}");
+        }
+        // A JoinResponse without one is refused: it is not optional.
+        let f = examples()
+            .into_iter()
+            .find(|f| matches!(f, Frame::JoinResponse(_)))
+            .unwrap();
+        let Frame::JoinResponse(r) = f else {
+            unreachable!()
+        };
+        let mut v = serde_json::to_value(&r).unwrap();
+        v.as_object_mut().unwrap().remove("sealing_key");
+        assert!(serde_json::from_value::<JoinResponse>(v).is_err());
     }
 
     #[test]
