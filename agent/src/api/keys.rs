@@ -1,5 +1,6 @@
 //! `/v1/keys`: the access keys that sign Lambda Invoke API calls, made, listed and removed by
-//! the operator (admin token). A key's secret is in the answer to its creation only.
+//! the operator (admin token). A key's secret is in the answer to its creation only. In a
+//! cluster, a key made or removed here is made or removed on every host (`cluster::access_keys`).
 
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -41,9 +42,16 @@ pub(super) async fn create(
         serde_json::from_slice(&raw)
             .map_err(|e| AppError::bad_request(format!("access key body: {e}")))?
     };
-    let keys = app.keys.clone();
+    let app2 = app.clone();
     let description = body.description.unwrap_or_default();
-    let (info, secret) = blocking(move || Ok(keys.create(&description)?)).await?;
+    let (info, secret) = blocking(move || {
+        let (info, secret) = app2.keys.create(&description)?;
+        if let Some(node) = app2.cluster.get() {
+            node.key_created(&info, &secret);
+        }
+        Ok((info, secret))
+    })
+    .await?;
     tracing::info!(access_key_id = %info.access_key_id, "created an access key");
     let mut resp = (
         StatusCode::CREATED,
@@ -77,9 +85,20 @@ pub(super) async fn remove(
     if !valid_id(&id) {
         return Err(AppError::not_found(format!("no access key {id:?}")));
     }
-    let keys = app.keys.clone();
+    let app2 = app.clone();
     let removed = id.clone();
-    blocking(move || Ok(keys.remove(&removed)?)).await?;
+    blocking(move || {
+        let here = app2.keys.forget(&removed)?;
+        let in_cluster = app2
+            .cluster
+            .get()
+            .is_some_and(|node| node.key_removed(&removed, here));
+        if !here && !in_cluster {
+            return Err(KeyStoreError::NotFound(removed).into());
+        }
+        Ok(())
+    })
+    .await?;
     tracing::info!(access_key_id = %id, "removed an access key");
     Ok(StatusCode::NO_CONTENT.into_response())
 }

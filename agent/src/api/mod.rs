@@ -333,6 +333,9 @@ async fn status(State(app): Shared, headers: HeaderMap) -> Result<Response, AppE
                 "node_id": node.id,
                 "peer_addr": node.advertise.to_string(),
                 "members": counts,
+                // Whether access keys made here work on every member (false: a host that
+                // joined before keys were the cluster's).
+                "shared_access_keys": node.shares_keys(),
             })
         }),
     }))

@@ -8,6 +8,11 @@
 //!   binds the sealed secret to its key id, so a sealed secret moved to another id does not
 //!   open).
 //!
+//! In a cluster, keys are the cluster's: each is also an entry of the replicated catalog with
+//! its secret sealed under the cluster's sealing key (`cluster/keys.key`, see
+//! `cluster::access_keys`), and every host holds every live key here, sealed with its own
+//! master key. This store is the same either way: verification reads it alone.
+//!
 //! SigV4 needs the secret itself (not a hash of it) to recompute signatures, so secrets are
 //! sealed rather than hashed. They are opened once, at `open`, and kept in memory, so that
 //! verifying a request touches no disk; they are wiped from memory when dropped. A key's last
@@ -44,6 +49,9 @@ pub const MAX_DESCRIPTION: usize = 256;
 const NONCE_LEN: usize = 12;
 /// Associated data: what a sealed secret belongs to (and the format's version).
 const AAD_PREFIX: &[u8] = b"fnlet access key v1\0";
+/// The same for a secret sealed under the cluster's key (in the catalog): a secret sealed for
+/// one use does not open as the other.
+const CLUSTER_AAD_PREFIX: &[u8] = b"fnlet cluster access key v1\0";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyStoreError {
@@ -53,15 +61,18 @@ pub enum KeyStoreError {
     BadDescription(String),
     #[error("access key database: {0}")]
     Db(#[from] redb::Error),
-    #[error("master key {path}: {source}")]
-    MasterKey {
+    #[error("key file {path}: {source}")]
+    KeyFile {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error(
-        "master key {path}: {len} bytes, expected 32 (restore it, or remove it and keys.redb and make new keys)"
-    )]
-    MasterKeyLength { path: PathBuf, len: usize },
+    #[error("key file {path}: {len} bytes, expected 32 ({hint})")]
+    KeyLength {
+        path: PathBuf,
+        len: usize,
+        /// What to do about it.
+        hint: &'static str,
+    },
     #[error("no randomness for an access key: {0}")]
     Random(getrandom::Error),
     #[error("corrupt access key record {id:?}: {source}")]
@@ -139,7 +150,7 @@ struct Entry {
 
 pub struct KeyStore {
     db: Database,
-    cipher: ChaCha20Poly1305,
+    sealer: Sealer,
     /// Read on every verification; written only after the database, for a moment.
     keys: RwLock<HashMap<String, Arc<Entry>>>,
     /// One writer at a time (create, remove), so the map's lock is never held across a commit.
@@ -166,14 +177,31 @@ fn parse_rfc3339(s: &str) -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+/// Unix milliseconds as RFC 3339 (the fraction only as long as it needs to be).
+pub fn rfc3339_ms(ms: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
 }
 
-fn aad(id: &str) -> Vec<u8> {
-    let mut a = AAD_PREFIX.to_vec();
-    a.extend_from_slice(id.as_bytes());
-    a
+/// A key's creation time in Unix milliseconds (0 if it does not read).
+pub fn created_ms(info: &KeyInfo) -> u64 {
+    humantime::parse_rfc3339_weak(&info.created_at)
+        .ok()
+        .map_or(0, unix_ms)
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// Whether `id` looks like one of ours (anything else cannot be in the store).
@@ -237,52 +265,159 @@ fn check_description(d: &str) -> Result<(), KeyStoreError> {
     Ok(())
 }
 
-/// Reads the master key, making it (mode 0600) at first use.
-fn master_key(path: &Path) -> Result<Zeroizing<[u8; 32]>, KeyStoreError> {
-    let io = |source| KeyStoreError::MasterKey {
+/// What to do about a master key of the wrong length.
+const MASTER_KEY_HINT: &str = "restore it, or remove it and keys.redb and make new keys";
+
+/// Reads a 32-byte key file (`None`: there is none), tightening its mode to 0600 if others
+/// could read it.
+pub fn read_key_file(
+    path: &Path,
+    hint: &'static str,
+) -> Result<Option<Zeroizing<[u8; 32]>>, KeyStoreError> {
+    let io = |source| KeyStoreError::KeyFile {
         path: path.to_path_buf(),
         source,
     };
-    match fs::read(path) {
-        Ok(raw) => {
-            let raw = Zeroizing::new(raw);
-            let key: [u8; 32] =
-                raw.as_slice()
-                    .try_into()
-                    .map_err(|_| KeyStoreError::MasterKeyLength {
-                        path: path.to_path_buf(),
-                        len: raw.len(),
-                    })?;
-            let mode = fs::metadata(path).map_err(io)?.permissions().mode();
-            if mode & 0o077 != 0 {
-                fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io)?;
-                tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777), "the access keys' master key was readable by others: made it 0600");
-            }
-            Ok(Zeroizing::new(key))
+    let raw = match fs::read(path) {
+        Ok(raw) => Zeroizing::new(raw),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(e)),
+    };
+    let key: [u8; 32] = raw
+        .as_slice()
+        .try_into()
+        .map_err(|_| KeyStoreError::KeyLength {
+            path: path.to_path_buf(),
+            len: raw.len(),
+            hint,
+        })?;
+    let mode = fs::metadata(path).map_err(io)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io)?;
+        tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777), "a key file was readable by others: made it 0600");
+    }
+    Ok(Some(Zeroizing::new(key)))
+}
+
+/// Writes a 32-byte key file, mode 0600 from the start, through a temporary file and a rename
+/// (synced, so a crash leaves the old file or the new one).
+pub fn write_key_file(path: &Path, key: &[u8; 32]) -> Result<(), KeyStoreError> {
+    let io = |source| KeyStoreError::KeyFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("key.tmp");
+    {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io)?;
+        f.write_all(key).map_err(io)?;
+        f.sync_all().map_err(io)?;
+    }
+    fs::rename(&tmp, path).map_err(io)?;
+    if let Some(dir) = path.parent() {
+        fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+    }
+    Ok(())
+}
+
+/// Reads a key file, making it (32 random bytes, mode 0600) if there is none.
+pub fn read_or_make_key_file(
+    path: &Path,
+    what: &'static str,
+    hint: &'static str,
+) -> Result<Zeroizing<[u8; 32]>, KeyStoreError> {
+    if let Some(key) = read_key_file(path, hint)? {
+        return Ok(key);
+    }
+    let mut key = Zeroizing::new([0u8; 32]);
+    random(key.as_mut())?;
+    write_key_file(path, &key)?;
+    tracing::info!(path = %path.display(), "created {what}");
+    Ok(key)
+}
+
+/// Seals and opens access key secrets under one key: a host's master key, or the cluster's
+/// sealing key. A sealed secret is nonce || ciphertext || tag, with a random nonce each time;
+/// the associated data binds it to its key id and to its use (host or cluster), so a sealed
+/// secret moved to another id, or from the catalog to a host's database, does not open.
+pub struct Sealer {
+    cipher: ChaCha20Poly1305,
+    aad_prefix: &'static [u8],
+}
+
+impl std::fmt::Debug for Sealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Sealer(..)")
+    }
+}
+
+impl Sealer {
+    /// A host's own sealer (its master key, `keys.key`).
+    fn host(key: &[u8; 32]) -> Sealer {
+        Sealer {
+            cipher: ChaCha20Poly1305::new(Key::from_slice(key)),
+            aad_prefix: AAD_PREFIX,
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut key = Zeroizing::new([0u8; 32]);
-            random(key.as_mut())?;
-            let tmp = path.with_extension("key.tmp");
-            {
-                let mut f = fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&tmp)
-                    .map_err(io)?;
-                f.write_all(key.as_ref()).map_err(io)?;
-                f.sync_all().map_err(io)?;
-            }
-            fs::rename(&tmp, path).map_err(io)?;
-            if let Some(dir) = path.parent() {
-                fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
-            }
-            tracing::info!(path = %path.display(), "created the access keys' master key");
-            Ok(key)
+    }
+
+    /// The cluster's sealer (the sealing key every member holds, `cluster/keys.key`).
+    pub fn cluster(key: &[u8; 32]) -> Sealer {
+        Sealer {
+            cipher: ChaCha20Poly1305::new(Key::from_slice(key)),
+            aad_prefix: CLUSTER_AAD_PREFIX,
         }
-        Err(e) => Err(io(e)),
+    }
+
+    fn aad(&self, id: &str) -> Vec<u8> {
+        let mut a = self.aad_prefix.to_vec();
+        a.extend_from_slice(id.as_bytes());
+        a
+    }
+
+    /// The secret of key `id`, sealed.
+    pub fn seal(&self, id: &str, secret: &Secret) -> Result<Vec<u8>, KeyStoreError> {
+        let mut nonce = [0u8; NONCE_LEN];
+        random(&mut nonce)?;
+        let ct = self
+            .cipher
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: secret.expose().as_bytes(),
+                    aad: &self.aad(id),
+                },
+            )
+            .map_err(|_| KeyStoreError::Seal(id.to_string()))?;
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&ct);
+        Ok(out)
+    }
+
+    /// The secret of key `id` out of `sealed`; `None` if it does not open (another key,
+    /// another id, altered bytes).
+    pub fn unseal(&self, id: &str, sealed: &[u8]) -> Option<Secret> {
+        if sealed.len() < NONCE_LEN {
+            return None;
+        }
+        let (nonce, ct) = sealed.split_at(NONCE_LEN);
+        let plain = Zeroizing::new(
+            self.cipher
+                .decrypt(
+                    Nonce::from_slice(nonce),
+                    Payload {
+                        msg: ct,
+                        aad: &self.aad(id),
+                    },
+                )
+                .ok()?,
+        );
+        let s = std::str::from_utf8(&plain).ok()?;
+        Some(Secret(Zeroizing::new(s.to_string())))
     }
 }
 
@@ -290,15 +425,19 @@ impl KeyStore {
     /// Opens (creating) `<state_dir>/keys.redb` and `<state_dir>/keys.key`, and opens every
     /// sealed secret into memory.
     pub fn open(state_dir: &Path) -> Result<KeyStore, KeyStoreError> {
-        let master = master_key(&state_dir.join(MASTER_KEY_FILE))?;
-        let cipher = ChaCha20Poly1305::new(Key::from_slice(master.as_ref()));
+        let master = read_or_make_key_file(
+            &state_dir.join(MASTER_KEY_FILE),
+            "the access keys' master key",
+            MASTER_KEY_HINT,
+        )?;
+        let sealer = Sealer::host(&master);
         let db = Database::create(state_dir.join(DB_FILE))?;
         let txn = db.begin_write()?;
         txn.open_table(KEYS)?;
         txn.commit()?;
         let store = KeyStore {
             db,
-            cipher,
+            sealer,
             keys: RwLock::new(HashMap::new()),
             writer: Mutex::new(()),
         };
@@ -332,43 +471,13 @@ impl KeyStore {
         Ok(store)
     }
 
+    /// Hex of the secret sealed with the master key (what a record holds).
     fn seal(&self, id: &str, secret: &Secret) -> Result<String, KeyStoreError> {
-        let mut nonce = [0u8; NONCE_LEN];
-        random(&mut nonce)?;
-        let ct = self
-            .cipher
-            .encrypt(
-                Nonce::from_slice(&nonce),
-                Payload {
-                    msg: secret.expose().as_bytes(),
-                    aad: &aad(id),
-                },
-            )
-            .map_err(|_| KeyStoreError::Seal(id.to_string()))?;
-        let mut out = nonce.to_vec();
-        out.extend_from_slice(&ct);
-        Ok(hex::encode(out))
+        Ok(hex::encode(self.sealer.seal(id, secret)?))
     }
 
     fn unseal(&self, id: &str, sealed: &str) -> Option<Secret> {
-        let raw = hex::decode(sealed).ok()?;
-        if raw.len() < NONCE_LEN {
-            return None;
-        }
-        let (nonce, ct) = raw.split_at(NONCE_LEN);
-        let plain = Zeroizing::new(
-            self.cipher
-                .decrypt(
-                    Nonce::from_slice(nonce),
-                    Payload {
-                        msg: ct,
-                        aad: &aad(id),
-                    },
-                )
-                .ok()?,
-        );
-        let s = std::str::from_utf8(&plain).ok()?;
-        Some(Secret(Zeroizing::new(s.to_string())))
+        self.sealer.unseal(id, &hex::decode(sealed).ok()?)
     }
 
     fn map(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Entry>>> {
@@ -387,10 +496,11 @@ impl KeyStore {
             }
         };
         let secret = new_secret()?;
+        // To the millisecond: what the catalog keeps, so every host shows the same time.
         let info = KeyInfo {
             access_key_id: id.clone(),
             description: description.to_string(),
-            created_at: crate::store::now_rfc3339(),
+            created_at: rfc3339_ms(unix_ms(SystemTime::now())),
             last_used: None,
         };
         let rec = Record {
@@ -442,6 +552,68 @@ impl KeyStore {
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
         Ok(())
+    }
+
+    /// Adds, or replaces, a key made on another host of the cluster (sealed here with this
+    /// host's master key); the last use seen here is kept. Returns whether anything changed.
+    pub fn import(&self, info: &KeyInfo, secret: &Secret) -> Result<bool, KeyStoreError> {
+        check_description(&info.description)?;
+        let id = info.access_key_id.as_str();
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.map().get(id).cloned();
+        if let Some(e) = &old
+            && e.info.description == info.description
+            && e.info.created_at == info.created_at
+            && e.secret
+                .as_ref()
+                .is_some_and(|s| s.expose() == secret.expose())
+        {
+            return Ok(false);
+        }
+        let used = old
+            .as_ref()
+            .map_or(0, |e| e.last_used.load(Ordering::Relaxed));
+        let info = KeyInfo {
+            access_key_id: id.to_string(),
+            description: info.description.clone(),
+            created_at: info.created_at.clone(),
+            last_used: rfc3339(used).filter(|_| used > 0),
+        };
+        let rec = Record {
+            info: info.clone(),
+            sealed: self.seal(id, secret)?,
+        };
+        let bytes = serde_json::to_vec(&rec).expect("records serialize");
+        let txn = self.db.begin_write()?;
+        txn.open_table(KEYS)?.insert(id, bytes.as_slice())?;
+        txn.commit()?;
+        self.keys.write().unwrap_or_else(|p| p.into_inner()).insert(
+            id.to_string(),
+            Arc::new(Entry {
+                info,
+                secret: Some(secret.clone()),
+                last_used: AtomicU64::new(used),
+                persisted: AtomicU64::new(used),
+            }),
+        );
+        Ok(true)
+    }
+
+    /// Removes a key if this host has it; whether it had.
+    pub fn forget(&self, id: &str) -> Result<bool, KeyStoreError> {
+        match self.remove(id) {
+            Ok(()) => Ok(true),
+            Err(KeyStoreError::NotFound(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every key whose secret opens, with it (to publish them to a cluster).
+    pub fn with_secrets(&self) -> Vec<(KeyInfo, Secret)> {
+        self.map()
+            .values()
+            .filter_map(|e| Some((e.info.clone(), e.secret.clone()?)))
+            .collect()
     }
 
     /// The secret of a key, for verification; `None` for an unknown key.
@@ -725,13 +897,139 @@ mod tests {
     }
 
     #[test]
+    fn the_cluster_sealer_opens_only_its_own_sealed_secrets() {
+        let secret = new_secret().unwrap();
+        let cluster = Sealer::cluster(&[1u8; 32]);
+        let sealed = cluster.seal("FNLTAAAAAAAAAAAAAAAA", &secret).unwrap();
+        // Nonce, the 40 bytes, the tag; a fresh nonce each time.
+        assert_eq!(sealed.len(), NONCE_LEN + SECRET_LEN + 16);
+        assert_ne!(
+            sealed,
+            cluster.seal("FNLTAAAAAAAAAAAAAAAA", &secret).unwrap()
+        );
+        assert!(
+            !sealed
+                .windows(8)
+                .any(|w| w == &secret.expose().as_bytes()[..8])
+        );
+        let opened = cluster.unseal("FNLTAAAAAAAAAAAAAAAA", &sealed).unwrap();
+        assert_eq!(opened.expose(), secret.expose());
+        // Another id, another cluster's key, the same key used as a host's master key, cut
+        // or altered bytes: nothing opens.
+        assert!(cluster.unseal("FNLTBBBBBBBBBBBBBBBB", &sealed).is_none());
+        assert!(
+            Sealer::cluster(&[2u8; 32])
+                .unseal("FNLTAAAAAAAAAAAAAAAA", &sealed)
+                .is_none()
+        );
+        assert!(
+            Sealer::host(&[1u8; 32])
+                .unseal("FNLTAAAAAAAAAAAAAAAA", &sealed)
+                .is_none()
+        );
+        assert!(
+            cluster
+                .unseal("FNLTAAAAAAAAAAAAAAAA", &sealed[..8])
+                .is_none()
+        );
+        let mut flipped = sealed.clone();
+        flipped[NONCE_LEN] ^= 1;
+        assert!(cluster.unseal("FNLTAAAAAAAAAAAAAAAA", &flipped).is_none());
+        assert_eq!(format!("{cluster:?}"), "Sealer(..)");
+    }
+
+    #[test]
+    fn a_key_file_is_made_once_private_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.key");
+        assert!(read_key_file(&path, "hint").unwrap().is_none());
+        let made = read_or_make_key_file(&path, "a key", "hint").unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(*read_key_file(&path, "hint").unwrap().unwrap(), *made);
+        assert_eq!(
+            *read_or_make_key_file(&path, "a key", "hint").unwrap(),
+            *made
+        );
+        write_key_file(&path, &[9u8; 32]).unwrap();
+        assert_eq!(*read_key_file(&path, "hint").unwrap().unwrap(), [9u8; 32]);
+        fs::write(&path, [1u8; 31]).unwrap();
+        let err = read_key_file(&path, "restore it").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("31 bytes, expected 32 (restore it)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn keys_from_the_cluster_are_imported_and_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let ks = KeyStore::open(dir.path()).unwrap();
+        let secret = new_secret().unwrap();
+        let info = KeyInfo {
+            access_key_id: "FNLTCCCCCCCCCCCCCCCC".into(),
+            description: "made on another host".into(),
+            created_at: rfc3339_ms(1_764_806_400_123),
+            last_used: None,
+        };
+        assert_eq!(info.created_at, "2025-12-04T00:00:00.123Z");
+        assert_eq!(created_ms(&info), 1_764_806_400_123);
+        assert!(ks.import(&info, &secret).unwrap());
+        // The same again changes nothing.
+        assert!(!ks.import(&info, &secret).unwrap());
+        let now = SystemTime::now();
+        let (m, uri, h) = signed_request(&info.access_key_id, secret.expose(), now);
+        assert_eq!(
+            ks.verify(&m, &uri, &h, b"{}", now),
+            Ok(info.access_key_id.clone())
+        );
+        // A new description replaces the old, and the use seen here is kept.
+        let renamed = KeyInfo {
+            description: "renamed".into(),
+            ..info.clone()
+        };
+        assert!(ks.import(&renamed, &secret).unwrap());
+        let got = ks.get(&info.access_key_id).unwrap();
+        assert_eq!(got.description, "renamed");
+        assert_eq!(got.last_used, rfc3339(unix(now)));
+        assert_eq!(ks.with_secrets().len(), 1);
+        // Sealed on disk with this host's master key, never in clear: it survives a reopen.
+        drop(ks);
+        assert_eq!(
+            files_contain(dir.path(), secret.expose().as_bytes()),
+            Vec::<PathBuf>::new()
+        );
+        let ks = KeyStore::open(dir.path()).unwrap();
+        assert_eq!(
+            ks.secret(&info.access_key_id).unwrap().expose(),
+            secret.expose()
+        );
+        assert!(ks.forget(&info.access_key_id).unwrap());
+        assert!(!ks.forget(&info.access_key_id).unwrap());
+        assert_eq!(
+            ks.verify(&m, &uri, &h, b"{}", now),
+            Err(AuthError::UnknownKey)
+        );
+        // A description a host would refuse is refused from the cluster too.
+        let bad = KeyInfo {
+            description: "a\nb".into(),
+            ..info
+        };
+        assert!(matches!(
+            ks.import(&bad, &secret),
+            Err(KeyStoreError::BadDescription(_))
+        ));
+    }
+
+    #[test]
     fn a_bad_master_key_is_refused_and_a_loose_one_tightened() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(MASTER_KEY_FILE);
         fs::write(&path, b"short").unwrap();
         assert!(matches!(
             KeyStore::open(dir.path()),
-            Err(KeyStoreError::MasterKeyLength { len: 5, .. })
+            Err(KeyStoreError::KeyLength { len: 5, .. })
         ));
         fs::write(&path, [1u8; 32]).unwrap();
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();

@@ -53,6 +53,8 @@ pub enum ClusterError {
     /// Its messages name the join token already.
     #[error(transparent)]
     Token(#[from] fnlet_cluster::token::TokenError),
+    #[error(transparent)]
+    Keys(#[from] crate::auth::KeyStoreError),
     #[error("{0}")]
     Join(String),
     #[error("{path}: {source}")]
@@ -99,10 +101,15 @@ pub struct Node {
     pub advertise: SocketAddr,
     pub generation: u64,
     pub transport: Arc<Transport>,
-    dir: ClusterDir,
+    pub(super) dir: ClusterDir,
     pub(super) metrics: Arc<Metrics>,
     /// The catalog, kept in step with the store and the peers.
     pub(super) replica: super::replica::Replica,
+    /// The cluster's access key sealer (`cluster/keys.key`); `None` on a host that joined
+    /// before access keys were the cluster's: its keys stay its own.
+    pub(super) sealer: Option<crate::auth::keys::Sealer>,
+    /// One access key made to match the catalog at a time (see `access_keys`).
+    pub(super) key_sync: Mutex<()>,
     /// The membership table as the membership task last saw it (other hosts only).
     members: RwLock<Vec<MemberInfo>>,
     /// Hosts that said they were leaving (they closed their connection as they left), until
@@ -159,6 +166,7 @@ impl Node {
         let (tx, rx) = mpsc::channel(1024);
         let replica =
             super::replica::Replica::open(&creds.node_id, &dir.dir).map_err(ClusterError::Join)?;
+        let sealer = super::access_keys::open_sealer(&dir)?;
         let node = Arc::new(Node {
             id: creds.node_id.clone(),
             advertise,
@@ -167,6 +175,8 @@ impl Node {
             dir,
             metrics,
             replica,
+            sealer,
+            key_sync: Mutex::new(()),
             members: RwLock::new(Vec::new()),
             left: Mutex::new(std::collections::HashSet::new()),
             datagrams: tx,
@@ -673,6 +683,7 @@ impl Node {
             cert_pem,
             ca_pem,
             members,
+            sealing_key: self.sealing_key_for_joiner()?,
         })
     }
 
@@ -1086,7 +1097,16 @@ pub async fn join(
                             ClusterError::Join("the CA in the answer is not PEM".into())
                         })?;
                 token.check_ca(&ca)?;
+                // The answer carries the cluster's access key sealing key. It came on a TLS
+                // 1.3 connection whose server proved a certificate of the CA the token pins
+                // (join_client_config: PinnedCa finds the CA by the token's sha256 in the
+                // server's chain and checks the server's certificate against it; rustls checks
+                // the handshake signature with that certificate's key), so only a member of
+                // this cluster could have sent it; a member that passed the join on had it
+                // from the CA holder over a mutual-TLS peer connection. Kept before the node
+                // certificate: a host with a certificate has the key too.
                 dir.store_ca_cert(&answer.ca_pem)?;
+                super::access_keys::store_sealing_key(dir, &answer.sealing_key)?;
                 dir.store_node(&key.serialize_pem(), &answer.cert_pem)?;
                 let creds = dir.node_credentials()?;
                 if creds.node_id != node_id {

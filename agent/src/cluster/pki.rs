@@ -3,7 +3,9 @@
 //! the rustls configurations that accept only this CA's certificates.
 //!
 //! Files under `<state dir>/cluster/`: `ca.pem` (every node), `ca.key` (the init host only,
-//! 0600), `node.key` (0600) and `node.pem` (this node's certificate, naming its node id).
+//! 0600), `node.key` (0600) and `node.pem` (this node's certificate, naming its node id), and
+//! `keys.key` (0600, every node: the cluster's sealing key for access key secrets, made by
+//! init and handed to joiners, see `cluster::access_keys`).
 //!
 //! A node certificate names its node id as its one DNS subject alternative name, so a peer's
 //! id is read from the certificate its TLS handshake proved, never from what it claims.
@@ -105,6 +107,10 @@ impl ClusterDir {
     }
     pub fn node_cert(&self) -> PathBuf {
         self.dir.join("node.pem")
+    }
+    /// The cluster's access key sealing key.
+    pub fn sealing_key(&self) -> PathBuf {
+        self.dir.join("keys.key")
     }
 
     /// Whether this node has joined a cluster (or made one): it holds a node certificate.

@@ -32,7 +32,7 @@ const CHUNK: usize = 48 * 1024;
 /// A bundle travels in Data frames of this size.
 const BUNDLE_CHUNK: usize = 256 * 1024;
 
-fn now() -> fnlet_cluster::hlc::NTP64 {
+pub(super) fn now() -> fnlet_cluster::hlc::NTP64 {
     ntp64(
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -69,7 +69,7 @@ impl Replica {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Catalog> {
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, Catalog> {
         self.catalog.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -77,7 +77,7 @@ impl Replica {
         self.app.lock().unwrap_or_else(|p| p.into_inner()).upgrade()
     }
 
-    fn save(&self, catalog: &Catalog) {
+    pub(super) fn save(&self, catalog: &Catalog) {
         let entries: Vec<Entry> = catalog.entries().collect();
         let tmp = self.path.with_extension("tmp");
         let written = serde_json::to_vec(&entries)
@@ -108,8 +108,9 @@ fn record_of(node: &str, v: &VersionRecord) -> Result<FunctionRecord, String> {
 }
 
 impl Node {
-    /// Connects the catalog to the agent: functions this host had before it was in a cluster
-    /// (or deployed while it was cut off and unknown to the catalog) are published.
+    /// Connects the catalog to the agent: functions and access keys this host had before it
+    /// was in a cluster (or deployed while it was cut off and unknown to the catalog) are
+    /// published.
     pub fn attach(self: &Arc<Self>, app: &Arc<App>) {
         *self.replica.app.lock().unwrap_or_else(|p| p.into_inner()) = Arc::downgrade(app);
         let Ok(list) = app.store.list() else { return };
@@ -125,6 +126,7 @@ impl Node {
         for v in missing {
             self.published(&v);
         }
+        self.attach_keys(app);
     }
 
     /// A deploy or rollback made here: written to the catalog and pushed to the peers.
@@ -169,7 +171,7 @@ impl Node {
     }
 
     /// Sends a delta to every live peer, each on a unidirectional stream.
-    fn push(self: &Arc<Self>, delta: Delta) {
+    pub(super) fn push(self: &Arc<Self>, delta: Delta) {
         let Ok(chunks) = delta.chunks(CHUNK) else {
             tracing::error!("a catalog delta does not fit in frames");
             return;
@@ -353,10 +355,9 @@ impl Node {
 
     /// Makes the store hold what the catalog now says about one key.
     async fn reconcile(self: Arc<Self>, change: Change, from: &str) {
-        let Key::Function(name) = &change.key else {
-            // Access keys are not replicated yet: each host keeps its own (sealed with its own
-            // key), see the README.
-            return;
+        let name = match &change.key {
+            Key::Function(name) => name,
+            Key::AccessKey(id) => return self.reconcile_key(id).await,
         };
         let Some(app) = self.replica.app() else {
             return;
