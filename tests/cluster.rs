@@ -7,8 +7,8 @@
 //! order, in one test (nextest runs each test in its own process): forming it, joins that must
 //! be refused, bad frames, a killed member, a member that leaves, packet loss, a deploy
 //! served everywhere, forwarding to a function's owner and spill-over under load, the hop
-//! limit, Lambda calls through a forwarding member, a function's owner killed mid-call, and a
-//! 2|3 partition healed. Each case is a step: a failing step is reported with every member's
+//! limit, Lambda calls through a forwarding member, a function's owner killed mid-call, a
+//! 2|3 partition healed, and access keys made and removed on different members. Each case is a step: a failing step is reported with every member's
 //! view of the cluster and the agents' log tails, the cluster is brought back to five alive
 //! members if it can be, and the next step runs; the test then fails naming each failed step. New
 //! cases are more steps on the same cluster (partitions and loss: nft rules in the namespace,
@@ -267,6 +267,8 @@ struct Cluster {
     nodes: Vec<Agent>,
     /// The token the members joined with (`fnlet cluster init`'s).
     token: String,
+    /// An access key n1 made before `fnlet cluster init` (id, secret).
+    early_key: (String, String),
     ns: Netns,
 }
 
@@ -495,9 +497,10 @@ fn cluster() {
     let mut c = Cluster {
         nodes: Vec::new(),
         token: String::new(),
+        early_key: (String::new(), String::new()),
         ns,
     };
-    let cases: [(&'static str, Case); 11] = [
+    let cases: [(&'static str, Case); 12] = [
         ("2 refused joins", refused_joins),
         ("3 bad frames on the QUIC endpoint", bad_frames),
         ("4 kill -9 of a member, and its restart", killed_member),
@@ -518,6 +521,10 @@ fn cluster() {
             owner_killed,
         ),
         ("12 a partition 2|3 and its healing", partition),
+        (
+            "13 access keys made and removed on any member work on every member",
+            access_keys,
+        ),
     ];
     let mut steps = Steps::default();
     if steps.run(&mut c, "1 five agents form a cluster", form) {
@@ -552,10 +559,12 @@ fn cluster() {
     );
 }
 
-/// 1. `fnlet cluster init` on n1; n2 joins through n1; then n3 through n1, n4 through n2 and
-///    n5 through n3, at once. Every member sees the five alive, at their addresses.
+/// 1. `fnlet cluster init` on n1 (after it made an access key on its own, for case 13); n2
+///    joins through n1; then n3 through n1, n4 through n2 and n5 through n3, at once. Every
+///    member sees the five alive, at their addresses.
 fn form(c: &mut Cluster) {
     let n1 = Agent::start_with("cluster-n1", settings(&c.ns, node_ip(0), "n1", Vec::new()));
+    c.early_key = key_create(&n1, "made before the cluster");
     c.token = token_from(&n1, &["cluster", "init"]);
     c.nodes.push(n1);
     // Ok(agent), or why it could not join.
@@ -1679,4 +1688,257 @@ fn partition(c: &mut Cluster) {
         last = got;
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// `fnlet keys create --json` on `agent`: (id, secret).
+fn key_create(agent: &Agent, description: &str) -> (String, String) {
+    let out = agent.cli(&["keys", "create", "--description", description, "--json"]);
+    assert!(
+        out.status.success(),
+        "fnlet keys create on {}: {}\n{}",
+        agent.test,
+        out.status,
+        common::text(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("fnlet keys create --json");
+    let s = |k: &str| v[k].as_str().map(str::to_string).expect(k);
+    (s("access_key_id"), s("secret_access_key"))
+}
+
+/// The access key ids `fnlet keys ls --json` lists on `agent`.
+fn key_ids(agent: &Agent) -> Vec<String> {
+    let out = agent.cli(&["keys", "ls", "--json"]);
+    assert!(out.status.success(), "{}", common::text(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("fnlet keys ls --json");
+    v["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .filter_map(|k| k["access_key_id"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// A Lambda Invoke API call to `function` on `agent`, signed (SigV4, by curl's own signer,
+/// inside the namespace) with `key`, or unsigned: (status, x-amzn-ErrorType, x-fnlet-host).
+fn signed_invoke(
+    c: &Cluster,
+    agent: &Agent,
+    function: &str,
+    key: Option<&(String, String)>,
+) -> (u16, String, String) {
+    let mut cmd = c.ns.cmd("curl");
+    cmd.args(["-sS", "--noproxy", "*", "--max-time", "30", "-D", "-"])
+        .args(["-o", "/dev/null", "-H", "Content-Type: application/json"])
+        .args(["--data-binary", r#"{"signed":true}"#]);
+    if let Some((id, secret)) = key {
+        cmd.args(["--aws-sigv4", "aws:amz:us-east-1:lambda"])
+            .args(["--user", &format!("{id}:{secret}")]);
+    }
+    cmd.arg(format!(
+        "{}/2015-03-31/functions/{function}/invocations",
+        agent.base_url()
+    ));
+    let head = common::text(&run(cmd).stdout);
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    let header = |name: &str| {
+        head.lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+            })
+            .unwrap_or_default()
+    };
+    (status, header("x-amzn-errortype"), header("x-fnlet-host"))
+}
+
+/// 13. Access keys are the cluster's. A function that is not public is deployed on n5. The key
+///     n1 made before `fnlet cluster init` (case 1) and a key made on n1 now sign Invoke API
+///     calls n3 accepts (unsigned ones it refuses); n2 lists both and removes the second,
+///     which n1 then refuses within seconds (the removal is pushed to every member at once;
+///     the 10 s digest swaps make up for a lost push). n4, which joined through n2, is
+///     restarted: it still lets the first key in and keeps the second out. Every member holds
+///     n1's sealing key (0600), and no secret is in clear in a state dir or a log.
+fn access_keys(c: &mut Cluster) {
+    let bin = std::fs::read(common::fixture_bootstrap("lambda-rust")).expect("read bootstrap");
+    let f = Fixture::new(
+        "name = \"kecho\"\nmode = \"lambda\"\nmemory_mb = 96\n",
+        &[("bootstrap", &bin, 0o755)],
+    );
+    c.nodes[4].deploy(f.path());
+    let made = key_create(&c.nodes[0], "made on n1");
+    let early = c.early_key.clone();
+    let (n1, n3, n4) = (&c.nodes[0], &c.nodes[2], &c.nodes[3]);
+
+    let start = Instant::now();
+    loop {
+        let got = signed_invoke(c, n3, "kecho", Some(&made));
+        if got.0 == 200 {
+            eprintln!(
+                "     n1's new key signs a call n3 takes: after {:.1} s (ran on {})",
+                start.elapsed().as_secs_f64(),
+                got.2
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < SETTLE,
+            "n3 does not take a call signed by n1's key {SETTLE:?} after it was made: {got:?}\n{}",
+            c.describe()
+        );
+        std::thread::sleep(POLL);
+    }
+    let got = signed_invoke(c, n3, "kecho", Some(&early));
+    assert_eq!(
+        got.0, 200,
+        "n3, the key n1 made before the cluster: {got:?}"
+    );
+    let got = signed_invoke(c, n3, "kecho", None);
+    assert_eq!(
+        (got.0, got.1.as_str()),
+        (403, "MissingAuthenticationTokenException"),
+        "n3, unsigned: {got:?}"
+    );
+    let forged = (made.0.clone(), "x".repeat(40));
+    let got = signed_invoke(c, n3, "kecho", Some(&forged));
+    assert_eq!(
+        (got.0, got.1.as_str()),
+        (403, "InvalidSignatureException"),
+        "n3, n1's key id with a wrong secret: {got:?}"
+    );
+
+    // Removed on n2 (which lists both), refused on n1 soon after.
+    let listed = key_ids(&c.nodes[1]);
+    assert!(
+        listed.contains(&made.0) && listed.contains(&early.0),
+        "n2 lists {listed:?}, not both {} and {}",
+        made.0,
+        early.0
+    );
+    let rm = c.nodes[1].cli(&["keys", "rm", &made.0]);
+    assert!(rm.status.success(), "{}", common::text(&rm.stderr));
+    let removed = Instant::now();
+    loop {
+        let got = signed_invoke(c, n1, "kecho", Some(&made));
+        if got.0 == 403 {
+            assert_eq!(got.1, "UnrecognizedClientException", "{got:?}");
+            eprintln!(
+                "     removed on n2, refused on n1: after {:.1} s",
+                removed.elapsed().as_secs_f64()
+            );
+            break;
+        }
+        assert!(
+            removed.elapsed() < SETTLE,
+            "n1 still takes the key n2 removed {SETTLE:?} later: {got:?}\n{}",
+            c.describe()
+        );
+        std::thread::sleep(POLL);
+    }
+    let start = Instant::now();
+    for (i, a) in c.nodes.iter().enumerate() {
+        loop {
+            if !key_ids(a).contains(&made.0) {
+                break;
+            }
+            assert!(
+                start.elapsed() < SETTLE,
+                "{} still lists the removed key",
+                node_id(i)
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+    let got = signed_invoke(c, n4, "kecho", Some(&early));
+    assert_eq!(
+        got.0, 200,
+        "n4, the key n1 made before the cluster: {got:?}"
+    );
+
+    // n4 restarted: it checks keys from its own state dir.
+    c.nodes[3].stop();
+    c.nodes[3].restart();
+    let n4 = &c.nodes[3];
+    let got = signed_invoke(c, n4, "kecho", Some(&made));
+    assert_eq!(
+        (got.0, got.1.as_str()),
+        (403, "UnrecognizedClientException"),
+        "n4 restarted, the removed key: {got:?}"
+    );
+    let start = Instant::now();
+    loop {
+        // A refusal would be for good; anything else (the cluster still finding n4 again)
+        // is waited out.
+        let got = signed_invoke(c, n4, "kecho", Some(&early));
+        assert_ne!(got.0, 403, "n4 restarted refuses the key: {got:?}");
+        if got.0 == 200 {
+            break;
+        }
+        assert!(
+            start.elapsed() < SETTLE,
+            "n4 restarted does not answer a signed call: {got:?}\n{}",
+            c.describe()
+        );
+        std::thread::sleep(POLL);
+    }
+    c.wait_all_alive("n4 alive again everywhere", SETTLE);
+
+    // Every member holds the same sealing key, private; no secret is in clear in any state
+    // dir (keys.redb, the catalog, the logs) or in what any agent logged.
+    use std::os::unix::fs::PermissionsExt;
+    let sealing = |a: &Agent| {
+        let path = a.state_dir().join("cluster/keys.key");
+        let mode = std::fs::metadata(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{} mode {mode:o}", path.display());
+        std::fs::read(&path).expect("read the sealing key")
+    };
+    let first = sealing(&c.nodes[0]);
+    assert_eq!(first.len(), 32);
+    for a in &c.nodes {
+        assert!(
+            sealing(a) == first,
+            "{}'s sealing key is not n1's",
+            label(a)
+        );
+        for secret in [&made.1, &early.1] {
+            let hits = files_containing(&a.state_dir(), secret.as_bytes());
+            assert!(hits.is_empty(), "a secret in clear in {hits:?}");
+            assert!(
+                !a.log().contains(secret.as_str()),
+                "a secret in {}'s log",
+                label(a)
+            );
+        }
+    }
+}
+
+/// Every file under `dir` whose bytes contain `needle`.
+fn files_containing(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            let Ok(t) = std::fs::symlink_metadata(&p) else {
+                continue;
+            };
+            if t.is_dir() {
+                stack.push(p);
+            } else if t.is_file()
+                && std::fs::read(&p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
+            {
+                hits.push(p);
+            }
+        }
+    }
+    hits
 }
