@@ -608,6 +608,11 @@ impl KeyStore {
         }
     }
 
+    /// Every key's id.
+    pub fn ids(&self) -> Vec<String> {
+        self.map().keys().cloned().collect()
+    }
+
     /// Every key whose secret opens, with it (to publish them to a cluster).
     pub fn with_secrets(&self) -> Vec<(KeyInfo, Secret)> {
         self.map()

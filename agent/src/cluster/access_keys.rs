@@ -183,6 +183,40 @@ impl Node {
         let _ = tokio::task::spawn_blocking(move || node.sync_key(&app, &id)).await;
     }
 
+    /// At each sync tick: keys the catalog holds that this host's store lacks, and removed
+    /// ones it still holds, are made to match again, so a failed import or removal (a full
+    /// disk, say) is not left for good.
+    pub(super) async fn retry_keys(self: &Arc<Self>) {
+        if self.sealer.is_none() {
+            return;
+        }
+        let Some(app) = self.replica.app() else {
+            return;
+        };
+        let behind: Vec<String> = {
+            let catalog = self.replica.lock();
+            let missing = catalog
+                .access_keys()
+                .filter(|(id, _)| app.keys.get(id).is_none())
+                .map(|(id, _)| id.to_string());
+            let removed = app.keys.ids().into_iter().filter(|id| {
+                let key = Key::AccessKey(id.clone());
+                catalog.version(&key).is_some() && catalog.get(&key).is_none()
+            });
+            missing.chain(removed).collect()
+        };
+        if behind.is_empty() {
+            return;
+        }
+        let node = self.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for id in behind {
+                node.sync_key(&app, &id);
+            }
+        })
+        .await;
+    }
+
     /// Makes this host's store hold what the catalog says of key `id` now: the key, its
     /// secret opened with the cluster's key, or nothing once removed.
     fn sync_key(&self, app: &App, id: &str) {

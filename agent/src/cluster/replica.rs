@@ -671,6 +671,7 @@ impl Node {
             }
             self.measure_lag();
             self.retry_behind().await;
+            self.retry_keys().await;
             let peers = self.live_peers();
             if peers.is_empty() {
                 continue;
