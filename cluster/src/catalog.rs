@@ -175,7 +175,8 @@ pub struct FunctionRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccessKeyRecord {
-    /// The secret, sealed by the agent (base64 in JSON). This crate never opens it.
+    /// The secret, sealed by the agent with the cluster's sealing key (base64 in JSON; the
+    /// format is in FRAMES.md). This crate never opens it.
     #[serde(with = "base64_bytes")]
     pub sealed_secret: Vec<u8>,
     /// The operator's description.

@@ -19,7 +19,8 @@ pub enum KeysCommand {
     ///
     /// Callers sign Lambda Invoke API calls (`aws lambda invoke`, boto3, any AWS SDK pointed
     /// at the agent with an endpoint URL) with the key; functions that are not `public` refuse
-    /// unsigned calls. The agent keeps the secret sealed and never shows it again.
+    /// unsigned calls. The agent keeps the secret sealed and never shows it again. In a
+    /// cluster the key works on every member.
     #[command(after_help = admin_examples!(
         "fnlet keys create --description \"ci deploys\"",
         "fnlet keys create --json | jq -r .secret_access_key"
@@ -33,7 +34,8 @@ pub enum KeysCommand {
     ))]
     Ls(LsArgs),
 
-    /// Remove an access key: calls it signs are refused from then on.
+    /// Remove an access key: calls it signs are refused from then on (in a cluster, on every
+    /// member).
     #[command(visible_alias = "remove", after_help = admin_examples!(
         "fnlet keys rm FNLTABCDEFGHIJKLMNOP"
     ))]
