@@ -437,6 +437,8 @@ pub struct ClusterStatus {
     pub node_id: String,
     pub peer_addr: String,
     pub members: std::collections::BTreeMap<String, u64>,
+    /// Whether access keys made on this host work on every member (absent from older agents).
+    pub shared_access_keys: Option<bool>,
 }
 
 /// One line of a function's log.

@@ -1057,13 +1057,19 @@ fn status_text(s: &StatusInfo, endpoint: &str) -> String {
                     let counts: Vec<String> =
                         c.members.iter().map(|(k, v)| format!("{v} {k}")).collect();
                     format!(
-                        "node {} at {}; other members: {}",
+                        "node {} at {}; other members: {}{}",
                         c.node_id,
                         c.peer_addr,
                         if counts.is_empty() {
                             "none".into()
                         } else {
                             counts.join(", ")
+                        },
+                        if c.shared_access_keys == Some(false) {
+                            "; access keys: this host's own (it joined before keys were the \
+                             cluster's)"
+                        } else {
+                            ""
                         }
                     )
                 },
@@ -1534,6 +1540,7 @@ mod tests {
                 node_id: "host-a".into(),
                 peer_addr: "10.0.0.1:8741".into(),
                 members: [("alive".to_string(), 2), ("down".to_string(), 1)].into(),
+                shared_access_keys: Some(true),
             }),
         };
         assert_eq!(
@@ -1550,6 +1557,14 @@ mod tests {
              draining:     no\n\
              cluster:      node host-a at 10.0.0.1:8741; other members: 2 alive, 1 down\n"
         );
+        let mut unshared = s.clone();
+        if let Some(c) = unshared.cluster.as_mut() {
+            c.shared_access_keys = Some(false);
+        }
+        assert!(status_text(&unshared, "http://127.0.0.1:8740").ends_with(
+            "other members: 2 alive, 1 down; access keys: this host's own (it joined \
+                 before keys were the cluster's)\n"
+        ));
     }
 
     #[test]
