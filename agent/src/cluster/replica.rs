@@ -113,6 +113,7 @@ impl Node {
     /// published.
     pub fn attach(self: &Arc<Self>, app: &Arc<App>) {
         *self.replica.app.lock().unwrap_or_else(|p| p.into_inner()) = Arc::downgrade(app);
+        self.attach_keys(app);
         let Ok(list) = app.store.list() else { return };
         let mut missing = Vec::new();
         {
@@ -126,7 +127,6 @@ impl Node {
         for v in missing {
             self.published(&v);
         }
-        self.attach_keys(app);
     }
 
     /// A deploy or rollback made here: written to the catalog and pushed to the peers.
