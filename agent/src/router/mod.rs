@@ -453,7 +453,7 @@ impl Router {
         log: InvokeLog,
     ) -> String {
         let labels = Metrics::function(&f.name);
-        let peak = instance.peak_memory().await;
+        let peak = instance.peak_memory();
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         let mut report = format!(
             "REPORT RequestId: {request_id}\tDuration: {:.2} ms\tBilled Duration: {} ms\tMemory Size: {} MB\tMax Memory Used: {} MB",
