@@ -70,6 +70,9 @@ const TIMEOUT_S: u64 = 5;
 const TMP_MB: u64 = 64;
 const PIDS: u64 = 256;
 const RUNTIME_API_PORT: u16 = 9001;
+/// Function logs rotate past this (the default is 1 MB): a phase's REPORT lines, which
+/// [`Agent::print_stages`] reads, stay in one file.
+const FN_LOG_MAX_KB: u64 = 64 * 1024;
 /// The library contenders' uid (the agent hands out 200000 and up, one per function).
 const LIB_UID: u32 = 200_900;
 
@@ -277,12 +280,12 @@ fn main() {
     .expect("Isolator::new (the library contenders)");
 
     // ---- 1. cold start ----
-    let log_at = agent.log_len();
+    let log_at = agent.log_marks(FN_COLD);
     cold_phase(&set, &agent, &bootstrap, &isolator);
     agent.print_stages(log_at, FN_COLD, true);
 
     // ---- 2. warm, one client ----
-    let log_at = agent.log_len();
+    let log_at = agent.log_marks(FN_WARM);
     warm_phase(&set, &agent, &floor, &nginx);
     agent.print_stages(log_at, FN_WARM, false);
     warm_costs(&agent, &floor, &nginx, &agent_root, set.runs);
@@ -300,6 +303,13 @@ fn main() {
     println!();
     let errors_in_log = agent.count_log("ERROR") + agent.count_log(" WARN ");
     println!("agent log: {errors_in_log} WARN/ERROR lines");
+    for l in agent
+        .log_lines(|l| l.contains("ERROR") || l.contains(" WARN "))
+        .iter()
+        .take(5)
+    {
+        println!("  {l}");
+    }
     drop(isolator);
     let _ = Isolator::new(IsolatorConfig {
         cgroup_root: lib_root.clone(),
@@ -2174,8 +2184,9 @@ impl Agent {
         let state_dir = dir.join("state");
         let config = dir.join("config.toml");
         let config_text = format!(
-            "shutdown_grace_s = 5.0\n[sandbox]\ncgroup_root = \"{cgroup_root}\"\ntmp_mb = {TMP_MB}\n\
-             pids = {PIDS}\nprepare_ahead = true\n[lambda]\nruntime_api_port = {RUNTIME_API_PORT}\n"
+            "shutdown_grace_s = 5.0\n[limits]\nlog_max_kb = {FN_LOG_MAX_KB}\n[sandbox]\n\
+             cgroup_root = \"{cgroup_root}\"\ntmp_mb = {TMP_MB}\npids = {PIDS}\n\
+             prepare_ahead = true\n[lambda]\nruntime_api_port = {RUNTIME_API_PORT}\n"
         );
         fs::write(&config, &config_text).expect("writing the agent's config");
         let log = dir.join("agent.log");
@@ -2261,6 +2272,27 @@ impl Agent {
         fs::metadata(&self.log).map_or(0, |m| m.len())
     }
 
+    /// A function's own log (JSON lines: its output, START, END, REPORT).
+    fn function_log(&self, function: &str) -> PathBuf {
+        self.state_dir.join("logs").join(format!("{function}.log"))
+    }
+
+    /// Where the agent's log and `function`'s log end now: a phase's lines follow.
+    fn log_marks(&self, function: &str) -> (u64, u64) {
+        (
+            self.log_len(),
+            fs::metadata(self.function_log(function)).map_or(0, |m| m.len()),
+        )
+    }
+
+    fn log_lines(&self, pick: impl Fn(&str) -> bool) -> Vec<String> {
+        strip_ansi(&fs::read_to_string(&self.log).unwrap_or_default())
+            .lines()
+            .filter(|l| pick(l))
+            .map(str::to_string)
+            .collect()
+    }
+
     fn count_log(&self, what: &str) -> usize {
         fs::read_to_string(&self.log)
             .unwrap_or_default()
@@ -2272,13 +2304,18 @@ impl Agent {
     /// Where the agent's time goes, from its own log since `from`: the router's duration of
     /// each invocation of `function` (slot to answer), the instance's (event handed out to the
     /// runtime's answer, REPORT Duration), and the init (REPORT Init Duration).
-    fn print_stages(&self, from: u64, function: &str, cold: bool) {
-        let Ok(mut f) = fs::File::open(&self.log) else {
-            return;
+    fn print_stages(&self, (from, fn_from): (u64, u64), function: &str, cold: bool) {
+        let read_from = |path: &Path, from: u64| {
+            let mut text = String::new();
+            if let Ok(mut f) = fs::File::open(path) {
+                let _ = std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(from));
+                let _ = f.read_to_string(&mut text);
+            }
+            text
         };
-        let mut text = String::new();
-        let _ = std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(from));
-        let _ = f.read_to_string(&mut text);
+        let text = read_from(&self.log, from);
+        // REPORT lines are in the function's log (the agent's own log has them at debug only).
+        let fn_text = read_from(&self.function_log(function), fn_from);
         // tracing's formatter colours field names even into a file.
         let text = strip_ansi(&text);
         let num_after = |l: &str, key: &str| -> Option<f64> {
@@ -2297,15 +2334,13 @@ impl Agent {
             .filter(|l| l.contains("invocation ok"))
             .filter_map(|l| num_after(l, "duration_ms="))
             .collect();
-        let instance: Vec<f64> = text
+        let instance: Vec<f64> = fn_text
             .lines()
-            .filter(mine)
             .filter(|l| l.contains("REPORT RequestId"))
             .filter_map(|l| num_after(l, "Duration: "))
             .collect();
-        let init: Vec<f64> = text
+        let init: Vec<f64> = fn_text
             .lines()
-            .filter(mine)
             .filter(|l| l.contains("REPORT RequestId"))
             .filter_map(|l| num_after(l, "Init Duration: "))
             .collect();

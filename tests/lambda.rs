@@ -501,6 +501,61 @@ fn init_failures_timeouts_and_crashes_get_a_fresh_instance() {
 }
 
 /// A redeploy retires the warm instances of the old version.
+/// A runtime that cannot be executed: the caller learns which exec failed, from a prepared
+/// sandbox (released without waiting for its exec) as from a full spawn.
+#[test]
+fn an_entrypoint_that_cannot_run_is_named() {
+    for prepare_ahead in [true, false] {
+        let agent = Agent::start_with(
+            if prepare_ahead {
+                "lambda-noexec-prepared"
+            } else {
+                "lambda-noexec-spawned"
+            },
+            Settings {
+                prepare_ahead,
+                ..Settings::default()
+            },
+        );
+        let f = lambda_fixture(
+            "lambda-rust",
+            "noexec",
+            "entrypoint = [\"/var/task/no-such-runtime\"]",
+        );
+        agent.deploy(f.path());
+        if prepare_ahead {
+            let t = Instant::now();
+            while describe(&agent, "noexec")["prepared"] != true {
+                assert!(
+                    t.elapsed() < Duration::from_secs(30),
+                    "no prepared sandbox: {}",
+                    describe(&agent, "noexec")
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        for _ in 0..2 {
+            let r = invoke_api(&agent, "noexec", &json!({}), &[]);
+            r.expect_ok(200);
+            assert_eq!(
+                r.header("x-amz-function-error").as_deref(),
+                Some("Unhandled"),
+                "{}",
+                r.text()
+            );
+            let e = r.json();
+            assert_eq!(e["errorType"], "Runtime.InvalidEntrypoint", "{e}");
+            let message = e["errorMessage"].as_str().unwrap_or_default();
+            assert!(
+                message.contains("exec /var/task/no-such-runtime: ENOENT"),
+                "prepared: {prepare_ahead}: {message}"
+            );
+            assert_eq!(describe(&agent, "noexec")["instances"]["alive"], 0);
+        }
+        agent.finish();
+    }
+}
+
 #[test]
 fn a_new_version_gets_new_instances() {
     let agent = Agent::start("lambda-ver");

@@ -39,6 +39,27 @@ pub struct Logs {
 /// Longest line kept; longer output is cut (a function cannot fill memory through its log).
 const MAX_LINE: usize = 16 * 1024;
 
+/// `line` cut to [`MAX_LINE`] bytes on a character boundary.
+fn cut(line: &str) -> &str {
+    if line.len() <= MAX_LINE {
+        return line;
+    }
+    let mut end = MAX_LINE;
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    &line[..end]
+}
+
+/// A line the agent writes into a function's log ([`Logs::append_agent_lines`]).
+#[derive(Debug, Clone)]
+pub struct AgentLine {
+    /// When it happened (START: when the invocation began, not when the line was written).
+    pub at: time::OffsetDateTime,
+    pub request_id: String,
+    pub line: String,
+}
+
 impl Logs {
     pub fn open(dir: &Path, max_bytes: u64) -> std::io::Result<Logs> {
         fs::create_dir_all(dir)?;
@@ -92,15 +113,7 @@ impl Logs {
         stream: &str,
         line: &str,
     ) {
-        let line = if line.len() > MAX_LINE {
-            let mut cut = MAX_LINE;
-            while !line.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            &line[..cut]
-        } else {
-            line
-        };
+        let line = cut(line);
         tracing::info!(target: "fnlet::function", function, version, request_id, instance = instance.unwrap_or("-"), stream, "{line}");
         let rec = LogLine {
             ts: crate::store::now_rfc3339(),
@@ -113,9 +126,53 @@ impl Logs {
         };
         let mut json = serde_json::to_string(&rec).unwrap_or_default();
         json.push('\n');
+        self.write_json(function, &json, &[json.len()]);
+    }
+
+    /// The agent's own lines about a function's instance (Lambda's START, END and REPORT), in
+    /// one write. They are the function's log, not the agent's: the agent's log (the journal)
+    /// gets them at debug level only, beside its one line per invocation.
+    pub fn append_agent_lines(
+        &self,
+        function: &str,
+        version: u64,
+        instance: Option<&str>,
+        lines: &[AgentLine],
+    ) {
+        let mut text = String::new();
+        let mut ends = Vec::with_capacity(lines.len());
+        for l in lines {
+            let line = cut(&l.line);
+            tracing::debug!(target: "fnlet::function", function, version, request_id = l.request_id.as_str(), instance = instance.unwrap_or("-"), stream = "agent", "{line}");
+            let rec = LogLine {
+                ts: l
+                    .at
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default(),
+                function,
+                version,
+                request_id: &l.request_id,
+                instance,
+                stream: "agent",
+                line,
+            };
+            if let Ok(json) = serde_json::to_string(&rec) {
+                text.push_str(&json);
+                text.push('\n');
+                ends.push(text.len());
+            }
+        }
+        if !text.is_empty() {
+            self.write_json(function, &text, &ends);
+        }
+    }
+
+    /// Appends whole JSON lines (`ends`: where each ends in `text`) in one write, rotating
+    /// first when they would not fit, and sends each line to followers.
+    fn write_json(&self, function: &str, text: &str, ends: &[usize]) {
         let max = self.max_bytes;
         self.with(function, |log, path| {
-            if log.size + json.len() as u64 > max {
+            if log.size + text.len() as u64 > max {
                 log.file = None;
                 let _ = fs::rename(path, path.with_extension("log.1"));
                 log.size = 0;
@@ -123,11 +180,17 @@ impl Logs {
             if log.file.is_none() {
                 log.file = OpenOptions::new().create(true).append(true).open(path).ok();
             }
-            match log.file.as_mut().map(|f| f.write_all(json.as_bytes())) {
-                Some(Ok(())) => log.size += json.len() as u64,
+            match log.file.as_mut().map(|f| f.write_all(text.as_bytes())) {
+                Some(Ok(())) => log.size += text.len() as u64,
                 _ => tracing::warn!(function, path = %path.display(), "cannot write function log"),
             }
-            let _ = log.tx.send(Arc::from(json.as_str()));
+            if log.tx.receiver_count() > 0 {
+                let mut from = 0;
+                for &end in ends {
+                    let _ = log.tx.send(Arc::from(&text[from..end]));
+                    from = end;
+                }
+            }
         });
     }
 
@@ -203,6 +266,43 @@ mod tests {
         let b: serde_json::Value = serde_json::from_str(&t[1]).unwrap();
         assert_eq!(a["instance"], "f-10-3");
         assert!(b.get("instance").is_none());
+    }
+
+    #[test]
+    fn agent_lines_go_out_in_one_write_each_line_its_own_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = Logs::open(dir.path(), 1 << 20).unwrap();
+        let mut rx = logs.subscribe("f");
+        let at = time::macros::datetime!(2026-12-04 22:00:00.5 UTC);
+        let line = |id: &str, l: &str| AgentLine {
+            at,
+            request_id: id.into(),
+            line: l.into(),
+        };
+        logs.append_from_instance("f", 3, "r1", "f-1-1", "stdout", "hello");
+        logs.append_agent_lines(
+            "f",
+            3,
+            Some("f-1-1"),
+            &[
+                line("r1", "END RequestId: r1"),
+                line("r1", "REPORT RequestId: r1"),
+            ],
+        );
+        let t = logs.tail("f", 10);
+        assert_eq!(t.len(), 3, "{t:?}");
+        let v: Vec<serde_json::Value> =
+            t.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(v[1]["line"], "END RequestId: r1");
+        assert_eq!(v[2]["line"], "REPORT RequestId: r1");
+        assert_eq!(v[2]["stream"], "agent");
+        assert_eq!(v[2]["instance"], "f-1-1");
+        assert_eq!(v[2]["version"], 3);
+        assert_eq!(v[2]["ts"], "2026-12-04T22:00:00.5Z");
+        // Followers get one record per message, as for any other line.
+        let got: Vec<String> = (0..3).map(|_| rx.try_recv().unwrap().to_string()).collect();
+        assert_eq!(got, t);
+        assert!(rx.try_recv().is_err());
     }
 
     #[test]

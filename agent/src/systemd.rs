@@ -100,6 +100,8 @@ pub fn init_logging(default_level: &str) -> bool {
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
+                // Colour codes only for a terminal, not into a file or a pipe.
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_filter(filter()),
         )
         .init();

@@ -62,8 +62,8 @@ pub struct Prepared {
     /// With a user namespace: wait for one byte here (the parent writes the id maps and joins
     /// the cgroup for us first).
     pub go_fd: Option<RawFd>,
-    /// A prepared sandbox: report ready, then wait for the start message here before the
-    /// function starts.
+    /// A prepared sandbox: the function's process (already forked) reports ready, then waits
+    /// for the start message here before its exec.
     pub start_fd: Option<RawFd>,
     /// Where the start message's value goes: an environment entry `NAME=` already in `envp`.
     pub late_env: Option<LateEnv>,
@@ -180,35 +180,46 @@ pub fn run(p: &Prepared) -> ! {
 
     check_r(p, Step::Seccomp, sys::seccomp_load(&p.bpf));
 
-    if let Some(fd) = p.start_fd {
-        let mut rec = [0u8; RECORD_LEN];
-        rec[0..4].copy_from_slice(&KIND_READY.to_ne_bytes());
-        sys::write_record(p.report_fd, &rec);
-        // The start message: one length byte, then that many bytes of value.
-        let mut len = [0u8; 1];
-        if !read_exact(fd, &mut len) {
-            sys::exit_now(1);
-        }
-        if let Some(slot) = &p.late_env {
-            let want = usize::from(len[0]).min(slot.cap - slot.prefix - 1);
-            // SAFETY: ptr..ptr+cap is the buffer the parent allocated for this entry; the range
-            // written stays inside it, and no Rust reference to it exists in this process.
-            let value =
-                unsafe { std::slice::from_raw_parts_mut(slot.ptr.add(slot.prefix), want + 1) };
-            if !read_exact(fd, &mut value[..want]) {
-                sys::exit_now(1);
-            }
-            value[want] = 0;
-        }
-        // SAFETY: fd is ours and no longer needed.
-        unsafe { libc::close(fd) };
-    }
-
+    // The function's process is forked before a prepared sandbox waits for its start, so a
+    // start costs only the exec: this process is a clone of the agent, and a fork copies the
+    // page tables of all its mappings.
     match sys::fork_raw() {
         Err(e) => fail(p, KIND_STEP, Step::ForkWorker, 0, e),
-        Ok(sys::Forked::Child) => worker(p),
+        Ok(sys::Forked::Child) => {
+            worker_setup(p);
+            if let Some(fd) = p.start_fd {
+                // Cosmetic (ps, pgrep), until the exec names it.
+                let _ = sys::set_name(c"fnlet-start");
+                wait_for_start(p, fd);
+            }
+            worker_exec(p)
+        }
         Ok(sys::Forked::Parent { pid, .. }) => init(p, pid),
     }
+}
+
+/// A prepared sandbox's function process: report ready, then wait for the start message on
+/// `fd` (one length byte, then that many bytes of the late variable's value).
+fn wait_for_start(p: &Prepared, fd: RawFd) {
+    let mut rec = [0u8; RECORD_LEN];
+    rec[0..4].copy_from_slice(&KIND_READY.to_ne_bytes());
+    sys::write_record(p.report_fd, &rec);
+    let mut len = [0u8; 1];
+    if !read_exact(fd, &mut len) {
+        sys::exit_now(1);
+    }
+    if let Some(slot) = &p.late_env {
+        let want = usize::from(len[0]).min(slot.cap - slot.prefix - 1);
+        // SAFETY: ptr..ptr+cap is the buffer the parent allocated for this entry; the range
+        // written stays inside it, and no Rust reference to it exists in this process.
+        let value = unsafe { std::slice::from_raw_parts_mut(slot.ptr.add(slot.prefix), want + 1) };
+        if !read_exact(fd, &mut value[..want]) {
+            sys::exit_now(1);
+        }
+        value[want] = 0;
+    }
+    // SAFETY: fd is ours and no longer needed.
+    unsafe { libc::close(fd) };
 }
 
 /// Closes every fd above 2 except the ones `p` names. No allocation: a fixed, sorted array.
@@ -306,8 +317,8 @@ fn drop_privileges(p: &Prepared) {
     check_r(p, Step::SetDumpable, sys::prctl(libc::PR_SET_DUMPABLE, 0));
 }
 
-/// The function process: stdio, a clean signal state, and exec.
-fn worker(p: &Prepared) -> ! {
+/// The function process, before its exec: stdio, a clean signal state, the working directory.
+fn worker_setup(p: &Prepared) {
     // SAFETY: an empty set unblocks everything; exec keeps the mask, so it must be clean.
     unsafe {
         let mut empty: libc::sigset_t = std::mem::zeroed();
@@ -337,7 +348,10 @@ fn worker(p: &Prepared) -> ! {
     );
     // SAFETY: cwd is NUL-terminated.
     check(p, Step::Chdir, unsafe { libc::chdir(p.cwd.as_ptr()) });
+}
 
+/// The function process: exec the program.
+fn worker_exec(p: &Prepared) -> ! {
     let mut first_err: Option<(u32, Errno)> = None;
     for (i, path) in p.exec_paths.iter().enumerate() {
         // SAFETY: argv and envp are NULL-terminated arrays of pointers into CStrings the parent

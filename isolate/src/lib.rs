@@ -51,7 +51,7 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-pub use cgroup::{CgroupMode, CgroupUsage, CgroupVersion};
+pub use cgroup::{CgroupMode, CgroupUsage, CgroupVersion, PeakMemory};
 pub use error::{IsolateError, Result, Step};
 pub use spec::{
     Bind, Limits, SandboxSpec, Stdio, StdioSpec, TASK_ROOT, bind_dest_allowed,
@@ -530,7 +530,6 @@ impl Pending {
     }
 
     fn report(&mut self, sandbox: &mut Sandbox) -> Result<Report> {
-        let mut rec = [0u8; child::RECORD_LEN];
         // Setup takes milliseconds; a child stuck far longer is killed rather than waited for.
         if !wait_readable(&self.report_r, SETUP_TIMEOUT)
             .map_err(|e| IsolateError::sys("poll sandbox report", e))?
@@ -540,31 +539,72 @@ impl Pending {
             sandbox.outcome = Some(sandbox.outcome_placeholder());
             return Err(IsolateError::SetupTimeout(SETUP_TIMEOUT));
         }
+        match self.read_report()? {
+            Ok(r) => Ok(r),
+            Err(failed) => {
+                // The child failed before exec: reap it and say where.
+                let _ = sandbox.reap_blocking();
+                sandbox.outcome = Some(sandbox.outcome_placeholder());
+                Err(failed)
+            }
+        }
+    }
+
+    /// Reads a report that is there (or EOF): the outer error is the read's own, the inner one
+    /// the failure the child reported.
+    fn read_report(&mut self) -> Result<std::result::Result<Report, IsolateError>> {
+        let mut rec = [0u8; child::RECORD_LEN];
         let n = read_full(&self.report_r, &mut rec)
             .map_err(|e| IsolateError::sys("read sandbox report", e))?;
         if n == 0 {
-            return Ok(Report::Exec);
+            return Ok(Ok(Report::Exec));
         }
         let word = |i: usize| u32::from_ne_bytes([rec[i], rec[i + 1], rec[i + 2], rec[i + 3]]);
         if n == child::RECORD_LEN && word(0) == child::KIND_READY {
-            return Ok(Report::Ready);
+            return Ok(Ok(Report::Ready));
         }
-        // The child failed before exec: reap it and say where.
-        let _ = sandbox.reap_blocking();
-        sandbox.outcome = Some(sandbox.outcome_placeholder());
         if n != child::RECORD_LEN {
-            return Err(IsolateError::Protocol(
+            return Ok(Err(IsolateError::Protocol(
                 "short failure record from sandbox child",
-            ));
+            )));
         }
         let (kind, step, index, errno) = (word(0), word(4), word(8) as usize, word(12) as i32);
-        let step =
-            Step::from_u32(step).ok_or(IsolateError::Protocol("unknown step in failure record"))?;
-        Err(IsolateError::Child {
+        let Some(step) = Step::from_u32(step) else {
+            return Ok(Err(IsolateError::Protocol(
+                "unknown step in failure record",
+            )));
+        };
+        Ok(Err(IsolateError::Child {
             step,
             detail: self.decoder.detail(kind, step, index),
             errno: Errno::from_raw(errno),
-        })
+        }))
+    }
+}
+
+/// The exec report of a sandbox started with [`PreparedSandbox::release`], for when the caller
+/// needs it (its function ended early, say). Dropping it unread is fine.
+#[derive(Debug)]
+pub struct ExecReport {
+    pending: Pending,
+}
+
+impl ExecReport {
+    /// Whether the function was exec'd: `Ok` once it was, else the step that failed. Blocks
+    /// until the child has reported (a sandbox that has ended has), at most the setup timeout.
+    pub fn result(mut self) -> Result<()> {
+        if !wait_readable(&self.pending.report_r, SETUP_TIMEOUT)
+            .map_err(|e| IsolateError::sys("poll sandbox report", e))?
+        {
+            return Err(IsolateError::SetupTimeout(SETUP_TIMEOUT));
+        }
+        match self.pending.read_report()? {
+            Ok(Report::Exec) => Ok(()),
+            Ok(Report::Ready) => Err(IsolateError::Protocol(
+                "unexpected report from sandbox child",
+            )),
+            Err(failed) => Err(failed),
+        }
     }
 }
 
@@ -632,6 +672,39 @@ impl PreparedSandbox {
         }
         drop(go);
         self.pending.finish(sandbox, Report::Exec)
+    }
+
+    /// Execs the function like [`PreparedSandbox::start`] but returns at once, without waiting
+    /// for the exec: for a caller that learns from the function itself that it runs (a Lambda
+    /// runtime's first request), and reads the [`ExecReport`] only if the sandbox ends first.
+    /// A failed exec ends the sandbox.
+    pub fn release(self, late_value: Option<&str>) -> Result<(Sandbox, ExecReport)> {
+        let value = late_value.unwrap_or("");
+        if value.len() > 200 || value.contains('\0') {
+            return Err(IsolateError::InvalidSpec {
+                field: "late_env",
+                reason: "the value must be at most 200 bytes without NUL".into(),
+            });
+        }
+        let PreparedSandbox {
+            sandbox,
+            mut pending,
+        } = self;
+        let mut sandbox =
+            sandbox.ok_or(IsolateError::Protocol("prepared sandbox already started"))?;
+        let go = pending
+            .start_w
+            .take()
+            .ok_or(IsolateError::Protocol("prepared sandbox already started"))?;
+        let mut msg = Vec::with_capacity(value.len() + 1);
+        msg.push(value.len() as u8);
+        msg.extend_from_slice(value.as_bytes());
+        sandbox.started = Instant::now();
+        // At most 201 bytes into an empty pipe: never blocks. On failure the sandbox's drop
+        // kills it.
+        write_all(&go, &msg).map_err(|e| IsolateError::sys("start prepared sandbox", e))?;
+        drop(go);
+        Ok((sandbox, ExecReport { pending }))
     }
 }
 
@@ -845,6 +918,15 @@ impl Sandbox {
     /// Live accounting from the cgroup.
     pub fn usage(&self) -> CgroupUsage {
         self.cgroup.as_ref().map(|c| c.usage()).unwrap_or_default()
+    }
+
+    /// The group's peak memory through a descriptor kept open ([`PeakMemory::read`]), for a
+    /// caller that reads it after every invocation; `None` without a cgroup.
+    pub fn peak_memory(&self) -> Result<Option<PeakMemory>> {
+        self.cgroup
+            .as_ref()
+            .map(|c| PeakMemory::open(&c.peak_memory_file()))
+            .transpose()
     }
 
     /// Cgroup directory (for diagnostics).

@@ -815,8 +815,8 @@ impl Agent {
     }
 
     /// The sandbox cgroups (leaves under the root) that hold processes now.
-    /// Sandboxes running a function: processes in the cgroup, other than a lone waiting
-    /// `fnlet-init` (a sandbox built ahead of time).
+    /// Sandboxes running a function: processes in the cgroup, other than a sandbox built
+    /// ahead of time waiting for its start ([`is_waiting_init`]).
     pub fn running_sandboxes(&self) -> Vec<PathBuf> {
         sandbox_cgroups(&self.root)
             .into_iter()
@@ -1002,9 +1002,15 @@ pub fn zip_of(entries: &[(&str, &[u8], u32)]) -> Vec<u8> {
     w.finish().expect("finish the zip").into_inner()
 }
 
-/// One process, named fnlet-init: a sandbox built ahead of time, waiting for its start.
+/// A sandbox built ahead of time, waiting for its start: its init (`fnlet-init`) and, once
+/// set up, the function's process before its exec (`fnlet-start`).
 pub fn is_waiting_init(pids: &[&str]) -> bool {
-    pids.len() == 1
-        && std::fs::read_to_string(format!("/proc/{}/comm", pids[0]))
-            .is_ok_and(|comm| comm.trim() == "fnlet-init")
+    let comm = |pid: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map(|c| c.trim().to_string())
+            .unwrap_or_default()
+    };
+    let names: Vec<String> = pids.iter().map(|p| comm(p)).collect();
+    let count = |name: &str| names.iter().filter(|n| *n == name).count();
+    count("fnlet-init") == 1 && count("fnlet-start") <= 1 && names.len() == 1 + count("fnlet-start")
 }

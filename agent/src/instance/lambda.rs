@@ -7,19 +7,18 @@
 //! answer within the deadline. A timeout, a crash or an exit ends the instance; dropping it
 //! kills the sandbox and removes its cgroup.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use isolate::{CgroupUsage, ExitStatus, Isolator, Outcome, PreparedSandbox, SandboxWatch};
-use tokio::io::AsyncReadExt;
+use isolate::{ExitStatus, Isolator, Outcome, PeakMemory, PreparedSandbox, SandboxWatch};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::InvokeError;
 use super::runtime_api::{self, Event, Init, Reply, RuntimeHandle};
-use crate::logs::Logs;
+use crate::logs::{AgentLine, Logs};
 use crate::pool::ActiveFunction;
 
 /// Bytes of an invocation's log kept for `X-Amz-Log-Type: Tail` (Lambda's 4 KB).
@@ -40,6 +39,9 @@ struct LogTap {
     /// The current invocation's lines, newest last, for the Tail log type.
     tail: Vec<String>,
     tail_bytes: usize,
+    /// The agent's lines not yet in the function's log (START until the function writes
+    /// something, END and REPORT until the invocation ends): they go out in one write.
+    unwritten: Vec<AgentLine>,
 }
 
 impl LogTap {
@@ -63,8 +65,28 @@ struct Output {
 }
 
 impl Output {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LogTap> {
+        self.tap.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes the agent's lines held back so far (under the tap's lock: they keep their place
+    /// before whatever the function writes next).
+    fn write_unwritten(&self, tap: &mut LogTap) {
+        if tap.unwritten.is_empty() {
+            return;
+        }
+        self.logs.append_agent_lines(
+            &self.function,
+            self.version,
+            Some(&self.instance),
+            &tap.unwritten,
+        );
+        tap.unwritten.clear();
+    }
+
     fn line(&self, stream: &str, line: &str) {
-        let mut tap = self.tap.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tap = self.lock();
+        self.write_unwritten(&mut tap);
         tap.push(line);
         self.logs.append_from_instance(
             &self.function,
@@ -76,24 +98,21 @@ impl Output {
         );
     }
 
-    /// An agent line (START/END/REPORT) in the function's log and the invocation's tail.
+    /// An agent line (START/END/REPORT) in the invocation's tail now, and in the function's
+    /// log with the next line the function writes or at the invocation's end.
     pub fn agent_line(&self, request_id: &str, line: &str) {
-        self.tap
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(line);
-        self.logs.append_from_instance(
-            &self.function,
-            self.version,
-            request_id,
-            &self.instance,
-            "agent",
-            line,
-        );
+        let mut tap = self.lock();
+        tap.push(line);
+        tap.unwritten.push(AgentLine {
+            at: time::OffsetDateTime::now_utc(),
+            request_id: request_id.to_string(),
+            line: line.to_string(),
+        });
     }
 
     fn begin(&self, request_id: &str) {
-        let mut tap = self.tap.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tap = self.lock();
+        self.write_unwritten(&mut tap);
         tap.request_id = request_id.to_string();
         tap.tail.clear();
         tap.tail_bytes = 0;
@@ -101,7 +120,8 @@ impl Output {
 
     /// Ends the invocation's attribution; returns its last [`TAIL_BYTES`] of log.
     fn end(&self) -> String {
-        let mut tap = self.tap.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tap = self.lock();
+        self.write_unwritten(&mut tap);
         tap.request_id = "-".into();
         let mut text = tap.tail.join("\n");
         text.push('\n');
@@ -118,62 +138,133 @@ impl Output {
     }
 }
 
-/// A request to an output reader: read what is already in the pipe, then answer.
-type Flush = oneshot::Sender<()>;
-
-/// Reads one of the instance's output pipes into lines. On a flush request it drains what the
-/// pipe holds right now: whatever the function wrote before posting its answer is then logged
-/// under that invocation, not the next one.
-async fn read_output(
-    fd: OwnedFd,
+/// One of the instance's output pipes (stdout, stderr), read into lines by its reader task as
+/// data comes, and drained by the invoking task when an invocation ends ([`OutPipe::drain`]):
+/// whatever the function wrote before posting its answer is logged under that invocation,
+/// not the next one, without a round trip to the reader.
+struct OutPipe {
+    pipe: tokio::net::unix::pipe::Receiver,
     stream: &'static str,
-    out: Arc<Output>,
-    mut flushes: mpsc::Receiver<Flush>,
-) {
-    let Ok(mut pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
-        return;
-    };
-    let mut pending: Vec<u8> = Vec::new();
-    let mut buf = vec![0u8; 16 * 1024];
-    let emit = |pending: &mut Vec<u8>, data: &[u8], out: &Output| {
+    /// Held from a read until its lines are emitted, so a drain never overtakes a read.
+    state: Mutex<PipeState>,
+}
+
+struct PipeState {
+    /// An unfinished line.
+    pending: Vec<u8>,
+    buf: Box<[u8]>,
+    closed: bool,
+}
+
+impl OutPipe {
+    fn new(fd: OwnedFd, stream: &'static str) -> std::io::Result<OutPipe> {
+        Ok(OutPipe {
+            pipe: tokio::net::unix::pipe::Receiver::from_owned_fd(fd)?,
+            stream,
+            state: Mutex::new(PipeState {
+                pending: Vec::new(),
+                buf: vec![0u8; 16 * 1024].into_boxed_slice(),
+                closed: false,
+            }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PipeState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Splits what was read into lines.
+    fn emit(&self, pending: &mut Vec<u8>, data: &[u8], out: &Output) {
         pending.extend_from_slice(data);
-        while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=nl).collect();
+        let mut from = 0;
+        while let Some(nl) = pending[from..].iter().position(|&b| b == b'\n') {
+            let line = &pending[from..from + nl];
             out.line(
-                stream,
-                String::from_utf8_lossy(&line[..nl]).trim_end_matches('\r'),
+                self.stream,
+                String::from_utf8_lossy(line).trim_end_matches('\r'),
             );
+            from += nl + 1;
         }
+        pending.drain(..from);
         // A line longer than the log keeps is cut rather than buffered without bound.
         if pending.len() > 64 * 1024 {
-            out.line(stream, &String::from_utf8_lossy(pending));
+            out.line(self.stream, &String::from_utf8_lossy(pending));
             pending.clear();
         }
-    };
-    loop {
-        tokio::select! {
-            r = pipe.read(&mut buf) => match r {
-                Ok(0) | Err(_) => break,
-                Ok(n) => emit(&mut pending, &buf[..n], &out),
-            },
-            Some(ack) = flushes.recv() => {
-                loop {
-                    match pipe.try_read(&mut buf) {
-                        Ok(0) => break,
-                        Ok(n) => emit(&mut pending, &buf[..n], &out),
-                        Err(_) => break,
-                    }
-                }
-                if !pending.is_empty() {
-                    out.line(stream, &String::from_utf8_lossy(&pending));
-                    pending.clear();
-                }
-                let _ = ack.send(());
-            }
+    }
+
+    /// The partial line, logged as it is (the invocation ends, or the pipe).
+    fn emit_partial(&self, pending: &mut Vec<u8>, out: &Output) {
+        if !pending.is_empty() {
+            out.line(self.stream, &String::from_utf8_lossy(pending));
+            pending.clear();
         }
     }
-    if !pending.is_empty() {
-        out.line(stream, &String::from_utf8_lossy(&pending));
+
+    /// Drains the pipe right now (from the invoking task): `readable` from a poll of the
+    /// descriptor says whether a read is worth a system call.
+    fn drain(&self, st: &mut PipeState, readable: bool, out: &Output) {
+        if st.closed {
+            return;
+        }
+        let PipeState {
+            pending,
+            buf,
+            closed,
+        } = st;
+        if readable {
+            loop {
+                match nix::unistd::read(&self.pipe, buf) {
+                    Ok(0) => {
+                        *closed = true;
+                        break;
+                    }
+                    Ok(n) => self.emit(pending, &buf[..n], out),
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    // EAGAIN: empty now; the reader task sees what comes later.
+                    Err(_) => break,
+                }
+            }
+        }
+        self.emit_partial(pending, out);
+    }
+}
+
+/// Reads one of the instance's output pipes into lines until it closes.
+async fn read_output(p: Arc<OutPipe>, out: Arc<Output>) {
+    loop {
+        if p.pipe.readable().await.is_err() {
+            break;
+        }
+        let mut st = p.lock();
+        let PipeState {
+            pending,
+            buf,
+            closed,
+        } = &mut *st;
+        if *closed {
+            break;
+        }
+        loop {
+            // tokio's try_read: a WouldBlock clears the readiness, so the next await waits.
+            match p.pipe.try_read(buf) {
+                Ok(0) => {
+                    *closed = true;
+                    break;
+                }
+                Ok(n) => p.emit(pending, &buf[..n], &out),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    *closed = true;
+                    break;
+                }
+            }
+        }
+        if *closed {
+            p.emit_partial(pending, &out);
+            break;
+        }
     }
 }
 
@@ -189,9 +280,9 @@ pub struct LambdaInstance {
     /// Cancelled once the sandbox has ended and its outcome is known.
     ended: CancellationToken,
     outcome: Arc<Mutex<Option<Outcome>>>,
-    /// Asks the sandbox's owner for live accounting.
-    usage: mpsc::Sender<oneshot::Sender<CgroupUsage>>,
-    flushes: Vec<mpsc::Sender<Flush>>,
+    /// The cgroup's peak memory, read after each invocation through a descriptor kept open.
+    peak: Option<PeakMemory>,
+    pipes: Vec<Arc<OutPipe>>,
     output: Arc<Output>,
 }
 
@@ -218,24 +309,33 @@ pub struct StartArgs<'a> {
 
 impl LambdaInstance {
     /// Starts an instance and waits for its runtime's first `/next`.
+    ///
+    /// A prepared sandbox is released at once and nothing waits for its exec: the Runtime API,
+    /// the output readers and the owner are set up while the function execs (the listener, the
+    /// pipes and the pidfd exist since the sandbox was prepared), and the runtime's first
+    /// `/next` says it runs. A failed exec ends the sandbox; its report then names the step.
     pub async fn start(args: StartArgs<'_>) -> Result<LambdaInstance, InvokeError> {
         let f = args.function;
         let init_timeout = Duration::from_secs_f64(f.resolved.init_timeout_s);
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + init_timeout;
-        let spawn = match args.prepared {
-            Some(p) => tokio::task::spawn_blocking(move || p.start(None)),
+        let (mut sandbox, exec_report) = match args.prepared {
+            Some(p) => {
+                let (sandbox, report) = p.release(None).map_err(InvokeError::Spawn)?;
+                (sandbox, Some(report))
+            }
             None => {
                 let iso = args.isolator.clone();
                 let spec = f.spec.clone();
-                tokio::task::spawn_blocking(move || iso.spawn(&spec))
+                let spawn = tokio::task::spawn_blocking(move || iso.spawn(&spec));
+                let sandbox = tokio::time::timeout_at(deadline, spawn)
+                    .await
+                    .map_err(|_| InvokeError::InitTimeout(init_timeout))?
+                    .map_err(|e| InvokeError::Internal(e.to_string()))?
+                    .map_err(InvokeError::Spawn)?;
+                (sandbox, None)
             }
         };
-        let mut sandbox = tokio::time::timeout_at(deadline, spawn)
-            .await
-            .map_err(|_| InvokeError::InitTimeout(init_timeout))?
-            .map_err(|e| InvokeError::Internal(e.to_string()))?
-            .map_err(InvokeError::Spawn)?;
         let id = sandbox
             .cgroup_path()
             .and_then(|p| p.rsplit('/').next().map(str::to_string))
@@ -249,52 +349,47 @@ impl LambdaInstance {
         let stop = CancellationToken::new();
         let runtime = runtime_api::serve(listener, stop.clone(), args.max_response)
             .map_err(|e| InvokeError::Internal(format!("serving the Runtime API: {e}")))?;
+        // Without it REPORT says 0 MB; not worth failing the start for.
+        let peak = sandbox.peak_memory().unwrap_or_else(|e| {
+            tracing::debug!(instance = %id, "peak memory not readable: {e}");
+            None
+        });
 
         let output = Arc::new(Output {
             tap: Mutex::new(LogTap {
                 request_id: "init".into(),
                 tail: Vec::new(),
                 tail_bytes: 0,
+                unwritten: Vec::new(),
             }),
             logs: args.logs.clone(),
             function: f.name.clone(),
             version: f.version,
             instance: id.clone(),
         });
-        let mut flushes = Vec::new();
+        let mut pipes = Vec::new();
         for (fd, stream) in [
             (sandbox.take_stdout(), "stdout"),
             (sandbox.take_stderr(), "stderr"),
         ] {
             if let Some(fd) = fd {
-                let (tx, rx) = mpsc::channel(1);
-                flushes.push(tx);
-                tokio::spawn(read_output(fd, stream, output.clone(), rx));
+                let pipe = Arc::new(
+                    OutPipe::new(fd, stream)
+                        .map_err(|e| InvokeError::Internal(format!("sandbox pipe: {e}")))?,
+                );
+                pipes.push(pipe.clone());
+                tokio::spawn(read_output(pipe, output.clone()));
             }
         }
         drop(sandbox.take_stdin());
 
-        // The sandbox's owner: answers accounting queries until it ends, then reaps it and
-        // records how it ended.
+        // The sandbox's owner: reaps it once it ends (killed by the instance's drop, or on
+        // its own) and records how it ended.
         let ended = CancellationToken::new();
         let outcome = Arc::new(Mutex::new(None));
-        let (usage_tx, mut usage_rx) = mpsc::channel::<oneshot::Sender<CgroupUsage>>(4);
         {
-            let (ended, outcome, watch, stop) =
-                (ended.clone(), outcome.clone(), watch.clone(), stop.clone());
+            let (ended, outcome, stop) = (ended.clone(), outcome.clone(), stop.clone());
             args.tracker.spawn(async move {
-                let exited = watch.exited();
-                tokio::pin!(exited);
-                loop {
-                    tokio::select! {
-                        _ = &mut exited => break,
-                        q = usage_rx.recv() => match q {
-                            Some(tx) => { let _ = tx.send(sandbox.usage()); }
-                            // The instance was dropped: it is being killed.
-                            None => { let _ = sandbox.kill(); break; }
-                        },
-                    }
-                }
                 let o = sandbox.wait().await.ok();
                 *outcome.lock().unwrap_or_else(|p| p.into_inner()) = o;
                 stop.cancel();
@@ -311,8 +406,8 @@ impl LambdaInstance {
             watch,
             ended,
             outcome,
-            usage: usage_tx,
-            flushes,
+            peak,
+            pipes,
             output,
         };
         let mut init = instance.runtime.init.clone();
@@ -333,14 +428,22 @@ impl LambdaInstance {
                 Init::Failed { error_type, body } => Err(InvokeError::InitFailed { error_type, body }),
                 Init::Starting => Err(InvokeError::Internal("Runtime API server stopped".into())),
             },
-            _ = instance.ended.cancelled() => Err(instance.exit_error(true)),
+            _ = instance.ended.cancelled() => Err(match exec_report {
+                // Ended before its first /next: a failed exec says which step failed (the
+                // report is there: every writer of it has exited).
+                Some(report) => match tokio::task::spawn_blocking(move || report.result()).await {
+                    Ok(Err(e)) => InvokeError::Spawn(e),
+                    _ => instance.exit_error(true),
+                },
+                None => instance.exit_error(true),
+            }),
             _ = tokio::time::sleep_until(deadline) => Err(InvokeError::InitTimeout(init_timeout)),
             _ = args.cancel.cancelled() => Err(InvokeError::Draining),
         };
         instance.init_duration = started.elapsed();
         if let Err(e) = result {
             // Lines of a failed init are worth keeping: flush them before the kill.
-            instance.flush().await;
+            instance.flush();
             return Err(e);
         }
         Ok(instance)
@@ -389,13 +492,25 @@ impl LambdaInstance {
         }
     }
 
-    /// Reads what the function has written so far into the log, under the current attribution.
-    async fn flush(&self) {
-        for tx in &self.flushes {
-            let (ack, done) = oneshot::channel();
-            if tx.send(ack).await.is_ok() {
-                let _ = tokio::time::timeout(Duration::from_secs(1), done).await;
-            }
+    /// Reads what the function has written so far into the log, under the current
+    /// attribution: one poll of the pipes, and reads only of those holding data.
+    fn flush(&self) {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        // Both pipes locked first: a reader task in the middle of a read finishes its lines.
+        let mut states: Vec<_> = self.pipes.iter().map(|p| p.lock()).collect();
+        let mut fds: Vec<PollFd<'_>> = self
+            .pipes
+            .iter()
+            .map(|p| PollFd::new(p.pipe.as_fd(), PollFlags::POLLIN))
+            .collect();
+        let polled = poll(&mut fds, PollTimeout::ZERO).is_ok();
+        let readable: Vec<bool> = fds
+            .iter()
+            // On a failed poll, read anyway: a read of an empty pipe only costs EAGAIN.
+            .map(|f| !polled || f.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        for ((p, st), readable) in self.pipes.iter().zip(&mut states).zip(readable) {
+            p.drain(st, readable, &self.output);
         }
     }
 
@@ -466,7 +581,7 @@ impl LambdaInstance {
         };
         let duration = started.elapsed();
         if streaming.is_none() {
-            self.flush().await;
+            self.flush();
         }
         (
             result,
@@ -480,10 +595,8 @@ impl LambdaInstance {
     }
 
     /// Peak memory of the instance so far (its cgroup's high-water mark).
-    pub async fn peak_memory(&self) -> Option<u64> {
-        let (tx, rx) = oneshot::channel();
-        self.usage.send(tx).await.ok()?;
-        rx.await.ok()?.peak_memory_bytes
+    pub fn peak_memory(&self) -> Option<u64> {
+        self.peak.as_ref()?.read()
     }
 
     /// Kills the instance now (it is being reaped or replaced).
@@ -572,7 +685,7 @@ impl LambdaInstance {
             }
         };
         log.duration = log.started.elapsed();
-        self.flush().await;
+        self.flush();
         r
     }
 }

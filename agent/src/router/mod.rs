@@ -110,15 +110,43 @@ pub struct RefillOnDrop {
     slot: Arc<FunctionSlot>,
     isolator: Arc<Isolator>,
     draining: CancellationToken,
+    /// Lambda mode: wait [`LAMBDA_REFILL_DELAY`] first.
+    delayed: bool,
 }
 
 impl Drop for RefillOnDrop {
     fn drop(&mut self) {
-        if !self.draining.is_cancelled() {
-            self.slot.refill(&self.isolator);
+        if self.draining.is_cancelled() || self.slot.has_ready() {
+            return;
         }
+        let rt = match tokio::runtime::Handle::try_current() {
+            Ok(rt) if self.delayed => rt,
+            _ => {
+                self.slot.refill(&self.isolator);
+                return;
+            }
+        };
+        // Dropped once hyper has the answer, which is on the wire right after. A Lambda
+        // function's next cold start is far off (its instance stays warm): the fork of the
+        // agent waits a little longer, so that it does not compete for the CPUs with the
+        // caller reading the answer (measured on 2 cores: 3.2 -> 2.0 ms per cold start). An
+        // exec function needs its next sandbox for its next call: no wait.
+        let (slot, isolator, draining) = (
+            self.slot.clone(),
+            self.isolator.clone(),
+            self.draining.clone(),
+        );
+        rt.spawn(async move {
+            tokio::time::sleep(LAMBDA_REFILL_DELAY).await;
+            if !draining.is_cancelled() {
+                slot.refill(&isolator);
+            }
+        });
     }
 }
+
+/// How long after a Lambda call's answer its function's next prepared sandbox is built.
+const LAMBDA_REFILL_DELAY: Duration = Duration::from_millis(5);
 
 /// A failed invocation, with the version that ran when one did.
 pub struct Failure {
@@ -230,6 +258,7 @@ impl Router {
             slot: slot.clone(),
             isolator: self.isolator.clone(),
             draining: self.draining.clone(),
+            delayed: f.manifest.mode == Mode::Lambda,
         });
         let elapsed = started.elapsed();
         self.metrics
@@ -453,7 +482,7 @@ impl Router {
         log: InvokeLog,
     ) -> String {
         let labels = Metrics::function(&f.name);
-        let peak = instance.peak_memory().await;
+        let peak = instance.peak_memory();
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         let mut report = format!(
             "REPORT RequestId: {request_id}\tDuration: {:.2} ms\tBilled Duration: {} ms\tMemory Size: {} MB\tMax Memory Used: {} MB",

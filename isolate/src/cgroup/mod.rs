@@ -88,6 +88,9 @@ pub trait SandboxCgroup: Send + Sync + fmt::Debug {
     /// v2: a directory fd for clone3's CLONE_INTO_CGROUP.
     fn clone_into_fd(&self) -> Option<RawFd>;
     fn usage(&self) -> CgroupUsage;
+    /// The file holding the group's peak memory (what [`CgroupUsage::peak_memory_bytes`]
+    /// reads), for a caller that keeps it open and reads it often.
+    fn peak_memory_file(&self) -> PathBuf;
     /// Whether any process is still in the group.
     fn populated(&self) -> Result<bool>;
     /// Kills every process in the group (cgroup.kill on v2; freeze, kill, thaw on v1).
@@ -281,7 +284,38 @@ pub(crate) fn read_file(dir: &Path, file: &str) -> Option<String> {
 }
 
 pub(crate) fn read_u64(dir: &Path, file: &str) -> Option<u64> {
-    read_file(dir, file)?.trim().parse().ok()
+    parse_u64(&read_file(dir, file)?)
+}
+
+/// A single-value file's number ("4096\n").
+pub(crate) fn parse_u64(text: &str) -> Option<u64> {
+    text.trim().parse().ok()
+}
+
+/// One group's peak memory, read through a descriptor kept open: a `pread` per read instead
+/// of open, read and close (cgroup files are regenerated on every read from offset 0).
+#[derive(Debug)]
+pub struct PeakMemory {
+    file: fs::File,
+}
+
+impl PeakMemory {
+    pub(crate) fn open(path: &Path) -> Result<PeakMemory> {
+        let file = fs::File::open(path).map_err(|source| IsolateError::Cgroup {
+            op: "open",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(PeakMemory { file })
+    }
+
+    /// Bytes; `None` once the group is gone (or the file says something else).
+    pub fn read(&self) -> Option<u64> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = [0u8; 32];
+        let n = self.file.read_at(&mut buf, 0).ok()?;
+        parse_u64(std::str::from_utf8(buf.get(..n)?).ok()?)
+    }
 }
 
 /// The value of `key` in a flat-keyed file such as memory.events or cpu.stat.

@@ -216,6 +216,10 @@ impl SandboxCgroup for V1Group {
         }
     }
 
+    fn peak_memory_file(&self) -> PathBuf {
+        self.dir("memory").join("memory.max_usage_in_bytes")
+    }
+
     fn populated(&self) -> Result<bool> {
         Ok(self.distinct.iter().any(|d| !procs(d).is_empty()))
     }
@@ -398,5 +402,10 @@ mod tests {
         assert_eq!(u.peak_memory_bytes, Some(4096));
         assert_eq!(u.oom_kills, 2);
         assert_eq!(u.cpu_time, Some(Duration::from_micros(1500)));
+        // The same figure through a descriptor kept open, read again after it changed.
+        let peak = super::super::PeakMemory::open(&g.peak_memory_file()).unwrap();
+        assert_eq!(peak.read(), Some(4096));
+        std::fs::write(g.peak_memory_file(), "12288\n").unwrap();
+        assert_eq!(peak.read(), Some(12288));
     }
 }

@@ -253,6 +253,10 @@ impl SandboxCgroup for V2Group {
         }
     }
 
+    fn peak_memory_file(&self) -> PathBuf {
+        self.dir.join("memory.peak")
+    }
+
     fn populated(&self) -> Result<bool> {
         match read_file(&self.dir, "cgroup.events") {
             Some(t) => Ok(keyed(&t, "populated").unwrap_or(0) == 1),
@@ -377,6 +381,8 @@ mod tests {
         assert_eq!(u.peak_memory_bytes, Some(8192));
         assert_eq!(u.cpu_time, Some(Duration::from_micros(250)));
         assert_eq!(u.oom_kills, 1);
+        let peak = super::super::PeakMemory::open(&g.peak_memory_file()).unwrap();
+        assert_eq!(peak.read(), Some(8192));
     }
 
     #[test]
