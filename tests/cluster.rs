@@ -6,7 +6,8 @@
 //! Agents take seconds to start and to notice each other, so one cluster serves every case, in
 //! order, in one test (nextest runs each test in its own process): forming it, joins that must
 //! be refused, bad frames, a killed member, a member that leaves, packet loss, a deploy
-//! served everywhere, forwarding to a function's owner and spill-over under load, the hop
+//! served everywhere, forwarding to a function's owner and spill-over under load (by its
+//! reported load too), the hop
 //! limit, Lambda calls through a forwarding member, a function's owner killed mid-call, and a
 //! 2|3 partition healed. Each case is a step: a failing step is reported with every member's
 //! view of the cluster and the agents' log tails, the cluster is brought back to five alive
@@ -1174,7 +1175,9 @@ fn sleeper() -> Fixture {
 ///    member is asked. Eight slow calls at once to one other member spill over: the owner
 ///    gets no more than its bounded share, so the answers name more than one host; each call
 ///    succeeds and runs exactly once (the members' invocation counters add up), and the
-///    member asked counts each call it sent elsewhere in fnlet_cluster_forwards_total.
+///    member asked counts each call it sent elsewhere in fnlet_cluster_forwards_total. Then
+///    calls arriving on two members spill over by the owner's reported load
+///    ([`spill_over_by_reported_load`]).
 fn forwarding(c: &mut Cluster) {
     let f = sleeper();
     let rank = ranking("sleeper");
@@ -1254,6 +1257,127 @@ fn forwarding(c: &mut Cluster) {
         (NODES + AT_ONCE) as f64,
         "the members ran sleeper {ran} times for {} calls",
         NODES + AT_ONCE
+    );
+    spill_over_by_reported_load(c, &rank);
+}
+
+/// One member's load as another sees it: (load, reported_load, forwarded).
+type LoadSeen = (u64, Option<u64>, u64);
+
+/// A member's loads as `fnlet members --json` shows them, by member id.
+fn loads_seen(agent: &Agent) -> Result<BTreeMap<String, LoadSeen>, String> {
+    let out = agent.cli(&["members", "--json"]);
+    if !out.status.success() {
+        return Err(format!(
+            "fnlet members: {}",
+            common::text(&out.stderr).trim()
+        ));
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+    let rows = v.as_array().ok_or_else(|| format!("not an array: {v}"))?;
+    rows.iter()
+        .map(|r| {
+            let id = r["id"].as_str().ok_or_else(|| format!("id in {r}"))?;
+            let load = r["load"].as_u64().ok_or_else(|| format!("load in {r}"))?;
+            let forwarded = r["forwarded"]
+                .as_u64()
+                .ok_or_else(|| format!("forwarded in {r}"))?;
+            Ok((
+                id.to_string(),
+                (load, r["reported_load"].as_u64(), forwarded),
+            ))
+        })
+        .collect()
+}
+
+/// 8, continued. Calls arriving on two different members: a slow call reaches one member and
+///    is forwarded to the owner; the owner reports its load (a LoadReport datagram), and a
+///    call then reaching another member, which forwarded nothing itself (its own view alone
+///    would send the call to the idle-looking owner), goes to the second-ranked member.
+fn spill_over_by_reported_load(c: &mut Cluster, rank: &[String]) {
+    let owner = &rank[0];
+    let (first, second) = (index_of(&rank[2]), index_of(&rank[3]));
+    // The burst above is over: wait until the second entry sees every member idle.
+    let start = Instant::now();
+    loop {
+        let seen = loads_seen(&c.nodes[second]);
+        if seen.as_ref().is_ok_and(|s| s.values().all(|v| v.0 == 0)) {
+            break;
+        }
+        assert!(
+            start.elapsed() < SETTLE,
+            "{} still sees loads {SETTLE:?} after the calls ended: {seen:?}",
+            node_id(second)
+        );
+        std::thread::sleep(POLL);
+    }
+    let slow = c.nodes[first].invoke_in_background("sleeper", b"5");
+    // The owner's report reaches the second entry (within 100 ms; a lost one is sent again
+    // within 1 s).
+    let start = Instant::now();
+    let seen = loop {
+        let seen = loads_seen(&c.nodes[second]);
+        if let Ok(s) = &seen
+            && let Some(&(load, Some(reported), forwarded)) = s.get(owner)
+            && reported >= 1
+        {
+            assert_eq!(
+                (forwarded, load),
+                (0, reported),
+                "{} forwarded nothing to {owner}: {s:?}",
+                node_id(second)
+            );
+            break seen;
+        }
+        assert!(
+            start.elapsed() < SETTLE,
+            "{} did not hear {owner}'s load within {SETTLE:?}: {seen:?}",
+            node_id(second)
+        );
+        std::thread::sleep(POLL);
+    };
+    let exported = metric(
+        &c.nodes[second],
+        &format!("fnlet_cluster_peer_load{{peer=\"{owner}\"}}"),
+    );
+    assert!(
+        exported >= 1.0,
+        "{}'s /metrics: fnlet_cluster_peer_load for {owner} is {exported}",
+        node_id(second)
+    );
+    let r = c.nodes[second].invoke("sleeper", b"0");
+    let still_running = !slow.is_finished();
+    assert_eq!(r.status, 200, "{}: {}", node_id(second), r.text());
+    let host = r.header("x-fnlet-host").unwrap_or_default();
+    eprintln!(
+        "     a slow call on {} ran on the owner; {} then saw {seen:?} and its call ran on {host}",
+        node_id(first),
+        node_id(second),
+    );
+    assert!(
+        still_running,
+        "the slow call on {} ended before the call on {}: the step cannot tell",
+        node_id(first),
+        node_id(second)
+    );
+    assert_eq!(
+        host,
+        rank[1],
+        "with {owner} reporting a call in flight, {}'s call went to {host}, not the second-ranked member\n{}",
+        node_id(second),
+        c.describe()
+    );
+    let r = match slow.join() {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => panic!("the slow call on {}: {e}", node_id(first)),
+        Err(_) => panic!("the slow call's thread panicked"),
+    };
+    assert_eq!(r.status, 200, "the slow call: {}", r.text());
+    assert_eq!(
+        r.header("x-fnlet-host").unwrap_or_default(),
+        *owner,
+        "the slow call on {} ran elsewhere than on the idle owner",
+        node_id(first)
     );
 }
 

@@ -40,6 +40,18 @@ pub struct StateLabels {
     pub state: String,
 }
 
+/// A cluster member, by node id.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    pub peer: String,
+}
+
+/// Load reports sent or received.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub function: String,
@@ -78,6 +90,9 @@ pub struct Metrics {
     pub catalog_lag: Gauge,
     forward_duration: Histogram,
     swim_dropped: Counter,
+    peer_load: Family<PeerLabels, Gauge>,
+    own_load: Gauge,
+    load_reports: Family<DirectionLabels, Counter>,
     pub connections_open: Gauge,
     connections_refused: Family<ReasonLabels, Counter>,
     connection_timeouts: Family<ReasonLabels, Counter>,
@@ -152,6 +167,24 @@ impl Metrics {
             "cluster_swim_dropped",
             "SWIM packets dropped because the membership task was behind",
             swim_dropped.clone(),
+        );
+        let peer_load = Family::<PeerLabels, Gauge>::default();
+        registry.register(
+            "cluster_peer_load",
+            "Calls in flight on each other member, as it last reported them (LoadReport datagrams)",
+            peer_load.clone(),
+        );
+        let own_load = Gauge::default();
+        registry.register(
+            "cluster_own_load",
+            "Calls in flight on this host, as it last reported them to the other members",
+            own_load.clone(),
+        );
+        let load_reports = Family::<DirectionLabels, Counter>::default();
+        registry.register(
+            "cluster_load_reports",
+            "LoadReport datagrams, by direction (sent: one per member it went to; received)",
+            load_reports.clone(),
         );
         let connections_open = Gauge::default();
         let connections_refused = Family::<ReasonLabels, Counter>::default();
@@ -253,6 +286,9 @@ impl Metrics {
             catalog_lag,
             forward_duration,
             swim_dropped,
+            peer_load,
+            own_load,
+            load_reports,
             connections_open,
             connections_refused,
             connection_timeouts,
@@ -291,6 +327,30 @@ impl Metrics {
 
     pub fn bad_frame(&self) {
         self.bad_frames.inc();
+    }
+
+    /// A member's load report arrived.
+    pub fn peer_load(&self, peer: &str, load: u32) {
+        self.peer_load
+            .get_or_create(&PeerLabels {
+                peer: peer.to_string(),
+            })
+            .set(i64::from(load));
+        self.load_reports
+            .get_or_create(&DirectionLabels {
+                direction: "received".into(),
+            })
+            .inc();
+    }
+
+    /// This host reported `load` to `peers` members.
+    pub fn own_load(&self, load: u32, peers: u64) {
+        self.own_load.set(i64::from(load));
+        self.load_reports
+            .get_or_create(&DirectionLabels {
+                direction: "sent".into(),
+            })
+            .inc_by(peers);
     }
 
     pub fn swim_dropped(&self) {

@@ -1353,7 +1353,19 @@ mod tests {
         let mut out = Vec::new();
         let mut section: Option<(u8, String)> = None;
         let mut hex_block: Option<String> = None;
+        // Only the "## Frames" part: datagrams have their own section (load.rs checks it).
+        let mut in_frames = false;
         for line in doc.lines() {
+            if hex_block.is_none()
+                && let Some(h) = line.strip_prefix("## ")
+            {
+                in_frames = h.trim() == "Frames";
+                section = None;
+                continue;
+            }
+            if !in_frames {
+                continue;
+            }
             if let Some(text) = &mut hex_block {
                 if line.trim() == "```" {
                     let (kind, name) = section

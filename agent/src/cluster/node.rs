@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fnlet_cluster::Sha256Hash;
 use fnlet_cluster::frame::{self, Alpn, ErrorCode, Expect, Frame, Limits, Seed};
+use fnlet_cluster::load::{LoadReport, PeerLoads, ReportTiming, Reporter, Ticket};
 use fnlet_cluster::membership::{
     MemberEvent, MemberInfo, MemberState, Membership, NodeIdentity, foca_config,
 };
@@ -74,9 +75,15 @@ pub struct MemberRow {
     pub generation: u64,
     /// Round-trip time of this host's connection to it, when one is open.
     pub rtt_ms: Option<f64>,
-    /// In-flight calls, as routing sees them: this host's running calls, and for a peer the
-    /// calls this host forwarded to it that are still running.
+    /// In-flight calls, as routing sees them: this host's running calls; for a peer, what it
+    /// last reported plus the calls this host forwarded to it since, and never less than the
+    /// calls this host forwarded to it that are still running (cluster/src/load.rs).
     pub load: u32,
+    /// What the peer last reported (LoadReport datagrams), while that counts; none for this
+    /// host.
+    pub reported_load: Option<u32>,
+    /// Calls this host forwarded to the peer that are still running.
+    pub forwarded: u32,
     pub this_host: bool,
 }
 
@@ -112,8 +119,8 @@ pub struct Node {
     tokens: Mutex<()>,
     /// When the members table was last copied out of foca.
     refreshed: Mutex<Option<Instant>>,
-    /// Calls this host forwarded that are still running, per peer: the load it routes by.
-    forwarded: Mutex<HashMap<String, u32>>,
+    /// The peers' loads: their reports, and the calls this host forwarded to them.
+    loads: Mutex<PeerLoads>,
     pub stop: CancellationToken,
 }
 
@@ -171,7 +178,7 @@ impl Node {
             left: Mutex::new(std::collections::HashSet::new()),
             datagrams: tx,
             tokens: Mutex::new(()),
-            forwarded: Mutex::new(HashMap::new()),
+            loads: Mutex::new(PeerLoads::new()),
             refreshed: Mutex::new(None),
             stop,
         });
@@ -212,11 +219,9 @@ impl Node {
 
     /// The members table, this host first (running `own_load` calls).
     pub fn members(&self, own_load: u32) -> Vec<MemberRow> {
-        let forwarded = self
-            .forwarded
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let ttl = self.load_timing().ttl;
+        let now = Instant::now();
+        let loads = self.loads.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut rows = vec![MemberRow {
             id: self.id.clone(),
             addr: self.advertise,
@@ -225,6 +230,8 @@ impl Node {
             generation: self.generation,
             rtt_ms: None,
             load: own_load,
+            reported_load: None,
+            forwarded: 0,
             this_host: true,
         }];
         let conns: HashMap<String, quinn::Connection> =
@@ -240,6 +247,7 @@ impl Node {
                 MemberState::Suspect => "suspect",
                 MemberState::Down => "down",
             };
+            let view = loads.view(&m.identity.id, now, ttl);
             rows.push(MemberRow {
                 id: m.identity.id.clone(),
                 addr: m.identity.addr,
@@ -249,7 +257,9 @@ impl Node {
                 rtt_ms: conns
                     .get(&m.identity.id)
                     .map(|c| c.rtt().as_secs_f64() * 1000.0),
-                load: forwarded.get(&m.identity.id).copied().unwrap_or(0),
+                load: view.load,
+                reported_load: view.reported,
+                forwarded: view.forwarded,
                 this_host: false,
             });
         }
@@ -270,8 +280,9 @@ impl Node {
 
     /// Where a call to `function` should run: the first live host in the function's
     /// rendezvous ranking whose in-flight load is within the bound (ceil(1.25 x mean)). Loads
-    /// are as this host sees them: its own running calls, and the calls it forwarded to each
-    /// peer that are still running. `None`: here.
+    /// are as this host sees them: its own running calls, and each peer's reported load
+    /// combined with the calls this host forwarded to it (see [`MemberRow::load`]). `None`:
+    /// here.
     pub fn pick(&self, function: &str, own_load: u32) -> Option<NodeIdentity> {
         // A suspect gets no new calls: only members answering their probes.
         let peers: Vec<NodeIdentity> = self
@@ -285,19 +296,19 @@ impl Node {
         if peers.is_empty() {
             return None;
         }
-        let forwarded = self
-            .forwarded
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let ttl = self.load_timing().ttl;
+        let now = Instant::now();
         let mut hosts = vec![fnlet_cluster::route::Host {
             id: self.id.as_str(),
             load: own_load,
         }];
-        hosts.extend(peers.iter().map(|p| fnlet_cluster::route::Host {
-            id: p.id.as_str(),
-            load: forwarded.get(&p.id).copied().unwrap_or(0),
-        }));
+        {
+            let loads = self.loads.lock().unwrap_or_else(|p| p.into_inner());
+            hosts.extend(peers.iter().map(|p| fnlet_cluster::route::Host {
+                id: p.id.as_str(),
+                load: loads.view(&p.id, now, ttl).load,
+            }));
+        }
         let chosen = fnlet_cluster::route::pick(
             function,
             &hosts,
@@ -308,16 +319,83 @@ impl Node {
 
     /// Counts a call forwarded to `peer` until the returned guard is dropped.
     pub fn forwarding(self: &Arc<Self>, peer: &str) -> Forwarding {
-        *self
-            .forwarded
+        let ticket = self
+            .loads
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(peer.to_string())
-            .or_default() += 1;
+            .forward_started(peer);
         Forwarding {
             node: self.clone(),
             peer: peer.to_string(),
+            ticket,
         }
+    }
+
+    /// How often loads are reported and how long a report counts, for the cluster's size.
+    fn load_timing(&self) -> ReportTiming {
+        let hosts = self.members.read().unwrap_or_else(|p| p.into_inner()).len() + 1;
+        ReportTiming::for_cluster(hosts)
+    }
+
+    /// A peer's LoadReport datagram.
+    fn load_reported(&self, peer: &str, report: LoadReport) {
+        let kept = self
+            .loads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .received(peer, report, Instant::now());
+        if kept {
+            self.metrics.peer_load(peer, report.load);
+        }
+    }
+
+    /// Reports this host's calls in flight to its peers (cluster/src/load.rs): when the count
+    /// changes, at most once per interval, and every refresh period while it is above zero.
+    pub fn start_load_reports(self: &Arc<Self>, registry: Arc<crate::pool::Registry>) {
+        let node = self.clone();
+        tokio::spawn(async move {
+            let mut reporter = Reporter::new(node.generation);
+            loop {
+                let timing = node.load_timing();
+                let load = u32::try_from(registry.running_total()).unwrap_or(u32::MAX);
+                if let Some(report) = reporter.poll(load, Instant::now(), &timing) {
+                    let sent = node.send_load(report);
+                    node.metrics.own_load(report.load, sent);
+                }
+                // A change that comes while one is owed is picked up at the timeout.
+                let settled = reporter.is_settled(load);
+                let next = reporter.poll_timeout(load, &timing);
+                let timer = async {
+                    match next {
+                        Some(at) => tokio::time::sleep_until(at.into()).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = node.stop.cancelled() => break,
+                    _ = registry.load_changed.notified(), if settled => {}
+                    _ = timer => {}
+                }
+            }
+        });
+    }
+
+    /// Sends `report` to every live member this host has a connection to; how many it went to.
+    fn send_load(&self, report: LoadReport) -> u64 {
+        let data = bytes::Bytes::copy_from_slice(&report.encode());
+        let live: std::collections::HashSet<String> =
+            self.live_peers().into_iter().map(|m| m.id).collect();
+        let mut sent = 0;
+        for (peer, conn) in self.transport.connections() {
+            if !live.contains(&peer) {
+                continue;
+            }
+            match conn.send_datagram(data.clone()) {
+                Ok(()) => sent += 1,
+                Err(e) => tracing::debug!(peer = %peer, "load report: {e}"),
+            }
+        }
+        sent
     }
 
     fn is_alive(&self, id: &str) -> bool {
@@ -406,6 +484,23 @@ impl Node {
             async move {
                 loop {
                     match conn.read_datagram().await {
+                        Ok(d) if fnlet_cluster::load::is_fnlet_datagram(&d) => {
+                            match LoadReport::decode(&d) {
+                                Ok(report) => node.load_reported(&peer, report),
+                                Err(e) => {
+                                    // A bad datagram is a bad frame: the connection goes.
+                                    node.metrics.bad_frame();
+                                    tracing::warn!(peer = %peer, code = %e.code(), "closing the connection: {e}");
+                                    let reason = e.to_string();
+                                    conn.close(
+                                        quinn::VarInt::from_u64(e.code().0)
+                                            .unwrap_or(quinn::VarInt::MAX),
+                                        &reason.as_bytes()[..reason.len().min(200)],
+                                    );
+                                    break;
+                                }
+                            }
+                        }
                         Ok(d) => {
                             if node.datagrams.try_send((peer.clone(), d)).is_err() {
                                 // The membership task is behind: a lost SWIM packet is what
@@ -417,6 +512,10 @@ impl Node {
                             if c.error_code.into_inner() == ErrorCode::SHUTTING_DOWN.0 =>
                         {
                             tracing::info!(peer = %peer, "member left");
+                            node.loads
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .forget_report(&peer);
                             node.left
                                 .lock()
                                 .unwrap_or_else(|p| p.into_inner())
@@ -886,6 +985,10 @@ impl Node {
                 }
                 MemberEvent::Down(id) => {
                     tracing::warn!(peer = %id.id, addr = %id.addr, "member down");
+                    self.loads
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .forget_report(&id.id);
                     // Calls in flight to it fail soon, not after an idle timeout; a restart of
                     // it is dialled afresh at once. The old connection is closed a little
                     // later: a host that leaves sends its SWIM leave first and closes its
@@ -960,18 +1063,16 @@ impl Node {
 pub struct Forwarding {
     node: Arc<Node>,
     peer: String,
+    ticket: Ticket,
 }
 
 impl Drop for Forwarding {
     fn drop(&mut self) {
-        let mut f = self
-            .node
-            .forwarded
+        self.node
+            .loads
             .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = f.get_mut(&self.peer) {
-            *n = n.saturating_sub(1);
-        }
+            .unwrap_or_else(|p| p.into_inner())
+            .forward_ended(&self.peer, self.ticket);
     }
 }
 
