@@ -1415,13 +1415,15 @@ fn unhex(hex: &str) -> Vec<u8> {
 
 /// 9. A QUIC caller (fnlet-invoke/1) sending an InvokeRequest that says it was already
 ///    forwarded (hops 2, and 255; at most 1 is allowed) gets one Error frame, HOP_LIMIT, and
-///    the function does not run. A call with hops 0 on the same door runs.
+///    the function does not run. A call with hops 0 on the same door (a member that is not
+///    sleeper's owner) runs on the owner, under the request id the caller gave it.
 fn hop_limit(c: &mut Cluster) {
     const INVOKE_REQUEST: u8 = 0x01;
     const ERROR: u8 = 0x05;
     const RESPONSE_HEAD: u8 = 0x02;
     const HOP_LIMIT: u64 = 0x108;
-    let addr = peer_addr(node_ip(1));
+    let rank = ranking("sleeper");
+    let addr = peer_addr(node_ip(index_of(&rank[1])));
     let deadline_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64 + 30_000)
@@ -1429,7 +1431,7 @@ fn hop_limit(c: &mut Cluster) {
     let request = |hops: u8| {
         let meta = serde_json::json!({
             "function": "sleeper",
-            "request_id": format!("hops-{hops}"),
+            "request_id": format!("quic-caller-hops-{hops}"),
             "deadline_ms": deadline_ms,
             "hops": hops,
             "entry": {"kind": "exec"},
@@ -1466,6 +1468,21 @@ fn hop_limit(c: &mut Cluster) {
         got.first()
             .is_some_and(|(kind, meta)| *kind == RESPONSE_HEAD && meta["status"] == 200),
         "hops 0: expected a ResponseHead with status 200, got {got:?}"
+    );
+    assert_eq!(
+        got[0].1["host"], rank[0],
+        "hops 0 on {}: ran on {}, not on sleeper's owner",
+        rank[1], got[0].1["host"]
+    );
+    // The owner ran it under the caller's request id (its log line for the call names it).
+    let owner_log = c.nodes[index_of(&rank[0])].log();
+    assert!(
+        owner_log
+            .lines()
+            .any(|l| l.contains("invocation ok") && l.contains("request_id=\"quic-caller-hops-0\"")),
+        "{} has no 'invocation ok' line for request id quic-caller-hops-0:\n{}",
+        rank[0],
+        tail(&owner_log, 20)
     );
 }
 
