@@ -92,6 +92,8 @@ pub struct Metrics {
     swim_dropped: Counter,
     peer_load: Family<PeerLabels, Gauge>,
     own_load: Gauge,
+    cert_expiry: Gauge,
+    cert_renewals: Family<ResultLabels, Counter>,
     load_reports: Family<DirectionLabels, Counter>,
     pub connections_open: Gauge,
     connections_refused: Family<ReasonLabels, Counter>,
@@ -179,6 +181,18 @@ impl Metrics {
             "cluster_own_load",
             "Calls in flight on this host, as it last reported them to the other members",
             own_load.clone(),
+        );
+        let cert_expiry = Gauge::default();
+        registry.register(
+            "cluster_cert_expiry_unix_seconds",
+            "When this node's cluster certificate expires (it is renewed past 2/3 of its lifetime)",
+            cert_expiry.clone(),
+        );
+        let cert_renewals = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "cluster_cert_renewals",
+            "Renewals of this node's cluster certificate, by result (ok, failed)",
+            cert_renewals.clone(),
         );
         let load_reports = Family::<DirectionLabels, Counter>::default();
         registry.register(
@@ -288,6 +302,8 @@ impl Metrics {
             swim_dropped,
             peer_load,
             own_load,
+            cert_expiry,
+            cert_renewals,
             load_reports,
             connections_open,
             connections_refused,
@@ -327,6 +343,20 @@ impl Metrics {
 
     pub fn bad_frame(&self) {
         self.bad_frames.inc();
+    }
+
+    /// This node's certificate expires at `unix_s`.
+    pub fn cert_expiry(&self, unix_s: i64) {
+        self.cert_expiry.set(unix_s);
+    }
+
+    /// A renewal of this node's certificate ended: `ok` or `failed`.
+    pub fn cert_renewal(&self, result: &str) {
+        self.cert_renewals
+            .get_or_create(&ResultLabels {
+                result: result.to_string(),
+            })
+            .inc();
     }
 
     /// A member's load report arrived.

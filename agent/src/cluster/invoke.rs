@@ -1547,7 +1547,13 @@ mod tests {
     fn member(ca: &ClusterDir, dir: &std::path::Path, id: &str) -> Credentials {
         let c = ClusterDir::new(dir);
         let (key, csr) = node_key_and_csr(id).unwrap();
-        let cert = sign_csr(&ca.issuer().unwrap(), &csr, id).unwrap();
+        let cert = sign_csr(
+            &ca.issuer().unwrap(),
+            &csr,
+            id,
+            crate::cluster::pki::NODE_CERT_VALIDITY,
+        )
+        .unwrap();
         c.store_ca_cert(&std::fs::read_to_string(ca.ca_cert()).unwrap())
             .unwrap();
         c.store_node(&key.serialize_pem(), &cert).unwrap();

@@ -200,6 +200,7 @@ impl Node {
             });
         }
         tokio::spawn(node.clone().membership_loop(rx, seeds));
+        tokio::spawn(node.clone().renew_loop());
         tracing::info!(node = %node.id, peer_listen = %listen, advertise = %node.advertise, "cluster endpoint ready");
         Ok(node)
     }
@@ -594,6 +595,10 @@ impl Node {
                 self.serve_relayed_join(peer, &r, &mut send).await;
                 Ok(())
             }
+            Ok(Some(Frame::RenewRequest(r))) => {
+                self.serve_renew(peer, &r, &mut send).await;
+                Ok(())
+            }
             Ok(Some(other)) => {
                 wire::refuse(
                     &mut send,
@@ -721,6 +726,157 @@ impl Node {
         }
     }
 
+    /// A member's RenewRequest: signed on the CA holder, for the node id the member's
+    /// certificate (this connection's) names; elsewhere NOT_FOUND (the member asks another).
+    async fn serve_renew(
+        &self,
+        peer: &str,
+        req: &frame::RenewRequest,
+        send: &mut quinn::SendStream,
+    ) {
+        if !self.dir.is_ca_holder() {
+            wire::refuse(
+                send,
+                ErrorCode::NOT_FOUND,
+                "this member does not hold the cluster CA",
+            )
+            .await;
+            return;
+        }
+        let signed = self.dir.issuer().and_then(|issuer| {
+            pki::sign_csr(&issuer, &req.csr_pem, peer, self.dir.node_cert_validity)
+        });
+        match signed {
+            Ok(cert_pem) => {
+                tracing::info!(peer, "renewed a member's certificate");
+                let answer = Frame::RenewResponse(frame::RenewResponse { cert_pem });
+                if wire::send(send, &answer).await.is_ok() {
+                    let _ = send.finish();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(peer, "refused to renew a member's certificate: {e}");
+                wire::refuse(send, ErrorCode::UNAUTHORIZED, e.to_string()).await;
+            }
+        }
+    }
+
+    /// Renews this node's certificate once it is past 2/3 of its lifetime: a CSR for its key
+    /// to the CA holder (itself, or each live member in turn until the holder answers), the
+    /// answer checked and kept in the state dir, and shown on new connections from then on.
+    async fn renew_loop(self: Arc<Self>) {
+        loop {
+            let (renew_at, expires) = match self
+                .dir
+                .node_cert_der()
+                .and_then(|der| Ok((pki::renew_at(&der)?, pki::cert_validity(&der)?.1)))
+            {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!("reading this node's certificate: {e}");
+                    return;
+                }
+            };
+            self.metrics.cert_expiry(expires);
+            let wait = renew_at.saturating_sub(i64::try_from(unix_now()).unwrap_or(i64::MAX));
+            if wait > 0 {
+                // Checked again at least hourly: a clock that jumps is noticed.
+                let wait = Duration::from_secs(u64::try_from(wait).unwrap_or(0).min(3600));
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => continue,
+                    _ = self.stop.cancelled() => return,
+                }
+            }
+            match self.renew().await {
+                Ok(()) => {
+                    self.metrics.cert_renewal("ok");
+                    tracing::info!(node = %self.id, "renewed this node's certificate");
+                }
+                Err(e) => {
+                    self.metrics.cert_renewal("failed");
+                    // Tried again soon: a twentieth of what is left, between 1 s and 5 min.
+                    let left = expires.saturating_sub(i64::try_from(unix_now()).unwrap_or(0));
+                    let retry =
+                        Duration::from_secs((u64::try_from(left).unwrap_or(0) / 20).clamp(1, 300));
+                    tracing::warn!(
+                        retry_in = ?retry,
+                        "renewing this node's certificate (it expires at {expires}, Unix seconds): {e}"
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(retry) => {}
+                        _ = self.stop.cancelled() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// One renewal of this node's certificate.
+    async fn renew(&self) -> Result<(), ClusterError> {
+        let csr = self.dir.renewal_csr(&self.id)?;
+        let cert_pem = if self.dir.is_ca_holder() {
+            pki::sign_csr(
+                &self.dir.issuer()?,
+                &csr,
+                &self.id,
+                self.dir.node_cert_validity,
+            )?
+        } else {
+            self.renewal_from_ca_holder(&csr).await?
+        };
+        self.dir.store_renewed(&self.id, &cert_pem)?;
+        let creds = self.dir.node_credentials()?;
+        self.transport.reload(&creds)?;
+        Ok(())
+    }
+
+    /// Asks each live member in turn for a certificate for `csr` until the CA holder answers.
+    async fn renewal_from_ca_holder(&self, csr: &str) -> Result<String, ClusterError> {
+        let mut last = "no live member holds the cluster CA".to_string();
+        for peer in self.live_peers() {
+            let conn = match self.transport.connect(&peer.id, peer.addr).await {
+                Ok(c) => c,
+                Err(e) => {
+                    last = e.to_string();
+                    continue;
+                }
+            };
+            let request = Frame::RenewRequest(frame::RenewRequest {
+                csr_pem: csr.to_string(),
+            });
+            let asked = async {
+                let (mut send, recv) = conn.open_bi().await?;
+                wire::send(&mut send, &request).await?;
+                send.finish()?;
+                let expect = Expect::answer_to(&request).expect("a RenewRequest has an answer");
+                let mut reader = FrameReader::new(recv, Limits::default(), expect);
+                reader.next().await
+            };
+            match tokio::time::timeout(RELAYED_JOIN_TIMEOUT, asked).await {
+                Ok(Ok(Some(Frame::RenewResponse(r)))) => return Ok(r.cert_pem),
+                Ok(Ok(Some(Frame::Error(e)))) if e.code == ErrorCode::NOT_FOUND => {
+                    last = format!("{}: {}", peer.id, e.message);
+                }
+                // The CA holder's word is final.
+                Ok(Ok(Some(Frame::Error(e)))) => {
+                    return Err(ClusterError::Join(format!(
+                        "the CA holder ({}) refused: {}",
+                        peer.id, e.message
+                    )));
+                }
+                Ok(Ok(_)) => last = format!("{}: no answer", peer.id),
+                Ok(Err(e)) => {
+                    wire::close_for(&conn, &e, &peer.id);
+                    last = format!("{}: {e}", peer.id);
+                }
+                Err(_) => last = format!("{}: no answer within {RELAYED_JOIN_TIMEOUT:?}", peer.id),
+            }
+        }
+        Err(ClusterError::Join(format!(
+            "no member renewed this node's certificate ({last})"
+        )))
+    }
+
     /// Checks a join request against the token book and issues the certificate.
     fn admit(&self, req: &frame::JoinRequest) -> Result<frame::JoinResponse, String> {
         if !pki::valid_node_id(&req.node_id) {
@@ -757,8 +913,13 @@ impl Node {
             entry.admitted.push(req.node_id.clone());
             self.save_token_book(&book).map_err(|e| e.to_string())?;
         }
-        let cert_pem =
-            pki::sign_csr(&issuer, &req.csr_pem, &req.node_id).map_err(|e| e.to_string())?;
+        let cert_pem = pki::sign_csr(
+            &issuer,
+            &req.csr_pem,
+            &req.node_id,
+            self.dir.node_cert_validity,
+        )
+        .map_err(|e| e.to_string())?;
         let ca_pem = std::fs::read_to_string(self.dir.ca_cert()).map_err(|e| e.to_string())?;
         let mut members = vec![Seed {
             id: self.id.clone(),
