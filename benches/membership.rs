@@ -34,7 +34,9 @@
 //! `FNLET_BENCH_LATENCY_US` (one-way latency, default 200), `FNLET_BENCH_QUIET_S` (default 60
 //! s up to 100 hosts, 30 s above: at least foca's 30 s announce period),
 //! `FNLET_BENCH_CONFIG_SIZE` (make every host's `foca_config` for this many hosts instead of
-//! the real N: what a host that guessed the size wrong would run).
+//! the real N: what a host that guessed the size wrong would run), `FNLET_BENCH_PROBE_MS`,
+//! `FNLET_BENCH_RTT_MS` and `FNLET_BENCH_SUSPICION` (another SWIM timing than the production
+//! `Timing::DEFAULT`: probe period, direct-ack wait, suspicion multiplier).
 
 #![forbid(unsafe_code)]
 

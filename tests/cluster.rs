@@ -41,7 +41,7 @@ const POLL: Duration = Duration::from_millis(200);
 /// leave, a restart): seconds at most, here.
 const SETTLE: Duration = Duration::from_secs(20);
 /// Detection of a killed member. The crate's bound for 5 hosts (cluster/src/lib.rs) is down
-/// expected in 4.5 s, 8.4 s at worst; several times that.
+/// expected in 6.5 s, 12 s at worst; several times that.
 const DETECT: Duration = Duration::from_secs(40);
 /// How long the cluster runs under packet loss.
 const LOSS_RUN: Duration = Duration::from_secs(30);

@@ -38,20 +38,19 @@
 //!   the peers' LoadReport datagrams and the calls this host forwarded since. A
 //!   [`load::Reporter`] says when this host reports its own load to its peers.
 //!
-//! # Failure detection bounds (foca's LAN configuration, probing every 700 ms)
+//! # Failure detection bounds (foca's LAN configuration)
 //!
-//! From [`membership::DetectionBounds`] for [`membership::foca_config`]: a probe every 700 ms,
-//! a direct ack awaited 350 ms before indirect probes, suspicion 4 x max(1, log10 N) probe
-//! periods ([`membership::Timing::DEFAULT`]). "Expected" is the SWIM paper's mean (about
+//! From [`membership::DetectionBounds`] for [`membership::foca_config`]: a probe every 1 s, a
+//! direct ack awaited 500 ms before indirect probes. "Expected" is the SWIM paper's mean (about
 //! e/(e-1) probe periods until some member probes the failed host) plus the probe's own
 //! period; "worst" is one member's round-robin reaching it `2(N-1) - 1` periods after its last
 //! probe.
 //!
 //! | hosts | suspect → down | updates sent | suspected (expected / worst) | down (expected / worst) |
 //! |---|---|---|---|---|
-//! | 5 | 2.8 s | 6 times | 1.7 s / 5.6 s | 4.5 s / 8.4 s |
-//! | 10 | 2.8 s | 6 times | 1.8 s / 12.6 s | 4.6 s / 15.4 s |
-//! | 100 | 5.6 s | 8 times | 1.8 s / 138.6 s | 7.4 s / 144.2 s |
+//! | 5 | 4 s | 6 times | 2.5 s / 8 s | 6.5 s / 12 s |
+//! | 10 | 4 s | 6 times | 2.5 s / 18 s | 6.5 s / 22 s |
+//! | 100 | 8 s | 8 times | 2.6 s / 198 s | 10.6 s / 206 s |
 //!
 //! The worst cases grow with N because each host probes the others round-robin; with many
 //! hosts probing, the expected case is what a failure meets. The prober's verdict then spreads
