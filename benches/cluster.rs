@@ -346,8 +346,12 @@ fn quic_call() -> InvokeCall {
         request: InvokeRequest {
             function: FN.to_string(),
             qualifier: None,
-            // The agent gives a QUIC caller's call a request id of its own.
-            request_id: "fnlet-bench".to_string(),
+            // The agent keeps a QUIC caller's request id: one per call, as a client would.
+            request_id: {
+                static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                format!("fnlet-bench-{n}")
+            },
             deadline_ms: invoke::deadline_in(Duration::from_secs(30)),
             hops: 0,
             entry: InvokeEntry::FunctionUrl {

@@ -34,7 +34,9 @@
 //! `FNLET_BENCH_LATENCY_US` (one-way latency, default 200), `FNLET_BENCH_QUIET_S` (default 60
 //! s up to 100 hosts, 30 s above: at least foca's 30 s announce period),
 //! `FNLET_BENCH_CONFIG_SIZE` (make every host's `foca_config` for this many hosts instead of
-//! the real N: what a host that guessed the size wrong would run).
+//! the real N: what a host that guessed the size wrong would run), `FNLET_BENCH_PROBE_MS`,
+//! `FNLET_BENCH_RTT_MS` and `FNLET_BENCH_SUSPICION` (another SWIM timing than the production
+//! `Timing::DEFAULT`: probe period, direct-ack wait, suspicion multiplier).
 
 #![forbid(unsafe_code)]
 
@@ -48,7 +50,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fnlet_cluster::membership::{
-    DetectionBounds, MemberEvent, Membership, NodeIdentity, foca_config,
+    DetectionBounds, MemberEvent, Membership, NodeIdentity, Timing, foca_config_with,
 };
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -161,6 +163,26 @@ struct Sim {
     steps: u64,
 }
 
+/// `FNLET_BENCH_PROBE_MS`, `FNLET_BENCH_RTT_MS`, `FNLET_BENCH_SUSPICION`: another SWIM timing
+/// than the production one (`foca_config`'s), to compare.
+fn timing() -> Timing {
+    let d = Timing::DEFAULT;
+    let ms = |name: &str, default: Duration| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(default, Duration::from_millis)
+    };
+    Timing {
+        probe_period: ms("FNLET_BENCH_PROBE_MS", d.probe_period),
+        probe_rtt: ms("FNLET_BENCH_RTT_MS", d.probe_rtt),
+        suspicion_mult: std::env::var("FNLET_BENCH_SUSPICION")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d.suspicion_mult),
+    }
+}
+
 /// `FNLET_BENCH_CONFIG_SIZE`: the cluster size every host's `foca_config` is made for, when
 /// not the real one.
 fn config_size() -> Option<u32> {
@@ -227,7 +249,7 @@ impl Sim {
         self.ids.push(id.id.clone());
         self.index.insert(id.id.clone(), i);
         self.hosts.push(Host {
-            m: Membership::new(id, foca_config(self.size), rng),
+            m: Membership::new(id, foca_config_with(self.size, timing()), rng),
             up: true,
             armed: None,
         });
@@ -734,13 +756,18 @@ fn main() {
         common::load_average()
     );
     let config = config_size().map_or("N".to_string(), |n| n.to_string());
+    let t = timing();
     println!(
         "  simulated: one-way latency {latency:?}, loss drawn per datagram, quiet phase {}, \
-         foca_config({config}) (probe 1 s, ack 500 ms, gossip 200 ms to 3, packets <= 1100 bytes)",
+         foca_config({config}) (probe {probe:?}, ack {rtt:?}, suspicion {mult} x max(1, log10 N) \
+         probes, gossip 200 ms to 3, packets <= 1100 bytes)",
         quiet_override.map_or(
             "60 s (20 s at 500 hosts, 10 s at 1,000)".into(),
             |q| format!("{q} s")
-        )
+        ),
+        probe = t.probe_period,
+        rtt = t.probe_rtt,
+        mult = t.suspicion_mult,
     );
     println!();
 
@@ -871,7 +898,7 @@ fn main() {
         // The bounds of the configuration the hosts ran, for the real cluster size.
         let size = NonZeroU32::new(r.n).expect("n >= 3");
         let made_for = NonZeroU32::new(config_size().unwrap_or(r.n)).expect("n >= 3");
-        let b = DetectionBounds::new(&foca_config(made_for), size);
+        let b = DetectionBounds::new(&foca_config_with(made_for, timing()), size);
         println!(
             "| {} | {}% | {s} | {f} | {a} | {spread} | {:.1} | {:.1} / {:.0} | {:.1} |",
             r.n,

@@ -6,9 +6,10 @@
 //! Agents take seconds to start and to notice each other, so one cluster serves every case, in
 //! order, in one test (nextest runs each test in its own process): forming it, joins that must
 //! be refused, bad frames, a killed member, a member that leaves, packet loss, a deploy
-//! served everywhere, forwarding to a function's owner and spill-over under load, the hop
-//! limit, Lambda calls through a forwarding member, a function's owner killed mid-call, a
-//! 2|3 partition healed, and access keys made and removed on different members. Each case is a step: a failing step is reported with every member's
+//! served everywhere, forwarding to a function's owner and spill-over under load (by its
+//! reported load too), the hop limit, Lambda calls through a forwarding member, a function's
+//! owner killed mid-call, a 2|3 partition healed, and access keys made and removed on different
+//! members. Each case is a step: a failing step is reported with every member's
 //! view of the cluster and the agents' log tails, the cluster is brought back to five alive
 //! members if it can be, and the next step runs; the test then fails naming each failed step. New
 //! cases are more steps on the same cluster (partitions and loss: nft rules in the namespace,
@@ -80,7 +81,11 @@ struct Netns {
 
 impl Netns {
     fn create() -> Netns {
-        let name = format!("fnlet-test-{}", std::process::id());
+        Netns::named(format!("fnlet-test-{}", std::process::id()))
+    }
+
+    /// A namespace named `name` (a test of its own may run beside the suite).
+    fn named(name: String) -> Netns {
         let mut add = Command::new("ip");
         add.args(["netns", "add", &name]);
         run(add);
@@ -557,6 +562,97 @@ fn cluster() {
         steps.failed.join("\n  "),
         steps.not_run
     );
+}
+
+/// The certificates a CA holder issues for 24 s (`cluster.node_cert_validity_s`) are renewed
+/// without a restart: in a namespace of their own (beside the suite), c1 makes the cluster and
+/// c2 joins; both renew theirs past 2/3 of their lifetime (their `node.pem` changes, the
+/// renewal is counted), and once the first certificates have expired the two still see each
+/// other and a third host joins through c2: its handshakes with both (the joiner's pinned-CA
+/// check of c2, its peer connections to c1 and c2) verify the renewed certificates. That each
+/// side shows its renewed certificate on new connections in both directions is transport.rs's
+/// unit test.
+#[test]
+fn node_certificates_renew() {
+    common::require_root();
+    const VALIDITY: Duration = Duration::from_secs(24);
+    let ns = Netns::named(format!("fnlet-test-{}-certs", std::process::id()));
+    let start = |ns: &Netns, i: usize, args: Vec<String>| {
+        let id = format!("c{}", i + 1);
+        Agent::start_with(
+            &format!("certs-{id}"),
+            Settings {
+                cluster_extra: format!("node_cert_validity_s = {}\n", VALIDITY.as_secs()),
+                ..settings(ns, node_ip(i), &id, args)
+            },
+        )
+    };
+    let cert_of =
+        |a: &Agent| std::fs::read(a.state_dir().join("cluster/node.pem")).unwrap_or_default();
+    let c1 = start(&ns, 0, Vec::new());
+    let token = token_from(&c1, &["cluster", "init"]);
+    let c2 = start(&ns, 1, join_args(node_ip(0), &token));
+    // Both first certificates were issued by now: they expire within VALIDITY of it.
+    let issued = Instant::now();
+    let mut c = Cluster {
+        nodes: vec![c1, c2],
+        token,
+        early_key: (String::new(), String::new()),
+        ns,
+    };
+    let first: Vec<Vec<u8>> = c.nodes.iter().map(cert_of).collect();
+    let sees_alive = |c: &Cluster, n: usize| {
+        c.nodes.iter().all(|a| {
+            members(a).is_ok_and(|rows| rows.len() == n && rows.iter().all(|r| r.state == "alive"))
+        })
+    };
+    let renewed = |c: &Cluster| c.nodes.iter().zip(&first).all(|(a, f)| cert_of(a) != *f);
+    while !renewed(&c) {
+        assert!(
+            issued.elapsed() < 3 * VALIDITY,
+            "the certificates were not renewed {:?} after they were issued:\n{}",
+            3 * VALIDITY,
+            c.nodes
+                .iter()
+                .map(|a| format!("{}: {}", label(a), tail(&a.log(), 10)))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(POLL);
+    }
+    eprintln!(
+        "     both renewed after {:.1} s",
+        issued.elapsed().as_secs_f64()
+    );
+    for a in &c.nodes {
+        let ok = metric(a, "fnlet_cluster_cert_renewals_total{result=\"ok\"}");
+        assert!(ok >= 1.0, "{} counted {ok} renewals", label(a));
+    }
+    // The first certificates expire: the members go on, on the renewed ones.
+    let expired = issued + VALIDITY + Duration::from_secs(2);
+    std::thread::sleep(expired.saturating_duration_since(Instant::now()));
+    assert!(
+        sees_alive(&c, 2),
+        "after the first certificates expired:\n{}",
+        c.describe()
+    );
+    let token = token_from(&c.nodes[0], &["cluster", "token"]);
+    c.nodes.push(start(&c.ns, 2, join_args(node_ip(1), &token)));
+    let joined = Instant::now();
+    while !sees_alive(&c, 3) {
+        assert!(
+            joined.elapsed() < SETTLE,
+            "c3 joined through c2 after the first certificates expired, but the three do not \
+             all see each other alive within {SETTLE:?}:\n{}",
+            c.describe()
+        );
+        std::thread::sleep(POLL);
+    }
+    eprintln!(
+        "     c3 joined and all three alive after {:.1} s",
+        joined.elapsed().as_secs_f64()
+    );
+    c.teardown();
 }
 
 /// 1. `fnlet cluster init` on n1 (after it made an access key on its own, for case 13); n2
@@ -1183,7 +1279,9 @@ fn sleeper() -> Fixture {
 ///    member is asked. Eight slow calls at once to one other member spill over: the owner
 ///    gets no more than its bounded share, so the answers name more than one host; each call
 ///    succeeds and runs exactly once (the members' invocation counters add up), and the
-///    member asked counts each call it sent elsewhere in fnlet_cluster_forwards_total.
+///    member asked counts each call it sent elsewhere in fnlet_cluster_forwards_total. Then
+///    calls arriving on two members spill over by the owner's reported load
+///    ([`spill_over_by_reported_load`]).
 fn forwarding(c: &mut Cluster) {
     let f = sleeper();
     let rank = ranking("sleeper");
@@ -1264,6 +1362,127 @@ fn forwarding(c: &mut Cluster) {
         "the members ran sleeper {ran} times for {} calls",
         NODES + AT_ONCE
     );
+    spill_over_by_reported_load(c, &rank);
+}
+
+/// One member's load as another sees it: (load, reported_load, forwarded).
+type LoadSeen = (u64, Option<u64>, u64);
+
+/// A member's loads as `fnlet members --json` shows them, by member id.
+fn loads_seen(agent: &Agent) -> Result<BTreeMap<String, LoadSeen>, String> {
+    let out = agent.cli(&["members", "--json"]);
+    if !out.status.success() {
+        return Err(format!(
+            "fnlet members: {}",
+            common::text(&out.stderr).trim()
+        ));
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+    let rows = v.as_array().ok_or_else(|| format!("not an array: {v}"))?;
+    rows.iter()
+        .map(|r| {
+            let id = r["id"].as_str().ok_or_else(|| format!("id in {r}"))?;
+            let load = r["load"].as_u64().ok_or_else(|| format!("load in {r}"))?;
+            let forwarded = r["forwarded"]
+                .as_u64()
+                .ok_or_else(|| format!("forwarded in {r}"))?;
+            Ok((
+                id.to_string(),
+                (load, r["reported_load"].as_u64(), forwarded),
+            ))
+        })
+        .collect()
+}
+
+/// 8, continued. Calls arriving on two different members: a slow call reaches one member and
+///    is forwarded to the owner; the owner reports its load (a LoadReport datagram), and a
+///    call then reaching another member, which forwarded nothing itself (its own view alone
+///    would send the call to the idle-looking owner), goes to the second-ranked member.
+fn spill_over_by_reported_load(c: &mut Cluster, rank: &[String]) {
+    let owner = &rank[0];
+    let (first, second) = (index_of(&rank[2]), index_of(&rank[3]));
+    // The burst above is over: wait until the second entry sees every member idle.
+    let start = Instant::now();
+    loop {
+        let seen = loads_seen(&c.nodes[second]);
+        if seen.as_ref().is_ok_and(|s| s.values().all(|v| v.0 == 0)) {
+            break;
+        }
+        assert!(
+            start.elapsed() < SETTLE,
+            "{} still sees loads {SETTLE:?} after the calls ended: {seen:?}",
+            node_id(second)
+        );
+        std::thread::sleep(POLL);
+    }
+    let slow = c.nodes[first].invoke_in_background("sleeper", b"5");
+    // The owner's report reaches the second entry (within 100 ms; a lost one is sent again
+    // within 1 s).
+    let start = Instant::now();
+    let seen = loop {
+        let seen = loads_seen(&c.nodes[second]);
+        if let Ok(s) = &seen
+            && let Some(&(load, Some(reported), forwarded)) = s.get(owner)
+            && reported >= 1
+        {
+            assert_eq!(
+                (forwarded, load),
+                (0, reported),
+                "{} forwarded nothing to {owner}: {s:?}",
+                node_id(second)
+            );
+            break seen;
+        }
+        assert!(
+            start.elapsed() < SETTLE,
+            "{} did not hear {owner}'s load within {SETTLE:?}: {seen:?}",
+            node_id(second)
+        );
+        std::thread::sleep(POLL);
+    };
+    let exported = metric(
+        &c.nodes[second],
+        &format!("fnlet_cluster_peer_load{{peer=\"{owner}\"}}"),
+    );
+    assert!(
+        exported >= 1.0,
+        "{}'s /metrics: fnlet_cluster_peer_load for {owner} is {exported}",
+        node_id(second)
+    );
+    let r = c.nodes[second].invoke("sleeper", b"0");
+    let still_running = !slow.is_finished();
+    assert_eq!(r.status, 200, "{}: {}", node_id(second), r.text());
+    let host = r.header("x-fnlet-host").unwrap_or_default();
+    eprintln!(
+        "     a slow call on {} ran on the owner; {} then saw {seen:?} and its call ran on {host}",
+        node_id(first),
+        node_id(second),
+    );
+    assert!(
+        still_running,
+        "the slow call on {} ended before the call on {}: the step cannot tell",
+        node_id(first),
+        node_id(second)
+    );
+    assert_eq!(
+        host,
+        rank[1],
+        "with {owner} reporting a call in flight, {}'s call went to {host}, not the second-ranked member\n{}",
+        node_id(second),
+        c.describe()
+    );
+    let r = match slow.join() {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => panic!("the slow call on {}: {e}", node_id(first)),
+        Err(_) => panic!("the slow call's thread panicked"),
+    };
+    assert_eq!(r.status, 200, "the slow call: {}", r.text());
+    assert_eq!(
+        r.header("x-fnlet-host").unwrap_or_default(),
+        *owner,
+        "the slow call on {} ran elsewhere than on the idle owner",
+        node_id(first)
+    );
 }
 
 /// The frames in `bytes`, as (kind, meta); panics on a truncated one.
@@ -1300,13 +1519,15 @@ fn unhex(hex: &str) -> Vec<u8> {
 
 /// 9. A QUIC caller (fnlet-invoke/1) sending an InvokeRequest that says it was already
 ///    forwarded (hops 2, and 255; at most 1 is allowed) gets one Error frame, HOP_LIMIT, and
-///    the function does not run. A call with hops 0 on the same door runs.
+///    the function does not run. A call with hops 0 on the same door (a member that is not
+///    sleeper's owner) runs on the owner, under the request id the caller gave it.
 fn hop_limit(c: &mut Cluster) {
     const INVOKE_REQUEST: u8 = 0x01;
     const ERROR: u8 = 0x05;
     const RESPONSE_HEAD: u8 = 0x02;
     const HOP_LIMIT: u64 = 0x108;
-    let addr = peer_addr(node_ip(1));
+    let rank = ranking("sleeper");
+    let addr = peer_addr(node_ip(index_of(&rank[1])));
     let deadline_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64 + 30_000)
@@ -1314,7 +1535,7 @@ fn hop_limit(c: &mut Cluster) {
     let request = |hops: u8| {
         let meta = serde_json::json!({
             "function": "sleeper",
-            "request_id": format!("hops-{hops}"),
+            "request_id": format!("quic-caller-hops-{hops}"),
             "deadline_ms": deadline_ms,
             "hops": hops,
             "entry": {"kind": "exec"},
@@ -1351,6 +1572,21 @@ fn hop_limit(c: &mut Cluster) {
         got.first()
             .is_some_and(|(kind, meta)| *kind == RESPONSE_HEAD && meta["status"] == 200),
         "hops 0: expected a ResponseHead with status 200, got {got:?}"
+    );
+    assert_eq!(
+        got[0].1["host"], rank[0],
+        "hops 0 on {}: ran on {}, not on sleeper's owner",
+        rank[1], got[0].1["host"]
+    );
+    // The owner ran it under the caller's request id (its log line for the call names it).
+    let owner_log = c.nodes[index_of(&rank[0])].log();
+    assert!(
+        owner_log
+            .lines()
+            .any(|l| l.contains("invocation ok") && l.contains("request_id=\"quic-caller-hops-0\"")),
+        "{} has no 'invocation ok' line for request id quic-caller-hops-0:\n{}",
+        rank[0],
+        tail(&owner_log, 20)
     );
 }
 

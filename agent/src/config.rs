@@ -52,6 +52,9 @@ pub struct ClusterConfig {
     /// Hosts a deploy waits for to hold the bundle before it answers (capped by the cluster's
     /// size).
     pub replicas: u32,
+    /// How long the node certificates this host issues are valid, in seconds (on the host
+    /// holding the cluster CA; members renew theirs past 2/3 of it). At least 10.
+    pub node_cert_validity_s: u64,
 }
 
 impl Default for ClusterConfig {
@@ -63,6 +66,7 @@ impl Default for ClusterConfig {
             join: Vec::new(),
             token_file: String::new(),
             replicas: 2,
+            node_cert_validity_s: crate::cluster::pki::NODE_CERT_VALIDITY.as_secs(),
         }
     }
 }
@@ -455,6 +459,12 @@ impl Config {
         if c.replicas == 0 {
             return bad("cluster.replicas", "must be at least 1");
         }
+        if !(10..=crate::cluster::pki::CA_VALIDITY.as_secs()).contains(&c.node_cert_validity_s) {
+            return bad(
+                "cluster.node_cert_validity_s",
+                "must be between 10 and 315360000 (the CA's 10 years)",
+            );
+        }
         let d = &self.defaults;
         if !(16..=65536).contains(&d.memory_mb) {
             return bad("defaults.memory_mb", "must be between 16 and 65536");
@@ -590,6 +600,11 @@ mod tests {
     fn bad_values_name_the_key() {
         let err = parse("[defaults]\ncpus = -1\n").unwrap_err().to_string();
         assert!(err.contains("defaults.cpus"), "{err}");
+        let err = parse("[cluster]\nnode_cert_validity_s = 9\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cluster.node_cert_validity_s"), "{err}");
+        assert!(parse("[cluster]\nnode_cert_validity_s = 10\n").is_ok());
         let err = parse("listen = \"nowhere\"").unwrap_err().to_string();
         assert!(err.contains("listen"), "{err}");
         let err = parse("state_dir = \"relative\"").unwrap_err().to_string();

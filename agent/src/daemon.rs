@@ -395,7 +395,9 @@ impl Drop for RemoveRootOnFailure {
 async fn start_cluster(app: &Arc<App>, join_token: Option<&str>) -> anyhow::Result<()> {
     use crate::cluster::{node, pki::ClusterDir};
     let config = &app.config;
-    let dir = ClusterDir::new(&config.state_dir);
+    let dir = ClusterDir::new(&config.state_dir).with_node_cert_validity(
+        std::time::Duration::from_secs(config.cluster.node_cert_validity_s),
+    );
     let mut seeds = Vec::new();
     if !dir.is_member() {
         if config.cluster.join.is_empty() {

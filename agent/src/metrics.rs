@@ -40,6 +40,18 @@ pub struct StateLabels {
     pub state: String,
 }
 
+/// A cluster member, by node id.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    pub peer: String,
+}
+
+/// Load reports sent or received.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub function: String,
@@ -78,6 +90,11 @@ pub struct Metrics {
     pub catalog_lag: Gauge,
     forward_duration: Histogram,
     swim_dropped: Counter,
+    peer_load: Family<PeerLabels, Gauge>,
+    own_load: Gauge,
+    cert_expiry: Gauge,
+    cert_renewals: Family<ResultLabels, Counter>,
+    load_reports: Family<DirectionLabels, Counter>,
     pub connections_open: Gauge,
     connections_refused: Family<ReasonLabels, Counter>,
     connection_timeouts: Family<ReasonLabels, Counter>,
@@ -152,6 +169,36 @@ impl Metrics {
             "cluster_swim_dropped",
             "SWIM packets dropped because the membership task was behind",
             swim_dropped.clone(),
+        );
+        let peer_load = Family::<PeerLabels, Gauge>::default();
+        registry.register(
+            "cluster_peer_load",
+            "Calls in flight on each other member, as it last reported them (LoadReport datagrams)",
+            peer_load.clone(),
+        );
+        let own_load = Gauge::default();
+        registry.register(
+            "cluster_own_load",
+            "Calls in flight on this host, as it last reported them to the other members",
+            own_load.clone(),
+        );
+        let cert_expiry = Gauge::default();
+        registry.register(
+            "cluster_cert_expiry_unix_seconds",
+            "When this node's cluster certificate expires (it is renewed past 2/3 of its lifetime)",
+            cert_expiry.clone(),
+        );
+        let cert_renewals = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "cluster_cert_renewals",
+            "Renewals of this node's cluster certificate, by result (ok, failed)",
+            cert_renewals.clone(),
+        );
+        let load_reports = Family::<DirectionLabels, Counter>::default();
+        registry.register(
+            "cluster_load_reports",
+            "LoadReport datagrams, by direction (sent: one per member it went to; received)",
+            load_reports.clone(),
         );
         let connections_open = Gauge::default();
         let connections_refused = Family::<ReasonLabels, Counter>::default();
@@ -253,6 +300,11 @@ impl Metrics {
             catalog_lag,
             forward_duration,
             swim_dropped,
+            peer_load,
+            own_load,
+            cert_expiry,
+            cert_renewals,
+            load_reports,
             connections_open,
             connections_refused,
             connection_timeouts,
@@ -291,6 +343,44 @@ impl Metrics {
 
     pub fn bad_frame(&self) {
         self.bad_frames.inc();
+    }
+
+    /// This node's certificate expires at `unix_s`.
+    pub fn cert_expiry(&self, unix_s: i64) {
+        self.cert_expiry.set(unix_s);
+    }
+
+    /// A renewal of this node's certificate ended: `ok` or `failed`.
+    pub fn cert_renewal(&self, result: &str) {
+        self.cert_renewals
+            .get_or_create(&ResultLabels {
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
+    /// A member's load report arrived.
+    pub fn peer_load(&self, peer: &str, load: u32) {
+        self.peer_load
+            .get_or_create(&PeerLabels {
+                peer: peer.to_string(),
+            })
+            .set(i64::from(load));
+        self.load_reports
+            .get_or_create(&DirectionLabels {
+                direction: "received".into(),
+            })
+            .inc();
+    }
+
+    /// This host reported `load` to `peers` members.
+    pub fn own_load(&self, load: u32, peers: u64) {
+        self.own_load.set(i64::from(load));
+        self.load_reports
+            .get_or_create(&DirectionLabels {
+                direction: "sent".into(),
+            })
+            .inc_by(peers);
     }
 
     pub fn swim_dropped(&self) {

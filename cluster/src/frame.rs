@@ -176,11 +176,15 @@ pub enum Kind {
     JoinRequest = 0x20,
     /// A joining host's certificate and peers: meta [`JoinResponse`].
     JoinResponse = 0x21,
+    /// A member asking for a new certificate before its own expires: meta [`RenewRequest`].
+    RenewRequest = 0x22,
+    /// A member's new certificate: meta [`RenewResponse`].
+    RenewResponse = 0x23,
 }
 
 impl Kind {
     /// Every kind, in byte order.
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 13] = [
         Kind::InvokeRequest,
         Kind::ResponseHead,
         Kind::Data,
@@ -192,6 +196,8 @@ impl Kind {
         Kind::BundleHead,
         Kind::JoinRequest,
         Kind::JoinResponse,
+        Kind::RenewRequest,
+        Kind::RenewResponse,
     ];
 
     /// The kind for a header byte.
@@ -539,6 +545,23 @@ impl<'de> Deserialize<'de> for SealingKey {
     }
 }
 
+/// Meta of a RenewRequest frame: a member (its certificate names it) asking the CA holder
+/// for a new certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    /// A PEM certificate signing request for the member's (new) key.
+    pub csr_pem: String,
+}
+
+/// Meta of a RenewResponse frame: the member's new certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewResponse {
+    /// The new certificate (PEM), naming the node id the requester's certificate names.
+    pub cert_pem: String,
+}
+
 /// One frame.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
@@ -574,6 +597,10 @@ pub enum Frame {
     JoinRequest(JoinRequest),
     /// A joining host's certificate and peers.
     JoinResponse(JoinResponse),
+    /// A member asking for a new certificate.
+    RenewRequest(RenewRequest),
+    /// A member's new certificate.
+    RenewResponse(RenewResponse),
 }
 
 /// A frame could not be decoded, encoded, or came where it may not. Every variant has the
@@ -841,6 +868,25 @@ impl Meta for JoinResponse {
     }
 }
 
+impl Meta for RenewRequest {
+    const KIND: Kind = Kind::RenewRequest;
+    fn validate(&self) -> Result<(), (&'static str, &'static str)> {
+        if !self.csr_pem.contains("-----BEGIN CERTIFICATE REQUEST-----") {
+            return Err(("csr_pem", "must be a PEM certificate request"));
+        }
+        Ok(())
+    }
+}
+impl Meta for RenewResponse {
+    const KIND: Kind = Kind::RenewResponse;
+    fn validate(&self) -> Result<(), (&'static str, &'static str)> {
+        if !self.cert_pem.contains("-----BEGIN CERTIFICATE-----") {
+            return Err(("cert_pem", "must be a PEM certificate"));
+        }
+        Ok(())
+    }
+}
+
 fn parse_meta<M: Meta>(meta: &[u8]) -> Result<M, FrameError> {
     // An empty meta reads as `{}` (End without an error is sent that way).
     let json = if meta.is_empty() {
@@ -889,6 +935,8 @@ impl Frame {
             Frame::BundleHead(_) => Kind::BundleHead,
             Frame::JoinRequest(_) => Kind::JoinRequest,
             Frame::JoinResponse(_) => Kind::JoinResponse,
+            Frame::RenewRequest(_) => Kind::RenewRequest,
+            Frame::RenewResponse(_) => Kind::RenewResponse,
         }
     }
 
@@ -918,6 +966,8 @@ impl Frame {
             Frame::BundleHead(m) => (meta_json(m)?, &empty),
             Frame::JoinRequest(m) => (meta_json(m)?, &empty),
             Frame::JoinResponse(m) => (meta_json(m)?, &empty),
+            Frame::RenewRequest(m) => (meta_json(m)?, &empty),
+            Frame::RenewResponse(m) => (meta_json(m)?, &empty),
         };
         let kind = self.kind();
         let too_large = |part, len: usize, limit: u64| FrameError::TooLarge {
@@ -970,6 +1020,8 @@ impl Frame {
             Kind::BundleHead => Frame::BundleHead(parse_meta(meta)?),
             Kind::JoinRequest => Frame::JoinRequest(parse_meta(meta)?),
             Kind::JoinResponse => Frame::JoinResponse(parse_meta(meta)?),
+            Kind::RenewRequest => Frame::RenewRequest(parse_meta(meta)?),
+            Kind::RenewResponse => Frame::RenewResponse(parse_meta(meta)?),
         })
     }
 }
@@ -1110,6 +1162,7 @@ impl Decoder {
 /// | CatalogDigest+ | CatalogDelta\*, End — or Error |
 /// | BundleRequest | BundleHead, Data\* (exactly `size` bytes), End — or Error |
 /// | JoinRequest | JoinResponse — or Error |
+/// | RenewRequest | RenewResponse — or Error |
 ///
 /// Each request opens a bidirectional stream, and the requester finishes its side after the
 /// request. Gossip goes on unidirectional streams of CatalogDelta frames. On `fnlet-invoke/1`
@@ -1139,6 +1192,7 @@ enum State {
         received: u64,
     },
     JoinAnswer,
+    RenewAnswer,
     Done,
 }
 
@@ -1183,6 +1237,7 @@ impl Expect {
                 received: 0,
             },
             Frame::JoinRequest(_) => State::JoinAnswer,
+            Frame::RenewRequest(_) => State::RenewAnswer,
             _ => return None,
         };
         Some(Expect { state })
@@ -1222,10 +1277,13 @@ impl Expect {
                 return unexpected("an InvokeRequest (fnlet-invoke/1 carries calls only)");
             }
             (State::Request { .. }, Frame::CatalogDigest(_)) => State::MoreDigests,
-            (State::Request { .. }, Frame::BundleRequest(_) | Frame::JoinRequest(_)) => State::Done,
+            (
+                State::Request { .. },
+                Frame::BundleRequest(_) | Frame::JoinRequest(_) | Frame::RenewRequest(_),
+            ) => State::Done,
             (State::Request { .. }, _) => {
                 return unexpected(
-                    "a request (InvokeRequest, CatalogDigest, BundleRequest, JoinRequest)",
+                    "a request (InvokeRequest, CatalogDigest, BundleRequest, JoinRequest, RenewRequest)",
                 );
             }
             (State::MoreDigests, Frame::CatalogDigest(_)) => State::MoreDigests,
@@ -1312,6 +1370,8 @@ impl Expect {
             }
             (State::JoinAnswer, Frame::JoinResponse(_) | Frame::Error(_)) => State::Done,
             (State::JoinAnswer, _) => return unexpected("a JoinResponse or an Error"),
+            (State::RenewAnswer, Frame::RenewResponse(_) | Frame::Error(_)) => State::Done,
+            (State::RenewAnswer, _) => return unexpected("a RenewResponse or an Error"),
             (State::Done, _) => return unexpected("nothing (the exchange is complete)"),
         };
         Ok(())
@@ -1328,6 +1388,7 @@ impl Expect {
             State::BundleAnswer { size: None, .. } => "a BundleHead or an Error",
             State::BundleAnswer { .. } => "the rest of the bundle and its End",
             State::JoinAnswer => "a JoinResponse or an Error",
+            State::RenewAnswer => "a RenewResponse or an Error",
         };
         Err(FrameError::Incomplete { expected })
     }
@@ -1414,6 +1475,14 @@ mod tests {
                 }],
                 sealing_key: SealingKey::new(std::array::from_fn(|i| i as u8)),
             }),
+            Frame::RenewRequest(RenewRequest {
+                csr_pem:
+                    "-----BEGIN CERTIFICATE REQUEST-----\nMIIB\n-----END CERTIFICATE REQUEST-----\n"
+                        .into(),
+            }),
+            Frame::RenewResponse(RenewResponse {
+                cert_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
+            }),
         ]
     }
 
@@ -1423,7 +1492,19 @@ mod tests {
         let mut out = Vec::new();
         let mut section: Option<(u8, String)> = None;
         let mut hex_block: Option<String> = None;
+        // Only the "## Frames" part: datagrams have their own section (load.rs checks it).
+        let mut in_frames = false;
         for line in doc.lines() {
+            if hex_block.is_none()
+                && let Some(h) = line.strip_prefix("## ")
+            {
+                in_frames = h.trim() == "Frames";
+                section = None;
+                continue;
+            }
+            if !in_frames {
+                continue;
+            }
             if let Some(text) = &mut hex_block {
                 if line.trim() == "```" {
                     let (kind, name) = section
@@ -1833,6 +1914,14 @@ mod tests {
             .unwrap();
         assert!(run(join.clone(), &[ex(JoinResponse), ex(JoinResponse)]).is_err());
         assert!(join.finish().is_err());
+        let renew = Expect::answer_to(&ex(RenewRequest)).unwrap();
+        run(renew.clone(), &[ex(RenewResponse)])
+            .unwrap()
+            .finish()
+            .unwrap();
+        run(renew.clone(), &[ex(Error)]).unwrap().finish().unwrap();
+        assert!(run(renew.clone(), &[ex(JoinResponse)]).is_err());
+        assert!(renew.finish().is_err());
         assert!(Expect::answer_to(&ex(Data)).is_none());
     }
 
@@ -1912,7 +2001,7 @@ mod tests {
     fn requests_are_checked_against_the_alpn_and_the_peer() {
         use Kind::*;
         let peer = Expect::request(Alpn::Peer);
-        for k in [InvokeRequest, BundleRequest, JoinRequest] {
+        for k in [InvokeRequest, BundleRequest, JoinRequest, RenewRequest] {
             let e = run(peer.clone(), &[ex(k)]).unwrap();
             assert!(e.is_complete());
             assert_eq!(
@@ -1925,7 +2014,14 @@ mod tests {
             .finish()
             .unwrap();
         assert!(run(peer.clone(), &[ex(CatalogDigest), ex(InvokeRequest)]).is_err());
-        for k in [Data, End, ResponseHead, CatalogDelta, JoinResponse] {
+        for k in [
+            Data,
+            End,
+            ResponseHead,
+            CatalogDelta,
+            JoinResponse,
+            RenewResponse,
+        ] {
             assert!(run(peer.clone(), &[ex(k)]).is_err(), "{k}");
         }
         assert_eq!(peer.finish().unwrap_err().code(), ErrorCode::TRUNCATED);
@@ -1935,14 +2031,14 @@ mod tests {
             .unwrap()
             .finish()
             .unwrap();
-        for k in [CatalogDigest, BundleRequest, JoinRequest] {
+        for k in [CatalogDigest, BundleRequest, JoinRequest, RenewRequest] {
             let e = run(invoke.clone(), &[ex(k)]).unwrap_err();
             assert!(e.to_string().contains("fnlet-invoke/1"), "{e}");
         }
 
         let stranger = Expect::join_request();
         run(stranger.clone(), &[ex(JoinRequest)]).unwrap();
-        for k in [InvokeRequest, CatalogDigest, BundleRequest] {
+        for k in [InvokeRequest, CatalogDigest, BundleRequest, RenewRequest] {
             let e = run(stranger.clone(), &[ex(k)]).unwrap_err();
             assert!(e.to_string().contains("no cluster certificate"), "{e}");
         }

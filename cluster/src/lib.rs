@@ -12,6 +12,7 @@
 //! | [`hlc`] | the hybrid logical clock stamping catalog writes (uhlc timestamps, `now` passed in) |
 //! | [`catalog`] | the replicated catalog: a last-writer-wins map with digests and deltas |
 //! | [`route`] | which host runs a function: rendezvous ranking with bounded load |
+//! | [`load`] | the hosts' in-flight loads: the LoadReport datagram, when to send it, how to combine it |
 //! | [`membership`] | the SWIM identity and a sans-IO driver around foca, with its timing bounds |
 //! | [`token`] | join tokens: text form, parsing, verification |
 //!
@@ -33,7 +34,9 @@
 //!   out (`poll_transmit`, `poll_timeout`, `poll_event`). A restart can start from the members
 //!   it kept ([`membership::Membership::add_members`]) rather than announcing to each.
 //! - **Routing.** [`route::pick`] names the host for a call from the live members and their
-//!   in-flight loads.
+//!   in-flight loads: this host's own, and each peer's from [`load::PeerLoads`], which holds
+//!   the peers' LoadReport datagrams and the calls this host forwarded since. A
+//!   [`load::Reporter`] says when this host reports its own load to its peers.
 //!
 //! # Failure detection bounds (foca's LAN configuration)
 //!
@@ -58,6 +61,7 @@
 pub mod catalog;
 pub mod frame;
 pub mod hlc;
+pub mod load;
 pub mod membership;
 pub mod route;
 pub mod token;

@@ -87,7 +87,9 @@ pub(super) async fn init(
 }
 
 fn start_new_cluster(app: &Arc<App>) -> Result<Arc<Node>, AppError> {
-    let dir = ClusterDir::new(&app.config.state_dir);
+    let dir = ClusterDir::new(&app.config.state_dir).with_node_cert_validity(
+        std::time::Duration::from_secs(app.config.cluster.node_cert_validity_s),
+    );
     dir.init(&app.config.node_id())
         .map_err(|e| AppError::internal("making the cluster CA", e))?;
     let node = Node::start(

@@ -48,6 +48,36 @@ fn may_invoke(
     }
 }
 
+/// The request id and deadline a forwarded call carries. A QUIC caller's call (handed in by
+/// the cluster layer) keeps the id it has here and its caller's deadline; an HTTP call gets a
+/// new id, and the wait its caller is given: the function's timeout and its queue, with room
+/// for the trip.
+fn id_and_deadline(
+    extensions: &axum::http::Extensions,
+    f: &ActiveFunction,
+    app: &App,
+) -> (String, u64) {
+    let wait = Duration::from_secs_f64(f.resolved.timeout_s)
+        + app.router.queue_timeout
+        + Duration::from_secs(2);
+    passing_of(extensions.get::<super::ClusterCall>(), wait)
+}
+
+/// [`id_and_deadline`] for a call handed in as `call` (if it was), an HTTP caller waiting
+/// `wait`.
+fn passing_of(call: Option<&super::ClusterCall>, wait: Duration) -> (String, u64) {
+    let waited = || {
+        SystemTime::now()
+            .checked_add(wait)
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map_or(u64::MAX, |d| d.as_millis() as u64)
+    };
+    match call {
+        Some(c) => (c.request_id.clone(), c.deadline_ms.unwrap_or_else(waited)),
+        None => (super::request_id(), waited()),
+    }
+}
+
 /// The routing layer in front of the invocation routes.
 pub(super) async fn route(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     let Some(node) = app.cluster.get().cloned() else {
@@ -77,19 +107,11 @@ pub(super) async fn route(State(app): State<Arc<App>>, req: Request, next: Next)
         Err(e) => return e.into_response(),
     };
     let local = |parts, payload: bytes::Bytes| Request::from_parts(parts, Body::from(payload));
+    let (request_id, deadline_ms) = id_and_deadline(&parts.extensions, &f, &app);
     if !may_invoke(&app, &f, &parts, &payload) {
         // Refused here, in the handler's own words.
         return next.run(local(parts, payload)).await;
     }
-    let request_id = super::request_id();
-    // The caller's wait: the function's timeout and its queue, with room for the trip.
-    let wait = Duration::from_secs_f64(f.resolved.timeout_s)
-        + app.router.queue_timeout
-        + Duration::from_secs(2);
-    let deadline_ms = SystemTime::now()
-        .checked_add(wait)
-        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-        .map_or(u64::MAX, |d| d.as_millis() as u64);
     let passing = Passing {
         request_id: &request_id,
         deadline_ms,
@@ -152,7 +174,38 @@ pub(super) async fn route(State(app): State<Arc<App>>, req: Request, next: Next)
 
 #[cfg(test)]
 mod tests {
-    use super::function_of;
+    use std::time::{Duration, SystemTime};
+
+    use super::{function_of, passing_of};
+    use crate::api::ClusterCall;
+
+    #[test]
+    fn a_quic_callers_call_keeps_its_id_and_deadline_when_forwarded() {
+        let call = ClusterCall {
+            request_id: "caller-7".into(),
+            forwarded_by: None,
+            hops: 0,
+            deadline_ms: Some(1_767_225_630_000),
+        };
+        assert_eq!(
+            passing_of(Some(&call), Duration::from_secs(60)),
+            ("caller-7".to_string(), 1_767_225_630_000)
+        );
+        // An HTTP caller: a new id each time, and the wait from now.
+        let now_ms = |d: Duration| {
+            (SystemTime::now() + d)
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64
+        };
+        let before = now_ms(Duration::from_secs(60));
+        let (a, deadline) = passing_of(None, Duration::from_secs(60));
+        let after = now_ms(Duration::from_secs(60));
+        assert!((before..=after).contains(&deadline), "{deadline}");
+        let (b, _) = passing_of(None, Duration::from_secs(60));
+        assert_ne!(a, b);
+        assert_ne!(a, "caller-7");
+    }
 
     #[test]
     fn invocation_paths_name_their_function() {

@@ -102,7 +102,7 @@ impl Session {
         let request = InvokeRequest {
             function: name.to_string(),
             qualifier: None,
-            // The agent gives the call a request id of its own; this one only fills the field.
+            // The call's request id on every host it passes (the agent keeps it).
             request_id: crate::api::request_id(),
             deadline_ms: invoke::deadline_in(WAIT),
             hops: 0,

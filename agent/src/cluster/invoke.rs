@@ -295,8 +295,16 @@ where
             };
             (source, Some(node_id.clone()), req.request_id.clone())
         }
-        // A caller's own request id names nothing here: the call gets one of this host's.
-        Caller::Client { .. } => (remote, None, crate::api::request_id()),
+        // The caller's request id names the call on every host it passes, when it is one a
+        // Lambda runtime can carry in a URL path; otherwise the call gets one of this host's.
+        Caller::Client { .. } => {
+            let id = if usable_request_id(&req.request_id) {
+                req.request_id.clone()
+            } else {
+                crate::api::request_id()
+            };
+            (remote, None, id)
+        }
     };
     http_req.extensions_mut().insert(ConnectInfo(source));
     http_req.extensions_mut().insert(ClusterCall {
@@ -318,6 +326,15 @@ where
         _ = stopped => return Served::CallerGone,
     };
     answer(send, resp, &host.node_id, deadline).await
+}
+
+/// Whether a QUIC caller's request id is kept as the call's: 1 to 128 ASCII letters, digits,
+/// `-`, `_`, `.` and `:` (it travels in the Lambda Runtime API's URL paths and in log lines).
+pub fn usable_request_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
 /// A Unix-milliseconds deadline as a timer instant; `None` once it has passed.
@@ -1299,6 +1316,19 @@ mod tests {
     }
 
     #[test]
+    fn only_plain_request_ids_are_kept() {
+        assert!(usable_request_id("r-1"));
+        assert!(usable_request_id("b341162f-3b25-58df-be94-000e3757cc88"));
+        assert!(usable_request_id("trace:1.2_3"));
+        assert!(usable_request_id(&"a".repeat(128)));
+        assert!(!usable_request_id(&"a".repeat(129)));
+        assert!(!usable_request_id(""));
+        for bad in ["a/b", "a b", "a?b", "a%2f", "é", "a#b"] {
+            assert!(!usable_request_id(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn deadlines_in_the_past_have_passed() {
         assert!(deadline_at(0).is_none());
         assert!(deadline_at(deadline_in(Duration::ZERO).saturating_sub(1)).is_none());
@@ -1517,7 +1547,13 @@ mod tests {
     fn member(ca: &ClusterDir, dir: &std::path::Path, id: &str) -> Credentials {
         let c = ClusterDir::new(dir);
         let (key, csr) = node_key_and_csr(id).unwrap();
-        let cert = sign_csr(&ca.issuer().unwrap(), &csr, id).unwrap();
+        let cert = sign_csr(
+            &ca.issuer().unwrap(),
+            &csr,
+            id,
+            crate::cluster::pki::NODE_CERT_VALIDITY,
+        )
+        .unwrap();
         c.store_ca_cert(&std::fs::read_to_string(ca.ca_cert()).unwrap())
             .unwrap();
         c.store_node(&key.serialize_pem(), &cert).unwrap();
@@ -1573,10 +1609,18 @@ mod tests {
         assert_eq!(seen["body"], "input");
         assert_eq!(seen["authorization"], "Bearer tok");
         assert_eq!(seen["from"], "127.0.0.1");
-        // A caller is not a peer: nobody authorised it yet, and its request id is not taken.
+        // A caller is not a peer: nobody authorised it yet. Its request id is kept.
         assert_eq!(seen["forwarded_by"], Value::Null);
+        assert_eq!(seen["request_id"], "r-1");
+        assert_eq!(s.next_served().await, Served::Answered);
+        // One that could not travel in a Lambda Runtime API path is replaced by this host's.
+        let mut c = invoke(InvokeEntry::Exec, "hello", b"input");
+        c.request.headers = vec![("authorization".into(), "Bearer tok".into())];
+        c.request.request_id = "not/a path".into();
+        let r = call(&conn, c, frame::DEFAULT_MAX_BODY).await.unwrap();
+        let seen = json_body(r).await;
         let id = seen["request_id"].as_str().unwrap();
-        assert!(id != "r-1" && id.len() == 36, "{id}");
+        assert!(id != "not/a path" && id.len() == 36, "{id}");
         assert_eq!(s.next_served().await, Served::Answered);
 
         // An auto entry takes the function's own door.

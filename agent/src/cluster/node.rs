@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fnlet_cluster::Sha256Hash;
 use fnlet_cluster::frame::{self, Alpn, ErrorCode, Expect, Frame, Limits, Seed};
+use fnlet_cluster::load::{LoadReport, PeerLoads, ReportTiming, Reporter, Ticket};
 use fnlet_cluster::membership::{
     MemberEvent, MemberInfo, MemberState, Membership, NodeIdentity, foca_config,
 };
@@ -76,9 +77,15 @@ pub struct MemberRow {
     pub generation: u64,
     /// Round-trip time of this host's connection to it, when one is open.
     pub rtt_ms: Option<f64>,
-    /// In-flight calls, as routing sees them: this host's running calls, and for a peer the
-    /// calls this host forwarded to it that are still running.
+    /// In-flight calls, as routing sees them: this host's running calls; for a peer, what it
+    /// last reported plus the calls this host forwarded to it since, and never less than the
+    /// calls this host forwarded to it that are still running (cluster/src/load.rs).
     pub load: u32,
+    /// What the peer last reported (LoadReport datagrams), while that counts; none for this
+    /// host.
+    pub reported_load: Option<u32>,
+    /// Calls this host forwarded to the peer that are still running.
+    pub forwarded: u32,
     pub this_host: bool,
 }
 
@@ -119,8 +126,8 @@ pub struct Node {
     tokens: Mutex<()>,
     /// When the members table was last copied out of foca.
     refreshed: Mutex<Option<Instant>>,
-    /// Calls this host forwarded that are still running, per peer: the load it routes by.
-    forwarded: Mutex<HashMap<String, u32>>,
+    /// The peers' loads: their reports, and the calls this host forwarded to them.
+    loads: Mutex<PeerLoads>,
     pub stop: CancellationToken,
 }
 
@@ -181,7 +188,7 @@ impl Node {
             left: Mutex::new(std::collections::HashSet::new()),
             datagrams: tx,
             tokens: Mutex::new(()),
-            forwarded: Mutex::new(HashMap::new()),
+            loads: Mutex::new(PeerLoads::new()),
             refreshed: Mutex::new(None),
             stop,
         });
@@ -203,6 +210,7 @@ impl Node {
             });
         }
         tokio::spawn(node.clone().membership_loop(rx, seeds));
+        tokio::spawn(node.clone().renew_loop());
         tracing::info!(node = %node.id, peer_listen = %listen, advertise = %node.advertise, "cluster endpoint ready");
         Ok(node)
     }
@@ -222,11 +230,9 @@ impl Node {
 
     /// The members table, this host first (running `own_load` calls).
     pub fn members(&self, own_load: u32) -> Vec<MemberRow> {
-        let forwarded = self
-            .forwarded
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let ttl = self.load_timing().ttl;
+        let now = Instant::now();
+        let loads = self.loads.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut rows = vec![MemberRow {
             id: self.id.clone(),
             addr: self.advertise,
@@ -235,6 +241,8 @@ impl Node {
             generation: self.generation,
             rtt_ms: None,
             load: own_load,
+            reported_load: None,
+            forwarded: 0,
             this_host: true,
         }];
         let conns: HashMap<String, quinn::Connection> =
@@ -250,6 +258,7 @@ impl Node {
                 MemberState::Suspect => "suspect",
                 MemberState::Down => "down",
             };
+            let view = loads.view(&m.identity.id, now, ttl);
             rows.push(MemberRow {
                 id: m.identity.id.clone(),
                 addr: m.identity.addr,
@@ -259,7 +268,9 @@ impl Node {
                 rtt_ms: conns
                     .get(&m.identity.id)
                     .map(|c| c.rtt().as_secs_f64() * 1000.0),
-                load: forwarded.get(&m.identity.id).copied().unwrap_or(0),
+                load: view.load,
+                reported_load: view.reported,
+                forwarded: view.forwarded,
                 this_host: false,
             });
         }
@@ -280,8 +291,9 @@ impl Node {
 
     /// Where a call to `function` should run: the first live host in the function's
     /// rendezvous ranking whose in-flight load is within the bound (ceil(1.25 x mean)). Loads
-    /// are as this host sees them: its own running calls, and the calls it forwarded to each
-    /// peer that are still running. `None`: here.
+    /// are as this host sees them: its own running calls, and each peer's reported load
+    /// combined with the calls this host forwarded to it (see [`MemberRow::load`]). `None`:
+    /// here.
     pub fn pick(&self, function: &str, own_load: u32) -> Option<NodeIdentity> {
         // A suspect gets no new calls: only members answering their probes.
         let peers: Vec<NodeIdentity> = self
@@ -295,19 +307,19 @@ impl Node {
         if peers.is_empty() {
             return None;
         }
-        let forwarded = self
-            .forwarded
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let ttl = self.load_timing().ttl;
+        let now = Instant::now();
         let mut hosts = vec![fnlet_cluster::route::Host {
             id: self.id.as_str(),
             load: own_load,
         }];
-        hosts.extend(peers.iter().map(|p| fnlet_cluster::route::Host {
-            id: p.id.as_str(),
-            load: forwarded.get(&p.id).copied().unwrap_or(0),
-        }));
+        {
+            let loads = self.loads.lock().unwrap_or_else(|p| p.into_inner());
+            hosts.extend(peers.iter().map(|p| fnlet_cluster::route::Host {
+                id: p.id.as_str(),
+                load: loads.view(&p.id, now, ttl).load,
+            }));
+        }
         let chosen = fnlet_cluster::route::pick(
             function,
             &hosts,
@@ -318,16 +330,83 @@ impl Node {
 
     /// Counts a call forwarded to `peer` until the returned guard is dropped.
     pub fn forwarding(self: &Arc<Self>, peer: &str) -> Forwarding {
-        *self
-            .forwarded
+        let ticket = self
+            .loads
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(peer.to_string())
-            .or_default() += 1;
+            .forward_started(peer);
         Forwarding {
             node: self.clone(),
             peer: peer.to_string(),
+            ticket,
         }
+    }
+
+    /// How often loads are reported and how long a report counts, for the cluster's size.
+    fn load_timing(&self) -> ReportTiming {
+        let hosts = self.members.read().unwrap_or_else(|p| p.into_inner()).len() + 1;
+        ReportTiming::for_cluster(hosts)
+    }
+
+    /// A peer's LoadReport datagram.
+    fn load_reported(&self, peer: &str, report: LoadReport) {
+        let kept = self
+            .loads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .received(peer, report, Instant::now());
+        if kept {
+            self.metrics.peer_load(peer, report.load);
+        }
+    }
+
+    /// Reports this host's calls in flight to its peers (cluster/src/load.rs): when the count
+    /// changes, at most once per interval, and every refresh period while it is above zero.
+    pub fn start_load_reports(self: &Arc<Self>, registry: Arc<crate::pool::Registry>) {
+        let node = self.clone();
+        tokio::spawn(async move {
+            let mut reporter = Reporter::new(node.generation);
+            loop {
+                let timing = node.load_timing();
+                let load = u32::try_from(registry.running_total()).unwrap_or(u32::MAX);
+                if let Some(report) = reporter.poll(load, Instant::now(), &timing) {
+                    let sent = node.send_load(report);
+                    node.metrics.own_load(report.load, sent);
+                }
+                // A change that comes while one is owed is picked up at the timeout.
+                let settled = reporter.is_settled(load);
+                let next = reporter.poll_timeout(load, &timing);
+                let timer = async {
+                    match next {
+                        Some(at) => tokio::time::sleep_until(at.into()).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = node.stop.cancelled() => break,
+                    _ = registry.load_changed.notified(), if settled => {}
+                    _ = timer => {}
+                }
+            }
+        });
+    }
+
+    /// Sends `report` to every live member this host has a connection to; how many it went to.
+    fn send_load(&self, report: LoadReport) -> u64 {
+        let data = bytes::Bytes::copy_from_slice(&report.encode());
+        let live: std::collections::HashSet<String> =
+            self.live_peers().into_iter().map(|m| m.id).collect();
+        let mut sent = 0;
+        for (peer, conn) in self.transport.connections() {
+            if !live.contains(&peer) {
+                continue;
+            }
+            match conn.send_datagram(data.clone()) {
+                Ok(()) => sent += 1,
+                Err(e) => tracing::debug!(peer = %peer, "load report: {e}"),
+            }
+        }
+        sent
     }
 
     fn is_alive(&self, id: &str) -> bool {
@@ -416,6 +495,23 @@ impl Node {
             async move {
                 loop {
                     match conn.read_datagram().await {
+                        Ok(d) if fnlet_cluster::load::is_fnlet_datagram(&d) => {
+                            match LoadReport::decode(&d) {
+                                Ok(report) => node.load_reported(&peer, report),
+                                Err(e) => {
+                                    // A bad datagram is a bad frame: the connection goes.
+                                    node.metrics.bad_frame();
+                                    tracing::warn!(peer = %peer, code = %e.code(), "closing the connection: {e}");
+                                    let reason = e.to_string();
+                                    conn.close(
+                                        quinn::VarInt::from_u64(e.code().0)
+                                            .unwrap_or(quinn::VarInt::MAX),
+                                        &reason.as_bytes()[..reason.len().min(200)],
+                                    );
+                                    break;
+                                }
+                            }
+                        }
                         Ok(d) => {
                             if node.datagrams.try_send((peer.clone(), d)).is_err() {
                                 // The membership task is behind: a lost SWIM packet is what
@@ -427,6 +523,10 @@ impl Node {
                             if c.error_code.into_inner() == ErrorCode::SHUTTING_DOWN.0 =>
                         {
                             tracing::info!(peer = %peer, "member left");
+                            node.loads
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .forget_report(&peer);
                             node.left
                                 .lock()
                                 .unwrap_or_else(|p| p.into_inner())
@@ -503,6 +603,10 @@ impl Node {
             Ok(Some(Frame::BundleRequest(r))) => self.serve_bundle(r, &mut send).await,
             Ok(Some(Frame::JoinRequest(r))) => {
                 self.serve_relayed_join(peer, &r, &mut send).await;
+                Ok(())
+            }
+            Ok(Some(Frame::RenewRequest(r))) => {
+                self.serve_renew(peer, &r, &mut send).await;
                 Ok(())
             }
             Ok(Some(other)) => {
@@ -632,6 +736,157 @@ impl Node {
         }
     }
 
+    /// A member's RenewRequest: signed on the CA holder, for the node id the member's
+    /// certificate (this connection's) names; elsewhere NOT_FOUND (the member asks another).
+    async fn serve_renew(
+        &self,
+        peer: &str,
+        req: &frame::RenewRequest,
+        send: &mut quinn::SendStream,
+    ) {
+        if !self.dir.is_ca_holder() {
+            wire::refuse(
+                send,
+                ErrorCode::NOT_FOUND,
+                "this member does not hold the cluster CA",
+            )
+            .await;
+            return;
+        }
+        let signed = self.dir.issuer().and_then(|issuer| {
+            pki::sign_csr(&issuer, &req.csr_pem, peer, self.dir.node_cert_validity)
+        });
+        match signed {
+            Ok(cert_pem) => {
+                tracing::info!(peer, "renewed a member's certificate");
+                let answer = Frame::RenewResponse(frame::RenewResponse { cert_pem });
+                if wire::send(send, &answer).await.is_ok() {
+                    let _ = send.finish();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(peer, "refused to renew a member's certificate: {e}");
+                wire::refuse(send, ErrorCode::UNAUTHORIZED, e.to_string()).await;
+            }
+        }
+    }
+
+    /// Renews this node's certificate once it is past 2/3 of its lifetime: a CSR for its key
+    /// to the CA holder (itself, or each live member in turn until the holder answers), the
+    /// answer checked and kept in the state dir, and shown on new connections from then on.
+    async fn renew_loop(self: Arc<Self>) {
+        loop {
+            let (renew_at, expires) = match self
+                .dir
+                .node_cert_der()
+                .and_then(|der| Ok((pki::renew_at(&der)?, pki::cert_validity(&der)?.1)))
+            {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!("reading this node's certificate: {e}");
+                    return;
+                }
+            };
+            self.metrics.cert_expiry(expires);
+            let wait = renew_at.saturating_sub(i64::try_from(unix_now()).unwrap_or(i64::MAX));
+            if wait > 0 {
+                // Checked again at least hourly: a clock that jumps is noticed.
+                let wait = Duration::from_secs(u64::try_from(wait).unwrap_or(0).min(3600));
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => continue,
+                    _ = self.stop.cancelled() => return,
+                }
+            }
+            match self.renew().await {
+                Ok(()) => {
+                    self.metrics.cert_renewal("ok");
+                    tracing::info!(node = %self.id, "renewed this node's certificate");
+                }
+                Err(e) => {
+                    self.metrics.cert_renewal("failed");
+                    // Tried again soon: a twentieth of what is left, between 1 s and 5 min.
+                    let left = expires.saturating_sub(i64::try_from(unix_now()).unwrap_or(0));
+                    let retry =
+                        Duration::from_secs((u64::try_from(left).unwrap_or(0) / 20).clamp(1, 300));
+                    tracing::warn!(
+                        retry_in = ?retry,
+                        "renewing this node's certificate (it expires at {expires}, Unix seconds): {e}"
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(retry) => {}
+                        _ = self.stop.cancelled() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// One renewal of this node's certificate.
+    async fn renew(&self) -> Result<(), ClusterError> {
+        let csr = self.dir.renewal_csr(&self.id)?;
+        let cert_pem = if self.dir.is_ca_holder() {
+            pki::sign_csr(
+                &self.dir.issuer()?,
+                &csr,
+                &self.id,
+                self.dir.node_cert_validity,
+            )?
+        } else {
+            self.renewal_from_ca_holder(&csr).await?
+        };
+        self.dir.store_renewed(&self.id, &cert_pem)?;
+        let creds = self.dir.node_credentials()?;
+        self.transport.reload(&creds)?;
+        Ok(())
+    }
+
+    /// Asks each live member in turn for a certificate for `csr` until the CA holder answers.
+    async fn renewal_from_ca_holder(&self, csr: &str) -> Result<String, ClusterError> {
+        let mut last = "no live member holds the cluster CA".to_string();
+        for peer in self.live_peers() {
+            let conn = match self.transport.connect(&peer.id, peer.addr).await {
+                Ok(c) => c,
+                Err(e) => {
+                    last = e.to_string();
+                    continue;
+                }
+            };
+            let request = Frame::RenewRequest(frame::RenewRequest {
+                csr_pem: csr.to_string(),
+            });
+            let asked = async {
+                let (mut send, recv) = conn.open_bi().await?;
+                wire::send(&mut send, &request).await?;
+                send.finish()?;
+                let expect = Expect::answer_to(&request).expect("a RenewRequest has an answer");
+                let mut reader = FrameReader::new(recv, Limits::default(), expect);
+                reader.next().await
+            };
+            match tokio::time::timeout(RELAYED_JOIN_TIMEOUT, asked).await {
+                Ok(Ok(Some(Frame::RenewResponse(r)))) => return Ok(r.cert_pem),
+                Ok(Ok(Some(Frame::Error(e)))) if e.code == ErrorCode::NOT_FOUND => {
+                    last = format!("{}: {}", peer.id, e.message);
+                }
+                // The CA holder's word is final.
+                Ok(Ok(Some(Frame::Error(e)))) => {
+                    return Err(ClusterError::Join(format!(
+                        "the CA holder ({}) refused: {}",
+                        peer.id, e.message
+                    )));
+                }
+                Ok(Ok(_)) => last = format!("{}: no answer", peer.id),
+                Ok(Err(e)) => {
+                    wire::close_for(&conn, &e, &peer.id);
+                    last = format!("{}: {e}", peer.id);
+                }
+                Err(_) => last = format!("{}: no answer within {RELAYED_JOIN_TIMEOUT:?}", peer.id),
+            }
+        }
+        Err(ClusterError::Join(format!(
+            "no member renewed this node's certificate ({last})"
+        )))
+    }
+
     /// Checks a join request against the token book and issues the certificate.
     fn admit(&self, req: &frame::JoinRequest) -> Result<frame::JoinResponse, String> {
         if !pki::valid_node_id(&req.node_id) {
@@ -668,8 +923,13 @@ impl Node {
             entry.admitted.push(req.node_id.clone());
             self.save_token_book(&book).map_err(|e| e.to_string())?;
         }
-        let cert_pem =
-            pki::sign_csr(&issuer, &req.csr_pem, &req.node_id).map_err(|e| e.to_string())?;
+        let cert_pem = pki::sign_csr(
+            &issuer,
+            &req.csr_pem,
+            &req.node_id,
+            self.dir.node_cert_validity,
+        )
+        .map_err(|e| e.to_string())?;
         let ca_pem = std::fs::read_to_string(self.dir.ca_cert()).map_err(|e| e.to_string())?;
         let mut members = vec![Seed {
             id: self.id.clone(),
@@ -897,6 +1157,10 @@ impl Node {
                 }
                 MemberEvent::Down(id) => {
                     tracing::warn!(peer = %id.id, addr = %id.addr, "member down");
+                    self.loads
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .forget_report(&id.id);
                     // Calls in flight to it fail soon, not after an idle timeout; a restart of
                     // it is dialled afresh at once. The old connection is closed a little
                     // later: a host that leaves sends its SWIM leave first and closes its
@@ -971,18 +1235,16 @@ impl Node {
 pub struct Forwarding {
     node: Arc<Node>,
     peer: String,
+    ticket: Ticket,
 }
 
 impl Drop for Forwarding {
     fn drop(&mut self) {
-        let mut f = self
-            .node
-            .forwarded
+        self.node
+            .loads
             .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = f.get_mut(&self.peer) {
-            *n = n.saturating_sub(1);
-        }
+            .unwrap_or_else(|p| p.into_inner())
+            .forward_ended(&self.peer, self.ticket);
     }
 }
 

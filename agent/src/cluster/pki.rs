@@ -8,7 +8,10 @@
 //! init and handed to joiners, see `cluster::access_keys`).
 //!
 //! A node certificate names its node id as its one DNS subject alternative name, so a peer's
-//! id is read from the certificate its TLS handshake proved, never from what it claims.
+//! id is read from the certificate its TLS handshake proved, never from what it claims. It is
+//! valid for `node_cert_validity` (a year by default); past 2/3 of that the node renews it for
+//! the same key ([`ClusterDir::renewal_csr`], [`ClusterDir::store_renewed`]; the exchange is in
+//! `node.rs`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,8 +31,12 @@ pub const ALPN_PEER: &[u8] = b"fnlet-peer/1";
 /// ALPN of QUIC callers invoking functions.
 pub const ALPN_INVOKE: &[u8] = b"fnlet-invoke/1";
 
-/// How long a node certificate is valid; a node renews it from the CA holder before then.
+/// How long a node certificate is valid by default (`cluster.node_cert_validity_s` on the CA
+/// holder); a node renews it from the CA holder once past 2/3 of its lifetime.
 pub const NODE_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+/// How far before its issue a certificate's validity starts, for clocks a little behind:
+/// 5 minutes, or a tenth of a short lifetime.
+const BACKDATE: Duration = Duration::from_secs(5 * 60);
 /// How long the cluster CA is valid.
 pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
@@ -59,6 +66,10 @@ pub enum PkiError {
         "this host is not in a cluster yet: run `fnlet cluster init`, or start the agent with --join"
     )]
     NoCluster,
+    #[error("the certificate's validity cannot be read")]
+    BadValidity,
+    #[error("the new certificate {0}")]
+    WrongCert(&'static str),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
@@ -88,13 +99,22 @@ pub fn valid_node_id(id: &str) -> bool {
 #[derive(Debug, Clone)]
 pub struct ClusterDir {
     pub dir: PathBuf,
+    /// How long the node certificates this host issues (as CA holder) are valid.
+    pub node_cert_validity: Duration,
 }
 
 impl ClusterDir {
     pub fn new(state_dir: &Path) -> ClusterDir {
         ClusterDir {
             dir: state_dir.join("cluster"),
+            node_cert_validity: NODE_CERT_VALIDITY,
         }
+    }
+
+    /// Node certificates this host issues are valid for `validity` (`cluster.node_cert_validity_s`).
+    pub fn with_node_cert_validity(mut self, validity: Duration) -> ClusterDir {
+        self.node_cert_validity = validity;
+        self
     }
     pub fn ca_cert(&self) -> PathBuf {
         self.dir.join("ca.pem")
@@ -143,8 +163,48 @@ impl ClusterDir {
         write_file(&self.ca_cert(), ca_cert.pem().as_bytes())?;
         let (node_key, csr) = node_key_and_csr(node_id)?;
         let issuer = Issuer::new(ca_params, ca_key);
-        let cert = sign_csr(&issuer, &csr, node_id)?;
+        let cert = sign_csr(&issuer, &csr, node_id, self.node_cert_validity)?;
         self.store_node(&node_key.serialize_pem(), &cert)
+    }
+
+    /// This node's certificate (DER).
+    pub fn node_cert_der(&self) -> Result<CertificateDer<'static>, PkiError> {
+        first_cert(&self.node_cert())
+    }
+
+    /// A CSR for this node's own key (which stays the same across renewals), naming `node_id`.
+    pub fn renewal_csr(&self, node_id: &str) -> Result<String, PkiError> {
+        let key = KeyPair::from_pem(&read(&self.node_key())?)?;
+        csr_for(&key, node_id)
+    }
+
+    /// Keeps a renewed certificate for this node's key: checked first to name `node_id`, to be
+    /// for this node's key and to be this CA's, then written in place of the old one (one
+    /// rename: the key does not change).
+    pub fn store_renewed(&self, node_id: &str, cert_pem: &str) -> Result<(), PkiError> {
+        use rustls::pki_types::pem::PemObject;
+        let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|_| PkiError::WrongCert("is not PEM"))?;
+        if cert_node_id(&der)? != node_id {
+            return Err(PkiError::WrongCert("names another node"));
+        }
+        let key = KeyPair::from_pem(&read(&self.node_key())?)?;
+        if cert_public_key(&der)? != rcgen::PublicKeyData::subject_public_key_info(&key) {
+            return Err(PkiError::WrongCert("is for another key"));
+        }
+        let ca = self.ca_der()?;
+        let verifier = AnyNodeOf::new(ca)?;
+        verifier
+            .verify_server_cert(
+                &der,
+                &[],
+                &ServerName::try_from(node_id.to_string())
+                    .map_err(|_| PkiError::WrongCert("names no DNS name"))?,
+                &[],
+                UnixTime::now(),
+            )
+            .map_err(|_| PkiError::WrongCert("is not a valid certificate of this cluster's CA"))?;
+        write_file(&self.node_cert(), cert_pem.as_bytes())
     }
 
     /// Keeps this node's key and certificate (and, when joining, the CA's certificate).
@@ -257,12 +317,42 @@ fn ca_params() -> Result<CertificateParams, PkiError> {
 /// A fresh key for this node and a CSR naming `node_id` (PEM). The key stays here.
 pub fn node_key_and_csr(node_id: &str) -> Result<(KeyPair, String), PkiError> {
     let key = KeyPair::generate()?;
+    let csr = csr_for(&key, node_id)?;
+    Ok((key, csr))
+}
+
+fn csr_for(key: &KeyPair, node_id: &str) -> Result<String, PkiError> {
     let mut p = CertificateParams::new(vec![node_id.to_string()])?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, node_id);
     p.distinguished_name = dn;
-    let csr = p.serialize_request(&key)?.pem()?;
-    Ok((key, csr))
+    Ok(p.serialize_request(key)?.pem()?)
+}
+
+/// When a certificate should be renewed: past 2/3 of its lifetime (`not_before` to
+/// `not_after`), as Unix seconds.
+pub fn renew_at(der: &[u8]) -> Result<i64, PkiError> {
+    let (from, until) = cert_validity(der)?;
+    Ok(from + (until - from) * 2 / 3)
+}
+
+/// A certificate's `not_before` and `not_after`, Unix seconds.
+pub fn cert_validity(der: &[u8]) -> Result<(i64, i64), PkiError> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(der).map_err(|_| PkiError::BadValidity)?;
+    let v = cert.validity();
+    let (from, until) = (v.not_before.timestamp(), v.not_after.timestamp());
+    if until <= from {
+        return Err(PkiError::BadValidity);
+    }
+    Ok((from, until))
+}
+
+/// A certificate's subject public key info (DER).
+fn cert_public_key(der: &[u8]) -> Result<Vec<u8>, PkiError> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(der).map_err(|_| PkiError::NoNodeId)?;
+    Ok(cert.public_key().raw.to_vec())
 }
 
 /// Issues a node certificate for `node_id` from a CSR. Only the CSR's public key is taken:
@@ -271,6 +361,7 @@ pub fn sign_csr(
     issuer: &Issuer<'_, KeyPair>,
     csr_pem: &str,
     node_id: &str,
+    validity: Duration,
 ) -> Result<String, PkiError> {
     if !valid_node_id(node_id) {
         return Err(PkiError::BadCsr(format!(
@@ -290,8 +381,8 @@ pub fn sign_csr(
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
     let now = time::OffsetDateTime::now_utc();
-    p.not_before = now - time::Duration::minutes(5);
-    p.not_after = now + NODE_CERT_VALIDITY;
+    p.not_before = now - BACKDATE.min(validity / 10);
+    p.not_after = now + validity;
     p.use_authority_key_identifier_extension = true;
     csr.params = p;
     Ok(csr.signed_by(issuer)?.pem())
@@ -550,18 +641,74 @@ mod tests {
         let issuer = c.issuer().unwrap();
         // The CSR asks for "mallory"; the CA issues for the id it approved.
         let (_key, csr) = node_key_and_csr("mallory").unwrap();
-        let pem = sign_csr(&issuer, &csr, "beta").unwrap();
+        let pem = sign_csr(&issuer, &csr, "beta", NODE_CERT_VALIDITY).unwrap();
         use rustls::pki_types::pem::PemObject;
         let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
         assert_eq!(cert_node_id(&der).unwrap(), "beta");
         assert!(matches!(
-            sign_csr(&issuer, "not a csr", "beta"),
+            sign_csr(&issuer, "not a csr", "beta", NODE_CERT_VALIDITY),
             Err(PkiError::BadCsr(_))
         ));
         assert!(matches!(
-            sign_csr(&issuer, &csr, "Bad Id"),
+            sign_csr(&issuer, &csr, "Bad Id", NODE_CERT_VALIDITY),
             Err(PkiError::BadCsr(_))
         ));
+    }
+
+    #[test]
+    fn a_renewed_certificate_keeps_the_key_and_is_checked_before_it_is_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let ca = ClusterDir::new(d.path()).with_node_cert_validity(Duration::from_secs(30));
+        ca.init("alpha").unwrap();
+        // A 30 s certificate, valid from 3 s before its issue: renewed 2/3 of 33 s in.
+        let der = ca.node_cert_der().unwrap();
+        let (from, until) = cert_validity(&der).unwrap();
+        assert_eq!(until - from, 33);
+        assert_eq!(renew_at(&der).unwrap(), from + 22);
+        // A member's renewal: a CSR for its own key, signed by the CA.
+        let m = tempfile::tempdir().unwrap();
+        let member = ClusterDir::new(m.path());
+        let (key, csr) = node_key_and_csr("beta").unwrap();
+        let issuer = ca.issuer().unwrap();
+        let first = sign_csr(&issuer, &csr, "beta", Duration::from_secs(30)).unwrap();
+        member.store_ca_cert(&read(&ca.ca_cert()).unwrap()).unwrap();
+        member.store_node(&key.serialize_pem(), &first).unwrap();
+        let key_before = std::fs::read(member.node_key()).unwrap();
+        let csr = member.renewal_csr("beta").unwrap();
+        std::thread::sleep(Duration::from_millis(1100));
+        let renewed = sign_csr(&issuer, &csr, "beta", Duration::from_secs(30)).unwrap();
+        member.store_renewed("beta", &renewed).unwrap();
+        assert_eq!(read(&member.node_cert()).unwrap(), renewed);
+        assert_ne!(renewed, first);
+        assert_eq!(std::fs::read(member.node_key()).unwrap(), key_before);
+        assert_eq!(member.node_credentials().unwrap().node_id, "beta");
+        // Refused: another node's name, another key, another CA.
+        let other_name = sign_csr(&issuer, &csr, "gamma", Duration::from_secs(30)).unwrap();
+        assert!(matches!(
+            member.store_renewed("beta", &other_name),
+            Err(PkiError::WrongCert("names another node"))
+        ));
+        let (_, other_csr) = node_key_and_csr("beta").unwrap();
+        let other_key = sign_csr(&issuer, &other_csr, "beta", Duration::from_secs(30)).unwrap();
+        assert!(matches!(
+            member.store_renewed("beta", &other_key),
+            Err(PkiError::WrongCert("is for another key"))
+        ));
+        let o = tempfile::tempdir().unwrap();
+        let other_ca = ClusterDir::new(o.path());
+        other_ca.init("zeta").unwrap();
+        let foreign = sign_csr(
+            &other_ca.issuer().unwrap(),
+            &csr,
+            "beta",
+            NODE_CERT_VALIDITY,
+        )
+        .unwrap();
+        assert!(matches!(
+            member.store_renewed("beta", &foreign),
+            Err(PkiError::WrongCert(_))
+        ));
+        assert_eq!(read(&member.node_cert()).unwrap(), renewed);
     }
 
     #[test]

@@ -114,6 +114,7 @@ impl Node {
     pub fn attach(self: &Arc<Self>, app: &Arc<App>) {
         *self.replica.app.lock().unwrap_or_else(|p| p.into_inner()) = Arc::downgrade(app);
         self.attach_keys(app);
+        self.start_load_reports(app.router.registry.clone());
         let Ok(list) = app.store.list() else { return };
         let mut missing = Vec::new();
         {

@@ -47,6 +47,15 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
+/// The endpoint's server side, showing this node's certificate.
+fn server_config(creds: &Credentials) -> Result<quinn::ServerConfig, TransportError> {
+    let quic = QuicServerConfig::try_from(pki::server_config(creds)?)
+        .map_err(|e| TransportError::Config(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    server.transport_config(transport_config());
+    Ok(server)
+}
+
 /// A QUIC client configuration from a rustls one.
 pub fn client_config(tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, TransportError> {
     let quic =
@@ -60,7 +69,8 @@ pub fn client_config(tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, T
 pub struct Transport {
     pub endpoint: quinn::Endpoint,
     pub node_id: String,
-    peer_client: quinn::ClientConfig,
+    /// This node's side of the connections it dials; replaced when its certificate is renewed.
+    peer_client: Mutex<quinn::ClientConfig>,
     /// One connection per peer node id.
     conns: Mutex<HashMap<String, quinn::Connection>>,
     /// Serialises dials per peer, so concurrent callers share one connection.
@@ -73,21 +83,26 @@ pub struct Transport {
 impl Transport {
     /// Binds `addr` (UDP) and serves TLS with this node's certificate.
     pub fn bind(addr: SocketAddr, creds: &Credentials) -> Result<Transport, TransportError> {
-        let server_tls = pki::server_config(creds)?;
-        let quic = QuicServerConfig::try_from(server_tls)
-            .map_err(|e| TransportError::Config(e.to_string()))?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
-        server.transport_config(transport_config());
-        let endpoint = quinn::Endpoint::server(server, addr)
+        let endpoint = quinn::Endpoint::server(server_config(creds)?, addr)
             .map_err(|source| TransportError::Bind { addr, source })?;
         Ok(Transport {
             endpoint,
             node_id: creds.node_id.clone(),
-            peer_client: client_config(pki::peer_client_config(creds)?)?,
+            peer_client: Mutex::new(client_config(pki::peer_client_config(creds)?)?),
             conns: Mutex::new(HashMap::new()),
             dialling: Mutex::new(HashMap::new()),
             dialled: Mutex::new(None),
         })
+    }
+
+    /// Shows `creds` (a renewed certificate) on every connection from now on, accepted and
+    /// dialled; connections already open keep the certificate they were made with.
+    pub fn reload(&self, creds: &Credentials) -> Result<(), TransportError> {
+        let server = server_config(creds)?;
+        let client = client_config(pki::peer_client_config(creds)?)?;
+        self.endpoint.set_server_config(Some(server));
+        *self.peer_client.lock().unwrap_or_else(|p| p.into_inner()) = client;
+        Ok(())
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -119,7 +134,14 @@ impl Transport {
         };
         let connecting = self
             .endpoint
-            .connect_with(self.peer_client.clone(), addr, peer)
+            .connect_with(
+                self.peer_client
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone(),
+                addr,
+                peer,
+            )
             .map_err(|e| fail(e.to_string()))?;
         let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
@@ -215,7 +237,13 @@ mod tests {
     fn member(ca: &ClusterDir, dir: &std::path::Path, id: &str) -> Credentials {
         let c = ClusterDir::new(dir);
         let (key, csr) = node_key_and_csr(id).unwrap();
-        let cert = sign_csr(&ca.issuer().unwrap(), &csr, id).unwrap();
+        let cert = sign_csr(
+            &ca.issuer().unwrap(),
+            &csr,
+            id,
+            crate::cluster::pki::NODE_CERT_VALIDITY,
+        )
+        .unwrap();
         c.store_ca_cert(&std::fs::read_to_string(ca.ca_cert()).unwrap())
             .unwrap();
         c.store_node(&key.serialize_pem(), &cert).unwrap();
@@ -273,6 +301,77 @@ mod tests {
         // Dialling alpha's address under another name fails: the cert names alpha.
         let wrong = beta.connect("gamma", alpha.local_addr().unwrap()).await;
         assert!(wrong.is_err());
+    }
+
+    /// The certificate the other side showed.
+    fn peer_cert(conn: &quinn::Connection) -> Vec<u8> {
+        conn.peer_identity()
+            .unwrap()
+            .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+            .unwrap()[0]
+            .to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_renewed_certificate_is_shown_on_new_connections_both_ways() {
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let ca = ClusterDir::new(d1.path());
+        ca.init("alpha").unwrap();
+        let alpha = Arc::new(
+            Transport::bind(
+                "127.0.0.1:0".parse().unwrap(),
+                &ca.node_credentials().unwrap(),
+            )
+            .unwrap(),
+        );
+        member(&ca, d2.path(), "beta");
+        let beta_dir = ClusterDir::new(d2.path());
+        let beta = Transport::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            &beta_dir.node_credentials().unwrap(),
+        )
+        .unwrap();
+        let (tx, mut seen_by_alpha) = tokio::sync::mpsc::unbounded_channel();
+        let server = alpha.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = server.endpoint.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    if let Ok(conn) = incoming.await {
+                        let _ = tx.send(peer_cert(&conn));
+                        conn.closed().await;
+                    }
+                });
+            }
+        });
+        let addr = alpha.local_addr().unwrap();
+        let first = beta.connect("alpha", addr).await.unwrap();
+        let beta_first = beta_dir.node_cert_der().unwrap().to_vec();
+        assert_eq!(seen_by_alpha.recv().await.unwrap(), beta_first);
+        let alpha_first = ca.node_cert_der().unwrap().to_vec();
+        assert_eq!(peer_cert(&first), alpha_first);
+
+        // Both renew (same keys, new certificates) and reload, without a restart.
+        let issuer = ca.issuer().unwrap();
+        for (dir, t, id) in [(&ca, &*alpha, "alpha"), (&beta_dir, &beta, "beta")] {
+            let csr = dir.renewal_csr(id).unwrap();
+            let cert = sign_csr(&issuer, &csr, id, Duration::from_secs(3600)).unwrap();
+            dir.store_renewed(id, &cert).unwrap();
+            t.reload(&dir.node_credentials().unwrap()).unwrap();
+        }
+        let (alpha_new, beta_new) = (
+            ca.node_cert_der().unwrap().to_vec(),
+            beta_dir.node_cert_der().unwrap().to_vec(),
+        );
+        assert_ne!(alpha_new, alpha_first);
+        assert_ne!(beta_new, beta_first);
+        // The open connection goes on; a new one shows the new certificates, both ways.
+        assert!(first.close_reason().is_none());
+        beta.take_peer("alpha");
+        let second = beta.connect("alpha", addr).await.unwrap();
+        assert_ne!(second.stable_id(), first.stable_id());
+        assert_eq!(peer_cert(&second), alpha_new);
+        assert_eq!(seen_by_alpha.recv().await.unwrap(), beta_new);
     }
 
     #[tokio::test]

@@ -256,6 +256,8 @@ pub struct FunctionSlot {
     idle: Mutex<Vec<Idle>>,
     /// Lambda mode: instances alive (starting, busy or idle), and the most there ever were.
     pub instances: Arc<InstanceCounts>,
+    /// Told whenever `running` changes (the registry's [`Registry::load_changed`]).
+    load_changed: Arc<tokio::sync::Notify>,
 }
 
 /// A warm instance and since when it waits.
@@ -335,11 +337,12 @@ pub struct Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.slot.running.fetch_sub(1, Ordering::Relaxed);
+        self.slot.load_changed.notify_one();
     }
 }
 
 impl FunctionSlot {
-    fn new(f: ActiveFunction) -> FunctionSlot {
+    fn new(f: ActiveFunction, load_changed: Arc<tokio::sync::Notify>) -> FunctionSlot {
         let limit = f.resolved.max_concurrency;
         FunctionSlot {
             active: RwLock::new(Arc::new(f)),
@@ -351,6 +354,7 @@ impl FunctionSlot {
             refilling: AtomicBool::new(false),
             idle: Mutex::new(Vec::new()),
             instances: Arc::new(InstanceCounts::default()),
+            load_changed,
         }
     }
 
@@ -426,6 +430,7 @@ impl FunctionSlot {
             .clone();
         let permit = sem.try_acquire_owned().ok()?;
         self.running.fetch_add(1, Ordering::Relaxed);
+        self.load_changed.notify_one();
         Some(Slot {
             _permit: permit,
             slot: self.clone(),
@@ -537,6 +542,7 @@ impl FunctionSlot {
             }
         };
         self.running.fetch_add(1, Ordering::Relaxed);
+        self.load_changed.notify_one();
         Ok(Slot {
             _permit: permit,
             slot: self.clone(),
@@ -551,6 +557,9 @@ pub struct Registry {
     /// Stored functions this agent cannot run, and why (e.g. the active version's bundle is
     /// gone); a deploy or rollback that activates one clears it.
     failed: RwLock<HashMap<String, String>>,
+    /// Told whenever a call starts or ends here: [`Registry::running_total`] may have changed
+    /// (the cluster reports it to the peers).
+    pub load_changed: Arc<tokio::sync::Notify>,
 }
 
 impl Registry {
@@ -572,7 +581,10 @@ impl Registry {
         match map.get(&f.name) {
             Some(slot) => slot.set_active(f),
             None => {
-                map.insert(f.name.clone(), Arc::new(FunctionSlot::new(f)));
+                map.insert(
+                    f.name.clone(),
+                    Arc::new(FunctionSlot::new(f, self.load_changed.clone())),
+                );
             }
         }
     }

@@ -163,7 +163,13 @@ impl TestAgent {
         let d = self.dir.path().join("beta");
         let c = ClusterDir::new(&d);
         let (key, csr) = node_key_and_csr("beta").unwrap();
-        let cert = sign_csr(&self.cluster.issuer().unwrap(), &csr, "beta").unwrap();
+        let cert = sign_csr(
+            &self.cluster.issuer().unwrap(),
+            &csr,
+            "beta",
+            pki::NODE_CERT_VALIDITY,
+        )
+        .unwrap();
         c.store_ca_cert(&std::fs::read_to_string(self.cluster.ca_cert()).unwrap())
             .unwrap();
         c.store_node(&key.serialize_pem(), &cert).unwrap();
