@@ -90,7 +90,10 @@ impl TestAgent {
             config: Arc::new(config.clone()),
             instances: tokio_util::task::TaskTracker::new(),
         };
+        let router = Arc::new(router);
+        let events = crate::events::Events::open(router.clone(), &config.events).unwrap();
         let app = Arc::new(App {
+            events,
             keys: Arc::new(crate::auth::KeyStore::open(&state).unwrap()),
             cgroup_version: router.isolator.cgroup_version().to_string(),
             cgroup_root: router.isolator.cgroup_root(),
@@ -98,7 +101,7 @@ impl TestAgent {
             node_id: config.node_id(),
             config,
             store: Arc::new(store),
-            router: Arc::new(router),
+            router,
             token: TOKEN.into(),
             started: Instant::now(),
             cluster: std::sync::OnceLock::new(),
