@@ -582,6 +582,7 @@ async fn remove(
     admin(&app, &headers)?;
     checked_name(&name)?;
     let app2 = app.clone();
+    let removed = name.clone();
     blocking(move || {
         let store = app2.store.changes();
         store.remove(&name)?;
@@ -600,6 +601,13 @@ async fn remove(
         Ok(())
     })
     .await?;
+    // As Lambda: its event invoke config goes with it (its waiting events end as
+    // FunctionNotFound when their turn comes).
+    if app.events.invoke_config(&removed).is_some()
+        && let Err(e) = app.events.set_invoke_config(&removed, None).await
+    {
+        tracing::warn!(function = %removed, "removing its event invoke config: {e}");
+    }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -2,11 +2,12 @@
 //! answered 202, then run by workers through the router, within each function's concurrency,
 //! with Lambda's retries, event age and destinations ([`policy`]).
 //!
-//! Delivery is at least once. A try is marked in flight on disk before it starts; an agent that
-//! dies mid-try runs that event again at its next start, with the same request id, and counts
-//! it in `fnlet_events_duplicates_total`. An event ends (success, or failure for good) in one
-//! commit that removes it and stores its destination record as a new event, so a record is
-//! never lost and never written twice for one ending.
+//! Delivery is at least once. A try is marked in flight in the queue before it starts; an agent
+//! that dies mid-try runs that event again at its next start, with the same request id, and
+//! counts it in `fnlet_events_duplicates_total` (when the mark had reached the disk: the
+//! workers' bookkeeping is committed without an fsync of its own, see [`queue`]). An event ends
+//! (success, or failure for good) in one commit that removes it and stores its destination
+//! record as a new event, so a record is never lost (a lost ending runs the event again).
 
 pub mod policy;
 pub mod queue;
@@ -418,7 +419,7 @@ impl Events {
         let metrics = &self.router.metrics.events;
         let Some(f) = self.router.lookup(name) else {
             // Deleted since: nothing can run it.
-            if self.queue.commit(vec![Op::Remove(seq)]).await.is_ok() {
+            if self.queue.commit_lazy(vec![Op::Remove(seq)]).await.is_ok() {
                 self.forget(seq);
             } else {
                 self.requeue(seq, h);
@@ -438,7 +439,7 @@ impl Events {
         h.in_flight = true;
         if let Err(e) = self
             .queue
-            .commit(vec![Op::Put(seq, encode(&h, &payload))])
+            .commit_lazy(vec![Op::Put(seq, encode(&h, &payload))])
             .await
         {
             // Not marked, so not started: tried again later.
@@ -507,7 +508,7 @@ impl Events {
                 h.next_ms = at;
                 if let Err(e) = self
                     .queue
-                    .commit(vec![Op::Put(seq, encode(&h, &payload))])
+                    .commit_lazy(vec![Op::Put(seq, encode(&h, &payload))])
                     .await
                 {
                     // The stored copy still says in flight: after a crash it runs again.
@@ -563,7 +564,7 @@ impl Events {
             ops.push(Op::Put(nseq, encode(&nh, &body)));
             staged = Some((nseq, nh, body.len() as u64));
         }
-        if let Err(e) = self.queue.commit(ops).await {
+        if let Err(e) = self.queue.commit_lazy(ops).await {
             tracing::error!(function = %f.name, request_id = %h.request_id, "ending an async event: {e}");
             h.history.throttles += 1;
             h.next_ms = now_ms() + policy.backoff_ms(h.history.throttles);
@@ -662,7 +663,7 @@ impl Events {
         } else {
             Op::Put(seq, encode(&h, &payload))
         };
-        match self.queue.commit(vec![op]).await {
+        match self.queue.commit_lazy(vec![op]).await {
             Ok(()) if done => self.forget(seq),
             Ok(()) => self.requeue(seq, h),
             Err(e) => {

@@ -2,6 +2,13 @@
 //! one committer thread. Writers hand it a batch of changes and wait for the commit that holds
 //! it; the thread takes every batch that arrived during the previous commit into the next one,
 //! so many concurrent accepts share one fsync (group commit).
+//!
+//! Two kinds of batches: durable ones (an accepted event, a config) wait for an fsync'd commit;
+//! the workers' bookkeeping (a try marked in flight, a retry's schedule, an event's end and its
+//! destination record) is committed without an fsync, and reaches the disk with the next
+//! durable commit, or within [`LAZY_FLUSH`] when none comes. A crash loses at most that much
+//! bookkeeping: the events concerned run again (at least once), and a try whose in-flight mark
+//! was lost is not counted as a duplicate.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -19,6 +26,8 @@ const CONFIGS: TableDefinition<&str, &[u8]> = TableDefinition::new("invoke_confi
 
 /// Batches taken into one commit at most.
 const MAX_GROUP: usize = 8192;
+/// Bookkeeping committed without an fsync is made durable within this.
+pub const LAZY_FLUSH: std::time::Duration = std::time::Duration::from_millis(100);
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum QueueError {
@@ -101,6 +110,8 @@ pub enum Op {
 
 struct Batch {
     ops: Vec<Op>,
+    /// Wait for an fsync'd commit.
+    durable: bool,
     done: tokio::sync::oneshot::Sender<Result<(), QueueError>>,
 }
 
@@ -185,11 +196,21 @@ impl Queue {
     /// Applies `ops` in one durable commit (shared with whatever else is waiting) and returns
     /// once it is on disk.
     pub async fn commit(&self, ops: Vec<Op>) -> Result<(), QueueError> {
+        self.send(ops, true).await
+    }
+
+    /// Applies `ops` in a commit without an fsync (see the module's doc): returns once they
+    /// are in the database, on disk within [`LAZY_FLUSH`].
+    pub async fn commit_lazy(&self, ops: Vec<Op>) -> Result<(), QueueError> {
+        self.send(ops, false).await
+    }
+
+    async fn send(&self, ops: Vec<Op>, durable: bool) -> Result<(), QueueError> {
         let (done, committed) = tokio::sync::oneshot::channel();
         self.ops
             .as_ref()
             .ok_or(QueueError::Closed)?
-            .send(Batch { ops, done })
+            .send(Batch { ops, durable, done })
             .map_err(|_| QueueError::Closed)?;
         committed.await.map_err(|_| QueueError::Closed)?
     }
@@ -238,7 +259,22 @@ fn load(db: &Database) -> Result<Loaded, QueueError> {
 }
 
 fn commit_loop(db: &Database, rx: &mpsc::Receiver<Batch>, observer: &impl CommitObserver) {
-    while let Ok(first) = rx.recv() {
+    // Whether a commit without an fsync is not on disk yet.
+    let mut unsynced = false;
+    loop {
+        let first = match rx.recv_timeout(LAZY_FLUSH) {
+            Ok(b) => b,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if unsynced {
+                    match flush(db) {
+                        Ok(()) => unsynced = false,
+                        Err(e) => tracing::error!("event queue flush failed: {e}"),
+                    }
+                }
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
             match rx.try_recv() {
@@ -246,22 +282,45 @@ fn commit_loop(db: &Database, rx: &mpsc::Receiver<Batch>, observer: &impl Commit
                 Err(_) => break,
             }
         }
+        let durable = group.iter().any(|b| b.durable);
         let started = std::time::Instant::now();
-        let result = apply(db, &group).map_err(commit_error);
-        if let Err(e) = &result {
-            tracing::error!("event queue commit of {} batches failed: {e}", group.len());
-        } else {
-            observer.committed(group.len(), started.elapsed());
+        let result = apply(db, &group, durable).map_err(commit_error);
+        match &result {
+            Err(e) => {
+                tracing::error!("event queue commit of {} batches failed: {e}", group.len())
+            }
+            Ok(()) => {
+                // A durable commit makes the earlier ones durable too.
+                unsynced = !durable;
+                observer.committed(group.len(), started.elapsed());
+            }
         }
         for b in group {
             let _ = b.done.send(result.clone());
         }
     }
+    if unsynced && let Err(e) = flush(db) {
+        tracing::error!("event queue flush at close failed: {e}");
+    }
 }
 
-fn apply(db: &Database, group: &[Batch]) -> Result<(), redb::Error> {
-    // Immediate durability (redb's default): the commit returns once fsync'd.
-    let txn = db.begin_write()?;
+/// An empty durable commit: what earlier commits without an fsync wrote reaches the disk.
+fn flush(db: &Database) -> Result<(), redb::Error> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(redb::Durability::Immediate)?;
+    txn.commit()?;
+    Ok(())
+}
+
+fn apply(db: &Database, group: &[Batch], durable: bool) -> Result<(), redb::Error> {
+    let mut txn = db.begin_write()?;
+    // Immediate: the commit returns once fsync'd. None: once applied; the next Immediate
+    // commit makes it durable.
+    txn.set_durability(if durable {
+        redb::Durability::Immediate
+    } else {
+        redb::Durability::None
+    })?;
     {
         let mut events = txn.open_table(EVENTS)?;
         let mut configs = txn.open_table(CONFIGS)?;
@@ -353,5 +412,32 @@ mod tests {
         assert_eq!(loaded.events.len(), 199);
         assert_eq!(loaded.next_seq, 200);
         assert_eq!(loaded.configs.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn bookkeeping_without_fsync_is_visible_at_once_and_durable_at_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let commits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (q, _) = Queue::open(dir.path(), Counting(commits.clone())).unwrap();
+        q.commit(vec![Op::Put(1, encode(&header("a"), b"one"))])
+            .await
+            .unwrap();
+        q.commit_lazy(vec![
+            Op::Remove(1),
+            Op::Put(2, encode(&header("b"), b"two")),
+        ])
+        .await
+        .unwrap();
+        assert_eq!(q.payload(1).unwrap(), None);
+        assert_eq!(q.payload(2).unwrap().as_deref(), Some(&b"two"[..]));
+        // Closing flushes what was committed without an fsync.
+        drop(q);
+        let (_q, loaded) = Queue::open(dir.path(), Counting(commits)).unwrap();
+        let ids: Vec<String> = loaded
+            .events
+            .iter()
+            .map(|e| e.1.request_id.clone())
+            .collect();
+        assert_eq!(ids, ["b"]);
     }
 }
