@@ -371,6 +371,10 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
     if left > 0 {
         tracing::warn!(count = left, "removed sandboxes still running at shutdown");
     }
+    // The workers' bookkeeping of the last 100 ms (see events::queue) reaches the disk.
+    if let Err(e) = app.events.flush().await {
+        tracing::warn!("flushing the event queue: {e}");
+    }
     if let Some(node) = app.cluster.get() {
         node.close().await;
     }

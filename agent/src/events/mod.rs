@@ -774,6 +774,11 @@ impl Events {
         })
     }
 
+    /// Makes every commit so far durable (at shutdown: the workers' last bookkeeping).
+    pub async fn flush(&self) -> Result<(), QueueError> {
+        self.queue.commit(Vec::new()).await
+    }
+
     /// The event invoke config set through the API for `name`.
     pub fn invoke_config(&self, name: &str) -> Option<InvokeConfig> {
         self.lock().configs.get(name).cloned()
