@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # fnlet's benchmarks in one command, as root:
-# `benches/run.sh [spawn|agent|lambda|cluster|membership|all]` (default all; membership alone
+# `benches/run.sh [spawn|agent|lambda|cluster|events|membership|all]` (default all; membership alone
 # needs no root).
 #
 # spawn: spawn-to-exit of a sandboxed static binary against fork+exec, bwrap and runc. Installs
@@ -21,6 +21,11 @@
 #   called on the host that owns it and on a host that forwards the call to it over QUIC, over
 #   HTTP (function URL, Invoke API) and as a QUIC caller (fnlet-invoke/1). Builds fnlet and the
 #   no-op as for lambda; runs `cargo bench -p fnlet-benches --bench cluster`.
+# events: accepting asynchronous events (Invoke API, X-Amz-Invocation-Type: Event) on a real
+#   `fnlet agent`: accept latency with one client, events/s at 1 and 32 clients, 202-to-start
+#   latency, beside the disk's fdatasync floor and a JetStream publish with ack (Debian's
+#   nats-server, a plain async-nats client). Installs nats-server; builds fnlet and the no-op as
+#   for lambda; runs `cargo bench -p fnlet-benches --bench events`.
 # membership: foca instances (the cluster crate's Membership, production foca_config) on a
 #   simulated clock, N = 5 to 1,000, 0 and 10 % loss: join dissemination, failure detection,
 #   false positives and traffic per host, beside memberlist's and Serf's published figures. No
@@ -34,9 +39,9 @@ cd "$(dirname "$0")/.."
 which=${1:-all}
 [ $# -gt 0 ] && shift
 case "$which" in
-  spawn | agent | lambda | cluster | membership | all) ;;
+  spawn | agent | lambda | cluster | events | membership | all) ;;
   *)
-    echo "usage: $0 [spawn|agent|lambda|cluster|membership|all]" >&2
+    echo "usage: $0 [spawn|agent|lambda|cluster|events|membership|all]" >&2
     exit 2
     ;;
 esac
@@ -57,6 +62,11 @@ if [ "$which" = lambda ] || [ "$which" = all ]; then
   # Debian's nginx: the reverse proxy peer (started by the bench on a loopback port, never as a
   # service).
   pkgs+=(nginx)
+fi
+if [ "$which" = events ] || [ "$which" = all ]; then
+  # Debian's nats-server (JetStream included): the peer, started by the bench on a loopback
+  # port (the package's own service is not used).
+  pkgs+=(nats-server)
 fi
 for pkg in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
@@ -82,7 +92,7 @@ if [ "$which" = agent ] || [ "$which" = all ]; then
   # temporary bundle beside the example's fnlet.toml).
   scripts/build-examples.sh
 fi
-if [ "$which" = lambda ] || [ "$which" = cluster ] || [ "$which" = all ]; then
+if [ "$which" = lambda ] || [ "$which" = cluster ] || [ "$which" = events ] || [ "$which" = all ]; then
   # The no-op links statically, so the same file is the fork+exec floor and what fnlet runs.
   # With --target the flag reaches only this crate (it has no dependencies), not the host build.
   target=$(rustc -vV | sed -n 's/^host: //p')
@@ -102,6 +112,9 @@ if [ "$which" = lambda ] || [ "$which" = all ]; then
 fi
 if [ "$which" = cluster ] || [ "$which" = all ]; then
   cargo bench -p fnlet-benches --bench cluster -- "$@" || status=$?
+fi
+if [ "$which" = events ] || [ "$which" = all ]; then
+  cargo bench -p fnlet-benches --bench events -- "$@" || status=$?
 fi
 if [ "$which" = all ]; then
   cargo bench -p fnlet-benches --bench membership -- "$@" || status=$?

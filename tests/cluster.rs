@@ -1593,8 +1593,8 @@ fn hop_limit(c: &mut Cluster) {
 /// 10. A Lambda function (the lambda-rust fixture) called on a member that is not its owner:
 ///     through the Invoke API (with its log tail) and its function URL, the answers are the
 ///     owner's (same status, same event seen by the handler, `x-fnlet-host` naming the owner,
-///     `X-Amz-Log-Result` carried back); `fnlet invoke --quic` at that member's cluster
-///     endpoint works too.
+///     `X-Amz-Log-Result` carried back); an Event invoke is accepted and run by the owner;
+///     `fnlet invoke --quic` at that member's cluster endpoint works too.
 fn lambda_forwarded(c: &mut Cluster) {
     let bin = std::fs::read(common::fixture_bootstrap("lambda-rust")).expect("read bootstrap");
     let f = Fixture::new(
@@ -1680,6 +1680,40 @@ fn lambda_forwarded(c: &mut Cluster) {
     );
     assert_eq!(seen[0].0, 200, "{seen:?}");
     assert_eq!(seen[1].0, 200, "{seen:?}");
+
+    // An Event invoke through the other member: accepted (202) by the owner, which runs it.
+    let r = c.nodes[other].invoke_lambda(
+        "lecho",
+        br#"{"async":1}"#.to_vec(),
+        &[("X-Amz-Invocation-Type", "Event")],
+    );
+    assert_eq!(
+        r.status,
+        202,
+        "Event invoke through {}: {}",
+        node_id(other),
+        r.text()
+    );
+    assert_eq!(r.header("x-fnlet-host").as_deref(), Some(rank[0].as_str()));
+    assert!(
+        r.header("x-amzn-requestid")
+            .is_some_and(|id| !id.is_empty())
+    );
+    let ran = "fnlet_events_attempts_total{function=\"lecho\",result=\"success\"}";
+    let started = std::time::Instant::now();
+    while metric(&c.nodes[owner], ran) < 1.0 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "the owner {} did not run the event",
+            node_id(owner)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    eprintln!(
+        "     Event invoke on {}: 202 from {}, run there",
+        node_id(other),
+        rank[0]
+    );
 
     let ca = c.nodes[other].state_dir().join("cluster/ca.pem");
     let ca = ca.to_str().expect("utf-8 path");

@@ -32,6 +32,42 @@ pub struct Config {
     /// On SIGTERM, how long in-flight invocations may finish before they are killed.
     pub shutdown_grace_s: f64,
     pub cluster: ClusterConfig,
+    pub events: EventsConfig,
+}
+
+/// Asynchronous invocation (Event invokes): where accepted events wait, how much may wait, and
+/// the waits between tries (a function's `[async]` overrides these).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventsConfig {
+    /// "local": a durable queue in the agent's state dir (events.redb), run by this host.
+    pub backend: String,
+    /// Events waiting per function at most; beyond, Event invokes answer 429.
+    pub max_queued_events: u64,
+    /// Payload bytes waiting per function at most (MiB); beyond, Event invokes answer 429.
+    pub max_queued_mb: u64,
+    /// The wait before retry n after a function error is n times this (Lambda: 1, then 2 min).
+    pub retry_base_s: f64,
+    /// Throttled events and agent failures wait this before the next try, doubling ...
+    pub backoff_min_s: f64,
+    /// ... up to this (Lambda: 1 s to 5 min).
+    pub backoff_max_s: f64,
+    /// URL destinations: how long a record is retried before it is dropped.
+    pub destination_max_age_s: f64,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            backend: "local".into(),
+            max_queued_events: 100_000,
+            max_queued_mb: 512,
+            retry_base_s: 60.0,
+            backoff_min_s: 1.0,
+            backoff_max_s: 300.0,
+            destination_max_age_s: 21600.0,
+        }
+    }
 }
 
 /// The cluster: this agent's QUIC endpoint for peers and QUIC callers, its identity, and the
@@ -182,6 +218,7 @@ impl Default for Config {
             retain_versions: 5,
             shutdown_grace_s: 30.0,
             cluster: ClusterConfig::default(),
+            events: EventsConfig::default(),
         }
     }
 }
@@ -519,6 +556,32 @@ impl Config {
                     "must be absolute paths (or start with {state_dir}), without ..",
                 );
             }
+        }
+        let e = &self.events;
+        if e.backend != "local" {
+            return bad(
+                "events.backend",
+                "must be \"local\" (the NATS JetStream backend is not built yet)",
+            );
+        }
+        if e.max_queued_events == 0 || e.max_queued_mb == 0 {
+            return bad(
+                "events.max_queued_events",
+                "max_queued_events and max_queued_mb must be at least 1",
+            );
+        }
+        for (key, v) in [
+            ("events.retry_base_s", e.retry_base_s),
+            ("events.backoff_min_s", e.backoff_min_s),
+            ("events.backoff_max_s", e.backoff_max_s),
+            ("events.destination_max_age_s", e.destination_max_age_s),
+        ] {
+            if !(v.is_finite() && (0.001..=86400.0).contains(&v)) {
+                return bad(key, "must be between 0.001 and 86400 seconds");
+            }
+        }
+        if e.backoff_min_s > e.backoff_max_s {
+            return bad("events.backoff_min_s", "must not exceed backoff_max_s");
         }
         if self.retain_versions == 0 {
             return bad("retain_versions", "must be at least 1");

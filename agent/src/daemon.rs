@@ -264,7 +264,11 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
         .with_context(|| format!("listening on {}", config.listen))?;
     let keys = crate::auth::KeyStore::open(state)
         .with_context(|| format!("opening the access keys in {}", state.display()))?;
+    let router = Arc::new(router);
+    let events = crate::events::Events::open(router.clone(), &config.events)
+        .with_context(|| format!("opening the event queue in {}", state.display()))?;
     let app = Arc::new(App {
+        events: events.clone(),
         keys: Arc::new(keys),
         cgroup_version: isolator.cgroup_version().to_string(),
         cgroup_root: isolator.cgroup_root(),
@@ -272,7 +276,7 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
         node_id: config.node_id(),
         config: config.clone(),
         store: Arc::new(store),
-        router: Arc::new(router),
+        router,
         token,
         started,
         cluster: std::sync::OnceLock::new(),
@@ -281,6 +285,8 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
     for name in &names {
         app.router.prewarm(name);
     }
+    // Async invocation: due events start as their functions have room; stops with draining.
+    tokio::spawn(events.run(draining.clone()));
     // The warm pool's clock: keep-alive reaping and min_instances.
     {
         let app = app.clone();
@@ -364,6 +370,10 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
     let left = isolator.reap_stale().unwrap_or(0);
     if left > 0 {
         tracing::warn!(count = left, "removed sandboxes still running at shutdown");
+    }
+    // The workers' bookkeeping of the last 100 ms (see events::queue) reaches the disk.
+    if let Err(e) = app.events.flush().await {
+        tracing::warn!("flushing the event queue: {e}");
     }
     if let Some(node) = app.cluster.get() {
         node.close().await;

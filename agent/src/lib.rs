@@ -13,6 +13,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod daemon;
+pub mod events;
 pub mod instance;
 pub mod logs;
 pub mod manifest;

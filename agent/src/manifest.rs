@@ -70,6 +70,97 @@ pub struct Manifest {
     pub idempotent: bool,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Asynchronous invocation (Event invokes): retries, event age, destinations. The event
+    /// invoke config API overrides it.
+    #[serde(
+        default,
+        rename = "async",
+        skip_serializing_if = "AsyncSettings::is_empty"
+    )]
+    pub async_settings: AsyncSettings,
+}
+
+/// `[async]`: what happens to a function's Event invokes (Lambda's event invoke config, and
+/// fnlet's waits).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AsyncSettings {
+    /// Retries after a function error, 0-2 (Lambda's MaximumRetryAttempts; default 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_retry_attempts: Option<u32>,
+    /// How long an event may wait to run, 60-21600 s (MaximumEventAgeInSeconds; default 21600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_event_age_s: Option<u32>,
+    /// Where a successful run's record goes: a function ARN or an http(s):// URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_success: Option<String>,
+    /// Where the record of an event that failed for good goes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_failure: Option<String>,
+    /// The wait before retry n after a function error is n times this (default
+    /// `events.retry_base_s`, 60: Lambda's 1 then 2 minutes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_base_s: Option<f64>,
+    /// Throttles and agent failures are requeued after this, doubling each time ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_min_s: Option<f64>,
+    /// ... up to this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_max_s: Option<f64>,
+}
+
+impl AsyncSettings {
+    pub fn is_empty(&self) -> bool {
+        *self == AsyncSettings::default()
+    }
+
+    /// Checks the values, naming the field (`async.<field>`) in the error.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if let Some(n) = self.max_retry_attempts
+            && n > 2
+        {
+            return Err(("async.max_retry_attempts", format!("{n} must be 0, 1 or 2")));
+        }
+        if let Some(a) = self.max_event_age_s
+            && !(60..=21600).contains(&a)
+        {
+            return Err((
+                "async.max_event_age_s",
+                format!("{a} must be between 60 and 21600 seconds"),
+            ));
+        }
+        for (field, v) in [
+            ("async.retry_base_s", self.retry_base_s),
+            ("async.backoff_min_s", self.backoff_min_s),
+            ("async.backoff_max_s", self.backoff_max_s),
+        ] {
+            if let Some(v) = v
+                && !(v.is_finite() && (0.001..=21600.0).contains(&v))
+            {
+                return Err((
+                    field,
+                    format!("{v} must be between 0.001 and 21600 seconds"),
+                ));
+            }
+        }
+        if let (Some(lo), Some(hi)) = (self.backoff_min_s, self.backoff_max_s)
+            && lo > hi
+        {
+            return Err((
+                "async.backoff_min_s",
+                format!("{lo} must not exceed backoff_max_s ({hi})"),
+            ));
+        }
+        for (field, d) in [
+            ("async.on_success", &self.on_success),
+            ("async.on_failure", &self.on_failure),
+        ] {
+            if let Some(d) = d {
+                crate::events::Destination::parse(d).map_err(|e| (field, e))?;
+            }
+        }
+        Ok(())
+    }
 }
 
 fn default_mode() -> Mode {
@@ -207,6 +298,9 @@ impl Manifest {
         if self.env.values().map(|v| v.len()).sum::<usize>() > 4096 * 16 {
             return bad("env", "the environment must total under 64 KiB".into());
         }
+        self.async_settings
+            .validate()
+            .map_err(|(field, reason)| ManifestError::Invalid { field, reason })?;
         self.validate_lambda()
     }
 
@@ -406,6 +500,39 @@ mod tests {
         ] {
             let err = Manifest::parse(text).unwrap_err().to_string();
             assert!(err.contains(field), "{text:?} -> {err}");
+        }
+    }
+
+    #[test]
+    fn async_settings_parse_round_trip_and_name_bad_fields() {
+        let text = "name = \"a\"\nmode = \"lambda\"\n[async]\nmax_retry_attempts = 0\nmax_event_age_s = 60\non_failure = \"arn:aws:lambda:us-east-1:000000000000:function:sink\"\non_success = \"http://127.0.0.1:9/ok\"\nretry_base_s = 0.5\n";
+        let m = Manifest::parse(text).unwrap();
+        assert_eq!(m.async_settings.max_retry_attempts, Some(0));
+        assert_eq!(Manifest::parse(&to_toml(&m).unwrap()).unwrap(), m);
+        let plain = Manifest::parse("name = \"a\"\nentrypoint = \"x\"\n").unwrap();
+        assert!(!to_toml(&plain).unwrap().contains("async"));
+        for (body, field) in [
+            ("max_retry_attempts = 3", "async.max_retry_attempts"),
+            ("max_event_age_s = 59", "async.max_event_age_s"),
+            ("max_event_age_s = 21601", "async.max_event_age_s"),
+            (
+                "on_failure = \"arn:aws:sns:us-east-1:000000000000:t\"",
+                "async.on_failure",
+            ),
+            ("on_success = \"nowhere\"", "async.on_success"),
+            ("retry_base_s = -1", "async.retry_base_s"),
+            (
+                "backoff_min_s = 5\nbackoff_max_s = 1",
+                "async.backoff_min_s",
+            ),
+            ("max_retries = 1", "max_retries"),
+        ] {
+            let err = Manifest::parse(&format!(
+                "name = \"a\"\nentrypoint = \"x\"\n[async]\n{body}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(field), "{body:?} -> {err}");
         }
     }
 

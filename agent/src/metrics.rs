@@ -68,8 +68,37 @@ fn wait_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.00001, 2.0, 21))
 }
 
+/// An async event outcome or destination delivery, per function.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    pub function: String,
+    pub result: String,
+}
+
+/// Async events that ended without success, per function and condition.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConditionLabels {
+    pub function: String,
+    pub condition: String,
+}
+
+/// The event queue's metrics (asynchronous invocation).
+pub struct EventMetrics {
+    pub depth: Family<FnLabels, Gauge>,
+    pub oldest_age: Family<FnLabels, Gauge<f64, AtomicU64>>,
+    pub accepted: Family<FnLabels, Counter>,
+    pub attempts: Family<EventLabels, Counter>,
+    pub deliveries: Family<EventLabels, Counter>,
+    pub dropped: Family<ConditionLabels, Counter>,
+    pub duplicates: Family<FnLabels, Counter>,
+    pub commits: Counter,
+    pub commit_batches: Histogram,
+    pub commit_duration: Histogram,
+}
+
 pub struct Metrics {
     registry: Registry,
+    pub events: EventMetrics,
     pub invocations: Family<FnLabels, Counter>,
     pub errors: Family<ErrorLabels, Counter>,
     pub duration: Family<FnLabels, Histogram, fn() -> Histogram>,
@@ -148,6 +177,69 @@ impl Metrics {
             "cluster_forward_duration_seconds",
             "Forwarded invocations, from sending the call to the answer's head",
             forward_duration.clone(),
+        );
+        let events = EventMetrics {
+            depth: Family::default(),
+            oldest_age: Family::default(),
+            accepted: Family::default(),
+            attempts: Family::default(),
+            deliveries: Family::default(),
+            dropped: Family::default(),
+            duplicates: Family::default(),
+            commits: Counter::default(),
+            commit_batches: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+            commit_duration: wait_histogram(),
+        };
+        registry.register(
+            "events_queue_depth",
+            "Async events stored per function (waiting, retrying or running)",
+            events.depth.clone(),
+        );
+        registry.register(
+            "events_oldest_age_seconds",
+            "Age of the oldest stored async event per function",
+            events.oldest_age.clone(),
+        );
+        registry.register(
+            "events_accepted",
+            "Async events accepted (202) per function",
+            events.accepted.clone(),
+        );
+        registry.register(
+            "events_attempts",
+            "Tries of async events by result (success, function_error, throttled)",
+            events.attempts.clone(),
+        );
+        registry.register(
+            "events_destination_deliveries",
+            "Destination records by result (function, url, url_failed)",
+            events.deliveries.clone(),
+        );
+        registry.register(
+            "events_dropped",
+            "Async events that ended without success, by condition (RetriesExhausted, \
+                 EventAgeExceeded, FunctionNotFound, DestinationFailed)",
+            events.dropped.clone(),
+        );
+        registry.register(
+            "events_duplicates",
+            "Async events run again after an agent crash interrupted a try",
+            events.duplicates.clone(),
+        );
+        registry.register(
+            "events_commits",
+            "Durable commits of the event queue",
+            events.commits.clone(),
+        );
+        registry.register(
+            "events_commit_batches",
+            "Writers (accepts, acks) sharing each commit of the event queue",
+            events.commit_batches.clone(),
+        );
+        registry.register(
+            "events_commit_duration_seconds",
+            "Time of each durable commit of the event queue (fsync included)",
+            events.commit_duration.clone(),
         );
         let swim_dropped = Counter::default();
         registry.register(
@@ -283,6 +375,7 @@ impl Metrics {
         );
         Metrics {
             registry,
+            events,
             invocations,
             errors,
             duration,

@@ -166,7 +166,7 @@ pub(crate) fn check_caller(
 }
 
 /// The payload a function error becomes on the Invoke API (with `X-Amz-Function-Error`).
-fn function_error_payload(e: &InvokeError, request_id: &str) -> Option<Bytes> {
+pub(crate) fn function_error_payload(e: &InvokeError, request_id: &str) -> Option<Bytes> {
     let json = |t: &str, m: String| {
         Some(Bytes::from(
             serde_json::json!({ "errorType": t, "errorMessage": m }).to_string(),
@@ -308,7 +308,11 @@ async fn invoke_api_inner(
             )));
         }
     };
-    let limit = (app.config.limits.max_request_mb << 20) as usize;
+    let limit = match invocation_type {
+        // Lambda's limit for asynchronous invocations.
+        "Event" => crate::events::MAX_EVENT_BYTES,
+        _ => (app.config.limits.max_request_mb << 20) as usize,
+    };
     let body = read_body(headers, body, limit)
         .await
         .map_err(|e| match e.status {
@@ -333,13 +337,11 @@ async fn invoke_api_inner(
         message: e.to_string(),
         retry_after: None,
     })?;
-    if f.manifest.mode != Mode::Lambda {
-        return Err(LambdaError::invalid(format!(
-            "{name} is an exec-mode function: invoke it with POST /fn/{name}"
-        )));
-    }
-    // Lambda takes only JSON payloads; no payload is an empty object.
-    let body = if body.iter().all(u8::is_ascii_whitespace) {
+    // Lambda takes only JSON payloads; no payload is an empty object. An exec-mode function
+    // gets the bytes as they came, on its stdin.
+    let body = if f.manifest.mode == Mode::Exec {
+        body
+    } else if body.iter().all(u8::is_ascii_whitespace) {
         Bytes::from_static(b"{}")
     } else {
         if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&body) {
@@ -371,11 +373,7 @@ async fn invoke_api_inner(
             set_header(&mut r, "x-amz-executed-version", &f.version.to_string());
             return Ok(r);
         }
-        "Event" => {
-            return Err(LambdaError::invalid(
-                "InvocationType Event (asynchronous invocation) is not supported by this agent yet; use RequestResponse",
-            ));
-        }
+        "Event" => return accept_event(app, &name, id, body).await,
         other => {
             return Err(LambdaError::invalid(format!(
                 "InvocationType must be RequestResponse, Event or DryRun, not {other:?}"
@@ -435,6 +433,246 @@ async fn invoke_api_inner(
         );
     }
     Ok(super::refill_after_sent(r, refill))
+}
+
+/// An Event invoke: 202 with the request id once the event is on disk.
+async fn accept_event(
+    app: &App,
+    name: &str,
+    id: &str,
+    body: Bytes,
+) -> Result<Response, LambdaError> {
+    use crate::events::AcceptError;
+    if app.router.draining.is_cancelled() {
+        return Err(LambdaError {
+            retry_after: Some(5),
+            ..LambdaError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceException",
+                "the agent is shutting down",
+            )
+        });
+    }
+    match app.events.accept(name, id, body).await {
+        Ok(()) => {
+            let mut r = StatusCode::ACCEPTED.into_response();
+            set_header(&mut r, "x-amzn-requestid", id);
+            Ok(r)
+        }
+        Err(e @ AcceptError::Full { .. }) => Err(LambdaError {
+            retry_after: Some(1),
+            ..LambdaError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "TooManyRequestsException",
+                e.to_string(),
+            )
+        }),
+        Err(AcceptError::Storage(e)) => {
+            tracing::error!(function = name, "accepting an event: {e}");
+            let message = match e {
+                crate::events::queue::QueueError::DiskFull(_) => {
+                    "the event could not be stored: the agent's disk is full"
+                }
+                _ => "the event could not be stored (see the agent's log)",
+            };
+            Err(LambdaError {
+                retry_after: Some(5),
+                ..LambdaError::new(StatusCode::SERVICE_UNAVAILABLE, "ServiceException", message)
+            })
+        }
+    }
+}
+
+/// The event invoke config API's body (PutFunctionEventInvokeConfig and Update).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct EventInvokeConfigBody {
+    maximum_retry_attempts: Option<i64>,
+    maximum_event_age_in_seconds: Option<i64>,
+    destination_config: Option<DestinationConfigBody>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct DestinationConfigBody {
+    on_success: Option<OnDestination>,
+    on_failure: Option<OnDestination>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct OnDestination {
+    destination: Option<String>,
+}
+
+fn config_json(arn: &str, c: &crate::events::InvokeConfig) -> serde_json::Value {
+    let dest = |d: &Option<String>| match d {
+        Some(d) => serde_json::json!({ "Destination": d }),
+        None => serde_json::json!({}),
+    };
+    let mut v = serde_json::json!({
+        "LastModified": c.last_modified,
+        "FunctionArn": format!("{arn}:$LATEST"),
+        "DestinationConfig": { "OnSuccess": dest(&c.on_success), "OnFailure": dest(&c.on_failure) },
+    });
+    if let Some(n) = c.max_retry_attempts {
+        v["MaximumRetryAttempts"] = n.into();
+    }
+    if let Some(n) = c.max_event_age_s {
+        v["MaximumEventAgeInSeconds"] = n.into();
+    }
+    v
+}
+
+/// `PUT|POST|GET|DELETE /2019-09-25/functions/{name}/event-invoke-config`: Lambda's event
+/// invoke config (retries, event age, destinations). PUT replaces (what it leaves out is
+/// removed), POST merges, DELETE answers 204.
+pub async fn event_invoke_config(
+    State(app): Shared,
+    Path(raw_name): Path<String>,
+    Query(q): Query<InvokeQuery>,
+    req: Request,
+) -> Response {
+    let id = super::request_id();
+    match event_invoke_config_inner(&app, &raw_name, q, req).await {
+        Ok(r) => {
+            let mut r = r;
+            set_header(&mut r, "x-amzn-requestid", &id);
+            r
+        }
+        Err(e) => e.response(&id),
+    }
+}
+
+async fn event_invoke_config_inner(
+    app: &App,
+    raw_name: &str,
+    q: InvokeQuery,
+    req: Request,
+) -> Result<Response, LambdaError> {
+    let (name, path_qualifier) = parse_function_name(raw_name).ok_or_else(|| {
+        LambdaError::invalid(format!(
+            "1 validation error detected: Value '{raw_name}' at 'functionName' failed to satisfy constraint: a function name, partial ARN or ARN"
+        ))
+    })?;
+    let arn = function_arn(&app.router.config, &name);
+    let (parts, body) = req.into_parts();
+    let body = read_body(&parts.headers, body, 64 << 10)
+        .await
+        .map_err(|e| LambdaError::invalid(e.message))?;
+    if !super::authorized(app, &parts.headers) {
+        app.keys
+            .verify(
+                &parts.method,
+                &parts.uri,
+                &parts.headers,
+                &body,
+                SystemTime::now(),
+            )
+            .map_err(|e| LambdaError {
+                status: e.status(),
+                error_type: e.error_type(),
+                message: e.to_string(),
+                retry_after: None,
+            })?;
+    }
+    let f = app
+        .router
+        .lookup(&name)
+        .ok_or_else(|| LambdaError::not_found(&arn))?;
+    check_qualifier(&f, &arn, q.qualifier.or(path_qualifier).as_deref())?;
+    let method = parts.method.clone();
+    let current = app.events.invoke_config(&name);
+    let missing = || {
+        LambdaError::new(
+            StatusCode::NOT_FOUND,
+            "ResourceNotFoundException",
+            format!("The function {arn} doesn't have an EventInvokeConfig"),
+        )
+    };
+    let stored = |e: crate::events::queue::QueueError| {
+        tracing::error!(function = %name, "storing an event invoke config: {e}");
+        LambdaError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceException",
+            "the config could not be stored (see the agent's log)",
+        )
+    };
+    match method {
+        axum::http::Method::GET => {
+            let c = current.ok_or_else(missing)?;
+            Ok(axum::Json(config_json(&arn, &c)).into_response())
+        }
+        axum::http::Method::DELETE => {
+            current.ok_or_else(missing)?;
+            app.events
+                .set_invoke_config(&name, None)
+                .await
+                .map_err(stored)?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        m => {
+            let given: EventInvokeConfigBody = if body.iter().all(u8::is_ascii_whitespace) {
+                EventInvokeConfigBody::default()
+            } else {
+                serde_json::from_slice(&body).map_err(|e| {
+                    LambdaError::invalid(format!(
+                        "the request body is not a valid EventInvokeConfig: {e}"
+                    ))
+                })?
+            };
+            let mut c = if m == axum::http::Method::POST {
+                // UpdateFunctionEventInvokeConfig: what is not given stays.
+                current.unwrap_or_default()
+            } else {
+                crate::events::InvokeConfig::default()
+            };
+            if let Some(n) = given.maximum_retry_attempts {
+                if !(0..=2).contains(&n) {
+                    return Err(LambdaError::invalid(format!(
+                        "1 validation error detected: Value '{n}' at 'maximumRetryAttempts' failed to satisfy constraint: Member must have value between 0 and 2"
+                    )));
+                }
+                c.max_retry_attempts = Some(n as u32);
+            }
+            if let Some(n) = given.maximum_event_age_in_seconds {
+                if !(60..=21600).contains(&n) {
+                    return Err(LambdaError::invalid(format!(
+                        "1 validation error detected: Value '{n}' at 'maximumEventAgeInSeconds' failed to satisfy constraint: Member must have value between 60 and 21600"
+                    )));
+                }
+                c.max_event_age_s = Some(n as u32);
+            }
+            if let Some(d) = given.destination_config {
+                for (field, on, slot) in [
+                    ("OnSuccess", d.on_success, &mut c.on_success),
+                    ("OnFailure", d.on_failure, &mut c.on_failure),
+                ] {
+                    if let Some(on) = on {
+                        match on.destination {
+                            Some(dest) if !dest.is_empty() => {
+                                crate::events::Destination::parse(&dest).map_err(|e| {
+                                    LambdaError::invalid(format!(
+                                        "DestinationConfig.{field}.Destination: {e}"
+                                    ))
+                                })?;
+                                *slot = Some(dest);
+                            }
+                            _ => *slot = None,
+                        }
+                    }
+                }
+            }
+            c.last_modified = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0.0, |d| (d.as_millis() as f64) / 1000.0);
+            app.events
+                .set_invoke_config(&name, Some(c.clone()))
+                .await
+                .map_err(stored)?;
+            Ok(axum::Json(config_json(&arn, &c)).into_response())
+        }
+    }
 }
 
 fn set_header(r: &mut Response, name: &str, value: &str) {

@@ -28,7 +28,7 @@ use serde_json::{Value, json};
 
 pub use error::AppError;
 pub use lambda::StreamFailed;
-pub(crate) use lambda::parse_function_name;
+pub(crate) use lambda::{function_error_payload, parse_function_name};
 
 use crate::bundle::{self, BundleLimits};
 use crate::config::Config;
@@ -41,6 +41,8 @@ pub struct App {
     pub config: Config,
     pub store: Arc<Store>,
     pub router: Arc<Router>,
+    /// Asynchronous invocation: the event queue and its workers.
+    pub events: Arc<crate::events::Events>,
     /// Access keys that may sign Invoke API calls (SigV4).
     pub keys: Arc<crate::auth::KeyStore>,
     pub token: String,
@@ -128,7 +130,12 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/cluster/init"),
     ("POST", "/v1/cluster/tokens"),
     ("GET", "/v1/cluster/members"),
+    ("GET", "/v1/functions/{name}/events"),
     ("POST", "/2015-03-31/functions/{name}/invocations"),
+    ("GET", "/2019-09-25/functions/{name}/event-invoke-config"),
+    ("PUT", "/2019-09-25/functions/{name}/event-invoke-config"),
+    ("POST", "/2019-09-25/functions/{name}/event-invoke-config"),
+    ("DELETE", "/2019-09-25/functions/{name}/event-invoke-config"),
     ("GET", "/fn/{name}"),
     ("PUT", "/fn/{name}"),
     ("POST", "/fn/{name}"),
@@ -161,9 +168,17 @@ pub fn app(state: Arc<App>) -> AxumRouter {
         .route("/v1/cluster/init", post(cluster::init))
         .route("/v1/cluster/tokens", post(cluster::token))
         .route("/v1/cluster/members", get(cluster::members))
+        .route("/v1/functions/{name}/events", get(events))
         .route(
             "/2015-03-31/functions/{name}/invocations",
             post(lambda::invoke_api),
+        )
+        .route(
+            "/2019-09-25/functions/{name}/event-invoke-config",
+            get(lambda::event_invoke_config)
+                .put(lambda::event_invoke_config)
+                .post(lambda::event_invoke_config)
+                .delete(lambda::event_invoke_config),
         )
         // Exec-mode functions take POST /fn/{name}; Lambda-mode ones are function URLs, any
         // method and path.
@@ -413,6 +428,39 @@ async fn describe(
     Ok(axum::Json(f).into_response())
 }
 
+/// `GET /v1/functions/{name}/events`: the function's async events (what `fnlet events` shows).
+async fn events(
+    State(app): Shared,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, AppError> {
+    admin(&app, &headers)?;
+    checked_name(&name)?;
+    let f = app
+        .router
+        .lookup(&name)
+        .ok_or_else(|| not_served(&app, &name))?;
+    let mut v = app.events.view(&name);
+    let p = app.events.policy(&f);
+    let dest = |d: &Option<crate::events::Destination>| {
+        d.as_ref().map(|d| match d {
+            crate::events::Destination::Function(n) => format!("function {n}"),
+            crate::events::Destination::Url(u) => u.clone(),
+        })
+    };
+    v["config"] = json!({
+        "max_retry_attempts": p.max_retry_attempts,
+        "max_event_age_s": p.max_age_ms / 1000,
+        "retry_base_s": p.retry_base_ms as f64 / 1000.0,
+        "backoff_min_s": p.backoff_min_ms as f64 / 1000.0,
+        "backoff_max_s": p.backoff_max_ms as f64 / 1000.0,
+        "on_success": dest(&p.on_success),
+        "on_failure": dest(&p.on_failure),
+        "set_by_api": app.events.invoke_config(&name).is_some(),
+    });
+    Ok(axum::Json(v).into_response())
+}
+
 async fn versions(
     State(app): Shared,
     headers: HeaderMap,
@@ -537,6 +585,7 @@ async fn remove(
     admin(&app, &headers)?;
     checked_name(&name)?;
     let app2 = app.clone();
+    let removed = name.clone();
     blocking(move || {
         let store = app2.store.changes();
         store.remove(&name)?;
@@ -555,6 +604,13 @@ async fn remove(
         Ok(())
     })
     .await?;
+    // As Lambda: its event invoke config goes with it (its waiting events end as
+    // FunctionNotFound when their turn comes).
+    if app.events.invoke_config(&removed).is_some()
+        && let Err(e) = app.events.set_invoke_config(&removed, None).await
+    {
+        tracing::warn!(function = %removed, "removing its event invoke config: {e}");
+    }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -772,6 +772,31 @@ impl Client {
         Ok(self.invocation(response))
     }
 
+    /// An Event invoke through the Invoke API (any mode): the request id of the accepted event.
+    pub async fn invoke_event(&self, name: &str, input: Vec<u8>) -> ClientResult<String> {
+        let mut req = self.with_body(
+            Method::POST,
+            &["2015-03-31", "functions", name, "invocations"],
+            "application/json",
+            full(input),
+        )?;
+        req.headers_mut()
+            .insert("x-amz-invocation-type", HeaderValue::from_static("Event"));
+        let response = self.send(req).await?;
+        Ok(response
+            .headers()
+            .get("x-amzn-requestid")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_string())
+    }
+
+    /// GET /v1/functions/{name}/events
+    pub async fn events(&self, name: &str) -> ClientResult<Value> {
+        self.json(self.empty(Method::GET, &["v1", "functions", name, "events"])?)
+            .await
+    }
+
     fn invocation(&self, response: Response) -> Invocation {
         let (parts, body) = response.into_parts();
         let shown = self.shown.clone();

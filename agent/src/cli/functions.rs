@@ -61,9 +61,18 @@ pub enum FunctionsCommand {
         "fnlet invoke hello -d '{\"name\": \"world\"}'",
         "fnlet invoke resize -d @photo.jpg > thumb.jpg",
         "echo hi | fnlet invoke echo -d @- -v",
-        "fnlet invoke hello --quic 10.0.0.7:8741 -d '{}'   # over QUIC, the cluster endpoint"
+        "fnlet invoke hello --quic 10.0.0.7:8741 -d '{}'   # over QUIC, the cluster endpoint",
+        "fnlet invoke hello --async -d '{}'   # 202 once stored; prints the request id"
     ))]
     Invoke(InvokeArgs),
+
+    /// Show a function's asynchronous events: waiting, running, retrying (with the next try's
+    /// time), the oldest one's age, and the last failures with their request ids.
+    #[command(after_help = examples!(
+        "fnlet events hello",
+        "fnlet events hello --json | jq '.last_failures[].request_id'"
+    ))]
+    Events(NameArgs),
 
     /// List the deployed functions.
     #[command(visible_alias = "list", after_help = examples!(
@@ -175,6 +184,10 @@ pub struct InvokeArgs {
     /// [default: <STATE_DIR>/cluster/ca.pem].
     #[arg(long, value_name = "FILE", requires = "quic")]
     ca: Option<PathBuf>,
+    /// Invoke asynchronously (a Lambda Event invoke): the agent answers once the event is
+    /// stored, and runs it after, retrying as its [async] config says. Prints the request id.
+    #[arg(long = "async", conflicts_with = "quic")]
+    is_async: bool,
     #[command(flatten)]
     conn: ConnArgs,
 }
@@ -283,9 +296,10 @@ pub fn run(cmd: FunctionsCommand) -> ExitCode {
         FunctionsCommand::Deploy(a) => &a.conn,
         FunctionsCommand::Invoke(a) => &a.conn,
         FunctionsCommand::Ls(a) | FunctionsCommand::Status(a) => &a.conn,
-        FunctionsCommand::Describe(a) | FunctionsCommand::Versions(a) | FunctionsCommand::Rm(a) => {
-            &a.conn
-        }
+        FunctionsCommand::Describe(a)
+        | FunctionsCommand::Versions(a)
+        | FunctionsCommand::Rm(a)
+        | FunctionsCommand::Events(a) => &a.conn,
         FunctionsCommand::Rollback(a) => &a.conn,
         FunctionsCommand::Logs(a) => &a.conn,
     };
@@ -348,9 +362,10 @@ fn error_context(cmd: &FunctionsCommand) -> ErrorContext {
     let name = match cmd {
         FunctionsCommand::Deploy(_) | FunctionsCommand::Ls(_) | FunctionsCommand::Status(_) => None,
         FunctionsCommand::Invoke(a) => Some(a.name.clone()),
-        FunctionsCommand::Describe(a) | FunctionsCommand::Versions(a) | FunctionsCommand::Rm(a) => {
-            Some(a.name.clone())
-        }
+        FunctionsCommand::Describe(a)
+        | FunctionsCommand::Versions(a)
+        | FunctionsCommand::Rm(a)
+        | FunctionsCommand::Events(a) => Some(a.name.clone()),
         FunctionsCommand::Rollback(a) => Some(a.name.clone()),
         FunctionsCommand::Logs(a) => Some(a.name.clone()),
     };
@@ -398,12 +413,18 @@ fn dispatch(cmd: FunctionsCommand, target: &Target) -> CmdResult {
                     let ca = super::quic::read_ca(&ca, a.ca.is_some())?;
                     block_on(invoke_quic(target, addr, ca, &a, input))
                 }
+                None if a.is_async => block_on(async {
+                    let id = client.invoke_event(&a.name, input).await?;
+                    println!("{id}");
+                    Ok(())
+                }),
                 None => block_on(invoke(&client, &a, input)),
             }
         }
         FunctionsCommand::Ls(a) => block_on(list(&client, a.output.json)),
         FunctionsCommand::Describe(a) => block_on(describe(&client, &a.name, a.output.json)),
         FunctionsCommand::Versions(a) => block_on(versions(&client, &a.name, a.output.json)),
+        FunctionsCommand::Events(a) => block_on(events(&client, &a.name, a.output.json)),
         FunctionsCommand::Rm(a) => block_on(async {
             client.remove(&a.name).await?;
             if !a.output.json {
@@ -831,6 +852,106 @@ fn format_duration(d: Duration) -> String {
     } else {
         format!("{:.2}s", ms / 1000.0)
     }
+}
+
+// ---- events ----
+
+async fn events(client: &Client, name: &str, json: bool) -> CmdResult {
+    let v = client.events(name).await?;
+    if json {
+        return print_json(&v);
+    }
+    let n = |k: &str| v[k].as_u64().unwrap_or(0);
+    let mut out = kv(&[
+        ("function", name.to_string()),
+        ("stored", n("stored").to_string()),
+        ("pending", n("pending").to_string()),
+        ("in flight", n("in_flight").to_string()),
+        (
+            "retrying",
+            v["retrying"].as_array().map_or(0, Vec::len).to_string(),
+        ),
+        (
+            "oldest age",
+            format_duration(Duration::from_secs_f64(
+                v["oldest_age_s"].as_f64().unwrap_or(0.0).max(0.0),
+            )),
+        ),
+        (
+            "retries",
+            format!(
+                "{} (retry n waits n x {}s; throttles back off {}s..{}s)",
+                v["config"]["max_retry_attempts"],
+                v["config"]["retry_base_s"],
+                v["config"]["backoff_min_s"],
+                v["config"]["backoff_max_s"]
+            ),
+        ),
+        (
+            "max event age",
+            format!("{}s", v["config"]["max_event_age_s"]),
+        ),
+        (
+            "on success",
+            v["config"]["on_success"]
+                .as_str()
+                .unwrap_or("-")
+                .to_string(),
+        ),
+        (
+            "on failure",
+            v["config"]["on_failure"]
+                .as_str()
+                .unwrap_or("-")
+                .to_string(),
+        ),
+    ]);
+    let s = |x: &Value| x.as_str().unwrap_or("-").to_string();
+    if let Some(r) = v["retrying"].as_array().filter(|r| !r.is_empty()) {
+        out.push_str("\nretrying:\n");
+        let rows: Vec<Vec<String>> = r
+            .iter()
+            .map(|e| {
+                vec![
+                    s(&e["request_id"]),
+                    s(&e["next_attempt_at"]),
+                    e["function_errors"].to_string(),
+                    e["throttles"].to_string(),
+                    s(&e["last_error"]),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &[
+                "REQUEST ID",
+                "NEXT TRY",
+                "ERRORS",
+                "THROTTLES",
+                "LAST ERROR",
+            ],
+            &rows,
+        ));
+    }
+    if let Some(r) = v["last_failures"].as_array().filter(|r| !r.is_empty()) {
+        out.push_str("\nlast failures:\n");
+        let rows: Vec<Vec<String>> = r
+            .iter()
+            .map(|e| {
+                vec![
+                    s(&e["request_id"]),
+                    s(&e["at"]),
+                    s(&e["condition"]),
+                    e["invokes"].to_string(),
+                    s(&e["error"]),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &["REQUEST ID", "AT", "CONDITION", "TRIES", "LAST ERROR"],
+            &rows,
+        ));
+    }
+    print_text(&out)
 }
 
 // ---- ls, describe, versions, status ----

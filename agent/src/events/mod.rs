@@ -1,0 +1,819 @@
+//! Asynchronous invocation: Event invokes are stored durably ([`queue`]) before they are
+//! answered 202, then run by workers through the router, within each function's concurrency,
+//! with Lambda's retries, event age and destinations ([`policy`]).
+//!
+//! Delivery is at least once. A try is marked in flight in the queue before it starts; an agent
+//! that dies mid-try runs that event again at its next start, with the same request id, and
+//! counts it in `fnlet_events_duplicates_total` (when the mark had reached the disk: the
+//! workers' bookkeeping is committed without an fsync of its own, see [`queue`]). An event ends
+//! (success, or failure for good) in one commit that removes it and stores its destination
+//! record as a new event, so a record is never lost (a lost ending runs the event again).
+
+pub mod policy;
+pub mod queue;
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use policy::{Condition, History, Next, Outcome};
+pub use policy::{Destination, InvokeConfig, Policy};
+use queue::{Header, Op, Queue, QueueError, Target, encode};
+
+use crate::config::EventsConfig;
+use crate::metrics::{ConditionLabels, EventLabels, Metrics};
+use crate::pool::ActiveFunction;
+use crate::router::{InvokeRequest, Router};
+
+/// Lambda's payload limit for Event invokes.
+pub const MAX_EVENT_BYTES: usize = 1 << 20;
+/// Destination URLs: records POSTed at once per URL.
+const URL_CONCURRENCY: u32 = 8;
+/// How long a destination URL has to answer.
+const URL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Failures `fnlet events` remembers per function.
+const FAILURES_KEPT: usize = 20;
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn rfc3339_ms(ms: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+/// Why an Event invoke was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum AcceptError {
+    #[error(
+        "{function}'s event queue is full ({count} events, {bytes} bytes waiting; \
+         events.max_queued_events and events.max_queued_mb)"
+    )]
+    Full {
+        function: String,
+        count: u64,
+        bytes: u64,
+    },
+    #[error(transparent)]
+    Storage(#[from] QueueError),
+}
+
+/// A failure `fnlet events` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct FailureNote {
+    pub request_id: String,
+    pub condition: String,
+    pub error: Option<String>,
+    pub at: String,
+    pub invokes: u32,
+}
+
+struct Entry {
+    header: Header,
+    bytes: u64,
+    running: bool,
+}
+
+/// One function's (or one destination URL's) events.
+#[derive(Default)]
+struct Lane {
+    /// (next try ms, seq) of the events not running.
+    waiting: BTreeSet<(u64, u64)>,
+    /// Events stored (waiting and running) and their payload bytes.
+    count: u64,
+    bytes: u64,
+    running: u32,
+    failures: VecDeque<FailureNote>,
+}
+
+#[derive(Default)]
+struct State {
+    lanes: HashMap<Target, Lane>,
+    entries: HashMap<u64, Entry>,
+    configs: HashMap<String, InvokeConfig>,
+}
+
+type HttpClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Full<Bytes>,
+>;
+
+/// The local event queue and its workers.
+pub struct Events {
+    queue: Queue,
+    state: Mutex<State>,
+    wake: tokio::sync::Notify,
+    router: Arc<Router>,
+    config: EventsConfig,
+    seq: AtomicU64,
+    http: HttpClient,
+}
+
+struct Observer(Arc<Metrics>);
+
+impl queue::CommitObserver for Observer {
+    fn committed(&self, batches: usize, took: Duration) {
+        let m = &self.0.events;
+        m.commits.inc();
+        m.commit_batches.observe(batches as f64);
+        m.commit_duration.observe(took.as_secs_f64());
+    }
+}
+
+impl Events {
+    /// Opens the queue in the state dir and takes up what a previous run left: events in
+    /// flight then run again (counted as duplicates), the others keep their schedule.
+    pub fn open(router: Arc<Router>, config: &EventsConfig) -> Result<Arc<Events>, QueueError> {
+        let (queue, loaded) =
+            Queue::open(&router.config.state_dir, Observer(router.metrics.clone()))?;
+        let mut state = State::default();
+        let mut duplicates = 0;
+        for (seq, mut header, bytes) in loaded.events {
+            if header.in_flight {
+                duplicates += 1;
+                if let Target::Function(f) = &header.target {
+                    router
+                        .metrics
+                        .events
+                        .duplicates
+                        .get_or_create(&Metrics::function(f))
+                        .inc();
+                    tracing::info!(function = %f, request_id = %header.request_id, "an async event was running when the agent stopped: it runs again");
+                }
+                header.in_flight = false;
+            }
+            let lane = state.lanes.entry(header.target.clone()).or_default();
+            lane.count += 1;
+            lane.bytes += bytes;
+            lane.waiting.insert((header.next_ms, seq));
+            state.entries.insert(
+                seq,
+                Entry {
+                    header,
+                    bytes,
+                    running: false,
+                },
+            );
+        }
+        if !state.entries.is_empty() {
+            tracing::info!(
+                events = state.entries.len(),
+                duplicates,
+                "async events taken up from the queue"
+            );
+        }
+        state.configs = loaded.configs.into_iter().collect();
+        let http =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
+        Ok(Arc::new(Events {
+            queue,
+            state: Mutex::new(state),
+            wake: tokio::sync::Notify::new(),
+            router,
+            config: config.clone(),
+            seq: AtomicU64::new(loaded.next_seq),
+            http,
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every change under this lock is whole before it is released.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stores an Event invoke of `function` durably; returns once it is on disk.
+    pub async fn accept(
+        &self,
+        function: &str,
+        request_id: &str,
+        payload: Bytes,
+    ) -> Result<(), AcceptError> {
+        let len = payload.len() as u64;
+        let target = Target::Function(function.to_string());
+        {
+            let mut st = self.lock();
+            let lane = st.lanes.entry(target.clone()).or_default();
+            if lane.count >= self.config.max_queued_events
+                || lane.bytes + len > self.config.max_queued_mb << 20
+            {
+                return Err(AcceptError::Full {
+                    function: function.to_string(),
+                    count: lane.count,
+                    bytes: lane.bytes,
+                });
+            }
+            // Held for this event while it is written: concurrent accepts see it.
+            lane.count += 1;
+            lane.bytes += len;
+        }
+        let (seq, header) = self.stage(target.clone(), request_id.to_string(), None);
+        let result = self
+            .queue
+            .commit(vec![Op::Put(seq, encode(&header, &payload))])
+            .await;
+        let mut st = self.lock();
+        let State { lanes, entries, .. } = &mut *st;
+        let lane = lanes.entry(target).or_default();
+        match result {
+            Ok(()) => {
+                lane.waiting.insert((header.next_ms, seq));
+                entries.insert(
+                    seq,
+                    Entry {
+                        header,
+                        bytes: len,
+                        running: false,
+                    },
+                );
+                drop(st);
+                self.wake.notify_one();
+                self.router
+                    .metrics
+                    .events
+                    .accepted
+                    .get_or_create(&Metrics::function(function))
+                    .inc();
+                Ok(())
+            }
+            Err(e) => {
+                lane.count -= 1;
+                lane.bytes -= len;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// A new event's number and header.
+    fn stage(&self, target: Target, request_id: String, origin: Option<String>) -> (u64, Header) {
+        let now = now_ms();
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let header = Header {
+            request_id,
+            target,
+            history: History {
+                accepted_ms: now,
+                ..History::default()
+            },
+            invokes: 0,
+            next_ms: now,
+            in_flight: false,
+            last_error: None,
+            origin,
+        };
+        (seq, header)
+    }
+
+    /// Takes in an event committed by [`Events::stage`]'s caller.
+    fn admit(&self, seq: u64, header: Header, bytes: u64) {
+        let mut st = self.lock();
+        let lane = st.lanes.entry(header.target.clone()).or_default();
+        lane.count += 1;
+        lane.bytes += bytes;
+        lane.waiting.insert((header.next_ms, seq));
+        st.entries.insert(
+            seq,
+            Entry {
+                header,
+                bytes,
+                running: false,
+            },
+        );
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    /// Runs the workers until `stop`: each due event starts as soon as its function has room.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let mut gauges_at = tokio::time::Instant::now();
+        loop {
+            let next = self.dispatch();
+            if gauges_at.elapsed() >= Duration::from_secs(1) {
+                self.update_gauges();
+                gauges_at = tokio::time::Instant::now();
+            }
+            let wait = next.map_or(Duration::from_secs(1), |at| {
+                Duration::from_millis(at.saturating_sub(now_ms())).min(Duration::from_secs(1))
+            });
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// Starts every due event its lane has room for; returns when the next one is due.
+    fn dispatch(self: &Arc<Self>) -> Option<u64> {
+        if self.router.draining.is_cancelled() {
+            return None;
+        }
+        let now = now_ms();
+        let mut earliest: Option<u64> = None;
+        let mut st = self.lock();
+        let State { lanes, entries, .. } = &mut *st;
+        for (target, lane) in lanes.iter_mut() {
+            let limit = match target {
+                // A function that is gone still takes its events, to end them.
+                Target::Function(name) => self
+                    .router
+                    .lookup(name)
+                    .map_or(1, |f| f.resolved.max_concurrency),
+                Target::Url(_) => URL_CONCURRENCY,
+            };
+            while lane.running < limit {
+                let Some(&(at, seq)) = lane.waiting.first() else {
+                    break;
+                };
+                if at > now {
+                    earliest = Some(earliest.map_or(at, |e| e.min(at)));
+                    break;
+                }
+                lane.waiting.pop_first();
+                let Some(entry) = entries.get_mut(&seq) else {
+                    continue;
+                };
+                entry.running = true;
+                lane.running += 1;
+                let header = entry.header.clone();
+                tokio::spawn(self.clone().attempt(seq, header));
+            }
+        }
+        earliest
+    }
+
+    fn update_gauges(&self) {
+        let now = now_ms();
+        let st = self.lock();
+        let mut oldest: HashMap<&str, u64> = HashMap::new();
+        for e in st.entries.values() {
+            if let Target::Function(f) = &e.header.target {
+                let o = oldest.entry(f).or_insert(u64::MAX);
+                *o = (*o).min(e.header.history.accepted_ms);
+            }
+        }
+        let m = &self.router.metrics.events;
+        for (target, lane) in &st.lanes {
+            if let Target::Function(f) = target {
+                let labels = Metrics::function(f);
+                m.depth.get_or_create(&labels).set(lane.count as i64);
+                let age = oldest
+                    .get(f.as_str())
+                    .map_or(0.0, |a| now.saturating_sub(*a) as f64 / 1000.0);
+                m.oldest_age.get_or_create(&labels).set(age);
+            }
+        }
+    }
+
+    async fn attempt(self: Arc<Self>, seq: u64, header: Header) {
+        let payload = match self.queue.payload(seq) {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                self.forget(seq);
+                return;
+            }
+            Err(e) => {
+                tracing::error!(request_id = %header.request_id, "{e}");
+                let mut h = header;
+                h.history.throttles += 1;
+                h.next_ms = now_ms() + self.default_policy().backoff_ms(h.history.throttles);
+                self.requeue(seq, h);
+                return;
+            }
+        };
+        match header.target.clone() {
+            Target::Function(name) => self.run_function(seq, header, &name, payload).await,
+            Target::Url(url) => self.deliver(seq, header, &url, payload).await,
+        }
+    }
+
+    /// The rules `f`'s events run under now.
+    pub fn policy(&self, f: &ActiveFunction) -> Policy {
+        let st = self.lock();
+        Policy::resolve(
+            &f.manifest.async_settings,
+            st.configs.get(&f.name),
+            &self.config,
+        )
+    }
+
+    fn default_policy(&self) -> Policy {
+        Policy::resolve(&Default::default(), None, &self.config)
+    }
+
+    async fn run_function(self: &Arc<Self>, seq: u64, mut h: Header, name: &str, payload: Vec<u8>) {
+        let metrics = &self.router.metrics.events;
+        let Some(f) = self.router.lookup(name) else {
+            // Deleted since: nothing can run it.
+            if self.queue.commit_lazy(vec![Op::Remove(seq)]).await.is_ok() {
+                self.forget(seq);
+            } else {
+                self.requeue(seq, h);
+            }
+            metrics
+                .dropped
+                .get_or_create(&condition_labels(name, "FunctionNotFound"))
+                .inc();
+            return;
+        };
+        let policy = self.policy(&f);
+        if let Err(condition) = policy::may_start(&policy, &h.history, now_ms()) {
+            return self
+                .end(seq, h, &f, &policy, &payload, condition, None)
+                .await;
+        }
+        h.in_flight = true;
+        if let Err(e) = self
+            .queue
+            .commit_lazy(vec![Op::Put(seq, encode(&h, &payload))])
+            .await
+        {
+            // Not marked, so not started: tried again later.
+            tracing::error!(function = name, request_id = %h.request_id, "marking an async event's try: {e}");
+            h.in_flight = false;
+            h.history.throttles += 1;
+            h.next_ms = now_ms() + policy.backoff_ms(h.history.throttles);
+            self.requeue(seq, h);
+            return;
+        }
+        let result = self
+            .router
+            .invoke(InvokeRequest {
+                name,
+                body: Bytes::from(payload.clone()),
+                request_id: &h.request_id,
+                want_tail: false,
+                client_context: None,
+            })
+            .await;
+        let fn_error =
+            |e: &crate::instance::InvokeError| crate::api::function_error_payload(e, &h.request_id);
+        let (outcome, response, error) = match result {
+            Ok(inv) => match inv.body.collect(self.router.max_response).await {
+                Ok(body) => (Outcome::Success, Some((false, body)), None),
+                Err(e) => (
+                    Outcome::FunctionError,
+                    fn_error(&e).map(|p| (true, p)),
+                    Some(e.to_string()),
+                ),
+            },
+            Err(fail) => match fn_error(&fail.error) {
+                Some(p) => (
+                    Outcome::FunctionError,
+                    Some((true, p)),
+                    Some(fail.error.to_string()),
+                ),
+                // 429, the agent draining or failing: no try of the function happened.
+                None => (Outcome::Throttled, None, Some(fail.error.to_string())),
+            },
+        };
+        h.in_flight = false;
+        match outcome {
+            Outcome::Success => h.invokes += 1,
+            Outcome::FunctionError => {
+                h.invokes += 1;
+                h.history.errors += 1;
+                h.history.throttles = 0;
+            }
+            Outcome::Throttled => h.history.throttles += 1,
+        }
+        let result_label = match outcome {
+            Outcome::Success => "success",
+            Outcome::FunctionError => "function_error",
+            Outcome::Throttled => "throttled",
+        };
+        metrics
+            .attempts
+            .get_or_create(&labels(name, result_label))
+            .inc();
+        if error.is_some() {
+            h.last_error = error;
+        }
+        match policy::after(&policy, &h.history, outcome, now_ms()) {
+            Next::RetryAt(at) => {
+                h.next_ms = at;
+                if let Err(e) = self
+                    .queue
+                    .commit_lazy(vec![Op::Put(seq, encode(&h, &payload))])
+                    .await
+                {
+                    // The stored copy still says in flight: after a crash it runs again.
+                    tracing::error!(function = name, request_id = %h.request_id, "rescheduling an async event: {e}");
+                }
+                self.requeue(seq, h);
+            }
+            Next::Done(condition) => {
+                self.end(seq, h, &f, &policy, &payload, condition, response)
+                    .await
+            }
+        }
+    }
+
+    /// Ends an event: removes it and stores its destination record, in one commit.
+    #[allow(clippy::too_many_arguments)]
+    async fn end(
+        &self,
+        seq: u64,
+        mut h: Header,
+        f: &ActiveFunction,
+        policy: &Policy,
+        payload: &[u8],
+        condition: Condition,
+        response: Option<(bool, Bytes)>,
+    ) {
+        let metrics = &self.router.metrics.events;
+        let destination = match condition {
+            Condition::Success => &policy.on_success,
+            _ => &policy.on_failure,
+        };
+        let mut ops = vec![Op::Remove(seq)];
+        let mut staged = None;
+        if let Some(d) = destination {
+            let rec = policy::record(
+                condition,
+                &h.request_id,
+                &f.arn(&self.router.config, false),
+                h.invokes,
+                payload,
+                response.as_ref().map(|(e, p)| policy::Response {
+                    function_error: *e,
+                    payload: p,
+                }),
+                time::OffsetDateTime::now_utc(),
+            );
+            let body = serde_json::to_vec(&rec).expect("records serialize");
+            let target = match d {
+                Destination::Function(n) => Target::Function(n.clone()),
+                Destination::Url(u) => Target::Url(u.clone()),
+            };
+            let (nseq, nh) = self.stage(target, crate::api::request_id(), Some(f.name.clone()));
+            ops.push(Op::Put(nseq, encode(&nh, &body)));
+            staged = Some((nseq, nh, body.len() as u64));
+        }
+        if let Err(e) = self.queue.commit_lazy(ops).await {
+            tracing::error!(function = %f.name, request_id = %h.request_id, "ending an async event: {e}");
+            h.history.throttles += 1;
+            h.next_ms = now_ms() + policy.backoff_ms(h.history.throttles);
+            self.requeue(seq, h);
+            return;
+        }
+        if let Some((nseq, nh, bytes)) = staged {
+            let kind = match &nh.target {
+                Target::Function(_) => "function",
+                Target::Url(_) => "url_stored",
+            };
+            metrics
+                .deliveries
+                .get_or_create(&labels(&f.name, kind))
+                .inc();
+            self.admit(nseq, nh, bytes);
+        }
+        if condition != Condition::Success {
+            metrics
+                .dropped
+                .get_or_create(&condition_labels(&f.name, condition.as_str()))
+                .inc();
+            tracing::info!(function = %f.name, request_id = %h.request_id, condition = condition.as_str(), invokes = h.invokes, "async event failed for good");
+            self.router.logs.append(
+                &f.name,
+                f.version,
+                &h.request_id,
+                "agent",
+                &format!(
+                    "async event failed for good: {} after {} tries{}",
+                    condition.as_str(),
+                    h.invokes,
+                    h.last_error
+                        .as_deref()
+                        .map(|e| format!(" (last: {e})"))
+                        .unwrap_or_default()
+                ),
+            );
+            let note = FailureNote {
+                request_id: h.request_id.clone(),
+                condition: condition.as_str().into(),
+                error: h.last_error.clone(),
+                at: rfc3339_ms(now_ms()),
+                invokes: h.invokes,
+            };
+            let mut st = self.lock();
+            let lane = st.lanes.entry(h.target.clone()).or_default();
+            if lane.failures.len() == FAILURES_KEPT {
+                lane.failures.pop_front();
+            }
+            lane.failures.push_back(note);
+        }
+        self.forget(seq);
+    }
+
+    /// POSTs a destination record to its URL; retried with backoff until it is taken or too
+    /// old.
+    async fn deliver(&self, seq: u64, mut h: Header, url: &str, payload: Vec<u8>) {
+        let origin = h.origin.clone().unwrap_or_default();
+        let metrics = &self.router.metrics.events;
+        let result = self.post(url, payload.clone()).await;
+        let done = match result {
+            Ok(()) => {
+                metrics
+                    .deliveries
+                    .get_or_create(&labels(&origin, "url"))
+                    .inc();
+                true
+            }
+            Err(e) => {
+                let policy = self.default_policy();
+                h.history.throttles += 1;
+                h.last_error = Some(e.clone());
+                let at = now_ms() + policy.backoff_ms(h.history.throttles);
+                let max_age = (self.config.destination_max_age_s * 1000.0) as u64;
+                if at > h.history.accepted_ms + max_age {
+                    tracing::warn!(url, origin = %origin, "destination record dropped after {} tries: {e}", h.history.throttles);
+                    metrics
+                        .dropped
+                        .get_or_create(&condition_labels(&origin, "DestinationFailed"))
+                        .inc();
+                    true
+                } else {
+                    tracing::info!(url, origin = %origin, "destination POST failed (tried again later): {e}");
+                    metrics
+                        .deliveries
+                        .get_or_create(&labels(&origin, "url_retry"))
+                        .inc();
+                    h.next_ms = at;
+                    false
+                }
+            }
+        };
+        let op = if done {
+            Op::Remove(seq)
+        } else {
+            Op::Put(seq, encode(&h, &payload))
+        };
+        match self.queue.commit_lazy(vec![op]).await {
+            Ok(()) if done => self.forget(seq),
+            Ok(()) => self.requeue(seq, h),
+            Err(e) => {
+                tracing::error!(url, "destination bookkeeping: {e}");
+                h.next_ms = now_ms() + self.default_policy().backoff_ms(h.history.throttles.max(1));
+                self.requeue(seq, h);
+            }
+        }
+    }
+
+    async fn post(&self, url: &str, body: Vec<u8>) -> Result<(), String> {
+        let req = http::Request::post(url)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(
+                http::header::USER_AGENT,
+                concat!("fnlet/", env!("CARGO_PKG_VERSION")),
+            )
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| e.to_string())?;
+        match tokio::time::timeout(URL_TIMEOUT, self.http.request(req)).await {
+            Err(_) => Err(format!("no answer within {URL_TIMEOUT:?}")),
+            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Ok(resp)) if resp.status().is_success() => Ok(()),
+            Ok(Ok(resp)) => Err(format!("answered {}", resp.status())),
+        }
+    }
+
+    /// Puts a running event back to wait for `h.next_ms`.
+    fn requeue(&self, seq: u64, h: Header) {
+        let mut st = self.lock();
+        let State { lanes, entries, .. } = &mut *st;
+        let lane = lanes.entry(h.target.clone()).or_default();
+        lane.running = lane.running.saturating_sub(1);
+        lane.waiting.insert((h.next_ms, seq));
+        if let Some(e) = entries.get_mut(&seq) {
+            e.running = false;
+            e.header = h;
+        }
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    /// Drops a running event that ended.
+    fn forget(&self, seq: u64) {
+        let mut st = self.lock();
+        let State { lanes, entries, .. } = &mut *st;
+        if let Some(e) = entries.remove(&seq)
+            && let Some(lane) = lanes.get_mut(&e.header.target)
+        {
+            lane.running = lane.running.saturating_sub(1);
+            lane.count = lane.count.saturating_sub(1);
+            lane.bytes = lane.bytes.saturating_sub(e.bytes);
+        }
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    /// What `fnlet events NAME` shows.
+    pub fn view(&self, name: &str) -> serde_json::Value {
+        let now = now_ms();
+        let st = self.lock();
+        let target = Target::Function(name.to_string());
+        let Some(lane) = st.lanes.get(&target) else {
+            return serde_json::json!({
+                "function": name, "stored": 0, "pending": 0, "in_flight": 0, "retrying": [],
+                "oldest_age_s": 0.0, "bytes": 0, "last_failures": [],
+            });
+        };
+        let mut pending = 0;
+        let mut retrying = Vec::new();
+        let mut oldest = None::<u64>;
+        for (_, seq) in &lane.waiting {
+            let Some(e) = st.entries.get(seq) else {
+                continue;
+            };
+            let h = &e.header;
+            oldest = Some(oldest.map_or(h.history.accepted_ms, |o| o.min(h.history.accepted_ms)));
+            if h.history.errors == 0 && h.history.throttles == 0 {
+                pending += 1;
+            } else if retrying.len() < 100 {
+                retrying.push(serde_json::json!({
+                    "request_id": h.request_id,
+                    "next_attempt_at": rfc3339_ms(h.next_ms),
+                    "next_attempt_in_s": h.next_ms.saturating_sub(now) as f64 / 1000.0,
+                    "function_errors": h.history.errors,
+                    "throttles": h.history.throttles,
+                    "last_error": h.last_error,
+                }));
+            }
+        }
+        for e in st
+            .entries
+            .values()
+            .filter(|e| e.running && e.header.target == target)
+        {
+            let a = e.header.history.accepted_ms;
+            oldest = Some(oldest.map_or(a, |o| o.min(a)));
+        }
+        serde_json::json!({
+            "function": name,
+            "stored": lane.count,
+            "pending": pending,
+            "in_flight": lane.running,
+            "retrying": retrying,
+            "oldest_age_s": oldest.map_or(0.0, |o| now.saturating_sub(o) as f64 / 1000.0),
+            "bytes": lane.bytes,
+            "last_failures": lane.failures.iter().rev().collect::<Vec<_>>(),
+        })
+    }
+
+    /// Makes every commit so far durable (at shutdown: the workers' last bookkeeping).
+    pub async fn flush(&self) -> Result<(), QueueError> {
+        self.queue.commit(Vec::new()).await
+    }
+
+    /// The event invoke config set through the API for `name`.
+    pub fn invoke_config(&self, name: &str) -> Option<InvokeConfig> {
+        self.lock().configs.get(name).cloned()
+    }
+
+    /// Stores (`Some`) or removes (`None`) `name`'s event invoke config.
+    pub async fn set_invoke_config(
+        &self,
+        name: &str,
+        config: Option<InvokeConfig>,
+    ) -> Result<(), QueueError> {
+        let op = match &config {
+            Some(c) => Op::PutConfig(name.to_string(), c.clone()),
+            None => Op::RemoveConfig(name.to_string()),
+        };
+        self.queue.commit(vec![op]).await?;
+        let mut st = self.lock();
+        match config {
+            Some(c) => st.configs.insert(name.to_string(), c),
+            None => st.configs.remove(name),
+        };
+        Ok(())
+    }
+}
+
+fn labels(function: &str, result: &str) -> EventLabels {
+    EventLabels {
+        function: function.to_string(),
+        result: result.to_string(),
+    }
+}
+
+fn condition_labels(function: &str, condition: &str) -> ConditionLabels {
+    ConditionLabels {
+        function: function.to_string(),
+        condition: condition.to_string(),
+    }
+}
