@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::config::FunctionDefaults;
+use crate::network::policy::NetworkManifest;
 
 pub const MANIFEST_FILE: &str = "fnlet.toml";
 
@@ -70,6 +71,9 @@ pub struct Manifest {
     pub idempotent: bool,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Outbound network: egress policy and limits (absent: the agent's `[network]` defaults).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkManifest>,
 }
 
 fn default_mode() -> Mode {
@@ -206,6 +210,10 @@ impl Manifest {
         }
         if self.env.values().map(|v| v.len()).sum::<usize>() > 4096 * 16 {
             return bad("env", "the environment must total under 64 KiB".into());
+        }
+        if let Some(n) = &self.network {
+            n.validate()
+                .map_err(|(field, reason)| ManifestError::Invalid { field, reason })?;
         }
         self.validate_lambda()
     }
@@ -403,10 +411,42 @@ mod tests {
                 "name = \"x\"\nentrypoint = \"a\"\n[env]\n\"A-B\" = \"1\"",
                 "env",
             ),
+            (
+                "name = \"x\"\nentrypoint = \"a\"\n[network]\negress = \"some\"",
+                "network.egress",
+            ),
+            (
+                "name = \"x\"\nentrypoint = \"a\"\n[network]\negress = [\"10.0.0.1/8\"]",
+                "network.egress",
+            ),
+            (
+                "name = \"x\"\nentrypoint = \"a\"\n[network]\nrate_mbit = 0",
+                "network.rate_mbit",
+            ),
+            (
+                "name = \"x\"\nentrypoint = \"a\"\n[network]\negres = \"all\"",
+                "egres",
+            ),
         ] {
             let err = Manifest::parse(text).unwrap_err().to_string();
             assert!(err.contains(field), "{text:?} -> {err}");
         }
+    }
+
+    #[test]
+    fn network_section_round_trips() {
+        let m = Manifest::parse(
+            "name = \"n\"\nentrypoint = \"a\"\n[network]\negress = [\"10.0.0.0/8:5432\", \"db.example:5432\"]\nrate_mbit = 10\n",
+        )
+        .unwrap();
+        let again = Manifest::parse(&to_toml(&m).unwrap()).unwrap();
+        assert_eq!(again, m);
+        let m = Manifest::parse("name = \"n\"\nentrypoint = \"a\"\n[network]\negress = \"all\"\n")
+            .unwrap();
+        assert_eq!(
+            m.network.unwrap().egress.unwrap().parse(),
+            Ok(crate::network::policy::Egress::All)
+        );
     }
 
     #[test]
