@@ -206,6 +206,7 @@ impl Drop for LambdaInstance {
 /// What a started instance needs from the agent.
 pub struct StartArgs<'a> {
     pub isolator: &'a Arc<Isolator>,
+    pub network: Option<&'a Arc<crate::network::Network>>,
     pub logs: &'a Arc<Logs>,
     pub function: &'a Arc<ActiveFunction>,
     pub prepared: Option<PreparedSandbox>,
@@ -224,18 +225,26 @@ impl LambdaInstance {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + init_timeout;
         let spawn = match args.prepared {
-            Some(p) => tokio::task::spawn_blocking(move || p.start(None)),
+            Some(p) => {
+                tokio::task::spawn_blocking(move || p.start(None).map_err(InvokeError::Spawn))
+            }
+            None if f.net.is_some() => {
+                let (iso, network, f) = (args.isolator.clone(), args.network.cloned(), f.clone());
+                tokio::task::spawn_blocking(move || {
+                    crate::pool::prepare_sandbox(&iso, network.as_ref(), &f.spec, f.net.as_ref())
+                        .and_then(|p| p.start(None).map_err(InvokeError::Spawn))
+                })
+            }
             None => {
                 let iso = args.isolator.clone();
                 let spec = f.spec.clone();
-                tokio::task::spawn_blocking(move || iso.spawn(&spec))
+                tokio::task::spawn_blocking(move || iso.spawn(&spec).map_err(InvokeError::Spawn))
             }
         };
         let mut sandbox = tokio::time::timeout_at(deadline, spawn)
             .await
             .map_err(|_| InvokeError::InitTimeout(init_timeout))?
-            .map_err(|e| InvokeError::Internal(e.to_string()))?
-            .map_err(InvokeError::Spawn)?;
+            .map_err(|e| InvokeError::Internal(e.to_string()))??;
         let id = sandbox
             .cgroup_path()
             .and_then(|p| p.rsplit('/').next().map(str::to_string))

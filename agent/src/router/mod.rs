@@ -19,6 +19,7 @@ use crate::instance::{self, ExecCall, InvokeError, runtime_api};
 use crate::logs::Logs;
 use crate::manifest::Mode;
 use crate::metrics::Metrics;
+use crate::network::Network;
 use crate::pool::{ActiveFunction, FunctionSlot, Registry, Slot, Tracked};
 
 pub struct Router {
@@ -38,6 +39,8 @@ pub struct Router {
     pub config: Arc<Config>,
     /// Every Lambda instance's sandbox owner: shutdown waits for them.
     pub instances: TaskTracker,
+    /// Functions' outbound network; None: no function gets one (unit tests).
+    pub network: Option<Arc<Network>>,
 }
 
 /// One invocation as the API layer asks for it.
@@ -109,13 +112,14 @@ pub struct Invocation {
 pub struct RefillOnDrop {
     slot: Arc<FunctionSlot>,
     isolator: Arc<Isolator>,
+    network: Option<Arc<Network>>,
     draining: CancellationToken,
 }
 
 impl Drop for RefillOnDrop {
     fn drop(&mut self) {
         if !self.draining.is_cancelled() {
-            self.slot.refill(&self.isolator);
+            self.slot.refill(&self.isolator, self.network.as_ref());
         }
     }
 }
@@ -134,7 +138,7 @@ impl Router {
             return;
         }
         if let (true, Some(slot)) = (self.prepare_ahead, self.registry.get(name)) {
-            slot.refill(&self.isolator);
+            slot.refill(&self.isolator, self.network.as_ref());
         }
     }
 
@@ -195,6 +199,7 @@ impl Router {
                     timeout: Duration::from_secs_f64(f.resolved.timeout_s),
                     max_response: self.max_response,
                     memory_mb: f.resolved.memory_mb,
+                    net: f.net.as_ref(),
                 };
                 // Dropped with this future when the caller hangs up: the sandbox is killed
                 // (nobody reads its answer), and that is said.
@@ -205,6 +210,7 @@ impl Router {
                 };
                 let r = instance::run_exec(
                     &self.isolator,
+                    self.network.as_ref(),
                     &self.logs,
                     call,
                     req.body,
@@ -229,6 +235,7 @@ impl Router {
         let refill = self.prepare_ahead.then(|| RefillOnDrop {
             slot: slot.clone(),
             isolator: self.isolator.clone(),
+            network: self.network.clone(),
             draining: self.draining.clone(),
         });
         let elapsed = started.elapsed();
@@ -501,6 +508,7 @@ impl Router {
         };
         let instance = LambdaInstance::start(StartArgs {
             isolator: &self.isolator,
+            network: self.network.as_ref(),
             logs: &self.logs,
             function: f,
             prepared,
@@ -560,7 +568,7 @@ impl Router {
                     }
                     drop(held);
                     if router.prepare_ahead {
-                        slot.refill(&router.isolator);
+                        slot.refill(&router.isolator, router.network.as_ref());
                     }
                 });
             }

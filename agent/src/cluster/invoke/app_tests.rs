@@ -89,6 +89,7 @@ impl TestAgent {
             prepare_ahead: false,
             config: Arc::new(config.clone()),
             instances: tokio_util::task::TaskTracker::new(),
+            network: None,
         };
         let app = Arc::new(App {
             keys: Arc::new(crate::auth::KeyStore::open(&state).unwrap()),
