@@ -247,8 +247,8 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
     let network = crate::network::Network::new(&config.network, state)
         .context("setting up the function network")?;
     {
-        let network = network.clone();
-        let stale = tokio::task::spawn_blocking(move || network.reap_stale())
+        let net = network.clone();
+        let stale = tokio::task::spawn_blocking(move || net.reap_stale())
             .await
             .context("removing a previous agent's function network")?
             .context("removing a previous agent's function network")?;
@@ -257,6 +257,9 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
                 count = stale,
                 "removed the function network (bridge, veths, nftables tables) of a previous agent"
             );
+        }
+        if let Err(e) = network.check_range() {
+            tracing::error!("functions with egress cannot start: {e}");
         }
     }
     let draining = CancellationToken::new();

@@ -49,6 +49,8 @@ pub struct Settings {
     pub node_id: Option<String>,
     /// More `fnlet agent` arguments (`--join`, `--token`).
     pub args: Vec<String>,
+    /// `[network]` lines, as TOML (`"bridge = \"fnt1\"\n"`).
+    pub network_extra: String,
 }
 
 impl Default for Settings {
@@ -66,6 +68,7 @@ impl Default for Settings {
             peer_listen: None,
             node_id: None,
             args: Vec::new(),
+            network_extra: String::new(),
         }
     }
 }
@@ -417,13 +420,14 @@ impl Agent {
         // The file is named after the cgroup root, so the agent's command line (and that of
         // any process it forked) mentions the root: processes_matching(root) finds them.
         let config = format!(
-            "shutdown_grace_s = {}\n\n[limits]\nqueue_timeout_ms = {}\n{}\n[sandbox]\ncgroup_root = \"{root}\"\nuid_base = {}\nuid_count = {}\nprepare_ahead = {}\n\n[cluster]\nlisten = \"{peer_listen}\"\n",
+            "shutdown_grace_s = {}\n\n[limits]\nqueue_timeout_ms = {}\n{}\n[sandbox]\ncgroup_root = \"{root}\"\nuid_base = {}\nuid_count = {}\nprepare_ahead = {}\n\n[cluster]\nlisten = \"{peer_listen}\"\n\n[network]\n{}",
             settings.shutdown_grace_s,
             settings.queue_timeout_ms,
             settings.limits_extra,
             uids.start,
             uids.end - uids.start,
             settings.prepare_ahead,
+            settings.network_extra,
         );
         std::fs::write(dir.path().join(format!("{root}.toml")), config).expect("write config");
         let api = match &settings.netns {

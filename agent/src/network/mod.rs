@@ -222,6 +222,12 @@ impl Network {
         self.gateway.addr()
     }
 
+    /// Whether network.range overlaps a route of the host (said at start; instances with egress
+    /// are refused while it does).
+    pub fn check_range(&self) -> Result<(), NetworkError> {
+        check_routes(self.range, &self.bridge)
+    }
+
     /// Removes what a crashed agent left: its tables, veths, bridge and conntrack entries.
     /// Blocking; call before the first instance is prepared.
     pub fn reap_stale(&self) -> Result<usize, NetworkError> {

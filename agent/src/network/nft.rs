@@ -30,7 +30,9 @@ pub enum Allow {
     Rules(Vec<(Vec<Ipv4Net>, Option<u16>)>),
 }
 
-/// The tables, created when the first instance with egress is prepared.
+/// The tables, created when the first instance with egress is prepared. An instance opens
+/// nothing to the host; only replies to a connection the host itself opened (an operator's
+/// curl to an instance) come back.
 pub fn tables(table: &str, bridge: &str, range: Ipv4Net) -> String {
     format!(
         r#"table inet {table} {{
@@ -39,6 +41,7 @@ pub fn tables(table: &str, bridge: &str, range: Ipv4Net) -> String {
   map deny {{ type ipv4_addr : verdict; }}
   chain input {{
     type filter hook input priority filter - 10; policy accept;
+    iifname "{bridge}" ct state established,related accept
     iifname "{bridge}" meta nfproto ipv4 ip saddr vmap @deny
     iifname "{bridge}" drop
   }}
