@@ -13,7 +13,7 @@ use std::net::{Ipv4Addr, TcpListener};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::agent::{Agent, Fixture, Settings};
+use common::agent::{self, Agent, Fixture, Settings};
 use common::*;
 
 /// The upstream: a network namespace with a veth to the host, its servers, and the trap route.
@@ -419,6 +419,64 @@ fn functions_reach_only_what_their_egress_allows_and_leave_nothing_behind() {
         "{out}"
     );
 
+    // rate_mbit: a token bucket towards the instance and a policer on what it sends, on the
+    // host side of its veth (checked as configured: the tests time nothing).
+    let slow = shell_function("slow", &format!("egress = [\"{u}:8080\"]\nrate_mbit = 8\n"));
+    agent.deploy(slow.path());
+    let out = sh(&agent, "slow", &format!("curl -sS -m 10 http://{u}:8080/"));
+    assert_eq!(out, "hello from upstream\n");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let slow_if = loop {
+        // The prepared instance of `slow` (made after the call): its veth is named after its
+        // address's offset in the range.
+        let entry = map_entries(&bridge)
+            .into_iter()
+            .find_map(|e| e.strip_suffix(" : goto out_slow").map(str::to_string));
+        if let Some(ip) = entry {
+            let last: u8 = ip.rsplit('.').next().unwrap().parse().unwrap();
+            break format!("{bridge}-{last:x}");
+        }
+        assert!(Instant::now() < deadline, "no prepared instance of slow");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let qdiscs = Command::new("tc")
+        .args(["qdisc", "show", "dev", &slow_if])
+        .output()
+        .expect("tc");
+    let q = text(&qdiscs.stdout);
+    assert!(
+        q.contains("qdisc tbf") && q.contains("rate 8Mbit"),
+        "{slow_if}: {q}"
+    );
+    // The other way: eth0 inside the prepared instance (its cgroup's waiting init).
+    let init = agent::sandbox_cgroups(&cgroup_root("network"))
+        .into_iter()
+        .filter(|c| {
+            c.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("slow-"))
+        })
+        .find_map(|c| {
+            let procs = std::fs::read_to_string(c.join("cgroup.procs")).unwrap_or_default();
+            procs.lines().next().map(str::to_string)
+        })
+        .expect("the prepared instance of slow");
+    let inside = Command::new("nsenter")
+        .arg(format!("--net=/proc/{init}/ns/net"))
+        .args(["--", "tc", "qdisc", "show", "dev", "eth0"])
+        .output()
+        .expect("nsenter tc");
+    let q = text(&inside.stdout);
+    assert!(
+        q.contains("qdisc tbf") && q.contains("rate 8Mbit"),
+        "eth0 of {init}: {q}"
+    );
+    let d = text(&agent.cli(&["describe", "slow"]).stdout);
+    assert!(
+        d.contains("bandwidth:    8 Mbit/s each way per instance"),
+        "{d}"
+    );
+
     // Counted: connections and bytes of the allowed function, denials of the others.
     assert!(metric(&agent, "fnlet_network_connections_total", "allowed") >= 3);
     assert!(metric(&agent, "fnlet_network_sent_bytes_total", "allowed") > 0);
@@ -466,7 +524,7 @@ fn functions_reach_only_what_their_egress_allows_and_leave_nothing_behind() {
     let prefix = format!("{bridge}-");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        // Each function keeps one prepared sandbox, with its veth and entries.
+        // Each function with egress (8) keeps one prepared sandbox, with its veth and entries.
         let prepared = agent
             .get("/metrics")
             .text()
@@ -477,7 +535,7 @@ fn functions_reach_only_what_their_egress_allows_and_leave_nothing_behind() {
         let links = links_with_prefix(&prefix);
         let entries = map_entries(&bridge);
         let tracked = conntrack_entries(&range, gateway);
-        if links.len() <= 7
+        if links.len() <= 8
             && entries.len() == links.len()
             && prepared == links.len()
             && tracked.is_empty()

@@ -445,7 +445,7 @@ impl Network {
             &host_if,
         ))?;
         if let Some(rate) = f.rate_mbit {
-            rate_limit(&host_if, rate)?;
+            rate_limit(&host_if, sandbox.pid(), rate)?;
         }
         sandbox.attach(Box::new(lease));
         Ok(())
@@ -622,29 +622,28 @@ fn check_routes(range: Ipv4Net, bridge: &str) -> Result<(), NetworkError> {
     Ok(())
 }
 
-/// Caps an instance's bandwidth each way on the host side of its veth: a token bucket on
-/// what goes to the instance, a policer on what comes from it.
-fn rate_limit(host_if: &str, mbit: u32) -> Result<(), NetworkError> {
+/// Caps an instance's bandwidth each way with a token bucket (tc tbf) on both ends of its
+/// veth: the host's end shapes what goes to the instance, the instance's `eth0` what it sends
+/// (set from the host; the instance cannot change it). Ingress policing would keep it all on
+/// the host side, but needs the act_police module, which not every kernel has.
+fn rate_limit(host_if: &str, pid: u32, mbit: u32) -> Result<(), NetworkError> {
     // Burst: 10 ms at the rate, at least 32 KiB.
     let burst = (u64::from(mbit) * 1_000_000 / 8 / 100).max(32 << 10);
-    let script = format!(
-        "qdisc add dev {host_if} root tbf rate {mbit}mbit burst {burst} latency 50ms\nqdisc add dev {host_if} handle ffff: ingress\nfilter add dev {host_if} parent ffff: matchall action police rate {mbit}mbit burst {burst} conform-exceed drop\n"
-    );
-    let mut child = std::process::Command::new("tc")
-        .args(["-batch", "-"])
-        .stdin(std::process::Stdio::piped())
+    let tbf = |dev: &str| {
+        format!("qdisc add dev {dev} root tbf rate {mbit}mbit burst {burst} latency 50ms")
+    };
+    tc(std::process::Command::new("tc").args(tbf(host_if).split(' ')))?;
+    tc(std::process::Command::new("nsenter")
+        .arg(format!("--net=/proc/{pid}/ns/net"))
+        .args(["--", "tc"])
+        .args(tbf("eth0").split(' ')))
+}
+
+fn tc(cmd: &mut std::process::Command) -> Result<(), NetworkError> {
+    let out = cmd
+        .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|source| NetworkError::Tool { tool: "tc", source })?;
-    if let Some(mut stdin) = child.stdin.take() {
-        use std::io::Write;
-        stdin
-            .write_all(script.as_bytes())
-            .map_err(|source| NetworkError::Tool { tool: "tc", source })?;
-    }
-    let out = child
-        .wait_with_output()
+        .output()
         .map_err(|source| NetworkError::Tool { tool: "tc", source })?;
     if out.status.success() {
         Ok(())

@@ -30,7 +30,9 @@ pub enum Allow {
     Rules(Vec<(Vec<Ipv4Net>, Option<u16>)>),
 }
 
-/// The tables, created when the first instance with egress is prepared. An instance opens
+/// The tables, created when the first instance with egress is prepared. A connection is
+/// checked against the denials and the allow list at its first packet; the rest of it goes
+/// straight to its function's chain (counted there). An instance opens
 /// nothing to the host; only replies to a connection the host itself opened (an operator's
 /// curl to an instance) come back.
 pub fn tables(table: &str, bridge: &str, range: Ipv4Net) -> String {
@@ -52,6 +54,7 @@ pub fn tables(table: &str, bridge: &str, range: Ipv4Net) -> String {
   }}
   chain from_instances {{
     meta nfproto != ipv4 drop
+    ct state established,related ip saddr vmap @out
     ip daddr {{ {ALWAYS_DENIED}, {range}, 255.255.255.255 }} ip saddr vmap @deny
     ip daddr {{ {ALWAYS_DENIED}, {range}, 255.255.255.255 }} drop
     fib daddr type {{ local, broadcast, multicast }} ip saddr vmap @deny
@@ -294,7 +297,7 @@ mod tests {
     fn the_tables_deny_the_host_and_other_instances_before_any_allow_list() {
         let s = tables("fnlet0", "fnlet0", "100.72.0.0/16".parse().unwrap());
         let deny = s.find("@deny\n    ip daddr").unwrap();
-        let allow = s.find("vmap @out").unwrap();
+        let allow = s.rfind("vmap @out").unwrap();
         assert!(deny < allow);
         assert!(s.contains("169.254.0.0/16"));
         assert!(s.contains("100.72.0.0/16"));
@@ -310,6 +313,52 @@ mod tests {
         assert!(add.contains("add element bridge t ports { \"t-9\" . 100.72.0.9 }"));
         let del = instance("t", "delete", "f", a, "t-9");
         assert!(del.contains("delete element inet t out { 100.72.0.9 }"));
+    }
+
+    /// Needs root: loads the scripts into a network namespace of the test's own (unshare -n),
+    /// where the kernel checks them as it would on the host; nothing outside it changes.
+    #[test]
+    fn the_scripts_load_into_a_kernel() {
+        let range: Ipv4Net = "100.72.0.0/16".parse().unwrap();
+        let mut script = tables("fnlet0", "fnlet0", range);
+        let allow = Allow::Rules(vec![(vec!["10.0.0.0/8".parse().unwrap()], Some(5432))]);
+        script += &function("fnlet0", "0db-fn_x", &allow, 64);
+        script += &function("fnlet0", "open", &Allow::All, 1);
+        script += &instance(
+            "fnlet0",
+            "add",
+            "0db-fn_x",
+            "100.72.0.2".parse().unwrap(),
+            "fnlet0-2",
+        );
+        // Again: a function's chains are replaced in place.
+        script += &function("fnlet0", "0db-fn_x", &Allow::All, 8);
+        script += &instance(
+            "fnlet0",
+            "delete",
+            "0db-fn_x",
+            "100.72.0.2".parse().unwrap(),
+            "fnlet0-2",
+        );
+        script += &delete_tables("fnlet0");
+        let mut child = Command::new("unshare")
+            .args(["--net", "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("unshare (util-linux)");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "nft refused the scripts (this test needs root):\n{}\n{script}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     #[test]
