@@ -620,3 +620,41 @@ fn a_range_that_overlaps_a_host_route_is_refused_with_the_key_named() {
     agent.finish();
     drop(up);
 }
+
+#[test]
+fn a_lambda_function_with_egress_serves_beside_its_runtime_api() {
+    require_root();
+    let pid = std::process::id();
+    let bridge = format!("fnl{:05x}", pid & 0xfffff);
+    let agent = Agent::start_with(
+        "network-lambda",
+        Settings {
+            network_extra: format!(
+                "bridge = \"{bridge}\"\nrange = \"100.91.{}.0/24\"\n",
+                1 + (pid * 7) % 250
+            ),
+            ..Default::default()
+        },
+    );
+    let bin = std::fs::read(fixture_bootstrap("lambda-rust")).expect("read bootstrap");
+    let f = Fixture::new(
+        "name = \"lam\"\nmode = \"lambda\"\npublic = true\n[network]\negress = \"all\"\n",
+        &[("bootstrap", &bin, 0o755)],
+    );
+    agent.deploy(f.path());
+    // The Runtime API on the instance's loopback still serves it, eth0 beside it.
+    let r = agent.invoke_lambda("lam", br#"{"hello": "net"}"#.to_vec(), &[]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["echo"]["hello"], "net", "{}", r.text());
+    assert!(
+        !links_with_prefix(&format!("{bridge}-")).is_empty(),
+        "the instance has no veth"
+    );
+    agent.finish();
+    assert_eq!(
+        links_with_prefix(&bridge),
+        Vec::<String>::new(),
+        "bridge or veths left"
+    );
+    assert!(!nft_table_exists("inet", &bridge), "inet table left");
+}
