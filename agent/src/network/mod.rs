@@ -40,6 +40,8 @@ pub enum NetworkError {
         route: Ipv4Net,
         dev: String,
     },
+    #[error("network.range: {0}")]
+    Range(String),
     #[error("no free address left in network.range {0}")]
     Exhausted(Ipv4Net),
     #[error("writing {path}: {source}")]
@@ -174,7 +176,7 @@ impl Network {
     /// The network as configured (`config` was checked when loaded); changes nothing on the
     /// host. Needs a tokio runtime (netlink runs on it).
     pub fn new(config: &NetworkConfig, state_dir: &Path) -> Result<Arc<Network>, NetworkError> {
-        let range = parse_range(&config.range).map_err(|message| NetworkError::Nft { message })?;
+        let range = parse_range(&config.range).map_err(NetworkError::Range)?;
         let first = range.hosts().next().unwrap_or(range.network());
         let gateway = Ipv4Net::new(first, range.prefix_len()).unwrap_or(range);
         let resolv_conf = resolv_conf_path(state_dir);
