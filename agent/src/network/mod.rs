@@ -512,7 +512,7 @@ impl Network {
         )) {
             tracing::debug!(addr = %r.addr, "removing an instance's firewall entries: {e}");
         }
-        flush_conntrack(&r.addr.to_string());
+        release_conntrack(r.addr);
         self.state
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -669,6 +669,47 @@ fn flush_conntrack(source: &str) {
         MISSING.call_once(|| {
             tracing::warn!("conntrack(8) could not run ({e}): finished instances' connection tracking entries expire by their own timeouts instead of being removed (install the conntrack package)");
         });
+    }
+}
+
+/// A finished instance's conntrack entries, all but those in TIME_WAIT: the remote end of such
+/// a connection may still hold it (a server that closed first), and while the entry lives the
+/// masquerade does not hand the same source port to another instance's connection to that
+/// server, which the server would refuse as an old duplicate. TIME_WAIT entries expire by
+/// themselves within two minutes (nf_conntrack_tcp_timeout_time_wait); the rest (established
+/// connections the function left, UDP flows) would otherwise linger up to days.
+fn release_conntrack(addr: Ipv4Addr) {
+    let out = std::process::Command::new("conntrack")
+        .args(["-L", "-s", &addr.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output();
+    let Ok(out) = out else {
+        return flush_conntrack(&addr.to_string());
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in text.lines().filter(|l| !l.contains(" TIME_WAIT ")) {
+        let mut args = vec!["-D".to_string()];
+        let proto = line.split_whitespace().next().unwrap_or("");
+        if !proto.is_empty() {
+            args.extend(["-p".into(), proto.into()]);
+        }
+        // The original direction's tuple: the first of each key.
+        for (key, flag) in [
+            ("src=", "-s"),
+            ("dst=", "-d"),
+            ("sport=", "--sport"),
+            ("dport=", "--dport"),
+        ] {
+            if let Some(v) = line.split_whitespace().find_map(|f| f.strip_prefix(key)) {
+                args.extend([flag.to_string(), v.to_string()]);
+            }
+        }
+        let _ = std::process::Command::new("conntrack")
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
     }
 }
 
