@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # fnlet's benchmarks in one command, as root:
-# `benches/run.sh [spawn|agent|lambda|cluster|events|membership|all]` (default all; membership alone
+# `benches/run.sh [spawn|agent|lambda|cluster|events|network|membership|all]` (default all; membership alone
 # needs no root).
 #
 # spawn: spawn-to-exit of a sandboxed static binary against fork+exec, bwrap and runc. Installs
@@ -26,6 +26,11 @@
 #   latency, beside the disk's fdatasync floor and a JetStream publish with ack (Debian's
 #   nats-server, a plain async-nats client). Installs nats-server; builds fnlet and the no-op as
 #   for lambda; runs `cargo bench -p fnlet-benches --bench events`.
+# network: functions' egress with the isolate library and the agent's network code: cold start
+#   of a prepared sandbox with and without egress, the cost of a veth + address + rules per
+#   instance, and an HTTP GET loop (curl) from a function against the same from the host, to a
+#   server in an upstream namespace of the bench's own. Installs nftables, conntrack, curl; runs
+#   `cargo bench -p fnlet-benches --bench network`.
 # membership: foca instances (the cluster crate's Membership, production foca_config) on a
 #   simulated clock, N = 5 to 1,000, 0 and 10 % loss: join dissemination, failure detection,
 #   false positives and traffic per host, beside memberlist's and Serf's published figures. No
@@ -39,9 +44,9 @@ cd "$(dirname "$0")/.."
 which=${1:-all}
 [ $# -gt 0 ] && shift
 case "$which" in
-  spawn | agent | lambda | cluster | events | membership | all) ;;
+  spawn | agent | lambda | cluster | events | network | membership | all) ;;
   *)
-    echo "usage: $0 [spawn|agent|lambda|cluster|events|membership|all]" >&2
+    echo "usage: $0 [spawn|agent|lambda|cluster|events|network|membership|all]" >&2
     exit 2
     ;;
 esac
@@ -67,6 +72,9 @@ if [ "$which" = events ] || [ "$which" = all ]; then
   # Debian's nats-server (JetStream included): the peer, started by the bench on a loopback
   # port (the package's own service is not used).
   pkgs+=(nats-server)
+fi
+if [ "$which" = network ] || [ "$which" = all ]; then
+  pkgs+=(nftables conntrack curl iproute2)
 fi
 for pkg in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
@@ -115,6 +123,9 @@ if [ "$which" = cluster ] || [ "$which" = all ]; then
 fi
 if [ "$which" = events ] || [ "$which" = all ]; then
   cargo bench -p fnlet-benches --bench events -- "$@" || status=$?
+fi
+if [ "$which" = network ] || [ "$which" = all ]; then
+  cargo bench -p fnlet-benches --bench network -- "$@" || status=$?
 fi
 if [ "$which" = all ]; then
   cargo bench -p fnlet-benches --bench membership -- "$@" || status=$?

@@ -5,7 +5,9 @@ need=()
 # python3-pip: `fnlet runtime add python3.11` installs awslambdaric with it (tests/python.rs).
 # nftables: packet loss and partitions inside the cluster test's network namespace
 # (tests/cluster.rs), which also calls its agents with curl.
-for pkg in libseccomp-dev pkg-config gcc libc6-dev iproute2 python3 python3-pip curl nftables; do
+# conntrack: the agent removes finished instances' connection tracking entries with it;
+# dnsmasq: the DNS resolver in tests/network.rs' upstream namespace.
+for pkg in libseccomp-dev pkg-config gcc libc6-dev iproute2 python3 python3-pip curl nftables conntrack dnsmasq-base; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -33,6 +33,38 @@ pub struct Config {
     pub shutdown_grace_s: f64,
     pub cluster: ClusterConfig,
     pub events: EventsConfig,
+    pub network: NetworkConfig,
+}
+
+/// Functions' outbound network: the policy a manifest without `[network] egress` gets, and the
+/// host bridge, address range and resolvers instances with egress use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// "none" (only `lo`, as before egress existed), "all", or a list of rules.
+    pub default_egress: crate::network::policy::EgressSpec,
+    /// The host bridge instances with egress hang off; also names fnlet's nftables tables
+    /// (`inet NAME`, `bridge NAME`) and prefixes the instances' veths (`NAME-N`).
+    pub bridge: String,
+    /// IPv4 range of the bridge (its first address) and the instances; must not overlap a
+    /// route of the host.
+    pub range: String,
+    /// Resolvers written to each instance's /etc/resolv.conf; empty: the host's.
+    pub dns: Vec<String>,
+    /// Default cap on a function's open outbound connections (all its instances together).
+    pub max_connections: u32,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            default_egress: Default::default(),
+            bridge: "fnlet0".into(),
+            range: "100.72.0.0/16".into(),
+            dns: Vec::new(),
+            max_connections: 1024,
+        }
+    }
 }
 
 /// Asynchronous invocation (Event invokes): where accepted events wait, how much may wait, and
@@ -219,6 +251,7 @@ impl Default for Config {
             shutdown_grace_s: 30.0,
             cluster: ClusterConfig::default(),
             events: EventsConfig::default(),
+            network: NetworkConfig::default(),
         }
     }
 }
@@ -583,6 +616,32 @@ impl Config {
         if e.backoff_min_s > e.backoff_max_s {
             return bad("events.backoff_min_s", "must not exceed backoff_max_s");
         }
+        let n = &self.network;
+        if let Err(why) = n.default_egress.parse() {
+            return bad("network.default_egress", &why);
+        }
+        if !crate::network::valid_bridge_name(&n.bridge) {
+            return bad(
+                "network.bridge",
+                "must be 1-8 characters of a-z and 0-9, starting with a letter",
+            );
+        }
+        if let Err(why) = crate::network::parse_range(&n.range) {
+            return bad("network.range", &why);
+        }
+        if n.dns.len() > 3
+            || n.dns
+                .iter()
+                .any(|d| d.parse::<std::net::Ipv4Addr>().is_err())
+        {
+            return bad(
+                "network.dns",
+                "must be at most 3 IPv4 addresses (resolv.conf reads no more)",
+            );
+        }
+        if !(1..=1_000_000).contains(&n.max_connections) {
+            return bad("network.max_connections", "must be between 1 and 1000000");
+        }
         if self.retain_versions == 0 {
             return bad("retain_versions", "must be at least 1");
         }
@@ -685,6 +744,24 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(&format!("limits.{key}")), "{bad}: {err}");
+        }
+        for (bad, key) in [
+            ("default_egress = \"open\"", "network.default_egress"),
+            (
+                "default_egress = [\"10.0.0.0/8:99999\"]",
+                "network.default_egress",
+            ),
+            ("bridge = \"Br-0\"", "network.bridge"),
+            ("bridge = \"waytoolongname\"", "network.bridge"),
+            ("range = \"100.72.0.1/16\"", "network.range"),
+            ("range = \"100.72.0.0/30\"", "network.range"),
+            ("dns = [\"::1\"]", "network.dns"),
+            ("max_connections = 0", "network.max_connections"),
+        ] {
+            let err = parse(&format!("[network]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{bad}: {err}");
         }
         // Whole seconds are fine for the timeouts.
         let c = parse("[limits]\nheader_timeout_s = 2\n").unwrap();

@@ -242,6 +242,26 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
         Logs::open(&logs_dir, config.limits.log_max_kb << 10)
             .with_context(|| format!("opening the log dir {}", logs_dir.display()))?,
     );
+    // Functions' egress: nothing changes on the host until an instance needs it, but what a
+    // crashed predecessor left (bridge, veths, tables) goes now.
+    let network = crate::network::Network::new(&config.network, state)
+        .context("setting up the function network")?;
+    {
+        let net = network.clone();
+        let stale = tokio::task::spawn_blocking(move || net.reap_stale())
+            .await
+            .context("removing a previous agent's function network")?
+            .context("removing a previous agent's function network")?;
+        if stale > 0 {
+            tracing::warn!(
+                count = stale,
+                "removed the function network (bridge, veths, nftables tables) of a previous agent"
+            );
+        }
+        if let Err(e) = network.check_range() {
+            tracing::error!("functions with egress cannot start: {e}");
+        }
+    }
     let draining = CancellationToken::new();
     let kill = CancellationToken::new();
     let router = Router {
@@ -256,6 +276,7 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
         prepare_ahead: config.sandbox.prepare_ahead,
         config: Arc::new(config.clone()),
         instances: tokio_util::task::TaskTracker::new(),
+        network: Some(network.clone()),
     };
     let isolator = router.isolator.clone();
     let nofile = api::listener::raise_nofile();
@@ -374,6 +395,13 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
     // The workers' bookkeeping of the last 100 ms (see events::queue) reaches the disk.
     if let Err(e) = app.events.flush().await {
         tracing::warn!("flushing the event queue: {e}");
+    }
+    // Every instance has ended: the bridge and fnlet's tables go.
+    let net = network.clone();
+    match tokio::task::spawn_blocking(move || net.stop()).await {
+        Ok(Err(e)) => tracing::warn!("removing the function network: {e}"),
+        Err(e) => tracing::warn!("removing the function network: {e}"),
+        Ok(Ok(())) => {}
     }
     if let Some(node) = app.cluster.get() {
         node.close().await;

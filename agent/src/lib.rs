@@ -18,6 +18,7 @@ pub mod instance;
 pub mod logs;
 pub mod manifest;
 pub mod metrics;
+pub mod network;
 pub mod ownership;
 pub mod pool;
 pub mod router;

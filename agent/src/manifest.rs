@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::config::FunctionDefaults;
+use crate::network::policy::NetworkManifest;
 
 pub const MANIFEST_FILE: &str = "fnlet.toml";
 
@@ -78,6 +79,9 @@ pub struct Manifest {
         skip_serializing_if = "AsyncSettings::is_empty"
     )]
     pub async_settings: AsyncSettings,
+    /// Outbound network: egress policy and limits (absent: the agent's `[network]` defaults).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkManifest>,
 }
 
 /// `[async]`: what happens to a function's Event invokes (Lambda's event invoke config, and
@@ -301,6 +305,10 @@ impl Manifest {
         self.async_settings
             .validate()
             .map_err(|(field, reason)| ManifestError::Invalid { field, reason })?;
+        if let Some(n) = &self.network {
+            n.validate()
+                .map_err(|(field, reason)| ManifestError::Invalid { field, reason })?;
+        }
         self.validate_lambda()
     }
 
@@ -497,6 +505,22 @@ mod tests {
                 "name = \"x\"\nentrypoint = \"a\"\n[env]\n\"A-B\" = \"1\"",
                 "env",
             ),
+            (
+                "name = \"x\"\nentrypoint = \"a\"\n[network]\negress = \"some\"",
+                "network.egress",
+            ),
+            (
+                "name = \"x\"\nentrypoint = \"a\"\n[network]\negress = [\"10.0.0.1/8\"]",
+                "network.egress",
+            ),
+            (
+                "name = \"x\"\nentrypoint = \"a\"\n[network]\nrate_mbit = 0",
+                "network.rate_mbit",
+            ),
+            (
+                "name = \"x\"\nentrypoint = \"a\"\n[network]\negres = \"all\"",
+                "egres",
+            ),
         ] {
             let err = Manifest::parse(text).unwrap_err().to_string();
             assert!(err.contains(field), "{text:?} -> {err}");
@@ -534,6 +558,22 @@ mod tests {
             .to_string();
             assert!(err.contains(field), "{body:?} -> {err}");
         }
+    }
+
+    #[test]
+    fn network_section_round_trips() {
+        let m = Manifest::parse(
+            "name = \"n\"\nentrypoint = \"a\"\n[network]\negress = [\"10.0.0.0/8:5432\", \"db.example:5432\"]\nrate_mbit = 10\n",
+        )
+        .unwrap();
+        let again = Manifest::parse(&to_toml(&m).unwrap()).unwrap();
+        assert_eq!(again, m);
+        let m = Manifest::parse("name = \"n\"\nentrypoint = \"a\"\n[network]\negress = \"all\"\n")
+            .unwrap();
+        assert_eq!(
+            m.network.unwrap().egress.unwrap().parse(),
+            Ok(crate::network::policy::Egress::All)
+        );
     }
 
     #[test]

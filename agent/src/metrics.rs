@@ -130,6 +130,14 @@ pub struct Metrics {
     uptime: Gauge<f64, AtomicU64>,
     rss: Gauge,
     started: Instant,
+    /// Functions' egress, from fnlet's nftables counters: bytes each way, connections opened,
+    /// attempts denied.
+    net_sent: Family<FnLabels, Counter>,
+    net_received: Family<FnLabels, Counter>,
+    net_connections: Family<FnLabels, Counter>,
+    net_denied: Family<FnLabels, Counter>,
+    /// Instances holding an address of the function network.
+    pub net_addresses: Gauge,
 }
 
 impl Default for Metrics {
@@ -295,6 +303,37 @@ impl Metrics {
         let connections_open = Gauge::default();
         let connections_refused = Family::<ReasonLabels, Counter>::default();
         let connection_timeouts = Family::<ReasonLabels, Counter>::default();
+        let net_sent = Family::<FnLabels, Counter>::default();
+        let net_received = Family::<FnLabels, Counter>::default();
+        let net_connections = Family::<FnLabels, Counter>::default();
+        let net_denied = Family::<FnLabels, Counter>::default();
+        let net_addresses = Gauge::default();
+        registry.register(
+            "network_sent_bytes",
+            "Bytes functions' instances sent out through the function network, by function",
+            net_sent.clone(),
+        );
+        registry.register(
+            "network_received_bytes",
+            "Bytes of replies functions' instances received, by function",
+            net_received.clone(),
+        );
+        registry.register(
+            "network_connections",
+            "Outbound connections functions opened (allowed by their egress), by function",
+            net_connections.clone(),
+        );
+        registry.register(
+            "network_denied",
+            "Outbound attempts refused (not in the function's egress, always denied, or over \
+             its connection cap), by function",
+            net_denied.clone(),
+        );
+        registry.register(
+            "network_addresses_in_use",
+            "Instances holding an address of the function network (alive or being released)",
+            net_addresses.clone(),
+        );
         let uptime = Gauge::<f64, AtomicU64>::default();
         let rss = Gauge::default();
         registry.register(
@@ -403,6 +442,11 @@ impl Metrics {
             connection_timeouts,
             uptime,
             rss,
+            net_sent,
+            net_received,
+            net_connections,
+            net_denied,
+            net_addresses,
             started: Instant::now(),
         }
     }
@@ -511,6 +555,26 @@ impl Metrics {
                 reason: reason.into(),
             })
             .clone()
+    }
+
+    /// Brings the network counters up to fnlet's nftables counters (which only grow while the
+    /// tables exist).
+    pub fn set_network(&self, counters: &crate::network::nft::Counters) {
+        for (function, values) in counters {
+            let labels = Metrics::function(function);
+            for (family, v) in [
+                (&self.net_sent, values[0]),
+                (&self.net_received, values[1]),
+                (&self.net_connections, values[2]),
+                (&self.net_denied, values[3]),
+            ] {
+                let c = family.get_or_create(&labels);
+                let now = c.get();
+                if v > now {
+                    c.inc_by(v - now);
+                }
+            }
+        }
     }
 
     /// The text exposition, with the agent's own gauges refreshed.

@@ -451,6 +451,7 @@ impl Isolator {
             stdout: stdout_parent,
             stderr: stderr_parent,
             listener: None,
+            attached: Vec::new(),
             outcome: None,
             started,
         };
@@ -641,6 +642,27 @@ impl PreparedSandbox {
     /// Host pid of the waiting init.
     pub fn pid(&self) -> u32 {
         self.sandbox.as_ref().map_or(0, |s| s.pid())
+    }
+
+    /// Runs `f` on a short-lived thread inside the sandbox's network namespace (to open a
+    /// socket there, a netlink one say, that the caller then uses from anywhere) and returns
+    /// what it returns. The caller's own threads never change namespace.
+    pub fn in_netns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        let pid = self
+            .sandbox
+            .as_ref()
+            .ok_or(IsolateError::Protocol("prepared sandbox already started"))?
+            .pid;
+        netns::in_netns(pid, f)
+    }
+
+    /// Ties `what` to the sandbox: it is dropped once the sandbox has ended and its cgroup is
+    /// gone (or with the sandbox, if it never starts). Host-side resources made for this
+    /// sandbox (a veth, firewall entries) are released by its `Drop`.
+    pub fn attach(&mut self, what: Box<dyn std::any::Any + Send + Sync>) {
+        if let Some(s) = self.sandbox.as_mut() {
+            s.attached.push(Attached(what));
+        }
     }
 
     /// Execs the function, with the spec's `late_env` variable set to `late_value` (when the
@@ -860,6 +882,17 @@ pub struct Sandbox {
     listener: Option<std::net::TcpListener>,
     outcome: Option<Outcome>,
     started: Instant,
+    /// Dropped after the teardown: see [`PreparedSandbox::attach`].
+    attached: Vec<Attached>,
+}
+
+/// Something tied to a sandbox's life.
+struct Attached(#[allow(dead_code)] Box<dyn std::any::Any + Send + Sync>);
+
+impl std::fmt::Debug for Attached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Attached")
+    }
 }
 
 impl Sandbox {
@@ -1022,6 +1055,8 @@ impl Sandbox {
             cg.kill_all()?;
             cg.remove()?;
         }
+        // Everything in the sandbox is gone: what was made for it on the host can go too.
+        self.attached.clear();
         Ok(())
     }
 }

@@ -14,6 +14,19 @@ use crate::error::{IsolateError, Result};
 /// Binds 127.0.0.1:`port` in the network namespace of `pid` and returns the listener
 /// (non-blocking, close-on-exec).
 pub(crate) fn loopback_listener(pid: libc::pid_t, port: u16) -> Result<TcpListener> {
+    in_netns(pid, || -> Result<TcpListener> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port))
+            .map_err(|source| IsolateError::Listen { port, source })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| IsolateError::Listen { port, source })?;
+        Ok(listener)
+    })?
+}
+
+/// Runs `f` on a thread of its own inside the network namespace of `pid`: sockets it opens
+/// belong to that namespace, wherever they are used afterwards.
+pub(crate) fn in_netns<T: Send>(pid: libc::pid_t, f: impl FnOnce() -> T + Send) -> Result<T> {
     let path = format!("/proc/{pid}/ns/net");
     let ns = File::open(&path).map_err(|source| IsolateError::Read {
         path: path.into(),
@@ -22,17 +35,12 @@ pub(crate) fn loopback_listener(pid: libc::pid_t, port: u16) -> Result<TcpListen
     // setns changes the calling thread's namespace for good: do it on a thread of its own that
     // ends right after, never on one of the caller's (a pool thread would stay in the sandbox).
     let made = std::thread::scope(|s| {
-        s.spawn(|| -> Result<TcpListener> {
+        s.spawn(|| -> Result<T> {
             setns(&ns, CloneFlags::CLONE_NEWNET)
                 .map_err(|e| IsolateError::sys("setns into the sandbox's netns", e))?;
-            let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port))
-                .map_err(|source| IsolateError::Listen { port, source })?;
-            listener
-                .set_nonblocking(true)
-                .map_err(|source| IsolateError::Listen { port, source })?;
-            Ok(listener)
+            Ok(f())
         })
         .join()
     });
-    made.map_err(|_| IsolateError::Protocol("listener thread panicked"))?
+    made.map_err(|_| IsolateError::Protocol("netns thread panicked"))?
 }

@@ -51,6 +51,8 @@ pub struct Settings {
     pub args: Vec<String>,
     /// More `[cluster]` lines, as TOML (`"node_cert_validity_s = 24\n"`).
     pub cluster_extra: String,
+    /// `[network]` lines, as TOML (`"bridge = \"fnt1\"\n"`).
+    pub network_extra: String,
 }
 
 impl Default for Settings {
@@ -69,6 +71,7 @@ impl Default for Settings {
             node_id: None,
             args: Vec::new(),
             cluster_extra: String::new(),
+            network_extra: String::new(),
         }
     }
 }
@@ -420,7 +423,7 @@ impl Agent {
         // The file is named after the cgroup root, so the agent's command line (and that of
         // any process it forked) mentions the root: processes_matching(root) finds them.
         let config = format!(
-            "shutdown_grace_s = {}\n\n[limits]\nqueue_timeout_ms = {}\n{}\n[sandbox]\ncgroup_root = \"{root}\"\nuid_base = {}\nuid_count = {}\nprepare_ahead = {}\n\n[cluster]\nlisten = \"{peer_listen}\"\n{}",
+            "shutdown_grace_s = {}\n\n[limits]\nqueue_timeout_ms = {}\n{}\n[sandbox]\ncgroup_root = \"{root}\"\nuid_base = {}\nuid_count = {}\nprepare_ahead = {}\n\n[cluster]\nlisten = \"{peer_listen}\"\n{}\n[network]\n{}",
             settings.shutdown_grace_s,
             settings.queue_timeout_ms,
             settings.limits_extra,
@@ -428,6 +431,7 @@ impl Agent {
             uids.end - uids.start,
             settings.prepare_ahead,
             settings.cluster_extra,
+            settings.network_extra,
         );
         std::fs::write(dir.path().join(format!("{root}.toml")), config).expect("write config");
         let api = match &settings.netns {

@@ -501,16 +501,44 @@ fn raw_sockets() -> Attempt {
     Ok(out.join("; "))
 }
 
+/// Set (by the test's manifest) when the function has egress: then `eth0` is expected too.
+fn has_egress() -> bool {
+    std::env::var_os("PROBE_EGRESS").is_some()
+}
+
+/// The default route's gateway (the host's bridge address), from /proc/net/route.
+fn gateway() -> Option<std::net::Ipv4Addr> {
+    let text = std::fs::read_to_string("/proc/net/route").ok()?;
+    text.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() > 2 && f[1] == "00000000")
+            .then(|| u32::from_str_radix(f[2], 16).ok())
+            .flatten()
+            .map(|g| std::net::Ipv4Addr::from(g.swap_bytes()))
+    })
+}
+
 fn interfaces() -> Attempt {
     let text = std::fs::read_to_string("/proc/net/dev").map_err(|e| e.to_string())?;
-    let names: Vec<&str> = text
+    let mut names: Vec<&str> = text
         .lines()
         .skip(2)
         .filter_map(|l| l.split(':').next())
         .map(str::trim)
         .collect();
-    if names != ["lo"] {
+    names.sort();
+    let expected: &[&str] = if has_egress() {
+        &["eth0", "lo"]
+    } else {
+        &["lo"]
+    };
+    if names != expected {
         return Err(format!("interfaces {names:?}"));
+    }
+    // IPv6 is off on eth0: no address of any scope.
+    let v6 = std::fs::read_to_string("/proc/net/if_inet6").unwrap_or_default();
+    if v6.lines().any(|l| l.trim_end().ends_with("eth0")) {
+        return Err(format!("IPv6 on eth0: {v6}"));
     }
     // lo must be up: a loopback connection inside works.
     let l =
@@ -521,14 +549,20 @@ fn interfaces() -> Attempt {
 }
 
 fn host_network(port: u16) -> Attempt {
-    // The test listens on the host's loopback: a different network namespace must not reach it.
-    match std::net::TcpStream::connect_timeout(
-        &([127, 0, 0, 1], port).into(),
-        Duration::from_millis(500),
-    ) {
-        Ok(_) => Err(format!("connected to host 127.0.0.1:{port}")),
-        Err(e) => Ok(format!("127.0.0.1:{port}: {e}")),
+    // The test listens on the host (on every address): a different network namespace must
+    // reach it neither on 127.0.0.1 nor, with egress, on the host's bridge address.
+    let mut targets = vec![std::net::Ipv4Addr::LOCALHOST];
+    if has_egress() {
+        targets.push(gateway().ok_or("egress but no default route")?);
     }
+    let mut out = Vec::new();
+    for ip in targets {
+        match std::net::TcpStream::connect_timeout(&(ip, port).into(), Duration::from_millis(500)) {
+            Ok(_) => return Err(format!("connected to the host at {ip}:{port}")),
+            Err(e) => out.push(format!("{ip}:{port}: {e}")),
+        }
+    }
+    Ok(out.join("; "))
 }
 
 fn become_root() -> Attempt {

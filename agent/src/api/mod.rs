@@ -316,6 +316,15 @@ async fn readyz(State(app): Shared) -> Response {
 }
 
 async fn metrics(State(app): Shared) -> Response {
+    if let Some(net) = app.router.network.clone() {
+        // nft runs as a process: off the runtime's threads.
+        if let Ok((counters, in_use)) =
+            tokio::task::spawn_blocking(move || (net.counters(), net.in_use())).await
+        {
+            app.router.metrics.set_network(&counters);
+            app.router.metrics.net_addresses.set(in_use as i64);
+        }
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -379,6 +388,21 @@ async fn list(State(app): Shared, headers: HeaderMap) -> Result<Response, AppErr
     Ok(axum::Json(json!({ "functions": functions })).into_response())
 }
 
+/// A function's network as the agent runs it: its egress (as written, or the default), and
+/// its limits when it has egress.
+fn network_json(m: &crate::manifest::Manifest, config: &crate::config::NetworkConfig) -> Value {
+    let n = m.network.as_ref();
+    let egress = n
+        .and_then(|n| n.egress.clone())
+        .unwrap_or_else(|| config.default_egress.clone());
+    let net = crate::network::FunctionNetwork::of("f", n, config);
+    json!({
+        "egress": egress,
+        "rate_mbit": net.as_ref().and_then(|n| n.rate_mbit),
+        "max_connections": net.as_ref().map(|n| n.max_connections),
+    })
+}
+
 /// A function as the API shows it: the record, its active version, and what runs now.
 fn function_json(app: &App, rec: &FunctionRecord, active: Option<&VersionRecord>) -> Value {
     let slot = app.router.registry.get(&rec.name);
@@ -391,6 +415,7 @@ fn function_json(app: &App, rec: &FunctionRecord, active: Option<&VersionRecord>
         "manifest": active.map(|v| &v.manifest),
         "sha256": active.map(|v| &v.sha256),
         "limits": active.map(|v| v.manifest.resolve(&app.config.defaults)),
+        "network": active.map(|v| network_json(&v.manifest, &app.config.network)),
         "uid": rec.uid,
         "created_at": rec.created_at,
         "updated_at": rec.updated_at,

@@ -390,6 +390,21 @@ pub struct FunctionInfo {
     /// What the agent runs: the manifest with the agent's defaults filled in.
     #[serde(default)]
     pub limits: Option<LimitsInfo>,
+    /// Its outbound network (agents from before egress send none).
+    #[serde(default)]
+    pub network: Option<NetworkInfo>,
+}
+
+/// `Function.network` in the API.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct NetworkInfo {
+    /// "none", "all", or a list of rules.
+    pub egress: Value,
+    #[serde(default)]
+    pub rate_mbit: Option<u64>,
+    /// The connection cap; absent without egress.
+    #[serde(default)]
+    pub max_connections: Option<u64>,
 }
 
 /// `Function.limits` in the API.

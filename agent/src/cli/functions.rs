@@ -1060,6 +1060,28 @@ fn describe_text(f: &FunctionInfo, versions: &[VersionInfo]) -> String {
         "public",
         or_default(m.public.map(|p| yes_no(p).into()), "no".into()),
     ));
+    if let Some(n) = &f.network {
+        let egress = match &n.egress {
+            serde_json::Value::String(w) if w == "none" => "none (only its own loopback)".into(),
+            serde_json::Value::String(w) => w.clone(),
+            serde_json::Value::Array(rules) => rules
+                .iter()
+                .map(|r| r.as_str().unwrap_or("?").to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            other => other.to_string(),
+        };
+        pairs.push(("egress", egress));
+        if let Some(c) = n.max_connections {
+            pairs.push((
+                "bandwidth",
+                n.rate_mbit.map_or("unlimited".into(), |r| {
+                    format!("{r} Mbit/s each way per instance")
+                }),
+            ));
+            pairs.push(("connections", format!("at most {c} open")));
+        }
+    }
     if let Some(uid) = f.uid {
         pairs.push(("uid", uid.to_string()));
     }
@@ -1626,6 +1648,35 @@ mod tests {
             sha = "ab".repeat(32)
         );
         assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn describe_shows_the_network_and_its_limits() {
+        let mut f = function();
+        f.network = Some(crate::cli::client::NetworkInfo {
+            egress: serde_json::json!(["10.0.0.0/8:5432", "api.example.com:443"]),
+            rate_mbit: Some(20),
+            max_connections: Some(64),
+        });
+        let text = describe_text(&f, &[]);
+        for line in [
+            "\negress:       10.0.0.0/8:5432, api.example.com:443\n",
+            "\nbandwidth:    20 Mbit/s each way per instance\n",
+            "\nconnections:  at most 64 open\n",
+        ] {
+            assert!(text.contains(line), "{line:?} in\n{text}");
+        }
+        f.network = Some(crate::cli::client::NetworkInfo {
+            egress: serde_json::json!("none"),
+            rate_mbit: None,
+            max_connections: None,
+        });
+        let text = describe_text(&f, &[]);
+        assert!(
+            text.contains("\negress:       none (only its own loopback)\n"),
+            "{text}"
+        );
+        assert!(!text.contains("bandwidth"), "{text}");
     }
 
     #[test]

@@ -297,6 +297,7 @@ impl Drop for LambdaInstance {
 /// What a started instance needs from the agent.
 pub struct StartArgs<'a> {
     pub isolator: &'a Arc<Isolator>,
+    pub network: Option<&'a Arc<crate::network::Network>>,
     pub logs: &'a Arc<Logs>,
     pub function: &'a Arc<ActiveFunction>,
     pub prepared: Option<PreparedSandbox>,
@@ -322,6 +323,19 @@ impl LambdaInstance {
         let (mut sandbox, exec_report) = match args.prepared {
             Some(p) => {
                 let (sandbox, report) = p.release(None).map_err(InvokeError::Spawn)?;
+                (sandbox, Some(report))
+            }
+            None if f.net.is_some() => {
+                // A sandbox with a network is prepared (veth, address, rules), then released.
+                let (iso, network, f) = (args.isolator.clone(), args.network.cloned(), f.clone());
+                let prepare = tokio::task::spawn_blocking(move || {
+                    crate::pool::prepare_sandbox(&iso, network.as_ref(), &f.spec, f.net.as_ref())
+                });
+                let prepared = tokio::time::timeout_at(deadline, prepare)
+                    .await
+                    .map_err(|_| InvokeError::InitTimeout(init_timeout))?
+                    .map_err(|e| InvokeError::Internal(e.to_string()))??;
+                let (sandbox, report) = prepared.release(None).map_err(InvokeError::Spawn)?;
                 (sandbox, Some(report))
             }
             None => {

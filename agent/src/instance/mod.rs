@@ -18,6 +18,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::logs::Logs;
+use crate::network::{FunctionNetwork, Network};
 
 /// Why an invocation did not produce a response.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +91,8 @@ pub struct ExecCall<'a> {
     pub timeout: Duration,
     pub max_response: usize,
     pub memory_mb: u64,
+    /// The function's network, when it has one.
+    pub net: Option<&'a FunctionNetwork>,
 }
 
 fn pipe_err(e: std::io::Error) -> InvokeError {
@@ -99,6 +102,7 @@ fn pipe_err(e: std::io::Error) -> InvokeError {
 /// Runs one exec-mode invocation. `cancel` kills it early (agent shutdown after the grace).
 pub async fn run_exec(
     isolator: &Arc<Isolator>,
+    network: Option<&Arc<Network>>,
     logs: &Arc<Logs>,
     call: ExecCall<'_>,
     body: Bytes,
@@ -111,20 +115,33 @@ pub async fn run_exec(
     let request_id = call.request_id.to_string();
     let spawn = match ready {
         // Built ahead of time: only the exec is left.
-        Some(prepared) => tokio::task::spawn_blocking(move || prepared.start(Some(&request_id))),
+        Some(prepared) => tokio::task::spawn_blocking(move || {
+            prepared
+                .start(Some(&request_id))
+                .map_err(InvokeError::Spawn)
+        }),
+        // With a network the sandbox is prepared, given its veth, then started.
+        None if call.net.is_some() => {
+            let mut spec = call.spec.clone();
+            spec.stdio = StdioSpec::piped();
+            let (iso, network, net) = (isolator.clone(), network.cloned(), call.net.cloned());
+            tokio::task::spawn_blocking(move || {
+                crate::pool::prepare_sandbox(&iso, network.as_ref(), &spec, net.as_ref())
+                    .and_then(|p| p.start(Some(&request_id)).map_err(InvokeError::Spawn))
+            })
+        }
         None => {
             let mut spec = call.spec.clone();
             spec.stdio = StdioSpec::piped();
             spec.env.insert(REQUEST_ID_ENV.into(), request_id);
             let iso = isolator.clone();
-            tokio::task::spawn_blocking(move || iso.spawn(&spec))
+            tokio::task::spawn_blocking(move || iso.spawn(&spec).map_err(InvokeError::Spawn))
         }
     };
     let mut sandbox = tokio::time::timeout_at(deadline, spawn)
         .await
         .map_err(|_| InvokeError::Timeout(call.timeout))?
-        .map_err(|e| InvokeError::Internal(e.to_string()))?
-        .map_err(InvokeError::Spawn)?;
+        .map_err(|e| InvokeError::Internal(e.to_string()))??;
 
     let take =
         |fd: Option<OwnedFd>| fd.ok_or_else(|| InvokeError::Internal("missing stdio pipe".into()));

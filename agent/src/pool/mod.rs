@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::instance::InvokeError;
 use crate::instance::lambda::LambdaInstance;
 use crate::manifest::{BOOTSTRAP, Entrypoint, Manifest, Mode, Resolved};
+use crate::network::{FunctionNetwork, Network};
 use crate::store::{FunctionRecord, VersionRecord};
 
 /// The variable that tells an instance its request id.
@@ -34,6 +35,28 @@ pub struct ActiveFunction {
     pub spec: SandboxSpec,
     /// Lambda mode with a runtime: the host directories its client lives in.
     pub runtime_paths: Vec<PathBuf>,
+    /// Its outbound network; None: only `lo`, as with egress "none".
+    pub net: Option<FunctionNetwork>,
+}
+
+/// Builds a sandbox of a function ahead of its exec, with its network when it has one.
+/// Blocking.
+pub fn prepare_sandbox(
+    isolator: &Isolator,
+    network: Option<&Arc<Network>>,
+    spec: &SandboxSpec,
+    net: Option<&FunctionNetwork>,
+) -> Result<PreparedSandbox, InvokeError> {
+    let mut sandbox = isolator.prepare(spec).map_err(InvokeError::Spawn)?;
+    if let Some(net) = net {
+        let network = network
+            .ok_or_else(|| InvokeError::Internal("this agent gives functions no network".into()))?;
+        // On failure the sandbox is dropped, hence killed, and the partial network undone.
+        network
+            .attach(net, &mut sandbox)
+            .map_err(|e| InvokeError::Internal(format!("function network: {e}")))?;
+    }
+    Ok(sandbox)
 }
 
 /// Why a stored function cannot be served by this agent as configured.
@@ -93,6 +116,17 @@ impl ActiveFunction {
                 optional: false,
             }));
         }
+        let net = FunctionNetwork::of(&rec.name, m.network.as_ref(), &config.network);
+        if net.is_some() {
+            // The instance's resolvers: the host's own may be a loopback stub it cannot reach.
+            for b in ro_binds
+                .iter_mut()
+                .filter(|b| b.dest.as_os_str() == "/etc/resolv.conf")
+            {
+                b.source = crate::network::resolv_conf_path(&config.state_dir);
+                b.optional = false;
+            }
+        }
         let lambda = m.mode == Mode::Lambda;
         let mut spec = SandboxSpec {
             name: rec.name.clone(),
@@ -145,6 +179,7 @@ impl ActiveFunction {
             resolved,
             spec,
             runtime_paths: runtime.map(|r| r.paths).unwrap_or_default(),
+            net,
         })
     }
 
@@ -477,7 +512,7 @@ impl FunctionSlot {
 
     /// Builds the next sandbox ahead of time, in the background, unless one is ready or being
     /// built.
-    pub fn refill(self: &Arc<Self>, isolator: &Arc<Isolator>) {
+    pub fn refill(self: &Arc<Self>, isolator: &Arc<Isolator>, network: Option<&Arc<Network>>) {
         let f = self.active();
         {
             let ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
@@ -490,8 +525,9 @@ impl FunctionSlot {
         }
         let slot = self.clone();
         let iso = isolator.clone();
+        let network = network.cloned();
         tokio::task::spawn_blocking(move || {
-            let res = iso.prepare(&f.spec);
+            let res = prepare_sandbox(&iso, network.as_ref(), &f.spec, f.net.as_ref());
             slot.refilling.store(false, Ordering::Release);
             match res {
                 Ok(sb) => {

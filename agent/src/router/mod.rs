@@ -19,6 +19,7 @@ use crate::instance::{self, ExecCall, InvokeError, runtime_api};
 use crate::logs::Logs;
 use crate::manifest::Mode;
 use crate::metrics::Metrics;
+use crate::network::Network;
 use crate::pool::{ActiveFunction, FunctionSlot, Registry, Slot, Tracked};
 
 pub struct Router {
@@ -38,6 +39,8 @@ pub struct Router {
     pub config: Arc<Config>,
     /// Every Lambda instance's sandbox owner: shutdown waits for them.
     pub instances: TaskTracker,
+    /// Functions' outbound network; None: no function gets one (unit tests).
+    pub network: Option<Arc<Network>>,
 }
 
 /// One invocation as the API layer asks for it.
@@ -109,6 +112,7 @@ pub struct Invocation {
 pub struct RefillOnDrop {
     slot: Arc<FunctionSlot>,
     isolator: Arc<Isolator>,
+    network: Option<Arc<Network>>,
     draining: CancellationToken,
     /// Lambda mode: wait [`LAMBDA_REFILL_DELAY`] first.
     delayed: bool,
@@ -122,7 +126,7 @@ impl Drop for RefillOnDrop {
         let rt = match tokio::runtime::Handle::try_current() {
             Ok(rt) if self.delayed => rt,
             _ => {
-                self.slot.refill(&self.isolator);
+                self.slot.refill(&self.isolator, self.network.as_ref());
                 return;
             }
         };
@@ -131,15 +135,16 @@ impl Drop for RefillOnDrop {
         // agent waits a little longer, so that it does not compete for the CPUs with the
         // caller reading the answer (measured on 2 cores: 3.2 -> 2.0 ms per cold start). An
         // exec function needs its next sandbox for its next call: no wait.
-        let (slot, isolator, draining) = (
+        let (slot, isolator, network, draining) = (
             self.slot.clone(),
             self.isolator.clone(),
+            self.network.clone(),
             self.draining.clone(),
         );
         rt.spawn(async move {
             tokio::time::sleep(LAMBDA_REFILL_DELAY).await;
             if !draining.is_cancelled() {
-                slot.refill(&isolator);
+                slot.refill(&isolator, network.as_ref());
             }
         });
     }
@@ -162,7 +167,7 @@ impl Router {
             return;
         }
         if let (true, Some(slot)) = (self.prepare_ahead, self.registry.get(name)) {
-            slot.refill(&self.isolator);
+            slot.refill(&self.isolator, self.network.as_ref());
         }
     }
 
@@ -223,6 +228,7 @@ impl Router {
                     timeout: Duration::from_secs_f64(f.resolved.timeout_s),
                     max_response: self.max_response,
                     memory_mb: f.resolved.memory_mb,
+                    net: f.net.as_ref(),
                 };
                 // Dropped with this future when the caller hangs up: the sandbox is killed
                 // (nobody reads its answer), and that is said.
@@ -233,6 +239,7 @@ impl Router {
                 };
                 let r = instance::run_exec(
                     &self.isolator,
+                    self.network.as_ref(),
                     &self.logs,
                     call,
                     req.body,
@@ -257,6 +264,7 @@ impl Router {
         let refill = self.prepare_ahead.then(|| RefillOnDrop {
             slot: slot.clone(),
             isolator: self.isolator.clone(),
+            network: self.network.clone(),
             draining: self.draining.clone(),
             delayed: f.manifest.mode == Mode::Lambda,
         });
@@ -530,6 +538,7 @@ impl Router {
         };
         let instance = LambdaInstance::start(StartArgs {
             isolator: &self.isolator,
+            network: self.network.as_ref(),
             logs: &self.logs,
             function: f,
             prepared,
@@ -589,7 +598,7 @@ impl Router {
                     }
                     drop(held);
                     if router.prepare_ahead {
-                        slot.refill(&router.isolator);
+                        slot.refill(&router.isolator, router.network.as_ref());
                     }
                 });
             }

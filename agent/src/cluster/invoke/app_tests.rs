@@ -89,6 +89,7 @@ impl TestAgent {
             prepare_ahead: false,
             config: Arc::new(config.clone()),
             instances: tokio_util::task::TaskTracker::new(),
+            network: None,
         };
         let router = Arc::new(router);
         let events = crate::events::Events::open(router.clone(), &config.events).unwrap();
