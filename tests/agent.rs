@@ -866,12 +866,23 @@ fn openapi_document_matches_the_running_agent() {
         }
     }
 
-    // Every operation is served, with a status the document lists. Removal goes last.
+    // Every operation is served, with a status the document lists. Removal goes last; an event
+    // invoke config is read once it has been set (before, GET is Lambda's 404).
     let mut ordered: Vec<_> = ops.iter().collect();
-    ordered.sort_by_key(|(m, ..)| *m == Method::DELETE);
+    ordered.sort_by_key(
+        |(m, p, ..)| match (m, p.ends_with("/event-invoke-config")) {
+            (&Method::GET, true) => 1,
+            (&Method::DELETE, true) => 2,
+            (&Method::DELETE, false) => 3,
+            _ => 0,
+        },
+    );
     for (method, path, statuses, _) in ordered {
         let body = match (method, path.as_str()) {
             (&Method::POST, "/v1/functions") => Some(Body::from(f.tar_gz())),
+            (&Method::PUT | &Method::POST, p) if p.ends_with("/event-invoke-config") => {
+                Some(Body::from(r#"{"MaximumRetryAttempts":1}"#))
+            }
             (&Method::POST, p) if p.starts_with("/fn/") || p.starts_with("/2015-03-31/") => {
                 Some(Body::from("{}"))
             }
