@@ -1054,9 +1054,11 @@ fn a_sandbox_built_ahead_serves_the_next_invocation() {
         )
         .path(),
     );
-    // The deploy builds one sandbox ahead of time; wait for it.
+    // The deploy builds one sandbox ahead of time; wait for it (its processes wait in their
+    // cgroup a moment before the agent holds it ready, which `describe` says).
+    let ready = || agent.admin(Method::GET, "/v1/functions/warm", None).json()["prepared"] == true;
     let deadline = Instant::now() + Duration::from_secs(5);
-    while prepared_sandboxes(&agent.root).len() != 1 {
+    while prepared_sandboxes(&agent.root).len() != 1 || !ready() {
         assert!(
             Instant::now() < deadline,
             "no sandbox built ahead: {:?}",
