@@ -116,6 +116,12 @@ struct State {
     next: u32,
     /// Function -> the rules installed for it, and when its names were resolved.
     installed: HashMap<String, (FunctionNetwork, nft::Allow, Instant)>,
+    /// Function -> its instances holding a lease (alive, or being released).
+    leases: HashMap<String, usize>,
+    /// Functions removed, or whose active version has no egress: their chains and counters go
+    /// once their last lease is released. Kept until a version with egress is active again,
+    /// so that a sandbox of an old version still being prepared cannot leave them behind.
+    retired: HashSet<String>,
 }
 
 struct Up {
@@ -400,7 +406,9 @@ impl Network {
                 self.bridge,
                 u32::from(addr) - u32::from(self.range.network())
             );
-            (addr, host_if, up.host.clone(), up.bridge_index)
+            let r = (addr, host_if, up.host.clone(), up.bridge_index);
+            *state.leases.entry(f.function.clone()).or_default() += 1;
+            r
         };
         // From here the lease releases whatever part was made, however this ends.
         let lease = Lease {
@@ -513,11 +521,48 @@ impl Network {
             tracing::debug!(addr = %r.addr, "removing an instance's firewall entries: {e}");
         }
         release_conntrack(r.addr);
-        self.state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .used
-            .remove(&r.addr);
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.used.remove(&r.addr);
+        let left = match state.leases.get_mut(&r.function) {
+            Some(n) => {
+                *n = n.saturating_sub(1);
+                *n
+            }
+            None => 0,
+        };
+        if left == 0 {
+            state.leases.remove(&r.function);
+            if state.retired.contains(&r.function) {
+                self.remove_function(&mut state, &r.function);
+            }
+        }
+    }
+
+    /// Says what egress the active version of `function` has; None when it has none or the
+    /// function was removed. A function without egress keeps no chains or counters: they go
+    /// now, or once its last instance's network is released. A changed policy needs nothing
+    /// here: the chains are replaced when the new version's first instance is attached.
+    pub fn set_function(&self, function: &str, net: Option<&FunctionNetwork>) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if net.is_some() {
+            state.retired.remove(function);
+            return;
+        }
+        state.retired.insert(function.to_string());
+        if !state.leases.contains_key(function) {
+            self.remove_function(&mut state, function);
+        }
+    }
+
+    /// Deletes a function's chains and counters, if installed (no instance refers to them).
+    fn remove_function(&self, state: &mut State, function: &str) {
+        if state.installed.remove(function).is_none() || state.up.is_none() {
+            return;
+        }
+        match nft::apply(&nft::delete_function(&self.bridge, function)) {
+            Ok(()) => tracing::info!(function, "removed the function's egress rules"),
+            Err(e) => tracing::warn!(function, "removing the function's egress rules: {e}"),
+        }
     }
 
     /// Addresses in use (instances alive or being released).
