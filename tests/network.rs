@@ -749,3 +749,34 @@ fn a_function_without_egress_any_more_leaves_no_chains() {
     assert!(!nft_table_exists("inet", &bridge), "inet table left");
     agent.assert_clean();
 }
+
+/// A `host.name:PORT` rule is resolved with `network.dns` (the upstream's dnsmasq, which alone
+/// knows upstream.test; the host's resolver does not): the function reaches that port of the
+/// address and no other.
+#[test]
+fn a_host_name_rule_is_resolved_with_network_dns() {
+    require_root();
+    let up = Upstream::start();
+    let u = up.ip;
+    let pid = std::process::id();
+    let agent = Agent::start_with(
+        "network-names",
+        Settings {
+            network_extra: format!(
+                "bridge = \"fnn{:05x}\"\nrange = \"100.93.{}.0/24\"\ndns = [\"{u}\"]\n",
+                pid & 0xfffff,
+                1 + (pid * 7) % 250
+            ),
+            ..Default::default()
+        },
+    );
+    let f = shell_function("named", "egress = [\"upstream.test:8080\"]\n");
+    agent.deploy(f.path());
+    let out = sh(&agent, "named", &format!("curl -sS -m 10 http://{u}:8080/"));
+    assert_eq!(out, "hello from upstream\n", "{}", agent.log());
+    let out = sh(&agent, "named", &reach(&u.to_string(), "7007"));
+    assert_eq!(out.trim(), "BLOCKED", "named reached {u}:7007");
+    assert!(!agent.log().contains("resolving failed"), "{}", agent.log());
+    agent.finish();
+    drop(up);
+}

@@ -4,9 +4,10 @@
 mod link;
 pub mod nft;
 pub mod policy;
+pub mod resolve;
 
 use std::collections::{HashMap, HashSet};
-use std::net::{Ipv4Addr, ToSocketAddrs};
+use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -102,6 +103,8 @@ pub struct Network {
     range: Ipv4Net,
     gateway: Ipv4Net,
     resolv_conf: PathBuf,
+    /// `network.dns` (port 53): host names in rules are resolved with these when set.
+    dns: Vec<SocketAddr>,
     runtime: tokio::runtime::Handle,
     state: Mutex<State>,
     /// Leases given back, released by the cleanup thread.
@@ -192,6 +195,12 @@ impl Network {
             range,
             gateway,
             resolv_conf,
+            dns: config
+                .dns
+                .iter()
+                .filter_map(|d| d.parse::<Ipv4Addr>().ok())
+                .map(|a| SocketAddr::from((a, 53)))
+                .collect(),
             runtime: tokio::runtime::Handle::current(),
             state: Mutex::new(State::default()),
             cleanup: Mutex::new(None),
@@ -365,7 +374,7 @@ impl Network {
         {
             return Ok(());
         }
-        let allow = allow_of(&f.egress);
+        let allow = allow_of(&f.egress, &self.dns);
         let same = state
             .installed
             .get(&f.function)
@@ -594,9 +603,10 @@ fn has_names(e: &Egress) -> bool {
     matches!(e, Egress::Rules(r) if r.iter().any(|r| matches!(r.dest, Dest::Host(_))))
 }
 
-/// The rules with host names resolved (IPv4 answers only). A name that does not resolve
-/// allows nothing until it does.
-fn allow_of(e: &Egress) -> nft::Allow {
+/// The rules with host names resolved (IPv4 answers only): with the resolvers of
+/// `network.dns` when set (those the instances are given), else the host's resolver. A name
+/// that does not resolve allows nothing until it does.
+fn allow_of(e: &Egress, dns: &[SocketAddr]) -> nft::Allow {
     match e {
         Egress::None => nft::Allow::Rules(Vec::new()),
         Egress::All => nft::Allow::All,
@@ -606,31 +616,51 @@ fn allow_of(e: &Egress) -> nft::Allow {
                 .map(|r| {
                     let nets = match &r.dest {
                         Dest::Net(n) => vec![*n],
-                        Dest::Host(h) => {
-                            let port = r.port.unwrap_or(0);
-                            match (h.as_str(), port).to_socket_addrs() {
-                                Ok(addrs) => {
-                                    let mut v: Vec<Ipv4Net> = addrs
-                                        .filter_map(|a| match a.ip() {
-                                            std::net::IpAddr::V4(v4) => Some(Ipv4Net::from(v4)),
-                                            _ => None,
-                                        })
-                                        .collect();
-                                    v.sort();
-                                    v.dedup();
-                                    v
-                                }
-                                Err(e) => {
-                                    tracing::warn!(host = %h, "egress rule: resolving failed: {e}");
-                                    Vec::new()
-                                }
-                            }
-                        }
+                        Dest::Host(h) => resolve_host(h, r.port.unwrap_or(0), dns)
+                            .into_iter()
+                            .map(Ipv4Net::from)
+                            .collect(),
                     };
                     (nets, r.port)
                 })
                 .collect(),
         ),
+    }
+}
+
+fn resolve_host(host: &str, port: u16, dns: &[SocketAddr]) -> Vec<Ipv4Addr> {
+    let found = if dns.is_empty() {
+        (host, port)
+            .to_socket_addrs()
+            .map(|addrs| {
+                let mut v: Vec<Ipv4Addr> = addrs
+                    .filter_map(|a| match a.ip() {
+                        std::net::IpAddr::V4(v4) => Some(v4),
+                        _ => None,
+                    })
+                    .collect();
+                v.sort();
+                v.dedup();
+                v
+            })
+            .map_err(|e| e.to_string())
+    } else {
+        resolve::resolve(host, dns).map_err(|e| e.to_string())
+    };
+    match found {
+        Ok(v) => {
+            if v.is_empty() {
+                tracing::warn!(
+                    host,
+                    "egress rule: the name has no IPv4 address: it allows nothing"
+                );
+            }
+            v
+        }
+        Err(e) => {
+            tracing::warn!(host, "egress rule: resolving failed: {e}");
+            Vec::new()
+        }
     }
 }
 
