@@ -374,7 +374,13 @@ impl Network {
         {
             return Ok(());
         }
-        let allow = allow_of(&f.egress, &self.dns);
+        // The same rules as installed: a name that fails to resolve now keeps what it had.
+        let previous = state
+            .installed
+            .get(&f.function)
+            .filter(|(i, _, _)| i == f)
+            .map(|(_, a, _)| a);
+        let allow = allow_of(&f.egress, &self.dns, previous);
         let same = state
             .installed
             .get(&f.function)
@@ -605,21 +611,28 @@ fn has_names(e: &Egress) -> bool {
 
 /// The rules with host names resolved (IPv4 answers only): with the resolvers of
 /// `network.dns` when set (those the instances are given), else the host's resolver. A name
-/// that does not resolve allows nothing until it does.
-fn allow_of(e: &Egress, dns: &[SocketAddr]) -> nft::Allow {
+/// that does not exist or has no IPv4 address allows nothing; one that cannot be resolved now
+/// (no resolver answered) keeps its addresses in `previous` (the same rules as installed).
+fn allow_of(e: &Egress, dns: &[SocketAddr], previous: Option<&nft::Allow>) -> nft::Allow {
     match e {
         Egress::None => nft::Allow::Rules(Vec::new()),
         Egress::All => nft::Allow::All,
         Egress::Rules(rules) => nft::Allow::Rules(
             rules
                 .iter()
-                .map(|r| {
+                .enumerate()
+                .map(|(i, r)| {
                     let nets = match &r.dest {
                         Dest::Net(n) => vec![*n],
-                        Dest::Host(h) => resolve_host(h, r.port.unwrap_or(0), dns)
-                            .into_iter()
-                            .map(Ipv4Net::from)
-                            .collect(),
+                        Dest::Host(h) => match resolve_host(h, r.port.unwrap_or(0), dns) {
+                            Some(v) => v.into_iter().map(Ipv4Net::from).collect(),
+                            None => match previous {
+                                Some(nft::Allow::Rules(p)) => {
+                                    p.get(i).map(|(n, _)| n.clone()).unwrap_or_default()
+                                }
+                                _ => Vec::new(),
+                            },
+                        },
                     };
                     (nets, r.port)
                 })
@@ -628,7 +641,8 @@ fn allow_of(e: &Egress, dns: &[SocketAddr]) -> nft::Allow {
     }
 }
 
-fn resolve_host(host: &str, port: u16, dns: &[SocketAddr]) -> Vec<Ipv4Addr> {
+/// A rule's host name resolved; None when it could not be (logged).
+fn resolve_host(host: &str, port: u16, dns: &[SocketAddr]) -> Option<Vec<Ipv4Addr>> {
     let found = if dns.is_empty() {
         (host, port)
             .to_socket_addrs()
@@ -655,11 +669,11 @@ fn resolve_host(host: &str, port: u16, dns: &[SocketAddr]) -> Vec<Ipv4Addr> {
                     "egress rule: the name has no IPv4 address: it allows nothing"
                 );
             }
-            v
+            Some(v)
         }
         Err(e) => {
             tracing::warn!(host, "egress rule: resolving failed: {e}");
-            Vec::new()
+            None
         }
     }
 }
@@ -847,6 +861,30 @@ mod tests {
         );
         let t = resolv_conf_text(&["198.51.100.1".into()]);
         assert!(t.contains("nameserver 198.51.100.1\n"), "{t}");
+    }
+
+    #[test]
+    fn a_name_that_cannot_be_resolved_now_keeps_its_addresses() {
+        // A resolver that never answers.
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let dns = [silent.local_addr().unwrap()];
+        let e = policy::EgressSpec::Rules(vec!["10.0.0.0/8:5432".into(), "db.test:5432".into()])
+            .parse()
+            .unwrap();
+        let net = |n: &str| -> Ipv4Net { n.parse().unwrap() };
+        let before = nft::Allow::Rules(vec![
+            (vec![net("10.0.0.0/8")], Some(5432)),
+            (vec![net("192.0.2.7/32")], Some(5432)),
+        ]);
+        assert_eq!(allow_of(&e, &dns, Some(&before)), before);
+        // Never resolved: it allows nothing.
+        assert_eq!(
+            allow_of(&e, &dns, None),
+            nft::Allow::Rules(vec![
+                (vec![net("10.0.0.0/8")], Some(5432)),
+                (vec![], Some(5432))
+            ])
+        );
     }
 
     #[test]
