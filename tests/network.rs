@@ -672,3 +672,111 @@ fn a_lambda_function_with_egress_serves_beside_its_runtime_api() {
     );
     assert!(!nft_table_exists("inet", &bridge), "inet table left");
 }
+
+fn nft_chain_exists(table: &str, chain: &str) -> bool {
+    Command::new("nft")
+        .args(["list", "chain", "inet", table, chain])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Waits (up to 30 s: an instance's network is released in the background, within a second
+/// or so) until `chain` is there or not, as `want` says.
+fn wait_chain(agent: &Agent, table: &str, chain: &str, want: bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while nft_chain_exists(table, chain) != want {
+        assert!(
+            Instant::now() < deadline,
+            "chain {chain}: wanted {}, after 30 s\n{}",
+            if want { "there" } else { "gone" },
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A function removed, or deployed again without egress, takes its chains and counters with
+/// it once its last instance's network is released; another function's stay. Its rules name
+/// 192.0.2.1 (TEST-NET-1), and no instance sends anything.
+#[test]
+fn a_function_without_egress_any_more_leaves_no_chains() {
+    require_root();
+    let pid = std::process::id();
+    let bridge = format!("fnr{:05x}", pid & 0xfffff);
+    let mut agent = Agent::start_with(
+        "network-retire",
+        Settings {
+            network_extra: format!(
+                "bridge = \"{bridge}\"\nrange = \"100.92.{}.0/24\"\n",
+                1 + (pid * 7) % 250
+            ),
+            ..Default::default()
+        },
+    );
+    let rules = "egress = [\"192.0.2.1:9\"]\n";
+    for name in ["stays", "goes", "closes"] {
+        agent.deploy(shell_function(name, rules).path());
+        assert_eq!(sh(&agent, name, "echo ok"), "ok\n");
+        wait_chain(&agent, &bridge, &format!("out_{name}"), true);
+    }
+
+    agent
+        .admin(reqwest::Method::DELETE, "/v1/functions/goes", None)
+        .expect_ok(204);
+    agent.deploy(shell_function("closes", "egress = \"none\"\n").path());
+    assert_eq!(sh(&agent, "closes", "echo ok"), "ok\n");
+    wait_chain(&agent, &bridge, "out_goes", false);
+    wait_chain(&agent, &bridge, "out_closes", false);
+    let counters = Command::new("nft")
+        .args(["list", "counters", "table", "inet", &bridge])
+        .output()
+        .expect("nft");
+    let counters = text(&counters.stdout);
+    assert!(counters.contains("counter tx_stays "), "{counters}");
+    for gone in ["goes", "closes"] {
+        assert!(!counters.contains(&format!("_{gone} ")), "{counters}");
+    }
+    assert!(nft_chain_exists(&bridge, "out_stays"));
+    assert_eq!(sh(&agent, "stays", "echo ok"), "ok\n");
+
+    // Deployed again with egress: its chains are made anew.
+    agent.deploy(shell_function("goes", rules).path());
+    assert_eq!(sh(&agent, "goes", "echo ok"), "ok\n");
+    wait_chain(&agent, &bridge, "out_goes", true);
+    agent.stop();
+    assert!(!nft_table_exists("inet", &bridge), "inet table left");
+    agent.assert_clean();
+}
+
+/// A `host.name:PORT` rule is resolved with `network.dns` (the upstream's dnsmasq, which alone
+/// knows upstream.test; the host's resolver does not): the function reaches that port of the
+/// address and no other.
+#[test]
+fn a_host_name_rule_is_resolved_with_network_dns() {
+    require_root();
+    let up = Upstream::start();
+    let u = up.ip;
+    let pid = std::process::id();
+    let agent = Agent::start_with(
+        "network-names",
+        Settings {
+            network_extra: format!(
+                "bridge = \"fnn{:05x}\"\nrange = \"100.93.{}.0/24\"\ndns = [\"{u}\"]\n",
+                pid & 0xfffff,
+                1 + (pid * 7) % 250
+            ),
+            ..Default::default()
+        },
+    );
+    let f = shell_function("named", "egress = [\"upstream.test:8080\"]\n");
+    agent.deploy(f.path());
+    let out = sh(&agent, "named", &format!("curl -sS -m 10 http://{u}:8080/"));
+    assert_eq!(out, "hello from upstream\n", "{}", agent.log());
+    let out = sh(&agent, "named", &reach(&u.to_string(), "7007"));
+    assert_eq!(out.trim(), "BLOCKED", "named reached {u}:7007");
+    assert!(!agent.log().contains("resolving failed"), "{}", agent.log());
+    agent.finish();
+    drop(up);
+}

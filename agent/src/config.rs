@@ -49,7 +49,8 @@ pub struct NetworkConfig {
     /// IPv4 range of the bridge (its first address) and the instances; must not overlap a
     /// route of the host.
     pub range: String,
-    /// Resolvers written to each instance's /etc/resolv.conf; empty: the host's.
+    /// Resolvers written to each instance's /etc/resolv.conf, and those egress rules' host
+    /// names are resolved with; empty: the host's.
     pub dns: Vec<String>,
     /// Default cap on a function's open outbound connections (all its instances together).
     pub max_connections: u32,

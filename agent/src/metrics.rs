@@ -138,6 +138,9 @@ pub struct Metrics {
     net_denied: Family<FnLabels, Counter>,
     /// Instances holding an address of the function network.
     pub net_addresses: Gauge,
+    /// The nftables counters as last read: a function's counters start again from 0 when
+    /// its chains are made again (removed and deployed again, egress off then on).
+    net_seen: std::sync::Mutex<std::collections::HashMap<String, [u64; 4]>>,
 }
 
 impl Default for Metrics {
@@ -447,6 +450,7 @@ impl Metrics {
             net_connections,
             net_denied,
             net_addresses,
+            net_seen: Default::default(),
             started: Instant::now(),
         }
     }
@@ -557,23 +561,33 @@ impl Metrics {
             .clone()
     }
 
-    /// Brings the network counters up to fnlet's nftables counters (which only grow while the
-    /// tables exist).
+    /// Adds what fnlet's nftables counters gained since they were last read. A counter
+    /// below its last reading was made again (the function's chains were removed and made
+    /// anew): all of it is new.
     pub fn set_network(&self, counters: &crate::network::nft::Counters) {
+        let mut seen = self.net_seen.lock().unwrap_or_else(|p| p.into_inner());
         for (function, values) in counters {
             let labels = Metrics::function(function);
-            for (family, v) in [
-                (&self.net_sent, values[0]),
-                (&self.net_received, values[1]),
-                (&self.net_connections, values[2]),
-                (&self.net_denied, values[3]),
-            ] {
-                let c = family.get_or_create(&labels);
-                let now = c.get();
-                if v > now {
-                    c.inc_by(v - now);
+            let last = seen.insert(function.clone(), *values).unwrap_or([0; 4]);
+            for (i, family) in [
+                &self.net_sent,
+                &self.net_received,
+                &self.net_connections,
+                &self.net_denied,
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let gained = values[i].checked_sub(last[i]).unwrap_or(values[i]);
+                if gained > 0 {
+                    family.get_or_create(&labels).inc_by(gained);
                 }
             }
+        }
+        // Functions whose counters are gone start from 0 when they come back (an empty
+        // reading may be a failed one: it forgets nothing).
+        if !counters.is_empty() {
+            seen.retain(|f, _| counters.contains_key(f));
         }
     }
 
@@ -597,6 +611,29 @@ pub fn resident_bytes() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn network_counters_made_again_count_from_zero() {
+        let m = Metrics::new();
+        let read = |f: &str, v: [u64; 4]| {
+            m.set_network(&[(f.to_string(), v)].into_iter().collect());
+        };
+        let sent = || m.net_sent.get_or_create(&Metrics::function("f")).get();
+        read("f", [100, 0, 1, 0]);
+        read("f", [150, 0, 1, 0]);
+        assert_eq!(sent(), 150);
+        // Removed and made again: the counter starts from 0.
+        read("f", [40, 0, 1, 0]);
+        assert_eq!(sent(), 190);
+        // Gone from a reading, then back.
+        read("g", [1, 0, 0, 0]);
+        read("f", [30, 0, 0, 0]);
+        assert_eq!(sent(), 220);
+        // A failed (empty) reading forgets nothing.
+        m.set_network(&Default::default());
+        read("f", [35, 0, 0, 0]);
+        assert_eq!(sent(), 225);
+    }
 
     #[test]
     fn renders_families() {

@@ -5,6 +5,10 @@
 # unit (Type=notify, STATUS=, Delegate, the agent's cgroup leaf), deploys and invokes the
 # examples with the CLI and curl, finds the invocation in `journalctl -u fnlet` with its fields
 # (the function's own stderr line with FUNCTION=, VERSION=, REQUEST_ID= and INSTANCE=),
+# says what of functions' egress it can check in the container and why (nft, bridge, veth in the
+# container's own network namespace), checks that the shipped default_egress ("none") opens
+# nothing and, when it can, egress allowed and refused against an upstream namespace it makes
+# in the container, and that removed functions take their chains,
 # restarts, lets the watchdog kill a frozen agent, upgrades to a second build with an edited
 # /etc/fnlet/config.toml, stops, removes, and checks that no fnlet process, cgroup or directory is
 # left, inside the container and on this host.
@@ -28,7 +32,8 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 cache=${FNLET_CI_CACHE:-/var/cache/fnlet-ci}
-include=systemd,systemd-sysv,dbus,procps,iproute2,curl,python3,rpm
+# nftables and conntrack: what the agent's function network uses (README "Network (egress)").
+include=systemd,systemd-sysv,dbus,procps,iproute2,curl,python3,rpm,nftables,conntrack
 # The cache key: what the root holds and how it is made.
 recipe="mmdebstrap bookworm minbase $include machine-id v2"
 rootfs_tar="$cache/rootfs-$(printf '%s' "$recipe" | sha256sum | cut -c1-12).tar.zst"
@@ -162,6 +167,7 @@ boot() {
     nsenter -t "$leader" -a systemctl --failed --no-pager >&2 || true
     fail "the container's systemd is '$state', not running"
   fi
+  forward_at_boot=$(in_ct cat /proc/sys/net/ipv4/ip_forward)
 }
 
 # Runs a command in the container, as its root, with a clean environment.
@@ -268,6 +274,143 @@ for line in sys.stdin:
 ' >&2
 }
 
+# ---- function egress: what this container can check, and that ----
+
+# The container's own network namespace (--private-network) holds only lo: nothing here leads
+# out of this host, so the only upstream is the namespace the test makes in the container
+# (fnlci-up, 198.18.0.2, servers on :8000 and :8001; 198.18.0.1 is the container's end).
+UPSTREAM=198.18.0.2
+
+# Sets egress_can=yes when the agent's egress can run in this container (nft with the inet and
+# bridge families and the fib and ct count expressions, a bridge, a veth pair, all in the
+# container's network namespace), and says what can and cannot be checked here, and why.
+egress_probe() {
+  local missing=() tool
+  for tool in nft tc conntrack; do
+    in_ct sh -c "command -v $tool" >/dev/null || missing+=("$tool")
+  done
+  local can=() cannot=()
+  if [ ${#missing[@]} -gt 0 ]; then
+    cannot+=("no ${missing[*]} in the container")
+  fi
+  if sh_ct 'command -v nft >/dev/null && nft -f - <<EOF && nft delete table inet fnlci && nft delete table bridge fnlci
+table inet fnlci {
+  chain c {
+    type filter hook forward priority 0;
+    fib daddr type local drop
+    ct count over 4 drop
+  }
+}
+table bridge fnlci {
+  chain c {
+    type filter hook prerouting priority -200;
+    iifname "fnlci-*" drop
+  }
+}
+EOF' >/dev/null 2>"$work/probe.err"; then
+    can+=("nftables (inet and bridge families, fib, ct count)")
+  else
+    cannot+=("nftables in the container's namespace: $(tr '\n' ' ' <"$work/probe.err")")
+  fi
+  if sh_ct 'ip link add fnlci-br type bridge && ip link del fnlci-br && ip link add fnlci-a type veth peer name fnlci-b && ip link del fnlci-a' 2>"$work/probe.err"; then
+    can+=("a bridge and veth pairs")
+  else
+    cannot+=("bridge or veth: $(tr '\n' ' ' <"$work/probe.err")")
+  fi
+  if [ ${#cannot[@]} -eq 0 ]; then
+    egress_can=yes
+    local joined
+    joined=$(printf '%s, ' "${can[@]}")
+    note "egress CAN be exercised here: ${joined%, }; checked: a function allowed ${UPSTREAM}:8000"
+    note "  reaches it and not :8001, one with \"all\" reaches :8001 and not the container's own"
+    note "  address, one with the default (\"none\") reaches nothing and has only lo; removing"
+    note "  them removes their chains; stop leaves no bridge, veth or table"
+  else
+    egress_can=no
+    note "egress CANNOT be exercised here: ${cannot[*]}"
+    note "  checked only: the shipped default_egress (\"none\") opens nothing"
+  fi
+  note "egress NOT checked here (tests/network.rs does, on the host): traffic out of the host"
+  note "  (the container has only lo and the test's upstream namespace), the masquerade onto a real"
+  note "  uplink, DNS, rate_mbit, max_connections, conntrack cleanup under load, kill -9 and restart"
+}
+
+# With the shipped config (default_egress "none") and functions without [network], the agent
+# makes nothing of the function network: no bridge, veth or table, ip_forward as it was.
+egress_none_opens_nothing() {
+  in_ct grep -qx '#default_egress = "none"' /etc/fnlet/config.toml ||
+    fail "the shipped config does not leave default_egress at \"none\""
+  local left
+  left=$(sh_ct 'ip -o link show | grep -o "fnlet0[^:@]*"' || true)
+  [ -z "$left" ] || fail "default_egress \"none\", yet links: $left"
+  if in_ct sh -c 'command -v nft' >/dev/null; then
+    left=$(sh_ct 'nft list tables | grep -w fnlet0' || true)
+    [ -z "$left" ] || fail "default_egress \"none\", yet nft tables: $left"
+  fi
+  [ "$(sh_ct 'cat /proc/sys/net/ipv4/ip_forward')" = "$forward_at_boot" ] ||
+    fail "default_egress \"none\", yet ip_forward changed"
+  note "default_egress \"none\" (shipped): no bridge, veth or nft table; ip_forward untouched"
+}
+
+# ci_net NAME: the function's answer to the shell script on stdin.
+ci_net() { in_ct fnlet invoke "$1" -d @- 2>&1; }
+
+check_egress() {
+  egress_none_opens_nothing
+  in_ct fnlet deploy /mnt/ci/examples/ci-none >/dev/null
+  local out
+  out=$(echo 'cat /proc/net/dev' | ci_net ci-none) || fail "ci-none: $out"
+  case "$out" in *eth0*) fail "a function without egress has eth0: $out" ;; esac
+  case "$out" in *lo:*) ;; *) fail "ci-none: no lo in /proc/net/dev: $out" ;; esac
+  [ "$egress_can" = yes ] || return 0
+
+  # The upstream: a namespace with a veth to the container's, a server on :8000 and :8001.
+  sh_ct "ip netns add fnlci-up && ip link add fnlci-h type veth peer name fnlci-u &&
+    ip link set fnlci-u netns fnlci-up && ip addr add 198.18.0.1/30 dev fnlci-h &&
+    ip link set fnlci-h up && ip -n fnlci-up addr add $UPSTREAM/30 dev fnlci-u &&
+    ip -n fnlci-up link set fnlci-u up" || fail "making the upstream namespace"
+  local port
+  for port in 8000 8001 8002; do
+    # 8002 listens on the container's own address: a function must never reach it.
+    # nsenter, not `ip netns exec`: that remounts /sys, which nspawn keeps read-only.
+    local ns="nsenter --net=/run/netns/fnlci-up" at=$UPSTREAM
+    [ "$port" = 8002 ] && ns='' at=198.18.0.1
+    sh_ct "$ns setsid python3 -m http.server $port --bind $at --directory /mnt/ci/examples >/dev/null 2>&1 </dev/null & echo \$! >>/run/fnlci-servers"
+  done
+  for port in 8000 8001 8002; do
+    local at=$UPSTREAM
+    [ "$port" = 8002 ] && at=198.18.0.1
+    sh_ct "for i in \$(seq 50); do curl -s -o /dev/null http://$at:$port/ && exit 0; sleep 0.1; done; exit 1" ||
+      fail "the test's server on $at:$port did not start"
+  done
+  in_ct fnlet deploy /mnt/ci/examples/ci-rules >/dev/null
+  in_ct fnlet deploy /mnt/ci/examples/ci-all >/dev/null
+  # fetch ADDR:PORT: a script that prints code=200 when the GET is answered, code=000 when the
+  # connection fails.
+  fetch() { printf 'echo code=$(curl -s -m 5 -o /dev/null -w "%%{http_code}" http://%s/)\n' "$1"; }
+  expect_code() { # expect_code FUNCTION ADDR:PORT CODE WHY
+    out=$(fetch "$2" | ci_net "$1")
+    case "$out" in *"code=$3"*) ;; *) fail "$1 to $2: $4 (expected code=$3): $out" ;; esac
+  }
+  expect_code ci-rules "$UPSTREAM:8000" 200 "its rule names it"
+  expect_code ci-rules "$UPSTREAM:8001" 000 "its rules name another port"
+  expect_code ci-all "$UPSTREAM:8001" 200 "egress \"all\""
+  expect_code ci-all 198.18.0.1:8002 000 "the container's own address is always denied"
+  expect_code ci-none "$UPSTREAM:8000" 000 "the default egress is \"none\""
+  local denied
+  denied=$(in_ct curl -sS http://127.0.0.1:8740/metrics | awk '$1 == "fnlet_network_denied_total{function=\"ci-rules\"}" {print $2}')
+  [ "${denied:-0}" != 0 ] || fail "ci-rules' refused attempt is not counted in fnlet_network_denied_total"
+  note "egress: allowed reached, other port, own address and \"none\" refused; denied counted ($denied)"
+  # A removed function's chains go with it (once its instances are gone).
+  in_ct fnlet rm ci-rules >/dev/null
+  sh_ct 'for i in $(seq 100); do nft list chain inet fnlet0 out_ci-rules >/dev/null 2>&1 || exit 0; sleep 0.1; done; exit 1' ||
+    fail "ci-rules was removed, its chain out_ci-rules stayed"
+  in_ct fnlet rm ci-all >/dev/null
+  in_ct fnlet rm ci-none >/dev/null
+  sh_ct 'kill $(cat /run/fnlci-servers); rm -f /run/fnlci-servers; ip netns del fnlci-up; ip link del fnlci-h 2>/dev/null; true'
+  note "egress: removed functions took their chains; the upstream namespace is gone"
+}
+
 check_running() {
   local label=$1
   timed "$label: active" wait_active
@@ -275,6 +418,8 @@ check_running() {
   timed "$label: deploy (CLI)" sh_ct 'fnlet deploy /mnt/ci/examples/hello-sh >/dev/null && fnlet deploy /mnt/ci/examples/hello-py >/dev/null'
   timed "$label: invoke + journal" invoke_examples "$label"
   limits_note
+  egress_probe
+  timed "$label: egress" check_egress
   note "the agent on its cgroups:"
   in_ct journalctl -u fnlet -b --no-pager -o cat | grep -m3 -E 'cgroup|delegat' | sed 's/^/      /' >&2 || true
   in_ct systemctl status fnlet --no-pager -l -n 0 | sed 's/^/    | /' >&2 || true
@@ -371,6 +516,9 @@ check_nothing_left() {
   [ -z "$left" ] || fail "files left: $left"
   left=$(in_ct systemctl list-unit-files --no-legend fnlet.service || true)
   [ -z "$left" ] || fail "the unit is still known: $left"
+  # The function network (made for the egress checks) went at the agent's stop.
+  left=$(sh_ct 'ip -o link show | grep -o "fnlet0[^:@]*"; nft list tables 2>/dev/null | grep -w fnlet0' || true)
+  [ -z "$left" ] || fail "function network left: $left"
 }
 
 # ---- one package's life ----
@@ -492,6 +640,17 @@ cp "target/packages/$deb1" "target/packages/$rpm1" "target/packages/$deb2" "targ
 cp -r examples/hello-sh examples/hello-py "$work/share/examples/"
 chmod -R a+rX "$work/share"
 chmod 0755 "$work/share/examples/hello-sh/hello.sh"
+# Functions that run their input as a shell script, with three egress policies (see
+# check_egress): the default ("none", as shipped), one rule, "all".
+for f in ci-none ci-rules ci-all; do
+  mkdir "$work/share/examples/$f"
+  printf '#!/bin/sh\n/bin/sh -s 2>&1; exit 0\n' >"$work/share/examples/$f/run.sh"
+  chmod 0755 "$work/share/examples/$f/run.sh"
+  printf 'name = "%s"\nentrypoint = "run.sh"\ntimeout_s = 20\npublic = true\n' "$f" >"$work/share/examples/$f/fnlet.toml"
+done
+printf '[network]\negress = ["198.18.0.2:8000"]\n' >>"$work/share/examples/ci-rules/fnlet.toml"
+printf '[network]\negress = "all"\n' >>"$work/share/examples/ci-all/fnlet.toml"
+chmod -R a+rX "$work/share"
 
 if [ -n "$rootfs_job" ]; then
   t=$(now)

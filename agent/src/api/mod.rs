@@ -509,6 +509,7 @@ pub(crate) fn activate(app: &App, store: &Changes<'_>, name: &str) -> Result<(),
     let f = ActiveFunction::new(&rec, &v, bundle, &app.config)
         .map_err(|e| AppError::new(StatusCode::BAD_REQUEST, "bad_manifest", e.to_string()))?;
     app.router.registry.activate(f);
+    app.router.network_changed(name);
     app.router.prewarm(name);
     Ok(())
 }
@@ -615,6 +616,7 @@ async fn remove(
         let store = app2.store.changes();
         store.remove(&name)?;
         app2.router.registry.remove(&name);
+        app2.router.network_changed(&name);
         app2.router.logs.remove(&name);
         tracing::info!(function = %name, "removed");
         if let Some(node) = app2.cluster.get() {

@@ -380,6 +380,7 @@ impl Node {
                             return;
                         }
                         app2.router.registry.remove(&name);
+                        app2.router.network_changed(&name);
                         app2.router.logs.remove(&name);
                         tracing::info!(function = %name, "removed (by the cluster)");
                     }

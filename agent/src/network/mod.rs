@@ -4,9 +4,10 @@
 mod link;
 pub mod nft;
 pub mod policy;
+pub mod resolve;
 
 use std::collections::{HashMap, HashSet};
-use std::net::{Ipv4Addr, ToSocketAddrs};
+use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -102,6 +103,8 @@ pub struct Network {
     range: Ipv4Net,
     gateway: Ipv4Net,
     resolv_conf: PathBuf,
+    /// `network.dns` (port 53): host names in rules are resolved with these when set.
+    dns: Vec<SocketAddr>,
     runtime: tokio::runtime::Handle,
     state: Mutex<State>,
     /// Leases given back, released by the cleanup thread.
@@ -116,6 +119,12 @@ struct State {
     next: u32,
     /// Function -> the rules installed for it, and when its names were resolved.
     installed: HashMap<String, (FunctionNetwork, nft::Allow, Instant)>,
+    /// Function -> its instances holding a lease (alive, or being released).
+    leases: HashMap<String, usize>,
+    /// Functions removed, or whose active version has no egress: their chains and counters go
+    /// once their last lease is released. Kept until a version with egress is active again,
+    /// so that a sandbox of an old version still being prepared cannot leave them behind.
+    retired: HashSet<String>,
 }
 
 struct Up {
@@ -186,6 +195,12 @@ impl Network {
             range,
             gateway,
             resolv_conf,
+            dns: config
+                .dns
+                .iter()
+                .filter_map(|d| d.parse::<Ipv4Addr>().ok())
+                .map(|a| SocketAddr::from((a, 53)))
+                .collect(),
             runtime: tokio::runtime::Handle::current(),
             state: Mutex::new(State::default()),
             cleanup: Mutex::new(None),
@@ -359,7 +374,13 @@ impl Network {
         {
             return Ok(());
         }
-        let allow = allow_of(&f.egress);
+        // The same rules as installed: a name that fails to resolve now keeps what it had.
+        let previous = state
+            .installed
+            .get(&f.function)
+            .filter(|(i, _, _)| i == f)
+            .map(|(_, a, _)| a);
+        let allow = allow_of(&f.egress, &self.dns, previous);
         let same = state
             .installed
             .get(&f.function)
@@ -400,7 +421,9 @@ impl Network {
                 self.bridge,
                 u32::from(addr) - u32::from(self.range.network())
             );
-            (addr, host_if, up.host.clone(), up.bridge_index)
+            let r = (addr, host_if, up.host.clone(), up.bridge_index);
+            *state.leases.entry(f.function.clone()).or_default() += 1;
+            r
         };
         // From here the lease releases whatever part was made, however this ends.
         let lease = Lease {
@@ -513,11 +536,48 @@ impl Network {
             tracing::debug!(addr = %r.addr, "removing an instance's firewall entries: {e}");
         }
         release_conntrack(r.addr);
-        self.state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .used
-            .remove(&r.addr);
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.used.remove(&r.addr);
+        let left = match state.leases.get_mut(&r.function) {
+            Some(n) => {
+                *n = n.saturating_sub(1);
+                *n
+            }
+            None => 0,
+        };
+        if left == 0 {
+            state.leases.remove(&r.function);
+            if state.retired.contains(&r.function) {
+                self.remove_function(&mut state, &r.function);
+            }
+        }
+    }
+
+    /// Says what egress the active version of `function` has; None when it has none or the
+    /// function was removed. A function without egress keeps no chains or counters: they go
+    /// now, or once its last instance's network is released. A changed policy needs nothing
+    /// here: the chains are replaced when the new version's first instance is attached.
+    pub fn set_function(&self, function: &str, net: Option<&FunctionNetwork>) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if net.is_some() {
+            state.retired.remove(function);
+            return;
+        }
+        state.retired.insert(function.to_string());
+        if !state.leases.contains_key(function) {
+            self.remove_function(&mut state, function);
+        }
+    }
+
+    /// Deletes a function's chains and counters, if installed (no instance refers to them).
+    fn remove_function(&self, state: &mut State, function: &str) {
+        if state.installed.remove(function).is_none() || state.up.is_none() {
+            return;
+        }
+        match nft::apply(&nft::delete_function(&self.bridge, function)) {
+            Ok(()) => tracing::info!(function, "removed the function's egress rules"),
+            Err(e) => tracing::warn!(function, "removing the function's egress rules: {e}"),
+        }
     }
 
     /// Addresses in use (instances alive or being released).
@@ -549,43 +609,72 @@ fn has_names(e: &Egress) -> bool {
     matches!(e, Egress::Rules(r) if r.iter().any(|r| matches!(r.dest, Dest::Host(_))))
 }
 
-/// The rules with host names resolved (IPv4 answers only). A name that does not resolve
-/// allows nothing until it does.
-fn allow_of(e: &Egress) -> nft::Allow {
+/// The rules with host names resolved (IPv4 answers only): with the resolvers of
+/// `network.dns` when set (those the instances are given), else the host's resolver. A name
+/// that does not exist or has no IPv4 address allows nothing; one that cannot be resolved now
+/// (no resolver answered) keeps its addresses in `previous` (the same rules as installed).
+fn allow_of(e: &Egress, dns: &[SocketAddr], previous: Option<&nft::Allow>) -> nft::Allow {
     match e {
         Egress::None => nft::Allow::Rules(Vec::new()),
         Egress::All => nft::Allow::All,
         Egress::Rules(rules) => nft::Allow::Rules(
             rules
                 .iter()
-                .map(|r| {
+                .enumerate()
+                .map(|(i, r)| {
                     let nets = match &r.dest {
                         Dest::Net(n) => vec![*n],
-                        Dest::Host(h) => {
-                            let port = r.port.unwrap_or(0);
-                            match (h.as_str(), port).to_socket_addrs() {
-                                Ok(addrs) => {
-                                    let mut v: Vec<Ipv4Net> = addrs
-                                        .filter_map(|a| match a.ip() {
-                                            std::net::IpAddr::V4(v4) => Some(Ipv4Net::from(v4)),
-                                            _ => None,
-                                        })
-                                        .collect();
-                                    v.sort();
-                                    v.dedup();
-                                    v
+                        Dest::Host(h) => match resolve_host(h, r.port.unwrap_or(0), dns) {
+                            Some(v) => v.into_iter().map(Ipv4Net::from).collect(),
+                            None => match previous {
+                                Some(nft::Allow::Rules(p)) => {
+                                    p.get(i).map(|(n, _)| n.clone()).unwrap_or_default()
                                 }
-                                Err(e) => {
-                                    tracing::warn!(host = %h, "egress rule: resolving failed: {e}");
-                                    Vec::new()
-                                }
-                            }
-                        }
+                                _ => Vec::new(),
+                            },
+                        },
                     };
                     (nets, r.port)
                 })
                 .collect(),
         ),
+    }
+}
+
+/// A rule's host name resolved; None when it could not be (logged).
+fn resolve_host(host: &str, port: u16, dns: &[SocketAddr]) -> Option<Vec<Ipv4Addr>> {
+    let found = if dns.is_empty() {
+        (host, port)
+            .to_socket_addrs()
+            .map(|addrs| {
+                let mut v: Vec<Ipv4Addr> = addrs
+                    .filter_map(|a| match a.ip() {
+                        std::net::IpAddr::V4(v4) => Some(v4),
+                        _ => None,
+                    })
+                    .collect();
+                v.sort();
+                v.dedup();
+                v
+            })
+            .map_err(|e| e.to_string())
+    } else {
+        resolve::resolve(host, dns).map_err(|e| e.to_string())
+    };
+    match found {
+        Ok(v) => {
+            if v.is_empty() {
+                tracing::warn!(
+                    host,
+                    "egress rule: the name has no IPv4 address: it allows nothing"
+                );
+            }
+            Some(v)
+        }
+        Err(e) => {
+            tracing::warn!(host, "egress rule: resolving failed: {e}");
+            None
+        }
     }
 }
 
@@ -772,6 +861,30 @@ mod tests {
         );
         let t = resolv_conf_text(&["198.51.100.1".into()]);
         assert!(t.contains("nameserver 198.51.100.1\n"), "{t}");
+    }
+
+    #[test]
+    fn a_name_that_cannot_be_resolved_now_keeps_its_addresses() {
+        // A resolver that never answers.
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let dns = [silent.local_addr().unwrap()];
+        let e = policy::EgressSpec::Rules(vec!["10.0.0.0/8:5432".into(), "db.test:5432".into()])
+            .parse()
+            .unwrap();
+        let net = |n: &str| -> Ipv4Net { n.parse().unwrap() };
+        let before = nft::Allow::Rules(vec![
+            (vec![net("10.0.0.0/8")], Some(5432)),
+            (vec![net("192.0.2.7/32")], Some(5432)),
+        ]);
+        assert_eq!(allow_of(&e, &dns, Some(&before)), before);
+        // Never resolved: it allows nothing.
+        assert_eq!(
+            allow_of(&e, &dns, None),
+            nft::Allow::Rules(vec![
+                (vec![net("10.0.0.0/8")], Some(5432)),
+                (vec![], Some(5432))
+            ])
+        );
     }
 
     #[test]

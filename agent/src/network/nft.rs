@@ -155,6 +155,23 @@ pub fn function(table: &str, name: &str, allow: &Allow, max_connections: u32) ->
     s
 }
 
+/// Deletes one function's chains and counters (no instance's entries may refer to them
+/// any more): the chains are emptied first, since a chain that a rule jumps to cannot go.
+pub fn delete_function(table: &str, name: &str) -> String {
+    let mut s = String::new();
+    let t = format!("inet {table}");
+    for c in ["out_", "ok_", "no_", "back_"] {
+        let _ = writeln!(s, "flush chain {t} {c}{name}");
+    }
+    for c in ["out_", "ok_", "no_", "back_"] {
+        let _ = writeln!(s, "delete chain {t} {c}{name}");
+    }
+    for c in ["tx", "rx", "conns", "denied"] {
+        let _ = writeln!(s, "delete counter {t} {c}_{name}");
+    }
+    s
+}
+
 /// The entries that tie one instance (its address and host-side veth) to its function.
 pub fn instance(table: &str, op: &str, name: &str, addr: Ipv4Addr, port: &str) -> String {
     let verdicts = op == "add";
@@ -340,9 +357,16 @@ mod tests {
             "100.72.0.2".parse().unwrap(),
             "fnlet0-2",
         );
-        script += &delete_tables("fnlet0");
+        // Its last instance gone, the function's chains and counters go; the other's stay.
+        script += &delete_function("fnlet0", "0db-fn_x");
+        let check = "nft -f - \
+            && ! nft list chain inet fnlet0 out_0db-fn_x 2>/dev/null \
+            && ! nft list counter inet fnlet0 tx_0db-fn_x 2>/dev/null \
+            && nft list chain inet fnlet0 out_open >/dev/null \
+            && nft list counter inet fnlet0 tx_open >/dev/null \
+            && printf '%s' \"$0\" | nft -f -";
         let mut child = Command::new("unshare")
-            .args(["--net", "nft", "-f", "-"])
+            .args(["--net", "sh", "-c", check, &delete_tables("fnlet0")])
             .stdin(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -356,7 +380,7 @@ mod tests {
         let out = child.wait_with_output().unwrap();
         assert!(
             out.status.success(),
-            "nft refused the scripts (this test needs root):\n{}\n{script}",
+            "nft refused the scripts, or a removed function's chains stayed (this test needs root):\n{}\n{script}",
             String::from_utf8_lossy(&out.stderr)
         );
     }

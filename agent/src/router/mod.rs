@@ -171,6 +171,16 @@ impl Router {
         }
     }
 
+    /// Tells the network the egress of `name`'s active version, after a deploy, a rollback or
+    /// a removal: a function left without egress loses its chains and counters once its last
+    /// instance is gone. Blocking (nft).
+    pub fn network_changed(&self, name: &str) {
+        if let Some(n) = &self.network {
+            let active = self.registry.get(name).map(|s| s.active());
+            n.set_function(name, active.as_ref().and_then(|f| f.net.as_ref()));
+        }
+    }
+
     /// The version an invocation of `name` would run now (for authorisation and headers).
     pub fn lookup(&self, name: &str) -> Option<Arc<ActiveFunction>> {
         self.registry.get(name).map(|s| s.active())
