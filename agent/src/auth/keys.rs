@@ -179,13 +179,14 @@ fn parse_rfc3339(s: &str) -> u64 {
 
 /// Unix milliseconds as RFC 3339 (the fraction only as long as it needs to be).
 pub fn rfc3339_ms(ms: u64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
+    // Always three digits (`time` drops trailing zeros): the strings then sort as the times do.
+    match rfc3339(ms / 1000) {
+        Some(secs) => match secs.strip_suffix('Z') {
+            Some(s) => format!("{s}.{:03}Z", ms % 1000),
+            None => secs,
+        },
+        None => String::new(),
+    }
 }
 
 /// A key's creation time in Unix milliseconds (0 if it does not read).
@@ -529,9 +530,8 @@ impl KeyStore {
     pub fn list(&self) -> Result<Vec<KeyInfo>, KeyStoreError> {
         self.flush_last_used()?;
         let mut out: Vec<KeyInfo> = self.map().values().map(|e| e.current_info()).collect();
-        out.sort_by(|a, b| {
-            (&a.created_at, &a.access_key_id).cmp(&(&b.created_at, &b.access_key_id))
-        });
+        // By time, not by string: keys stored before the times had fixed-width milliseconds.
+        out.sort_by_cached_key(|k| (created_ms(k), k.access_key_id.clone()));
         Ok(out)
     }
 
@@ -979,6 +979,9 @@ mod tests {
             last_used: None,
         };
         assert_eq!(info.created_at, "2025-12-04T00:00:00.123Z");
+        // Fixed width, so that the strings sort as the times do (".1Z" sorted after ".15Z").
+        assert_eq!(rfc3339_ms(1_764_806_400_100), "2025-12-04T00:00:00.100Z");
+        assert_eq!(rfc3339_ms(1_764_806_401_000), "2025-12-04T00:00:01.000Z");
         assert_eq!(created_ms(&info), 1_764_806_400_123);
         assert!(ks.import(&info, &secret).unwrap());
         // The same again changes nothing.
