@@ -115,8 +115,17 @@ impl Nftables {
         self.socket
             .send(&out, 0)
             .map_err(io("sending to nf_tables"))?;
-        // Batch begin is seq `first`: the acked messages are first+1 ..= first+count.
+        // Batch begin is seq `first`, batch end `first + count + 1`: the acked messages are
+        // those between. An error may name any of them (a refused batch names its begin).
+        let within = |seq: u32, lo: u32, hi: u32| {
+            if lo <= hi {
+                (lo..=hi).contains(&seq)
+            } else {
+                seq >= lo || seq <= hi
+            }
+        };
         let (lo, hi) = (first.wrapping_add(1), first.wrapping_add(count));
+        let end = hi.wrapping_add(1);
         let mut acked = 0u32;
         let deadline = Instant::now() + REPLY_WITHIN;
         while acked < count {
@@ -146,11 +155,7 @@ impl Nftables {
                 let len = nl.length() as usize;
                 let seq = nl.sequence_number();
                 // Answers to an earlier batch that failed part-way are passed over.
-                let ours = if lo <= hi {
-                    (lo..=hi).contains(&seq)
-                } else {
-                    seq >= lo || seq <= hi
-                };
+                let ours = within(seq, first, end);
                 if ours && nl.message_type() == NLMSG_ERROR {
                     let code = nl
                         .payload()
@@ -158,6 +163,8 @@ impl Nftables {
                         .and_then(|b| <[u8; 4]>::try_from(b).ok())
                         .map_or(0, i32::from_ne_bytes);
                     if code != 0 {
+                        // (An error of this batch: what is left of its answers is passed
+                        // over by the next.)
                         return Err(NetworkError::Nft {
                             message: format!(
                                 "nf_tables refused the instance's entries: {}",
@@ -165,7 +172,9 @@ impl Nftables {
                             ),
                         });
                     }
-                    acked += 1;
+                    if within(seq, lo, hi) {
+                        acked += 1;
+                    }
                 }
                 at += len.next_multiple_of(4).max(16);
             }
