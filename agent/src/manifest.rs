@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::FunctionDefaults;
 use crate::network::policy::NetworkManifest;
+use crate::triggers::{Trigger, TriggerManifest};
 
 pub const MANIFEST_FILE: &str = "fnlet.toml";
 
@@ -82,6 +83,9 @@ pub struct Manifest {
     /// Outbound network: egress policy and limits (absent: the agent's `[network]` defaults).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkManifest>,
+    /// `[[triggers]]`: topics the function subscribes to and schedules that run it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub triggers: Vec<TriggerManifest>,
 }
 
 /// `[async]`: what happens to a function's Event invokes (Lambda's event invoke config, and
@@ -192,6 +196,13 @@ pub enum ManifestError {
     Syntax(String),
     #[error("fnlet.toml: {field}: {reason}")]
     Invalid { field: &'static str, reason: String },
+    /// A `[[triggers]]` entry (0-based, in the file's order) and its field.
+    #[error("fnlet.toml: triggers[{index}].{field}: {reason}")]
+    Trigger {
+        index: usize,
+        field: &'static str,
+        reason: String,
+    },
 }
 
 /// Environment variables the agent sets itself.
@@ -309,7 +320,33 @@ impl Manifest {
             n.validate()
                 .map_err(|(field, reason)| ManifestError::Invalid { field, reason })?;
         }
+        self.validated_triggers()?;
         self.validate_lambda()
+    }
+
+    /// The `[[triggers]]` checked (cron expressions parsed, zones found), in the file's order.
+    pub fn validated_triggers(&self) -> Result<Vec<Trigger>, ManifestError> {
+        if self.triggers.len() > crate::triggers::manifest::MAX_TRIGGERS {
+            return Err(ManifestError::Invalid {
+                field: "triggers",
+                reason: format!(
+                    "{} triggers; a function may have at most {}",
+                    self.triggers.len(),
+                    crate::triggers::manifest::MAX_TRIGGERS
+                ),
+            });
+        }
+        self.triggers
+            .iter()
+            .enumerate()
+            .map(|(index, t)| {
+                t.validate().map_err(|e| ManifestError::Trigger {
+                    index,
+                    field: e.field,
+                    reason: e.reason,
+                })
+            })
+            .collect()
     }
 
     fn validate_lambda(&self) -> Result<(), ManifestError> {
@@ -625,5 +662,43 @@ mod tests {
             let err = Manifest::parse(text).unwrap_err().to_string();
             assert!(err.contains(field), "{text:?} -> {err}");
         }
+    }
+
+    #[test]
+    fn triggers_round_trip_and_name_the_trigger() {
+        let text = r#"
+name = "f"
+entrypoint = "run"
+
+[[triggers]]
+topic = "orders"
+filter = { type = { prefix = "order." } }
+
+[[triggers]]
+schedule = "rate(5 minutes)"
+payload = { job = "sweep" }
+"#;
+        let m = Manifest::parse(text).unwrap();
+        assert_eq!(m.triggers.len(), 2);
+        assert_eq!(m.validated_triggers().unwrap().len(), 2);
+        assert_eq!(Manifest::parse(&to_toml(&m).unwrap()).unwrap(), m);
+        let bad = text.replace("rate(5 minutes)", "cron(0 2 * * *)");
+        let e = Manifest::parse(&bad).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                ManifestError::Trigger {
+                    index: 1,
+                    field: "schedule",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with("fnlet.toml: triggers[1].schedule: cron(0 2 * * *) has 5 fields"),
+            "{e}"
+        );
     }
 }

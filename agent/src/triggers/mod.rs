@@ -1,0 +1,6 @@
+//! Triggers: what runs a function besides a call (topics and schedules). Every triggered run is
+//! an async event (events/), with its retries and destinations.
+
+pub mod manifest;
+
+pub use manifest::{FilterMatch, Schedule, ScheduleKind, Trigger, TriggerError, TriggerManifest};
