@@ -201,7 +201,16 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
     store
         .clear_staging()
         .context("clearing half-finished uploads")?;
-    let registry = Arc::new(Registry::default());
+    let capacity = crate::pool::capacity::Amounts::of_this_host(&config.capacity);
+    tracing::info!(
+        memory_mb = capacity.memory_bytes >> 20,
+        cpus = capacity.cpu_millis as f64 / 1000.0,
+        instances = capacity.instances,
+        "host capacity for instances ([capacity])"
+    );
+    let registry = Arc::new(Registry::new(crate::pool::capacity::Capacity::new(
+        capacity,
+    )));
     let mut names = Vec::new();
     for (rec, v) in store.list().context("loading functions")? {
         let bundle = store.bundle_path(&v.sha256);
