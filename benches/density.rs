@@ -5,7 +5,7 @@
 //!
 //! Measured: the agent's RSS, descriptors and threads, its CPU while everything idles
 //! (FNLET_BENCH_IDLE_SECONDS, 10), per instance the memory its cgroup is charged (processes and
-//! the kernel memory charged to it) and the RSS of its processes, the host's used memory and
+//! the kernel memory charged to it) and the PSS of its processes, the host's used memory and
 //! slab per instance (noisy: the host is shared), how long the instances took to start and to
 //! be reaped; and a warm call's latency (POST /fn/probe, one kept-alive client,
 //! FNLET_BENCH_WARMUP 200 then FNLET_BENCH_RUNS 2000 calls) with the probe alone, with every
@@ -224,7 +224,7 @@ fn main() {
         usage.cgroup_bytes as f64 / usage.instances.max(1) as f64 / 1024.0
     );
     println!(
-        "| RSS of instances' processes (MiB) | - | {:.1} | - | {:.1} KiB ({} processes) |",
+        "| PSS of instances' processes (MiB) | - | {:.1} | - | {:.1} KiB ({} processes) |",
         mib(usage.rss_bytes),
         usage.rss_bytes as f64 / usage.instances.max(1) as f64 / 1024.0,
         usage.processes
@@ -581,10 +581,13 @@ impl Agent {
                 .or_else(|_| fs::read_to_string(v2.join(&leaf).join("cgroup.procs")))
                 .unwrap_or_default();
             for pid in procs.lines() {
-                let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                // PSS, not RSS: an instance's processes are forks of the agent, and RSS would
+                // count every page they still share with it (and each other) in full.
+                let status =
+                    fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
                 let rss = status
                     .lines()
-                    .find(|l| l.starts_with("VmRSS:"))
+                    .find(|l| l.starts_with("Pss:"))
                     .and_then(|l| l.split_whitespace().nth(1))
                     .and_then(|v| v.parse::<u64>().ok())
                     .unwrap_or(0);
