@@ -57,8 +57,8 @@ pub struct CapacityConfig {
     /// overcommit; 100: no more than the cores.
     pub cpu_percent: u32,
     /// Live instances at most (Lambda instances and running exec calls), whatever their size:
-    /// each holds processes, a cgroup, a network namespace and a few of the agent's file
-    /// descriptors and tasks.
+    /// each holds processes, a cgroup, a network namespace and 8 of the agent's file
+    /// descriptors and 5 of its tasks; lowered at start to what the open-file limit holds.
     pub max_instances: u64,
 }
 

@@ -9,6 +9,16 @@ use serde::Serialize;
 
 use crate::config::CapacityConfig;
 
+/// The agent's descriptors one live Lambda instance holds (measured with 1,000: its Runtime API
+/// listener and connection, three pipes, two pidfds and its peak-memory file).
+pub const FDS_PER_INSTANCE: u64 = 8;
+
+/// How many live instances an open-file limit of `nofile` holds, beside 1,024 connections and
+/// 512 descriptors for logs and the store.
+pub fn instances_within(nofile: u64) -> u64 {
+    nofile.saturating_sub(1024 + 512) / FDS_PER_INSTANCE
+}
+
 /// What one instance commits while it lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 pub struct Need {
@@ -238,6 +248,10 @@ mod tests {
             Some(24_576_000 * 1024)
         );
         assert_eq!(mem_total("nothing"), None);
+        // systemd's LimitNOFILE=1048576 holds the default 2,048; 20,000 holds 2,308.
+        assert!(instances_within(1_048_576) > 2048);
+        assert_eq!(instances_within(20_000), 2308);
+        assert_eq!(instances_within(1000), 0);
     }
 
     #[test]
