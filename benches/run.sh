@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # fnlet's benchmarks in one command, as root:
-# `benches/run.sh [spawn|agent|lambda|cluster|events|network|membership|all]` (default all; membership alone
+# `benches/run.sh [spawn|agent|lambda|cluster|events|network|density|membership|all]` (default all; membership alone
 # needs no root).
 #
 # spawn: spawn-to-exit of a sandboxed static binary against fork+exec, bwrap and runc. Installs
@@ -31,6 +31,12 @@
 #   instance, and an HTTP GET loop (curl) from a function against the same from the host, to a
 #   server in an upstream namespace of the bench's own. Installs nftables, conntrack, curl; runs
 #   `cargo bench -p fnlet-benches --bench network`.
+# density: 1,000 idle warm Lambda instances (100 functions x 10 of the no-op, min_instances) on
+#   one real `fnlet agent`, beside one: the agent's RSS, descriptors and idle CPU, per-instance
+#   memory (cgroup charge, process RSS, host used and slab), time to start and reap them all, and
+#   a warm call's latency with the probe alone, all alive, and alone again. Builds fnlet and the
+#   no-op as for lambda; runs `cargo bench -p fnlet-benches --bench density` (about 3 minutes;
+#   FNLET_BENCH_FUNCTIONS and FNLET_BENCH_PER_FUNCTION change the count).
 # membership: foca instances (the cluster crate's Membership, production foca_config) on a
 #   simulated clock, N = 5 to 1,000, 0 and 10 % loss: join dissemination, failure detection,
 #   false positives and traffic per host, beside memberlist's and Serf's published figures. No
@@ -44,9 +50,9 @@ cd "$(dirname "$0")/.."
 which=${1:-all}
 [ $# -gt 0 ] && shift
 case "$which" in
-  spawn | agent | lambda | cluster | events | network | membership | all) ;;
+  spawn | agent | lambda | cluster | events | network | density | membership | all) ;;
   *)
-    echo "usage: $0 [spawn|agent|lambda|cluster|events|network|membership|all]" >&2
+    echo "usage: $0 [spawn|agent|lambda|cluster|events|network|density|membership|all]" >&2
     exit 2
     ;;
 esac
@@ -100,7 +106,7 @@ if [ "$which" = agent ] || [ "$which" = all ]; then
   # temporary bundle beside the example's fnlet.toml).
   scripts/build-examples.sh
 fi
-if [ "$which" = lambda ] || [ "$which" = cluster ] || [ "$which" = events ] || [ "$which" = all ]; then
+if [ "$which" = lambda ] || [ "$which" = cluster ] || [ "$which" = events ] || [ "$which" = density ] || [ "$which" = all ]; then
   # The no-op links statically, so the same file is the fork+exec floor and what fnlet runs.
   # With --target the flag reaches only this crate (it has no dependencies), not the host build.
   target=$(rustc -vV | sed -n 's/^host: //p')
@@ -126,6 +132,9 @@ if [ "$which" = events ] || [ "$which" = all ]; then
 fi
 if [ "$which" = network ] || [ "$which" = all ]; then
   cargo bench -p fnlet-benches --bench network -- "$@" || status=$?
+fi
+if [ "$which" = density ] || [ "$which" = all ]; then
+  cargo bench -p fnlet-benches --bench density -- "$@" || status=$?
 fi
 if [ "$which" = all ]; then
   cargo bench -p fnlet-benches --bench membership -- "$@" || status=$?

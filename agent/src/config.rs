@@ -34,6 +34,44 @@ pub struct Config {
     pub cluster: ClusterConfig,
     pub events: EventsConfig,
     pub network: NetworkConfig,
+    pub capacity: CapacityConfig,
+}
+
+/// How much of the host live instances may hold: the sum of their memory limits, of their cpus,
+/// and their count. A call whose instance would go past it first evicts idle instances of
+/// other functions, least recently used first, then waits up to `limits.queue_timeout_ms`,
+/// then is refused (429).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CapacityConfig {
+    /// The memory live instances' limits may add up to, in MiB; 0: `memory_percent` of the
+    /// host's MemTotal minus `memory_reserve_mb`.
+    pub memory_mb: u64,
+    /// Share of the host's memory for instances, in percent (above 100 overcommits: limits
+    /// are ceilings, most instances use far less).
+    pub memory_percent: u32,
+    /// Memory kept for the agent and the host, in MiB, before `memory_percent` applies.
+    pub memory_reserve_mb: u64,
+    /// The cpus of live instances may add up to this percentage of the host's cores. A cpu
+    /// limit caps use rather than reserving it (an idle instance uses none), hence the
+    /// overcommit; 100: no more than the cores.
+    pub cpu_percent: u32,
+    /// Live instances at most (Lambda instances and running exec calls), whatever their size:
+    /// each holds processes, a cgroup, a network namespace and 8 of the agent's file
+    /// descriptors and 5 of its tasks; lowered at start to what the open-file limit holds.
+    pub max_instances: u64,
+}
+
+impl Default for CapacityConfig {
+    fn default() -> Self {
+        CapacityConfig {
+            memory_mb: 0,
+            memory_percent: 90,
+            memory_reserve_mb: 512,
+            cpu_percent: 1600,
+            max_instances: 2048,
+        }
+    }
 }
 
 /// Functions' outbound network: the policy a manifest without `[network] egress` gets, and the
@@ -253,6 +291,7 @@ impl Default for Config {
             cluster: ClusterConfig::default(),
             events: EventsConfig::default(),
             network: NetworkConfig::default(),
+            capacity: CapacityConfig::default(),
         }
     }
 }
@@ -642,6 +681,22 @@ impl Config {
         }
         if !(1..=1_000_000).contains(&n.max_connections) {
             return bad("network.max_connections", "must be between 1 and 1000000");
+        }
+        let cap = &self.capacity;
+        if !(1..=1000).contains(&cap.memory_percent) {
+            return bad("capacity.memory_percent", "must be between 1 and 1000");
+        }
+        if !(1..=100_000).contains(&cap.cpu_percent) {
+            return bad("capacity.cpu_percent", "must be between 1 and 100000");
+        }
+        if cap.memory_mb > 1 << 30 || cap.memory_reserve_mb > 1 << 30 {
+            return bad(
+                "capacity.memory_mb",
+                "memory_mb and memory_reserve_mb must be at most 1073741824",
+            );
+        }
+        if !(1..=1_000_000).contains(&cap.max_instances) {
+            return bad("capacity.max_instances", "must be between 1 and 1000000");
         }
         if self.retain_versions == 0 {
             return bad("retain_versions", "must be at least 1");

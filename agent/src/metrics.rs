@@ -22,6 +22,12 @@ pub struct InstanceLabels {
     pub state: String,
 }
 
+/// A resource of the host's capacity: memory, cpu or instances.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResourceLabels {
+    pub resource: String,
+}
+
 /// Why the HTTP listener refused or closed a connection.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
@@ -129,6 +135,12 @@ pub struct Metrics {
     connection_timeouts: Family<ReasonLabels, Counter>,
     uptime: Gauge<f64, AtomicU64>,
     rss: Gauge,
+    /// The host's capacity for instances and what live ones hold of it, by resource (memory
+    /// in bytes, cpu in cpus, instances).
+    capacity: Family<ResourceLabels, Gauge<f64, AtomicU64>>,
+    committed: Family<ResourceLabels, Gauge<f64, AtomicU64>>,
+    evictions: Counter,
+    evictions_seen: AtomicU64,
     started: Instant,
     /// Functions' egress, from fnlet's nftables counters: bytes each way, connections opened,
     /// attempts denied.
@@ -339,6 +351,26 @@ impl Metrics {
         );
         let uptime = Gauge::<f64, AtomicU64>::default();
         let rss = Gauge::default();
+        let capacity = Family::<ResourceLabels, Gauge<f64, AtomicU64>>::default();
+        let committed = Family::<ResourceLabels, Gauge<f64, AtomicU64>>::default();
+        let evictions = Counter::default();
+        registry.register(
+            "capacity",
+            "The host's capacity for live instances ([capacity]), by resource: memory (bytes of \
+             memory limits), cpu (cpus), instances",
+            capacity.clone(),
+        );
+        registry.register(
+            "committed",
+            "What live instances hold of the host's capacity, by resource (memory: the sum of \
+             their memory limits in bytes; cpu: of their cpus; instances: their count)",
+            committed.clone(),
+        );
+        registry.register(
+            "capacity_evictions",
+            "Idle instances stopped to make room for an instance of another function",
+            evictions.clone(),
+        );
         registry.register(
             "invocations",
             "Invocations, by function",
@@ -445,6 +477,10 @@ impl Metrics {
             connection_timeouts,
             uptime,
             rss,
+            capacity,
+            committed,
+            evictions,
+            evictions_seen: AtomicU64::new(0),
             net_sent,
             net_received,
             net_connections,
@@ -589,6 +625,32 @@ impl Metrics {
         if !counters.is_empty() {
             seen.retain(|f, _| counters.contains_key(f));
         }
+    }
+
+    /// Sets the capacity gauges from the registry's figures (before a render).
+    pub fn set_capacity(
+        &self,
+        capacity: crate::pool::capacity::Amounts,
+        committed: crate::pool::capacity::Amounts,
+        evictions: u64,
+    ) {
+        for (family, a) in [(&self.capacity, capacity), (&self.committed, committed)] {
+            for (resource, v) in [
+                ("memory", a.memory_bytes as f64),
+                ("cpu", a.cpu_millis as f64 / 1000.0),
+                ("instances", a.instances as f64),
+            ] {
+                family
+                    .get_or_create(&ResourceLabels {
+                        resource: resource.into(),
+                    })
+                    .set(v);
+            }
+        }
+        let seen = self
+            .evictions_seen
+            .swap(evictions, std::sync::atomic::Ordering::Relaxed);
+        self.evictions.inc_by(evictions.saturating_sub(seen));
     }
 
     /// The text exposition, with the agent's own gauges refreshed.

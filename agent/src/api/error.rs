@@ -130,12 +130,14 @@ impl From<InvokeError> for AppError {
             | InvokeError::InitTimeout(_)
             | InvokeError::ResponseTooLarge { .. }
             | InvokeError::Spawn(_) => StatusCode::BAD_GATEWAY,
-            InvokeError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            InvokeError::Overloaded { .. } | InvokeError::NoCapacity(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             InvokeError::Draining => StatusCode::SERVICE_UNAVAILABLE,
             InvokeError::Internal(_) => return AppError::internal("invocation", e),
         };
         let retry_after = match &e {
-            InvokeError::Overloaded { .. } => Some(1),
+            InvokeError::Overloaded { .. } | InvokeError::NoCapacity(_) => Some(1),
             InvokeError::Draining => Some(5),
             _ => None,
         };

@@ -231,6 +231,14 @@ fn service_error(e: &InvokeError, arn: &str) -> LambdaError {
                 "Rate Exceeded.",
             )
         },
+        InvokeError::NoCapacity(short) => LambdaError {
+            retry_after: Some(1),
+            ..LambdaError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "TooManyRequestsException",
+                short.to_string(),
+            )
+        },
         InvokeError::Draining => LambdaError {
             retry_after: Some(5),
             ..LambdaError::new(

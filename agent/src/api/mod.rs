@@ -325,6 +325,12 @@ async fn metrics(State(app): Shared) -> Response {
             app.router.metrics.net_addresses.set(in_use as i64);
         }
     }
+    let reg = &app.router.registry;
+    app.router.metrics.set_capacity(
+        reg.capacity.capacity(),
+        reg.capacity.committed(),
+        reg.evictions.load(std::sync::atomic::Ordering::Relaxed),
+    );
     (
         [(
             header::CONTENT_TYPE,
@@ -348,6 +354,7 @@ async fn status(State(app): Shared, headers: HeaderMap) -> Result<Response, AppE
         "state_dir": app.config.state_dir,
         "draining": app.router.draining.is_cancelled(),
         "resident_memory_bytes": crate::metrics::resident_bytes(),
+        "capacity": capacity_json(&app.router.registry),
         "cluster": app.cluster.get().map(|node| {
             let mut counts = std::collections::BTreeMap::<&str, u64>::new();
             for m in node.members(0).iter().filter(|m| !m.this_host) {
@@ -364,6 +371,20 @@ async fn status(State(app): Shared, headers: HeaderMap) -> Result<Response, AppE
         }),
     }))
     .into_response())
+}
+
+/// What live instances hold of the host ([capacity]): per resource, committed and capacity.
+fn capacity_json(reg: &crate::pool::Registry) -> Value {
+    let (cap, used) = (reg.capacity.capacity(), reg.capacity.committed());
+    json!({
+        "memory_bytes": { "committed": used.memory_bytes, "capacity": cap.memory_bytes },
+        "cpus": {
+            "committed": used.cpu_millis as f64 / 1000.0,
+            "capacity": cap.cpu_millis as f64 / 1000.0,
+        },
+        "instances": { "committed": used.instances, "capacity": cap.instances },
+        "evictions": reg.evictions.load(std::sync::atomic::Ordering::Relaxed),
+    })
 }
 
 fn version_json(v: &VersionRecord, active: u64) -> Value {

@@ -444,6 +444,25 @@ pub struct StatusInfo {
     pub unenforced_limits: Option<Vec<String>>,
     /// The cluster, when the agent is in one.
     pub cluster: Option<ClusterStatus>,
+    /// What live instances hold of the host (absent from older agents).
+    pub capacity: Option<CapacityStatus>,
+}
+
+/// Committed and capacity of one resource.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(default)]
+pub struct Committed<T> {
+    pub committed: T,
+    pub capacity: T,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct CapacityStatus {
+    pub memory_bytes: Committed<u64>,
+    pub cpus: Committed<f64>,
+    pub instances: Committed<u64>,
+    pub evictions: u64,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -1174,6 +1174,21 @@ fn status_text(s: &StatusInfo, endpoint: &str) -> String {
         ),
         ("functions", opt(s.functions)),
         ("running", opt(s.running_instances)),
+        (
+            "capacity",
+            s.capacity.as_ref().map_or_else(none, |c| {
+                format!(
+                    "memory {} of {} MiB, cpus {:.2} of {:.2}, instances {} of {}; {} evicted",
+                    c.memory_bytes.committed >> 20,
+                    c.memory_bytes.capacity >> 20,
+                    c.cpus.committed,
+                    c.cpus.capacity,
+                    c.instances.committed,
+                    c.instances.capacity,
+                    c.evictions
+                )
+            }),
+        ),
         ("cgroup", s.cgroup.clone().unwrap_or_else(none)),
         ("cgroup root", cgroup_root),
         (
@@ -1714,6 +1729,21 @@ mod tests {
                 members: [("alive".to_string(), 2), ("down".to_string(), 1)].into(),
                 shared_access_keys: Some(true),
             }),
+            capacity: Some(crate::cli::client::CapacityStatus {
+                memory_bytes: crate::cli::client::Committed {
+                    committed: 384 << 20,
+                    capacity: 1024 << 20,
+                },
+                cpus: crate::cli::client::Committed {
+                    committed: 1.5,
+                    capacity: 32.0,
+                },
+                instances: crate::cli::client::Committed {
+                    committed: 3,
+                    capacity: 2048,
+                },
+                evictions: 2,
+            }),
         };
         assert_eq!(
             status_text(&s, "http://127.0.0.1:8740"),
@@ -1722,6 +1752,7 @@ mod tests {
              uptime:       1h 2m 5s\n\
              functions:    2\n\
              running:      1\n\
+             capacity:     memory 384 of 1024 MiB, cpus 1.50 of 32.00, instances 3 of 2048; 2 evicted\n\
              cgroup:       v2\n\
              cgroup root:  fnlet\n\
              limits:       NOT enforced: no memory, pids controller here\n\

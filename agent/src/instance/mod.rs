@@ -47,6 +47,10 @@ pub enum InvokeError {
     ResponseTooLarge { limit: usize },
     #[error("{function} is at its concurrency limit ({limit}); retry later")]
     Overloaded { function: String, limit: u32 },
+    /// The host's capacity (`[capacity]`) has no room for another instance, and no idle
+    /// instance of another function could be evicted in time.
+    #[error("{0}; retry later")]
+    NoCapacity(crate::pool::capacity::Shortfall),
     #[error("the agent is shutting down")]
     Draining,
     #[error("the function could not be started: {0}")]
@@ -69,6 +73,11 @@ impl InvokeError {
             InvokeError::InitTimeout(_) => "init_timeout",
             InvokeError::ResponseTooLarge { .. } => "response_too_large",
             InvokeError::Overloaded { .. } => "overloaded",
+            InvokeError::NoCapacity(s) => match s.resource() {
+                "memory" => "capacity_memory",
+                "cpu" => "capacity_cpu",
+                _ => "capacity_instances",
+            },
             InvokeError::Draining => "unavailable",
             InvokeError::Spawn(_) => "spawn_failed",
             InvokeError::Internal(_) => "internal",
