@@ -34,6 +34,23 @@ pub struct Config {
     pub cluster: ClusterConfig,
     pub events: EventsConfig,
     pub network: NetworkConfig,
+    /// Per-topic settings, `[topics.NAME]`: which topics take unauthenticated publishes
+    /// (webhooks), and the secret their signatures are checked with. Topics need no entry to
+    /// be used; in a cluster, give every host the same entries.
+    pub topics: std::collections::BTreeMap<String, TopicConfig>,
+}
+
+/// One topic's settings (`[topics.NAME]`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TopicConfig {
+    /// Take publishes without an access key or the admin token: a webhook.
+    pub public: bool,
+    /// With `public`: each publish must carry `X-Hub-Signature-256: sha256=<hex>`, the
+    /// HMAC-SHA256 of its body under this secret (GitHub's and Gitea's webhook signature).
+    pub secret: String,
+    /// The secret read from this file instead (trailing whitespace dropped).
+    pub secret_file: String,
 }
 
 /// Functions' outbound network: the policy a manifest without `[network] egress` gets, and the
@@ -87,6 +104,9 @@ pub struct EventsConfig {
     pub backoff_max_s: f64,
     /// URL destinations: how long a record is retried before it is dropped.
     pub destination_max_age_s: f64,
+    /// Topics: an event with the same source and id as one published to the same topic within
+    /// this many seconds is a duplicate, and not delivered again.
+    pub dedup_window_s: f64,
 }
 
 impl Default for EventsConfig {
@@ -99,6 +119,7 @@ impl Default for EventsConfig {
             backoff_min_s: 1.0,
             backoff_max_s: 300.0,
             destination_max_age_s: 21600.0,
+            dedup_window_s: 600.0,
         }
     }
 }
@@ -253,6 +274,7 @@ impl Default for Config {
             cluster: ClusterConfig::default(),
             events: EventsConfig::default(),
             network: NetworkConfig::default(),
+            topics: Default::default(),
         }
     }
 }
@@ -609,6 +631,7 @@ impl Config {
             ("events.backoff_min_s", e.backoff_min_s),
             ("events.backoff_max_s", e.backoff_max_s),
             ("events.destination_max_age_s", e.destination_max_age_s),
+            ("events.dedup_window_s", e.dedup_window_s),
         ] {
             if !(v.is_finite() && (0.001..=86400.0).contains(&v)) {
                 return bad(key, "must be between 0.001 and 86400 seconds");
@@ -616,6 +639,25 @@ impl Config {
         }
         if e.backoff_min_s > e.backoff_max_s {
             return bad("events.backoff_min_s", "must not exceed backoff_max_s");
+        }
+        for (name, t) in &self.topics {
+            if !crate::triggers::manifest::valid_topic(name) {
+                return bad(
+                    "topics",
+                    &format!(
+                        "{name:?} is not a topic name (1-128 characters of A-Z, a-z, 0-9, '.', '_' and '-')"
+                    ),
+                );
+            }
+            if !t.secret.is_empty() && !t.secret_file.is_empty() {
+                return bad("topics.secret", "give secret or secret_file, not both");
+            }
+            if (!t.secret.is_empty() || !t.secret_file.is_empty()) && !t.public {
+                return bad(
+                    "topics.secret",
+                    "applies to public topics (public = true); others need an access key or the admin token",
+                );
+            }
         }
         let n = &self.network;
         if let Err(why) = n.default_egress.parse() {
