@@ -859,13 +859,14 @@ impl Events {
             topic: label.to_string(),
             function: function.clone(),
         };
+        // A duplicate is dropped whole: neither delivered nor filtered.
         if !duplicate {
             for t in takers {
                 m.fanouts.get_or_create(&fl(t)).inc();
             }
-        }
-        for t in filtered {
-            m.filtered.get_or_create(&fl(t)).inc();
+            for t in filtered {
+                m.filtered.get_or_create(&fl(t)).inc();
+            }
         }
         self.topic_stats.add(topic, known, |c| {
             c.published += 1;
@@ -873,8 +874,8 @@ impl Events {
                 c.duplicates += 1;
             } else {
                 c.delivered += takers.len() as u64;
+                c.filtered += filtered.len() as u64;
             }
-            c.filtered += filtered.len() as u64;
         });
     }
 
