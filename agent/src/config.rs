@@ -860,6 +860,26 @@ mod tests {
     }
 
     #[test]
+    fn topics_are_checked_by_name() {
+        let c = parse("[topics.hooks]\npublic = true\nsecret = \"s\"\n").unwrap();
+        assert!(c.topics["hooks"].public);
+        assert_eq!(c.events.dedup_window_s, 600.0);
+        for (text, key) in [
+            ("[topics.\"a/b\"]\npublic = true\n", "topics"),
+            ("[topics.x]\nsecret = \"s\"\n", "topics.secret"),
+            (
+                "[topics.x]\npublic = true\nsecret = \"s\"\nsecret_file = \"/f\"\n",
+                "topics.secret",
+            ),
+            ("[topics.x]\npublik = true\n", "publik"),
+            ("[events]\ndedup_window_s = 0\n", "events.dedup_window_s"),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text:?} -> {err}");
+        }
+    }
+
+    #[test]
     fn runtimes_must_be_mountable_in_a_sandbox() {
         let c = parse("state_dir = \"/tmp/fnlet-state\"\n").unwrap();
         let why = c.unmountable_runtime("python3.11").expect("under /tmp");
