@@ -646,3 +646,65 @@ fn topics_with_the_cloudevents_sdk() {
         .expect_error(400, "bad_request");
     agent.finish();
 }
+
+/// A cluster of two agents on 127.0.0.1: a subscription deployed on one is known to the other
+/// through the catalog, and a publish on either host reaches the subscriber (stored and run by
+/// the host that took it).
+#[test]
+fn a_publish_on_any_host_of_a_cluster_reaches_the_subscribers() {
+    let a = Agent::start("topics-c1");
+    let init = a.cli(&["cluster", "init"]);
+    assert!(init.status.success(), "fnlet cluster init: {}", show(&init));
+    let token = String::from_utf8_lossy(&init.stdout).trim().to_string();
+    assert!(token.starts_with("fnlet1."), "{token}");
+    let b = Agent::start_with(
+        "topics-c2",
+        Settings {
+            args: vec![
+                "--join".into(),
+                format!("127.0.0.1:{}", a.peer_port),
+                "--token".into(),
+                token,
+            ],
+            ..Settings::default()
+        },
+    );
+    let sub = subscriber(
+        "sub",
+        "[[triggers]]\ntopic = \"clustered\"\nfilter = { type = \"wanted\" }",
+    );
+    a.deploy(sub.path());
+    // The catalog brings the function (and its subscription) to b.
+    let started = Instant::now();
+    while b.admin(Method::GET, "/v1/functions/sub", None).status != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "b never served sub\n--- a ---\n{}\n--- b ---\n{}",
+            a.log(),
+            b.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for (host, id) in [(&b, "on-b"), (&a, "on-a")] {
+        for (ty, want) in [("wanted", 1), ("unwanted", 0)] {
+            let o = host.cli(&[
+                "publish",
+                "clustered",
+                "--type",
+                ty,
+                "--id",
+                &format!("{id}-{ty}"),
+                "-d",
+                "{}",
+                "--json",
+            ]);
+            assert!(o.status.success(), "fnlet publish: {}", show(&o));
+            let answer: Value = serde_json::from_slice(&o.stdout).expect("publish --json");
+            assert_eq!(answer["count"], want, "{answer:#}");
+        }
+        let seen = wait_got(host, "sub", 1);
+        assert_eq!(seen[0].1["id"], format!("{id}-wanted"));
+    }
+    b.finish();
+    a.finish();
+}
