@@ -5,7 +5,8 @@
 //! after a restart); bad events refused naming the attribute; a destination that names a topic
 //! chains two functions. Needs root, and PyPI the first time (the SDK is kept under target/).
 //!
-//! One agent runs every case (`topics_with_the_cloudevents_sdk`), to keep CI short.
+//! One agent runs every case (`topics_with_the_cloudevents_sdk`), to keep CI short; a
+//! two-host cluster on 127.0.0.1 checks that a publish on either host reaches the subscribers.
 
 mod common;
 
