@@ -165,7 +165,26 @@ fn main() {
         std::thread::sleep(Duration::from_millis(30));
     }
     std::thread::sleep(Duration::from_secs(2));
-    let starts = agent.start_times();
+    let starts = agent.start_times(&rt);
+    if let Some((_, ids, _)) = sent
+        .iter()
+        .find(|(_, ids, _)| ids.iter().any(|id| !starts.contains_key(id)))
+    {
+        let log = fs::read_to_string(&agent.log).unwrap_or_default();
+        let id = ids
+            .iter()
+            .find(|id| !starts.contains_key(*id))
+            .cloned()
+            .unwrap_or_default();
+        println!(
+            "  (no START found for {id}; its log lines: {:?}; {} START lines in all)",
+            log.lines()
+                .filter(|l| l.contains(&id))
+                .take(3)
+                .collect::<Vec<_>>(),
+            starts.len()
+        );
+    }
     println!(
         "\n2. publish sent -> START logged by the agent, one publish every 30 ms, idle queues, warm no-ops ({e2e} publishes per topic, alternating; load average {})",
         load_average()
@@ -400,29 +419,49 @@ impl Agent {
         }
     }
 
-    /// When the agent logged each run's START line, by request id.
-    fn start_times(&self) -> HashMap<String, SystemTime> {
-        let text = fs::read_to_string(&self.log).unwrap_or_default();
+    /// When each run started, by request id: the `START RequestId` lines of the subscribers'
+    /// logs (`GET /v1/functions/{name}/logs`; a line's time is when the agent handed the event
+    /// to the instance).
+    fn start_times(&self, rt: &tokio::runtime::Runtime) -> HashMap<String, SystemTime> {
+        let client = reqwest::Client::new();
         let mut out = HashMap::new();
-        for l in text.lines() {
-            let Some(at) = l.find("START RequestId: ") else {
-                continue;
-            };
-            let id: String = l[at + 17..]
-                .chars()
-                .take_while(|c| c.is_ascii_hexdigit() || *c == '-')
-                .collect();
-            let clean = strip_ansi(l);
-            let ts = clean.split_whitespace().next().unwrap_or("");
-            if let Ok(t) =
-                time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339)
-            {
-                let nanos = t.unix_timestamp_nanos();
-                if nanos > 0 {
-                    out.insert(
-                        id,
-                        SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos as u64),
-                    );
+        for i in 0..SUBSCRIBERS {
+            let url = format!("http://{}/v1/functions/s{i}/logs?tail=100000", self.addr);
+            let text = rt
+                .block_on(async {
+                    client
+                        .get(&url)
+                        .bearer_auth(&self.token)
+                        .send()
+                        .await?
+                        .text()
+                        .await
+                })
+                .unwrap_or_default();
+            for l in text.lines() {
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(l) else {
+                    continue;
+                };
+                let (Some(line), Some(ts), Some(id)) = (
+                    v["line"].as_str(),
+                    v["ts"].as_str(),
+                    v["request_id"].as_str(),
+                ) else {
+                    continue;
+                };
+                if !line.starts_with("START RequestId: ") {
+                    continue;
+                }
+                if let Ok(t) =
+                    time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339)
+                {
+                    let nanos = t.unix_timestamp_nanos();
+                    if nanos > 0 {
+                        out.insert(
+                            id.to_string(),
+                            SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos as u64),
+                        );
+                    }
                 }
             }
         }
@@ -446,24 +485,6 @@ impl Drop for Agent {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// `text` without ANSI escape sequences (ESC [ ... letter).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 fn noop_binary() -> PathBuf {
