@@ -35,6 +35,23 @@ pub struct Config {
     pub events: EventsConfig,
     pub network: NetworkConfig,
     pub capacity: CapacityConfig,
+    /// Per-topic settings, `[topics.NAME]`: which topics take unauthenticated publishes
+    /// (webhooks), and the secret their signatures are checked with. Topics need no entry to
+    /// be used; in a cluster, give every host the same entries.
+    pub topics: std::collections::BTreeMap<String, TopicConfig>,
+}
+
+/// One topic's settings (`[topics.NAME]`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TopicConfig {
+    /// Take publishes without an access key or the admin token: a webhook.
+    pub public: bool,
+    /// With `public`: each publish must carry `X-Hub-Signature-256: sha256=<hex>`, the
+    /// HMAC-SHA256 of its body under this secret (GitHub's and Gitea's webhook signature).
+    pub secret: String,
+    /// The secret read from this file instead (trailing whitespace dropped).
+    pub secret_file: String,
 }
 
 /// How much of the host live instances may hold: the sum of their memory limits, of their cpus,
@@ -125,6 +142,9 @@ pub struct EventsConfig {
     pub backoff_max_s: f64,
     /// URL destinations: how long a record is retried before it is dropped.
     pub destination_max_age_s: f64,
+    /// Topics: an event with the same source and id as one published to the same topic within
+    /// this many seconds is a duplicate, and not delivered again.
+    pub dedup_window_s: f64,
 }
 
 impl Default for EventsConfig {
@@ -137,6 +157,7 @@ impl Default for EventsConfig {
             backoff_min_s: 1.0,
             backoff_max_s: 300.0,
             destination_max_age_s: 21600.0,
+            dedup_window_s: 600.0,
         }
     }
 }
@@ -292,6 +313,7 @@ impl Default for Config {
             events: EventsConfig::default(),
             network: NetworkConfig::default(),
             capacity: CapacityConfig::default(),
+            topics: Default::default(),
         }
     }
 }
@@ -648,6 +670,7 @@ impl Config {
             ("events.backoff_min_s", e.backoff_min_s),
             ("events.backoff_max_s", e.backoff_max_s),
             ("events.destination_max_age_s", e.destination_max_age_s),
+            ("events.dedup_window_s", e.dedup_window_s),
         ] {
             if !(v.is_finite() && (0.001..=86400.0).contains(&v)) {
                 return bad(key, "must be between 0.001 and 86400 seconds");
@@ -655,6 +678,25 @@ impl Config {
         }
         if e.backoff_min_s > e.backoff_max_s {
             return bad("events.backoff_min_s", "must not exceed backoff_max_s");
+        }
+        for (name, t) in &self.topics {
+            if !crate::triggers::manifest::valid_topic(name) {
+                return bad(
+                    "topics",
+                    &format!(
+                        "{name:?} is not a topic name (1-128 characters of A-Z, a-z, 0-9, '.', '_' and '-')"
+                    ),
+                );
+            }
+            if !t.secret.is_empty() && !t.secret_file.is_empty() {
+                return bad("topics.secret", "give secret or secret_file, not both");
+            }
+            if (!t.secret.is_empty() || !t.secret_file.is_empty()) && !t.public {
+                return bad(
+                    "topics.secret",
+                    "applies to public topics (public = true); others need an access key or the admin token",
+                );
+            }
         }
         let n = &self.network;
         if let Err(why) = n.default_egress.parse() {
@@ -870,6 +912,26 @@ mod tests {
             keys(&Config::default_toml()),
             "packaging/config.toml must show every key of Config with its default"
         );
+    }
+
+    #[test]
+    fn topics_are_checked_by_name() {
+        let c = parse("[topics.hooks]\npublic = true\nsecret = \"s\"\n").unwrap();
+        assert!(c.topics["hooks"].public);
+        assert_eq!(c.events.dedup_window_s, 600.0);
+        for (text, key) in [
+            ("[topics.\"a/b\"]\npublic = true\n", "topics"),
+            ("[topics.x]\nsecret = \"s\"\n", "topics.secret"),
+            (
+                "[topics.x]\npublic = true\nsecret = \"s\"\nsecret_file = \"/f\"\n",
+                "topics.secret",
+            ),
+            ("[topics.x]\npublik = true\n", "publik"),
+            ("[events]\ndedup_window_s = 0\n", "events.dedup_window_s"),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text:?} -> {err}");
+        }
     }
 
     #[test]

@@ -577,7 +577,7 @@ mod tests {
             ("max_event_age_s = 59", "async.max_event_age_s"),
             ("max_event_age_s = 21601", "async.max_event_age_s"),
             (
-                "on_failure = \"arn:aws:sns:us-east-1:000000000000:t\"",
+                "on_failure = \"arn:aws:sqs:us-east-1:000000000000:q\"",
                 "async.on_failure",
             ),
             ("on_success = \"nowhere\"", "async.on_success"),

@@ -88,6 +88,75 @@ pub struct ConditionLabels {
     pub condition: String,
 }
 
+/// A topic (topics without subscribers are counted as `(unsubscribed)`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicLabels {
+    pub topic: String,
+}
+
+/// A topic and how its events came (binary, structured, batch, plain, destination).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicModeLabels {
+    pub topic: String,
+    pub mode: String,
+}
+
+/// A topic and one of its subscribers.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicFnLabels {
+    pub topic: String,
+    pub function: String,
+}
+
+/// Topics' metrics (triggers: the event bus).
+pub struct TopicMetrics {
+    pub publishes: Family<TopicModeLabels, Counter>,
+    pub fanouts: Family<TopicFnLabels, Counter>,
+    pub filtered: Family<TopicFnLabels, Counter>,
+    pub duplicates: Family<TopicLabels, Counter>,
+    /// Publishes refused, by reason (bad_event, unauthorized, bad_signature, full).
+    pub refused: Family<ReasonLabels, Counter>,
+}
+
+impl TopicMetrics {
+    fn register(registry: &mut Registry) -> TopicMetrics {
+        let m = TopicMetrics {
+            publishes: Family::default(),
+            fanouts: Family::default(),
+            filtered: Family::default(),
+            duplicates: Family::default(),
+            refused: Family::default(),
+        };
+        registry.register(
+            "topic_publishes",
+            "Events published to a topic, by how they came (binary, structured, batch, plain, \
+             destination)",
+            m.publishes.clone(),
+        );
+        registry.register(
+            "topic_fanouts",
+            "Async events made from topic events, per subscribed function",
+            m.fanouts.clone(),
+        );
+        registry.register(
+            "topic_filtered",
+            "Topic events a subscriber's filters did not pass",
+            m.filtered.clone(),
+        );
+        registry.register(
+            "topic_duplicates",
+            "Topic events dropped as duplicates (same source and id within events.dedup_window_s)",
+            m.duplicates.clone(),
+        );
+        registry.register(
+            "topic_refused",
+            "Publishes refused, by reason (bad_event, unauthorized, bad_signature, full)",
+            m.refused.clone(),
+        );
+        m
+    }
+}
+
 /// The event queue's metrics (asynchronous invocation).
 pub struct EventMetrics {
     pub depth: Family<FnLabels, Gauge>,
@@ -105,6 +174,7 @@ pub struct EventMetrics {
 pub struct Metrics {
     registry: Registry,
     pub events: EventMetrics,
+    pub topics: TopicMetrics,
     pub invocations: Family<FnLabels, Counter>,
     pub errors: Family<ErrorLabels, Counter>,
     pub duration: Family<FnLabels, Histogram, fn() -> Histogram>,
@@ -264,6 +334,7 @@ impl Metrics {
             "Time of each durable commit of the event queue (fsync included)",
             events.commit_duration.clone(),
         );
+        let topics = TopicMetrics::register(&mut registry);
         let swim_dropped = Counter::default();
         registry.register(
             "cluster_members",
@@ -450,6 +521,7 @@ impl Metrics {
         Metrics {
             registry,
             events,
+            topics,
             invocations,
             errors,
             duration,

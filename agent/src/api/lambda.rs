@@ -396,6 +396,7 @@ async fn invoke_api_inner(
             request_id: id,
             want_tail,
             client_context,
+            env: Vec::new(),
         })
         .await;
     let limit = app.router.max_response;
@@ -800,6 +801,7 @@ async fn function_url_inner(
             request_id: id,
             want_tail: false,
             client_context: None,
+            env: Vec::new(),
         })
         .await;
     match result {

@@ -9,6 +9,7 @@ pub mod function_url;
 mod keys;
 mod lambda;
 pub mod listener;
+mod topics;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -131,6 +132,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/cluster/tokens"),
     ("GET", "/v1/cluster/members"),
     ("GET", "/v1/functions/{name}/events"),
+    ("GET", "/v1/topics"),
+    ("POST", "/v1/topics/{topic}"),
     ("POST", "/2015-03-31/functions/{name}/invocations"),
     ("GET", "/2019-09-25/functions/{name}/event-invoke-config"),
     ("PUT", "/2019-09-25/functions/{name}/event-invoke-config"),
@@ -169,6 +172,8 @@ pub fn app(state: Arc<App>) -> AxumRouter {
         .route("/v1/cluster/tokens", post(cluster::token))
         .route("/v1/cluster/members", get(cluster::members))
         .route("/v1/functions/{name}/events", get(events))
+        .route("/v1/topics", get(topics::list))
+        .route("/v1/topics/{topic}", post(topics::publish))
         .route(
             "/2015-03-31/functions/{name}/invocations",
             post(lambda::invoke_api),
@@ -492,6 +497,7 @@ async fn events(
         d.as_ref().map(|d| match d {
             crate::events::Destination::Function(n) => format!("function {n}"),
             crate::events::Destination::Url(u) => u.clone(),
+            crate::events::Destination::Topic(t) => format!("topic {t}"),
         })
     };
     v["config"] = json!({
@@ -818,6 +824,7 @@ async fn invoke_exec(
         request_id: id,
         want_tail: false,
         client_context: None,
+        env: Vec::new(),
     };
     match app.router.invoke(req).await {
         Ok(inv) => {

@@ -825,6 +825,34 @@ impl Client {
             .to_string())
     }
 
+    /// POST /v1/topics/{topic} with `body` and `headers` (binary mode's `ce-*`, the content
+    /// type): the agent's answer (the deliveries made).
+    pub async fn publish(
+        &self,
+        topic: &str,
+        body: Vec<u8>,
+        headers: &[(String, String)],
+    ) -> ClientResult<Value> {
+        let mut req = self.request(
+            Method::POST,
+            self.url(&["v1", "topics", topic], &[])?,
+            full(body),
+        );
+        for (k, v) in headers {
+            let name = http::HeaderName::from_bytes(k.as_bytes())
+                .map_err(|e| self.protocol(format!("header {k}: {e}")))?;
+            let value =
+                HeaderValue::from_str(v).map_err(|e| self.protocol(format!("header {k}: {e}")))?;
+            req.headers_mut().insert(name, value);
+        }
+        self.json(req).await
+    }
+
+    /// GET /v1/topics
+    pub async fn topics(&self) -> ClientResult<Value> {
+        self.json(self.empty(Method::GET, &["v1", "topics"])?).await
+    }
+
     /// GET /v1/functions/{name}/events
     pub async fn events(&self, name: &str) -> ClientResult<Value> {
         self.json(self.empty(Method::GET, &["v1", "functions", name, "events"])?)

@@ -725,7 +725,7 @@ fn deployed_line(v: &VersionInfo) -> String {
 
 // ---- invoke ----
 
-fn read_input(data: Option<&str>) -> Result<Vec<u8>, CliError> {
+pub(super) fn read_input(data: Option<&str>) -> Result<Vec<u8>, CliError> {
     match data {
         None => Ok(Vec::new()),
         Some("@-") => {

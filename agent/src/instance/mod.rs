@@ -102,6 +102,8 @@ pub struct ExecCall<'a> {
     pub memory_mb: u64,
     /// The function's network, when it has one.
     pub net: Option<&'a FunctionNetwork>,
+    /// Variables for this call only (see [`crate::router::InvokeRequest::env`]).
+    pub env: &'a [(String, String)],
 }
 
 fn pipe_err(e: std::io::Error) -> InvokeError {
@@ -133,6 +135,7 @@ pub async fn run_exec(
         None if call.net.is_some() => {
             let mut spec = call.spec.clone();
             spec.stdio = StdioSpec::piped();
+            spec.env.extend(call.env.iter().cloned());
             let (iso, network, net) = (isolator.clone(), network.cloned(), call.net.cloned());
             tokio::task::spawn_blocking(move || {
                 crate::pool::prepare_sandbox(&iso, network.as_ref(), &spec, net.as_ref())
@@ -142,6 +145,7 @@ pub async fn run_exec(
         None => {
             let mut spec = call.spec.clone();
             spec.stdio = StdioSpec::piped();
+            spec.env.extend(call.env.iter().cloned());
             spec.env.insert(REQUEST_ID_ENV.into(), request_id);
             let iso = isolator.clone();
             tokio::task::spawn_blocking(move || iso.spawn(&spec).map_err(InvokeError::Spawn))

@@ -53,6 +53,9 @@ pub struct InvokeRequest<'a> {
     pub want_tail: bool,
     /// Lambda mode: the caller's client context (X-Amz-Client-Context), passed to the runtime.
     pub client_context: Option<String>,
+    /// Exec mode: variables set for this call only (a topic event's `CE_*` attributes). A
+    /// call with some starts a sandbox of its own rather than one prepared ahead.
+    pub env: Vec<(String, String)>,
 }
 
 /// The `running` gauge of one invocation: up while it lives, down when dropped.
@@ -223,7 +226,7 @@ impl Router {
             Mode::Exec => {
                 // Exec mode starts a new instance for every call. With a sandbox built ahead of
                 // time only the exec is left; without one it is a full cold start.
-                let ready = if self.prepare_ahead {
+                let ready = if self.prepare_ahead && req.env.is_empty() {
                     slot.take_ready(f.version)
                 } else {
                     None
@@ -259,6 +262,7 @@ impl Router {
                     max_response: self.max_response,
                     memory_mb: f.resolved.memory_mb,
                     net: f.net.as_ref(),
+                    env: &req.env,
                 };
                 // Dropped with this future when the caller hangs up: the sandbox is killed
                 // (nobody reads its answer), and that is said.
