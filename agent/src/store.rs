@@ -13,7 +13,7 @@
 //! store: a collection that ran between a deploy's move and its commit would see an
 //! unreferenced bundle and delete the version about to become active.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
@@ -28,6 +28,8 @@ use crate::manifest::Manifest;
 const FUNCTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("functions");
 const VERSIONS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("versions");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Lambda tags of a function (name -> JSON object of strings), set by the AWS tools.
+const TAGS: TableDefinition<&str, &[u8]> = TableDefinition::new("tags");
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FunctionRecord {
@@ -48,6 +50,10 @@ pub struct VersionRecord {
     pub size_bytes: u64,
     pub created_at: String,
     pub manifest: Manifest,
+    /// The base64 sha256 of the archive it came from, when it came through the Lambda API
+    /// (Lambda's `CodeSha256`); a new configuration keeps its code's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code_sha256: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +74,10 @@ pub enum StoreError {
         version: u64,
         sha256: String,
     },
+    #[error(
+        "version {version} is the one {name} runs: deploy another first, or remove the function"
+    )]
+    ActiveVersion { name: String, version: u64 },
     #[error("no free uid left in the configured range")]
     UidsExhausted,
     #[error("metadata store: {0}")]
@@ -143,6 +153,7 @@ impl Store {
         txn.open_table(FUNCTIONS)?;
         txn.open_table(VERSIONS)?;
         txn.open_table(META)?;
+        txn.open_table(TAGS)?;
         txn.commit()?;
         Ok(Store {
             db,
@@ -232,6 +243,17 @@ impl Store {
         Ok(out)
     }
 
+    /// The function's Lambda tags.
+    pub fn tags(&self, name: &str) -> Result<BTreeMap<String, String>, StoreError> {
+        self.function(name)?;
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(TAGS)?;
+        match t.get(name)? {
+            Some(g) => decode(name, g.value()),
+            None => Ok(BTreeMap::new()),
+        }
+    }
+
     /// Removes half-finished uploads (called at start, when no upload can be running).
     pub fn clear_staging(&self) -> Result<(), StoreError> {
         for e in fs::read_dir(self.dir.join("staging"))? {
@@ -249,13 +271,70 @@ impl Store {
 impl Changes<'_> {
     /// Records a new version from an unpacked upload and makes it active.
     pub fn deploy(&self, unpacked: &Unpacked) -> Result<VersionRecord, StoreError> {
+        self.deploy_code(unpacked, &unpacked.manifest, None)
+    }
+
+    /// [`Changes::deploy`] with the manifest the Lambda API settled on (`manifest`, the
+    /// bundle's own or one made from the call's fields) and the archive's `CodeSha256`.
+    pub fn deploy_code(
+        &self,
+        unpacked: &Unpacked,
+        manifest: &Manifest,
+        code_sha256: Option<String>,
+    ) -> Result<VersionRecord, StoreError> {
         self.keep_bundle(unpacked)?;
         self.record(
-            &unpacked.manifest,
+            manifest,
             &unpacked.sha256,
             unpacked.size_bytes,
             None,
+            code_sha256,
         )
+    }
+
+    /// Records a new version of `name` running the active version's code with `manifest`
+    /// (UpdateFunctionConfiguration), and makes it active.
+    pub fn configure(&self, name: &str, manifest: &Manifest) -> Result<VersionRecord, StoreError> {
+        let rec = self.function(name)?;
+        let v = self.version(name, rec.active)?;
+        if !self.bundle_path(&v.sha256).is_dir() {
+            return Err(StoreError::BundleMissing {
+                name: name.into(),
+                version: v.version,
+                sha256: v.sha256,
+            });
+        }
+        self.record(manifest, &v.sha256, v.size_bytes, None, v.code_sha256)
+    }
+
+    /// Forgets version `version` of `name` (DeleteFunction with a qualifier); never the
+    /// active one.
+    pub fn remove_version(&self, name: &str, version: u64) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let functions = txn.open_table(FUNCTIONS)?;
+            let rec: FunctionRecord = {
+                let g = functions
+                    .get(name)?
+                    .ok_or_else(|| StoreError::NotFound(name.into()))?;
+                decode(name, g.value())?
+            };
+            if rec.active == version {
+                return Err(StoreError::ActiveVersion {
+                    name: name.into(),
+                    version,
+                });
+            }
+            let mut versions = txn.open_table(VERSIONS)?;
+            if versions.remove((name, version))?.is_none() {
+                return Err(StoreError::NoSuchVersion {
+                    name: name.into(),
+                    version,
+                });
+            }
+        }
+        txn.commit()?;
+        Ok(())
     }
 
     /// Records version `version` of a function as the cluster's catalog says it is (deployed
@@ -279,7 +358,7 @@ impl Changes<'_> {
                 format!("bundles/{sha256} is not here"),
             )));
         }
-        self.record(manifest, sha256, size_bytes, Some(version))
+        self.record(manifest, sha256, size_bytes, Some(version), None)
     }
 
     /// Moves an unpacked bundle into `bundles/` (unless that content is there already).
@@ -300,6 +379,7 @@ impl Changes<'_> {
         sha256: &str,
         size_bytes: u64,
         version: Option<u64>,
+        code_sha256: Option<String>,
     ) -> Result<VersionRecord, StoreError> {
         let name = manifest.name.as_str();
         let now = now_rfc3339();
@@ -337,6 +417,7 @@ impl Changes<'_> {
                 size_bytes,
                 created_at: now.clone(),
                 manifest: manifest.clone(),
+                code_sha256,
             };
             rec.active = v.version;
             rec.next_version = rec.next_version.max(number.saturating_add(1));
@@ -396,9 +477,38 @@ impl Changes<'_> {
         Ok(v)
     }
 
+    /// Adds `add` to the function's tags and removes the keys in `remove`.
+    pub fn set_tags(
+        &self,
+        name: &str,
+        add: &BTreeMap<String, String>,
+        remove: &[String],
+    ) -> Result<BTreeMap<String, String>, StoreError> {
+        let txn = self.db.begin_write()?;
+        let tags = {
+            if txn.open_table(FUNCTIONS)?.get(name)?.is_none() {
+                return Err(StoreError::NotFound(name.into()));
+            }
+            let mut t = txn.open_table(TAGS)?;
+            let mut tags: BTreeMap<String, String> = match t.get(name)? {
+                Some(g) => decode(name, g.value())?,
+                None => BTreeMap::new(),
+            };
+            tags.extend(add.iter().map(|(k, v)| (k.clone(), v.clone())));
+            for k in remove {
+                tags.remove(k);
+            }
+            t.insert(name, encode(&tags).as_slice())?;
+            tags
+        };
+        txn.commit()?;
+        Ok(tags)
+    }
+
     pub fn remove(&self, name: &str) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
         {
+            txn.open_table(TAGS)?.remove(name)?;
             let mut functions = txn.open_table(FUNCTIONS)?;
             if functions.remove(name)?.is_none() {
                 return Err(StoreError::NotFound(name.into()));
@@ -483,6 +593,53 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path(), 200_000, 10).unwrap();
         (dir, s)
+    }
+
+    #[test]
+    fn configurations_versions_and_tags() {
+        let (_d, s) = store();
+        let v1 = upload(&s, "a", "v1");
+        let mut m = v1.manifest.clone();
+        m.memory_mb = Some(256);
+        let v2 = s.changes().configure("a", &m).unwrap();
+        // Same code, new configuration, a new active version.
+        assert_eq!(v2.version, 2);
+        assert_eq!(v2.sha256, v1.sha256);
+        assert_eq!(v2.manifest.memory_mb, Some(256));
+        assert_eq!(s.function("a").unwrap().active, 2);
+        // The active version stays; another goes.
+        assert!(matches!(
+            s.changes().remove_version("a", 2),
+            Err(StoreError::ActiveVersion { version: 2, .. })
+        ));
+        s.changes().remove_version("a", 1).unwrap();
+        assert!(matches!(
+            s.changes().remove_version("a", 1),
+            Err(StoreError::NoSuchVersion { .. })
+        ));
+        assert_eq!(s.versions("a").unwrap().len(), 1);
+        // Tags merge, are removed by key, and go with the function.
+        let t = |kv: &[(&str, &str)]| -> BTreeMap<String, String> {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        s.changes()
+            .set_tags("a", &t(&[("x", "1"), ("y", "2")]), &[])
+            .unwrap();
+        let now = s
+            .changes()
+            .set_tags("a", &t(&[("y", "3")]), &["x".to_string()])
+            .unwrap();
+        assert_eq!(now, t(&[("y", "3")]));
+        assert_eq!(s.tags("a").unwrap(), now);
+        assert!(matches!(
+            s.changes().set_tags("nope", &now, &[]),
+            Err(StoreError::NotFound(_))
+        ));
+        s.changes().remove("a").unwrap();
+        upload(&s, "a", "again");
+        assert!(s.tags("a").unwrap().is_empty());
     }
 
     #[test]

@@ -87,6 +87,9 @@ impl From<StoreError> for AppError {
                 AppError::not_found(e.to_string())
             }
             StoreError::NothingToRollBack(_) => AppError::bad_request(e.to_string()),
+            StoreError::ActiveVersion { .. } => {
+                AppError::new(StatusCode::CONFLICT, "active_version", e.to_string())
+            }
             StoreError::BundleMissing { .. } => {
                 AppError::new(StatusCode::CONFLICT, "bundle_missing", e.to_string())
             }

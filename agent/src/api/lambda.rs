@@ -29,15 +29,19 @@ use crate::router::{Failure, InvokeRequest, Payload};
 type Shared = State<Arc<App>>;
 
 /// A Lambda API error: status, `x-amzn-ErrorType`, and the body the SDKs parse.
-struct LambdaError {
-    status: StatusCode,
-    error_type: &'static str,
-    message: String,
-    retry_after: Option<u32>,
+pub(super) struct LambdaError {
+    pub(super) status: StatusCode,
+    pub(super) error_type: &'static str,
+    pub(super) message: String,
+    pub(super) retry_after: Option<u32>,
 }
 
 impl LambdaError {
-    fn new(status: StatusCode, error_type: &'static str, message: impl Into<String>) -> Self {
+    pub(super) fn new(
+        status: StatusCode,
+        error_type: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
         LambdaError {
             status,
             error_type,
@@ -46,7 +50,7 @@ impl LambdaError {
         }
     }
 
-    fn not_found(arn: &str) -> Self {
+    pub(super) fn not_found(arn: &str) -> Self {
         LambdaError::new(
             StatusCode::NOT_FOUND,
             "ResourceNotFoundException",
@@ -54,7 +58,7 @@ impl LambdaError {
         )
     }
 
-    fn invalid(message: impl Into<String>) -> Self {
+    pub(super) fn invalid(message: impl Into<String>) -> Self {
         LambdaError::new(
             StatusCode::BAD_REQUEST,
             "InvalidParameterValueException",
@@ -62,7 +66,7 @@ impl LambdaError {
         )
     }
 
-    fn response(self, request_id: &str) -> Response {
+    pub(super) fn response(self, request_id: &str) -> Response {
         let body = serde_json::json!({ "Type": "User", "message": self.message });
         let mut r = (self.status, axum::Json(body)).into_response();
         let h = r.headers_mut();

@@ -237,7 +237,10 @@ fn lambda_env(
         ),
         (
             "_HANDLER",
-            m.handler.clone().unwrap_or_else(|| BOOTSTRAP.to_string()),
+            m.handler
+                .clone()
+                .or_else(|| m.aws.handler.clone())
+                .unwrap_or_else(|| BOOTSTRAP.to_string()),
         ),
         ("LAMBDA_TASK_ROOT", isolate::TASK_ROOT.to_string()),
         ("LAMBDA_RUNTIME_DIR", isolate::TASK_ROOT.to_string()),
@@ -753,6 +756,7 @@ mod tests {
             size_bytes: 1,
             created_at: String::new(),
             manifest,
+            code_sha256: None,
         };
         ActiveFunction::new(&rec, &v, "/b".into(), &Config::default()).unwrap()
     }
