@@ -839,7 +839,7 @@ fn openapi_document_matches_the_running_agent() {
     );
     agent.deploy(lf.path());
     let concrete = |p: &str| {
-        let name = if p.starts_with("/fn/") || p.starts_with("/2015-03-31/") {
+        let name = if p.starts_with("/fn/") || p.starts_with("/20") {
             "docl"
         } else {
             "doc"
@@ -851,6 +851,7 @@ fn openapi_document_matches_the_running_agent() {
                 "{arn}",
                 "arn:aws:lambda:us-east-1:000000000000:function:docl",
             )
+            .replace("{alias}", "live")
     };
     let is_fallback = |r: &Resp| r.status == 404 && r.text().contains("no such route");
 
@@ -905,6 +906,12 @@ fn openapi_document_matches_the_running_agent() {
             }
             (&Method::POST, "/2017-03-31/tags/{arn}") => {
                 Some(Body::from(r#"{"Tags":{"team":"doc"}}"#))
+            }
+            (&Method::POST, "/2015-03-31/functions/{name}/aliases") => {
+                Some(Body::from(r#"{"Name":"live","FunctionVersion":"1"}"#))
+            }
+            (&Method::PUT, "/2017-10-31/functions/{name}/concurrency") => {
+                Some(Body::from(r#"{"ReservedConcurrentExecutions":5}"#))
             }
             (&Method::PUT | &Method::POST, p) if p.ends_with("/event-invoke-config") => {
                 Some(Body::from(r#"{"MaximumRetryAttempts":1}"#))

@@ -660,3 +660,162 @@ fn the_aws_cli_manages_functions_and_fnlet_describe_agrees() {
     assert_eq!(r.status, 200, "{}", r.text());
     agent.finish();
 }
+
+/// Versions, aliases with weights, qualified calls and reserved concurrency, with boto3.
+const ALIAS_SCRIPT: &str = r#"
+name, role = "canary", "arn:aws:iam::000000000000:role/canary"
+out = {}
+out["create"] = call(lam.create_function, FunctionName=name, Role=role, Runtime="provided.al2023",
+    Handler="bootstrap", Code={"ZipFile": zipfile(cfg["zip"])})
+out["update"] = call(lam.update_function_code, FunctionName=name, ZipFile=zipfile(cfg["zip2"]),
+    Publish=True)
+lam.get_waiter("function_updated_v2").wait(FunctionName=name,
+    WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+out["publish"] = call(lam.publish_version, FunctionName=name)
+out["live"] = call(lam.create_alias, FunctionName=name, Name="live", FunctionVersion="2",
+    Description="90/10", RoutingConfig={"AdditionalVersionWeights": {"1": 0.1}})
+out["stable"] = call(lam.create_alias, FunctionName=name, Name="stable", FunctionVersion="1")
+out["again"] = call(lam.create_alias, FunctionName=name, Name="stable", FunctionVersion="1")
+out["no_version"] = call(lam.create_alias, FunctionName=name, Name="nine", FunctionVersion="9")
+out["bad_weight"] = call(lam.create_alias, FunctionName=name, Name="heavy", FunctionVersion="2",
+    RoutingConfig={"AdditionalVersionWeights": {"1": 1.5}})
+out["get_live"] = call(lam.get_alias, FunctionName=name, Name="live")
+out["page1"] = call(lam.list_aliases, FunctionName=name, MaxItems=1)
+out["page2"] = call(lam.list_aliases, FunctionName=name, MaxItems=1,
+    Marker=out["page1"].get("NextMarker", ""))
+out["get_by_alias"] = call(lam.get_function, FunctionName=name, Qualifier="stable")
+
+# The split: 200 calls through the alias, counted by X-Amz-Executed-Version.
+counts = {}
+for i in range(cfg["calls"]):
+    r = invoke(name, {"i": i}, Qualifier="live")
+    if r["status"] != 200 or r["error"]:
+        raise SystemExit(f"call {i} through live: {r}")
+    counts[r["version"]] = counts.get(r["version"], 0) + 1
+out["counts"] = counts
+out["by_name"] = invoke(name + ":stable", {"via": "name:alias"})
+out["by_number"] = invoke(name, {"via": "Qualifier"}, Qualifier="1")
+out["no_such_alias"] = call(lam.invoke, FunctionName=name, Qualifier="nope", Payload=b"{}")
+out["delete_aliased"] = call(lam.delete_function, FunctionName=name, Qualifier="1")
+out["update_live"] = call(lam.update_alias, FunctionName=name, Name="live", FunctionVersion="2",
+    RoutingConfig={"AdditionalVersionWeights": {}})
+out["delete_stable"] = call(lam.delete_alias, FunctionName=name, Name="stable")
+out["stable_gone"] = call(lam.get_alias, FunctionName=name, Name="stable")
+
+# Reserved concurrency: 0 throttles every call; removed, calls run again.
+out["put_zero"] = call(lam.put_function_concurrency, FunctionName=name, ReservedConcurrentExecutions=0)
+out["get_zero"] = call(lam.get_function_concurrency, FunctionName=name)
+out["throttled"] = call(lam.invoke, FunctionName=name, Payload=b"{}")
+out["function_zero"] = call(lam.get_function, FunctionName=name)
+out["delete_concurrency"] = call(lam.delete_function_concurrency, FunctionName=name)
+out["get_none"] = call(lam.get_function_concurrency, FunctionName=name)
+out["after"] = invoke(name, {"after": True})
+print(json.dumps(out, default=str))
+"#;
+
+#[test]
+fn aliases_split_calls_and_concurrency_zero_throttles() {
+    let agent = Agent::start("cp-alias");
+    let clients = Clients::new(&agent);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = bootstrap();
+    let zip = write(dir.path(), "fn.zip", &zip_of(&[("bootstrap", &bin, 0o755)]));
+    let zip2 = write(
+        dir.path(),
+        "fn2.zip",
+        &zip_of(&[("bootstrap", &bin, 0o755), ("VERSION", b"2\n", 0o644)]),
+    );
+    let calls = 200;
+    let r = clients.boto3(
+        ALIAS_SCRIPT,
+        json!({ "zip": zip, "zip2": zip2, "calls": calls }),
+    );
+    let ctx = format!("{r:#}");
+    let arn = "arn:aws:lambda:us-east-1:000000000000:function:canary";
+    assert_eq!(r["update"]["Version"], "2", "{ctx}");
+    assert_eq!(r["publish"]["Version"], "2", "{ctx}");
+    let live = &r["live"];
+    assert_eq!(live["AliasArn"], format!("{arn}:live").as_str(), "{ctx}");
+    assert_eq!(live["FunctionVersion"], "2");
+    assert_eq!(
+        live["RoutingConfig"]["AdditionalVersionWeights"],
+        json!({"1": 0.1}),
+        "{ctx}"
+    );
+    assert_eq!(r["get_live"]["Description"], "90/10", "{ctx}");
+    assert_eq!(
+        error_of(&r["again"]).0,
+        "ResourceConflictException",
+        "{ctx}"
+    );
+    assert_eq!(
+        error_of(&r["no_version"]).0,
+        "ResourceNotFoundException",
+        "{ctx}"
+    );
+    let (t, _, m) = error_of(&r["bad_weight"]);
+    assert_eq!(t, "InvalidParameterValueException", "{ctx}");
+    assert!(m.starts_with("RoutingConfig"), "{m}");
+    // Paging by name: live, then stable.
+    assert_eq!(r["page1"]["Aliases"][0]["Name"], "live", "{ctx}");
+    assert_eq!(r["page1"]["NextMarker"], "live", "{ctx}");
+    assert_eq!(r["page2"]["Aliases"][0]["Name"], "stable", "{ctx}");
+    assert!(r["page2"]["NextMarker"].is_null(), "{ctx}");
+    assert_eq!(r["get_by_alias"]["Configuration"]["Version"], "1", "{ctx}");
+
+    // 90/10: version 1 ran about 20 of 200 times. Binomial(200, 0.1) has a standard deviation
+    // of 4.2: outside 5..=40 happens about once in 5,000 runs.
+    let counts = r["counts"].as_object().expect("counts");
+    let old = counts.get("1").and_then(Value::as_u64).unwrap_or(0);
+    let new = counts.get("2").and_then(Value::as_u64).unwrap_or(0);
+    assert_eq!(old + new, calls, "{ctx}");
+    assert!(
+        (5..=40).contains(&old),
+        "version 1 ran {old} of {calls} times: {ctx}"
+    );
+
+    // name:alias and a version number as Qualifier run that version.
+    assert_eq!(r["by_name"]["version"], "1", "{ctx}");
+    assert_eq!(
+        r["by_name"]["payload"]["echo"],
+        json!({"via": "name:alias"})
+    );
+    assert_eq!(r["by_number"]["version"], "1", "{ctx}");
+    assert_eq!(
+        error_of(&r["no_such_alias"]).0,
+        "ResourceNotFoundException",
+        "{ctx}"
+    );
+    // A version an alias names stays until the alias lets go of it.
+    let (t, http, m) = error_of(&r["delete_aliased"]);
+    assert_eq!((t, http), ("ResourceConflictException", 409), "{ctx}");
+    assert!(m.contains("is used by the alias"), "{m}");
+    assert!(
+        r["update_live"]["RoutingConfig"].is_null(),
+        "weights removed: {ctx}"
+    );
+    assert_eq!(r["delete_stable"], json!({}), "{ctx}");
+    assert_eq!(
+        error_of(&r["stable_gone"]).0,
+        "ResourceNotFoundException",
+        "{ctx}"
+    );
+
+    // Reserved concurrency 0 throttles; the function shows it; removed, calls run again.
+    assert_eq!(r["put_zero"]["ReservedConcurrentExecutions"], 0, "{ctx}");
+    assert_eq!(r["get_zero"]["ReservedConcurrentExecutions"], 0, "{ctx}");
+    let (t, http, _) = error_of(&r["throttled"]);
+    assert_eq!((t, http), ("TooManyRequestsException", 429), "{ctx}");
+    assert_eq!(
+        r["function_zero"]["Concurrency"]["ReservedConcurrentExecutions"], 0,
+        "{ctx}"
+    );
+    assert!(
+        r["get_none"].get("ReservedConcurrentExecutions").is_none(),
+        "{ctx}"
+    );
+    assert_eq!(r["after"]["status"], 200, "{ctx}");
+    assert_eq!(r["after"]["payload"]["echo"], json!({"after": true}));
+    assert!(agent.is_running());
+    agent.finish();
+}

@@ -54,6 +54,7 @@ pub struct Manifest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_s: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Instances at once; 0 refuses every call (Lambda's reserved concurrency 0).
     pub max_concurrency: Option<u32>,
     /// Lambda mode: instances kept warm even when idle.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -301,9 +302,6 @@ impl Manifest {
                 "timeout_s",
                 format!("{t} must be between 0.001 and 86400 seconds"),
             );
-        }
-        if self.max_concurrency == Some(0) {
-            return bad("max_concurrency", "must be at least 1".into());
         }
         if self.max_concurrency.is_some_and(|c| c > 10_000) {
             return bad("max_concurrency", "must be at most 10000".into());
@@ -556,7 +554,7 @@ mod tests {
                 "timeout_s",
             ),
             (
-                "name = \"x\"\nentrypoint = \"a\"\nmax_concurrency = 0",
+                "name = \"x\"\nentrypoint = \"a\"\nmax_concurrency = 10001",
                 "max_concurrency",
             ),
             (

@@ -28,6 +28,8 @@ use crate::manifest::Manifest;
 const FUNCTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("functions");
 const VERSIONS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("versions");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Lambda aliases ((function, alias) -> [`AliasRecord`]).
+const ALIASES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("aliases");
 /// Lambda tags of a function (name -> JSON object of strings), set by the AWS tools.
 const TAGS: TableDefinition<&str, &[u8]> = TableDefinition::new("tags");
 
@@ -56,6 +58,21 @@ pub struct VersionRecord {
     pub code_sha256: Option<String>,
 }
 
+/// A Lambda alias: a name for a version, optionally sending a share of calls to another.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AliasRecord {
+    pub function: String,
+    pub name: String,
+    pub version: u64,
+    #[serde(default)]
+    pub description: String,
+    /// Other versions and the share of calls each gets (0-1); the rest go to `version`.
+    #[serde(default)]
+    pub weights: BTreeMap<u64, f64>,
+    /// Changes with every update (Lambda's RevisionId).
+    pub revision: String,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("no function named {0:?}")]
@@ -78,6 +95,18 @@ pub enum StoreError {
         "version {version} is the one {name} runs: deploy another first, or remove the function"
     )]
     ActiveVersion { name: String, version: u64 },
+    #[error("{name} has no alias {alias:?}")]
+    NoSuchAlias { name: String, alias: String },
+    #[error("{name} has an alias {alias:?} already")]
+    AliasExists { name: String, alias: String },
+    #[error(
+        "version {version} of {name} is used by the alias {alias:?}: change or delete the alias first"
+    )]
+    VersionInUse {
+        name: String,
+        version: u64,
+        alias: String,
+    },
     #[error("no free uid left in the configured range")]
     UidsExhausted,
     #[error("metadata store: {0}")]
@@ -154,6 +183,7 @@ impl Store {
         txn.open_table(VERSIONS)?;
         txn.open_table(META)?;
         txn.open_table(TAGS)?;
+        txn.open_table(ALIASES)?;
         txn.commit()?;
         Ok(Store {
             db,
@@ -243,6 +273,35 @@ impl Store {
         Ok(out)
     }
 
+    /// The function's aliases, by name.
+    pub fn aliases(&self, name: &str) -> Result<Vec<AliasRecord>, StoreError> {
+        self.function(name)?;
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(ALIASES)?;
+        let mut out = Vec::new();
+        for item in t.range((name, "")..)? {
+            let (k, v) = item?;
+            if k.value().0 != name {
+                break;
+            }
+            out.push(decode(name, v.value())?);
+        }
+        Ok(out)
+    }
+
+    pub fn alias(&self, name: &str, alias: &str) -> Result<AliasRecord, StoreError> {
+        self.function(name)?;
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(ALIASES)?;
+        let g = t
+            .get((name, alias))?
+            .ok_or_else(|| StoreError::NoSuchAlias {
+                name: name.into(),
+                alias: alias.into(),
+            })?;
+        decode(name, g.value())
+    }
+
     /// The function's Lambda tags.
     pub fn tags(&self, name: &str) -> Result<BTreeMap<String, String>, StoreError> {
         self.function(name)?;
@@ -324,6 +383,20 @@ impl Changes<'_> {
                     name: name.into(),
                     version,
                 });
+            }
+            for item in txn.open_table(ALIASES)?.range((name, "")..)? {
+                let (k, v) = item?;
+                if k.value().0 != name {
+                    break;
+                }
+                let a: AliasRecord = decode(name, v.value())?;
+                if a.version == version || a.weights.contains_key(&version) {
+                    return Err(StoreError::VersionInUse {
+                        name: name.into(),
+                        version,
+                        alias: a.name,
+                    });
+                }
             }
             let mut versions = txn.open_table(VERSIONS)?;
             if versions.remove((name, version))?.is_none() {
@@ -477,6 +550,61 @@ impl Changes<'_> {
         Ok(v)
     }
 
+    /// Creates (`create`) or replaces an alias; the versions it names must exist.
+    pub fn put_alias(&self, a: &AliasRecord, create: bool) -> Result<(), StoreError> {
+        let name = a.function.as_str();
+        let txn = self.db.begin_write()?;
+        {
+            if txn.open_table(FUNCTIONS)?.get(name)?.is_none() {
+                return Err(StoreError::NotFound(name.into()));
+            }
+            let versions = txn.open_table(VERSIONS)?;
+            for v in std::iter::once(a.version).chain(a.weights.keys().copied()) {
+                if versions.get((name, v))?.is_none() {
+                    return Err(StoreError::NoSuchVersion {
+                        name: name.into(),
+                        version: v,
+                    });
+                }
+            }
+            let mut t = txn.open_table(ALIASES)?;
+            let exists = t.get((name, a.name.as_str()))?.is_some();
+            match (create, exists) {
+                (true, true) => {
+                    return Err(StoreError::AliasExists {
+                        name: name.into(),
+                        alias: a.name.clone(),
+                    });
+                }
+                (false, false) => {
+                    return Err(StoreError::NoSuchAlias {
+                        name: name.into(),
+                        alias: a.name.clone(),
+                    });
+                }
+                _ => {}
+            }
+            t.insert((name, a.name.as_str()), encode(a).as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    pub fn remove_alias(&self, name: &str, alias: &str) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(ALIASES)?;
+            if t.remove((name, alias))?.is_none() {
+                return Err(StoreError::NoSuchAlias {
+                    name: name.into(),
+                    alias: alias.into(),
+                });
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
     /// Adds `add` to the function's tags and removes the keys in `remove`.
     pub fn set_tags(
         &self,
@@ -509,6 +637,8 @@ impl Changes<'_> {
         let txn = self.db.begin_write()?;
         {
             txn.open_table(TAGS)?.remove(name)?;
+            txn.open_table(ALIASES)?
+                .retain_in((name, "")..=(name, "\u{10FFFF}"), |k, _| k.0 != name)?;
             let mut functions = txn.open_table(FUNCTIONS)?;
             if functions.remove(name)?.is_none() {
                 return Err(StoreError::NotFound(name.into()));
@@ -527,6 +657,14 @@ impl Changes<'_> {
         {
             let functions = txn.open_table(FUNCTIONS)?;
             let mut versions = txn.open_table(VERSIONS)?;
+            // Versions an alias names stay, however old.
+            let mut aliased: HashSet<(String, u64)> = HashSet::new();
+            for item in txn.open_table(ALIASES)?.iter()? {
+                let (k, v) = item?;
+                let a: AliasRecord = decode(k.value().0, v.value())?;
+                aliased.insert((a.function.clone(), a.version));
+                aliased.extend(a.weights.keys().map(|w| (a.function.clone(), *w)));
+            }
             for item in functions.iter()? {
                 let (k, v) = item?;
                 let rec: FunctionRecord = decode(k.value(), v.value())?;
@@ -537,7 +675,7 @@ impl Changes<'_> {
                     .collect();
                 let keep_from = all.len().saturating_sub(retain as usize);
                 for &old in &all[..keep_from] {
-                    if old != rec.active {
+                    if old != rec.active && !aliased.contains(&(rec.name.clone(), old)) {
                         versions.remove((rec.name.as_str(), old))?;
                     }
                 }
@@ -640,6 +778,54 @@ mod tests {
         s.changes().remove("a").unwrap();
         upload(&s, "a", "again");
         assert!(s.tags("a").unwrap().is_empty());
+    }
+
+    #[test]
+    fn aliases_keep_their_versions() {
+        let (_d, s) = store();
+        for body in ["v1", "v2", "v3", "v4"] {
+            upload(&s, "a", body);
+        }
+        let alias = AliasRecord {
+            function: "a".into(),
+            name: "live".into(),
+            version: 1,
+            description: String::new(),
+            weights: [(2, 0.25)].into_iter().collect(),
+            revision: "r".into(),
+        };
+        s.changes().put_alias(&alias, true).unwrap();
+        assert!(matches!(
+            s.changes().put_alias(&alias, true),
+            Err(StoreError::AliasExists { .. })
+        ));
+        let missing = AliasRecord {
+            version: 9,
+            ..alias.clone()
+        };
+        assert!(matches!(
+            s.changes().put_alias(&missing, false),
+            Err(StoreError::NoSuchVersion { version: 9, .. })
+        ));
+        // Retention keeps the newest one and what the alias names.
+        s.changes().gc(1, &HashSet::new()).unwrap();
+        let kept: Vec<u64> = s.versions("a").unwrap().iter().map(|v| v.version).collect();
+        assert_eq!(kept, vec![4, 2, 1]);
+        assert!(matches!(
+            s.changes().remove_version("a", 2),
+            Err(StoreError::VersionInUse { version: 2, .. })
+        ));
+        assert_eq!(s.alias("a", "live").unwrap(), alias);
+        s.changes().remove_alias("a", "live").unwrap();
+        assert!(matches!(
+            s.alias("a", "live"),
+            Err(StoreError::NoSuchAlias { .. })
+        ));
+        s.changes().put_alias(&alias, true).unwrap();
+        // Removing the function takes its aliases.
+        s.changes().remove("a").unwrap();
+        upload(&s, "a", "again");
+        assert!(s.aliases("a").unwrap().is_empty());
     }
 
     #[test]

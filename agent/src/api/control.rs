@@ -150,6 +150,29 @@ impl Qualified {
     }
 }
 
+/// What a qualifier names: a version (or $LATEST), or an alias by its name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Named {
+    Version(Qualified),
+    Alias(String),
+}
+
+/// Lambda's alias names: 1-128 of letters, digits, - and _, not all digits.
+fn valid_alias(a: &str) -> bool {
+    !a.is_empty()
+        && a.len() <= 128
+        && a.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+        && !a.bytes().all(|c| c.is_ascii_digit())
+}
+
+fn named(raw: Option<&str>) -> Result<Named, LambdaError> {
+    match raw {
+        Some(a) if valid_alias(a) => Ok(Named::Alias(a.to_string())),
+        other => qualified(other).map(Named::Version),
+    }
+}
+
 /// A function's configuration as Lambda shows it (`FunctionConfiguration`).
 fn configuration(app: &App, rec: &FunctionRecord, v: &VersionRecord, q: Qualified) -> Value {
     let m = &v.manifest;
@@ -271,7 +294,7 @@ fn qualified(raw: Option<&str>) -> Result<Qualified, LambdaError> {
         Some(q) => match q.parse::<u64>() {
             Ok(n) if n > 0 => Ok(Qualified::Number(n)),
             _ => Err(LambdaError::invalid(format!(
-                "Qualifier: {q:?} must be $LATEST or a version number (fnlet has no aliases)"
+                "Qualifier: {q:?} must be $LATEST, a version number or an alias name"
             ))),
         },
     }
@@ -981,14 +1004,25 @@ async fn get(
 ) -> Result<Response, LambdaError> {
     admit(app, req, 0).await?;
     let (name, path_q) = function_name(raw)?;
-    let qual = qualified(q.qualifier.as_deref().or(path_q.as_deref()))?;
-    let (rec, v) = lookup(app, &name, qual).await?;
-    let c = configuration(app, &rec, &v, qual);
+    let (rec, v, c) = match named(q.qualifier.as_deref().or(path_q.as_deref()))? {
+        Named::Version(qual) => {
+            let (rec, v) = lookup(app, &name, qual).await?;
+            let c = configuration(app, &rec, &v, qual);
+            (rec, v, c)
+        }
+        Named::Alias(a) => {
+            let alias = find_alias(app, &name, &a).await?;
+            let (rec, v) = lookup(app, &name, Qualified::Number(alias.version)).await?;
+            let mut c = configuration(app, &rec, &v, Qualified::Number(v.version));
+            c["FunctionArn"] = format!("{}:{a}", function_arn(&app.config, &name)).into();
+            (rec, v, c)
+        }
+    };
     if !whole {
         return Ok(axum::Json(c).into_response());
     }
     let store = app.store.clone();
-    let tags = blocking(move || Ok(store.tags(&name)?))
+    let tags = blocking(move || Ok(store.tags(&rec.name)?))
         .await
         .map_err(lambda_error)?;
     let mut out = json!({
@@ -998,6 +1032,9 @@ async fn get(
     });
     if !tags.is_empty() {
         out["Tags"] = json!(tags);
+    }
+    if let Some(n) = v.manifest.max_concurrency {
+        out["Concurrency"] = json!({ "ReservedConcurrentExecutions": n });
     }
     Ok(axum::Json(out).into_response())
 }
@@ -1024,6 +1061,11 @@ async fn delete(
             return Err(LambdaError::invalid(
                 "Qualifier: $LATEST cannot be deleted on its own; delete the function without a qualifier",
             ));
+        }
+        Some(a) if valid_alias(a) => {
+            return Err(LambdaError::invalid(format!(
+                "Qualifier: {a:?} is an alias; DeleteAlias removes it"
+            )));
         }
         Some(other) => {
             let Qualified::Number(n) = qualified(Some(other))? else {
@@ -1354,6 +1396,396 @@ async fn tags_inner(app: &App, arn: &str, req: Request) -> Result<Response, Lamb
     })
 }
 
+// ---- aliases ----
+
+async fn find_alias(
+    app: &App,
+    name: &str,
+    alias: &str,
+) -> Result<crate::store::AliasRecord, LambdaError> {
+    let store = app.store.clone();
+    let (n, a) = (name.to_string(), alias.to_string());
+    let arn = format!("{}:{alias}", function_arn(&app.config, name));
+    blocking(move || Ok(store.alias(&n, &a)?))
+        .await
+        .map_err(|e| match e.status {
+            StatusCode::NOT_FOUND => LambdaError::not_found(&arn),
+            _ => lambda_error(e),
+        })
+}
+
+fn alias_json(app: &App, a: &crate::store::AliasRecord) -> Value {
+    let mut v = json!({
+        "AliasArn": format!("{}:{}", function_arn(&app.config, &a.function), a.name),
+        "Name": a.name,
+        "FunctionVersion": a.version.to_string(),
+        "Description": a.description,
+        "RevisionId": a.revision,
+    });
+    if !a.weights.is_empty() {
+        let w: BTreeMap<String, f64> = a.weights.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        v["RoutingConfig"] = json!({ "AdditionalVersionWeights": w });
+    }
+    v
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct AliasFields {
+    name: Option<String>,
+    function_version: Option<String>,
+    description: Option<String>,
+    routing_config: Option<RoutingField>,
+    revision_id: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct RoutingField {
+    #[serde(default)]
+    additional_version_weights: BTreeMap<String, f64>,
+}
+
+fn alias_version(v: &str) -> Result<u64, LambdaError> {
+    match qualified(Some(v)) {
+        Ok(Qualified::Number(n)) => Ok(n),
+        _ => Err(LambdaError::invalid(format!(
+            "FunctionVersion: {v:?} must be a version number (fnlet's $LATEST is its active version: name that version's number)"
+        ))),
+    }
+}
+
+fn weights(r: &RoutingField, primary: u64) -> Result<BTreeMap<u64, f64>, LambdaError> {
+    if r.additional_version_weights.len() > 1 {
+        return Err(LambdaError::invalid(
+            "RoutingConfig.AdditionalVersionWeights: at most one additional version",
+        ));
+    }
+    let mut out = BTreeMap::new();
+    for (k, w) in &r.additional_version_weights {
+        let n = alias_version(k).map_err(|_| {
+            LambdaError::invalid(format!(
+                "RoutingConfig.AdditionalVersionWeights: {k:?} must be a version number"
+            ))
+        })?;
+        if n == primary {
+            return Err(LambdaError::invalid(format!(
+                "RoutingConfig.AdditionalVersionWeights: version {n} is the alias's own version"
+            )));
+        }
+        if !(w.is_finite() && (0.0..=1.0).contains(w)) {
+            return Err(LambdaError::invalid(format!(
+                "RoutingConfig.AdditionalVersionWeights: weight {w} of version {n} must be between 0 and 1"
+            )));
+        }
+        out.insert(n, *w);
+    }
+    Ok(out)
+}
+
+fn new_revision() -> String {
+    super::request_id()
+}
+
+/// `GET|POST /2015-03-31/functions/{name}/aliases`: ListAliases, CreateAlias.
+pub async fn aliases(
+    State(app): Shared,
+    Path(raw): Path<String>,
+    Query(q): Query<ControlQuery>,
+    req: Request,
+) -> Response {
+    answer(aliases_inner(&app, &raw, q, req).await)
+}
+
+async fn aliases_inner(
+    app: &App,
+    raw: &str,
+    q: ControlQuery,
+    req: Request,
+) -> Result<Response, LambdaError> {
+    let (parts, body) = admit(app, req, 64 << 10).await?;
+    let (name, _) = function_name(raw)?;
+    let arn = function_arn(&app.config, &name);
+    let store_err = |e: AppError| match e.status {
+        StatusCode::NOT_FOUND if e.message.starts_with("no function") => {
+            LambdaError::not_found(&arn)
+        }
+        StatusCode::CONFLICT => conflict(e.message),
+        _ => lambda_error(e),
+    };
+    if parts.method == Method::POST {
+        let f: AliasFields = serde_json::from_slice(&body)
+            .map_err(|e| LambdaError::invalid(format!("the request body is not valid: {e}")))?;
+        let alias = f
+            .name
+            .ok_or_else(|| LambdaError::invalid("Name is required"))?;
+        if !valid_alias(&alias) {
+            return Err(LambdaError::invalid(format!(
+                "Name: {alias:?} must be 1-128 letters, digits, - and _, not all digits"
+            )));
+        }
+        let version = alias_version(
+            &f.function_version
+                .ok_or_else(|| LambdaError::invalid("FunctionVersion is required"))?,
+        )?;
+        let a = crate::store::AliasRecord {
+            function: name.clone(),
+            name: alias,
+            version,
+            description: f.description.unwrap_or_default(),
+            weights: match &f.routing_config {
+                Some(r) => weights(r, version)?,
+                None => BTreeMap::new(),
+            },
+            revision: new_revision(),
+        };
+        let store = app.store.clone();
+        let a2 = a.clone();
+        blocking(move || Ok(store.changes().put_alias(&a2, true)?))
+            .await
+            .map_err(store_err)?;
+        return Ok((StatusCode::CREATED, axum::Json(alias_json(app, &a))).into_response());
+    }
+    let max = page_size(q.max_items.as_deref())?;
+    let store = app.store.clone();
+    let n = name.clone();
+    let all = blocking(move || Ok(store.aliases(&n)?))
+        .await
+        .map_err(store_err)?;
+    let filtered: Vec<_> = all
+        .iter()
+        .filter(|a| {
+            q.function_version
+                .as_deref()
+                .is_none_or(|v| v == a.version.to_string())
+        })
+        .filter(|a| q.marker.as_deref().is_none_or(|m| a.name.as_str() > m))
+        .collect();
+    let page = &filtered[..filtered.len().min(max)];
+    let mut out = json!({ "Aliases": page.iter().map(|a| alias_json(app, a)).collect::<Vec<_>>() });
+    if filtered.len() > max
+        && let Some(a) = page.last()
+    {
+        out["NextMarker"] = a.name.clone().into();
+    }
+    Ok(axum::Json(out).into_response())
+}
+
+fn page_size(raw: Option<&str>) -> Result<usize, LambdaError> {
+    match raw {
+        None => Ok(50),
+        Some(s) => s
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=10_000).contains(n))
+            .ok_or_else(|| {
+                LambdaError::invalid(format!("MaxItems: {s:?} must be between 1 and 10000"))
+            }),
+    }
+}
+
+/// `GET|PUT|DELETE /2015-03-31/functions/{name}/aliases/{alias}`.
+pub async fn alias(
+    State(app): Shared,
+    Path((raw, alias)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    answer(alias_inner(&app, &raw, &alias, req).await)
+}
+
+async fn alias_inner(
+    app: &App,
+    raw: &str,
+    alias: &str,
+    req: Request,
+) -> Result<Response, LambdaError> {
+    let (parts, body) = admit(app, req, 64 << 10).await?;
+    let (name, _) = function_name(raw)?;
+    let mut a = find_alias(app, &name, alias).await?;
+    let store = app.store.clone();
+    match parts.method {
+        Method::GET => Ok(axum::Json(alias_json(app, &a)).into_response()),
+        Method::DELETE => {
+            let (n, al) = (name.clone(), alias.to_string());
+            blocking(move || Ok(store.changes().remove_alias(&n, &al)?))
+                .await
+                .map_err(lambda_error)?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        _ => {
+            let f: AliasFields = if body.iter().all(u8::is_ascii_whitespace) {
+                AliasFields::default()
+            } else {
+                serde_json::from_slice(&body).map_err(|e| {
+                    LambdaError::invalid(format!("the request body is not valid: {e}"))
+                })?
+            };
+            if let Some(r) = &f.revision_id
+                && *r != a.revision
+            {
+                return Err(LambdaError::new(
+                    StatusCode::PRECONDITION_FAILED,
+                    "PreconditionFailedException",
+                    "The RevisionId provided does not match the latest RevisionId for the alias",
+                ));
+            }
+            if let Some(v) = &f.function_version {
+                a.version = alias_version(v)?;
+            }
+            if let Some(d) = f.description {
+                a.description = d;
+            }
+            if let Some(r) = &f.routing_config {
+                a.weights = weights(r, a.version)?;
+            }
+            a.weights.remove(&a.version);
+            a.revision = new_revision();
+            let a2 = a.clone();
+            blocking(move || Ok(store.changes().put_alias(&a2, false)?))
+                .await
+                .map_err(|e| match e.status {
+                    StatusCode::NOT_FOUND => LambdaError::invalid(e.message),
+                    _ => lambda_error(e),
+                })?;
+            Ok(axum::Json(alias_json(app, &a)).into_response())
+        }
+    }
+}
+
+/// What a qualified invocation runs: None for the active version, else the version the
+/// qualifier names (an alias picks one by its weights).
+pub(super) async fn invoke_target(
+    app: &App,
+    f: &crate::pool::ActiveFunction,
+    qualifier: Option<&str>,
+) -> Result<Option<Arc<crate::pool::ActiveFunction>>, LambdaError> {
+    let version = match named(qualifier)? {
+        Named::Version(Qualified::Latest) => return Ok(None),
+        Named::Version(Qualified::Number(n)) => n,
+        Named::Alias(a) => {
+            let alias = find_alias(app, &f.name, &a).await?;
+            pick(&alias)
+        }
+    };
+    if version == f.version {
+        return Ok(None);
+    }
+    let (rec, v) = lookup(app, &f.name, Qualified::Number(version)).await?;
+    let bundle = app.store.bundle_path(&v.sha256);
+    if !bundle.is_dir() {
+        return Err(conflict(format!(
+            "version {version} of {} cannot run: its bundle is missing",
+            f.name
+        )));
+    }
+    crate::pool::ActiveFunction::new(&rec, &v, bundle, &app.config)
+        .map(|f| Some(Arc::new(f)))
+        .map_err(|e| conflict(e.to_string()))
+}
+
+/// The version an alias sends this call to: each additional version with its weight's
+/// chance, the alias's own otherwise.
+fn pick(a: &crate::store::AliasRecord) -> u64 {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        return a.version;
+    }
+    // 53 random bits: a uniform number in [0, 1).
+    let r = (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64;
+    pick_with(a, r)
+}
+
+fn pick_with(a: &crate::store::AliasRecord, r: f64) -> u64 {
+    let mut acc = 0.0;
+    for (v, w) in &a.weights {
+        acc += w;
+        if r < acc {
+            return *v;
+        }
+    }
+    a.version
+}
+
+// ---- reserved concurrency ----
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ConcurrencyField {
+    reserved_concurrent_executions: Option<i64>,
+}
+
+/// `PUT|DELETE /2017-10-31/functions/{name}/concurrency` and
+/// `GET /2019-09-30/functions/{name}/concurrency`: reserved concurrency is the function's
+/// `max_concurrency` (0: every call is throttled); a change records a new version, as any
+/// configuration change.
+pub async fn concurrency(State(app): Shared, Path(raw): Path<String>, req: Request) -> Response {
+    answer(concurrency_inner(&app, &raw, req).await)
+}
+
+async fn concurrency_inner(
+    app: &Arc<App>,
+    raw: &str,
+    req: Request,
+) -> Result<Response, LambdaError> {
+    let (parts, body) = admit(app, req, 4096).await?;
+    let (name, _) = function_name(raw)?;
+    let (rec, current) = lookup(app, &name, Qualified::Latest).await?;
+    let set = match parts.method {
+        Method::GET => {
+            let out = match current.manifest.max_concurrency {
+                Some(n) => json!({ "ReservedConcurrentExecutions": n }),
+                None => json!({}),
+            };
+            return Ok(axum::Json(out).into_response());
+        }
+        Method::DELETE => None,
+        _ => {
+            let f: ConcurrencyField = serde_json::from_slice(&body)
+                .map_err(|e| LambdaError::invalid(format!("the request body is not valid: {e}")))?;
+            let n = f
+                .reserved_concurrent_executions
+                .ok_or_else(|| LambdaError::invalid("ReservedConcurrentExecutions is required"))?;
+            if !(0..=10_000).contains(&n) {
+                return Err(LambdaError::invalid(format!(
+                    "ReservedConcurrentExecutions: {n} must be between 0 and 10000"
+                )));
+            }
+            Some(n as u32)
+        }
+    };
+    refuse_in_progress(app, &name)?;
+    let mut m = current.manifest.clone();
+    m.max_concurrency = set;
+    if let (Some(max), Some(min)) = (m.max_concurrency, m.min_instances)
+        && min > max
+    {
+        return Err(LambdaError::invalid(format!(
+            "ReservedConcurrentExecutions: {max} is below the function's min_instances ({min})"
+        )));
+    }
+    if m != current.manifest {
+        m.validate().map_err(field_error)?;
+        let app2 = app.clone();
+        let n = name.clone();
+        let v = blocking(move || {
+            let store = app2.store.changes();
+            let v = store.configure(&n, &m)?;
+            super::activate(&app2, &store, &n)?;
+            super::collect(&app2, &store);
+            Ok(v)
+        })
+        .await
+        .map_err(lambda_error)?;
+        tracing::info!(function = %v.name, version = v.version, concurrency = ?set, "reserved concurrency set");
+        replicate_in_background(app, v, false, Update::Change);
+    }
+    let _ = rec;
+    Ok(match (parts.method, set) {
+        (Method::DELETE, _) => StatusCode::NO_CONTENT.into_response(),
+        (_, n) => axum::Json(json!({ "ReservedConcurrentExecutions": n })).into_response(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1367,6 +1799,28 @@ mod tests {
         assert_eq!(
             last_modified("2026-12-05T01:16:46Z"),
             "2026-12-05T01:16:46.000+0000"
+        );
+    }
+
+    #[test]
+    fn aliases_split_by_their_weights() {
+        let a = crate::store::AliasRecord {
+            function: "f".into(),
+            name: "live".into(),
+            version: 1,
+            description: String::new(),
+            weights: [(2, 0.1)].into_iter().collect(),
+            revision: String::new(),
+        };
+        assert_eq!(pick_with(&a, 0.0), 2);
+        assert_eq!(pick_with(&a, 0.099), 2);
+        assert_eq!(pick_with(&a, 0.1), 1);
+        assert_eq!(pick_with(&a, 0.999), 1);
+        assert!(valid_alias("live") && valid_alias("v-2_x") && !valid_alias("12"));
+        assert_eq!(named(Some("live")).ok(), Some(Named::Alias("live".into())));
+        assert_eq!(
+            named(Some("3")).ok(),
+            Some(Named::Version(Qualified::Number(3)))
         );
     }
 

@@ -83,11 +83,13 @@ impl IntoResponse for AppError {
 impl From<StoreError> for AppError {
     fn from(e: StoreError) -> AppError {
         match e {
-            StoreError::NotFound(_) | StoreError::NoSuchVersion { .. } => {
-                AppError::not_found(e.to_string())
-            }
+            StoreError::NotFound(_)
+            | StoreError::NoSuchVersion { .. }
+            | StoreError::NoSuchAlias { .. } => AppError::not_found(e.to_string()),
             StoreError::NothingToRollBack(_) => AppError::bad_request(e.to_string()),
-            StoreError::ActiveVersion { .. } => {
+            StoreError::ActiveVersion { .. }
+            | StoreError::AliasExists { .. }
+            | StoreError::VersionInUse { .. } => {
                 AppError::new(StatusCode::CONFLICT, "active_version", e.to_string())
             }
             StoreError::BundleMissing { .. } => {

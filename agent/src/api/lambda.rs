@@ -127,11 +127,11 @@ fn check_qualifier(
         None | Some("$LATEST") => Ok(()),
         Some(q) if q == f.version.to_string() => Ok(()),
         Some(q) if q.parse::<u64>().is_ok() => Err(LambdaError::invalid(format!(
-            "fnlet serves the active version of {} only (version {}); version {q} can run after `fnlet rollback {} --to {q}`",
-            f.name, f.version, f.name
+            "an event invoke config is $LATEST's (version {} of {}), not version {q}'s",
+            f.version, f.name
         ))),
         Some(q) => Err(LambdaError::not_found(&format!(
-            "{arn}:{q} (fnlet has no aliases; use $LATEST or the active version {})",
+            "{arn}:{q} (an event invoke config is $LATEST's: use $LATEST or the active version {})",
             f.version
         ))),
     }
@@ -298,7 +298,6 @@ async fn invoke_api_inner(
         }
     })?;
     let qualifier = q.qualifier.or(path_qualifier);
-    check_qualifier(&f, &arn, qualifier.as_deref())?;
     let (parts, body) = req.into_parts();
     let headers = &parts.headers;
     let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
@@ -341,6 +340,9 @@ async fn invoke_api_inner(
         message: e.to_string(),
         retry_after: None,
     })?;
+    // A version number or an alias: the version it names runs (checked once the caller is).
+    let pinned = super::control::invoke_target(app, &f, qualifier.as_deref()).await?;
+    let executed = pinned.as_ref().map_or(f.version, |p| p.version);
     // Lambda takes only JSON payloads; no payload is an empty object. An exec-mode function
     // gets the bytes as they came, on its stdin.
     let body = if f.manifest.mode == Mode::Exec {
@@ -374,8 +376,14 @@ async fn invoke_api_inner(
         "DryRun" => {
             let mut r = StatusCode::NO_CONTENT.into_response();
             set_header(&mut r, "x-amzn-requestid", id);
-            set_header(&mut r, "x-amz-executed-version", &f.version.to_string());
+            set_header(&mut r, "x-amz-executed-version", &executed.to_string());
             return Ok(r);
+        }
+        "Event" if pinned.is_some() => {
+            return Err(LambdaError::invalid(format!(
+                "Qualifier: Event invokes run $LATEST (version {}) only for now, not version {executed}",
+                f.version
+            )));
         }
         "Event" => return accept_event(app, &name, id, body).await,
         other => {
@@ -392,6 +400,7 @@ async fn invoke_api_inner(
             request_id: id,
             want_tail,
             client_context,
+            version: pinned,
         })
         .await;
     let limit = app.router.max_response;
@@ -418,7 +427,7 @@ async fn invoke_api_inner(
             version,
             log_tail,
         }) => match function_error_payload(&error, id) {
-            Some(payload) => (payload, version.unwrap_or(f.version), log_tail, Some(())),
+            Some(payload) => (payload, version.unwrap_or(executed), log_tail, Some(())),
             None => return Err(service_error(&error, &arn)),
         },
     };
@@ -796,6 +805,7 @@ async fn function_url_inner(
             request_id: id,
             want_tail: false,
             client_context: None,
+            version: None,
         })
         .await;
     match result {

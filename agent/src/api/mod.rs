@@ -145,6 +145,14 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/2015-03-31/functions/{name}/versions"),
     ("POST", "/2015-03-31/functions/{name}/versions"),
     ("GET", "/2020-06-30/functions/{name}/code-signing-config"),
+    ("GET", "/2015-03-31/functions/{name}/aliases"),
+    ("POST", "/2015-03-31/functions/{name}/aliases"),
+    ("GET", "/2015-03-31/functions/{name}/aliases/{alias}"),
+    ("PUT", "/2015-03-31/functions/{name}/aliases/{alias}"),
+    ("DELETE", "/2015-03-31/functions/{name}/aliases/{alias}"),
+    ("PUT", "/2017-10-31/functions/{name}/concurrency"),
+    ("DELETE", "/2017-10-31/functions/{name}/concurrency"),
+    ("GET", "/2019-09-30/functions/{name}/concurrency"),
     ("GET", "/2017-03-31/tags/{arn}"),
     ("POST", "/2017-03-31/tags/{arn}"),
     ("DELETE", "/2017-03-31/tags/{arn}"),
@@ -212,6 +220,24 @@ pub fn app(state: Arc<App>) -> AxumRouter {
         .route(
             "/2020-06-30/functions/{name}/code-signing-config",
             get(control::code_signing_config),
+        )
+        .route(
+            "/2015-03-31/functions/{name}/aliases",
+            get(control::aliases).post(control::aliases),
+        )
+        .route(
+            "/2015-03-31/functions/{name}/aliases/{alias}",
+            get(control::alias)
+                .put(control::alias)
+                .delete(control::alias),
+        )
+        .route(
+            "/2017-10-31/functions/{name}/concurrency",
+            put(control::concurrency).delete(control::concurrency),
+        )
+        .route(
+            "/2019-09-30/functions/{name}/concurrency",
+            get(control::concurrency),
         )
         .route(
             "/2017-03-31/tags/{arn}",
@@ -880,6 +906,7 @@ async fn invoke_exec(
         request_id: id,
         want_tail: false,
         client_context: None,
+        version: None,
     };
     match app.router.invoke(req).await {
         Ok(inv) => {

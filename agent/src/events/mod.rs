@@ -458,6 +458,7 @@ impl Events {
                 request_id: &h.request_id,
                 want_tail: false,
                 client_context: None,
+                version: None,
             })
             .await;
         let fn_error =

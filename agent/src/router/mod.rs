@@ -52,6 +52,9 @@ pub struct InvokeRequest<'a> {
     pub want_tail: bool,
     /// Lambda mode: the caller's client context (X-Amz-Client-Context), passed to the runtime.
     pub client_context: Option<String>,
+    /// A version other than the active one (a qualified call: a version number or an alias),
+    /// run within the function's concurrency; None: the active version.
+    pub version: Option<Arc<ActiveFunction>>,
 }
 
 /// The `running` gauge of one invocation: up while it lives, down when dropped.
@@ -213,7 +216,10 @@ impl Router {
             .queue_wait
             .get_or_create(&labels)
             .observe(started.elapsed().as_secs_f64());
-        let f = held.function.clone();
+        let f = match &req.version {
+            Some(v) => v.clone(),
+            None => held.function.clone(),
+        };
         self.metrics.invocations.get_or_create(&labels).inc();
         // Counted down however the call ends, the caller hanging up included.
         let _running = Running::start(self.metrics.running.get_or_create(&labels).clone());
