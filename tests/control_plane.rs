@@ -819,3 +819,111 @@ fn aliases_split_calls_and_concurrency_zero_throttles() {
     assert!(agent.is_running());
     agent.finish();
 }
+
+const SCOPE_SCRIPT: &str = r#"
+out = {}
+def create(name):
+    return call(lam.create_function, FunctionName=name, Role="arn:aws:iam::000000000000:role/x",
+        Runtime="provided.al2023", Handler="bootstrap", Code={"ZipFile": zipfile(cfg["zip"])})
+for name in cfg["create"]:
+    out["create " + name] = create(name)
+out["list"] = call(lam.list_functions)
+for name in cfg["invoke"]:
+    try:
+        out["invoke " + name] = invoke(name, {"by": cfg["who"]})
+    except ClientError as e:
+        out["invoke " + name] = {"error": e.response["Error"].get("Code"),
+                                 "message": e.response["Error"].get("Message"),
+                                 "http": e.response["ResponseMetadata"]["HTTPStatusCode"]}
+print(json.dumps(out, default=str))
+"#;
+
+/// A key made with `fnlet keys create ARGS --json`, as a client.
+fn key_clients(agent: &Agent, args: &[&str]) -> Clients {
+    let mut all = vec!["keys", "create", "--json"];
+    all.extend_from_slice(args);
+    let key = agent.cli(&all);
+    assert!(key.status.success(), "fnlet keys create: {}", show(&key));
+    let key: Value = serde_json::from_slice(&key.stdout).expect("keys create --json");
+    Clients {
+        dir: clients_dir(),
+        endpoint: agent.base_url(),
+        key: key["access_key_id"].as_str().expect("key id").into(),
+        secret: key["secret_access_key"].as_str().expect("secret").into(),
+    }
+}
+
+#[test]
+fn scoped_keys_are_held_to_their_scope() {
+    let agent = Agent::start("cp-scopes");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = bootstrap();
+    let zip = write(dir.path(), "fn.zip", &zip_of(&[("bootstrap", &bin, 0o755)]));
+
+    // An admin key (the default) makes a function.
+    let admin = Clients::new(&agent);
+    let r = admin.boto3(
+        SCOPE_SCRIPT,
+        json!({ "zip": zip, "who": "admin", "create": ["shared"], "invoke": ["shared"] }),
+    );
+    assert_eq!(r["create shared"]["State"], "Active", "{r:#}");
+    assert_eq!(r["invoke shared"]["status"], 200, "{r:#}");
+
+    // An invoke key invokes, and is refused the control plane with AccessDeniedException.
+    let invoker = key_clients(&agent, &["--scope", "invoke"]);
+    let r = invoker.boto3(
+        SCOPE_SCRIPT,
+        json!({ "zip": zip, "who": "invoker", "create": ["mine"], "invoke": ["shared"] }),
+    );
+    let ctx = format!("{r:#}");
+    let (t, http, m) = error_of(&r["create mine"]);
+    assert_eq!((t, http), ("AccessDeniedException", 403), "{ctx}");
+    assert!(
+        m.contains("invoke scope")
+            && m.contains("lambda:CreateFunction")
+            && m.contains(":function:mine"),
+        "{m}"
+    );
+    assert_eq!(error_of(&r["list"]).0, "AccessDeniedException", "{ctx}");
+    assert_eq!(r["invoke shared"]["status"], 200, "{ctx}");
+    assert_eq!(
+        r["invoke shared"]["payload"]["echo"],
+        json!({"by": "invoker"})
+    );
+
+    // A deploy key limited to team-*: its own functions only, for both.
+    let team = key_clients(&agent, &["--scope", "deploy", "--function", "team-*"]);
+    let r = team.boto3(
+        SCOPE_SCRIPT,
+        json!({ "zip": zip, "who": "team", "create": ["team-a", "other"], "invoke": ["team-a", "shared"] }),
+    );
+    let ctx = format!("{r:#}");
+    assert_eq!(r["create team-a"]["State"], "Active", "{ctx}");
+    assert_eq!(
+        error_of(&r["create other"]).0,
+        "AccessDeniedException",
+        "{ctx}"
+    );
+    assert_eq!(r["invoke team-a"]["status"], 200, "{ctx}");
+    assert_eq!(
+        error_of(&r["invoke shared"]).0,
+        "AccessDeniedException",
+        "{ctx}"
+    );
+    // What was refused was not made.
+    agent
+        .admin(Method::GET, "/v1/functions/other", None)
+        .expect_error(404, "not_found");
+    agent
+        .admin(Method::GET, "/v1/functions/mine", None)
+        .expect_error(404, "not_found");
+    // The CLI refuses a scope it does not know, naming it.
+    let o = agent.cli(&["keys", "create", "--scope", "root"]);
+    assert!(!o.status.success(), "{}", show(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("root"),
+        "{}",
+        show(&o)
+    );
+    agent.finish();
+}

@@ -251,16 +251,18 @@ fn conflict(message: impl Into<String>) -> LambdaError {
     LambdaError::new(StatusCode::CONFLICT, "ResourceConflictException", message)
 }
 
-/// The caller must hold the admin token or sign with an access key.
+/// The caller must hold the admin token or sign with an access key; the access key it signed
+/// with, if it did.
 fn authorize(
     app: &App,
     parts: &axum::http::request::Parts,
     body: &[u8],
-) -> Result<(), LambdaError> {
+) -> Result<Option<crate::auth::keys::KeyInfo>, LambdaError> {
     if super::authorized(app, &parts.headers) {
-        return Ok(());
+        return Ok(None);
     }
-    app.keys
+    let id = app
+        .keys
         .verify(
             &parts.method,
             &parts.uri,
@@ -268,8 +270,44 @@ fn authorize(
             body,
             std::time::SystemTime::now(),
         )
-        .map(drop)
-        .map_err(|e| LambdaError::new(e.status(), e.error_type(), e.to_string()))
+        .map_err(|e| LambdaError::new(e.status(), e.error_type(), e.to_string()))?;
+    Ok(app.keys.get(&id))
+}
+
+/// The control plane needs a `deploy` or `admin` key, for the function the call is about
+/// (None: all of them, as ListFunctions).
+fn check_scope(
+    app: &App,
+    key: &Option<crate::auth::keys::KeyInfo>,
+    function: Option<&str>,
+    operation: &str,
+) -> Result<(), LambdaError> {
+    match key {
+        Some(k) if !k.allows(crate::auth::keys::Scope::Deploy, function) => {
+            let resource = match function {
+                Some(f) => function_arn(&app.config, f),
+                None => format!(
+                    "arn:aws:lambda:{}:{}:function:*",
+                    app.config.lambda.region, app.config.lambda.account_id
+                ),
+            };
+            Err(LambdaError::new(
+                StatusCode::FORBIDDEN,
+                "AccessDeniedException",
+                format!(
+                    "access key {} ({} scope{}) is not authorized to perform: lambda:{operation} on resource: {resource}",
+                    k.access_key_id,
+                    k.scope.as_str(),
+                    if k.functions.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", functions {}", k.functions.join(", "))
+                    }
+                ),
+            ))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// A function name as the control plane takes it (a name, partial ARN or ARN, with a
@@ -749,13 +787,33 @@ async fn admit(
     app: &App,
     req: Request,
     limit: usize,
+    operation: &str,
 ) -> Result<(axum::http::request::Parts, bytes::Bytes), LambdaError> {
     let (parts, body) = req.into_parts();
     let body = read_body(&parts.headers, body, limit)
         .await
         .map_err(lambda_error)?;
-    authorize(app, &parts, &body)?;
+    let key = authorize(app, &parts, &body)?;
+    // The function a call is about: its path's, or CreateFunction's FunctionName.
+    let function = function_in_path(parts.uri.path()).or_else(|| {
+        serde_json::from_slice::<Value>(&body)
+            .ok()
+            .and_then(|v| v["FunctionName"].as_str().map(str::to_string))
+            .and_then(|raw| super::parse_function_name(&raw).map(|(n, _)| n))
+    });
+    check_scope(app, &key, function.as_deref(), operation)?;
     Ok((parts, body))
+}
+
+/// The function name in a control-plane path (`.../functions/{name}/...` or a tag's ARN).
+fn function_in_path(path: &str) -> Option<String> {
+    let rest = path
+        .split_once("/functions/")
+        .map(|(_, r)| r)
+        .or_else(|| path.split_once("/tags/").map(|(_, r)| r))?;
+    let raw = rest.split('/').next()?;
+    let raw = percent_encoding::percent_decode_str(raw).decode_utf8_lossy();
+    super::parse_function_name(&raw).map(|(n, _)| n)
 }
 
 fn answer(r: Result<Response, LambdaError>) -> Response {
@@ -838,7 +896,7 @@ pub async fn code_signing_config(
 ) -> Response {
     answer(
         async {
-            admit(&app, req, 0).await?;
+            admit(&app, req, 0, "GetFunctionCodeSigningConfig").await?;
             let (name, _) = function_name(&raw)?;
             lookup(&app, &name, Qualified::Latest).await?;
             Ok(
@@ -851,7 +909,7 @@ pub async fn code_signing_config(
 }
 
 async fn create(app: &Arc<App>, req: Request) -> Result<Response, LambdaError> {
-    let (_, body) = admit(app, req, zip_body_limit(app)).await?;
+    let (_, body) = admit(app, req, zip_body_limit(app), "CreateFunction").await?;
     let f = parse_fields(&body)?;
     refuse_unsupported(&f)?;
     if let Some(t) = &f.tags {
@@ -936,7 +994,7 @@ fn body_publish(body: &[u8]) -> bool {
 }
 
 async fn list(app: &App, q: ControlQuery, req: Request) -> Result<Response, LambdaError> {
-    admit(app, req, 0).await?;
+    admit(app, req, 0, "ListFunctions").await?;
     let max = match q.max_items.as_deref() {
         None => 50,
         Some(s) => match s.parse::<usize>() {
@@ -1002,7 +1060,17 @@ async fn get(
     req: Request,
     whole: bool,
 ) -> Result<Response, LambdaError> {
-    admit(app, req, 0).await?;
+    admit(
+        app,
+        req,
+        0,
+        if whole {
+            "GetFunction"
+        } else {
+            "GetFunctionConfiguration"
+        },
+    )
+    .await?;
     let (name, path_q) = function_name(raw)?;
     let (rec, v, c) = match named(q.qualifier.as_deref().or(path_q.as_deref()))? {
         Named::Version(qual) => {
@@ -1045,7 +1113,7 @@ async fn delete(
     q: ControlQuery,
     req: Request,
 ) -> Result<Response, LambdaError> {
-    admit(app, req, 0).await?;
+    admit(app, req, 0, "DeleteFunction").await?;
     let (name, path_q) = function_name(raw)?;
     let arn = function_arn(&app.config, &name);
     match q.qualifier.as_deref().or(path_q.as_deref()) {
@@ -1090,7 +1158,7 @@ async fn update_configuration(
     raw: &str,
     req: Request,
 ) -> Result<Response, LambdaError> {
-    let (_, body) = admit(app, req, 256 << 10).await?;
+    let (_, body) = admit(app, req, 256 << 10, "UpdateFunctionConfiguration").await?;
     let (name, q) = function_name(raw)?;
     if q.is_some() {
         return Err(LambdaError::invalid(
@@ -1154,7 +1222,7 @@ fn check_revision(f: &Fields, current: &VersionRecord) -> Result<(), LambdaError
 }
 
 async fn update_code(app: &Arc<App>, raw: &str, req: Request) -> Result<Response, LambdaError> {
-    let (_, body) = admit(app, req, zip_body_limit(app)).await?;
+    let (_, body) = admit(app, req, zip_body_limit(app), "UpdateFunctionCode").await?;
     let (name, q) = function_name(raw)?;
     if q.is_some() {
         return Err(LambdaError::invalid(
@@ -1234,7 +1302,7 @@ struct PublishFields {
 /// PublishVersion: every fnlet version is immutable already; publishing names the active
 /// one (as Lambda answers when $LATEST has not changed since the last publish).
 async fn publish(app: &App, raw: &str, req: Request) -> Result<Response, LambdaError> {
-    let (_, body) = admit(app, req, 64 << 10).await?;
+    let (_, body) = admit(app, req, 64 << 10, "PublishVersion").await?;
     let (name, _) = function_name(raw)?;
     let p: PublishFields = if body.iter().all(u8::is_ascii_whitespace) {
         PublishFields::default()
@@ -1274,7 +1342,7 @@ async fn list_versions(
     q: ControlQuery,
     req: Request,
 ) -> Result<Response, LambdaError> {
-    admit(app, req, 0).await?;
+    admit(app, req, 0, "ListVersionsByFunction").await?;
     let (name, _) = function_name(raw)?;
     let max = match q.max_items.as_deref() {
         None => 50,
@@ -1367,7 +1435,7 @@ async fn tags_inner(app: &App, arn: &str, req: Request) -> Result<Response, Lamb
                 .collect()
         })
         .unwrap_or_default();
-    let (parts, body) = admit(app, req, 64 << 10).await?;
+    let (parts, body) = admit(app, req, 64 << 10, "TagResource").await?;
     let (name, q) = function_name(arn)?;
     if !arn.starts_with("arn:") || q.is_some() {
         return Err(LambdaError::invalid(format!(
@@ -1503,7 +1571,7 @@ async fn aliases_inner(
     q: ControlQuery,
     req: Request,
 ) -> Result<Response, LambdaError> {
-    let (parts, body) = admit(app, req, 64 << 10).await?;
+    let (parts, body) = admit(app, req, 64 << 10, "CreateAlias").await?;
     let (name, _) = function_name(raw)?;
     let arn = function_arn(&app.config, &name);
     let store_err = |e: AppError| match e.status {
@@ -1599,7 +1667,7 @@ async fn alias_inner(
     alias: &str,
     req: Request,
 ) -> Result<Response, LambdaError> {
-    let (parts, body) = admit(app, req, 64 << 10).await?;
+    let (parts, body) = admit(app, req, 64 << 10, "UpdateAlias").await?;
     let (name, _) = function_name(raw)?;
     let mut a = find_alias(app, &name, alias).await?;
     let store = app.store.clone();
@@ -1727,7 +1795,7 @@ async fn concurrency_inner(
     raw: &str,
     req: Request,
 ) -> Result<Response, LambdaError> {
-    let (parts, body) = admit(app, req, 4096).await?;
+    let (parts, body) = admit(app, req, 4096, "PutFunctionConcurrency").await?;
     let (name, _) = function_name(raw)?;
     let (rec, current) = lookup(app, &name, Qualified::Latest).await?;
     let set = match parts.method {

@@ -158,15 +158,40 @@ pub(crate) fn check_caller(
     {
         return Ok(());
     }
-    app.keys
-        .verify(
-            &parts.method,
-            &parts.uri,
-            &parts.headers,
-            body,
-            SystemTime::now(),
-        )
-        .map(drop)
+    let id = app.keys.verify(
+        &parts.method,
+        &parts.uri,
+        &parts.headers,
+        body,
+        SystemTime::now(),
+    )?;
+    scoped(
+        app,
+        &id,
+        crate::auth::keys::Scope::Invoke,
+        "InvokeFunction",
+        &f.name,
+    )
+}
+
+/// Whether key `id` may do `action` (which needs `need`) to function `name`.
+pub(crate) fn scoped(
+    app: &App,
+    id: &str,
+    need: crate::auth::keys::Scope,
+    action: &'static str,
+    name: &str,
+) -> Result<(), auth::AuthError> {
+    match app.keys.get(id) {
+        Some(k) if k.allows(need, Some(name)) => Ok(()),
+        Some(k) => Err(auth::AuthError::Denied {
+            key: k.access_key_id,
+            scope: k.scope.as_str(),
+            action,
+            function: function_arn(&app.config, name),
+        }),
+        None => Err(auth::AuthError::UnknownKey),
+    }
 }
 
 /// The payload a function error becomes on the Invoke API (with `X-Amz-Function-Error`).
@@ -582,6 +607,15 @@ async fn event_invoke_config_inner(
                 &body,
                 SystemTime::now(),
             )
+            .and_then(|id| {
+                scoped(
+                    app,
+                    &id,
+                    crate::auth::keys::Scope::Deploy,
+                    "PutFunctionEventInvokeConfig",
+                    &name,
+                )
+            })
             .map_err(|e| LambdaError {
                 status: e.status(),
                 error_type: e.error_type(),

@@ -696,11 +696,16 @@ impl Client {
     }
 
     /// POST /v1/keys: a new access key, with its secret (shown this once).
-    pub async fn create_key(&self, description: Option<&str>) -> ClientResult<Value> {
-        let body = match description {
-            Some(d) => serde_json::json!({ "description": d }),
-            None => serde_json::json!({}),
-        };
+    pub async fn create_key(
+        &self,
+        description: Option<&str>,
+        scope: &str,
+        functions: &[String],
+    ) -> ClientResult<Value> {
+        let mut body = serde_json::json!({ "scope": scope, "functions": functions });
+        if let Some(d) = description {
+            body["description"] = d.into();
+        }
         self.json(self.with_json(Method::POST, &["v1", "keys"], &body)?)
             .await
     }
