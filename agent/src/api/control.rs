@@ -793,15 +793,23 @@ async fn admit(
     let body = read_body(&parts.headers, body, limit)
         .await
         .map_err(lambda_error)?;
-    let key = authorize(app, &parts, &body)?;
-    // The function a call is about: its path's, or CreateFunction's FunctionName.
-    let function = function_in_path(parts.uri.path()).or_else(|| {
-        serde_json::from_slice::<Value>(&body)
-            .ok()
-            .and_then(|v| v["FunctionName"].as_str().map(str::to_string))
-            .and_then(|raw| super::parse_function_name(&raw).map(|(n, _)| n))
-    });
-    check_scope(app, &key, function.as_deref(), operation)?;
+    // The admin token may do everything; a key only what its scope covers.
+    if let Some(key) = authorize(app, &parts, &body)? {
+        // The function a call is about: its path's, or CreateFunction's FunctionName (the
+        // body is parsed for it only here, for a key).
+        #[derive(Deserialize)]
+        struct Named {
+            #[serde(rename = "FunctionName")]
+            function_name: Option<String>,
+        }
+        let function = function_in_path(parts.uri.path()).or_else(|| {
+            serde_json::from_slice::<Named>(&body)
+                .ok()
+                .and_then(|v| v.function_name)
+                .and_then(|raw| super::parse_function_name(&raw).map(|(n, _)| n))
+        });
+        check_scope(app, &Some(key), function.as_deref(), operation)?;
+    }
     Ok((parts, body))
 }
 
@@ -945,6 +953,7 @@ async fn create(app: &Arc<App>, req: Request) -> Result<Response, LambdaError> {
             .map_err(|e| lambda_error(AppError::internal("a blank manifest", e)))?;
         apply(app, &mut m, &f).map(|()| m)
     };
+    let publish = f.publish == Some(true);
     let app2 = app.clone();
     let arn = function_arn(&app.config, &name);
     let (rec, v, new_content) = tokio::task::spawn_blocking(move || {
@@ -977,7 +986,7 @@ async fn create(app: &Arc<App>, req: Request) -> Result<Response, LambdaError> {
     .map_err(|e| lambda_error(AppError::internal("blocking task", e)))??;
     super::log_deployed(app, &v);
     replicate_in_background(app, v.clone(), new_content, Update::Create);
-    let q = if body_publish(&body) {
+    let q = if publish {
         Qualified::Number(v.version)
     } else {
         Qualified::Latest
@@ -987,10 +996,6 @@ async fn create(app: &Arc<App>, req: Request) -> Result<Response, LambdaError> {
         axum::Json(configuration(app, &rec, &v, q)),
     )
         .into_response())
-}
-
-fn body_publish(body: &[u8]) -> bool {
-    serde_json::from_slice::<Value>(body).is_ok_and(|v| v["Publish"] == json!(true))
 }
 
 async fn list(app: &App, q: ControlQuery, req: Request) -> Result<Response, LambdaError> {
