@@ -623,6 +623,10 @@ fn the_aws_cli_manages_functions_and_fnlet_describe_agrees() {
     let text = agent.cli(&["describe", "cli-fn"]);
     let text = String::from_utf8_lossy(&text.stdout).into_owned();
     assert!(text.contains("192"), "{text}");
+    assert!(
+        text.contains("provided.al2023") && text.contains(role),
+        "describe shows the runtime and the role: {text}"
+    );
 
     // update-function-code with --publish: the next version, its number answered.
     let u = clients.aws_ok(&[

@@ -364,6 +364,24 @@ pub struct ManifestInfo {
     pub description: Option<String>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub runtime: Option<String>,
+    #[serde(default)]
+    pub handler: Option<String>,
+    /// `[aws]`: what the AWS tools set (role, a bootstrap's provided.* runtime and handler).
+    #[serde(default)]
+    pub aws: AwsInfo,
+}
+
+/// `[aws]` of a manifest in the API.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct AwsInfo {
+    #[serde(default)]
+    pub role: Option<String>,
+    #[serde(default)]
+    pub runtime: Option<String>,
+    #[serde(default)]
+    pub handler: Option<String>,
 }
 
 /// `Function` in the API.
