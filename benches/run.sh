@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # fnlet's benchmarks in one command, as root:
-# `benches/run.sh [spawn|agent|lambda|cluster|events|topics|network|density|membership|all]` (default all; membership alone
+# `benches/run.sh [spawn|agent|lambda|cluster|events|topics|control|network|density|membership|all]` (default all; membership alone
 # needs no root).
 #
 # spawn: spawn-to-exit of a sandboxed static binary against fork+exec, bwrap and runc. Installs
@@ -31,6 +31,9 @@
 #   clients, beside the same data as an Invoke API Event and a JetStream publish with ack.
 #   Installs nats-server; builds fnlet and the no-op as for lambda; runs
 #   `cargo bench -p fnlet-benches --bench topics`.
+# control: Lambda's control plane on a real `fnlet agent`: CreateFunction of a 5 MB zip to its
+#   first successful invoke, beside `fnlet deploy`'s POST /v1/functions of the same zip. Builds
+#   fnlet and the no-op as for lambda; runs `cargo bench -p fnlet-benches --bench control`.
 # network: functions' egress with the isolate library and the agent's network code: cold start
 #   of a prepared sandbox with and without egress, the cost of a veth + address + rules per
 #   instance, and an HTTP GET loop (curl) from a function against the same from the host, to a
@@ -55,9 +58,9 @@ cd "$(dirname "$0")/.."
 which=${1:-all}
 [ $# -gt 0 ] && shift
 case "$which" in
-  spawn | agent | lambda | cluster | events | topics | network | density | membership | all) ;;
+  spawn | agent | lambda | cluster | events | topics | control | network | density | membership | all) ;;
   *)
-    echo "usage: $0 [spawn|agent|lambda|cluster|events|topics|network|density|membership|all]" >&2
+    echo "usage: $0 [spawn|agent|lambda|cluster|events|topics|control|network|density|membership|all]" >&2
     exit 2
     ;;
 esac
@@ -111,7 +114,7 @@ if [ "$which" = agent ] || [ "$which" = all ]; then
   # temporary bundle beside the example's fnlet.toml).
   scripts/build-examples.sh
 fi
-if [ "$which" = lambda ] || [ "$which" = cluster ] || [ "$which" = events ] || [ "$which" = topics ] || [ "$which" = density ] || [ "$which" = all ]; then
+if [ "$which" = lambda ] || [ "$which" = cluster ] || [ "$which" = events ] || [ "$which" = topics ] || [ "$which" = control ] || [ "$which" = density ] || [ "$which" = all ]; then
   # The no-op links statically, so the same file is the fork+exec floor and what fnlet runs.
   # With --target the flag reaches only this crate (it has no dependencies), not the host build.
   target=$(rustc -vV | sed -n 's/^host: //p')
@@ -137,6 +140,9 @@ if [ "$which" = events ] || [ "$which" = all ]; then
 fi
 if [ "$which" = topics ] || [ "$which" = all ]; then
   cargo bench -p fnlet-benches --bench topics -- "$@" || status=$?
+fi
+if [ "$which" = control ] || [ "$which" = all ]; then
+  cargo bench -p fnlet-benches --bench control -- "$@" || status=$?
 fi
 if [ "$which" = network ] || [ "$which" = all ]; then
   cargo bench -p fnlet-benches --bench network -- "$@" || status=$?

@@ -331,6 +331,7 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
         token,
         started,
         cluster: std::sync::OnceLock::new(),
+        updates: Default::default(),
     });
     start_cluster(&app, join_token.as_deref()).await?;
     for name in &names {

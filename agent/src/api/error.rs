@@ -83,10 +83,15 @@ impl IntoResponse for AppError {
 impl From<StoreError> for AppError {
     fn from(e: StoreError) -> AppError {
         match e {
-            StoreError::NotFound(_) | StoreError::NoSuchVersion { .. } => {
-                AppError::not_found(e.to_string())
-            }
+            StoreError::NotFound(_)
+            | StoreError::NoSuchVersion { .. }
+            | StoreError::NoSuchAlias { .. } => AppError::not_found(e.to_string()),
             StoreError::NothingToRollBack(_) => AppError::bad_request(e.to_string()),
+            StoreError::ActiveVersion { .. }
+            | StoreError::AliasExists { .. }
+            | StoreError::VersionInUse { .. } => {
+                AppError::new(StatusCode::CONFLICT, "active_version", e.to_string())
+            }
             StoreError::BundleMissing { .. } => {
                 AppError::new(StatusCode::CONFLICT, "bundle_missing", e.to_string())
             }

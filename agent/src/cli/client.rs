@@ -364,6 +364,24 @@ pub struct ManifestInfo {
     pub description: Option<String>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub runtime: Option<String>,
+    #[serde(default)]
+    pub handler: Option<String>,
+    /// `[aws]`: what the AWS tools set (role, a bootstrap's provided.* runtime and handler).
+    #[serde(default)]
+    pub aws: AwsInfo,
+}
+
+/// `[aws]` of a manifest in the API.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct AwsInfo {
+    #[serde(default)]
+    pub role: Option<String>,
+    #[serde(default)]
+    pub runtime: Option<String>,
+    #[serde(default)]
+    pub handler: Option<String>,
 }
 
 /// `Function` in the API.
@@ -715,11 +733,16 @@ impl Client {
     }
 
     /// POST /v1/keys: a new access key, with its secret (shown this once).
-    pub async fn create_key(&self, description: Option<&str>) -> ClientResult<Value> {
-        let body = match description {
-            Some(d) => serde_json::json!({ "description": d }),
-            None => serde_json::json!({}),
-        };
+    pub async fn create_key(
+        &self,
+        description: Option<&str>,
+        scope: &str,
+        functions: &[String],
+    ) -> ClientResult<Value> {
+        let mut body = serde_json::json!({ "scope": scope, "functions": functions });
+        if let Some(d) = description {
+            body["description"] = d.into();
+        }
         self.json(self.with_json(Method::POST, &["v1", "keys"], &body)?)
             .await
     }

@@ -1037,6 +1037,23 @@ fn describe_text(f: &FunctionInfo, versions: &[VersionInfo]) -> String {
         "entrypoint",
         m.entrypoint.as_ref().map_or("-".into(), entrypoint),
     ));
+    // Lambda's names for it, when it has them (a runtime, or what the AWS tools set).
+    let lambda = [
+        (
+            "runtime",
+            m.runtime.clone().or_else(|| m.aws.runtime.clone()),
+        ),
+        (
+            "handler",
+            m.handler.clone().or_else(|| m.aws.handler.clone()),
+        ),
+        ("role", m.aws.role.clone()),
+    ];
+    for (k, v) in lambda {
+        if let Some(v) = v {
+            pairs.push((k, v));
+        }
+    }
     pairs.push((
         "memory",
         or_default(m.memory_mb.map(memory), memory(lim.memory_mb)),

@@ -515,6 +515,7 @@ impl Events {
                 want_tail: false,
                 client_context: None,
                 env,
+                version: None,
             })
             .await;
         let fn_error =

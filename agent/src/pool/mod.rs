@@ -246,7 +246,10 @@ fn lambda_env(
         ),
         (
             "_HANDLER",
-            m.handler.clone().unwrap_or_else(|| BOOTSTRAP.to_string()),
+            m.handler
+                .clone()
+                .or_else(|| m.aws.handler.clone())
+                .unwrap_or_else(|| BOOTSTRAP.to_string()),
         ),
         ("LAMBDA_TASK_ROOT", isolate::TASK_ROOT.to_string()),
         ("LAMBDA_RUNTIME_DIR", isolate::TASK_ROOT.to_string()),
@@ -418,15 +421,17 @@ impl FunctionSlot {
     }
 
     /// A warm instance of `version`, the most recently used (its caches are warmest).
-    /// Instances of other versions, or that have died, are dropped on the way.
+    /// Instances that have died, or whose version is no longer active, are dropped on the
+    /// way; the active version's stay for their callers when `version` is another (a
+    /// qualified call).
     pub fn take_idle(&self, version: u64) -> Option<Tracked> {
+        let active = self.active().version;
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(i) = idle.pop() {
-            if i.instance.version == version && i.instance.is_alive() {
-                return Some(i.instance);
-            }
-        }
-        None
+        idle.retain(|i| {
+            i.instance.is_alive() && (i.instance.version == active || i.instance.version == version)
+        });
+        let at = idle.iter().rposition(|i| i.instance.version == version)?;
+        Some(idle.remove(at).instance)
     }
 
     /// Returns an instance to the warm pool after an invocation.
@@ -892,6 +897,7 @@ mod tests {
             size_bytes: 1,
             created_at: String::new(),
             manifest,
+            code_sha256: None,
         };
         ActiveFunction::new(&rec, &v, "/b".into(), &Config::default()).unwrap()
     }

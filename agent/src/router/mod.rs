@@ -56,6 +56,9 @@ pub struct InvokeRequest<'a> {
     /// Exec mode: variables set for this call only (a topic event's `CE_*` attributes). A
     /// call with some starts a sandbox of its own rather than one prepared ahead.
     pub env: Vec<(String, String)>,
+    /// A version other than the active one (a qualified call: a version number or an alias),
+    /// run within the function's concurrency; None: the active version.
+    pub version: Option<Arc<ActiveFunction>>,
 }
 
 /// The `running` gauge of one invocation: up while it lives, down when dropped.
@@ -217,7 +220,10 @@ impl Router {
             .queue_wait
             .get_or_create(&labels)
             .observe(started.elapsed().as_secs_f64());
-        let f = held.function.clone();
+        let f = match &req.version {
+            Some(v) => v.clone(),
+            None => held.function.clone(),
+        };
         self.metrics.invocations.get_or_create(&labels).inc();
         // Counted down however the call ends, the caller hanging up included.
         let _running = Running::start(self.metrics.running.get_or_create(&labels).clone());
