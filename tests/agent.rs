@@ -852,6 +852,7 @@ fn openapi_document_matches_the_running_agent() {
                 "arn:aws:lambda:us-east-1:000000000000:function:docl",
             )
             .replace("{alias}", "live")
+            .replace("{topic}", "orders")
     };
     let is_fallback = |r: &Resp| r.status == 404 && r.text().contains("no such route");
 
