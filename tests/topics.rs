@@ -706,6 +706,47 @@ fn a_publish_on_any_host_of_a_cluster_reaches_the_subscribers() {
         let seen = wait_got(host, "sub", 1);
         assert_eq!(seen[0].1["id"], format!("{id}-wanted"));
     }
+    // Signed publishes (SigV4, curl's own signer): a key that may invoke every function
+    // publishes; one limited to some functions may not, since a publish runs whichever
+    // functions subscribe.
+    for (scope, want) in [
+        (vec!["--scope", "invoke"], "202"),
+        (vec!["--scope", "invoke", "--function", "team-*"], "403"),
+    ] {
+        let mut args = vec!["keys", "create", "--json"];
+        args.extend(scope.iter().copied());
+        let o = a.cli(&args);
+        assert!(o.status.success(), "fnlet keys create: {}", show(&o));
+        let key: Value = serde_json::from_slice(&o.stdout).expect("keys create --json");
+        let user = format!(
+            "{}:{}",
+            key["access_key_id"].as_str().expect("key id"),
+            key["secret_access_key"].as_str().expect("secret")
+        );
+        let o = Command::new("curl")
+            .args([
+                "-sS",
+                "--noproxy",
+                "*",
+                "--max-time",
+                "30",
+                "-o",
+                "/dev/null",
+            ])
+            .args(["-w", "%{http_code}", "-H", "Content-Type: application/json"])
+            .args(["--data-binary", r#"{"signed":true}"#])
+            .args(["--aws-sigv4", "aws:amz:us-east-1:lambda", "--user", &user])
+            .arg(format!("{}/v1/topics/clustered", a.base_url()))
+            .output()
+            .expect("run curl");
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout),
+            want,
+            "signed publish with {scope:?}: {}\n{}",
+            show(&o),
+            a.log()
+        );
+    }
     b.finish();
     a.finish();
 }

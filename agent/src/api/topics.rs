@@ -89,10 +89,28 @@ fn authorize(
                 body,
                 SystemTime::now(),
             )
-            .map(drop)
             .map_err(|e| {
                 refused(app, "unauthorized");
                 AppError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string())
+            })
+            .and_then(|id| {
+                // A publish may run any subscriber: it needs a key that may invoke every
+                // function (invoke scope or above, not limited to some functions).
+                match app.keys.get(&id) {
+                    Some(k) if k.allows(crate::auth::keys::Scope::Invoke, None) => Ok(()),
+                    _ => {
+                        refused(app, "unauthorized");
+                        Err(AppError::new(
+                            StatusCode::FORBIDDEN,
+                            "forbidden",
+                            format!(
+                                "access key {id} may not publish to {topic}: publishing runs \
+                                 whichever functions subscribe, so it needs a key not limited \
+                                 to some functions"
+                            ),
+                        ))
+                    }
+                }
             });
     }
     match app.config.topics.get(topic) {
