@@ -558,17 +558,24 @@ fn async_events_with_real_clients() {
     let failing_id = res[0]["request_id"].as_str().expect("202").to_string();
     let failing2_id = res[1]["request_id"].as_str().expect("202").to_string();
     let aging_id = res[2]["request_id"].as_str().expect("202").to_string();
-    // While it waits for its retry, `fnlet events` shows it.
-    std::thread::sleep(Duration::from_millis(500));
-    let o = agent.cli(&["events", "failing", "--json"]);
-    assert!(o.status.success(), "fnlet events: {}", show(&o));
-    let ev: Value = serde_json::from_slice(&o.stdout).expect("events JSON");
+    // While it waits for its retry, `fnlet events` shows it (once its first try has failed,
+    // which a loaded machine may take a while to run; or it is already gone).
+    let started = Instant::now();
+    loop {
+        let o = agent.cli(&["events", "failing", "--json"]);
+        assert!(o.status.success(), "fnlet events: {}", show(&o));
+        let ev: Value = serde_json::from_slice(&o.stdout).expect("events JSON");
+        if ev["retrying"][0]["request_id"] == failing_id.as_str() || ev["stored"] == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the failed event is not shown retrying: {ev:#}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let o = agent.cli(&["events", "failing"]);
     let text = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(
-        ev["retrying"][0]["request_id"] == failing_id.as_str() || ev["stored"] == 0,
-        "{ev:#}"
-    );
     assert!(
         text.contains("on failure:") && text.contains(&sink.url),
         "{text}"
