@@ -620,7 +620,10 @@ impl Catalog {
         record: ScheduleRecord,
         now: NTP64,
     ) -> Result<Option<Delta>, CatalogError> {
-        if self.schedule(id).is_some_and(|r| r.tick_ms >= record.tick_ms) {
+        if self
+            .schedule(id)
+            .is_some_and(|r| r.tick_ms >= record.tick_ms)
+        {
             return Ok(None);
         }
         self.write(

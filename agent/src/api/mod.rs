@@ -56,6 +56,8 @@ pub struct App {
     pub node_id: String,
     /// This agent as a cluster member, once it is one (at start, or after `cluster init`).
     pub cluster: std::sync::OnceLock<Arc<crate::cluster::node::Node>>,
+    /// Fires the functions' schedule triggers.
+    pub scheduler: Arc<crate::triggers::Scheduler>,
 }
 
 /// The header naming the host that ran an invocation.
@@ -131,6 +133,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/cluster/tokens"),
     ("GET", "/v1/cluster/members"),
     ("GET", "/v1/functions/{name}/events"),
+    ("GET", "/v1/triggers"),
     ("POST", "/2015-03-31/functions/{name}/invocations"),
     ("GET", "/2019-09-25/functions/{name}/event-invoke-config"),
     ("PUT", "/2019-09-25/functions/{name}/event-invoke-config"),
@@ -169,6 +172,7 @@ pub fn app(state: Arc<App>) -> AxumRouter {
         .route("/v1/cluster/tokens", post(cluster::token))
         .route("/v1/cluster/members", get(cluster::members))
         .route("/v1/functions/{name}/events", get(events))
+        .route("/v1/triggers", get(triggers))
         .route(
             "/2015-03-31/functions/{name}/invocations",
             post(lambda::invoke_api),
@@ -454,6 +458,28 @@ async fn describe(
 }
 
 /// `GET /v1/functions/{name}/events`: the function's async events (what `fnlet events` shows).
+#[derive(Debug, Deserialize)]
+struct TriggersQuery {
+    function: Option<String>,
+}
+
+/// Every trigger of every active function (or of `?function=NAME`): what `fnlet triggers`
+/// shows.
+async fn triggers(
+    State(app): Shared,
+    headers: HeaderMap,
+    Query(q): Query<TriggersQuery>,
+) -> Result<Response, AppError> {
+    admin(&app, &headers)?;
+    if let Some(name) = &q.function {
+        checked_name(name)?;
+        app.router
+            .lookup(name)
+            .ok_or_else(|| not_served(&app, name))?;
+    }
+    Ok(axum::Json(app.scheduler.view(&app, q.function.as_deref())).into_response())
+}
+
 async fn events(
     State(app): Shared,
     headers: HeaderMap,

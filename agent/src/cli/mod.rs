@@ -20,6 +20,7 @@ pub(crate) mod pack;
 mod quic;
 mod runtime;
 mod sandbox;
+mod triggers;
 
 use std::process::ExitCode;
 
@@ -91,6 +92,14 @@ Examples:
   fnlet members
   fnlet members --json | jq -r '.[] | select(.state != \"alive\") | .id'")]
     Members(cluster::MembersArgs),
+    /// Every trigger of every function (or of one): schedules with their next fire times, last
+    /// fired tick and owner host; topic subscriptions.
+    #[command(after_help = "\
+Examples:
+  fnlet triggers
+  fnlet triggers nightly
+  fnlet triggers --json | jq '.triggers[] | select(.type == \"schedule\") | .next'")]
+    Triggers(triggers::TriggersArgs),
     /// Print shell completions for fnlet.
     #[command(after_help = "\
 Examples:
@@ -130,6 +139,7 @@ pub fn main() -> ExitCode {
         Command::Keys(cmd) => Ok(keys::run(cmd)),
         Command::Cluster(cmd) => Ok(cluster::run(cmd)),
         Command::Members(args) => Ok(cluster::run_members(args)),
+        Command::Triggers(args) => Ok(triggers::run(args)),
         Command::Runtime(cmd) => Ok(runtime::run(cmd)),
         Command::Completions { shell } => Ok(completions(shell)),
         Command::Manpages { dir } => manpages(&dir),

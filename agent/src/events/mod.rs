@@ -39,6 +39,9 @@ const URL_CONCURRENCY: u32 = 8;
 const URL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Failures `fnlet events` remembers per function.
 const FAILURES_KEPT: usize = 20;
+/// How long an id accepted with [`Events::accept_once`] is remembered: a second event with it
+/// within this is not stored (two hosts firing one schedule tick meet well within it).
+pub const SEEN_WINDOW_MS: u64 = 3600 * 1000;
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -105,6 +108,12 @@ struct State {
     lanes: HashMap<Target, Lane>,
     entries: HashMap<u64, Entry>,
     configs: HashMap<String, InvokeConfig>,
+    /// Ids accepted once (see [`Events::accept_once`]) and when, ms.
+    seen: HashMap<String, u64>,
+    /// When `seen` was last pruned, ms.
+    pruned_ms: u64,
+    /// Schedules' last ticks stored here.
+    ticks: HashMap<String, u64>,
 }
 
 type HttpClient = hyper_util::client::legacy::Client<
@@ -177,6 +186,8 @@ impl Events {
             );
         }
         state.configs = loaded.configs.into_iter().collect();
+        state.seen = loaded.seen.into_iter().collect();
+        state.ticks = loaded.ticks.into_iter().collect();
         let http =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .build_http();
@@ -203,6 +214,73 @@ impl Events {
         request_id: &str,
         payload: Bytes,
     ) -> Result<(), AcceptError> {
+        self.store(function, request_id, payload, Vec::new()).await
+    }
+
+    /// Stores an event of `function` whose id is accepted once: false (and nothing stored)
+    /// when an event with `id` was accepted within [`SEEN_WINDOW_MS`]. With `tick`, the
+    /// schedule's last tick stored here is raised to it in the same commit.
+    pub async fn accept_once(
+        &self,
+        function: &str,
+        id: &str,
+        payload: Bytes,
+        tick: Option<(&str, u64)>,
+    ) -> Result<bool, AcceptError> {
+        let now = now_ms();
+        let mut ops = vec![Op::PutSeen(id.to_string(), now)];
+        {
+            let mut st = self.lock();
+            if st.seen.contains_key(id) {
+                return Ok(false);
+            }
+            // Held while it is written: a concurrent accept of the same id sees it.
+            st.seen.insert(id.to_string(), now);
+            if now.saturating_sub(st.pruned_ms) >= 60_000 {
+                st.pruned_ms = now;
+                let old: Vec<String> = st
+                    .seen
+                    .iter()
+                    .filter(|(_, at)| now.saturating_sub(**at) > SEEN_WINDOW_MS)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for k in old {
+                    st.seen.remove(&k);
+                    ops.push(Op::RemoveSeen(k));
+                }
+            }
+        }
+        if let Some((schedule, t)) = tick {
+            ops.push(Op::PutTick(schedule.to_string(), t));
+        }
+        match self.store(function, id, payload, ops).await {
+            Ok(()) => {
+                if let Some((schedule, t)) = tick {
+                    let mut st = self.lock();
+                    let stored = st.ticks.entry(schedule.to_string()).or_default();
+                    *stored = (*stored).max(t);
+                }
+                Ok(true)
+            }
+            Err(e) => {
+                self.lock().seen.remove(id);
+                Err(e)
+            }
+        }
+    }
+
+    /// The last tick of `schedule` whose event this host stored (ms).
+    pub fn last_tick(&self, schedule: &str) -> Option<u64> {
+        self.lock().ticks.get(schedule).copied()
+    }
+
+    async fn store(
+        &self,
+        function: &str,
+        request_id: &str,
+        payload: Bytes,
+        mut ops: Vec<Op>,
+    ) -> Result<(), AcceptError> {
         let len = payload.len() as u64;
         let target = Target::Function(function.to_string());
         {
@@ -222,10 +300,8 @@ impl Events {
             lane.bytes += len;
         }
         let (seq, header) = self.stage(target.clone(), request_id.to_string(), None);
-        let result = self
-            .queue
-            .commit(vec![Op::Put(seq, encode(&header, &payload))])
-            .await;
+        ops.insert(0, Op::Put(seq, encode(&header, &payload)));
+        let result = self.queue.commit(ops).await;
         let mut st = self.lock();
         let State { lanes, entries, .. } = &mut *st;
         let lane = lanes.entry(target).or_default();

@@ -23,6 +23,10 @@ use super::policy::{History, InvokeConfig};
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 /// function name -> JSON [`InvokeConfig`].
 const CONFIGS: TableDefinition<&str, &[u8]> = TableDefinition::new("invoke_configs");
+/// event id -> when it was accepted (ms): ids accepted once only (a schedule's tick).
+const SEEN: TableDefinition<&str, u64> = TableDefinition::new("seen_ids");
+/// schedule id -> the last tick (ms) whose event this host stored.
+const TICKS: TableDefinition<&str, u64> = TableDefinition::new("schedule_ticks");
 
 /// Batches taken into one commit at most.
 const MAX_GROUP: usize = 8192;
@@ -106,6 +110,11 @@ pub enum Op {
     Remove(u64),
     PutConfig(String, InvokeConfig),
     RemoveConfig(String),
+    /// An id accepted once, and when (ms).
+    PutSeen(String, u64),
+    RemoveSeen(String),
+    /// A schedule's last tick stored here (ms); only ever raised.
+    PutTick(String, u64),
 }
 
 struct Batch {
@@ -140,6 +149,8 @@ impl Drop for Queue {
 pub struct Loaded {
     pub events: Vec<(u64, Header, u64)>,
     pub configs: Vec<(String, InvokeConfig)>,
+    pub seen: Vec<(String, u64)>,
+    pub ticks: Vec<(String, u64)>,
     pub next_seq: u64,
 }
 
@@ -174,6 +185,8 @@ impl Queue {
         let txn = db.begin_write().map_err(|e| open_err(&e))?;
         txn.open_table(EVENTS).map_err(|e| open_err(&e))?;
         txn.open_table(CONFIGS).map_err(|e| open_err(&e))?;
+        txn.open_table(SEEN).map_err(|e| open_err(&e))?;
+        txn.open_table(TICKS).map_err(|e| open_err(&e))?;
         txn.commit().map_err(|e| open_err(&e))?;
         let loaded = load(&db)?;
         let db = Arc::new(db);
@@ -251,9 +264,21 @@ fn load(db: &Database) -> Result<Loaded, QueueError> {
             Err(e) => tracing::error!(function = k.value(), "corrupt event invoke config: {e}"),
         }
     }
+    let mut seen = Vec::new();
+    for row in txn.open_table(SEEN).map_err(err)?.iter().map_err(err)? {
+        let (k, v) = row.map_err(err)?;
+        seen.push((k.value().to_string(), v.value()));
+    }
+    let mut ticks = Vec::new();
+    for row in txn.open_table(TICKS).map_err(err)?.iter().map_err(err)? {
+        let (k, v) = row.map_err(err)?;
+        ticks.push((k.value().to_string(), v.value()));
+    }
     Ok(Loaded {
         events,
         configs,
+        seen,
+        ticks,
         next_seq,
     })
 }
@@ -324,6 +349,8 @@ fn apply(db: &Database, group: &[Batch], durable: bool) -> Result<(), redb::Erro
     {
         let mut events = txn.open_table(EVENTS)?;
         let mut configs = txn.open_table(CONFIGS)?;
+        let mut seen = txn.open_table(SEEN)?;
+        let mut ticks = txn.open_table(TICKS)?;
         for op in group.iter().flat_map(|b| &b.ops) {
             match op {
                 Op::Put(seq, v) => {
@@ -338,6 +365,18 @@ fn apply(db: &Database, group: &[Batch], durable: bool) -> Result<(), redb::Erro
                 }
                 Op::RemoveConfig(name) => {
                     configs.remove(name.as_str())?;
+                }
+                Op::PutSeen(id, ms) => {
+                    seen.insert(id.as_str(), ms)?;
+                }
+                Op::RemoveSeen(id) => {
+                    seen.remove(id.as_str())?;
+                }
+                Op::PutTick(id, tick) => {
+                    let stored = ticks.get(id.as_str())?.map(|v| v.value());
+                    if stored.is_none_or(|s| s < *tick) {
+                        ticks.insert(id.as_str(), tick)?;
+                    }
                 }
             }
         }
@@ -412,6 +451,32 @@ mod tests {
         assert_eq!(loaded.events.len(), 199);
         assert_eq!(loaded.next_seq, 200);
         assert_eq!(loaded.configs.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn seen_ids_and_schedule_ticks_survive_reopen_and_ticks_only_rise() {
+        let dir = tempfile::tempdir().unwrap();
+        let commits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (q, _) = Queue::open(dir.path(), Counting(commits.clone())).unwrap();
+        q.commit(vec![
+            Op::Put(1, encode(&header("tick-a"), b"one")),
+            Op::PutSeen("tick-a".into(), 5),
+            Op::PutSeen("tick-old".into(), 1),
+            Op::PutTick("s".into(), 2_000),
+        ])
+        .await
+        .unwrap();
+        q.commit(vec![
+            Op::PutTick("s".into(), 1_000),
+            Op::RemoveSeen("tick-old".into()),
+        ])
+        .await
+        .unwrap();
+        drop(q);
+        let (_q, loaded) = Queue::open(dir.path(), Counting(commits)).unwrap();
+        assert_eq!(loaded.seen, vec![("tick-a".to_string(), 5)]);
+        assert_eq!(loaded.ticks, vec![("s".to_string(), 2_000)]);
+        assert_eq!(loaded.events.len(), 1);
     }
 
     #[tokio::test]

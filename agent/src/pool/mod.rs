@@ -596,6 +596,8 @@ pub struct Registry {
     /// Told whenever a call starts or ends here: [`Registry::running_total`] may have changed
     /// (the cluster reports it to the peers).
     pub load_changed: Arc<tokio::sync::Notify>,
+    /// Told when a function is activated or removed (the scheduler reads the triggers again).
+    pub functions_changed: tokio::sync::Notify,
 }
 
 impl Registry {
@@ -623,6 +625,8 @@ impl Registry {
                 );
             }
         }
+        drop(map);
+        self.functions_changed.notify_one();
     }
 
     /// Records that the stored function `name`, which has no active version here, cannot run,
@@ -656,6 +660,7 @@ impl Registry {
         if let Some(s) = &slot {
             s.drop_idle();
         }
+        self.functions_changed.notify_one();
         slot
     }
 

@@ -2,5 +2,7 @@
 //! an async event (events/), with its retries and destinations.
 
 pub mod manifest;
+pub mod schedule;
 
 pub use manifest::{FilterMatch, Schedule, ScheduleKind, Trigger, TriggerError, TriggerManifest};
+pub use schedule::Scheduler;
