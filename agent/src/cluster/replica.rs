@@ -155,6 +155,22 @@ impl Node {
         self.push(delta);
     }
 
+    /// A digest swap with live peer `peer` (the previous owner of a schedule, before this host
+    /// fires a tick it waited for): whether it completed.
+    pub async fn sync_from(self: &Arc<Self>, peer: &str) -> bool {
+        let Some(p) = self.live_peers().into_iter().find(|p| p.id == peer) else {
+            return false;
+        };
+        match tokio::time::timeout(Duration::from_secs(2), self.sync_with(&p.id, p.addr)).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => {
+                tracing::debug!(peer, "catalog sync before a schedule's tick: {e}");
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
     /// A schedule's last fired tick in the catalog.
     pub fn schedule_record(&self, id: &str) -> Option<ScheduleRecord> {
         self.replica.lock().schedule(id).cloned()

@@ -18,7 +18,8 @@
 //! recorded one (the latest), counts the others as missed, and never fires a tick at or before
 //! the recorded one. If the last tick was fired by another live host (a restarted owner coming
 //! back while the stand-in still fires), it first waits `schedules.handoff_wait_s` after the
-//! next tick for that host's record, and fires only if none came. In a cluster, schedules wait
+//! next tick for that host's record, asks that host for its records (a digest swap), and fires
+//! only if none came. In a cluster, schedules wait
 //! at start for a catalog sync with a peer (`schedules.startup_sync_s` at most), so a restarted
 //! host knows the ticks fired while it was away.
 //!
@@ -437,6 +438,25 @@ impl Scheduler {
     /// Decides for every schedule, fires what is due; returns when to wake next.
     async fn tick(&self, app: &App) -> Option<Timestamp> {
         let node = app.cluster.get().cloned();
+        if let Some(node) = &node {
+            // A tick waited for is fired only after asking the host that fired the one before
+            // it for its records: its push may not reach this host yet (it may not count this
+            // host as live).
+            let now = Timestamp::now();
+            let ask: std::collections::BTreeSet<String> = self
+                .lock()
+                .entries
+                .iter()
+                .filter(|(_, e)| {
+                    e.owned && e.deferred.is_some() && e.wake_at.is_some_and(|w| w <= now)
+                })
+                .filter_map(|(id, _)| node.schedule_record(id).map(|r| r.fired_by))
+                .filter(|by| *by != node.id)
+                .collect();
+            for peer in ask {
+                node.sync_from(&peer).await;
+            }
+        }
         let live = node.as_ref().map(|n| n.live_ids());
         let ready = self.ready(app);
         let me = node
@@ -541,6 +561,7 @@ impl Scheduler {
                         }
                         // Worked out again at once: the next tick's timer.
                         e.scheduled = None;
+                        e.deferred = None;
                         e.wake_at = None;
                     }
                 }
