@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # fnlet's benchmarks in one command, as root:
-# `benches/run.sh [spawn|agent|lambda|cluster|events|network|membership|all]` (default all; membership alone
+# `benches/run.sh [spawn|agent|lambda|cluster|events|network|schedules|membership|all]` (default all; membership alone
 # needs no root).
 #
 # spawn: spawn-to-exit of a sandboxed static binary against fork+exec, bwrap and runc. Installs
@@ -31,6 +31,11 @@
 #   instance, and an HTTP GET loop (curl) from a function against the same from the host, to a
 #   server in an upstream namespace of the bench's own. Installs nftables, conntrack, curl; runs
 #   `cargo bench -p fnlet-benches --bench network`.
+# schedules: schedule firing accuracy on a real `fnlet agent`: a per-second schedule's delay from
+#   the tick to the event stored and to the run's start (median, p99, max) over
+#   FNLET_BENCH_SECONDS (default 600), beside a floor that fires the same script from a plain
+#   timer loop between fnlet's ticks. Builds fnlet; runs `cargo bench -p fnlet-benches --bench
+#   schedules`.
 # membership: foca instances (the cluster crate's Membership, production foca_config) on a
 #   simulated clock, N = 5 to 1,000, 0 and 10 % loss: join dissemination, failure detection,
 #   false positives and traffic per host, beside memberlist's and Serf's published figures. No
@@ -44,9 +49,9 @@ cd "$(dirname "$0")/.."
 which=${1:-all}
 [ $# -gt 0 ] && shift
 case "$which" in
-  spawn | agent | lambda | cluster | events | network | membership | all) ;;
+  spawn | agent | lambda | cluster | events | network | schedules | membership | all) ;;
   *)
-    echo "usage: $0 [spawn|agent|lambda|cluster|events|network|membership|all]" >&2
+    echo "usage: $0 [spawn|agent|lambda|cluster|events|network|schedules|membership|all]" >&2
     exit 2
     ;;
 esac
@@ -126,6 +131,9 @@ if [ "$which" = events ] || [ "$which" = all ]; then
 fi
 if [ "$which" = network ] || [ "$which" = all ]; then
   cargo bench -p fnlet-benches --bench network -- "$@" || status=$?
+fi
+if [ "$which" = schedules ] || [ "$which" = all ]; then
+  cargo bench -p fnlet-benches --bench schedules -- "$@" || status=$?
 fi
 if [ "$which" = all ]; then
   cargo bench -p fnlet-benches --bench membership -- "$@" || status=$?
