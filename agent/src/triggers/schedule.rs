@@ -350,11 +350,11 @@ impl Scheduler {
                 }
             };
             // Until the first catalog sync, ownership is worked out again when it ends.
+            let sync_left =
+                secs(app.config.schedules.startup_sync_s).saturating_sub(self.started.elapsed());
             let sync_wait = async {
-                if app.cluster.get().is_some_and(|n| !n.has_synced()) {
-                    let left = secs(app.config.schedules.startup_sync_s)
-                        .saturating_sub(self.started.elapsed());
-                    tokio::time::sleep(left + Duration::from_millis(1)).await
+                if !sync_left.is_zero() && app.cluster.get().is_some_and(|n| !n.has_synced()) {
+                    tokio::time::sleep(sync_left + Duration::from_millis(1)).await
                 } else {
                     std::future::pending().await
                 }
