@@ -27,9 +27,12 @@ pub use policy::{Destination, InvokeConfig, Policy};
 use queue::{Header, Op, Queue, QueueError, Target, encode};
 
 use crate::config::EventsConfig;
-use crate::metrics::{ConditionLabels, EventLabels, Metrics};
+use crate::manifest::Mode;
+use crate::metrics::{ConditionLabels, EventLabels, Metrics, TopicFnLabels, TopicModeLabels};
 use crate::pool::ActiveFunction;
 use crate::router::{InvokeRequest, Router};
+use crate::triggers::cloudevent::{self, CloudEvent};
+use crate::triggers::topics;
 
 /// Lambda's payload limit for Event invokes.
 pub const MAX_EVENT_BYTES: usize = 1 << 20;
@@ -39,9 +42,13 @@ const URL_CONCURRENCY: u32 = 8;
 const URL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Failures `fnlet events` remembers per function.
 const FAILURES_KEPT: usize = 20;
-/// How long an id accepted with [`Events::accept_once`] is remembered: a second event with it
-/// within this is not stored (two hosts firing one schedule tick meet well within it).
+/// How long an id accepted with [`Events::accept_once`] stays a duplicate: a second event with
+/// it within this is not stored (two hosts firing one schedule tick meet well within it).
 pub const SEEN_WINDOW_MS: u64 = 3600 * 1000;
+/// How often expired dedup entries (topic events, ids accepted once) are dropped.
+const SEEN_PRUNE_EVERY: Duration = Duration::from_secs(10);
+/// The metrics label of topics nobody subscribes to (so callers cannot mint label values).
+const UNSUBSCRIBED: &str = "(unsubscribed)";
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -49,7 +56,7 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn rfc3339_ms(ms: u64) -> String {
+pub fn rfc3339_ms(ms: u64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()
         .and_then(|t| {
@@ -108,12 +115,47 @@ struct State {
     lanes: HashMap<Target, Lane>,
     entries: HashMap<u64, Entry>,
     configs: HashMap<String, InvokeConfig>,
-    /// Ids accepted once (see [`Events::accept_once`]) and when, ms.
-    seen: HashMap<String, u64>,
-    /// When `seen` was last pruned, ms.
-    pruned_ms: u64,
+    /// Events seen -> until when a copy is a duplicate: topic events (a hash of topic, source
+    /// and id, [`seen_key`]) and ids accepted once (a schedule's ticks, [`once_key`]).
+    seen: HashMap<[u8; 32], u64>,
     /// Schedules' last ticks stored here.
     ticks: HashMap<String, u64>,
+}
+
+/// One async event a topic event became.
+#[derive(Debug, Clone, Serialize)]
+pub struct Delivery {
+    pub function: String,
+    pub request_id: String,
+}
+
+/// What became of one published event.
+#[derive(Debug, Clone, Serialize)]
+pub struct Published {
+    pub id: String,
+    pub source: String,
+    /// Seen within the dedup window already: not delivered again.
+    pub duplicate: bool,
+    pub deliveries: Vec<Delivery>,
+    /// Subscribers whose filters it did not pass.
+    pub filtered: usize,
+}
+
+/// The dedup key of a topic event.
+fn seen_key(topic: &str, source: &str, id: &str) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for part in [topic, source, id] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    h.finalize().into()
+}
+
+/// The dedup key of an id accepted once ([`Events::accept_once`]): no topic event's, as a
+/// topic's name is never empty.
+fn once_key(id: &str) -> [u8; 32] {
+    seen_key("", "fnlet.once", id)
 }
 
 type HttpClient = hyper_util::client::legacy::Client<
@@ -130,6 +172,8 @@ pub struct Events {
     config: EventsConfig,
     seq: AtomicU64,
     http: HttpClient,
+    /// Per-topic counts for `fnlet topics`.
+    pub topic_stats: topics::Stats,
 }
 
 struct Observer(Arc<Metrics>);
@@ -199,6 +243,7 @@ impl Events {
             config: config.clone(),
             seq: AtomicU64::new(loaded.next_seq),
             http,
+            topic_stats: topics::Stats::default(),
         }))
     }
 
@@ -228,27 +273,16 @@ impl Events {
         tick: Option<(&str, u64)>,
     ) -> Result<bool, AcceptError> {
         let now = now_ms();
-        let mut ops = vec![Op::PutSeen(id.to_string(), now)];
+        let key = once_key(id);
+        let mut ops = vec![Op::PutSeen(key, now + SEEN_WINDOW_MS)];
         {
             let mut st = self.lock();
-            if st.seen.contains_key(id) {
+            if st.seen.get(&key).is_some_and(|until| *until > now) {
                 return Ok(false);
             }
-            // Held while it is written: a concurrent accept of the same id sees it.
-            st.seen.insert(id.to_string(), now);
-            if now.saturating_sub(st.pruned_ms) >= 60_000 {
-                st.pruned_ms = now;
-                let old: Vec<String> = st
-                    .seen
-                    .iter()
-                    .filter(|(_, at)| now.saturating_sub(**at) > SEEN_WINDOW_MS)
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                for k in old {
-                    st.seen.remove(&k);
-                    ops.push(Op::RemoveSeen(k));
-                }
-            }
+            // Held while it is written: a concurrent accept of the same id sees it. Expired
+            // entries are dropped with the topics' ([`Events::run`]).
+            st.seen.insert(key, now + SEEN_WINDOW_MS);
         }
         if let Some((schedule, t)) = tick {
             ops.push(Op::PutTick(schedule.to_string(), t));
@@ -263,7 +297,7 @@ impl Events {
                 Ok(true)
             }
             Err(e) => {
-                self.lock().seen.remove(id);
+                self.lock().seen.remove(&key);
                 Err(e)
             }
         }
@@ -350,6 +384,7 @@ impl Events {
             in_flight: false,
             last_error: None,
             origin,
+            cloudevent: false,
         };
         (seq, header)
     }
@@ -376,11 +411,16 @@ impl Events {
     /// Runs the workers until `stop`: each due event starts as soon as its function has room.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         let mut gauges_at = tokio::time::Instant::now();
+        let mut pruned_at = tokio::time::Instant::now();
         loop {
             let next = self.dispatch();
             if gauges_at.elapsed() >= Duration::from_secs(1) {
                 self.update_gauges();
                 gauges_at = tokio::time::Instant::now();
+            }
+            if pruned_at.elapsed() >= SEEN_PRUNE_EVERY {
+                self.prune_seen().await;
+                pruned_at = tokio::time::Instant::now();
             }
             let wait = next.map_or(Duration::from_secs(1), |at| {
                 Duration::from_millis(at.saturating_sub(now_ms())).min(Duration::from_secs(1))
@@ -526,14 +566,23 @@ impl Events {
             self.requeue(seq, h);
             return;
         }
+        // A topic's event: an exec-mode function takes its data and `CE_*` variables.
+        let (body, env) = if h.cloudevent && f.manifest.mode == Mode::Exec {
+            let (stdin, env) = cloudevent::stored_for_exec(&payload);
+            (Bytes::from(stdin), env)
+        } else {
+            (Bytes::from(payload.clone()), Vec::new())
+        };
         let result = self
             .router
             .invoke(InvokeRequest {
                 name,
-                body: Bytes::from(payload.clone()),
+                body,
                 request_id: &h.request_id,
                 want_tail: false,
                 client_context: None,
+                env,
+                version: None,
             })
             .await;
         let fn_error =
@@ -617,7 +666,8 @@ impl Events {
             _ => &policy.on_failure,
         };
         let mut ops = vec![Op::Remove(seq)];
-        let mut staged = None;
+        let mut staged = Vec::new();
+        let mut fanned = None;
         if let Some(d) = destination {
             let rec = policy::record(
                 condition,
@@ -631,14 +681,37 @@ impl Events {
                 }),
                 time::OffsetDateTime::now_utc(),
             );
-            let body = serde_json::to_vec(&rec).expect("records serialize");
             let target = match d {
-                Destination::Function(n) => Target::Function(n.clone()),
-                Destination::Url(u) => Target::Url(u.clone()),
+                Destination::Function(n) => Some(Target::Function(n.clone())),
+                Destination::Url(u) => Some(Target::Url(u.clone())),
+                Destination::Topic(_) => None,
             };
-            let (nseq, nh) = self.stage(target, crate::api::request_id(), Some(f.name.clone()));
-            ops.push(Op::Put(nseq, encode(&nh, &body)));
-            staged = Some((nseq, nh, body.len() as u64));
+            match (target, d) {
+                (Some(target), _) => {
+                    let body = serde_json::to_vec(&rec).expect("records serialize");
+                    let (nseq, nh) =
+                        self.stage(target, crate::api::request_id(), Some(f.name.clone()));
+                    ops.push(Op::Put(nseq, encode(&nh, &body)));
+                    staged.push((nseq, nh, body.len() as u64));
+                }
+                (None, Destination::Topic(topic)) => {
+                    let event = self.destination_event(f, condition, rec);
+                    let (takers, filtered) = self.takers(topic, &event);
+                    let body = serde_json::to_vec(&event.to_json()).expect("events serialize");
+                    for function in &takers {
+                        let (nseq, mut nh) = self.stage(
+                            Target::Function(function.clone()),
+                            crate::api::request_id(),
+                            Some(f.name.clone()),
+                        );
+                        nh.cloudevent = true;
+                        ops.push(Op::Put(nseq, encode(&nh, &body)));
+                        staged.push((nseq, nh, body.len() as u64));
+                    }
+                    fanned = Some((topic.clone(), takers, filtered));
+                }
+                (None, _) => {}
+            }
         }
         if let Err(e) = self.queue.commit_lazy(ops).await {
             tracing::error!(function = %f.name, request_id = %h.request_id, "ending an async event: {e}");
@@ -647,7 +720,19 @@ impl Events {
             self.requeue(seq, h);
             return;
         }
-        if let Some((nseq, nh, bytes)) = staged {
+        if let Some((topic, takers, filtered)) = fanned {
+            metrics
+                .deliveries
+                .get_or_create(&labels(&f.name, "topic"))
+                .inc();
+            self.count_publish(&topic, "destination", &takers, &filtered, false);
+            tracing::debug!(function = %f.name, topic, subscribers = takers.len(), "destination record published");
+        }
+        for (nseq, nh, bytes) in staged {
+            if nh.cloudevent {
+                self.admit(nseq, nh, bytes);
+                continue;
+            }
             let kind = match &nh.target {
                 Target::Function(_) => "function",
                 Target::Url(_) => "url_stored",
@@ -764,6 +849,260 @@ impl Events {
             Ok(Err(e)) => Err(e.to_string()),
             Ok(Ok(resp)) if resp.status().is_success() => Ok(()),
             Ok(Ok(resp)) => Err(format!("answered {}", resp.status())),
+        }
+    }
+
+    /// A destination record as a topic's CloudEvent.
+    fn destination_event(
+        &self,
+        f: &ActiveFunction,
+        condition: Condition,
+        record: serde_json::Value,
+    ) -> CloudEvent {
+        let kind = match condition {
+            Condition::Success => "success",
+            _ => "failure",
+        };
+        let attributes = [
+            ("specversion", "1.0".to_string()),
+            ("id", crate::api::request_id()),
+            ("source", f.arn(&self.router.config, false)),
+            ("type", format!("fnlet.invocation.{kind}")),
+            ("subject", f.name.clone()),
+            ("time", rfc3339_ms(now_ms())),
+            ("datacontenttype", "application/json".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), serde_json::Value::String(v)))
+        .collect();
+        CloudEvent {
+            attributes,
+            data: cloudevent::Data::Json(record),
+        }
+    }
+
+    /// The functions subscribed to `topic` that take `event`, and those whose filters it did
+    /// not pass.
+    fn takers(&self, topic: &str, event: &CloudEvent) -> (Vec<String>, Vec<String>) {
+        let mut takers = Vec::new();
+        let mut filtered = Vec::new();
+        for s in topics::subscribers(&self.router.registry, topic) {
+            if s.takes(event) {
+                takers.push(s.function);
+            } else {
+                filtered.push(s.function);
+            }
+        }
+        (takers, filtered)
+    }
+
+    /// Counts one event published to `topic` (metrics and `fnlet topics`).
+    fn count_publish(
+        &self,
+        topic: &str,
+        mode: &str,
+        takers: &[String],
+        filtered: &[String],
+        duplicate: bool,
+    ) {
+        let known = !takers.is_empty()
+            || !filtered.is_empty()
+            || self.router.config.topics.contains_key(topic);
+        let label = if known { topic } else { UNSUBSCRIBED };
+        let m = &self.router.metrics.topics;
+        m.publishes
+            .get_or_create(&TopicModeLabels {
+                topic: label.to_string(),
+                mode: mode.to_string(),
+            })
+            .inc();
+        if duplicate {
+            m.duplicates
+                .get_or_create(&crate::metrics::TopicLabels {
+                    topic: label.to_string(),
+                })
+                .inc();
+        }
+        let fl = |function: &String| TopicFnLabels {
+            topic: label.to_string(),
+            function: function.clone(),
+        };
+        // A duplicate is dropped whole: neither delivered nor filtered.
+        if !duplicate {
+            for t in takers {
+                m.fanouts.get_or_create(&fl(t)).inc();
+            }
+            for t in filtered {
+                m.filtered.get_or_create(&fl(t)).inc();
+            }
+        }
+        self.topic_stats.add(topic, known, |c| {
+            c.published += 1;
+            if duplicate {
+                c.duplicates += 1;
+            } else {
+                c.delivered += takers.len() as u64;
+                c.filtered += filtered.len() as u64;
+            }
+        });
+    }
+
+    /// Publishes `events` to `topic`: one async event per subscribed function whose filters
+    /// an event passes, each with its own retries and destinations; an event whose source and
+    /// id were published to the topic within `events.dedup_window_s` is a duplicate and makes
+    /// none. Returns once every async event (and the dedup record) is on disk, in one commit.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        events: &[CloudEvent],
+        mode: cloudevent::Mode,
+    ) -> Result<Vec<Published>, AcceptError> {
+        let now = now_ms();
+        let until = now + (self.config.dedup_window_s * 1000.0) as u64;
+        let subscribers = topics::subscribers(&self.router.registry, topic);
+        let mut out = Vec::with_capacity(events.len());
+        let mut ops = Vec::new();
+        // (seq, header, bytes) of the async events made, and the dedup keys reserved.
+        let mut staged: Vec<(u64, Header, u64)> = Vec::new();
+        let mut reserved: Vec<[u8; 32]> = Vec::new();
+        let mut counted: Vec<(Vec<String>, Vec<String>, bool)> = Vec::new();
+        let mut full = None;
+        {
+            let mut st = self.lock();
+            for e in events {
+                let (takers, filtered): (Vec<_>, Vec<_>) =
+                    subscribers.iter().partition(|s| s.takes(e));
+                let takers: Vec<String> = takers.into_iter().map(|s| s.function.clone()).collect();
+                let filtered: Vec<String> =
+                    filtered.into_iter().map(|s| s.function.clone()).collect();
+                let mut published = Published {
+                    id: e.id(),
+                    source: e.source(),
+                    duplicate: false,
+                    deliveries: Vec::new(),
+                    filtered: filtered.len(),
+                };
+                if !takers.is_empty() {
+                    let key = seen_key(topic, &published.source, &published.id);
+                    if st.seen.get(&key).is_some_and(|u| *u > now) {
+                        published.duplicate = true;
+                    } else {
+                        st.seen.insert(key, until);
+                        reserved.push(key);
+                        ops.push(Op::PutSeen(key, until));
+                        let body = serde_json::to_vec(&e.to_json()).expect("events serialize");
+                        let len = body.len() as u64;
+                        for function in &takers {
+                            let target = Target::Function(function.clone());
+                            let lane = st.lanes.entry(target.clone()).or_default();
+                            if lane.count >= self.config.max_queued_events
+                                || lane.bytes + len > self.config.max_queued_mb << 20
+                            {
+                                full.get_or_insert(AcceptError::Full {
+                                    function: function.clone(),
+                                    count: lane.count,
+                                    bytes: lane.bytes,
+                                });
+                                continue;
+                            }
+                            // Held while it is written: concurrent accepts see it.
+                            lane.count += 1;
+                            lane.bytes += len;
+                            let (seq, mut h) = self.stage(target, crate::api::request_id(), None);
+                            h.cloudevent = true;
+                            ops.push(Op::Put(seq, encode(&h, &body)));
+                            published.deliveries.push(Delivery {
+                                function: function.clone(),
+                                request_id: h.request_id.clone(),
+                            });
+                            staged.push((seq, h, len));
+                        }
+                    }
+                }
+                counted.push((takers, filtered, published.duplicate));
+                out.push(published);
+            }
+        }
+        let result = match full {
+            Some(e) => Err(e),
+            None if ops.is_empty() => Ok(()),
+            None => self.queue.commit(ops).await.map_err(AcceptError::from),
+        };
+        let mut st = self.lock();
+        let State {
+            lanes,
+            entries,
+            seen,
+            ..
+        } = &mut *st;
+        if let Err(e) = result {
+            // Nothing was stored: every reservation is let go.
+            for (_, h, len) in &staged {
+                if let Some(lane) = lanes.get_mut(&h.target) {
+                    lane.count = lane.count.saturating_sub(1);
+                    lane.bytes = lane.bytes.saturating_sub(*len);
+                }
+            }
+            for key in &reserved {
+                seen.remove(key);
+            }
+            return Err(e);
+        }
+        for (seq, header, bytes) in staged {
+            let lane = lanes.entry(header.target.clone()).or_default();
+            lane.waiting.insert((header.next_ms, seq));
+            entries.insert(
+                seq,
+                Entry {
+                    header,
+                    bytes,
+                    running: false,
+                },
+            );
+        }
+        drop(st);
+        self.wake.notify_one();
+        for (takers, filtered, duplicate) in &counted {
+            self.count_publish(topic, mode.as_str(), takers, filtered, *duplicate);
+            if !duplicate {
+                for t in takers {
+                    self.router
+                        .metrics
+                        .events
+                        .accepted
+                        .get_or_create(&Metrics::function(t))
+                        .inc();
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops the dedup entries (topic events, ids accepted once) whose window has passed (here
+    /// and on disk).
+    async fn prune_seen(&self) {
+        let now = now_ms();
+        let expired: Vec<[u8; 32]> = {
+            let mut st = self.lock();
+            let keys: Vec<[u8; 32]> = st
+                .seen
+                .iter()
+                .filter(|(_, until)| **until <= now)
+                .map(|(k, _)| *k)
+                .take(10_000)
+                .collect();
+            for k in &keys {
+                st.seen.remove(k);
+            }
+            keys
+        };
+        if expired.is_empty() {
+            return;
+        }
+        let ops = expired.into_iter().map(Op::RemoveSeen).collect();
+        // Left on disk, an entry is dropped again after the next start.
+        if let Err(e) = self.queue.commit_lazy(ops).await {
+            tracing::warn!("dropping expired dedup entries: {e}");
         }
     }
 
@@ -891,5 +1230,61 @@ fn condition_labels(function: &str, condition: &str) -> ConditionLabels {
     ConditionLabels {
         function: function.to_string(),
         condition: condition.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::invoke::app_tests::TestAgent;
+
+    /// Needs root: the test agent prepares a cgroup root.
+    #[tokio::test]
+    async fn an_id_accepted_once_is_stored_once_until_its_window_is_pruned() {
+        let agent = TestAgent::start("accept-once").await;
+        let ev = agent.app.events.clone();
+        let body = || Bytes::from_static(b"{}");
+        assert!(
+            ev.accept_once("f", "t2", body(), Some(("s", 2_000)))
+                .await
+                .unwrap()
+        );
+        assert!(
+            !ev.accept_once("f", "t2", body(), Some(("s", 2_000)))
+                .await
+                .unwrap()
+        );
+        // An earlier tick is stored (its own id) but the schedule's last tick only rises.
+        assert!(
+            ev.accept_once("f", "t1", body(), Some(("s", 1_000)))
+                .await
+                .unwrap()
+        );
+        assert_eq!(ev.last_tick("s"), Some(2_000));
+        assert_eq!(ev.last_tick("other"), None);
+        {
+            let st = ev.lock();
+            assert_eq!(st.entries.len(), 2);
+            let until = st.seen[&once_key("t2")];
+            assert!(until > now_ms() + SEEN_WINDOW_MS / 2, "{until}");
+            // Kept apart from a topic event with the same id.
+            assert!(!st.seen.contains_key(&seen_key("t", "s", "t2")));
+        }
+        // Past its window an id is taken again, and the pruning drops it with the topics'.
+        ev.lock()
+            .seen
+            .insert(once_key("old"), now_ms().saturating_sub(1));
+        ev.lock()
+            .seen
+            .insert(once_key("gone"), now_ms().saturating_sub(1));
+        assert!(ev.accept_once("f", "old", body(), None).await.unwrap());
+        ev.prune_seen().await;
+        {
+            let st = ev.lock();
+            assert!(!st.seen.contains_key(&once_key("gone")));
+            assert!(st.seen.contains_key(&once_key("old")));
+            assert!(st.seen.contains_key(&once_key("t1")));
+        }
+        agent.finish().await;
     }
 }

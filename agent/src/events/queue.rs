@@ -23,8 +23,9 @@ use super::policy::{History, InvokeConfig};
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 /// function name -> JSON [`InvokeConfig`].
 const CONFIGS: TableDefinition<&str, &[u8]> = TableDefinition::new("invoke_configs");
-/// event id -> when it was accepted (ms): ids accepted once only (a schedule's tick).
-const SEEN: TableDefinition<&str, u64> = TableDefinition::new("seen_ids");
+/// Events seen lately -> until when (ms since the epoch) a copy is a duplicate: topic events (a
+/// hash of topic, source and id) and ids accepted once (a schedule's ticks).
+const SEEN: TableDefinition<&[u8], u64> = TableDefinition::new("topic_events_seen");
 /// schedule id -> the last tick (ms) whose event this host stored.
 const TICKS: TableDefinition<&str, u64> = TableDefinition::new("schedule_ticks");
 
@@ -78,6 +79,10 @@ pub struct Header {
     /// For a destination record: the function whose event it reports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<String>,
+    /// The payload is a CloudEvent in structured JSON (a topic's event): an exec-mode function
+    /// gets its data on stdin and its attributes in `CE_*` variables.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cloudevent: bool,
 }
 
 /// `[u32 LE header length][header JSON][payload]`.
@@ -110,9 +115,9 @@ pub enum Op {
     Remove(u64),
     PutConfig(String, InvokeConfig),
     RemoveConfig(String),
-    /// An id accepted once, and when (ms).
-    PutSeen(String, u64),
-    RemoveSeen(String),
+    /// An event seen (topic event or id accepted once), a duplicate until the time given.
+    PutSeen([u8; 32], u64),
+    RemoveSeen([u8; 32]),
     /// A schedule's last tick stored here (ms); only ever raised.
     PutTick(String, u64),
 }
@@ -149,9 +154,11 @@ impl Drop for Queue {
 pub struct Loaded {
     pub events: Vec<(u64, Header, u64)>,
     pub configs: Vec<(String, InvokeConfig)>,
-    pub seen: Vec<(String, u64)>,
-    pub ticks: Vec<(String, u64)>,
     pub next_seq: u64,
+    /// Events seen (topic events, ids accepted once) and until when.
+    pub seen: Vec<([u8; 32], u64)>,
+    /// Schedules' last ticks stored here.
+    pub ticks: Vec<(String, u64)>,
 }
 
 fn err<E: std::fmt::Display>(e: E) -> QueueError {
@@ -264,10 +271,13 @@ fn load(db: &Database) -> Result<Loaded, QueueError> {
             Err(e) => tracing::error!(function = k.value(), "corrupt event invoke config: {e}"),
         }
     }
+    let t = txn.open_table(SEEN).map_err(err)?;
     let mut seen = Vec::new();
-    for row in txn.open_table(SEEN).map_err(err)?.iter().map_err(err)? {
+    for row in t.iter().map_err(err)? {
         let (k, v) = row.map_err(err)?;
-        seen.push((k.value().to_string(), v.value()));
+        if let Ok(key) = <[u8; 32]>::try_from(k.value()) {
+            seen.push((key, v.value()));
+        }
     }
     let mut ticks = Vec::new();
     for row in txn.open_table(TICKS).map_err(err)?.iter().map_err(err)? {
@@ -277,9 +287,9 @@ fn load(db: &Database) -> Result<Loaded, QueueError> {
     Ok(Loaded {
         events,
         configs,
+        next_seq,
         seen,
         ticks,
-        next_seq,
     })
 }
 
@@ -366,11 +376,11 @@ fn apply(db: &Database, group: &[Batch], durable: bool) -> Result<(), redb::Erro
                 Op::RemoveConfig(name) => {
                     configs.remove(name.as_str())?;
                 }
-                Op::PutSeen(id, ms) => {
-                    seen.insert(id.as_str(), ms)?;
+                Op::PutSeen(key, until) => {
+                    seen.insert(key.as_slice(), until)?;
                 }
-                Op::RemoveSeen(id) => {
-                    seen.remove(id.as_str())?;
+                Op::RemoveSeen(key) => {
+                    seen.remove(key.as_slice())?;
                 }
                 Op::PutTick(id, tick) => {
                     let stored = ticks.get(id.as_str())?.map(|v| v.value());
@@ -406,6 +416,7 @@ mod tests {
             in_flight: false,
             last_error: None,
             origin: None,
+            cloudevent: false,
         }
     }
 
@@ -441,9 +452,12 @@ mod tests {
         q.commit(vec![
             Op::Remove(0),
             Op::PutConfig("f".into(), InvokeConfig::default()),
+            Op::PutSeen([1; 32], 77),
+            Op::PutSeen([2; 32], 78),
         ])
         .await
         .unwrap();
+        q.commit(vec![Op::RemoveSeen([2; 32])]).await.unwrap();
         assert_eq!(q.payload(5).unwrap().as_deref(), Some(&b"x"[..]));
         // Dropping the queue joins its committer; reopening sees every commit.
         drop(q);
@@ -451,30 +465,31 @@ mod tests {
         assert_eq!(loaded.events.len(), 199);
         assert_eq!(loaded.next_seq, 200);
         assert_eq!(loaded.configs.len(), 1);
+        assert_eq!(loaded.seen, vec![([1; 32], 77)]);
     }
 
     #[tokio::test]
-    async fn seen_ids_and_schedule_ticks_survive_reopen_and_ticks_only_rise() {
+    async fn schedule_ticks_survive_reopen_beside_seen_events_and_only_rise() {
         let dir = tempfile::tempdir().unwrap();
         let commits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (q, _) = Queue::open(dir.path(), Counting(commits.clone())).unwrap();
         q.commit(vec![
             Op::Put(1, encode(&header("tick-a"), b"one")),
-            Op::PutSeen("tick-a".into(), 5),
-            Op::PutSeen("tick-old".into(), 1),
+            Op::PutSeen([7; 32], 5),
+            Op::PutSeen([8; 32], 1),
             Op::PutTick("s".into(), 2_000),
         ])
         .await
         .unwrap();
         q.commit(vec![
             Op::PutTick("s".into(), 1_000),
-            Op::RemoveSeen("tick-old".into()),
+            Op::RemoveSeen([8; 32]),
         ])
         .await
         .unwrap();
         drop(q);
         let (_q, loaded) = Queue::open(dir.path(), Counting(commits)).unwrap();
-        assert_eq!(loaded.seen, vec![("tick-a".to_string(), 5)]);
+        assert_eq!(loaded.seen, vec![([7; 32], 5)]);
         assert_eq!(loaded.ticks, vec![("s".to_string(), 2_000)]);
         assert_eq!(loaded.events.len(), 1);
     }
