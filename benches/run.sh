@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # fnlet's benchmarks in one command, as root:
-# `benches/run.sh [spawn|agent|lambda|cluster|events|topics|control|network|density|membership|all]` (default all; membership alone
+# `benches/run.sh [spawn|agent|lambda|cluster|events|topics|control|network|density|schedules|membership|all]` (default all; membership alone
 # needs no root).
 #
 # spawn: spawn-to-exit of a sandboxed static binary against fork+exec, bwrap and runc. Installs
@@ -45,6 +45,11 @@
 #   a warm call's latency with the probe alone, all alive, and alone again. Builds fnlet and the
 #   no-op as for lambda; runs `cargo bench -p fnlet-benches --bench density` (about 3 minutes;
 #   FNLET_BENCH_FUNCTIONS and FNLET_BENCH_PER_FUNCTION change the count).
+# schedules: schedule firing accuracy on a real `fnlet agent`: a per-second schedule's delay from
+#   the tick to the event stored and to the run's start (median, p99, max) over
+#   FNLET_BENCH_SECONDS (default 600), beside a floor that fires the same script from a plain
+#   timer loop between fnlet's ticks. Builds fnlet; runs `cargo bench -p fnlet-benches --bench
+#   schedules`.
 # membership: foca instances (the cluster crate's Membership, production foca_config) on a
 #   simulated clock, N = 5 to 1,000, 0 and 10 % loss: join dissemination, failure detection,
 #   false positives and traffic per host, beside memberlist's and Serf's published figures. No
@@ -58,9 +63,9 @@ cd "$(dirname "$0")/.."
 which=${1:-all}
 [ $# -gt 0 ] && shift
 case "$which" in
-  spawn | agent | lambda | cluster | events | topics | control | network | density | membership | all) ;;
+  spawn | agent | lambda | cluster | events | topics | control | network | density | schedules | membership | all) ;;
   *)
-    echo "usage: $0 [spawn|agent|lambda|cluster|events|topics|control|network|density|membership|all]" >&2
+    echo "usage: $0 [spawn|agent|lambda|cluster|events|topics|control|network|density|schedules|membership|all]" >&2
     exit 2
     ;;
 esac
@@ -149,6 +154,9 @@ if [ "$which" = network ] || [ "$which" = all ]; then
 fi
 if [ "$which" = density ] || [ "$which" = all ]; then
   cargo bench -p fnlet-benches --bench density -- "$@" || status=$?
+fi
+if [ "$which" = schedules ] || [ "$which" = all ]; then
+  cargo bench -p fnlet-benches --bench schedules -- "$@" || status=$?
 fi
 if [ "$which" = all ]; then
   cargo bench -p fnlet-benches --bench membership -- "$@" || status=$?

@@ -39,6 +39,33 @@ pub struct Config {
     /// (webhooks), and the secret their signatures are checked with. Topics need no entry to
     /// be used; in a cluster, give every host the same entries.
     pub topics: std::collections::BTreeMap<String, TopicConfig>,
+    pub schedules: SchedulesConfig,
+}
+
+/// Schedule triggers (`[[triggers]] schedule = ...` / `cron = ...`): how a host that takes a
+/// schedule over catches up, and how it waits for the host it takes over from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulesConfig {
+    /// A host that takes a schedule over (its owner failed, or this host started) fires at
+    /// most this many of the ticks missed, the latest ones; older ones are counted as missed.
+    pub catch_up_ticks: u32,
+    /// When the last tick was fired by another live host (the owner before this one), this
+    /// host waits this long after the next tick for that host's record before firing it.
+    pub handoff_wait_s: f64,
+    /// In a cluster, schedules wait at start for a catalog sync with a peer (the ticks others
+    /// fired meanwhile), at most this long.
+    pub startup_sync_s: f64,
+}
+
+impl Default for SchedulesConfig {
+    fn default() -> Self {
+        SchedulesConfig {
+            catch_up_ticks: 1,
+            handoff_wait_s: 1.0,
+            startup_sync_s: 10.0,
+        }
+    }
 }
 
 /// One topic's settings (`[topics.NAME]`).
@@ -311,6 +338,7 @@ impl Default for Config {
             shutdown_grace_s: 30.0,
             cluster: ClusterConfig::default(),
             events: EventsConfig::default(),
+            schedules: SchedulesConfig::default(),
             network: NetworkConfig::default(),
             capacity: CapacityConfig::default(),
             topics: Default::default(),
@@ -678,6 +706,18 @@ impl Config {
         }
         if e.backoff_min_s > e.backoff_max_s {
             return bad("events.backoff_min_s", "must not exceed backoff_max_s");
+        }
+        let sc = &self.schedules;
+        if sc.catch_up_ticks > 1000 {
+            return bad("schedules.catch_up_ticks", "must be between 0 and 1000");
+        }
+        for (key, v) in [
+            ("schedules.handoff_wait_s", sc.handoff_wait_s),
+            ("schedules.startup_sync_s", sc.startup_sync_s),
+        ] {
+            if !(v.is_finite() && (0.0..=3600.0).contains(&v)) {
+                return bad(key, "must be between 0 and 3600 seconds");
+            }
         }
         for (name, t) in &self.topics {
             if !crate::triggers::manifest::valid_topic(name) {

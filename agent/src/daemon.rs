@@ -331,6 +331,7 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
         token,
         started,
         cluster: std::sync::OnceLock::new(),
+        scheduler: Arc::default(),
         updates: Default::default(),
     });
     start_cluster(&app, join_token.as_deref()).await?;
@@ -339,6 +340,8 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
     }
     // Async invocation: due events start as their functions have room; stops with draining.
     tokio::spawn(events.run(draining.clone()));
+    // Schedule triggers: each tick this host owns becomes an async event.
+    tokio::spawn(app.scheduler.clone().run(app.clone(), draining.clone()));
     // The warm pool's clock: keep-alive reaping and min_instances.
     {
         let app = app.clone();

@@ -171,10 +171,66 @@ pub struct EventMetrics {
     pub commit_duration: Histogram,
 }
 
+/// Schedule triggers, per function: ticks fired (on time or caught up), missed, and how late.
+pub struct ScheduleMetrics {
+    pub fires: Family<FnLabels, Counter>,
+    pub catch_ups: Family<FnLabels, Counter>,
+    pub misses: Family<FnLabels, Counter>,
+    pub deferred: Family<FnLabels, Counter>,
+    pub duplicates: Family<FnLabels, Counter>,
+    pub delay: Histogram,
+}
+
+impl ScheduleMetrics {
+    fn register(registry: &mut Registry) -> ScheduleMetrics {
+        let m = ScheduleMetrics {
+            fires: Family::default(),
+            catch_ups: Family::default(),
+            misses: Family::default(),
+            deferred: Family::default(),
+            duplicates: Family::default(),
+            delay: wait_histogram(),
+        };
+        registry.register(
+            "schedule_fires",
+            "Schedule ticks fired by this host (their events stored), catch-ups included",
+            m.fires.clone(),
+        );
+        registry.register(
+            "schedule_catch_ups",
+            "Missed schedule ticks this host fired late, on taking a schedule over",
+            m.catch_ups.clone(),
+        );
+        registry.register(
+            "schedule_misses",
+            "Schedule ticks no host fired, found by the host that took the schedule over \
+                 (beyond schedules.catch_up_ticks)",
+            m.misses.clone(),
+        );
+        registry.register(
+            "schedule_handoff_waits",
+            "Ticks this host waited for the previous owner's record before firing",
+            m.deferred.clone(),
+        );
+        registry.register(
+            "schedule_duplicates",
+            "Schedule ticks whose event id had been stored here already (not stored again)",
+            m.duplicates.clone(),
+        );
+        registry.register(
+            "schedule_fire_delay_seconds",
+            "Time from a schedule's tick (its jitter included) to its event being stored",
+            m.delay.clone(),
+        );
+        m
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     pub events: EventMetrics,
     pub topics: TopicMetrics,
+    pub schedules: ScheduleMetrics,
     pub invocations: Family<FnLabels, Counter>,
     pub errors: Family<ErrorLabels, Counter>,
     pub duration: Family<FnLabels, Histogram, fn() -> Histogram>,
@@ -518,10 +574,12 @@ impl Metrics {
             "Resident memory of the agent",
             rss.clone(),
         );
+        let schedules = ScheduleMetrics::register(&mut registry);
         Metrics {
             registry,
             events,
             topics,
+            schedules,
             invocations,
             errors,
             duration,

@@ -8,6 +8,11 @@
 //! entry with no value, ordered like any other write, kept so that an older write arriving
 //! late cannot bring the key back.
 //!
+//! Schedule records ([`Key::Schedule`]) merge differently: the entry with the later fired tick
+//! wins (then the greater version), so a fired-tick record never goes back, whichever write
+//! arrives last; they are never removed. A digest answer sends a schedule entry whenever the
+//! peer's version differs, since an older version may hold the later tick.
+//!
 //! Sync: a replica sends its [`Digest`] (key → version); the peer answers with
 //! [`Catalog::diff`], the entries the digest lacks or has older. Both fit in frames by
 //! [`Digest::chunks`] and [`Delta::chunks`].
@@ -35,6 +40,8 @@ pub enum Key {
     Function(String),
     /// An access key for the Invoke API, by access key id.
     AccessKey(String),
+    /// The last fired tick of a schedule, by schedule id.
+    Schedule(String),
 }
 
 impl Key {
@@ -43,18 +50,20 @@ impl Key {
         match self {
             Key::Function(_) => "function",
             Key::AccessKey(_) => "access_key",
+            Key::Schedule(_) => "schedule",
         }
     }
 
     /// The function name or access key id.
     pub fn name(&self) -> &str {
         match self {
-            Key::Function(n) | Key::AccessKey(n) => n,
+            Key::Function(n) | Key::AccessKey(n) | Key::Schedule(n) => n,
         }
     }
 }
 
-/// Text form: `function:NAME` or `access_key:ID` (what digests and deltas carry).
+/// Text form: `function:NAME`, `access_key:ID` or `schedule:ID` (what digests and deltas
+/// carry).
 impl fmt::Display for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}", self.kind(), self.name())
@@ -85,6 +94,8 @@ impl FromStr for Key {
             Key::Function(n.to_owned())
         } else if let Some(n) = s.strip_prefix("access_key:") {
             Key::AccessKey(n.to_owned())
+        } else if let Some(n) = s.strip_prefix("schedule:") {
+            Key::Schedule(n.to_owned())
         } else {
             return Err(BadKey::Kind(s.chars().take(80).collect()));
         };
@@ -208,6 +219,19 @@ mod base64_bytes {
     }
 }
 
+/// A schedule's last fired tick: written by the host that fired it, before the tick's event
+/// is enqueued.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleRecord {
+    /// The tick, Unix milliseconds.
+    pub tick_ms: u64,
+    /// The node that fired it.
+    pub fired_by: String,
+    /// When it was fired, Unix milliseconds (for display).
+    pub fired_at_ms: u64,
+}
+
 /// An entry's value; its variant always matches its key's kind.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
@@ -215,6 +239,30 @@ pub enum Value {
     Function(FunctionRecord),
     /// For a [`Key::AccessKey`].
     AccessKey(AccessKeyRecord),
+    /// For a [`Key::Schedule`].
+    Schedule(ScheduleRecord),
+}
+
+impl Value {
+    /// A schedule record's tick (merge order for [`Key::Schedule`] entries).
+    fn tick(&self) -> Option<u64> {
+        match self {
+            Value::Schedule(s) => Some(s.tick_ms),
+            _ => None,
+        }
+    }
+}
+
+/// Whether an entry (`version`, `value`) replaces a stored one: a greater version, except for
+/// schedule records, where the later tick wins first.
+fn supersedes(
+    version: &Version,
+    value: Option<&Value>,
+    stored_version: &Version,
+    stored_value: Option<&Value>,
+) -> bool {
+    let tick = |v: Option<&Value>| v.and_then(Value::tick);
+    (tick(value), version) > (tick(stored_value), stored_version)
 }
 
 /// One catalog entry: a key, the version of the write that made it, and its value (`None`: a
@@ -247,6 +295,7 @@ impl Serialize for Entry {
         enum V<'a> {
             F(&'a FunctionRecord),
             K(&'a AccessKeyRecord),
+            S(&'a ScheduleRecord),
         }
         EntryJson {
             key: self.key.clone(),
@@ -254,6 +303,7 @@ impl Serialize for Entry {
             value: self.value.as_ref().map(|v| match v {
                 Value::Function(f) => V::F(f),
                 Value::AccessKey(k) => V::K(k),
+                Value::Schedule(r) => V::S(r),
             }),
         }
         .serialize(s)
@@ -271,6 +321,9 @@ impl<'de> Deserialize<'de> for Entry {
             )),
             (Key::AccessKey(_), Some(v)) => Some(Value::AccessKey(
                 AccessKeyRecord::deserialize(v).map_err(D::Error::custom)?,
+            )),
+            (Key::Schedule(_), Some(v)) => Some(Value::Schedule(
+                ScheduleRecord::deserialize(v).map_err(D::Error::custom)?,
             )),
         };
         Ok(Entry {
@@ -504,7 +557,9 @@ impl Catalog {
         for e in entries {
             validate(&e)?;
             c.clock.restore(&e.version.stamp);
-            let newer = c.entries.get(&e.key).is_none_or(|s| e.version > s.version);
+            let newer = c.entries.get(&e.key).is_none_or(|s| {
+                supersedes(&e.version, e.value.as_ref(), &s.version, s.value.as_ref())
+            });
             if newer {
                 c.entries.insert(
                     e.key,
@@ -533,7 +588,7 @@ impl Catalog {
     pub fn function(&self, name: &str) -> Option<&FunctionRecord> {
         match self.get(&Key::Function(name.to_owned()))? {
             Value::Function(f) => Some(f),
-            Value::AccessKey(_) => None,
+            _ => None,
         }
     }
 
@@ -551,8 +606,39 @@ impl Catalog {
     pub fn access_key(&self, id: &str) -> Option<&AccessKeyRecord> {
         match self.get(&Key::AccessKey(id.to_owned()))? {
             Value::AccessKey(k) => Some(k),
-            Value::Function(_) => None,
+            _ => None,
         }
+    }
+
+    /// A schedule's last fired tick, if one was recorded.
+    pub fn schedule(&self, id: &str) -> Option<&ScheduleRecord> {
+        match self.get(&Key::Schedule(id.to_owned()))? {
+            Value::Schedule(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Records that a schedule fired `record.tick_ms`, unless a tick as late or later is
+    /// recorded already (then `None`: the tick was fired, here or elsewhere). Returns the delta
+    /// to send to the peers.
+    pub fn fire_schedule(
+        &mut self,
+        id: &str,
+        record: ScheduleRecord,
+        now: NTP64,
+    ) -> Result<Option<Delta>, CatalogError> {
+        if self
+            .schedule(id)
+            .is_some_and(|r| r.tick_ms >= record.tick_ms)
+        {
+            return Ok(None);
+        }
+        self.write(
+            Key::Schedule(id.to_owned()),
+            Some(Value::Schedule(record)),
+            now,
+        )
+        .map(Some)
     }
 
     /// Access keys, by id.
@@ -687,7 +773,9 @@ impl Catalog {
                     source,
                 })?;
             let stored = self.entries.get(&e.key);
-            if stored.is_some_and(|s| s.version >= e.version) {
+            if stored.is_some_and(|s| {
+                !supersedes(&e.version, e.value.as_ref(), &s.version, s.value.as_ref())
+            }) {
                 continue;
             }
             let visible = stored.and_then(|s| s.value.as_ref()) != e.value.as_ref();
@@ -729,7 +817,13 @@ impl Catalog {
         let in_range = self.entries.iter().filter(|(k, _)| remote.covers(k));
         Delta {
             entries: in_range
-                .filter(|(k, s)| remote.versions.get(*k).is_none_or(|v| *v < s.version))
+                .filter(|(k, s)| {
+                    remote.versions.get(*k).is_none_or(|v| match k {
+                        // The peer's version may be newer and still hold an earlier tick.
+                        Key::Schedule(_) => *v != s.version,
+                        _ => *v < s.version,
+                    })
+                })
                 .map(|(k, s)| Entry {
                     key: k.clone(),
                     version: s.version.clone(),
@@ -772,6 +866,10 @@ fn validate(e: &Entry) -> Result<(), CatalogError> {
     check_name(e.key.name()).map_err(bad)?;
     check_name(&e.version.node).map_err(|_| bad("the writer's node id is not valid"))?;
     match (&e.key, &e.value) {
+        (Key::Schedule(_), None) => return Err(bad("schedule records are never removed")),
+        (Key::Schedule(_), Some(Value::Schedule(r))) => {
+            check_name(&r.fired_by).map_err(|_| bad("the firing node id is not valid"))?;
+        }
         (_, None) | (Key::Function(_), Some(Value::Function(_))) => {}
         (Key::AccessKey(_), Some(Value::AccessKey(_))) => {}
         _ => return Err(bad("the value does not match the key's kind")),
@@ -942,6 +1040,71 @@ mod tests {
         assert!(a.function("ok").is_none(), "nothing applied");
         // Once this host's clock has caught up, it applies.
         assert_eq!(a.apply(&delta, ms(19_600)).unwrap().len(), 2);
+    }
+
+    fn fired(tick_ms: u64, by: &str) -> ScheduleRecord {
+        ScheduleRecord {
+            tick_ms,
+            fired_by: by.to_owned(),
+            fired_at_ms: tick_ms + 3,
+        }
+    }
+
+    /// Two hosts that each think they own a schedule: the later tick wins everywhere, whichever
+    /// write is newer and whichever arrives last, through pushes and through digest swaps; a
+    /// record is never removed and never goes back.
+    #[test]
+    fn schedule_records_keep_the_latest_tick() {
+        let mut a = Catalog::new("a").unwrap();
+        let mut b = Catalog::new("b").unwrap();
+        let mut c = Catalog::new("c").unwrap();
+        let ten = a
+            .fire_schedule("hello-1", fired(10_000, "a"), ms(1_000))
+            .unwrap()
+            .unwrap();
+        // b fires an earlier tick with a later stamp.
+        let nine = b
+            .fire_schedule("hello-1", fired(9_000, "b"), ms(2_000))
+            .unwrap()
+            .unwrap();
+        assert!(nine.entries[0].version > ten.entries[0].version);
+        c.apply(&ten, ms(3_000)).unwrap();
+        assert!(c.apply(&nine, ms(3_000)).unwrap().is_empty());
+        assert_eq!(c.schedule("hello-1"), Some(&fired(10_000, "a")));
+        // b has the later version: a digest answer from a must still send tick 10, and b's
+        // answer to a sends tick 9, which a keeps out.
+        b.apply(&a.diff(&b.digest()), ms(3_000)).unwrap();
+        a.apply(&b.diff(&a.digest()), ms(3_000)).unwrap();
+        assert_eq!(b.schedule("hello-1"), Some(&fired(10_000, "a")));
+        assert_eq!(a.schedule("hello-1"), Some(&fired(10_000, "a")));
+        assert!(a.diff(&b.digest()).is_empty() && b.diff(&a.digest()).is_empty());
+        // A tick already recorded is not fired again, here or by the host that learnt it.
+        assert!(
+            b.fire_schedule("hello-1", fired(10_000, "b"), ms(4_000))
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            b.fire_schedule("hello-1", fired(11_000, "b"), ms(4_000))
+                .unwrap()
+                .is_some()
+        );
+        // Reloaded from the store in any order, the latest tick is kept.
+        let mut entries: Vec<Entry> = b.entries().collect();
+        entries.extend(nine.entries.clone());
+        entries.reverse();
+        let again = Catalog::from_entries("b", entries).unwrap();
+        assert_eq!(again.schedule("hello-1").map(|r| r.tick_ms), Some(11_000));
+        // No tombstones for schedules.
+        let mut removal = ten.clone();
+        removal.entries[0].value = None;
+        assert!(matches!(
+            c.apply(&removal, ms(5_000)),
+            Err(CatalogError::BadEntry { .. })
+        ));
+        let json = serde_json::to_string(&ten).unwrap();
+        assert!(json.contains(r#""key":"schedule:hello-1""#), "{json}");
+        assert_eq!(serde_json::from_str::<Delta>(&json).unwrap(), ten);
     }
 
     #[test]
@@ -1211,6 +1374,7 @@ mod tests {
                             (Key::Function(f), true) => r.remove_function(f, t),
                             (Key::AccessKey(id), false) => r.put_access_key(id, key(value), t),
                             (Key::AccessKey(id), true) => r.remove_access_key(id, t),
+                            (Key::Schedule(_), _) => unreachable!("no schedule among the keys"),
                         }
                         .unwrap();
                         written

@@ -60,6 +60,8 @@ pub struct App {
     pub cluster: std::sync::OnceLock<Arc<crate::cluster::node::Node>>,
     /// Functions whose last change through the Lambda API is still being replicated.
     pub updates: control::Updates,
+    /// Fires the functions' schedule triggers.
+    pub scheduler: Arc<crate::triggers::Scheduler>,
 }
 
 /// The header naming the host that ran an invocation.
@@ -137,6 +139,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/functions/{name}/events"),
     ("GET", "/v1/topics"),
     ("POST", "/v1/topics/{topic}"),
+    ("GET", "/v1/triggers"),
     ("POST", "/2015-03-31/functions/{name}/invocations"),
     ("GET", "/2015-03-31/functions"),
     ("POST", "/2015-03-31/functions"),
@@ -198,6 +201,7 @@ pub fn app(state: Arc<App>) -> AxumRouter {
         .route("/v1/functions/{name}/events", get(events))
         .route("/v1/topics", get(topics::list))
         .route("/v1/topics/{topic}", post(topics::publish))
+        .route("/v1/triggers", get(triggers))
         .route(
             "/2015-03-31/functions/{name}/invocations",
             post(lambda::invoke_api),
@@ -547,6 +551,29 @@ async fn describe(
         .map(|v| version_json(v, rec.active))
         .collect();
     Ok(axum::Json(f).into_response())
+}
+
+/// `GET /v1/triggers`'s query.
+#[derive(Debug, Deserialize)]
+struct TriggersQuery {
+    function: Option<String>,
+}
+
+/// Every trigger of every active function (or of `?function=NAME`): what `fnlet triggers`
+/// shows.
+async fn triggers(
+    State(app): Shared,
+    headers: HeaderMap,
+    Query(q): Query<TriggersQuery>,
+) -> Result<Response, AppError> {
+    admin(&app, &headers)?;
+    if let Some(name) = &q.function {
+        checked_name(name)?;
+        app.router
+            .lookup(name)
+            .ok_or_else(|| not_served(&app, name))?;
+    }
+    Ok(axum::Json(app.scheduler.view(&app, q.function.as_deref())).into_response())
 }
 
 /// `GET /v1/functions/{name}/events`: the function's async events (what `fnlet events` shows).

@@ -761,6 +761,14 @@ impl Client {
             .await
     }
 
+    /// GET /v1/triggers[?function=NAME]
+    pub async fn triggers(&self, function: Option<&str>) -> ClientResult<Value> {
+        let query: Vec<(&str, &str)> = function.map(|f| ("function", f)).into_iter().collect();
+        let url = self.url(&["v1", "triggers"], &query)?;
+        self.json(self.request(Method::GET, url, full(Bytes::new())))
+            .await
+    }
+
     /// GET /v1/cluster/members
     pub async fn members(&self) -> ClientResult<Value> {
         self.json(self.empty(Method::GET, &["v1", "cluster", "members"])?)

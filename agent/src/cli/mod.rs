@@ -21,6 +21,7 @@ mod quic;
 mod runtime;
 mod sandbox;
 mod topics;
+mod triggers;
 
 use std::process::ExitCode;
 
@@ -107,6 +108,14 @@ Examples:
         "fnlet topics --json | jq '.topics[] | {topic, counts}'"
     ))]
     Topics(topics::TopicsArgs),
+    /// Every trigger of every function (or of one): schedules with their next fire times, last
+    /// fired tick and owner host; topic subscriptions.
+    #[command(after_help = "\
+Examples:
+  fnlet triggers
+  fnlet triggers nightly
+  fnlet triggers --json | jq '.triggers[] | select(.type == \"schedule\") | .next'")]
+    Triggers(triggers::TriggersArgs),
     /// Print shell completions for fnlet.
     #[command(after_help = "\
 Examples:
@@ -148,6 +157,7 @@ pub fn main() -> ExitCode {
         Command::Members(args) => Ok(cluster::run_members(args)),
         Command::Publish(args) => Ok(topics::run_publish(args)),
         Command::Topics(args) => Ok(topics::run_topics(args)),
+        Command::Triggers(args) => Ok(triggers::run(args)),
         Command::Runtime(cmd) => Ok(runtime::run(cmd)),
         Command::Completions { shell } => Ok(completions(shell)),
         Command::Manpages { dir } => manpages(&dir),

@@ -169,7 +169,7 @@ impl Node {
             .entries()
             .filter_map(|e| match e.key {
                 Key::AccessKey(id) => Some(id),
-                Key::Function(_) => None,
+                Key::Function(_) | Key::Schedule(_) => None,
             })
             .collect();
         for id in ids {

@@ -128,6 +128,11 @@ pub struct Node {
     refreshed: Mutex<Option<Instant>>,
     /// The peers' loads: their reports, and the calls this host forwarded to them.
     loads: Mutex<PeerLoads>,
+    /// Told when a member comes up or goes down, and at the first catalog sync (the
+    /// scheduler works out again which schedules this host owns).
+    pub members_changed: Arc<tokio::sync::Notify>,
+    /// A digest swap with a peer has completed since this agent started.
+    synced: std::sync::atomic::AtomicBool,
     pub stop: CancellationToken,
 }
 
@@ -190,6 +195,8 @@ impl Node {
             tokens: Mutex::new(()),
             loads: Mutex::new(PeerLoads::new()),
             refreshed: Mutex::new(None),
+            members_changed: Arc::new(tokio::sync::Notify::new()),
+            synced: std::sync::atomic::AtomicBool::new(false),
             stop,
         });
         let mut seeds = seeds;
@@ -1218,6 +1225,7 @@ impl Node {
         *self.members.write().unwrap_or_else(|p| p.into_inner()) = members;
         if changed {
             self.remember_members();
+            self.members_changed.notify_one();
         }
     }
 }
@@ -1227,10 +1235,30 @@ impl Node {
     fn spawn_sync(self: &Arc<Self>, peer: NodeIdentity) {
         let node = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = node.sync_with(&peer.id, peer.addr).await {
-                tracing::debug!(peer = %peer.id, "catalog sync: {e}");
+            match node.sync_with(&peer.id, peer.addr).await {
+                Ok(_) => node.mark_synced(),
+                Err(e) => tracing::debug!(peer = %peer.id, "catalog sync: {e}"),
             }
         });
+    }
+
+    /// A digest swap completed: this host's catalog holds what a live peer had.
+    pub(super) fn mark_synced(&self) {
+        if !self.synced.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            self.members_changed.notify_one();
+        }
+    }
+
+    /// Whether a digest swap with a peer has completed since this agent started.
+    pub fn has_synced(&self) -> bool {
+        self.synced.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The ids of the hosts alive or suspect, this one included.
+    pub fn live_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.live_peers().into_iter().map(|p| p.id).collect();
+        ids.push(self.id.clone());
+        ids
     }
 }
 

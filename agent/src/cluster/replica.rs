@@ -14,7 +14,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use fnlet_cluster::Sha256Hash;
-use fnlet_cluster::catalog::{Catalog, Change, Delta, Digest, Entry, FunctionRecord, Key, Value};
+use fnlet_cluster::catalog::{
+    Catalog, Change, Delta, Digest, Entry, FunctionRecord, Key, ScheduleRecord, Value,
+};
 use fnlet_cluster::frame::{self, ErrorCode, Expect, Frame, Limits};
 use fnlet_cluster::hlc::ntp64;
 
@@ -151,6 +153,69 @@ impl Node {
             }
         };
         self.push(delta);
+    }
+
+    /// A digest swap with live peer `peer` (the previous owner of a schedule, before this host
+    /// fires a tick it waited for): whether it completed.
+    pub async fn sync_from(self: &Arc<Self>, peer: &str) -> bool {
+        let Some(p) = self.live_peers().into_iter().find(|p| p.id == peer) else {
+            return false;
+        };
+        match tokio::time::timeout(Duration::from_secs(2), self.sync_with(&p.id, p.addr)).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => {
+                tracing::debug!(peer, "catalog sync before a schedule's tick: {e}");
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// A schedule's last fired tick in the catalog.
+    pub fn schedule_record(&self, id: &str) -> Option<ScheduleRecord> {
+        self.replica.lock().schedule(id).cloned()
+    }
+
+    /// Records fired ticks (schedule id, tick ms) in the catalog, saved once and pushed to the
+    /// peers in one delta. For each: `Ok(())`, or `Err(tick)` when a tick as late or later was
+    /// recorded already (fired here or elsewhere).
+    pub fn fire_schedules(self: &Arc<Self>, ticks: &[(String, u64)]) -> Vec<Result<(), u64>> {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut out = Vec::with_capacity(ticks.len());
+        let mut delta = Delta::default();
+        {
+            let mut catalog = self.replica.lock();
+            for (id, tick) in ticks {
+                let record = ScheduleRecord {
+                    tick_ms: *tick,
+                    fired_by: self.id.clone(),
+                    fired_at_ms: now_ms,
+                };
+                match catalog.fire_schedule(id, record, now()) {
+                    Ok(Some(d)) => {
+                        delta.entries.extend(d.entries);
+                        out.push(Ok(()));
+                    }
+                    Ok(None) => {
+                        out.push(Err(catalog.schedule(id).map_or(*tick, |r| r.tick_ms)));
+                    }
+                    Err(e) => {
+                        // Not recorded: fired anyway (the queue still takes its id once).
+                        tracing::error!(schedule = %id, "recording a fired tick: {e}");
+                        out.push(Ok(()));
+                    }
+                }
+            }
+            if !delta.is_empty() {
+                self.replica.save(&catalog);
+            }
+        }
+        if !delta.is_empty() {
+            self.push(delta);
+        }
+        out
     }
 
     /// A removal made here.
@@ -359,6 +424,8 @@ impl Node {
         let name = match &change.key {
             Key::Function(name) => name,
             Key::AccessKey(id) => return self.reconcile_key(id).await,
+            // Read by the scheduler when it fires.
+            Key::Schedule(_) => return,
         };
         let Some(app) = self.replica.app() else {
             return;
@@ -680,8 +747,9 @@ impl Node {
             }
             let p = &peers[turn % peers.len()];
             turn = turn.wrapping_add(1);
-            if let Err(e) = self.sync_with(&p.id, p.addr).await {
-                tracing::debug!(peer = %p.id, "catalog sync: {e}");
+            match self.sync_with(&p.id, p.addr).await {
+                Ok(_) => self.mark_synced(),
+                Err(e) => tracing::debug!(peer = %p.id, "catalog sync: {e}"),
             }
         }
     }

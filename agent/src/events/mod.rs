@@ -42,7 +42,10 @@ const URL_CONCURRENCY: u32 = 8;
 const URL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Failures `fnlet events` remembers per function.
 const FAILURES_KEPT: usize = 20;
-/// How often expired topic dedup entries are dropped.
+/// How long an id accepted with [`Events::accept_once`] stays a duplicate: a second event with
+/// it within this is not stored (two hosts firing one schedule tick meet well within it).
+pub const SEEN_WINDOW_MS: u64 = 3600 * 1000;
+/// How often expired dedup entries (topic events, ids accepted once) are dropped.
 const SEEN_PRUNE_EVERY: Duration = Duration::from_secs(10);
 /// The metrics label of topics nobody subscribes to (so callers cannot mint label values).
 const UNSUBSCRIBED: &str = "(unsubscribed)";
@@ -112,8 +115,11 @@ struct State {
     lanes: HashMap<Target, Lane>,
     entries: HashMap<u64, Entry>,
     configs: HashMap<String, InvokeConfig>,
-    /// Topic events seen (hash of topic, source, id) -> until when a copy is a duplicate.
+    /// Events seen -> until when a copy is a duplicate: topic events (a hash of topic, source
+    /// and id, [`seen_key`]) and ids accepted once (a schedule's ticks, [`once_key`]).
     seen: HashMap<[u8; 32], u64>,
+    /// Schedules' last ticks stored here.
+    ticks: HashMap<String, u64>,
 }
 
 /// One async event a topic event became.
@@ -144,6 +150,12 @@ fn seen_key(topic: &str, source: &str, id: &str) -> [u8; 32] {
         h.update(part.as_bytes());
     }
     h.finalize().into()
+}
+
+/// The dedup key of an id accepted once ([`Events::accept_once`]): no topic event's, as a
+/// topic's name is never empty.
+fn once_key(id: &str) -> [u8; 32] {
+    seen_key("", "fnlet.once", id)
 }
 
 type HttpClient = hyper_util::client::legacy::Client<
@@ -219,6 +231,7 @@ impl Events {
         }
         state.configs = loaded.configs.into_iter().collect();
         state.seen = loaded.seen.into_iter().collect();
+        state.ticks = loaded.ticks.into_iter().collect();
         let http =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .build_http();
@@ -246,6 +259,62 @@ impl Events {
         request_id: &str,
         payload: Bytes,
     ) -> Result<(), AcceptError> {
+        self.store(function, request_id, payload, Vec::new()).await
+    }
+
+    /// Stores an event of `function` whose id is accepted once: false (and nothing stored)
+    /// when an event with `id` was accepted within [`SEEN_WINDOW_MS`]. With `tick`, the
+    /// schedule's last tick stored here is raised to it in the same commit.
+    pub async fn accept_once(
+        &self,
+        function: &str,
+        id: &str,
+        payload: Bytes,
+        tick: Option<(&str, u64)>,
+    ) -> Result<bool, AcceptError> {
+        let now = now_ms();
+        let key = once_key(id);
+        let mut ops = vec![Op::PutSeen(key, now + SEEN_WINDOW_MS)];
+        {
+            let mut st = self.lock();
+            if st.seen.get(&key).is_some_and(|until| *until > now) {
+                return Ok(false);
+            }
+            // Held while it is written: a concurrent accept of the same id sees it. Expired
+            // entries are dropped with the topics' ([`Events::run`]).
+            st.seen.insert(key, now + SEEN_WINDOW_MS);
+        }
+        if let Some((schedule, t)) = tick {
+            ops.push(Op::PutTick(schedule.to_string(), t));
+        }
+        match self.store(function, id, payload, ops).await {
+            Ok(()) => {
+                if let Some((schedule, t)) = tick {
+                    let mut st = self.lock();
+                    let stored = st.ticks.entry(schedule.to_string()).or_default();
+                    *stored = (*stored).max(t);
+                }
+                Ok(true)
+            }
+            Err(e) => {
+                self.lock().seen.remove(&key);
+                Err(e)
+            }
+        }
+    }
+
+    /// The last tick of `schedule` whose event this host stored (ms).
+    pub fn last_tick(&self, schedule: &str) -> Option<u64> {
+        self.lock().ticks.get(schedule).copied()
+    }
+
+    async fn store(
+        &self,
+        function: &str,
+        request_id: &str,
+        payload: Bytes,
+        mut ops: Vec<Op>,
+    ) -> Result<(), AcceptError> {
         let len = payload.len() as u64;
         let target = Target::Function(function.to_string());
         {
@@ -265,10 +334,8 @@ impl Events {
             lane.bytes += len;
         }
         let (seq, header) = self.stage(target.clone(), request_id.to_string(), None);
-        let result = self
-            .queue
-            .commit(vec![Op::Put(seq, encode(&header, &payload))])
-            .await;
+        ops.insert(0, Op::Put(seq, encode(&header, &payload)));
+        let result = self.queue.commit(ops).await;
         let mut st = self.lock();
         let State { lanes, entries, .. } = &mut *st;
         let lane = lanes.entry(target).or_default();
@@ -1011,7 +1078,8 @@ impl Events {
         Ok(out)
     }
 
-    /// Drops the topic dedup entries whose window has passed (here and on disk).
+    /// Drops the dedup entries (topic events, ids accepted once) whose window has passed (here
+    /// and on disk).
     async fn prune_seen(&self) {
         let now = now_ms();
         let expired: Vec<[u8; 32]> = {
@@ -1034,7 +1102,7 @@ impl Events {
         let ops = expired.into_iter().map(Op::RemoveSeen).collect();
         // Left on disk, an entry is dropped again after the next start.
         if let Err(e) = self.queue.commit_lazy(ops).await {
-            tracing::warn!("dropping expired topic dedup entries: {e}");
+            tracing::warn!("dropping expired dedup entries: {e}");
         }
     }
 
@@ -1162,5 +1230,61 @@ fn condition_labels(function: &str, condition: &str) -> ConditionLabels {
     ConditionLabels {
         function: function.to_string(),
         condition: condition.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::invoke::app_tests::TestAgent;
+
+    /// Needs root: the test agent prepares a cgroup root.
+    #[tokio::test]
+    async fn an_id_accepted_once_is_stored_once_until_its_window_is_pruned() {
+        let agent = TestAgent::start("accept-once").await;
+        let ev = agent.app.events.clone();
+        let body = || Bytes::from_static(b"{}");
+        assert!(
+            ev.accept_once("f", "t2", body(), Some(("s", 2_000)))
+                .await
+                .unwrap()
+        );
+        assert!(
+            !ev.accept_once("f", "t2", body(), Some(("s", 2_000)))
+                .await
+                .unwrap()
+        );
+        // An earlier tick is stored (its own id) but the schedule's last tick only rises.
+        assert!(
+            ev.accept_once("f", "t1", body(), Some(("s", 1_000)))
+                .await
+                .unwrap()
+        );
+        assert_eq!(ev.last_tick("s"), Some(2_000));
+        assert_eq!(ev.last_tick("other"), None);
+        {
+            let st = ev.lock();
+            assert_eq!(st.entries.len(), 2);
+            let until = st.seen[&once_key("t2")];
+            assert!(until > now_ms() + SEEN_WINDOW_MS / 2, "{until}");
+            // Kept apart from a topic event with the same id.
+            assert!(!st.seen.contains_key(&seen_key("t", "s", "t2")));
+        }
+        // Past its window an id is taken again, and the pruning drops it with the topics'.
+        ev.lock()
+            .seen
+            .insert(once_key("old"), now_ms().saturating_sub(1));
+        ev.lock()
+            .seen
+            .insert(once_key("gone"), now_ms().saturating_sub(1));
+        assert!(ev.accept_once("f", "old", body(), None).await.unwrap());
+        ev.prune_seen().await;
+        {
+            let st = ev.lock();
+            assert!(!st.seen.contains_key(&once_key("gone")));
+            assert!(st.seen.contains_key(&once_key("old")));
+            assert!(st.seen.contains_key(&once_key("t1")));
+        }
+        agent.finish().await;
     }
 }

@@ -23,9 +23,11 @@ use super::policy::{History, InvokeConfig};
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 /// function name -> JSON [`InvokeConfig`].
 const CONFIGS: TableDefinition<&str, &[u8]> = TableDefinition::new("invoke_configs");
-/// Topic events seen lately (a hash of topic, source and id) -> until when (ms since the
-/// epoch) a copy is a duplicate.
+/// Events seen lately -> until when (ms since the epoch) a copy is a duplicate: topic events (a
+/// hash of topic, source and id) and ids accepted once (a schedule's ticks).
 const SEEN: TableDefinition<&[u8], u64> = TableDefinition::new("topic_events_seen");
+/// schedule id -> the last tick (ms) whose event this host stored.
+const TICKS: TableDefinition<&str, u64> = TableDefinition::new("schedule_ticks");
 
 /// Batches taken into one commit at most.
 const MAX_GROUP: usize = 8192;
@@ -113,9 +115,11 @@ pub enum Op {
     Remove(u64),
     PutConfig(String, InvokeConfig),
     RemoveConfig(String),
-    /// A topic event seen, a duplicate until the time given.
+    /// An event seen (topic event or id accepted once), a duplicate until the time given.
     PutSeen([u8; 32], u64),
     RemoveSeen([u8; 32]),
+    /// A schedule's last tick stored here (ms); only ever raised.
+    PutTick(String, u64),
 }
 
 struct Batch {
@@ -151,8 +155,10 @@ pub struct Loaded {
     pub events: Vec<(u64, Header, u64)>,
     pub configs: Vec<(String, InvokeConfig)>,
     pub next_seq: u64,
-    /// Topic events seen and until when.
+    /// Events seen (topic events, ids accepted once) and until when.
     pub seen: Vec<([u8; 32], u64)>,
+    /// Schedules' last ticks stored here.
+    pub ticks: Vec<(String, u64)>,
 }
 
 fn err<E: std::fmt::Display>(e: E) -> QueueError {
@@ -187,6 +193,7 @@ impl Queue {
         txn.open_table(EVENTS).map_err(|e| open_err(&e))?;
         txn.open_table(CONFIGS).map_err(|e| open_err(&e))?;
         txn.open_table(SEEN).map_err(|e| open_err(&e))?;
+        txn.open_table(TICKS).map_err(|e| open_err(&e))?;
         txn.commit().map_err(|e| open_err(&e))?;
         let loaded = load(&db)?;
         let db = Arc::new(db);
@@ -272,11 +279,17 @@ fn load(db: &Database) -> Result<Loaded, QueueError> {
             seen.push((key, v.value()));
         }
     }
+    let mut ticks = Vec::new();
+    for row in txn.open_table(TICKS).map_err(err)?.iter().map_err(err)? {
+        let (k, v) = row.map_err(err)?;
+        ticks.push((k.value().to_string(), v.value()));
+    }
     Ok(Loaded {
         events,
         configs,
         next_seq,
         seen,
+        ticks,
     })
 }
 
@@ -347,6 +360,7 @@ fn apply(db: &Database, group: &[Batch], durable: bool) -> Result<(), redb::Erro
         let mut events = txn.open_table(EVENTS)?;
         let mut configs = txn.open_table(CONFIGS)?;
         let mut seen = txn.open_table(SEEN)?;
+        let mut ticks = txn.open_table(TICKS)?;
         for op in group.iter().flat_map(|b| &b.ops) {
             match op {
                 Op::Put(seq, v) => {
@@ -367,6 +381,12 @@ fn apply(db: &Database, group: &[Batch], durable: bool) -> Result<(), redb::Erro
                 }
                 Op::RemoveSeen(key) => {
                     seen.remove(key.as_slice())?;
+                }
+                Op::PutTick(id, tick) => {
+                    let stored = ticks.get(id.as_str())?.map(|v| v.value());
+                    if stored.is_none_or(|s| s < *tick) {
+                        ticks.insert(id.as_str(), tick)?;
+                    }
                 }
             }
         }
@@ -446,6 +466,32 @@ mod tests {
         assert_eq!(loaded.next_seq, 200);
         assert_eq!(loaded.configs.len(), 1);
         assert_eq!(loaded.seen, vec![([1; 32], 77)]);
+    }
+
+    #[tokio::test]
+    async fn schedule_ticks_survive_reopen_beside_seen_events_and_only_rise() {
+        let dir = tempfile::tempdir().unwrap();
+        let commits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (q, _) = Queue::open(dir.path(), Counting(commits.clone())).unwrap();
+        q.commit(vec![
+            Op::Put(1, encode(&header("tick-a"), b"one")),
+            Op::PutSeen([7; 32], 5),
+            Op::PutSeen([8; 32], 1),
+            Op::PutTick("s".into(), 2_000),
+        ])
+        .await
+        .unwrap();
+        q.commit(vec![
+            Op::PutTick("s".into(), 1_000),
+            Op::RemoveSeen([8; 32]),
+        ])
+        .await
+        .unwrap();
+        drop(q);
+        let (_q, loaded) = Queue::open(dir.path(), Counting(commits)).unwrap();
+        assert_eq!(loaded.seen, vec![([7; 32], 5)]);
+        assert_eq!(loaded.ticks, vec![("s".to_string(), 2_000)]);
+        assert_eq!(loaded.events.len(), 1);
     }
 
     #[tokio::test]

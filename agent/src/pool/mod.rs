@@ -647,6 +647,8 @@ pub struct Registry {
     /// Told whenever a call starts or ends here: [`Registry::running_total`] may have changed
     /// (the cluster reports it to the peers).
     pub load_changed: Arc<tokio::sync::Notify>,
+    /// Told when a function is activated or removed (the scheduler reads the triggers again).
+    pub functions_changed: tokio::sync::Notify,
     /// What live instances hold of the host.
     pub capacity: Arc<Capacity>,
     /// Idle instances evicted to make room.
@@ -667,6 +669,7 @@ impl Registry {
             load_changed: Default::default(),
             capacity: Arc::new(capacity),
             evictions: AtomicU64::new(0),
+            functions_changed: Default::default(),
         }
     }
 
@@ -767,6 +770,8 @@ impl Registry {
                 );
             }
         }
+        drop(map);
+        self.functions_changed.notify_one();
     }
 
     /// Records that the stored function `name`, which has no active version here, cannot run,
@@ -800,6 +805,7 @@ impl Registry {
         if let Some(s) = &slot {
             s.drop_idle();
         }
+        self.functions_changed.notify_one();
         slot
     }
 

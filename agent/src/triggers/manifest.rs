@@ -36,8 +36,9 @@ pub struct TriggerManifest {
     /// Schedules: the event's `detail` (any TOML value, sent as JSON).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload: Option<toml::Value>,
-    /// Schedules: fire at a random point within the tick's first tenth instead of on it
-    /// (OpenWhisk's non-strict alarms), to spread load.
+    /// Schedules: fire at a point within the first tenth of the interval to the next tick
+    /// (at most 1 minute after the tick; fixed per schedule and tick by a hash) instead of on
+    /// it (OpenWhisk's non-strict alarms), to spread load.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub spread: bool,
 }

@@ -3,6 +3,8 @@
 
 pub mod cloudevent;
 pub mod manifest;
+pub mod schedule;
 pub mod topics;
 
 pub use manifest::{FilterMatch, Schedule, ScheduleKind, Trigger, TriggerError, TriggerManifest};
+pub use schedule::Scheduler;

@@ -34,7 +34,7 @@ pub(crate) const TOKEN: &str = "0123456789abcdef0123456789abcdef";
 
 /// An agent in this process, as node "alpha", with its QUIC endpoint serving calls.
 pub(crate) struct TestAgent {
-    app: Arc<App>,
+    pub(crate) app: Arc<App>,
     pub(crate) dir: tempfile::TempDir,
     pub(crate) cluster: ClusterDir,
     transport: Arc<Transport>,
@@ -106,6 +106,7 @@ impl TestAgent {
             token: TOKEN.into(),
             started: Instant::now(),
             cluster: std::sync::OnceLock::new(),
+            scheduler: Arc::default(),
             updates: Default::default(),
         });
         let cluster = ClusterDir::new(&state);
