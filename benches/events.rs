@@ -314,7 +314,10 @@ fn main() {
         "{:<36} {:>6} {:>10} {:>10} {:>10} {:>10}",
         "", "runs", "median ms", "p99 ms", "min ms", "max ms"
     );
-    for (name, a) in [("fnlet 202 -> START", &agent), ("fnlet nats 202 -> START", &nagent)] {
+    for (name, a) in [
+        ("fnlet 202 -> START", &agent),
+        ("fnlet nats 202 -> START", &nagent),
+    ] {
         end_to_end(&rt, a, name, e2e);
     }
     println!(

@@ -398,6 +398,12 @@ fn nats_backend_across_agents_and_failures() {
         );
     };
     assert_eq!(accepted, 600, "{refused}");
+    let o = a.cli(&["events", "parked", "--json"]);
+    assert!(o.status.success(), "fnlet events parked");
+    let v: Value = serde_json::from_slice(&o.stdout).expect("fnlet events --json");
+    assert_eq!(v["backend"], "nats", "{v}");
+    assert_eq!(v["stored"], 600, "{v}");
+    assert!(v["oldest_age_s"].as_f64().is_some_and(|a| a > 0.0), "{v}");
     assert_eq!(
         refused["errorType"], "TooManyRequestsException",
         "{refused}"

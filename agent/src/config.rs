@@ -912,6 +912,38 @@ mod tests {
     }
 
     #[test]
+    fn the_nats_backend_needs_servers_and_names_bad_keys() {
+        let nats = |extra: &str| {
+            parse(&format!(
+                "[events]\nbackend = \"nats\"\n[events.nats]\n{extra}"
+            ))
+        };
+        let err = nats("").unwrap_err().to_string();
+        assert!(err.contains("events.nats.servers"), "{err}");
+        let c = nats("servers = [\"nats://127.0.0.1:4222\", \"nats://127.0.0.1:4223\"]").unwrap();
+        assert_eq!(c.events.nats.replicas(), 2);
+        assert_eq!(c.events.nats.stream, "FNLET_EVENTS");
+        for (bad, key) in [
+            ("stream = \"a.b\"", "events.nats.stream"),
+            ("subject = \"a..b\"", "events.nats.subject"),
+            ("subject = \"a.>\"", "events.nats.subject"),
+            ("replicas = 6", "events.nats.replicas"),
+            ("max_mb = 0", "events.nats.max_mb"),
+            ("ack_wait_s = 0.5", "events.nats.ack_wait_s"),
+            ("publish_timeout_s = nan", "events.nats.publish_timeout_s"),
+        ] {
+            let err = nats(&format!("servers = [\"nats://127.0.0.1:4222\"]\n{bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
+        let err = parse("[events]\nbackend = \"kafka\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("events.backend"), "{err}");
+    }
+
+    #[test]
     fn runtimes_must_be_mountable_in_a_sandbox() {
         let c = parse("state_dir = \"/tmp/fnlet-state\"\n").unwrap();
         let why = c.unmountable_runtime("python3.11").expect("under /tmp");

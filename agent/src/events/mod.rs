@@ -794,11 +794,17 @@ impl Events {
         if let Some(n) = &self.nats {
             v["backend"] = "nats".into();
             match n.counts(name).await {
-                Some((pending, unacked)) => {
+                Some((pending, unacked, oldest)) => {
                     let add = |v: &serde_json::Value, n: u64| v.as_u64().unwrap_or(0) + n;
                     v["stored"] = add(&v["stored"], pending + unacked).into();
                     v["pending"] = add(&v["pending"], pending).into();
                     v["in_flight"] = add(&v["in_flight"], unacked).into();
+                    if let Some(o) = oldest {
+                        let age = now_ms().saturating_sub(o) as f64 / 1000.0;
+                        if age > v["oldest_age_s"].as_f64().unwrap_or(0.0) {
+                            v["oldest_age_s"] = age.into();
+                        }
+                    }
                 }
                 None => v["nats_unavailable"] = true.into(),
             }

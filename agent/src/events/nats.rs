@@ -262,7 +262,8 @@ impl Nats {
 
     /// Runs a puller per deployed function (and one for destination URLs) until `stop`.
     pub async fn run(self: Arc<Self>, events: Arc<Events>, stop: CancellationToken) {
-        let mut lanes: HashMap<Target, CancellationToken> = HashMap::new();
+        let mut lanes: HashMap<Target, (CancellationToken, tokio::task::JoinHandle<()>)> =
+            HashMap::new();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
@@ -280,22 +281,23 @@ impl Nats {
                 .map(|s| Target::Function(s.active().name.clone()))
                 .collect();
             want.push(Target::Url(String::new()));
-            lanes.retain(|t, token| {
-                let keep = want.contains(t);
+            // A puller ends when its function goes (or with `stop`): made again if it is back.
+            lanes.retain(|t, (token, task)| {
+                let keep = want.contains(t) && !task.is_finished();
                 if !keep {
                     token.cancel();
                 }
                 keep
             });
             for t in want {
-                if !lanes.contains_key(&t) {
+                if let std::collections::hash_map::Entry::Vacant(e) = lanes.entry(t.clone()) {
                     let token = stop.child_token();
-                    lanes.insert(t.clone(), token.clone());
-                    tokio::spawn(self.clone().pull(events.clone(), t, token));
+                    let task = tokio::spawn(self.clone().pull(events.clone(), t, token.clone()));
+                    e.insert((token, task));
                 }
             }
         }
-        for token in lanes.values() {
+        for (token, _) in lanes.values() {
             token.cancel();
         }
     }
@@ -424,14 +426,37 @@ impl Nats {
         m.depth
             .get_or_create(&labels)
             .set((info.num_pending + info.num_ack_pending as u64) as i64);
+        if let Ok(ready) = self.ready().await {
+            let age = self
+                .oldest_ms(ready, function)
+                .await
+                .map_or(0.0, |a| now_ms().saturating_sub(a) as f64 / 1000.0);
+            m.oldest_age.get_or_create(&labels).set(age);
+        }
     }
 
-    /// How many events wait (and are being tried or wait for a retry) for `function`.
-    pub async fn counts(&self, function: &str) -> Option<(u64, u64)> {
+    /// When the oldest event `function` has in the stream was accepted (acked events are
+    /// gone from a work-queue stream, so it is the first message of its subject).
+    async fn oldest_ms(&self, ready: &Ready, function: &str) -> Option<u64> {
+        let subject = self.subject(&Target::Function(function.to_string()));
+        let first = ready
+            .stream
+            .get_next_raw_message_by_subject(subject)
+            .await
+            .ok()?;
+        decode(first.sequence, &first.payload)
+            .ok()
+            .map(|(h, _)| h.history.accepted_ms)
+    }
+
+    /// For `fnlet events`: the function's events waiting, those taken (being tried, or
+    /// waiting for a retry) on any agent, and when the oldest was accepted.
+    pub async fn counts(&self, function: &str) -> Option<(u64, u64, Option<u64>)> {
         let ready = self.ready().await.ok()?;
         let name = self.consumer_name(&Target::Function(function.to_string()));
         let info = ready.stream.consumer_info(&name).await.ok()?;
-        Some((info.num_pending, info.num_ack_pending as u64))
+        let oldest = self.oldest_ms(ready, function).await;
+        Some((info.num_pending, info.num_ack_pending as u64, oldest))
     }
 
     /// One delivery: its history restored, then tried like a local event.
