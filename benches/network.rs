@@ -375,29 +375,66 @@ fn main() {
         let p = prepared(&iso, with, &spec("bench", "/usr/bin/curl", args));
         times(&run(p))
     };
+    // The same curl run by the host in a function's network namespace (nsenter --net): the
+    // function's network path without the rest of the sandbox (seccomp, cgroup, uid, mounts).
+    let in_netns = |args: &[String]| -> Vec<Duration> {
+        let p = prepared(&iso, with, &spec("bench", "/bin/true", &[]));
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/proc/{}/ns/net", p.pid()))
+            .arg("--")
+            .arg("/usr/bin/curl")
+            .args(args)
+            .output()
+            .expect("curl in the function's netns");
+        assert!(out.status.success(), "netns curl: {out:?}");
+        drop(p);
+        times(&String::from_utf8_lossy(&out.stdout))
+    };
     let total = |v: &[Duration]| v.iter().sum::<Duration>();
     // Small: every request's time; big: each loop's total.
     let (mut h_small, mut f_small, mut h_big, mut f_big) = (vec![], vec![], vec![], vec![]);
+    let mut n_small = vec![];
     let (sa, ba) = (small_args(gets), big_args(big_gets));
     for i in 0..loops + 1 {
-        let (hs, fs, hb, fb) = if i % 2 == 0 {
-            (host(&sa), in_fn(&sa), host(&ba), in_fn(&ba))
+        // The order of the three small loops rotates round by round.
+        let (hs, fs, ns) = match i % 3 {
+            0 => {
+                let hs = host(&sa);
+                let fs = in_fn(&sa);
+                (hs, fs, in_netns(&sa))
+            }
+            1 => {
+                let fs = in_fn(&sa);
+                let ns = in_netns(&sa);
+                (host(&sa), fs, ns)
+            }
+            _ => {
+                let ns = in_netns(&sa);
+                let hs = host(&sa);
+                (hs, in_fn(&sa), ns)
+            }
+        };
+        let (hb, fb) = if i % 2 == 0 {
+            (host(&ba), in_fn(&ba))
         } else {
-            let fs = in_fn(&sa);
-            let hs = host(&sa);
             let fb = in_fn(&ba);
-            (hs, fs, host(&ba), fb)
+            (host(&ba), fb)
         };
         if i >= 1 {
             h_small.extend(hs);
             f_small.extend(fs);
+            n_small.extend(ns);
             h_big.push(total(&hb));
             f_big.push(total(&fb));
         }
     }
     let mb = |n: usize, d: Duration| (n * BIG) as f64 / d.as_secs_f64() / 1e6;
     let m = |v: &[Duration]| Stats::of(v).median;
-    let (hs, fs) = (Stats::of(&h_small), Stats::of(&f_small));
+    let (hs, fs, ns) = (
+        Stats::of(&h_small),
+        Stats::of(&f_small),
+        Stats::of(&n_small),
+    );
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     // Requests one after another on one connection: the loop's rate is 1 / time per request.
     let per_s = |d: Duration| 1.0 / d.as_secs_f64();
@@ -430,6 +467,13 @@ fn main() {
         per_s(hs.median),
         per_s(fs.median),
         per_s(fs.median) / per_s(hs.median)
+    );
+    println!(
+        "  {:<34} {:>13.1} us {:>13.1} us {:>6.2}x   (curl run by the host in the function's netns: its network path without the sandbox)",
+        "GET 1 KiB, netns only, median",
+        us(hs.median),
+        us(ns.median),
+        ns.median.as_secs_f64() / hs.median.as_secs_f64()
     );
     println!(
         "  {:<34} {:>12.0} r/s {:>12.0} r/s {:>6.2}x",

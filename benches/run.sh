@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # fnlet's benchmarks in one command, as root:
-# `benches/run.sh [spawn|agent|lambda|cluster|events|network|membership|all]` (default all; membership alone
+# `benches/run.sh [spawn|agent|lambda|cluster|events|topics|control|network|density|membership|all]` (default all; membership alone
 # needs no root).
 #
 # spawn: spawn-to-exit of a sandboxed static binary against fork+exec, bwrap and runc. Installs
@@ -27,11 +27,25 @@
 #   disk's fdatasync floor and a JetStream publish with ack (Debian's nats-server, a plain
 #   async-nats client). Installs nats-server; builds fnlet and the no-op as
 #   for lambda; runs `cargo bench -p fnlet-benches --bench events`.
+# topics: publishing CloudEvents to a topic on a real `fnlet agent` (10 warm no-op subscribers):
+#   publish latency with 1 and 10 subscribers, publish-to-start latency, publishes/s at 32
+#   clients, beside the same data as an Invoke API Event and a JetStream publish with ack.
+#   Installs nats-server; builds fnlet and the no-op as for lambda; runs
+#   `cargo bench -p fnlet-benches --bench topics`.
+# control: Lambda's control plane on a real `fnlet agent`: CreateFunction of a 5 MB zip to its
+#   first successful invoke, beside `fnlet deploy`'s POST /v1/functions of the same zip. Builds
+#   fnlet and the no-op as for lambda; runs `cargo bench -p fnlet-benches --bench control`.
 # network: functions' egress with the isolate library and the agent's network code: cold start
 #   of a prepared sandbox with and without egress, the cost of a veth + address + rules per
 #   instance, and an HTTP GET loop (curl) from a function against the same from the host, to a
 #   server in an upstream namespace of the bench's own. Installs nftables, conntrack, curl; runs
 #   `cargo bench -p fnlet-benches --bench network`.
+# density: 1,000 idle warm Lambda instances (100 functions x 10 of the no-op, min_instances) on
+#   one real `fnlet agent`, beside one: the agent's RSS, descriptors and idle CPU, per-instance
+#   memory (cgroup charge, process RSS, host used and slab), time to start and reap them all, and
+#   a warm call's latency with the probe alone, all alive, and alone again. Builds fnlet and the
+#   no-op as for lambda; runs `cargo bench -p fnlet-benches --bench density` (about 3 minutes;
+#   FNLET_BENCH_FUNCTIONS and FNLET_BENCH_PER_FUNCTION change the count).
 # membership: foca instances (the cluster crate's Membership, production foca_config) on a
 #   simulated clock, N = 5 to 1,000, 0 and 10 % loss: join dissemination, failure detection,
 #   false positives and traffic per host, beside memberlist's and Serf's published figures. No
@@ -45,9 +59,9 @@ cd "$(dirname "$0")/.."
 which=${1:-all}
 [ $# -gt 0 ] && shift
 case "$which" in
-  spawn | agent | lambda | cluster | events | network | membership | all) ;;
+  spawn | agent | lambda | cluster | events | topics | control | network | density | membership | all) ;;
   *)
-    echo "usage: $0 [spawn|agent|lambda|cluster|events|network|membership|all]" >&2
+    echo "usage: $0 [spawn|agent|lambda|cluster|events|topics|control|network|density|membership|all]" >&2
     exit 2
     ;;
 esac
@@ -69,7 +83,7 @@ if [ "$which" = lambda ] || [ "$which" = all ]; then
   # service).
   pkgs+=(nginx)
 fi
-if [ "$which" = events ] || [ "$which" = all ]; then
+if [ "$which" = events ] || [ "$which" = topics ] || [ "$which" = all ]; then
   # Debian's nats-server (JetStream included): the peer, started by the bench on a loopback
   # port (the package's own service is not used).
   pkgs+=(nats-server)
@@ -101,7 +115,7 @@ if [ "$which" = agent ] || [ "$which" = all ]; then
   # temporary bundle beside the example's fnlet.toml).
   scripts/build-examples.sh
 fi
-if [ "$which" = lambda ] || [ "$which" = cluster ] || [ "$which" = events ] || [ "$which" = all ]; then
+if [ "$which" = lambda ] || [ "$which" = cluster ] || [ "$which" = events ] || [ "$which" = topics ] || [ "$which" = control ] || [ "$which" = density ] || [ "$which" = all ]; then
   # The no-op links statically, so the same file is the fork+exec floor and what fnlet runs.
   # With --target the flag reaches only this crate (it has no dependencies), not the host build.
   target=$(rustc -vV | sed -n 's/^host: //p')
@@ -125,8 +139,17 @@ fi
 if [ "$which" = events ] || [ "$which" = all ]; then
   cargo bench -p fnlet-benches --bench events -- "$@" || status=$?
 fi
+if [ "$which" = topics ] || [ "$which" = all ]; then
+  cargo bench -p fnlet-benches --bench topics -- "$@" || status=$?
+fi
+if [ "$which" = control ] || [ "$which" = all ]; then
+  cargo bench -p fnlet-benches --bench control -- "$@" || status=$?
+fi
 if [ "$which" = network ] || [ "$which" = all ]; then
   cargo bench -p fnlet-benches --bench network -- "$@" || status=$?
+fi
+if [ "$which" = density ] || [ "$which" = all ]; then
+  cargo bench -p fnlet-benches --bench density -- "$@" || status=$?
 fi
 if [ "$which" = all ]; then
   cargo bench -p fnlet-benches --bench membership -- "$@" || status=$?

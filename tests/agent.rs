@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use base64::Engine;
 use common::agent::{Agent, Fixture, Resp, Settings, sandbox_cgroups, zip_of};
 use reqwest::Method;
 use reqwest::blocking::Body;
@@ -838,7 +839,7 @@ fn openapi_document_matches_the_running_agent() {
     );
     agent.deploy(lf.path());
     let concrete = |p: &str| {
-        let name = if p.starts_with("/fn/") || p.starts_with("/2015-03-31/") {
+        let name = if p.starts_with("/fn/") || p.starts_with("/20") {
             "docl"
         } else {
             "doc"
@@ -846,6 +847,11 @@ fn openapi_document_matches_the_running_agent() {
         p.replace("{name}", name)
             .replace("{path}", "any/path")
             .replace("{id}", &key)
+            .replace(
+                "{arn}",
+                "arn:aws:lambda:us-east-1:000000000000:function:docl",
+            )
+            .replace("{alias}", "live")
     };
     let is_fallback = |r: &Resp| r.status == 404 && r.text().contains("no such route");
 
@@ -873,13 +879,40 @@ fn openapi_document_matches_the_running_agent() {
         |(m, p, ..)| match (m, p.ends_with("/event-invoke-config")) {
             (&Method::GET, true) => 1,
             (&Method::DELETE, true) => 2,
+            (&Method::DELETE, false) if p == "/2015-03-31/functions/{name}" => 4,
             (&Method::DELETE, false) => 3,
             _ => 0,
         },
     );
+    // The Lambda control plane's calls that carry a zip: the no-op bootstrap, zipped.
+    let b64 = |zip: Vec<u8>| base64::engine::general_purpose::STANDARD.encode(zip);
+    let noop_zip = b64(zip_of(&[("bootstrap", &noop, 0o755)]));
     for (method, path, statuses, _) in ordered {
         let body = match (method, path.as_str()) {
             (&Method::POST, "/v1/functions") => Some(Body::from(f.tar_gz())),
+            (&Method::POST, "/2015-03-31/functions") => Some(Body::from(
+                json!({
+                    "FunctionName": "docc", "Role": "arn:aws:iam::000000000000:role/doc",
+                    "Runtime": "provided.al2023", "Handler": "bootstrap",
+                    "Code": { "ZipFile": noop_zip },
+                })
+                .to_string(),
+            )),
+            (&Method::PUT, "/2015-03-31/functions/{name}/code") => {
+                Some(Body::from(json!({ "ZipFile": noop_zip }).to_string()))
+            }
+            (&Method::PUT, "/2015-03-31/functions/{name}/configuration") => {
+                Some(Body::from(r#"{"Description":"documented"}"#))
+            }
+            (&Method::POST, "/2017-03-31/tags/{arn}") => {
+                Some(Body::from(r#"{"Tags":{"team":"doc"}}"#))
+            }
+            (&Method::POST, "/2015-03-31/functions/{name}/aliases") => {
+                Some(Body::from(r#"{"Name":"live","FunctionVersion":"1"}"#))
+            }
+            (&Method::PUT, "/2017-10-31/functions/{name}/concurrency") => {
+                Some(Body::from(r#"{"ReservedConcurrentExecutions":5}"#))
+            }
             (&Method::PUT | &Method::POST, p) if p.ends_with("/event-invoke-config") => {
                 Some(Body::from(r#"{"MaximumRetryAttempts":1}"#))
             }

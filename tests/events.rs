@@ -413,7 +413,7 @@ fn async_events_with_real_clients() {
         {"op": "get_config", "name": "failing2"},
         {"op": "put_config", "name": "failing2", "args": {"MaximumRetryAttempts": 3}},
         {"op": "put_config", "name": "failing2", "args": {
-            "DestinationConfig": {"OnFailure": {"Destination": "arn:aws:sns:us-east-1:000000000000:t"}}}},
+            "DestinationConfig": {"OnFailure": {"Destination": "arn:aws:sqs:us-east-1:000000000000:q"}}}},
         {"op": "put_config", "name": "failing2", "args": {
             "MaximumRetryAttempts": 1, "MaximumEventAgeInSeconds": 600,
             "DestinationConfig": {"OnFailure": {"Destination": arn("sink")}}}},

@@ -5,7 +5,9 @@
 //! One test, so one set of servers: events run on either agent, retries keep Lambda's counts
 //! and waits across agents, kill -9 of the agent that accepted 500 events and of one NATS
 //! server loses none (every accepted request id runs, duplicates are counted), a full stream
-//! answers 429, and no reachable server 503.
+//! answers 429, and no reachable server 503. Topics on the stream: a publish fans out to the
+//! subscribers whose filters pass, the same event published through the other agent is a
+//! duplicate (the stream's duplicate window), and a destination topic chains two functions.
 
 mod common;
 
@@ -262,9 +264,37 @@ fn nats_backend_across_agents_and_failures() {
         &format!("[async]\nretry_base_s = 1.0\non_failure = \"{}\"", sink.url),
     );
     let parked = worker("parked", "max_concurrency = 1\ntimeout_s = 120");
+    let on_success = format!("[async]\non_success = \"{}\"", sink.url);
+    let subscribers = [
+        worker(
+            "sub-all",
+            &format!("[[triggers]]\ntopic = \"orders\"\n{on_success}"),
+        ),
+        worker(
+            "sub-created",
+            &format!(
+                "[[triggers]]\ntopic = \"orders\"\nfilter = {{ type = \"order.created\" }}\n\
+                 {on_success}"
+            ),
+        ),
+        worker(
+            "chain-first",
+            "[[triggers]]\ntopic = \"chain.in\"\n[async]\non_success = \"topic:chain.out\"",
+        ),
+        worker(
+            "chain-second",
+            &format!(
+                "[[triggers]]\ntopic = \"chain.out\"\n\
+                 filter = {{ type = \"fnlet.invocation.success\" }}\n{on_success}"
+            ),
+        ),
+    ];
     for agent in [&a, &b] {
         agent.deploy(one.path());
         agent.deploy(failing.path());
+        for s in &subscribers {
+            agent.deploy(s.path());
+        }
     }
     a.deploy(parked.path());
 
@@ -342,6 +372,122 @@ fn nats_backend_across_agents_and_failures() {
         t[1] - t[0] >= 1.0 && t[2] - t[1] >= 2.0,
         "waits 1 s then 2 s: {t:?}"
     );
+
+    // Topics: a publish through `a` reaches both subscribers; the same event (source and id)
+    // through `b` is a duplicate and reaches no one; another type reaches the unfiltered one.
+    let publish = |agent: &Agent, args: &[&str]| -> Value {
+        let mut all = vec!["publish"];
+        all.extend_from_slice(args);
+        all.push("--json");
+        let o = agent.cli(&all);
+        assert!(
+            o.status.success(),
+            "fnlet {all:?}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        serde_json::from_slice(&o.stdout).expect("fnlet publish --json")
+    };
+    let created = [
+        "orders",
+        "--type",
+        "order.created",
+        "--source",
+        "/shop",
+        "--id",
+        "o-1",
+        "-d",
+        "{\"n\":1}",
+    ];
+    let first = publish(&a, &created);
+    assert_eq!(first["count"], 2, "{first:#}");
+    assert_eq!(first["events"][0]["duplicate"], false, "{first:#}");
+    let again = publish(&b, &created);
+    assert_eq!(again["count"], 0, "{again:#}");
+    assert_eq!(again["events"][0]["duplicate"], true, "{again:#}");
+    let paid = publish(
+        &b,
+        &[
+            "orders",
+            "--type",
+            "order.paid",
+            "--source",
+            "/shop",
+            "--id",
+            "o-2",
+            "-d",
+            "{\"n\":2}",
+        ],
+    );
+    assert_eq!(paid["count"], 1, "{paid:#}");
+    assert_eq!(paid["events"][0]["filtered"], 1, "{paid:#}");
+    let chain = publish(&a, &["chain.in", "--id", "c-1", "-d", "{\"n\":7}"]);
+    assert_eq!(chain["count"], 1, "{chain:#}");
+    let request_ids = |answer: &Value| -> Vec<(String, String)> {
+        answer["events"][0]["deliveries"]
+            .as_array()
+            .expect("deliveries")
+            .iter()
+            .map(|d| {
+                (
+                    d["function"].as_str().expect("function").to_string(),
+                    d["request_id"].as_str().expect("request id").to_string(),
+                )
+            })
+            .collect()
+    };
+    let mut wanted = request_ids(&first);
+    wanted.extend(request_ids(&paid));
+    let first_of_chain = request_ids(&chain)[0].1.clone();
+    let arn = |f: &str| format!("arn:aws:lambda:us-east-1:000000000000:function:{f}:$LATEST");
+    let recs = sink.wait(Duration::from_secs(60), "the topic deliveries", |r| {
+        let seen = ids_of(r);
+        wanted.iter().all(|(_, id)| seen.contains_key(id))
+            && r.iter()
+                .any(|r| r["requestContext"]["functionArn"] == arn("chain-second").as_str())
+    });
+    // Each delivery ran the function the answer named, with the event it was given.
+    for (function, id) in &wanted {
+        let rec = recs
+            .iter()
+            .find(|r| r["requestContext"]["requestId"] == id.as_str())
+            .expect("waited for");
+        assert_eq!(
+            rec["requestContext"]["functionArn"],
+            arn(function).as_str(),
+            "{rec:#}"
+        );
+    }
+    let sources: Vec<(&str, &str)> = recs
+        .iter()
+        .filter_map(|r| {
+            Some((
+                r["requestContext"]["functionArn"].as_str()?,
+                r["requestPayload"]["id"].as_str()?,
+            ))
+        })
+        .filter(|(_, id)| id.starts_with("o-"))
+        .collect();
+    assert!(
+        !sources.contains(&(arn("sub-created").as_str(), "o-2")),
+        "the filter let order.paid through: {sources:?}"
+    );
+    // The chain: chain-first's success record, published to chain.out, ran chain-second.
+    let rec = recs
+        .iter()
+        .find(|r| r["requestContext"]["functionArn"] == arn("chain-second").as_str())
+        .expect("waited for");
+    let data = &rec["requestPayload"]["data"];
+    assert_eq!(
+        rec["requestPayload"]["type"], "fnlet.invocation.success",
+        "{rec:#}"
+    );
+    assert_eq!(
+        data["requestContext"]["requestId"],
+        first_of_chain.as_str(),
+        "{rec:#}"
+    );
+    assert_eq!(data["requestPayload"]["data"], json!({"n": 7}), "{rec:#}");
 
     // kill -9 of the agent that accepted 500 events, and of one NATS server: every one runs.
     let before = sink.records().len();

@@ -16,6 +16,51 @@ use std::time::{Duration, Instant};
 use common::agent::{self, Agent, Fixture, Settings};
 use common::*;
 
+/// The host's `net.ipv4.ip_forward`, which an agent turns on while its instances need it and
+/// puts back when its network goes. Every test here that brings a network up holds this lock
+/// (a file lock, so across test processes too): one agent at a time changes the switch, and
+/// each test can check that it is put back. Whatever the test did, the value found when the
+/// lock was taken is written back when the guard goes.
+struct Forwarding {
+    _lock: std::fs::File,
+    found: String,
+}
+
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+
+impl Forwarding {
+    fn lock() -> Forwarding {
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open("/tmp/fnlet-tests-network.lock")
+            .expect("open /tmp/fnlet-tests-network.lock");
+        lock.lock().expect("lock /tmp/fnlet-tests-network.lock");
+        Forwarding {
+            _lock: lock,
+            found: Forwarding::value(),
+        }
+    }
+
+    fn value() -> String {
+        std::fs::read_to_string(IP_FORWARD)
+            .expect("read net.ipv4.ip_forward")
+            .trim()
+            .to_string()
+    }
+
+    fn set(v: &str) {
+        std::fs::write(IP_FORWARD, v).expect("write net.ipv4.ip_forward (needs root)");
+    }
+}
+
+impl Drop for Forwarding {
+    fn drop(&mut self) {
+        let _ = std::fs::write(IP_FORWARD, &self.found);
+    }
+}
+
 /// The upstream: a network namespace with a veth to the host, its servers, and the trap route.
 struct Upstream {
     ns: String,
@@ -273,6 +318,10 @@ fn metric(agent: &Agent, name: &str, function: &str) -> u64 {
 #[test]
 fn functions_reach_only_what_their_egress_allows_and_leave_nothing_behind() {
     require_root();
+    // Forwarding off, so that the agent has to turn it on and put it back (the guard puts
+    // back the host's own value at the end).
+    let forwarding = Forwarding::lock();
+    Forwarding::set("0");
     let up = Upstream::start();
     let u = up.ip;
     let pid = std::process::id();
@@ -315,6 +364,11 @@ fn functions_reach_only_what_their_egress_allows_and_leave_nothing_behind() {
         &format!("curl -sS -m 10 http://{u}:8080/"),
     );
     assert_eq!(out, "hello from upstream\n");
+    assert_eq!(
+        Forwarding::value(),
+        "1",
+        "forwarding is on while instances need it"
+    );
     let out = sh(
         &agent,
         "allowed",
@@ -563,17 +617,20 @@ fn functions_reach_only_what_their_egress_allows_and_leave_nothing_behind() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
-    // kill -9: the bridge and tables stay; the next start removes them and serves again.
+    // kill -9: the bridge, tables and forwarding stay; the next start removes them, puts
+    // forwarding back as the first agent found it, and serves again (turning it on again).
     agent.kill9();
     assert!(
         nft_table_exists("inet", &bridge),
         "the tables went with a killed agent?"
     );
+    assert_eq!(Forwarding::value(), "1");
     agent.restart();
+    let log = agent.log();
+    assert!(log.contains("removed the function network"), "{log}");
     assert!(
-        agent.log().contains("removed the function network"),
-        "{}",
-        agent.log()
+        log.contains("put net.ipv4.ip_forward back to 0"),
+        "the restarted agent did not put forwarding back:\n{log}"
     );
     let out = sh(
         &agent,
@@ -600,9 +657,16 @@ fn functions_reach_only_what_their_egress_allows_and_leave_nothing_behind() {
         .output()
         .expect("conntrack");
     assert_eq!(text(&tracked.stdout), "", "conntrack entries left");
+    assert_eq!(
+        Forwarding::value(),
+        "0",
+        "net.ipv4.ip_forward not put back at stop\n{}",
+        agent.log()
+    );
     agent.assert_clean();
     drop(host_listener);
     drop(up);
+    drop(forwarding);
 }
 
 #[test]
@@ -638,6 +702,7 @@ fn a_range_that_overlaps_a_host_route_is_refused_with_the_key_named() {
 #[test]
 fn a_lambda_function_with_egress_serves_beside_its_runtime_api() {
     require_root();
+    let forwarding = Forwarding::lock();
     let pid = std::process::id();
     let bridge = format!("fnl{:05x}", pid & 0xfffff);
     let agent = Agent::start_with(
@@ -671,6 +736,11 @@ fn a_lambda_function_with_egress_serves_beside_its_runtime_api() {
         "bridge or veths left"
     );
     assert!(!nft_table_exists("inet", &bridge), "inet table left");
+    assert_eq!(
+        Forwarding::value(),
+        forwarding.found,
+        "ip_forward not put back"
+    );
 }
 
 fn nft_chain_exists(table: &str, chain: &str) -> bool {
@@ -703,6 +773,7 @@ fn wait_chain(agent: &Agent, table: &str, chain: &str, want: bool) {
 #[test]
 fn a_function_without_egress_any_more_leaves_no_chains() {
     require_root();
+    let forwarding = Forwarding::lock();
     let pid = std::process::id();
     let bridge = format!("fnr{:05x}", pid & 0xfffff);
     let mut agent = Agent::start_with(
@@ -747,6 +818,11 @@ fn a_function_without_egress_any_more_leaves_no_chains() {
     wait_chain(&agent, &bridge, "out_goes", true);
     agent.stop();
     assert!(!nft_table_exists("inet", &bridge), "inet table left");
+    assert_eq!(
+        Forwarding::value(),
+        forwarding.found,
+        "ip_forward not put back"
+    );
     agent.assert_clean();
 }
 
@@ -756,6 +832,7 @@ fn a_function_without_egress_any_more_leaves_no_chains() {
 #[test]
 fn a_host_name_rule_is_resolved_with_network_dns() {
     require_root();
+    let forwarding = Forwarding::lock();
     let up = Upstream::start();
     let u = up.ip;
     let pid = std::process::id();
@@ -778,5 +855,10 @@ fn a_host_name_rule_is_resolved_with_network_dns() {
     assert_eq!(out.trim(), "BLOCKED", "named reached {u}:7007");
     assert!(!agent.log().contains("resolving failed"), "{}", agent.log());
     agent.finish();
+    assert_eq!(
+        Forwarding::value(),
+        forwarding.found,
+        "ip_forward not put back"
+    );
     drop(up);
 }

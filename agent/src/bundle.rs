@@ -361,6 +361,45 @@ fn unpack_zip(bytes: &[u8], w: &mut Writer) -> Result<(), BundleError> {
 
 /// Unpacks `bytes` into the empty directory `dest` and checks the result.
 pub fn unpack(bytes: &[u8], dest: &Path, limits: BundleLimits) -> Result<Unpacked, BundleError> {
+    let size_bytes = extract(bytes, dest, limits)?;
+    let root = bundle_root(dest)?;
+    finish(root, size_bytes)
+}
+
+/// Unpacks a Lambda deployment package: a bundle with its own `fnlet.toml` as [`unpack`] does
+/// (the bool is true); one without gets `generated` written as its `fnlet.toml` at the
+/// archive's root, so that the stored bundle is whole (a cluster peer unpacks it too).
+pub fn unpack_or_generate(
+    bytes: &[u8],
+    dest: &Path,
+    limits: BundleLimits,
+    generated: &Manifest,
+) -> Result<(Unpacked, bool), BundleError> {
+    let size_bytes = extract(bytes, dest, limits)?;
+    match bundle_root(dest) {
+        Ok(root) => Ok((finish(root, size_bytes)?, true)),
+        Err(BundleError::NoManifest) => {
+            let text = crate::manifest::to_toml(generated)
+                .map_err(|e| ManifestError::Syntax(format!("writing the manifest: {e}")))?;
+            let path = dest.join(MANIFEST_FILE);
+            // A dangling symlink of that name would not count as a manifest above: never
+            // write through it.
+            if fs::symlink_metadata(&path).is_ok() {
+                return Err(BundleError::Unsafe {
+                    path: MANIFEST_FILE.into(),
+                    reason: "must be a regular file",
+                });
+            }
+            fs::write(&path, text)?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o644))?;
+            Ok((finish(dest.to_path_buf(), size_bytes)?, false))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes the archive's entries under `dest`; the bytes written.
+fn extract(bytes: &[u8], dest: &Path, limits: BundleLimits) -> Result<u64, BundleError> {
     let mut w = Writer {
         dest,
         limits,
@@ -372,8 +411,11 @@ pub fn unpack(bytes: &[u8], dest: &Path, limits: BundleLimits) -> Result<Unpacke
         [b'P', b'K', 3, 4, ..] | [b'P', b'K', 5, 6, ..] => unpack_zip(bytes, &mut w)?,
         _ => return Err(BundleError::UnknownFormat),
     }
-    let size_bytes = w.bytes;
-    let root = bundle_root(dest)?;
+    Ok(w.bytes)
+}
+
+/// Checks an extracted bundle rooted at `root` and hashes it.
+fn finish(root: PathBuf, size_bytes: u64) -> Result<Unpacked, BundleError> {
     check_symlinks(&root, &root)?;
     let manifest = read_manifest(&root)?;
     check_entrypoint(&root, &manifest)?;
@@ -721,6 +763,54 @@ pub mod tests {
         ]);
         let err = try_unpack(&slip).unwrap_err().to_string();
         assert!(err.contains(".."), "{err}");
+    }
+
+    #[test]
+    fn a_lambda_zip_without_fnlet_toml_gets_the_generated_one() {
+        use zip::write::SimpleFileOptions;
+        let mk = |names: &[(&str, &[u8])]| {
+            let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+            for (n, d) in names {
+                w.start_file(*n, SimpleFileOptions::default().unix_permissions(0o755))
+                    .unwrap();
+                w.write_all(d).unwrap();
+            }
+            w.finish().unwrap().into_inner()
+        };
+        let generated =
+            Manifest::parse("name = \"gen\"\nmode = \"lambda\"\nmemory_mb = 256\n").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (u, own) = unpack_or_generate(
+            &mk(&[("bootstrap", b"#!/bin/sh\n")]),
+            dir.path(),
+            LIMITS,
+            &generated,
+        )
+        .unwrap();
+        assert!(!own);
+        assert_eq!(u.manifest, generated);
+        // Written into the bundle: a peer that unpacks it reads the same manifest.
+        let written = fs::read_to_string(u.root.join(MANIFEST_FILE)).unwrap();
+        assert_eq!(Manifest::parse(&written).unwrap(), generated);
+        // A zip with its own keeps it.
+        let dir = tempfile::tempdir().unwrap();
+        let (u, own) = unpack_or_generate(
+            &mk(&[("fnlet.toml", MANIFEST), ("run.sh", b"#!/bin/sh\n")]),
+            dir.path(),
+            LIMITS,
+            &generated,
+        )
+        .unwrap();
+        assert!(own);
+        assert_eq!(u.manifest.name, "t");
+        // The generated manifest's bootstrap must be there.
+        let dir = tempfile::tempdir().unwrap();
+        let err = unpack_or_generate(&mk(&[("app.py", b"x")]), dir.path(), LIMITS, &generated)
+            .unwrap_err();
+        assert!(
+            matches!(err, BundleError::Entrypoint(ref p) if p == "bootstrap"),
+            "{err}"
+        );
     }
 
     #[test]

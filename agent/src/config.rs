@@ -34,6 +34,61 @@ pub struct Config {
     pub cluster: ClusterConfig,
     pub events: EventsConfig,
     pub network: NetworkConfig,
+    pub capacity: CapacityConfig,
+    /// Per-topic settings, `[topics.NAME]`: which topics take unauthenticated publishes
+    /// (webhooks), and the secret their signatures are checked with. Topics need no entry to
+    /// be used; in a cluster, give every host the same entries.
+    pub topics: std::collections::BTreeMap<String, TopicConfig>,
+}
+
+/// One topic's settings (`[topics.NAME]`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TopicConfig {
+    /// Take publishes without an access key or the admin token: a webhook.
+    pub public: bool,
+    /// With `public`: each publish must carry `X-Hub-Signature-256: sha256=<hex>`, the
+    /// HMAC-SHA256 of its body under this secret (GitHub's and Gitea's webhook signature).
+    pub secret: String,
+    /// The secret read from this file instead (trailing whitespace dropped).
+    pub secret_file: String,
+}
+
+/// How much of the host live instances may hold: the sum of their memory limits, of their cpus,
+/// and their count. A call whose instance would go past it first evicts idle instances of
+/// other functions, least recently used first, then waits up to `limits.queue_timeout_ms`,
+/// then is refused (429).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CapacityConfig {
+    /// The memory live instances' limits may add up to, in MiB; 0: `memory_percent` of the
+    /// host's MemTotal minus `memory_reserve_mb`.
+    pub memory_mb: u64,
+    /// Share of the host's memory for instances, in percent (above 100 overcommits: limits
+    /// are ceilings, most instances use far less).
+    pub memory_percent: u32,
+    /// Memory kept for the agent and the host, in MiB, before `memory_percent` applies.
+    pub memory_reserve_mb: u64,
+    /// The cpus of live instances may add up to this percentage of the host's cores. A cpu
+    /// limit caps use rather than reserving it (an idle instance uses none), hence the
+    /// overcommit; 100: no more than the cores.
+    pub cpu_percent: u32,
+    /// Live instances at most (Lambda instances and running exec calls), whatever their size:
+    /// each holds processes, a cgroup, a network namespace and 8 of the agent's file
+    /// descriptors and 5 of its tasks; lowered at start to what the open-file limit holds.
+    pub max_instances: u64,
+}
+
+impl Default for CapacityConfig {
+    fn default() -> Self {
+        CapacityConfig {
+            memory_mb: 0,
+            memory_percent: 90,
+            memory_reserve_mb: 512,
+            cpu_percent: 1600,
+            max_instances: 2048,
+        }
+    }
 }
 
 /// Functions' outbound network: the policy a manifest without `[network] egress` gets, and the
@@ -88,6 +143,9 @@ pub struct EventsConfig {
     pub backoff_max_s: f64,
     /// URL destinations: how long a record is retried before it is dropped.
     pub destination_max_age_s: f64,
+    /// Topics: an event with the same source and id as one published to the same topic within
+    /// this many seconds is a duplicate, and not delivered again.
+    pub dedup_window_s: f64,
     /// The JetStream backend (`backend = "nats"`).
     pub nats: NatsConfig,
 }
@@ -152,6 +210,7 @@ impl Default for EventsConfig {
             backoff_min_s: 1.0,
             backoff_max_s: 300.0,
             destination_max_age_s: 21600.0,
+            dedup_window_s: 600.0,
             nats: NatsConfig::default(),
         }
     }
@@ -307,6 +366,8 @@ impl Default for Config {
             cluster: ClusterConfig::default(),
             events: EventsConfig::default(),
             network: NetworkConfig::default(),
+            capacity: CapacityConfig::default(),
+            topics: Default::default(),
         }
     }
 }
@@ -703,6 +764,7 @@ impl Config {
             ("events.backoff_min_s", e.backoff_min_s),
             ("events.backoff_max_s", e.backoff_max_s),
             ("events.destination_max_age_s", e.destination_max_age_s),
+            ("events.dedup_window_s", e.dedup_window_s),
         ] {
             if !(v.is_finite() && (0.001..=86400.0).contains(&v)) {
                 return bad(key, "must be between 0.001 and 86400 seconds");
@@ -710,6 +772,25 @@ impl Config {
         }
         if e.backoff_min_s > e.backoff_max_s {
             return bad("events.backoff_min_s", "must not exceed backoff_max_s");
+        }
+        for (name, t) in &self.topics {
+            if !crate::triggers::manifest::valid_topic(name) {
+                return bad(
+                    "topics",
+                    &format!(
+                        "{name:?} is not a topic name (1-128 characters of A-Z, a-z, 0-9, '.', '_' and '-')"
+                    ),
+                );
+            }
+            if !t.secret.is_empty() && !t.secret_file.is_empty() {
+                return bad("topics.secret", "give secret or secret_file, not both");
+            }
+            if (!t.secret.is_empty() || !t.secret_file.is_empty()) && !t.public {
+                return bad(
+                    "topics.secret",
+                    "applies to public topics (public = true); others need an access key or the admin token",
+                );
+            }
         }
         let n = &self.network;
         if let Err(why) = n.default_egress.parse() {
@@ -736,6 +817,22 @@ impl Config {
         }
         if !(1..=1_000_000).contains(&n.max_connections) {
             return bad("network.max_connections", "must be between 1 and 1000000");
+        }
+        let cap = &self.capacity;
+        if !(1..=1000).contains(&cap.memory_percent) {
+            return bad("capacity.memory_percent", "must be between 1 and 1000");
+        }
+        if !(1..=100_000).contains(&cap.cpu_percent) {
+            return bad("capacity.cpu_percent", "must be between 1 and 100000");
+        }
+        if cap.memory_mb > 1 << 30 || cap.memory_reserve_mb > 1 << 30 {
+            return bad(
+                "capacity.memory_mb",
+                "memory_mb and memory_reserve_mb must be at most 1073741824",
+            );
+        }
+        if !(1..=1_000_000).contains(&cap.max_instances) {
+            return bad("capacity.max_instances", "must be between 1 and 1000000");
         }
         if self.retain_versions == 0 {
             return bad("retain_versions", "must be at least 1");
@@ -941,6 +1038,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("events.backend"), "{err}");
+    }
+
+    #[test]
+    fn topics_are_checked_by_name() {
+        let c = parse("[topics.hooks]\npublic = true\nsecret = \"s\"\n").unwrap();
+        assert!(c.topics["hooks"].public);
+        assert_eq!(c.events.dedup_window_s, 600.0);
+        for (text, key) in [
+            ("[topics.\"a/b\"]\npublic = true\n", "topics"),
+            ("[topics.x]\nsecret = \"s\"\n", "topics.secret"),
+            (
+                "[topics.x]\npublic = true\nsecret = \"s\"\nsecret_file = \"/f\"\n",
+                "topics.secret",
+            ),
+            ("[topics.x]\npublik = true\n", "publik"),
+            ("[events]\ndedup_window_s = 0\n", "events.dedup_window_s"),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text:?} -> {err}");
+        }
     }
 
     #[test]

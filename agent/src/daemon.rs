@@ -201,7 +201,38 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
     store
         .clear_staging()
         .context("clearing half-finished uploads")?;
-    let registry = Arc::new(Registry::default());
+    // Each live instance holds a few of the agent's descriptors: capacity.max_instances is
+    // lowered to what the open-file limit holds beside 1,024 connections (the listener gets
+    // what the instances leave).
+    let nofile = api::listener::raise_nofile();
+    let mut capacity = crate::pool::capacity::Amounts::of_this_host(&config.capacity);
+    if let Some(n) = nofile {
+        let fit = crate::pool::capacity::instances_within(n);
+        if fit < capacity.instances {
+            tracing::warn!(
+                max_instances = fit,
+                configured = capacity.instances,
+                open_files = n,
+                "fewer live instances than capacity.max_instances: each holds {} of the agent's \
+                 descriptors and the open-file limit leaves room for only this many (raise \
+                 LimitNOFILE)",
+                crate::pool::capacity::FDS_PER_INSTANCE
+            );
+            capacity.instances = fit;
+        }
+    }
+    let instance_fds = capacity
+        .instances
+        .saturating_mul(crate::pool::capacity::FDS_PER_INSTANCE);
+    tracing::info!(
+        memory_mb = capacity.memory_bytes >> 20,
+        cpus = capacity.cpu_millis as f64 / 1000.0,
+        instances = capacity.instances,
+        "host capacity for instances ([capacity])"
+    );
+    let registry = Arc::new(Registry::new(crate::pool::capacity::Capacity::new(
+        capacity,
+    )));
     let mut names = Vec::new();
     for (rec, v) in store.list().context("loading functions")? {
         let bundle = store.bundle_path(&v.sha256);
@@ -279,7 +310,6 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
         network: Some(network.clone()),
     };
     let isolator = router.isolator.clone();
-    let nofile = api::listener::raise_nofile();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
@@ -309,6 +339,7 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
         token,
         started,
         cluster: std::sync::OnceLock::new(),
+        updates: Default::default(),
     });
     start_cluster(&app, join_token.as_deref()).await?;
     for name in &names {
@@ -381,7 +412,7 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
     api::listener::serve(
         listener,
         api::app(app.clone()),
-        api::listener::ListenerLimits::new(&config.limits, nofile),
+        api::listener::ListenerLimits::new(&config.limits, nofile, instance_fds),
         &app.router.metrics,
         self_checks,
         shutdown,

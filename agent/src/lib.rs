@@ -24,4 +24,5 @@ pub mod pool;
 pub mod router;
 pub mod store;
 pub mod systemd;
+pub mod triggers;
 pub mod units;

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::FunctionDefaults;
 use crate::network::policy::NetworkManifest;
+use crate::triggers::{Trigger, TriggerManifest};
 
 pub const MANIFEST_FILE: &str = "fnlet.toml";
 
@@ -54,6 +55,7 @@ pub struct Manifest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_s: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Instances at once; 0 refuses every call (Lambda's reserved concurrency 0).
     pub max_concurrency: Option<u32>,
     /// Lambda mode: instances kept warm even when idle.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -82,6 +84,39 @@ pub struct Manifest {
     /// Outbound network: egress policy and limits (absent: the agent's `[network]` defaults).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkManifest>,
+    /// `[[triggers]]`: topics the function subscribes to and schedules that run it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub triggers: Vec<TriggerManifest>,
+    /// What the AWS tools set (through the Lambda control plane) that fnlet keeps and shows
+    /// back without acting on it.
+    #[serde(default, skip_serializing_if = "AwsSettings::is_empty")]
+    pub aws: AwsSettings,
+}
+
+/// `[aws]`: Lambda settings kept for the AWS tools (CreateFunction, UpdateFunctionConfiguration
+/// and GetFunction show them) that do not change how fnlet runs the function.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsSettings {
+    /// Lambda's execution role (`Role`): kept and shown; fnlet grants nothing by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// The Lambda runtime named for a bundle that runs its own `bootstrap`
+    /// (`provided.al2023`, `provided.al2`, `provided`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<String>,
+    /// The handler named for such a bundle: its bootstrap sees it as `_HANDLER`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handler: Option<String>,
+}
+
+/// The Lambda runtimes that mean "the bundle's own `bootstrap`".
+pub const PROVIDED_RUNTIMES: [&str; 3] = ["provided.al2023", "provided.al2", "provided"];
+
+impl AwsSettings {
+    pub fn is_empty(&self) -> bool {
+        *self == AwsSettings::default()
+    }
 }
 
 /// `[async]`: what happens to a function's Event invokes (Lambda's event invoke config, and
@@ -192,6 +227,13 @@ pub enum ManifestError {
     Syntax(String),
     #[error("fnlet.toml: {field}: {reason}")]
     Invalid { field: &'static str, reason: String },
+    /// A `[[triggers]]` entry (0-based, in the file's order) and its field.
+    #[error("fnlet.toml: triggers[{index}].{field}: {reason}")]
+    Trigger {
+        index: usize,
+        field: &'static str,
+        reason: String,
+    },
 }
 
 /// Environment variables the agent sets itself.
@@ -272,9 +314,6 @@ impl Manifest {
                 format!("{t} must be between 0.001 and 86400 seconds"),
             );
         }
-        if self.max_concurrency == Some(0) {
-            return bad("max_concurrency", "must be at least 1".into());
-        }
         if self.max_concurrency.is_some_and(|c| c > 10_000) {
             return bad("max_concurrency", "must be at most 10000".into());
         }
@@ -309,7 +348,65 @@ impl Manifest {
             n.validate()
                 .map_err(|(field, reason)| ManifestError::Invalid { field, reason })?;
         }
+        self.validated_triggers()?;
+        self.validate_aws()?;
         self.validate_lambda()
+    }
+
+    /// The `[[triggers]]` checked (cron expressions parsed, zones found), in the file's order.
+    pub fn validated_triggers(&self) -> Result<Vec<Trigger>, ManifestError> {
+        if self.triggers.len() > crate::triggers::manifest::MAX_TRIGGERS {
+            return Err(ManifestError::Invalid {
+                field: "triggers",
+                reason: format!(
+                    "{} triggers; a function may have at most {}",
+                    self.triggers.len(),
+                    crate::triggers::manifest::MAX_TRIGGERS
+                ),
+            });
+        }
+        self.triggers
+            .iter()
+            .enumerate()
+            .map(|(index, t)| {
+                t.validate().map_err(|e| ManifestError::Trigger {
+                    index,
+                    field: e.field,
+                    reason: e.reason,
+                })
+            })
+            .collect()
+    }
+
+    fn validate_aws(&self) -> Result<(), ManifestError> {
+        let bad = |field, reason: String| Err(ManifestError::Invalid { field, reason });
+        let a = &self.aws;
+        if let Some(r) = &a.role
+            && (r.len() > 2048 || r.contains(['\0', '\n']))
+        {
+            return bad("aws.role", "must be at most 2048 bytes on one line".into());
+        }
+        if let Some(r) = &a.runtime {
+            if !PROVIDED_RUNTIMES.contains(&r.as_str()) {
+                return bad(
+                    "aws.runtime",
+                    format!("{r:?} must be one of {}", PROVIDED_RUNTIMES.join(", ")),
+                );
+            }
+            if self.mode != Mode::Lambda || self.runtime.is_some() {
+                return bad(
+                    "aws.runtime",
+                    "names a bundle's own bootstrap: it needs mode = \"lambda\" without runtime"
+                        .into(),
+                );
+            }
+        }
+        if let Some(h) = &a.handler
+            && (h.is_empty() || h.len() > 128 || h.contains(['\0', '\n']))
+        {
+            return bad("aws.handler", format!("{h:?} must be 1-128 characters"));
+        }
+        Ok(())
     }
 
     fn validate_lambda(&self) -> Result<(), ManifestError> {
@@ -494,7 +591,7 @@ mod tests {
                 "timeout_s",
             ),
             (
-                "name = \"x\"\nentrypoint = \"a\"\nmax_concurrency = 0",
+                "name = \"x\"\nentrypoint = \"a\"\nmax_concurrency = 10001",
                 "max_concurrency",
             ),
             (
@@ -540,7 +637,7 @@ mod tests {
             ("max_event_age_s = 59", "async.max_event_age_s"),
             ("max_event_age_s = 21601", "async.max_event_age_s"),
             (
-                "on_failure = \"arn:aws:sns:us-east-1:000000000000:t\"",
+                "on_failure = \"arn:aws:sqs:us-east-1:000000000000:q\"",
                 "async.on_failure",
             ),
             ("on_success = \"nowhere\"", "async.on_success"),
@@ -625,5 +722,43 @@ mod tests {
             let err = Manifest::parse(text).unwrap_err().to_string();
             assert!(err.contains(field), "{text:?} -> {err}");
         }
+    }
+
+    #[test]
+    fn triggers_round_trip_and_name_the_trigger() {
+        let text = r#"
+name = "f"
+entrypoint = "run"
+
+[[triggers]]
+topic = "orders"
+filter = { type = { prefix = "order." } }
+
+[[triggers]]
+schedule = "rate(5 minutes)"
+payload = { job = "sweep" }
+"#;
+        let m = Manifest::parse(text).unwrap();
+        assert_eq!(m.triggers.len(), 2);
+        assert_eq!(m.validated_triggers().unwrap().len(), 2);
+        assert_eq!(Manifest::parse(&to_toml(&m).unwrap()).unwrap(), m);
+        let bad = text.replace("rate(5 minutes)", "cron(0 2 * * *)");
+        let e = Manifest::parse(&bad).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                ManifestError::Trigger {
+                    index: 1,
+                    field: "schedule",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with("fnlet.toml: triggers[1].schedule: cron(0 2 * * *) has 5 fields"),
+            "{e}"
+        );
     }
 }

@@ -22,6 +22,12 @@ pub struct InstanceLabels {
     pub state: String,
 }
 
+/// A resource of the host's capacity: memory, cpu or instances.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResourceLabels {
+    pub resource: String,
+}
+
 /// Why the HTTP listener refused or closed a connection.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
@@ -82,6 +88,75 @@ pub struct ConditionLabels {
     pub condition: String,
 }
 
+/// A topic (topics without subscribers are counted as `(unsubscribed)`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicLabels {
+    pub topic: String,
+}
+
+/// A topic and how its events came (binary, structured, batch, plain, destination).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicModeLabels {
+    pub topic: String,
+    pub mode: String,
+}
+
+/// A topic and one of its subscribers.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicFnLabels {
+    pub topic: String,
+    pub function: String,
+}
+
+/// Topics' metrics (triggers: the event bus).
+pub struct TopicMetrics {
+    pub publishes: Family<TopicModeLabels, Counter>,
+    pub fanouts: Family<TopicFnLabels, Counter>,
+    pub filtered: Family<TopicFnLabels, Counter>,
+    pub duplicates: Family<TopicLabels, Counter>,
+    /// Publishes refused, by reason (bad_event, unauthorized, bad_signature, full).
+    pub refused: Family<ReasonLabels, Counter>,
+}
+
+impl TopicMetrics {
+    fn register(registry: &mut Registry) -> TopicMetrics {
+        let m = TopicMetrics {
+            publishes: Family::default(),
+            fanouts: Family::default(),
+            filtered: Family::default(),
+            duplicates: Family::default(),
+            refused: Family::default(),
+        };
+        registry.register(
+            "topic_publishes",
+            "Events published to a topic, by how they came (binary, structured, batch, plain, \
+             destination)",
+            m.publishes.clone(),
+        );
+        registry.register(
+            "topic_fanouts",
+            "Async events made from topic events, per subscribed function",
+            m.fanouts.clone(),
+        );
+        registry.register(
+            "topic_filtered",
+            "Topic events a subscriber's filters did not pass",
+            m.filtered.clone(),
+        );
+        registry.register(
+            "topic_duplicates",
+            "Topic events dropped as duplicates (same source and id within events.dedup_window_s)",
+            m.duplicates.clone(),
+        );
+        registry.register(
+            "topic_refused",
+            "Publishes refused, by reason (bad_event, unauthorized, bad_signature, full)",
+            m.refused.clone(),
+        );
+        m
+    }
+}
+
 /// The event queue's metrics (asynchronous invocation).
 pub struct EventMetrics {
     pub depth: Family<FnLabels, Gauge>,
@@ -99,6 +174,7 @@ pub struct EventMetrics {
 pub struct Metrics {
     registry: Registry,
     pub events: EventMetrics,
+    pub topics: TopicMetrics,
     pub invocations: Family<FnLabels, Counter>,
     pub errors: Family<ErrorLabels, Counter>,
     pub duration: Family<FnLabels, Histogram, fn() -> Histogram>,
@@ -129,6 +205,12 @@ pub struct Metrics {
     connection_timeouts: Family<ReasonLabels, Counter>,
     uptime: Gauge<f64, AtomicU64>,
     rss: Gauge,
+    /// The host's capacity for instances and what live ones hold of it, by resource (memory
+    /// in bytes, cpu in cpus, instances).
+    capacity: Family<ResourceLabels, Gauge<f64, AtomicU64>>,
+    committed: Family<ResourceLabels, Gauge<f64, AtomicU64>>,
+    evictions: Counter,
+    evictions_seen: AtomicU64,
     started: Instant,
     /// Functions' egress, from fnlet's nftables counters: bytes each way, connections opened,
     /// attempts denied.
@@ -252,6 +334,7 @@ impl Metrics {
             "Time of each durable commit of the event queue (fsync included)",
             events.commit_duration.clone(),
         );
+        let topics = TopicMetrics::register(&mut registry);
         let swim_dropped = Counter::default();
         registry.register(
             "cluster_members",
@@ -339,6 +422,26 @@ impl Metrics {
         );
         let uptime = Gauge::<f64, AtomicU64>::default();
         let rss = Gauge::default();
+        let capacity = Family::<ResourceLabels, Gauge<f64, AtomicU64>>::default();
+        let committed = Family::<ResourceLabels, Gauge<f64, AtomicU64>>::default();
+        let evictions = Counter::default();
+        registry.register(
+            "capacity",
+            "The host's capacity for live instances ([capacity]), by resource: memory (bytes of \
+             memory limits), cpu (cpus), instances",
+            capacity.clone(),
+        );
+        registry.register(
+            "committed",
+            "What live instances hold of the host's capacity, by resource (memory: the sum of \
+             their memory limits in bytes; cpu: of their cpus; instances: their count)",
+            committed.clone(),
+        );
+        registry.register(
+            "capacity_evictions",
+            "Idle instances stopped to make room for an instance of another function",
+            evictions.clone(),
+        );
         registry.register(
             "invocations",
             "Invocations, by function",
@@ -418,6 +521,7 @@ impl Metrics {
         Metrics {
             registry,
             events,
+            topics,
             invocations,
             errors,
             duration,
@@ -445,6 +549,10 @@ impl Metrics {
             connection_timeouts,
             uptime,
             rss,
+            capacity,
+            committed,
+            evictions,
+            evictions_seen: AtomicU64::new(0),
             net_sent,
             net_received,
             net_connections,
@@ -589,6 +697,32 @@ impl Metrics {
         if !counters.is_empty() {
             seen.retain(|f, _| counters.contains_key(f));
         }
+    }
+
+    /// Sets the capacity gauges from the registry's figures (before a render).
+    pub fn set_capacity(
+        &self,
+        capacity: crate::pool::capacity::Amounts,
+        committed: crate::pool::capacity::Amounts,
+        evictions: u64,
+    ) {
+        for (family, a) in [(&self.capacity, capacity), (&self.committed, committed)] {
+            for (resource, v) in [
+                ("memory", a.memory_bytes as f64),
+                ("cpu", a.cpu_millis as f64 / 1000.0),
+                ("instances", a.instances as f64),
+            ] {
+                family
+                    .get_or_create(&ResourceLabels {
+                        resource: resource.into(),
+                    })
+                    .set(v);
+            }
+        }
+        let seen = self
+            .evictions_seen
+            .swap(evictions, std::sync::atomic::Ordering::Relaxed);
+        self.evictions.inc_by(evictions.saturating_sub(seen));
     }
 
     /// The text exposition, with the agent's own gauges refreshed.

@@ -13,7 +13,7 @@
 //! store: a collection that ran between a deploy's move and its commit would see an
 //! unreferenced bundle and delete the version about to become active.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
@@ -28,6 +28,10 @@ use crate::manifest::Manifest;
 const FUNCTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("functions");
 const VERSIONS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("versions");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Lambda aliases ((function, alias) -> [`AliasRecord`]).
+const ALIASES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("aliases");
+/// Lambda tags of a function (name -> JSON object of strings), set by the AWS tools.
+const TAGS: TableDefinition<&str, &[u8]> = TableDefinition::new("tags");
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FunctionRecord {
@@ -48,6 +52,25 @@ pub struct VersionRecord {
     pub size_bytes: u64,
     pub created_at: String,
     pub manifest: Manifest,
+    /// The base64 sha256 of the archive it came from, when it came through the Lambda API
+    /// (Lambda's `CodeSha256`); a new configuration keeps its code's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code_sha256: Option<String>,
+}
+
+/// A Lambda alias: a name for a version, optionally sending a share of calls to another.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AliasRecord {
+    pub function: String,
+    pub name: String,
+    pub version: u64,
+    #[serde(default)]
+    pub description: String,
+    /// Other versions and the share of calls each gets (0-1); the rest go to `version`.
+    #[serde(default)]
+    pub weights: BTreeMap<u64, f64>,
+    /// Changes with every update (Lambda's RevisionId).
+    pub revision: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +90,22 @@ pub enum StoreError {
         name: String,
         version: u64,
         sha256: String,
+    },
+    #[error(
+        "version {version} is the one {name} runs: deploy another first, or remove the function"
+    )]
+    ActiveVersion { name: String, version: u64 },
+    #[error("{name} has no alias {alias:?}")]
+    NoSuchAlias { name: String, alias: String },
+    #[error("{name} has an alias {alias:?} already")]
+    AliasExists { name: String, alias: String },
+    #[error(
+        "version {version} of {name} is used by the alias {alias:?}: change or delete the alias first"
+    )]
+    VersionInUse {
+        name: String,
+        version: u64,
+        alias: String,
     },
     #[error("no free uid left in the configured range")]
     UidsExhausted,
@@ -143,6 +182,8 @@ impl Store {
         txn.open_table(FUNCTIONS)?;
         txn.open_table(VERSIONS)?;
         txn.open_table(META)?;
+        txn.open_table(TAGS)?;
+        txn.open_table(ALIASES)?;
         txn.commit()?;
         Ok(Store {
             db,
@@ -232,6 +273,46 @@ impl Store {
         Ok(out)
     }
 
+    /// The function's aliases, by name.
+    pub fn aliases(&self, name: &str) -> Result<Vec<AliasRecord>, StoreError> {
+        self.function(name)?;
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(ALIASES)?;
+        let mut out = Vec::new();
+        for item in t.range((name, "")..)? {
+            let (k, v) = item?;
+            if k.value().0 != name {
+                break;
+            }
+            out.push(decode(name, v.value())?);
+        }
+        Ok(out)
+    }
+
+    pub fn alias(&self, name: &str, alias: &str) -> Result<AliasRecord, StoreError> {
+        self.function(name)?;
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(ALIASES)?;
+        let g = t
+            .get((name, alias))?
+            .ok_or_else(|| StoreError::NoSuchAlias {
+                name: name.into(),
+                alias: alias.into(),
+            })?;
+        decode(name, g.value())
+    }
+
+    /// The function's Lambda tags.
+    pub fn tags(&self, name: &str) -> Result<BTreeMap<String, String>, StoreError> {
+        self.function(name)?;
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(TAGS)?;
+        match t.get(name)? {
+            Some(g) => decode(name, g.value()),
+            None => Ok(BTreeMap::new()),
+        }
+    }
+
     /// Removes half-finished uploads (called at start, when no upload can be running).
     pub fn clear_staging(&self) -> Result<(), StoreError> {
         for e in fs::read_dir(self.dir.join("staging"))? {
@@ -249,13 +330,84 @@ impl Store {
 impl Changes<'_> {
     /// Records a new version from an unpacked upload and makes it active.
     pub fn deploy(&self, unpacked: &Unpacked) -> Result<VersionRecord, StoreError> {
+        self.deploy_code(unpacked, &unpacked.manifest, None)
+    }
+
+    /// [`Changes::deploy`] with the manifest the Lambda API settled on (`manifest`, the
+    /// bundle's own or one made from the call's fields) and the archive's `CodeSha256`.
+    pub fn deploy_code(
+        &self,
+        unpacked: &Unpacked,
+        manifest: &Manifest,
+        code_sha256: Option<String>,
+    ) -> Result<VersionRecord, StoreError> {
         self.keep_bundle(unpacked)?;
         self.record(
-            &unpacked.manifest,
+            manifest,
             &unpacked.sha256,
             unpacked.size_bytes,
             None,
+            code_sha256,
         )
+    }
+
+    /// Records a new version of `name` running the active version's code with `manifest`
+    /// (UpdateFunctionConfiguration), and makes it active.
+    pub fn configure(&self, name: &str, manifest: &Manifest) -> Result<VersionRecord, StoreError> {
+        let rec = self.function(name)?;
+        let v = self.version(name, rec.active)?;
+        if !self.bundle_path(&v.sha256).is_dir() {
+            return Err(StoreError::BundleMissing {
+                name: name.into(),
+                version: v.version,
+                sha256: v.sha256,
+            });
+        }
+        self.record(manifest, &v.sha256, v.size_bytes, None, v.code_sha256)
+    }
+
+    /// Forgets version `version` of `name` (DeleteFunction with a qualifier); never the
+    /// active one.
+    pub fn remove_version(&self, name: &str, version: u64) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let functions = txn.open_table(FUNCTIONS)?;
+            let rec: FunctionRecord = {
+                let g = functions
+                    .get(name)?
+                    .ok_or_else(|| StoreError::NotFound(name.into()))?;
+                decode(name, g.value())?
+            };
+            if rec.active == version {
+                return Err(StoreError::ActiveVersion {
+                    name: name.into(),
+                    version,
+                });
+            }
+            for item in txn.open_table(ALIASES)?.range((name, "")..)? {
+                let (k, v) = item?;
+                if k.value().0 != name {
+                    break;
+                }
+                let a: AliasRecord = decode(name, v.value())?;
+                if a.version == version || a.weights.contains_key(&version) {
+                    return Err(StoreError::VersionInUse {
+                        name: name.into(),
+                        version,
+                        alias: a.name,
+                    });
+                }
+            }
+            let mut versions = txn.open_table(VERSIONS)?;
+            if versions.remove((name, version))?.is_none() {
+                return Err(StoreError::NoSuchVersion {
+                    name: name.into(),
+                    version,
+                });
+            }
+        }
+        txn.commit()?;
+        Ok(())
     }
 
     /// Records version `version` of a function as the cluster's catalog says it is (deployed
@@ -279,7 +431,7 @@ impl Changes<'_> {
                 format!("bundles/{sha256} is not here"),
             )));
         }
-        self.record(manifest, sha256, size_bytes, Some(version))
+        self.record(manifest, sha256, size_bytes, Some(version), None)
     }
 
     /// Moves an unpacked bundle into `bundles/` (unless that content is there already).
@@ -300,6 +452,7 @@ impl Changes<'_> {
         sha256: &str,
         size_bytes: u64,
         version: Option<u64>,
+        code_sha256: Option<String>,
     ) -> Result<VersionRecord, StoreError> {
         let name = manifest.name.as_str();
         let now = now_rfc3339();
@@ -337,6 +490,7 @@ impl Changes<'_> {
                 size_bytes,
                 created_at: now.clone(),
                 manifest: manifest.clone(),
+                code_sha256,
             };
             rec.active = v.version;
             rec.next_version = rec.next_version.max(number.saturating_add(1));
@@ -396,9 +550,95 @@ impl Changes<'_> {
         Ok(v)
     }
 
+    /// Creates (`create`) or replaces an alias; the versions it names must exist.
+    pub fn put_alias(&self, a: &AliasRecord, create: bool) -> Result<(), StoreError> {
+        let name = a.function.as_str();
+        let txn = self.db.begin_write()?;
+        {
+            if txn.open_table(FUNCTIONS)?.get(name)?.is_none() {
+                return Err(StoreError::NotFound(name.into()));
+            }
+            let versions = txn.open_table(VERSIONS)?;
+            for v in std::iter::once(a.version).chain(a.weights.keys().copied()) {
+                if versions.get((name, v))?.is_none() {
+                    return Err(StoreError::NoSuchVersion {
+                        name: name.into(),
+                        version: v,
+                    });
+                }
+            }
+            let mut t = txn.open_table(ALIASES)?;
+            let exists = t.get((name, a.name.as_str()))?.is_some();
+            match (create, exists) {
+                (true, true) => {
+                    return Err(StoreError::AliasExists {
+                        name: name.into(),
+                        alias: a.name.clone(),
+                    });
+                }
+                (false, false) => {
+                    return Err(StoreError::NoSuchAlias {
+                        name: name.into(),
+                        alias: a.name.clone(),
+                    });
+                }
+                _ => {}
+            }
+            t.insert((name, a.name.as_str()), encode(a).as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    pub fn remove_alias(&self, name: &str, alias: &str) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(ALIASES)?;
+            if t.remove((name, alias))?.is_none() {
+                return Err(StoreError::NoSuchAlias {
+                    name: name.into(),
+                    alias: alias.into(),
+                });
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Adds `add` to the function's tags and removes the keys in `remove`.
+    pub fn set_tags(
+        &self,
+        name: &str,
+        add: &BTreeMap<String, String>,
+        remove: &[String],
+    ) -> Result<BTreeMap<String, String>, StoreError> {
+        let txn = self.db.begin_write()?;
+        let tags = {
+            if txn.open_table(FUNCTIONS)?.get(name)?.is_none() {
+                return Err(StoreError::NotFound(name.into()));
+            }
+            let mut t = txn.open_table(TAGS)?;
+            let mut tags: BTreeMap<String, String> = match t.get(name)? {
+                Some(g) => decode(name, g.value())?,
+                None => BTreeMap::new(),
+            };
+            tags.extend(add.iter().map(|(k, v)| (k.clone(), v.clone())));
+            for k in remove {
+                tags.remove(k);
+            }
+            t.insert(name, encode(&tags).as_slice())?;
+            tags
+        };
+        txn.commit()?;
+        Ok(tags)
+    }
+
     pub fn remove(&self, name: &str) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
         {
+            txn.open_table(TAGS)?.remove(name)?;
+            txn.open_table(ALIASES)?
+                .retain_in((name, "")..=(name, "\u{10FFFF}"), |k, _| k.0 != name)?;
             let mut functions = txn.open_table(FUNCTIONS)?;
             if functions.remove(name)?.is_none() {
                 return Err(StoreError::NotFound(name.into()));
@@ -417,6 +657,14 @@ impl Changes<'_> {
         {
             let functions = txn.open_table(FUNCTIONS)?;
             let mut versions = txn.open_table(VERSIONS)?;
+            // Versions an alias names stay, however old.
+            let mut aliased: HashSet<(String, u64)> = HashSet::new();
+            for item in txn.open_table(ALIASES)?.iter()? {
+                let (k, v) = item?;
+                let a: AliasRecord = decode(k.value().0, v.value())?;
+                aliased.insert((a.function.clone(), a.version));
+                aliased.extend(a.weights.keys().map(|w| (a.function.clone(), *w)));
+            }
             for item in functions.iter()? {
                 let (k, v) = item?;
                 let rec: FunctionRecord = decode(k.value(), v.value())?;
@@ -427,7 +675,7 @@ impl Changes<'_> {
                     .collect();
                 let keep_from = all.len().saturating_sub(retain as usize);
                 for &old in &all[..keep_from] {
-                    if old != rec.active {
+                    if old != rec.active && !aliased.contains(&(rec.name.clone(), old)) {
                         versions.remove((rec.name.as_str(), old))?;
                     }
                 }
@@ -483,6 +731,101 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path(), 200_000, 10).unwrap();
         (dir, s)
+    }
+
+    #[test]
+    fn configurations_versions_and_tags() {
+        let (_d, s) = store();
+        let v1 = upload(&s, "a", "v1");
+        let mut m = v1.manifest.clone();
+        m.memory_mb = Some(256);
+        let v2 = s.changes().configure("a", &m).unwrap();
+        // Same code, new configuration, a new active version.
+        assert_eq!(v2.version, 2);
+        assert_eq!(v2.sha256, v1.sha256);
+        assert_eq!(v2.manifest.memory_mb, Some(256));
+        assert_eq!(s.function("a").unwrap().active, 2);
+        // The active version stays; another goes.
+        assert!(matches!(
+            s.changes().remove_version("a", 2),
+            Err(StoreError::ActiveVersion { version: 2, .. })
+        ));
+        s.changes().remove_version("a", 1).unwrap();
+        assert!(matches!(
+            s.changes().remove_version("a", 1),
+            Err(StoreError::NoSuchVersion { .. })
+        ));
+        assert_eq!(s.versions("a").unwrap().len(), 1);
+        // Tags merge, are removed by key, and go with the function.
+        let t = |kv: &[(&str, &str)]| -> BTreeMap<String, String> {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        s.changes()
+            .set_tags("a", &t(&[("x", "1"), ("y", "2")]), &[])
+            .unwrap();
+        let now = s
+            .changes()
+            .set_tags("a", &t(&[("y", "3")]), &["x".to_string()])
+            .unwrap();
+        assert_eq!(now, t(&[("y", "3")]));
+        assert_eq!(s.tags("a").unwrap(), now);
+        assert!(matches!(
+            s.changes().set_tags("nope", &now, &[]),
+            Err(StoreError::NotFound(_))
+        ));
+        s.changes().remove("a").unwrap();
+        upload(&s, "a", "again");
+        assert!(s.tags("a").unwrap().is_empty());
+    }
+
+    #[test]
+    fn aliases_keep_their_versions() {
+        let (_d, s) = store();
+        for body in ["v1", "v2", "v3", "v4"] {
+            upload(&s, "a", body);
+        }
+        let alias = AliasRecord {
+            function: "a".into(),
+            name: "live".into(),
+            version: 1,
+            description: String::new(),
+            weights: [(2, 0.25)].into_iter().collect(),
+            revision: "r".into(),
+        };
+        s.changes().put_alias(&alias, true).unwrap();
+        assert!(matches!(
+            s.changes().put_alias(&alias, true),
+            Err(StoreError::AliasExists { .. })
+        ));
+        let missing = AliasRecord {
+            version: 9,
+            ..alias.clone()
+        };
+        assert!(matches!(
+            s.changes().put_alias(&missing, false),
+            Err(StoreError::NoSuchVersion { version: 9, .. })
+        ));
+        // Retention keeps the newest one and what the alias names.
+        s.changes().gc(1, &HashSet::new()).unwrap();
+        let kept: Vec<u64> = s.versions("a").unwrap().iter().map(|v| v.version).collect();
+        assert_eq!(kept, vec![4, 2, 1]);
+        assert!(matches!(
+            s.changes().remove_version("a", 2),
+            Err(StoreError::VersionInUse { version: 2, .. })
+        ));
+        assert_eq!(s.alias("a", "live").unwrap(), alias);
+        s.changes().remove_alias("a", "live").unwrap();
+        assert!(matches!(
+            s.alias("a", "live"),
+            Err(StoreError::NoSuchAlias { .. })
+        ));
+        s.changes().put_alias(&alias, true).unwrap();
+        // Removing the function takes its aliases.
+        s.changes().remove("a").unwrap();
+        upload(&s, "a", "again");
+        assert!(s.aliases("a").unwrap().is_empty());
     }
 
     #[test]

@@ -183,6 +183,13 @@ pub struct AccessKeyRecord {
     pub description: String,
     /// When it was made, Unix milliseconds.
     pub created_ms: u64,
+    /// What it may sign ("invoke", "deploy"; absent: "admin"). A host that does not know the
+    /// field refuses the record: the key works nowhere it would be let do more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    /// The function name patterns it is limited to (absent: every function).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub functions: Vec<String>,
 }
 
 mod base64_bytes {
@@ -801,6 +808,8 @@ mod tests {
 
     fn key(n: u8) -> AccessKeyRecord {
         AccessKeyRecord {
+            scope: None,
+            functions: Vec::new(),
             sealed_secret: vec![n; 40],
             description: format!("key {n}"),
             created_ms: 1_700_000_000_000,

@@ -53,6 +53,8 @@ pub struct Settings {
     pub cluster_extra: String,
     /// `[network]` lines, as TOML (`"bridge = \"fnt1\"\n"`).
     pub network_extra: String,
+    /// `[capacity]` lines, as TOML (`"memory_mb = 256\n"`).
+    pub capacity_extra: String,
 }
 
 impl Default for Settings {
@@ -72,6 +74,7 @@ impl Default for Settings {
             args: Vec::new(),
             cluster_extra: String::new(),
             network_extra: String::new(),
+            capacity_extra: String::new(),
         }
     }
 }
@@ -423,7 +426,7 @@ impl Agent {
         // The file is named after the cgroup root, so the agent's command line (and that of
         // any process it forked) mentions the root: processes_matching(root) finds them.
         let config = format!(
-            "shutdown_grace_s = {}\n\n[limits]\nqueue_timeout_ms = {}\n{}\n[sandbox]\ncgroup_root = \"{root}\"\nuid_base = {}\nuid_count = {}\nprepare_ahead = {}\n\n[cluster]\nlisten = \"{peer_listen}\"\n{}\n[network]\n{}",
+            "shutdown_grace_s = {}\n\n[limits]\nqueue_timeout_ms = {}\n{}\n[sandbox]\ncgroup_root = \"{root}\"\nuid_base = {}\nuid_count = {}\nprepare_ahead = {}\n\n[cluster]\nlisten = \"{peer_listen}\"\n{}\n[network]\n{}\n[capacity]\n{}",
             settings.shutdown_grace_s,
             settings.queue_timeout_ms,
             settings.limits_extra,
@@ -432,6 +435,7 @@ impl Agent {
             settings.prepare_ahead,
             settings.cluster_extra,
             settings.network_extra,
+            settings.capacity_extra,
         );
         std::fs::write(dir.path().join(format!("{root}.toml")), config).expect("write config");
         let api = match &settings.netns {
@@ -485,6 +489,16 @@ impl Agent {
             .trim()
             .to_string();
         assert_eq!(self.token.len(), 64, "admin token: {:?}", self.token);
+    }
+
+    /// The agent's cgroup root (below each hierarchy).
+    pub fn cgroup_root(&self) -> String {
+        self.root.clone()
+    }
+
+    /// Live processes running as one of the test's function uids.
+    pub fn function_processes(&self) -> Vec<String> {
+        processes_of_uids(&self.uids)
     }
 
     pub fn state_dir(&self) -> PathBuf {

@@ -83,10 +83,15 @@ impl IntoResponse for AppError {
 impl From<StoreError> for AppError {
     fn from(e: StoreError) -> AppError {
         match e {
-            StoreError::NotFound(_) | StoreError::NoSuchVersion { .. } => {
-                AppError::not_found(e.to_string())
-            }
+            StoreError::NotFound(_)
+            | StoreError::NoSuchVersion { .. }
+            | StoreError::NoSuchAlias { .. } => AppError::not_found(e.to_string()),
             StoreError::NothingToRollBack(_) => AppError::bad_request(e.to_string()),
+            StoreError::ActiveVersion { .. }
+            | StoreError::AliasExists { .. }
+            | StoreError::VersionInUse { .. } => {
+                AppError::new(StatusCode::CONFLICT, "active_version", e.to_string())
+            }
             StoreError::BundleMissing { .. } => {
                 AppError::new(StatusCode::CONFLICT, "bundle_missing", e.to_string())
             }
@@ -130,12 +135,14 @@ impl From<InvokeError> for AppError {
             | InvokeError::InitTimeout(_)
             | InvokeError::ResponseTooLarge { .. }
             | InvokeError::Spawn(_) => StatusCode::BAD_GATEWAY,
-            InvokeError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            InvokeError::Overloaded { .. } | InvokeError::NoCapacity(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             InvokeError::Draining => StatusCode::SERVICE_UNAVAILABLE,
             InvokeError::Internal(_) => return AppError::internal("invocation", e),
         };
         let retry_after = match &e {
-            InvokeError::Overloaded { .. } => Some(1),
+            InvokeError::Overloaded { .. } | InvokeError::NoCapacity(_) => Some(1),
             InvokeError::Draining => Some(5),
             _ => None,
         };

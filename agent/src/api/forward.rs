@@ -32,6 +32,31 @@ fn function_of(path: &str) -> Option<String> {
     super::parse_function_name(&raw).map(|(name, _)| name)
 }
 
+/// Whether an Invoke API call names a qualifier other than `$LATEST` (in its path or as
+/// `Qualifier=`).
+fn names_a_version(uri: &axum::http::Uri) -> bool {
+    let path = uri.path();
+    let in_path = path
+        .strip_prefix("/2015-03-31/functions/")
+        .and_then(|r| r.strip_suffix("/invocations"))
+        .map(|raw| {
+            percent_encoding::percent_decode_str(raw)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .and_then(|raw| super::parse_function_name(&raw))
+        .and_then(|(_, q)| q);
+    let in_query = path.starts_with("/2015-03-31/").then(|| {
+        form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+            .find(|(k, _)| k == "Qualifier")
+            .map(|(_, v)| v.into_owned())
+    });
+    [in_path, in_query.flatten()]
+        .iter()
+        .flatten()
+        .any(|q| q != "$LATEST")
+}
+
 /// Whether the caller may invoke `f` here, as the handler would decide: it must be, before
 /// anything is forwarded (the peer that runs it does not ask again).
 fn may_invoke(
@@ -89,6 +114,11 @@ pub(super) async fn route(State(app): State<Arc<App>>, req: Request, next: Next)
     let Some(name) = function_of(req.uri().path()) else {
         return next.run(req).await;
     };
+    // A call for a version other than $LATEST (a number or an alias) runs where it was made:
+    // aliases and old versions live in this host's store.
+    if names_a_version(req.uri()) {
+        return next.run(req).await;
+    }
     // With the JetStream backend an Event invoke is published here: every member takes
     // events from the stream, so a trip to the owner would add nothing.
     if app.config.events.backend == "nats"

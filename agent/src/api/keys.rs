@@ -27,6 +27,12 @@ impl From<KeyStoreError> for AppError {
 struct CreateBody {
     #[serde(default)]
     description: Option<String>,
+    /// "invoke", "deploy" or "admin" (the default).
+    #[serde(default)]
+    scope: Option<String>,
+    /// Function name patterns the key is limited to (`*` matches any run of characters).
+    #[serde(default)]
+    functions: Vec<String>,
 }
 
 pub(super) async fn create(
@@ -44,8 +50,15 @@ pub(super) async fn create(
     };
     let app2 = app.clone();
     let description = body.description.unwrap_or_default();
+    let scope = match body.scope.as_deref() {
+        None => crate::auth::keys::Scope::Admin,
+        Some(s) => crate::auth::keys::Scope::parse(s).ok_or_else(|| {
+            AppError::bad_request(format!("scope: {s:?} must be invoke, deploy or admin"))
+        })?,
+    };
+    let functions = body.functions;
     let (info, secret) = blocking(move || {
-        let (info, secret) = app2.keys.create(&description)?;
+        let (info, secret) = app2.keys.create_scoped(&description, scope, &functions)?;
         if let Some(node) = app2.cluster.get() {
             node.key_created(&info, &secret);
         }
@@ -60,6 +73,8 @@ pub(super) async fn create(
             "secret_access_key": secret.expose(),
             "description": info.description,
             "created_at": info.created_at,
+            "scope": info.scope,
+            "functions": info.functions,
         })),
     )
         .into_response();

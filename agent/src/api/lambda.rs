@@ -29,15 +29,19 @@ use crate::router::{Failure, InvokeRequest, Payload};
 type Shared = State<Arc<App>>;
 
 /// A Lambda API error: status, `x-amzn-ErrorType`, and the body the SDKs parse.
-struct LambdaError {
-    status: StatusCode,
-    error_type: &'static str,
-    message: String,
-    retry_after: Option<u32>,
+pub(super) struct LambdaError {
+    pub(super) status: StatusCode,
+    pub(super) error_type: &'static str,
+    pub(super) message: String,
+    pub(super) retry_after: Option<u32>,
 }
 
 impl LambdaError {
-    fn new(status: StatusCode, error_type: &'static str, message: impl Into<String>) -> Self {
+    pub(super) fn new(
+        status: StatusCode,
+        error_type: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
         LambdaError {
             status,
             error_type,
@@ -46,7 +50,7 @@ impl LambdaError {
         }
     }
 
-    fn not_found(arn: &str) -> Self {
+    pub(super) fn not_found(arn: &str) -> Self {
         LambdaError::new(
             StatusCode::NOT_FOUND,
             "ResourceNotFoundException",
@@ -54,7 +58,7 @@ impl LambdaError {
         )
     }
 
-    fn invalid(message: impl Into<String>) -> Self {
+    pub(super) fn invalid(message: impl Into<String>) -> Self {
         LambdaError::new(
             StatusCode::BAD_REQUEST,
             "InvalidParameterValueException",
@@ -62,7 +66,7 @@ impl LambdaError {
         )
     }
 
-    fn response(self, request_id: &str) -> Response {
+    pub(super) fn response(self, request_id: &str) -> Response {
         let body = serde_json::json!({ "Type": "User", "message": self.message });
         let mut r = (self.status, axum::Json(body)).into_response();
         let h = r.headers_mut();
@@ -123,11 +127,11 @@ fn check_qualifier(
         None | Some("$LATEST") => Ok(()),
         Some(q) if q == f.version.to_string() => Ok(()),
         Some(q) if q.parse::<u64>().is_ok() => Err(LambdaError::invalid(format!(
-            "fnlet serves the active version of {} only (version {}); version {q} can run after `fnlet rollback {} --to {q}`",
-            f.name, f.version, f.name
+            "an event invoke config is $LATEST's (version {} of {}), not version {q}'s",
+            f.version, f.name
         ))),
         Some(q) => Err(LambdaError::not_found(&format!(
-            "{arn}:{q} (fnlet has no aliases; use $LATEST or the active version {})",
+            "{arn}:{q} (an event invoke config is $LATEST's: use $LATEST or the active version {})",
             f.version
         ))),
     }
@@ -154,15 +158,40 @@ pub(crate) fn check_caller(
     {
         return Ok(());
     }
-    app.keys
-        .verify(
-            &parts.method,
-            &parts.uri,
-            &parts.headers,
-            body,
-            SystemTime::now(),
-        )
-        .map(drop)
+    let id = app.keys.verify(
+        &parts.method,
+        &parts.uri,
+        &parts.headers,
+        body,
+        SystemTime::now(),
+    )?;
+    scoped(
+        app,
+        &id,
+        crate::auth::keys::Scope::Invoke,
+        "InvokeFunction",
+        &f.name,
+    )
+}
+
+/// Whether key `id` may do `action` (which needs `need`) to function `name`.
+pub(crate) fn scoped(
+    app: &App,
+    id: &str,
+    need: crate::auth::keys::Scope,
+    action: &'static str,
+    name: &str,
+) -> Result<(), auth::AuthError> {
+    match app.keys.get(id) {
+        Some(k) if k.allows(need, Some(name)) => Ok(()),
+        Some(k) => Err(auth::AuthError::Denied {
+            key: k.access_key_id,
+            scope: k.scope.as_str(),
+            action,
+            function: function_arn(&app.config, name),
+        }),
+        None => Err(auth::AuthError::UnknownKey),
+    }
 }
 
 /// The payload a function error becomes on the Invoke API (with `X-Amz-Function-Error`).
@@ -231,6 +260,14 @@ fn service_error(e: &InvokeError, arn: &str) -> LambdaError {
                 "Rate Exceeded.",
             )
         },
+        InvokeError::NoCapacity(short) => LambdaError {
+            retry_after: Some(1),
+            ..LambdaError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "TooManyRequestsException",
+                short.to_string(),
+            )
+        },
         InvokeError::Draining => LambdaError {
             retry_after: Some(5),
             ..LambdaError::new(
@@ -294,7 +331,6 @@ async fn invoke_api_inner(
         }
     })?;
     let qualifier = q.qualifier.or(path_qualifier);
-    check_qualifier(&f, &arn, qualifier.as_deref())?;
     let (parts, body) = req.into_parts();
     let headers = &parts.headers;
     let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
@@ -337,6 +373,9 @@ async fn invoke_api_inner(
         message: e.to_string(),
         retry_after: None,
     })?;
+    // A version number or an alias: the version it names runs (checked once the caller is).
+    let pinned = super::control::invoke_target(app, &f, qualifier.as_deref()).await?;
+    let executed = pinned.as_ref().map_or(f.version, |p| p.version);
     // Lambda takes only JSON payloads; no payload is an empty object. An exec-mode function
     // gets the bytes as they came, on its stdin.
     let body = if f.manifest.mode == Mode::Exec {
@@ -370,8 +409,14 @@ async fn invoke_api_inner(
         "DryRun" => {
             let mut r = StatusCode::NO_CONTENT.into_response();
             set_header(&mut r, "x-amzn-requestid", id);
-            set_header(&mut r, "x-amz-executed-version", &f.version.to_string());
+            set_header(&mut r, "x-amz-executed-version", &executed.to_string());
             return Ok(r);
+        }
+        "Event" if pinned.is_some() => {
+            return Err(LambdaError::invalid(format!(
+                "Qualifier: Event invokes run $LATEST (version {}) only for now, not version {executed}",
+                f.version
+            )));
         }
         "Event" => return accept_event(app, &name, id, body).await,
         other => {
@@ -388,6 +433,8 @@ async fn invoke_api_inner(
             request_id: id,
             want_tail,
             client_context,
+            env: Vec::new(),
+            version: pinned,
         })
         .await;
     let limit = app.router.max_response;
@@ -414,7 +461,7 @@ async fn invoke_api_inner(
             version,
             log_tail,
         }) => match function_error_payload(&error, id) {
-            Some(payload) => (payload, version.unwrap_or(f.version), log_tail, Some(())),
+            Some(payload) => (payload, version.unwrap_or(executed), log_tail, Some(())),
             None => return Err(service_error(&error, &arn)),
         },
     };
@@ -578,6 +625,15 @@ async fn event_invoke_config_inner(
                 &body,
                 SystemTime::now(),
             )
+            .and_then(|id| {
+                scoped(
+                    app,
+                    &id,
+                    crate::auth::keys::Scope::Deploy,
+                    "PutFunctionEventInvokeConfig",
+                    &name,
+                )
+            })
             .map_err(|e| LambdaError {
                 status: e.status(),
                 error_type: e.error_type(),
@@ -801,6 +857,8 @@ async fn function_url_inner(
             request_id: id,
             want_tail: false,
             client_context: None,
+            env: Vec::new(),
+            version: None,
         })
         .await;
     match result {

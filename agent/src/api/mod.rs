@@ -2,6 +2,7 @@
 //! Handlers parse HTTP into calls on the store and the router; status codes live here only.
 
 mod cluster;
+pub mod control;
 mod drain;
 mod error;
 mod forward;
@@ -9,6 +10,7 @@ pub mod function_url;
 mod keys;
 mod lambda;
 pub mod listener;
+mod topics;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -19,7 +21,7 @@ use axum::body::Body;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http_body_util::BodyExt;
@@ -56,6 +58,8 @@ pub struct App {
     pub node_id: String,
     /// This agent as a cluster member, once it is one (at start, or after `cluster init`).
     pub cluster: std::sync::OnceLock<Arc<crate::cluster::node::Node>>,
+    /// Functions whose last change through the Lambda API is still being replicated.
+    pub updates: control::Updates,
 }
 
 /// The header naming the host that ran an invocation.
@@ -131,7 +135,30 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/cluster/tokens"),
     ("GET", "/v1/cluster/members"),
     ("GET", "/v1/functions/{name}/events"),
+    ("GET", "/v1/topics"),
+    ("POST", "/v1/topics/{topic}"),
     ("POST", "/2015-03-31/functions/{name}/invocations"),
+    ("GET", "/2015-03-31/functions"),
+    ("POST", "/2015-03-31/functions"),
+    ("GET", "/2015-03-31/functions/{name}"),
+    ("DELETE", "/2015-03-31/functions/{name}"),
+    ("GET", "/2015-03-31/functions/{name}/configuration"),
+    ("PUT", "/2015-03-31/functions/{name}/configuration"),
+    ("PUT", "/2015-03-31/functions/{name}/code"),
+    ("GET", "/2015-03-31/functions/{name}/versions"),
+    ("POST", "/2015-03-31/functions/{name}/versions"),
+    ("GET", "/2020-06-30/functions/{name}/code-signing-config"),
+    ("GET", "/2015-03-31/functions/{name}/aliases"),
+    ("POST", "/2015-03-31/functions/{name}/aliases"),
+    ("GET", "/2015-03-31/functions/{name}/aliases/{alias}"),
+    ("PUT", "/2015-03-31/functions/{name}/aliases/{alias}"),
+    ("DELETE", "/2015-03-31/functions/{name}/aliases/{alias}"),
+    ("PUT", "/2017-10-31/functions/{name}/concurrency"),
+    ("DELETE", "/2017-10-31/functions/{name}/concurrency"),
+    ("GET", "/2019-09-30/functions/{name}/concurrency"),
+    ("GET", "/2017-03-31/tags/{arn}"),
+    ("POST", "/2017-03-31/tags/{arn}"),
+    ("DELETE", "/2017-03-31/tags/{arn}"),
     ("GET", "/2019-09-25/functions/{name}/event-invoke-config"),
     ("PUT", "/2019-09-25/functions/{name}/event-invoke-config"),
     ("POST", "/2019-09-25/functions/{name}/event-invoke-config"),
@@ -169,9 +196,57 @@ pub fn app(state: Arc<App>) -> AxumRouter {
         .route("/v1/cluster/tokens", post(cluster::token))
         .route("/v1/cluster/members", get(cluster::members))
         .route("/v1/functions/{name}/events", get(events))
+        .route("/v1/topics", get(topics::list))
+        .route("/v1/topics/{topic}", post(topics::publish))
         .route(
             "/2015-03-31/functions/{name}/invocations",
             post(lambda::invoke_api),
+        )
+        .route(
+            "/2015-03-31/functions",
+            get(control::functions).post(control::functions),
+        )
+        .route(
+            "/2015-03-31/functions/{name}",
+            get(control::function).delete(control::function),
+        )
+        .route(
+            "/2015-03-31/functions/{name}/configuration",
+            get(control::function_configuration).put(control::function_configuration),
+        )
+        .route(
+            "/2015-03-31/functions/{name}/code",
+            put(control::function_code),
+        )
+        .route(
+            "/2015-03-31/functions/{name}/versions",
+            get(control::function_versions).post(control::function_versions),
+        )
+        .route(
+            "/2020-06-30/functions/{name}/code-signing-config",
+            get(control::code_signing_config),
+        )
+        .route(
+            "/2015-03-31/functions/{name}/aliases",
+            get(control::aliases).post(control::aliases),
+        )
+        .route(
+            "/2015-03-31/functions/{name}/aliases/{alias}",
+            get(control::alias)
+                .put(control::alias)
+                .delete(control::alias),
+        )
+        .route(
+            "/2017-10-31/functions/{name}/concurrency",
+            put(control::concurrency).delete(control::concurrency),
+        )
+        .route(
+            "/2019-09-30/functions/{name}/concurrency",
+            get(control::concurrency),
+        )
+        .route(
+            "/2017-03-31/tags/{arn}",
+            get(control::tags).post(control::tags).delete(control::tags),
         )
         .route(
             "/2019-09-25/functions/{name}/event-invoke-config",
@@ -325,6 +400,12 @@ async fn metrics(State(app): Shared) -> Response {
             app.router.metrics.net_addresses.set(in_use as i64);
         }
     }
+    let reg = &app.router.registry;
+    app.router.metrics.set_capacity(
+        reg.capacity.capacity(),
+        reg.capacity.committed(),
+        reg.evictions.load(std::sync::atomic::Ordering::Relaxed),
+    );
     (
         [(
             header::CONTENT_TYPE,
@@ -348,6 +429,7 @@ async fn status(State(app): Shared, headers: HeaderMap) -> Result<Response, AppE
         "state_dir": app.config.state_dir,
         "draining": app.router.draining.is_cancelled(),
         "resident_memory_bytes": crate::metrics::resident_bytes(),
+        "capacity": capacity_json(&app.router.registry),
         "cluster": app.cluster.get().map(|node| {
             let mut counts = std::collections::BTreeMap::<&str, u64>::new();
             for m in node.members(0).iter().filter(|m| !m.this_host) {
@@ -364,6 +446,20 @@ async fn status(State(app): Shared, headers: HeaderMap) -> Result<Response, AppE
         }),
     }))
     .into_response())
+}
+
+/// What live instances hold of the host ([capacity]): per resource, committed and capacity.
+fn capacity_json(reg: &crate::pool::Registry) -> Value {
+    let (cap, used) = (reg.capacity.capacity(), reg.capacity.committed());
+    json!({
+        "memory_bytes": { "committed": used.memory_bytes, "capacity": cap.memory_bytes },
+        "cpus": {
+            "committed": used.cpu_millis as f64 / 1000.0,
+            "capacity": cap.cpu_millis as f64 / 1000.0,
+        },
+        "instances": { "committed": used.instances, "capacity": cap.instances },
+        "evictions": reg.evictions.load(std::sync::atomic::Ordering::Relaxed),
+    })
 }
 
 fn version_json(v: &VersionRecord, active: u64) -> Value {
@@ -471,6 +567,7 @@ async fn events(
         d.as_ref().map(|d| match d {
             crate::events::Destination::Function(n) => format!("function {n}"),
             crate::events::Destination::Url(u) => u.clone(),
+            crate::events::Destination::Topic(t) => format!("topic {t}"),
         })
     };
     v["config"] = json!({
@@ -514,6 +611,104 @@ pub(crate) fn activate(app: &App, store: &Changes<'_>, name: &str) -> Result<(),
     Ok(())
 }
 
+/// Refuses a manifest this agent could not run: a runtime it has not configured, or cannot
+/// mount.
+pub(crate) fn check_runnable(app: &App, m: &crate::manifest::Manifest) -> Result<(), AppError> {
+    if let Some(r) = &m.runtime
+        && !app.config.runtimes.contains_key(r)
+    {
+        let known: Vec<&str> = app.config.runtimes.keys().map(String::as_str).collect();
+        return Err(AppError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_manifest",
+            format!(
+                "fnlet.toml: runtime: {r:?} is not configured on this agent (configured: {})",
+                known.join(", ")
+            ),
+        ));
+    }
+    if let Some(why) = m
+        .runtime
+        .as_deref()
+        .and_then(|r| app.config.unmountable_runtime(r))
+    {
+        return Err(AppError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_manifest",
+            format!("fnlet.toml: runtime: {why}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The limits an upload is unpacked within.
+pub(crate) fn bundle_limits(config: &Config) -> BundleLimits {
+    BundleLimits {
+        max_unpacked_bytes: config.limits.max_unpacked_mb << 20,
+        max_files: config.limits.max_bundle_files,
+    }
+}
+
+/// Stores `unpacked` with `manifest` as its function's next version, makes it active and
+/// collects old versions: what every deploy does (`fnlet deploy`, CreateFunction,
+/// UpdateFunctionCode). Blocking. The version, and whether its content is new here.
+pub(crate) fn commit_code(
+    app: &App,
+    unpacked: &bundle::Unpacked,
+    manifest: &crate::manifest::Manifest,
+    code_sha256: Option<String>,
+) -> Result<(VersionRecord, bool), AppError> {
+    check_runnable(app, manifest)?;
+    // From the move into bundles/ to the collection after it, no other change.
+    let store = app.store.changes();
+    let new_content = !store.bundle_path(&unpacked.sha256).exists();
+    let v = store.deploy_code(unpacked, manifest, code_sha256)?;
+    activate(app, &store, &v.name)?;
+    collect(app, &store);
+    Ok((v, new_content))
+}
+
+/// Garbage collection after a change; its failure is only logged.
+pub(crate) fn collect(app: &App, store: &Changes<'_>) {
+    if let Err(e) = store.gc(
+        app.config.retain_versions,
+        &app.router.registry.bundles_in_use(),
+    ) {
+        tracing::warn!("garbage collection: {e}");
+    }
+}
+
+/// After a new version is active here: tells the cluster, and waits until `cluster.replicas`
+/// hosts hold new content (peers fetch it from here; content a peer has is not fetched
+/// again). What the deploy answer says of the replicas; None outside a cluster.
+pub(crate) async fn replicate(app: &App, v: &VersionRecord, new_content: bool) -> Option<Value> {
+    let node = app.cluster.get()?;
+    node.published(v);
+    let hosts = node.live_peers().len() + 1;
+    let want = (app.config.cluster.replicas as usize).min(hosts);
+    let holding = if new_content && want > 1 {
+        node.await_replicas(&v.sha256, want - 1, REPLICA_WAIT).await
+    } else {
+        want
+    };
+    if holding < want {
+        tracing::warn!(function = %v.name, holding, wanted = want, "deployed, but fewer hosts than cluster.replicas hold the bundle yet");
+    }
+    Some(json!({ "wanted": want, "holding": holding, "hosts": hosts }))
+}
+
+/// The deploy's line in the function's log.
+pub(crate) fn log_deployed(app: &App, v: &VersionRecord) {
+    tracing::info!(function = %v.name, version = v.version, sha256 = %v.sha256, "deployed");
+    app.router.logs.append(
+        &v.name,
+        v.version,
+        "-",
+        "agent",
+        &format!("deployed version {} ({})", v.version, &v.sha256[..12]),
+    );
+}
+
 async fn deploy(
     State(app): Shared,
     headers: HeaderMap,
@@ -523,80 +718,19 @@ async fn deploy(
     let limit = (app.config.limits.max_bundle_mb << 20) as usize;
     let body = read_body(&headers, req.into_body(), limit).await?;
     let app2 = app.clone();
-    let v = blocking(move || {
+    let (v, new_content) = blocking(move || {
         let app = app2;
-        let limits = BundleLimits {
-            max_unpacked_bytes: app.config.limits.max_unpacked_mb << 20,
-            max_files: app.config.limits.max_bundle_files,
-        };
         let staging = app.store.staging_dir()?;
-        let unpacked = bundle::unpack(&body, staging.path(), limits)?;
+        let unpacked = bundle::unpack(&body, staging.path(), bundle_limits(&app.config))?;
         // Refused before it is stored: a function this agent could not run.
-        if let Some(r) = &unpacked.manifest.runtime
-            && !app.config.runtimes.contains_key(r)
-        {
-            let known: Vec<&str> = app.config.runtimes.keys().map(String::as_str).collect();
-            return Err(AppError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_manifest",
-                format!(
-                    "fnlet.toml: runtime: {r:?} is not configured on this agent (configured: {})",
-                    known.join(", ")
-                ),
-            ));
-        }
-        if let Some(why) = unpacked
-            .manifest
-            .runtime
-            .as_deref()
-            .and_then(|r| app.config.unmountable_runtime(r))
-        {
-            return Err(AppError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_manifest",
-                format!("fnlet.toml: runtime: {why}"),
-            ));
-        }
-        // From the move into bundles/ to the collection after it, no other change.
-        let store = app.store.changes();
-        let new_content = !store.bundle_path(&unpacked.sha256).exists();
-        let v = store.deploy(&unpacked)?;
-        activate(&app, &store, &v.name)?;
-        if let Err(e) = store.gc(
-            app.config.retain_versions,
-            &app.router.registry.bundles_in_use(),
-        ) {
-            tracing::warn!("garbage collection after deploy: {e}");
-        }
-        Ok((v, new_content))
+        commit_code(&app, &unpacked, &unpacked.manifest, None)
     })
     .await?;
-    let (v, new_content) = v;
-    tracing::info!(function = %v.name, version = v.version, sha256 = %v.sha256, "deployed");
     let mut answer = version_json(&v, v.version);
-    if let Some(node) = app.cluster.get() {
-        node.published(&v);
-        // The answer waits until `replicas` hosts hold new content (peers fetch it from
-        // here); content a peer already has is not fetched again.
-        let hosts = node.live_peers().len() + 1;
-        let want = (app.config.cluster.replicas as usize).min(hosts);
-        let holding = if new_content && want > 1 {
-            node.await_replicas(&v.sha256, want - 1, REPLICA_WAIT).await
-        } else {
-            want
-        };
-        answer["replicas"] = json!({ "wanted": want, "holding": holding, "hosts": hosts });
-        if holding < want {
-            tracing::warn!(function = %v.name, holding, wanted = want, "deployed, but fewer hosts than cluster.replicas hold the bundle yet");
-        }
+    if let Some(replicas) = replicate(&app, &v, new_content).await {
+        answer["replicas"] = replicas;
     }
-    app.router.logs.append(
-        &v.name,
-        v.version,
-        "-",
-        "agent",
-        &format!("deployed version {} ({})", v.version, &v.sha256[..12]),
-    );
+    log_deployed(&app, &v);
     Ok((StatusCode::CREATED, axum::Json(answer)).into_response())
 }
 
@@ -610,9 +744,17 @@ async fn remove(
 ) -> Result<Response, AppError> {
     admin(&app, &headers)?;
     checked_name(&name)?;
+    remove_function(&app, &name).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Removes a function: its versions, what runs, its logs, and (as Lambda) its event invoke
+/// config (its waiting events end as FunctionNotFound when their turn comes).
+pub(crate) async fn remove_function(app: &Arc<App>, name: &str) -> Result<(), AppError> {
     let app2 = app.clone();
-    let removed = name.clone();
+    let n = name.to_string();
     blocking(move || {
+        let name = n;
         let store = app2.store.changes();
         store.remove(&name)?;
         app2.router.registry.remove(&name);
@@ -622,23 +764,17 @@ async fn remove(
         if let Some(node) = app2.cluster.get() {
             node.unpublished(&name);
         }
-        if let Err(e) = store.gc(
-            app2.config.retain_versions,
-            &app2.router.registry.bundles_in_use(),
-        ) {
-            tracing::warn!("garbage collection after remove: {e}");
-        }
+        collect(&app2, &store);
         Ok(())
     })
     .await?;
-    // As Lambda: its event invoke config goes with it (its waiting events end as
-    // FunctionNotFound when their turn comes).
-    if app.events.invoke_config(&removed).is_some()
-        && let Err(e) = app.events.set_invoke_config(&removed, None).await
+    app.updates.forget(name);
+    if app.events.invoke_config(name).is_some()
+        && let Err(e) = app.events.set_invoke_config(name, None).await
     {
-        tracing::warn!(function = %removed, "removing its event invoke config: {e}");
+        tracing::warn!(function = %name, "removing its event invoke config: {e}");
     }
-    Ok(StatusCode::NO_CONTENT.into_response())
+    Ok(())
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -797,6 +933,8 @@ async fn invoke_exec(
         request_id: id,
         want_tail: false,
         client_context: None,
+        env: Vec::new(),
+        version: None,
     };
     match app.router.invoke(req).await {
         Ok(inv) => {

@@ -118,6 +118,40 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// What a key may sign, each scope including the ones before it.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Invocations only (the Invoke API, function URLs).
+    Invoke,
+    /// Invocations and Lambda's control plane (create, update, delete, aliases...).
+    Deploy,
+    /// Everything a key can sign (keys made before scopes existed are admin keys).
+    #[default]
+    Admin,
+}
+
+impl Scope {
+    pub fn parse(s: &str) -> Option<Scope> {
+        match s {
+            "invoke" => Some(Scope::Invoke),
+            "deploy" => Some(Scope::Deploy),
+            "admin" => Some(Scope::Admin),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Invoke => "invoke",
+            Scope::Deploy => "deploy",
+            Scope::Admin => "admin",
+        }
+    }
+}
+
 /// What the API and `fnlet keys ls` show of a key: never the secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyInfo {
@@ -126,6 +160,51 @@ pub struct KeyInfo {
     pub created_at: String,
     /// When a request signed with it was last let in (to the second).
     pub last_used: Option<String>,
+    /// What it may sign.
+    #[serde(default)]
+    pub scope: Scope,
+    /// The functions it may act on, as name patterns (`*` matches any run of characters);
+    /// empty: every function.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub functions: Vec<String>,
+}
+
+impl KeyInfo {
+    /// Whether the key may do what needs `need` to `function` (None: to no one function, such
+    /// as listing them all, which a key limited to some functions may not).
+    pub fn allows(&self, need: Scope, function: Option<&str>) -> bool {
+        self.scope >= need
+            && (self.functions.is_empty()
+                || function.is_some_and(|f| self.functions.iter().any(|p| matches_pattern(p, f))))
+    }
+}
+
+/// `name` against `pattern`, where `*` matches any run of characters (none included).
+pub fn matches_pattern(pattern: &str, name: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or("");
+    let Some(mut rest) = name.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty();
+    };
+    for p in middle {
+        match rest.find(p) {
+            Some(i) => rest = &rest[i + p.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
+/// A function name pattern a key may be limited to: a function name's characters and `*`.
+pub fn valid_pattern(p: &str) -> bool {
+    !p.is_empty()
+        && p.len() <= 64
+        && p.bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"-_*".contains(&c))
 }
 
 /// One key on disk.
@@ -486,9 +565,26 @@ impl KeyStore {
         self.keys.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Makes a key. The secret is returned this once: the store keeps it sealed only.
+    /// Makes an admin key for every function. The secret is returned this once: the store
+    /// keeps it sealed only.
     pub fn create(&self, description: &str) -> Result<(KeyInfo, Secret), KeyStoreError> {
+        self.create_scoped(description, Scope::Admin, &[])
+    }
+
+    /// Makes a key of `scope`, limited to the functions matching `functions` (none: every
+    /// function).
+    pub fn create_scoped(
+        &self,
+        description: &str,
+        scope: Scope,
+        functions: &[String],
+    ) -> Result<(KeyInfo, Secret), KeyStoreError> {
         check_description(description)?;
+        if let Some(p) = functions.iter().find(|p| !valid_pattern(p)) {
+            return Err(KeyStoreError::BadDescription(format!(
+                "function pattern {p:?}: 1-64 characters of a-z, 0-9, -, _ and *"
+            )));
+        }
         let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let id = loop {
             let id = new_id()?;
@@ -503,6 +599,8 @@ impl KeyStore {
             description: description.to_string(),
             created_at: rfc3339_ms(unix_ms(SystemTime::now())),
             last_used: None,
+            scope,
+            functions: functions.to_vec(),
         };
         let rec = Record {
             info: info.clone(),
@@ -578,6 +676,8 @@ impl KeyStore {
             description: info.description.clone(),
             created_at: info.created_at.clone(),
             last_used: rfc3339(used).filter(|_| used > 0),
+            scope: info.scope,
+            functions: info.functions.clone(),
         };
         let rec = Record {
             info: info.clone(),
@@ -734,6 +834,54 @@ impl Drop for KeyStore {
         if let Err(e) = self.flush_last_used() {
             tracing::warn!("writing the access keys' last uses: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod scope_tests {
+    use super::*;
+
+    #[test]
+    fn patterns_and_scopes() {
+        for (p, n, want) in [
+            ("*", "anything", true),
+            ("orders-*", "orders-eu", true),
+            ("orders-*", "orders-", true),
+            ("orders-*", "billing", false),
+            ("*-prod", "api-prod", true),
+            ("*-prod", "api-prod-2", false),
+            ("a*b*c", "axxbyyc", true),
+            ("a*b*c", "acb", false),
+            ("exact", "exact", true),
+            ("exact", "exactly", false),
+        ] {
+            assert_eq!(matches_pattern(p, n), want, "{p} vs {n}");
+        }
+        let k = KeyInfo {
+            access_key_id: "FNLTAAAAAAAAAAAAAAAA".into(),
+            description: String::new(),
+            created_at: String::new(),
+            last_used: None,
+            scope: Scope::Invoke,
+            functions: vec!["orders-*".into()],
+        };
+        assert!(k.allows(Scope::Invoke, Some("orders-eu")));
+        assert!(!k.allows(Scope::Invoke, Some("billing")));
+        assert!(!k.allows(Scope::Deploy, Some("orders-eu")));
+        assert!(!k.allows(Scope::Invoke, None));
+        let admin = KeyInfo {
+            scope: Scope::Admin,
+            functions: Vec::new(),
+            ..k
+        };
+        assert!(admin.allows(Scope::Deploy, None));
+        // Keys stored before scopes were admin keys for every function.
+        let old: KeyInfo = serde_json::from_str(
+            r#"{"access_key_id":"FNLTAAAAAAAAAAAAAAAA","description":"","created_at":"","last_used":null}"#,
+        )
+        .unwrap();
+        assert_eq!(old.scope, Scope::Admin);
+        assert!(old.functions.is_empty());
     }
 }
 
@@ -977,6 +1125,8 @@ mod tests {
             description: "made on another host".into(),
             created_at: rfc3339_ms(1_764_806_400_123),
             last_used: None,
+            scope: Scope::Admin,
+            functions: Vec::new(),
         };
         assert_eq!(info.created_at, "2025-12-04T00:00:00.123Z");
         // Fixed width, so that the strings sort as the times do (".1Z" sorted after ".15Z").

@@ -69,6 +69,16 @@ pub enum AuthError {
     /// `x-amz-content-sha256` does not match the body, or asks for an unsigned payload.
     #[error("{0}")]
     Payload(String),
+    /// The key's scope or function patterns do not cover the call.
+    #[error(
+        "access key {key} ({scope} scope) is not authorized to perform: lambda:{action} on resource: {function}"
+    )]
+    Denied {
+        key: String,
+        scope: &'static str,
+        action: &'static str,
+        function: String,
+    },
 }
 
 impl AuthError {
@@ -78,6 +88,7 @@ impl AuthError {
             AuthError::Missing => "MissingAuthenticationTokenException",
             AuthError::Incomplete(_) => "IncompleteSignatureException",
             AuthError::UnknownKey => "UnrecognizedClientException",
+            AuthError::Denied { .. } => "AccessDeniedException",
             AuthError::SignatureMismatch
             | AuthError::Expired { .. }
             | AuthError::NotYetCurrent { .. }

@@ -364,6 +364,24 @@ pub struct ManifestInfo {
     pub description: Option<String>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub runtime: Option<String>,
+    #[serde(default)]
+    pub handler: Option<String>,
+    /// `[aws]`: what the AWS tools set (role, a bootstrap's provided.* runtime and handler).
+    #[serde(default)]
+    pub aws: AwsInfo,
+}
+
+/// `[aws]` of a manifest in the API.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct AwsInfo {
+    #[serde(default)]
+    pub role: Option<String>,
+    #[serde(default)]
+    pub runtime: Option<String>,
+    #[serde(default)]
+    pub handler: Option<String>,
 }
 
 /// `Function` in the API.
@@ -444,6 +462,25 @@ pub struct StatusInfo {
     pub unenforced_limits: Option<Vec<String>>,
     /// The cluster, when the agent is in one.
     pub cluster: Option<ClusterStatus>,
+    /// What live instances hold of the host (absent from older agents).
+    pub capacity: Option<CapacityStatus>,
+}
+
+/// Committed and capacity of one resource.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(default)]
+pub struct Committed<T> {
+    pub committed: T,
+    pub capacity: T,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct CapacityStatus {
+    pub memory_bytes: Committed<u64>,
+    pub cpus: Committed<f64>,
+    pub instances: Committed<u64>,
+    pub evictions: u64,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -696,11 +733,16 @@ impl Client {
     }
 
     /// POST /v1/keys: a new access key, with its secret (shown this once).
-    pub async fn create_key(&self, description: Option<&str>) -> ClientResult<Value> {
-        let body = match description {
-            Some(d) => serde_json::json!({ "description": d }),
-            None => serde_json::json!({}),
-        };
+    pub async fn create_key(
+        &self,
+        description: Option<&str>,
+        scope: &str,
+        functions: &[String],
+    ) -> ClientResult<Value> {
+        let mut body = serde_json::json!({ "scope": scope, "functions": functions });
+        if let Some(d) = description {
+            body["description"] = d.into();
+        }
         self.json(self.with_json(Method::POST, &["v1", "keys"], &body)?)
             .await
     }
@@ -804,6 +846,34 @@ impl Client {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("-")
             .to_string())
+    }
+
+    /// POST /v1/topics/{topic} with `body` and `headers` (binary mode's `ce-*`, the content
+    /// type): the agent's answer (the deliveries made).
+    pub async fn publish(
+        &self,
+        topic: &str,
+        body: Vec<u8>,
+        headers: &[(String, String)],
+    ) -> ClientResult<Value> {
+        let mut req = self.request(
+            Method::POST,
+            self.url(&["v1", "topics", topic], &[])?,
+            full(body),
+        );
+        for (k, v) in headers {
+            let name = http::HeaderName::from_bytes(k.as_bytes())
+                .map_err(|e| self.protocol(format!("header {k}: {e}")))?;
+            let value =
+                HeaderValue::from_str(v).map_err(|e| self.protocol(format!("header {k}: {e}")))?;
+            req.headers_mut().insert(name, value);
+        }
+        self.json(req).await
+    }
+
+    /// GET /v1/topics
+    pub async fn topics(&self) -> ClientResult<Value> {
+        self.json(self.empty(Method::GET, &["v1", "topics"])?).await
     }
 
     /// GET /v1/functions/{name}/events

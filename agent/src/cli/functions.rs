@@ -725,7 +725,7 @@ fn deployed_line(v: &VersionInfo) -> String {
 
 // ---- invoke ----
 
-fn read_input(data: Option<&str>) -> Result<Vec<u8>, CliError> {
+pub(super) fn read_input(data: Option<&str>) -> Result<Vec<u8>, CliError> {
     match data {
         None => Ok(Vec::new()),
         Some("@-") => {
@@ -1052,6 +1052,23 @@ fn describe_text(f: &FunctionInfo, versions: &[VersionInfo]) -> String {
         "entrypoint",
         m.entrypoint.as_ref().map_or("-".into(), entrypoint),
     ));
+    // Lambda's names for it, when it has them (a runtime, or what the AWS tools set).
+    let lambda = [
+        (
+            "runtime",
+            m.runtime.clone().or_else(|| m.aws.runtime.clone()),
+        ),
+        (
+            "handler",
+            m.handler.clone().or_else(|| m.aws.handler.clone()),
+        ),
+        ("role", m.aws.role.clone()),
+    ];
+    for (k, v) in lambda {
+        if let Some(v) = v {
+            pairs.push((k, v));
+        }
+    }
     pairs.push((
         "memory",
         or_default(m.memory_mb.map(memory), memory(lim.memory_mb)),
@@ -1189,6 +1206,21 @@ fn status_text(s: &StatusInfo, endpoint: &str) -> String {
         ),
         ("functions", opt(s.functions)),
         ("running", opt(s.running_instances)),
+        (
+            "capacity",
+            s.capacity.as_ref().map_or_else(none, |c| {
+                format!(
+                    "memory {} of {} MiB, cpus {:.2} of {:.2}, instances {} of {}; {} evicted",
+                    c.memory_bytes.committed >> 20,
+                    c.memory_bytes.capacity >> 20,
+                    c.cpus.committed,
+                    c.cpus.capacity,
+                    c.instances.committed,
+                    c.instances.capacity,
+                    c.evictions
+                )
+            }),
+        ),
         ("cgroup", s.cgroup.clone().unwrap_or_else(none)),
         ("cgroup root", cgroup_root),
         (
@@ -1729,6 +1761,21 @@ mod tests {
                 members: [("alive".to_string(), 2), ("down".to_string(), 1)].into(),
                 shared_access_keys: Some(true),
             }),
+            capacity: Some(crate::cli::client::CapacityStatus {
+                memory_bytes: crate::cli::client::Committed {
+                    committed: 384 << 20,
+                    capacity: 1024 << 20,
+                },
+                cpus: crate::cli::client::Committed {
+                    committed: 1.5,
+                    capacity: 32.0,
+                },
+                instances: crate::cli::client::Committed {
+                    committed: 3,
+                    capacity: 2048,
+                },
+                evictions: 2,
+            }),
         };
         assert_eq!(
             status_text(&s, "http://127.0.0.1:8740"),
@@ -1737,6 +1784,7 @@ mod tests {
              uptime:       1h 2m 5s\n\
              functions:    2\n\
              running:      1\n\
+             capacity:     memory 384 of 1024 MiB, cpus 1.50 of 32.00, instances 3 of 2048; 2 evicted\n\
              cgroup:       v2\n\
              cgroup root:  fnlet\n\
              limits:       NOT enforced: no memory, pids controller here\n\

@@ -47,6 +47,14 @@ pub struct CreateArgs {
     /// What the key is for (shown by `fnlet keys ls`).
     #[arg(short, long, value_name = "TEXT")]
     description: Option<String>,
+    /// What the key may sign: invoke (calls only), deploy (calls and Lambda's control plane:
+    /// create, update, delete, aliases...) or admin (everything).
+    #[arg(long, value_name = "SCOPE", default_value = "admin", value_parser = ["invoke", "deploy", "admin"])]
+    scope: String,
+    /// Limit the key to functions whose names match PATTERN (`*` matches any run of
+    /// characters); repeat for more. Without it: every function.
+    #[arg(long = "function", value_name = "PATTERN")]
+    functions: Vec<String>,
     #[command(flatten)]
     output: OutputArgs,
     #[command(flatten)]
@@ -106,7 +114,13 @@ struct NewKey {
 pub fn run(cmd: KeysCommand) -> ExitCode {
     match cmd {
         KeysCommand::Create(a) => run_client(&a.conn, None, |c| {
-            block_on(create(c, a.description.as_deref(), a.output.json))
+            block_on(create(
+                c,
+                a.description.as_deref(),
+                &a.scope,
+                &a.functions,
+                a.output.json,
+            ))
         }),
         KeysCommand::Ls(a) => run_client(&a.conn, None, |c| block_on(list(c, a.output.json))),
         KeysCommand::Rm(a) => run_client(
@@ -125,8 +139,14 @@ pub fn run(cmd: KeysCommand) -> ExitCode {
     }
 }
 
-async fn create(client: &Client, description: Option<&str>, json: bool) -> CmdResult {
-    let v = client.create_key(description).await?;
+async fn create(
+    client: &Client,
+    description: Option<&str>,
+    scope: &str,
+    functions: &[String],
+    json: bool,
+) -> CmdResult {
+    let v = client.create_key(description, scope, functions).await?;
     if json {
         return print_json(&v);
     }

@@ -20,6 +20,7 @@ pub(crate) mod pack;
 mod quic;
 mod runtime;
 mod sandbox;
+mod topics;
 
 use std::process::ExitCode;
 
@@ -91,6 +92,21 @@ Examples:
   fnlet members
   fnlet members --json | jq -r '.[] | select(.state != \"alive\") | .id'")]
     Members(cluster::MembersArgs),
+    /// Publish an event to a topic: every function subscribed to it (`[[triggers]] topic`)
+    /// whose filter the event passes runs it as an async event.
+    #[command(after_help = admin_examples!(
+        "fnlet publish orders -d '{\"id\": 42}'",
+        "fnlet publish orders --type order.created --source /shop -d @order.json",
+        "fnlet publish orders --id order-42 --source /shop -d '{}'   # sent twice, delivered once"
+    ))]
+    Publish(topics::PublishArgs),
+    /// List the topics: who subscribes (with their filters), who may publish, and the counts
+    /// since the agent started.
+    #[command(after_help = admin_examples!(
+        "fnlet topics",
+        "fnlet topics --json | jq '.topics[] | {topic, counts}'"
+    ))]
+    Topics(topics::TopicsArgs),
     /// Print shell completions for fnlet.
     #[command(after_help = "\
 Examples:
@@ -130,6 +146,8 @@ pub fn main() -> ExitCode {
         Command::Keys(cmd) => Ok(keys::run(cmd)),
         Command::Cluster(cmd) => Ok(cluster::run(cmd)),
         Command::Members(args) => Ok(cluster::run_members(args)),
+        Command::Publish(args) => Ok(topics::run_publish(args)),
+        Command::Topics(args) => Ok(topics::run_topics(args)),
         Command::Runtime(cmd) => Ok(runtime::run(cmd)),
         Command::Completions { shell } => Ok(completions(shell)),
         Command::Manpages { dir } => manpages(&dir),

@@ -89,6 +89,9 @@ impl Node {
                             sealed_secret,
                             description: info.description.clone(),
                             created_ms: keys::created_ms(info),
+                            scope: (info.scope != keys::Scope::Admin)
+                                .then(|| info.scope.as_str().to_string()),
+                            functions: info.functions.clone(),
                         };
                         catalog
                             .put_access_key(id, record, now())
@@ -263,6 +266,21 @@ impl Node {
             description: rec.description,
             created_at: keys::rfc3339_ms(rec.created_ms),
             last_used: None,
+            scope: match rec.scope.as_deref() {
+                None => keys::Scope::Admin,
+                Some(s) => match keys::Scope::parse(s) {
+                    Some(s) => s,
+                    None => {
+                        tracing::warn!(
+                            access_key_id = id,
+                            scope = s,
+                            "the cluster's access key has a scope this host does not know: it lets nobody in here"
+                        );
+                        return;
+                    }
+                },
+            },
+            functions: rec.functions.clone(),
         };
         match app.keys.import(&info, &secret) {
             Ok(true) => tracing::info!(access_key_id = id, "took an access key from the cluster"),

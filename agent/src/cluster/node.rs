@@ -712,13 +712,7 @@ impl Node {
         req: &frame::JoinRequest,
         send: &mut quinn::SendStream,
     ) {
-        if !self.dir.is_ca_holder() {
-            wire::refuse(
-                send,
-                ErrorCode::NOT_FOUND,
-                "this member does not hold the cluster CA",
-            )
-            .await;
+        if !self.refer_unless_ca_holder(send).await {
             return;
         }
         match self.admit(req) {
@@ -736,6 +730,21 @@ impl Node {
         }
     }
 
+    /// True on the CA holder; elsewhere answers NOT_FOUND, which sends the asking member on
+    /// to another (joins passed on and renewals are both decided by the CA holder alone).
+    async fn refer_unless_ca_holder(&self, send: &mut quinn::SendStream) -> bool {
+        if self.dir.is_ca_holder() {
+            return true;
+        }
+        wire::refuse(
+            send,
+            ErrorCode::NOT_FOUND,
+            "this member does not hold the cluster CA",
+        )
+        .await;
+        false
+    }
+
     /// A member's RenewRequest: signed on the CA holder, for the node id the member's
     /// certificate (this connection's) names; elsewhere NOT_FOUND (the member asks another).
     async fn serve_renew(
@@ -744,13 +753,7 @@ impl Node {
         req: &frame::RenewRequest,
         send: &mut quinn::SendStream,
     ) {
-        if !self.dir.is_ca_holder() {
-            wire::refuse(
-                send,
-                ErrorCode::NOT_FOUND,
-                "this member does not hold the cluster CA",
-            )
-            .await;
+        if !self.refer_unless_ca_holder(send).await {
             return;
         }
         let signed = self.dir.issuer().and_then(|issuer| {

@@ -31,9 +31,12 @@ pub use policy::{Destination, InvokeConfig, Policy};
 use queue::{Header, Op, Queue, QueueError, Target, encode};
 
 use crate::config::EventsConfig;
-use crate::metrics::{ConditionLabels, EventLabels, Metrics};
+use crate::manifest::Mode;
+use crate::metrics::{ConditionLabels, EventLabels, Metrics, TopicFnLabels, TopicModeLabels};
 use crate::pool::ActiveFunction;
 use crate::router::{InvokeRequest, Router};
+use crate::triggers::cloudevent::{self, CloudEvent};
+use crate::triggers::topics;
 
 /// Lambda's payload limit for Event invokes.
 pub const MAX_EVENT_BYTES: usize = 1 << 20;
@@ -43,6 +46,10 @@ const URL_CONCURRENCY: u32 = 8;
 const URL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Failures `fnlet events` remembers per function.
 const FAILURES_KEPT: usize = 20;
+/// How often expired topic dedup entries are dropped.
+const SEEN_PRUNE_EVERY: Duration = Duration::from_secs(10);
+/// The metrics label of topics nobody subscribes to (so callers cannot mint label values).
+const UNSUBSCRIBED: &str = "(unsubscribed)";
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -50,7 +57,7 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn rfc3339_ms(ms: u64) -> String {
+pub fn rfc3339_ms(ms: u64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()
         .and_then(|t| {
@@ -103,13 +110,15 @@ pub trait Backend: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), QueueError>> + Send;
     /// The event waits for its next try at `h.next_ms`, with `h`'s counts.
     fn retry(&self, t: Self::Taken, h: Header, payload: &[u8]) -> impl Future<Output = ()> + Send;
-    /// The event ended: it goes, and `record` (its destination record) is stored as a new
-    /// event with it. On an error the event stays, and the caller retries it.
+    /// The event ended: it goes, and `records` (its destination record, or one per
+    /// subscriber of a destination topic) are stored as new events with it. On an error the
+    /// event stays, and the caller retries it (so storing the records again must not make
+    /// them twice).
     fn end(
         &self,
         t: &Self::Taken,
         h: &Header,
-        record: Option<NewEvent>,
+        records: Vec<NewEvent>,
     ) -> impl Future<Output = Result<(), QueueError>> + Send;
     /// The try's bookkeeping is over (after `end`).
     fn done(&self, t: Self::Taken);
@@ -148,6 +157,38 @@ struct State {
     lanes: HashMap<Target, Lane>,
     entries: HashMap<u64, Entry>,
     configs: HashMap<String, InvokeConfig>,
+    /// Topic events seen (hash of topic, source, id) -> until when a copy is a duplicate.
+    seen: HashMap<[u8; 32], u64>,
+}
+
+/// One async event a topic event became.
+#[derive(Debug, Clone, Serialize)]
+pub struct Delivery {
+    pub function: String,
+    pub request_id: String,
+}
+
+/// What became of one published event.
+#[derive(Debug, Clone, Serialize)]
+pub struct Published {
+    pub id: String,
+    pub source: String,
+    /// Seen within the dedup window already: not delivered again.
+    pub duplicate: bool,
+    pub deliveries: Vec<Delivery>,
+    /// Subscribers whose filters it did not pass.
+    pub filtered: usize,
+}
+
+/// The dedup key of a topic event.
+fn seen_key(topic: &str, source: &str, id: &str) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for part in [topic, source, id] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    h.finalize().into()
 }
 
 type HttpClient = hyper_util::client::legacy::Client<
@@ -167,6 +208,8 @@ pub struct Events {
     config: EventsConfig,
     seq: AtomicU64,
     http: HttpClient,
+    /// Per-topic counts for `fnlet topics`.
+    pub topic_stats: topics::Stats,
 }
 
 struct Observer(Arc<Metrics>);
@@ -228,6 +271,7 @@ impl Events {
             );
         }
         state.configs = loaded.configs.into_iter().collect();
+        state.seen = loaded.seen.into_iter().collect();
         let http =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .build_http();
@@ -240,6 +284,7 @@ impl Events {
             config: config.clone(),
             seq: AtomicU64::new(loaded.next_seq),
             http,
+            topic_stats: topics::Stats::default(),
         }))
     }
 
@@ -340,6 +385,7 @@ impl Events {
             in_flight: false,
             last_error: None,
             origin,
+            cloudevent: false,
         }
     }
 
@@ -368,12 +414,17 @@ impl Events {
             tokio::spawn(n.clone().run(self.clone(), stop.clone()));
         }
         let mut gauges_at = tokio::time::Instant::now();
+        let mut pruned_at = tokio::time::Instant::now();
         loop {
             let next = self.dispatch();
             // With NATS, the gauges are the stream's (see nats::Nats::update_gauges).
             if self.nats.is_none() && gauges_at.elapsed() >= Duration::from_secs(1) {
                 self.update_gauges();
                 gauges_at = tokio::time::Instant::now();
+            }
+            if pruned_at.elapsed() >= SEEN_PRUNE_EVERY {
+                self.prune_seen().await;
+                pruned_at = tokio::time::Instant::now();
             }
             let wait = next.map_or(Duration::from_secs(1), |at| {
                 Duration::from_millis(at.saturating_sub(now_ms())).min(Duration::from_secs(1))
@@ -496,7 +547,7 @@ impl Events {
         let metrics = &self.router.metrics.events;
         let Some(f) = self.router.lookup(name) else {
             // Deleted since: nothing can run it.
-            if b.end(&t, &h, None).await.is_ok() {
+            if b.end(&t, &h, Vec::new()).await.is_ok() {
                 b.done(t);
             } else {
                 h.history.throttles += 1;
@@ -523,14 +574,23 @@ impl Events {
             b.retry(t, h, &payload).await;
             return;
         }
+        // A topic's event: an exec-mode function takes its data and `CE_*` variables.
+        let (body, env) = if h.cloudevent && f.manifest.mode == Mode::Exec {
+            let (stdin, env) = cloudevent::stored_for_exec(&payload);
+            (Bytes::from(stdin), env)
+        } else {
+            (Bytes::from(payload.clone()), Vec::new())
+        };
         let result = self
             .router
             .invoke(InvokeRequest {
                 name,
-                body: Bytes::from(payload.clone()),
+                body,
                 request_id: &h.request_id,
                 want_tail: false,
                 client_context: None,
+                env,
+                version: None,
             })
             .await;
         let fn_error =
@@ -605,7 +665,9 @@ impl Events {
             Condition::Success => &policy.on_success,
             _ => &policy.on_failure,
         };
-        let record = destination.as_ref().map(|d| {
+        let mut records = Vec::new();
+        let mut fanned = None;
+        if let Some(d) = destination {
             let rec = policy::record(
                 condition,
                 &h.request_id,
@@ -618,27 +680,57 @@ impl Events {
                 }),
                 time::OffsetDateTime::now_utc(),
             );
-            let target = match d {
-                Destination::Function(n) => Target::Function(n.clone()),
-                Destination::Url(u) => Target::Url(u.clone()),
-            };
-            NewEvent {
+            let record = |target, body| NewEvent {
                 header: self.new_header(target, crate::api::request_id(), Some(f.name.clone())),
-                payload: serde_json::to_vec(&rec).expect("records serialize"),
+                payload: body,
+            };
+            match d {
+                Destination::Function(n) => records.push(record(
+                    Target::Function(n.clone()),
+                    serde_json::to_vec(&rec).expect("records serialize"),
+                )),
+                Destination::Url(u) => records.push(record(
+                    Target::Url(u.clone()),
+                    serde_json::to_vec(&rec).expect("records serialize"),
+                )),
+                Destination::Topic(topic) => {
+                    let event = self.destination_event(f, condition, rec);
+                    let (takers, filtered) = self.takers(topic, &event);
+                    let body = serde_json::to_vec(&event.to_json()).expect("events serialize");
+                    for function in &takers {
+                        let mut r = record(Target::Function(function.clone()), body.clone());
+                        r.header.cloudevent = true;
+                        records.push(r);
+                    }
+                    fanned = Some((topic.clone(), takers, filtered));
+                }
             }
-        });
-        let kind = record.as_ref().map(|r| match &r.header.target {
-            Target::Function(_) => "function",
-            Target::Url(_) => "url_stored",
-        });
-        if let Err(e) = b.end(&t, &h, record).await {
+        }
+        // What the records were, for the metrics once they are stored.
+        let kinds: Vec<&str> = records
+            .iter()
+            .filter(|r| !r.header.cloudevent)
+            .map(|r| match &r.header.target {
+                Target::Function(_) => "function",
+                Target::Url(_) => "url_stored",
+            })
+            .collect();
+        if let Err(e) = b.end(&t, &h, records).await {
             tracing::error!(function = %f.name, request_id = %h.request_id, "ending an async event: {e}");
             h.history.throttles += 1;
             h.next_ms = now_ms() + policy.backoff_ms(h.history.throttles);
             b.retry(t, h, payload).await;
             return;
         }
-        if let Some(kind) = kind {
+        if let Some((topic, takers, filtered)) = fanned {
+            metrics
+                .deliveries
+                .get_or_create(&labels(&f.name, "topic"))
+                .inc();
+            self.count_publish(&topic, "destination", &takers, &filtered, false);
+            tracing::debug!(function = %f.name, topic, subscribers = takers.len(), "destination record published");
+        }
+        for kind in kinds {
             metrics
                 .deliveries
                 .get_or_create(&labels(&f.name, kind))
@@ -730,7 +822,7 @@ impl Events {
         if !done {
             return b.retry(t, h, &payload).await;
         }
-        match b.end(&t, &h, None).await {
+        match b.end(&t, &h, Vec::new()).await {
             Ok(()) => b.done(t),
             Err(e) => {
                 tracing::error!(url, "destination bookkeeping: {e}");
@@ -754,6 +846,348 @@ impl Events {
             Ok(Err(e)) => Err(e.to_string()),
             Ok(Ok(resp)) if resp.status().is_success() => Ok(()),
             Ok(Ok(resp)) => Err(format!("answered {}", resp.status())),
+        }
+    }
+
+    /// A destination record as a topic's CloudEvent.
+    fn destination_event(
+        &self,
+        f: &ActiveFunction,
+        condition: Condition,
+        record: serde_json::Value,
+    ) -> CloudEvent {
+        let kind = match condition {
+            Condition::Success => "success",
+            _ => "failure",
+        };
+        let attributes = [
+            ("specversion", "1.0".to_string()),
+            ("id", crate::api::request_id()),
+            ("source", f.arn(&self.router.config, false)),
+            ("type", format!("fnlet.invocation.{kind}")),
+            ("subject", f.name.clone()),
+            ("time", rfc3339_ms(now_ms())),
+            ("datacontenttype", "application/json".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), serde_json::Value::String(v)))
+        .collect();
+        CloudEvent {
+            attributes,
+            data: cloudevent::Data::Json(record),
+        }
+    }
+
+    /// The functions subscribed to `topic` that take `event`, and those whose filters it did
+    /// not pass.
+    fn takers(&self, topic: &str, event: &CloudEvent) -> (Vec<String>, Vec<String>) {
+        let mut takers = Vec::new();
+        let mut filtered = Vec::new();
+        for s in topics::subscribers(&self.router.registry, topic) {
+            if s.takes(event) {
+                takers.push(s.function);
+            } else {
+                filtered.push(s.function);
+            }
+        }
+        (takers, filtered)
+    }
+
+    /// Counts one event published to `topic` (metrics and `fnlet topics`).
+    fn count_publish(
+        &self,
+        topic: &str,
+        mode: &str,
+        takers: &[String],
+        filtered: &[String],
+        duplicate: bool,
+    ) {
+        let known = !takers.is_empty()
+            || !filtered.is_empty()
+            || self.router.config.topics.contains_key(topic);
+        let label = if known { topic } else { UNSUBSCRIBED };
+        let m = &self.router.metrics.topics;
+        m.publishes
+            .get_or_create(&TopicModeLabels {
+                topic: label.to_string(),
+                mode: mode.to_string(),
+            })
+            .inc();
+        if duplicate {
+            m.duplicates
+                .get_or_create(&crate::metrics::TopicLabels {
+                    topic: label.to_string(),
+                })
+                .inc();
+        }
+        let fl = |function: &String| TopicFnLabels {
+            topic: label.to_string(),
+            function: function.clone(),
+        };
+        // A duplicate is dropped whole: neither delivered nor filtered.
+        if !duplicate {
+            for t in takers {
+                m.fanouts.get_or_create(&fl(t)).inc();
+            }
+            for t in filtered {
+                m.filtered.get_or_create(&fl(t)).inc();
+            }
+        }
+        self.topic_stats.add(topic, known, |c| {
+            c.published += 1;
+            if duplicate {
+                c.duplicates += 1;
+            } else {
+                c.delivered += takers.len() as u64;
+                c.filtered += filtered.len() as u64;
+            }
+        });
+    }
+
+    /// Publishes `events` to `topic`: one async event per subscribed function whose filters
+    /// an event passes, each with its own retries and destinations; an event whose source and
+    /// id were published to the topic within `events.dedup_window_s` is a duplicate and makes
+    /// none. Returns once every async event (and the dedup record) is on disk, in one commit;
+    /// with NATS, once every async event's publish is acked ([`Events::publish_nats`]).
+    pub async fn publish(
+        &self,
+        topic: &str,
+        events: &[CloudEvent],
+        mode: cloudevent::Mode,
+    ) -> Result<Vec<Published>, AcceptError> {
+        if let Some(n) = &self.nats {
+            return self.publish_nats(n, topic, events, mode).await;
+        }
+        let now = now_ms();
+        let until = now + (self.config.dedup_window_s * 1000.0) as u64;
+        let subscribers = topics::subscribers(&self.router.registry, topic);
+        let mut out = Vec::with_capacity(events.len());
+        let mut ops = Vec::new();
+        // (seq, header, bytes) of the async events made, and the dedup keys reserved.
+        let mut staged: Vec<(u64, Header, u64)> = Vec::new();
+        let mut reserved: Vec<[u8; 32]> = Vec::new();
+        let mut counted: Vec<(Vec<String>, Vec<String>, bool)> = Vec::new();
+        let mut full = None;
+        {
+            let mut st = self.lock();
+            for e in events {
+                let (takers, filtered): (Vec<_>, Vec<_>) =
+                    subscribers.iter().partition(|s| s.takes(e));
+                let takers: Vec<String> = takers.into_iter().map(|s| s.function.clone()).collect();
+                let filtered: Vec<String> =
+                    filtered.into_iter().map(|s| s.function.clone()).collect();
+                let mut published = Published {
+                    id: e.id(),
+                    source: e.source(),
+                    duplicate: false,
+                    deliveries: Vec::new(),
+                    filtered: filtered.len(),
+                };
+                if !takers.is_empty() {
+                    let key = seen_key(topic, &published.source, &published.id);
+                    if st.seen.get(&key).is_some_and(|u| *u > now) {
+                        published.duplicate = true;
+                    } else {
+                        st.seen.insert(key, until);
+                        reserved.push(key);
+                        ops.push(Op::PutSeen(key, until));
+                        let body = serde_json::to_vec(&e.to_json()).expect("events serialize");
+                        let len = body.len() as u64;
+                        for function in &takers {
+                            let target = Target::Function(function.clone());
+                            let lane = st.lanes.entry(target.clone()).or_default();
+                            if lane.count >= self.config.max_queued_events
+                                || lane.bytes + len > self.config.max_queued_mb << 20
+                            {
+                                full.get_or_insert(AcceptError::Full {
+                                    function: function.clone(),
+                                    count: lane.count,
+                                    bytes: lane.bytes,
+                                });
+                                continue;
+                            }
+                            // Held while it is written: concurrent accepts see it.
+                            lane.count += 1;
+                            lane.bytes += len;
+                            let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+                            let mut h = self.new_header(target, crate::api::request_id(), None);
+                            h.cloudevent = true;
+                            ops.push(Op::Put(seq, encode(&h, &body)));
+                            published.deliveries.push(Delivery {
+                                function: function.clone(),
+                                request_id: h.request_id.clone(),
+                            });
+                            staged.push((seq, h, len));
+                        }
+                    }
+                }
+                counted.push((takers, filtered, published.duplicate));
+                out.push(published);
+            }
+        }
+        let result = match full {
+            Some(e) => Err(e),
+            None if ops.is_empty() => Ok(()),
+            None => self.queue.commit(ops).await.map_err(AcceptError::from),
+        };
+        let mut st = self.lock();
+        let State {
+            lanes,
+            entries,
+            seen,
+            ..
+        } = &mut *st;
+        if let Err(e) = result {
+            // Nothing was stored: every reservation is let go.
+            for (_, h, len) in &staged {
+                if let Some(lane) = lanes.get_mut(&h.target) {
+                    lane.count = lane.count.saturating_sub(1);
+                    lane.bytes = lane.bytes.saturating_sub(*len);
+                }
+            }
+            for key in &reserved {
+                seen.remove(key);
+            }
+            return Err(e);
+        }
+        for (seq, header, bytes) in staged {
+            let lane = lanes.entry(header.target.clone()).or_default();
+            lane.waiting.insert((header.next_ms, seq));
+            entries.insert(
+                seq,
+                Entry {
+                    header,
+                    bytes,
+                    running: false,
+                },
+            );
+        }
+        drop(st);
+        self.wake.notify_one();
+        for (takers, filtered, duplicate) in &counted {
+            self.count_publish(topic, mode.as_str(), takers, filtered, *duplicate);
+            if !duplicate {
+                for t in takers {
+                    self.router
+                        .metrics
+                        .events
+                        .accepted
+                        .get_or_create(&Metrics::function(t))
+                        .inc();
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`Events::publish`] with the JetStream backend. Each async event is published with a
+    /// message id made of the dedup key and its subscriber, and the stream's duplicate window
+    /// (`events.dedup_window_s`, at least 2 minutes) keeps the servers from storing a second
+    /// copy: that is the dedup record, shared by every agent using the stream. A publish
+    /// refused part way (a full stream, NATS unreachable) answers the error with some copies
+    /// stored; the same events published again store only the others.
+    async fn publish_nats(
+        &self,
+        n: &nats::Nats,
+        topic: &str,
+        events: &[CloudEvent],
+        mode: cloudevent::Mode,
+    ) -> Result<Vec<Published>, AcceptError> {
+        use futures_util::StreamExt;
+        let subscribers = topics::subscribers(&self.router.registry, topic);
+        let mut out = Vec::with_capacity(events.len());
+        let mut filtered_of = Vec::with_capacity(events.len());
+        // (the event's index, its message id, the async event) for every subscriber.
+        let mut sends: Vec<(usize, String, NewEvent)> = Vec::new();
+        for (i, e) in events.iter().enumerate() {
+            let (takers, filtered): (Vec<_>, Vec<_>) = subscribers.iter().partition(|s| s.takes(e));
+            let published = Published {
+                id: e.id(),
+                source: e.source(),
+                duplicate: false,
+                deliveries: Vec::new(),
+                filtered: filtered.len(),
+            };
+            if !takers.is_empty() {
+                let key = hex::encode(seen_key(topic, &published.source, &published.id));
+                let body = serde_json::to_vec(&e.to_json()).expect("events serialize");
+                for s in takers {
+                    let target = Target::Function(s.function.clone());
+                    let mut header = self.new_header(target, crate::api::request_id(), None);
+                    header.cloudevent = true;
+                    let id = format!("topic-{key}-{}", s.function);
+                    let payload = body.clone();
+                    sends.push((i, id, NewEvent { header, payload }));
+                }
+            }
+            filtered_of.push(
+                filtered
+                    .into_iter()
+                    .map(|s| s.function.clone())
+                    .collect::<Vec<_>>(),
+            );
+            out.push(published);
+        }
+        // The futures made first: a stream's closure borrowing them is not `Send` enough.
+        let publishes: Vec<_> = sends.iter().map(|(_, id, ev)| n.publish(ev, id)).collect();
+        let acks: Vec<_> = futures_util::stream::iter(publishes)
+            .buffered(nats::PUBLISH_AT_ONCE)
+            .collect()
+            .await;
+        // Copies each event already had within the window.
+        let mut duplicates = vec![0usize; events.len()];
+        for ((i, _, ev), ack) in sends.iter().zip(acks) {
+            if ack? {
+                duplicates[*i] += 1;
+            } else if let Target::Function(function) = &ev.header.target {
+                out[*i].deliveries.push(Delivery {
+                    function: function.clone(),
+                    request_id: ev.header.request_id.clone(),
+                });
+            }
+        }
+        for (i, p) in out.iter_mut().enumerate() {
+            // A copy for every subscriber was there: the event is a duplicate. (A subscriber
+            // added since takes it.)
+            p.duplicate = duplicates[i] > 0 && p.deliveries.is_empty();
+            let takers: Vec<String> = p.deliveries.iter().map(|d| d.function.clone()).collect();
+            self.count_publish(topic, mode.as_str(), &takers, &filtered_of[i], p.duplicate);
+            for t in &takers {
+                self.router
+                    .metrics
+                    .events
+                    .accepted
+                    .get_or_create(&Metrics::function(t))
+                    .inc();
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops the topic dedup entries whose window has passed (here and on disk).
+    async fn prune_seen(&self) {
+        let now = now_ms();
+        let expired: Vec<[u8; 32]> = {
+            let mut st = self.lock();
+            let keys: Vec<[u8; 32]> = st
+                .seen
+                .iter()
+                .filter(|(_, until)| **until <= now)
+                .map(|(k, _)| *k)
+                .take(10_000)
+                .collect();
+            for k in &keys {
+                st.seen.remove(k);
+            }
+            keys
+        };
+        if expired.is_empty() {
+            return;
+        }
+        let ops = expired.into_iter().map(Op::RemoveSeen).collect();
+        // Left on disk, an entry is dropped again after the next start.
+        if let Err(e) = self.queue.commit_lazy(ops).await {
+            tracing::warn!("dropping expired topic dedup entries: {e}");
         }
     }
 
@@ -921,20 +1355,20 @@ impl Backend for Events {
         self.requeue(seq, h);
     }
 
-    async fn end(
-        &self,
-        seq: &u64,
-        _h: &Header,
-        record: Option<NewEvent>,
-    ) -> Result<(), QueueError> {
+    /// The event's removal and its records in one commit: a record is never lost, nor made
+    /// twice.
+    async fn end(&self, seq: &u64, _h: &Header, records: Vec<NewEvent>) -> Result<(), QueueError> {
         let mut ops = vec![Op::Remove(*seq)];
-        let staged = record.map(|r| {
-            let nseq = self.seq.fetch_add(1, Ordering::Relaxed);
-            ops.push(Op::Put(nseq, encode(&r.header, &r.payload)));
-            (nseq, r.header, r.payload.len() as u64)
-        });
+        let staged: Vec<_> = records
+            .into_iter()
+            .map(|r| {
+                let nseq = self.seq.fetch_add(1, Ordering::Relaxed);
+                ops.push(Op::Put(nseq, encode(&r.header, &r.payload)));
+                (nseq, r.header, r.payload.len() as u64)
+            })
+            .collect();
         self.queue.commit_lazy(ops).await?;
-        if let Some((nseq, nh, bytes)) = staged {
+        for (nseq, nh, bytes) in staged {
             self.admit(nseq, nh, bytes);
         }
         Ok(())

@@ -38,6 +38,11 @@ const PULL_EXPIRES: Duration = Duration::from_secs(2);
 const GAUGES_EVERY: Duration = Duration::from_secs(5);
 /// A NAKed event may come back this early (the servers' timer) and still be due.
 const EARLY_MS: u64 = 50;
+/// Publishes awaiting their acks at once, for a topic's fan-out or an end's records.
+pub(super) const PUBLISH_AT_ONCE: usize = 64;
+/// The stream's duplicate window at least: an end's records are published again with the
+/// same message ids when the end is tried again, within the backoff's first minutes.
+const MIN_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
 /// What the tries of an event so far did: kept under its request id while it is retried.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -62,6 +67,9 @@ pub struct Nats {
     js: jetstream::Context,
     config: NatsConfig,
     max_per_function: u64,
+    /// The stream's duplicate window: `events.dedup_window_s` (a topic event's copies are
+    /// deduplicated by message id), at least [`MIN_DUPLICATE_WINDOW`].
+    duplicate_window: Duration,
     ready: tokio::sync::OnceCell<Ready>,
     /// Tries running here per lane.
     running: Mutex<HashMap<Target, Arc<Lane>>>,
@@ -126,6 +134,8 @@ impl Nats {
             js,
             config: n.clone(),
             max_per_function: config.max_queued_events,
+            duplicate_window: Duration::from_secs_f64(config.dedup_window_s)
+                .max(MIN_DUPLICATE_WINDOW),
             ready: tokio::sync::OnceCell::new(),
             running: Mutex::new(HashMap::new()),
         })
@@ -159,7 +169,7 @@ impl Nats {
             max_bytes: i64::try_from(n.max_mb << 20).unwrap_or(i64::MAX),
             discard: stream::DiscardPolicy::New,
             discard_new_per_subject: true,
-            duplicate_window: Duration::from_secs(120),
+            duplicate_window: self.duplicate_window,
             ..Default::default()
         };
         let stream = self
@@ -207,8 +217,9 @@ impl Nats {
     }
 
     /// Publishes a new event and waits for the servers' ack. `msg_id` lets the servers drop a
-    /// second publish of the same event (within 2 minutes).
-    pub async fn publish(&self, ev: &NewEvent, msg_id: &str) -> Result<(), AcceptError> {
+    /// second publish of the same event (within the stream's duplicate window); true when
+    /// they did (the event was stored already).
+    pub async fn publish(&self, ev: &NewEvent, msg_id: &str) -> Result<bool, AcceptError> {
         let unavailable = |why: String| AcceptError::Storage(QueueError::Nats(why));
         if self.client.connection_state() != async_nats::connection::State::Connected {
             return Err(unavailable("not connected to any NATS server".into()));
@@ -230,7 +241,7 @@ impl Nats {
             .await
             .map_err(|e| unavailable(format!("publishing: {e}")))?;
         match ack.await {
-            Ok(_) => Ok(()),
+            Ok(a) => Ok(a.duplicate),
             Err(e) => {
                 let refused = std::error::Error::source(&e)
                     .and_then(|s| s.downcast_ref::<jetstream::Error>())
@@ -591,13 +602,28 @@ impl Backend for Nats {
         }
     }
 
-    async fn end(&self, t: &Taken, h: &Header, record: Option<NewEvent>) -> Result<(), QueueError> {
-        if let Some(r) = &record {
-            // One record per event, even if its end is published twice.
-            self.publish(r, &format!("{}-record", h.request_id))
-                .await
-                .map_err(|e| nats_error("storing a destination record", e))?;
+    async fn end(&self, t: &Taken, h: &Header, records: Vec<NewEvent>) -> Result<(), QueueError> {
+        // One copy of each record, even if the end is tried again: its message id is the
+        // event's request id, and the subscriber for a destination topic's copies.
+        let ids: Vec<String> = records
+            .iter()
+            .map(|r| match &r.header.target {
+                Target::Function(f) if r.header.cloudevent => {
+                    format!("{}-record-{f}", h.request_id)
+                }
+                _ => format!("{}-record", h.request_id),
+            })
+            .collect();
+        let publishes: Vec<_> = records
+            .iter()
+            .zip(&ids)
+            .map(|(r, id)| self.publish(r, id))
+            .collect();
+        let mut acks = futures_util::stream::iter(publishes).buffered(PUBLISH_AT_ONCE);
+        while let Some(ack) = acks.next().await {
+            ack.map_err(|e| nats_error("storing a destination record", e))?;
         }
+        drop(acks);
         t.msg
             .double_ack()
             .await

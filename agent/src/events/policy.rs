@@ -19,11 +19,28 @@ pub enum Destination {
     Function(String),
     /// An http:// URL: the record is POSTed, retried until it is taken (2xx).
     Url(String),
+    /// A topic: the record is published to it as a CloudEvent (type
+    /// `fnlet.invocation.success` or `fnlet.invocation.failure`), so functions chain.
+    Topic(String),
 }
 
 impl Destination {
-    /// A function ARN (`arn:aws:lambda:REGION:ACCOUNT:function:NAME`) or an `http://` URL.
+    /// A function ARN (`arn:aws:lambda:REGION:ACCOUNT:function:NAME`), an `http://` URL, or a
+    /// topic (`topic:NAME`, an SNS topic ARN `arn:aws:sns:REGION:ACCOUNT:NAME`, or an
+    /// EventBridge bus ARN `arn:aws:events:REGION:ACCOUNT:event-bus/NAME`).
     pub fn parse(s: &str) -> Result<Destination, String> {
+        let topic = |name: &str| {
+            if crate::triggers::manifest::valid_topic(name) {
+                Ok(Destination::Topic(name.to_string()))
+            } else {
+                Err(format!(
+                    "{s:?}: the topic must be 1-128 characters of A-Z, a-z, 0-9, '.', '_' and '-'"
+                ))
+            }
+        };
+        if let Some(name) = s.strip_prefix("topic:") {
+            return topic(name);
+        }
         if s.starts_with("http://") || s.starts_with("https://") {
             let uri: http::Uri = s
                 .parse()
@@ -49,13 +66,17 @@ impl Destination {
                     Err(format!("{s:?} does not name a valid function"))
                 }
             }
-            ["arn", _, service @ ("sns" | "sqs" | "events"), ..] => Err(format!(
-                "{s:?}: {service} destinations (topics and queues) are not built yet: use a \
-                 function ARN or an http:// URL"
+            ["arn", _, "sns", _, _, name] => topic(name),
+            ["arn", _, "events", _, _, bus] if bus.starts_with("event-bus/") => {
+                topic(&bus["event-bus/".len()..])
+            }
+            ["arn", _, "sqs", ..] => Err(format!(
+                "{s:?}: queue destinations are not built yet: use a function ARN, a topic or an \
+                 http:// URL"
             )),
             _ => Err(format!(
-                "{s:?} must be a function ARN (arn:aws:lambda:REGION:ACCOUNT:function:NAME) or an \
-                 http:// URL"
+                "{s:?} must be a function ARN (arn:aws:lambda:REGION:ACCOUNT:function:NAME), a \
+                 topic (topic:NAME or arn:aws:sns:REGION:ACCOUNT:NAME) or an http:// URL"
             )),
         }
     }
@@ -370,8 +391,22 @@ mod tests {
             Destination::parse("http://127.0.0.1:8080/hook"),
             Ok(Destination::Url("http://127.0.0.1:8080/hook".into()))
         );
+        assert_eq!(
+            Destination::parse("arn:aws:sns:us-east-1:000000000000:orders"),
+            Ok(Destination::Topic("orders".into()))
+        );
+        assert_eq!(
+            Destination::parse("topic:orders.done"),
+            Ok(Destination::Topic("orders.done".into()))
+        );
+        assert_eq!(
+            Destination::parse("arn:aws:events:us-east-1:000000000000:event-bus/bus1"),
+            Ok(Destination::Topic("bus1".into()))
+        );
         for bad in [
-            "arn:aws:sns:us-east-1:000000000000:topic",
+            "topic:a/b",
+            "topic:",
+            "arn:aws:events:us-east-1:000000000000:rule/r",
             "sink",
             "http://",
             "arn:aws:lambda:us-east-1:000000000000:function:Bad Name",

@@ -23,6 +23,9 @@ use super::policy::{History, InvokeConfig};
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 /// function name -> JSON [`InvokeConfig`].
 const CONFIGS: TableDefinition<&str, &[u8]> = TableDefinition::new("invoke_configs");
+/// Topic events seen lately (a hash of topic, source and id) -> until when (ms since the
+/// epoch) a copy is a duplicate.
+const SEEN: TableDefinition<&[u8], u64> = TableDefinition::new("topic_events_seen");
 
 /// Batches taken into one commit at most.
 const MAX_GROUP: usize = 8192;
@@ -77,6 +80,10 @@ pub struct Header {
     /// For a destination record: the function whose event it reports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<String>,
+    /// The payload is a CloudEvent in structured JSON (a topic's event): an exec-mode function
+    /// gets its data on stdin and its attributes in `CE_*` variables.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cloudevent: bool,
 }
 
 /// `[u32 LE header length][header JSON][payload]`.
@@ -109,6 +116,9 @@ pub enum Op {
     Remove(u64),
     PutConfig(String, InvokeConfig),
     RemoveConfig(String),
+    /// A topic event seen, a duplicate until the time given.
+    PutSeen([u8; 32], u64),
+    RemoveSeen([u8; 32]),
 }
 
 struct Batch {
@@ -144,6 +154,8 @@ pub struct Loaded {
     pub events: Vec<(u64, Header, u64)>,
     pub configs: Vec<(String, InvokeConfig)>,
     pub next_seq: u64,
+    /// Topic events seen and until when.
+    pub seen: Vec<([u8; 32], u64)>,
 }
 
 fn err<E: std::fmt::Display>(e: E) -> QueueError {
@@ -177,6 +189,7 @@ impl Queue {
         let txn = db.begin_write().map_err(|e| open_err(&e))?;
         txn.open_table(EVENTS).map_err(|e| open_err(&e))?;
         txn.open_table(CONFIGS).map_err(|e| open_err(&e))?;
+        txn.open_table(SEEN).map_err(|e| open_err(&e))?;
         txn.commit().map_err(|e| open_err(&e))?;
         let loaded = load(&db)?;
         let db = Arc::new(db);
@@ -254,10 +267,19 @@ fn load(db: &Database) -> Result<Loaded, QueueError> {
             Err(e) => tracing::error!(function = k.value(), "corrupt event invoke config: {e}"),
         }
     }
+    let t = txn.open_table(SEEN).map_err(err)?;
+    let mut seen = Vec::new();
+    for row in t.iter().map_err(err)? {
+        let (k, v) = row.map_err(err)?;
+        if let Ok(key) = <[u8; 32]>::try_from(k.value()) {
+            seen.push((key, v.value()));
+        }
+    }
     Ok(Loaded {
         events,
         configs,
         next_seq,
+        seen,
     })
 }
 
@@ -327,6 +349,7 @@ fn apply(db: &Database, group: &[Batch], durable: bool) -> Result<(), redb::Erro
     {
         let mut events = txn.open_table(EVENTS)?;
         let mut configs = txn.open_table(CONFIGS)?;
+        let mut seen = txn.open_table(SEEN)?;
         for op in group.iter().flat_map(|b| &b.ops) {
             match op {
                 Op::Put(seq, v) => {
@@ -341,6 +364,12 @@ fn apply(db: &Database, group: &[Batch], durable: bool) -> Result<(), redb::Erro
                 }
                 Op::RemoveConfig(name) => {
                     configs.remove(name.as_str())?;
+                }
+                Op::PutSeen(key, until) => {
+                    seen.insert(key.as_slice(), until)?;
+                }
+                Op::RemoveSeen(key) => {
+                    seen.remove(key.as_slice())?;
                 }
             }
         }
@@ -370,6 +399,7 @@ mod tests {
             in_flight: false,
             last_error: None,
             origin: None,
+            cloudevent: false,
         }
     }
 
@@ -405,9 +435,12 @@ mod tests {
         q.commit(vec![
             Op::Remove(0),
             Op::PutConfig("f".into(), InvokeConfig::default()),
+            Op::PutSeen([1; 32], 77),
+            Op::PutSeen([2; 32], 78),
         ])
         .await
         .unwrap();
+        q.commit(vec![Op::RemoveSeen([2; 32])]).await.unwrap();
         assert_eq!(q.payload(5).unwrap().as_deref(), Some(&b"x"[..]));
         // Dropping the queue joins its committer; reopening sees every commit.
         drop(q);
@@ -415,6 +448,7 @@ mod tests {
         assert_eq!(loaded.events.len(), 199);
         assert_eq!(loaded.next_seq, 200);
         assert_eq!(loaded.configs.len(), 1);
+        assert_eq!(loaded.seen, vec![([1; 32], 77)]);
     }
 
     #[tokio::test]

@@ -47,6 +47,10 @@ pub enum InvokeError {
     ResponseTooLarge { limit: usize },
     #[error("{function} is at its concurrency limit ({limit}); retry later")]
     Overloaded { function: String, limit: u32 },
+    /// The host's capacity (`[capacity]`) has no room for another instance, and no idle
+    /// instance of another function could be evicted in time.
+    #[error("{0}; retry later")]
+    NoCapacity(crate::pool::capacity::Shortfall),
     #[error("the agent is shutting down")]
     Draining,
     #[error("the function could not be started: {0}")]
@@ -69,6 +73,11 @@ impl InvokeError {
             InvokeError::InitTimeout(_) => "init_timeout",
             InvokeError::ResponseTooLarge { .. } => "response_too_large",
             InvokeError::Overloaded { .. } => "overloaded",
+            InvokeError::NoCapacity(s) => match s.resource() {
+                "memory" => "capacity_memory",
+                "cpu" => "capacity_cpu",
+                _ => "capacity_instances",
+            },
             InvokeError::Draining => "unavailable",
             InvokeError::Spawn(_) => "spawn_failed",
             InvokeError::Internal(_) => "internal",
@@ -93,6 +102,8 @@ pub struct ExecCall<'a> {
     pub memory_mb: u64,
     /// The function's network, when it has one.
     pub net: Option<&'a FunctionNetwork>,
+    /// Variables for this call only (see [`crate::router::InvokeRequest::env`]).
+    pub env: &'a [(String, String)],
 }
 
 fn pipe_err(e: std::io::Error) -> InvokeError {
@@ -124,6 +135,7 @@ pub async fn run_exec(
         None if call.net.is_some() => {
             let mut spec = call.spec.clone();
             spec.stdio = StdioSpec::piped();
+            spec.env.extend(call.env.iter().cloned());
             let (iso, network, net) = (isolator.clone(), network.cloned(), call.net.cloned());
             tokio::task::spawn_blocking(move || {
                 crate::pool::prepare_sandbox(&iso, network.as_ref(), &spec, net.as_ref())
@@ -133,6 +145,7 @@ pub async fn run_exec(
         None => {
             let mut spec = call.spec.clone();
             spec.stdio = StdioSpec::piped();
+            spec.env.extend(call.env.iter().cloned());
             spec.env.insert(REQUEST_ID_ENV.into(), request_id);
             let iso = isolator.clone();
             tokio::task::spawn_blocking(move || iso.spawn(&spec).map_err(InvokeError::Spawn))

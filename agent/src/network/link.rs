@@ -4,7 +4,10 @@ use std::net::Ipv4Addr;
 
 use futures_util::TryStreamExt;
 use ipnet::Ipv4Net;
-use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth};
+use rtnetlink::{
+    Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
+};
 
 use super::NetworkError;
 
@@ -93,73 +96,151 @@ pub struct InstanceLink<'a> {
 }
 
 impl InstanceLink<'_> {
+    /// One request on the host's socket, two on the sandbox's: the pair is made with its peer
+    /// already in the sandbox and named `eth0`, and the host's end already on the bridge and
+    /// up (one RTM_NEWLINK; the peer cannot be brought up in it: a veth opens only once it has
+    /// its peer, after the request). Then, in the sandbox, eth0's index is looked up, and eth0
+    /// up, its address and the default route go in one exchange (sent together; the kernel
+    /// takes them in order).
     pub async fn create(&self) -> Result<(), NetworkError> {
-        let h = self.host;
-        // The peer's name only has to be unique on the host until it moves.
-        let peer = format!("{}p", self.host_if);
-        h.link()
-            .add(LinkVeth::new(self.host_if, &peer).build())
+        let peer = LinkMessageBuilder::<LinkUnspec>::new()
+            .name("eth0".to_string())
+            .setns_by_pid(self.pid)
+            .build();
+        let pair = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+            .name(self.host_if.to_string())
+            .controller(self.bridge_index)
+            .up()
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+            .build();
+        self.host
+            .link()
+            .add(pair)
             .execute()
             .await
             .map_err(nl("creating the veth pair"))?;
-        let missing = |step| NetworkError::Netlink {
-            step,
-            message: "the veth vanished".into(),
-        };
-        let peer_index = index(h, &peer)
-            .await?
-            .ok_or_else(|| missing("creating the veth pair"))?;
-        h.link()
-            .set(
-                LinkUnspec::new_with_index(peer_index)
-                    .setns_by_pid(self.pid)
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(nl("moving the veth into the sandbox"))?;
-        let host_index = index(h, self.host_if)
-            .await?
-            .ok_or_else(|| missing("creating the veth pair"))?;
-        h.link()
-            .set(
-                LinkUnspec::new_with_index(host_index)
-                    .controller(self.bridge_index)
-                    .up()
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(nl("attaching the veth to the bridge"))?;
 
         let n = self.inside;
-        let inner = index(n, &peer)
+        let inner = index(n, "eth0")
             .await?
-            .ok_or_else(|| missing("finding the veth in the sandbox"))?;
-        n.address()
+            .ok_or_else(|| NetworkError::Netlink {
+                step: "finding eth0 in the sandbox",
+                message: "the veth's peer is not there".into(),
+            })?;
+        let up = n
+            .link()
+            .set(LinkUnspec::new_with_index(inner).up().build())
+            .execute();
+        let address = n
+            .address()
             .add(inner, self.addr.addr().into(), self.addr.prefix_len())
-            .execute()
-            .await
-            .map_err(nl("addressing eth0"))?;
-        n.link()
-            .set(
-                LinkUnspec::new_with_index(inner)
-                    .name("eth0".to_string())
-                    .up()
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(nl("bringing eth0 up"))?;
-        n.route()
+            .execute();
+        let route = n
+            .route()
             .add(
                 RouteMessageBuilder::<Ipv4Addr>::new()
                     .gateway(self.gateway)
                     .build(),
             )
-            .execute()
-            .await
-            .map_err(nl("adding the default route"))?;
+            .execute();
+        let (u, a, r) = futures_util::join!(up, address, route);
+        u.map_err(nl("bringing eth0 up"))?;
+        a.map_err(nl("addressing eth0"))?;
+        r.map_err(nl("adding the default route"))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Needs root: in network namespaces of the test's own (a thread's, standing for the
+    /// host, and one of `unshare --net sleep` standing for the sandbox), makes an instance's
+    /// link and checks what each side sees.
+    #[test]
+    fn an_instance_link_is_made_in_one_request_per_side() {
+        let done = std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("unshare a network namespace (this test needs root)");
+            let mut sandbox = std::process::Command::new("unshare")
+                .args(["--net", "sleep", "30"])
+                .spawn()
+                .expect("unshare (util-linux)");
+            let pid = sandbox.id();
+            let ns = format!("/proc/{pid}/ns/net");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while std::fs::read_link(&ns).ok()
+                == std::fs::read_link("/proc/thread-self/ns/net").ok()
+            {
+                assert!(std::time::Instant::now() < deadline, "unshare never ran");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let made = rt.block_on(async {
+                let (conn, host, _) = rtnetlink::new_connection().unwrap();
+                tokio::spawn(conn);
+                let gateway: Ipv4Net = "100.72.0.1/16".parse().unwrap();
+                let bridge_index = bridge(&host, "fnlet0", gateway).await?;
+                let inside_ns = std::fs::File::open(&ns).unwrap();
+                let handle = tokio::runtime::Handle::current();
+                let (conn, inside, _) = std::thread::scope(|s| {
+                    s.spawn(|| {
+                        let _g = handle.enter();
+                        nix::sched::setns(&inside_ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                            .unwrap();
+                        rtnetlink::new_connection()
+                    })
+                    .join()
+                    .unwrap()
+                })
+                .unwrap();
+                tokio::spawn(conn);
+                InstanceLink {
+                    host: &host,
+                    inside: &inside,
+                    pid,
+                    host_if: "fnlet0-9",
+                    bridge_index,
+                    addr: "100.72.0.9/16".parse().unwrap(),
+                    gateway: gateway.addr(),
+                }
+                .create()
+                .await
+            });
+            let ip = |args: &[&str]| {
+                let o = std::process::Command::new("ip")
+                    .args(args)
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&o.stdout).into_owned()
+            };
+            let host_side = ip(&["-d", "link", "show", "fnlet0-9"]);
+            let inside = std::process::Command::new("nsenter")
+                .arg(format!("--net={ns}"))
+                .args(["--", "sh", "-c", "ip -br addr; ip route"])
+                .output()
+                .unwrap();
+            let _ = sandbox.kill();
+            let _ = sandbox.wait();
+            (
+                made,
+                host_side,
+                String::from_utf8_lossy(&inside.stdout).into_owned(),
+            )
+        });
+        let (made, host_side, inside) = done.join().unwrap();
+        made.expect("the instance's link");
+        assert!(host_side.contains("master fnlet0"), "{host_side}");
+        assert!(host_side.contains(",UP"), "{host_side}");
+        assert!(inside.contains("eth0@"), "{inside}");
+        assert!(inside.contains("100.72.0.9/16"), "{inside}");
+        assert!(
+            inside.contains("default via 100.72.0.1 dev eth0"),
+            "{inside}"
+        );
     }
 }

@@ -1,7 +1,9 @@
 //! Functions' outbound network ("egress"): the policy types, and the host side that carries
 //! it out (a bridge, a veth per instance, fnlet's own nftables tables).
 
+pub mod forward;
 mod link;
+pub mod nfnl;
 pub mod nft;
 pub mod policy;
 pub mod resolve;
@@ -45,6 +47,12 @@ pub enum NetworkError {
     Range(String),
     #[error("no free address left in network.range {0}")]
     Exhausted(Ipv4Net),
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("writing {path}: {source}")]
     Write {
         path: PathBuf,
@@ -107,6 +115,9 @@ pub struct Network {
     dns: Vec<SocketAddr>,
     runtime: tokio::runtime::Handle,
     state: Mutex<State>,
+    /// nf_tables over netlink, for instances' entries (open while the network is up).
+    nftables: Mutex<Option<nfnl::Nftables>>,
+    forwarding: forward::Forwarding,
     /// Leases given back, released by the cleanup thread.
     cleanup: Mutex<Option<std::sync::mpsc::Sender<Released>>>,
     cleanup_done: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -203,6 +214,8 @@ impl Network {
                 .collect(),
             runtime: tokio::runtime::Handle::current(),
             state: Mutex::new(State::default()),
+            nftables: Mutex::new(None),
+            forwarding: forward::Forwarding::host(state_dir),
             cleanup: Mutex::new(None),
             cleanup_done: Mutex::new(None),
         });
@@ -281,7 +294,22 @@ impl Network {
         if removed > 0 {
             flush_conntrack(&self.range.to_string());
         }
+        self.restore_forwarding();
         Ok(removed)
+    }
+
+    /// Puts net.ipv4.ip_forward back as this agent (or a crashed one) found it.
+    fn restore_forwarding(&self) {
+        match self.forwarding.restore() {
+            Ok(forward::Restored::Nothing) => {}
+            Ok(forward::Restored::PutBack(v)) => {
+                tracing::info!("put net.ipv4.ip_forward back to {v}, as it was found")
+            }
+            Ok(forward::Restored::Changed(v)) => tracing::info!(
+                "net.ipv4.ip_forward was changed to {v} since the agent turned it on: left as it is"
+            ),
+            Err(e) => tracing::warn!("putting net.ipv4.ip_forward back: {e}"),
+        }
     }
 
     fn has_tables(&self) -> bool {
@@ -317,6 +345,7 @@ impl Network {
             .up
             .take()
             .is_some();
+        *self.nftables.lock().unwrap_or_else(|p| p.into_inner()) = None;
         if was_up {
             self.reap_stale()?;
         }
@@ -353,13 +382,14 @@ impl Network {
             format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", self.bridge),
             "1",
         );
-        // Instances' packets are routed out of the host: forwarding must be on. It is left on
-        // at stop (other software on the host may rely on it by then).
-        let forward = "/proc/sys/net/ipv4/ip_forward";
-        if std::fs::read_to_string(forward).is_ok_and(|v| v.trim() != "1") {
-            write_file(Path::new(forward), "1")?;
-            tracing::info!("turned on net.ipv4.ip_forward: functions with egress are routed out");
+        // Instances' packets are routed out of the host: forwarding must be on. What it was
+        // is recorded first and put back when the network goes.
+        if let Some(was) = self.forwarding.turn_on()? {
+            tracing::info!(
+                "turned on net.ipv4.ip_forward (it was {was}; put back at stop): functions with egress are routed out"
+            );
         }
+        *self.nftables.lock().unwrap_or_else(|p| p.into_inner()) = Some(nfnl::Nftables::open()?);
         tracing::info!(bridge = %self.bridge, range = %self.range, "function network up");
         state.up = Some(Up { host, bridge_index });
         Ok(())
@@ -462,18 +492,28 @@ impl Network {
             r
         });
         made?;
-        nft::apply(&nft::instance(
-            &self.bridge,
-            "add",
-            &f.function,
-            addr,
-            &host_if,
-        ))?;
+        self.instance_entries(nfnl::Op::Add, &f.function, addr, &host_if)?;
         if let Some(rate) = f.rate_mbit {
             rate_limit(&host_if, sandbox.pid(), rate)?;
         }
         sandbox.attach(Box::new(lease));
         Ok(())
+    }
+
+    /// Adds or deletes one instance's nftables entries (one transaction over netlink).
+    fn instance_entries(
+        &self,
+        op: nfnl::Op,
+        function: &str,
+        addr: Ipv4Addr,
+        host_if: &str,
+    ) -> Result<(), NetworkError> {
+        let mut nf = self.nftables.lock().unwrap_or_else(|p| p.into_inner());
+        let nf = nf.as_mut().ok_or(NetworkError::Netlink {
+            step: "changing an instance's nftables entries",
+            message: "the network is not up".into(),
+        })?;
+        nf.instance(op, &self.bridge, function, addr, host_if)
     }
 
     fn allocate(&self, state: &mut State) -> Result<Ipv4Addr, NetworkError> {
@@ -526,13 +566,7 @@ impl Network {
         {
             tracing::warn!(link = %r.host_if, "removing an instance's veth: {e}");
         }
-        if let Err(e) = nft::apply(&nft::instance(
-            &self.bridge,
-            "delete",
-            &r.function,
-            r.addr,
-            &r.host_if,
-        )) {
+        if let Err(e) = self.instance_entries(nfnl::Op::Delete, &r.function, r.addr, &r.host_if) {
             tracing::debug!(addr = %r.addr, "removing an instance's firewall entries: {e}");
         }
         release_conntrack(r.addr);

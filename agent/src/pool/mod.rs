@@ -2,6 +2,9 @@
 //!
 //! An invocation takes a slot (a semaphore permit) for as long as its instance runs; beyond
 //! `max_concurrency` it queues for up to `queue_timeout`, then is refused as overloaded.
+//! Every live instance also holds its share of the host ([`capacity`]).
+
+pub mod capacity;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -19,6 +22,7 @@ use crate::instance::lambda::LambdaInstance;
 use crate::manifest::{BOOTSTRAP, Entrypoint, Manifest, Mode, Resolved};
 use crate::network::{FunctionNetwork, Network};
 use crate::store::{FunctionRecord, VersionRecord};
+use capacity::{Capacity, Commitment, Need};
 
 /// The variable that tells an instance its request id.
 pub const REQUEST_ID_ENV: &str = "FNLET_REQUEST_ID";
@@ -201,6 +205,11 @@ impl ActiveFunction {
         })
     }
 
+    /// What one instance of this version holds of the host while it lives.
+    pub fn need(&self) -> Need {
+        Need::of(self.resolved.memory_mb, self.resolved.cpus)
+    }
+
     /// `arn:aws:lambda:REGION:ACCOUNT:function:NAME` (with `:VERSION` when qualified).
     pub fn arn(&self, config: &Config, qualified: bool) -> String {
         let base = function_arn(config, &self.name);
@@ -237,7 +246,10 @@ fn lambda_env(
         ),
         (
             "_HANDLER",
-            m.handler.clone().unwrap_or_else(|| BOOTSTRAP.to_string()),
+            m.handler
+                .clone()
+                .or_else(|| m.aws.handler.clone())
+                .unwrap_or_else(|| BOOTSTRAP.to_string()),
         ),
         ("LAMBDA_TASK_ROOT", isolate::TASK_ROOT.to_string()),
         ("LAMBDA_RUNTIME_DIR", isolate::TASK_ROOT.to_string()),
@@ -293,6 +305,8 @@ pub struct FunctionSlot {
     pub instances: Arc<InstanceCounts>,
     /// Told whenever `running` changes (the registry's [`Registry::load_changed`]).
     load_changed: Arc<tokio::sync::Notify>,
+    /// The host's capacity: told when an instance turns idle (it may be evicted now).
+    capacity: Arc<Capacity>,
 }
 
 /// A warm instance and since when it waits.
@@ -313,16 +327,20 @@ pub struct InstanceCounts {
 pub struct Tracked {
     pub instance: LambdaInstance,
     counts: Arc<InstanceCounts>,
+    /// Its share of the host, given back when it goes (declared after the instance: the
+    /// sandbox is killed first).
+    _commitment: Commitment,
 }
 
 impl Tracked {
-    /// Counts an instance about to start; the returned guard uncounts it if the start fails.
-    pub fn reserve(counts: &Arc<InstanceCounts>) -> Reservation {
+    /// Counts an instance about to start, holding `commitment`; the returned guard uncounts it
+    /// (and gives the commitment back) if the start fails.
+    pub fn reserve(counts: &Arc<InstanceCounts>, commitment: Commitment) -> Reservation {
         let alive = counts.alive.fetch_add(1, Ordering::AcqRel) + 1;
         counts.peak.fetch_max(alive, Ordering::AcqRel);
         counts.starting.fetch_add(1, Ordering::AcqRel);
         Reservation {
-            counts: Some(counts.clone()),
+            counts: Some((counts.clone(), commitment)),
         }
     }
 }
@@ -342,20 +360,24 @@ impl Drop for Tracked {
 
 /// An instance being started, counted as alive and starting.
 pub struct Reservation {
-    counts: Option<Arc<InstanceCounts>>,
+    counts: Option<(Arc<InstanceCounts>, Commitment)>,
 }
 
 impl Reservation {
     pub fn started(mut self, instance: LambdaInstance) -> Tracked {
-        let counts = self.counts.take().expect("a reservation is used once");
+        let (counts, commitment) = self.counts.take().expect("a reservation is used once");
         counts.starting.fetch_sub(1, Ordering::AcqRel);
-        Tracked { instance, counts }
+        Tracked {
+            instance,
+            counts,
+            _commitment: commitment,
+        }
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        if let Some(c) = self.counts.take() {
+        if let Some((c, _commitment)) = self.counts.take() {
             c.starting.fetch_sub(1, Ordering::AcqRel);
             c.alive.fetch_sub(1, Ordering::AcqRel);
         }
@@ -377,7 +399,11 @@ impl Drop for Slot {
 }
 
 impl FunctionSlot {
-    fn new(f: ActiveFunction, load_changed: Arc<tokio::sync::Notify>) -> FunctionSlot {
+    fn new(
+        f: ActiveFunction,
+        load_changed: Arc<tokio::sync::Notify>,
+        capacity: Arc<Capacity>,
+    ) -> FunctionSlot {
         let limit = f.resolved.max_concurrency;
         FunctionSlot {
             active: RwLock::new(Arc::new(f)),
@@ -390,19 +416,22 @@ impl FunctionSlot {
             idle: Mutex::new(Vec::new()),
             instances: Arc::new(InstanceCounts::default()),
             load_changed,
+            capacity,
         }
     }
 
     /// A warm instance of `version`, the most recently used (its caches are warmest).
-    /// Instances of other versions, or that have died, are dropped on the way.
+    /// Instances that have died, or whose version is no longer active, are dropped on the
+    /// way; the active version's stay for their callers when `version` is another (a
+    /// qualified call).
     pub fn take_idle(&self, version: u64) -> Option<Tracked> {
+        let active = self.active().version;
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(i) = idle.pop() {
-            if i.instance.version == version && i.instance.is_alive() {
-                return Some(i.instance);
-            }
-        }
-        None
+        idle.retain(|i| {
+            i.instance.is_alive() && (i.instance.version == active || i.instance.version == version)
+        });
+        let at = idle.iter().rposition(|i| i.instance.version == version)?;
+        Some(idle.remove(at).instance)
     }
 
     /// Returns an instance to the warm pool after an invocation.
@@ -417,6 +446,29 @@ impl FunctionSlot {
                 instance,
                 since: Instant::now(),
             });
+        self.capacity.released.notify_waiters();
+    }
+
+    /// When the least recently used idle instance that may be evicted went idle: one above
+    /// `min_instances` (provisioned instances stay).
+    fn evictable_since(&self) -> Option<Instant> {
+        let min = u64::from(self.active().resolved.min_instances);
+        if self.instances.alive.load(Ordering::Acquire) <= min {
+            return None;
+        }
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.first().map(|i| i.since)
+    }
+
+    /// Takes the least recently used idle instance out, if it may be evicted (dropping it
+    /// kills it).
+    fn take_evictable(&self) -> Option<Tracked> {
+        let min = u64::from(self.active().resolved.min_instances);
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.is_empty() || self.instances.alive.load(Ordering::Acquire) <= min {
+            return None;
+        }
+        Some(idle.remove(0).instance)
     }
 
     pub fn idle_count(&self) -> usize {
@@ -587,7 +639,6 @@ impl FunctionSlot {
     }
 }
 
-#[derive(Default)]
 pub struct Registry {
     map: RwLock<HashMap<String, Arc<FunctionSlot>>>,
     /// Stored functions this agent cannot run, and why (e.g. the active version's bundle is
@@ -596,9 +647,98 @@ pub struct Registry {
     /// Told whenever a call starts or ends here: [`Registry::running_total`] may have changed
     /// (the cluster reports it to the peers).
     pub load_changed: Arc<tokio::sync::Notify>,
+    /// What live instances hold of the host.
+    pub capacity: Arc<Capacity>,
+    /// Idle instances evicted to make room.
+    pub evictions: AtomicU64,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::new(Capacity::unlimited())
+    }
 }
 
 impl Registry {
+    pub fn new(capacity: Capacity) -> Registry {
+        Registry {
+            map: Default::default(),
+            failed: Default::default(),
+            load_changed: Default::default(),
+            capacity: Arc::new(capacity),
+            evictions: AtomicU64::new(0),
+        }
+    }
+
+    /// Commits an instance of `function` needing `need`: when the host is full, evicts idle
+    /// instances of other functions, least recently used first, then waits (up to `wait`) for
+    /// room until `deadline`. `ready`: checked whenever something changed, it ends the wait early with `Ok(None)`
+    /// (a warm instance of the caller's own function turned idle, say).
+    pub async fn commit(
+        &self,
+        function: &str,
+        need: Need,
+        deadline: tokio::time::Instant,
+        mut ready: impl FnMut() -> bool,
+    ) -> Result<Option<Commitment>, capacity::Shortfall> {
+        loop {
+            // Registered before the try, so a release in between is not missed.
+            let released = self.capacity.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            let short = match self.capacity.try_commit(need) {
+                Ok(c) => return Ok(Some(c)),
+                Err(short) => short,
+            };
+            if let Some(victim) = self.evict_one(function) {
+                tracing::info!(function = %victim.0, instance = %victim.1, for_function = function, "evicted an idle instance to make room ({})", short.resource());
+                continue;
+            }
+            if ready() {
+                return Ok(None);
+            }
+            if !self.capacity.fits_at_all(need)
+                || tokio::time::timeout_at(deadline, released).await.is_err()
+            {
+                // One last try: the room may have come with the deadline.
+                return match self.capacity.try_commit(need) {
+                    Ok(c) => Ok(Some(c)),
+                    Err(_) => Err(short),
+                };
+            }
+        }
+    }
+
+    /// Stops the least recently used idle instance of any function but `except` that may be
+    /// evicted; its function's name and the instance's id.
+    pub fn evict_one(&self, except: &str) -> Option<(String, String)> {
+        let slots: Vec<(String, Arc<FunctionSlot>)> = self
+            .map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(n, _)| n.as_str() != except)
+            .map(|(n, s)| (n.clone(), s.clone()))
+            .collect();
+        let mut order: Vec<(Instant, usize)> = slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (_, s))| s.evictable_since().map(|t| (t, i)))
+            .collect();
+        order.sort();
+        for (_, i) in order {
+            let (name, slot) = &slots[i];
+            if let Some(victim) = slot.take_evictable() {
+                let id = victim.id.clone();
+                // Dropped: killed, and its commitment given back.
+                drop(victim);
+                self.evictions.fetch_add(1, Ordering::Relaxed);
+                return Some((name.clone(), id));
+            }
+        }
+        None
+    }
+
     pub fn get(&self, name: &str) -> Option<Arc<FunctionSlot>> {
         self.map
             .read()
@@ -619,7 +759,11 @@ impl Registry {
             None => {
                 map.insert(
                     f.name.clone(),
-                    Arc::new(FunctionSlot::new(f, self.load_changed.clone())),
+                    Arc::new(FunctionSlot::new(
+                        f,
+                        self.load_changed.clone(),
+                        self.capacity.clone(),
+                    )),
                 );
             }
         }
@@ -753,6 +897,7 @@ mod tests {
             size_bytes: 1,
             created_at: String::new(),
             manifest,
+            code_sha256: None,
         };
         ActiveFunction::new(&rec, &v, "/b".into(), &Config::default()).unwrap()
     }

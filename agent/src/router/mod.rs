@@ -20,6 +20,7 @@ use crate::logs::Logs;
 use crate::manifest::Mode;
 use crate::metrics::Metrics;
 use crate::network::Network;
+use crate::pool::capacity::Commitment;
 use crate::pool::{ActiveFunction, FunctionSlot, Registry, Slot, Tracked};
 
 pub struct Router {
@@ -52,6 +53,12 @@ pub struct InvokeRequest<'a> {
     pub want_tail: bool,
     /// Lambda mode: the caller's client context (X-Amz-Client-Context), passed to the runtime.
     pub client_context: Option<String>,
+    /// Exec mode: variables set for this call only (a topic event's `CE_*` attributes). A
+    /// call with some starts a sandbox of its own rather than one prepared ahead.
+    pub env: Vec<(String, String)>,
+    /// A version other than the active one (a qualified call: a version number or an alias),
+    /// run within the function's concurrency; None: the active version.
+    pub version: Option<Arc<ActiveFunction>>,
 }
 
 /// The `running` gauge of one invocation: up while it lives, down when dropped.
@@ -213,7 +220,10 @@ impl Router {
             .queue_wait
             .get_or_create(&labels)
             .observe(started.elapsed().as_secs_f64());
-        let f = held.function.clone();
+        let f = match &req.version {
+            Some(v) => v.clone(),
+            None => held.function.clone(),
+        };
         self.metrics.invocations.get_or_create(&labels).inc();
         // Counted down however the call ends, the caller hanging up included.
         let _running = Running::start(self.metrics.running.get_or_create(&labels).clone());
@@ -222,7 +232,7 @@ impl Router {
             Mode::Exec => {
                 // Exec mode starts a new instance for every call. With a sandbox built ahead of
                 // time only the exec is left; without one it is a full cold start.
-                let ready = if self.prepare_ahead {
+                let ready = if self.prepare_ahead && req.env.is_empty() {
                     slot.take_ready(f.version)
                 } else {
                     None
@@ -230,6 +240,25 @@ impl Router {
                 if ready.is_none() {
                     self.metrics.cold_starts.get_or_create(&labels).inc();
                 }
+                // Its share of the host, for as long as the sandbox runs.
+                let deadline = tokio::time::Instant::now() + self.queue_timeout;
+                let _commitment = match self
+                    .registry
+                    .commit(&f.name, f.need(), deadline, || false)
+                    .await
+                {
+                    Ok(Some(c)) => c,
+                    // Only when `ready` says so, which it never does here.
+                    Ok(None) => {
+                        return Err(fail(InvokeError::Internal("no commitment".into()), None));
+                    }
+                    Err(short) => {
+                        let e = InvokeError::NoCapacity(short);
+                        self.metrics.error(name, e.kind());
+                        tracing::info!(function = name, request_id, "invocation refused: {e}");
+                        return Err(fail(e, Some(f.version)));
+                    }
+                };
                 let call = ExecCall {
                     spec: &f.spec,
                     function: &f.name,
@@ -239,6 +268,7 @@ impl Router {
                     max_response: self.max_response,
                     memory_mb: f.resolved.memory_mb,
                     net: f.net.as_ref(),
+                    env: &req.env,
                 };
                 // Dropped with this future when the caller hangs up: the sandbox is killed
                 // (nobody reads its answer), and that is said.
@@ -411,14 +441,32 @@ impl Router {
     ) -> (Result<Payload, InvokeError>, Option<String>) {
         let labels = Metrics::function(&f.name);
         let request_id = req.request_id.as_str();
-        let (instance, init) = match slot.take_idle(f.version) {
-            Some(i) => {
+        // A warm instance, or room on the host for a new one (evicting idle instances of other
+        // functions, or waiting until one of this function turns idle or room is freed).
+        let deadline = tokio::time::Instant::now() + self.queue_timeout;
+        let warm = loop {
+            if let Some(i) = slot.take_idle(f.version) {
+                break Ok(i);
+            }
+            match self
+                .registry
+                .commit(&f.name, f.need(), deadline, || slot.idle_count() > 0)
+                .await
+            {
+                Ok(Some(c)) => break Err(c),
+                Ok(None) => continue,
+                // Logged and counted with the invocation's end, as any failure.
+                Err(short) => return (Err(InvokeError::NoCapacity(short)), None),
+            }
+        };
+        let (instance, init) = match warm {
+            Ok(i) => {
                 self.metrics.warm_starts.get_or_create(&labels).inc();
                 (i, None)
             }
-            None => {
+            Err(commitment) => {
                 self.metrics.cold_starts.get_or_create(&labels).inc();
-                match self.start_instance(slot, f).await {
+                match self.start_instance(slot, f, commitment).await {
                     Ok(i) => {
                         let init = i.init_duration;
                         (i, Some(init))
@@ -536,11 +584,12 @@ impl Router {
         &self,
         slot: &Arc<FunctionSlot>,
         f: &Arc<ActiveFunction>,
+        commitment: Commitment,
     ) -> Result<Tracked, InvokeError> {
         if let Some(missing) = f.missing_runtime() {
             return Err(missing);
         }
-        let reservation = Tracked::reserve(&slot.instances);
+        let reservation = Tracked::reserve(&slot.instances, commitment);
         let prepared = if self.prepare_ahead {
             slot.take_ready(f.version)
         } else {
@@ -591,13 +640,21 @@ impl Router {
                 continue;
             }
             for _ in 0..missing {
-                // Background warm-ups take a free slot or none: callers come first.
+                // Background warm-ups take a free slot or none, and room on the host without
+                // evicting anything: callers come first.
+                let commitment = match self.registry.capacity.try_commit(f.need()) {
+                    Ok(c) => c,
+                    Err(short) => {
+                        tracing::debug!(function = %f.name, "no warm instance started (min_instances): {short}");
+                        break;
+                    }
+                };
                 let Some(held) = slot.try_acquire() else {
                     break;
                 };
                 let (router, slot, f) = (self.clone(), slot.clone(), f.clone());
                 tokio::spawn(async move {
-                    match router.start_instance(&slot, &f).await {
+                    match router.start_instance(&slot, &f, commitment).await {
                         Ok(i) => {
                             tracing::info!(function = %f.name, version = f.version, instance = %i.id, init_ms = i.init_duration.as_secs_f64() * 1000.0, "warm instance started (min_instances)");
                             slot.put_idle(i);

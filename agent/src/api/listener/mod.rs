@@ -70,11 +70,12 @@ pub struct ListenerLimits {
 
 impl ListenerLimits {
     /// The configured limits, `max_connections` lowered to three quarters of the open-file
-    /// limit `nofile`: the rest is for sandboxes, pipes, logs and the store.
-    pub fn new(limits: &LimitsConfig, nofile: Option<u64>) -> ListenerLimits {
+    /// limit `nofile`, and below what `instance_fds` (the descriptors live instances may hold
+    /// at most) and 512 for logs and the store leave: the rest is for sandboxes.
+    pub fn new(limits: &LimitsConfig, nofile: Option<u64>, instance_fds: u64) -> ListenerLimits {
         let mut max = limits.max_connections;
         if let Some(n) = nofile {
-            let room = (n / 4 * 3).max(1);
+            let room = (n / 4 * 3).min(n.saturating_sub(instance_fds + 512)).max(1);
             if room < max {
                 tracing::warn!(
                     max_connections = room,

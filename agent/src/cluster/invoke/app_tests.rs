@@ -106,6 +106,7 @@ impl TestAgent {
             token: TOKEN.into(),
             started: Instant::now(),
             cluster: std::sync::OnceLock::new(),
+            updates: Default::default(),
         });
         let cluster = ClusterDir::new(&state);
         cluster.init("alpha").unwrap();

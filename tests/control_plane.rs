@@ -1,0 +1,933 @@
+//! Lambda's control plane with clients nobody here wrote: boto3 and the AWS CLI (from PyPI)
+//! create functions from zips, poll them as Terraform's `aws_lambda_function` does, update
+//! code and configuration, page through lists, and delete. The zips hold the lambda-rust
+//! fixture's `bootstrap` and no fnlet.toml (the agent makes one from the call's fields), or a
+//! fnlet.toml the call must agree with. Needs root, and PyPI the first time (the clients are
+//! kept under target/).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use common::agent::{Agent, zip_of};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+const BOTO3: &str = "boto3==1.44.8";
+/// The AWS CLI v1 release that goes with botocore 1.44.8.
+const AWSCLI: &str = "awscli==1.46.3";
+const PYTHON: &str = "/usr/bin/python3";
+
+fn show(o: &Output) -> String {
+    format!(
+        "{}\n--- stdout ---\n{}--- stderr ---\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// boto3 and the AWS CLI, installed from PyPI once into target/<profile>/python (the same
+/// folder tests/events.rs fills), for `PYTHONPATH`; a lock keeps parallel tests from
+/// installing twice.
+fn clients_dir() -> PathBuf {
+    let cache = common::target_dir().join("python");
+    std::fs::create_dir_all(&cache).expect("create the python cache");
+    let path = cache.join(format!("clients-{BOTO3}-{AWSCLI}").replace("==", "-"));
+    let lock = std::fs::File::create(cache.join(".lock-clients")).expect("cache lock");
+    lock.lock().expect("lock the cache");
+    if !path.exists() {
+        let staging = path.with_extension(format!("tmp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&staging);
+        let o = Command::new(PYTHON)
+            .args(["-m", "pip", "install", "--disable-pip-version-check"])
+            .args(["--only-binary=:all:", "--target"])
+            .arg(&staging)
+            .args([BOTO3, AWSCLI])
+            .env("PIP_ROOT_USER_ACTION", "ignore")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run pip");
+        assert!(o.status.success(), "pip install: {}", show(&o));
+        std::fs::rename(&staging, &path).expect("move the clients in place");
+    }
+    path
+}
+
+/// A Python command with the clients on its path and no AWS settings of the machine's own.
+fn python(clients: &Path) -> Command {
+    let mut c = Command::new(PYTHON);
+    c.env("PYTHONPATH", clients)
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env_remove("AWS_PROFILE")
+        .env_remove("AWS_SESSION_TOKEN")
+        .stdin(Stdio::null());
+    c
+}
+
+struct Clients {
+    dir: PathBuf,
+    endpoint: String,
+    key: String,
+    secret: String,
+}
+
+impl Clients {
+    fn new(agent: &Agent) -> Clients {
+        let key = agent.cli(&["keys", "create", "--description", "control plane", "--json"]);
+        assert!(key.status.success(), "fnlet keys create: {}", show(&key));
+        let key: Value = serde_json::from_slice(&key.stdout).expect("keys create --json");
+        Clients {
+            dir: clients_dir(),
+            endpoint: agent.base_url(),
+            key: key["access_key_id"].as_str().expect("key id").into(),
+            secret: key["secret_access_key"].as_str().expect("secret").into(),
+        }
+    }
+
+    /// Runs `script` with boto3 and `cfg` (plus the endpoint and key) on stdin; its JSON.
+    fn boto3(&self, script: &str, mut cfg: Value) -> Value {
+        cfg["endpoint"] = self.endpoint.clone().into();
+        cfg["key"] = self.key.clone().into();
+        cfg["secret"] = self.secret.clone().into();
+        let path = tempfile::NamedTempFile::new().expect("a temp file for the config");
+        std::fs::write(path.path(), cfg.to_string()).expect("write the config");
+        let o = python(&self.dir)
+            .arg("-c")
+            .arg(format!("{BOTO3_PRELUDE}\n{script}"))
+            .arg(path.path())
+            .output()
+            .expect("run python3");
+        assert!(o.status.success(), "the boto3 script failed: {}", show(&o));
+        serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("boto3 output is not JSON ({e}): {}", show(&o)))
+    }
+
+    /// `aws lambda ARGS` (the AWS CLI v1); its output.
+    fn aws(&self, args: &[&str]) -> Output {
+        python(&self.dir)
+            .args(["-m", "awscli", "lambda", "--endpoint-url", &self.endpoint])
+            .args(["--region", "us-east-1", "--output", "json"])
+            .args(args)
+            .env("AWS_ACCESS_KEY_ID", &self.key)
+            .env("AWS_SECRET_ACCESS_KEY", &self.secret)
+            .output()
+            .expect("run the AWS CLI")
+    }
+
+    fn aws_ok(&self, args: &[&str]) -> Value {
+        let o = self.aws(args);
+        assert!(o.status.success(), "aws lambda {args:?}: {}", show(&o));
+        if o.stdout.iter().all(u8::is_ascii_whitespace) {
+            return Value::Null;
+        }
+        serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("aws lambda {args:?} printed no JSON ({e}): {}", show(&o)))
+    }
+}
+
+/// What every script starts with: the client, and `call` that turns a ClientError into
+/// `{error, message, http}`.
+const BOTO3_PRELUDE: &str = r#"
+import base64, json, sys, time
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+cfg = json.load(open(sys.argv[1]))
+lam = boto3.client("lambda", endpoint_url=cfg["endpoint"], region_name="us-east-1",
+                   aws_access_key_id=cfg["key"], aws_secret_access_key=cfg["secret"],
+                   config=Config(retries={"total_max_attempts": 1}))
+
+def call(f, **kw):
+    try:
+        r = f(**kw)
+        r.pop("ResponseMetadata", None)
+        return r
+    except ClientError as e:
+        return {"error": e.response["Error"].get("Code"),
+                "message": e.response["Error"].get("Message"),
+                "http": e.response["ResponseMetadata"]["HTTPStatusCode"]}
+
+def zipfile(path):
+    return open(path, "rb").read()
+
+def invoke(name, payload, **kw):
+    r = lam.invoke(FunctionName=name, Payload=json.dumps(payload), **kw)
+    return {"status": r["StatusCode"], "version": r.get("ExecutedVersion"),
+            "error": r.get("FunctionError"), "payload": json.loads(r["Payload"].read())}
+
+def poll(what, get, done, limit=120):
+    # Terraform's waiters poll until the state settles; the agent's bound is seconds.
+    seen, deadline = [], time.time() + limit
+    while True:
+        r = get()
+        seen.append(r)
+        if done(r):
+            return seen
+        if time.time() > deadline:
+            raise SystemExit(f"{what}: not settled within {limit} s: {seen[-3:]}")
+        time.sleep(0.2)
+"#;
+
+/// Terraform's `aws_lambda_function` lifecycle, call for call (create, poll GetFunction until
+/// Active, read, update configuration and code each followed by polling LastUpdateStatus,
+/// delete, poll until 404), with the invokes between showing what runs.
+const TERRAFORM_SCRIPT: &str = r#"
+import hashlib
+name, role = cfg["name"], "arn:aws:iam::000000000000:role/terraform"
+out = {"zip_sha256": base64.b64encode(hashlib.sha256(zipfile(cfg["zip"])).digest()).decode()}
+out["create"] = call(lam.create_function, FunctionName=name, Role=role,
+    Runtime="provided.al2023", Handler="bootstrap.handler", Code={"ZipFile": zipfile(cfg["zip"])},
+    MemorySize=128, Timeout=3, Description="made by boto3",
+    Environment={"Variables": {"GREETING": "hi"}}, Tags={"team": "infra"},
+    Architectures=["x86_64"], EphemeralStorage={"Size": 512}, Publish=False)
+states = poll("create", lambda: lam.get_function(FunctionName=name),
+              lambda r: r["Configuration"]["State"] == "Active")
+out["states"] = [s["Configuration"]["State"] for s in states]
+got = states[-1]; got.pop("ResponseMetadata", None)
+out["get"] = got
+# Terraform's read.
+out["versions"] = call(lam.list_versions_by_function, FunctionName=name)
+out["code_signing"] = call(lam.get_function_code_signing_config, FunctionName=name)
+out["tags"] = call(lam.list_tags, Resource=out["create"]["FunctionArn"])
+lam.get_waiter("function_active_v2").wait(FunctionName=name,
+    WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+out["invoke1"] = invoke(name, {"n": 1})
+
+out["update_config"] = call(lam.update_function_configuration, FunctionName=name,
+    MemorySize=256, Timeout=5, Description="updated", Environment={"Variables": {"GREETING": "hello"}})
+poll("update config", lambda: lam.get_function_configuration(FunctionName=name),
+     lambda r: r["LastUpdateStatus"] == "Successful")
+lam.get_waiter("function_updated_v2").wait(FunctionName=name,
+    WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+out["after_config"] = call(lam.get_function_configuration, FunctionName=name)
+out["invoke2"] = invoke(name, {"n": 2})
+out["stale_revision"] = call(lam.update_function_configuration, FunctionName=name,
+    Description="x", RevisionId=out["create"]["RevisionId"])
+
+out["update_code"] = call(lam.update_function_code, FunctionName=name,
+    ZipFile=zipfile(cfg["zip2"]), Publish=True)
+poll("update code", lambda: lam.get_function(FunctionName=name),
+     lambda r: r["Configuration"]["LastUpdateStatus"] == "Successful")
+out["after_code"] = call(lam.get_function_configuration, FunctionName=name)
+out["invoke3"] = invoke(name, {"n": 3})
+out["publish"] = call(lam.publish_version, FunctionName=name)
+out["first_version"] = call(lam.get_function_configuration, FunctionName=name, Qualifier="1")
+out["versions_after"] = call(lam.list_versions_by_function, FunctionName=name)
+out["delete_active_version"] = call(lam.delete_function, FunctionName=name,
+    Qualifier=out["update_code"].get("Version", "none"))
+out["delete_old_version"] = call(lam.delete_function, FunctionName=name, Qualifier="1")
+out["old_version_gone"] = call(lam.get_function, FunctionName=name, Qualifier="1")
+
+# Errors, as botocore reads them.
+out["again"] = call(lam.create_function, FunctionName=name, Role=role,
+    Runtime="provided.al2023", Handler="x", Code={"ZipFile": zipfile(cfg["zip"])})
+out["layers"] = call(lam.create_function, FunctionName="with-layers", Role=role,
+    Runtime="provided.al2023", Handler="x", Code={"ZipFile": zipfile(cfg["zip"])},
+    Layers=["arn:aws:lambda:us-east-1:000000000000:layer:x:1"])
+out["arm64"] = call(lam.create_function, FunctionName="on-arm", Role=role,
+    Runtime="provided.al2023", Handler="x", Code={"ZipFile": zipfile(cfg["zip"])},
+    Architectures=["arm64"])
+out["unknown_runtime"] = call(lam.create_function, FunctionName="on-node", Role=role,
+    Runtime="nodejs20.x", Handler="index.handler", Code={"ZipFile": zipfile(cfg["zip"])})
+out["no_runtime"] = call(lam.create_function, FunctionName="no-runtime", Role=role,
+    Code={"ZipFile": zipfile(cfg["zip"])})
+out["not_a_zip"] = call(lam.create_function, FunctionName="not-a-zip", Role=role,
+    Runtime="provided.al2023", Handler="x", Code={"ZipFile": b"not a zip at all"})
+out["no_bootstrap"] = call(lam.create_function, FunctionName="no-bootstrap", Role=role,
+    Runtime="provided.al2023", Handler="x", Code={"ZipFile": zipfile(cfg["empty_zip"])})
+out["reserved_env"] = call(lam.update_function_configuration, FunctionName=name,
+    Environment={"Variables": {"AWS_LAMBDA_RUNTIME_API": "elsewhere"}})
+out["unknown"] = call(lam.get_function, FunctionName="no-such-function")
+
+out["delete"] = call(lam.delete_function, FunctionName=name)
+gone = poll("delete", lambda: call(lam.get_function, FunctionName=name),
+            lambda r: r.get("error") == "ResourceNotFoundException")
+out["gone"] = gone[-1]
+out["invoke_gone"] = call(lam.invoke, FunctionName=name, Payload=b"{}")
+print(json.dumps(out, default=str))
+"#;
+
+/// The lambda-rust fixture's bootstrap.
+fn bootstrap() -> Vec<u8> {
+    std::fs::read(common::fixture_bootstrap("lambda-rust")).expect("read bootstrap")
+}
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).expect("write a zip");
+    p.display().to_string()
+}
+
+fn error_of(v: &Value) -> (&str, u64, &str) {
+    (
+        v["error"].as_str().unwrap_or("-"),
+        v["http"].as_u64().unwrap_or(0),
+        v["message"].as_str().unwrap_or(""),
+    )
+}
+
+#[test]
+fn terraforms_calls_with_boto3() {
+    let agent = Agent::start("cp-terraform");
+    let clients = Clients::new(&agent);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = bootstrap();
+    let zip = write(dir.path(), "fn.zip", &zip_of(&[("bootstrap", &bin, 0o755)]));
+    let zip2 = write(
+        dir.path(),
+        "fn2.zip",
+        &zip_of(&[("bootstrap", &bin, 0o755), ("VERSION", b"2\n", 0o644)]),
+    );
+    let empty = write(
+        dir.path(),
+        "empty.zip",
+        &zip_of(&[("README", b"no bootstrap here\n", 0o644)]),
+    );
+    let r = clients.boto3(
+        TERRAFORM_SCRIPT,
+        json!({ "name": "tf-fn", "zip": zip, "zip2": zip2, "empty_zip": empty }),
+    );
+    let ctx = format!("{r:#}");
+    let arn = "arn:aws:lambda:us-east-1:000000000000:function:tf-fn";
+
+    // CreateFunction: the configuration as given, on the fixture's bootstrap.
+    let c = &r["create"];
+    assert_eq!(c["FunctionName"], "tf-fn", "{ctx}");
+    assert_eq!(c["FunctionArn"], arn, "{ctx}");
+    assert_eq!(c["Runtime"], "provided.al2023", "{ctx}");
+    assert_eq!(c["Handler"], "bootstrap.handler", "{ctx}");
+    assert_eq!(c["Role"], "arn:aws:iam::000000000000:role/terraform");
+    assert_eq!(c["MemorySize"], 128, "{ctx}");
+    assert_eq!(c["Timeout"], 3, "{ctx}");
+    assert_eq!(c["Description"], "made by boto3");
+    assert_eq!(c["Environment"]["Variables"]["GREETING"], "hi", "{ctx}");
+    assert_eq!(c["Version"], "$LATEST", "{ctx}");
+    assert_eq!(c["PackageType"], "Zip");
+    assert_eq!(c["Architectures"], json!(["x86_64"]));
+    // CodeSha256 is the zip's, as Lambda's (what Terraform's source_code_hash compares).
+    let sha = r["zip_sha256"].as_str().expect("the zip's sha256");
+    assert_eq!(c["CodeSha256"], sha, "{ctx}");
+    assert!(
+        c["CodeSize"].as_u64().unwrap_or(0) >= bin.len() as u64,
+        "{ctx}"
+    );
+    // One agent: the bundle is stored when the call answers, so the first poll sees Active.
+    assert_eq!(c["State"], "Active", "{ctx}");
+    assert_eq!(c["LastUpdateStatus"], "Successful", "{ctx}");
+    assert_eq!(r["states"], json!(["Active"]), "{ctx}");
+    assert_eq!(r["get"]["Configuration"]["CodeSha256"], sha);
+    assert_eq!(r["get"]["Tags"], json!({"team": "infra"}), "{ctx}");
+    assert_eq!(r["tags"]["Tags"], json!({"team": "infra"}), "{ctx}");
+    assert_eq!(r["code_signing"]["CodeSigningConfigArn"], "", "{ctx}");
+    let versions: Vec<&str> = r["versions"]["Versions"]
+        .as_array()
+        .expect("Versions")
+        .iter()
+        .filter_map(|v| v["Version"].as_str())
+        .collect();
+    assert_eq!(versions, ["$LATEST", "1"], "{ctx}");
+
+    // The function runs with the memory it was given.
+    let i = &r["invoke1"];
+    assert_eq!(i["status"], 200, "{ctx}");
+    assert_eq!(i["version"], "1", "{ctx}");
+    assert_eq!(i["payload"]["echo"], json!({"n": 1}), "{ctx}");
+    assert_eq!(i["payload"]["memory"], "128", "{ctx}");
+
+    // UpdateFunctionConfiguration: a new version with the same code; the next call runs it.
+    let u = &r["update_config"];
+    assert_eq!(u["MemorySize"], 256, "{ctx}");
+    assert_eq!(u["Timeout"], 5);
+    assert_eq!(u["CodeSha256"], sha, "{ctx}");
+    assert_ne!(u["RevisionId"], c["RevisionId"], "{ctx}");
+    assert_eq!(r["after_config"]["Description"], "updated");
+    assert_eq!(
+        r["after_config"]["Environment"]["Variables"]["GREETING"],
+        "hello"
+    );
+    assert_eq!(r["invoke2"]["payload"]["memory"], "256", "{ctx}");
+    assert_eq!(r["invoke2"]["version"], "2", "{ctx}");
+    assert_eq!(
+        error_of(&r["stale_revision"]).0,
+        "PreconditionFailedException",
+        "{ctx}"
+    );
+
+    // UpdateFunctionCode with Publish: new code, the configuration kept, its number answered.
+    let uc = &r["update_code"];
+    assert_eq!(uc["Version"], "3", "{ctx}");
+    assert_ne!(uc["CodeSha256"], sha, "{ctx}");
+    assert_eq!(uc["MemorySize"], 256, "{ctx}");
+    assert_eq!(uc["Role"], "arn:aws:iam::000000000000:role/terraform");
+    assert_eq!(r["after_code"]["Version"], "$LATEST");
+    assert_eq!(r["invoke3"]["version"], "3", "{ctx}");
+    assert_eq!(r["invoke3"]["payload"]["memory"], "256", "{ctx}");
+    assert_eq!(r["publish"]["Version"], "3", "{ctx}");
+    assert_eq!(
+        r["publish"]["FunctionArn"],
+        format!("{arn}:3").as_str(),
+        "{ctx}"
+    );
+    // An older version, as it was.
+    assert_eq!(r["first_version"]["Version"], "1", "{ctx}");
+    assert_eq!(r["first_version"]["MemorySize"], 128, "{ctx}");
+    let versions: Vec<&str> = r["versions_after"]["Versions"]
+        .as_array()
+        .expect("Versions")
+        .iter()
+        .filter_map(|v| v["Version"].as_str())
+        .collect();
+    assert_eq!(versions, ["$LATEST", "1", "2", "3"], "{ctx}");
+    // DeleteFunction with a qualifier: not the version that runs; an old one goes.
+    let (t, http, m) = error_of(&r["delete_active_version"]);
+    assert_eq!((t, http), ("ResourceConflictException", 409), "{ctx}");
+    assert!(m.contains("version 3"), "{m}");
+    assert_eq!(r["delete_old_version"]["StatusCode"], 204, "{ctx}");
+    assert_eq!(
+        error_of(&r["old_version_gone"]).0,
+        "ResourceNotFoundException",
+        "{ctx}"
+    );
+
+    // Errors name what is wrong.
+    let (t, http, m) = error_of(&r["again"]);
+    assert_eq!((t, http), ("ResourceConflictException", 409), "{ctx}");
+    assert!(m.contains("tf-fn"), "{m}");
+    for (case, field) in [
+        ("layers", "Layers"),
+        ("arm64", "Architectures"),
+        ("unknown_runtime", "Runtime"),
+        ("no_runtime", "Runtime"),
+        ("not_a_zip", "Code.ZipFile"),
+        ("no_bootstrap", "Code.ZipFile"),
+        ("reserved_env", "Environment.Variables"),
+    ] {
+        let (t, http, m) = error_of(&r[case]);
+        assert_eq!(
+            (t, http),
+            ("InvalidParameterValueException", 400),
+            "{case}: {ctx}"
+        );
+        assert!(m.starts_with(field), "{case}: {m:?} should name {field}");
+    }
+    assert!(
+        error_of(&r["no_bootstrap"]).2.contains("bootstrap"),
+        "{ctx}"
+    );
+    assert_eq!(
+        error_of(&r["unknown"]),
+        (
+            "ResourceNotFoundException",
+            404,
+            "Function not found: arn:aws:lambda:us-east-1:000000000000:function:no-such-function"
+        )
+    );
+    // None of the refused functions exists.
+    let listed = agent.admin(Method::GET, "/v1/functions", None).json();
+    let names: Vec<&str> = listed["functions"]
+        .as_array()
+        .expect("functions")
+        .iter()
+        .filter_map(|f| f["name"].as_str())
+        .collect();
+    assert!(names.is_empty(), "{names:?}");
+
+    // DeleteFunction, then GetFunction answers 404 (Terraform's wait), and so does Invoke.
+    assert_eq!(r["delete"]["StatusCode"], 204, "{ctx}");
+    assert_eq!(error_of(&r["gone"]).1, 404, "{ctx}");
+    assert_eq!(
+        error_of(&r["invoke_gone"]).0,
+        "ResourceNotFoundException",
+        "{ctx}"
+    );
+    assert!(agent.is_running());
+    agent.finish();
+}
+
+/// The AWS CLI's error output names the error type and message; its exit status is not 0.
+fn cli_error(o: &Output) -> String {
+    assert!(!o.status.success(), "expected a failure: {}", show(o));
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn the_aws_cli_manages_functions_and_fnlet_describe_agrees() {
+    let agent = Agent::start("cp-cli");
+    let clients = Clients::new(&agent);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = bootstrap();
+    let role = "arn:aws:iam::000000000000:role/cli";
+    let toml = |name: &str| {
+        format!(
+            "name = \"{name}\"\nmode = \"lambda\"\nmemory_mb = 192\ntimeout_s = 4\ndescription = \"from fnlet.toml\"\n"
+        )
+    };
+    let own = write(
+        dir.path(),
+        "own.zip",
+        &zip_of(&[
+            ("fnlet.toml", toml("cli-fn").as_bytes(), 0o644),
+            ("bootstrap", &bin, 0o755),
+        ]),
+    );
+    let plain = write(
+        dir.path(),
+        "plain.zip",
+        &zip_of(&[("bootstrap", &bin, 0o755)]),
+    );
+    let plain2 = write(
+        dir.path(),
+        "plain2.zip",
+        &zip_of(&[("bootstrap", &bin, 0o755), ("VERSION", b"2\n", 0o644)]),
+    );
+    let fileb = |p: &str| format!("fileb://{p}");
+
+    // A zip with its own fnlet.toml: the fields the call gives agree with it.
+    let c = clients.aws_ok(&[
+        "create-function",
+        "--function-name",
+        "cli-fn",
+        "--runtime",
+        "provided.al2023",
+        "--handler",
+        "bootstrap",
+        "--role",
+        role,
+        "--memory-size",
+        "192",
+        "--zip-file",
+        &fileb(&own),
+    ]);
+    assert_eq!(c["MemorySize"], 192, "{c:#}");
+    assert_eq!(c["Timeout"], 4, "{c:#}");
+    assert_eq!(c["Description"], "from fnlet.toml", "{c:#}");
+    assert_eq!(c["Role"], role);
+    // ... or the call is refused, naming the field.
+    let bad = write(
+        dir.path(),
+        "bad.zip",
+        &zip_of(&[
+            ("fnlet.toml", toml("cli-bad").as_bytes(), 0o644),
+            ("bootstrap", &bin, 0o755),
+        ]),
+    );
+    let e = cli_error(&clients.aws(&[
+        "create-function",
+        "--function-name",
+        "cli-bad",
+        "--runtime",
+        "provided.al2023",
+        "--handler",
+        "bootstrap",
+        "--role",
+        role,
+        "--memory-size",
+        "256",
+        "--zip-file",
+        &fileb(&bad),
+    ]));
+    assert!(
+        e.contains("InvalidParameterValueException") && e.contains("MemorySize"),
+        "{e}"
+    );
+    let e = cli_error(&clients.aws(&[
+        "create-function",
+        "--function-name",
+        "other-name",
+        "--runtime",
+        "provided.al2023",
+        "--handler",
+        "bootstrap",
+        "--role",
+        role,
+        "--zip-file",
+        &fileb(&own),
+    ]));
+    assert!(
+        e.contains("InvalidParameterValueException") && e.contains("FunctionName"),
+        "{e}"
+    );
+
+    for name in ["cli-a", "cli-b"] {
+        clients.aws_ok(&[
+            "create-function",
+            "--function-name",
+            name,
+            "--runtime",
+            "provided.al2",
+            "--handler",
+            "whatever.handler",
+            "--role",
+            role,
+            "--zip-file",
+            &fileb(&plain),
+        ]);
+    }
+    let o = clients.aws(&["wait", "function-active-v2", "--function-name", "cli-fn"]);
+    assert!(o.status.success(), "wait function-active-v2: {}", show(&o));
+
+    // Paging: the CLI follows NextMarker one function a page.
+    let l = clients.aws_ok(&["list-functions", "--page-size", "1"]);
+    let names: Vec<&str> = l["Functions"]
+        .as_array()
+        .expect("Functions")
+        .iter()
+        .filter_map(|f| f["FunctionName"].as_str())
+        .collect();
+    assert_eq!(names, ["cli-a", "cli-b", "cli-fn"], "{l:#}");
+    let l = clients.aws_ok(&["list-functions", "--max-items", "2", "--page-size", "1"]);
+    assert_eq!(l["Functions"].as_array().map(Vec::len), Some(2), "{l:#}");
+    assert!(l["NextToken"].is_string(), "{l:#}");
+
+    // Invoked through the CLI, it runs with the manifest's memory.
+    let out = dir.path().join("out.json");
+    let o = clients.aws_ok(&[
+        "invoke",
+        "--function-name",
+        "cli-fn",
+        "--payload",
+        r#"{"from":"cli"}"#,
+        &out.display().to_string(),
+    ]);
+    assert_eq!(o["StatusCode"], 200, "{o:#}");
+    let payload: Value =
+        serde_json::from_slice(&std::fs::read(&out).expect("read out.json")).expect("JSON");
+    assert_eq!(payload["memory"], "192", "{payload}");
+    assert_eq!(payload["echo"], json!({"from": "cli"}));
+
+    // GetFunction and `fnlet describe` show the same function.
+    let g = clients.aws_ok(&["get-function", "--function-name", "cli-fn"]);
+    let d = agent.cli(&["describe", "cli-fn", "--json"]);
+    assert!(d.status.success(), "fnlet describe: {}", show(&d));
+    let d: Value = serde_json::from_slice(&d.stdout).expect("describe --json");
+    let g = &g["Configuration"];
+    assert_eq!(g["MemorySize"], d["limits"]["memory_mb"], "{g:#}\n{d:#}");
+    assert_eq!(
+        g["Timeout"].as_f64(),
+        d["limits"]["timeout_s"].as_f64().map(f64::ceil)
+    );
+    assert_eq!(g["Description"], d["manifest"]["description"]);
+    assert_eq!(g["Role"], d["manifest"]["aws"]["role"]);
+    let active = d["versions"]
+        .as_array()
+        .expect("versions")
+        .iter()
+        .find(|v| v["active"] == true)
+        .expect("an active version");
+    assert_eq!(g["CodeSize"], active["size_bytes"], "{g:#}\n{d:#}");
+    assert_eq!(d["version"], 1);
+    let text = agent.cli(&["describe", "cli-fn"]);
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert!(text.contains("192"), "{text}");
+    assert!(
+        text.contains("provided.al2023") && text.contains(role),
+        "describe shows the runtime and the role: {text}"
+    );
+
+    // update-function-code with --publish: the next version, its number answered.
+    let u = clients.aws_ok(&[
+        "update-function-code",
+        "--function-name",
+        "cli-a",
+        "--zip-file",
+        &fileb(&plain2),
+        "--publish",
+    ]);
+    assert_eq!(u["Version"], "2", "{u:#}");
+    assert_eq!(u["Runtime"], "provided.al2", "{u:#}");
+    assert_eq!(u["Handler"], "whatever.handler", "{u:#}");
+    let o = clients.aws(&["wait", "function-updated-v2", "--function-name", "cli-a"]);
+    assert!(o.status.success(), "wait function-updated-v2: {}", show(&o));
+    let d = agent.admin(Method::GET, "/v1/functions/cli-a", None).json();
+    assert_eq!(d["version"], 2, "{d:#}");
+
+    // delete-function, then get-function is ResourceNotFoundException.
+    clients.aws_ok(&["delete-function", "--function-name", "cli-a"]);
+    let e = cli_error(&clients.aws(&["get-function", "--function-name", "cli-a"]));
+    assert!(e.contains("ResourceNotFoundException"), "{e}");
+    agent
+        .admin(Method::GET, "/v1/functions/cli-a", None)
+        .expect_error(404, "not_found");
+
+    // Without a signature (or the admin token) the control plane answers Lambda's 403.
+    let r = agent.request(Method::GET, "/2015-03-31/functions", false, None);
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(
+        r.header("x-amzn-errortype").as_deref(),
+        Some("MissingAuthenticationTokenException")
+    );
+    let r = agent.request(Method::GET, "/2015-03-31/functions", true, None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    agent.finish();
+}
+
+/// Versions, aliases with weights, qualified calls and reserved concurrency, with boto3.
+const ALIAS_SCRIPT: &str = r#"
+name, role = "canary", "arn:aws:iam::000000000000:role/canary"
+out = {}
+out["create"] = call(lam.create_function, FunctionName=name, Role=role, Runtime="provided.al2023",
+    Handler="bootstrap", Code={"ZipFile": zipfile(cfg["zip"])})
+out["update"] = call(lam.update_function_code, FunctionName=name, ZipFile=zipfile(cfg["zip2"]),
+    Publish=True)
+lam.get_waiter("function_updated_v2").wait(FunctionName=name,
+    WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+out["publish"] = call(lam.publish_version, FunctionName=name)
+out["live"] = call(lam.create_alias, FunctionName=name, Name="live", FunctionVersion="2",
+    Description="90/10", RoutingConfig={"AdditionalVersionWeights": {"1": 0.1}})
+out["stable"] = call(lam.create_alias, FunctionName=name, Name="stable", FunctionVersion="1")
+out["again"] = call(lam.create_alias, FunctionName=name, Name="stable", FunctionVersion="1")
+out["no_version"] = call(lam.create_alias, FunctionName=name, Name="nine", FunctionVersion="9")
+out["bad_weight"] = call(lam.create_alias, FunctionName=name, Name="heavy", FunctionVersion="2",
+    RoutingConfig={"AdditionalVersionWeights": {"1": 1.5}})
+out["get_live"] = call(lam.get_alias, FunctionName=name, Name="live")
+out["page1"] = call(lam.list_aliases, FunctionName=name, MaxItems=1)
+out["page2"] = call(lam.list_aliases, FunctionName=name, MaxItems=1,
+    Marker=out["page1"].get("NextMarker", ""))
+out["get_by_alias"] = call(lam.get_function, FunctionName=name, Qualifier="stable")
+
+# The split: 200 calls through the alias, counted by X-Amz-Executed-Version.
+counts = {}
+for i in range(cfg["calls"]):
+    r = invoke(name, {"i": i}, Qualifier="live")
+    if r["status"] != 200 or r["error"]:
+        raise SystemExit(f"call {i} through live: {r}")
+    counts[r["version"]] = counts.get(r["version"], 0) + 1
+out["counts"] = counts
+out["by_name"] = invoke(name + ":stable", {"via": "name:alias"})
+out["by_number"] = invoke(name, {"via": "Qualifier"}, Qualifier="1")
+out["no_such_alias"] = call(lam.invoke, FunctionName=name, Qualifier="nope", Payload=b"{}")
+out["delete_aliased"] = call(lam.delete_function, FunctionName=name, Qualifier="1")
+out["update_live"] = call(lam.update_alias, FunctionName=name, Name="live", FunctionVersion="2",
+    RoutingConfig={"AdditionalVersionWeights": {}})
+out["delete_stable"] = call(lam.delete_alias, FunctionName=name, Name="stable")
+out["stable_gone"] = call(lam.get_alias, FunctionName=name, Name="stable")
+
+# Reserved concurrency: 0 throttles every call; removed, calls run again.
+out["put_zero"] = call(lam.put_function_concurrency, FunctionName=name, ReservedConcurrentExecutions=0)
+out["get_zero"] = call(lam.get_function_concurrency, FunctionName=name)
+out["throttled"] = call(lam.invoke, FunctionName=name, Payload=b"{}")
+out["function_zero"] = call(lam.get_function, FunctionName=name)
+out["delete_concurrency"] = call(lam.delete_function_concurrency, FunctionName=name)
+out["get_none"] = call(lam.get_function_concurrency, FunctionName=name)
+out["after"] = invoke(name, {"after": True})
+print(json.dumps(out, default=str))
+"#;
+
+#[test]
+fn aliases_split_calls_and_concurrency_zero_throttles() {
+    let agent = Agent::start("cp-alias");
+    let clients = Clients::new(&agent);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = bootstrap();
+    let zip = write(dir.path(), "fn.zip", &zip_of(&[("bootstrap", &bin, 0o755)]));
+    let zip2 = write(
+        dir.path(),
+        "fn2.zip",
+        &zip_of(&[("bootstrap", &bin, 0o755), ("VERSION", b"2\n", 0o644)]),
+    );
+    let calls = 200;
+    let r = clients.boto3(
+        ALIAS_SCRIPT,
+        json!({ "zip": zip, "zip2": zip2, "calls": calls }),
+    );
+    let ctx = format!("{r:#}");
+    let arn = "arn:aws:lambda:us-east-1:000000000000:function:canary";
+    assert_eq!(r["update"]["Version"], "2", "{ctx}");
+    assert_eq!(r["publish"]["Version"], "2", "{ctx}");
+    let live = &r["live"];
+    assert_eq!(live["AliasArn"], format!("{arn}:live").as_str(), "{ctx}");
+    assert_eq!(live["FunctionVersion"], "2");
+    assert_eq!(
+        live["RoutingConfig"]["AdditionalVersionWeights"],
+        json!({"1": 0.1}),
+        "{ctx}"
+    );
+    assert_eq!(r["get_live"]["Description"], "90/10", "{ctx}");
+    assert_eq!(
+        error_of(&r["again"]).0,
+        "ResourceConflictException",
+        "{ctx}"
+    );
+    assert_eq!(
+        error_of(&r["no_version"]).0,
+        "ResourceNotFoundException",
+        "{ctx}"
+    );
+    let (t, _, m) = error_of(&r["bad_weight"]);
+    assert_eq!(t, "InvalidParameterValueException", "{ctx}");
+    assert!(m.starts_with("RoutingConfig"), "{m}");
+    // Paging by name: live, then stable.
+    assert_eq!(r["page1"]["Aliases"][0]["Name"], "live", "{ctx}");
+    assert_eq!(r["page1"]["NextMarker"], "live", "{ctx}");
+    assert_eq!(r["page2"]["Aliases"][0]["Name"], "stable", "{ctx}");
+    assert!(r["page2"]["NextMarker"].is_null(), "{ctx}");
+    assert_eq!(r["get_by_alias"]["Configuration"]["Version"], "1", "{ctx}");
+
+    // 90/10: version 1 ran about 20 of 200 times. Binomial(200, 0.1) has a standard deviation
+    // of 4.2: outside 5..=40 happens about once in 5,000 runs.
+    let counts = r["counts"].as_object().expect("counts");
+    let old = counts.get("1").and_then(Value::as_u64).unwrap_or(0);
+    let new = counts.get("2").and_then(Value::as_u64).unwrap_or(0);
+    assert_eq!(old + new, calls, "{ctx}");
+    assert!(
+        (5..=40).contains(&old),
+        "version 1 ran {old} of {calls} times: {ctx}"
+    );
+
+    // name:alias and a version number as Qualifier run that version.
+    assert_eq!(r["by_name"]["version"], "1", "{ctx}");
+    assert_eq!(
+        r["by_name"]["payload"]["echo"],
+        json!({"via": "name:alias"})
+    );
+    assert_eq!(r["by_number"]["version"], "1", "{ctx}");
+    assert_eq!(
+        error_of(&r["no_such_alias"]).0,
+        "ResourceNotFoundException",
+        "{ctx}"
+    );
+    // A version an alias names stays until the alias lets go of it.
+    let (t, http, m) = error_of(&r["delete_aliased"]);
+    assert_eq!((t, http), ("ResourceConflictException", 409), "{ctx}");
+    assert!(m.contains("is used by the alias"), "{m}");
+    assert!(
+        r["update_live"]["RoutingConfig"].is_null(),
+        "weights removed: {ctx}"
+    );
+    assert_eq!(r["delete_stable"], json!({}), "{ctx}");
+    assert_eq!(
+        error_of(&r["stable_gone"]).0,
+        "ResourceNotFoundException",
+        "{ctx}"
+    );
+
+    // Reserved concurrency 0 throttles; the function shows it; removed, calls run again.
+    assert_eq!(r["put_zero"]["ReservedConcurrentExecutions"], 0, "{ctx}");
+    assert_eq!(r["get_zero"]["ReservedConcurrentExecutions"], 0, "{ctx}");
+    let (t, http, _) = error_of(&r["throttled"]);
+    assert_eq!((t, http), ("TooManyRequestsException", 429), "{ctx}");
+    assert_eq!(
+        r["function_zero"]["Concurrency"]["ReservedConcurrentExecutions"], 0,
+        "{ctx}"
+    );
+    assert!(
+        r["get_none"].get("ReservedConcurrentExecutions").is_none(),
+        "{ctx}"
+    );
+    assert_eq!(r["after"]["status"], 200, "{ctx}");
+    assert_eq!(r["after"]["payload"]["echo"], json!({"after": true}));
+    assert!(agent.is_running());
+    agent.finish();
+}
+
+const SCOPE_SCRIPT: &str = r#"
+out = {}
+def create(name):
+    return call(lam.create_function, FunctionName=name, Role="arn:aws:iam::000000000000:role/x",
+        Runtime="provided.al2023", Handler="bootstrap", Code={"ZipFile": zipfile(cfg["zip"])})
+for name in cfg["create"]:
+    out["create " + name] = create(name)
+out["list"] = call(lam.list_functions)
+for name in cfg["invoke"]:
+    try:
+        out["invoke " + name] = invoke(name, {"by": cfg["who"]})
+    except ClientError as e:
+        out["invoke " + name] = {"error": e.response["Error"].get("Code"),
+                                 "message": e.response["Error"].get("Message"),
+                                 "http": e.response["ResponseMetadata"]["HTTPStatusCode"]}
+print(json.dumps(out, default=str))
+"#;
+
+/// A key made with `fnlet keys create ARGS --json`, as a client.
+fn key_clients(agent: &Agent, args: &[&str]) -> Clients {
+    let mut all = vec!["keys", "create", "--json"];
+    all.extend_from_slice(args);
+    let key = agent.cli(&all);
+    assert!(key.status.success(), "fnlet keys create: {}", show(&key));
+    let key: Value = serde_json::from_slice(&key.stdout).expect("keys create --json");
+    Clients {
+        dir: clients_dir(),
+        endpoint: agent.base_url(),
+        key: key["access_key_id"].as_str().expect("key id").into(),
+        secret: key["secret_access_key"].as_str().expect("secret").into(),
+    }
+}
+
+#[test]
+fn scoped_keys_are_held_to_their_scope() {
+    let agent = Agent::start("cp-scopes");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = bootstrap();
+    let zip = write(dir.path(), "fn.zip", &zip_of(&[("bootstrap", &bin, 0o755)]));
+
+    // An admin key (the default) makes a function.
+    let admin = Clients::new(&agent);
+    let r = admin.boto3(
+        SCOPE_SCRIPT,
+        json!({ "zip": zip, "who": "admin", "create": ["shared"], "invoke": ["shared"] }),
+    );
+    assert_eq!(r["create shared"]["State"], "Active", "{r:#}");
+    assert_eq!(r["invoke shared"]["status"], 200, "{r:#}");
+
+    // An invoke key invokes, and is refused the control plane with AccessDeniedException.
+    let invoker = key_clients(&agent, &["--scope", "invoke"]);
+    let r = invoker.boto3(
+        SCOPE_SCRIPT,
+        json!({ "zip": zip, "who": "invoker", "create": ["mine"], "invoke": ["shared"] }),
+    );
+    let ctx = format!("{r:#}");
+    let (t, http, m) = error_of(&r["create mine"]);
+    assert_eq!((t, http), ("AccessDeniedException", 403), "{ctx}");
+    assert!(
+        m.contains("invoke scope")
+            && m.contains("lambda:CreateFunction")
+            && m.contains(":function:mine"),
+        "{m}"
+    );
+    assert_eq!(error_of(&r["list"]).0, "AccessDeniedException", "{ctx}");
+    assert_eq!(r["invoke shared"]["status"], 200, "{ctx}");
+    assert_eq!(
+        r["invoke shared"]["payload"]["echo"],
+        json!({"by": "invoker"})
+    );
+
+    // A deploy key limited to team-*: its own functions only, for both.
+    let team = key_clients(&agent, &["--scope", "deploy", "--function", "team-*"]);
+    let r = team.boto3(
+        SCOPE_SCRIPT,
+        json!({ "zip": zip, "who": "team", "create": ["team-a", "other"], "invoke": ["team-a", "shared"] }),
+    );
+    let ctx = format!("{r:#}");
+    assert_eq!(r["create team-a"]["State"], "Active", "{ctx}");
+    assert_eq!(
+        error_of(&r["create other"]).0,
+        "AccessDeniedException",
+        "{ctx}"
+    );
+    assert_eq!(r["invoke team-a"]["status"], 200, "{ctx}");
+    assert_eq!(
+        error_of(&r["invoke shared"]).0,
+        "AccessDeniedException",
+        "{ctx}"
+    );
+    // What was refused was not made.
+    agent
+        .admin(Method::GET, "/v1/functions/other", None)
+        .expect_error(404, "not_found");
+    agent
+        .admin(Method::GET, "/v1/functions/mine", None)
+        .expect_error(404, "not_found");
+    // The CLI refuses a scope it does not know, naming it.
+    let o = agent.cli(&["keys", "create", "--scope", "root"]);
+    assert!(!o.status.success(), "{}", show(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("root"),
+        "{}",
+        show(&o)
+    );
+    agent.finish();
+}
