@@ -10,7 +10,8 @@
 //! counts it in `fnlet_events_duplicates_total` (when the mark had reached the disk: the
 //! workers' bookkeeping is committed without an fsync of its own, see [`queue`]). An event ends
 //! (success, or failure for good) in one commit that removes it and stores its destination
-//! record as a new event, so a record is never lost (a lost ending runs the event again).
+//! records as new events (one, or one per subscriber of a destination topic), so a record is
+//! never lost (a lost ending runs the event again).
 
 pub mod nats;
 pub mod policy;

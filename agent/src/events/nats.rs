@@ -12,6 +12,11 @@
 //! delivery beyond those accounted for means an agent took the event and never reported (it
 //! died, or lost NATS, mid-try): it is counted as a duplicate. While a try runs its agent tells
 //! the servers every third of `ack_wait_s`, so only a silent agent's events go elsewhere.
+//!
+//! Topics: a publish's copies (one per subscriber) and an ended event's records (one per
+//! subscriber of a destination topic) are published with message ids the stream's duplicate
+//! window (`events.dedup_window_s`, at least 2 minutes) deduplicates: a topic event's is made
+//! of its dedup key and the subscriber, a record's of the ended event's request id.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -92,6 +97,17 @@ pub struct Taken {
 impl Drop for Taken {
     fn drop(&mut self) {
         self.keepalive.abort();
+    }
+}
+
+/// The message id of an ended event's record: one copy of each, even if the end is tried
+/// again. The event's request id, and the subscriber for a destination topic's copies.
+fn record_id(ended: &Header, record: &NewEvent) -> String {
+    match &record.header.target {
+        Target::Function(f) if record.header.cloudevent => {
+            format!("{}-record-{f}", ended.request_id)
+        }
+        _ => format!("{}-record", ended.request_id),
     }
 }
 
@@ -603,17 +619,7 @@ impl Backend for Nats {
     }
 
     async fn end(&self, t: &Taken, h: &Header, records: Vec<NewEvent>) -> Result<(), QueueError> {
-        // One copy of each record, even if the end is tried again: its message id is the
-        // event's request id, and the subscriber for a destination topic's copies.
-        let ids: Vec<String> = records
-            .iter()
-            .map(|r| match &r.header.target {
-                Target::Function(f) if r.header.cloudevent => {
-                    format!("{}-record-{f}", h.request_id)
-                }
-                _ => format!("{}-record", h.request_id),
-            })
-            .collect();
+        let ids: Vec<String> = records.iter().map(|r| record_id(h, r)).collect();
         let publishes: Vec<_> = records
             .iter()
             .zip(&ids)
@@ -638,4 +644,47 @@ impl Backend for Nats {
     }
 
     fn done(&self, _t: Taken) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(target: Target, cloudevent: bool, request_id: &str) -> NewEvent {
+        NewEvent {
+            header: Header {
+                request_id: request_id.into(),
+                target,
+                history: History::default(),
+                invokes: 0,
+                next_ms: 0,
+                in_flight: false,
+                last_error: None,
+                origin: Some("f".into()),
+                cloudevent,
+            },
+            payload: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_records_id_is_the_same_when_an_end_is_tried_again_and_differs_per_subscriber() {
+        let ended = record(Target::Function("f".into()), false, "ended").header;
+        // Each try of the end makes records with new request ids: the message id ignores them.
+        let once = record(Target::Url("http://127.0.0.1/x".into()), false, "r1");
+        let again = record(Target::Url("http://127.0.0.1/x".into()), false, "r2");
+        assert_eq!(record_id(&ended, &once), record_id(&ended, &again));
+        assert_eq!(record_id(&ended, &once), "ended-record");
+        // A destination topic's copies: one id per subscriber.
+        let a = record(Target::Function("a".into()), true, "r3");
+        let b = record(Target::Function("b".into()), true, "r4");
+        assert_ne!(record_id(&ended, &a), record_id(&ended, &b));
+        assert_eq!(
+            record_id(&ended, &a),
+            record_id(&ended, &record(Target::Function("a".into()), true, "r5"))
+        );
+        // Another event's records never share them.
+        let other = record(Target::Function("g".into()), false, "other").header;
+        assert_ne!(record_id(&ended, &a), record_id(&other, &a));
+    }
 }
