@@ -3,9 +3,11 @@
 //! 1. Accept latency with one client, interleaved round by round (a pause after fnlet's turn
 //!    lets its worker run that turn's events first): fnlet's Invoke API with
 //!    `X-Amz-Invocation-Type: Event` (one keep-alive connection; request to the 202, which the
-//!    agent sends after the event's redb commit is fsync'd), beside the floor (a 256-byte pwrite
-//!    plus fdatasync in a preallocated file on the same filesystem as the agent's state dir) and
-//!    the peer (a JetStream publish with ack from a plain async-nats client to Debian's
+//!    agent sends after the event's redb commit is fsync'd), the same through a second agent
+//!    with `[events] backend = "nats"` (the 202 after the JetStream publish ack, from the same
+//!    nats-server as the peer, replicas 1 like the peer's stream), beside the floor (a 256-byte
+//!    pwrite plus fdatasync in a preallocated file on the same filesystem as the agent's state
+//!    dir) and the peer (a JetStream publish with ack from a plain async-nats client to Debian's
 //!    nats-server, stream on the same filesystem, work-queue retention, file storage).
 //! 2. Throughput with a fixed number of clients (32; and 1), interleaved rounds of fixed
 //!    length: fnlet (one connection per client, each sending its next event once the last was
@@ -14,7 +16,7 @@
 //!    from the agent's own `fnlet_events_commits_total`.
 //! 3. End to end: from the 202 to the start of the run (the `START RequestId` line the agent
 //!    logs when it hands the event to a warm instance of the benchmark no-op), one event at a
-//!    time on an idle queue.
+//!    time on an idle queue, for both backends.
 //!
 //! Fairness: the same payload (`{"bench":"events","n":1}`) everywhere; JetStream acks once the
 //! message is in its file store, which nats-server 2.9 does not fsync per message (its default),
@@ -55,6 +57,7 @@ const E2E: &str = "e2e";
 
 const FLOOR: &str = "floor: pwrite 256 B + fdatasync";
 const FNLET: &str = "fnlet: Invoke API Event -> 202";
+const FNLET_NATS: &str = "fnlet nats: Invoke API Event -> 202";
 const NATS: &str = "JetStream: publish, await ack";
 const HEALTHZ: &str = "fnlet GET /healthz (HTTP only)";
 
@@ -88,9 +91,18 @@ fn main() {
         .build()
         .expect("tokio runtime");
 
-    let agent = Agent::start(&work.path().join("agent"));
+    let agent = Agent::start(&work.path().join("agent"), "fnlet-bench-events", "");
     let nats = NatsServer::start(&work.path().join("nats"));
     let js = rt.block_on(nats.jetstream());
+    // The same agent on the JetStream backend, against the peer's server.
+    let nagent = Agent::start(
+        &work.path().join("agent-nats"),
+        "fnlet-bench-events-nats",
+        &format!(
+            "backend = \"nats\"\n[events.nats]\nservers = [\"{}\"]\nreplicas = 1\nmax_mb = 4096\n",
+            nats.url
+        ),
+    );
     let mut floor = Floor::new(&work.path().join("floor.dat"));
     println!(
         "  agent pid {} at {} (a Lambda no-op `{FUNCTION}`, 1 warm instance, max_concurrency 1, runs each event); nats-server {} pid {} at {}",
@@ -105,6 +117,21 @@ fn main() {
     let mut conn = rt
         .block_on(Conn::open(agent.addr))
         .expect("connecting to the agent");
+    let mut nconn = rt
+        .block_on(Conn::open(nagent.addr))
+        .expect("connecting to the nats agent");
+    // Until the agent has made its stream, its Event invokes answer 503.
+    let t = Instant::now();
+    while let Err(e) = rt.block_on(nconn.event(FUNCTION)) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the nats agent does not accept events: {e}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        nconn = rt
+            .block_on(Conn::open(nagent.addr))
+            .expect("connecting to the nats agent");
+    }
     let mut samples: HashMap<&str, Vec<Duration>> = HashMap::new();
     let chunk = 20;
     let mut done = 0;
@@ -135,6 +162,13 @@ fn main() {
         std::thread::sleep(Duration::from_millis(250));
         for i in 0..n {
             let t = Instant::now();
+            rt.block_on(nconn.event(FUNCTION))
+                .expect("Event invoke (nats)");
+            take(FNLET_NATS, i, t.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+        for i in 0..n {
+            let t = Instant::now();
             rt.block_on(publish(&js)).expect("JetStream publish");
             take(NATS, i, t.elapsed());
         }
@@ -148,7 +182,7 @@ fn main() {
         "{:<36} {:>6} {:>10} {:>10} {:>10} {:>10} {:>12}",
         "contender", "runs", "median ms", "p99 ms", "min ms", "max ms", "vs floor"
     );
-    for name in [FLOOR, FNLET, HEALTHZ, NATS] {
+    for name in [FLOOR, FNLET, FNLET_NATS, HEALTHZ, NATS] {
         let s = Stats::of(&samples[name]);
         println!(
             "{:<36} {:>6} {:>10} {:>10} {:>10} {:>10} {:>12}",
@@ -191,6 +225,17 @@ fn main() {
             e.2 += took;
             e.3 += commits;
             let t = Instant::now();
+            let (n, lat) = rt.block_on(load_fnlet(
+                nagent.addr,
+                c,
+                Duration::from_secs(seconds as u64),
+            ));
+            let took = t.elapsed().as_secs_f64();
+            let e = results.entry((FNLET_NATS.into(), c)).or_default();
+            e.0 += n;
+            e.1.extend(lat);
+            e.2 += took;
+            let t = Instant::now();
             let (n, lat) = rt.block_on(load_nats(&js, c, Duration::from_secs(seconds as u64)));
             let took = t.elapsed().as_secs_f64();
             let e = results.entry((NATS.into(), c)).or_default();
@@ -204,7 +249,7 @@ fn main() {
         FLOOR, 1, floor_rate, "-", "-", "1.00x"
     );
     for &c in &[1, clients] {
-        for name in [FNLET, NATS] {
+        for name in [FNLET, FNLET_NATS, NATS] {
             let (n, lat, secs, commits) = &results[&(name.to_string(), c)];
             let rate = *n as f64 / secs;
             let per_commit = if *commits > 0.0 {
@@ -248,29 +293,66 @@ fn main() {
         }
     );
 
-    // Let the worker drain what the load left (up to a minute) before the end-to-end phase,
+    // Let the workers drain what the load left (up to a minute) before the end-to-end phase,
     // which uses a function of its own, so its queue is empty either way.
-    let drained = agent.wait_drained(Duration::from_secs(60));
-    println!(
-        "  (waited {:.1} s for {FUNCTION}'s queue to drain; {} events left in it)",
-        drained.as_secs_f64(),
-        agent.metric(&format!(
-            "fnlet_events_queue_depth{{function=\"{FUNCTION}\"}}"
-        ))
-    );
+    for (name, a) in [(FNLET, &agent), (FNLET_NATS, &nagent)] {
+        let drained = a.wait_drained(Duration::from_secs(60));
+        println!(
+            "  ({name}: waited {:.1} s for {FUNCTION}'s queue to drain; {} events left in it)",
+            drained.as_secs_f64(),
+            a.metric(&format!(
+                "fnlet_events_queue_depth{{function=\"{FUNCTION}\"}}"
+            ))
+        );
+    }
 
     // 3. end to end, idle queue.
+    println!(
+        "\n3. end to end, 202 received -> START logged by the agent (function `{E2E}`: its own idle queue and warm no-op, one event every 20 ms)"
+    );
+    println!(
+        "{:<36} {:>6} {:>10} {:>10} {:>10} {:>10}",
+        "", "runs", "median ms", "p99 ms", "min ms", "max ms"
+    );
+    for (name, a) in [
+        ("fnlet 202 -> START", &agent),
+        ("fnlet nats 202 -> START", &nagent),
+    ] {
+        end_to_end(&rt, a, name, e2e);
+    }
+    println!(
+        "\ncommits: {} in all, {} writers per commit on average (fnlet_events_commit_batches)",
+        agent.metric("fnlet_events_commits_total"),
+        {
+            let sum = agent.metric("fnlet_events_commit_batches_sum");
+            let count = agent.metric("fnlet_events_commit_batches_count");
+            if count > 0.0 {
+                format!("{:.1}", sum / count)
+            } else {
+                "-".into()
+            }
+        }
+    );
+    drop(conn);
+    drop(nconn);
+    drop(agent);
+    drop(nagent);
+    drop(nats);
+}
+
+/// Phase 3 for one agent: `count` events to the idle `E2E`, 20 ms apart; one table row.
+fn end_to_end(rt: &tokio::runtime::Runtime, agent: &Agent, name: &str, count: usize) {
     let mut conn = rt
         .block_on(Conn::open(agent.addr))
         .expect("connecting to the agent");
     let mut sent: Vec<(String, SystemTime)> = Vec::new();
-    for _ in 0..e2e {
+    for _ in 0..count {
         let id = rt.block_on(conn.event(E2E)).expect("Event invoke");
         sent.push((id, SystemTime::now()));
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_secs(2));
-    let starts = agent.start_times();
+    let starts = agent.start_times(E2E);
     let found: Vec<SystemTime> = sent
         .iter()
         .filter_map(|(id, _)| starts.get(id).copied())
@@ -287,15 +369,8 @@ fn main() {
         .collect();
     let s = Stats::of(&e2e_lat);
     println!(
-        "\n3. end to end, 202 received -> START logged by the agent (function `{E2E}`: its own idle queue and warm no-op, one event every 20 ms)"
-    );
-    println!(
         "{:<36} {:>6} {:>10} {:>10} {:>10} {:>10}",
-        "", "runs", "median ms", "p99 ms", "min ms", "max ms"
-    );
-    println!(
-        "{:<36} {:>6} {:>10} {:>10} {:>10} {:>10}",
-        "fnlet 202 -> START",
+        name,
         s.n,
         ms(s.median),
         ms(s.p99),
@@ -308,22 +383,6 @@ fn main() {
         sent.len(),
         sent.len() - found.len()
     );
-    println!(
-        "\ncommits: {} in all, {} writers per commit on average (fnlet_events_commit_batches)",
-        agent.metric("fnlet_events_commits_total"),
-        {
-            let sum = agent.metric("fnlet_events_commit_batches_sum");
-            let count = agent.metric("fnlet_events_commit_batches_count");
-            if count > 0.0 {
-                format!("{:.1}", sum / count)
-            } else {
-                "-".into()
-            }
-        }
-    );
-    drop(conn);
-    drop(agent);
-    drop(nats);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -391,12 +450,13 @@ fn block_device_of(p: &Path) -> String {
 struct Agent {
     child: Child,
     addr: SocketAddr,
-    log: PathBuf,
     token: String,
 }
 
 impl Agent {
-    fn start(dir: &Path) -> Agent {
+    /// An agent in `dir` with its sandboxes under `cgroup_root`; `events` adds `[events]`
+    /// lines.
+    fn start(dir: &Path, cgroup_root: &str, events: &str) -> Agent {
         let fnlet = fnlet_binary();
         fs::create_dir(dir).expect("agent dir");
         let port = free_port();
@@ -404,9 +464,11 @@ impl Agent {
         let config = dir.join("config.toml");
         fs::write(
             &config,
-            "shutdown_grace_s = 5.0\n[sandbox]\ncgroup_root = \"fnlet-bench-events\"\n\
-             [cluster]\nlisten = \"127.0.0.1:0\"\n\
-             [events]\nmax_queued_events = 10000000\nmax_queued_mb = 4096\n",
+            format!(
+                "shutdown_grace_s = 5.0\n[sandbox]\ncgroup_root = \"{cgroup_root}\"\n\
+                 [cluster]\nlisten = \"127.0.0.1:0\"\n\
+                 [events]\nmax_queued_events = 10000000\nmax_queued_mb = 4096\n{events}"
+            ),
         )
         .expect("config");
         let log = dir.join("agent.log");
@@ -465,12 +527,7 @@ impl Agent {
                 .expect("fnlet deploy");
             assert!(st.success(), "fnlet deploy failed");
         }
-        let agent = Agent {
-            child,
-            addr,
-            log,
-            token,
-        };
+        let agent = Agent { child, addr, token };
         // Warm: the one instance up.
         std::thread::sleep(Duration::from_secs(1));
         agent
@@ -480,7 +537,7 @@ impl Agent {
         let mut s = std::net::TcpStream::connect(self.addr).expect("connect");
         let _ = write!(
             s,
-            "GET {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\nconnection: close\r\n\r\n",
+            "GET {path} HTTP/1.0\r\nhost: x\r\nauthorization: Bearer {}\r\n\r\n",
             self.token
         );
         let mut out = String::new();
@@ -499,7 +556,7 @@ impl Agent {
         let t = Instant::now();
         let sample = format!("fnlet_events_queue_depth{{function=\"{FUNCTION}\"}}");
         while t.elapsed() < limit {
-            // The gauge is refreshed every second.
+            // The gauge is refreshed every second (every 5 s with NATS).
             std::thread::sleep(Duration::from_millis(1100));
             if self.metric(&sample) == 0.0 {
                 break;
@@ -508,27 +565,32 @@ impl Agent {
         t.elapsed()
     }
 
-    /// When the agent logged each run's START line, by request id.
-    fn start_times(&self) -> HashMap<String, SystemTime> {
-        let text = fs::read_to_string(&self.log).unwrap_or_default();
+    /// When the agent logged each run's START line of `function`, by request id (its log
+    /// store's timestamps: the lines no longer go to the agent's own output).
+    fn start_times(&self, function: &str) -> HashMap<String, SystemTime> {
+        let text = self.get(&format!("/v1/functions/{function}/logs?tail=100000"));
         let mut out = HashMap::new();
         for l in text.lines() {
-            let Some(at) = l.find("START RequestId: ") else {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(l) else {
                 continue;
             };
-            let id: String = l[at + 17..]
-                .chars()
-                .take_while(|c| c.is_ascii_hexdigit() || *c == '-')
-                .collect();
-            let clean = strip_ansi(l);
-            let ts = clean.split_whitespace().next().unwrap_or("");
+            let (Some(line), Some(id), Some(ts)) = (
+                v["line"].as_str(),
+                v["request_id"].as_str(),
+                v["ts"].as_str(),
+            ) else {
+                continue;
+            };
+            if !line.starts_with("START RequestId: ") {
+                continue;
+            }
             if let Ok(t) =
                 time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339)
             {
                 let nanos = t.unix_timestamp_nanos();
                 if nanos > 0 {
                     out.insert(
-                        id,
+                        id.to_string(),
                         SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos as u64),
                     );
                 }
@@ -554,24 +616,6 @@ impl Drop for Agent {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// `text` without ANSI escape sequences (ESC [ ... letter).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 fn noop_binary() -> PathBuf {

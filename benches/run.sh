@@ -23,8 +23,9 @@
 #   no-op as for lambda; runs `cargo bench -p fnlet-benches --bench cluster`.
 # events: accepting asynchronous events (Invoke API, X-Amz-Invocation-Type: Event) on a real
 #   `fnlet agent`: accept latency with one client, events/s at 1 and 32 clients, 202-to-start
-#   latency, beside the disk's fdatasync floor and a JetStream publish with ack (Debian's
-#   nats-server, a plain async-nats client). Installs nats-server; builds fnlet and the no-op as
+#   latency, for the local backend and the NATS JetStream one (a second agent), beside the
+#   disk's fdatasync floor and a JetStream publish with ack (Debian's nats-server, a plain
+#   async-nats client). Installs nats-server; builds fnlet and the no-op as
 #   for lambda; runs `cargo bench -p fnlet-benches --bench events`.
 # topics: publishing CloudEvents to a topic on a real `fnlet agent` (10 warm no-op subscribers):
 #   publish latency with 1 and 10 subscribers, publish-to-start latency, publishes/s at 32

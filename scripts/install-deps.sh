@@ -7,8 +7,9 @@ need=()
 # (tests/cluster.rs), which also calls its agents with curl.
 # conntrack: the agent removes finished instances' connection tracking entries with it;
 # dnsmasq: the DNS resolver in tests/network.rs' upstream namespace.
+# nats-server: the JetStream cluster tests/events_nats.rs and `benches/run.sh events` start.
 # tzdata: schedule triggers read their time zones from /usr/share/zoneinfo.
-for pkg in libseccomp-dev pkg-config gcc libc6-dev iproute2 python3 python3-pip curl nftables conntrack dnsmasq-base tzdata; do
+for pkg in libseccomp-dev pkg-config gcc libc6-dev iproute2 python3 python3-pip curl nftables conntrack dnsmasq-base nats-server tzdata; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

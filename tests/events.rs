@@ -8,14 +8,13 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::agent::{Agent, Fixture, Settings};
+use common::sink::Sink;
 use serde_json::{Value, json};
 
 const BOTO3: &str = "boto3==1.44.8";
@@ -185,95 +184,6 @@ impl Clients {
             .env("AWS_SECRET_ACCESS_KEY", &self.secret)
             .output()
             .expect("run the AWS CLI")
-    }
-}
-
-/// An HTTP destination served by the test: every POSTed record, in arrival order.
-struct Sink {
-    url: String,
-    records: Arc<Mutex<Vec<Value>>>,
-}
-
-impl Sink {
-    fn start() -> Sink {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the sink");
-        let url = format!("http://{}/records", listener.local_addr().expect("addr"));
-        let records = Arc::new(Mutex::new(Vec::new()));
-        let kept = records.clone();
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(conn) = conn else { continue };
-                let kept = kept.clone();
-                std::thread::spawn(move || serve(conn, &kept));
-            }
-        });
-        Sink { url, records }
-    }
-
-    fn records(&self) -> Vec<Value> {
-        self.records.lock().expect("sink lock").clone()
-    }
-
-    /// Waits (up to `limit`) until `pred` holds for the records.
-    fn wait(&self, limit: Duration, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
-        let started = Instant::now();
-        loop {
-            let r = self.records();
-            if pred(&r) {
-                return r;
-            }
-            assert!(
-                started.elapsed() < limit,
-                "{what}: not within {limit:?}; {} records: {:#?}",
-                r.len(),
-                r.iter().rev().take(5).collect::<Vec<_>>()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-/// One connection: requests (keep-alive) with a Content-Length body, each answered 200.
-fn serve(conn: std::net::TcpStream, kept: &Mutex<Vec<Value>>) {
-    let mut writer = match conn.try_clone() {
-        Ok(w) => w,
-        Err(_) => return,
-    };
-    let mut reader = BufReader::new(conn);
-    loop {
-        let mut len = 0usize;
-        let mut line = String::new();
-        let mut first = true;
-        loop {
-            line.clear();
-            match reader.read_line(&mut line) {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-            if line == "\r\n" && !first {
-                break;
-            }
-            first = false;
-            if let Some((k, v)) = line.split_once(':')
-                && k.eq_ignore_ascii_case("content-length")
-            {
-                len = v.trim().parse().unwrap_or(0);
-            }
-        }
-        let mut body = vec![0; len];
-        if reader.read_exact(&mut body).is_err() {
-            return;
-        }
-        let v: Value = serde_json::from_slice(&body).unwrap_or_else(
-            |e| json!({ "not_json": e.to_string(), "raw": String::from_utf8_lossy(&body) }),
-        );
-        kept.lock().expect("sink lock").push(v);
-        if writer
-            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-            .is_err()
-        {
-            return;
-        }
     }
 }
 

@@ -155,7 +155,8 @@ impl Default for NetworkConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EventsConfig {
-    /// "local": a durable queue in the agent's state dir (events.redb), run by this host.
+    /// "local": a durable queue in the agent's state dir (events.redb), run by this host;
+    /// "nats": a NATS JetStream stream (`[events.nats]`) that every agent using it runs.
     pub backend: String,
     /// Events waiting per function at most; beyond, Event invokes answer 429.
     pub max_queued_events: u64,
@@ -172,6 +173,58 @@ pub struct EventsConfig {
     /// Topics: an event with the same source and id as one published to the same topic within
     /// this many seconds is a duplicate, and not delivered again.
     pub dedup_window_s: f64,
+    /// The JetStream backend (`backend = "nats"`).
+    pub nats: NatsConfig,
+}
+
+/// Where the JetStream backend keeps events: one stream (work-queue retention), a subject and
+/// an explicit-ack pull consumer per function, a key-value bucket for the retry state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Servers of the NATS cluster (`nats://host:port`, user and password in the URL if the
+    /// server asks for them); any one reachable is enough.
+    pub servers: Vec<String>,
+    /// The stream's name; its subjects are `<subject>.fn.<function>` and `<subject>.url`, the
+    /// consumers `<stream>_fn_<function>` and `<stream>_url`, the retry state bucket
+    /// `<stream>_state`.
+    pub stream: String,
+    pub subject: String,
+    /// Copies of each event the servers keep (JetStream replicas, 1-5); 0: 3, or fewer when
+    /// fewer servers are listed.
+    pub replicas: u32,
+    /// The stream's bytes at most (MiB), all functions together; beyond, Event invokes answer
+    /// 429. (`events.max_queued_events` bounds each function's count, as with "local".)
+    pub max_mb: u64,
+    /// A try's delivery is taken back and given to another agent when its agent has not
+    /// reported within this (the agent reports every third of it while the try runs).
+    pub ack_wait_s: f64,
+    /// How long an Event invoke waits for the servers' ack before it answers 503.
+    pub publish_timeout_s: f64,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            servers: Vec::new(),
+            stream: "FNLET_EVENTS".into(),
+            subject: "fnlet.events".into(),
+            replicas: 0,
+            max_mb: 1024,
+            ack_wait_s: 30.0,
+            publish_timeout_s: 5.0,
+        }
+    }
+}
+
+impl NatsConfig {
+    /// The replicas asked for, or the default for the servers listed.
+    pub fn replicas(&self) -> usize {
+        match self.replicas {
+            0 => self.servers.len().clamp(1, 3),
+            n => n as usize,
+        }
+    }
 }
 
 impl Default for EventsConfig {
@@ -185,6 +238,7 @@ impl Default for EventsConfig {
             backoff_max_s: 300.0,
             destination_max_age_s: 21600.0,
             dedup_window_s: 600.0,
+            nats: NatsConfig::default(),
         }
     }
 }
@@ -681,11 +735,51 @@ impl Config {
             }
         }
         let e = &self.events;
-        if e.backend != "local" {
-            return bad(
-                "events.backend",
-                "must be \"local\" (the NATS JetStream backend is not built yet)",
-            );
+        match e.backend.as_str() {
+            "local" => {}
+            "nats" => {
+                let n = &e.nats;
+                if n.servers.is_empty() {
+                    return bad(
+                        "events.nats.servers",
+                        "must list at least one server (nats://host:port) for backend \"nats\"",
+                    );
+                }
+                for s in &n.servers {
+                    if let Err(why) = s.parse::<async_nats::ServerAddr>() {
+                        return bad("events.nats.servers", &format!("{s:?}: {why}"));
+                    }
+                }
+                let token = |t: &str| {
+                    !t.is_empty()
+                        && t.bytes()
+                            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+                };
+                if !token(&n.stream) {
+                    return bad("events.nats.stream", "must be letters, digits, - and _");
+                }
+                if !n.subject.split('.').all(token) {
+                    return bad(
+                        "events.nats.subject",
+                        "must be dot-separated tokens of letters, digits, - and _",
+                    );
+                }
+                if n.replicas > 5 {
+                    return bad("events.nats.replicas", "must be 0 (the default) to 5");
+                }
+                if n.max_mb == 0 {
+                    return bad("events.nats.max_mb", "must be at least 1");
+                }
+                for (key, v) in [
+                    ("events.nats.ack_wait_s", n.ack_wait_s),
+                    ("events.nats.publish_timeout_s", n.publish_timeout_s),
+                ] {
+                    if !(v.is_finite() && (1.0..=3600.0).contains(&v)) {
+                        return bad(key, "must be between 1 and 3600 seconds");
+                    }
+                }
+            }
+            _ => return bad("events.backend", "must be \"local\" or \"nats\""),
         }
         if e.max_queued_events == 0 || e.max_queued_mb == 0 {
             return bad(
@@ -952,6 +1046,38 @@ mod tests {
             keys(&Config::default_toml()),
             "packaging/config.toml must show every key of Config with its default"
         );
+    }
+
+    #[test]
+    fn the_nats_backend_needs_servers_and_names_bad_keys() {
+        let nats = |extra: &str| {
+            parse(&format!(
+                "[events]\nbackend = \"nats\"\n[events.nats]\n{extra}"
+            ))
+        };
+        let err = nats("").unwrap_err().to_string();
+        assert!(err.contains("events.nats.servers"), "{err}");
+        let c = nats("servers = [\"nats://127.0.0.1:4222\", \"nats://127.0.0.1:4223\"]").unwrap();
+        assert_eq!(c.events.nats.replicas(), 2);
+        assert_eq!(c.events.nats.stream, "FNLET_EVENTS");
+        for (bad, key) in [
+            ("stream = \"a.b\"", "events.nats.stream"),
+            ("subject = \"a..b\"", "events.nats.subject"),
+            ("subject = \"a.>\"", "events.nats.subject"),
+            ("replicas = 6", "events.nats.replicas"),
+            ("max_mb = 0", "events.nats.max_mb"),
+            ("ack_wait_s = 0.5", "events.nats.ack_wait_s"),
+            ("publish_timeout_s = nan", "events.nats.publish_timeout_s"),
+        ] {
+            let err = nats(&format!("servers = [\"nats://127.0.0.1:4222\"]\n{bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
+        let err = parse("[events]\nbackend = \"kafka\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("events.backend"), "{err}");
     }
 
     #[test]

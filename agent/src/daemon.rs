@@ -316,7 +316,15 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
     let keys = crate::auth::KeyStore::open(state)
         .with_context(|| format!("opening the access keys in {}", state.display()))?;
     let router = Arc::new(router);
-    let events = crate::events::Events::open(router.clone(), &config.events)
+    let nats = match config.events.backend.as_str() {
+        "nats" => Some(
+            crate::events::nats::Nats::connect(&config.events, &config.node_id())
+                .await
+                .context("starting the NATS JetStream backend of [events]")?,
+        ),
+        _ => None,
+    };
+    let events = crate::events::Events::open(router.clone(), &config.events, nats)
         .with_context(|| format!("opening the event queue in {}", state.display()))?;
     let app = Arc::new(App {
         events: events.clone(),

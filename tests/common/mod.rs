@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod sink;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

@@ -119,6 +119,16 @@ pub(super) async fn route(State(app): State<Arc<App>>, req: Request, next: Next)
     if names_a_version(req.uri()) {
         return next.run(req).await;
     }
+    // With the JetStream backend an Event invoke is published here: every member takes
+    // events from the stream, so a trip to the owner would add nothing.
+    if app.config.events.backend == "nats"
+        && req
+            .headers()
+            .get("x-amz-invocation-type")
+            .is_some_and(|v| v.as_bytes() == b"Event")
+    {
+        return next.run(req).await;
+    }
     let Some(f) = app.router.lookup(&name) else {
         return next.run(req).await;
     };

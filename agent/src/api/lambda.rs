@@ -506,7 +506,7 @@ async fn accept_event(
             set_header(&mut r, "x-amzn-requestid", id);
             Ok(r)
         }
-        Err(e @ AcceptError::Full { .. }) => Err(LambdaError {
+        Err(e @ (AcceptError::Full { .. } | AcceptError::StreamFull { .. })) => Err(LambdaError {
             retry_after: Some(1),
             ..LambdaError::new(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -514,11 +514,20 @@ async fn accept_event(
                 e.to_string(),
             )
         }),
+        Err(e @ AcceptError::TooLarge { .. }) => Err(LambdaError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "RequestTooLargeException",
+            e.to_string(),
+        )),
         Err(AcceptError::Storage(e)) => {
             tracing::error!(function = name, "accepting an event: {e}");
             let message = match e {
                 crate::events::queue::QueueError::DiskFull(_) => {
                     "the event could not be stored: the agent's disk is full"
+                }
+                crate::events::queue::QueueError::Nats(_) => {
+                    "the event could not be stored: NATS JetStream is unreachable or did not \
+                     answer (see the agent's log)"
                 }
                 _ => "the event could not be stored (see the agent's log)",
             };

@@ -588,7 +588,7 @@ async fn events(
         .router
         .lookup(&name)
         .ok_or_else(|| not_served(&app, &name))?;
-    let mut v = app.events.view(&name);
+    let mut v = app.events.view(&name).await;
     let p = app.events.policy(&f);
     let dest = |d: &Option<crate::events::Destination>| {
         d.as_ref().map(|d| match d {

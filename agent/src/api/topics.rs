@@ -212,17 +212,29 @@ async fn publish_inner(app: &App, topic: &str, req: Request) -> Result<Response,
             let body = json!({ "topic": topic, "count": count, "events": published });
             Ok((StatusCode::ACCEPTED, axum::Json(body)).into_response())
         }
-        Err(e @ AcceptError::Full { .. }) => {
+        Err(e @ (AcceptError::Full { .. } | AcceptError::StreamFull { .. })) => {
             refused(app, "full");
             let mut e = AppError::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", e.to_string());
             e.retry_after = Some(1);
             Err(err(e))
+        }
+        Err(e @ AcceptError::TooLarge { .. }) => {
+            refused(app, "too_large");
+            Err(err(AppError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                e.to_string(),
+            )))
         }
         Err(AcceptError::Storage(e)) => {
             tracing::error!(topic, "publishing: {e}");
             let message = match e {
                 crate::events::queue::QueueError::DiskFull(_) => {
                     "the events could not be stored: the agent's disk is full"
+                }
+                crate::events::queue::QueueError::Nats(_) => {
+                    "the events could not be stored: NATS JetStream is unreachable or did not \
+                     answer (see the agent's log)"
                 }
                 _ => "the events could not be stored (see the agent's log)",
             };

@@ -862,11 +862,26 @@ async fn events(client: &Client, name: &str, json: bool) -> CmdResult {
         return print_json(&v);
     }
     let n = |k: &str| v[k].as_u64().unwrap_or(0);
+    // With NATS, "in flight" is the stream's: every agent's tries and the events waiting for a
+    // retry (they are taken, NAKed with their wait).
+    let in_flight = if v["backend"] == "nats" {
+        format!(
+            "{} (NATS: tries on any agent and events waiting for a retry{})",
+            n("in_flight"),
+            if v["nats_unavailable"] == true {
+                "; NATS unreachable, local counts only"
+            } else {
+                ""
+            }
+        )
+    } else {
+        n("in_flight").to_string()
+    };
     let mut out = kv(&[
         ("function", name.to_string()),
         ("stored", n("stored").to_string()),
         ("pending", n("pending").to_string()),
-        ("in flight", n("in_flight").to_string()),
+        ("in flight", in_flight),
         (
             "retrying",
             v["retrying"].as_array().map_or(0, Vec::len).to_string(),

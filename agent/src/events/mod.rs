@@ -1,14 +1,19 @@
-//! Asynchronous invocation: Event invokes are stored durably ([`queue`]) before they are
-//! answered 202, then run by workers through the router, within each function's concurrency,
-//! with Lambda's retries, event age and destinations ([`policy`]).
+//! Asynchronous invocation: Event invokes are stored durably before they are answered 202,
+//! then run by workers through the router, within each function's concurrency, with Lambda's
+//! retries, event age and destinations ([`policy`]). Where events wait is the backend: this
+//! host's redb queue ([`queue`], "local") or a NATS JetStream stream that every agent using it
+//! runs ([`nats`]); both record a try's outcome through [`Backend`], so the rules and the try
+//! itself ([`Events::run_function`]) are the same code.
 //!
 //! Delivery is at least once. A try is marked in flight in the queue before it starts; an agent
 //! that dies mid-try runs that event again at its next start, with the same request id, and
 //! counts it in `fnlet_events_duplicates_total` (when the mark had reached the disk: the
 //! workers' bookkeeping is committed without an fsync of its own, see [`queue`]). An event ends
 //! (success, or failure for good) in one commit that removes it and stores its destination
-//! record as a new event, so a record is never lost (a lost ending runs the event again).
+//! records as new events (one, or one per subscriber of a destination topic), so a record is
+//! never lost (a lost ending runs the event again).
 
+pub mod nats;
 pub mod policy;
 pub mod queue;
 
@@ -78,8 +83,49 @@ pub enum AcceptError {
         count: u64,
         bytes: u64,
     },
+    #[error("{function}'s events are refused by the NATS stream: {why}")]
+    StreamFull { function: String, why: String },
+    #[error(
+        "the event ({size} bytes) is larger than the NATS servers take (max_payload {max_payload} \
+         bytes, the event's header included)"
+    )]
+    TooLarge { size: usize, max_payload: usize },
     #[error(transparent)]
     Storage(#[from] QueueError),
+}
+
+/// An event to store: an accepted one, or a destination record.
+pub struct NewEvent {
+    pub header: Header,
+    pub payload: Vec<u8>,
+}
+
+/// Where a backend records what became of a try. The worker logic ([`Events::run_function`],
+/// [`Events::deliver`]) takes an event (`Taken`) from its backend and calls these.
+pub trait Backend: Send + Sync + 'static {
+    /// An event being tried, as the backend knows it.
+    type Taken: Send + 'static;
+    /// A try starts: marked so that a crash from here on counts it as a duplicate.
+    fn starting(
+        &self,
+        t: &Self::Taken,
+        h: &Header,
+        payload: &[u8],
+    ) -> impl Future<Output = Result<(), QueueError>> + Send;
+    /// The event waits for its next try at `h.next_ms`, with `h`'s counts.
+    fn retry(&self, t: Self::Taken, h: Header, payload: &[u8]) -> impl Future<Output = ()> + Send;
+    /// The event ended: it goes, and `records` (its destination record, or one per
+    /// subscriber of a destination topic) are stored as new events with it. On an error the
+    /// event stays, and the caller retries it (so storing the records again must not make
+    /// them twice).
+    fn end(
+        &self,
+        t: &Self::Taken,
+        h: &Header,
+        records: Vec<NewEvent>,
+    ) -> impl Future<Output = Result<(), QueueError>> + Send;
+    /// The try's bookkeeping is over (after `end`).
+    fn done(&self, t: Self::Taken);
 }
 
 /// A failure `fnlet events` shows.
@@ -163,9 +209,12 @@ type HttpClient = hyper_util::client::legacy::Client<
     Full<Bytes>,
 >;
 
-/// The local event queue and its workers.
+/// The event queue and its workers.
 pub struct Events {
+    /// Local events, and the event invoke configs (with either backend).
     queue: Queue,
+    /// The JetStream backend, when configured: new events go there.
+    nats: Option<Arc<nats::Nats>>,
     state: Mutex<State>,
     wake: tokio::sync::Notify,
     router: Arc<Router>,
@@ -190,7 +239,12 @@ impl queue::CommitObserver for Observer {
 impl Events {
     /// Opens the queue in the state dir and takes up what a previous run left: events in
     /// flight then run again (counted as duplicates), the others keep their schedule.
-    pub fn open(router: Arc<Router>, config: &EventsConfig) -> Result<Arc<Events>, QueueError> {
+    /// With `nats`, new events go to JetStream; what the local queue holds still runs here.
+    pub fn open(
+        router: Arc<Router>,
+        config: &EventsConfig,
+        nats: Option<nats::Nats>,
+    ) -> Result<Arc<Events>, QueueError> {
         let (queue, loaded) =
             Queue::open(&router.config.state_dir, Observer(router.metrics.clone()))?;
         let mut state = State::default();
@@ -237,6 +291,7 @@ impl Events {
                 .build_http();
         Ok(Arc::new(Events {
             queue,
+            nats: nats.map(Arc::new),
             state: Mutex::new(state),
             wake: tokio::sync::Notify::new(),
             router,
@@ -317,6 +372,20 @@ impl Events {
     ) -> Result<(), AcceptError> {
         let len = payload.len() as u64;
         let target = Target::Function(function.to_string());
+        if let Some(n) = &self.nats {
+            let ev = NewEvent {
+                header: self.new_header(target, request_id.to_string(), None),
+                payload: payload.to_vec(),
+            };
+            n.publish(&ev, request_id).await?;
+            self.router
+                .metrics
+                .events
+                .accepted
+                .get_or_create(&Metrics::function(function))
+                .inc();
+            return Ok(());
+        }
         {
             let mut st = self.lock();
             let lane = st.lanes.entry(target.clone()).or_default();
@@ -333,7 +402,8 @@ impl Events {
             lane.count += 1;
             lane.bytes += len;
         }
-        let (seq, header) = self.stage(target.clone(), request_id.to_string(), None);
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let header = self.new_header(target.clone(), request_id.to_string(), None);
         ops.insert(0, Op::Put(seq, encode(&header, &payload)));
         let result = self.queue.commit(ops).await;
         let mut st = self.lock();
@@ -368,11 +438,10 @@ impl Events {
         }
     }
 
-    /// A new event's number and header.
-    fn stage(&self, target: Target, request_id: String, origin: Option<String>) -> (u64, Header) {
+    /// A new event's header.
+    fn new_header(&self, target: Target, request_id: String, origin: Option<String>) -> Header {
         let now = now_ms();
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let header = Header {
+        Header {
             request_id,
             target,
             history: History {
@@ -385,11 +454,10 @@ impl Events {
             last_error: None,
             origin,
             cloudevent: false,
-        };
-        (seq, header)
+        }
     }
 
-    /// Takes in an event committed by [`Events::stage`]'s caller.
+    /// Takes in a local event just committed.
     fn admit(&self, seq: u64, header: Header, bytes: u64) {
         let mut st = self.lock();
         let lane = st.lanes.entry(header.target.clone()).or_default();
@@ -410,11 +478,15 @@ impl Events {
 
     /// Runs the workers until `stop`: each due event starts as soon as its function has room.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        if let Some(n) = &self.nats {
+            tokio::spawn(n.clone().run(self.clone(), stop.clone()));
+        }
         let mut gauges_at = tokio::time::Instant::now();
         let mut pruned_at = tokio::time::Instant::now();
         loop {
             let next = self.dispatch();
-            if gauges_at.elapsed() >= Duration::from_secs(1) {
+            // With NATS, the gauges are the stream's (see nats::Nats::update_gauges).
+            if self.nats.is_none() && gauges_at.elapsed() >= Duration::from_secs(1) {
                 self.update_gauges();
                 gauges_at = tokio::time::Instant::now();
             }
@@ -512,8 +584,8 @@ impl Events {
             }
         };
         match header.target.clone() {
-            Target::Function(name) => self.run_function(seq, header, &name, payload).await,
-            Target::Url(url) => self.deliver(seq, header, &url, payload).await,
+            Target::Function(name) => self.run_function(&*self, seq, header, &name, payload).await,
+            Target::Url(url) => self.deliver(&*self, seq, header, &url, payload).await,
         }
     }
 
@@ -531,14 +603,24 @@ impl Events {
         Policy::resolve(&Default::default(), None, &self.config)
     }
 
-    async fn run_function(self: &Arc<Self>, seq: u64, mut h: Header, name: &str, payload: Vec<u8>) {
+    /// One try of a function's event, its outcome recorded through `b`.
+    pub(crate) async fn run_function<B: Backend>(
+        self: &Arc<Self>,
+        b: &B,
+        t: B::Taken,
+        mut h: Header,
+        name: &str,
+        payload: Vec<u8>,
+    ) {
         let metrics = &self.router.metrics.events;
         let Some(f) = self.router.lookup(name) else {
             // Deleted since: nothing can run it.
-            if self.queue.commit_lazy(vec![Op::Remove(seq)]).await.is_ok() {
-                self.forget(seq);
+            if b.end(&t, &h, Vec::new()).await.is_ok() {
+                b.done(t);
             } else {
-                self.requeue(seq, h);
+                h.history.throttles += 1;
+                h.next_ms = now_ms() + self.default_policy().backoff_ms(h.history.throttles);
+                b.retry(t, h, &payload).await;
             }
             metrics
                 .dropped
@@ -549,21 +631,15 @@ impl Events {
         let policy = self.policy(&f);
         if let Err(condition) = policy::may_start(&policy, &h.history, now_ms()) {
             return self
-                .end(seq, h, &f, &policy, &payload, condition, None)
+                .end(b, t, h, &f, &policy, &payload, condition, None)
                 .await;
         }
-        h.in_flight = true;
-        if let Err(e) = self
-            .queue
-            .commit_lazy(vec![Op::Put(seq, encode(&h, &payload))])
-            .await
-        {
+        if let Err(e) = b.starting(&t, &h, &payload).await {
             // Not marked, so not started: tried again later.
             tracing::error!(function = name, request_id = %h.request_id, "marking an async event's try: {e}");
-            h.in_flight = false;
             h.history.throttles += 1;
             h.next_ms = now_ms() + policy.backoff_ms(h.history.throttles);
-            self.requeue(seq, h);
+            b.retry(t, h, &payload).await;
             return;
         }
         // A topic's event: an exec-mode function takes its data and `CE_*` variables.
@@ -606,7 +682,6 @@ impl Events {
                 None => (Outcome::Throttled, None, Some(fail.error.to_string())),
             },
         };
-        h.in_flight = false;
         match outcome {
             Outcome::Success => h.invokes += 1,
             Outcome::FunctionError => {
@@ -631,28 +706,21 @@ impl Events {
         match policy::after(&policy, &h.history, outcome, now_ms()) {
             Next::RetryAt(at) => {
                 h.next_ms = at;
-                if let Err(e) = self
-                    .queue
-                    .commit_lazy(vec![Op::Put(seq, encode(&h, &payload))])
-                    .await
-                {
-                    // The stored copy still says in flight: after a crash it runs again.
-                    tracing::error!(function = name, request_id = %h.request_id, "rescheduling an async event: {e}");
-                }
-                self.requeue(seq, h);
+                b.retry(t, h, &payload).await;
             }
             Next::Done(condition) => {
-                self.end(seq, h, &f, &policy, &payload, condition, response)
+                self.end(b, t, h, &f, &policy, &payload, condition, response)
                     .await
             }
         }
     }
 
-    /// Ends an event: removes it and stores its destination record, in one commit.
+    /// Ends an event: it goes, and its destination record is stored with its end.
     #[allow(clippy::too_many_arguments)]
-    async fn end(
+    async fn end<B: Backend>(
         &self,
-        seq: u64,
+        b: &B,
+        t: B::Taken,
         mut h: Header,
         f: &ActiveFunction,
         policy: &Policy,
@@ -665,8 +733,7 @@ impl Events {
             Condition::Success => &policy.on_success,
             _ => &policy.on_failure,
         };
-        let mut ops = vec![Op::Remove(seq)];
-        let mut staged = Vec::new();
+        let mut records = Vec::new();
         let mut fanned = None;
         if let Some(d) = destination {
             let rec = policy::record(
@@ -681,43 +748,46 @@ impl Events {
                 }),
                 time::OffsetDateTime::now_utc(),
             );
-            let target = match d {
-                Destination::Function(n) => Some(Target::Function(n.clone())),
-                Destination::Url(u) => Some(Target::Url(u.clone())),
-                Destination::Topic(_) => None,
+            let record = |target, body| NewEvent {
+                header: self.new_header(target, crate::api::request_id(), Some(f.name.clone())),
+                payload: body,
             };
-            match (target, d) {
-                (Some(target), _) => {
-                    let body = serde_json::to_vec(&rec).expect("records serialize");
-                    let (nseq, nh) =
-                        self.stage(target, crate::api::request_id(), Some(f.name.clone()));
-                    ops.push(Op::Put(nseq, encode(&nh, &body)));
-                    staged.push((nseq, nh, body.len() as u64));
-                }
-                (None, Destination::Topic(topic)) => {
+            match d {
+                Destination::Function(n) => records.push(record(
+                    Target::Function(n.clone()),
+                    serde_json::to_vec(&rec).expect("records serialize"),
+                )),
+                Destination::Url(u) => records.push(record(
+                    Target::Url(u.clone()),
+                    serde_json::to_vec(&rec).expect("records serialize"),
+                )),
+                Destination::Topic(topic) => {
                     let event = self.destination_event(f, condition, rec);
                     let (takers, filtered) = self.takers(topic, &event);
                     let body = serde_json::to_vec(&event.to_json()).expect("events serialize");
                     for function in &takers {
-                        let (nseq, mut nh) = self.stage(
-                            Target::Function(function.clone()),
-                            crate::api::request_id(),
-                            Some(f.name.clone()),
-                        );
-                        nh.cloudevent = true;
-                        ops.push(Op::Put(nseq, encode(&nh, &body)));
-                        staged.push((nseq, nh, body.len() as u64));
+                        let mut r = record(Target::Function(function.clone()), body.clone());
+                        r.header.cloudevent = true;
+                        records.push(r);
                     }
                     fanned = Some((topic.clone(), takers, filtered));
                 }
-                (None, _) => {}
             }
         }
-        if let Err(e) = self.queue.commit_lazy(ops).await {
+        // What the records were, for the metrics once they are stored.
+        let kinds: Vec<&str> = records
+            .iter()
+            .filter(|r| !r.header.cloudevent)
+            .map(|r| match &r.header.target {
+                Target::Function(_) => "function",
+                Target::Url(_) => "url_stored",
+            })
+            .collect();
+        if let Err(e) = b.end(&t, &h, records).await {
             tracing::error!(function = %f.name, request_id = %h.request_id, "ending an async event: {e}");
             h.history.throttles += 1;
             h.next_ms = now_ms() + policy.backoff_ms(h.history.throttles);
-            self.requeue(seq, h);
+            b.retry(t, h, payload).await;
             return;
         }
         if let Some((topic, takers, filtered)) = fanned {
@@ -728,20 +798,11 @@ impl Events {
             self.count_publish(&topic, "destination", &takers, &filtered, false);
             tracing::debug!(function = %f.name, topic, subscribers = takers.len(), "destination record published");
         }
-        for (nseq, nh, bytes) in staged {
-            if nh.cloudevent {
-                self.admit(nseq, nh, bytes);
-                continue;
-            }
-            let kind = match &nh.target {
-                Target::Function(_) => "function",
-                Target::Url(_) => "url_stored",
-            };
+        for kind in kinds {
             metrics
                 .deliveries
                 .get_or_create(&labels(&f.name, kind))
                 .inc();
-            self.admit(nseq, nh, bytes);
         }
         if condition != Condition::Success {
             metrics
@@ -778,12 +839,19 @@ impl Events {
             }
             lane.failures.push_back(note);
         }
-        self.forget(seq);
+        b.done(t);
     }
 
     /// POSTs a destination record to its URL; retried with backoff until it is taken or too
     /// old.
-    async fn deliver(&self, seq: u64, mut h: Header, url: &str, payload: Vec<u8>) {
+    pub(crate) async fn deliver<B: Backend>(
+        &self,
+        b: &B,
+        t: B::Taken,
+        mut h: Header,
+        url: &str,
+        payload: Vec<u8>,
+    ) {
         let origin = h.origin.clone().unwrap_or_default();
         let metrics = &self.router.metrics.events;
         let result = self.post(url, payload.clone()).await;
@@ -819,18 +887,15 @@ impl Events {
                 }
             }
         };
-        let op = if done {
-            Op::Remove(seq)
-        } else {
-            Op::Put(seq, encode(&h, &payload))
-        };
-        match self.queue.commit_lazy(vec![op]).await {
-            Ok(()) if done => self.forget(seq),
-            Ok(()) => self.requeue(seq, h),
+        if !done {
+            return b.retry(t, h, &payload).await;
+        }
+        match b.end(&t, &h, Vec::new()).await {
+            Ok(()) => b.done(t),
             Err(e) => {
                 tracing::error!(url, "destination bookkeeping: {e}");
                 h.next_ms = now_ms() + self.default_policy().backoff_ms(h.history.throttles.max(1));
-                self.requeue(seq, h);
+                b.retry(t, h, &payload).await;
             }
         }
     }
@@ -950,13 +1015,17 @@ impl Events {
     /// Publishes `events` to `topic`: one async event per subscribed function whose filters
     /// an event passes, each with its own retries and destinations; an event whose source and
     /// id were published to the topic within `events.dedup_window_s` is a duplicate and makes
-    /// none. Returns once every async event (and the dedup record) is on disk, in one commit.
+    /// none. Returns once every async event (and the dedup record) is on disk, in one commit;
+    /// with NATS, once every async event's publish is acked ([`Events::publish_nats`]).
     pub async fn publish(
         &self,
         topic: &str,
         events: &[CloudEvent],
         mode: cloudevent::Mode,
     ) -> Result<Vec<Published>, AcceptError> {
+        if let Some(n) = &self.nats {
+            return self.publish_nats(n, topic, events, mode).await;
+        }
         let now = now_ms();
         let until = now + (self.config.dedup_window_s * 1000.0) as u64;
         let subscribers = topics::subscribers(&self.router.registry, topic);
@@ -1008,7 +1077,8 @@ impl Events {
                             // Held while it is written: concurrent accepts see it.
                             lane.count += 1;
                             lane.bytes += len;
-                            let (seq, mut h) = self.stage(target, crate::api::request_id(), None);
+                            let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+                            let mut h = self.new_header(target, crate::api::request_id(), None);
                             h.cloudevent = true;
                             ops.push(Op::Put(seq, encode(&h, &body)));
                             published.deliveries.push(Delivery {
@@ -1078,6 +1148,90 @@ impl Events {
         Ok(out)
     }
 
+    /// [`Events::publish`] with the JetStream backend. Each async event is published with a
+    /// message id made of the dedup key and its subscriber, and the stream's duplicate window
+    /// (`events.dedup_window_s`, at least 2 minutes) keeps the servers from storing a second
+    /// copy: that is the dedup record, shared by every agent using the stream. A publish
+    /// refused part way (a full stream, NATS unreachable) answers the error with some copies
+    /// stored; the same events published again store only the others.
+    async fn publish_nats(
+        &self,
+        n: &nats::Nats,
+        topic: &str,
+        events: &[CloudEvent],
+        mode: cloudevent::Mode,
+    ) -> Result<Vec<Published>, AcceptError> {
+        use futures_util::StreamExt;
+        let subscribers = topics::subscribers(&self.router.registry, topic);
+        let mut out = Vec::with_capacity(events.len());
+        let mut filtered_of = Vec::with_capacity(events.len());
+        // (the event's index, its message id, the async event) for every subscriber.
+        let mut sends: Vec<(usize, String, NewEvent)> = Vec::new();
+        for (i, e) in events.iter().enumerate() {
+            let (takers, filtered): (Vec<_>, Vec<_>) = subscribers.iter().partition(|s| s.takes(e));
+            let published = Published {
+                id: e.id(),
+                source: e.source(),
+                duplicate: false,
+                deliveries: Vec::new(),
+                filtered: filtered.len(),
+            };
+            if !takers.is_empty() {
+                let key = hex::encode(seen_key(topic, &published.source, &published.id));
+                let body = serde_json::to_vec(&e.to_json()).expect("events serialize");
+                for s in takers {
+                    let target = Target::Function(s.function.clone());
+                    let mut header = self.new_header(target, crate::api::request_id(), None);
+                    header.cloudevent = true;
+                    let id = format!("topic-{key}-{}", s.function);
+                    let payload = body.clone();
+                    sends.push((i, id, NewEvent { header, payload }));
+                }
+            }
+            filtered_of.push(
+                filtered
+                    .into_iter()
+                    .map(|s| s.function.clone())
+                    .collect::<Vec<_>>(),
+            );
+            out.push(published);
+        }
+        // The futures made first: a stream's closure borrowing them is not `Send` enough.
+        let publishes: Vec<_> = sends.iter().map(|(_, id, ev)| n.publish(ev, id)).collect();
+        let acks: Vec<_> = futures_util::stream::iter(publishes)
+            .buffered(nats::PUBLISH_AT_ONCE)
+            .collect()
+            .await;
+        // Copies each event already had within the window.
+        let mut duplicates = vec![0usize; events.len()];
+        for ((i, _, ev), ack) in sends.iter().zip(acks) {
+            if ack? {
+                duplicates[*i] += 1;
+            } else if let Target::Function(function) = &ev.header.target {
+                out[*i].deliveries.push(Delivery {
+                    function: function.clone(),
+                    request_id: ev.header.request_id.clone(),
+                });
+            }
+        }
+        for (i, p) in out.iter_mut().enumerate() {
+            // A copy for every subscriber was there: the event is a duplicate. (A subscriber
+            // added since takes it.)
+            p.duplicate = duplicates[i] > 0 && p.deliveries.is_empty();
+            let takers: Vec<String> = p.deliveries.iter().map(|d| d.function.clone()).collect();
+            self.count_publish(topic, mode.as_str(), &takers, &filtered_of[i], p.duplicate);
+            for t in &takers {
+                self.router
+                    .metrics
+                    .events
+                    .accepted
+                    .get_or_create(&Metrics::function(t))
+                    .inc();
+            }
+        }
+        Ok(out)
+    }
+
     /// Drops the dedup entries (topic events, ids accepted once) whose window has passed (here
     /// and on disk).
     async fn prune_seen(&self) {
@@ -1136,8 +1290,32 @@ impl Events {
         self.wake.notify_one();
     }
 
-    /// What `fnlet events NAME` shows.
-    pub fn view(&self, name: &str) -> serde_json::Value {
+    /// What `fnlet events NAME` shows; with NATS, the stream's counts for the function are
+    /// added (its pending events, and those being tried or waiting for a retry on any agent).
+    pub async fn view(&self, name: &str) -> serde_json::Value {
+        let mut v = self.local_view(name);
+        if let Some(n) = &self.nats {
+            v["backend"] = "nats".into();
+            match n.counts(name).await {
+                Some((pending, unacked, oldest)) => {
+                    let add = |v: &serde_json::Value, n: u64| v.as_u64().unwrap_or(0) + n;
+                    v["stored"] = add(&v["stored"], pending + unacked).into();
+                    v["pending"] = add(&v["pending"], pending).into();
+                    v["in_flight"] = add(&v["in_flight"], unacked).into();
+                    if let Some(o) = oldest {
+                        let age = now_ms().saturating_sub(o) as f64 / 1000.0;
+                        if age > v["oldest_age_s"].as_f64().unwrap_or(0.0) {
+                            v["oldest_age_s"] = age.into();
+                        }
+                    }
+                }
+                None => v["nats_unavailable"] = true.into(),
+            }
+        }
+        v
+    }
+
+    fn local_view(&self, name: &str) -> serde_json::Value {
         let now = now_ms();
         let st = self.lock();
         let target = Target::Function(name.to_string());
@@ -1216,6 +1394,57 @@ impl Events {
             None => st.configs.remove(name),
         };
         Ok(())
+    }
+}
+
+/// The local backend: an event is its number in the queue; its bookkeeping is committed
+/// without an fsync of its own (see [`queue`]).
+impl Backend for Events {
+    type Taken = u64;
+
+    async fn starting(&self, seq: &u64, h: &Header, payload: &[u8]) -> Result<(), QueueError> {
+        let marked = Header {
+            in_flight: true,
+            ..h.clone()
+        };
+        self.queue
+            .commit_lazy(vec![Op::Put(*seq, encode(&marked, payload))])
+            .await
+    }
+
+    async fn retry(&self, seq: u64, h: Header, payload: &[u8]) {
+        if let Err(e) = self
+            .queue
+            .commit_lazy(vec![Op::Put(seq, encode(&h, payload))])
+            .await
+        {
+            // The stored copy still says in flight: after a crash it runs again.
+            tracing::error!(request_id = %h.request_id, "rescheduling an async event: {e}");
+        }
+        self.requeue(seq, h);
+    }
+
+    /// The event's removal and its records in one commit: a record is never lost, nor made
+    /// twice.
+    async fn end(&self, seq: &u64, _h: &Header, records: Vec<NewEvent>) -> Result<(), QueueError> {
+        let mut ops = vec![Op::Remove(*seq)];
+        let staged: Vec<_> = records
+            .into_iter()
+            .map(|r| {
+                let nseq = self.seq.fetch_add(1, Ordering::Relaxed);
+                ops.push(Op::Put(nseq, encode(&r.header, &r.payload)));
+                (nseq, r.header, r.payload.len() as u64)
+            })
+            .collect();
+        self.queue.commit_lazy(ops).await?;
+        for (nseq, nh, bytes) in staged {
+            self.admit(nseq, nh, bytes);
+        }
+        Ok(())
+    }
+
+    fn done(&self, seq: u64) {
+        self.forget(seq);
     }
 }
 

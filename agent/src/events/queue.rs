@@ -48,6 +48,9 @@ pub enum QueueError {
     Corrupt { seq: u64, message: String },
     #[error("the event queue's committer is gone")]
     Closed,
+    /// The JetStream backend's servers refused, or could not be reached.
+    #[error("NATS JetStream: {0}")]
+    Nats(String),
 }
 
 /// What an event is for.

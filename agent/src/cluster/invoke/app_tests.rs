@@ -92,7 +92,7 @@ impl TestAgent {
             network: None,
         };
         let router = Arc::new(router);
-        let events = crate::events::Events::open(router.clone(), &config.events).unwrap();
+        let events = crate::events::Events::open(router.clone(), &config.events, None).unwrap();
         let app = Arc::new(App {
             events,
             keys: Arc::new(crate::auth::KeyStore::open(&state).unwrap()),
