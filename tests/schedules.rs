@@ -313,7 +313,8 @@ struct Netns {
 
 impl Netns {
     fn create() -> Netns {
-        let name = format!("fnlet-sched-{}", std::process::id());
+        // `fnlet-test-`: other tests' leak checks (common::host_state) leave it out.
+        let name = format!("fnlet-test-sched-{}", std::process::id());
         let ok = |c: &mut Command| {
             let o = c.stdin(Stdio::null()).output().expect("ip");
             assert!(o.status.success(), "{c:?}: {}", show(&o));
