@@ -11,14 +11,13 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::agent::{Agent, Fixture, Settings};
+use common::sink::Sink;
 use reqwest::Method;
 use reqwest::blocking::Body;
 use serde_json::{Value, json};
@@ -145,77 +144,6 @@ impl Sdk {
     }
 }
 
-/// An HTTP destination served by the test: every POSTed record.
-struct Sink {
-    url: String,
-    records: Arc<Mutex<Vec<Value>>>,
-}
-
-impl Sink {
-    fn start() -> Sink {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the sink");
-        let url = format!("http://{}/records", listener.local_addr().expect("addr"));
-        let records = Arc::new(Mutex::new(Vec::new()));
-        let kept = records.clone();
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(conn) = conn else { continue };
-                let kept = kept.clone();
-                std::thread::spawn(move || serve(conn, &kept));
-            }
-        });
-        Sink { url, records }
-    }
-
-    fn records(&self) -> Vec<Value> {
-        self.records.lock().expect("sink lock").clone()
-    }
-}
-
-/// One connection: requests (keep-alive) with a Content-Length body, each answered 200.
-fn serve(conn: std::net::TcpStream, kept: &Mutex<Vec<Value>>) {
-    let Ok(mut writer) = conn.try_clone() else {
-        return;
-    };
-    let mut reader = BufReader::new(conn);
-    loop {
-        let mut len = 0usize;
-        let mut line = String::new();
-        let mut first = true;
-        loop {
-            line.clear();
-            match reader.read_line(&mut line) {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-            if line == "\r\n" && !first {
-                break;
-            }
-            first = false;
-            if let Some((k, v)) = line.split_once(':')
-                && k.eq_ignore_ascii_case("content-length")
-            {
-                len = v.trim().parse().unwrap_or(0);
-            }
-        }
-        let mut body = vec![0; len];
-        if reader.read_exact(&mut body).is_err() {
-            return;
-        }
-        let v: Value = serde_json::from_slice(&body).unwrap_or_else(
-            |e| json!({ "not_json": e.to_string(), "raw": String::from_utf8_lossy(&body) }),
-        );
-        kept.lock().expect("sink lock").push(v);
-        if writer
-            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-            .is_err()
-        {
-            return;
-        }
-    }
-}
-
-/// An exec-mode subscriber that writes what it got to its log: `GOT k=v|k=v|...|data=<stdin>`.
 fn subscriber(name: &str, manifest: &str) -> Fixture {
     Fixture::sh(
         name,
