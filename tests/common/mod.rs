@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod aws;
 pub mod sink;
 
 use std::path::{Path, PathBuf};
