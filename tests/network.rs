@@ -306,6 +306,29 @@ fn conntrack_entries(range: &str, gateway: Ipv4Addr) -> Vec<String> {
         .collect()
 }
 
+/// What the host and the upstream saw, for a failure's message: the range's conntrack entries,
+/// the bridge's neighbours and fdb, fnlet's table with its counters, the upstream's sockets.
+fn network_diagnosis(bridge: &str, range: &str, up: &Upstream) -> String {
+    let cmds = [
+        format!("conntrack -L -s {range} 2>&1; conntrack -L -d {range} 2>&1"),
+        format!("ip neigh show dev {bridge}; bridge fdb show br {bridge} | grep -v permanent"),
+        format!("ip -o link show master {bridge}"),
+        format!("nft list table inet {bridge}; nft list table bridge {bridge}"),
+        format!("ip netns exec {} ss -tani", up.ns),
+        "cat /proc/sys/net/ipv4/ip_forward; nstat -az 2>/dev/null | grep -E 'Drop|Retrans|Listen|Overflow' | grep -v ' 0 '".to_string(),
+    ];
+    cmds.iter()
+        .map(|c| {
+            let out = Command::new("sh").args(["-c", c]).output();
+            let text = out
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_else(|e| e.to_string());
+            format!("---- {c}\n{text}")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn metric(agent: &Agent, name: &str, function: &str) -> u64 {
     let text = agent.get("/metrics").text();
     let key = format!("{name}{{function=\"{function}\"}} ");
@@ -582,12 +605,22 @@ fn functions_reach_only_what_their_egress_allows_and_leave_nothing_behind() {
     let cold = shell_function("cold", &format!("egress = [\"{u}:8080\"]\n"));
     agent.deploy(cold.path());
     for i in 0..200 {
+        // On a failure the instance says what it saw (its sockets, neighbours, TCP counters).
         let out = sh(
             &agent,
             "cold",
-            &format!("curl -sS -m 10 -o /dev/null -w '%{{http_code}}' http://{u}:8080/"),
+            &format!(
+                "curl -sS -m 10 -o /dev/null -w '%{{http_code}}' http://{u}:8080/ || \
+                 {{ echo; ip -4 addr; ip neigh; cat /proc/net/tcp; grep -A1 '^Tcp:' /proc/net/snmp; }}"
+            ),
         );
-        assert_eq!(out, "200", "call {i}");
+        if out != "200" {
+            panic!(
+                "call {i} of 200: {out}\n{}\n{}",
+                network_diagnosis(&bridge, &range, &up),
+                agent.log()
+            );
+        }
     }
     let prefix = format!("{bridge}-");
     let deadline = Instant::now() + Duration::from_secs(20);
