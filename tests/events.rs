@@ -3,7 +3,8 @@
 //! records. Needs root, and PyPI the first time (the packages are kept under target/).
 //!
 //! `async_events_with_real_clients` runs every case on one agent (short configured waits);
-//! `kill_9_with_accepted_events` kills an agent holding 500 accepted events and restarts it.
+//! `kill_9_with_accepted_events` kills an agent holding 500 accepted events and restarts it;
+//! `https_destinations_are_verified` posts records to https:// URLs.
 
 mod common;
 
@@ -666,6 +667,69 @@ fn kill_9_with_accepted_events() {
     assert!(
         twice <= counted && counted <= 1.0,
         "{twice} run twice, {counted} counted"
+    );
+    agent.finish();
+}
+
+#[test]
+fn https_destinations_are_verified() {
+    // Two https sinks, each with a CA of its own: the agent trusts only the first one's.
+    let (trusted, ca_pem) = Sink::start_tls();
+    let (untrusted, _) = Sink::start_tls();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca_pem).expect("write the CA");
+    let agent = Agent::start_with(
+        "events-https",
+        settings(&format!(
+            "backoff_min_s = 0.2\nbackoff_max_s = 0.5\ndestination_ca_file = \"{}\"",
+            ca_file.display()
+        )),
+    );
+    let ok = worker(
+        "tls-ok",
+        &format!("[async]\non_success = \"{}\"", trusted.url),
+    );
+    agent.deploy(ok.path());
+    let bad = worker(
+        "tls-bad",
+        &format!("[async]\non_success = \"{}\"", untrusted.url),
+    );
+    agent.deploy(bad.path());
+
+    let o = agent.cli(&["invoke", "tls-ok", "--async", "-d", r#"{"via": "https"}"#]);
+    assert!(o.status.success(), "fnlet invoke --async: {}", show(&o));
+    let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let records = trusted.wait(Duration::from_secs(30), "the record over https", |r| {
+        r.iter()
+            .any(|r| r["requestContext"]["requestId"] == id.as_str())
+    });
+    let rec = records
+        .iter()
+        .find(|r| r["requestContext"]["requestId"] == id.as_str())
+        .expect("the record");
+    assert_eq!(rec["requestContext"]["condition"], "Success", "{rec:#}");
+    assert_eq!(rec["responsePayload"], r#"ok:{"via": "https"}"#, "{rec:#}");
+
+    // A server whose certificate does not verify gets nothing; the record is retried.
+    let o = agent.cli(&["invoke", "tls-bad", "--async", "-d", "{}"]);
+    assert!(o.status.success(), "fnlet invoke --async: {}", show(&o));
+    let started = Instant::now();
+    let retries =
+        r#"fnlet_events_destination_deliveries_total{function="tls-bad",result="url_retry"}"#;
+    while metric(&agent, retries) < 2.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no retried POST to the untrusted server within 30 s:\n{}",
+            agent.get("/metrics").text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(untrusted.records().is_empty(), "{:?}", untrusted.records());
+    let log = agent.log();
+    assert!(
+        log.contains("UnknownIssuer") || log.contains("invalid peer certificate"),
+        "the agent's log says why: {log}"
     );
     agent.finish();
 }

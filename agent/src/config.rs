@@ -170,6 +170,9 @@ pub struct EventsConfig {
     pub backoff_max_s: f64,
     /// URL destinations: how long a record is retried before it is dropped.
     pub destination_max_age_s: f64,
+    /// `https://` destinations: a PEM file of CA certificates trusted beside the system's
+    /// (for destinations behind a private CA).
+    pub destination_ca_file: Option<std::path::PathBuf>,
     /// Topics: an event with the same source and id as one published to the same topic within
     /// this many seconds is a duplicate, and not delivered again.
     pub dedup_window_s: f64,
@@ -237,6 +240,7 @@ impl Default for EventsConfig {
             backoff_min_s: 1.0,
             backoff_max_s: 300.0,
             destination_max_age_s: 21600.0,
+            destination_ca_file: None,
             dedup_window_s: 600.0,
             nats: NatsConfig::default(),
         }
@@ -781,6 +785,12 @@ impl Config {
             }
             _ => return bad("events.backend", "must be \"local\" or \"nats\""),
         }
+        if let Some(path) = &e.destination_ca_file
+            && let Err(crate::events::https::HttpsError::CaFile { path, message }) =
+                crate::events::https::read_ca_file(path)
+        {
+            return bad("events.destination_ca_file", &format!("{path}: {message}"));
+        }
         if e.max_queued_events == 0 || e.max_queued_mb == 0 {
             return bad(
                 "events.max_queued_events",
@@ -959,6 +969,13 @@ mod tests {
             .to_string();
         assert!(err.contains("cluster.node_cert_validity_s"), "{err}");
         assert!(parse("[cluster]\nnode_cert_validity_s = 10\n").is_ok());
+        let err = parse("[events]\ndestination_ca_file = \"/nonexistent/ca.pem\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("events.destination_ca_file") && err.contains("/nonexistent/ca.pem"),
+            "{err}"
+        );
         let err = parse("listen = \"nowhere\"").unwrap_err().to_string();
         assert!(err.contains("listen"), "{err}");
         let err = parse("state_dir = \"relative\"").unwrap_err().to_string();

@@ -13,6 +13,7 @@
 //! records as new events (one, or one per subscriber of a destination topic), so a record is
 //! never lost (a lost ending runs the event again).
 
+pub mod https;
 pub mod nats;
 pub mod policy;
 pub mod queue;
@@ -204,11 +205,6 @@ fn once_key(id: &str) -> [u8; 32] {
     seen_key("", "fnlet.once", id)
 }
 
-type HttpClient = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    Full<Bytes>,
->;
-
 /// The event queue and its workers.
 pub struct Events {
     /// Local events, and the event invoke configs (with either backend).
@@ -220,7 +216,7 @@ pub struct Events {
     router: Arc<Router>,
     config: EventsConfig,
     seq: AtomicU64,
-    http: HttpClient,
+    http: https::HttpClient,
     /// Per-topic counts for `fnlet topics`.
     pub topic_stats: topics::Stats,
 }
@@ -286,9 +282,7 @@ impl Events {
         state.configs = loaded.configs.into_iter().collect();
         state.seen = loaded.seen.into_iter().collect();
         state.ticks = loaded.ticks.into_iter().collect();
-        let http =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http();
+        let http = https::client(config.destination_ca_file.as_deref())?;
         Ok(Arc::new(Events {
             queue,
             nats: nats.map(Arc::new),
@@ -911,7 +905,18 @@ impl Events {
             .map_err(|e| e.to_string())?;
         match tokio::time::timeout(URL_TIMEOUT, self.http.request(req)).await {
             Err(_) => Err(format!("no answer within {URL_TIMEOUT:?}")),
-            Ok(Err(e)) => Err(e.to_string()),
+            // hyper's error says only "client error (Connect)": the sources say why (a
+            // refused connection, a certificate that does not verify).
+            Ok(Err(e)) => {
+                let mut why = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    why.push_str(": ");
+                    why.push_str(&s.to_string());
+                    source = s.source();
+                }
+                Err(why)
+            }
             Ok(Ok(resp)) if resp.status().is_success() => Ok(()),
             Ok(Ok(resp)) => Err(format!("answered {}", resp.status())),
         }

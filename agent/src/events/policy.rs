@@ -48,12 +48,6 @@ impl Destination {
             if uri.host().is_none_or(str::is_empty) {
                 return Err(format!("{s:?} has no host"));
             }
-            if uri.scheme_str() == Some("https") {
-                return Err(format!(
-                    "{s:?}: https:// destinations are not supported yet (the agent has no TLS \
-                     client); use http:// or a function"
-                ));
-            }
             return Ok(Destination::Url(s.to_string()));
         }
         let parts: Vec<&str> = s.split(':').collect();

@@ -51,6 +51,9 @@ pub enum QueueError {
     /// The JetStream backend's servers refused, or could not be reached.
     #[error("NATS JetStream: {0}")]
     Nats(String),
+    /// The client for URL destinations could not be made (a bad `destination_ca_file`).
+    #[error(transparent)]
+    Https(#[from] super::https::HttpsError),
 }
 
 /// What an event is for.
