@@ -731,11 +731,13 @@ fn split_and_heal(nodes: &mut [Agent], ns: &Netns) {
         (all_alive(nodes) && o.iter().all(|n| *n == owner)).then_some(())
     });
     let agreed_at = jiff::Timestamp::now();
-    wait("the owner runs 3 more ticks", SETTLE, || {
-        let after = agreed_at + jiff::SignedDuration::from_secs(3);
+    // At least 5 ticks checked from the heal on (below), and 3 after both agree.
+    let until = (healed_at + jiff::SignedDuration::from_secs(8))
+        .max(agreed_at + jiff::SignedDuration::from_secs(3));
+    wait("the owner runs ticks well past the heal", SETTLE, || {
         runs(&nodes[x], "tick")
             .iter()
-            .any(|r| r.tick() > after)
+            .any(|r| r.tick() > until)
             .then_some(())
     });
 

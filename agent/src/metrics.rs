@@ -229,8 +229,8 @@ impl ScheduleMetrics {
         );
         registry.register(
             "schedule_claims_unanswered",
-            "Claims of schedule ticks a host did not answer within schedules.claim_wait_s \
-                 (the ticks were fired without its answer)",
+            "Claims of schedule ticks a host did not answer in time (schedules.claim_wait_s, 250 ms \
+                 for a host seen down): the ticks were fired without its answer",
             m.claims_unanswered.clone(),
         );
         registry.register(

@@ -37,6 +37,15 @@ use crate::store::VersionRecord;
 /// other change, is written at once.
 pub const SCHEDULE_SAVE_EVERY: Duration = Duration::from_secs(1);
 
+/// The longest a claim waits for a host this host sees down (`schedules.claim_wait_s` is for
+/// hosts seen live). A host seen down is asked at every tick for as long as it stays down, and
+/// the tick waits for it: waiting a whole second made a stand-in fire each per-second tick more
+/// than `handoff_wait_s` late, so the owner coming back, finding the record a tick behind, took
+/// over past the tick the stand-in was still claiming, and that tick ran nowhere
+/// (tests/schedules.rs, kill and restart). A host that is up after all (restarted, or across a
+/// healed partition) answers within a handshake and a round trip.
+pub const DOWN_CLAIM_WAIT: Duration = Duration::from_millis(250);
+
 /// How often a host swaps digests with one live peer.
 pub const SYNC_EVERY: Duration = Duration::from_secs(10);
 /// Largest catalog frame meta: well under the frame limit.
@@ -348,8 +357,8 @@ impl Node {
     /// the one ranked higher serializes the lower one's claim with its own: it records one of
     /// the two first, and the other is refused, by it or by the lower one (which records the
     /// higher one's claim only before recording its own). A host that does not answer within
-    /// `wait` is passed over (in [`ClaimResult::unanswered`]): across a partition each side
-    /// fires.
+    /// `wait` (seen live) or [`DOWN_CLAIM_WAIT`] (seen down) is passed over (in
+    /// [`ClaimResult::unanswered`]): across a partition each side fires.
     pub async fn claim_schedules(
         self: &Arc<Self>,
         claims: &[TickClaim],
@@ -459,7 +468,8 @@ impl Node {
     }
 
     /// Asks each host in `asks` (host -> indexes into `claims`) at once, waiting `wait` at
-    /// most; a claim a host refuses is [`Claimed::Taken`] (or [`Claimed::Removed`]) in `out`.
+    /// most for a host seen live, [`DOWN_CLAIM_WAIT`] at most for one seen down; a claim a host
+    /// refuses is [`Claimed::Taken`] (or [`Claimed::Removed`]) in `out`.
     async fn ask_claims(
         self: &Arc<Self>,
         claims: &[TickClaim],
@@ -467,8 +477,14 @@ impl Node {
         wait: Duration,
         out: &mut [ClaimResult],
     ) {
+        let live = self.live_ids();
         let asks = asks.into_iter().map(|(peer, which)| {
             let node = self.clone();
+            let wait = if live.contains(&peer) {
+                wait
+            } else {
+                wait.min(DOWN_CLAIM_WAIT)
+            };
             let request: Vec<Claim> = which
                 .iter()
                 .map(|&i| Claim {

@@ -654,7 +654,7 @@ impl Scheduler {
                 let labels = Metrics::function(&c.function);
                 for peer in &r.unanswered {
                     metrics.claims_unanswered.get_or_create(&labels).inc();
-                    tracing::warn!(function = %c.function, schedule = %c.schedule, peer = %peer, "claim of the schedule's ticks not answered within schedules.claim_wait_s: fired without it");
+                    tracing::warn!(function = %c.function, schedule = %c.schedule, peer = %peer, "claim of the schedule's ticks not answered in time (schedules.claim_wait_s, 250 ms for a host seen down): fired without it");
                 }
                 match r.outcome {
                     Claimed::Fire => {}
