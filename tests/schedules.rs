@@ -745,9 +745,9 @@ fn split_and_heal(nodes: &mut [Agent], ns: &Netns) {
     for r in nodes.iter().flat_map(|a| runs(a, "tick")) {
         by_tick.entry(r.tick()).or_default().push(r);
     }
-    // One claim wait (schedules.claim_wait_s, 1 s) and a tick after the heal: a claim sent
-    // before the heal may still go unanswered until then.
-    let from = healed_at + jiff::SignedDuration::from_secs(2);
+    // A claim sent to a host seen down waits 250 ms (replica::DOWN_CLAIM_WAIT): one sent
+    // just before the heal may go unanswered; a second covers that and the tick's rounding.
+    let from = healed_at + jiff::SignedDuration::from_secs(1);
     let describe = || {
         by_tick
             .iter()
