@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # fnlet's benchmarks in one command, as root:
-# `benches/run.sh [spawn|agent|lambda|cluster|events|topics|control|network|density|schedules|membership|all]` (default all; membership alone
-# needs no root).
+# `benches/run.sh [spawn|agent|lambda|cluster|events|topics|control|network|density|schedules|catalog|membership|all]` (default all; membership and
+# catalog need no root).
 #
 # spawn: spawn-to-exit of a sandboxed static binary against fork+exec, bwrap and runc. Installs
 #   the peers (bubblewrap, runc, and crun, which is tried and reported when the host refuses it)
@@ -51,6 +51,10 @@
 #   FNLET_BENCH_SECONDS (default 600), beside a floor that fires the same script from a plain
 #   timer loop between fnlet's ticks. Builds fnlet; runs `cargo bench -p fnlet-benches --bench
 #   schedules`.
+# catalog: what keeping catalog.json costs while schedules fire: one rewrite of a catalog with
+#   50 functions, each with a per-second schedule, by the agent's own code, beside writing the
+#   same bytes; the rewrites per second per host at 1 s ticks before and after coalescing. No
+#   root, no agent; runs `cargo bench -p fnlet-benches --bench catalog`.
 # membership: foca instances (the cluster crate's Membership, production foca_config) on a
 #   simulated clock, N = 5 to 1,000, 0 and 10 % loss: join dissemination, failure detection,
 #   false positives and traffic per host, beside memberlist's and Serf's published figures. No
@@ -64,15 +68,19 @@ cd "$(dirname "$0")/.."
 which=${1:-all}
 [ $# -gt 0 ] && shift
 case "$which" in
-  spawn | agent | lambda | cluster | events | topics | control | network | density | schedules | membership | all) ;;
+  spawn | agent | lambda | cluster | events | topics | control | network | density | schedules | catalog | membership | all) ;;
   *)
-    echo "usage: $0 [spawn|agent|lambda|cluster|events|topics|control|network|density|schedules|membership|all]" >&2
+    echo "usage: $0 [spawn|agent|lambda|cluster|events|topics|control|network|density|schedules|catalog|membership|all]" >&2
     exit 2
     ;;
 esac
 if [ "$which" = membership ]; then
   # In-process simulation: nothing to install or build beyond the bench itself.
   exec cargo bench -p fnlet-benches --bench membership -- "$@"
+fi
+if [ "$which" = catalog ]; then
+  # In-process: the agent's library, no agent to run.
+  exec cargo bench -p fnlet-benches --bench catalog -- "$@"
 fi
 if [ "$(id -u)" != 0 ]; then
   echo "the benchmarks create namespaces and cgroups: run them as root (sudo $0 $which)" >&2
@@ -160,6 +168,7 @@ if [ "$which" = schedules ] || [ "$which" = all ]; then
   cargo bench -p fnlet-benches --bench schedules -- "$@" || status=$?
 fi
 if [ "$which" = all ]; then
+  cargo bench -p fnlet-benches --bench catalog -- "$@" || status=$?
   cargo bench -p fnlet-benches --bench membership -- "$@" || status=$?
 fi
 exit $status

@@ -1,8 +1,11 @@
 //! Schedule triggers with real agents: a per-second schedule on one agent runs once per tick
 //! (across a restart too), a time zone's next fire times across a DST change as `fnlet
-//! triggers` shows them, a bad cron refused at deploy naming the trigger and the field; and on a
+//! triggers` shows them, a bad cron refused at deploy naming the trigger and the field; on a
 //! five-host cluster (in a network namespace this test makes), a per-second schedule runs once
-//! per tick while its owner is killed with SIGKILL and restarted.
+//! per tick while its owner is killed with SIGKILL and restarted; on two hosts split by
+//! nftables, each side fires (at least once across a partition) and from the heal on, while
+//! both still hold the schedule as theirs, each tick runs once (the claims); a removed function's
+//! schedule record is removed from every host's catalog.
 //!
 //! Each run of the schedule's function writes `TICK <the event>` to its log; the tests read the
 //! logs of every host. Time bounds are several times the documented ones (SWIM's detection of
@@ -371,34 +374,22 @@ fn states(agent: &Agent) -> BTreeMap<String, String> {
 fn all_alive(nodes: &[Agent]) -> bool {
     nodes.iter().all(|a| {
         let s = states(a);
-        s.len() == NODES && s.values().all(|st| st == "alive")
+        s.len() == nodes.len() && s.values().all(|st| st == "alive")
     })
 }
 
-fn tail(agent: &Agent, n: usize) -> String {
-    let log = agent.log();
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// Five hosts; a per-second schedule is fired by its owner; the owner is killed (SIGKILL): a
-/// survivor takes over once the owner is declared down and catches up one tick; the owner is
-/// restarted and takes the schedule back. Every tick from the first to the last runs on one
-/// host only, and the ticks no host ran are exactly those counted as missed, all in the one
-/// stretch while the owner was down and not yet declared so.
-#[test]
-fn five_hosts_fire_each_tick_once_through_a_kill_and_restart() {
-    common::require_root();
-    let ns = Netns::create();
+/// Starts `n` hosts in `ns` (the first inits the cluster, the others join it) and waits until
+/// every one sees every one alive.
+fn start_cluster(ns: &Netns, n: usize, test: &str) -> Vec<Agent> {
     let mut nodes: Vec<Agent> = Vec::new();
-    let n1 = Agent::start_with("sched-s1", settings(&ns, 0, Vec::new()));
+    let n1 = Agent::start_with(&format!("{test}-s1"), settings(ns, 0, Vec::new()));
     let o = n1.cli(&["cluster", "init"]);
     assert!(o.status.success(), "fnlet cluster init: {}", show(&o));
     let token = common::text(&o.stdout).trim().to_string();
     nodes.push(n1);
     let joined: Vec<Agent> = std::thread::scope(|s| {
-        let (ns, token) = (&ns, &token);
-        let joins: Vec<_> = (1..NODES)
+        let token = &token;
+        let joins: Vec<_> = (1..n)
             .map(|i| {
                 s.spawn(move || {
                     let args = vec![
@@ -407,7 +398,7 @@ fn five_hosts_fire_each_tick_once_through_a_kill_and_restart() {
                         "--token".to_string(),
                         token.clone(),
                     ];
-                    Agent::start_with(&format!("sched-s{}", i + 1), settings(ns, i, args))
+                    Agent::start_with(&format!("{test}-s{}", i + 1), settings(ns, i, args))
                 })
             })
             .collect();
@@ -420,16 +411,18 @@ fn five_hosts_fire_each_tick_once_through_a_kill_and_restart() {
     for a in &mut nodes {
         a.args.clear();
     }
-    wait("five alive everywhere", SETTLE, || {
+    wait("every host alive everywhere", SETTLE, || {
         all_alive(&nodes).then_some(())
     });
+    nodes
+}
 
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        kill_and_restart_the_owner(&mut nodes)
-    }));
+/// Stops the hosts (SIGTERM, exit 0), checks each left nothing behind; on a failed `result`,
+/// prints their logs' last lines first, and panics with it after.
+fn stop_cluster(mut nodes: Vec<Agent>, ns: Netns, result: std::thread::Result<()>) {
     if result.is_err() {
         for a in &nodes {
-            eprintln!("---- {} log, last lines ----\n{}", a.node_id, tail(a, 60));
+            eprintln!("---- {} log, last lines ----\n{}", a.node_id, tail(a, 80));
         }
     }
     for a in nodes.iter().filter(|a| a.is_running()) {
@@ -447,6 +440,41 @@ fn five_hosts_fire_each_tick_once_through_a_kill_and_restart() {
     if let Err(e) = result {
         std::panic::resume_unwind(e);
     }
+}
+
+/// The schedule's owner as each host names it.
+fn owners(nodes: &[Agent], function: &str) -> Vec<String> {
+    nodes
+        .iter()
+        .map(|a| {
+            schedule_of(a, function)["owner"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect()
+}
+
+fn tail(agent: &Agent, n: usize) -> String {
+    let log = agent.log();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Five hosts; a per-second schedule is fired by its owner; the owner is killed (SIGKILL): a
+/// survivor takes over once the owner is declared down and catches up one tick; the owner is
+/// restarted and takes the schedule back. Every tick from the first to the last runs on one
+/// host only, and the ticks no host ran are exactly those counted as missed, all in the one
+/// stretch while the owner was down and not yet declared so.
+#[test]
+fn five_hosts_fire_each_tick_once_through_a_kill_and_restart() {
+    common::require_root();
+    let ns = Netns::create();
+    let mut nodes = start_cluster(&ns, NODES, "sched");
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        kill_and_restart_the_owner(&mut nodes)
+    }));
+    stop_cluster(nodes, ns, result);
 }
 
 fn kill_and_restart_the_owner(nodes: &mut [Agent]) {
@@ -592,4 +620,222 @@ fn kill_and_restart_the_owner(nodes: &mut [Agent]) {
         })
         .collect();
     assert_eq!(lasts.len(), 1, "every host names one owner: {lasts:?}");
+}
+
+/// An nftables table in the namespace dropping UDP between two addresses both ways (the
+/// cluster's QUIC: SWIM, claims, gossip); deleted when dropped.
+struct Split<'a> {
+    ns: &'a Netns,
+}
+
+impl<'a> Split<'a> {
+    const TABLE: &'static str = "fnlet_sched_split";
+
+    fn nft(ns: &Netns, args: &[&str]) {
+        let mut cmd = common::in_netns(Some(&ns.name), "nft");
+        cmd.args(args);
+        let o = cmd.stdin(Stdio::null()).output().expect("nft");
+        assert!(o.status.success(), "{cmd:?}: {}", show(&o));
+    }
+
+    fn between(ns: &'a Netns, a: Ipv4Addr, b: Ipv4Addr) -> Split<'a> {
+        Split::nft(ns, &["add", "table", "inet", Split::TABLE]);
+        let split = Split { ns };
+        Split::nft(
+            ns,
+            &[
+                "add",
+                "chain",
+                "inet",
+                Split::TABLE,
+                "input",
+                "{ type filter hook input priority 0; policy accept; }",
+            ],
+        );
+        for (from, to) in [(a, b), (b, a)] {
+            let rule = format!("ip saddr {from} ip daddr {to} ip protocol udp drop");
+            let mut args = vec!["add", "rule", "inet", Split::TABLE, "input"];
+            args.extend(rule.split_whitespace());
+            Split::nft(ns, &args);
+        }
+        split
+    }
+}
+
+impl Drop for Split<'_> {
+    fn drop(&mut self) {
+        let _ = common::in_netns(Some(&self.ns.name), "nft")
+            .args(["delete", "table", "inet", Split::TABLE])
+            .stdin(Stdio::null())
+            .status();
+    }
+}
+
+/// Two hosts; a per-second schedule fired by its owner; UDP between them dropped both ways
+/// (nftables): each declares the other down, the other host takes the schedule over and fires
+/// too, its claims of the ticks to the owner unanswered (at least once across a partition).
+/// Healed, both hold the schedule as theirs until each sees the other up again: from the
+/// heal on (past one claim wait and a tick), every tick runs on one host, once, and none is
+/// skipped. Then the function is removed on one host: its schedule record is removed in both
+/// hosts' catalogs (`fnlet triggers` no longer shows it; catalog.json holds the removal).
+#[test]
+fn two_hosts_split_and_healed_run_each_tick_once_from_the_heal() {
+    common::require_root();
+    let ns = Netns::create();
+    let mut nodes = start_cluster(&ns, 2, "schedp");
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        split_and_heal(&mut nodes, &ns)
+    }));
+    stop_cluster(nodes, ns, result);
+}
+
+fn split_and_heal(nodes: &mut [Agent], ns: &Netns) {
+    nodes[0].deploy(ticker("tick").path());
+    let owner = wait("both hosts name one owner", SETTLE, || {
+        let o = owners(nodes, "tick");
+        (o.iter().all(|x| *x == o[0]) && !o[0].is_empty()).then(|| o[0].clone())
+    });
+    let x = (0..2).find(|&i| node_id(i) == owner).expect("a member");
+    let c = 1 - x;
+    eprintln!("     the owner is {owner}; {} stands in", node_id(c));
+    wait("the owner runs 3 ticks", SETTLE, || {
+        (runs(&nodes[x], "tick").len() >= 3).then_some(())
+    });
+
+    let split_at = jiff::Timestamp::now();
+    let healed_at;
+    {
+        let _split = Split::between(ns, node_ip(0), node_ip(1));
+        wait("each host sees the other down", DETECT, || {
+            nodes
+                .iter()
+                .all(|a| {
+                    states(a)
+                        .iter()
+                        .any(|(id, st)| *id != a.node_id && st == "down")
+                })
+                .then_some(())
+        });
+        wait(
+            "the stand-in owns the schedule and runs 2 ticks",
+            DETECT,
+            || {
+                let s = schedule_of(&nodes[c], "tick");
+                (s["owned_here"] == true && runs(&nodes[c], "tick").len() >= 2).then_some(())
+            },
+        );
+        healed_at = jiff::Timestamp::now();
+    }
+    wait("both alive again, and one owner named", SETTLE, || {
+        let o = owners(nodes, "tick");
+        (all_alive(nodes) && o.iter().all(|n| *n == owner)).then_some(())
+    });
+    let agreed_at = jiff::Timestamp::now();
+    // At least 5 ticks checked from the heal on (below), and 3 after both agree.
+    let until = (healed_at + jiff::SignedDuration::from_secs(8))
+        .max(agreed_at + jiff::SignedDuration::from_secs(3));
+    wait("the owner runs ticks well past the heal", SETTLE, || {
+        runs(&nodes[x], "tick")
+            .iter()
+            .any(|r| r.tick() > until)
+            .then_some(())
+    });
+
+    let mut by_tick: BTreeMap<jiff::Timestamp, Vec<Run>> = BTreeMap::new();
+    for r in nodes.iter().flat_map(|a| runs(a, "tick")) {
+        by_tick.entry(r.tick()).or_default().push(r);
+    }
+    // A claim sent to a host seen down waits 250 ms (replica::DOWN_CLAIM_WAIT): one sent
+    // just before the heal may go unanswered; a second covers that and the tick's rounding.
+    let from = healed_at + jiff::SignedDuration::from_secs(1);
+    let describe = || {
+        by_tick
+            .iter()
+            .map(|(t, rs)| {
+                let hosts: Vec<&str> = rs.iter().map(|r| r.host.as_str()).collect();
+                format!("{t}: {hosts:?}")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let stand_in_split = by_tick
+        .iter()
+        .filter(|(t, rs)| {
+            **t > split_at && **t < healed_at && rs.iter().any(|r| r.host == node_id(c))
+        })
+        .count();
+    assert!(
+        stand_in_split >= 1,
+        "the stand-in fired while split\n{}",
+        describe()
+    );
+    let unanswered = metric(
+        &nodes[c],
+        "fnlet_schedule_claims_unanswered_total{function=\"tick\"}",
+    );
+    assert!(
+        unanswered >= 1.0,
+        "the stand-in's claims to the owner went unanswered while split: {unanswered}"
+    );
+    // From the heal on: once each, on one host, none skipped.
+    let after: Vec<(&jiff::Timestamp, &Vec<Run>)> =
+        by_tick.iter().filter(|(t, _)| **t >= from).collect();
+    assert!(after.len() >= 5, "ticks after the heal:\n{}", describe());
+    for (t, rs) in &after {
+        assert_eq!(
+            rs.len(),
+            1,
+            "tick {t} ran {} times\n{}",
+            rs.len(),
+            describe()
+        );
+    }
+    for w in after.windows(2) {
+        assert_eq!(
+            w[1].0.duration_since(*w[0].0),
+            jiff::SignedDuration::from_secs(1),
+            "a tick after the heal was skipped\n{}",
+            describe()
+        );
+    }
+    // Both hosts held the schedule after the heal: the stand-in claimed ticks of the owner
+    // (granted or refused there) before it saw the owner up.
+    let claimed_after_heal = nodes[x]
+        .log()
+        .lines()
+        .filter(|l| {
+            l.contains("a claim of schedule ticks") || l.contains("granted a schedule's ticks")
+        })
+        .count();
+    let stand_in_after: usize = after
+        .iter()
+        .filter(|(_, rs)| rs[0].host == node_id(c))
+        .count();
+    eprintln!(
+        "     split {split_at} .. {healed_at}; agreed by {agreed_at}; {} ticks from {from}, {stand_in_after} of them by the stand-in; the owner answered {claimed_after_heal} claims",
+        after.len()
+    );
+
+    // Removing the function removes its schedule record on both hosts.
+    let id = schedule_of(&nodes[x], "tick")["id"]
+        .as_str()
+        .expect("schedule id")
+        .to_string();
+    let r = nodes[c].admin(reqwest::Method::DELETE, "/v1/functions/tick", None);
+    assert!(r.status == 200 || r.status == 204, "DELETE: {}", r.status);
+    for a in nodes.iter() {
+        wait(
+            &format!("{}: the schedule record removed", a.node_id),
+            SETTLE,
+            || {
+                let path = a.state_dir().join("cluster").join("catalog.json");
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                let entries: Vec<Value> = serde_json::from_str(&text).unwrap_or_default();
+                let entry = entries
+                    .iter()
+                    .find(|e| e["key"] == format!("schedule:{id}"))?;
+                (entry["value"]["removed"] == true).then_some(())
+            },
+        );
+    }
 }

@@ -56,6 +56,12 @@ pub struct SchedulesConfig {
     /// In a cluster, schedules wait at start for a catalog sync with a peer (the ticks others
     /// fired meanwhile), at most this long.
     pub startup_sync_s: f64,
+    /// In a cluster, before firing a tick this host claims it from the hosts ranked above it
+    /// for the schedule (it sees them down, but they may be up: a restart, a partition healing)
+    /// and from the host that fired the last tick, and waits this long at most for their
+    /// answers; a host that does not answer in time is passed over. 0: no claims (the hand-back
+    /// rests on `handoff_wait_s` alone).
+    pub claim_wait_s: f64,
 }
 
 impl Default for SchedulesConfig {
@@ -64,6 +70,7 @@ impl Default for SchedulesConfig {
             catch_up_ticks: 1,
             handoff_wait_s: 1.0,
             startup_sync_s: 10.0,
+            claim_wait_s: 1.0,
         }
     }
 }
@@ -818,6 +825,7 @@ impl Config {
         for (key, v) in [
             ("schedules.handoff_wait_s", sc.handoff_wait_s),
             ("schedules.startup_sync_s", sc.startup_sync_s),
+            ("schedules.claim_wait_s", sc.claim_wait_s),
         ] {
             if !(v.is_finite() && (0.0..=3600.0).contains(&v)) {
                 return bad(key, "must be between 0 and 3600 seconds");

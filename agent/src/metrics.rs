@@ -178,6 +178,8 @@ pub struct ScheduleMetrics {
     pub misses: Family<FnLabels, Counter>,
     pub deferred: Family<FnLabels, Counter>,
     pub duplicates: Family<FnLabels, Counter>,
+    pub claims_refused: Family<FnLabels, Counter>,
+    pub claims_unanswered: Family<FnLabels, Counter>,
     pub delay: Histogram,
 }
 
@@ -189,6 +191,8 @@ impl ScheduleMetrics {
             misses: Family::default(),
             deferred: Family::default(),
             duplicates: Family::default(),
+            claims_refused: Family::default(),
+            claims_unanswered: Family::default(),
             delay: wait_histogram(),
         };
         registry.register(
@@ -216,6 +220,18 @@ impl ScheduleMetrics {
             "schedule_duplicates",
             "Schedule ticks whose event id had been stored here already (not stored again)",
             m.duplicates.clone(),
+        );
+        registry.register(
+            "schedule_claims_refused",
+            "Schedule ticks this host did not fire: its claim found them fired or granted to \
+                 another host (here or on a host ranked above)",
+            m.claims_refused.clone(),
+        );
+        registry.register(
+            "schedule_claims_unanswered",
+            "Claims of schedule ticks a host did not answer in time (schedules.claim_wait_s, 250 ms \
+                 for a host seen down): the ticks were fired without its answer",
+            m.claims_unanswered.clone(),
         );
         registry.register(
             "schedule_fire_delay_seconds",

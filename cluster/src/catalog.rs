@@ -8,9 +8,12 @@
 //! entry with no value, ordered like any other write, kept so that an older write arriving
 //! late cannot bring the key back.
 //!
-//! Schedule records ([`Key::Schedule`]) merge differently: the entry with the later fired tick
-//! wins (then the greater version), so a fired-tick record never goes back, whichever write
-//! arrives last; they are never removed. A digest answer sends a schedule entry whenever the
+//! Schedule records ([`Key::Schedule`]) merge differently, by ([`ScheduleRecord::epoch`],
+//! [`ScheduleRecord::removed`], [`ScheduleRecord::tick_ms`]) first, then the greater version:
+//! within an epoch the later fired tick wins, so a fired-tick record never goes back whichever
+//! write arrives last, and a removal (a record marked `removed`, the schedule's tombstone) wins
+//! over every tick of its epoch; a schedule fired again after its removal (the same trigger
+//! deployed again) starts the next epoch. A digest answer sends a schedule entry whenever the
 //! peer's version differs, since an older version may hold the later tick.
 //!
 //! Sync: a replica sends its [`Digest`] (key → version); the peer answers with
@@ -220,7 +223,7 @@ mod base64_bytes {
 }
 
 /// A schedule's last fired tick: written by the host that fired it, before the tick's event
-/// is enqueued.
+/// is enqueued (or by the host that granted it the tick), or the schedule's removal.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScheduleRecord {
@@ -230,6 +233,25 @@ pub struct ScheduleRecord {
     pub fired_by: String,
     /// When it was fired, Unix milliseconds (for display).
     pub fired_at_ms: u64,
+    /// How many times the schedule was removed before this record (0 until its first
+    /// removal; absent in JSON when 0).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub epoch: u64,
+    /// The schedule was removed (its function, or its trigger): a tombstone that keeps the
+    /// epoch. `tick_ms` and `fired_by` are the last fired tick's (absent in JSON when false).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub removed: bool,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl ScheduleRecord {
+    /// The merge order of schedule records, before the version.
+    fn rank(&self) -> (u64, bool, u64) {
+        (self.epoch, self.removed, self.tick_ms)
+    }
 }
 
 /// An entry's value; its variant always matches its key's kind.
@@ -244,25 +266,25 @@ pub enum Value {
 }
 
 impl Value {
-    /// A schedule record's tick (merge order for [`Key::Schedule`] entries).
-    fn tick(&self) -> Option<u64> {
+    /// A schedule record's merge order (epoch, removed, tick) for [`Key::Schedule`] entries.
+    fn schedule_rank(&self) -> Option<(u64, bool, u64)> {
         match self {
-            Value::Schedule(s) => Some(s.tick_ms),
+            Value::Schedule(s) => Some(s.rank()),
             _ => None,
         }
     }
 }
 
 /// Whether an entry (`version`, `value`) replaces a stored one: a greater version, except for
-/// schedule records, where the later tick wins first.
+/// schedule records, where the later (epoch, removal, tick) wins first.
 fn supersedes(
     version: &Version,
     value: Option<&Value>,
     stored_version: &Version,
     stored_value: Option<&Value>,
 ) -> bool {
-    let tick = |v: Option<&Value>| v.and_then(Value::tick);
-    (tick(value), version) > (tick(stored_value), stored_version)
+    let rank = |v: Option<&Value>| v.and_then(Value::schedule_rank);
+    (rank(value), version) > (rank(stored_value), stored_version)
 }
 
 /// One catalog entry: a key, the version of the write that made it, and its value (`None`: a
@@ -610,32 +632,92 @@ impl Catalog {
         }
     }
 
-    /// A schedule's last fired tick, if one was recorded.
+    /// A schedule's last fired tick, if one was recorded (and the schedule was not removed
+    /// since).
     pub fn schedule(&self, id: &str) -> Option<&ScheduleRecord> {
+        self.schedule_entry(id).filter(|r| !r.removed)
+    }
+
+    /// A schedule's record, its removal included.
+    pub fn schedule_entry(&self, id: &str) -> Option<&ScheduleRecord> {
         match self.get(&Key::Schedule(id.to_owned()))? {
             Value::Schedule(s) => Some(s),
             _ => None,
         }
     }
 
-    /// Records that a schedule fired `record.tick_ms`, unless a tick as late or later is
-    /// recorded already (then `None`: the tick was fired, here or elsewhere). Returns the delta
-    /// to send to the peers.
+    /// Schedules with a live (not removed) record, by id.
+    pub fn schedules(&self) -> impl Iterator<Item = (&str, &ScheduleRecord)> {
+        self.entries
+            .iter()
+            .filter_map(|(k, s)| match (k, &s.value) {
+                (Key::Schedule(n), Some(Value::Schedule(r))) if !r.removed => Some((n.as_str(), r)),
+                _ => None,
+            })
+    }
+
+    /// Records that a schedule fired up to `record.tick_ms`, its ticks from `from_ms` on,
+    /// unless a tick at or after `from_ms` is recorded already (then `None`: that tick was
+    /// fired, here or elsewhere, or granted to another host). The check and the write are one
+    /// step: of two calls for the same tick, one writes. After a removal, the record starts
+    /// the next epoch. Returns the delta to send to the peers.
     pub fn fire_schedule(
+        &mut self,
+        id: &str,
+        from_ms: u64,
+        mut record: ScheduleRecord,
+        now: NTP64,
+    ) -> Result<Option<Delta>, CatalogError> {
+        let stored = self.schedule_entry(id);
+        if stored.is_some_and(|r| !r.removed && r.tick_ms >= from_ms) {
+            return Ok(None);
+        }
+        record.removed = false;
+        record.epoch = stored.map_or(0, |r| r.epoch + u64::from(r.removed));
+        self.write(
+            Key::Schedule(id.to_owned()),
+            Some(Value::Schedule(record)),
+            now,
+        )
+        .map(Some)
+    }
+
+    /// Writes `record` (of the stored epoch) over the stored one if it ranks as high: a host
+    /// that reserved a tick and learnt that another host fired it records who did. `None`:
+    /// nothing written.
+    pub fn note_schedule(
         &mut self,
         id: &str,
         record: ScheduleRecord,
         now: NTP64,
     ) -> Result<Option<Delta>, CatalogError> {
         if self
-            .schedule(id)
-            .is_some_and(|r| r.tick_ms >= record.tick_ms)
+            .schedule_entry(id)
+            .is_some_and(|r| r.rank() > record.rank() || *r == record)
         {
             return Ok(None);
         }
         self.write(
             Key::Schedule(id.to_owned()),
             Some(Value::Schedule(record)),
+            now,
+        )
+        .map(Some)
+    }
+
+    /// Removes a schedule (its function or its trigger went): a tombstone that outranks every
+    /// tick of the schedule's epoch. `None` when it has no live record (nothing to remove).
+    pub fn remove_schedule(&mut self, id: &str, now: NTP64) -> Result<Option<Delta>, CatalogError> {
+        let Some(stored) = self.schedule(id) else {
+            return Ok(None);
+        };
+        let tombstone = ScheduleRecord {
+            removed: true,
+            ..stored.clone()
+        };
+        self.write(
+            Key::Schedule(id.to_owned()),
+            Some(Value::Schedule(tombstone)),
             now,
         )
         .map(Some)
@@ -654,6 +736,15 @@ impl Catalog {
     /// What a key holds (`None`: never written, or removed).
     pub fn get(&self, key: &Key) -> Option<&Value> {
         self.entries.get(key)?.value.as_ref()
+    }
+
+    /// A key's entry, tombstones included.
+    pub fn entry(&self, key: &Key) -> Option<Entry> {
+        self.entries.get(key).map(|s| Entry {
+            key: key.clone(),
+            version: s.version.clone(),
+            value: s.value.clone(),
+        })
     }
 
     /// The version of a key's entry, tombstones included.
@@ -866,7 +957,11 @@ fn validate(e: &Entry) -> Result<(), CatalogError> {
     check_name(e.key.name()).map_err(bad)?;
     check_name(&e.version.node).map_err(|_| bad("the writer's node id is not valid"))?;
     match (&e.key, &e.value) {
-        (Key::Schedule(_), None) => return Err(bad("schedule records are never removed")),
+        (Key::Schedule(_), None) => {
+            return Err(bad(
+                "schedule records are removed with a record marked removed",
+            ));
+        }
         (Key::Schedule(_), Some(Value::Schedule(r))) => {
             check_name(&r.fired_by).map_err(|_| bad("the firing node id is not valid"))?;
         }
@@ -1047,6 +1142,8 @@ mod tests {
             tick_ms,
             fired_by: by.to_owned(),
             fired_at_ms: tick_ms + 3,
+            epoch: 0,
+            removed: false,
         }
     }
 
@@ -1059,12 +1156,12 @@ mod tests {
         let mut b = Catalog::new("b").unwrap();
         let mut c = Catalog::new("c").unwrap();
         let ten = a
-            .fire_schedule("hello-1", fired(10_000, "a"), ms(1_000))
+            .fire_schedule("hello-1", 10_000, fired(10_000, "a"), ms(1_000))
             .unwrap()
             .unwrap();
         // b fires an earlier tick with a later stamp.
         let nine = b
-            .fire_schedule("hello-1", fired(9_000, "b"), ms(2_000))
+            .fire_schedule("hello-1", 9_000, fired(9_000, "b"), ms(2_000))
             .unwrap()
             .unwrap();
         assert!(nine.entries[0].version > ten.entries[0].version);
@@ -1080,12 +1177,12 @@ mod tests {
         assert!(a.diff(&b.digest()).is_empty() && b.diff(&a.digest()).is_empty());
         // A tick already recorded is not fired again, here or by the host that learnt it.
         assert!(
-            b.fire_schedule("hello-1", fired(10_000, "b"), ms(4_000))
+            b.fire_schedule("hello-1", 10_000, fired(10_000, "b"), ms(4_000))
                 .unwrap()
                 .is_none()
         );
         assert!(
-            b.fire_schedule("hello-1", fired(11_000, "b"), ms(4_000))
+            b.fire_schedule("hello-1", 11_000, fired(11_000, "b"), ms(4_000))
                 .unwrap()
                 .is_some()
         );
@@ -1095,7 +1192,19 @@ mod tests {
         entries.reverse();
         let again = Catalog::from_entries("b", entries).unwrap();
         assert_eq!(again.schedule("hello-1").map(|r| r.tick_ms), Some(11_000));
-        // No tombstones for schedules.
+        // Ticks from 10 s on are refused once 10 s is recorded; a batch starting after it is
+        // taken.
+        assert!(
+            b.fire_schedule("hello-1", 11_000, fired(13_000, "b"), ms(4_000))
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            b.fire_schedule("hello-1", 12_000, fired(13_000, "b"), ms(4_000))
+                .unwrap()
+                .is_some()
+        );
+        // A null value is not a schedule's removal.
         let mut removal = ten.clone();
         removal.entries[0].value = None;
         assert!(matches!(
@@ -1105,6 +1214,103 @@ mod tests {
         let json = serde_json::to_string(&ten).unwrap();
         assert!(json.contains(r#""key":"schedule:hello-1""#), "{json}");
         assert_eq!(serde_json::from_str::<Delta>(&json).unwrap(), ten);
+    }
+
+    /// A schedule's removal wins over every tick of its epoch, whichever arrives last (a host
+    /// that fired before it learnt of the removal); firing it again after the removal (the
+    /// trigger deployed again) starts the next epoch, which wins over the removal.
+    #[test]
+    fn schedule_removals_win_within_their_epoch() {
+        let mut a = Catalog::new("a").unwrap();
+        let mut b = Catalog::new("b").unwrap();
+        let mut c = Catalog::new("c").unwrap();
+        let first = a
+            .fire_schedule("hello-1", 10_000, fired(10_000, "a"), ms(1_000))
+            .unwrap()
+            .unwrap();
+        b.apply(&first, ms(1_000)).unwrap();
+        c.apply(&first, ms(1_000)).unwrap();
+        // a removes it; b, not knowing yet, fires a later tick with a later stamp.
+        let removal = a.remove_schedule("hello-1", ms(2_000)).unwrap().unwrap();
+        let late = b
+            .fire_schedule("hello-1", 11_000, fired(11_000, "b"), ms(3_000))
+            .unwrap()
+            .unwrap();
+        assert!(late.entries[0].version > removal.entries[0].version);
+        assert_eq!(a.schedule("hello-1"), None);
+        assert!(a.remove_schedule("hello-1", ms(2_500)).unwrap().is_none());
+        for order in [[&removal, &late], [&late, &removal]] {
+            let mut r = Catalog::new("r").unwrap();
+            r.apply(&first, ms(4_000)).unwrap();
+            for d in order {
+                r.apply(d, ms(4_000)).unwrap();
+            }
+            assert_eq!(r.schedule("hello-1"), None, "the removal wins");
+            assert!(r.schedule_entry("hello-1").is_some_and(|e| e.removed));
+            assert_eq!(r.schedules().count(), 0);
+        }
+        c.apply(&late, ms(4_000)).unwrap();
+        c.apply(&removal, ms(4_000)).unwrap();
+        b.apply(&removal, ms(4_000)).unwrap();
+        assert_eq!(b.schedule("hello-1"), None);
+        // Deployed again: the next firing starts epoch 1, which wins over the removal.
+        let again = b
+            .fire_schedule("hello-1", 20_000, fired(20_000, "b"), ms(5_000))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            b.schedule("hello-1").map(|r| (r.epoch, r.tick_ms)),
+            Some((1, 20_000))
+        );
+        for r in [&mut a, &mut c] {
+            r.apply(&again, ms(5_000)).unwrap();
+            assert_eq!(r.schedule("hello-1").map(|r| r.epoch), Some(1));
+        }
+        // A late write of epoch 0 does not bring back the old ticks.
+        let stale = Catalog::new("d")
+            .unwrap()
+            .fire_schedule("hello-1", 30_000, fired(30_000, "d"), ms(6_000))
+            .unwrap()
+            .unwrap();
+        a.apply(&stale, ms(6_000)).unwrap();
+        assert_eq!(a.schedule("hello-1").map(|r| r.tick_ms), Some(20_000));
+        // Digest swaps agree.
+        for (x, y) in [(0, 1), (1, 2), (2, 0), (0, 1)] {
+            let v = [&mut a, &mut b, &mut c];
+            let d = v[x].diff(&v[y].digest());
+            v[y].apply(&d, ms(7_000)).unwrap();
+        }
+        assert_eq!(state(&a), state(&b));
+        assert_eq!(state(&b), state(&c));
+        let json = serde_json::to_string(&removal).unwrap();
+        assert!(json.contains(r#""removed":true"#), "{json}");
+        assert!(!serde_json::to_string(&first).unwrap().contains("epoch"));
+        assert_eq!(serde_json::from_str::<Delta>(&json).unwrap(), removal);
+    }
+
+    /// A host that reserved a tick and learnt another fired it records who did.
+    #[test]
+    fn a_noted_record_replaces_an_equal_tick() {
+        let mut a = Catalog::new("a").unwrap();
+        a.fire_schedule("s", 5_000, fired(5_000, "a"), ms(1_000))
+            .unwrap()
+            .unwrap();
+        assert!(
+            a.note_schedule("s", fired(4_000, "b"), ms(1_001))
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            a.note_schedule("s", fired(5_000, "b"), ms(1_002))
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(a.schedule("s"), Some(&fired(5_000, "b")));
+        assert!(
+            a.note_schedule("s", fired(5_000, "b"), ms(1_003))
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]

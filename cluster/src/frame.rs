@@ -172,6 +172,9 @@ pub enum Kind {
     BundleRequest = 0x12,
     /// The start of a bundle: meta [`BundleHead`]; its bytes follow in Data frames, then End.
     BundleHead = 0x13,
+    /// Schedule ticks a host asks to fire: meta [`ScheduleClaim`]; answered with the
+    /// schedules' catalog entries.
+    ScheduleClaim = 0x14,
     /// A host asking to join: meta [`JoinRequest`].
     JoinRequest = 0x20,
     /// A joining host's certificate and peers: meta [`JoinResponse`].
@@ -184,7 +187,7 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind, in byte order.
-    pub const ALL: [Kind; 13] = [
+    pub const ALL: [Kind; 14] = [
         Kind::InvokeRequest,
         Kind::ResponseHead,
         Kind::Data,
@@ -194,6 +197,7 @@ impl Kind {
         Kind::CatalogDelta,
         Kind::BundleRequest,
         Kind::BundleHead,
+        Kind::ScheduleClaim,
         Kind::JoinRequest,
         Kind::JoinResponse,
         Kind::RenewRequest,
@@ -430,6 +434,34 @@ pub struct BundleRequest {
     pub sha256: Sha256Hash,
 }
 
+/// Meta of a ScheduleClaim frame: schedule ticks the sending host (the schedule's owner as it
+/// sees the cluster) asks to fire. The answerer grants each claim whose schedule has no tick
+/// recorded from `from_ms` on, by recording `tick_ms` fired by the sender in its catalog (so
+/// it never fires those ticks itself), and answers with its catalog entry of every schedule
+/// claimed (CatalogDelta frames, then End): a claim was granted when the entry records
+/// `tick_ms` fired by the sender.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleClaim {
+    /// The claims, at most [`MAX_CLAIMS`].
+    pub claims: Vec<Claim>,
+}
+
+/// Most claims in one ScheduleClaim frame.
+pub const MAX_CLAIMS: usize = 256;
+
+/// One schedule's ticks claimed: from `from_ms` to `tick_ms` (Unix milliseconds).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Claim {
+    /// The schedule's id (its catalog key is `schedule:ID`).
+    pub schedule: String,
+    /// The first tick claimed.
+    pub from_ms: u64,
+    /// The last tick claimed (what the record will hold).
+    pub tick_ms: u64,
+}
+
 /// Meta of a BundleHead frame: the bundle's bytes follow in Data frames, then End.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -593,6 +625,8 @@ pub enum Frame {
     BundleRequest(BundleRequest),
     /// The start of a bundle.
     BundleHead(BundleHead),
+    /// Schedule ticks a host asks to fire.
+    ScheduleClaim(ScheduleClaim),
     /// A host asking to join.
     JoinRequest(JoinRequest),
     /// A joining host's certificate and peers.
@@ -840,6 +874,24 @@ impl Meta for BundleRequest {
 impl Meta for BundleHead {
     const KIND: Kind = Kind::BundleHead;
 }
+impl Meta for ScheduleClaim {
+    const KIND: Kind = Kind::ScheduleClaim;
+    fn validate(&self) -> Result<(), (&'static str, &'static str)> {
+        if self.claims.is_empty() {
+            return Err(("claims", "must hold at least one claim"));
+        }
+        if self.claims.len() > MAX_CLAIMS {
+            return Err(("claims", "holds more than 256 claims"));
+        }
+        for c in &self.claims {
+            name("claims.schedule", &c.schedule)?;
+            if c.from_ms > c.tick_ms {
+                return Err(("claims.from_ms", "must not be after tick_ms"));
+            }
+        }
+        Ok(())
+    }
+}
 impl Meta for JoinRequest {
     const KIND: Kind = Kind::JoinRequest;
     fn validate(&self) -> Result<(), (&'static str, &'static str)> {
@@ -933,6 +985,7 @@ impl Frame {
             Frame::CatalogDelta(_) => Kind::CatalogDelta,
             Frame::BundleRequest(_) => Kind::BundleRequest,
             Frame::BundleHead(_) => Kind::BundleHead,
+            Frame::ScheduleClaim(_) => Kind::ScheduleClaim,
             Frame::JoinRequest(_) => Kind::JoinRequest,
             Frame::JoinResponse(_) => Kind::JoinResponse,
             Frame::RenewRequest(_) => Kind::RenewRequest,
@@ -964,6 +1017,7 @@ impl Frame {
             Frame::CatalogDelta(m) => (meta_json(m)?, &empty),
             Frame::BundleRequest(m) => (meta_json(m)?, &empty),
             Frame::BundleHead(m) => (meta_json(m)?, &empty),
+            Frame::ScheduleClaim(m) => (meta_json(m)?, &empty),
             Frame::JoinRequest(m) => (meta_json(m)?, &empty),
             Frame::JoinResponse(m) => (meta_json(m)?, &empty),
             Frame::RenewRequest(m) => (meta_json(m)?, &empty),
@@ -1018,6 +1072,7 @@ impl Frame {
             Kind::CatalogDelta => Frame::CatalogDelta(parse_meta(meta)?),
             Kind::BundleRequest => Frame::BundleRequest(parse_meta(meta)?),
             Kind::BundleHead => Frame::BundleHead(parse_meta(meta)?),
+            Kind::ScheduleClaim => Frame::ScheduleClaim(parse_meta(meta)?),
             Kind::JoinRequest => Frame::JoinRequest(parse_meta(meta)?),
             Kind::JoinResponse => Frame::JoinResponse(parse_meta(meta)?),
             Kind::RenewRequest => Frame::RenewRequest(parse_meta(meta)?),
@@ -1161,6 +1216,7 @@ impl Decoder {
 /// | InvokeRequest | ResponseHead, Data\*, End — or Error |
 /// | CatalogDigest+ | CatalogDelta\*, End — or Error |
 /// | BundleRequest | BundleHead, Data\* (exactly `size` bytes), End — or Error |
+/// | ScheduleClaim | CatalogDelta\*, End — or Error |
 /// | JoinRequest | JoinResponse — or Error |
 /// | RenewRequest | RenewResponse — or Error |
 ///
@@ -1230,7 +1286,9 @@ impl Expect {
     pub fn answer_to(request: &Frame) -> Option<Self> {
         let state = match request {
             Frame::InvokeRequest { .. } => State::InvokeAnswer { started: false },
-            Frame::CatalogDigest(_) => State::DeltaAnswer { started: false },
+            Frame::CatalogDigest(_) | Frame::ScheduleClaim(_) => {
+                State::DeltaAnswer { started: false }
+            }
             Frame::BundleRequest(r) => State::BundleAnswer {
                 sha256: r.sha256,
                 size: None,
@@ -1279,11 +1337,14 @@ impl Expect {
             (State::Request { .. }, Frame::CatalogDigest(_)) => State::MoreDigests,
             (
                 State::Request { .. },
-                Frame::BundleRequest(_) | Frame::JoinRequest(_) | Frame::RenewRequest(_),
+                Frame::BundleRequest(_)
+                | Frame::ScheduleClaim(_)
+                | Frame::JoinRequest(_)
+                | Frame::RenewRequest(_),
             ) => State::Done,
             (State::Request { .. }, _) => {
                 return unexpected(
-                    "a request (InvokeRequest, CatalogDigest, BundleRequest, JoinRequest, RenewRequest)",
+                    "a request (InvokeRequest, CatalogDigest, BundleRequest, ScheduleClaim, JoinRequest, RenewRequest)",
                 );
             }
             (State::MoreDigests, Frame::CatalogDigest(_)) => State::MoreDigests,
@@ -1457,6 +1518,13 @@ mod tests {
             Frame::BundleHead(BundleHead {
                 sha256: sha,
                 size: 6,
+            }),
+            Frame::ScheduleClaim(ScheduleClaim {
+                claims: vec![Claim {
+                    schedule: "hello-1a2b3c4d".into(),
+                    from_ms: 1_764_900_000_000,
+                    tick_ms: 1_764_900_001_000,
+                }],
             }),
             Frame::JoinRequest(JoinRequest {
                 token_id: "0a1b2c3d".into(),
@@ -2001,7 +2069,13 @@ mod tests {
     fn requests_are_checked_against_the_alpn_and_the_peer() {
         use Kind::*;
         let peer = Expect::request(Alpn::Peer);
-        for k in [InvokeRequest, BundleRequest, JoinRequest, RenewRequest] {
+        for k in [
+            InvokeRequest,
+            BundleRequest,
+            ScheduleClaim,
+            JoinRequest,
+            RenewRequest,
+        ] {
             let e = run(peer.clone(), &[ex(k)]).unwrap();
             assert!(e.is_complete());
             assert_eq!(

@@ -229,6 +229,8 @@ impl Node {
     /// The last of shutdown: closes every connection saying this host leaves (peers show it
     /// as left, not down) and waits briefly for the closes to go out.
     pub async fn close(&self) {
+        // Schedule records not written yet (see replica::SCHEDULE_SAVE_EVERY).
+        self.flush_catalog();
         // The membership task sends the SWIM leave first (it has been told to stop).
         let _ = tokio::time::timeout(LEAVE_FLUSH, self.datagrams.closed()).await;
         self.transport.endpoint.close(
@@ -642,6 +644,7 @@ impl Node {
             }
             Ok(Some(Frame::CatalogDigest(d))) => self.serve_digest(d, &mut reader, &mut send).await,
             Ok(Some(Frame::BundleRequest(r))) => self.serve_bundle(r, &mut send).await,
+            Ok(Some(Frame::ScheduleClaim(c))) => self.serve_claim(peer, c, &mut send).await,
             Ok(Some(Frame::JoinRequest(r))) => {
                 self.serve_relayed_join(peer, &r, &mut send).await;
                 Ok(())
@@ -1286,6 +1289,32 @@ impl Node {
     /// Whether a digest swap with a peer has completed since this agent started.
     pub fn has_synced(&self) -> bool {
         self.synced.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The ids of every member this host knows, whatever its state (down ones included, until
+    /// SWIM forgets them), but those that left; this one included.
+    pub fn known_ids(&self) -> Vec<String> {
+        let left = self.left.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut ids: Vec<String> = self
+            .members
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|m| m.identity.id.clone())
+            .filter(|id| !left.contains(id))
+            .collect();
+        ids.push(self.id.clone());
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
+    /// A member's address (its latest run's, a live one first).
+    pub fn member_addr(&self, id: &str) -> Option<SocketAddr> {
+        let members = self.members.read().unwrap_or_else(|p| p.into_inner());
+        let mut runs: Vec<&MemberInfo> = members.iter().filter(|m| m.identity.id == id).collect();
+        runs.sort_by_key(|m| (m.state != MemberState::Down, m.identity.generation));
+        runs.last().map(|m| m.identity.addr)
     }
 
     /// The ids of the hosts alive or suspect, this one included.

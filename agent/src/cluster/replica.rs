@@ -7,7 +7,7 @@
 //! Digests are swapped when a peer comes up and every [`SYNC_EVERY`] with one live peer, so
 //! what a lost push or a partition missed converges, to the same winner on every host.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -17,7 +17,7 @@ use fnlet_cluster::Sha256Hash;
 use fnlet_cluster::catalog::{
     Catalog, Change, Delta, Digest, Entry, FunctionRecord, Key, ScheduleRecord, Value,
 };
-use fnlet_cluster::frame::{self, ErrorCode, Expect, Frame, Limits};
+use fnlet_cluster::frame::{self, Claim, ErrorCode, Expect, Frame, Limits, ScheduleClaim};
 use fnlet_cluster::hlc::ntp64;
 
 use super::node::Node;
@@ -26,6 +26,25 @@ use crate::api::App;
 use crate::bundle::{self, BundleLimits};
 use crate::manifest::Manifest;
 use crate::store::VersionRecord;
+
+/// Changes to schedule records alone (the ticks fired here, and those peers pushed) are
+/// written to `catalog.json` at most this often, not at each change: each host used to
+/// rewrite the whole file once per batch of ticks it fired and once per peer's batch (see
+/// BENCHMARKS.md, "catalog.json while schedules fire"). What such a write holds is not lost
+/// by a crash before it: the ticks this host fired are in its event queue (committed with each
+/// tick's event, fsynced), and other hosts' records come back with the catalog sync a host
+/// waits for at start (`schedules.startup_sync_s`). A claim granted to a peer, and every
+/// other change, is written at once.
+pub const SCHEDULE_SAVE_EVERY: Duration = Duration::from_secs(1);
+
+/// The longest a claim waits for a host this host sees down (`schedules.claim_wait_s` is for
+/// hosts seen live). A host seen down is asked at every tick for as long as it stays down, and
+/// the tick waits for it: waiting a whole second made a stand-in fire each per-second tick more
+/// than `handoff_wait_s` late, so the owner coming back, finding the record a tick behind, took
+/// over past the tick the stand-in was still claiming, and that tick ran nowhere
+/// (tests/schedules.rs, kill and restart). A host that is up after all (restarted, or across a
+/// healed partition) answers within a handshake and a round trip.
+pub const DOWN_CLAIM_WAIT: Duration = Duration::from_millis(250);
 
 /// How often a host swaps digests with one live peer.
 pub const SYNC_EVERY: Duration = Duration::from_secs(10);
@@ -46,10 +65,18 @@ pub(super) fn now() -> fnlet_cluster::hlc::NTP64 {
 pub struct Replica {
     catalog: Mutex<Catalog>,
     path: PathBuf,
+    /// When `catalog.json` was last written, and whether a write is due (schedule records).
+    saves: Mutex<Saves>,
     app: Mutex<Weak<App>>,
     /// Per bundle hash: how many peers fetched it from here (a deploy waits on it).
     served: Mutex<HashMap<String, usize>>,
     served_changed: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct Saves {
+    last: Option<std::time::Instant>,
+    due: bool,
 }
 
 impl Replica {
@@ -65,6 +92,7 @@ impl Replica {
         Ok(Replica {
             catalog: Mutex::new(catalog),
             path,
+            saves: Mutex::new(Saves::default()),
             app: Mutex::new(Weak::new()),
             served: Mutex::new(HashMap::new()),
             served_changed: tokio::sync::Notify::new(),
@@ -79,14 +107,14 @@ impl Replica {
         self.app.lock().unwrap_or_else(|p| p.into_inner()).upgrade()
     }
 
+    fn saves(&self) -> std::sync::MutexGuard<'_, Saves> {
+        self.saves.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes `catalog` (held locked by the caller) to `catalog.json` now.
     pub(super) fn save(&self, catalog: &Catalog) {
-        let entries: Vec<Entry> = catalog.entries().collect();
-        let tmp = self.path.with_extension("tmp");
-        let written = serde_json::to_vec(&entries)
-            .map_err(std::io::Error::other)
-            .and_then(|b| std::fs::write(&tmp, b))
-            .and_then(|()| std::fs::rename(&tmp, &self.path));
-        if let Err(e) = written {
+        self.saves().last = Some(std::time::Instant::now());
+        if let Err(e) = write_catalog(&self.path, catalog) {
             tracing::error!("keeping the catalog in {}: {e}", self.path.display());
         }
     }
@@ -94,6 +122,97 @@ impl Replica {
     pub fn digest(&self) -> Digest {
         self.lock().digest()
     }
+}
+
+/// Writes the catalog to `path` (`catalog.json`): every entry as JSON, into a temporary file
+/// renamed over it. (Public for the catalog bench, which times it.)
+pub fn write_catalog(path: &std::path::Path, catalog: &Catalog) -> std::io::Result<()> {
+    let entries: Vec<Entry> = catalog.entries().collect();
+    let tmp = path.with_extension("tmp");
+    let b = serde_json::to_vec(&entries).map_err(std::io::Error::other)?;
+    std::fs::write(&tmp, b)?;
+    std::fs::rename(&tmp, path)
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One schedule's ticks this host is about to fire (see [`Node::claim_schedules`]).
+#[derive(Debug, Clone)]
+pub struct TickClaim {
+    pub schedule: String,
+    pub function: String,
+    /// The function version the scheduler made the schedule from.
+    pub version: u64,
+    pub from_ms: u64,
+    pub tick_ms: u64,
+}
+
+/// What became of a claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claimed {
+    /// Fire the ticks.
+    Fire,
+    /// A tick from `from_ms` on was fired, or granted, elsewhere (or here): not fired.
+    Taken { tick_ms: u64, fired_by: String },
+    /// The schedule's function or trigger is removed in the catalog: not fired.
+    Removed,
+}
+
+/// A claim's outcome, and the hosts asked that did not answer in time.
+#[derive(Debug, Clone)]
+pub struct ClaimResult {
+    pub outcome: Claimed,
+    pub unanswered: Vec<String>,
+}
+
+/// Whether the catalog still has schedule `id`: its function is not removed, and its active
+/// manifest has the trigger. A function the catalog does not know (deployed here before this
+/// host was in a cluster, not yet published) counts as there. With `made_from` (the function
+/// and the version the scheduler made the schedule from), a catalog at that version needs no
+/// look at the manifest.
+fn scheduled_in(catalog: &Catalog, id: &str, made_from: Option<(&str, u64)>) -> bool {
+    let Some(function) = crate::triggers::schedule::function_of(id) else {
+        return false;
+    };
+    let key = Key::Function(function.to_string());
+    if catalog.version(&key).is_none() {
+        return true;
+    }
+    let Some(rec) = catalog.function(function) else {
+        return false;
+    };
+    if made_from.is_some_and(|(f, v)| f == function && v == rec.version) {
+        return true;
+    }
+    match serde_json::from_value::<Manifest>(rec.manifest.clone()) {
+        Ok(m) => crate::triggers::schedule::schedules_of(function, &m)
+            .iter()
+            .any(|(s, _, _)| s == id),
+        Err(_) => false,
+    }
+}
+
+/// The schedules of `function` recorded in the catalog that its manifest `now_has` (none: the
+/// function is removed) no longer has.
+fn gone_schedules(catalog: &Catalog, function: &str, now_has: Option<&Manifest>) -> Vec<String> {
+    let keep: Vec<String> = now_has
+        .map(|m| {
+            crate::triggers::schedule::schedules_of(function, m)
+                .into_iter()
+                .map(|(id, _, _)| id)
+                .collect()
+        })
+        .unwrap_or_default();
+    catalog
+        .schedules()
+        .filter(|(id, _)| crate::triggers::schedule::function_of(id) == Some(function))
+        .filter(|(id, _)| !keep.iter().any(|k| k == id))
+        .map(|(id, _)| id.to_string())
+        .collect()
 }
 
 fn record_of(node: &str, v: &VersionRecord) -> Result<FunctionRecord, String> {
@@ -110,6 +229,44 @@ fn record_of(node: &str, v: &VersionRecord) -> Result<FunctionRecord, String> {
 }
 
 impl Node {
+    /// Writes `catalog` (held locked by the caller), changed in schedule records only, now if
+    /// it was not written within [`SCHEDULE_SAVE_EVERY`], else once that much time has passed
+    /// since the last write.
+    pub(super) fn save_schedules(self: &Arc<Self>, catalog: &Catalog) {
+        let at = {
+            let mut s = self.replica.saves();
+            if s.due {
+                // A write is coming: it takes the catalog as it is then.
+                return;
+            }
+            match s.last {
+                Some(t) if t.elapsed() < SCHEDULE_SAVE_EVERY => {
+                    s.due = true;
+                    t + SCHEDULE_SAVE_EVERY
+                }
+                _ => {
+                    drop(s);
+                    self.replica.save(catalog);
+                    return;
+                }
+            }
+        };
+        let node = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(at.into()).await;
+            node.flush_catalog();
+        });
+    }
+
+    /// Writes the catalog now if a write of schedule records is due.
+    pub fn flush_catalog(&self) {
+        let catalog = self.replica.lock();
+        let due = std::mem::take(&mut self.replica.saves().due);
+        if due {
+            self.replica.save(&catalog);
+        }
+    }
+
     /// Connects the catalog to the agent: functions and access keys this host had before it
     /// was in a cluster (or deployed while it was cut off and unknown to the catalog) are
     /// published.
@@ -137,9 +294,17 @@ impl Node {
         let delta = {
             let mut catalog = self.replica.lock();
             let written = record_of(&self.id, v).and_then(|r| {
-                catalog
+                let mut d = catalog
                     .put_function(&v.name, r, now())
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| e.to_string())?;
+                // The schedules of triggers this version no longer has go with it.
+                for id in gone_schedules(&catalog, &v.name, Some(&v.manifest)) {
+                    if let Some(t) = catalog.remove_schedule(&id, now()).map_err(|e| e.to_string())? {
+                        tracing::info!(function = %v.name, schedule = %id, "schedule removed (its trigger went)");
+                        d.entries.extend(t.entries);
+                    }
+                }
+                Ok(d)
             });
             match written {
                 Ok(d) => {
@@ -176,53 +341,351 @@ impl Node {
         self.replica.lock().schedule(id).cloned()
     }
 
-    /// Records fired ticks (schedule id, tick ms) in the catalog, saved once and pushed to the
-    /// peers in one delta. For each: `Ok(())`, or `Err(tick)` when a tick as late or later was
-    /// recorded already (fired here or elsewhere).
-    pub fn fire_schedules(self: &Arc<Self>, ticks: &[(String, u64)]) -> Vec<Result<(), u64>> {
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let mut out = Vec::with_capacity(ticks.len());
+    /// Claims schedule ticks before they are fired, so that two hosts that each think they
+    /// own a schedule (a restart, a partition healing: their views of who is up differ) do not
+    /// both fire a tick. For each schedule, in order:
+    ///
+    /// 1. the hosts ranked above this one (for the schedule, over every member this host
+    ///    knows, down ones included: it would not own the schedule if it saw them up) are
+    ///    asked, all at once;
+    /// 2. the claim is checked and recorded in this host's catalog in one step (refused when a
+    ///    tick from `from_ms` on is recorded: fired here or elsewhere, or granted to another);
+    /// 3. the host that fired the last tick, if it is ranked below this one, is asked.
+    ///
+    /// An asked host checks and records the claim in one step under its catalog lock, as this
+    /// host does its own (see [`Node::serve_claim`]). So for two hosts that know each other,
+    /// the one ranked higher serializes the lower one's claim with its own: it records one of
+    /// the two first, and the other is refused, by it or by the lower one (which records the
+    /// higher one's claim only before recording its own). A host that does not answer within
+    /// `wait` (seen live) or [`DOWN_CLAIM_WAIT`] (seen down) is passed over (in
+    /// [`ClaimResult::unanswered`]): across a partition each side fires.
+    pub async fn claim_schedules(
+        self: &Arc<Self>,
+        claims: &[TickClaim],
+        wait: Duration,
+    ) -> Vec<ClaimResult> {
+        let mut out: Vec<ClaimResult> = claims
+            .iter()
+            .map(|_| ClaimResult {
+                outcome: Claimed::Fire,
+                unanswered: Vec::new(),
+            })
+            .collect();
+        let known = self.known_ids();
+        let mut above: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        let mut below: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        {
+            let catalog = self.replica.lock();
+            for (i, c) in claims.iter().enumerate() {
+                if !scheduled_in(&catalog, &c.schedule, Some((&c.function, c.version))) {
+                    out[i].outcome = Claimed::Removed;
+                    continue;
+                }
+                let stored = catalog.schedule(&c.schedule);
+                if let Some(r) = stored.filter(|r| r.tick_ms >= c.from_ms && !self.is_mine(r, c)) {
+                    out[i].outcome = Claimed::Taken {
+                        tick_ms: r.tick_ms,
+                        fired_by: r.fired_by.clone(),
+                    };
+                    continue;
+                }
+                if wait.is_zero() {
+                    continue;
+                }
+                let ranked =
+                    fnlet_cluster::route::rank(&c.schedule, known.iter().map(String::as_str));
+                let me = ranked.iter().position(|h| *h == self.id).unwrap_or(0);
+                for h in &ranked[..me] {
+                    above.entry(h.to_string()).or_default().push(i);
+                }
+                if let Some(p) = stored.map(|r| r.fired_by.as_str())
+                    && ranked[me..].contains(&p)
+                    && p != self.id
+                {
+                    below.entry(p.to_string()).or_default().push(i);
+                }
+            }
+        }
+        self.ask_claims(claims, above, wait, &mut out).await;
+        // Recorded here: from now on a claim from a host ranked below is refused.
         let mut delta = Delta::default();
         {
             let mut catalog = self.replica.lock();
-            for (id, tick) in ticks {
+            let now_ms = unix_ms();
+            for (i, c) in claims.iter().enumerate() {
+                if out[i].outcome != Claimed::Fire {
+                    continue;
+                }
+                if catalog
+                    .schedule(&c.schedule)
+                    .is_some_and(|r| self.is_mine(r, c))
+                {
+                    // Granted here by a host above (its answer, applied), or recorded before.
+                    continue;
+                }
                 let record = ScheduleRecord {
-                    tick_ms: *tick,
+                    tick_ms: c.tick_ms,
                     fired_by: self.id.clone(),
                     fired_at_ms: now_ms,
+                    epoch: 0,
+                    removed: false,
                 };
-                match catalog.fire_schedule(id, record, now()) {
-                    Ok(Some(d)) => {
-                        delta.entries.extend(d.entries);
-                        out.push(Ok(()));
-                    }
+                match catalog.fire_schedule(&c.schedule, c.from_ms, record, now()) {
+                    Ok(Some(d)) => delta.entries.extend(d.entries),
                     Ok(None) => {
-                        out.push(Err(catalog.schedule(id).map_or(*tick, |r| r.tick_ms)));
+                        let r = catalog.schedule(&c.schedule);
+                        out[i].outcome = Claimed::Taken {
+                            tick_ms: r.map_or(c.tick_ms, |r| r.tick_ms),
+                            fired_by: r.map_or_else(String::new, |r| r.fired_by.clone()),
+                        };
                     }
+                    // Not recorded: fired all the same (the queue takes its id once).
                     Err(e) => {
-                        // Not recorded: fired anyway (the queue still takes its id once).
-                        tracing::error!(schedule = %id, "recording a fired tick: {e}");
-                        out.push(Ok(()));
+                        tracing::error!(schedule = %c.schedule, "recording a claimed tick: {e}")
                     }
                 }
             }
             if !delta.is_empty() {
-                self.replica.save(&catalog);
+                // The ticks fired are kept in the event queue too: the file can wait.
+                self.save_schedules(&catalog);
             }
         }
         if !delta.is_empty() {
             self.push(delta);
         }
+        for ids in below.values_mut() {
+            ids.retain(|&i| out[i].outcome == Claimed::Fire);
+        }
+        below.retain(|_, ids| !ids.is_empty());
+        self.ask_claims(claims, below, wait, &mut out).await;
         out
+    }
+
+    /// Whether `r` records `c`'s last tick fired by this host (granted to it, or recorded by
+    /// an earlier try).
+    fn is_mine(&self, r: &ScheduleRecord, c: &TickClaim) -> bool {
+        !r.removed && r.tick_ms == c.tick_ms && r.fired_by == self.id
+    }
+
+    /// Asks each host in `asks` (host -> indexes into `claims`) at once, waiting `wait` at
+    /// most for a host seen live, [`DOWN_CLAIM_WAIT`] at most for one seen down; a claim a host
+    /// refuses is [`Claimed::Taken`] (or [`Claimed::Removed`]) in `out`.
+    async fn ask_claims(
+        self: &Arc<Self>,
+        claims: &[TickClaim],
+        asks: BTreeMap<String, Vec<usize>>,
+        wait: Duration,
+        out: &mut [ClaimResult],
+    ) {
+        let live = self.live_ids();
+        let asks = asks.into_iter().map(|(peer, which)| {
+            let node = self.clone();
+            let wait = if live.contains(&peer) {
+                wait
+            } else {
+                wait.min(DOWN_CLAIM_WAIT)
+            };
+            let request: Vec<Claim> = which
+                .iter()
+                .map(|&i| Claim {
+                    schedule: claims[i].schedule.clone(),
+                    from_ms: claims[i].from_ms,
+                    tick_ms: claims[i].tick_ms,
+                })
+                .collect();
+            async move {
+                let answer = match node.member_addr(&peer) {
+                    Some(addr) => {
+                        match tokio::time::timeout(wait, node.send_claims(&peer, addr, request))
+                            .await
+                        {
+                            Ok(r) => r,
+                            Err(_) => Err(format!("no answer within {wait:?}")),
+                        }
+                    }
+                    None => Err("not a member".to_string()),
+                };
+                (peer, which, answer)
+            }
+        });
+        for (peer, which, answer) in futures_util::future::join_all(asks).await {
+            let answer = match answer {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::debug!(peer = %peer, "claiming schedule ticks: {e}");
+                    for i in which {
+                        out[i].unanswered.push(peer.clone());
+                    }
+                    continue;
+                }
+            };
+            // What the peer holds is applied here too: it may know later ticks, and a grant
+            // is recorded here before this host records its own claim.
+            self.apply_remote(&answer, &peer);
+            for i in which {
+                let c = &claims[i];
+                let key = Key::Schedule(c.schedule.clone());
+                let record =
+                    answer
+                        .entries
+                        .iter()
+                        .find(|e| e.key == key)
+                        .and_then(|e| match &e.value {
+                            Some(Value::Schedule(r)) => Some(r.clone()),
+                            _ => None,
+                        });
+                if record.as_ref().is_some_and(|r| self.is_mine(r, c))
+                    || out[i].outcome != Claimed::Fire
+                {
+                    continue;
+                }
+                out[i].outcome = match record {
+                    Some(r) if r.removed => Claimed::Removed,
+                    Some(r) => {
+                        if r.tick_ms == c.tick_ms {
+                            // Recorded here too (step 3), fired there: the record says who.
+                            let noted = {
+                                let mut catalog = self.replica.lock();
+                                let n = catalog.note_schedule(&c.schedule, r.clone(), now());
+                                if matches!(n, Ok(Some(_))) {
+                                    self.save_schedules(&catalog);
+                                }
+                                n
+                            };
+                            if let Ok(Some(d)) = noted {
+                                self.push(d);
+                            }
+                        }
+                        Claimed::Taken {
+                            tick_ms: r.tick_ms,
+                            fired_by: r.fired_by,
+                        }
+                    }
+                    // The peer does not have the schedule (its function is not there yet).
+                    None => Claimed::Taken {
+                        tick_ms: c.tick_ms,
+                        fired_by: peer.clone(),
+                    },
+                };
+            }
+        }
+    }
+
+    /// Sends one ScheduleClaim to `peer` and reads its answer: its entries of the schedules.
+    async fn send_claims(
+        self: &Arc<Self>,
+        peer: &str,
+        addr: std::net::SocketAddr,
+        claims: Vec<Claim>,
+    ) -> Result<Delta, String> {
+        let conn = self
+            .transport
+            .connect(peer, addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let request = Frame::ScheduleClaim(ScheduleClaim { claims });
+        wire::send(&mut send, &request)
+            .await
+            .map_err(|e| e.to_string())?;
+        send.finish().map_err(|e| e.to_string())?;
+        let expect = Expect::answer_to(&request).ok_or("no answer expected")?;
+        let mut reader = FrameReader::new(recv, Limits::default(), expect);
+        let mut answer = Delta::default();
+        loop {
+            match reader.next().await {
+                Ok(Some(Frame::CatalogDelta(d))) => answer.entries.extend(d.entries),
+                Ok(Some(Frame::Error(e))) => return Err(e.message),
+                Ok(Some(_)) => {}
+                Ok(None) => return Ok(answer),
+                Err(e) => {
+                    if wire::close_for(&conn, &e, peer) {
+                        self.metrics.bad_frame();
+                    }
+                    return Err(e.to_string());
+                }
+            }
+        }
+    }
+
+    /// A peer's claim of schedule ticks (see [`Node::claim_schedules`]): each granted (recorded
+    /// as fired by the peer) unless a tick from its `from_ms` on is recorded here, or the
+    /// schedule is not in this host's catalog; answered with this host's entries.
+    pub(super) async fn serve_claim(
+        self: &Arc<Self>,
+        peer: &str,
+        claim: ScheduleClaim,
+        send: &mut quinn::SendStream,
+    ) -> Result<(), WireError> {
+        let now_ms = unix_ms();
+        let mut writes = Delta::default();
+        let mut answer = Delta::default();
+        {
+            let mut catalog = self.replica.lock();
+            for c in &claim.claims {
+                if scheduled_in(&catalog, &c.schedule, None) {
+                    let record = ScheduleRecord {
+                        tick_ms: c.tick_ms,
+                        fired_by: peer.to_string(),
+                        fired_at_ms: now_ms,
+                        epoch: 0,
+                        removed: false,
+                    };
+                    match catalog.fire_schedule(&c.schedule, c.from_ms, record, now()) {
+                        Ok(Some(d)) => {
+                            tracing::info!(peer, schedule = %c.schedule, tick_ms = c.tick_ms, "granted a schedule's ticks to the host that claimed them");
+                            writes.entries.extend(d.entries);
+                        }
+                        Ok(None) => {
+                            tracing::info!(peer, schedule = %c.schedule, tick_ms = c.tick_ms, "refused a claim of schedule ticks: fired or granted already");
+                        }
+                        Err(e) => {
+                            tracing::error!(schedule = %c.schedule, "recording a granted tick: {e}")
+                        }
+                    }
+                }
+                answer
+                    .entries
+                    .extend(catalog.entry(&Key::Schedule(c.schedule.clone())));
+            }
+            if !writes.is_empty() {
+                self.replica.save(&catalog);
+            }
+        }
+        if !writes.is_empty() {
+            self.push(writes);
+        }
+        if !answer.is_empty() {
+            let chunks = answer
+                .chunks(CHUNK)
+                .map_err(|e| WireError::Local(e.to_string()))?;
+            for c in chunks {
+                wire::send(send, &Frame::CatalogDelta(c)).await?;
+            }
+        }
+        wire::send(send, &Frame::End(frame::End::default())).await?;
+        send.finish()?;
+        Ok(())
     }
 
     /// A removal made here.
     pub fn unpublished(self: &Arc<Self>, name: &str) {
         let delta = {
             let mut catalog = self.replica.lock();
-            match catalog.remove_function(name, now()) {
+            let removed = catalog
+                .remove_function(name, now())
+                .map_err(|e| e.to_string());
+            // Its schedules go with it.
+            let removed = removed.and_then(|mut d| {
+                for id in gone_schedules(&catalog, name, None) {
+                    let t = catalog
+                        .remove_schedule(&id, now())
+                        .map_err(|e| e.to_string())?;
+                    d.entries.extend(t.into_iter().flat_map(|t| t.entries));
+                }
+                Ok(d)
+            });
+            match removed {
                 Ok(d) => {
                     self.replica.save(&catalog);
                     d
@@ -402,7 +865,11 @@ impl Node {
             let mut catalog = self.replica.lock();
             match catalog.apply(delta, now()) {
                 Ok(c) => {
-                    if !c.is_empty() {
+                    if c.iter().all(|c| matches!(c.key, Key::Schedule(_))) {
+                        if !c.is_empty() {
+                            self.save_schedules(&catalog);
+                        }
+                    } else {
                         self.replica.save(&catalog);
                     }
                     c

@@ -40,6 +40,7 @@ use sha2::Digest as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::App;
+use crate::cluster::replica::{Claimed, TickClaim};
 use crate::config::{Config, SchedulesConfig};
 use crate::metrics::Metrics;
 use crate::triggers::{Schedule, Trigger};
@@ -62,6 +63,38 @@ pub fn schedule_id(function: &str, s: &Schedule, same_before: usize) -> String {
         format!("{}\0{}\0{same_before}", s.expression, s.timezone_name).as_bytes(),
     );
     format!("{function}-{}", hex::encode(&h[..4]))
+}
+
+/// A function's schedule triggers: (schedule id, place in `[[triggers]]`, schedule). None when
+/// its triggers do not validate (refused at deploy; an old record read back).
+pub fn schedules_of(
+    function: &str,
+    manifest: &crate::manifest::Manifest,
+) -> Vec<(String, usize, Schedule)> {
+    let Ok(triggers) = manifest.validated_triggers() else {
+        return Vec::new();
+    };
+    let mut seen: BTreeMap<(String, String), usize> = BTreeMap::new();
+    let mut out = Vec::new();
+    for (index, t) in triggers.into_iter().enumerate() {
+        let Trigger::Schedule(schedule) = t else {
+            continue;
+        };
+        let n = seen
+            .entry((schedule.expression.clone(), schedule.timezone_name.clone()))
+            .or_default();
+        let id = schedule_id(function, &schedule, *n);
+        *n += 1;
+        out.push((id, index, schedule));
+    }
+    out
+}
+
+/// The function a schedule id belongs to (ids are `FUNCTION-xxxxxxxx`).
+pub fn function_of(id: &str) -> Option<&str> {
+    let (function, hash) = id.rsplit_once('-')?;
+    (hash.len() == 8 && hash.bytes().all(|b| b.is_ascii_hexdigit()) && !function.is_empty())
+        .then_some(function)
 }
 
 /// The id of a tick's event: a UUID (version 8, RFC 9562) made of SHA-256(schedule id, tick),
@@ -267,6 +300,8 @@ struct Entry {
     deferred: Option<Timestamp>,
     /// When the scheduler's timer should wake for this schedule (owned ones only).
     wake_at: Option<Timestamp>,
+    /// Ticks of it are being claimed and stored (not decided again until that ends).
+    firing: bool,
 }
 
 #[derive(Default)]
@@ -281,6 +316,8 @@ struct State {
 pub struct Scheduler {
     state: Mutex<State>,
     started: Instant,
+    /// Told when a batch of ticks has been claimed and stored.
+    fired: tokio::sync::Notify,
 }
 
 impl Default for Scheduler {
@@ -288,6 +325,7 @@ impl Default for Scheduler {
         Scheduler {
             state: Mutex::new(State::default()),
             started: Instant::now(),
+            fired: tokio::sync::Notify::new(),
         }
     }
 }
@@ -364,6 +402,7 @@ impl Scheduler {
                 _ = sync_wait => {}
                 _ = app.router.registry.functions_changed.notified() => {}
                 _ = members_changed.notified() => {}
+                _ = self.fired.notified() => {}
                 _ = stop.cancelled() => return,
             }
         }
@@ -390,19 +429,7 @@ impl Scheduler {
         let now = Timestamp::now();
         let mut old = std::mem::take(&mut st.entries);
         for f in &functions {
-            let Ok(triggers) = f.manifest.validated_triggers() else {
-                continue;
-            };
-            let mut seen: BTreeMap<(String, String), usize> = BTreeMap::new();
-            for (index, t) in triggers.into_iter().enumerate() {
-                let Trigger::Schedule(schedule) = t else {
-                    continue;
-                };
-                let n = seen
-                    .entry((schedule.expression.clone(), schedule.timezone_name.clone()))
-                    .or_default();
-                let id = schedule_id(&f.name, &schedule, *n);
-                *n += 1;
+            for (id, index, schedule) in schedules_of(&f.name, &f.manifest) {
                 // The same schedule in a new version keeps what this host knew of it.
                 let kept = old.remove(&id);
                 let e = Entry {
@@ -415,6 +442,7 @@ impl Scheduler {
                     scheduled: kept.as_ref().and_then(|k| k.scheduled),
                     deferred: kept.as_ref().and_then(|k| k.deferred),
                     wake_at: None,
+                    firing: kept.as_ref().is_some_and(|k| k.firing),
                     schedule,
                 };
                 st.entries.insert(id, e);
@@ -436,7 +464,7 @@ impl Scheduler {
     }
 
     /// Decides for every schedule, fires what is due; returns when to wake next.
-    async fn tick(&self, app: &App) -> Option<Timestamp> {
+    async fn tick(self: &Arc<Self>, app: &Arc<App>) -> Option<Timestamp> {
         let node = app.cluster.get().cloned();
         if let Some(node) = &node {
             // A tick waited for is fired only after asking the host that fired the one before
@@ -487,7 +515,7 @@ impl Scheduler {
                     continue;
                 }
                 e.owned = true;
-                if e.wake_at.is_some_and(|w| w > now) {
+                if e.firing || e.wake_at.is_some_and(|w| w > now) {
                     continue;
                 }
                 let local = app
@@ -559,7 +587,8 @@ impl Scheduler {
                                 due_at: plus(tick, jitter(&e.schedule, id, tick)),
                             });
                         }
-                        // Worked out again at once: the next tick's timer.
+                        // Worked out again once the ticks are claimed and stored.
+                        e.firing = true;
                         e.scheduled = None;
                         e.deferred = None;
                         e.wake_at = None;
@@ -568,9 +597,29 @@ impl Scheduler {
             }
         }
         if !firings.is_empty() {
-            self.fire(app, node.as_ref(), firings).await;
-            // The fired ones get their next tick now.
-            return Some(Timestamp::now());
+            // In the background: a claim may wait for an answer (schedules.claim_wait_s), and
+            // the other schedules' ticks do not wait for it.
+            let (me, app) = (self.clone(), app.clone());
+            tokio::spawn(async move {
+                let mut last: BTreeMap<String, Timestamp> = BTreeMap::new();
+                for f in &firings {
+                    let t = last.entry(f.id.clone()).or_insert(f.tick);
+                    *t = (*t).max(f.tick);
+                }
+                me.fire(&app, node.as_ref(), firings).await;
+                {
+                    let mut st = me.lock();
+                    for (id, tick) in last {
+                        if let Some(e) = st.entries.get_mut(&id) {
+                            e.firing = false;
+                            // The next tick is on time: one due already (the claim took long)
+                            // is fired as late, not as a catch-up.
+                            e.scheduled = e.schedule.next_after(tick);
+                        }
+                    }
+                }
+                me.fired.notify_one();
+            });
         }
         self.lock().entries.values().filter_map(|e| e.wake_at).min()
     }
@@ -584,19 +633,47 @@ impl Scheduler {
     ) {
         let metrics = &app.router.metrics.schedules;
         if let Some(node) = node {
-            // One record per schedule: its latest tick.
-            let mut latest: BTreeMap<String, u64> = BTreeMap::new();
+            // One claim per schedule: its ticks, first to last.
+            let mut claims: BTreeMap<String, TickClaim> = BTreeMap::new();
             for f in &firings {
-                let t = latest.entry(f.id.clone()).or_default();
-                *t = (*t).max(f.tick.as_millisecond() as u64);
+                let t = f.tick.as_millisecond() as u64;
+                let c = claims.entry(f.id.clone()).or_insert_with(|| TickClaim {
+                    schedule: f.id.clone(),
+                    function: f.function.clone(),
+                    version: f.version,
+                    from_ms: t,
+                    tick_ms: t,
+                });
+                c.from_ms = c.from_ms.min(t);
+                c.tick_ms = c.tick_ms.max(t);
             }
-            let ticks: Vec<(String, u64)> = latest.into_iter().collect();
-            let results = node.fire_schedules(&ticks);
-            for ((id, _), r) in ticks.iter().zip(results) {
-                if let Err(recorded) = r {
-                    // Fired elsewhere meanwhile: the ticks up to the recorded one are not
-                    // fired again.
-                    firings.retain(|f| f.id != *id || f.tick.as_millisecond() as u64 > recorded);
+            let claims: Vec<TickClaim> = claims.into_values().collect();
+            let wait = secs(app.config.schedules.claim_wait_s);
+            let results = node.claim_schedules(&claims, wait).await;
+            for (c, r) in claims.iter().zip(results) {
+                let labels = Metrics::function(&c.function);
+                for peer in &r.unanswered {
+                    metrics.claims_unanswered.get_or_create(&labels).inc();
+                    tracing::warn!(function = %c.function, schedule = %c.schedule, peer = %peer, "claim of the schedule's ticks not answered in time (schedules.claim_wait_s, 250 ms for a host seen down): fired without it");
+                }
+                match r.outcome {
+                    Claimed::Fire => {}
+                    Claimed::Taken {
+                        tick_ms,
+                        ref fired_by,
+                    } => {
+                        let n = firings.iter().filter(|f| f.id == c.schedule).count();
+                        metrics
+                            .claims_refused
+                            .get_or_create(&labels)
+                            .inc_by(n as u64);
+                        tracing::info!(function = %c.function, schedule = %c.schedule, recorded = tick_ms, fired_by = %fired_by, "schedule ticks fired or granted elsewhere: not fired here");
+                        firings.retain(|f| f.id != c.schedule);
+                    }
+                    Claimed::Removed => {
+                        tracing::info!(function = %c.function, schedule = %c.schedule, "schedule removed in the cluster's catalog: not fired");
+                        firings.retain(|f| f.id != c.schedule);
+                    }
                 }
             }
         }
@@ -755,6 +832,7 @@ mod tests {
             catch_up_ticks,
             handoff_wait_s: 1.0,
             startup_sync_s: 10.0,
+            claim_wait_s: 1.0,
         }
     }
 
@@ -791,6 +869,17 @@ timezone = "Europe/Berlin""#,
         assert_ne!(id, event_id("f-1", ts("2026-12-05T01:00:01Z")));
         assert_eq!(id.len(), 36);
         assert_eq!(&id[14..15], "8");
+    }
+
+    #[test]
+    fn schedule_ids_name_their_function() {
+        let a = schedule(r#"schedule = "rate(1 minute)""#);
+        for f in ["f", "my-func", "a-1b2c3d4e"] {
+            assert_eq!(function_of(&schedule_id(f, &a, 0)), Some(f));
+        }
+        assert_eq!(function_of("nohash"), None);
+        assert_eq!(function_of("f-xyz"), None);
+        assert_eq!(function_of("-1a2b3c4d"), None);
     }
 
     #[test]
