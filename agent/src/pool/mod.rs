@@ -313,6 +313,16 @@ pub struct FunctionSlot {
 struct Idle {
     instance: Tracked,
     since: Instant,
+    /// Last used by a qualified call (a version number or an alias): kept while warm even
+    /// when its version is not the active one.
+    pinned: bool,
+}
+
+impl Idle {
+    /// Whether it may stay in the pool while `active` is the active version.
+    fn keep(&self, active: u64) -> bool {
+        self.instance.is_alive() && (self.instance.version == active || self.pinned)
+    }
 }
 
 /// Counts of a function's Lambda instances.
@@ -421,54 +431,66 @@ impl FunctionSlot {
     }
 
     /// A warm instance of `version`, the most recently used (its caches are warmest).
-    /// Instances that have died, or whose version is no longer active, are dropped on the
-    /// way; the active version's stay for their callers when `version` is another (a
-    /// qualified call).
+    /// Instances that have died, or whose version is neither active nor kept for qualified
+    /// calls, are dropped on the way; the others stay for their callers.
     pub fn take_idle(&self, version: u64) -> Option<Tracked> {
         let active = self.active().version;
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.retain(|i| {
-            i.instance.is_alive() && (i.instance.version == active || i.instance.version == version)
-        });
+        idle.retain(|i| i.keep(active) || (i.instance.is_alive() && i.instance.version == version));
         let at = idle.iter().rposition(|i| i.instance.version == version)?;
         Some(idle.remove(at).instance)
     }
 
-    /// Returns an instance to the warm pool after an invocation.
-    pub fn put_idle(&self, instance: Tracked) {
-        if instance.version != self.active().version || !instance.is_alive() {
+    /// Returns an instance to the warm pool after an invocation. One of a version that is not
+    /// the active one stays only after a qualified call (`pinned`): the next call of that
+    /// version takes it; otherwise (a deploy happened during the call) it goes.
+    pub fn put_idle(&self, instance: Tracked, pinned: bool) {
+        let idle = Idle {
+            instance,
+            since: Instant::now(),
+            pinned,
+        };
+        if !idle.keep(self.active().version) {
             return;
         }
         self.idle
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(Idle {
-                instance,
-                since: Instant::now(),
-            });
+            .push(idle);
         self.capacity.released.notify_waiters();
     }
 
-    /// When the least recently used idle instance that may be evicted went idle: one above
-    /// `min_instances` (provisioned instances stay).
+    /// Where in `idle` the least recently used instance that may be evicted is: one of
+    /// another version than the active one, or one above `min_instances` (provisioned
+    /// instances stay).
+    fn evictable(&self, idle: &[Idle]) -> Option<usize> {
+        let f = self.active();
+        let others = idle
+            .iter()
+            .filter(|i| i.instance.version != f.version)
+            .count() as u64;
+        let active_alive = self
+            .instances
+            .alive
+            .load(Ordering::Acquire)
+            .saturating_sub(others);
+        let above_min = active_alive > u64::from(f.resolved.min_instances);
+        idle.iter()
+            .position(|i| above_min || i.instance.version != f.version)
+    }
+
+    /// When the least recently used idle instance that may be evicted went idle.
     fn evictable_since(&self) -> Option<Instant> {
-        let min = u64::from(self.active().resolved.min_instances);
-        if self.instances.alive.load(Ordering::Acquire) <= min {
-            return None;
-        }
         let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.first().map(|i| i.since)
+        self.evictable(&idle).map(|at| idle[at].since)
     }
 
     /// Takes the least recently used idle instance out, if it may be evicted (dropping it
     /// kills it).
     fn take_evictable(&self) -> Option<Tracked> {
-        let min = u64::from(self.active().resolved.min_instances);
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.is_empty() || self.instances.alive.load(Ordering::Acquire) <= min {
-            return None;
-        }
-        Some(idle.remove(0).instance)
+        let at = self.evictable(&idle)?;
+        Some(idle.remove(at).instance)
     }
 
     pub fn idle_count(&self) -> usize {
@@ -476,29 +498,36 @@ impl FunctionSlot {
     }
 
     /// Stops idle instances that have waited longer than `keep_alive` (the oldest first),
-    /// keeping `min` alive, and every one that died or runs an old version. Returns how many
-    /// instances should be started to reach `min`.
+    /// keeping `min` of the active version alive, and every one that died or runs an old
+    /// version no qualified call used last. Instances kept for qualified calls have the same
+    /// keep-alive and never count towards `min`. Returns how many instances should be started
+    /// to reach `min`.
     pub fn reap_idle(&self, now: Instant) -> u32 {
         let f = self.active();
         let keep_alive = Duration::from_secs_f64(f.resolved.keep_alive_s);
         let min = u64::from(f.resolved.min_instances);
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.retain(|i| i.instance.version == f.version && i.instance.is_alive());
+        idle.retain(|i| i.keep(f.version));
+        let expired = |i: &Idle| now.saturating_duration_since(i.since) >= keep_alive;
+        idle.retain(|i| i.instance.version == f.version || !expired(i));
+        let others = idle
+            .iter()
+            .filter(|i| i.instance.version != f.version)
+            .count() as u64;
+        let active_alive = || (self.instances.alive.load(Ordering::Acquire)).saturating_sub(others);
         // Oldest first; the count of alive instances drops as each is dropped.
         let mut i = 0;
         while i < idle.len() {
-            let alive = self.instances.alive.load(Ordering::Acquire);
-            if alive <= min {
+            if active_alive() <= min {
                 break;
             }
-            if now.saturating_duration_since(idle[i].since) >= keep_alive {
+            if idle[i].instance.version == f.version && expired(&idle[i]) {
                 drop(idle.remove(i));
             } else {
                 i += 1;
             }
         }
-        let alive = self.instances.alive.load(Ordering::Acquire);
-        min.saturating_sub(alive) as u32
+        min.saturating_sub(active_alive()) as u32
     }
 
     /// Drops every idle instance (shutdown, removal): each is killed.
