@@ -309,6 +309,17 @@ pub struct FunctionSlot {
     capacity: Arc<Capacity>,
 }
 
+/// How many of the idle instances of `idle_versions` eviction may take when `alive`
+/// instances of the function live and `active` is its version: every one of another version
+/// (kept for qualified calls; they never count towards `min`), and the active version's
+/// above `min`.
+fn evictable_among(idle_versions: &[u64], alive: u64, active: u64, min: u64) -> u64 {
+    let others = idle_versions.iter().filter(|v| **v != active).count() as u64;
+    let active_idle = idle_versions.len() as u64 - others;
+    let active_alive = alive.saturating_sub(others);
+    others + active_idle.min(active_alive.saturating_sub(min))
+}
+
 /// A warm instance and since when it waits.
 struct Idle {
     instance: Tracked,
@@ -462,8 +473,9 @@ impl FunctionSlot {
 
     /// Where in `idle` the least recently used instance that may be evicted is: one of
     /// another version than the active one, or one above `min_instances` (provisioned
-    /// instances stay).
-    fn evictable(&self, idle: &[Idle]) -> Option<usize> {
+    /// instances stay); never one of `spare` (the version a call of this function wants room
+    /// for: it would take that one instead).
+    fn evictable(&self, idle: &[Idle], spare: Option<u64>) -> Option<usize> {
         let f = self.active();
         let others = idle
             .iter()
@@ -475,30 +487,46 @@ impl FunctionSlot {
             .load(Ordering::Acquire)
             .saturating_sub(others);
         let above_min = active_alive > u64::from(f.resolved.min_instances);
-        idle.iter()
-            .position(|i| above_min || i.instance.version != f.version)
+        idle.iter().position(|i| {
+            Some(i.instance.version) != spare && (above_min || i.instance.version != f.version)
+        })
     }
 
     /// When the least recently used idle instance that may be evicted went idle.
-    fn evictable_since(&self) -> Option<Instant> {
+    fn evictable_since(&self, spare: Option<u64>) -> Option<Instant> {
         let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        self.evictable(&idle).map(|at| idle[at].since)
+        self.evictable(&idle, spare).map(|at| idle[at].since)
     }
 
     /// Takes the least recently used idle instance out, if it may be evicted (dropping it
     /// kills it).
-    fn take_evictable(&self) -> Option<Tracked> {
+    fn take_evictable(&self, spare: Option<u64>) -> Option<Tracked> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let at = self.evictable(&idle)?;
+        let at = self.evictable(&idle, spare)?;
         Some(idle.remove(at).instance)
     }
 
-    /// How many of its idle instances eviction could take now (never below min_instances).
+    /// How many of its idle instances eviction could take now: as [`Self::evictable`] picks
+    /// them, never the active version's below min_instances.
     fn evictable_count(&self) -> u64 {
-        let min = u64::from(self.active().resolved.min_instances);
-        let alive = self.instances.alive.load(Ordering::Acquire);
-        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).len() as u64;
-        idle.min(alive.saturating_sub(min))
+        let f = self.active();
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let versions: Vec<u64> = idle.iter().map(|i| i.instance.version).collect();
+        evictable_among(
+            &versions,
+            self.instances.alive.load(Ordering::Acquire),
+            f.version,
+            u64::from(f.resolved.min_instances),
+        )
+    }
+
+    /// Whether a warm instance of `version` waits.
+    pub fn has_idle_of(&self, version: u64) -> bool {
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|i| i.instance.version == version && i.instance.is_alive())
     }
 
     pub fn idle_count(&self) -> usize {
@@ -711,12 +739,14 @@ impl Registry {
     }
 
     /// Commits an instance of `function` needing `need`: when the host is full, evicts idle
-    /// instances of other functions, least recently used first, then waits (up to `wait`) for
+    /// instances of other functions (and, for a Lambda call of `version`, the function's
+    /// idle instances of its other versions), least recently used first, then waits for
     /// room until `deadline`. `ready`: checked whenever something changed, it ends the wait early with `Ok(None)`
     /// (a warm instance of the caller's own function turned idle, say).
     pub async fn commit(
         &self,
         function: &str,
+        version: Option<u64>,
         need: Need,
         deadline: tokio::time::Instant,
         mut ready: impl FnMut() -> bool,
@@ -730,7 +760,7 @@ impl Registry {
                 Ok(c) => return Ok(Some(c)),
                 Err(short) => short,
             };
-            if let Some(victim) = self.evict_one(function) {
+            if let Some(victim) = self.evict_one(function, version) {
                 tracing::info!(function = %victim.0, instance = %victim.1, for_function = function, "evicted an idle instance to make room ({})", short.resource());
                 continue;
             }
@@ -759,7 +789,8 @@ impl Registry {
             return true;
         };
         let f = slot.active();
-        if f.manifest.mode == crate::manifest::Mode::Lambda && slot.idle_count() > 0 {
+        // An idle instance of an older version, kept for qualified calls, cannot take it.
+        if f.manifest.mode == crate::manifest::Mode::Lambda && slot.has_idle_of(f.version) {
             return true;
         }
         let mut freeable = capacity::Amounts::default();
@@ -783,26 +814,31 @@ impl Registry {
         self.capacity.fits_with(f.need(), freeable)
     }
 
-    /// Stops the least recently used idle instance of any function but `except` that may be
-    /// evicted; its function's name and the instance's id.
-    pub fn evict_one(&self, except: &str) -> Option<(String, String)> {
-        let slots: Vec<(String, Arc<FunctionSlot>)> = self
+    /// Stops the least recently used idle instance that may be evicted to make room for a
+    /// call of `function`'s `version`: of any other function, or one of `function`'s other
+    /// versions (an old version's instance, kept for qualified calls, must not keep the
+    /// active version out; None: the function has no idle instances, exec mode). Its
+    /// function's name and the instance's id.
+    pub fn evict_one(&self, function: &str, version: Option<u64>) -> Option<(String, String)> {
+        let slots: Vec<(String, Arc<FunctionSlot>, Option<u64>)> = self
             .map
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .filter(|(n, _)| n.as_str() != except)
-            .map(|(n, s)| (n.clone(), s.clone()))
+            .filter_map(|(n, s)| match n.as_str() == function {
+                false => Some((n.clone(), s.clone(), None)),
+                true => version.map(|v| (n.clone(), s.clone(), Some(v))),
+            })
             .collect();
         let mut order: Vec<(Instant, usize)> = slots
             .iter()
             .enumerate()
-            .filter_map(|(i, (_, s))| s.evictable_since().map(|t| (t, i)))
+            .filter_map(|(i, (_, s, spare))| s.evictable_since(*spare).map(|t| (t, i)))
             .collect();
         order.sort();
         for (_, i) in order {
-            let (name, slot) = &slots[i];
-            if let Some(victim) = slot.take_evictable() {
+            let (name, slot, spare) = &slots[i];
+            if let Some(victim) = slot.take_evictable(*spare) {
                 let id = victim.id.clone();
                 // Dropped: killed, and its commitment given back.
                 drop(victim);
@@ -977,6 +1013,22 @@ mod tests {
             code_sha256: None,
         };
         ActiveFunction::new(&rec, &v, "/b".into(), &Config::default()).unwrap()
+    }
+
+    #[test]
+    fn eviction_keeps_min_instances_of_the_active_version_only() {
+        // Two idle of the active version 3 and min 1: one may go; with a third busy, both.
+        assert_eq!(evictable_among(&[3, 3], 2, 3, 1), 1);
+        assert_eq!(evictable_among(&[3, 3], 3, 3, 1), 2);
+        // Two idle of version 1 (kept for qualified calls) beside them: those go too, and
+        // they do not stand in for the active version's minimum.
+        assert_eq!(evictable_among(&[1, 3, 1, 3], 4, 3, 1), 3);
+        assert_eq!(evictable_among(&[1, 1, 3], 3, 3, 2), 2);
+        assert_eq!(evictable_among(&[1, 1], 3, 3, 1), 2);
+        // The active version at its minimum: only the others.
+        assert_eq!(evictable_among(&[1, 3], 2, 3, 1), 1);
+        assert_eq!(evictable_among(&[], 0, 3, 0), 0);
+        assert_eq!(evictable_among(&[3, 3], 2, 3, 0), 2);
     }
 
     #[test]

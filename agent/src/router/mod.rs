@@ -256,7 +256,7 @@ impl Router {
                 let deadline = tokio::time::Instant::now() + self.queue_timeout;
                 let _commitment = match self
                     .registry
-                    .commit(&f.name, f.need(), deadline, || false)
+                    .commit(&f.name, None, f.need(), deadline, || false)
                     .await
                 {
                     Ok(Some(c)) => c,
@@ -464,7 +464,9 @@ impl Router {
             }
             match self
                 .registry
-                .commit(&f.name, f.need(), deadline, || slot.idle_count() > 0)
+                .commit(&f.name, Some(f.version), f.need(), deadline, || {
+                    slot.has_idle_of(f.version)
+                })
                 .await
             {
                 Ok(Some(c)) => break Err(c),
