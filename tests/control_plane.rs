@@ -150,6 +150,15 @@ out["get"] = got
 out["versions"] = call(lam.list_versions_by_function, FunctionName=name)
 out["code_signing"] = call(lam.get_function_code_signing_config, FunctionName=name)
 out["tags"] = call(lam.list_tags, Resource=out["create"]["FunctionArn"])
+# Tags changed after the create (Terraform's tags on update): TagResource, UntagResource.
+arn = out["create"]["FunctionArn"]
+out["tag"] = call(lam.tag_resource, Resource=arn, Tags={"cost": "12", "team": "platform"})
+out["tags_tagged"] = call(lam.list_tags, Resource=arn)
+out["untag"] = call(lam.untag_resource, Resource=arn, TagKeys=["team", "absent"])
+out["tags_untagged"] = call(lam.list_tags, Resource=arn)
+out["tag_missing"] = call(lam.tag_resource,
+    Resource=arn.replace(name, "no-such-function"), Tags={"a": "b"})
+out["tag_qualified"] = call(lam.tag_resource, Resource=arn + ":1", Tags={"a": "b"})
 lam.get_waiter("function_active_v2").wait(FunctionName=name,
     WaiterConfig={"Delay": 1, "MaxAttempts": 60})
 out["invoke1"] = invoke(name, {"n": 1})
@@ -185,6 +194,13 @@ out["again"] = call(lam.create_function, FunctionName=name, Role=role,
 out["layers"] = call(lam.create_function, FunctionName="with-layers", Role=role,
     Runtime="provided.al2023", Handler="x", Code={"ZipFile": zipfile(cfg["zip"])},
     Layers=["arn:aws:lambda:us-east-1:000000000000:layer:x:1"])
+out["vpc"] = call(lam.create_function, FunctionName="in-vpc", Role=role,
+    Runtime="provided.al2023", Handler="x", Code={"ZipFile": zipfile(cfg["zip"])},
+    VpcConfig={"SubnetIds": ["subnet-1"], "SecurityGroupIds": ["sg-1"]})
+# No layers and no VPC, said explicitly: accepted.
+out["no_vpc_no_layers"] = call(lam.create_function, FunctionName="plain", Role=role,
+    Runtime="provided.al2023", Handler="x", Code={"ZipFile": zipfile(cfg["zip"])},
+    VpcConfig={"SubnetIds": [], "SecurityGroupIds": []}, Layers=[], Architectures=["x86_64"])
 out["arm64"] = call(lam.create_function, FunctionName="on-arm", Role=role,
     Runtime="provided.al2023", Handler="x", Code={"ZipFile": zipfile(cfg["zip"])},
     Architectures=["arm64"])
@@ -280,6 +296,24 @@ fn terraforms_calls_with_boto3() {
     assert_eq!(r["get"]["Tags"], json!({"team": "infra"}), "{ctx}");
     assert_eq!(r["tags"]["Tags"], json!({"team": "infra"}), "{ctx}");
     assert_eq!(r["code_signing"]["CodeSigningConfigArn"], "", "{ctx}");
+    assert_eq!(r["code_signing"]["FunctionName"], "tf-fn", "{ctx}");
+    // TagResource adds and overwrites, UntagResource removes (an absent key is no error).
+    assert!(r["tag"].get("error").is_none(), "{ctx}");
+    assert_eq!(
+        r["tags_tagged"]["Tags"],
+        json!({"team": "platform", "cost": "12"}),
+        "{ctx}"
+    );
+    assert!(r["untag"].get("error").is_none(), "{ctx}");
+    assert_eq!(r["tags_untagged"]["Tags"], json!({"cost": "12"}), "{ctx}");
+    assert_eq!(
+        error_of(&r["tag_missing"]).0,
+        "ResourceNotFoundException",
+        "{ctx}"
+    );
+    let (t, http, m) = error_of(&r["tag_qualified"]);
+    assert_eq!((t, http), ("InvalidParameterValueException", 400), "{ctx}");
+    assert!(m.contains("unqualified"), "{m}");
     let versions: Vec<&str> = r["versions"]["Versions"]
         .as_array()
         .expect("Versions")
@@ -357,6 +391,7 @@ fn terraforms_calls_with_boto3() {
     for (case, field) in [
         ("layers", "Layers"),
         ("arm64", "Architectures"),
+        ("vpc", "VpcConfig"),
         ("unknown_runtime", "Runtime"),
         ("no_runtime", "Runtime"),
         ("not_a_zip", "Code.ZipFile"),
@@ -383,7 +418,11 @@ fn terraforms_calls_with_boto3() {
             "Function not found: arn:aws:lambda:us-east-1:000000000000:function:no-such-function"
         )
     );
-    // None of the refused functions exists.
+    // Empty VpcConfig and Layers, and x86_64, are accepted; none of the refused functions
+    // exists.
+    let plain = &r["no_vpc_no_layers"];
+    assert_eq!(plain["Architectures"], json!(["x86_64"]), "{ctx}");
+    assert!(plain.get("Layers").is_none(), "{ctx}");
     let listed = agent.admin(Method::GET, "/v1/functions", None).json();
     let names: Vec<&str> = listed["functions"]
         .as_array()
@@ -391,7 +430,7 @@ fn terraforms_calls_with_boto3() {
         .iter()
         .filter_map(|f| f["name"].as_str())
         .collect();
-    assert!(names.is_empty(), "{names:?}");
+    assert_eq!(names, ["plain"], "{ctx}");
 
     // DeleteFunction, then GetFunction answers 404 (Terraform's wait), and so does Invoke.
     assert_eq!(r["delete"]["StatusCode"], 204, "{ctx}");
