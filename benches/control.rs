@@ -9,8 +9,13 @@
 //! `POST /v1/functions` the raw zip. The zip: the benchmark no-op as `bootstrap` (tests/
 //! fixtures/lambda-noop), its fnlet.toml, and 5 MB of incompressible data, stored.
 //!
+//! Then warm calls of one such function, interleaved: the Invoke API (buffered: the time to the
+//! whole answer) beside InvokeWithResponseStream (the time to the first byte of its body, the
+//! PayloadChunk event, and to its end, the InvokeComplete event).
+//!
 //! `benches/run.sh control`, or `cargo bench -p fnlet-benches --bench control` as root with the
-//! no-op built. FNLET_BENCH_RUNS (default 40) and FNLET_BENCH_WARMUP (4).
+//! no-op built. FNLET_BENCH_RUNS (default 40) and FNLET_BENCH_WARMUP (4); the warm calls are
+//! FNLET_BENCH_CALLS (default 400) of each.
 
 mod common;
 
@@ -163,6 +168,86 @@ fn main() {
             ms(s.p99),
             ms(s.min),
             ratio(s.median, Some(d.median)),
+        );
+    }
+    println!("  load average after: {}", common::load_average());
+
+    // Warm calls: buffered Invoke beside InvokeWithResponseStream, alternating.
+    let calls = env_count("FNLET_BENCH_CALLS", 400);
+    let name = "warm";
+    let zip = zip_of(name, &bootstrap, &[]);
+    rt.block_on(async {
+        let r = client
+            .post(url("/v1/functions"))
+            .header("authorization", &bearer)
+            .header("content-type", "application/zip")
+            .body(zip)
+            .send()
+            .await
+            .expect("deploy");
+        assert_eq!(r.status().as_u16(), 201, "deploy warm");
+    });
+    let (mut buffered, mut first_byte, mut whole) = (Vec::new(), Vec::new(), Vec::new());
+    let invoke = url(&format!("/2015-03-31/functions/{name}/invocations"));
+    let stream = url(&format!(
+        "/2021-11-15/functions/{name}/response-streaming-invocations"
+    ));
+    for i in 0..warmup + calls {
+        let order = if i % 2 == 0 { [0, 1] } else { [1, 0] };
+        for who in order {
+            rt.block_on(async {
+                let started = Instant::now();
+                let target = if who == 0 { &invoke } else { &stream };
+                let mut r = client
+                    .post(target)
+                    .header("authorization", &bearer)
+                    .body("{}")
+                    .send()
+                    .await
+                    .expect("invoke");
+                assert_eq!(r.status().as_u16(), 200, "{target}");
+                let mut first = None;
+                let mut bytes = 0;
+                while let Some(c) = r.chunk().await.expect("the answer's body") {
+                    first.get_or_insert_with(|| started.elapsed());
+                    bytes += c.len();
+                }
+                let total = started.elapsed();
+                assert!(bytes > 0, "{target}: an empty answer");
+                if i >= warmup {
+                    if who == 0 {
+                        buffered.push(total);
+                    } else {
+                        first_byte.push(first.unwrap_or(total));
+                        whole.push(total);
+                    }
+                }
+            });
+        }
+    }
+    let b = Stats::of(&buffered);
+    println!(
+        "\n  {:<52} {:>5} {:>10} {:>10} {:>10} {:>10}",
+        "warm calls of the no-op", "runs", "median ms", "p99 ms", "min ms", "vs Invoke"
+    );
+    for (what, s) in [
+        ("Invoke (buffered), the whole answer", b),
+        (
+            "InvokeWithResponseStream, first byte",
+            Stats::of(&first_byte),
+        ),
+        (
+            "InvokeWithResponseStream, InvokeComplete",
+            Stats::of(&whole),
+        ),
+    ] {
+        println!(
+            "  {what:<52} {:>5} {:>10} {:>10} {:>10} {:>10}",
+            s.n,
+            ms(s.median),
+            ms(s.p99),
+            ms(s.min),
+            ratio(s.median, Some(b.median)),
         );
     }
     println!("  load average after: {}", common::load_average());

@@ -33,7 +33,9 @@
 #   Installs nats-server; builds fnlet and the no-op as for lambda; runs
 #   `cargo bench -p fnlet-benches --bench topics`.
 # control: Lambda's control plane on a real `fnlet agent`: CreateFunction of a 5 MB zip to its
-#   first successful invoke, beside `fnlet deploy`'s POST /v1/functions of the same zip. Builds
+#   first successful invoke, beside `fnlet deploy`'s POST /v1/functions of the same zip; then warm
+#   calls of the no-op, the Invoke API (buffered) beside InvokeWithResponseStream's first byte and
+#   its InvokeComplete. Builds
 #   fnlet and the no-op as for lambda; runs `cargo bench -p fnlet-benches --bench control`.
 # network: functions' egress with the isolate library and the agent's network code: cold start
 #   of a prepared sandbox with and without egress, the cost of a veth + address + rules per

@@ -1,6 +1,7 @@
 //! Host capacity and density against the real agent: live instances' memory limits stay within
 //! `[capacity]`, idle instances of other functions are evicted least recently used first, a
-//! call with nothing left to evict is refused 429 naming the resource, `fnlet status` and
+//! call with nothing left to evict is refused 429 naming the resource, an old version's idle
+//! instance (kept for qualified calls) is evicted for the active version's call, `fnlet status` and
 //! /metrics show committed vs capacity; and many idle warm instances live and are reaped to
 //! nothing. Needs root and tests/fixtures/lambda-noop built (scripts/build-fixtures.sh).
 
@@ -234,6 +235,45 @@ fn a_call_with_nothing_to_evict_is_refused_naming_the_resource() {
         status(&agent)["capacity"]["memory_bytes"]["committed"],
         32 * MIB
     );
+    agent.finish();
+}
+
+#[test]
+fn an_old_versions_idle_instance_makes_room_for_the_active_one() {
+    let agent = Agent::start_with(
+        "capacity-versions",
+        Settings {
+            prepare_ahead: false,
+            capacity_extra: "memory_mb = 40\n".into(),
+            ..Default::default()
+        },
+    );
+    // Room for one 32 MiB instance. Version 1, then version 2 (the active one).
+    agent.deploy(noop("v", "memory_mb = 32\ntimeout_s = 5").path());
+    agent.deploy(noop("v", "memory_mb = 32\ntimeout_s = 6").path());
+    // A qualified call keeps version 1's instance warm, holding the room.
+    let r = agent.invoke_lambda("v:1", b"{}".to_vec(), &[]);
+    r.expect_ok(200);
+    assert_eq!(r.header("x-amz-executed-version").as_deref(), Some("1"));
+    assert_eq!(alive(&agent, "v"), 1, "{}", describe(&agent, "v"));
+    // The active version's call evicts it rather than wait behind it (before: the call
+    // spun on the idle instance it could not use, and never answered).
+    let started = Instant::now();
+    let r = agent.invoke_lambda("v", b"{}".to_vec(), &[]);
+    r.expect_ok(200);
+    assert_eq!(r.header("x-amz-executed-version").as_deref(), Some("2"));
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(status(&agent)["capacity"]["evictions"], 1);
+    assert_eq!(alive(&agent, "v"), 1, "{}", describe(&agent, "v"));
+    // And back: version 1's call evicts version 2's idle instance in turn.
+    let r = agent.invoke_lambda("v:1", b"{}".to_vec(), &[]);
+    r.expect_ok(200);
+    assert_eq!(r.header("x-amz-executed-version").as_deref(), Some("1"));
+    assert_eq!(status(&agent)["capacity"]["evictions"], 2);
     agent.finish();
 }
 

@@ -150,6 +150,15 @@ out["get"] = got
 out["versions"] = call(lam.list_versions_by_function, FunctionName=name)
 out["code_signing"] = call(lam.get_function_code_signing_config, FunctionName=name)
 out["tags"] = call(lam.list_tags, Resource=out["create"]["FunctionArn"])
+# Tags changed after the create (Terraform's tags on update): TagResource, UntagResource.
+arn = out["create"]["FunctionArn"]
+out["tag"] = call(lam.tag_resource, Resource=arn, Tags={"cost": "12", "team": "platform"})
+out["tags_tagged"] = call(lam.list_tags, Resource=arn)
+out["untag"] = call(lam.untag_resource, Resource=arn, TagKeys=["team", "absent"])
+out["tags_untagged"] = call(lam.list_tags, Resource=arn)
+out["tag_missing"] = call(lam.tag_resource,
+    Resource=arn.replace(name, "no-such-function"), Tags={"a": "b"})
+out["tag_qualified"] = call(lam.tag_resource, Resource=arn + ":1", Tags={"a": "b"})
 lam.get_waiter("function_active_v2").wait(FunctionName=name,
     WaiterConfig={"Delay": 1, "MaxAttempts": 60})
 out["invoke1"] = invoke(name, {"n": 1})
@@ -185,6 +194,13 @@ out["again"] = call(lam.create_function, FunctionName=name, Role=role,
 out["layers"] = call(lam.create_function, FunctionName="with-layers", Role=role,
     Runtime="provided.al2023", Handler="x", Code={"ZipFile": zipfile(cfg["zip"])},
     Layers=["arn:aws:lambda:us-east-1:000000000000:layer:x:1"])
+out["vpc"] = call(lam.create_function, FunctionName="in-vpc", Role=role,
+    Runtime="provided.al2023", Handler="x", Code={"ZipFile": zipfile(cfg["zip"])},
+    VpcConfig={"SubnetIds": ["subnet-1"], "SecurityGroupIds": ["sg-1"]})
+# No layers and no VPC, said explicitly: accepted.
+out["no_vpc_no_layers"] = call(lam.create_function, FunctionName="plain", Role=role,
+    Runtime="provided.al2023", Handler="x", Code={"ZipFile": zipfile(cfg["zip"])},
+    VpcConfig={"SubnetIds": [], "SecurityGroupIds": []}, Layers=[], Architectures=["x86_64"])
 out["arm64"] = call(lam.create_function, FunctionName="on-arm", Role=role,
     Runtime="provided.al2023", Handler="x", Code={"ZipFile": zipfile(cfg["zip"])},
     Architectures=["arm64"])
@@ -280,6 +296,24 @@ fn terraforms_calls_with_boto3() {
     assert_eq!(r["get"]["Tags"], json!({"team": "infra"}), "{ctx}");
     assert_eq!(r["tags"]["Tags"], json!({"team": "infra"}), "{ctx}");
     assert_eq!(r["code_signing"]["CodeSigningConfigArn"], "", "{ctx}");
+    assert_eq!(r["code_signing"]["FunctionName"], "tf-fn", "{ctx}");
+    // TagResource adds and overwrites, UntagResource removes (an absent key is no error).
+    assert!(r["tag"].get("error").is_none(), "{ctx}");
+    assert_eq!(
+        r["tags_tagged"]["Tags"],
+        json!({"team": "platform", "cost": "12"}),
+        "{ctx}"
+    );
+    assert!(r["untag"].get("error").is_none(), "{ctx}");
+    assert_eq!(r["tags_untagged"]["Tags"], json!({"cost": "12"}), "{ctx}");
+    assert_eq!(
+        error_of(&r["tag_missing"]).0,
+        "ResourceNotFoundException",
+        "{ctx}"
+    );
+    let (t, http, m) = error_of(&r["tag_qualified"]);
+    assert_eq!((t, http), ("InvalidParameterValueException", 400), "{ctx}");
+    assert!(m.contains("unqualified"), "{m}");
     let versions: Vec<&str> = r["versions"]["Versions"]
         .as_array()
         .expect("Versions")
@@ -357,6 +391,7 @@ fn terraforms_calls_with_boto3() {
     for (case, field) in [
         ("layers", "Layers"),
         ("arm64", "Architectures"),
+        ("vpc", "VpcConfig"),
         ("unknown_runtime", "Runtime"),
         ("no_runtime", "Runtime"),
         ("not_a_zip", "Code.ZipFile"),
@@ -383,7 +418,11 @@ fn terraforms_calls_with_boto3() {
             "Function not found: arn:aws:lambda:us-east-1:000000000000:function:no-such-function"
         )
     );
-    // None of the refused functions exists.
+    // Empty VpcConfig and Layers, and x86_64, are accepted; none of the refused functions
+    // exists.
+    let plain = &r["no_vpc_no_layers"];
+    assert_eq!(plain["Architectures"], json!(["x86_64"]), "{ctx}");
+    assert!(plain.get("Layers").is_none(), "{ctx}");
     let listed = agent.admin(Method::GET, "/v1/functions", None).json();
     let names: Vec<&str> = listed["functions"]
         .as_array()
@@ -391,7 +430,7 @@ fn terraforms_calls_with_boto3() {
         .iter()
         .filter_map(|f| f["name"].as_str())
         .collect();
-    assert!(names.is_empty(), "{names:?}");
+    assert_eq!(names, ["plain"], "{ctx}");
 
     // DeleteFunction, then GetFunction answers 404 (Terraform's wait), and so does Invoke.
     assert_eq!(r["delete"]["StatusCode"], 204, "{ctx}");
@@ -887,4 +926,284 @@ fn scoped_keys_are_held_to_their_scope() {
         show(&o)
     );
     agent.finish();
+}
+
+/// A `provided.al2023` runtime of its own (Python, standard library only): the Runtime API by
+/// hand, answering in response streaming mode (chunked, error trailers) unless the event asks
+/// for a buffered answer. Each chunk is `PART|INSTANCE|VERSION|TIME`: the instance is a random
+/// token of this process, TIME when the chunk was written.
+const STREAMING_BOOTSTRAP: &str = r#"#!/usr/bin/python3
+import base64, http.client, json, os, socket, time
+API = os.environ["AWS_LAMBDA_RUNTIME_API"]
+HOST, PORT = API.split(":")
+INSTANCE = os.urandom(8).hex()
+VERSION = os.environ.get("AWS_LAMBDA_FUNCTION_VERSION")
+while True:
+    c = http.client.HTTPConnection(HOST, int(PORT))
+    c.request("GET", "/2018-06-01/runtime/invocation/next")
+    r = c.getresponse()
+    rid = r.getheader("Lambda-Runtime-Aws-Request-Id")
+    event = json.loads(r.read() or b"{}")
+    c.close()
+    path = "/2018-06-01/runtime/invocation/%s/response" % rid
+    if event.get("buffered"):
+        c = http.client.HTTPConnection(HOST, int(PORT))
+        c.request("POST", path, json.dumps({"instance": INSTANCE, "version": VERSION}))
+        c.getresponse().read()
+        c.close()
+        continue
+    s = socket.create_connection((HOST, int(PORT)))
+    s.sendall(("POST %s HTTP/1.1\r\nHost: %s\r\n"
+               "Lambda-Runtime-Function-Response-Mode: streaming\r\n"
+               "Transfer-Encoding: chunked\r\n"
+               "Trailer: Lambda-Runtime-Function-Error-Type, Lambda-Runtime-Function-Error-Body\r\n"
+               "Content-Type: application/octet-stream\r\n\r\n" % (path, API)).encode())
+    for i, part in enumerate(event.get("parts", [])):
+        if i:
+            time.sleep(event.get("sleep", 0))
+        b = ("%s|%s|%s|%.6f" % (part, INSTANCE, VERSION, time.time())).encode()
+        s.sendall(b"%x\r\n%s\r\n" % (len(b), b))
+    time.sleep(event.get("hang", 0))
+    if event.get("fail"):
+        err = json.dumps({"errorType": "Stream.Fail", "errorMessage": "failed mid-stream"})
+        s.sendall(b"0\r\nLambda-Runtime-Function-Error-Type: Stream.Fail\r\n"
+                  b"Lambda-Runtime-Function-Error-Body: " + base64.b64encode(err.encode()) + b"\r\n\r\n")
+    else:
+        s.sendall(b"0\r\n\r\n")
+    s.recv(4096)
+    s.close()
+"#;
+
+/// InvokeWithResponseStream with boto3 (the AWS CLI v1, the one on PyPI, leaves the command
+/// out: awscli/customizations/removals.py), and qualified calls reusing warm instances.
+const STREAM_SCRIPT: &str = r#"
+name, role = cfg["name"], "arn:aws:iam::000000000000:role/stream"
+out = {}
+out["create"] = call(lam.create_function, FunctionName=name, Role=role, Runtime="provided.al2023",
+    Handler="bootstrap", Code={"ZipFile": zipfile(cfg["zip"])}, Timeout=6)
+out["update"] = call(lam.update_function_code, FunctionName=name, ZipFile=zipfile(cfg["zip2"]),
+    Publish=True)
+lam.get_waiter("function_updated_v2").wait(FunctionName=name,
+    WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+
+def stream(fn, payload, **kw):
+    r = lam.invoke_with_response_stream(FunctionName=fn, Payload=payload, **kw)
+    events = []
+    for ev in r["EventStream"]:
+        at = time.time()
+        if "PayloadChunk" in ev:
+            events.append({"chunk": ev["PayloadChunk"]["Payload"].decode(), "at": at})
+        else:
+            events.append({"complete": ev.get("InvokeComplete"), "other": list(ev), "at": at})
+    return {"status": r["StatusCode"], "version": r.get("ExecutedVersion"),
+            "content_type": r.get("ResponseStreamContentType"), "events": events}
+
+def js(v):
+    return json.dumps(v)
+
+out["streamed"] = stream(name, js({"parts": ["one", "two", "three"], "sleep": 1.0}), LogType="Tail")
+out["failed"] = stream(name, js({"parts": ["a", "b"], "fail": True}))
+out["buffered"] = stream(name, js({"buffered": True}))
+# A version that is not the active one, three times: the first call starts its instance.
+out["v1_stream"] = stream(name, js({"buffered": True}), Qualifier="1")
+out["v1_number"] = invoke(name, {"buffered": True}, Qualifier="1")
+out["alias"] = call(lam.create_alias, FunctionName=name, Name="old", FunctionVersion="1")
+out["v1_alias"] = invoke(name + ":old", {"buffered": True})
+out["active"] = invoke(name, {"buffered": True})
+out["dry_run"] = lam.invoke_with_response_stream(FunctionName=name, InvocationType="DryRun",
+    Payload=b"{}")["StatusCode"]
+out["missing"] = call(lam.invoke_with_response_stream, FunctionName="no-such-function",
+    Payload=b"{}")
+out["bad_json"] = call(lam.invoke_with_response_stream, FunctionName=name, Payload=b"{not json")
+out["exec"] = stream(cfg["exec"], b"go")
+out["exec_fail"] = stream(cfg["exec"], b"fail")
+out["timeout"] = stream(name, js({"parts": ["late"], "hang": 30}))
+print(json.dumps(out, default=str))
+"#;
+
+/// One stream's chunks and its InvokeComplete.
+fn chunks_of(v: &Value) -> (Vec<String>, Vec<f64>, Value) {
+    let events = v["events"].as_array().cloned().unwrap_or_default();
+    let (mut chunks, mut at, mut complete) = (Vec::new(), Vec::new(), Value::Null);
+    for (i, e) in events.iter().enumerate() {
+        if let Some(c) = e["chunk"].as_str() {
+            assert!(complete.is_null(), "a chunk after InvokeComplete: {v:#}");
+            chunks.push(c.to_string());
+            at.push(e["at"].as_f64().unwrap_or(0.0));
+        } else {
+            assert_eq!(
+                i,
+                events.len() - 1,
+                "InvokeComplete is the last event: {v:#}"
+            );
+            complete = e["complete"].clone();
+        }
+    }
+    assert!(complete.is_object(), "no InvokeComplete: {v:#}");
+    (chunks, at, complete)
+}
+
+/// `PART|INSTANCE|VERSION|TIME` of the streaming bootstrap.
+fn fields(chunk: &str) -> (String, String, String, f64) {
+    let f: Vec<&str> = chunk.split('|').collect();
+    assert_eq!(f.len(), 4, "{chunk:?}");
+    (
+        f[0].into(),
+        f[1].into(),
+        f[2].into(),
+        f[3].parse().expect("a time"),
+    )
+}
+
+#[test]
+fn invoke_with_response_stream_passes_chunks_on_as_they_come() {
+    let agent = Agent::start("cp-stream");
+    let clients = Clients::new(&agent);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = STREAMING_BOOTSTRAP.as_bytes();
+    let zip = write(dir.path(), "fn.zip", &zip_of(&[("bootstrap", bin, 0o755)]));
+    let zip2 = write(
+        dir.path(),
+        "fn2.zip",
+        &zip_of(&[("bootstrap", bin, 0o755), ("VERSION", b"2\n", 0o644)]),
+    );
+    // An exec-mode function: each line a write of its own, a second apart, with its time.
+    let exec = common::agent::Fixture::sh(
+        "exec-stream",
+        "timeout_s = 10",
+        r#"input=$(cat)
+case "$input" in *fail*) echo partial; exit 3;; esac
+echo "one $(date +%s.%N)"; sleep 1; echo "two $(date +%s.%N)"; sleep 1; echo "three $(date +%s.%N)""#,
+    );
+    agent.deploy(exec.path());
+    let r = clients.boto3(
+        STREAM_SCRIPT,
+        json!({ "name": "streamer", "zip": zip, "zip2": zip2, "exec": "exec-stream" }),
+    );
+    let ctx = format!("{r:#}\n--- agent log ---\n{}", agent.log());
+    assert_eq!(r["update"]["Version"], "2", "{ctx}");
+
+    // Three writes a second apart: three PayloadChunk events, the first read by the caller
+    // before the function wrote the last (the agent passes chunks on, it does not buffer).
+    let s = &r["streamed"];
+    assert_eq!(s["status"], 200, "{ctx}");
+    assert_eq!(s["version"], "2", "{ctx}");
+    assert_eq!(
+        s["content_type"], "application/vnd.amazon.eventstream",
+        "{ctx}"
+    );
+    let (chunks, at, complete) = chunks_of(s);
+    let parts: Vec<(String, String, String, f64)> = chunks.iter().map(|c| fields(c)).collect();
+    let names: Vec<&str> = parts.iter().map(|p| p.0.as_str()).collect();
+    assert_eq!(names, ["one", "two", "three"], "{ctx}");
+    assert!(
+        at[0] < parts[2].3,
+        "the first chunk arrived at {} but the last was written at {}: {ctx}",
+        at[0],
+        parts[2].3
+    );
+    assert!(complete.get("ErrorCode").is_none(), "{ctx}");
+    let log = complete["LogResult"].as_str().expect("LogResult with Tail");
+    let log = base64_decode(log);
+    assert!(log.contains("REPORT RequestId"), "{log}");
+
+    // An error in the trailers after some output ends the stream with its type.
+    let (chunks, _, complete) = chunks_of(&r["failed"]);
+    let names: Vec<String> = chunks.iter().map(|c| fields(c).0).collect();
+    assert_eq!(names, ["a", "b"], "{ctx}");
+    assert_eq!(complete["ErrorCode"], "Stream.Fail", "{ctx}");
+    assert!(
+        complete["ErrorDetails"]
+            .as_str()
+            .is_some_and(|d| d.contains("failed mid-stream")),
+        "{ctx}"
+    );
+    assert!(complete.get("LogResult").is_none(), "no Tail asked: {ctx}");
+
+    // A buffered answer is one chunk.
+    let (chunks, _, complete) = chunks_of(&r["buffered"]);
+    assert_eq!(chunks.len(), 1, "{ctx}");
+    let b: Value = serde_json::from_str(&chunks[0]).expect("the buffered answer");
+    assert_eq!(b["version"], "2", "{ctx}");
+    assert_eq!(complete, json!({}), "{ctx}");
+
+    // Version 1 (not the active one) by Qualifier, by number and through an alias: one
+    // instance, started by the first call and kept warm for the next ones.
+    assert_eq!(r["v1_stream"]["version"], "1", "{ctx}");
+    let (chunks, _, _) = chunks_of(&r["v1_stream"]);
+    let v1: Value = serde_json::from_str(&chunks[0]).expect("version 1's answer");
+    assert_eq!(v1["version"], "1", "{ctx}");
+    for call in ["v1_number", "v1_alias"] {
+        assert_eq!(r[call]["version"], "1", "{call}: {ctx}");
+        assert_eq!(
+            r[call]["payload"]["instance"], v1["instance"],
+            "{call} started another instance of version 1: {ctx}"
+        );
+    }
+    assert_eq!(r["active"]["version"], "2", "{ctx}");
+    assert_eq!(r["active"]["payload"]["instance"], b["instance"], "{ctx}");
+    assert_ne!(r["active"]["payload"]["instance"], v1["instance"], "{ctx}");
+
+    // Refused before running: Lambda's errors, not events.
+    assert_eq!(r["dry_run"], 204, "{ctx}");
+    assert_eq!(
+        error_of(&r["missing"]).0,
+        "ResourceNotFoundException",
+        "{ctx}"
+    );
+    assert_eq!(
+        error_of(&r["bad_json"]).0,
+        "InvalidRequestContentException",
+        "{ctx}"
+    );
+
+    // An exec function's stdout as it writes it.
+    let e = &r["exec"];
+    assert_eq!(e["status"], 200, "{ctx}");
+    let (chunks, at, complete) = chunks_of(e);
+    let all = chunks.concat();
+    let lines: Vec<&str> = all.lines().collect();
+    assert_eq!(lines.len(), 3, "{ctx}");
+    let written: Vec<f64> = lines
+        .iter()
+        .map(|l| {
+            l.split(' ')
+                .nth(1)
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0.0)
+        })
+        .collect();
+    assert!(chunks.len() >= 2, "one second apart, in one chunk: {ctx}");
+    assert!(
+        at[0] < written[2],
+        "the first output arrived at {} but the last was written at {}: {ctx}",
+        at[0],
+        written[2]
+    );
+    assert_eq!(complete, json!({}), "{ctx}");
+    let (chunks, _, complete) = chunks_of(&r["exec_fail"]);
+    assert_eq!(chunks.concat(), "partial\n", "{ctx}");
+    assert_eq!(complete["ErrorCode"], "Runtime.ExitError", "{ctx}");
+    assert!(
+        complete["ErrorDetails"]
+            .as_str()
+            .is_some_and(|d| d.contains("exit status 3")),
+        "{ctx}"
+    );
+
+    // A timeout after some output: the chunk, then Sandbox.Timedout.
+    let (chunks, _, complete) = chunks_of(&r["timeout"]);
+    let names: Vec<String> = chunks.iter().map(|c| fields(c).0).collect();
+    assert_eq!(names, ["late"], "{ctx}");
+    assert_eq!(complete["ErrorCode"], "Sandbox.Timedout", "{ctx}");
+    assert!(agent.is_running());
+    agent.finish();
+}
+
+fn base64_decode(s: &str) -> String {
+    use base64::Engine;
+    let b = base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .expect("base64");
+    String::from_utf8_lossy(&b).into_owned()
 }

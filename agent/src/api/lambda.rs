@@ -249,7 +249,7 @@ pub(crate) fn function_error_payload(e: &InvokeError, request_id: &str) -> Optio
 }
 
 /// The Lambda API error for what the function did not cause.
-fn service_error(e: &InvokeError, arn: &str) -> LambdaError {
+pub(super) fn service_error(e: &InvokeError, arn: &str) -> LambdaError {
     match e {
         InvokeError::NotFound(_) => LambdaError::not_found(arn),
         InvokeError::Overloaded { .. } => LambdaError {
@@ -303,13 +303,30 @@ pub async fn invoke_api(
     resp
 }
 
-async fn invoke_api_inner(
+/// An invocation through the Invoke API or InvokeWithResponseStream, checked and read: the
+/// caller is allowed, the qualifier resolved, the payload read and valid.
+pub(super) struct Prepared {
+    pub name: String,
+    pub arn: String,
+    /// The version a qualified call runs (a version number or an alias), None: the active.
+    pub pinned: Option<Arc<ActiveFunction>>,
+    /// The version that will run, and the active one.
+    pub executed: u64,
+    pub active: u64,
+    pub invocation_type: String,
+    pub want_tail: bool,
+    pub body: Bytes,
+    pub client_context: Option<String>,
+}
+
+/// Reads and checks an invocation of `raw_name` (a name, `name:qualifier` or an ARN) for the
+/// Invoke API and InvokeWithResponseStream alike.
+pub(super) async fn prepare(
     app: &App,
     raw_name: &str,
     q: InvokeQuery,
     req: Request,
-    id: &str,
-) -> Result<Response, LambdaError> {
+) -> Result<Prepared, LambdaError> {
     let config = &app.router.config;
     let (name, path_qualifier) = parse_function_name(raw_name).ok_or_else(|| {
         LambdaError::invalid(format!(
@@ -334,7 +351,9 @@ async fn invoke_api_inner(
     let (parts, body) = req.into_parts();
     let headers = &parts.headers;
     let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
-    let invocation_type = header("x-amz-invocation-type").unwrap_or("RequestResponse");
+    let invocation_type = header("x-amz-invocation-type")
+        .unwrap_or("RequestResponse")
+        .to_string();
     let want_tail = match header("x-amz-log-type") {
         None | Some("None") => false,
         Some("Tail") => true,
@@ -344,7 +363,7 @@ async fn invoke_api_inner(
             )));
         }
     };
-    let limit = match invocation_type {
+    let limit = match invocation_type.as_str() {
         // Lambda's limit for asynchronous invocations.
         "Event" => crate::events::MAX_EVENT_BYTES,
         _ => (app.config.limits.max_request_mb << 20) as usize,
@@ -375,10 +394,11 @@ async fn invoke_api_inner(
     })?;
     // A version number or an alias: the version it names runs (checked once the caller is).
     let pinned = super::control::invoke_target(app, &f, qualifier.as_deref()).await?;
-    let executed = pinned.as_ref().map_or(f.version, |p| p.version);
+    let run = pinned.as_deref().unwrap_or(&f);
+    let (executed, mode) = (run.version, run.manifest.mode);
     // Lambda takes only JSON payloads; no payload is an empty object. An exec-mode function
     // gets the bytes as they came, on its stdin.
-    let body = if f.manifest.mode == Mode::Exec {
+    let body = if mode == Mode::Exec {
         body
     } else if body.iter().all(u8::is_ascii_whitespace) {
         Bytes::from_static(b"{}")
@@ -404,6 +424,38 @@ async fn invoke_api_inner(
                 })?,
         ),
     };
+    Ok(Prepared {
+        name,
+        arn,
+        executed,
+        active: f.version,
+        pinned,
+        invocation_type,
+        want_tail,
+        body,
+        client_context,
+    })
+}
+
+async fn invoke_api_inner(
+    app: &App,
+    raw_name: &str,
+    q: InvokeQuery,
+    req: Request,
+    id: &str,
+) -> Result<Response, LambdaError> {
+    let Prepared {
+        name,
+        arn,
+        pinned,
+        executed,
+        active,
+        invocation_type,
+        want_tail,
+        body,
+        client_context,
+    } = prepare(app, raw_name, q, req).await?;
+    let invocation_type = invocation_type.as_str();
     match invocation_type {
         "RequestResponse" => {}
         "DryRun" => {
@@ -414,8 +466,7 @@ async fn invoke_api_inner(
         }
         "Event" if pinned.is_some() => {
             return Err(LambdaError::invalid(format!(
-                "Qualifier: Event invokes run $LATEST (version {}) only for now, not version {executed}",
-                f.version
+                "Qualifier: Event invokes run $LATEST (version {active}) only for now, not version {executed}"
             )));
         }
         "Event" => return accept_event(app, &name, id, body).await,
@@ -435,6 +486,7 @@ async fn invoke_api_inner(
             client_context,
             env: Vec::new(),
             version: pinned,
+            stdout: None,
         })
         .await;
     let limit = app.router.max_response;
@@ -740,7 +792,7 @@ async fn event_invoke_config_inner(
     }
 }
 
-fn set_header(r: &mut Response, name: &str, value: &str) {
+pub(super) fn set_header(r: &mut Response, name: &str, value: &str) {
     if let (Ok(n), Ok(v)) = (
         header::HeaderName::from_bytes(name.as_bytes()),
         HeaderValue::from_str(value),
@@ -859,6 +911,7 @@ async fn function_url_inner(
             client_context: None,
             env: Vec::new(),
             version: None,
+            stdout: None,
         })
         .await;
     match result {
@@ -923,7 +976,7 @@ enum StreamStart {
 async fn streamed_response(
     content_type: Option<String>,
     mut frames: tokio::sync::mpsc::Receiver<StreamFrame>,
-    released: Option<tokio::sync::oneshot::Receiver<()>>,
+    released: Option<tokio::sync::oneshot::Receiver<crate::instance::lambda::Settled>>,
 ) -> Result<Response, StreamStart> {
     use futures_util::StreamExt;
     let integration = content_type.as_deref() == Some(super::function_url::STREAM_CONTENT_TYPE);

@@ -10,6 +10,7 @@ pub mod function_url;
 mod keys;
 mod lambda;
 pub mod listener;
+mod stream;
 mod topics;
 
 use std::convert::Infallible;
@@ -141,6 +142,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/topics/{topic}"),
     ("GET", "/v1/triggers"),
     ("POST", "/2015-03-31/functions/{name}/invocations"),
+    (
+        "POST",
+        "/2021-11-15/functions/{name}/response-streaming-invocations",
+    ),
     ("GET", "/2015-03-31/functions"),
     ("POST", "/2015-03-31/functions"),
     ("GET", "/2015-03-31/functions/{name}"),
@@ -205,6 +210,10 @@ pub fn app(state: Arc<App>) -> AxumRouter {
         .route(
             "/2015-03-31/functions/{name}/invocations",
             post(lambda::invoke_api),
+        )
+        .route(
+            "/2021-11-15/functions/{name}/response-streaming-invocations",
+            post(stream::invoke_stream),
         )
         .route(
             "/2015-03-31/functions",
@@ -962,6 +971,7 @@ async fn invoke_exec(
         client_context: None,
         env: Vec::new(),
         version: None,
+        stdout: None,
     };
     match app.router.invoke(req).await {
         Ok(inv) => {

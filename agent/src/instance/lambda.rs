@@ -644,8 +644,18 @@ pub enum Payload {
         frames: mpsc::Receiver<runtime_api::StreamFrame>,
         /// Resolves once the instance is back in the warm pool (or gone): the answer ends
         /// only then, so a caller's next call finds the instance idle.
-        released: Option<oneshot::Receiver<()>>,
+        released: Option<oneshot::Receiver<Settled>>,
     },
+}
+
+/// How a streamed invocation ended, once its instance is settled.
+#[derive(Debug)]
+pub struct Settled {
+    /// The invocation's log tail (the last 4 KB, END and REPORT included).
+    pub log_tail: String,
+    /// What ended the stream on the agent's side (a timeout, the instance dying), if
+    /// anything did; an error the runtime reported is in the stream's last frame.
+    pub error: Option<InvokeError>,
 }
 
 impl Payload {

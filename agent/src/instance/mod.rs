@@ -106,17 +106,24 @@ pub struct ExecCall<'a> {
     pub env: &'a [(String, String)],
 }
 
+/// How much of a streamed exec function's stdout is read at a time (a pipe holds 64 KB).
+const STREAM_READ: usize = 64 * 1024;
+
 fn pipe_err(e: std::io::Error) -> InvokeError {
     InvokeError::Internal(format!("sandbox pipe: {e}"))
 }
 
 /// Runs one exec-mode invocation. `cancel` kills it early (agent shutdown after the grace).
+/// With `stdout`, the output goes there as the function writes it (each read of its pipe, as
+/// read) and the answer is empty; without, the answer is all of it.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_exec(
     isolator: &Arc<Isolator>,
     network: Option<&Arc<Network>>,
     logs: &Arc<Logs>,
     call: ExecCall<'_>,
     body: Bytes,
+    stdout: Option<tokio::sync::mpsc::Sender<Bytes>>,
     ready: Option<PreparedSandbox>,
     cancel: &CancellationToken,
 ) -> Result<Bytes, InvokeError> {
@@ -160,7 +167,7 @@ pub async fn run_exec(
         |fd: Option<OwnedFd>| fd.ok_or_else(|| InvokeError::Internal("missing stdio pipe".into()));
     let stdin = tokio::net::unix::pipe::Sender::from_owned_fd(take(sandbox.take_stdin())?)
         .map_err(pipe_err)?;
-    let stdout = tokio::net::unix::pipe::Receiver::from_owned_fd(take(sandbox.take_stdout())?)
+    let out_pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(take(sandbox.take_stdout())?)
         .map_err(pipe_err)?;
     let stderr = tokio::net::unix::pipe::Receiver::from_owned_fd(take(sandbox.take_stderr())?)
         .map_err(pipe_err)?;
@@ -172,11 +179,30 @@ pub async fn run_exec(
         drop(stdin);
     };
     let limit = call.max_response;
+    // What was read (kept, or passed on) and how much: past `limit` the function is killed.
     let read_out = async move {
         let mut buf = Vec::new();
-        let mut r = stdout.take(limit as u64 + 1);
-        let res = r.read_to_end(&mut buf).await;
-        (buf, res)
+        let mut r = out_pipe.take(limit as u64 + 1);
+        let Some(tx) = stdout else {
+            let res = r.read_to_end(&mut buf).await.map(|_| buf.len());
+            return (buf, res);
+        };
+        let mut total = 0;
+        loop {
+            let mut chunk = bytes::BytesMut::with_capacity(STREAM_READ);
+            match r.read_buf(&mut chunk).await {
+                Ok(0) => return (buf, Ok(total)),
+                Ok(n) => {
+                    total += n;
+                    if total > limit {
+                        return (buf, Ok(total));
+                    }
+                    // A caller that went away is the router's to notice (it drops this call).
+                    let _ = tx.send(chunk.freeze()).await;
+                }
+                Err(e) => return (buf, Err(e)),
+            }
+        }
     };
     let (function, version, request_id) = (call.function, call.version, call.request_id);
     // The instance is named after its cgroup leaf: unique, and what an operator finds on the host.
@@ -197,12 +223,12 @@ pub async fn run_exec(
     };
     let outcome = tokio::select! {
         (out, res) = run => {
-            if out.len() > limit {
+            let read = res.map_err(pipe_err)?;
+            if read > limit {
                 let _ = sandbox.kill();
                 let _ = sandbox.wait().await;
                 return Err(InvokeError::ResponseTooLarge { limit });
             }
-            res.map_err(pipe_err)?;
             // Output closed: the function is exiting; its wait is bounded by the same timeout.
             match tokio::time::timeout_at(deadline, sandbox.wait()).await {
                 Ok(o) => (o.map_err(|e| InvokeError::Internal(e.to_string()))?, out),

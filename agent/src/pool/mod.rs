@@ -309,10 +309,31 @@ pub struct FunctionSlot {
     capacity: Arc<Capacity>,
 }
 
+/// How many of the idle instances of `idle_versions` eviction may take when `alive`
+/// instances of the function live and `active` is its version: every one of another version
+/// (kept for qualified calls; they never count towards `min`), and the active version's
+/// above `min`.
+fn evictable_among(idle_versions: &[u64], alive: u64, active: u64, min: u64) -> u64 {
+    let others = idle_versions.iter().filter(|v| **v != active).count() as u64;
+    let active_idle = idle_versions.len() as u64 - others;
+    let active_alive = alive.saturating_sub(others);
+    others + active_idle.min(active_alive.saturating_sub(min))
+}
+
 /// A warm instance and since when it waits.
 struct Idle {
     instance: Tracked,
     since: Instant,
+    /// Last used by a qualified call (a version number or an alias): kept while warm even
+    /// when its version is not the active one.
+    pinned: bool,
+}
+
+impl Idle {
+    /// Whether it may stay in the pool while `active` is the active version.
+    fn keep(&self, active: u64) -> bool {
+        self.instance.is_alive() && (self.instance.version == active || self.pinned)
+    }
 }
 
 /// Counts of a function's Lambda instances.
@@ -421,62 +442,91 @@ impl FunctionSlot {
     }
 
     /// A warm instance of `version`, the most recently used (its caches are warmest).
-    /// Instances that have died, or whose version is no longer active, are dropped on the
-    /// way; the active version's stay for their callers when `version` is another (a
-    /// qualified call).
+    /// Instances that have died, or whose version is neither active nor kept for qualified
+    /// calls, are dropped on the way; the others stay for their callers.
     pub fn take_idle(&self, version: u64) -> Option<Tracked> {
         let active = self.active().version;
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.retain(|i| {
-            i.instance.is_alive() && (i.instance.version == active || i.instance.version == version)
-        });
+        idle.retain(|i| i.keep(active) || (i.instance.is_alive() && i.instance.version == version));
         let at = idle.iter().rposition(|i| i.instance.version == version)?;
         Some(idle.remove(at).instance)
     }
 
-    /// Returns an instance to the warm pool after an invocation.
-    pub fn put_idle(&self, instance: Tracked) {
-        if instance.version != self.active().version || !instance.is_alive() {
+    /// Returns an instance to the warm pool after an invocation. One of a version that is not
+    /// the active one stays only after a qualified call (`pinned`): the next call of that
+    /// version takes it; otherwise (a deploy happened during the call) it goes.
+    pub fn put_idle(&self, instance: Tracked, pinned: bool) {
+        let idle = Idle {
+            instance,
+            since: Instant::now(),
+            pinned,
+        };
+        if !idle.keep(self.active().version) {
             return;
         }
         self.idle
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(Idle {
-                instance,
-                since: Instant::now(),
-            });
+            .push(idle);
         self.capacity.released.notify_waiters();
     }
 
-    /// When the least recently used idle instance that may be evicted went idle: one above
-    /// `min_instances` (provisioned instances stay).
-    fn evictable_since(&self) -> Option<Instant> {
-        let min = u64::from(self.active().resolved.min_instances);
-        if self.instances.alive.load(Ordering::Acquire) <= min {
-            return None;
-        }
+    /// Where in `idle` the least recently used instance that may be evicted is: one of
+    /// another version than the active one, or one above `min_instances` (provisioned
+    /// instances stay); never one of `spare` (the version a call of this function wants room
+    /// for: it would take that one instead).
+    fn evictable(&self, idle: &[Idle], spare: Option<u64>) -> Option<usize> {
+        let f = self.active();
+        let others = idle
+            .iter()
+            .filter(|i| i.instance.version != f.version)
+            .count() as u64;
+        let active_alive = self
+            .instances
+            .alive
+            .load(Ordering::Acquire)
+            .saturating_sub(others);
+        let above_min = active_alive > u64::from(f.resolved.min_instances);
+        idle.iter().position(|i| {
+            Some(i.instance.version) != spare && (above_min || i.instance.version != f.version)
+        })
+    }
+
+    /// When the least recently used idle instance that may be evicted went idle.
+    fn evictable_since(&self, spare: Option<u64>) -> Option<Instant> {
         let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.first().map(|i| i.since)
+        self.evictable(&idle, spare).map(|at| idle[at].since)
     }
 
     /// Takes the least recently used idle instance out, if it may be evicted (dropping it
     /// kills it).
-    fn take_evictable(&self) -> Option<Tracked> {
-        let min = u64::from(self.active().resolved.min_instances);
+    fn take_evictable(&self, spare: Option<u64>) -> Option<Tracked> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.is_empty() || self.instances.alive.load(Ordering::Acquire) <= min {
-            return None;
-        }
-        Some(idle.remove(0).instance)
+        let at = self.evictable(&idle, spare)?;
+        Some(idle.remove(at).instance)
     }
 
-    /// How many of its idle instances eviction could take now (never below min_instances).
+    /// How many of its idle instances eviction could take now: as [`Self::evictable`] picks
+    /// them, never the active version's below min_instances.
     fn evictable_count(&self) -> u64 {
-        let min = u64::from(self.active().resolved.min_instances);
-        let alive = self.instances.alive.load(Ordering::Acquire);
-        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).len() as u64;
-        idle.min(alive.saturating_sub(min))
+        let f = self.active();
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let versions: Vec<u64> = idle.iter().map(|i| i.instance.version).collect();
+        evictable_among(
+            &versions,
+            self.instances.alive.load(Ordering::Acquire),
+            f.version,
+            u64::from(f.resolved.min_instances),
+        )
+    }
+
+    /// Whether a warm instance of `version` waits.
+    pub fn has_idle_of(&self, version: u64) -> bool {
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|i| i.instance.version == version && i.instance.is_alive())
     }
 
     pub fn idle_count(&self) -> usize {
@@ -484,29 +534,36 @@ impl FunctionSlot {
     }
 
     /// Stops idle instances that have waited longer than `keep_alive` (the oldest first),
-    /// keeping `min` alive, and every one that died or runs an old version. Returns how many
-    /// instances should be started to reach `min`.
+    /// keeping `min` of the active version alive, and every one that died or runs an old
+    /// version no qualified call used last. Instances kept for qualified calls have the same
+    /// keep-alive and never count towards `min`. Returns how many instances should be started
+    /// to reach `min`.
     pub fn reap_idle(&self, now: Instant) -> u32 {
         let f = self.active();
         let keep_alive = Duration::from_secs_f64(f.resolved.keep_alive_s);
         let min = u64::from(f.resolved.min_instances);
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.retain(|i| i.instance.version == f.version && i.instance.is_alive());
+        idle.retain(|i| i.keep(f.version));
+        let expired = |i: &Idle| now.saturating_duration_since(i.since) >= keep_alive;
+        idle.retain(|i| i.instance.version == f.version || !expired(i));
+        let others = idle
+            .iter()
+            .filter(|i| i.instance.version != f.version)
+            .count() as u64;
+        let active_alive = || (self.instances.alive.load(Ordering::Acquire)).saturating_sub(others);
         // Oldest first; the count of alive instances drops as each is dropped.
         let mut i = 0;
         while i < idle.len() {
-            let alive = self.instances.alive.load(Ordering::Acquire);
-            if alive <= min {
+            if active_alive() <= min {
                 break;
             }
-            if now.saturating_duration_since(idle[i].since) >= keep_alive {
+            if idle[i].instance.version == f.version && expired(&idle[i]) {
                 drop(idle.remove(i));
             } else {
                 i += 1;
             }
         }
-        let alive = self.instances.alive.load(Ordering::Acquire);
-        min.saturating_sub(alive) as u32
+        min.saturating_sub(active_alive()) as u32
     }
 
     /// Drops every idle instance (shutdown, removal): each is killed.
@@ -682,12 +739,14 @@ impl Registry {
     }
 
     /// Commits an instance of `function` needing `need`: when the host is full, evicts idle
-    /// instances of other functions, least recently used first, then waits (up to `wait`) for
+    /// instances of other functions (and, for a Lambda call of `version`, the function's
+    /// idle instances of its other versions), least recently used first, then waits for
     /// room until `deadline`. `ready`: checked whenever something changed, it ends the wait early with `Ok(None)`
     /// (a warm instance of the caller's own function turned idle, say).
     pub async fn commit(
         &self,
         function: &str,
+        version: Option<u64>,
         need: Need,
         deadline: tokio::time::Instant,
         mut ready: impl FnMut() -> bool,
@@ -701,7 +760,7 @@ impl Registry {
                 Ok(c) => return Ok(Some(c)),
                 Err(short) => short,
             };
-            if let Some(victim) = self.evict_one(function) {
+            if let Some(victim) = self.evict_one(function, version) {
                 tracing::info!(function = %victim.0, instance = %victim.1, for_function = function, "evicted an idle instance to make room ({})", short.resource());
                 continue;
             }
@@ -730,7 +789,8 @@ impl Registry {
             return true;
         };
         let f = slot.active();
-        if f.manifest.mode == crate::manifest::Mode::Lambda && slot.idle_count() > 0 {
+        // An idle instance of an older version, kept for qualified calls, cannot take it.
+        if f.manifest.mode == crate::manifest::Mode::Lambda && slot.has_idle_of(f.version) {
             return true;
         }
         let mut freeable = capacity::Amounts::default();
@@ -754,26 +814,31 @@ impl Registry {
         self.capacity.fits_with(f.need(), freeable)
     }
 
-    /// Stops the least recently used idle instance of any function but `except` that may be
-    /// evicted; its function's name and the instance's id.
-    pub fn evict_one(&self, except: &str) -> Option<(String, String)> {
-        let slots: Vec<(String, Arc<FunctionSlot>)> = self
+    /// Stops the least recently used idle instance that may be evicted to make room for a
+    /// call of `function`'s `version`: of any other function, or one of `function`'s other
+    /// versions (an old version's instance, kept for qualified calls, must not keep the
+    /// active version out; None: the function has no idle instances, exec mode). Its
+    /// function's name and the instance's id.
+    pub fn evict_one(&self, function: &str, version: Option<u64>) -> Option<(String, String)> {
+        let slots: Vec<(String, Arc<FunctionSlot>, Option<u64>)> = self
             .map
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .filter(|(n, _)| n.as_str() != except)
-            .map(|(n, s)| (n.clone(), s.clone()))
+            .filter_map(|(n, s)| match n.as_str() == function {
+                false => Some((n.clone(), s.clone(), None)),
+                true => version.map(|v| (n.clone(), s.clone(), Some(v))),
+            })
             .collect();
         let mut order: Vec<(Instant, usize)> = slots
             .iter()
             .enumerate()
-            .filter_map(|(i, (_, s))| s.evictable_since().map(|t| (t, i)))
+            .filter_map(|(i, (_, s, spare))| s.evictable_since(*spare).map(|t| (t, i)))
             .collect();
         order.sort();
         for (_, i) in order {
-            let (name, slot) = &slots[i];
-            if let Some(victim) = slot.take_evictable() {
+            let (name, slot, spare) = &slots[i];
+            if let Some(victim) = slot.take_evictable(*spare) {
                 let id = victim.id.clone();
                 // Dropped: killed, and its commitment given back.
                 drop(victim);
@@ -948,6 +1013,22 @@ mod tests {
             code_sha256: None,
         };
         ActiveFunction::new(&rec, &v, "/b".into(), &Config::default()).unwrap()
+    }
+
+    #[test]
+    fn eviction_keeps_min_instances_of_the_active_version_only() {
+        // Two idle of the active version 3 and min 1: one may go; with a third busy, both.
+        assert_eq!(evictable_among(&[3, 3], 2, 3, 1), 1);
+        assert_eq!(evictable_among(&[3, 3], 3, 3, 1), 2);
+        // Two idle of version 1 (kept for qualified calls) beside them: those go too, and
+        // they do not stand in for the active version's minimum.
+        assert_eq!(evictable_among(&[1, 3, 1, 3], 4, 3, 1), 3);
+        assert_eq!(evictable_among(&[1, 1, 3], 3, 3, 2), 2);
+        assert_eq!(evictable_among(&[1, 1], 3, 3, 1), 2);
+        // The active version at its minimum: only the others.
+        assert_eq!(evictable_among(&[1, 3], 2, 3, 1), 1);
+        assert_eq!(evictable_among(&[], 0, 3, 0), 0);
+        assert_eq!(evictable_among(&[3, 3], 2, 3, 0), 2);
     }
 
     #[test]

@@ -59,6 +59,10 @@ pub struct InvokeRequest<'a> {
     /// A version other than the active one (a qualified call: a version number or an alias),
     /// run within the function's concurrency; None: the active version.
     pub version: Option<Arc<ActiveFunction>>,
+    /// Exec mode: the function's stdout goes here as it comes (InvokeWithResponseStream), up
+    /// to [`runtime_api::MAX_STREAMED_RESPONSE`], and the answer's body is empty. Lambda mode
+    /// streams through its runtime ([`Payload::Stream`]) and ignores it.
+    pub stdout: Option<tokio::sync::mpsc::Sender<Bytes>>,
 }
 
 /// The `running` gauge of one invocation: up while it lives, down when dropped.
@@ -102,6 +106,9 @@ struct LambdaCall {
     body: Bytes,
     want_tail: bool,
     client_context: Option<String>,
+    /// A qualified call (a version number or an alias): its instance stays warm for the next
+    /// call of its version, even when that is not the active one.
+    qualified: bool,
 }
 
 /// A successful invocation.
@@ -224,6 +231,11 @@ impl Router {
             Some(v) => v.clone(),
             None => held.function.clone(),
         };
+        // Exec output streamed to the caller may be as large as a streamed Lambda answer.
+        let max_response = match req.stdout {
+            Some(_) => runtime_api::MAX_STREAMED_RESPONSE,
+            None => self.max_response,
+        };
         self.metrics.invocations.get_or_create(&labels).inc();
         // Counted down however the call ends, the caller hanging up included.
         let _running = Running::start(self.metrics.running.get_or_create(&labels).clone());
@@ -244,7 +256,7 @@ impl Router {
                 let deadline = tokio::time::Instant::now() + self.queue_timeout;
                 let _commitment = match self
                     .registry
-                    .commit(&f.name, f.need(), deadline, || false)
+                    .commit(&f.name, None, f.need(), deadline, || false)
                     .await
                 {
                     Ok(Some(c)) => c,
@@ -265,7 +277,7 @@ impl Router {
                     version: f.version,
                     request_id,
                     timeout: Duration::from_secs_f64(f.resolved.timeout_s),
-                    max_response: self.max_response,
+                    max_response,
                     memory_mb: f.resolved.memory_mb,
                     net: f.net.as_ref(),
                     env: &req.env,
@@ -283,6 +295,7 @@ impl Router {
                     &self.logs,
                     call,
                     req.body,
+                    req.stdout,
                     ready,
                     &self.kill,
                 )
@@ -404,6 +417,7 @@ impl Router {
             body: req.body,
             want_tail: req.want_tail,
             client_context: req.client_context,
+            qualified: req.version.is_some(),
         };
         let (answer, answered) = tokio::sync::oneshot::channel();
         let (router, slot, f) = (self.clone(), slot.clone(), f.clone());
@@ -450,7 +464,9 @@ impl Router {
             }
             match self
                 .registry
-                .commit(&f.name, f.need(), deadline, || slot.idle_count() > 0)
+                .commit(&f.name, Some(f.version), f.need(), deadline, || {
+                    slot.has_idle_of(f.version)
+                })
                 .await
             {
                 Ok(Some(c)) => break Err(c),
@@ -501,21 +517,32 @@ impl Router {
             }
             // The answer is still coming: the instance is busy until the runtime has sent it
             // all. The caller reads the stream meanwhile; its log and slot are settled after.
-            let (router, slot, f, id) = (
+            let (router, slot, f, id, qualified) = (
                 self.clone(),
                 slot.clone(),
                 f.clone(),
                 request_id.to_string(),
+                req.qualified,
             );
             tokio::spawn(async move {
                 let outcome = instance
                     .finish_stream(&mut log, deadline, &router.kill)
                     .await;
-                router
-                    .end_invocation(&slot, instance, &f, &id, init, outcome.err().as_ref(), log)
+                let error = outcome.err();
+                let log_tail = router
+                    .end_invocation(
+                        &slot,
+                        instance,
+                        &f,
+                        &id,
+                        init,
+                        error.as_ref(),
+                        log,
+                        qualified,
+                    )
                     .await;
                 drop(held);
-                let _ = release.send(());
+                let _ = release.send(crate::instance::lambda::Settled { log_tail, error });
             });
             return (result, None);
         }
@@ -528,6 +555,7 @@ impl Router {
                 init,
                 result.as_ref().err(),
                 log,
+                req.qualified,
             )
             .await;
         drop(held);
@@ -535,7 +563,8 @@ impl Router {
     }
 
     /// Writes END and REPORT, and returns the instance to the warm pool unless the invocation
-    /// ended it. Returns the invocation's log tail.
+    /// ended it (`qualified`: kept warm for its version, active or not). Returns the
+    /// invocation's log tail.
     #[allow(clippy::too_many_arguments)]
     async fn end_invocation(
         &self,
@@ -546,6 +575,7 @@ impl Router {
         init: Option<Duration>,
         error: Option<&InvokeError>,
         log: InvokeLog,
+        qualified: bool,
     ) -> String {
         let labels = Metrics::function(&f.name);
         let peak = instance.peak_memory();
@@ -573,7 +603,7 @@ impl Router {
         // A handler's own error leaves the instance fine; any other failure ended it.
         let reusable = matches!(error, None | Some(InvokeError::Handler { .. }));
         if reusable && instance.is_alive() && !self.draining.is_cancelled() {
-            slot.put_idle(instance);
+            slot.put_idle(instance, qualified);
         }
         tail
     }
@@ -657,7 +687,7 @@ impl Router {
                     match router.start_instance(&slot, &f, commitment).await {
                         Ok(i) => {
                             tracing::info!(function = %f.name, version = f.version, instance = %i.id, init_ms = i.init_duration.as_secs_f64() * 1000.0, "warm instance started (min_instances)");
-                            slot.put_idle(i);
+                            slot.put_idle(i, false);
                         }
                         Err(e) => {
                             tracing::warn!(function = %f.name, "starting a warm instance failed: {e}")
