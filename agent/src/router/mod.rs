@@ -157,6 +157,61 @@ impl Drop for RefillOnDrop {
     }
 }
 
+/// A future run by the task that awaits it, until that task drops it half-way: then it runs on
+/// to its end in a task of its own, and `abandoned` gets its output.
+struct FinishOnDrop<T: Send + 'static> {
+    fut: Option<std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>>,
+    abandoned: Option<Box<dyn FnOnce(T) + Send>>,
+}
+
+impl<T: Send + 'static> FinishOnDrop<T> {
+    fn new(
+        fut: impl std::future::Future<Output = T> + Send + 'static,
+        abandoned: impl FnOnce(T) + Send + 'static,
+    ) -> Self {
+        FinishOnDrop {
+            fut: Some(Box::pin(fut)),
+            abandoned: Some(Box::new(abandoned)),
+        }
+    }
+}
+
+impl<T: Send + 'static> std::future::Future for FinishOnDrop<T> {
+    type Output = T;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<T> {
+        // Out while polled: a future that panics is not finished again by the drop.
+        let Some(mut fut) = self.fut.take() else {
+            return std::task::Poll::Pending;
+        };
+        match fut.as_mut().poll(cx) {
+            std::task::Poll::Ready(out) => {
+                self.abandoned = None;
+                std::task::Poll::Ready(out)
+            }
+            std::task::Poll::Pending => {
+                self.fut = Some(fut);
+                std::task::Poll::Pending
+            }
+        }
+    }
+}
+
+impl<T: Send + 'static> Drop for FinishOnDrop<T> {
+    fn drop(&mut self) {
+        let (Some(fut), Some(abandoned)) = (self.fut.take(), self.abandoned.take()) else {
+            return;
+        };
+        // Without a runtime (the agent is gone) there is nothing left to finish it on.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { abandoned(fut.await) });
+        }
+    }
+}
+
 /// How long after a Lambda call's answer its function's next prepared sandbox is built.
 const LAMBDA_REFILL_DELAY: Duration = Duration::from_millis(5);
 
@@ -389,9 +444,10 @@ impl Router {
         );
     }
 
-    /// [`Router::invoke_lambda`] in a task of its own, so that a caller who hangs up costs no
-    /// warm instance: the invocation runs to its end, the instance goes back to the pool, and
-    /// the function's log and `fnlet_abandoned_invocations_total` say the caller left.
+    /// [`Router::invoke_lambda`], run by the caller's task (no hand-off to another task and
+    /// back per call) but detachable: a caller who hangs up costs no warm instance, the
+    /// invocation goes on in a task of its own to its end, the instance goes back to the pool,
+    /// and the function's log and `fnlet_abandoned_invocations_total` say the caller left.
     async fn invoke_lambda_detached(
         self: &Arc<Self>,
         slot: &Arc<FunctionSlot>,
@@ -405,29 +461,32 @@ impl Router {
             want_tail: req.want_tail,
             client_context: req.client_context,
         };
-        let (answer, answered) = tokio::sync::oneshot::channel();
         let (router, slot, f) = (self.clone(), slot.clone(), f.clone());
-        tokio::spawn(async move {
-            let request_id = call.request_id.clone();
-            let out = router.invoke_lambda(&slot, held, &f, call).await;
-            if answer.send(out).is_err() {
+        let request_id = call.request_id.clone();
+        let left = {
+            let (router, f) = (self.clone(), f.clone());
+            move |_| {
                 router.caller_left(
                     &f.name,
                     f.version,
                     &request_id,
                     "the invocation ran to its end",
-                );
+                )
             }
-        });
-        answered.await.unwrap_or_else(|_| {
-            // The task ended without answering: it panicked.
-            (
-                Err(InvokeError::Internal(
-                    "the invocation task ended early".into(),
-                )),
-                None,
-            )
-        })
+        };
+        let run = async move {
+            use futures_util::FutureExt;
+            std::panic::AssertUnwindSafe(router.invoke_lambda(&slot, held, &f, call))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| {
+                    (
+                        Err(InvokeError::Internal("the invocation panicked".into())),
+                        None,
+                    )
+                })
+        };
+        FinishOnDrop::new(run, left).await
     }
 
     /// Lambda mode: a warm instance if one waits, else a cold start; the instance goes back to
