@@ -343,3 +343,85 @@ fn many_idle_instances_live_and_are_reaped_to_nothing() {
     assert_eq!(cap["cpus"]["committed"], 0.0, "{cap}");
     agent.finish();
 }
+
+/// Two hosts on 127.0.0.1, each with room for one 64 MiB instance: a call that finds no room
+/// where it lands or where the ranking sends it runs on the other host (capacity spill), and
+/// only when neither has room does one wait and get 429 naming the resource.
+#[test]
+fn a_cluster_spills_calls_to_the_host_with_room() {
+    common::require_root();
+    let settings = |args: Vec<String>| Settings {
+        capacity_extra: "memory_mb = 100\n".into(),
+        queue_timeout_ms: 1500,
+        args,
+        ..Settings::default()
+    };
+    let a = Agent::start_with("capacity-spill-a", settings(Vec::new()));
+    let init = a.cli(&["cluster", "init"]);
+    assert!(init.status.success(), "fnlet cluster init: {init:?}");
+    let token = String::from_utf8_lossy(&init.stdout).trim().to_string();
+    let b = Agent::start_with(
+        "capacity-spill-b",
+        settings(vec![
+            "--join".into(),
+            format!("127.0.0.1:{}", a.peer_port),
+            "--token".into(),
+            token,
+        ]),
+    );
+    let slow = Fixture::sh(
+        "slow",
+        "public = true\nmemory_mb = 64\ncpus = 0.1\ntimeout_s = 60\nmax_concurrency = 4",
+        "sleep 6; echo done",
+    );
+    a.deploy(slow.path());
+    let logs = || format!("--- a ---\n{}\n--- b ---\n{}", a.log(), b.log());
+    // Both serve it, and each sees the other alive.
+    wait_until("b serving slow", Duration::from_secs(60), &b, || {
+        b.admin(Method::GET, "/v1/functions/slow", None).status == 200
+    });
+    for host in [&a, &b] {
+        wait_until("both members alive", Duration::from_secs(60), host, || {
+            let v = host.admin(Method::GET, "/v1/cluster/members", None).json();
+            v["members"]
+                .as_array()
+                .is_some_and(|m| m.len() == 2 && m.iter().all(|m| m["state"] == "alive"))
+        });
+    }
+    let committed = |agent: &Agent| status(agent)["capacity"]["instances"]["committed"].as_u64();
+    // One call after another reaches a, each once the one before holds its instance.
+    let mut calls = Vec::new();
+    for i in 0..3 {
+        calls.push(a.invoke_in_background("slow", b""));
+        let held = |n: u64| committed(&a).unwrap_or(0) + committed(&b).unwrap_or(0) >= n;
+        if i < 2 {
+            wait_until(
+                "the call to hold an instance",
+                Duration::from_secs(30),
+                &a,
+                || held(i + 1),
+            );
+        }
+    }
+    let answers: Vec<_> = calls
+        .into_iter()
+        .map(|c| c.join().expect("caller thread").expect("the call's answer"))
+        .collect();
+    let ran: Vec<(u16, Option<String>, String)> = answers
+        .iter()
+        .map(|r| (r.status, r.header("x-fnlet-host"), r.text()))
+        .collect();
+    let ok: Vec<_> = ran.iter().filter(|r| r.0 == 200).collect();
+    assert_eq!(
+        ok.len(),
+        2,
+        "two calls fit the two hosts: {ran:#?}\n{}",
+        logs()
+    );
+    assert_ne!(ok[0].1, ok[1].1, "one on each host: {ran:#?}\n{}", logs());
+    let refused: Vec<_> = ran.iter().filter(|r| r.0 == 429).collect();
+    assert_eq!(refused.len(), 1, "{ran:#?}\n{}", logs());
+    assert!(refused[0].2.contains("capacity_memory"), "{ran:#?}");
+    b.finish();
+    a.finish();
+}

@@ -319,7 +319,7 @@ impl Metrics {
         registry.register(
             "cluster_forwards",
             "Invocations forwarded to the host their function's ranking picked, by result (ok, \
-             unreachable, retried_here, peer_lost, ...)",
+             unreachable, retried_here, spilled, peer_lost, ...)",
             forwards.clone(),
         );
         registry.register(

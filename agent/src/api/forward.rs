@@ -133,7 +133,8 @@ pub(super) async fn route(State(app): State<Arc<App>>, req: Request, next: Next)
         return next.run(req).await;
     };
     let own_load = app.router.registry.running_total().min(u64::from(u32::MAX)) as u32;
-    let Some(peer) = node.pick(&name, own_load) else {
+    let room_here = app.router.registry.room_for(&name);
+    let Some(mut peer) = node.pick(&name, own_load, room_here) else {
         return next.run(req).await;
     };
     let source = req
@@ -170,46 +171,63 @@ pub(super) async fn route(State(app): State<Arc<App>>, req: Request, next: Next)
         Err(_) => return next.run(local(parts, payload)).await,
     };
     let metrics = &app.router.metrics;
-    let conn = match node.transport.connect(&peer.id, peer.addr).await {
-        Ok(c) => c,
-        Err(e) => {
-            // Never started there: run it here.
-            metrics.forward("unreachable", None);
-            tracing::info!(function = %name, peer = %peer.id, "running here: {e}");
-            return next.run(local(parts, payload)).await;
-        }
-    };
-    let started = Instant::now();
-    let _in_flight = node.forwarding(&peer.id);
     let max_answer = u32::try_from(app.config.limits.max_response_mb << 20).unwrap_or(u32::MAX);
-    match invoke::call(
-        &conn,
-        call,
-        max_answer.max(fnlet_cluster::frame::DEFAULT_MAX_BODY),
-    )
-    .await
-    {
-        Ok(resp) => {
-            metrics.forward("ok", Some(started.elapsed()));
-            resp
-        }
-        Err(e) => {
-            let never_started = matches!(
-                e,
-                CallError::Busy { .. }
-                    | CallError::ShuttingDown { .. }
-                    | CallError::HopLimit { .. }
-            );
-            if never_started || (f.manifest.idempotent && matches!(e, CallError::PeerLost { .. })) {
-                metrics.forward("retried_here", None);
+    // A peer without room refuses at once (BUSY): the call goes to the next host with room,
+    // at most twice, then runs here.
+    for attempt in 0..2 {
+        let conn = match node.transport.connect(&peer.id, peer.addr).await {
+            Ok(c) => c,
+            Err(e) => {
+                // Never started there: run it here.
+                metrics.forward("unreachable", None);
                 tracing::info!(function = %name, peer = %peer.id, "running here: {e}");
                 return next.run(local(parts, payload)).await;
             }
-            metrics.forward(e.app_error().kind, None);
-            tracing::warn!(function = %name, peer = %peer.id, request_id, "forwarded call failed: {e}");
-            e.app_error().into_response()
+        };
+        let started = Instant::now();
+        let _in_flight = node.forwarding(&peer.id);
+        let e = match invoke::call(
+            &conn,
+            call.clone(),
+            max_answer.max(fnlet_cluster::frame::DEFAULT_MAX_BODY),
+        )
+        .await
+        {
+            Ok(resp) => {
+                metrics.forward("ok", Some(started.elapsed()));
+                return resp;
+            }
+            Err(e) => e,
+        };
+        if let CallError::Busy { .. } = e {
+            node.mark_full(&peer.id);
+            let room_here = app.router.registry.room_for(&name);
+            let own_load = app.router.registry.running_total().min(u64::from(u32::MAX)) as u32;
+            if attempt == 0
+                && !room_here
+                && let Some(next_peer) = node.pick(&name, own_load, room_here)
+                && next_peer.id != peer.id
+            {
+                metrics.forward("spilled", None);
+                tracing::info!(function = %name, peer = %peer.id, to = %next_peer.id, "no room there: {e}");
+                peer = next_peer;
+                continue;
+            }
         }
+        let never_started = matches!(
+            e,
+            CallError::Busy { .. } | CallError::ShuttingDown { .. } | CallError::HopLimit { .. }
+        );
+        if never_started || (f.manifest.idempotent && matches!(e, CallError::PeerLost { .. })) {
+            metrics.forward("retried_here", None);
+            tracing::info!(function = %name, peer = %peer.id, "running here: {e}");
+            return next.run(local(parts, payload)).await;
+        }
+        metrics.forward(e.app_error().kind, None);
+        tracing::warn!(function = %name, peer = %peer.id, request_id, "forwarded call failed: {e}");
+        return e.app_error().into_response();
     }
+    next.run(local(parts, payload)).await
 }
 
 #[cfg(test)]

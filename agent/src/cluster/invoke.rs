@@ -127,12 +127,15 @@ struct Host {
     draining: bool,
     /// Whether a function is Lambda-mode here (the door an `auto` entry takes).
     lambda: Box<dyn Fn(&str) -> bool + Send + Sync>,
+    /// Whether a call to a function would find room here at once (host capacity).
+    room: Box<dyn Fn(&str) -> bool + Send + Sync>,
     limits: Limits,
 }
 
 impl Host {
     fn of(app: &Arc<App>) -> Host {
         let router = app.router.clone();
+        let registry = app.router.registry.clone();
         Host {
             node_id: app.node_id.clone(),
             draining: app.router.draining.is_cancelled(),
@@ -141,6 +144,7 @@ impl Host {
                     .lookup(name)
                     .is_some_and(|f| f.manifest.mode == Mode::Lambda)
             }),
+            room: Box::new(move |name| registry.room_for(name)),
             limits: request_limits(&app.config),
         }
     }
@@ -270,6 +274,16 @@ where
     if host.draining {
         let why = "the agent is shutting down".to_string();
         return refuse(&mut send, ErrorCode::SHUTTING_DOWN, why).await;
+    }
+    // A peer's call that would wait here for host capacity is refused at once: the peer
+    // places it on a host with room (or runs it itself). A QUIC caller's call waits as an
+    // HTTP caller's does.
+    if matches!(from, Caller::Peer { .. }) && !(host.room)(&req.function) {
+        let why = format!(
+            "no room here for another instance of {} (host capacity)",
+            req.function
+        );
+        return refuse(&mut send, ErrorCode::BUSY, why).await;
     }
     let lambda = req.entry == InvokeEntry::Auto && (host.lambda)(&req.function);
     let mut http_req = match http_request(&req, payload, lambda) {
@@ -1474,6 +1488,7 @@ mod tests {
             node_id: "alpha".into(),
             draining: false,
             lambda: Box::new(|name| name == "lam"),
+            room: Box::new(|name| name != "full"),
             limits: Limits::default(),
         });
         let (tx, served) = mpsc::unbounded_channel();
@@ -1750,6 +1765,24 @@ mod tests {
         // What a peer passes on keeps the function's own error kind.
         let again = end_error(&err);
         assert_eq!(again.kind, "Fixture.Boom");
+    }
+
+    /// A peer's call to a function without room here is refused BUSY at once (the peer places
+    /// it elsewhere); a QUIC caller's is served (it waits, as an HTTP caller's does).
+    #[tokio::test]
+    async fn a_peers_call_without_room_here_is_refused_busy() {
+        let mut s = server().await;
+        let dir = tempfile::tempdir().unwrap();
+        let (_t, conn) = s.peer(dir.path()).await;
+        let c = invoke(InvokeEntry::Exec, "full", b"");
+        let e = call(&conn, c, frame::DEFAULT_MAX_BODY).await.unwrap_err();
+        assert!(matches!(e, CallError::Busy { .. }), "{e}");
+        assert!(e.to_string().contains("host capacity"), "{e}");
+        assert_eq!(s.next_served().await, Served::Refused(ErrorCode::BUSY));
+        let (_ep, conn) = s.client().await;
+        let c = invoke(InvokeEntry::Exec, "full", b"");
+        call(&conn, c, frame::DEFAULT_MAX_BODY).await.unwrap();
+        assert_eq!(s.next_served().await, Served::Answered);
     }
 
     #[tokio::test]

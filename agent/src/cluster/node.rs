@@ -128,6 +128,9 @@ pub struct Node {
     refreshed: Mutex<Option<Instant>>,
     /// The peers' loads: their reports, and the calls this host forwarded to them.
     loads: Mutex<PeerLoads>,
+    /// Peers that refused a call for want of room (BUSY), and until when new calls pass them
+    /// over.
+    full: Mutex<std::collections::HashMap<String, Instant>>,
     /// Told when a member comes up or goes down, and at the first catalog sync (the
     /// scheduler works out again which schedules this host owns).
     pub members_changed: Arc<tokio::sync::Notify>,
@@ -194,6 +197,7 @@ impl Node {
             datagrams: tx,
             tokens: Mutex::new(()),
             loads: Mutex::new(PeerLoads::new()),
+            full: Mutex::new(Default::default()),
             refreshed: Mutex::new(None),
             members_changed: Arc::new(tokio::sync::Notify::new()),
             synced: std::sync::atomic::AtomicBool::new(false),
@@ -296,12 +300,31 @@ impl Node {
             .collect()
     }
 
+    /// How long a peer that refused a call for want of room is passed over.
+    const FULL_FOR: Duration = Duration::from_secs(2);
+
+    /// Notes that `peer` refused a call for want of room: new calls pass it over for a while.
+    pub fn mark_full(&self, peer: &str) {
+        self.full
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(peer.to_string(), Instant::now() + Self::FULL_FOR);
+    }
+
     /// Where a call to `function` should run: the first live host in the function's
     /// rendezvous ranking whose in-flight load is within the bound (ceil(1.25 x mean)). Loads
     /// are as this host sees them: its own running calls, and each peer's reported load
-    /// combined with the calls this host forwarded to it (see [`MemberRow::load`]). `None`:
-    /// here.
-    pub fn pick(&self, function: &str, own_load: u32) -> Option<NodeIdentity> {
+    /// combined with the calls this host forwarded to it (see [`MemberRow::load`]). Hosts
+    /// without room for the call are passed over (capacity spill): this one when `room_here`
+    /// is false, peers that refused a call for want of room in the last seconds; when no host
+    /// is left, the ranking over all of them decides. `None`: here.
+    pub fn pick(&self, function: &str, own_load: u32, room_here: bool) -> Option<NodeIdentity> {
+        let now = Instant::now();
+        let full: std::collections::HashSet<String> = {
+            let mut full = self.full.lock().unwrap_or_else(|p| p.into_inner());
+            full.retain(|_, until| *until > now);
+            full.keys().cloned().collect()
+        };
         // A suspect gets no new calls: only members answering their probes.
         let peers: Vec<NodeIdentity> = self
             .members
@@ -315,7 +338,6 @@ impl Node {
             return None;
         }
         let ttl = self.load_timing().ttl;
-        let now = Instant::now();
         let mut hosts = vec![fnlet_cluster::route::Host {
             id: self.id.as_str(),
             load: own_load,
@@ -327,9 +349,21 @@ impl Node {
                 load: loads.view(&p.id, now, ttl).load,
             }));
         }
+        let roomy: Vec<_> = hosts
+            .iter()
+            .filter(|h| {
+                if h.id == self.id {
+                    room_here
+                } else {
+                    !full.contains(h.id)
+                }
+            })
+            .copied()
+            .collect();
+        let candidates = if roomy.is_empty() { &hosts } else { &roomy };
         let chosen = fnlet_cluster::route::pick(
             function,
-            &hosts,
+            candidates,
             fnlet_cluster::route::BalanceFactor::DEFAULT,
         )?;
         peers.iter().find(|p| p.id == chosen.host).cloned()

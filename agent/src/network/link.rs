@@ -59,9 +59,14 @@ pub async fn delete(h: &Handle, name: &str) -> Result<(), NetworkError> {
 }
 
 /// Creates the bridge with the gateway address and brings it up; returns its index.
+///
+/// The bridge gets a MAC address of its own: one the kernel chose would follow the lowest MAC
+/// among its ports, changing as instances' veths come and go, and an instance that had just
+/// learnt the gateway's MAC would send to one nobody answers any more (its connection hangs
+/// until its neighbour entry expires, tens of seconds).
 pub async fn bridge(h: &Handle, name: &str, gateway: Ipv4Net) -> Result<u32, NetworkError> {
     h.link()
-        .add(LinkBridge::new(name).build())
+        .add(LinkBridge::new(name).address(bridge_mac().to_vec()).build())
         .execute()
         .await
         .map_err(nl("creating the bridge"))?;
@@ -80,6 +85,13 @@ pub async fn bridge(h: &Handle, name: &str, gateway: Ipv4Net) -> Result<u32, Net
         .await
         .map_err(nl("bringing the bridge up"))?;
     Ok(i)
+}
+
+/// A random, locally administered unicast MAC (first byte xxxxxx10).
+fn bridge_mac() -> [u8; 6] {
+    let mut mac: [u8; 6] = rand::random();
+    mac[0] = (mac[0] & 0xfc) | 0x02;
+    mac
 }
 
 /// One instance's link: `host_if` on the bridge in the host's namespace, its peer `eth0` in
@@ -218,7 +230,30 @@ mod tests {
                     .unwrap();
                 String::from_utf8_lossy(&o.stdout).into_owned()
             };
+            let bridge_mac = || {
+                ip(&["-br", "link", "show", "fnlet0"])
+                    .split_whitespace()
+                    .nth(2)
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            let mut macs = vec![bridge_mac()];
             let host_side = ip(&["-d", "link", "show", "fnlet0-9"]);
+            for mac in ["02:00:00:00:00:01", "00:00:00:00:00:01"] {
+                let st = std::process::Command::new("sh")
+                    .args([
+                        "-c",
+                        &format!("ip link add fnlet0-p address {mac} type veth peer name fnlet0-q && ip link set fnlet0-p master fnlet0"),
+                    ])
+                    .status()
+                    .unwrap();
+                assert!(st.success());
+                macs.push(bridge_mac());
+                let _ = std::process::Command::new("ip")
+                    .args(["link", "del", "fnlet0-p"])
+                    .status();
+                macs.push(bridge_mac());
+            }
             let inside = std::process::Command::new("nsenter")
                 .arg(format!("--net={ns}"))
                 .args(["--", "sh", "-c", "ip -br addr; ip route"])
@@ -230,9 +265,17 @@ mod tests {
                 made,
                 host_side,
                 String::from_utf8_lossy(&inside.stdout).into_owned(),
+                macs,
             )
         });
-        let (made, host_side, inside) = done.join().unwrap();
+        let (made, host_side, inside, macs) = done.join().unwrap();
+        // The bridge kept its own MAC while a port came and went (ports' are random).
+        assert!(macs.iter().all(|m| m == &macs[0]), "{macs:?}");
+        assert_eq!(
+            u8::from_str_radix(&macs[0][..2], 16).unwrap() & 3,
+            2,
+            "{macs:?}"
+        );
         made.expect("the instance's link");
         assert!(host_side.contains("master fnlet0"), "{host_side}");
         assert!(host_side.contains(",UP"), "{host_side}");

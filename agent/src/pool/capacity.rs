@@ -191,6 +191,22 @@ impl Capacity {
         })
     }
 
+    /// Whether `need` fits now without committing it, counting `freeable` (what evicting idle
+    /// instances would give back) as free.
+    pub fn fits_with(&self, need: Need, freeable: Amounts) -> bool {
+        let c = self.committed();
+        let cap = &self.capacity;
+        c.instances.saturating_sub(freeable.instances) < cap.instances
+            && c.memory_bytes
+                .saturating_sub(freeable.memory_bytes)
+                .saturating_add(need.memory_bytes)
+                <= cap.memory_bytes
+            && c.cpu_millis
+                .saturating_sub(freeable.cpu_millis)
+                .saturating_add(need.cpu_millis)
+                <= cap.cpu_millis
+    }
+
     /// Whether `need` could ever fit (on an empty host).
     pub fn fits_at_all(&self, need: Need) -> bool {
         need.memory_bytes <= self.capacity.memory_bytes
@@ -277,5 +293,23 @@ mod tests {
         drop((b, c, d));
         assert_eq!(cap.committed(), Amounts::default());
         assert!(!cap.fits_at_all(Need::of(128, 0.1)));
+        // Not committing: what evicting would free counts as free.
+        let full = Arc::new(Capacity::new(Amounts {
+            memory_bytes: 128 << 20,
+            cpu_millis: 4000,
+            instances: 10,
+        }));
+        let held = full.try_commit(Need::of(96, 1.0)).unwrap();
+        assert!(!full.fits_with(Need::of(64, 1.0), Amounts::default()));
+        assert!(full.fits_with(Need::of(32, 1.0), Amounts::default()));
+        let one_idle = Amounts {
+            memory_bytes: 96 << 20,
+            cpu_millis: 1000,
+            instances: 1,
+        };
+        assert!(full.fits_with(Need::of(64, 1.0), one_idle));
+        assert!(!full.fits_with(Need::of(160, 1.0), one_idle));
+        assert_eq!(full.committed().instances, 1);
+        drop(held);
     }
 }

@@ -471,6 +471,14 @@ impl FunctionSlot {
         Some(idle.remove(0).instance)
     }
 
+    /// How many of its idle instances eviction could take now (never below min_instances).
+    fn evictable_count(&self) -> u64 {
+        let min = u64::from(self.active().resolved.min_instances);
+        let alive = self.instances.alive.load(Ordering::Acquire);
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).len() as u64;
+        idle.min(alive.saturating_sub(min))
+    }
+
     pub fn idle_count(&self) -> usize {
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
@@ -710,6 +718,40 @@ impl Registry {
                 };
             }
         }
+    }
+
+    /// Whether a call to `name` would find room here at once: a warm instance of it waits
+    /// (Lambda mode), or one more instance fits the host's capacity, counting what evicting
+    /// other functions' idle instances would give back. The cluster's router sends a call
+    /// elsewhere when not, rather than queue it behind the capacity here. A function unknown
+    /// here has room (its handler answers).
+    pub fn room_for(&self, name: &str) -> bool {
+        let Some(slot) = self.get(name) else {
+            return true;
+        };
+        let f = slot.active();
+        if f.manifest.mode == crate::manifest::Mode::Lambda && slot.idle_count() > 0 {
+            return true;
+        }
+        let mut freeable = capacity::Amounts::default();
+        for (other, s) in self.map.read().unwrap_or_else(|p| p.into_inner()).iter() {
+            if other == name {
+                continue;
+            }
+            let n = s.evictable_count();
+            if n == 0 {
+                continue;
+            }
+            let need = s.active().need();
+            freeable.memory_bytes = freeable
+                .memory_bytes
+                .saturating_add(need.memory_bytes.saturating_mul(n));
+            freeable.cpu_millis = freeable
+                .cpu_millis
+                .saturating_add(need.cpu_millis.saturating_mul(n));
+            freeable.instances = freeable.instances.saturating_add(n);
+        }
+        self.capacity.fits_with(f.need(), freeable)
     }
 
     /// Stops the least recently used idle instance of any function but `except` that may be
