@@ -865,6 +865,91 @@ mod tests {
         s.stop.cancel();
     }
 
+    /// A server with no task of its own: the runtime's requests that come while nobody drives
+    /// it (its next `/next`, a late answer) wait in the socket, and are served once an
+    /// invocation drives it again, from whichever task and thread that is.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_server_driven_only_while_someone_waits_serves_every_invocation() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let base = format!("http://{}/2018-06-01", l.local_addr().unwrap());
+        let (handle, mut server) = server(l, CancellationToken::new(), 1024).unwrap();
+        // The runtime: one kept-alive connection; the second event is answered late.
+        let runtime = tokio::spawn(async move {
+            let c = reqwest::Client::new();
+            for n in 0..3 {
+                let r = c
+                    .get(format!("{base}/runtime/invocation/next"))
+                    .send()
+                    .await
+                    .unwrap();
+                let id = r.headers()["lambda-runtime-aws-request-id"]
+                    .to_str()
+                    .unwrap()
+                    .to_string();
+                let body = r.text().await.unwrap();
+                if n == 1 {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                let r = c
+                    .post(format!("{base}/runtime/invocation/{id}/response"))
+                    .body(format!("{id}:{body}"))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 202);
+            }
+        });
+        let limit = Duration::from_secs(10);
+        let mut init = handle.init.clone();
+        tokio::time::timeout(
+            limit,
+            server.drive(async { init.wait_for(|s| *s == Init::Ready).await.is_ok() }),
+        )
+        .await
+        .expect("the first /next is served while the start drives the server");
+        server.park();
+        for n in 0..3 {
+            // Undriven for a while: the runtime's 202 and its next /next are not waited on here.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let id = format!("req-{n}");
+            let (e, rx) = event(&id, "{}");
+            handle.events.send(e).await.unwrap();
+            let reply = if n == 1 {
+                // The caller's task gives up half-way (the caller hung up); another task
+                // takes the server over and sees the invocation to its end.
+                let mut rx = rx;
+                let dropped =
+                    tokio::time::timeout(Duration::from_millis(50), server.drive(&mut rx)).await;
+                assert!(
+                    dropped.is_err(),
+                    "the runtime answers the second event late"
+                );
+                server.park();
+                let (back, reply) = tokio::spawn(async move {
+                    let reply = tokio::time::timeout(limit, server.drive(rx)).await;
+                    server.park();
+                    (server, reply)
+                })
+                .await
+                .unwrap();
+                server = back;
+                reply
+            } else {
+                let reply = tokio::time::timeout(limit, server.drive(rx)).await;
+                server.park();
+                reply
+            };
+            match reply {
+                Ok(Ok(Reply::Response(b))) => assert_eq!(&b[..], format!("{id}:{{}}").as_bytes()),
+                Ok(other) => panic!("{other:?}"),
+                Err(_) => panic!("invocation {n} was not answered within {limit:?}"),
+            }
+        }
+        // Every 202 went out while an invocation drove the server.
+        tokio::time::timeout(limit, runtime).await.unwrap().unwrap();
+    }
+
     /// Response streaming: chunked, and an error reported in the trailers after some output.
     #[tokio::test]
     async fn streamed_responses_and_error_trailers() {

@@ -751,3 +751,34 @@ impl Router {
 
 /// How often the warm pool is looked after.
 pub const REAP_INTERVAL: Duration = Duration::from_millis(250);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_future_dropped_half_way_runs_to_its_end_in_a_task_of_its_own() {
+        // Dropped before its end: it finishes on its own and `abandoned` gets the output.
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let (left, outcome) = tokio::sync::oneshot::channel();
+        let f = FinishOnDrop::new(async move { wait.await.is_ok() }, move |v| {
+            let _ = left.send(v);
+        });
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), f)
+                .await
+                .is_err()
+        );
+        go.send(()).unwrap();
+        let finished = tokio::time::timeout(Duration::from_secs(5), outcome).await;
+        assert!(matches!(finished, Ok(Ok(true))), "{finished:?}");
+
+        // Awaited to its end: the caller gets the output and `abandoned` is never called.
+        let (left, outcome) = tokio::sync::oneshot::channel::<u32>();
+        let f = FinishOnDrop::new(async { 7 }, move |v| {
+            let _ = left.send(v);
+        });
+        assert_eq!(f.await, 7);
+        assert!(outcome.await.is_err());
+    }
+}
