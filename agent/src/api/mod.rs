@@ -905,20 +905,10 @@ async fn logs(
 }
 
 pub(crate) fn request_id() -> String {
+    // The thread's generator (seeded from the OS, reseeded as it goes): uniqueness matters,
+    // and a getrandom system call per invocation is a measurable share of a warm call.
     let mut b = [0u8; 16];
-    if getrandom::fill(&mut b).is_err() {
-        // Uniqueness matters, secrecy does not: fall back to time and a counter.
-        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        b[..8].copy_from_slice(&(t as u64).to_le_bytes());
-        b[8..].copy_from_slice(
-            &N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                .to_le_bytes(),
-        );
-    }
+    rand::Rng::fill_bytes(&mut rand::rng(), &mut b);
     let h = hex::encode(b);
     format!(
         "{}-{}-{}-{}-{}",

@@ -7,6 +7,7 @@
 //! answer within the deadline. A timeout, a crash or an exit ends the instance; dropping it
 //! kills the sandbox and removes its cgroup.
 
+use std::future::Future;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -274,6 +275,26 @@ fn read_ready(p: &OutPipe, out: &Output) -> bool {
     true
 }
 
+/// The Runtime API's server taken out of its instance while a task drives it; put back (after a
+/// last poll without a waker, see [`runtime_api::Server::park`]) when the driving ends, or is
+/// dropped half-way.
+struct Driving<'a> {
+    home: &'a Mutex<Option<runtime_api::Server>>,
+    server: Option<runtime_api::Server>,
+}
+
+impl Drop for Driving<'_> {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.server.take() {
+            s.park();
+            let mut home = self.home.lock().unwrap_or_else(|p| p.into_inner());
+            if home.is_none() {
+                *home = Some(s);
+            }
+        }
+    }
+}
+
 /// A live instance. Dropping it kills the sandbox.
 pub struct LambdaInstance {
     /// The sandbox's cgroup leaf: unique, and what an operator finds on the host.
@@ -282,6 +303,9 @@ pub struct LambdaInstance {
     pub memory_mb: u64,
     pub init_duration: Duration,
     runtime: RuntimeHandle,
+    /// The Runtime API's server, driven by the task waiting on the instance (see
+    /// [`runtime_api::Server`]); the sandbox's owner task drops it once the sandbox has ended.
+    server: Arc<Mutex<Option<runtime_api::Server>>>,
     watch: SandboxWatch,
     /// Cancelled once the sandbox has ended and its outcome is known.
     ended: CancellationToken,
@@ -367,8 +391,9 @@ impl LambdaInstance {
             .take_listener()
             .ok_or_else(|| InvokeError::Internal("the sandbox has no Runtime API socket".into()))?;
         let stop = CancellationToken::new();
-        let runtime = runtime_api::serve(listener, stop.clone(), args.max_response)
+        let (runtime, server) = runtime_api::server(listener, stop.clone(), args.max_response)
             .map_err(|e| InvokeError::Internal(format!("serving the Runtime API: {e}")))?;
+        let server = Arc::new(Mutex::new(Some(server)));
         // Without it REPORT says 0 MB; not worth failing the start for.
         let peak = sandbox.peak_memory().unwrap_or_else(|e| {
             tracing::debug!(instance = %id, "peak memory not readable: {e}");
@@ -404,16 +429,20 @@ impl LambdaInstance {
         drop(sandbox.take_stdin());
 
         // The sandbox's owner: reaps it once it ends (killed by the instance's drop, or on
-        // its own) and records how it ended.
+        // its own) and records how it ended. The Runtime API goes only then: a long poll
+        // answered (or a connection closed) earlier would only make the runtime fail loudly
+        // before the kill lands.
         let ended = CancellationToken::new();
         let outcome = Arc::new(Mutex::new(None));
         {
             let (ended, outcome, stop) = (ended.clone(), outcome.clone(), stop.clone());
+            let server = server.clone();
             args.tracker.spawn(async move {
                 let o = sandbox.wait().await.ok();
                 *outcome.lock().unwrap_or_else(|p| p.into_inner()) = o;
                 stop.cancel();
                 ended.cancel();
+                drop(server.lock().unwrap_or_else(|p| p.into_inner()).take());
             });
         }
 
@@ -423,6 +452,7 @@ impl LambdaInstance {
             memory_mb: f.resolved.memory_mb,
             init_duration: Duration::ZERO,
             runtime,
+            server,
             watch,
             ended,
             outcome,
@@ -442,7 +472,7 @@ impl LambdaInstance {
                 }
             }
         };
-        let result = tokio::select! {
+        let result = instance.serving(async { tokio::select! {
             s = settled => match s {
                 Init::Ready => Ok(()),
                 Init::Failed { error_type, body } => Err(InvokeError::InitFailed { error_type, body }),
@@ -459,7 +489,7 @@ impl LambdaInstance {
             }),
             _ = tokio::time::sleep_until(deadline) => Err(InvokeError::InitTimeout(init_timeout)),
             _ = args.cancel.cancelled() => Err(InvokeError::Draining),
-        };
+        }}).await;
         instance.init_duration = started.elapsed();
         if let Err(e) = result {
             // Lines of a failed init are worth keeping: flush them before the kill.
@@ -471,6 +501,24 @@ impl LambdaInstance {
 
     pub fn is_alive(&self) -> bool {
         !self.ended.is_cancelled()
+    }
+
+    /// Drives the Runtime API's server while `until` runs (the instance's start, an
+    /// invocation): the runtime's requests are served by this task.
+    async fn serving<T>(&self, until: impl Future<Output = T>) -> T {
+        let taken = self.server.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(server) = taken else {
+            // The sandbox has ended (its owner dropped the server): nothing to serve.
+            return until.await;
+        };
+        let mut driving = Driving {
+            home: &self.server,
+            server: Some(server),
+        };
+        match driving.server.as_mut() {
+            Some(s) => s.drive(until).await,
+            None => until.await,
+        }
     }
 
     /// Why the instance ended, as an invocation error.
@@ -572,7 +620,7 @@ impl LambdaInstance {
             Err(self.exit_error(false))
         } else {
             let deadline = tokio::time::Instant::from_std(ev.deadline);
-            tokio::select! {
+            self.serving(async { tokio::select! {
                 r = rx => match r {
                     Ok(Reply::Response(body)) => Ok(Payload::Full(body)),
                     Ok(Reply::Stream { content_type, frames, finished }) => {
@@ -597,7 +645,7 @@ impl LambdaInstance {
                     let _ = self.watch.kill();
                     Err(InvokeError::Draining)
                 }
-            }
+            }}).await
         };
         let duration = started.elapsed();
         if streaming.is_none() {
@@ -702,18 +750,22 @@ impl LambdaInstance {
         let Some(finished) = log.streaming.take() else {
             return Ok(());
         };
-        let r = tokio::select! {
-            _ = finished => Ok(()),
-            _ = self.ended.cancelled() => Err(self.exit_error(false)),
-            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {
-                let _ = self.watch.kill();
-                Err(InvokeError::Timeout(deadline.saturating_duration_since(log.started)))
-            }
-            _ = cancel.cancelled() => {
-                let _ = self.watch.kill();
-                Err(InvokeError::Draining)
-            }
-        };
+        let r = self
+            .serving(async {
+                tokio::select! {
+                    _ = finished => Ok(()),
+                    _ = self.ended.cancelled() => Err(self.exit_error(false)),
+                    _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {
+                        let _ = self.watch.kill();
+                        Err(InvokeError::Timeout(deadline.saturating_duration_since(log.started)))
+                    }
+                    _ = cancel.cancelled() => {
+                        let _ = self.watch.kill();
+                        Err(InvokeError::Draining)
+                    }
+                }
+            })
+            .await;
         log.duration = log.started.elapsed();
         self.flush();
         r

@@ -6,7 +6,10 @@
 //! `/invocation/{id}/error`, and reports a failed start with `/init/error`. Bad calls get
 //! Lambda's own status codes and `{errorMessage, errorType}` bodies.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
 use axum::Router;
 use axum::extract::{Path, Request, State};
@@ -15,6 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine;
 use bytes::Bytes;
+use futures_util::stream::FuturesUnordered;
 use http_body_util::BodyExt;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -132,12 +136,107 @@ const RESPONSE: &str = "/2018-06-01/runtime/invocation/{id}/response";
 const ERROR: &str = "/2018-06-01/runtime/invocation/{id}/error";
 const INIT_ERROR: &str = "/2018-06-01/runtime/init/error";
 
-/// Serves the Runtime API on `listener` until `ended` is cancelled.
-pub fn serve(
+/// The Runtime API's routes, built once: each instance gets them with its own state.
+fn routes() -> Router<Arc<RuntimeApi>> {
+    static ROUTES: std::sync::OnceLock<Router<Arc<RuntimeApi>>> = std::sync::OnceLock::new();
+    ROUTES
+        .get_or_init(|| {
+            Router::new()
+                .route(NEXT, get(next))
+                .route(RESPONSE, post(response))
+                .route(ERROR, post(invocation_error))
+                .route(INIT_ERROR, post(init_error))
+                .fallback(|| async {
+                    lambda_error(
+                        StatusCode::NOT_FOUND,
+                        "InvalidRequest",
+                        "no such Runtime API path (this is the 2018-06-01 Runtime API)",
+                    )
+                })
+        })
+        .clone()
+}
+
+/// One instance's Runtime API server: its listener and the runtime's connections, with no task
+/// of its own. Whoever waits on the instance drives it ([`Server::drive`]): its start until the
+/// first `/next`, each invocation until the answer. So the event reaches the parked `/next`,
+/// and the runtime's answer reaches the invocation, within one task: no wake-up of another
+/// thread per event. Between invocations nothing polls it: the runtime's next `/next` waits in
+/// the socket until an invocation comes.
+pub struct Server {
+    listener: Option<tokio::net::TcpListener>,
+    app: Router,
+    conns: FuturesUnordered<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl Server {
+    /// Accepts what is pending and polls every connection once.
+    fn poll_serve(&mut self, cx: &mut Context<'_>) {
+        if let Some(listener) = &self.listener {
+            loop {
+                match listener.poll_accept(cx) {
+                    Poll::Ready(Ok((tcp, _))) => {
+                        // Small answers on a kept-alive connection: never wait for Nagle.
+                        let _ = tcp.set_nodelay(true);
+                        self.conns.push(connection(tcp, self.app.clone()));
+                    }
+                    Poll::Ready(Err(e)) => {
+                        // Tried again at the next poll (a full descriptor table, a connection
+                        // reset before it was accepted).
+                        tracing::debug!("runtime API accept: {e}");
+                        break;
+                    }
+                    Poll::Pending => break,
+                }
+            }
+        }
+        while let Poll::Ready(Some(())) =
+            futures_util::StreamExt::poll_next_unpin(&mut self.conns, cx)
+        {}
+    }
+
+    /// Serves until `until` resolves, and returns its output.
+    pub async fn drive<F: Future>(&mut self, until: F) -> F::Output {
+        let mut until = std::pin::pin!(until);
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(v) = until.as_mut().poll(cx) {
+                return Poll::Ready(v);
+            }
+            self.poll_serve(cx);
+            // Serving may have produced what `until` waits for (the runtime's answer).
+            until.as_mut().poll(cx)
+        })
+        .await
+    }
+
+    /// Polls once more without a waker: what the connections wait for next (the runtime's
+    /// next `/next`) wakes nobody until the next invocation drives them again.
+    pub fn park(&mut self) {
+        self.poll_serve(&mut Context::from_waker(std::task::Waker::noop()));
+    }
+}
+
+/// One kept-alive HTTP/1.1 connection of the runtime.
+fn connection(tcp: tokio::net::TcpStream, app: Router) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let mut app = app.clone();
+        tower::Service::call(&mut app, req)
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+    Box::pin(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!("runtime API connection: {e}");
+        }
+    })
+}
+
+/// The Runtime API on `listener`, for the caller to drive ([`Server::drive`]).
+pub fn server(
     listener: std::net::TcpListener,
     ended: CancellationToken,
     max_response: usize,
-) -> std::io::Result<RuntimeHandle> {
+) -> std::io::Result<(RuntimeHandle, Server)> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let (tx, rx) = mpsc::channel(1);
     let (init_tx, init_rx) = watch::channel(Init::Starting);
@@ -145,40 +244,31 @@ pub fn serve(
         events: tokio::sync::Mutex::new(rx),
         current: Mutex::new(None),
         init: init_tx,
-        ended: ended.clone(),
+        ended,
         max_response,
     });
-    let app = Router::new()
-        .route(NEXT, get(next))
-        .route(RESPONSE, post(response))
-        .route(ERROR, post(invocation_error))
-        .route(INIT_ERROR, post(init_error))
-        .fallback(|| async {
-            lambda_error(
-                StatusCode::NOT_FOUND,
-                "InvalidRequest",
-                "no such Runtime API path (this is the 2018-06-01 Runtime API)",
-            )
-        })
-        .with_state(api.clone());
-    tokio::spawn(async move {
-        let stop = ended.clone();
-        // Small answers on a kept-alive connection: never wait for Nagle.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await
-        {
-            tracing::debug!("runtime API server: {e}");
-        }
-    });
-    Ok(RuntimeHandle {
+    let server = Server {
+        listener: Some(listener),
+        app: routes().with_state(api.clone()),
+        conns: FuturesUnordered::new(),
+    };
+    let handle = RuntimeHandle {
         events: tx,
         init: init_rx,
         api,
-    })
+    };
+    Ok((handle, server))
+}
+
+/// Serves the Runtime API on `listener` from a task of its own until `ended` is cancelled.
+pub fn serve(
+    listener: std::net::TcpListener,
+    ended: CancellationToken,
+    max_response: usize,
+) -> std::io::Result<RuntimeHandle> {
+    let (handle, mut server) = self::server(listener, ended.clone(), max_response)?;
+    tokio::spawn(async move { server.drive(ended.cancelled()).await });
+    Ok(handle)
 }
 
 /// `{errorMessage, errorType}` with a status, as the Runtime API answers bad calls.
@@ -773,6 +863,91 @@ mod tests {
             other => panic!("{other:?}"),
         }
         s.stop.cancel();
+    }
+
+    /// A server with no task of its own: the runtime's requests that come while nobody drives
+    /// it (its next `/next`, a late answer) wait in the socket, and are served once an
+    /// invocation drives it again, from whichever task and thread that is.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_server_driven_only_while_someone_waits_serves_every_invocation() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let base = format!("http://{}/2018-06-01", l.local_addr().unwrap());
+        let (handle, mut server) = server(l, CancellationToken::new(), 1024).unwrap();
+        // The runtime: one kept-alive connection; the second event is answered late.
+        let runtime = tokio::spawn(async move {
+            let c = reqwest::Client::new();
+            for n in 0..3 {
+                let r = c
+                    .get(format!("{base}/runtime/invocation/next"))
+                    .send()
+                    .await
+                    .unwrap();
+                let id = r.headers()["lambda-runtime-aws-request-id"]
+                    .to_str()
+                    .unwrap()
+                    .to_string();
+                let body = r.text().await.unwrap();
+                if n == 1 {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                let r = c
+                    .post(format!("{base}/runtime/invocation/{id}/response"))
+                    .body(format!("{id}:{body}"))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 202);
+            }
+        });
+        let limit = Duration::from_secs(10);
+        let mut init = handle.init.clone();
+        tokio::time::timeout(
+            limit,
+            server.drive(async { init.wait_for(|s| *s == Init::Ready).await.is_ok() }),
+        )
+        .await
+        .expect("the first /next is served while the start drives the server");
+        server.park();
+        for n in 0..3 {
+            // Undriven for a while: the runtime's 202 and its next /next are not waited on here.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let id = format!("req-{n}");
+            let (e, rx) = event(&id, "{}");
+            handle.events.send(e).await.unwrap();
+            let reply = if n == 1 {
+                // The caller's task gives up half-way (the caller hung up); another task
+                // takes the server over and sees the invocation to its end.
+                let mut rx = rx;
+                let dropped =
+                    tokio::time::timeout(Duration::from_millis(50), server.drive(&mut rx)).await;
+                assert!(
+                    dropped.is_err(),
+                    "the runtime answers the second event late"
+                );
+                server.park();
+                let (back, reply) = tokio::spawn(async move {
+                    let reply = tokio::time::timeout(limit, server.drive(rx)).await;
+                    server.park();
+                    (server, reply)
+                })
+                .await
+                .unwrap();
+                server = back;
+                reply
+            } else {
+                let reply = tokio::time::timeout(limit, server.drive(rx)).await;
+                server.park();
+                reply
+            };
+            match reply {
+                Ok(Ok(Reply::Response(b))) => assert_eq!(&b[..], format!("{id}:{{}}").as_bytes()),
+                Ok(other) => panic!("{other:?}"),
+                Err(_) => panic!("invocation {n} was not answered within {limit:?}"),
+            }
+        }
+        // Every 202 went out while an invocation drove the server.
+        tokio::time::timeout(limit, runtime).await.unwrap().unwrap();
     }
 
     /// Response streaming: chunked, and an error reported in the trailers after some output.

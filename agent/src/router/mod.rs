@@ -164,6 +164,61 @@ impl Drop for RefillOnDrop {
     }
 }
 
+/// A future run by the task that awaits it, until that task drops it half-way: then it runs on
+/// to its end in a task of its own, and `abandoned` gets its output.
+struct FinishOnDrop<T: Send + 'static> {
+    fut: Option<std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>>,
+    abandoned: Option<Box<dyn FnOnce(T) + Send>>,
+}
+
+impl<T: Send + 'static> FinishOnDrop<T> {
+    fn new(
+        fut: impl std::future::Future<Output = T> + Send + 'static,
+        abandoned: impl FnOnce(T) + Send + 'static,
+    ) -> Self {
+        FinishOnDrop {
+            fut: Some(Box::pin(fut)),
+            abandoned: Some(Box::new(abandoned)),
+        }
+    }
+}
+
+impl<T: Send + 'static> std::future::Future for FinishOnDrop<T> {
+    type Output = T;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<T> {
+        // Out while polled: a future that panics is not finished again by the drop.
+        let Some(mut fut) = self.fut.take() else {
+            return std::task::Poll::Pending;
+        };
+        match fut.as_mut().poll(cx) {
+            std::task::Poll::Ready(out) => {
+                self.abandoned = None;
+                std::task::Poll::Ready(out)
+            }
+            std::task::Poll::Pending => {
+                self.fut = Some(fut);
+                std::task::Poll::Pending
+            }
+        }
+    }
+}
+
+impl<T: Send + 'static> Drop for FinishOnDrop<T> {
+    fn drop(&mut self) {
+        let (Some(fut), Some(abandoned)) = (self.fut.take(), self.abandoned.take()) else {
+            return;
+        };
+        // Without a runtime (the agent is gone) there is nothing left to finish it on.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { abandoned(fut.await) });
+        }
+    }
+}
+
 /// How long after a Lambda call's answer its function's next prepared sandbox is built.
 const LAMBDA_REFILL_DELAY: Duration = Duration::from_millis(5);
 
@@ -402,9 +457,10 @@ impl Router {
         );
     }
 
-    /// [`Router::invoke_lambda`] in a task of its own, so that a caller who hangs up costs no
-    /// warm instance: the invocation runs to its end, the instance goes back to the pool, and
-    /// the function's log and `fnlet_abandoned_invocations_total` say the caller left.
+    /// [`Router::invoke_lambda`], run by the caller's task (no hand-off to another task and
+    /// back per call) but detachable: a caller who hangs up costs no warm instance, the
+    /// invocation goes on in a task of its own to its end, the instance goes back to the pool,
+    /// and the function's log and `fnlet_abandoned_invocations_total` say the caller left.
     async fn invoke_lambda_detached(
         self: &Arc<Self>,
         slot: &Arc<FunctionSlot>,
@@ -419,29 +475,32 @@ impl Router {
             client_context: req.client_context,
             qualified: req.version.is_some(),
         };
-        let (answer, answered) = tokio::sync::oneshot::channel();
         let (router, slot, f) = (self.clone(), slot.clone(), f.clone());
-        tokio::spawn(async move {
-            let request_id = call.request_id.clone();
-            let out = router.invoke_lambda(&slot, held, &f, call).await;
-            if answer.send(out).is_err() {
+        let request_id = call.request_id.clone();
+        let left = {
+            let (router, f) = (self.clone(), f.clone());
+            move |_| {
                 router.caller_left(
                     &f.name,
                     f.version,
                     &request_id,
                     "the invocation ran to its end",
-                );
+                )
             }
-        });
-        answered.await.unwrap_or_else(|_| {
-            // The task ended without answering: it panicked.
-            (
-                Err(InvokeError::Internal(
-                    "the invocation task ended early".into(),
-                )),
-                None,
-            )
-        })
+        };
+        let run = async move {
+            use futures_util::FutureExt;
+            std::panic::AssertUnwindSafe(router.invoke_lambda(&slot, held, &f, call))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| {
+                    (
+                        Err(InvokeError::Internal("the invocation panicked".into())),
+                        None,
+                    )
+                })
+        };
+        FinishOnDrop::new(run, left).await
     }
 
     /// Lambda mode: a warm instance if one waits, else a cold start; the instance goes back to
@@ -722,3 +781,34 @@ impl Router {
 
 /// How often the warm pool is looked after.
 pub const REAP_INTERVAL: Duration = Duration::from_millis(250);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_future_dropped_half_way_runs_to_its_end_in_a_task_of_its_own() {
+        // Dropped before its end: it finishes on its own and `abandoned` gets the output.
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let (left, outcome) = tokio::sync::oneshot::channel();
+        let f = FinishOnDrop::new(async move { wait.await.is_ok() }, move |v| {
+            let _ = left.send(v);
+        });
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), f)
+                .await
+                .is_err()
+        );
+        go.send(()).unwrap();
+        let finished = tokio::time::timeout(Duration::from_secs(5), outcome).await;
+        assert!(matches!(finished, Ok(Ok(true))), "{finished:?}");
+
+        // Awaited to its end: the caller gets the output and `abandoned` is never called.
+        let (left, outcome) = tokio::sync::oneshot::channel::<u32>();
+        let f = FinishOnDrop::new(async { 7 }, move |v| {
+            let _ = left.send(v);
+        });
+        assert_eq!(f.await, 7);
+        assert!(outcome.await.is_err());
+    }
+}
