@@ -1,5 +1,5 @@
-//! Lambda's control plane with clients nobody here wrote: boto3 and the AWS CLI (from PyPI)
-//! create functions from zips, poll them as Terraform's `aws_lambda_function` does, update
+//! Lambda's control plane with clients nobody here wrote: boto3, the AWS CLI (from PyPI) and
+//! the `aws-sdk-lambda` crate (tests/fixtures/aws-sdk-lambda) create functions from zips, poll them as Terraform's `aws_lambda_function` does, update
 //! code and configuration, page through lists, and delete. The zips hold the lambda-rust
 //! fixture's `bootstrap` and no fnlet.toml (the agent makes one from the call's fields), or a
 //! fnlet.toml the call must agree with. Needs root, and PyPI the first time (the clients are
@@ -1196,6 +1196,130 @@ echo "one $(date +%s.%N)"; sleep 1; echo "two $(date +%s.%N)"; sleep 1; echo "th
     let names: Vec<String> = chunks.iter().map(|c| fields(c).0).collect();
     assert_eq!(names, ["late"], "{ctx}");
     assert_eq!(complete["ErrorCode"], "Sandbox.Timedout", "{ctx}");
+    assert!(agent.is_running());
+    agent.finish();
+}
+
+/// The `aws-sdk-lambda` fixture's JSON lines, by their `step`.
+fn sdk_steps(o: &Output) -> std::collections::BTreeMap<String, Value> {
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("not a JSON line ({e}): {l:?}: {}", show(o)));
+            let step = v["step"].as_str().expect("a step").to_owned();
+            (step, v)
+        })
+        .collect()
+}
+
+/// AWS's Rust SDK (a plain-HTTP hyper client, signed with a key from `fnlet keys create`):
+/// create from a zip holding a provided.al2023 `bootstrap`, wait for Active, invoke, update
+/// code with Publish, list versions, alias and invoke through it, page through ListFunctions,
+/// delete, and read the deleted function (ResourceNotFoundException, 404).
+#[test]
+fn the_rust_aws_sdk_manages_and_invokes_functions() {
+    let agent = Agent::start("cp-sdk");
+    let clients = Clients::new(&agent);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = bootstrap();
+    let zip = write(dir.path(), "fn.zip", &zip_of(&[("bootstrap", &bin, 0o755)]));
+    let zip2 = write(
+        dir.path(),
+        "fn2.zip",
+        &zip_of(&[("bootstrap", &bin, 0o755), ("VERSION", b"2\n", 0o644)]),
+    );
+    let event = json!({"from": "aws-sdk-lambda", "n": [1, 2, 3]});
+    let o = std::process::Command::new(common::aws_sdk_lambda())
+        .arg(agent.base_url())
+        .args(["rusty", &zip, &zip2, &event.to_string()])
+        .env("AWS_ACCESS_KEY_ID", &clients.key)
+        .env("AWS_SECRET_ACCESS_KEY", &clients.secret)
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run fixture-aws-sdk-lambda");
+    assert!(
+        o.status.success(),
+        "the aws-sdk-lambda client failed: {}",
+        show(&o)
+    );
+    let r = sdk_steps(&o);
+    let ctx = show(&o);
+    let arn = "arn:aws:lambda:us-east-1:000000000000:function:rusty";
+
+    let c = &r["create"];
+    assert_eq!(c["FunctionName"], "rusty", "{ctx}");
+    assert_eq!(c["FunctionArn"], arn, "{ctx}");
+    assert_eq!(c["Runtime"], "provided.al2023", "{ctx}");
+    assert_eq!(c["Handler"], "bootstrap", "{ctx}");
+    assert_eq!(c["MemorySize"], 128, "{ctx}");
+    assert_eq!(c["Description"], "made by aws-sdk-lambda", "{ctx}");
+    assert_eq!(c["Version"], "$LATEST", "{ctx}");
+    // One agent: stored when the call answers, so the first GetFunction sees Active.
+    assert_eq!(c["State"], "Active", "{ctx}");
+    assert_eq!(
+        r["wait_active"]["states"],
+        json!(["Active/Successful"]),
+        "{ctx}"
+    );
+
+    // The event went through the SDK's Invoke to the function and back.
+    let i = &r["invoke"];
+    assert_eq!(i["status"], 200, "{ctx}");
+    assert!(i["function_error"].is_null(), "{ctx}");
+    assert_eq!(i["executed_version"], "1", "{ctx}");
+    assert_eq!(i["payload"]["echo"], event, "{ctx}");
+    assert_eq!(i["payload"]["function"], "rusty", "{ctx}");
+    assert_eq!(i["payload"]["memory"], "128", "{ctx}");
+
+    // UpdateFunctionCode with Publish: new code as version 2, the configuration kept.
+    let u = &r["update_code"];
+    assert_eq!(u["Version"], "2", "{ctx}");
+    assert_eq!(u["MemorySize"], 128, "{ctx}");
+    assert_ne!(u["CodeSha256"], c["CodeSha256"], "{ctx}");
+    assert_eq!(
+        r["wait_updated"]["states"]
+            .as_array()
+            .and_then(|s| s.last()),
+        Some(&json!("Active/Successful")),
+        "{ctx}"
+    );
+    let versions: Vec<&str> = r["versions"]["Versions"]
+        .as_array()
+        .expect("Versions")
+        .iter()
+        .filter_map(|v| v["Version"].as_str())
+        .collect();
+    assert_eq!(versions, ["$LATEST", "1", "2"], "{ctx}");
+    assert_eq!(
+        r["versions"]["Versions"][2]["CodeSha256"], u["CodeSha256"],
+        "{ctx}"
+    );
+
+    // The alias runs the published version (X-Amz-Executed-Version).
+    let a = &r["create_alias"];
+    assert_eq!(a["AliasArn"], format!("{arn}:live").as_str(), "{ctx}");
+    assert_eq!(a["FunctionVersion"], "2", "{ctx}");
+    let ia = &r["invoke_alias"];
+    assert_eq!(ia["status"], 200, "{ctx}");
+    assert!(ia["function_error"].is_null(), "{ctx}");
+    assert_eq!(ia["executed_version"], "2", "{ctx}");
+    assert_eq!(ia["payload"]["echo"], event, "{ctx}");
+
+    // ListFunctions one a page, by name, following NextMarker to the end.
+    assert_eq!(r["list"]["pages"], json!([["rusty"], ["rusty-b"]]), "{ctx}");
+
+    // Deleted: the SDK reads GetFunction's 404 as its ResourceNotFoundException.
+    assert_eq!(r["delete"]["deleted"], "rusty", "{ctx}");
+    assert_eq!(r["delete_other"]["deleted"], "rusty-b", "{ctx}");
+    let g = &r["get_deleted"];
+    assert_eq!(g["error"], "ResourceNotFoundException", "{ctx}");
+    assert_eq!(g["http"], 404, "{ctx}");
+    assert_eq!(g["is_resource_not_found"], true, "{ctx}");
+    let listed = agent.admin(Method::GET, "/v1/functions", None).json();
+    assert_eq!(listed["functions"], json!([]), "{ctx}");
     assert!(agent.is_running());
     agent.finish();
 }

@@ -42,6 +42,11 @@ pub fn peer_client() -> PathBuf {
     built("fnlet-peer-client")
 }
 
+/// The Lambda API client made with AWS's Rust SDK (tests/fixtures/aws-sdk-lambda).
+pub fn aws_sdk_lambda() -> PathBuf {
+    built("fixture-aws-sdk-lambda")
+}
+
 /// `program` run in network namespace `ns` (a name under /run/netns), or here when None.
 /// nsenter, not `ip netns exec`: that one also mounts a new /sys, hiding the cgroup
 /// hierarchies an agent needs; nsenter changes only the network namespace, and execs the
