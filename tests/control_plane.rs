@@ -1273,6 +1273,7 @@ fn the_rust_aws_sdk_manages_and_invokes_functions() {
     assert_eq!(i["payload"]["echo"], event, "{ctx}");
     assert_eq!(i["payload"]["function"], "rusty", "{ctx}");
     assert_eq!(i["payload"]["memory"], "128", "{ctx}");
+    assert_eq!(i["payload"]["invoked_function_arn"], arn, "{ctx}");
 
     // UpdateFunctionCode with Publish: new code as version 2, the configuration kept.
     let u = &r["update_code"];
@@ -1307,6 +1308,12 @@ fn the_rust_aws_sdk_manages_and_invokes_functions() {
     assert!(ia["function_error"].is_null(), "{ctx}");
     assert_eq!(ia["executed_version"], "2", "{ctx}");
     assert_eq!(ia["payload"]["echo"], event, "{ctx}");
+    // The Lambda context names the function as the caller did: with the alias.
+    assert_eq!(
+        ia["payload"]["invoked_function_arn"],
+        format!("{arn}:live").as_str(),
+        "{ctx}"
+    );
 
     // ListFunctions one a page, by name, following NextMarker to the end.
     assert_eq!(r["list"]["pages"], json!([["rusty"], ["rusty-b"]]), "{ctx}");

@@ -310,6 +310,8 @@ pub(super) struct Prepared {
     pub arn: String,
     /// The version a qualified call runs (a version number or an alias), None: the active.
     pub pinned: Option<Arc<ActiveFunction>>,
+    /// The qualifier as the caller named it.
+    pub qualifier: Option<String>,
     /// The version that will run, and the active one.
     pub executed: u64,
     pub active: u64,
@@ -430,6 +432,7 @@ pub(super) async fn prepare(
         executed,
         active: f.version,
         pinned,
+        qualifier,
         invocation_type,
         want_tail,
         body,
@@ -448,6 +451,7 @@ async fn invoke_api_inner(
         name,
         arn,
         pinned,
+        qualifier,
         executed,
         active,
         invocation_type,
@@ -486,6 +490,7 @@ async fn invoke_api_inner(
             client_context,
             env: Vec::new(),
             version: pinned,
+            qualifier: qualifier.as_deref(),
             stdout: None,
         })
         .await;
@@ -911,6 +916,7 @@ async fn function_url_inner(
             client_context: None,
             env: Vec::new(),
             version: None,
+            qualifier: None,
             stdout: None,
         })
         .await;

@@ -961,6 +961,7 @@ async fn invoke_exec(
         client_context: None,
         env: Vec::new(),
         version: None,
+        qualifier: None,
         stdout: None,
     };
     match app.router.invoke(req).await {

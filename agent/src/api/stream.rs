@@ -68,6 +68,7 @@ async fn inner(
         name,
         arn,
         pinned,
+        qualifier,
         executed,
         invocation_type,
         want_tail,
@@ -105,6 +106,7 @@ async fn inner(
                 client_context,
                 env: Vec::new(),
                 version: pinned,
+                qualifier: qualifier.as_deref(),
                 stdout: Some(stdout),
             })
             .await

@@ -653,6 +653,7 @@ impl Events {
                 client_context: None,
                 env,
                 version: None,
+                qualifier: None,
                 stdout: None,
             })
             .await;

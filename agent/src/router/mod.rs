@@ -59,6 +59,9 @@ pub struct InvokeRequest<'a> {
     /// A version other than the active one (a qualified call: a version number or an alias),
     /// run within the function's concurrency; None: the active version.
     pub version: Option<Arc<ActiveFunction>>,
+    /// The qualifier the caller named (a version number, an alias or `$LATEST`): the Lambda
+    /// context's invoked function ARN ends with it, as Lambda's does.
+    pub qualifier: Option<&'a str>,
     /// Exec mode: the function's stdout goes here as it comes (InvokeWithResponseStream), up
     /// to [`runtime_api::MAX_STREAMED_RESPONSE`], and the answer's body is empty. Lambda mode
     /// streams through its runtime ([`Payload::Stream`]) and ignores it.
@@ -109,6 +112,8 @@ struct LambdaCall {
     /// A qualified call (a version number or an alias): its instance stays warm for the next
     /// call of its version, even when that is not the active one.
     qualified: bool,
+    /// The qualifier the caller named, for the invoked function ARN.
+    qualifier: Option<String>,
 }
 
 /// A successful invocation.
@@ -474,6 +479,7 @@ impl Router {
             want_tail: req.want_tail,
             client_context: req.client_context,
             qualified: req.version.is_some(),
+            qualifier: req.qualifier.map(str::to_string),
         };
         let (router, slot, f) = (self.clone(), slot.clone(), f.clone());
         let request_id = call.request_id.clone();
@@ -564,7 +570,10 @@ impl Router {
             request_id,
             body: req.body,
             deadline: Instant::now() + timeout,
-            function_arn: f.arn(&self.config, false),
+            function_arn: match &req.qualifier {
+                Some(q) => format!("{}:{q}", f.arn(&self.config, false)),
+                None => f.arn(&self.config, false),
+            },
             client_context: req.client_context,
         };
         let deadline = ev.deadline;
