@@ -229,6 +229,18 @@ fn bootstrap() -> Vec<u8> {
     std::fs::read(common::fixture_bootstrap("lambda-rust")).expect("read bootstrap")
 }
 
+/// A bootstrap as two zips: `fn.zip`, and `fn2.zip` with a VERSION file beside it (new code,
+/// a new CodeSha256).
+fn two_zips(dir: &Path, bin: &[u8]) -> (String, String) {
+    let zip = write(dir, "fn.zip", &zip_of(&[("bootstrap", bin, 0o755)]));
+    let zip2 = write(
+        dir,
+        "fn2.zip",
+        &zip_of(&[("bootstrap", bin, 0o755), ("VERSION", b"2\n", 0o644)]),
+    );
+    (zip, zip2)
+}
+
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> String {
     let p = dir.join(name);
     std::fs::write(&p, bytes).expect("write a zip");
@@ -249,12 +261,7 @@ fn terraforms_calls_with_boto3() {
     let clients = Clients::new(&agent);
     let dir = tempfile::tempdir().expect("tempdir");
     let bin = bootstrap();
-    let zip = write(dir.path(), "fn.zip", &zip_of(&[("bootstrap", &bin, 0o755)]));
-    let zip2 = write(
-        dir.path(),
-        "fn2.zip",
-        &zip_of(&[("bootstrap", &bin, 0o755), ("VERSION", b"2\n", 0o644)]),
-    );
+    let (zip, zip2) = two_zips(dir.path(), &bin);
     let empty = write(
         dir.path(),
         "empty.zip",
@@ -719,12 +726,7 @@ fn aliases_split_calls_and_concurrency_zero_throttles() {
     let clients = Clients::new(&agent);
     let dir = tempfile::tempdir().expect("tempdir");
     let bin = bootstrap();
-    let zip = write(dir.path(), "fn.zip", &zip_of(&[("bootstrap", &bin, 0o755)]));
-    let zip2 = write(
-        dir.path(),
-        "fn2.zip",
-        &zip_of(&[("bootstrap", &bin, 0o755), ("VERSION", b"2\n", 0o644)]),
-    );
+    let (zip, zip2) = two_zips(dir.path(), &bin);
     let calls = 200;
     let r = clients.boto3(
         ALIAS_SCRIPT,
@@ -1061,12 +1063,7 @@ fn invoke_with_response_stream_passes_chunks_on_as_they_come() {
     let clients = Clients::new(&agent);
     let dir = tempfile::tempdir().expect("tempdir");
     let bin = STREAMING_BOOTSTRAP.as_bytes();
-    let zip = write(dir.path(), "fn.zip", &zip_of(&[("bootstrap", bin, 0o755)]));
-    let zip2 = write(
-        dir.path(),
-        "fn2.zip",
-        &zip_of(&[("bootstrap", bin, 0o755), ("VERSION", b"2\n", 0o644)]),
-    );
+    let (zip, zip2) = two_zips(dir.path(), bin);
     // An exec-mode function: each line a write of its own, a second apart, with its time.
     let exec = common::agent::Fixture::sh(
         "exec-stream",
@@ -1223,12 +1220,7 @@ fn the_rust_aws_sdk_manages_and_invokes_functions() {
     let clients = Clients::new(&agent);
     let dir = tempfile::tempdir().expect("tempdir");
     let bin = bootstrap();
-    let zip = write(dir.path(), "fn.zip", &zip_of(&[("bootstrap", &bin, 0o755)]));
-    let zip2 = write(
-        dir.path(),
-        "fn2.zip",
-        &zip_of(&[("bootstrap", &bin, 0o755), ("VERSION", b"2\n", 0o644)]),
-    );
+    let (zip, zip2) = two_zips(dir.path(), &bin);
     let event = json!({"from": "aws-sdk-lambda", "n": [1, 2, 3]});
     let o = std::process::Command::new(common::aws_sdk_lambda())
         .arg(agent.base_url())

@@ -655,17 +655,7 @@ impl Node {
         if !writes.is_empty() {
             self.push(writes);
         }
-        if !answer.is_empty() {
-            let chunks = answer
-                .chunks(CHUNK)
-                .map_err(|e| WireError::Local(e.to_string()))?;
-            for c in chunks {
-                wire::send(send, &Frame::CatalogDelta(c)).await?;
-            }
-        }
-        wire::send(send, &Frame::End(frame::End::default())).await?;
-        send.finish()?;
-        Ok(())
+        answer_with(send, answer).await
     }
 
     /// A removal made here.
@@ -799,17 +789,7 @@ impl Node {
             }
             out
         };
-        if !delta.is_empty() {
-            let chunks = delta
-                .chunks(CHUNK)
-                .map_err(|e| WireError::Local(e.to_string()))?;
-            for c in chunks {
-                wire::send(send, &Frame::CatalogDelta(c)).await?;
-            }
-        }
-        wire::send(send, &Frame::End(frame::End::default())).await?;
-        send.finish()?;
-        Ok(())
+        answer_with(send, delta).await
     }
 
     /// Swaps digests with `peer`: what it has newer is applied here.
@@ -1220,4 +1200,20 @@ impl Node {
             }
         }
     }
+}
+
+/// Ends a request's answer: `delta` (when not empty) in CatalogDelta frames of at most
+/// [`CHUNK`] bytes, then End.
+async fn answer_with(send: &mut quinn::SendStream, delta: Delta) -> Result<(), WireError> {
+    if !delta.is_empty() {
+        let chunks = delta
+            .chunks(CHUNK)
+            .map_err(|e| WireError::Local(e.to_string()))?;
+        for c in chunks {
+            wire::send(send, &Frame::CatalogDelta(c)).await?;
+        }
+    }
+    wire::send(send, &Frame::End(frame::End::default())).await?;
+    send.finish()?;
+    Ok(())
 }
