@@ -111,6 +111,70 @@ fn staged(p: &Path) -> Result<CString> {
     cstr(s)
 }
 
+/// The spec's directories bound at their own path that are real directories on the host (not
+/// symlinks), and every bind's destination: a same-path symlink whose target lies inside one
+/// of those directories needs no bind of its own.
+struct LinkableDirs {
+    dirs: Vec<PathBuf>,
+    dests: Vec<PathBuf>,
+}
+
+impl LinkableDirs {
+    fn of(spec: &SandboxSpec) -> LinkableDirs {
+        LinkableDirs {
+            dirs: spec
+                .ro_binds
+                .iter()
+                .filter(|b| b.source == b.dest && b.source.is_absolute())
+                .filter(|b| {
+                    std::fs::symlink_metadata(&b.source).is_ok_and(|m| m.file_type().is_dir())
+                })
+                .map(|b| b.source.clone())
+                .collect(),
+            dests: spec.ro_binds.iter().map(|b| b.dest.clone()).collect(),
+        }
+    }
+
+    /// The link text to recreate when `b` is such a symlink, else None (bind it).
+    fn link_for(&self, b: &crate::spec::Bind) -> Option<PathBuf> {
+        if b.source != b.dest || !b.source.is_absolute() {
+            return None;
+        }
+        // Inside a bound directory the link is there already (and nothing may be made there);
+        // a bind under the link's path needs a real directory.
+        if self.dirs.iter().any(|d| b.dest.starts_with(d))
+            || self
+                .dests
+                .iter()
+                .any(|d| d != &b.dest && d.starts_with(&b.dest))
+        {
+            return None;
+        }
+        let meta = std::fs::symlink_metadata(&b.source).ok()?;
+        if !meta.file_type().is_symlink() {
+            return None;
+        }
+        // A dangling link is bound (and so refused or skipped) as before.
+        std::fs::metadata(&b.source).ok()?;
+        let text = std::fs::read_link(&b.source).ok()?;
+        // `..` after a link in the sandbox would go where a lexical reading does not.
+        if text
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return None;
+        }
+        // Inside the sandbox the link resolves by its text: the files are the same when that
+        // text leads straight into a directory bound there (whatever links lie further on
+        // resolve inside the bind as they do today).
+        let resolved = b.source.parent()?.join(&text);
+        self.dirs
+            .iter()
+            .any(|d| resolved.starts_with(d))
+            .then_some(text)
+    }
+}
+
 impl Plan {
     pub fn build(spec: &SandboxSpec) -> Result<Plan> {
         let mut ops = vec![
@@ -132,7 +196,22 @@ impl Plan {
             Ok(())
         };
 
+        let linkable = LinkableDirs::of(spec);
         for b in &spec.ro_binds {
+            // A host symlink into another bound directory (/bin -> usr/bin on a merged-/usr
+            // host, /etc/localtime -> /usr/share/zoneinfo/...) is made a symlink: it resolves
+            // to the same files, and saves a bind, its read-only remount and its unmount at
+            // exit for every sandbox.
+            if let Some(target) = linkable.link_for(b) {
+                if let Some(parent) = b.dest.parent() {
+                    mkdir_p(&mut ops, parent)?;
+                }
+                ops.push(Op::Symlink {
+                    target: cstr(target.as_os_str().as_encoded_bytes())?,
+                    path: staged(&b.dest)?,
+                });
+                continue;
+            }
             let meta = match std::fs::metadata(&b.source) {
                 Ok(m) => m,
                 Err(_) if b.optional => continue,
@@ -500,4 +579,117 @@ fn pivot_root(new_root: &CStr) -> std::result::Result<(), (Step, Errno)> {
         libc::close(new);
     }
     res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::Bind;
+
+    fn bind(p: &Path) -> Bind {
+        Bind {
+            source: p.to_path_buf(),
+            dest: p.to_path_buf(),
+            optional: true,
+        }
+    }
+
+    fn symlinks(plan: &Plan) -> Vec<(String, String)> {
+        plan.ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Symlink { target, path } => Some((
+                    path.to_string_lossy().into_owned(),
+                    target.to_string_lossy().into_owned(),
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn bound(plan: &Plan) -> Vec<String> {
+        plan.ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Bind { src, .. } => Some(src.to_string_lossy().into_owned()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn links_into_bound_directories_are_links_and_the_rest_are_binds() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        std::fs::create_dir_all(root.join("usr/bin")).unwrap();
+        std::fs::create_dir_all(root.join("opt/tool")).unwrap();
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::write(root.join("usr/zone"), "UTC").unwrap();
+        // merged /usr: a relative link to a bound directory
+        std::os::unix::fs::symlink("usr/bin", root.join("bin")).unwrap();
+        // an absolute link to a file in a bound directory
+        std::os::unix::fs::symlink(root.join("usr/zone"), root.join("etc/localtime")).unwrap();
+        // a link to a directory that is not bound: still a bind
+        std::os::unix::fs::symlink("opt/tool", root.join("tool")).unwrap();
+        // a link whose text climbs: still a bind
+        std::os::unix::fs::symlink("../usr/bin", root.join("etc/bin")).unwrap();
+        // dangling: skipped, as an optional bind always was
+        std::os::unix::fs::symlink("usr/none", root.join("gone")).unwrap();
+        let spec = SandboxSpec {
+            ro_binds: ["usr", "bin", "etc/localtime", "tool", "etc/bin", "gone"]
+                .into_iter()
+                .map(|p| bind(&root.join(p)))
+                .collect(),
+            bundle: None,
+            ..SandboxSpec::default()
+        };
+        let plan = Plan::build(&spec).unwrap();
+        let staged = |p: &str| format!("{STAGING}{}", root.join(p).display());
+        assert_eq!(
+            symlinks(&plan)
+                .into_iter()
+                .filter(|(p, _)| p.starts_with(&staged("")))
+                .collect::<Vec<_>>(),
+            vec![
+                (staged("bin"), "usr/bin".to_string()),
+                (
+                    staged("etc/localtime"),
+                    root.join("usr/zone").display().to_string()
+                ),
+            ]
+        );
+        let r = |p: &str| root.join(p).display().to_string();
+        assert_eq!(bound(&plan), vec![r("usr"), r("tool"), r("etc/bin")]);
+    }
+
+    #[test]
+    fn a_link_inside_a_bound_directory_or_above_another_bind_is_bound() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        std::fs::create_dir_all(root.join("usr/lib")).unwrap();
+        std::os::unix::fs::symlink("lib", root.join("usr/lib64")).unwrap();
+        std::os::unix::fs::symlink("usr", root.join("u")).unwrap();
+        let spec = SandboxSpec {
+            ro_binds: vec![
+                bind(&root.join("usr")),
+                bind(&root.join("usr/lib64")),
+                bind(&root.join("u")),
+                Bind {
+                    source: root.join("usr/lib"),
+                    dest: root.join("u/lib"),
+                    optional: false,
+                },
+            ],
+            bundle: None,
+            ..SandboxSpec::default()
+        };
+        let plan = Plan::build(&spec).unwrap();
+        assert!(
+            symlinks(&plan)
+                .iter()
+                .all(|(p, _)| !p.contains(&*root.to_string_lossy())),
+            "{:?}",
+            symlinks(&plan)
+        );
+    }
 }
