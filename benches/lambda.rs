@@ -16,8 +16,8 @@
 //!    same no-op as a plain HTTP server on loopback: a second mode of this binary answering
 //!    `{}`) and that server behind nginx (Debian's, keep-alive upstream).
 //! 3. Throughput with a fixed number of concurrent clients (32) for fnlet with N warm
-//!    instances (`max_concurrency = min_instances = N`), the floor and nginx, in interleaved
-//!    rounds of fixed length.
+//!    instances (`max_concurrency = min_instances = N`) through `/fn` (and through the Invoke
+//!    API at the largest N), the floor and nginx, in interleaved rounds of fixed length.
 //!
 //! The same client serves every contender: a small HTTP/1.1 client over a plain TCP socket
 //! (blocking for the latency parts, a one-thread tokio runtime with one task per client for
@@ -1123,6 +1123,25 @@ fn throughput_phase(
             req: Arc::new(request_bytes(
                 "POST",
                 &format!("/fn/{name}"),
+                &agent.host(),
+                &[],
+                PAYLOAD,
+            )),
+            pids: vec![agent.pid],
+            cpuacct: cpuacct.clone(),
+        });
+    }
+    // The Invoke API beside the function URL, on the largest instance count: the goal holds
+    // for both.
+    if let Some(&n) = set.instances.iter().max() {
+        let name = format!("noop-n{n}");
+        targets.push(Target {
+            name: format!("fnlet Invoke API {name}"),
+            instances: Some(n),
+            addr: agent.addr,
+            req: Arc::new(request_bytes(
+                "POST",
+                &format!("/2015-03-31/functions/{name}/invocations"),
                 &agent.host(),
                 &[],
                 PAYLOAD,

@@ -158,11 +158,26 @@ mod tests {
 
     impl Dnsmasq {
         fn start(args: &[&str]) -> Dnsmasq {
-            let port = UdpSocket::bind("127.0.0.1:0")
-                .and_then(|s| s.local_addr())
-                .expect("a free port")
-                .port();
-            let child = Command::new("dnsmasq")
+            // dnsmasq binds UDP and TCP on its port and exits when either is taken (the other
+            // tests' agents listen on loopback TCP ports): a port free in both, and another one
+            // if dnsmasq still lost the race.
+            for _ in 0..5 {
+                if let Some(d) = Dnsmasq::try_start(args) {
+                    return d;
+                }
+            }
+            panic!("dnsmasq never answered on a free loopback port (5 tries)");
+        }
+
+        fn try_start(args: &[&str]) -> Option<Dnsmasq> {
+            let port = (0..20)
+                .find_map(|_| {
+                    let tcp = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
+                    let port = tcp.local_addr().ok()?.port();
+                    UdpSocket::bind(("127.0.0.1", port)).ok().map(|_| port)
+                })
+                .expect("a loopback port free for TCP and UDP");
+            let mut child = Command::new("dnsmasq")
                 .args([
                     "--keep-in-foreground",
                     "--no-resolv",
@@ -182,9 +197,13 @@ mod tests {
             // Answering once bound.
             let deadline = Instant::now() + Duration::from_secs(10);
             while query("ready.test", server, Duration::from_millis(200)).is_err() {
-                assert!(Instant::now() < deadline, "dnsmasq never answered");
+                if Instant::now() > deadline || child.try_wait().ok().flatten().is_some() {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return None;
+                }
             }
-            Dnsmasq(child, server)
+            Some(Dnsmasq(child, server))
         }
     }
 
