@@ -88,9 +88,7 @@ fn main() {
         .filter(|b| b.source.exists())
         .map(|b| b.source)
         .collect();
-    // What fnlet makes a symlink (/bin -> usr/bin on a merged-/usr host), bwrap does too.
-    let links = isolate::linked_binds(&spec);
-    let bwrap_args = bwrap_args(&binds, &links, &bundle, &in_sandbox, &spec);
+    let bwrap_args = bwrap_args(&binds, &bundle, &in_sandbox, &spec);
     let bpf_file = work.path().join("seccomp.bpf");
     write_bpf(&bpf_file);
     let runc_bundle = work.path().join("oci");
@@ -269,12 +267,11 @@ fn compile_fixture(out: &Path) {
     fs::set_permissions(out, fs::Permissions::from_mode(0o755)).expect("chmod 0755 the binary");
 }
 
-/// bwrap doing what fnlet's sandbox does, as far as bwrap can: the same read-only binds and
-/// symlinks, the bundle at /var/task, new /proc, /dev and a 64M /tmp, a read-only root, no
-/// capabilities, uid and gid 65534, the same hostname, cwd and environment.
+/// bwrap doing what fnlet's sandbox does, as far as bwrap can: the same read-only binds, the
+/// bundle at /var/task, new /proc, /dev and a 64M /tmp, a read-only root, no capabilities, uid
+/// and gid 65534, the same hostname, cwd and environment.
 fn bwrap_args(
     binds: &[PathBuf],
-    links: &[(PathBuf, PathBuf)],
     bundle: &Path,
     program: &str,
     spec: &SandboxSpec,
@@ -284,12 +281,7 @@ fn bwrap_args(
         .map(OsString::from)
         .collect();
     for b in binds {
-        match links.iter().find(|(dest, _)| dest == b) {
-            Some((dest, text)) => {
-                a.extend(["--symlink".into(), text.clone().into(), dest.clone().into()])
-            }
-            None => a.extend(["--ro-bind".into(), b.clone().into(), b.clone().into()]),
-        }
+        a.extend(["--ro-bind".into(), b.clone().into(), b.clone().into()]);
     }
     a.extend([
         "--ro-bind".into(),

@@ -53,7 +53,6 @@ use serde::{Deserialize, Serialize};
 
 pub use cgroup::{CgroupMode, CgroupUsage, CgroupVersion, PeakMemory};
 pub use error::{IsolateError, Result, Step};
-pub use rootfs::linked_binds;
 pub use spec::{
     Bind, Limits, SandboxSpec, Stdio, StdioSpec, TASK_ROOT, bind_dest_allowed,
     default_runtime_binds,

@@ -175,16 +175,6 @@ impl LinkableDirs {
     }
 }
 
-/// The spec's binds that a sandbox makes as symlinks instead, as (destination, link text):
-/// host symlinks into a directory bound at its own path (see [`Plan::build`]).
-pub fn linked_binds(spec: &SandboxSpec) -> Vec<(PathBuf, PathBuf)> {
-    let linkable = LinkableDirs::of(spec);
-    spec.ro_binds
-        .iter()
-        .filter_map(|b| Some((b.dest.clone(), linkable.link_for(b)?)))
-        .collect()
-}
-
 impl Plan {
     pub fn build(spec: &SandboxSpec) -> Result<Plan> {
         let mut ops = vec![
