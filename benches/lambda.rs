@@ -1114,41 +1114,30 @@ fn throughput_phase(
             cpuacct: None,
         },
     ];
+    // fnlet on `noop-n{n}` through `path`.
+    let fnlet = |label: String, n: usize, path: String| Target {
+        name: label,
+        instances: Some(n),
+        addr: agent.addr,
+        req: Arc::new(request_bytes("POST", &path, &agent.host(), &[], PAYLOAD)),
+        pids: vec![agent.pid],
+        cpuacct: cpuacct.clone(),
+    };
     for &n in &set.instances {
-        let name = format!("noop-n{n}");
-        targets.push(Target {
-            name: format!("fnlet /fn/{name}"),
-            instances: Some(n),
-            addr: agent.addr,
-            req: Arc::new(request_bytes(
-                "POST",
-                &format!("/fn/{name}"),
-                &agent.host(),
-                &[],
-                PAYLOAD,
-            )),
-            pids: vec![agent.pid],
-            cpuacct: cpuacct.clone(),
-        });
+        targets.push(fnlet(
+            format!("fnlet /fn/noop-n{n}"),
+            n,
+            format!("/fn/noop-n{n}"),
+        ));
     }
     // The Invoke API beside the function URL, on the largest instance count: the goal holds
     // for both.
     if let Some(&n) = set.instances.iter().max() {
-        let name = format!("noop-n{n}");
-        targets.push(Target {
-            name: format!("fnlet Invoke API {name}"),
-            instances: Some(n),
-            addr: agent.addr,
-            req: Arc::new(request_bytes(
-                "POST",
-                &format!("/2015-03-31/functions/{name}/invocations"),
-                &agent.host(),
-                &[],
-                PAYLOAD,
-            )),
-            pids: vec![agent.pid],
-            cpuacct: cpuacct.clone(),
-        });
+        targets.push(fnlet(
+            format!("fnlet Invoke API noop-n{n}"),
+            n,
+            format!("/2015-03-31/functions/noop-n{n}/invocations"),
+        ));
     }
     let slice = Duration::from_secs_f64(set.seconds as f64 / set.load_rounds as f64);
     println!(
