@@ -656,6 +656,15 @@ impl PreparedSandbox {
         netns::in_netns(pid, f)
     }
 
+    /// The sandbox before it runs: its listener, pipes, pidfd watch and accounting files can
+    /// be taken and wired up while nothing runs yet, so that nothing of that lies between the
+    /// release and the function's first request.
+    pub fn sandbox_mut(&mut self) -> Result<&mut Sandbox> {
+        self.sandbox
+            .as_mut()
+            .ok_or(IsolateError::Protocol("prepared sandbox already started"))
+    }
+
     /// Ties `what` to the sandbox: it is dropped once the sandbox has ended and its cgroup is
     /// gone (or with the sandbox, if it never starts). Host-side resources made for this
     /// sandbox (a veth, firewall entries) are released by its `Drop`.

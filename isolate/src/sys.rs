@@ -76,29 +76,65 @@ pub unsafe fn clone3(flags: u64, cgroup_fd: Option<RawFd>) -> Result<Forked, Err
     }
 }
 
-/// A plain fork through the raw syscall: glibc's fork() would run atfork handlers and take
-/// malloc locks, which may be held by threads that do not exist in this child.
-pub fn fork_raw() -> Result<Forked, Errno> {
-    // SAFETY: clone with only SIGCHLD and no new stack is fork(2); the caller is a
-    // single-threaded sandbox child.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_clone,
-            libc::SIGCHLD as libc::c_ulong,
-            0usize,
-            0usize,
-            0usize,
-            0usize,
+/// Stack of a [`spawn_sharing_memory`] child: it runs a few frames of setup and then execs.
+const SHARED_CHILD_STACK: usize = 256 << 10;
+
+/// Starts `body(arg)` in a child process that shares this process's memory until it execs or
+/// exits, on a stack of its own, while this (single-threaded) process waits: posix_spawn's
+/// way. No page tables are copied and the exec frees none of ours, so the child's exec costs
+/// the same however large the process this one was cloned from (the agent). Returns the
+/// child's pid once it has exec'd or exited.
+///
+/// `body` must not return, must not allocate or take locks, and may only write memory that
+/// nobody in this process reads afterwards: it runs in our address space.
+pub fn spawn_sharing_memory<T>(arg: &T, body: fn(&T) -> !) -> Result<libc::pid_t, Errno> {
+    struct Start<T> {
+        arg: *const T,
+        body: fn(&T) -> !,
+    }
+    extern "C" fn trampoline<T>(start: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: `start` points at the `Start` below, alive in the parent's frame: the parent
+        // stays suspended (CLONE_VFORK) until this child has exec'd or exited.
+        let start = unsafe { &*(start as *const Start<T>) };
+        // SAFETY: as above, `arg` outlives the child's use of it.
+        (start.body)(unsafe { &*start.arg })
+    }
+    // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
+    let stack = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            SHARED_CHILD_STACK,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+            -1,
+            0,
         )
     };
-    match ret {
-        -1 => Err(Errno::last()),
-        0 => Ok(Forked::Child),
-        pid => Ok(Forked::Parent {
-            pid: pid as libc::pid_t,
-            pidfd: None,
-        }),
+    if stack == libc::MAP_FAILED {
+        return Err(Errno::last());
     }
+    // A guard page at the bottom: an overflow faults instead of writing below the stack.
+    // SAFETY: the first page of the mapping made above.
+    unsafe { libc::mprotect(stack, 4096, libc::PROT_NONE) };
+    let start = Start { arg, body };
+    // SAFETY: CLONE_VM with a stack of its own for the child; CLONE_VFORK suspends this
+    // thread, the process's only one, until the child execs or exits, so the child is alone
+    // in this memory while it runs. The stack top is 16-byte aligned (page-aligned mapping).
+    let pid = unsafe {
+        libc::clone(
+            trampoline::<T>,
+            (stack as *mut u8).add(SHARED_CHILD_STACK) as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            &start as *const Start<T> as *mut libc::c_void,
+        )
+    };
+    let err = Errno::last();
+    // SAFETY: the child no longer runs on it (it exec'd or exited).
+    unsafe { libc::munmap(stack, SHARED_CHILD_STACK) };
+    if pid < 0 {
+        return Err(err);
+    }
+    Ok(pid)
 }
 
 /// pidfd_open(2): a pidfd for a pid we own (used when clone3 did not give one).

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use isolate::{ExitStatus, Isolator, Outcome, PeakMemory, PreparedSandbox, SandboxWatch};
+use isolate::{ExitStatus, Isolator, Outcome, PeakMemory, PreparedSandbox, Sandbox, SandboxWatch};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -338,48 +338,32 @@ pub struct StartArgs<'a> {
     pub tracker: &'a tokio_util::task::TaskTracker,
 }
 
-impl LambdaInstance {
-    /// Starts an instance and waits for its runtime's first `/next`.
-    ///
-    /// A prepared sandbox is released at once and nothing waits for its exec: the Runtime API,
-    /// the output readers and the owner are set up while the function execs (the listener, the
-    /// pipes and the pidfd exist since the sandbox was prepared), and the runtime's first
-    /// `/next` says it runs. A failed exec ends the sandbox; its report then names the step.
-    pub async fn start(args: StartArgs<'_>) -> Result<LambdaInstance, InvokeError> {
-        let f = args.function;
-        let init_timeout = Duration::from_secs_f64(f.resolved.init_timeout_s);
-        let started = Instant::now();
-        let deadline = tokio::time::Instant::now() + init_timeout;
-        let (mut sandbox, exec_report) = match args.prepared {
-            Some(p) => {
-                let (sandbox, report) = p.release(None).map_err(InvokeError::Spawn)?;
-                (sandbox, Some(report))
-            }
-            None if f.net.is_some() => {
-                // A sandbox with a network is prepared (veth, address, rules), then released.
-                let (iso, network, f) = (args.isolator.clone(), args.network.cloned(), f.clone());
-                let prepare = tokio::task::spawn_blocking(move || {
-                    crate::pool::prepare_sandbox(&iso, network.as_ref(), &f.spec, f.net.as_ref())
-                });
-                let prepared = tokio::time::timeout_at(deadline, prepare)
-                    .await
-                    .map_err(|_| InvokeError::InitTimeout(init_timeout))?
-                    .map_err(|e| InvokeError::Internal(e.to_string()))??;
-                let (sandbox, report) = prepared.release(None).map_err(InvokeError::Spawn)?;
-                (sandbox, Some(report))
-            }
-            None => {
-                let iso = args.isolator.clone();
-                let spec = f.spec.clone();
-                let spawn = tokio::task::spawn_blocking(move || iso.spawn(&spec));
-                let sandbox = tokio::time::timeout_at(deadline, spawn)
-                    .await
-                    .map_err(|_| InvokeError::InitTimeout(init_timeout))?
-                    .map_err(|e| InvokeError::Internal(e.to_string()))?
-                    .map_err(InvokeError::Spawn)?;
-                (sandbox, None)
-            }
-        };
+/// A sandbox on its way to run: prepared and not yet released, or already running.
+enum Begun {
+    Prepared(PreparedSandbox),
+    Running(Sandbox),
+}
+
+/// What an instance takes from its sandbox before the function runs: the Runtime API on the
+/// sandbox's listener, the output readers, the pidfd watch and the peak-memory descriptor.
+struct Wiring {
+    id: String,
+    watch: SandboxWatch,
+    stop: CancellationToken,
+    runtime: RuntimeHandle,
+    server: Arc<Mutex<Option<runtime_api::Server>>>,
+    peak: Option<PeakMemory>,
+    output: Arc<Output>,
+    pipes: Vec<Arc<OutPipe>>,
+}
+
+impl Wiring {
+    fn of(
+        sandbox: &mut Sandbox,
+        f: &ActiveFunction,
+        logs: &Arc<Logs>,
+        max_response: usize,
+    ) -> Result<Wiring, InvokeError> {
         let id = sandbox
             .cgroup_path()
             .and_then(|p| p.rsplit('/').next().map(str::to_string))
@@ -391,15 +375,13 @@ impl LambdaInstance {
             .take_listener()
             .ok_or_else(|| InvokeError::Internal("the sandbox has no Runtime API socket".into()))?;
         let stop = CancellationToken::new();
-        let (runtime, server) = runtime_api::server(listener, stop.clone(), args.max_response)
+        let (runtime, server) = runtime_api::server(listener, stop.clone(), max_response)
             .map_err(|e| InvokeError::Internal(format!("serving the Runtime API: {e}")))?;
-        let server = Arc::new(Mutex::new(Some(server)));
         // Without it REPORT says 0 MB; not worth failing the start for.
         let peak = sandbox.peak_memory().unwrap_or_else(|e| {
             tracing::debug!(instance = %id, "peak memory not readable: {e}");
             None
         });
-
         let output = Arc::new(Output {
             tap: Mutex::new(LogTap {
                 request_id: "init".into(),
@@ -407,7 +389,7 @@ impl LambdaInstance {
                 tail_bytes: 0,
                 unwritten: Vec::new(),
             }),
-            logs: args.logs.clone(),
+            logs: logs.clone(),
             function: f.name.clone(),
             version: f.version,
             instance: id.clone(),
@@ -427,6 +409,84 @@ impl LambdaInstance {
             }
         }
         drop(sandbox.take_stdin());
+        Ok(Wiring {
+            id,
+            watch,
+            stop,
+            runtime,
+            server: Arc::new(Mutex::new(Some(server))),
+            peak,
+            output,
+            pipes,
+        })
+    }
+}
+
+impl LambdaInstance {
+    /// Starts an instance and waits for its runtime's first `/next`.
+    ///
+    /// The Runtime API and the output readers are set up before a prepared sandbox is
+    /// released (the listener, the pipes and the pidfd exist since it was prepared), and
+    /// nothing waits for its exec: the runtime's first `/next` says it runs. A failed exec ends
+    /// the sandbox; its report then names the step.
+    pub async fn start(args: StartArgs<'_>) -> Result<LambdaInstance, InvokeError> {
+        let f = args.function;
+        let init_timeout = Duration::from_secs_f64(f.resolved.init_timeout_s);
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + init_timeout;
+        let mut begun = match args.prepared {
+            Some(p) => Begun::Prepared(p),
+            None if f.net.is_some() => {
+                // A sandbox with a network is prepared (veth, address, rules), then released.
+                let (iso, network, f) = (args.isolator.clone(), args.network.cloned(), f.clone());
+                let prepare = tokio::task::spawn_blocking(move || {
+                    crate::pool::prepare_sandbox(&iso, network.as_ref(), &f.spec, f.net.as_ref())
+                });
+                let prepared = tokio::time::timeout_at(deadline, prepare)
+                    .await
+                    .map_err(|_| InvokeError::InitTimeout(init_timeout))?
+                    .map_err(|e| InvokeError::Internal(e.to_string()))??;
+                Begun::Prepared(prepared)
+            }
+            None => {
+                let iso = args.isolator.clone();
+                let spec = f.spec.clone();
+                let spawn = tokio::task::spawn_blocking(move || iso.spawn(&spec));
+                let sandbox = tokio::time::timeout_at(deadline, spawn)
+                    .await
+                    .map_err(|_| InvokeError::InitTimeout(init_timeout))?
+                    .map_err(|e| InvokeError::Internal(e.to_string()))?
+                    .map_err(InvokeError::Spawn)?;
+                Begun::Running(sandbox)
+            }
+        };
+        // Wired up before a prepared sandbox is released: the runtime execs and connects in
+        // well under a millisecond, and whatever the agent still had to set up after the
+        // release (measured: most of fnlet's own cold-start time) delayed its first `/next`.
+        let wiring = {
+            let sandbox = match &mut begun {
+                Begun::Prepared(p) => p.sandbox_mut().map_err(InvokeError::Spawn)?,
+                Begun::Running(s) => s,
+            };
+            Wiring::of(sandbox, f, args.logs, args.max_response)?
+        };
+        let (mut sandbox, exec_report) = match begun {
+            Begun::Prepared(p) => {
+                let (sandbox, report) = p.release(None).map_err(InvokeError::Spawn)?;
+                (sandbox, Some(report))
+            }
+            Begun::Running(sandbox) => (sandbox, None),
+        };
+        let Wiring {
+            id,
+            watch,
+            stop,
+            runtime,
+            server,
+            peak,
+            output,
+            pipes,
+        } = wiring;
 
         // The sandbox's owner: reaps it once it ends (killed by the instance's drop, or on
         // its own) and records how it ended. The Runtime API goes only then: a long poll
