@@ -227,6 +227,23 @@ impl<T: Send + 'static> Drop for FinishOnDrop<T> {
 /// How long after a Lambda call's answer its function's next prepared sandbox is built.
 const LAMBDA_REFILL_DELAY: Duration = Duration::from_millis(5);
 
+/// How an invocation ended, as its REPORT and the warm pool need it (owned: the end may be
+/// written after the answer).
+struct Ended {
+    error_kind: Option<&'static str>,
+    /// A handler's own error leaves the instance fine; any other failure ended it.
+    reusable: bool,
+}
+
+impl Ended {
+    fn of(error: Option<&InvokeError>) -> Ended {
+        Ended {
+            error_kind: error.map(InvokeError::kind),
+            reusable: matches!(error, None | Some(InvokeError::Handler { .. })),
+        }
+    }
+}
+
 /// A failed invocation, with the version that ran when one did.
 pub struct Failure {
     pub error: InvokeError,
@@ -597,51 +614,68 @@ impl Router {
                     .finish_stream(&mut log, deadline, &router.kill)
                     .await;
                 let error = outcome.err();
-                let log_tail = router
-                    .end_invocation(
-                        &slot,
-                        instance,
-                        &f,
-                        &id,
-                        init,
-                        error.as_ref(),
-                        log,
-                        qualified,
-                    )
-                    .await;
+                let log_tail = router.end_invocation(
+                    &slot,
+                    instance,
+                    &f,
+                    &id,
+                    init,
+                    Ended::of(error.as_ref()),
+                    log,
+                    qualified,
+                );
                 drop(held);
                 let _ = release.send(crate::instance::lambda::Settled { log_tail, error });
             });
             return (result, None);
         }
-        let tail = self
-            .end_invocation(
+        let ended = Ended::of(result.as_ref().err());
+        if req.want_tail {
+            let tail = self.end_invocation(
                 slot,
                 instance,
                 f,
                 request_id,
                 init,
-                result.as_ref().err(),
+                ended,
                 log,
                 req.qualified,
-            )
-            .await;
-        drop(held);
-        (result, req.want_tail.then_some(tail))
+            );
+            drop(held);
+            return (result, Some(tail));
+        }
+        // END, REPORT and the instance's return to the pool come after the answer: a task
+        // spawned here runs on this thread right after the caller's task has written the
+        // answer (tokio's LIFO slot), so the caller does not wait for the log write, the peak
+        // memory read and the output flush. The instance is idle again only then, so no call
+        // can start on it before its REPORT.
+        let (router, slot, f, id, qualified) = (
+            self.clone(),
+            slot.clone(),
+            f.clone(),
+            request_id.to_string(),
+            req.qualified,
+        );
+        // Tracked with the instances: shutdown waits for it like for any instance.
+        self.instances.spawn(async move {
+            router.end_invocation(&slot, instance, &f, &id, init, ended, log, qualified);
+            drop(held);
+        });
+        (result, None)
     }
 
     /// Writes END and REPORT, and returns the instance to the warm pool unless the invocation
     /// ended it (`qualified`: kept warm for its version, active or not). Returns the
     /// invocation's log tail.
     #[allow(clippy::too_many_arguments)]
-    async fn end_invocation(
+    fn end_invocation(
         &self,
         slot: &Arc<FunctionSlot>,
         instance: Tracked,
         f: &Arc<ActiveFunction>,
         request_id: &str,
         init: Option<Duration>,
-        error: Option<&InvokeError>,
+        ended: Ended,
         log: InvokeLog,
         qualified: bool,
     ) -> String {
@@ -662,15 +696,13 @@ impl Router {
                 .get_or_create(&labels)
                 .observe(init.as_secs_f64());
         }
-        if let Some(e) = error {
-            report.push_str(&format!("\tStatus: {}", e.kind()));
+        if let Some(kind) = ended.error_kind {
+            report.push_str(&format!("\tStatus: {kind}"));
         }
         log.agent_line(request_id, &format!("END RequestId: {request_id}"));
         log.agent_line(request_id, &report);
         let tail = log.finish();
-        // A handler's own error leaves the instance fine; any other failure ended it.
-        let reusable = matches!(error, None | Some(InvokeError::Handler { .. }));
-        if reusable && instance.is_alive() && !self.draining.is_cancelled() {
+        if ended.reusable && instance.is_alive() && !self.draining.is_cancelled() {
             slot.put_idle(instance, qualified);
         }
         tail
