@@ -310,10 +310,91 @@ pub struct LambdaInstance {
     /// Cancelled once the sandbox has ended and its outcome is known.
     ended: CancellationToken,
     outcome: Arc<Mutex<Option<Outcome>>>,
-    /// The cgroup's peak memory, read after each invocation through a descriptor kept open.
-    peak: Option<PeakMemory>,
+    /// The output side: pipes, log attribution, peak memory, and the last invocation's END
+    /// and REPORT while they are not yet written.
+    ending: Arc<Ending>,
+}
+
+/// What ends an invocation's log: the function's pipes and log attribution, the cgroup's peak
+/// memory (read through a descriptor kept open), and an invocation whose END and REPORT are
+/// still to be written. Shared with the task that writes them after the answer.
+struct Ending {
     pipes: Vec<Arc<OutPipe>>,
     output: Arc<Output>,
+    peak: Option<PeakMemory>,
+    pending: Mutex<Option<(EndReport, InvokeLog)>>,
+}
+
+/// What an invocation's REPORT says besides its duration and peak memory.
+pub struct EndReport {
+    pub request_id: String,
+    pub memory_mb: u64,
+    pub init: Option<Duration>,
+    pub error_kind: Option<&'static str>,
+}
+
+/// An invocation's END and REPORT, to be written by [`PendingEnd::write`] after the answer
+/// (or by the instance's next invocation before its START, whichever comes first).
+pub struct PendingEnd(Arc<Ending>);
+
+impl PendingEnd {
+    pub fn write(&self) {
+        self.0.write_pending();
+    }
+}
+
+impl Ending {
+    /// Reads what the function has written so far into the log, under the current
+    /// attribution: one poll of the pipes, and reads only of those holding data.
+    fn flush(&self) {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        // Both pipes locked first: a reader task in the middle of a read finishes its lines.
+        let mut states: Vec<_> = self.pipes.iter().map(|p| p.lock()).collect();
+        let mut fds: Vec<PollFd<'_>> = self
+            .pipes
+            .iter()
+            .map(|p| PollFd::new(p.pipe.as_fd(), PollFlags::POLLIN))
+            .collect();
+        let polled = poll(&mut fds, PollTimeout::ZERO).is_ok();
+        let readable: Vec<bool> = fds
+            .iter()
+            // On a failed poll, read anyway: a read of an empty pipe only costs EAGAIN.
+            .map(|f| !polled || f.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        for ((p, st), readable) in self.pipes.iter().zip(&mut states).zip(readable) {
+            p.drain(st, readable, &self.output);
+        }
+    }
+
+    /// Writes the pending invocation's END and REPORT, after the function's last lines;
+    /// returns its log tail (None when nothing was pending).
+    fn write_pending(&self) -> Option<String> {
+        let (end, log) = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()?;
+        self.flush();
+        let peak = self.peak.as_ref().and_then(PeakMemory::read);
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let id = &end.request_id;
+        let mut report = format!(
+            "REPORT RequestId: {id}\tDuration: {:.2} ms\tBilled Duration: {} ms\tMemory Size: {} MB\tMax Memory Used: {} MB",
+            ms(log.duration),
+            log.duration.as_micros().div_ceil(1000),
+            end.memory_mb,
+            peak.map_or(0, |b| b.div_ceil(1 << 20)),
+        );
+        if let Some(init) = end.init {
+            report.push_str(&format!("\tInit Duration: {:.2} ms", ms(init)));
+        }
+        if let Some(kind) = end.error_kind {
+            report.push_str(&format!("\tStatus: {kind}"));
+        }
+        log.agent_line(id, &format!("END RequestId: {id}"));
+        log.agent_line(id, &report);
+        Some(log.finish())
+    }
 }
 
 impl Drop for LambdaInstance {
@@ -516,9 +597,12 @@ impl LambdaInstance {
             watch,
             ended,
             outcome,
-            peak,
-            pipes,
-            output,
+            ending: Arc::new(Ending {
+                pipes,
+                output,
+                peak,
+                pending: Mutex::new(None),
+            }),
         };
         let mut init = instance.runtime.init.clone();
         let settled = async {
@@ -620,26 +704,9 @@ impl LambdaInstance {
         }
     }
 
-    /// Reads what the function has written so far into the log, under the current
-    /// attribution: one poll of the pipes, and reads only of those holding data.
+    /// Reads what the function has written so far into the log.
     fn flush(&self) {
-        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-        // Both pipes locked first: a reader task in the middle of a read finishes its lines.
-        let mut states: Vec<_> = self.pipes.iter().map(|p| p.lock()).collect();
-        let mut fds: Vec<PollFd<'_>> = self
-            .pipes
-            .iter()
-            .map(|p| PollFd::new(p.pipe.as_fd(), PollFlags::POLLIN))
-            .collect();
-        let polled = poll(&mut fds, PollTimeout::ZERO).is_ok();
-        let readable: Vec<bool> = fds
-            .iter()
-            // On a failed poll, read anyway: a read of an empty pipe only costs EAGAIN.
-            .map(|f| !polled || f.revents().is_some_and(|r| !r.is_empty()))
-            .collect();
-        for ((p, st), readable) in self.pipes.iter().zip(&mut states).zip(readable) {
-            p.drain(st, readable, &self.output);
-        }
+        self.ending.flush();
     }
 
     /// Serves one invocation. On a timeout or cancel the instance is killed; after any error
@@ -649,8 +716,10 @@ impl LambdaInstance {
         ev: EventArgs<'_>,
         cancel: &CancellationToken,
     ) -> (Result<Payload, InvokeError>, InvokeLog) {
-        self.output.begin(ev.request_id);
-        self.output.agent_line(
+        // The previous invocation's END and REPORT, if its task has not written them yet.
+        self.ending.write_pending();
+        self.ending.output.begin(ev.request_id);
+        self.ending.output.agent_line(
             ev.request_id,
             &format!(
                 "START RequestId: {} Version: {}",
@@ -708,23 +777,35 @@ impl LambdaInstance {
             }}).await
         };
         let duration = started.elapsed();
-        if streaming.is_none() {
-            self.flush();
-        }
+        // What the function wrote meanwhile is flushed into the log by whoever ends the
+        // invocation ([`LambdaInstance::flush`], before END), after the answer went out; a
+        // streamed answer's end flushes it itself.
         (
             result,
             InvokeLog {
                 started,
                 streaming,
                 duration,
-                output: self.output.clone(),
+                output: self.ending.output.clone(),
             },
         )
     }
 
-    /// Peak memory of the instance so far (its cgroup's high-water mark).
-    pub fn peak_memory(&self) -> Option<u64> {
-        self.peak.as_ref()?.read()
+    /// Ends an invocation's log: END and REPORT are written by [`PendingEnd::write`] (after
+    /// the answer), or before this instance's next invocation starts, whichever is first.
+    pub fn end_later(&self, end: EndReport, log: InvokeLog) -> PendingEnd {
+        *self
+            .ending
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some((end, log));
+        PendingEnd(self.ending.clone())
+    }
+
+    /// Ends an invocation's log now; returns its tail.
+    pub fn end_now(&self, end: EndReport, log: InvokeLog) -> String {
+        self.end_later(end, log);
+        self.ending.write_pending().unwrap_or_default()
     }
 
     /// Kills the instance now (it is being reaped or replaced).

@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 pub use crate::instance::lambda::Payload;
-use crate::instance::lambda::{EventArgs, InvokeLog, LambdaInstance, StartArgs};
+use crate::instance::lambda::{EndReport, EventArgs, InvokeLog, LambdaInstance, StartArgs};
 use crate::instance::{self, ExecCall, InvokeError, runtime_api};
 use crate::logs::Logs;
 use crate::manifest::Mode;
@@ -614,59 +614,44 @@ impl Router {
                     .finish_stream(&mut log, deadline, &router.kill)
                     .await;
                 let error = outcome.err();
-                let log_tail = router.end_invocation(
-                    &slot,
-                    instance,
-                    &f,
-                    &id,
-                    init,
-                    Ended::of(error.as_ref()),
-                    log,
-                    qualified,
-                );
+                let log_tail = router
+                    .end_invocation(
+                        &slot,
+                        instance,
+                        &f,
+                        &id,
+                        init,
+                        Ended::of(error.as_ref()),
+                        log,
+                        qualified,
+                        true,
+                    )
+                    .unwrap_or_default();
                 drop(held);
                 let _ = release.send(crate::instance::lambda::Settled { log_tail, error });
             });
             return (result, None);
         }
-        let ended = Ended::of(result.as_ref().err());
-        if req.want_tail {
-            let tail = self.end_invocation(
-                slot,
-                instance,
-                f,
-                request_id,
-                init,
-                ended,
-                log,
-                req.qualified,
-            );
-            drop(held);
-            return (result, Some(tail));
-        }
-        // END, REPORT and the instance's return to the pool come after the answer: a task
-        // spawned here runs on this thread right after the caller's task has written the
-        // answer (tokio's LIFO slot), so the caller does not wait for the log write, the peak
-        // memory read and the output flush. The instance is idle again only then, so no call
-        // can start on it before its REPORT.
-        let (router, slot, f, id, qualified) = (
-            self.clone(),
-            slot.clone(),
-            f.clone(),
-            request_id.to_string(),
+        let tail = self.end_invocation(
+            slot,
+            instance,
+            f,
+            request_id,
+            init,
+            Ended::of(result.as_ref().err()),
+            log,
             req.qualified,
+            req.want_tail,
         );
-        // Tracked with the instances: shutdown waits for it like for any instance.
-        self.instances.spawn(async move {
-            router.end_invocation(&slot, instance, &f, &id, init, ended, log, qualified);
-            drop(held);
-        });
-        (result, None)
+        drop(held);
+        (result, tail)
     }
 
-    /// Writes END and REPORT, and returns the instance to the warm pool unless the invocation
-    /// ended it (`qualified`: kept warm for its version, active or not). Returns the
-    /// invocation's log tail.
+    /// Ends an invocation: END and REPORT now (`now`: the caller wants the log tail) or right
+    /// after the answer, and the instance back to the warm pool unless the invocation ended it
+    /// (`qualified`: kept warm for its version, active or not). The instance is idle again
+    /// before the answer goes out, so the caller's next call finds it; a REPORT not yet
+    /// written then is written before that call's START. Returns the tail when `now`.
     #[allow(clippy::too_many_arguments)]
     fn end_invocation(
         &self,
@@ -678,32 +663,34 @@ impl Router {
         ended: Ended,
         log: InvokeLog,
         qualified: bool,
-    ) -> String {
-        let labels = Metrics::function(&f.name);
-        let peak = instance.peak_memory();
-        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        let mut report = format!(
-            "REPORT RequestId: {request_id}\tDuration: {:.2} ms\tBilled Duration: {} ms\tMemory Size: {} MB\tMax Memory Used: {} MB",
-            ms(log.duration),
-            log.duration.as_micros().div_ceil(1000),
-            f.resolved.memory_mb,
-            peak.map_or(0, |b| b.div_ceil(1 << 20)),
-        );
+        now: bool,
+    ) -> Option<String> {
         if let Some(init) = init {
-            report.push_str(&format!("\tInit Duration: {:.2} ms", ms(init)));
             self.metrics
                 .init_duration
-                .get_or_create(&labels)
+                .get_or_create(&Metrics::function(&f.name))
                 .observe(init.as_secs_f64());
         }
-        if let Some(kind) = ended.error_kind {
-            report.push_str(&format!("\tStatus: {kind}"));
-        }
-        log.agent_line(request_id, &format!("END RequestId: {request_id}"));
-        log.agent_line(request_id, &report);
-        let tail = log.finish();
+        let end = EndReport {
+            request_id: request_id.to_string(),
+            memory_mb: f.resolved.memory_mb,
+            init,
+            error_kind: ended.error_kind,
+        };
+        let (tail, pending) = if now {
+            (Some(instance.end_now(end, log)), None)
+        } else {
+            (None, Some(instance.end_later(end, log)))
+        };
         if ended.reusable && instance.is_alive() && !self.draining.is_cancelled() {
             slot.put_idle(instance, qualified);
+        }
+        if let Some(pending) = pending {
+            // Tracked with the instances: shutdown waits for it like for any instance. Run
+            // right after the caller's task has written the answer (tokio's LIFO slot), so
+            // the caller does not wait for the log write, the peak memory read and the
+            // output flush.
+            self.instances.spawn(async move { pending.write() });
         }
         tail
     }
