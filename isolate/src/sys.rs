@@ -80,8 +80,8 @@ pub unsafe fn clone3(flags: u64, cgroup_fd: Option<RawFd>) -> Result<Forked, Err
 const SHARED_CHILD_STACK: usize = 256 << 10;
 
 /// Starts `body(arg)` in a child process that shares this process's memory until it execs or
-/// exits, on a stack of its own, while this (single-threaded) process waits: posix_spawn's
-/// way. No page tables are copied and the exec frees none of ours, so the child's exec costs
+/// exits, on a stack of its own, while the calling thread waits: posix_spawn's way (the
+/// sandbox's init, single-threaded, is all suspended meanwhile). No page tables are copied and the exec frees none of ours, so the child's exec costs
 /// the same however large the process this one was cloned from (the agent). Returns the
 /// child's pid once it has exec'd or exited.
 ///
@@ -118,8 +118,9 @@ pub fn spawn_sharing_memory<T>(arg: &T, body: fn(&T) -> !) -> Result<libc::pid_t
     unsafe { libc::mprotect(stack, 4096, libc::PROT_NONE) };
     let start = Start { arg, body };
     // SAFETY: CLONE_VM with a stack of its own for the child; CLONE_VFORK suspends this
-    // thread, the process's only one, until the child execs or exits, so the child is alone
-    // in this memory while it runs. The stack top is 16-byte aligned (page-aligned mapping).
+    // thread until the child execs or exits, so `start` and `arg` outlive the child's use of
+    // them, and `body` touches nothing another thread uses (its contract). The stack top is
+    // 16-byte aligned (page-aligned mapping).
     let pid = unsafe {
         libc::clone(
             trampoline::<T>,
@@ -329,4 +330,58 @@ pub fn xattr_is(path: &std::path::Path, name: &std::ffi::CStr, value: &[u8]) -> 
         )
     };
     usize::try_from(n).is_ok_and(|n| &buf[..n] == value)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    fn write_and_exit(seen: &AtomicU32) -> ! {
+        seen.store(42, Ordering::SeqCst);
+        exit_now(7)
+    }
+
+    #[test]
+    fn a_memory_sharing_child_runs_before_the_parent_goes_on() {
+        let seen = AtomicU32::new(0);
+        let pid = spawn_sharing_memory(&seen, write_and_exit).unwrap();
+        // Shared memory, and this thread waited for the child: its write is here already.
+        assert_eq!(seen.load(Ordering::SeqCst), 42);
+        let mut status = 0;
+        // SAFETY: waiting for our own child with a valid out-pointer.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status));
+        assert_eq!(libc::WEXITSTATUS(status), 7);
+    }
+
+    struct Exec {
+        path: std::ffi::CString,
+        argv: [*const libc::c_char; 2],
+        envp: [*const libc::c_char; 1],
+    }
+
+    fn exec(e: &Exec) -> ! {
+        // SAFETY: NUL-terminated path, NULL-terminated argv and envp, alive in the parent.
+        unsafe { libc::execve(e.path.as_ptr(), e.argv.as_ptr(), e.envp.as_ptr()) };
+        exit_now(127)
+    }
+
+    #[test]
+    fn a_memory_sharing_child_execs() {
+        let path = std::ffi::CString::new("/bin/false").unwrap();
+        let e = Exec {
+            argv: [path.as_ptr(), std::ptr::null()],
+            envp: [std::ptr::null()],
+            path,
+        };
+        let pid = spawn_sharing_memory(&e, exec).unwrap();
+        let mut status = 0;
+        // SAFETY: waiting for our own child with a valid out-pointer.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        // false's own status (1), not the 127 of a failed exec.
+        assert!(libc::WIFEXITED(status));
+        assert_eq!(libc::WEXITSTATUS(status), 1);
+    }
 }
