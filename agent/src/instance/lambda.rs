@@ -541,9 +541,9 @@ impl LambdaInstance {
                 Begun::Running(sandbox)
             }
         };
-        // Wired up before a prepared sandbox is released: the runtime execs and connects in
-        // well under a millisecond, and whatever the agent still had to set up after the
-        // release (measured: most of fnlet's own cold-start time) delayed its first `/next`.
+        // Wired up before a prepared sandbox is released, so that nothing of the agent's own
+        // setup can lie between the runtime's connect and its first `/next` being served (on
+        // this host the exec takes longer than the wiring, so either order measured the same).
         let wiring = {
             let sandbox = match &mut begun {
                 Begun::Prepared(p) => p.sandbox_mut().map_err(InvokeError::Spawn)?,
