@@ -81,9 +81,10 @@ const SHARED_CHILD_STACK: usize = 256 << 10;
 
 /// Starts `body(arg)` in a child process that shares this process's memory until it execs or
 /// exits, on a stack of its own, while the calling thread waits: posix_spawn's way (the
-/// sandbox's init, single-threaded, is all suspended meanwhile). No page tables are copied and the exec frees none of ours, so the child's exec costs
-/// the same however large the process this one was cloned from (the agent). Returns the
-/// child's pid once it has exec'd or exited.
+/// sandbox's init, single-threaded, is all suspended meanwhile). No page tables are copied
+/// and the exec frees none of ours, so the child's exec costs the same however large the
+/// process this one was cloned from (the agent). Returns the child's pid once it has exec'd
+/// or exited.
 ///
 /// `body` must not return, must not allocate or take locks, and may only write memory that
 /// nobody in this process reads afterwards: it runs in our address space.

@@ -804,8 +804,10 @@ impl LambdaInstance {
 
     /// Ends an invocation's log now; returns its tail.
     pub fn end_now(&self, end: EndReport, log: InvokeLog) -> String {
-        self.end_later(end, log);
-        self.ending.write_pending().unwrap_or_default()
+        self.end_later(end, log)
+            .0
+            .write_pending()
+            .unwrap_or_default()
     }
 
     /// Kills the instance now (it is being reaped or replaced).
