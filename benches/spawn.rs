@@ -228,8 +228,8 @@ fn main() {
     cleanup.isolators.push(steps_root.clone());
     let backend = isolate::cgroup::detect(&CgroupMode::Auto, &steps_root)
         .expect("detecting the cgroup hierarchy");
-    let bpf = isolate::seccomp::compile().expect("compiling the seccomp filter");
-    let mut probes = step_probes(&spec, &binary, &bpf, backend.as_ref(), &fnlet, &steps_root);
+    let bpf = isolate::seccomp::program();
+    let mut probes = step_probes(&spec, &binary, bpf, backend.as_ref(), &fnlet, &steps_root);
     for i in 0..warmup + runs {
         let n = probes.len();
         for k in 0..n {
@@ -330,9 +330,9 @@ fn join_args(args: &[OsString]) -> String {
 
 /// fnlet's compiled seccomp program, in the raw form bwrap's --seccomp reads.
 fn write_bpf(path: &Path) {
-    let prog = isolate::seccomp::compile().expect("compiling the seccomp filter");
+    let prog = isolate::seccomp::program();
     let mut bytes = Vec::with_capacity(prog.len() * 8);
-    for ins in &prog {
+    for ins in prog {
         bytes.extend_from_slice(&ins.code.to_ne_bytes());
         bytes.push(ins.jt);
         bytes.push(ins.jf);
@@ -580,14 +580,6 @@ fn step_probes<'a>(
             // Not ranked: the floor pays it too, so it is no cost of the sandbox.
             vec![row("exec the static binary", Baseline::Fork, false)],
             Box::new(|_| one(steps::exec(binary))),
-        ),
-        probe(
-            vec![row(
-                "seccomp compile (once per Isolator::new)",
-                Baseline::None,
-                false,
-            )],
-            Box::new(|_| timed(isolate::seccomp::compile).map(|(_, t)| vec![t])),
         ),
         probe(
             vec![row(

@@ -10,7 +10,6 @@
 
 use std::ffi::CString;
 use std::os::fd::RawFd;
-use std::sync::Arc;
 
 use nix::errno::Errno;
 
@@ -48,7 +47,7 @@ pub struct Prepared {
     pub bounding: Vec<caps::Capability>,
     /// Capabilities the running kernel has beyond what the `caps` crate knows.
     pub bounding_extra: Vec<u8>,
-    pub bpf: Arc<Vec<libc::sock_filter>>,
+    pub bpf: &'static [libc::sock_filter],
     /// Sources for fds 0, 1, 2 (None: keep the parent's).
     pub stdio: [Option<RawFd>; 3],
     pub cwd: CString,
@@ -178,7 +177,7 @@ pub fn run(p: &Prepared) -> ! {
     // SAFETY: restoring the default SIGCHLD disposition (the agent may have changed it).
     unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
 
-    check_r(p, Step::Seccomp, sys::seccomp_load(&p.bpf));
+    check_r(p, Step::Seccomp, sys::seccomp_load(p.bpf));
 
     // The function's process exists before a prepared sandbox waits for its start, so a start
     // costs only the exec. It shares this process's memory until then (this process waits): a

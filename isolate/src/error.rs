@@ -173,9 +173,6 @@ pub enum IsolateError {
     #[error("cgroup {path} still has processes after kill")]
     CgroupBusy { path: PathBuf },
 
-    #[error("building seccomp filter: {0}")]
-    Seccomp(String),
-
     #[error("writing {path}: {source}")]
     Write {
         path: PathBuf,

@@ -93,7 +93,7 @@ impl Default for IsolatorConfig {
 pub struct Isolator {
     cgroups: Box<dyn cgroup::CgroupBackend>,
     placement: cgroup::host::Placement,
-    bpf: Arc<Vec<libc::sock_filter>>,
+    bpf: &'static [libc::sock_filter],
     bounding: Vec<caps::Capability>,
     bounding_extra: Vec<u8>,
     seq: AtomicU64,
@@ -156,7 +156,6 @@ impl Isolator {
             &config.cgroup_root,
             config.best_effort_limits,
         )?;
-        let bpf = Arc::new(seccomp::compile()?);
         let last = sys::cap_last_cap();
         let mut bounding: Vec<caps::Capability> = caps::all()
             .into_iter()
@@ -168,7 +167,7 @@ impl Isolator {
         Ok(Isolator {
             cgroups,
             placement,
-            bpf,
+            bpf: seccomp::program(),
             bounding,
             bounding_extra,
             seq: AtomicU64::new(0),
@@ -380,7 +379,7 @@ impl Isolator {
             gid: spec.gid,
             bounding: self.bounding.clone(),
             bounding_extra: self.bounding_extra.clone(),
-            bpf: self.bpf.clone(),
+            bpf: self.bpf,
             stdio: [
                 stdin_child.as_ref().map(|f| f.as_raw_fd()),
                 stdout_child.as_ref().map(|f| f.as_raw_fd()),

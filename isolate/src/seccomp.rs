@@ -1,217 +1,82 @@
-//! The seccomp filter every function runs under, built with libseccomp.
+//! The seccomp filter every function runs under: default allow, a deny list (mounts,
+//! namespaces, other processes' memory, the kernel's own interfaces), clone's namespace flags,
+//! TIOCSTI, raw sockets, personality changes, and EPERM for the i386 and x32 ABIs.
 //!
-//! libseccomp rather than seccompiler: it refuses the i386 and x32 ABIs with a chosen errno
-//! (seccompiler kills on a foreign arch and does not look at the x32 bit at all), and it is what
-//! runc, crun and systemd use. The filter is compiled once in the parent; the child only loads
-//! the finished BPF program, so nothing allocates between clone and exec.
+//! The rules are in `build/seccomp.rs`; libseccomp compiles them when isolate is built and the
+//! program is embedded here, so a sandbox's child only loads finished BPF (nothing allocates
+//! between clone and exec) and no process compiles it at run time.
 
-use std::io::Read;
-use std::os::fd::AsFd;
+include!(concat!(env!("OUT_DIR"), "/seccomp_program.rs"));
 
-use libseccomp::{
-    ScmpAction, ScmpArch, ScmpArgCompare, ScmpCompareOp, ScmpFilterContext, ScmpSyscall,
-};
-
-use crate::error::{IsolateError, Result};
-
-/// Syscalls a function has no business with: refused with EPERM whatever the arguments.
-const DENIED: &[libc::c_long] = &[
-    // mounts and root changes
-    libc::SYS_mount,
-    libc::SYS_umount2,
-    libc::SYS_pivot_root,
-    libc::SYS_chroot,
-    libc::SYS_fsopen,
-    libc::SYS_fsconfig,
-    libc::SYS_fsmount,
-    libc::SYS_fspick,
-    libc::SYS_move_mount,
-    libc::SYS_open_tree,
-    libc::SYS_mount_setattr,
-    // namespaces
-    libc::SYS_unshare,
-    libc::SYS_setns,
-    // other processes' memory
-    libc::SYS_ptrace,
-    libc::SYS_process_vm_readv,
-    libc::SYS_process_vm_writev,
-    libc::SYS_pidfd_getfd,
-    libc::SYS_kcmp,
-    // the kernel itself
-    libc::SYS_kexec_load,
-    libc::SYS_kexec_file_load,
-    libc::SYS_init_module,
-    libc::SYS_finit_module,
-    libc::SYS_delete_module,
-    libc::SYS_bpf,
-    libc::SYS_perf_event_open,
-    libc::SYS_reboot,
-    libc::SYS_swapon,
-    libc::SYS_swapoff,
-    libc::SYS_acct,
-    libc::SYS_quotactl,
-    libc::SYS_quotactl_fd,
-    libc::SYS_syslog,
-    libc::SYS_iopl,
-    libc::SYS_ioperm,
-    libc::SYS_modify_ldt,
-    libc::SYS_lookup_dcookie,
-    libc::SYS_vhangup,
-    libc::SYS_settimeofday,
-    libc::SYS_clock_settime,
-    libc::SYS_clock_adjtime,
-    libc::SYS_adjtimex,
-    libc::SYS_sethostname,
-    libc::SYS_setdomainname,
-    // the kernel keyring
-    libc::SYS_keyctl,
-    libc::SYS_add_key,
-    libc::SYS_request_key,
-    // sources of kernel exploits with no use in a function
-    libc::SYS_userfaultfd,
-    libc::SYS_io_uring_setup,
-    libc::SYS_io_uring_enter,
-    libc::SYS_io_uring_register,
-    libc::SYS_open_by_handle_at,
-    libc::SYS_name_to_handle_at,
-    libc::SYS_fanotify_init,
-];
-
-/// Namespace flags that clone(2) may not carry (CLONE_NEWTIME shares its bit with CSIGNAL there).
-const CLONE_NS_FLAGS: &[u64] = &[
-    libc::CLONE_NEWNS as u64,
-    libc::CLONE_NEWUTS as u64,
-    libc::CLONE_NEWIPC as u64,
-    libc::CLONE_NEWUSER as u64,
-    libc::CLONE_NEWPID as u64,
-    libc::CLONE_NEWNET as u64,
-    libc::CLONE_NEWCGROUP as u64,
-];
-
-const AF_PACKET: u64 = libc::AF_PACKET as u64;
-const SOCK_TYPE_MASK: u64 = 0xf;
-
-fn err(e: impl std::fmt::Debug) -> IsolateError {
-    IsolateError::Seccomp(format!("{e:?}"))
-}
-
-fn eperm() -> ScmpAction {
-    ScmpAction::Errno(libc::EPERM)
-}
-
-/// Builds the filter context. Default allow: a deny list keeps every runtime (glibc, CPython,
-/// node, Go) working, and the dangerous surface is what the list names.
-pub fn filter() -> Result<ScmpFilterContext> {
-    let mut ctx = ScmpFilterContext::new(ScmpAction::Allow).map_err(err)?;
-    // Native x86-64 only: i386 (int 0x80) and x32 syscalls get EPERM instead of running.
-    ctx.set_act_badarch(eperm())
-        .map_err(|e| err(format!("badarch: {e:?}")))?;
-    // We set no_new_privs ourselves, at a step we choose.
-    ctx.set_ctl_nnp(false)
-        .map_err(|e| err(format!("nnp: {e:?}")))?;
-    for &nr in DENIED {
-        ctx.add_rule(eperm(), ScmpSyscall::from(nr as i32))
-            .map_err(|e| err(format!("syscall {nr}: {e:?}")))?;
-    }
-    // clone3 passes its flags in memory a filter cannot read: ENOSYS makes libcs fall back to
-    // clone(2), whose flags we can check.
-    ctx.add_rule(
-        ScmpAction::Errno(libc::ENOSYS),
-        ScmpSyscall::from(libc::SYS_clone3 as i32),
-    )
-    .map_err(err)?;
-    for &flag in CLONE_NS_FLAGS {
-        ctx.add_rule_conditional(
-            eperm(),
-            ScmpSyscall::from(libc::SYS_clone as i32),
-            &[ScmpArgCompare::new(
-                0,
-                ScmpCompareOp::MaskedEqual(flag),
-                flag,
-            )],
-        )
-        .map_err(err)?;
-    }
-    // Faking terminal input into a shared tty (TIOCSTI) and console hijacks (TIOCLINUX).
-    for req in [libc::TIOCSTI, libc::TIOCLINUX] {
-        ctx.add_rule_conditional(
-            eperm(),
-            ScmpSyscall::from(libc::SYS_ioctl as i32),
-            &[ScmpArgCompare::new(
-                1,
-                ScmpCompareOp::MaskedEqual(0xffff_ffff),
-                req,
-            )],
-        )
-        .map_err(err)?;
-    }
-    // Raw and packet sockets (also refused for lack of CAP_NET_RAW; refuse them twice).
-    ctx.add_rule_conditional(
-        eperm(),
-        ScmpSyscall::from(libc::SYS_socket as i32),
-        &[ScmpArgCompare::new(0, ScmpCompareOp::Equal, AF_PACKET)],
-    )
-    .map_err(err)?;
-    ctx.add_rule_conditional(
-        eperm(),
-        ScmpSyscall::from(libc::SYS_socket as i32),
-        &[ScmpArgCompare::new(
-            1,
-            ScmpCompareOp::MaskedEqual(SOCK_TYPE_MASK),
-            libc::SOCK_RAW as u64,
-        )],
-    )
-    .map_err(err)?;
-    // personality(2): only the query (0xffffffff) is allowed. Other personalities change how
-    // the kernel lays out memory (READ_IMPLIES_EXEC, ADDR_NO_RANDOMIZE). libseccomp takes one
-    // comparison per argument, so PER_LINUX (0) is refused too; no runtime we know sets it.
-    ctx.add_rule_conditional(
-        eperm(),
-        ScmpSyscall::from(libc::SYS_personality as i32),
-        &[ScmpArgCompare::new(0, ScmpCompareOp::Less, 0xffff_ffff)],
-    )
-    .map_err(|e| err(format!("personality: {e:?}")))?;
-    debug_assert!(ScmpArch::native() == ScmpArch::X8664 || cfg!(not(target_arch = "x86_64")));
-    Ok(ctx)
-}
-
-/// Compiles the filter into the BPF program the child loads.
-pub fn compile() -> Result<Vec<libc::sock_filter>> {
-    let ctx = filter()?;
-    let (reader, writer) = std::io::pipe().map_err(err)?;
-    ctx.export_bpf(writer.as_fd()).map_err(err)?;
-    drop(writer);
-    let mut bytes = Vec::new();
-    (&reader).read_to_end(&mut bytes).map_err(err)?;
-    let size = std::mem::size_of::<libc::sock_filter>();
-    if bytes.is_empty() || bytes.len() % size != 0 {
-        return Err(IsolateError::Seccomp(format!(
-            "libseccomp exported {} bytes",
-            bytes.len()
-        )));
-    }
-    Ok(bytes
-        .chunks_exact(size)
-        .map(|c| libc::sock_filter {
-            code: u16::from_ne_bytes([c[0], c[1]]),
-            jt: c[2],
-            jf: c[3],
-            k: u32::from_ne_bytes([c[4], c[5], c[6], c[7]]),
-        })
-        .collect())
+/// The classic-BPF program a sandbox's child loads with `seccomp(SECCOMP_SET_MODE_FILTER)`.
+pub fn program() -> &'static [libc::sock_filter] {
+    PROGRAM
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicI32, Ordering};
+
     use super::*;
+    use crate::sys;
 
     #[test]
-    fn compiles_to_a_nonempty_program() {
-        let prog = compile().unwrap();
-        assert!(prog.len() > DENIED.len(), "{} instructions", prog.len());
+    fn the_program_checks_the_architecture_first() {
+        let prog = program();
+        assert!(prog.len() > 40, "{} instructions", prog.len());
         assert!(
             prog.len() < 4096,
             "BPF programs are capped at 4096 instructions"
         );
+        // ld [4]: seccomp_data.arch, compared before any syscall number is looked at.
+        assert_eq!((prog[0].code, prog[0].k), (0x20, 4));
+    }
+
+    /// What a child saw under the filter: errno of each call (0 when it succeeded).
+    #[derive(Default)]
+    struct Seen {
+        loaded: AtomicI32,
+        unshare: AtomicI32,
+        clone3: AtomicI32,
+        getppid: AtomicI32,
+    }
+
+    fn errno_of(r: libc::c_long) -> i32 {
+        if r < 0 {
+            nix::errno::Errno::last_raw()
+        } else {
+            0
+        }
+    }
+
+    fn under_the_filter(seen: &Seen) -> ! {
+        // As a sandbox does (and what lets a process without CAP_SYS_ADMIN load a filter).
+        let _ = sys::prctl(libc::PR_SET_NO_NEW_PRIVS, 1);
+        let loaded = sys::seccomp_load(program()).err().map_or(0, |e| e as i32);
+        seen.loaded.store(loaded, Ordering::SeqCst);
+        // SAFETY: syscalls with plain integer arguments; unshare(0) changes nothing.
+        let unshare = unsafe { libc::syscall(libc::SYS_unshare, 0) };
+        seen.unshare.store(errno_of(unshare), Ordering::SeqCst);
+        // SAFETY: a NULL clone_args is refused by the filter, or by the kernel with EFAULT.
+        let clone3 = unsafe { libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0) };
+        seen.clone3.store(errno_of(clone3), Ordering::SeqCst);
+        // SAFETY: no arguments.
+        let getppid = unsafe { libc::syscall(libc::SYS_getppid) };
+        seen.getppid.store(errno_of(getppid), Ordering::SeqCst);
+        sys::exit_now(0)
+    }
+
+    #[test]
+    fn a_child_under_the_filter_is_refused_what_it_names_and_allowed_the_rest() {
+        let seen = Seen::default();
+        let pid = sys::spawn_sharing_memory(&seen, under_the_filter).unwrap();
+        let mut status = 0;
+        // SAFETY: waiting for our own child with a valid out-pointer.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+        assert_eq!(seen.loaded.load(Ordering::SeqCst), 0, "loading the filter");
+        assert_eq!(seen.unshare.load(Ordering::SeqCst), libc::EPERM, "unshare");
+        assert_eq!(seen.clone3.load(Ordering::SeqCst), libc::ENOSYS, "clone3");
+        assert_eq!(seen.getppid.load(Ordering::SeqCst), 0, "getppid");
     }
 }

@@ -314,7 +314,7 @@ pub fn drop_privileges(uid: u32, gid: u32) -> Result<Timing> {
     })
 }
 
-/// Loading a compiled seccomp program (from [`crate::seccomp::compile`]) in a plain child.
+/// Loading a compiled seccomp program ([`crate::seccomp::program`]) in a plain child.
 pub fn seccomp_load(bpf: &[libc::sock_filter]) -> Result<Timing> {
     let (step, total) = measure(Namespaces::NONE, &|| {
         sys::seccomp_load(bpf).map_err(|e| (Step::Seccomp, 0, e))
