@@ -134,12 +134,20 @@ pub fn trial(contenders: &mut Vec<Contender>) -> Vec<(String, String)> {
 /// `warmup` untimed rounds, then `runs` timed ones; each round runs every contender once.
 /// Panics when a run fails.
 pub fn interleave(contenders: &mut [Contender], warmup: usize, runs: usize) {
+    // A new order every round (seeded: runs are repeatable), so what one contender leaves
+    // behind does not always land on the same neighbour. Rotating a fixed order did not do
+    // that: each contender always followed the same one. On cgroup v1 that mattered: a
+    // cgroup join within ~one RCU grace period of another costs ~0.1 ms, after a quiet
+    // spell ~5-10 ms (the threadgroup rwsem's rcu_sync), so the library, always run right
+    // after `fnlet sandbox run`, always joined warm and the CLI, after fork+exec, cold.
+    use rand::SeedableRng;
+    use rand::seq::SliceRandom;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+    let mut order: Vec<usize> = (0..contenders.len()).collect();
     for i in 0..warmup + runs {
-        // Rotate who goes first, so what one contender leaves behind (say, a network namespace
-        // the kernel tears down in the background) does not always land on the same neighbour.
-        let n = contenders.len();
-        for k in 0..n {
-            let c = &mut contenders[(i + k) % n];
+        order.shuffle(&mut rng);
+        for &k in &order {
+            let c = &mut contenders[k];
             let d = c
                 .run_once(i)
                 .unwrap_or_else(|e| panic!("{} failed on run {i}: {e}", c.name));
