@@ -495,7 +495,7 @@ fn step_probes<'a>(
             vec![
                 row("cgroup create (mkdir + limits)", Baseline::None, true),
                 row(
-                    "join cgroup (child writes cgroup.procs)",
+                    "join cgroup (child writes 0 to its tasks files)",
                     Baseline::Fork,
                     true,
                 ),
@@ -529,6 +529,30 @@ fn step_probes<'a>(
                     .create(&format!("i{i}"), &Limits::default())
                     .map_err(|e| e.to_string())?;
                 let join = steps::join_cgroup(&g.join_files());
+                g.kill_all().map_err(|e| e.to_string())?;
+                g.remove().map_err(|e| e.to_string())?;
+                one(join)
+            }),
+        ),
+        probe(
+            vec![row(
+                "the same through cgroup.procs (before 2026-12-06)",
+                Baseline::Fork,
+                false,
+            )],
+            Box::new(move |i| {
+                // What the child wrote until the join went through `tasks`: the whole-process
+                // file takes the kernel's threadgroup rwsem, which a quiet spell makes slow.
+                std::thread::sleep(Duration::from_millis(30));
+                let mut g = backend
+                    .create(&format!("p{i}"), &Limits::default())
+                    .map_err(|e| e.to_string())?;
+                let procs: Vec<PathBuf> = g
+                    .join_files()
+                    .iter()
+                    .map(|f| f.with_file_name("cgroup.procs"))
+                    .collect();
+                let join = steps::join_cgroup(&procs);
                 g.kill_all().map_err(|e| e.to_string())?;
                 g.remove().map_err(|e| e.to_string())?;
                 one(join)

@@ -222,8 +222,8 @@ pub fn loopback_up() -> Result<Timing> {
     })
 }
 
-/// Joining a cgroup: the child writes "0" into each `cgroup.procs` file (v1: one per controller
-/// mount). The group must exist; the caller removes it after this returns.
+/// Joining a cgroup: the child writes "0" into each of the group's join files (v1: `tasks`,
+/// one per controller mount), as a sandbox's child does. The group must exist; the caller removes it after this returns.
 pub fn join_cgroup(procs_files: &[PathBuf]) -> Result<Timing> {
     let files = c_paths(procs_files)?;
     let (step, total) = measure(Namespaces::NONE, &|| join(&files))?;

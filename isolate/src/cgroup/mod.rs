@@ -83,7 +83,7 @@ pub trait CgroupBackend: Send + Sync + fmt::Debug {
 
 /// One sandbox's group.
 pub trait SandboxCgroup: Send + Sync + fmt::Debug {
-    /// v1: the `cgroup.procs` files the child writes "0" into to join.
+    /// v1: the files the child writes "0" into to join (`tasks`, see the v1 backend).
     fn join_files(&self) -> Vec<PathBuf>;
     /// v2: a directory fd for clone3's CLONE_INTO_CGROUP.
     fn clone_into_fd(&self) -> Option<RawFd>;
