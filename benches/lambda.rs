@@ -384,13 +384,18 @@ impl<'a> Timed<'a> {
     }
 }
 
-/// `warmup` untimed rounds, then `runs` timed ones; each round runs every contender once, the
-/// first of each round rotating. Panics when a run fails.
+/// `warmup` untimed rounds, then `runs` timed ones; each round runs every contender once, in a
+/// new seeded order (as `common::interleave`: no contender always follows the same one).
+/// Panics when a run fails.
 fn interleave(cs: &mut [Timed], warmup: usize, runs: usize) {
+    use rand::SeedableRng;
+    use rand::seq::SliceRandom;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+    let mut order: Vec<usize> = (0..cs.len()).collect();
     for i in 0..warmup + runs {
-        let n = cs.len();
-        for k in 0..n {
-            let c = &mut cs[(i + k) % n];
+        order.shuffle(&mut rng);
+        for &k in &order {
+            let c = &mut cs[k];
             let d = c
                 .once(i)
                 .unwrap_or_else(|e| panic!("{} failed on run {i}: {e}", c.name));
