@@ -157,6 +157,88 @@ fn sees_its_own_hostname_and_cgroup_root() {
     assert!(stdout.ends_with("/var/task\n"), "cwd: {stdout}");
 }
 
+/// The root and every bind in it are read-only, nosuid and nodev (the function's uid could not
+/// write most of them anyway, so the mount flags are checked, not a write's errno). Only /proc,
+/// its masks, /dev's device nodes and /tmp are other mounts.
+#[test]
+fn the_root_and_every_bind_are_mounted_read_only() {
+    require_root();
+    let root = cgroup_root("readonly");
+    let before = host_state();
+    let bundle = tempfile::tempdir().unwrap();
+    let extra = tempfile::tempdir().unwrap();
+    let out = output(sandbox_run(
+        &root,
+        &[
+            "--bundle",
+            bundle.path().to_str().unwrap(),
+            "--ro-bind",
+            &format!("{}:/opt/extra", extra.path().display()),
+        ],
+        &["/bin/cat", "/proc/self/mountinfo"],
+    ));
+    assert!(out.status.success(), "{out:?}");
+    let mountinfo = text(&out.stdout);
+    let mut seen = Vec::new();
+    for line in mountinfo.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let (point, options) = (fields[4], fields[5]);
+        if point == "/proc" || point.starts_with("/proc/") || point == "/tmp" {
+            continue;
+        }
+        let options: Vec<&str> = options.split(',').collect();
+        let want: &[&str] = if point == "/dev" {
+            &["ro", "nosuid"]
+        } else {
+            &["ro", "nosuid", "nodev"]
+        };
+        for flag in want {
+            assert!(options.contains(flag), "{point} lacks {flag}: {line}");
+        }
+        seen.push(point.to_string());
+    }
+    for point in ["/", "/usr", "/etc/hosts", "/var/task", "/opt/extra", "/dev"] {
+        assert!(
+            seen.iter().any(|p| p == point),
+            "{point} not mounted:\n{mountinfo}"
+        );
+    }
+    assert_clean(&root, &before, &root);
+}
+
+/// A bind nested in another one needs a mount point inside the outer bind: it is refused
+/// (the outer bind is read-only by then) and nothing is created in the host's directory.
+#[test]
+fn a_bind_nested_in_a_host_directory_is_refused_without_writing_there() {
+    require_root();
+    let root = cgroup_root("nested");
+    let before = host_state();
+    let outer = tempfile::tempdir().unwrap();
+    let inner = tempfile::tempdir().unwrap();
+    let out = output(sandbox_run(
+        &root,
+        &[
+            "--ro-bind",
+            &format!("{}:/opt/outer", outer.path().display()),
+            "--ro-bind",
+            &format!("{}:/opt/outer/made-here", inner.path().display()),
+        ],
+        &["/bin/true"],
+    ));
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("/opt/outer/made-here") && stderr.contains("EROFS"),
+        "{stderr}"
+    );
+    assert!(
+        !outer.path().join("made-here").exists(),
+        "the sandbox created a directory in the host's {}",
+        outer.path().display()
+    );
+    assert_clean(&root, &before, &root);
+}
+
 #[test]
 fn fork_bomb_is_contained_by_the_pids_limit() {
     require_root();

@@ -55,11 +55,17 @@ pub enum Op {
     },
     Mkdir(CString),
     Touch(CString),
-    /// Bind read-only, nosuid, nodev.
+    /// Bind, made read-only, nosuid and nodev right away (`seal_now`) or by the
+    /// [`Op::SealTree`] that follows every bind.
     Bind {
         src: CString,
         dst: CString,
+        seal_now: bool,
     },
+    /// Read-only, nosuid and nodev on the new root and every mount below it, in one
+    /// `mount_setattr(AT_RECURSIVE)`: one call for the staging tmpfs and each bind, where a
+    /// remount per mount cost one call each (16 for the default binds and a bundle).
+    SealTree(CString),
     Tmpfs {
         dst: CString,
         flags: libc::c_ulong,
@@ -90,12 +96,32 @@ pub enum Op {
     PivotRoot {
         new_root: CString,
     },
-    RemountRootReadOnly,
 }
 
 #[derive(Debug)]
 pub struct Plan {
     pub ops: Vec<Op>,
+}
+
+/// A bind that a later op creates or mounts something beneath (an extra bind nested in a
+/// runtime directory, say) is sealed right away, as every bind used to be: the later mkdir or
+/// touch then fails on a read-only mount, as before, instead of writing into the host's
+/// directory through a bind not yet sealed.
+fn seal_binds_with_paths_below(ops: &mut [Op]) {
+    for i in 0..ops.len() {
+        let (head, tail) = ops.split_at_mut(i + 1);
+        let Some(Op::Bind { dst, seal_now, .. }) = head.last_mut() else {
+            continue;
+        };
+        let mut below = dst.as_bytes().to_vec();
+        below.push(b'/');
+        *seal_now = tail.iter().any(|op| match op {
+            Op::Mkdir(p) | Op::Touch(p) | Op::Bind { dst: p, .. } => {
+                p.as_bytes().starts_with(&below)
+            }
+            _ => false,
+        });
+    }
 }
 
 fn cstr(p: impl AsRef<[u8]>) -> Result<CString> {
@@ -154,6 +180,7 @@ impl Plan {
             ops.push(Op::Bind {
                 src: cstr(b.source.as_os_str().as_encoded_bytes())?,
                 dst: staged(&b.dest)?,
+                seal_now: false,
             });
         }
 
@@ -169,11 +196,18 @@ impl Plan {
             ops.push(Op::Bind {
                 src: cstr(bundle.as_os_str().as_encoded_bytes())?,
                 dst: staged(task)?,
+                seal_now: false,
             });
         }
 
+        // Every mount point still to come, then the whole tree read-only at once.
+        for dir in ["/proc", "/dev", "/tmp"] {
+            mkdir_p(&mut ops, Path::new(dir))?;
+        }
+        seal_binds_with_paths_below(&mut ops);
+        ops.push(Op::SealTree(cstr(STAGING)?));
+
         // /proc of the new pid namespace, with the kernel's sensitive files hidden.
-        mkdir_p(&mut ops, Path::new("/proc"))?;
         ops.push(Op::Proc(staged(Path::new("/proc"))?));
         for f in MASKED_FILES {
             ops.push(Op::MaskFile(staged(Path::new(f))?));
@@ -233,7 +267,6 @@ impl Plan {
         ops.push(Op::PivotRoot {
             new_root: cstr(STAGING)?,
         });
-        ops.push(Op::RemountRootReadOnly);
         Ok(Plan { ops })
     }
 
@@ -249,7 +282,7 @@ impl Plan {
             )
         };
         match self.ops.get(index)? {
-            Op::MakePrivate | Op::RemountRootReadOnly => None,
+            Op::MakePrivate => None,
             Op::StagingTmpfs { .. } => Some(STAGING.into()),
             Op::Mkdir(p)
             | Op::Touch(p)
@@ -257,7 +290,8 @@ impl Plan {
             | Op::MaskFile(p)
             | Op::MaskDir(p)
             | Op::ReadOnlyBind(p) => s(p),
-            Op::Bind { src, dst } => Some(format!("{} -> {}", src.to_string_lossy(), s(dst)?)),
+            Op::Bind { src, dst, .. } => Some(format!("{} -> {}", src.to_string_lossy(), s(dst)?)),
+            Op::SealTree(p) => s(p),
             Op::Tmpfs { dst, .. }
             | Op::RemountReadOnly { path: dst, .. }
             | Op::Mknod { path: dst, .. }
@@ -347,8 +381,11 @@ fn run_op(op: &Op) -> std::result::Result<(), (Step, Errno)> {
             unsafe { libc::close(fd) };
             Ok(())
         }
-        Op::Bind { src, dst } => {
+        Op::Bind { src, dst, seal_now } => {
             mount(Step::BindMount, Some(src), dst, None, libc::MS_BIND, None)?;
+            if !seal_now {
+                return Ok(());
+            }
             mount(
                 Step::RemountReadOnly,
                 None,
@@ -358,6 +395,7 @@ fn run_op(op: &Op) -> std::result::Result<(), (Step, Errno)> {
                 None,
             )
         }
+        Op::SealTree(root) => seal_tree(root),
         Op::Tmpfs {
             dst,
             flags,
@@ -448,14 +486,32 @@ fn run_op(op: &Op) -> std::result::Result<(), (Step, Errno)> {
             None,
         ),
         Op::PivotRoot { new_root } => pivot_root(new_root),
-        Op::RemountRootReadOnly => mount(
-            Step::RemountRootReadOnly,
-            None,
-            c"/",
-            None,
-            RO_BIND | libc::MS_NOSUID | libc::MS_NODEV,
-            None,
-        ),
+    }
+}
+
+fn seal_tree(root: &CStr) -> std::result::Result<(), (Step, Errno)> {
+    let attr = libc::mount_attr {
+        attr_set: libc::MOUNT_ATTR_RDONLY | libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: root is NUL-terminated and attr a live mount_attr whose size is passed; the
+    // kernel only reads both.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            root.as_ptr(),
+            libc::AT_RECURSIVE,
+            &attr as *const libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if r < 0 {
+        Err((Step::SealRoot, Errno::last()))
+    } else {
+        Ok(())
     }
 }
 
@@ -500,4 +556,39 @@ fn pivot_root(new_root: &CStr) -> std::result::Result<(), (Step, Errno)> {
         libc::close(new);
     }
     res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binds_are_sealed_together_after_the_last_one_and_before_proc() {
+        let plan = Plan::build(&SandboxSpec::default()).unwrap();
+        let at = |want: fn(&Op) -> bool| plan.ops.iter().position(want);
+        let seal = at(|op| matches!(op, Op::SealTree(_))).unwrap();
+        let last_bind = plan
+            .ops
+            .iter()
+            .rposition(|op| matches!(op, Op::Bind { .. }))
+            .unwrap();
+        let proc = at(|op| matches!(op, Op::Proc(_))).unwrap();
+        assert!(last_bind < seal && seal < proc, "{:?}", plan.ops);
+        assert!(
+            !plan
+                .ops
+                .iter()
+                .any(|op| matches!(op, Op::Bind { seal_now: true, .. })),
+            "no default bind has anything below it: {:?}",
+            plan.ops
+        );
+        // Nothing is created on the sealed root after the seal: every mount point came first.
+        assert!(
+            !plan.ops[seal..]
+                .iter()
+                .any(|op| matches!(op, Op::Mkdir(p) | Op::Touch(p) if !p.as_bytes().starts_with(b"/sys/dev/"))),
+            "{:?}",
+            plan.ops
+        );
+    }
 }
