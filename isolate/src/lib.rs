@@ -1060,8 +1060,8 @@ impl Sandbox {
 
     fn teardown(&mut self) -> Result<()> {
         if let Some(mut cg) = self.cgroup.take() {
-            cg.kill_all()?;
-            cg.remove()?;
+            // Only ever called once the init is reaped (wait, or drop after a kill).
+            cg.remove_after_exit()?;
         }
         // Everything in the sandbox is gone: what was made for it on the host can go too.
         self.attached.clear();

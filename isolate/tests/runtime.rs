@@ -315,3 +315,55 @@ async fn a_loopback_listener_is_served_from_the_host_side() {
     }
     iso.remove_root().unwrap();
 }
+
+/// A group is removed after its sandbox ends without reading it first; a process still in it
+/// (one the sandbox's pid namespace did not hold: here a host process the test moved in) makes
+/// the removal kill it, and the group still goes.
+#[test]
+fn a_group_still_busy_after_its_sandbox_ends_is_killed_and_removed() {
+    require_root();
+    let root = format!("fnlet-test-{}-busy", std::process::id());
+    let iso = Isolator::new(IsolatorConfig {
+        cgroup_root: root,
+        ..Default::default()
+    })
+    .unwrap();
+    let mut spec = sleeper("busy");
+    spec.args = vec!["1".into()];
+    let mut sb = iso.spawn(&spec).unwrap();
+    let dir = PathBuf::from(sb.cgroup_path().unwrap());
+    let mut stray = std::process::Command::new("/bin/sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    // Into the sandbox's group in every hierarchy it has (v1: one per controller mount).
+    let groups: Vec<PathBuf> = if iso.cgroup_version() == CgroupVersion::V2 {
+        vec![dir.clone()]
+    } else {
+        std::fs::read_dir("/sys/fs/cgroup")
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| {
+                e.path()
+                    .join(dir.strip_prefix("/sys/fs/cgroup/memory").unwrap_or(&dir))
+            })
+            .filter(|p| p.is_dir())
+            .collect()
+    };
+    assert!(!groups.is_empty(), "no group found for {}", dir.display());
+    for g in &groups {
+        std::fs::write(g.join("cgroup.procs"), stray.id().to_string()).unwrap();
+    }
+    let out = sb.wait_blocking().unwrap();
+    assert_eq!(out.status, ExitStatus::Exited(0));
+    for g in &groups {
+        assert!(!g.exists(), "{} left behind", g.display());
+    }
+    let status = stray.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL),
+        "{status:?}"
+    );
+    iso.remove_root().unwrap();
+}

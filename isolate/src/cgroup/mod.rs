@@ -97,6 +97,13 @@ pub trait SandboxCgroup: Send + Sync + fmt::Debug {
     fn kill_all(&self) -> Result<()>;
     /// Removes the group; call after the processes are gone.
     fn remove(&mut self) -> Result<()>;
+    /// Removes the group of a sandbox whose init has been reaped (its pid namespace, and so
+    /// every process it held, is gone with it), killing what is left first only when the group
+    /// turns out to be busy.
+    fn remove_after_exit(&mut self) -> Result<()> {
+        self.kill_all()?;
+        self.remove()
+    }
     fn path_display(&self) -> String;
 }
 

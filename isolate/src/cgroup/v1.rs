@@ -282,6 +282,30 @@ impl SandboxCgroup for V1Group {
         Ok(())
     }
 
+    fn remove_after_exit(&mut self) -> Result<()> {
+        // rmdir is the emptiness check: reading cgroup.procs in each hierarchy first (what
+        // kill_all does) cost more than the rmdirs themselves.
+        for d in &self.distinct {
+            match std::fs::remove_dir(d) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    self.kill_all()?;
+                    return self.remove();
+                }
+                Err(source) => {
+                    return Err(IsolateError::Cgroup {
+                        op: "rmdir",
+                        path: d.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+        self.removed = true;
+        Ok(())
+    }
+
     fn path_display(&self) -> String {
         self.dir("memory").display().to_string()
     }
