@@ -500,7 +500,7 @@ fn step_probes<'a>(
                     true,
                 ),
                 row(
-                    "cgroup kill_all + remove (after exit)",
+                    "cgroup removal after exit (rmdir; a kill only if busy)",
                     Baseline::None,
                     true,
                 ),
@@ -509,10 +509,7 @@ fn step_probes<'a>(
                 let limits = Limits::default();
                 let (mut group, create) = timed(|| backend.create(&format!("s{i}"), &limits))?;
                 let join = steps::join_cgroup(&group.join_files());
-                let ((), remove) = timed(|| {
-                    group.kill_all()?;
-                    group.remove()
-                })?;
+                let ((), remove) = timed(|| group.remove_after_exit())?;
                 Ok(vec![create, join.map_err(|e| e.to_string())?, remove])
             }),
         ),
