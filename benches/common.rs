@@ -134,19 +134,9 @@ pub fn trial(contenders: &mut Vec<Contender>) -> Vec<(String, String)> {
 /// `warmup` untimed rounds, then `runs` timed ones; each round runs every contender once.
 /// Panics when a run fails.
 pub fn interleave(contenders: &mut [Contender], warmup: usize, runs: usize) {
-    // A new order every round (seeded: runs are repeatable), so what one contender leaves
-    // behind does not always land on the same neighbour. Rotating a fixed order did not do
-    // that: each contender always followed the same one. On cgroup v1 that mattered: a
-    // cgroup join within ~one RCU grace period of another costs ~0.1 ms, after a quiet
-    // spell ~5-10 ms (the threadgroup rwsem's rcu_sync), so the library, always run right
-    // after `fnlet sandbox run`, always joined warm and the CLI, after fork+exec, cold.
-    use rand::SeedableRng;
-    use rand::seq::SliceRandom;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
-    let mut order: Vec<usize> = (0..contenders.len()).collect();
+    let mut rounds = Rounds::new(contenders.len());
     for i in 0..warmup + runs {
-        order.shuffle(&mut rng);
-        for &k in &order {
+        for &k in rounds.next_order() {
             let c = &mut contenders[k];
             let d = c
                 .run_once(i)
@@ -155,6 +145,33 @@ pub fn interleave(contenders: &mut [Contender], warmup: usize, runs: usize) {
                 c.samples.push(d);
             }
         }
+    }
+}
+
+/// The order of each round's contenders: a new one every round (seeded: runs are repeatable),
+/// so what one contender leaves behind does not always land on the same neighbour. Rotating a
+/// fixed order did not do that: each contender always followed the same one. On cgroup v1 that
+/// mattered: a cgroup join within ~one RCU grace period of another costs ~0.1 ms, after a quiet
+/// spell ~5-10 ms (the threadgroup rwsem's rcu_sync), so the library, always run right after
+/// `fnlet sandbox run`, always joined warm and the CLI, after fork+exec, cold.
+pub struct Rounds {
+    rng: rand::rngs::StdRng,
+    order: Vec<usize>,
+}
+
+impl Rounds {
+    pub fn new(contenders: usize) -> Rounds {
+        use rand::SeedableRng;
+        Rounds {
+            rng: rand::rngs::StdRng::seed_from_u64(0x5eed),
+            order: (0..contenders).collect(),
+        }
+    }
+
+    pub fn next_order(&mut self) -> &[usize] {
+        use rand::seq::SliceRandom;
+        self.order.shuffle(&mut self.rng);
+        &self.order
     }
 }
 

@@ -385,16 +385,11 @@ impl<'a> Timed<'a> {
 }
 
 /// `warmup` untimed rounds, then `runs` timed ones; each round runs every contender once, in a
-/// new seeded order (as `common::interleave`: no contender always follows the same one).
-/// Panics when a run fails.
+/// new seeded order ([`common::Rounds`]). Panics when a run fails.
 fn interleave(cs: &mut [Timed], warmup: usize, runs: usize) {
-    use rand::SeedableRng;
-    use rand::seq::SliceRandom;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
-    let mut order: Vec<usize> = (0..cs.len()).collect();
+    let mut rounds = common::Rounds::new(cs.len());
     for i in 0..warmup + runs {
-        order.shuffle(&mut rng);
-        for &k in &order {
+        for &k in rounds.next_order() {
             let c = &mut cs[k];
             let d = c
                 .once(i)

@@ -436,6 +436,27 @@ fn probe<'a>(rows: Vec<StepRow>, run: ProbeFn<'a>) -> Probe<'a> {
     Probe { rows, run }
 }
 
+/// 30 ms with no cgroup migration here, then a child joins a new group by writing "0" into
+/// `file` in each of the group's hierarchies (on v2 the group has no join files: nothing).
+fn join_after_a_quiet_spell(
+    backend: &dyn CgroupBackend,
+    name: &str,
+    file: &str,
+) -> Result<Vec<Timing>, String> {
+    std::thread::sleep(Duration::from_millis(30));
+    let mut g = backend
+        .create(name, &Limits::default())
+        .map_err(|e| e.to_string())?;
+    let files: Vec<PathBuf> = g
+        .join_files()
+        .iter()
+        .map(|f| f.with_file_name(file))
+        .collect();
+    let join = steps::join_cgroup(&files);
+    g.remove_after_exit().map_err(|e| e.to_string())?;
+    one(join)
+}
+
 fn one(t: isolate::Result<Timing>) -> Result<Vec<Timing>, String> {
     t.map(|t| vec![t]).map_err(|e| e.to_string())
 }
@@ -519,17 +540,8 @@ fn step_probes<'a>(
                 Baseline::Fork,
                 false,
             )],
-            Box::new(move |i| {
-                // A cold start on a quiet host: nothing has migrated a task for a while.
-                std::thread::sleep(Duration::from_millis(30));
-                let mut g = backend
-                    .create(&format!("i{i}"), &Limits::default())
-                    .map_err(|e| e.to_string())?;
-                let join = steps::join_cgroup(&g.join_files());
-                g.kill_all().map_err(|e| e.to_string())?;
-                g.remove().map_err(|e| e.to_string())?;
-                one(join)
-            }),
+            // A cold start on a quiet host: nothing has migrated a task for a while.
+            Box::new(move |i| join_after_a_quiet_spell(backend, &format!("i{i}"), "tasks")),
         ),
         probe(
             vec![row(
@@ -537,23 +549,9 @@ fn step_probes<'a>(
                 Baseline::Fork,
                 false,
             )],
-            Box::new(move |i| {
-                // What the child wrote until the join went through `tasks`: the whole-process
-                // file takes the kernel's threadgroup rwsem, which a quiet spell makes slow.
-                std::thread::sleep(Duration::from_millis(30));
-                let mut g = backend
-                    .create(&format!("p{i}"), &Limits::default())
-                    .map_err(|e| e.to_string())?;
-                let procs: Vec<PathBuf> = g
-                    .join_files()
-                    .iter()
-                    .map(|f| f.with_file_name("cgroup.procs"))
-                    .collect();
-                let join = steps::join_cgroup(&procs);
-                g.kill_all().map_err(|e| e.to_string())?;
-                g.remove().map_err(|e| e.to_string())?;
-                one(join)
-            }),
+            // What the child wrote until the join went through `tasks`: the whole-process file
+            // takes the kernel's threadgroup rwsem, which a quiet spell makes slow.
+            Box::new(move |i| join_after_a_quiet_spell(backend, &format!("p{i}"), "cgroup.procs")),
         ),
         probe(
             vec![row(

@@ -222,10 +222,11 @@ pub fn loopback_up() -> Result<Timing> {
     })
 }
 
-/// Joining a cgroup: the child writes "0" into each of the group's join files (v1: `tasks`,
-/// one per controller mount), as a sandbox's child does. The group must exist; the caller removes it after this returns.
-pub fn join_cgroup(procs_files: &[PathBuf]) -> Result<Timing> {
-    let files = c_paths(procs_files)?;
+/// Joining a cgroup: the child writes "0" into each of `join_files` (a sandbox's child writes
+/// the group's: v1 `tasks`, one per controller mount). The group must exist; the caller
+/// removes it after this returns.
+pub fn join_cgroup(join_files: &[PathBuf]) -> Result<Timing> {
+    let files = c_paths(join_files)?;
     let (step, total) = measure(Namespaces::NONE, &|| join(&files))?;
     Ok(Timing {
         step: step.unwrap_or(total),
