@@ -1083,15 +1083,15 @@ fn the_examples_deploy_and_answer() {
     agent.finish();
 }
 
-/// Sandbox cgroups of `root` holding exactly one process, a waiting `fnlet-init`: the sandboxes
-/// built ahead of time.
+/// Sandbox cgroups of `root` whose processes have not exec'd anything: the sandboxes built ahead
+/// of time.
 fn prepared_sandboxes(root: &str) -> Vec<PathBuf> {
     sandbox_cgroups(root)
         .into_iter()
         .filter(|c| c.starts_with("/sys/fs/cgroup/pids"))
         .filter(|c| {
             let procs = std::fs::read_to_string(c.join("cgroup.procs")).unwrap_or_default();
-            common::agent::is_waiting_init(&procs.lines().collect::<Vec<_>>())
+            common::agent::is_before_exec(&procs.lines().collect::<Vec<_>>())
         })
         .collect()
 }

@@ -838,14 +838,14 @@ impl Agent {
 
     /// The sandbox cgroups (leaves under the root) that hold processes now.
     /// Sandboxes running a function: processes in the cgroup, other than a sandbox built
-    /// ahead of time waiting for its start ([`is_waiting_init`]).
+    /// ahead of time waiting for its start ([`is_before_exec`]).
     pub fn running_sandboxes(&self) -> Vec<PathBuf> {
         sandbox_cgroups(&self.root)
             .into_iter()
             .filter(|p| {
                 let procs = std::fs::read_to_string(p.join("cgroup.procs")).unwrap_or_default();
                 let pids: Vec<&str> = procs.lines().collect();
-                !pids.is_empty() && !is_waiting_init(&pids)
+                !pids.is_empty() && !is_before_exec(&pids)
             })
             .collect()
     }
@@ -1024,15 +1024,19 @@ pub fn zip_of(entries: &[(&str, &[u8], u32)]) -> Vec<u8> {
     w.finish().expect("finish the zip").into_inner()
 }
 
-/// A sandbox built ahead of time, waiting for its start: its init (`fnlet-init`) and, once
-/// set up, the function's process before its exec (`fnlet-start`).
-pub fn is_waiting_init(pids: &[&str]) -> bool {
-    let comm = |pid: &str| {
-        std::fs::read_to_string(format!("/proc/{pid}/comm"))
-            .map(|c| c.trim().to_string())
-            .unwrap_or_default()
+/// A sandbox whose processes are all still the agent's own binary: one built ahead of time
+/// waiting for its start (its init and the function's process before its exec), or one a moment
+/// before its exec. Told by the executable, not by name: a process is named `fnlet-init` or
+/// `fnlet-start` only a moment after its clone, and a sandbox caught in that moment is not
+/// running a function yet. A process gone or a zombie (no executable) counts as running.
+pub fn is_before_exec(pids: &[&str]) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(agent) = std::fs::metadata(super::fnlet()) else {
+        return false;
     };
-    let names: Vec<String> = pids.iter().map(|p| comm(p)).collect();
-    let count = |name: &str| names.iter().filter(|n| *n == name).count();
-    count("fnlet-init") == 1 && count("fnlet-start") <= 1 && names.len() == 1 + count("fnlet-start")
+    !pids.is_empty()
+        && pids.iter().all(|pid| {
+            std::fs::metadata(format!("/proc/{pid}/exe"))
+                .is_ok_and(|m| m.dev() == agent.dev() && m.ino() == agent.ino())
+        })
 }
