@@ -12,12 +12,17 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/fnlet/config.toml";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8740";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/fnlet";
 pub const DEFAULT_PEER_LISTEN: &str = "127.0.0.1:8741";
+/// `http_threads` at most.
+const MAX_HTTP_THREADS: u32 = 1024;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Address the HTTP API listens on.
     pub listen: SocketAddr,
+    /// Threads serving the HTTP API, each with an event loop and a listening socket of its
+    /// own: a connection and its calls stay on one thread. 0: one per CPU the agent may use.
+    pub http_threads: u32,
     /// Where bundles, metadata, logs and the admin token live.
     pub state_dir: PathBuf,
     pub limits: LimitsConfig,
@@ -393,6 +398,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: DEFAULT_LISTEN.parse().expect("constant address"),
+            http_threads: 0,
             state_dir: DEFAULT_STATE_DIR.into(),
             limits: LimitsConfig::default(),
             sandbox: SandboxConfig::default(),
@@ -470,6 +476,15 @@ impl Default for LambdaConfig {
 }
 
 impl Config {
+    /// Threads serving the HTTP API: `http_threads`, or one per CPU the agent may use (its
+    /// affinity and cgroup CPU quota count).
+    pub fn http_threads(&self) -> usize {
+        match self.http_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n as usize,
+        }
+    }
+
     /// This node's id: `cluster.node_id`, else the host name as a DNS label.
     pub fn node_id(&self) -> String {
         if !self.cluster.node_id.is_empty() {
@@ -607,6 +622,9 @@ impl Config {
         };
         if !self.state_dir.is_absolute() {
             return bad("state_dir", "must be an absolute path");
+        }
+        if self.http_threads > MAX_HTTP_THREADS {
+            return bad("http_threads", "must be at most 1024 (0: one per CPU)");
         }
         let l = &self.limits;
         for (key, v) in [

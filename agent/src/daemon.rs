@@ -310,8 +310,7 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
         network: Some(network.clone()),
     };
     let isolator = router.isolator.clone();
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
+    let listeners = api::listener::bind(config.listen, config.http_threads())
         .with_context(|| format!("listening on {}", config.listen))?;
     let keys = crate::auth::KeyStore::open(state)
         .with_context(|| format!("opening the access keys in {}", state.display()))?;
@@ -412,8 +411,9 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
     };
     // Serving: shutdown removes the root below, after the sandboxes.
     root_guard.0 = None;
-    api::listener::serve(
-        listener,
+    // Kept until the end: instances started by calls live on the serving threads.
+    let _http = api::listener::serve(
+        listeners,
         api::app(app.clone()),
         api::listener::ListenerLimits::new(&config.limits, nofile, instance_fds),
         &app.router.metrics,
@@ -421,7 +421,8 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
         shutdown,
         kill.clone(),
     )
-    .await;
+    .await
+    .context("starting the HTTP threads")?;
     kill.cancel();
     // Sandboxes built ahead (and any still being built) go first, so none appears after the
     // sweep below.

@@ -4,6 +4,7 @@
 //! Runtime API ([`runtime_api`]).
 
 pub mod lambda;
+pub mod roaming;
 pub mod runtime_api;
 
 use std::os::fd::OwnedFd;

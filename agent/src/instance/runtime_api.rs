@@ -222,6 +222,7 @@ fn connection(tcp: tokio::net::TcpStream, app: Router) -> Pin<Box<dyn Future<Out
         let mut app = app.clone();
         tower::Service::call(&mut app, req)
     });
+    let tcp = super::roaming::RoamingStream::new(tcp);
     let conn = hyper::server::conn::http1::Builder::new()
         .serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
     Box::pin(async move {

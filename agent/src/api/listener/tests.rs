@@ -32,6 +32,10 @@ fn router() -> axum::Router {
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
+            "/thread",
+            get(|| async { std::thread::current().name().unwrap_or("?").to_string() }),
+        )
+        .route(
             "/who",
             get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move { peer.to_string() }),
         )
@@ -71,8 +75,9 @@ struct Server {
 
 impl Server {
     async fn start(limits: ListenerLimits) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        // Two serving threads: the limits hold across both.
+        let listeners = bind("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        let addr = listeners[0].local_addr().unwrap();
         let metrics = Arc::new(Metrics::new());
         let self_checks = SelfChecks::default();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -83,7 +88,17 @@ impl Server {
                 let shutdown = async {
                     let _ = stopped.await;
                 };
-                serve(listener, router(), limits, &metrics, checks, shutdown, kill).await;
+                serve(
+                    listeners,
+                    router(),
+                    limits,
+                    &metrics,
+                    checks,
+                    shutdown,
+                    kill,
+                )
+                .await
+                .expect("serving threads");
             })
         };
         Server {
@@ -180,6 +195,41 @@ async fn a_kept_alive_connection_serves_requests_then_closes_when_idle() {
     assert_closed(&mut s, "an idle keep-alive connection").await;
     assert!(server.metric("fnlet_connection_timeouts_total{reason=\"idle\"} 1"));
     assert!(server.metric("fnlet_connections_open 0"));
+}
+
+#[tokio::test]
+async fn connections_are_spread_over_the_serving_threads_and_each_served_on_one() {
+    let server = Server::start(limits()).await;
+    let mut seen = std::collections::BTreeSet::new();
+    // The kernel picks a socket by the connection's addresses: 32 connections all landing on
+    // one of two sockets has a chance of 2^-31.
+    for _ in 0..32 {
+        let mut s = TcpStream::connect(server.addr).await.unwrap();
+        let (_, first) = request(&mut s, "GET /thread HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let (_, again) = request(&mut s, "GET /thread HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert_eq!(first, again, "one connection, two threads");
+        seen.insert(first);
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        ["fnlet-http-0", "fnlet-http-1"]
+    );
+}
+
+#[test]
+fn an_address_in_use_is_refused_as_with_one_socket() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    for threads in [1, 4] {
+        let e = bind(addr, threads).expect_err("bound a port in use");
+        assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{threads} threads");
+    }
+    // And the other way round: a group holding the port keeps a later plain bind out.
+    let group = bind("127.0.0.1:0".parse().unwrap(), 3).unwrap();
+    let port = group[0].local_addr().unwrap();
+    assert!(group.iter().all(|l| l.local_addr().unwrap() == port));
+    assert!(std::net::TcpListener::bind(port).is_err());
+    assert!(bind(port, 2).is_err());
 }
 
 #[tokio::test]
