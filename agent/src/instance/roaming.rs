@@ -87,3 +87,105 @@ impl AsyncWrite for RoamingStream {
         self.get_mut().settle()?.poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::api::listener::{ListenerLimits, SelfChecks, bind, serve};
+    use crate::metrics::Metrics;
+
+    /// One stream, used by calls on two HTTP threads in turn: each exchange works, and each
+    /// happens with the stream registered with the calling thread's loop.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_moves_to_the_loop_of_each_thread_that_uses_it() {
+        let far = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let near = tokio::net::TcpStream::connect(far.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut echo, _) = far.accept().unwrap();
+        // The far end echoes every byte, until the stream closes.
+        let echoer = std::thread::spawn(move || {
+            let mut b = [0u8; 1];
+            while echo.read_exact(&mut b).is_ok() {
+                if echo.write_all(&b).is_err() {
+                    break;
+                }
+            }
+        });
+        // Made on the shared runtime, as an instance started by the reaper would be.
+        let stream = RoamingStream::new(near);
+        assert_eq!(stream.home, None);
+        let stream = Arc::new(tokio::sync::Mutex::new(stream));
+        let app = axum::Router::new().route(
+            "/roam",
+            axum::routing::get(move || {
+                let stream = stream.clone();
+                async move {
+                    let mut s = stream.lock().await;
+                    s.write_all(b"x").await.unwrap();
+                    let mut b = [0u8; 1];
+                    s.read_exact(&mut b).await.unwrap();
+                    assert_eq!(&b, b"x");
+                    format!("{:?} {:?}", serving_thread(), s.home)
+                }
+            }),
+        );
+        let listeners = bind("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        let addr = listeners[0].local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            let limits = ListenerLimits {
+                header_timeout: Duration::from_secs(10),
+                body_timeout: Duration::from_secs(10),
+                idle_timeout: Duration::from_secs(10),
+                max_connections: 100,
+                max_connections_per_ip: 100,
+            };
+            let metrics = Metrics::new();
+            let shutdown = async {
+                let _ = stopped.await;
+            };
+            serve(
+                listeners,
+                app,
+                limits,
+                &metrics,
+                SelfChecks::default(),
+                shutdown,
+                CancellationToken::new(),
+            )
+            .await
+            .expect("serving threads")
+        });
+        // A new connection per call: no pool.
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap();
+        let mut answers = std::collections::BTreeSet::new();
+        // 32 connections over two threads: both take the stream (a chance of 2^-31 not).
+        for _ in 0..32 {
+            let r = client
+                .get(format!("http://{addr}/roam"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            answers.insert(r.text().await.unwrap());
+        }
+        assert_eq!(
+            answers.into_iter().collect::<Vec<_>>(),
+            ["Some(0) Some(0)", "Some(1) Some(1)"]
+        );
+        let _ = stop.send(());
+        drop(server.await.unwrap());
+        echoer.join().unwrap();
+    }
+}
