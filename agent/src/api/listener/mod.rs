@@ -5,9 +5,8 @@
 //! - Each of `http_threads` threads runs an event loop of its own (a current-thread tokio
 //!   runtime) on a listening socket of its own (one `SO_REUSEPORT` group; the kernel spreads
 //!   connections over them). A connection, its calls and the instance connections those calls
-//!   drive stay on one thread: no hand-off between threads per call (measured: a warm call's
-//!   agent CPU 194 -> 143 us, context switches 5.7 -> 1.3, with one thread against the
-//!   multi-threaded runtime).
+//!   drive stay on one thread: no hand-off between threads per call (BENCHMARKS.md, Lambda
+//!   run 8: ~5 -> ~0.5 context switches per warm call against tokio's multi-threaded runtime).
 //! - A connection's first request head must come within `header_timeout` of the connect, each
 //!   later head within it of its first byte; a kept-alive connection with no request for
 //!   `idle_timeout` is closed ([`clock`]). Nothing times a request in flight.
