@@ -281,12 +281,17 @@ fn read_ready(p: &OutPipe, out: &Output) -> bool {
 struct Driving<'a> {
     home: &'a Mutex<Option<runtime_api::Server>>,
     server: Option<runtime_api::Server>,
+    /// An invocation leaves the last poll to its end ([`PendingEnd::write`]), after the
+    /// caller's answer: the runtime's 202 is written then.
+    park: bool,
 }
 
 impl Drop for Driving<'_> {
     fn drop(&mut self) {
         if let Some(mut s) = self.server.take() {
-            s.park();
+            if self.park {
+                s.park();
+            }
             let mut home = self.home.lock().unwrap_or_else(|p| p.into_inner());
             if home.is_none() {
                 *home = Some(s);
@@ -335,11 +340,26 @@ pub struct EndReport {
 
 /// An invocation's END and REPORT, to be written by [`PendingEnd::write`] after the answer
 /// (or by the instance's next invocation before its START, whichever comes first).
-pub struct PendingEnd(Arc<Ending>);
+pub struct PendingEnd {
+    ending: Arc<Ending>,
+    server: Arc<Mutex<Option<runtime_api::Server>>>,
+}
 
 impl PendingEnd {
-    pub fn write(&self) {
-        self.0.write_pending();
+    /// Writes END and REPORT, then polls the Runtime API once (the runtime's 202 for its
+    /// answer, held back until now); returns the log tail.
+    pub fn write(&self) -> Option<String> {
+        let tail = self.ending.write_pending();
+        // Taken by the next invocation already: it serves the connection itself.
+        if let Some(s) = self
+            .server
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            s.park();
+        }
+        tail
     }
 }
 
@@ -650,6 +670,16 @@ impl LambdaInstance {
     /// Drives the Runtime API's server while `until` runs (the instance's start, an
     /// invocation): the runtime's requests are served by this task.
     async fn serving<T>(&self, until: impl Future<Output = T>) -> T {
+        self.drive(until, true).await
+    }
+
+    /// [`LambdaInstance::serving`], for an invocation: the server's last poll is left to the
+    /// invocation's end ([`PendingEnd::write`]).
+    async fn serving_call<T>(&self, until: impl Future<Output = T>) -> T {
+        self.drive(until, false).await
+    }
+
+    async fn drive<T>(&self, until: impl Future<Output = T>, park: bool) -> T {
         let taken = self.server.lock().unwrap_or_else(|p| p.into_inner()).take();
         let Some(server) = taken else {
             // The sandbox has ended (its owner dropped the server): nothing to serve.
@@ -658,6 +688,7 @@ impl LambdaInstance {
         let mut driving = Driving {
             home: &self.server,
             server: Some(server),
+            park,
         };
         match driving.server.as_mut() {
             Some(s) => s.drive(until).await,
@@ -749,7 +780,7 @@ impl LambdaInstance {
             Err(self.exit_error(false))
         } else {
             let deadline = tokio::time::Instant::from_std(ev.deadline);
-            self.serving(async { tokio::select! {
+            self.serving_call(async { tokio::select! {
                 r = rx => match r {
                     Ok(Reply::Response(body)) => Ok(Payload::Full(body)),
                     Ok(Reply::Stream { content_type, frames, finished }) => {
@@ -799,15 +830,15 @@ impl LambdaInstance {
             .pending
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = Some((end, log));
-        PendingEnd(self.ending.clone())
+        PendingEnd {
+            ending: self.ending.clone(),
+            server: self.server.clone(),
+        }
     }
 
     /// Ends an invocation's log now; returns its tail.
     pub fn end_now(&self, end: EndReport, log: InvokeLog) -> String {
-        self.end_later(end, log)
-            .0
-            .write_pending()
-            .unwrap_or_default()
+        self.end_later(end, log).write().unwrap_or_default()
     }
 
     /// Kills the instance now (it is being reaped or replaced).

@@ -477,6 +477,25 @@ async fn response(
         return accepted();
     }
     let _ = reply.send(Reply::Response(body));
+    answered().await
+}
+
+/// The runtime's 202 for an answer it posted, written at the connection's next poll: the
+/// invocation that drives this connection returns as soon as it has the answer, and the
+/// caller's response goes out before this one (the instance's end of invocation polls the
+/// connection again right after it, [`Server::park`]).
+async fn answered() -> Response {
+    let mut later = false;
+    std::future::poll_fn(|cx| {
+        if std::mem::replace(&mut later, true) {
+            Poll::Ready(())
+        } else {
+            // Marked to be polled again at the connection's next poll.
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    })
+    .await;
     accepted()
 }
 
@@ -949,6 +968,61 @@ mod tests {
         }
         // Every 202 went out while an invocation drove the server.
         tokio::time::timeout(limit, runtime).await.unwrap().unwrap();
+    }
+
+    /// The invocation has the runtime's answer before the runtime has its 202: the 202 waits
+    /// for the server's next poll (the invocation's end, after the caller's answer).
+    #[tokio::test]
+    async fn the_runtime_gets_its_202_after_the_invocation_has_the_answer() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let base = format!("http://{}/2018-06-01", l.local_addr().unwrap());
+        let (handle, mut server) = server(l, CancellationToken::new(), 1024).unwrap();
+        let (accepted_tx, mut accepted) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let c = reqwest::Client::new();
+            let r = c
+                .get(format!("{base}/runtime/invocation/next"))
+                .send()
+                .await
+                .unwrap();
+            let id = r.headers()["lambda-runtime-aws-request-id"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            let r = c
+                .post(format!("{base}/runtime/invocation/{id}/response"))
+                .body("ok")
+                .send()
+                .await
+                .unwrap();
+            let _ = accepted_tx.send(r.status());
+        });
+        let limit = Duration::from_secs(10);
+        let mut init = handle.init.clone();
+        tokio::time::timeout(
+            limit,
+            server.drive(async { init.wait_for(|s| *s == Init::Ready).await.is_ok() }),
+        )
+        .await
+        .expect("the first /next");
+        let (e, rx) = event("req-202", "{}");
+        handle.events.send(e).await.unwrap();
+        match tokio::time::timeout(limit, server.drive(rx)).await {
+            Ok(Ok(Reply::Response(b))) => assert_eq!(&b[..], b"ok"),
+            other => panic!("{other:?}"),
+        }
+        // Not driven: the 202 is held back however long the runtime waits.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            accepted.try_recv().is_err(),
+            "the 202 went out with the answer"
+        );
+        server.park();
+        let status = tokio::time::timeout(limit, accepted)
+            .await
+            .expect("the 202 after the park");
+        assert_eq!(status.unwrap(), 202);
     }
 
     /// Response streaming: chunked, and an error reported in the trailers after some output.

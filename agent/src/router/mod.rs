@@ -690,7 +690,9 @@ impl Router {
             // right after the caller's task has written the answer (tokio's LIFO slot), so
             // the caller does not wait for the log write, the peak memory read and the
             // output flush.
-            self.instances.spawn(async move { pending.write() });
+            self.instances.spawn(async move {
+                pending.write();
+            });
         }
         tail
     }
