@@ -885,6 +885,31 @@ mod tests {
         s.stop.cancel();
     }
 
+    /// Drives `server` until the runtime's first `/next` (its init is over).
+    async fn until_ready(server: &mut Server, handle: &RuntimeHandle, limit: Duration) {
+        let mut init = handle.init.clone();
+        tokio::time::timeout(
+            limit,
+            server.drive(async { init.wait_for(|s| *s == Init::Ready).await.is_ok() }),
+        )
+        .await
+        .expect("the first /next is served while the start drives the server");
+    }
+
+    /// The runtime's `GET /next`: the event's request id and body.
+    async fn runtime_next(c: &reqwest::Client, base: &str) -> (String, String) {
+        let r = c
+            .get(format!("{base}/runtime/invocation/next"))
+            .send()
+            .await
+            .unwrap();
+        let id = r.headers()["lambda-runtime-aws-request-id"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        (id, r.text().await.unwrap())
+    }
+
     /// A server with no task of its own: the runtime's requests that come while nobody drives
     /// it (its next `/next`, a late answer) wait in the socket, and are served once an
     /// invocation drives it again, from whichever task and thread that is.
@@ -898,16 +923,7 @@ mod tests {
         let runtime = tokio::spawn(async move {
             let c = reqwest::Client::new();
             for n in 0..3 {
-                let r = c
-                    .get(format!("{base}/runtime/invocation/next"))
-                    .send()
-                    .await
-                    .unwrap();
-                let id = r.headers()["lambda-runtime-aws-request-id"]
-                    .to_str()
-                    .unwrap()
-                    .to_string();
-                let body = r.text().await.unwrap();
+                let (id, body) = runtime_next(&c, &base).await;
                 if n == 1 {
                     tokio::time::sleep(Duration::from_millis(300)).await;
                 }
@@ -921,13 +937,7 @@ mod tests {
             }
         });
         let limit = Duration::from_secs(10);
-        let mut init = handle.init.clone();
-        tokio::time::timeout(
-            limit,
-            server.drive(async { init.wait_for(|s| *s == Init::Ready).await.is_ok() }),
-        )
-        .await
-        .expect("the first /next is served while the start drives the server");
+        until_ready(&mut server, &handle, limit).await;
         server.park();
         for n in 0..3 {
             // Undriven for a while: the runtime's 202 and its next /next are not waited on here.
@@ -981,15 +991,7 @@ mod tests {
         let (accepted_tx, mut accepted) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             let c = reqwest::Client::new();
-            let r = c
-                .get(format!("{base}/runtime/invocation/next"))
-                .send()
-                .await
-                .unwrap();
-            let id = r.headers()["lambda-runtime-aws-request-id"]
-                .to_str()
-                .unwrap()
-                .to_string();
+            let (id, _) = runtime_next(&c, &base).await;
             let r = c
                 .post(format!("{base}/runtime/invocation/{id}/response"))
                 .body("ok")
@@ -999,13 +1001,7 @@ mod tests {
             let _ = accepted_tx.send(r.status());
         });
         let limit = Duration::from_secs(10);
-        let mut init = handle.init.clone();
-        tokio::time::timeout(
-            limit,
-            server.drive(async { init.wait_for(|s| *s == Init::Ready).await.is_ok() }),
-        )
-        .await
-        .expect("the first /next");
+        until_ready(&mut server, &handle, limit).await;
         let (e, rx) = event("req-202", "{}");
         handle.events.send(e).await.unwrap();
         match tokio::time::timeout(limit, server.drive(rx)).await {
