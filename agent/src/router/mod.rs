@@ -686,10 +686,10 @@ impl Router {
             slot.put_idle(instance, qualified);
         }
         if let Some(pending) = pending {
-            // Tracked with the instances: shutdown waits for it like for any instance. Run
-            // right after the caller's task has written the answer (tokio's LIFO slot), so
-            // the caller does not wait for the log write, the peak memory read and the
-            // output flush.
+            // Tracked with the instances: shutdown waits for it like for any instance. Run on
+            // this thread once the caller's task has written the answer and yields, so the
+            // caller does not wait for the log write, the peak memory read, the output flush
+            // and the runtime's 202.
             self.instances.spawn(async move {
                 pending.write();
             });
