@@ -24,6 +24,11 @@
 # $FNLET_CI_CACHE (default /var/cache/fnlet-ci) and rebuilt when missing. Everything else (the
 # container, its cgroups on this host, the temp dir) is removed on exit, also on failure.
 set -euo pipefail
+
+# `grep -q` for the end of a pipeline: reads all of its input. grep -q exits at the first match,
+# and under pipefail the writer's SIGPIPE (journalctl with more to write) fails the pipeline.
+contains() { grep -c "$@" >/dev/null; }
+
 cd "$(dirname "$0")/../.."
 
 if [ "$(id -u)" != 0 ]; then
@@ -70,7 +75,7 @@ remove_cgroup_tree() {
   local top=$1
   [ -d "$top" ] || return 0
   for _ in $(seq 50); do
-    if ! find "$top" -name cgroup.procs -exec cat {} + 2>/dev/null | grep -q .; then
+    if ! find "$top" -name cgroup.procs -exec cat {} + 2>/dev/null | contains .; then
       break
     fi
     sleep 0.1
@@ -259,7 +264,7 @@ invoke_examples() { # invoke_examples LABEL: CLI and curl, then the journal; pri
   agent_pid=$(main_pid)
   [[ $instance =~ ^hello-sh-$agent_pid-[0-9]+$ ]] ||
     fail "the stderr line's INSTANCE is '$instance', not hello-sh-$agent_pid-<n> (its sandbox's cgroup leaf): $entry"
-  in_ct journalctl -u fnlet --no-pager -o cat INSTANCE="$instance" | grep -q "greeting Linus" ||
+  in_ct journalctl -u fnlet --no-pager -o cat INSTANCE="$instance" | contains "greeting Linus" ||
     fail "journalctl INSTANCE=$instance does not find hello-sh's stderr line"
   in_ct journalctl -u fnlet --no-pager -o verbose FUNCTION=hello-sh REQUEST_ID="$rid" MESSAGE="invocation ok" |
     grep -q DURATION_MS= || fail "no 'invocation ok' entry with DURATION_MS for request $rid"
@@ -432,7 +437,7 @@ restart_keeps_functions() {
   wait_active
   after=$(main_pid)
   [ "$before" != "$after" ] || fail "restart kept MainPID $before"
-  in_ct fnlet ls | grep -q '^hello-sh ' || fail "hello-sh is gone after the restart"
+  in_ct fnlet ls | contains '^hello-sh ' || fail "hello-sh is gone after the restart"
 }
 
 watchdog_restarts_a_frozen_agent() {
@@ -459,7 +464,7 @@ watchdog_restarts_a_frozen_agent() {
   # journald may write the manager's line a moment after the restart: give it a few seconds.
   local logged=no
   for _ in $(seq 50); do
-    if in_ct journalctl -u fnlet -b --no-pager -o cat | grep -q 'Watchdog timeout'; then
+    if in_ct journalctl -u fnlet -b --no-pager -o cat | contains 'Watchdog timeout'; then
       logged=yes
       break
     fi
@@ -470,7 +475,7 @@ watchdog_restarts_a_frozen_agent() {
   in_ct systemctl daemon-reload
   in_ct systemctl restart fnlet
   wait_active
-  in_ct fnlet ls | grep -q '^hello-sh ' || fail "hello-sh is gone after the watchdog restart"
+  in_ct fnlet ls | contains '^hello-sh ' || fail "hello-sh is gone after the watchdog restart"
 }
 
 edit_config() {
@@ -483,8 +488,8 @@ after_upgrade() { # after_upgrade VERSION PID_BEFORE
   [ "$(main_pid)" != "$2" ] || fail "the upgrade did not restart the agent"
   in_ct grep -q '^retain_versions = 3$' /etc/fnlet/config.toml || fail "the upgrade lost the edited config"
   in_ct grep -q '^# edited by the packaging test$' /etc/fnlet/config.toml || fail "the upgrade replaced the edited config"
-  in_ct fnlet ls | grep -q '^hello-sh ' || fail "hello-sh is gone after the upgrade"
-  in_ct fnlet ls | grep -q '^hello-py ' || fail "hello-py is gone after the upgrade"
+  in_ct fnlet ls | contains '^hello-sh ' || fail "hello-sh is gone after the upgrade"
+  in_ct fnlet ls | contains '^hello-py ' || fail "hello-py is gone after the upgrade"
   local out
   out=$(in_ct fnlet invoke hello-sh -d Ada 2>&1) || fail "invoke after the upgrade: $out"
   note "upgraded to $1: config edit kept, functions kept, hello-sh answers"
@@ -495,7 +500,7 @@ stop_cleanly() {
   [ "$(in_ct systemctl is-active fnlet || true)" = inactive ] || fail "fnlet did not stop"
   [ "$(prop Result)" = success ] || fail "the stop was not clean: Result=$(prop Result)"
   for _ in $(seq 50); do
-    in_ct journalctl -u fnlet -b --no-pager -o cat | grep -q 'fnlet agent stopped' && return 0
+    in_ct journalctl -u fnlet -b --no-pager -o cat | contains 'fnlet agent stopped' && return 0
     sleep 0.1
   done
   in_ct journalctl -u fnlet -b --no-pager -n 30 >&2 || true
@@ -588,7 +593,7 @@ test_rpm() {
 say "host tools"
 need=()
 for pkg in mmdebstrap systemd-container rpm zstd; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | contains "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
   apt_install() { # with the package lists as they are, else fresh ones
