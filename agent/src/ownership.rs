@@ -178,9 +178,12 @@ pub fn owner(path: &Path) -> Owner {
         return Owner::default();
     };
     let dev = meta.dev();
-    let pid = std::fs::read_to_string("/proc/locks").ok().and_then(|t| {
+    // /proc/locks is a seq_file read in pages: a lock taken or released elsewhere between two
+    // pages shifts the list, and one entry (ours among them) can be skipped. A few reads.
+    let pid = (0..4).find_map(|_| {
+        let text = std::fs::read_to_string("/proc/locks").ok()?;
         flock_holder(
-            &t,
+            &text,
             nix::sys::stat::major(dev),
             nix::sys::stat::minor(dev),
             meta.ino(),
