@@ -5,7 +5,9 @@
 //!
 //! Run as root through `benches/run.sh`, which installs the peers and builds fnlet first.
 //! Environment: `FNLET_BENCH_RUNS` (samples per contender and per step, default 200),
-//! `FNLET_BENCH_WARMUP` (default 10), `FNLET_BIN` (default `<target>/release/fnlet`).
+//! `FNLET_BENCH_WARMUP` (default 10), `FNLET_BIN` (default `<target>/release/fnlet`),
+//! `FNLET_BENCH_NETNS_POOL` (the library contender's `IsolatorConfig::netns_pool`, default the
+//! library's; 0 to measure every spawn creating its own network namespace).
 
 #![forbid(unsafe_code)]
 
@@ -74,8 +76,13 @@ fn main() {
         ..Default::default()
     };
     let lib_root = format!("fnlet-bench-{pid}");
+    let netns_pool = env_count(
+        "FNLET_BENCH_NETNS_POOL",
+        IsolatorConfig::default().netns_pool,
+    );
     let isolator = Isolator::new(IsolatorConfig {
         cgroup_root: lib_root.clone(),
+        netns_pool,
         ..Default::default()
     })
     .expect("Isolator::new (the library contender)");
@@ -115,7 +122,10 @@ fn main() {
     ));
     contenders.push(Contender::new(
         "fnlet library (Isolator::spawn)",
-        "the same sandbox from this process: spawn + wait_blocking, one Isolator",
+        &format!(
+            "the same sandbox from this process: spawn + wait_blocking, one Isolator \
+             ({netns_pool} network namespaces made ahead by its thread)"
+        ),
         Box::new(|_| {
             let mut sb = isolator.spawn(&spec).map_err(|e| e.to_string())?;
             let out = sb.wait_blocking().map_err(|e| e.to_string())?;

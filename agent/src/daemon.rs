@@ -167,6 +167,7 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
             cgroup_root: config.sandbox.cgroup_root.clone(),
             cgroup_mode: config.cgroup_mode(),
             best_effort_limits: !config.sandbox.require_limits,
+            ..Default::default()
         })
         .context("preparing sandboxes")?,
     );

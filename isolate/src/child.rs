@@ -61,6 +61,8 @@ pub struct Prepared {
     /// With a user namespace: wait for one byte here (the parent writes the id maps and joins
     /// the cgroup for us first).
     pub go_fd: Option<RawFd>,
+    /// A network namespace made ahead (lo up) to join instead of the clone's own.
+    pub netns_fd: Option<RawFd>,
     /// A prepared sandbox: the function's process (already forked) reports ready, then waits
     /// for the start message here before its exec.
     pub start_fd: Option<RawFd>,
@@ -106,6 +108,13 @@ pub fn run(p: &Prepared) -> ! {
     unsafe { libc::umask(0) };
     // Cosmetic (ps, pgrep): best effort.
     let _ = sys::set_name(c"fnlet-init");
+    if let Some(fd) = p.netns_fd {
+        // SAFETY: fd is a network namespace the parent opened for us; setns only changes this
+        // process's namespace. close_all_but closes it below.
+        check(p, Step::JoinNetns, unsafe {
+            libc::setns(fd, libc::CLONE_NEWNET)
+        });
+    }
     // First of all, let go of every fd of the agent's we do not need. Other sandboxes' pipes,
     // copied by our clone, would otherwise stay open here: their EOF would wait for us (for as
     // long as a prepared sandbox waits to be started).
@@ -154,7 +163,9 @@ pub fn run(p: &Prepared) -> ! {
     check(p, Step::SetHostname, unsafe {
         libc::sethostname(p.hostname.as_ptr(), p.hostname.as_bytes().len())
     });
-    check_r(p, Step::LoopbackUp, sys::loopback_up());
+    if p.netns_fd.is_none() {
+        check_r(p, Step::LoopbackUp, sys::loopback_up());
+    }
 
     for (i, &(resource, value)) in p.rlimits.iter().enumerate() {
         let lim = libc::rlimit {

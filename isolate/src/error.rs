@@ -41,12 +41,13 @@ pub enum Step {
     Stdio,
     Chdir,
     Exec,
+    JoinNetns,
 }
 
 impl Step {
     pub(crate) fn from_u32(v: u32) -> Option<Step> {
         use Step::*;
-        const ALL: [Step; 32] = [
+        const ALL: [Step; 33] = [
             JoinCgroup,
             UnshareCgroupNs,
             MakeMountsPrivate,
@@ -79,6 +80,7 @@ impl Step {
             Stdio,
             Chdir,
             Exec,
+            JoinNetns,
         ];
         ALL.iter().copied().find(|s| *s as u32 == v)
     }
@@ -119,6 +121,7 @@ impl Step {
             Stdio => "set up stdio",
             Chdir => "chdir",
             Exec => "exec",
+            JoinNetns => "join the network namespace made ahead",
         }
     }
 }

@@ -333,6 +333,13 @@ pub fn xattr_is(path: &std::path::Path, name: &std::ffi::CStr, value: &[u8]) -> 
     usize::try_from(n).is_ok_and(|n| &buf[..n] == value)
 }
 
+/// Sets O_NONBLOCK on `fd`.
+pub fn set_nonblocking(fd: std::os::fd::BorrowedFd<'_>) -> Result<(), Errno> {
+    use nix::fcntl::{F_GETFL, F_SETFL, OFlag, fcntl};
+    let flags = OFlag::from_bits_truncate(fcntl(fd, F_GETFL)?);
+    fcntl(fd, F_SETFL(flags | OFlag::O_NONBLOCK)).map(drop)
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};

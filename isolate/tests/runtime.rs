@@ -367,3 +367,135 @@ fn a_group_still_busy_after_its_sandbox_ends_is_killed_and_removed() {
     );
     iso.remove_root().unwrap();
 }
+
+/// Sandboxes spawned while network namespaces wait made ahead: each gets one of its own (not
+/// the host's, not another sandbox's), its lo is up (the function reaches its Runtime-API-style
+/// listener on 127.0.0.1), and the host's loopback does not reach into it.
+#[tokio::test]
+async fn sandboxes_from_the_netns_pool_each_get_a_fresh_namespace_with_lo_up() {
+    require_root();
+    let root = format!("fnlet-test-{}-netpool", std::process::id());
+    let iso = Isolator::new(IsolatorConfig {
+        cgroup_root: root,
+        netns_pool: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(
+        iso.netns_ready(),
+        0,
+        "nothing is made before the first spawn"
+    );
+    let spec = SandboxSpec {
+        name: "netpool".into(),
+        program: "/bin/bash".into(),
+        args: vec![
+            "-c".into(),
+            "exec 3<>/dev/tcp/127.0.0.1/9001; echo hello-from-inside >&3; read -r answer <&3; [ \"$answer\" = ok ]".into(),
+        ],
+        loopback_listener: Some(9001),
+        ..Default::default()
+    };
+    let host = std::fs::metadata("/proc/self/ns/net").unwrap();
+    let mut seen = std::collections::HashSet::new();
+    for round in 0..5 {
+        if round > 0 {
+            // Made ahead by now: this spawn joins one rather than creating its own.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while iso.netns_ready() < 2 {
+                assert!(std::time::Instant::now() < deadline, "the pool stays empty");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let mut sb = if round % 2 == 0 {
+            iso.spawn(&spec).unwrap()
+        } else {
+            iso.prepare(&spec).unwrap().start(None).unwrap()
+        };
+        use std::os::unix::fs::MetadataExt;
+        let ns = std::fs::metadata(format!("/proc/{}/ns/net", sb.pid())).unwrap();
+        assert_ne!(ns.ino(), host.ino(), "round {round}: the host's namespace");
+        assert!(
+            seen.insert(ns.ino()),
+            "round {round}: a namespace used twice"
+        );
+        let listener = sb.take_listener().expect("a listener");
+        assert!(
+            std::net::TcpStream::connect(listener.local_addr().unwrap()).is_err(),
+            "round {round}: the sandbox's socket is reachable from the host's loopback"
+        );
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let (mut conn, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
+            .await
+            .expect("the function connects over its lo")
+            .unwrap();
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let mut line = String::new();
+        tokio::io::BufReader::new(&mut conn)
+            .read_line(&mut line)
+            .await
+            .unwrap();
+        assert_eq!(line, "hello-from-inside\n");
+        conn.write_all(b"ok\n").await.unwrap();
+        assert_eq!(sb.wait().await.unwrap().status, ExitStatus::Exited(0));
+    }
+    iso.remove_root().unwrap();
+}
+
+/// `function_ended` gives the function's status as soon as it has exited, before the init is
+/// reaped and the cgroup removed (that is `wait`'s, which then says the same); a sandbox whose
+/// init is killed says nothing there, and `wait` tells.
+#[tokio::test]
+async fn the_functions_end_is_known_before_the_sandbox_is_torn_down() {
+    require_root();
+    let root = format!("fnlet-test-{}-ended", std::process::id());
+    let iso = Isolator::new(IsolatorConfig {
+        cgroup_root: root,
+        ..Default::default()
+    })
+    .unwrap();
+    let spec = SandboxSpec {
+        name: "ended".into(),
+        program: "/bin/sh".into(),
+        args: vec!["-c".into(), "exit 3".into()],
+        ..Default::default()
+    };
+    for prepared in [false, true] {
+        let mut sb = if prepared {
+            iso.prepare(&spec).unwrap().start(None).unwrap()
+        } else {
+            iso.spawn(&spec).unwrap()
+        };
+        let group = sb.cgroup_path().expect("a cgroup").to_string();
+        let ended = tokio::time::timeout(Duration::from_secs(5), sb.function_ended())
+            .await
+            .expect("the end is reported")
+            .unwrap()
+            .expect("the init says how the function ended");
+        assert_eq!(ended.status, ExitStatus::Exited(3));
+        assert!(!ended.oom_killed);
+        assert!(
+            Path::new(&group).exists(),
+            "the cgroup {group} is removed by wait, not before"
+        );
+        // Asked again: the same answer, from what was read.
+        let again = sb.function_ended().await.unwrap().unwrap();
+        assert_eq!(again.status, ExitStatus::Exited(3));
+        let outcome = sb.wait().await.unwrap();
+        assert_eq!(outcome.status, ExitStatus::Exited(3));
+        assert!(!Path::new(&group).exists(), "{group} left after wait");
+    }
+
+    let mut sb = iso.spawn(&sleeper("ended-killed")).unwrap();
+    sb.kill().unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(5), sb.function_ended())
+        .await
+        .expect("a killed init closes the pipe")
+        .unwrap();
+    assert!(ended.is_none(), "{ended:?}");
+    assert_eq!(
+        sb.wait().await.unwrap().status,
+        ExitStatus::Signaled(libc::SIGKILL)
+    );
+    iso.remove_root().unwrap();
+}

@@ -73,6 +73,7 @@ impl TestAgent {
             cgroup_root: config.sandbox.cgroup_root.clone(),
             cgroup_mode: config.cgroup_mode(),
             best_effort_limits: true,
+            ..Default::default()
         })
         .expect("preparing sandboxes");
         let store = Store::open(&state, config.sandbox.uid_base, config.sandbox.uid_count).unwrap();
