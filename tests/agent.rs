@@ -331,12 +331,45 @@ fn function_failures_have_their_status_and_kind() {
         .expect_error(502, "function_error");
     assert!(msg.contains("exit status 3"), "{msg}");
 
-    // Each failed sandbox is gone already, with everything it started, before the agent stops.
+    // Each failed sandbox is gone already, with everything it started, before its answer.
     assert_eq!(sandbox_cgroups(&agent.root), Vec::<PathBuf>::new());
     assert_eq!(
         common::agent::processes_of_uids(&agent.uids),
         Vec::<String>::new()
     );
+
+    // A success is answered as soon as the function has ended: its sandbox's teardown (the
+    // init's exit, the cgroup's removal) and the host capacity it holds follow the answer, and
+    // leave nothing.
+    let ok = Fixture::sh(
+        "fine",
+        "public = true\ntimeout_s = 2\nmemory_mb = 48",
+        "sleep 30 >/dev/null 2>&1 & echo fine",
+    );
+    agent.deploy(ok.path());
+    for _ in 0..5 {
+        let r = agent.invoke("fine", b"");
+        r.expect_ok(200);
+        assert_eq!(r.text(), "fine\n");
+    }
+    let committed = || {
+        agent.admin(Method::GET, "/v1/status", None).json()["capacity"]["memory_bytes"]["committed"]
+            .as_u64()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(sandbox_cgroups(&agent.root).is_empty()
+        && common::agent::processes_of_uids(&agent.uids).is_empty()
+        && committed() == Some(0))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "after the answers: cgroups {:?}, processes {:?}, memory committed {:?}",
+            sandbox_cgroups(&agent.root),
+            common::agent::processes_of_uids(&agent.uids),
+            committed()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     agent.finish();
 }
 

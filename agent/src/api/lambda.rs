@@ -495,11 +495,11 @@ async fn invoke_api_inner(
         })
         .await;
     let limit = app.router.max_response;
-    let mut refill = None;
+    let mut after = crate::router::AfterAnswer::default();
     let result = match result {
         // A streamed answer is read to its end: the Invoke API answers buffered.
         Ok(inv) => {
-            refill = inv.refill;
+            after = inv.after;
             match inv.body.collect(limit).await {
                 Ok(body) => Ok((body, inv.version, inv.log_tail)),
                 Err(error) => Err(Failure {
@@ -536,7 +536,7 @@ async fn invoke_api_inner(
             &base64::engine::general_purpose::STANDARD.encode(t),
         );
     }
-    Ok(super::refill_after_sent(r, refill))
+    Ok(super::after_sent(r, after))
 }
 
 /// An Event invoke: 202 with the request id once the event is on disk.
@@ -923,7 +923,7 @@ async fn function_url_inner(
     match result {
         Ok(inv) => {
             let version = inv.version;
-            let refill = inv.refill;
+            let after = inv.after;
             let bad = |e: super::function_url::UrlError| {
                 (
                     AppError::new(
@@ -954,7 +954,7 @@ async fn function_url_inner(
             };
             r.headers_mut()
                 .insert("x-fnlet-version", HeaderValue::from(version));
-            Ok(super::refill_after_sent(r, refill))
+            Ok(super::after_sent(r, after))
         }
         Err(f) => Err((f.error.into(), f.version)),
     }

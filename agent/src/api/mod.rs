@@ -983,30 +983,31 @@ async fn invoke_exec(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/octet-stream"),
             );
-            Ok(refill_after_sent(r, inv.refill))
+            Ok(after_sent(r, inv.after))
         }
         Err(f) => Err((f.error.into(), f.version)),
     }
 }
 
-/// `r` with `refill` held by its body: hyper drops the body once it has taken the last of it,
-/// so the next prepared sandbox (a fork of the agent) is built after the answer is written.
-fn refill_after_sent(r: Response, refill: Option<crate::router::RefillOnDrop>) -> Response {
-    match refill {
-        Some(refill) => r.map(|inner| {
-            Body::new(Holding {
-                inner,
-                _refill: refill,
-            })
-        }),
-        None => r,
+/// `r` with `after` held by its body: hyper drops the body once it has taken the last of it,
+/// so what is left (an exec sandbox's teardown, the next prepared sandbox: a fork of the agent)
+/// happens after the answer is written.
+fn after_sent(r: Response, after: crate::router::AfterAnswer) -> Response {
+    if after.is_empty() {
+        return r;
     }
+    r.map(|inner| {
+        Body::new(Holding {
+            inner,
+            _after: after,
+        })
+    })
 }
 
-/// A body that keeps `_refill` until it is dropped.
+/// A body that keeps `_after` until it is dropped.
 struct Holding {
     inner: Body,
-    _refill: crate::router::RefillOnDrop,
+    _after: crate::router::AfterAnswer,
 }
 
 impl http_body::Body for Holding {

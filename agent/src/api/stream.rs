@@ -165,15 +165,15 @@ async fn pump(
     while let Ok(c) = chunks.try_recv() {
         send_chunk(events, c).await;
     }
-    let mut refill = None;
+    let mut after = crate::router::AfterAnswer::default();
     let (error, log_tail) = match result {
         Ok(Invocation {
             body,
             log_tail,
-            refill: r,
+            after: a,
             ..
         }) => {
-            refill = r;
+            after = a;
             match body {
                 Payload::Full(b) => {
                     send_chunk(events, b).await;
@@ -216,8 +216,8 @@ async fn pump(
     let _ = events
         .send(invoke_complete(error, log_tail.as_deref()))
         .await;
-    // The next prepared sandbox is built once the answer is out.
-    drop(refill);
+    // What is left (the next prepared sandbox) is done once the answer is out.
+    drop(after);
 }
 
 /// `ErrorCode` and `ErrorDetails` for an invocation that failed: the function's error type and

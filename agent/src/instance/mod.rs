@@ -107,6 +107,16 @@ pub struct ExecCall<'a> {
     pub env: &'a [(String, String)],
 }
 
+/// An exec function's answer.
+#[derive(Debug)]
+pub struct ExecAnswer {
+    /// All of its stdout (empty when it was streamed).
+    pub output: Bytes,
+    /// Its sandbox, when the function ended well and the rest is still to be torn down:
+    /// [`isolate::Sandbox::wait`] (or its drop) once the answer is out.
+    pub ending: Option<isolate::Sandbox>,
+}
+
 /// How much of a streamed exec function's stdout is read at a time (a pipe holds 64 KB).
 const STREAM_READ: usize = 64 * 1024;
 
@@ -127,7 +137,7 @@ pub async fn run_exec(
     stdout: Option<tokio::sync::mpsc::Sender<Bytes>>,
     ready: Option<PreparedSandbox>,
     cancel: &CancellationToken,
-) -> Result<Bytes, InvokeError> {
+) -> Result<ExecAnswer, InvokeError> {
     // The timeout covers the sandbox's setup too. A setup that overruns it finishes (or fails)
     // on its blocking thread, and the sandbox is dropped, hence killed, there.
     let deadline = tokio::time::Instant::now() + call.timeout;
@@ -231,6 +241,24 @@ pub async fn run_exec(
                 return Err(InvokeError::ResponseTooLarge { limit });
             }
             // Output closed: the function is exiting; its wait is bounded by the same timeout.
+            // A success is answered as soon as the init reports it: the init's exit (the
+            // namespaces' teardown), its reap and the cgroup's removal come after the answer.
+            // A failure is answered once all of that is done.
+            match tokio::time::timeout_at(deadline, sandbox.function_ended()).await {
+                Ok(Ok(Some(o))) if o.status.success() && !o.oom_killed => {
+                    return Ok(ExecAnswer {
+                        output: Bytes::from(out),
+                        ending: Some(sandbox),
+                    });
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(InvokeError::Internal(e.to_string())),
+                Err(_) => {
+                    let _ = sandbox.kill();
+                    let _ = sandbox.wait().await;
+                    return Err(InvokeError::Timeout(call.timeout));
+                }
+            }
             match tokio::time::timeout_at(deadline, sandbox.wait()).await {
                 Ok(o) => (o.map_err(|e| InvokeError::Internal(e.to_string()))?, out),
                 Err(_) => {
@@ -258,7 +286,10 @@ pub async fn run_exec(
         });
     }
     match outcome.status {
-        ExitStatus::Exited(0) => Ok(Bytes::from(out)),
+        ExitStatus::Exited(0) => Ok(ExecAnswer {
+            output: Bytes::from(out),
+            ending: None,
+        }),
         ExitStatus::Exited(code) => Err(InvokeError::FunctionError(code)),
         ExitStatus::Signaled(sig) => Err(InvokeError::Crashed {
             signal: sig,

@@ -122,12 +122,52 @@ pub struct Invocation {
     pub version: u64,
     /// The invocation's log tail, when asked for.
     pub log_tail: Option<String>,
-    /// Builds the function's next prepared sandbox when dropped: the API layer keeps it in the
-    /// answer's body, so that fork happens once the answer is out, not while it is written.
-    pub refill: Option<RefillOnDrop>,
+    /// What is left to do once the answer is out, done when this is dropped: the API layer
+    /// keeps it in the answer's body, so that it happens after the answer, not while it is
+    /// written.
+    pub after: AfterAnswer,
 }
 
-/// See [`Invocation::refill`].
+/// See [`Invocation::after`]: an exec sandbox to tear down, the next sandbox to prepare.
+#[derive(Default)]
+pub struct AfterAnswer {
+    /// An exec function's sandbox whose function ended well, and the host capacity it holds
+    /// until its teardown (the init's exit, its reap, the cgroup's removal) is done.
+    ending: Option<Box<(isolate::Sandbox, Commitment)>>,
+    /// Dropped after `ending` has been handed to its task (field order).
+    refill: Option<RefillOnDrop>,
+    tracker: Option<TaskTracker>,
+}
+
+impl AfterAnswer {
+    /// Nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.ending.is_none() && self.refill.is_none()
+    }
+}
+
+impl Drop for AfterAnswer {
+    fn drop(&mut self) {
+        let Some(ending) = self.ending.take() else {
+            return;
+        };
+        let (mut sandbox, commitment) = *ending;
+        let finish = async move {
+            if let Err(e) = sandbox.wait().await {
+                tracing::warn!(pid = sandbox.pid(), "tearing an exec sandbox down: {e}");
+            }
+            drop(commitment);
+        };
+        // Tracked with the instances, so shutdown waits for it. Without a runtime (never on
+        // the agent's paths), the sandbox's drop kills, reaps and removes it here.
+        match (&self.tracker, tokio::runtime::Handle::try_current()) {
+            (Some(tracker), Ok(_)) => drop(tracker.spawn(finish)),
+            _ => drop(finish),
+        }
+    }
+}
+
+/// See [`AfterAnswer::refill`].
 pub struct RefillOnDrop {
     slot: Arc<FunctionSlot>,
     isolator: Arc<Isolator>,
@@ -317,6 +357,7 @@ impl Router {
         // Counted down however the call ends, the caller hanging up included.
         let _running = Running::start(self.metrics.running.get_or_create(&labels).clone());
         let mut log_tail = None;
+        let mut ending = None;
         let result = match f.manifest.mode {
             Mode::Exec => {
                 // Exec mode starts a new instance for every call. With a sandbox built ahead of
@@ -331,7 +372,7 @@ impl Router {
                 }
                 // Its share of the host, for as long as the sandbox runs.
                 let deadline = tokio::time::Instant::now() + self.queue_timeout;
-                let _commitment = match self
+                let commitment = match self
                     .registry
                     .commit(&f.name, None, f.need(), deadline, || false)
                     .await
@@ -379,7 +420,10 @@ impl Router {
                 .await;
                 std::mem::forget(left);
                 drop(held);
-                r.map(Payload::Full)
+                r.map(|answer| {
+                    ending = answer.ending.map(|sandbox| Box::new((sandbox, commitment)));
+                    Payload::Full(answer.output)
+                })
             }
             Mode::Lambda => {
                 let (r, tail) = self.invoke_lambda_detached(&slot, held, &f, req).await;
@@ -427,7 +471,11 @@ impl Router {
                     body,
                     version: f.version,
                     log_tail,
-                    refill,
+                    after: AfterAnswer {
+                        ending,
+                        refill,
+                        tracker: Some(self.instances.clone()),
+                    },
                 })
             }
             Err(e) => {
