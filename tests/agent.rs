@@ -1173,6 +1173,34 @@ fn a_sandbox_built_ahead_serves_the_next_invocation() {
     }
     std::thread::sleep(Duration::from_millis(300));
     assert!(prepared_sandboxes(&agent.root).len() <= 1);
+
+    // A sandbox built ahead whose exec fails (the script's interpreter is missing): the
+    // caller is told the step and the errno, not a function error, whether the call found it
+    // built ahead or built its own.
+    agent.deploy(
+        Fixture::new(
+            "name = \"noexec\"\nentrypoint = \"run.sh\"\npublic = true\ntimeout_s = 2\n",
+            &[("run.sh", b"#!/var/task/no-such-shell\necho never\n", 0o755)],
+        )
+        .path(),
+    );
+    let built = || {
+        agent
+            .admin(Method::GET, "/v1/functions/noexec", None)
+            .json()["prepared"]
+            == true
+    };
+    for _ in 0..3 {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !built() {
+            assert!(Instant::now() < deadline, "noexec: no sandbox built ahead");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let msg = agent
+            .invoke("noexec", b"")
+            .expect_error(502, "spawn_failed");
+        assert!(msg.contains("exec /var/task/run.sh: ENOENT"), "{msg}");
+    }
     // finish() checks that stopping the agent removes the waiting sandbox too.
     agent.finish();
 }

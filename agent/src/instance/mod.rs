@@ -142,37 +142,37 @@ pub async fn run_exec(
     // on its blocking thread, and the sandbox is dropped, hence killed, there.
     let deadline = tokio::time::Instant::now() + call.timeout;
     let request_id = call.request_id.to_string();
-    let spawn = match ready {
-        // Built ahead of time: only the exec is left.
-        Some(prepared) => tokio::task::spawn_blocking(move || {
-            prepared
-                .start(Some(&request_id))
-                .map_err(InvokeError::Spawn)
-        }),
-        // With a network the sandbox is prepared, given its veth, then started.
-        None if call.net.is_some() => {
-            let mut spec = call.spec.clone();
-            spec.stdio = StdioSpec::piped();
-            spec.env.extend(call.env.iter().cloned());
+    // Built ahead of time: only the exec is left, which the sandbox is told to do without
+    // waiting for it here (a write to an empty pipe). Its I/O goes on meanwhile; whether the
+    // exec failed is read only if the function does not end well.
+    let mut exec_report = None;
+    let mut sandbox = if let Some(prepared) = ready {
+        let (sandbox, report) = prepared
+            .release(Some(&request_id))
+            .map_err(InvokeError::Spawn)?;
+        exec_report = Some(report);
+        sandbox
+    } else {
+        let mut spec = call.spec.clone();
+        spec.stdio = StdioSpec::piped();
+        spec.env.extend(call.env.iter().cloned());
+        let spawn = if call.net.is_some() {
+            // With a network the sandbox is prepared, given its veth, then started.
             let (iso, network, net) = (isolator.clone(), network.cloned(), call.net.cloned());
             tokio::task::spawn_blocking(move || {
                 crate::pool::prepare_sandbox(&iso, network.as_ref(), &spec, net.as_ref())
                     .and_then(|p| p.start(Some(&request_id)).map_err(InvokeError::Spawn))
             })
-        }
-        None => {
-            let mut spec = call.spec.clone();
-            spec.stdio = StdioSpec::piped();
-            spec.env.extend(call.env.iter().cloned());
+        } else {
             spec.env.insert(REQUEST_ID_ENV.into(), request_id);
             let iso = isolator.clone();
             tokio::task::spawn_blocking(move || iso.spawn(&spec).map_err(InvokeError::Spawn))
-        }
+        };
+        tokio::time::timeout_at(deadline, spawn)
+            .await
+            .map_err(|_| InvokeError::Timeout(call.timeout))?
+            .map_err(|e| InvokeError::Internal(e.to_string()))??
     };
-    let mut sandbox = tokio::time::timeout_at(deadline, spawn)
-        .await
-        .map_err(|_| InvokeError::Timeout(call.timeout))?
-        .map_err(|e| InvokeError::Internal(e.to_string()))??;
 
     let take =
         |fd: Option<OwnedFd>| fd.ok_or_else(|| InvokeError::Internal("missing stdio pipe".into()));
@@ -280,6 +280,12 @@ pub async fn run_exec(
         }
     };
     let (outcome, out) = outcome;
+    // A sandbox whose exec failed ended without running the function: name the step.
+    if let Some(report) = exec_report
+        && !outcome.status.success()
+    {
+        report.result().map_err(InvokeError::Spawn)?;
+    }
     if outcome.oom_killed {
         return Err(InvokeError::OutOfMemory {
             limit_mb: call.memory_mb,
