@@ -3,8 +3,8 @@
 //! through `fnlet sandbox run`, through the isolate library (`Isolator::spawn`, and
 //! `PreparedSandbox::start` of a sandbox prepared ahead) and through plain fork+exec, interleaved
 //! round by round in one run, so the agent's own cost per request shows; then throughput with
-//! concurrent clients (beside the library with as many sandboxes at once, in the same rounds);
-//! and the agents' RSS, idle and under load.
+//! concurrent clients (beside the library and plain fork+exec from as many threads, in the same
+//! rounds); and the agents' RSS, idle and under load.
 //!
 //! Two agents run side by side: one with `[sandbox] prepare_ahead = true` (the default: one
 //! sandbox per function built ahead of time, so an invocation only pays for the exec) and one
@@ -542,8 +542,9 @@ fn throughput(
     let top = set.levels.iter().copied().max().unwrap_or(1);
     let clients: Vec<reqwest::Client> = (0..top).map(|_| http_client()).collect();
     let expected = Arc::new(f.expected.clone());
-    // Targets: each agent, then the library (index agents.len()).
-    let n_targets = agents.len() + 1;
+    // Targets: each agent, then the library (index agents.len()), then the floor.
+    let (lib, floor) = (agents.len(), agents.len() + 1);
+    let n_targets = agents.len() + 2;
     let mut rows: Vec<Vec<LoadRow>> = (0..n_targets)
         .map(|_| set.levels.iter().map(|&n| LoadRow::new(n)).collect())
         .collect();
@@ -571,14 +572,24 @@ fn throughput(
                     rows[ti][li].add(s, Usage::now(Some(a.pid)).since(&before), peak);
                 } else {
                     let before = Usage::now(None);
-                    let s = library_load(
-                        isolator,
-                        &f.spec,
-                        &f.expected,
-                        n.min(set.max_concurrency),
-                        slice,
-                        set.max_requests,
-                    );
+                    let threads = n.min(set.max_concurrency);
+                    let s = if ti == lib {
+                        threaded_load(
+                            &|i| invoke_library(isolator, &f.spec, i),
+                            &f.expected,
+                            threads,
+                            slice,
+                            set.max_requests,
+                        )
+                    } else {
+                        threaded_load(
+                            &|i| invoke_command(&mut floor_command(f, i)),
+                            &f.expected,
+                            threads,
+                            slice,
+                            set.max_requests,
+                        )
+                    };
                     rows[ti][li].add(s, Usage::now(None).since(&before), 0);
                 }
             }
@@ -586,7 +597,9 @@ fn throughput(
     }
     let mut names: Vec<&str> = agents.iter().map(|a| a.name.as_str()).collect();
     names.push("fnlet library (threads)");
-    print_load_table(&names, &rows, set.max_concurrency);
+    names.push("floor: fork+exec (threads)");
+    debug_assert_eq!(names.len(), floor + 1);
+    print_load_table(&names, &rows, set.max_concurrency, lib, floor);
     print_cpu_table(&names, &rows);
     peaks
 }
@@ -850,9 +863,10 @@ fn agent_load(
 
 /// The library path under the same load: `threads` threads (as many sandboxes at once as the
 /// agent allows), each invoking one after another until the time is up.
-fn library_load(
-    iso: &Isolator,
-    spec: &SandboxSpec,
+/// `threads` threads calling `run` (the library's sandbox, or the floor's plain process) one
+/// request after another for `time`, at most `cap` requests in all.
+fn threaded_load(
+    run: &(dyn Fn(usize) -> Result<Vec<u8>, String> + Sync),
     expected: &[u8],
     threads: usize,
     time: Duration,
@@ -873,7 +887,7 @@ fn library_load(
                     {
                         i += 1;
                         let t = Instant::now();
-                        match invoke_library(iso, spec, i) {
+                        match run(i) {
                             Ok(out) if out == expected => s.samples.push(t.elapsed()),
                             Ok(_) => *s.errors.entry("wrong answer".into()).or_default() += 1,
                             Err(e) => *s.errors.entry(e).or_default() += 1,
@@ -884,7 +898,7 @@ fn library_load(
             })
             .collect();
         for h in handles {
-            all.merge(h.join().expect("a library load thread panicked"));
+            all.merge(h.join().expect("a load thread panicked"));
         }
     });
     all.wall = start.elapsed();
@@ -1245,9 +1259,15 @@ fn print_starts(a: &Agent, before: &Option<(u64, u64)>, after: &Option<(u64, u64
     }
 }
 
-fn print_load_table(names: &[&str], rows: &[Vec<LoadRow>], max_concurrency: usize) {
+fn print_load_table(
+    names: &[&str],
+    rows: &[Vec<LoadRow>],
+    max_concurrency: usize,
+    lib: usize,
+    floor: usize,
+) {
     println!(
-        "| {:<38} | {:>7} | {:>7} | {:>5} | {:>6} | {:>7} | {:>11} | {:>9} | {:>9} | {:>6} | {:<16} | {:>9} |",
+        "| {:<38} | {:>7} | {:>7} | {:>5} | {:>6} | {:>7} | {:>11} | {:>9} | {:>9} | {:>6} | {:<16} | {:>9} | {:>7} |",
         "contender",
         "clients",
         "at once",
@@ -1259,27 +1279,29 @@ fn print_load_table(names: &[&str], rows: &[Vec<LoadRow>], max_concurrency: usiz
         "max (ms)",
         "host %",
         "errors",
-        "x library"
+        "x library",
+        "x floor"
     );
     println!(
-        "|{:-<40}|{:->9}|{:->9}|{:->7}|{:->8}|{:->9}|{:->13}|{:->11}|{:->11}|{:->8}|{:-<18}|{:->11}|",
-        "", "", "", "", "", "", "", "", "", "", "", ""
+        "|{:-<40}|{:->9}|{:->9}|{:->7}|{:->8}|{:->9}|{:->13}|{:->11}|{:->11}|{:->8}|{:-<18}|{:->11}|{:->9}|",
+        "", "", "", "", "", "", "", "", "", "", "", "", ""
     );
-    let lib = rows.len() - 1;
     for (li, _) in rows[0].iter().enumerate() {
         for (ti, name) in names.iter().enumerate() {
             let r = &rows[ti][li];
             let s = Stats::of(&r.samples);
-            let lib_rps = rows[lib][li].rps();
-            let x = if lib_rps > 0.0 {
-                format!("{:.2}x", r.rps() / lib_rps)
-            } else {
-                "-".into()
+            let ratio = |of: usize| {
+                let base = rows[of][li].rps();
+                if base > 0.0 {
+                    format!("{:.2}x", r.rps() / base)
+                } else {
+                    "-".into()
+                }
             };
             println!(
-                "| {:<38} | {:>7} | {:>7} | {:>5.1} | {:>6} | {:>7.1} | {:>11} | {:>9} | {:>9} | {:>6} | {:<16} | {:>9} |",
+                "| {:<38} | {:>7} | {:>7} | {:>5.1} | {:>6} | {:>7.1} | {:>11} | {:>9} | {:>9} | {:>6} | {:<16} | {:>9} | {:>7} |",
                 name,
-                if ti == lib {
+                if ti == lib || ti == floor {
                     "-".to_string()
                 } else {
                     r.clients.to_string()
@@ -1293,15 +1315,16 @@ fn print_load_table(names: &[&str], rows: &[Vec<LoadRow>], max_concurrency: usiz
                 ms(s.max),
                 r.host_busy_pct(),
                 r.errors_text(),
-                x
+                ratio(lib),
+                ratio(floor)
             );
         }
     }
     println!(
         "(at once: sandboxes running at the same time at most: the agents' max_concurrency \
          {max_concurrency} caps it, further clients queue for up to limits.queue_timeout_ms and \
-         then get 429, counted under errors; the library runs that many threads; latency over \
-         the successful requests; host %: busy share of all cores)"
+         then get 429, counted under errors; the library and the floor run that many threads; \
+         latency over the successful requests; host %: busy share of all cores)"
     );
 }
 
@@ -1344,8 +1367,8 @@ fn print_cpu_table(names: &[&str], rows: &[Vec<LoadRow>]) {
     println!(
         "(per successful request, from /proc/<pid>/stat; CPU in 10 ms ticks summed over the \
          level. own = the process serving the requests: the agent's own threads, including the \
-         parent's side of each sandbox's clone3 and the cgroup work, or, for the library, this \
-         process; own faults = its own minor page faults; sandbox = its reaped children, i.e. \
+         parent's side of each sandbox's clone3 and the cgroup work, or, for the library and the \
+         floor, this process; own faults = its own minor page faults; sandbox = its reaped children, i.e. \
          each sandbox's init and function, the child's setup included; client = this process as \
          the load generator)"
     );
