@@ -72,6 +72,9 @@ pub(crate) struct NetnsPool {
 struct Shared {
     state: Mutex<PoolState>,
     wake: Condvar,
+    /// The pool thread's tid, once it runs (tests look at its namespace).
+    #[cfg(test)]
+    tid: std::sync::atomic::AtomicI32,
 }
 
 #[derive(Debug, Default)]
@@ -145,6 +148,11 @@ fn make_ahead(shared: &Shared, target: usize) {
     let Ok(home) = File::open("/proc/thread-self/ns/net") else {
         return;
     };
+    #[cfg(test)]
+    shared.tid.store(
+        nix::unistd::gettid().as_raw(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let mut failing = false;
     loop {
         {
@@ -250,26 +258,24 @@ mod tests {
         wait_ready(&pool, 2);
         let host = netns_ino("/proc/self/ns/net");
         let mut seen = std::collections::HashSet::new();
+        // Held to the end, so that no namespace's inode number is freed and reused.
+        let mut held = Vec::new();
         for _ in 0..5 {
             wait_ready(&pool, 1);
             let ns = pool.take().expect("a ready namespace");
             let ino = fd_ino(&ns);
             assert_ne!(ino, host, "a pooled namespace is not the host's");
             assert!(seen.insert(ino), "namespace {ino} handed out twice");
+            held.push(ns);
         }
         wait_ready(&pool, 2);
-        for task in std::fs::read_dir("/proc/self/task").unwrap() {
-            let path = task.unwrap().path().join("ns/net");
-            let Ok(meta) = std::fs::metadata(&path) else {
-                continue; // a thread that has just ended
-            };
-            assert_eq!(
-                meta.ino(),
-                host,
-                "{} is outside the host's netns",
-                path.display()
-            );
-        }
+        let tid = pool.shared.tid.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(tid > 0, "the pool's thread runs");
+        assert_eq!(
+            netns_ino(&format!("/proc/self/task/{tid}/ns/net")),
+            host,
+            "the pool's thread stays in the host's namespace between makes"
+        );
     }
 
     /// Its lo is up: a listener on 127.0.0.1 in the namespace accepts a connection there.

@@ -259,6 +259,44 @@ fn a_prepared_sandbox_gets_its_late_variable_at_start() {
     iso.remove_root().unwrap();
 }
 
+/// A function that connects to its Runtime-API-style listener on 127.0.0.1:9001 (inside its
+/// own namespace), says hello and exits 0 once told ok.
+fn talking_spec(name: &str) -> SandboxSpec {
+    SandboxSpec {
+        name: name.into(),
+        program: "/bin/bash".into(),
+        args: vec![
+            "-c".into(),
+            "exec 3<>/dev/tcp/127.0.0.1/9001; echo hello-from-inside >&3; read -r answer <&3; [ \"$answer\" = ok ]".into(),
+        ],
+        loopback_listener: Some(9001),
+        ..Default::default()
+    }
+}
+
+/// The host's side of [`talking_spec`]: the listener is not reachable from the host's loopback,
+/// the function connects to it, says hello and is told ok.
+async fn converse(sb: &mut isolate::Sandbox) {
+    let listener = sb.take_listener().expect("a listener");
+    assert!(
+        std::net::TcpStream::connect(listener.local_addr().unwrap()).is_err(),
+        "the sandbox's socket must not be reachable from the host's loopback"
+    );
+    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+    let (mut conn, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
+        .await
+        .expect("the function connects over its lo")
+        .unwrap();
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let mut line = String::new();
+    tokio::io::BufReader::new(&mut conn)
+        .read_line(&mut line)
+        .await
+        .unwrap();
+    assert_eq!(line, "hello-from-inside\n");
+    conn.write_all(b"ok\n").await.unwrap();
+}
+
 /// The loopback listener lives in the sandbox's own network namespace: the function reaches it
 /// on 127.0.0.1, the host's loopback does not, and the watch sees the sandbox end.
 #[tokio::test]
@@ -270,18 +308,7 @@ async fn a_loopback_listener_is_served_from_the_host_side() {
         ..Default::default()
     })
     .unwrap();
-    // Port 1 on the host's loopback: nothing of ours listens there, and the sandbox's
-    // 127.0.0.1:1 is a different socket (in its own namespace).
-    let spec = SandboxSpec {
-        name: "listen".into(),
-        program: "/bin/bash".into(),
-        args: vec![
-            "-c".into(),
-            "exec 3<>/dev/tcp/127.0.0.1/9001; echo hello-from-inside >&3; read -r answer <&3; [ \"$answer\" = ok ]".into(),
-        ],
-        loopback_listener: Some(9001),
-        ..Default::default()
-    };
+    let spec = talking_spec("listen");
     for prepared in [false, true] {
         let mut sb = if prepared {
             iso.prepare(&spec).unwrap().start(None).unwrap()
@@ -289,22 +316,7 @@ async fn a_loopback_listener_is_served_from_the_host_side() {
             iso.spawn(&spec).unwrap()
         };
         let watch = sb.watch().unwrap();
-        let listener = sb.take_listener().expect("a listener");
-        assert!(
-            std::net::TcpStream::connect(listener.local_addr().unwrap()).is_err(),
-            "the sandbox's socket must not be reachable from the host's loopback"
-        );
-        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-        let (mut conn, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
-            .await
-            .expect("the function connects")
-            .unwrap();
-        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-        let mut line = String::new();
-        let mut reader = tokio::io::BufReader::new(&mut conn);
-        reader.read_line(&mut line).await.unwrap();
-        assert_eq!(line, "hello-from-inside\n");
-        conn.write_all(b"ok\n").await.unwrap();
+        converse(&mut sb).await;
         tokio::time::timeout(Duration::from_secs(5), watch.exited())
             .await
             .expect("the watch sees the exit")
@@ -386,18 +398,10 @@ async fn sandboxes_from_the_netns_pool_each_get_a_fresh_namespace_with_lo_up() {
         0,
         "nothing is made before the first spawn"
     );
-    let spec = SandboxSpec {
-        name: "netpool".into(),
-        program: "/bin/bash".into(),
-        args: vec![
-            "-c".into(),
-            "exec 3<>/dev/tcp/127.0.0.1/9001; echo hello-from-inside >&3; read -r answer <&3; [ \"$answer\" = ok ]".into(),
-        ],
-        loopback_listener: Some(9001),
-        ..Default::default()
-    };
+    let spec = talking_spec("netpool");
     let host = std::fs::metadata("/proc/self/ns/net").unwrap();
     let mut seen = std::collections::HashSet::new();
+    let mut held = Vec::new();
     for round in 0..5 {
         if round > 0 {
             // Made ahead by now: this spawn joins one rather than creating its own.
@@ -413,30 +417,13 @@ async fn sandboxes_from_the_netns_pool_each_get_a_fresh_namespace_with_lo_up() {
             iso.prepare(&spec).unwrap().start(None).unwrap()
         };
         use std::os::unix::fs::MetadataExt;
-        let ns = std::fs::metadata(format!("/proc/{}/ns/net", sb.pid())).unwrap();
-        assert_ne!(ns.ino(), host.ino(), "round {round}: the host's namespace");
-        assert!(
-            seen.insert(ns.ino()),
-            "round {round}: a namespace used twice"
-        );
-        let listener = sb.take_listener().expect("a listener");
-        assert!(
-            std::net::TcpStream::connect(listener.local_addr().unwrap()).is_err(),
-            "round {round}: the sandbox's socket is reachable from the host's loopback"
-        );
-        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-        let (mut conn, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
-            .await
-            .expect("the function connects over its lo")
-            .unwrap();
-        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-        let mut line = String::new();
-        tokio::io::BufReader::new(&mut conn)
-            .read_line(&mut line)
-            .await
-            .unwrap();
-        assert_eq!(line, "hello-from-inside\n");
-        conn.write_all(b"ok\n").await.unwrap();
+        // Held open to the end, so that no namespace's inode number is freed and reused.
+        let ns = std::fs::File::open(format!("/proc/{}/ns/net", sb.pid())).unwrap();
+        let ino = ns.metadata().unwrap().ino();
+        assert_ne!(ino, host.ino(), "round {round}: the host's namespace");
+        assert!(seen.insert(ino), "round {round}: a namespace used twice");
+        held.push(ns);
+        converse(&mut sb).await;
         assert_eq!(sb.wait().await.unwrap().status, ExitStatus::Exited(0));
     }
     iso.remove_root().unwrap();
