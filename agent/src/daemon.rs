@@ -167,10 +167,9 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
             cgroup_root: config.sandbox.cgroup_root.clone(),
             cgroup_mode: config.cgroup_mode(),
             best_effort_limits: !config.sandbox.require_limits,
-            // None made ahead: the agent builds sandboxes ahead (prepare_ahead) off the
-            // request path anyway, and with the pool a warm Lambda call measured slower
-            // (median 0.151-0.199 against 0.148-0.152 ms, p99 0.25-0.29 against 0.19-0.20;
-            // BENCHMARKS.md, Lambda run 9), for a reason not found yet.
+            // None made ahead: the agent builds sandboxes ahead (prepare_ahead), so creating
+            // the namespace is off its request path anyway; with the pool, warm Lambda calls
+            // fell into this machine's slow mode more often (BENCHMARKS.md, Lambda run 9).
             netns_pool: 0,
         })
         .context("preparing sandboxes")?,
