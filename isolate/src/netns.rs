@@ -1,9 +1,9 @@
 //! Network namespaces: a listening socket inside a sandbox's own, made from the host side, and
 //! a pool of namespaces made ahead of spawns.
 //!
-//! The function reaches the socket on its loopback while it has no other network, and it cannot reach
-//! any other socket of the host: the socket belongs to the sandbox's namespace, the agent only
-//! holds its file descriptor (the Lambda Runtime API is served this way).
+//! The function reaches the socket on its loopback while it has no other network, and it
+//! cannot reach any other socket of the host: the socket belongs to the sandbox's namespace, the
+//! agent only holds its file descriptor (the Lambda Runtime API is served this way).
 
 use std::fs::File;
 use std::net::{Ipv4Addr, TcpListener};
