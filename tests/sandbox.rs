@@ -36,9 +36,14 @@ const ATTEMPTS: &[&str] = &[
     "exec from /tmp",
 ];
 
-fn escape_suite(userns: bool) {
+fn escape_suite(userns: bool, spawn_helper: bool) {
     require_root();
-    let root = cgroup_root(if userns { "escape-userns" } else { "escape" });
+    let root = cgroup_root(match (userns, spawn_helper) {
+        (false, false) => "escape",
+        (true, false) => "escape-userns",
+        (false, true) => "escape-helper",
+        (true, true) => "escape-userns-helper",
+    });
     let before = host_state();
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
     let bundle = Bundle::with_probe();
@@ -47,14 +52,21 @@ fn escape_suite(userns: bool) {
     let port = listener.local_addr().unwrap().port().to_string();
     let pid = std::process::id().to_string();
 
+    let mut flags = vec![
+        "--bundle",
+        bundle.path().to_str().unwrap(),
+        "--name",
+        "escape",
+    ];
+    if userns {
+        flags.push("--userns");
+    }
+    if spawn_helper {
+        flags.push("--spawn-helper");
+    }
     let out = output(sandbox_run(
         &root,
-        &[
-            "--bundle",
-            bundle.path().to_str().unwrap(),
-            "--name",
-            "escape",
-        ],
+        &flags,
         &["/var/task/probe", "escape", &pid, &port],
     ));
     let stdout = text(&out.stdout);
@@ -86,12 +98,20 @@ fn escape_suite(userns: bool) {
 
 #[test]
 fn escape_suite_finds_every_door_closed() {
-    escape_suite(false);
+    escape_suite(false, false);
 }
 
 #[test]
 fn escape_suite_finds_every_door_closed_in_a_user_namespace() {
-    escape_suite(true);
+    escape_suite(true, false);
+}
+
+/// The agent's path: the sandbox cloned by the spawn helper (a fork of the helper, not of the
+/// caller), with and without a user namespace.
+#[test]
+fn escape_suite_finds_every_door_closed_through_the_spawn_helper() {
+    escape_suite(false, true);
+    escape_suite(true, true);
 }
 
 #[test]

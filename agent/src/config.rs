@@ -352,6 +352,10 @@ pub struct SandboxConfig {
     /// Keep one sandbox per function built ahead of time, so an invocation only pays for the
     /// function's own exec.
     pub prepare_ahead: bool,
+    /// Clone sandboxes from a small helper process forked at start, not from the agent itself:
+    /// a fork of the large multi-threaded agent costs its page tables and a copy-on-write fault
+    /// for every page it writes while a prepared sandbox shares it.
+    pub spawn_helper: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -448,6 +452,7 @@ impl Default for SandboxConfig {
             user_namespace: false,
             require_limits: false,
             prepare_ahead: true,
+            spawn_helper: true,
         }
     }
 }

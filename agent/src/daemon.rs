@@ -102,6 +102,13 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     if !nix::unistd::geteuid().is_root() {
         bail!("fnlet agent must run as root: it creates namespaces and cgroups for every function");
     }
+    // Forked now, while the agent is small and has one thread, by the thread that lives as
+    // long as the agent (the helper dies with it).
+    let spawner = if config.sandbox.spawn_helper {
+        Some(isolate::spawner::Spawner::start().context("starting the spawn helper")?)
+    } else {
+        None
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -116,7 +123,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
                 .to_string(),
         ),
     };
-    rt.block_on(serve(config, join_token))?;
+    rt.block_on(serve(config, join_token, spawner))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -151,7 +158,11 @@ fn admin_token(state_dir: &Path) -> anyhow::Result<String> {
     Ok(token)
 }
 
-async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()> {
+async fn serve(
+    config: Config,
+    join_token: Option<String>,
+    spawner: Option<isolate::spawner::Spawner>,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     let state = &config.state_dir;
     std::fs::create_dir_all(state)
@@ -162,18 +173,24 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
     let _state_dir = ownership::claim_state_dir(state)?;
     let token = admin_token(state)?;
 
-    let isolator = Arc::new(
-        Isolator::new(IsolatorConfig {
-            cgroup_root: config.sandbox.cgroup_root.clone(),
-            cgroup_mode: config.cgroup_mode(),
-            best_effort_limits: !config.sandbox.require_limits,
-            // None made ahead: the agent builds sandboxes ahead (prepare_ahead), so creating
-            // the namespace is off its request path anyway; with the pool, warm Lambda calls
-            // fell into this machine's slow mode more often (BENCHMARKS.md, Lambda run 9).
-            netns_pool: 0,
-        })
-        .context("preparing sandboxes")?,
-    );
+    let mut isolator = Isolator::new(IsolatorConfig {
+        cgroup_root: config.sandbox.cgroup_root.clone(),
+        cgroup_mode: config.cgroup_mode(),
+        best_effort_limits: !config.sandbox.require_limits,
+        // None made ahead: the agent builds sandboxes ahead (prepare_ahead), so creating
+        // the namespace is off its request path anyway; with the pool, warm Lambda calls
+        // fell into this machine's slow mode more often (BENCHMARKS.md, Lambda run 9).
+        netns_pool: 0,
+    })
+    .context("preparing sandboxes")?;
+    if let Some(spawner) = spawner {
+        let pid = spawner.pid();
+        isolator
+            .use_spawner(spawner)
+            .context("placing the spawn helper in the agent's cgroup")?;
+        tracing::debug!(pid, "sandboxes are cloned by the spawn helper");
+    }
+    let isolator = Arc::new(isolator);
     let unenforced = report_placement(&isolator, config.sandbox.require_limits)?;
     let placed = match &isolator.cgroup_placement().mount {
         Some(m) => format!(

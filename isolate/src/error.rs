@@ -6,7 +6,7 @@ use nix::errno::Errno;
 
 /// A step the sandbox child performs between clone and exec. A failure in the child
 /// comes back to the parent as one of these plus an errno.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[repr(u32)]
 pub enum Step {
     JoinCgroup = 1,
@@ -145,6 +145,9 @@ pub enum IsolateError {
 
     #[error("sandbox setup did not finish within {0:?}; the child was killed")]
     SetupTimeout(std::time::Duration),
+
+    #[error("spawn helper: {0}")]
+    Spawner(String),
 
     #[error("sandbox setup protocol error: {0}")]
     Protocol(&'static str),

@@ -33,9 +33,11 @@
 pub mod cgroup;
 mod child;
 mod error;
+mod image;
 mod netns;
 mod rootfs;
 pub mod seccomp;
+pub mod spawner;
 mod spec;
 pub mod steps;
 mod sys;
@@ -58,7 +60,6 @@ pub use spec::{
     default_runtime_binds,
 };
 
-use child::Prepared;
 use rootfs::Plan;
 
 /// How an [`Isolator`] finds and names its cgroups.
@@ -98,11 +99,12 @@ impl Default for IsolatorConfig {
 pub struct Isolator {
     cgroups: Box<dyn cgroup::CgroupBackend>,
     placement: cgroup::host::Placement,
-    bpf: &'static [libc::sock_filter],
-    bounding: Vec<caps::Capability>,
-    bounding_extra: Vec<u8>,
+    /// The capabilities a child drops from its bounding set ([`image::bounding_sets`]).
+    bounding: (Vec<caps::Capability>, Vec<u8>),
     seq: AtomicU64,
     netns: netns::NetnsPool,
+    /// Clones sandboxes when set ([`Isolator::use_spawner`]).
+    spawner: Option<spawner::Spawner>,
 }
 
 /// How the function ended.
@@ -162,23 +164,30 @@ impl Isolator {
             &config.cgroup_root,
             config.best_effort_limits,
         )?;
-        let last = sys::cap_last_cap();
-        let mut bounding: Vec<caps::Capability> = caps::all()
-            .into_iter()
-            .filter(|c| c.index() <= last)
-            .collect();
-        bounding.sort_by_key(|c| c.index());
-        let known = bounding.iter().map(|c| c.index()).max().unwrap_or(0);
-        let bounding_extra = (known + 1..=last).collect();
         Ok(Isolator {
             cgroups,
             placement,
-            bpf: seccomp::program(),
-            bounding,
-            bounding_extra,
+            bounding: image::bounding_sets(),
             seq: AtomicU64::new(0),
             netns: netns::NetnsPool::new(config.netns_pool),
+            spawner: None,
         })
+    }
+
+    /// Clones every sandbox from now on through `spawner` (see [`spawner`]): the calling
+    /// process's fork, its page tables and copy-on-write faults, leave the spawn path. Under a
+    /// delegated cgroup the helper joins this process's leaf, as it must.
+    pub fn use_spawner(&mut self, spawner: spawner::Spawner) -> Result<()> {
+        if let Some(leaf) = &self.placement.move_self_to {
+            cgroup::move_pid(leaf, spawner.pid())?;
+        }
+        self.spawner = Some(spawner);
+        Ok(())
+    }
+
+    /// The spawn helper's pid, while one clones this isolator's sandboxes.
+    pub fn spawner_pid(&self) -> Option<u32> {
+        self.spawner.as_ref().filter(|s| s.alive()).map(|s| s.pid())
     }
 
     pub fn cgroup_version(&self) -> CgroupVersion {
@@ -312,26 +321,6 @@ impl Isolator {
         } else {
             (None, None)
         };
-
-        let cs = |s: &str| {
-            CString::new(s).map_err(|_| IsolateError::InvalidSpec {
-                field: "args",
-                reason: "NUL byte".into(),
-            })
-        };
-        let argv_owned: Vec<CString> = std::iter::once(spec.program.as_str())
-            .chain(spec.args.iter().map(String::as_str))
-            .map(cs)
-            .collect::<Result<_>>()?;
-        let envp_owned: Vec<CString> = spec
-            .env
-            .iter()
-            .map(|(k, v)| cs(&format!("{k}={v}")))
-            .collect::<Result<_>>()?;
-        let exec_paths: Vec<CString> = exec_candidates(spec)
-            .iter()
-            .map(|p| cs(p))
-            .collect::<Result<_>>()?;
         let join_files: Vec<CString> = if userns {
             Vec::new()
         } else {
@@ -343,80 +332,15 @@ impl Isolator {
                 .map_err(|_| IsolateError::Protocol("cgroup path"))
         })
         .collect::<Result<_>>()?;
-
-        // A prepared sandbox's late variable: a buffer "NAME=" the child fills in at start.
-        let late_env: Option<(*mut [u8], usize)> = match (&spec.late_env, hold) {
-            (Some(name), true) => {
-                let mut buf = vec![0u8; LATE_ENV_CAP].into_boxed_slice();
-                let prefix = name.len() + 1;
-                buf[..name.len()].copy_from_slice(name.as_bytes());
-                buf[name.len()] = b'=';
-                Some((Box::into_raw(buf), prefix))
-            }
-            _ => None,
+        let raw = |f: &Option<OwnedFd>| f.as_ref().map(|f| f.as_raw_fd());
+        let fds = image::ChildFds {
+            stdio: [raw(&stdin_child), raw(&stdout_child), raw(&stderr_child)],
+            report: report_w.as_raw_fd(),
+            status: status_w.as_raw_fd(),
+            go: raw(&go_r),
+            netns: raw(&netns),
+            start: raw(&start_r),
         };
-        let envp: Vec<*const libc::c_char> = envp_owned
-            .iter()
-            .map(|c| c.as_ptr())
-            .chain(late_env.map(|(ptr, _)| ptr.cast::<libc::c_char>() as *const libc::c_char))
-            .chain(std::iter::once(std::ptr::null()))
-            .collect();
-        let ptrs = |v: &[CString]| {
-            v.iter()
-                .map(|c| c.as_ptr())
-                .chain(std::iter::once(std::ptr::null()))
-                .collect()
-        };
-        // SAFETY: sigset_t is plain data; sigemptyset initialises it.
-        let mut signals: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: signals is a valid sigset_t; the signal numbers are valid.
-        unsafe {
-            libc::sigemptyset(&mut signals);
-            libc::sigaddset(&mut signals, libc::SIGCHLD);
-            for s in child::FORWARDED {
-                libc::sigaddset(&mut signals, s);
-            }
-        }
-        let prepared = Prepared {
-            join_files,
-            plan,
-            hostname: cs(&spec.name)?,
-            rlimits: vec![
-                (libc::RLIMIT_CORE, 0),
-                (libc::RLIMIT_NOFILE, spec.limits.nofile),
-                (libc::RLIMIT_MEMLOCK, 64 << 10),
-                (libc::RLIMIT_RTPRIO, 0),
-                (libc::RLIMIT_NICE, 0),
-                (libc::RLIMIT_MSGQUEUE, 0),
-            ],
-            uid: spec.uid,
-            gid: spec.gid,
-            bounding: self.bounding.clone(),
-            bounding_extra: self.bounding_extra.clone(),
-            bpf: self.bpf,
-            stdio: [
-                stdin_child.as_ref().map(|f| f.as_raw_fd()),
-                stdout_child.as_ref().map(|f| f.as_raw_fd()),
-                stderr_child.as_ref().map(|f| f.as_raw_fd()),
-            ],
-            cwd: cs(&spec.cwd)?,
-            argv: ptrs(&argv_owned),
-            envp,
-            exec_paths,
-            report_fd: report_w.as_raw_fd(),
-            status_fd: status_w.as_raw_fd(),
-            die_with_parent: spec.die_with_parent,
-            signals,
-            go_fd: go_r.as_ref().map(|f| f.as_raw_fd()),
-            netns_fd: netns.as_ref().map(|f| f.as_raw_fd()),
-            start_fd: start_r.as_ref().map(|f| f.as_raw_fd()),
-            late_env: late_env.as_ref().map(|(ptr, prefix)| child::LateEnv {
-                ptr: ptr.cast::<u8>(),
-                prefix: *prefix,
-                cap: LATE_ENV_CAP,
-            }),
-        };
-
         let userns_flag = if userns {
             libc::CLONE_NEWUSER as u64
         } else {
@@ -431,23 +355,57 @@ impl Isolator {
             | netns_flag
             | (libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS)
                 as u64;
-        // SAFETY: the child runs only `child::run`, which makes system calls on data prepared
-        // above and never returns (it execs or _exits).
-        let forked = unsafe { sys::clone3(flags, cgroup.clone_into_fd()) }
-            .map_err(|e| IsolateError::sys("clone3", e))?;
-        let (pid, pidfd) = match forked {
-            sys::Forked::Child => child::run(&prepared),
-            sys::Forked::Parent { pid, pidfd } => (pid, pidfd),
+
+        // The clone: by the spawn helper when there is one (a small single-threaded process
+        // whose fork costs little; the child is still ours), else here.
+        let mut cloned = None;
+        if let Some(spawner) = &self.spawner {
+            let request = spawner::CloneRequest {
+                spec,
+                plan: &plan,
+                join_files: &join_files,
+                hold,
+                flags,
+            };
+            match spawner.clone_sandbox(&request, &fds, cgroup.clone_into_fd()) {
+                Ok((pid, pidfd)) => cloned = Some((pid, pidfd)),
+                Err(spawner::HelperError::Failed(e)) => return Err(e),
+                Err(spawner::HelperError::NotSent) => {}
+            }
+        }
+        let (pid, pidfd, decoder) = match cloned {
+            Some((pid, pidfd)) => {
+                let decoder = Decoder {
+                    plan,
+                    exec_paths: image::exec_paths(spec)?,
+                    join_files,
+                    rlimits: image::rlimits(spec),
+                    cwd: spec.cwd.clone(),
+                    name: spec.name.clone(),
+                };
+                (pid, pidfd, decoder)
+            }
+            None => {
+                let image =
+                    image::ChildImage::new(spec, hold, plan, join_files, &self.bounding, fds)?;
+                let (pid, pidfd) = image.clone_child(flags, cgroup.clone_into_fd())?;
+                let rlimits = image.prepared.rlimits.clone();
+                let (plan, exec_paths, join_files) = image.into_parts();
+                let decoder = Decoder {
+                    plan,
+                    exec_paths,
+                    join_files,
+                    rlimits,
+                    cwd: spec.cwd.clone(),
+                    name: spec.name.clone(),
+                };
+                (pid, pidfd, decoder)
+            }
         };
         let pidfd = match pidfd {
             Some(fd) => fd,
             None => sys::pidfd_open(pid).map_err(|e| IsolateError::sys("pidfd_open", e))?,
         };
-        if let Some((ptr, _)) = late_env {
-            // SAFETY: ptr came from Box::into_raw above and is freed once; the child has its own
-            // copy of the memory.
-            drop(unsafe { Box::from_raw(ptr) });
-        }
         // Our copies of the child's ends must close, or the pipes never report EOF.
         drop((
             report_w,
@@ -482,25 +440,10 @@ impl Isolator {
             sandbox.outcome = Some(sandbox.outcome_placeholder());
             return Err(e);
         }
-        drop((argv_owned, envp_owned));
-        let Prepared {
-            plan,
-            exec_paths,
-            join_files,
-            rlimits,
-            ..
-        } = prepared;
         let pending = Pending {
             report_r,
             start_w,
-            decoder: Decoder {
-                plan,
-                exec_paths,
-                join_files,
-                rlimits,
-                cwd: spec.cwd.clone(),
-                name: spec.name.clone(),
-            },
+            decoder,
         };
         Ok((sandbox, pending))
     }
@@ -789,22 +732,6 @@ impl Isolator {
     }
 }
 
-/// Where exec looks for the program: itself if it has a slash, else each PATH entry.
-fn exec_candidates(spec: &SandboxSpec) -> Vec<String> {
-    if spec.program.contains('/') {
-        return vec![spec.program.clone()];
-    }
-    let path = spec
-        .env
-        .get("PATH")
-        .map(String::as_str)
-        .unwrap_or("/usr/local/bin:/usr/bin:/bin");
-    path.split(':')
-        .filter(|d| d.starts_with('/'))
-        .map(|d| format!("{}/{}", d.trim_end_matches('/'), spec.program))
-        .collect()
-}
-
 fn pipe() -> Result<(OwnedFd, OwnedFd)> {
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| IsolateError::sys("pipe2", e))?;
@@ -848,9 +775,6 @@ fn stdio_pair(mode: Stdio, is_input: bool) -> Result<(Option<OwnedFd>, Option<Ow
         }
     }
 }
-
-/// Room for a prepared sandbox's late variable, `NAME=value` and its NUL.
-const LATE_ENV_CAP: usize = 256;
 
 /// How long a sandbox child may take from clone to exec.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -1216,6 +1140,7 @@ impl Drop for Sandbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use image::exec_candidates;
 
     #[test]
     fn exec_candidates_follow_path() {

@@ -45,7 +45,8 @@ const DEV_LINKS: [(&str, &str); 4] = [
     ("stderr", "/proc/self/fd/2"),
 ];
 
-#[derive(Debug)]
+/// Serializable: the spawn helper receives the plan the caller built.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub enum Op {
     /// Stop every mount event from propagating back to the host.
     MakePrivate,
@@ -98,7 +99,7 @@ pub enum Op {
     },
 }
 
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct Plan {
     pub ops: Vec<Op>,
 }

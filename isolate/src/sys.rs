@@ -52,7 +52,13 @@ pub unsafe fn clone3(flags: u64, cgroup_fd: Option<RawFd>) -> Result<Forked, Err
                 0
             },
         pidfd: &mut pidfd as *mut libc::c_int as u64,
-        exit_signal: libc::SIGCHLD as u64,
+        // With CLONE_PARENT the child signals our parent as we would (our own exit signal):
+        // clone3 refuses one of its own then.
+        exit_signal: if flags & libc::CLONE_PARENT as u64 != 0 {
+            0
+        } else {
+            libc::SIGCHLD as u64
+        },
         cgroup: cgroup_fd.map(|fd| fd as u64).unwrap_or(0),
         ..Default::default()
     };

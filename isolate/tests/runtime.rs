@@ -486,3 +486,149 @@ async fn the_functions_end_is_known_before_the_sandbox_is_torn_down() {
     );
     iso.remove_root().unwrap();
 }
+
+/// The parent pid of `pid`, from /proc.
+fn ppid_of(pid: u32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap()
+}
+
+/// Sandboxes cloned by the spawn helper are the caller's children (waitpid, pidfd and the
+/// Sandbox as before), get their stdio, listener, late variable and named failures, and when
+/// the helper is lost the caller clones them itself. Dropping the isolator ends the helper.
+#[tokio::test]
+async fn sandboxes_cloned_by_the_spawn_helper_are_the_callers_children() {
+    require_root();
+    let root = format!("fnlet-test-{}-spawner", std::process::id());
+    let mut iso = Isolator::new(IsolatorConfig {
+        cgroup_root: root.clone(),
+        ..Default::default()
+    })
+    .unwrap();
+    iso.use_spawner(isolate::spawner::Spawner::start().unwrap())
+        .unwrap();
+    let helper = iso.spawner_pid().expect("a helper");
+    assert_eq!(ppid_of(helper), std::process::id());
+    // Named by the helper itself once it runs (cosmetic, for ps and pgrep).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::fs::read_to_string(format!("/proc/{helper}/comm")).unwrap() != "fnlet-spawner\n" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the helper never named itself"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    // A spawn: ours to wait for, with its exit status.
+    let spec = SandboxSpec {
+        name: "helped".into(),
+        program: "/bin/sh".into(),
+        args: vec!["-c".into(), "printf %s \"$REQ\"; exit 7".into()],
+        late_env: Some("REQ".into()),
+        stdio: isolate::StdioSpec {
+            stdout: isolate::Stdio::Piped,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut sb = iso.spawn(&sleeper("helped-sleeper")).unwrap();
+    assert_eq!(ppid_of(sb.pid()), std::process::id(), "init is our child");
+    sb.kill().unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(5), sb.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(out.status, ExitStatus::Signaled(9));
+
+    // Prepared, with the late variable and piped stdout.
+    let prepared = iso.prepare(&spec).unwrap();
+    assert_eq!(ppid_of(prepared.pid()), std::process::id());
+    let mut sb = prepared.start(Some("req-42")).unwrap();
+    let out = std::fs::File::from(sb.take_stdout().unwrap());
+    assert_eq!(std::io::read_to_string(out).unwrap(), "req-42");
+    assert_eq!(sb.wait_blocking().unwrap().status, ExitStatus::Exited(7));
+
+    // The loopback listener of a prepared sandbox.
+    let mut sb = iso.spawn(&talking_spec("helped-talk")).unwrap();
+    converse(&mut sb).await;
+    let out = tokio::time::timeout(Duration::from_secs(5), sb.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(out.status, ExitStatus::Exited(0));
+
+    // A failure still names its step and path.
+    let bad = SandboxSpec {
+        program: "/var/task/missing".into(),
+        ..spec.clone()
+    };
+    let err = iso.spawn(&bad).unwrap_err();
+    assert!(
+        err.to_string().contains("exec /var/task/missing: ENOENT"),
+        "{err}"
+    );
+    let err = iso.prepare(&bad).unwrap().start(None).unwrap_err();
+    assert!(
+        err.to_string().contains("exec /var/task/missing: ENOENT"),
+        "{err}"
+    );
+
+    // The helper lost: spawns go on, cloned here.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(helper as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(format!("/proc/{helper}/stat"))
+        .unwrap()
+        .contains(") Z ")
+    {
+        assert!(std::time::Instant::now() < deadline, "helper did not die");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut sb = iso.prepare(&spec).unwrap().start(Some("after")).unwrap();
+    let out = std::fs::File::from(sb.take_stdout().unwrap());
+    assert_eq!(std::io::read_to_string(out).unwrap(), "after");
+    assert_eq!(sb.wait_blocking().unwrap().status, ExitStatus::Exited(7));
+    assert_eq!(iso.spawner_pid(), None, "the lost helper is no longer used");
+
+    iso.remove_root().unwrap();
+    drop(iso);
+    assert!(
+        !std::path::Path::new(&format!("/proc/{helper}")).exists(),
+        "the helper {helper} was not reaped"
+    );
+}
+
+/// A helper whose caller drops it exits and is reaped; its sandboxes live on as the caller's.
+#[test]
+fn a_dropped_spawn_helper_exits_and_leaves_its_sandboxes_running() {
+    require_root();
+    let root = format!("fnlet-test-{}-spawner-drop", std::process::id());
+    let spawner = isolate::spawner::Spawner::start().unwrap();
+    let helper = spawner.pid();
+    let mut iso = Isolator::new(IsolatorConfig {
+        cgroup_root: root,
+        ..Default::default()
+    })
+    .unwrap();
+    iso.use_spawner(spawner).unwrap();
+    let mut sb = iso.spawn(&sleeper("outlives")).unwrap();
+    // Swap the helper out: the old one is dropped (and reaped) while the sandbox runs.
+    iso.use_spawner(isolate::spawner::Spawner::start().unwrap())
+        .unwrap();
+    assert!(
+        !std::path::Path::new(&format!("/proc/{helper}")).exists(),
+        "the dropped helper {helper} was not reaped"
+    );
+    assert!(std::path::Path::new(&format!("/proc/{}", sb.pid())).exists());
+    sb.kill().unwrap();
+    let out = sb.wait_blocking().unwrap();
+    assert_eq!(out.status, ExitStatus::Signaled(9));
+    iso.remove_root().unwrap();
+}

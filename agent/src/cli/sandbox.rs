@@ -66,6 +66,10 @@ pub struct RunArgs {
     /// Print what the sandbox used (peak memory, CPU time, wall time) on stderr.
     #[arg(long)]
     stats: bool,
+    /// Clone the sandbox from a spawn helper process, as the agent does (`sandbox.spawn_helper`),
+    /// to check that path; slower for one program.
+    #[arg(long)]
+    spawn_helper: bool,
     /// Program and arguments.
     #[arg(last = true, required = true, value_name = "PROGRAM [ARGS]...")]
     command: Vec<String>,
@@ -126,11 +130,15 @@ fn spec_from(args: &RunArgs) -> anyhow::Result<SandboxSpec> {
 
 fn run_one(args: RunArgs) -> anyhow::Result<ExitCode> {
     let spec = spec_from(&args)?;
-    let isolator = Isolator::new(IsolatorConfig {
+    let mut isolator = Isolator::new(IsolatorConfig {
         cgroup_root: args.cgroup_root.clone(),
         ..Default::default()
     })
     .context("preparing the sandbox runtime")?;
+    if args.spawn_helper {
+        let spawner = isolate::spawner::Spawner::start().context("starting the spawn helper")?;
+        isolator.use_spawner(spawner)?;
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

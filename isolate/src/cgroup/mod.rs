@@ -158,7 +158,12 @@ pub fn place(mode: &CgroupMode, root: &str, best_effort: bool) -> Result<Placed>
 /// cgroup that enables controllers for its children may hold no process itself.
 fn move_self(dir: &Path) -> Result<()> {
     mkdir(dir)?;
-    write_file(dir, "cgroup.procs", &std::process::id().to_string())
+    move_pid(dir, std::process::id())
+}
+
+/// Moves process `pid` (every thread) into the existing cgroup2 leaf `dir`.
+pub(crate) fn move_pid(dir: &Path, pid: u32) -> Result<()> {
+    write_file(dir, "cgroup.procs", &pid.to_string())
 }
 
 fn validate_root(root: &str) -> Result<()> {
