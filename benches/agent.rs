@@ -948,6 +948,16 @@ impl ProcUsage {
     }
 }
 
+/// The CPU and faults of `agent`'s spawn helper (`fnlet-spawner`, a child of its main thread),
+/// when it has one.
+fn spawn_helper_of(agent: u32) -> Option<ProcUsage> {
+    let children = fs::read_to_string(format!("/proc/{agent}/task/{agent}/children")).ok()?;
+    children.split_whitespace().find_map(|c| {
+        let comm = fs::read_to_string(format!("/proc/{c}/comm")).ok()?;
+        (comm.trim() == "fnlet-spawner").then(|| ProcUsage::read(&format!("/proc/{c}/stat")))
+    })
+}
+
 /// What a slice of load cost: the process serving it (an agent, or this process for the
 /// library), this process as the load generator, and the whole host (busy and total ticks).
 #[derive(Default, Clone, Copy)]
@@ -964,7 +974,15 @@ impl Usage {
     fn now(agent: Option<u32>) -> Usage {
         let me = ProcUsage::read("/proc/self/stat");
         let (server, client) = match agent {
-            Some(pid) => (ProcUsage::read(&format!("/proc/{pid}/stat")), Some(me)),
+            Some(pid) => {
+                let mut agent = ProcUsage::read(&format!("/proc/{pid}/stat"));
+                // The agent's spawn helper clones its sandboxes: its work is the agent's.
+                if let Some(helper) = spawn_helper_of(pid) {
+                    agent.cpu += helper.cpu;
+                    agent.faults += helper.faults;
+                }
+                (agent, Some(me))
+            }
             None => (me, None),
         };
         let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
@@ -1366,9 +1384,10 @@ fn print_cpu_table(names: &[&str], rows: &[Vec<LoadRow>]) {
     }
     println!(
         "(per successful request, from /proc/<pid>/stat; CPU in 10 ms ticks summed over the \
-         level. own = the process serving the requests: the agent's own threads, including the \
-         parent's side of each sandbox's clone3 and the cgroup work, or, for the library and the \
-         floor, this process; own faults = its own minor page faults; sandbox = its reaped children, i.e. \
+         level. own = the process serving the requests: the agent's own threads (the cgroup work, \
+         and the parent's side of each sandbox's clone3 when the agent clones) plus its spawn \
+         helper's (which clones when there is one), or, for the library and the floor, this \
+         process; own faults = its own minor page faults; sandbox = its reaped children, i.e. \
          each sandbox's init and function, the child's setup included; client = this process as \
          the load generator)"
     );
