@@ -216,6 +216,12 @@ check_unit() {
   cg=$(sh_ct "grep '^0::' /proc/$pid/cgroup")
   note "agent cgroup: $cg"
   [ "$cg" = "0::/system.slice/fnlet.service/agent" ] || fail "the agent is in $cg, not its delegated leaf"
+  # The spawn helper (sandbox.spawn_helper, on by default) is the agent's child, in its leaf.
+  local helper
+  helper=$(sh_ct "pgrep -P $pid -x fnlet-spawner" || true)
+  [ -n "$helper" ] || fail "the agent ($pid) has no fnlet-spawner child"
+  cg=$(sh_ct "grep '^0::' /proc/$helper/cgroup")
+  [ "$cg" = "0::/system.slice/fnlet.service/agent" ] || fail "the spawn helper is in $cg, not the agent's leaf"
   in_ct systemd-analyze verify --man=no fnlet.service || fail "systemd-analyze verify fnlet.service"
 }
 
