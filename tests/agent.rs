@@ -784,12 +784,23 @@ fn health_status_and_metrics() {
         "fnlet_invocations_total{function=\"counted\"} 3",
         "fnlet_invocations_total{function=\"failing\"} 1",
         "fnlet_invocation_errors_total{function=\"failing\",kind=\"function_error\"} 1",
+        // The sandboxes came from the spawn helper (sandbox.spawn_helper, on by default).
+        "fnlet_spawn_helper_up 1",
     ] {
         assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
     }
     assert!(
         text.contains("fnlet_invocation_duration_seconds_bucket"),
         "{text}"
+    );
+    // ... which is a child of the agent's main thread, named for ps.
+    let pid = agent.pid();
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    assert!(
+        children.split_whitespace().any(|c| {
+            std::fs::read_to_string(format!("/proc/{c}/comm")).is_ok_and(|n| n == "fnlet-spawner\n")
+        }),
+        "no fnlet-spawner among the agent's children {children:?}"
     );
 
     let s = agent.admin(Method::GET, "/v1/status", None);

@@ -277,6 +277,8 @@ pub struct Metrics {
     connection_timeouts: Family<ReasonLabels, Counter>,
     uptime: Gauge<f64, AtomicU64>,
     rss: Gauge,
+    /// 1 while the spawn helper clones sandboxes, 0 when it is off or was lost.
+    pub spawn_helper_up: Gauge,
     /// The host's capacity for instances and what live ones hold of it, by resource (memory
     /// in bytes, cpu in cpus, instances).
     capacity: Family<ResourceLabels, Gauge<f64, AtomicU64>>,
@@ -494,6 +496,7 @@ impl Metrics {
         );
         let uptime = Gauge::<f64, AtomicU64>::default();
         let rss = Gauge::default();
+        let spawn_helper_up = Gauge::default();
         let capacity = Family::<ResourceLabels, Gauge<f64, AtomicU64>>::default();
         let committed = Family::<ResourceLabels, Gauge<f64, AtomicU64>>::default();
         let evictions = Counter::default();
@@ -590,6 +593,12 @@ impl Metrics {
             "Resident memory of the agent",
             rss.clone(),
         );
+        registry.register(
+            "spawn_helper_up",
+            "1 while sandboxes are cloned by the spawn helper (sandbox.spawn_helper), 0 when it is \
+             off or was lost (the agent then clones them itself)",
+            spawn_helper_up.clone(),
+        );
         let schedules = ScheduleMetrics::register(&mut registry);
         Metrics {
             registry,
@@ -623,6 +632,7 @@ impl Metrics {
             connection_timeouts,
             uptime,
             rss,
+            spawn_helper_up,
             capacity,
             committed,
             evictions,

@@ -482,3 +482,68 @@ fn serve_one(
     )?;
     image.clone_child(req.flags | libc::CLONE_PARENT as u64, cgroup_fd)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> SandboxSpec {
+        let mut spec = SandboxSpec {
+            name: "wire".into(),
+            program: "/var/task/bootstrap".into(),
+            args: vec!["a".into(), "b c".into()],
+            late_env: Some("REQ".into()),
+            loopback_listener: Some(9001),
+            ..Default::default()
+        };
+        spec.env.insert("K".into(), "v=1".into());
+        spec
+    }
+
+    #[test]
+    fn a_request_reads_back_as_the_helper_sees_it() {
+        let spec = spec();
+        let plan = Plan::build(&spec).unwrap();
+        let join = [CString::new("/sys/fs/cgroup/pids/x/tasks").unwrap()];
+        let wire = Wire {
+            spec: &spec,
+            plan: &plan,
+            join_files: &join,
+            hold: true,
+            flags: 0x2000_0000,
+            layout: Layout(REPORT | STATUS | START),
+        };
+        let bytes = postcard::to_stdvec(&wire).unwrap();
+        assert!(bytes.len() < MAX_REQUEST);
+        let got: Received = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(got.spec, spec);
+        assert_eq!(format!("{:?}", got.plan), format!("{plan:?}"));
+        assert_eq!(got.join_files, join);
+        assert!(got.hold);
+        assert_eq!(got.flags, 0x2000_0000);
+        assert_eq!(got.layout.0, REPORT | STATUS | START);
+    }
+
+    #[test]
+    fn descriptors_that_do_not_match_the_layout_are_refused_before_any_clone() {
+        let spec = spec();
+        let plan = Plan::build(&spec).unwrap();
+        let wire = Wire {
+            spec: &spec,
+            plan: &plan,
+            join_files: &[],
+            hold: false,
+            flags: 0,
+            layout: Layout(REPORT | STATUS | STDOUT),
+        };
+        let bytes = postcard::to_stdvec(&wire).unwrap();
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let bounding = crate::image::bounding_sets();
+        // Two descriptors for a layout of three.
+        let err = serve_one(&bytes, &[r, w], &bounding).unwrap_err();
+        assert!(matches!(err, IsolateError::Protocol(_)), "{err}");
+        // Garbage is refused too.
+        let err = serve_one(b"\xff\xff\xff", &[], &bounding).unwrap_err();
+        assert!(matches!(err, IsolateError::Protocol(_)), "{err}");
+    }
+}

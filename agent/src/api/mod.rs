@@ -413,6 +413,8 @@ async fn metrics(State(app): Shared) -> Response {
             app.router.metrics.net_addresses.set(in_use as i64);
         }
     }
+    let helper_up = app.router.isolator.spawner_pid().is_some();
+    app.router.metrics.spawn_helper_up.set(i64::from(helper_up));
     let reg = &app.router.registry;
     app.router.metrics.set_capacity(
         reg.capacity.capacity(),
