@@ -6,8 +6,9 @@
 //! Run as root through `benches/run.sh`, which installs the peers and builds fnlet first.
 //! Environment: `FNLET_BENCH_RUNS` (samples per contender and per step, default 200),
 //! `FNLET_BENCH_WARMUP` (default 10), `FNLET_BIN` (default `<target>/release/fnlet`),
-//! `FNLET_BENCH_NETNS_POOL` (the library contender's `IsolatorConfig::netns_pool`, default the
-//! library's; 0 to measure every spawn creating its own network namespace).
+//! `FNLET_BENCH_NETNS_POOL` (the library contenders' `IsolatorConfig::netns_pool`, default the
+//! library's; 0 to measure every spawn creating its own network namespace). The library runs
+//! twice: cloning in this process, and through a spawn helper as the agent does.
 
 #![forbid(unsafe_code)]
 
@@ -87,6 +88,18 @@ fn main() {
     })
     .expect("Isolator::new (the library contender)");
     cleanup.isolators.push(lib_root.clone());
+    // The agent's way (sandbox.spawn_helper): the same spawns, cloned by a helper process.
+    let helper_root = format!("fnlet-bench-helper-{pid}");
+    let mut helped = Isolator::new(IsolatorConfig {
+        cgroup_root: helper_root.clone(),
+        netns_pool,
+        ..Default::default()
+    })
+    .expect("Isolator::new (the spawn helper's contender)");
+    helped
+        .use_spawner(isolate::spawner::Spawner::start().expect("starting the spawn helper"))
+        .expect("use_spawner");
+    cleanup.isolators.push(helper_root.clone());
     let cli_root = format!("fnlet-bench-cli-{pid}");
     cleanup.isolators.push(cli_root.clone());
 
@@ -128,6 +141,22 @@ fn main() {
         ),
         Box::new(|_| {
             let mut sb = isolator.spawn(&spec).map_err(|e| e.to_string())?;
+            let out = sb.wait_blocking().map_err(|e| e.to_string())?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!("exited {:?}", out.status))
+            }
+        }),
+    ));
+    contenders.push(Contender::new(
+        "fnlet library, spawn helper",
+        &format!(
+            "the same, cloned by a spawn helper process as the agent does (sandbox.spawn_helper; \
+             {netns_pool} network namespaces made ahead)"
+        ),
+        Box::new(|_| {
+            let mut sb = helped.spawn(&spec).map_err(|e| e.to_string())?;
             let out = sb.wait_blocking().map_err(|e| e.to_string())?;
             if out.status.success() {
                 Ok(())
@@ -702,7 +731,11 @@ fn print_goal(results: &[(String, String, Stats)]) {
         return;
     };
     println!("\ngoal: median at or below bwrap's, and at most a tenth of runc's");
-    for name in ["fnlet library (Isolator::spawn)", "fnlet sandbox run (CLI)"] {
+    for name in [
+        "fnlet library (Isolator::spawn)",
+        "fnlet library, spawn helper",
+        "fnlet sandbox run (CLI)",
+    ] {
         if let Some(m) = find(name) {
             let yes = |b: bool| if b { "met" } else { "NOT met" };
             println!(
