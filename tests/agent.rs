@@ -808,6 +808,11 @@ fn health_status_and_metrics() {
     assert_eq!(s["functions"], 2, "{s}");
     assert_eq!(s["running_instances"], 0, "{s}");
     assert_eq!(s["draining"], false, "{s}");
+    assert_eq!(s["spawn_helper"]["state"], "up", "{s}");
+    assert!(
+        s["spawn_helper"]["pid"].as_u64().is_some_and(|p| p > 1),
+        "{s}"
+    );
     assert!(s["cgroup"] == "v1" || s["cgroup"] == "v2", "{s}");
     assert!(
         s["cgroup_root"]

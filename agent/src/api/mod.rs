@@ -441,6 +441,13 @@ async fn status(State(app): Shared, headers: HeaderMap) -> Result<Response, AppE
         "cgroup": app.cgroup_version,
         "cgroup_root": app.cgroup_root,
         "unenforced_limits": app.unenforced_limits,
+        // Who clones sandboxes: the spawn helper (its pid), or the agent itself because the
+        // helper is off (sandbox.spawn_helper) or was lost.
+        "spawn_helper": match (app.config.sandbox.spawn_helper, app.router.isolator.spawner_pid()) {
+            (_, Some(pid)) => json!({ "state": "up", "pid": pid }),
+            (false, None) => json!({ "state": "off" }),
+            (true, None) => json!({ "state": "lost" }),
+        },
         "state_dir": app.config.state_dir,
         "draining": app.router.draining.is_cancelled(),
         "resident_memory_bytes": crate::metrics::resident_bytes(),

@@ -460,10 +460,20 @@ pub struct StatusInfo {
     pub draining: Option<bool>,
     /// Controllers whose limits the host cannot enforce (absent from older agents).
     pub unenforced_limits: Option<Vec<String>>,
+    /// Who clones sandboxes (absent from older agents).
+    pub spawn_helper: Option<SpawnHelperStatus>,
     /// The cluster, when the agent is in one.
     pub cluster: Option<ClusterStatus>,
     /// What live instances hold of the host (absent from older agents).
     pub capacity: Option<CapacityStatus>,
+}
+
+/// The spawn helper: `up` (with its pid), `off` (`sandbox.spawn_helper = false`) or `lost`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct SpawnHelperStatus {
+    pub state: String,
+    pub pid: Option<u32>,
 }
 
 /// Committed and capacity of one resource.

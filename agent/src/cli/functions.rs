@@ -1232,6 +1232,19 @@ fn status_text(s: &StatusInfo, endpoint: &str) -> String {
             },
         ),
         (
+            "spawner",
+            s.spawn_helper
+                .as_ref()
+                .map_or_else(none, |h| match (h.state.as_str(), h.pid) {
+                    ("up", Some(pid)) => format!("spawn helper, pid {pid}"),
+                    ("off", _) => "the agent itself (sandbox.spawn_helper = false)".into(),
+                    ("lost", _) => {
+                        "the agent itself: the spawn helper was LOST (see the log)".into()
+                    }
+                    (other, _) => other.to_string(),
+                }),
+        ),
+        (
             "state dir",
             s.state_dir.clone().unwrap_or_else(|| "-".into()),
         ),
@@ -1755,6 +1768,10 @@ mod tests {
             state_dir: Some("/var/lib/fnlet".into()),
             draining: Some(false),
             unenforced_limits: Some(vec!["memory".into(), "pids".into()]),
+            spawn_helper: Some(crate::cli::client::SpawnHelperStatus {
+                state: "up".into(),
+                pid: Some(4242),
+            }),
             cluster: Some(crate::cli::client::ClusterStatus {
                 node_id: "host-a".into(),
                 peer_addr: "10.0.0.1:8741".into(),
@@ -1788,6 +1805,7 @@ mod tests {
              cgroup:       v2\n\
              cgroup root:  fnlet\n\
              limits:       NOT enforced: no memory, pids controller here\n\
+             spawner:      spawn helper, pid 4242\n\
              state dir:    /var/lib/fnlet\n\
              draining:     no\n\
              cluster:      node host-a at 10.0.0.1:8741; other members: 2 alive, 1 down\n"
