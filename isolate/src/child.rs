@@ -5,8 +5,9 @@
 //! reaps zombies, forwards signals, and reports the function's wait status before it exits (its
 //! exit tears down the pid namespace, so nothing the function started survives it).
 //!
-//! The agent is multi-threaded: everything here was prepared by the parent, and this code makes
-//! only system calls (no allocation, no locks) until exec.
+//! The process cloned from may be multi-threaded (the agent, when it clones without its spawn
+//! helper): everything here was prepared by the parent, and this code makes only system calls
+//! (no allocation, no locks) until exec.
 
 use std::ffi::CString;
 use std::os::fd::RawFd;

@@ -307,8 +307,8 @@ pub fn prctl(option: libc::c_int, arg: libc::c_ulong) -> Result<(), Errno> {
     if r < 0 { Err(Errno::last()) } else { Ok(()) }
 }
 
-/// Names this process in /proc/<pid>/comm (what `ps` and `pgrep` show): the sandbox init is a
-/// fork of the agent and should not look like it. (Its /proc/<pid>/cmdline still reads like the
+/// Names this process in /proc/<pid>/comm (what `ps` and `pgrep` show): the sandbox init and the
+/// spawn helper are forks of the agent and should not look like it. (Its /proc/<pid>/cmdline still reads like the
 /// agent's: PR_SET_MM, which could change that, is refused on the hosts we run on.)
 pub fn set_name(name: &'static std::ffi::CStr) -> Result<(), Errno> {
     // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes from a static.

@@ -999,7 +999,7 @@ async fn invoke_exec(
 }
 
 /// `r` with `after` held by its body: hyper drops the body once it has taken the last of it,
-/// so what is left (an exec sandbox's teardown, the next prepared sandbox: a fork of the agent)
+/// so what is left (an exec sandbox's teardown, the next prepared sandbox)
 /// happens after the answer is written.
 fn after_sent(r: Response, after: crate::router::AfterAnswer) -> Response {
     if after.is_empty() {
