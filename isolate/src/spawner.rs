@@ -11,9 +11,9 @@
 //! caller keeps making the cgroup, the pipes and the plan; the helper receives the spec, the plan
 //! and the child's ends of the pipes, builds the child's memory image and clones.
 //!
-//! Protocol: one `SOCK_SEQPACKET` socket pair. A request is a postcard-encoded [`Wire`] with
-//! the child's descriptors attached (`SCM_RIGHTS`) in [`Layout`] order; the reply is a
-//! [`Reply`], with the pidfd attached when the clone worked. One request at a time: the
+//! Protocol: one `SOCK_SEQPACKET` socket pair. A request is a postcard-encoded `Wire` with
+//! the child's descriptors attached (`SCM_RIGHTS`) in `Layout` order; the reply is a
+//! `Reply`, with the pidfd attached when the clone worked. One request at a time: the
 //! caller's end sits behind a mutex (the helper's part of a spawn is ~0.1 ms; the child's
 //! setup, the long part, runs in the child).
 //!

@@ -18,7 +18,7 @@ pub struct SandboxSpec {
     pub name: String,
     /// Program to run: a path inside the sandbox, or a bare name looked up in `PATH` from `env`.
     pub program: String,
-    /// Arguments after argv[0].
+    /// Arguments after `argv[0]`.
     pub args: Vec<String>,
     /// The whole environment of the function: nothing is inherited from the host.
     pub env: BTreeMap<String, String>,
