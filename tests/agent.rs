@@ -1220,3 +1220,48 @@ fn a_sandbox_built_ahead_serves_the_next_invocation() {
     // finish() checks that stopping the agent removes the waiting sandbox too.
     agent.finish();
 }
+
+/// `sandbox.user_namespace = true`: exec and Lambda functions run, although the bundles sit in
+/// the agent's 0750 state directory, which the function's own uid (the child's filesystem ids
+/// while it builds the root) may not traverse: the bind sources are opened first, as root.
+#[test]
+fn functions_run_in_a_user_namespace_from_the_agents_private_state_dir() {
+    let agent = Agent::start_with(
+        "userns",
+        Settings {
+            sandbox_extra: "user_namespace = true\n".into(),
+            ..Settings::default()
+        },
+    );
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    agent.deploy(&repo.join("examples/hello-sh"));
+    let noop = std::fs::read(common::fixture_bootstrap("lambda-noop")).expect("read bootstrap");
+    let lf = Fixture::new(
+        "name = \"usernoop\"\nmode = \"lambda\"\npublic = true\n",
+        &[("bootstrap", &noop, 0o755)],
+    );
+    agent.deploy(lf.path());
+    for _ in 0..2 {
+        let r = agent.invoke("hello-sh", b"Ada");
+        assert_eq!(
+            r.expect_ok(200).text(),
+            "Hello, Ada! (from hello-sh version 1)\n"
+        );
+        agent.invoke("usernoop", b"{}").expect_ok(200);
+    }
+    // The warm instance really is in a user namespace of its own.
+    let own = std::fs::read_link("/proc/self/ns/user").unwrap();
+    let procs: Vec<String> = sandbox_cgroups(&agent.root)
+        .into_iter()
+        .filter(|g| g.to_string_lossy().contains("usernoop"))
+        .filter_map(|g| std::fs::read_to_string(g.join("cgroup.procs")).ok())
+        .flat_map(|t| t.lines().map(String::from).collect::<Vec<_>>())
+        .collect();
+    assert!(!procs.is_empty(), "no process of the warm instance found");
+    for pid in &procs {
+        if let Ok(ns) = std::fs::read_link(format!("/proc/{pid}/ns/user")) {
+            assert_ne!(ns, own, "process {pid} shares the host's user namespace");
+        }
+    }
+    agent.finish();
+}

@@ -25,6 +25,10 @@ pub const KIND_STEP: u32 = 2;
 /// Not a failure: a prepared sandbox is ready and waits for its start.
 pub const KIND_READY: u32 = 3;
 
+/// The most plan ops whose bind sources a user-namespace child opens ahead (a plan is ~60 ops;
+/// a longer one binds the rest by path).
+const MAX_PLAN_OPS: usize = 256;
+
 /// Signals the init passes on to the function.
 pub const FORWARDED: [libc::c_int; 8] = [
     libc::SIGHUP,
@@ -120,6 +124,8 @@ pub fn run(p: &Prepared) -> ! {
     // copied by our clone, would otherwise stay open here: their EOF would wait for us (for as
     // long as a prepared sandbox waits to be started).
     close_all_but(p);
+    // With a user namespace: the bind sources opened before the fs ids change, by op index.
+    let mut bind_sources: [RawFd; MAX_PLAN_OPS] = [-1; MAX_PLAN_OPS];
     if let Some(fd) = p.go_fd {
         // No byte: the parent gave up on us (it reports its own error).
         if !read_one_byte(fd) {
@@ -127,6 +133,11 @@ pub fn run(p: &Prepared) -> ! {
         }
         // SAFETY: fd is ours and no longer needed.
         unsafe { libc::close(fd) };
+        // The bind sources first, while lookups are still the host root's (see
+        // Plan::open_sources); -1: no descriptor, the op uses its path.
+        if let Err((step, index, errno)) = p.plan.open_sources(&mut bind_sources) {
+            fail(p, KIND_PLAN, step, index, errno);
+        }
         // Our own uid (the host's root) has no mapping in the new namespace, and the kernel
         // will not create files for an unmapped owner: build the root as the function's ids.
         // CAP_SYS_ADMIN (for the mounts) survives the fs id change.
@@ -156,8 +167,13 @@ pub fn run(p: &Prepared) -> ! {
         libc::unshare(libc::CLONE_NEWCGROUP)
     });
 
-    if let Err((step, index, errno)) = p.plan.run() {
+    let sources = p.go_fd.map(|_| &bind_sources[..]);
+    if let Err((step, index, errno)) = p.plan.run(sources) {
         fail(p, KIND_PLAN, step, index, errno);
+    }
+    for &fd in bind_sources.iter().filter(|&&fd| fd >= 0) {
+        // SAFETY: opened by open_sources above, ours, no longer needed.
+        unsafe { libc::close(fd) };
     }
 
     // SAFETY: the hostname buffer is valid for its length.

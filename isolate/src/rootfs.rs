@@ -7,6 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::ffi::{CStr, CString};
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -303,13 +304,70 @@ impl Plan {
         }
     }
 
-    /// Child side: carries out every op. Only system calls; no allocation.
-    pub fn run(&self) -> std::result::Result<(), (Step, u32, Errno)> {
+    /// Child side: carries out every op. Only system calls; no allocation. `sources[i]`, when
+    /// given and not -1, is an `O_PATH` descriptor of op `i`'s bind source ([`Plan::open_sources`]),
+    /// bound through `/proc/self/fd` instead of its path.
+    pub fn run(&self, sources: Option<&[RawFd]>) -> std::result::Result<(), (Step, u32, Errno)> {
         for (i, op) in self.ops.iter().enumerate() {
-            run_op(op).map_err(|(step, e)| (step, i as u32, e))?;
+            let fd = sources
+                .and_then(|s| s.get(i).copied())
+                .filter(|&fd| fd >= 0);
+            let r = match (op, fd) {
+                (Op::Bind { dst, seal_now, .. }, Some(fd)) => {
+                    let mut buf = [0u8; 32];
+                    let src = fd_path(fd, &mut buf);
+                    bind(src, dst, *seal_now)
+                }
+                _ => run_op(op),
+            };
+            r.map_err(|(step, e)| (step, i as u32, e))?;
         }
         Ok(())
     }
+
+    /// Child side, with a user namespace, before it takes the function's ids: opens each bind
+    /// source (`O_PATH`) while the host's root still owns this process's filesystem ids. Those
+    /// ids then become the function's (the kernel makes files only for a mapped owner), and a
+    /// path lookup as the function would stop at a host directory only root may traverse (the
+    /// agent's 0750 state directory, which holds the bundles). Fills `fds[i]` for op `i`; on
+    /// error, the bind's index.
+    pub fn open_sources(&self, fds: &mut [RawFd]) -> std::result::Result<(), (Step, u32, Errno)> {
+        for (i, op) in self.ops.iter().enumerate() {
+            if let (Op::Bind { src, .. }, Some(slot)) = (op, fds.get_mut(i)) {
+                // SAFETY: src is NUL-terminated; the descriptor is ours (closed by the caller).
+                let fd = unsafe { libc::open(src.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+                if fd < 0 {
+                    return Err((Step::BindMount, i as u32, Errno::last()));
+                }
+                *slot = fd;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `/proc/self/fd/<fd>` in `buf`, NUL-terminated, without allocating.
+fn fd_path(fd: RawFd, buf: &mut [u8; 32]) -> &CStr {
+    const PREFIX: &[u8] = b"/proc/self/fd/";
+    buf[..PREFIX.len()].copy_from_slice(PREFIX);
+    let mut digits = [0u8; 10];
+    let mut n = fd.unsigned_abs();
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for (k, d) in digits[..len].iter().rev().enumerate() {
+        buf[PREFIX.len() + k] = *d;
+    }
+    let end = PREFIX.len() + len;
+    buf[end] = 0;
+    // The buffer holds exactly one NUL, at `end`.
+    CStr::from_bytes_with_nul(&buf[..=end]).unwrap_or(c"/")
 }
 
 fn cvt(step: Step, ret: libc::c_int) -> std::result::Result<(), (Step, Errno)> {
@@ -347,6 +405,21 @@ fn skip_missing(
 
 const RO_BIND: libc::c_ulong = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY;
 
+fn bind(src: &CStr, dst: &CStr, seal_now: bool) -> std::result::Result<(), (Step, Errno)> {
+    mount(Step::BindMount, Some(src), dst, None, libc::MS_BIND, None)?;
+    if !seal_now {
+        return Ok(());
+    }
+    mount(
+        Step::RemountReadOnly,
+        None,
+        dst,
+        None,
+        RO_BIND | libc::MS_NOSUID | libc::MS_NODEV,
+        None,
+    )
+}
+
 fn run_op(op: &Op) -> std::result::Result<(), (Step, Errno)> {
     match op {
         Op::MakePrivate => mount(
@@ -383,20 +456,7 @@ fn run_op(op: &Op) -> std::result::Result<(), (Step, Errno)> {
             unsafe { libc::close(fd) };
             Ok(())
         }
-        Op::Bind { src, dst, seal_now } => {
-            mount(Step::BindMount, Some(src), dst, None, libc::MS_BIND, None)?;
-            if !seal_now {
-                return Ok(());
-            }
-            mount(
-                Step::RemountReadOnly,
-                None,
-                dst,
-                None,
-                RO_BIND | libc::MS_NOSUID | libc::MS_NODEV,
-                None,
-            )
-        }
+        Op::Bind { src, dst, seal_now } => bind(src, dst, *seal_now),
         Op::SealTree(root) => seal_tree(root),
         Op::Tmpfs {
             dst,
@@ -563,6 +623,14 @@ fn pivot_root(new_root: &CStr) -> std::result::Result<(), (Step, Errno)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn descriptor_paths_are_written_without_allocating() {
+        let mut buf = [0u8; 32];
+        assert_eq!(fd_path(0, &mut buf), c"/proc/self/fd/0");
+        assert_eq!(fd_path(7, &mut buf), c"/proc/self/fd/7");
+        assert_eq!(fd_path(1_048_575, &mut buf), c"/proc/self/fd/1048575");
+    }
 
     #[test]
     fn binds_are_sealed_together_after_the_last_one_and_before_proc() {

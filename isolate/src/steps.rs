@@ -281,7 +281,7 @@ fn join(files: &[CString]) -> std::result::Result<(), (Step, u32, Errno)> {
 /// `total` includes unmounting it all when the child's mount namespace dies.
 pub fn mount_plan(spec: &SandboxSpec) -> Result<Timing> {
     let plan = Plan::build(spec)?;
-    let (step, total) = measure(Namespaces::MOUNT.union(Namespaces::PID), &|| plan.run())?;
+    let (step, total) = measure(Namespaces::MOUNT.union(Namespaces::PID), &|| plan.run(None))?;
     Ok(Timing {
         step: step.unwrap_or(total),
         total,

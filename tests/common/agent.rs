@@ -55,6 +55,8 @@ pub struct Settings {
     pub network_extra: String,
     /// `[capacity]` lines, as TOML (`"memory_mb = 256\n"`).
     pub capacity_extra: String,
+    /// More `[sandbox]` lines, as TOML (`"user_namespace = true\n"`).
+    pub sandbox_extra: String,
 }
 
 impl Default for Settings {
@@ -75,6 +77,7 @@ impl Default for Settings {
             cluster_extra: String::new(),
             network_extra: String::new(),
             capacity_extra: String::new(),
+            sandbox_extra: String::new(),
         }
     }
 }
@@ -426,13 +429,14 @@ impl Agent {
         // The file is named after the cgroup root, so the agent's command line (and that of
         // any process it forked) mentions the root: processes_matching(root) finds them.
         let config = format!(
-            "shutdown_grace_s = {}\n\n[limits]\nqueue_timeout_ms = {}\n{}\n[sandbox]\ncgroup_root = \"{root}\"\nuid_base = {}\nuid_count = {}\nprepare_ahead = {}\n\n[cluster]\nlisten = \"{peer_listen}\"\n{}\n[network]\n{}\n[capacity]\n{}",
+            "shutdown_grace_s = {}\n\n[limits]\nqueue_timeout_ms = {}\n{}\n[sandbox]\ncgroup_root = \"{root}\"\nuid_base = {}\nuid_count = {}\nprepare_ahead = {}\n{}\n[cluster]\nlisten = \"{peer_listen}\"\n{}\n[network]\n{}\n[capacity]\n{}",
             settings.shutdown_grace_s,
             settings.queue_timeout_ms,
             settings.limits_extra,
             uids.start,
             uids.end - uids.start,
             settings.prepare_ahead,
+            settings.sandbox_extra,
             settings.cluster_extra,
             settings.network_extra,
             settings.capacity_extra,
