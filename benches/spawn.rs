@@ -139,15 +139,7 @@ fn main() {
             "the same sandbox from this process: spawn + wait_blocking, one Isolator \
              ({netns_pool} network namespaces made ahead by its thread)"
         ),
-        Box::new(|_| {
-            let mut sb = isolator.spawn(&spec).map_err(|e| e.to_string())?;
-            let out = sb.wait_blocking().map_err(|e| e.to_string())?;
-            if out.status.success() {
-                Ok(())
-            } else {
-                Err(format!("exited {:?}", out.status))
-            }
-        }),
+        Box::new(|_| spawn_and_wait(&isolator, &spec)),
     ));
     contenders.push(Contender::new(
         "fnlet library, spawn helper",
@@ -155,15 +147,7 @@ fn main() {
             "the same, cloned by a spawn helper process as the agent does (sandbox.spawn_helper; \
              {netns_pool} network namespaces made ahead)"
         ),
-        Box::new(|_| {
-            let mut sb = helped.spawn(&spec).map_err(|e| e.to_string())?;
-            let out = sb.wait_blocking().map_err(|e| e.to_string())?;
-            if out.status.success() {
-                Ok(())
-            } else {
-                Err(format!("exited {:?}", out.status))
-            }
-        }),
+        Box::new(|_| spawn_and_wait(&helped, &spec)),
     ));
     let bwrap_ok = which("bwrap");
     if bwrap_ok {
@@ -917,5 +901,16 @@ impl Drop for Cleanup {
         for d in left {
             eprintln!("cleanup: could not remove {}", d.display());
         }
+    }
+}
+
+/// One library spawn of `spec` to its end: Ok when the program exited 0.
+fn spawn_and_wait(isolator: &Isolator, spec: &SandboxSpec) -> Result<(), String> {
+    let mut sb = isolator.spawn(spec).map_err(|e| e.to_string())?;
+    let out = sb.wait_blocking().map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("exited {:?}", out.status))
     }
 }

@@ -216,69 +216,30 @@ impl Spawner {
             return Err(HelperError::NotSent);
         }
         let sock = self.sock.lock().unwrap_or_else(|e| e.into_inner());
-        let cmsg = [ControlMessage::ScmRights(&attached)];
-        match sendmsg::<()>(
-            sock.as_raw_fd(),
-            &[IoSlice::new(&bytes)],
-            &cmsg,
-            MsgFlags::MSG_NOSIGNAL,
-            None,
-        ) {
-            Ok(_) => {}
-            Err(e) => {
-                // A datagram socket takes all or nothing: nothing went out.
-                self.lost(&format!("sending a request failed: {e}"));
-                return Err(HelperError::NotSent);
-            }
+        if let Err(e) = send(&sock, &bytes, &attached) {
+            // A datagram socket takes all or nothing: nothing went out.
+            self.lost(&format!("sending a request failed: {e}"));
+            return Err(HelperError::NotSent);
         }
         let mut buf = [0u8; 1024];
         let mut cmsg_space = nix::cmsg_space!([RawFd; 1]);
-        let (len, pidfd) = loop {
-            let mut iov = [IoSliceMut::new(&mut buf)];
-            match recvmsg::<()>(
-                sock.as_raw_fd(),
-                &mut iov,
-                Some(&mut cmsg_space),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            ) {
-                Ok(msg) if msg.bytes == 0 => {
-                    self.lost("it exited");
-                    return Err(gone("the spawn helper exited during a spawn"));
-                }
-                Ok(msg) => {
-                    let mut pidfd = None;
-                    if let Ok(cmsgs) = msg.cmsgs() {
-                        for c in cmsgs {
-                            if let ControlMessageOwned::ScmRights(got) = c {
-                                for fd in got {
-                                    // SAFETY: the kernel installed this descriptor for us.
-                                    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-                                    if pidfd.is_none() {
-                                        pidfd = Some(owned);
-                                    }
-                                }
-                            }
-                        }
-                    }
-                    break (msg.bytes, pidfd);
-                }
-                Err(Errno::EINTR) => continue,
-                Err(e) => {
-                    self.lost(&format!("no reply ({e})"));
-                    return Err(gone("the spawn helper did not answer"));
-                }
+        let (len, pidfd) = match receive(&sock, &mut buf, &mut cmsg_space) {
+            Ok(Message { len: 0, .. }) => {
+                self.lost("it exited");
+                return Err(gone("the spawn helper exited during a spawn"));
+            }
+            Ok(msg) => (msg.len, msg.fds.into_iter().next()),
+            Err(e) => {
+                self.lost(&format!("no reply ({e})"));
+                return Err(gone("the spawn helper did not answer"));
             }
         };
         drop(sock);
         match postcard::from_bytes::<Reply>(&buf[..len]) {
             Ok(Reply::Cloned { pid }) => Ok((pid, pidfd)),
-            Ok(Reply::Failed { errno, message }) if errno != 0 => {
-                let _ = message;
-                Err(HelperError::Failed(IsolateError::sys(
-                    "clone3",
-                    Errno::from_raw(errno),
-                )))
-            }
+            Ok(Reply::Failed { errno, .. }) if errno != 0 => Err(HelperError::Failed(
+                IsolateError::sys("clone3", Errno::from_raw(errno)),
+            )),
             Ok(Reply::Failed { message, .. }) => {
                 Err(HelperError::Failed(IsolateError::Spawner(message)))
             }
@@ -289,7 +250,7 @@ impl Spawner {
         }
     }
 
-    /// Gives up on the helper: kills and reaps it; later clones happen in the caller.
+    /// Gives up on the helper: kills it (the drop reaps it); later clones happen in the caller.
     fn lost(&self, why: &str) {
         if self.alive.swap(false, Ordering::AcqRel) {
             tracing::error!(
@@ -360,36 +321,13 @@ fn helper_main(sock: OwnedFd, parent: libc::pid_t) -> ! {
     let mut buf = vec![0u8; MAX_REQUEST];
     let mut cmsg_space = nix::cmsg_space!([RawFd; MAX_FDS]);
     loop {
-        let (len, fds, truncated) = {
-            let mut iov = [IoSliceMut::new(&mut buf)];
-            match recvmsg::<()>(
-                sock.as_raw_fd(),
-                &mut iov,
-                Some(&mut cmsg_space),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            ) {
-                Ok(msg) if msg.bytes == 0 => sys::exit_now(0),
-                Ok(msg) => {
-                    let mut fds = Vec::new();
-                    let cut = msg
-                        .flags
-                        .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
-                    if let Ok(cmsgs) = msg.cmsgs() {
-                        for c in cmsgs {
-                            if let ControlMessageOwned::ScmRights(got) = c {
-                                // SAFETY: the kernel installed these descriptors for us.
-                                fds.extend(
-                                    got.into_iter()
-                                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                                );
-                            }
-                        }
-                    }
-                    (msg.bytes, fds, cut)
-                }
-                Err(Errno::EINTR) => continue,
-                Err(_) => sys::exit_now(1),
-            }
+        let Message {
+            len,
+            fds,
+            truncated,
+        } = match receive(&sock, &mut buf, &mut cmsg_space) {
+            Ok(Message { len: 0, .. }) | Err(_) => sys::exit_now(0),
+            Ok(msg) => msg,
         };
         let result = if truncated {
             Err(IsolateError::Protocol("request truncated"))
@@ -420,18 +358,70 @@ fn helper_main(sock: OwnedFd, parent: libc::pid_t) -> ! {
             sys::exit_now(1)
         };
         let raw: Vec<RawFd> = pidfd.iter().map(|f| f.as_raw_fd()).collect();
-        let cmsg = [ControlMessage::ScmRights(&raw)];
-        let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &cmsg };
-        if sendmsg::<()>(
-            sock.as_raw_fd(),
-            &[IoSlice::new(&bytes)],
-            cmsgs,
-            MsgFlags::MSG_NOSIGNAL,
-            None,
-        )
-        .is_err()
-        {
+        if send(&sock, &bytes, &raw).is_err() {
             sys::exit_now(1);
+        }
+    }
+}
+
+/// One message, with `fds` attached (none: no control message).
+fn send(sock: &OwnedFd, bytes: &[u8], fds: &[RawFd]) -> std::result::Result<(), Errno> {
+    let cmsg = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
+    sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[IoSlice::new(bytes)],
+        cmsgs,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .map(|_| ())
+}
+
+/// A message off the socket: its length (0: the peer closed), the descriptors that came with
+/// it (ours now), and whether either was cut short.
+struct Message {
+    len: usize,
+    fds: Vec<OwnedFd>,
+    truncated: bool,
+}
+
+fn receive(
+    sock: &OwnedFd,
+    buf: &mut [u8],
+    cmsg_space: &mut [u8],
+) -> std::result::Result<Message, Errno> {
+    loop {
+        let mut iov = [IoSliceMut::new(buf)];
+        match recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(cmsg_space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(msg) => {
+                let mut fds = Vec::new();
+                if let Ok(cmsgs) = msg.cmsgs() {
+                    for c in cmsgs {
+                        if let ControlMessageOwned::ScmRights(got) = c {
+                            // SAFETY: the kernel installed these descriptors for us.
+                            fds.extend(
+                                got.into_iter()
+                                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                            );
+                        }
+                    }
+                }
+                return Ok(Message {
+                    len: msg.bytes,
+                    fds,
+                    truncated: msg
+                        .flags
+                        .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC),
+                });
+            }
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
         }
     }
 }

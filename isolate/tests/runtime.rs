@@ -29,6 +29,15 @@ fn cgroup2_mount() -> PathBuf {
     );
 }
 
+/// Kills the sandbox and waits (at most 5 s) for its outcome.
+async fn killed(sb: &mut isolate::Sandbox) -> isolate::Outcome {
+    sb.kill().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), sb.wait())
+        .await
+        .expect("the sandbox ends within 5 s of its kill")
+        .unwrap()
+}
+
 fn sleeper(name: &str) -> SandboxSpec {
     SandboxSpec {
         name: name.into(),
@@ -73,12 +82,7 @@ async fn v2_puts_the_sandbox_in_its_group_and_removes_it() {
         "{own}"
     );
 
-    sb.kill().unwrap();
-    let out = tokio::time::timeout(Duration::from_secs(5), sb.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(out.status, ExitStatus::Signaled(9));
+    assert_eq!(killed(&mut sb).await.status, ExitStatus::Signaled(9));
     assert!(!dir.exists(), "group {} left behind", dir.display());
     iso.remove_root().unwrap();
     assert!(!mount.join(&root).exists());
@@ -223,6 +227,29 @@ fn prepared_sandboxes_start_on_demand_and_clean_up_unused() {
     }
 }
 
+/// A function that prints its late variable `REQ` and exits with `code`.
+fn prints_its_late_variable(name: &str, code: i32) -> SandboxSpec {
+    SandboxSpec {
+        name: name.into(),
+        program: "/bin/sh".into(),
+        args: vec!["-c".into(), format!("printf %s \"$REQ\"; exit {code}")],
+        late_env: Some("REQ".into()),
+        stdio: isolate::StdioSpec {
+            stdout: isolate::Stdio::Piped,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+/// Starts a prepared sandbox with `value` as its late variable: what it printed, how it ended.
+fn start_and_read(prepared: isolate::PreparedSandbox, value: &str) -> (String, ExitStatus) {
+    let mut sb = prepared.start(Some(value)).unwrap();
+    let out = std::fs::File::from(sb.take_stdout().unwrap());
+    let text = std::io::read_to_string(out).unwrap();
+    (text, sb.wait_blocking().unwrap().status)
+}
+
 #[test]
 fn a_prepared_sandbox_gets_its_late_variable_at_start() {
     require_root();
@@ -232,23 +259,10 @@ fn a_prepared_sandbox_gets_its_late_variable_at_start() {
         ..Default::default()
     })
     .unwrap();
-    let spec = SandboxSpec {
-        name: "late".into(),
-        program: "/bin/sh".into(),
-        args: vec!["-c".into(), "printf %s \"$REQ\"".into()],
-        late_env: Some("REQ".into()),
-        stdio: isolate::StdioSpec {
-            stdout: isolate::Stdio::Piped,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
+    let spec = prints_its_late_variable("late", 0);
     for value in ["4b2f-request-1", ""] {
-        let mut sb = iso.prepare(&spec).unwrap().start(Some(value)).unwrap();
-        let out = std::fs::File::from(sb.take_stdout().unwrap());
-        let text = std::io::read_to_string(out).unwrap();
-        assert_eq!(sb.wait_blocking().unwrap().status, ExitStatus::Exited(0));
-        assert_eq!(text, value);
+        let got = start_and_read(iso.prepare(&spec).unwrap(), value);
+        assert_eq!(got, (value.to_string(), ExitStatus::Exited(0)));
     }
     assert!(
         iso.prepare(&spec)
@@ -524,33 +538,16 @@ async fn sandboxes_cloned_by_the_spawn_helper_are_the_callers_children() {
     }
 
     // A spawn: ours to wait for, with its exit status.
-    let spec = SandboxSpec {
-        name: "helped".into(),
-        program: "/bin/sh".into(),
-        args: vec!["-c".into(), "printf %s \"$REQ\"; exit 7".into()],
-        late_env: Some("REQ".into()),
-        stdio: isolate::StdioSpec {
-            stdout: isolate::Stdio::Piped,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
+    let spec = prints_its_late_variable("helped", 7);
     let mut sb = iso.spawn(&sleeper("helped-sleeper")).unwrap();
     assert_eq!(ppid_of(sb.pid()), std::process::id(), "init is our child");
-    sb.kill().unwrap();
-    let out = tokio::time::timeout(Duration::from_secs(5), sb.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(out.status, ExitStatus::Signaled(9));
+    assert_eq!(killed(&mut sb).await.status, ExitStatus::Signaled(9));
 
     // Prepared, with the late variable and piped stdout.
     let prepared = iso.prepare(&spec).unwrap();
     assert_eq!(ppid_of(prepared.pid()), std::process::id());
-    let mut sb = prepared.start(Some("req-42")).unwrap();
-    let out = std::fs::File::from(sb.take_stdout().unwrap());
-    assert_eq!(std::io::read_to_string(out).unwrap(), "req-42");
-    assert_eq!(sb.wait_blocking().unwrap().status, ExitStatus::Exited(7));
+    let got = start_and_read(prepared, "req-42");
+    assert_eq!(got, ("req-42".to_string(), ExitStatus::Exited(7)));
 
     // The loopback listener of a prepared sandbox.
     let mut sb = iso.spawn(&talking_spec("helped-talk")).unwrap();
@@ -591,10 +588,8 @@ async fn sandboxes_cloned_by_the_spawn_helper_are_the_callers_children() {
         assert!(std::time::Instant::now() < deadline, "helper did not die");
         std::thread::sleep(Duration::from_millis(10));
     }
-    let mut sb = iso.prepare(&spec).unwrap().start(Some("after")).unwrap();
-    let out = std::fs::File::from(sb.take_stdout().unwrap());
-    assert_eq!(std::io::read_to_string(out).unwrap(), "after");
-    assert_eq!(sb.wait_blocking().unwrap().status, ExitStatus::Exited(7));
+    let got = start_and_read(iso.prepare(&spec).unwrap(), "after");
+    assert_eq!(got, ("after".to_string(), ExitStatus::Exited(7)));
     assert_eq!(iso.spawner_pid(), None, "the lost helper is no longer used");
 
     iso.remove_root().unwrap();
