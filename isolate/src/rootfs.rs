@@ -315,8 +315,10 @@ impl Plan {
             let r = match (op, fd) {
                 (Op::Bind { dst, seal_now, .. }, Some(fd)) => {
                     let mut buf = [0u8; 32];
-                    let src = fd_path(fd, &mut buf);
-                    bind(src, dst, *seal_now)
+                    match fd_path(fd, &mut buf) {
+                        Some(src) => bind(src, dst, *seal_now),
+                        None => Err((Step::BindMount, Errno::EINVAL)),
+                    }
                 }
                 _ => run_op(op),
             };
@@ -347,7 +349,7 @@ impl Plan {
 }
 
 /// `/proc/self/fd/<fd>` in `buf`, NUL-terminated, without allocating.
-fn fd_path(fd: RawFd, buf: &mut [u8; 32]) -> &CStr {
+fn fd_path(fd: RawFd, buf: &mut [u8; 32]) -> Option<&CStr> {
     const PREFIX: &[u8] = b"/proc/self/fd/";
     buf[..PREFIX.len()].copy_from_slice(PREFIX);
     let mut digits = [0u8; 10];
@@ -367,7 +369,7 @@ fn fd_path(fd: RawFd, buf: &mut [u8; 32]) -> &CStr {
     let end = PREFIX.len() + len;
     buf[end] = 0;
     // The buffer holds exactly one NUL, at `end`.
-    CStr::from_bytes_with_nul(&buf[..=end]).unwrap_or(c"/")
+    CStr::from_bytes_with_nul(&buf[..=end]).ok()
 }
 
 fn cvt(step: Step, ret: libc::c_int) -> std::result::Result<(), (Step, Errno)> {
@@ -627,9 +629,9 @@ mod tests {
     #[test]
     fn descriptor_paths_are_written_without_allocating() {
         let mut buf = [0u8; 32];
-        assert_eq!(fd_path(0, &mut buf), c"/proc/self/fd/0");
-        assert_eq!(fd_path(7, &mut buf), c"/proc/self/fd/7");
-        assert_eq!(fd_path(1_048_575, &mut buf), c"/proc/self/fd/1048575");
+        assert_eq!(fd_path(0, &mut buf), Some(c"/proc/self/fd/0"));
+        assert_eq!(fd_path(7, &mut buf), Some(c"/proc/self/fd/7"));
+        assert_eq!(fd_path(1_048_575, &mut buf), Some(c"/proc/self/fd/1048575"));
     }
 
     #[test]
