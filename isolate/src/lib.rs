@@ -19,9 +19,10 @@
 //! filter.
 //!
 //! **pid 1:** the function does not run as pid 1. A small init (a fork of the spawning process,
-//! or of its [`spawner`] helper; no exec) is pid 1: it reaps zombies, forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT/SIGUSR1/SIGUSR2/
-//! SIGWINCH/SIGCONT, and reports the function's exit status. When the function exits, the init
-//! exits and the kernel kills whatever else is left in the pid namespace.
+//! or of its [`spawner`] helper; no exec) is pid 1: it reaps zombies, forwards SIGTERM/SIGINT/
+//! SIGHUP/SIGQUIT/SIGUSR1/SIGUSR2/SIGWINCH/SIGCONT, and reports the function's exit status. When
+//! the function exits, the init exits and the kernel kills whatever else is left in the pid
+//! namespace.
 //!
 //! [`Isolator::prepare`] builds a sandbox ahead of time (everything but the function's exec),
 //! and [`PreparedSandbox::start`] runs the function in it: a cold start then costs little more

@@ -305,8 +305,8 @@ impl Plan {
     }
 
     /// Child side: carries out every op. Only system calls; no allocation. `sources[i]`, when
-    /// given and not -1, is an `O_PATH` descriptor of op `i`'s bind source ([`Plan::open_sources`]),
-    /// bound through `/proc/self/fd` instead of its path.
+    /// given and not -1, is an `O_PATH` descriptor of op `i`'s bind source
+    /// ([`Plan::open_sources`]), bound through `/proc/self/fd` instead of its path.
     pub fn run(&self, sources: Option<&[RawFd]>) -> std::result::Result<(), (Step, u32, Errno)> {
         for (i, op) in self.ops.iter().enumerate() {
             let fd = sources

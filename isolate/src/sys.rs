@@ -308,8 +308,9 @@ pub fn prctl(option: libc::c_int, arg: libc::c_ulong) -> Result<(), Errno> {
 }
 
 /// Names this process in /proc/<pid>/comm (what `ps` and `pgrep` show): the sandbox init and the
-/// spawn helper are forks of the agent and should not look like it. (Its /proc/<pid>/cmdline still reads like the
-/// agent's: PR_SET_MM, which could change that, is refused on the hosts we run on.)
+/// spawn helper are forks of the agent and should not look like it. (Their /proc/<pid>/cmdline
+/// still reads like the agent's: PR_SET_MM, which could change that, is refused on the hosts we
+/// run on.)
 pub fn set_name(name: &'static std::ffi::CStr) -> Result<(), Errno> {
     // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes from a static.
     if unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr() as libc::c_ulong, 0, 0, 0) } < 0 {
