@@ -134,6 +134,9 @@ impl Spawner {
             SockFlag::SOCK_CLOEXEC,
         )
         .map_err(|e| IsolateError::sys("socketpair for the spawn helper", e))?;
+        let timeout = nix::sys::time::TimeVal::new(REPLY_TIMEOUT.as_secs() as i64, 0);
+        nix::sys::socket::setsockopt(&ours, nix::sys::socket::sockopt::ReceiveTimeout, &timeout)
+            .map_err(|e| IsolateError::sys("set the spawn helper's reply timeout", e))?;
         let parent = nix::unistd::getpid().as_raw();
         // SAFETY: fork: the child runs only `helper_main`, which touches no lock but malloc's
         // (glibc's fork leaves malloc usable in the child of a threaded process) and never
@@ -147,13 +150,6 @@ impl Spawner {
             }
             pid => {
                 drop(theirs);
-                let timeout = nix::sys::time::TimeVal::new(REPLY_TIMEOUT.as_secs() as i64, 0);
-                nix::sys::socket::setsockopt(
-                    &ours,
-                    nix::sys::socket::sockopt::ReceiveTimeout,
-                    &timeout,
-                )
-                .map_err(|e| IsolateError::sys("set the spawn helper's reply timeout", e))?;
                 Ok(Spawner {
                     sock: Mutex::new(ours),
                     pid,
