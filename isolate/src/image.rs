@@ -82,18 +82,14 @@ pub fn exec_paths(spec: &SandboxSpec) -> Result<Vec<CString>> {
         .collect()
 }
 
-/// A child's memory image: `prepared` points into `argv`, `envp` and `late_env`, which live as
-/// long as it does.
+/// A child's memory image: `prepared` points into the argv and envp strings and the late
+/// buffer, which live (unread here) as long as it does.
 pub struct ChildImage {
     pub prepared: Prepared,
-    argv: Vec<CString>,
-    envp: Vec<CString>,
+    _argv: Vec<CString>,
+    _envp: Vec<CString>,
     late_env: Option<*mut [u8]>,
 }
-
-// SAFETY: the raw pointers point into buffers this value owns (argv, envp, late_env); nothing
-// else refers to them, so the whole moves between threads as one.
-unsafe impl Send for ChildImage {}
 
 impl ChildImage {
     /// `hold`: a prepared sandbox, whose function waits for its start (and whose late variable,
@@ -177,8 +173,8 @@ impl ChildImage {
                     cap: LATE_ENV_CAP,
                 }),
             },
-            argv,
-            envp: envp_owned,
+            _argv: argv,
+            _envp: envp_owned,
             late_env: late_env.map(|(ptr, _)| ptr),
         };
         Ok(image)
@@ -215,7 +211,6 @@ impl ChildImage {
 impl Drop for ChildImage {
     fn drop(&mut self) {
         // The argv and envp strings go with their vectors; the late buffer is ours to free.
-        let _ = (&self.argv, &self.envp);
         if let Some(ptr) = self.late_env.take() {
             // SAFETY: ptr came from Box::into_raw in `new` and is freed once; a child has its
             // own copy of the memory.

@@ -430,6 +430,8 @@ fn serve_one(
 ) -> Result<(libc::pid_t, Option<OwnedFd>)> {
     let req: Received =
         postcard::from_bytes(msg).map_err(|_| IsolateError::Protocol("unreadable request"))?;
+    // The image's buffers are sized by what validation allows (the late variable's name).
+    req.spec.validate()?;
     let layout = req.layout.0;
     let wanted = ORDER.iter().filter(|&&bit| layout & bit != 0).count();
     if wanted != fds.len() || layout & (REPORT | STATUS) != (REPORT | STATUS) {
@@ -531,5 +533,32 @@ mod tests {
         // Garbage is refused too.
         let err = serve_one(b"\xff\xff\xff", &[], &bounding).unwrap_err();
         assert!(matches!(err, IsolateError::Protocol(_)), "{err}");
+        // And a spec the caller would not have sent (a late variable's name longer than its
+        // buffer), before any buffer is filled.
+        let bad = SandboxSpec {
+            late_env: Some("N".repeat(300)),
+            ..spec.clone()
+        };
+        let wire = Wire {
+            spec: &bad,
+            plan: &plan,
+            join_files: &[],
+            hold: true,
+            flags: 0,
+            layout: Layout(REPORT | STATUS),
+        };
+        let bytes = postcard::to_stdvec(&wire).unwrap();
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let err = serve_one(&bytes, &[r, w], &bounding).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                IsolateError::InvalidSpec {
+                    field: "late_env",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 }
