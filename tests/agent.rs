@@ -825,6 +825,89 @@ fn health_status_and_metrics() {
     agent.finish();
 }
 
+/// The spawn helper's pid and restarts from `/v1/status`, once it is up.
+fn helper_up(agent: &Agent) -> Option<(u64, u64)> {
+    let s = agent.admin(Method::GET, "/v1/status", None);
+    let s = s.expect_ok(200).json();
+    let h = &s["spawn_helper"];
+    (h["state"] == "up").then(|| (h["pid"].as_u64().unwrap(), h["restarts"].as_u64().unwrap()))
+}
+
+#[test]
+fn a_lost_spawn_helper_is_replaced_by_a_fresh_one() {
+    // Run by hand, the helper's entry point says what it is and does nothing.
+    let by_hand = std::process::Command::new(common::fnlet())
+        .arg("__spawn-helper")
+        .output()
+        .unwrap();
+    assert_eq!(by_hand.status.code(), Some(2), "{by_hand:?}");
+    assert!(
+        String::from_utf8_lossy(&by_hand.stderr).contains("the fnlet agent's spawn helper"),
+        "{by_hand:?}"
+    );
+
+    let agent = Agent::start("helper-restart");
+    agent.deploy(Fixture::sh("counted", "public = true\ntimeout_s = 5", "echo ok").path());
+    assert_eq!(agent.invoke("counted", b"").expect_ok(200).text(), "ok\n");
+    let (mut pid, restarts) = helper_up(&agent).expect("the spawn helper is up");
+    assert_eq!(restarts, 0);
+    for round in 1..=2u64 {
+        // The agent's own child (we started the agent); SIGKILL, as an OOM kill would.
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+        // Calls never fail for it: the agent clones in-process until a new helper is ready.
+        assert_eq!(agent.invoke("counted", b"").expect_ok(200).text(), "ok\n");
+        // The second relaunch backs off a second; allow many times that on a loaded host.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (new_pid, restarts) = loop {
+            match helper_up(&agent) {
+                Some((p, r)) if p != pid => break (p, r),
+                _ if Instant::now() > deadline => {
+                    panic!("no new spawn helper after round {round}:\n{}", agent.log())
+                }
+                _ => std::thread::sleep(Duration::from_millis(100)),
+            }
+        };
+        assert_eq!(restarts, round);
+        // A fresh exec of the agent's binary, the agent's child, named for ps.
+        let stat = std::fs::read_to_string(format!("/proc/{new_pid}/stat")).unwrap();
+        let ppid = stat.rsplit(") ").next().unwrap().split(' ').nth(1).unwrap();
+        assert_eq!(ppid, agent.pid().to_string(), "{stat}");
+        assert_eq!(
+            std::fs::read_to_string(format!("/proc/{new_pid}/comm")).unwrap(),
+            "fnlet-spawner\n"
+        );
+        let cmdline = std::fs::read(format!("/proc/{new_pid}/cmdline")).unwrap();
+        assert!(
+            String::from_utf8_lossy(&cmdline).contains("__spawn-helper"),
+            "{cmdline:?}"
+        );
+        // It serves: calls work and nothing is lost again.
+        for _ in 0..3 {
+            assert_eq!(agent.invoke("counted", b"").expect_ok(200).text(), "ok\n");
+        }
+        assert_eq!(helper_up(&agent), Some((new_pid, round)));
+        pid = new_pid;
+    }
+    let text = agent.get("/metrics").text();
+    for line in [
+        "fnlet_spawn_helper_up 1",
+        "fnlet_spawn_helper_restarts_total 2",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
+    }
+    assert!(
+        agent.log().contains("the spawn helper is lost"),
+        "{}",
+        agent.log()
+    );
+    let out = agent.cli(&["status"]);
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.contains("(2 lost and replaced)"), "{out}");
+    agent.finish();
+}
+
 /// (METHOD, path, documented status codes, needs the token) for every operation in the API
 /// reference.
 fn documented_operations() -> Vec<(Method, String, BTreeSet<u16>, bool)> {

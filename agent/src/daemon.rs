@@ -183,7 +183,12 @@ async fn serve(
         netns_pool: 0,
     })
     .context("preparing sandboxes")?;
-    if let Some(spawner) = spawner {
+    if let Some(mut spawner) = spawner {
+        // A lost helper is replaced by a fresh exec of this binary (not a fork of the grown
+        // agent); the agent clones in-process meanwhile.
+        spawner
+            .relaunch_with("/proc/self/exe".into())
+            .context("starting the spawn helper's relaunch thread")?;
         let pid = spawner.pid();
         isolator
             .use_spawner(spawner)

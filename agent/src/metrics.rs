@@ -279,6 +279,8 @@ pub struct Metrics {
     rss: Gauge,
     /// 1 while the spawn helper clones sandboxes, 0 when it is off or was lost.
     pub spawn_helper_up: Gauge,
+    spawn_helper_restarts: Counter,
+    spawn_helper_restarts_seen: AtomicU64,
     /// The host's capacity for instances and what live ones hold of it, by resource (memory
     /// in bytes, cpu in cpus, instances).
     capacity: Family<ResourceLabels, Gauge<f64, AtomicU64>>,
@@ -497,6 +499,7 @@ impl Metrics {
         let uptime = Gauge::<f64, AtomicU64>::default();
         let rss = Gauge::default();
         let spawn_helper_up = Gauge::default();
+        let spawn_helper_restarts = Counter::default();
         let capacity = Family::<ResourceLabels, Gauge<f64, AtomicU64>>::default();
         let committed = Family::<ResourceLabels, Gauge<f64, AtomicU64>>::default();
         let evictions = Counter::default();
@@ -599,6 +602,12 @@ impl Metrics {
              off or was lost (the agent then clones them itself)",
             spawn_helper_up.clone(),
         );
+        registry.register(
+            "spawn_helper_restarts",
+            "Lost spawn helpers replaced by a new one (the agent clones sandboxes itself between \
+             the loss and the new helper's start)",
+            spawn_helper_restarts.clone(),
+        );
         let schedules = ScheduleMetrics::register(&mut registry);
         Metrics {
             registry,
@@ -633,6 +642,8 @@ impl Metrics {
             uptime,
             rss,
             spawn_helper_up,
+            spawn_helper_restarts,
+            spawn_helper_restarts_seen: AtomicU64::new(0),
             capacity,
             committed,
             evictions,
@@ -807,6 +818,16 @@ impl Metrics {
             .evictions_seen
             .swap(evictions, std::sync::atomic::Ordering::Relaxed);
         self.evictions.inc_by(evictions.saturating_sub(seen));
+    }
+
+    /// The spawn helper: up or not, and how many lost ones were replaced so far.
+    pub fn set_spawn_helper(&self, up: bool, restarts: u64) {
+        self.spawn_helper_up.set(i64::from(up));
+        let seen = self
+            .spawn_helper_restarts_seen
+            .swap(restarts, std::sync::atomic::Ordering::Relaxed);
+        self.spawn_helper_restarts
+            .inc_by(restarts.saturating_sub(seen));
     }
 
     /// The text exposition, with the agent's own gauges refreshed.

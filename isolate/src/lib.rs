@@ -191,6 +191,11 @@ impl Isolator {
         self.spawner.as_ref().filter(|s| s.alive()).map(|s| s.pid())
     }
 
+    /// How many lost spawn helpers were replaced ([`spawner::Spawner::relaunch_with`]).
+    pub fn spawner_restarts(&self) -> u64 {
+        self.spawner.as_ref().map_or(0, |s| s.restarts())
+    }
+
     pub fn cgroup_version(&self) -> CgroupVersion {
         self.cgroups.version()
     }

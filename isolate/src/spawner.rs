@@ -21,13 +21,22 @@
 //! (`PR_SET_PDEATHSIG`). `PR_SET_PDEATHSIG` follows the thread that forked it, and a sandbox
 //! asking for `die_with_parent` follows that same thread: start the helper from a thread that
 //! lives as long as the process (the main thread).
+//!
+//! A lost helper (killed, crashed, hung) can be replaced ([`Spawner::relaunch_with`]): a
+//! thread of its own, which never ends, launches the program again (`/proc/self/exe` in the
+//! agent: a fresh exec, not a fork of the grown process) with [`LAUNCH_ARG`], the helper's end
+//! of a new socket pair as descriptor 3. That program calls [`serve_launched`]. Until the new
+//! helper says it is ready, and between failed launches (backing off up to
+//! [`MAX_RELAUNCH_BACKOFF`]), the caller clones in-process.
 
-use std::ffi::CString;
+use std::ffi::{CString, OsStr};
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::socket::{
@@ -49,6 +58,15 @@ const MAX_REQUEST: usize = 192 << 10;
 const MAX_FDS: usize = 9;
 /// The helper's part of a spawn takes well under a millisecond: past this it is taken for hung.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The first argument that makes a program a launched helper ([`serve_launched`]).
+pub const LAUNCH_ARG: &str = "__spawn-helper";
+/// A launched helper's end of its socket.
+const LAUNCHED_FD: RawFd = 3;
+/// Relaunches back off while helpers keep getting lost, up to this.
+pub const MAX_RELAUNCH_BACKOFF: Duration = Duration::from_secs(60);
+/// A helper that served this long before it was lost resets the back-off.
+const STABLE: Duration = Duration::from_secs(60);
 
 /// Which of the child's descriptors a request carries, in this order: stdin, stdout, stderr,
 /// report (always), status (always), go, netns, start, cgroup.
@@ -96,6 +114,8 @@ enum Reply {
     Cloned { pid: i32 },
     /// The clone failed: `clone3`'s errno, or (errno 0) what else went wrong.
     Failed { errno: i32, message: String },
+    /// A launched helper's first message: it serves from now on.
+    Ready,
 }
 
 /// What the caller's clone through the helper needs besides the descriptors.
@@ -118,25 +138,35 @@ pub(crate) enum HelperError {
 /// The caller's handle on a spawn helper. Give it to [`crate::Isolator::use_spawner`].
 #[derive(Debug)]
 pub struct Spawner {
-    sock: Mutex<OwnedFd>,
-    pid: libc::pid_t,
+    helper: Mutex<Helper>,
     alive: AtomicBool,
+    /// Where lost helpers are replaced from ([`Spawner::relaunch_with`]).
+    relaunch: Option<Relaunch>,
+    restarts: AtomicU64,
+}
+
+/// One helper process: the caller's end of its socket, and its pid (our child, reaped once,
+/// by the drop).
+#[derive(Debug)]
+struct Helper {
+    sock: OwnedFd,
+    pid: libc::pid_t,
+}
+
+/// The caller's side of the relaunching thread.
+#[derive(Debug)]
+struct Relaunch {
+    /// Asks for a new helper (one message per lost helper).
+    wanted: mpsc::Sender<()>,
+    /// A new helper, ready, until the next spawn (or status query) takes it.
+    ready: Arc<Mutex<Option<Helper>>>,
 }
 
 impl Spawner {
     /// Forks the helper. Call it early, from the main thread, while the process is small and
     /// has no other thread: the helper is a copy of the process as it is now.
     pub fn start() -> Result<Spawner> {
-        let (ours, theirs) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .map_err(|e| IsolateError::sys("socketpair for the spawn helper", e))?;
-        let timeout = nix::sys::time::TimeVal::new(REPLY_TIMEOUT.as_secs() as i64, 0);
-        nix::sys::socket::setsockopt(&ours, nix::sys::socket::sockopt::ReceiveTimeout, &timeout)
-            .map_err(|e| IsolateError::sys("set the spawn helper's reply timeout", e))?;
+        let (ours, theirs) = socket_pair()?;
         let parent = nix::unistd::getpid().as_raw();
         // SAFETY: fork: the child runs only `helper_main`, which touches no lock but malloc's
         // (glibc's fork leaves malloc usable in the child of a threaded process) and never
@@ -150,24 +180,86 @@ impl Spawner {
             }
             pid => {
                 drop(theirs);
-                Ok(Spawner {
-                    sock: Mutex::new(ours),
-                    pid,
-                    alive: AtomicBool::new(true),
-                })
+                Ok(Spawner::serving(Helper { sock: ours, pid }))
             }
         }
     }
 
-    /// The helper's pid.
-    pub fn pid(&self) -> u32 {
-        self.pid as u32
+    fn serving(helper: Helper) -> Spawner {
+        Spawner {
+            helper: Mutex::new(helper),
+            alive: AtomicBool::new(true),
+            relaunch: None,
+            restarts: AtomicU64::new(0),
+        }
     }
 
-    /// False once the helper has been lost (it died or stopped answering); clones then happen
-    /// in the caller again.
+    /// Replaces a lost helper with `program` launched anew (`/proc/self/exe` for a program
+    /// whose `main` calls [`serve_launched`] on [`LAUNCH_ARG`]). Starts the thread that
+    /// launches them; it never ends, as the helpers (and sandboxes asking for
+    /// `die_with_parent`) die with the thread that started them.
+    pub fn relaunch_with(&mut self, program: PathBuf) -> Result<()> {
+        if self.relaunch.is_some() {
+            return Ok(());
+        }
+        let (wanted, requests) = mpsc::channel();
+        let ready = Arc::new(Mutex::new(None));
+        let slot = ready.clone();
+        std::thread::Builder::new()
+            .name("fnlet-respawn".into())
+            .spawn(move || relaunch_thread(&program, &requests, &slot))
+            .map_err(|e| IsolateError::Spawner(format!("starting the relaunch thread: {e}")))?;
+        self.relaunch = Some(Relaunch { wanted, ready });
+        Ok(())
+    }
+
+    /// How many times a lost helper was replaced.
+    pub fn restarts(&self) -> u64 {
+        self.restarts.load(Ordering::Relaxed)
+    }
+
+    /// The helper's pid.
+    pub fn pid(&self) -> u32 {
+        self.helper().pid as u32
+    }
+
+    fn helper(&self) -> std::sync::MutexGuard<'_, Helper> {
+        self.helper.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// False while the helper is lost (it died or stopped answering) and no new one is ready;
+    /// clones then happen in the caller.
     pub fn alive(&self) -> bool {
-        self.alive.load(Ordering::Acquire)
+        self.alive.load(Ordering::Acquire) || self.take_relaunched()
+    }
+
+    /// Puts a relaunched helper in the lost one's place, if one is ready.
+    fn take_relaunched(&self) -> bool {
+        let Some(relaunch) = &self.relaunch else {
+            return false;
+        };
+        let Some(new) = relaunch
+            .ready
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
+            return false;
+        };
+        let mut helper = self.helper();
+        if self.alive.load(Ordering::Acquire) {
+            // Another caller installed one first; this one's drop ends and reaps it.
+            drop(helper);
+            drop(new);
+            return true;
+        }
+        let pid = new.pid;
+        // The lost one (killed by `lost`) is reaped here, by its own pid, exactly once.
+        drop(std::mem::replace(&mut *helper, new));
+        self.restarts.fetch_add(1, Ordering::Relaxed);
+        self.alive.store(true, Ordering::Release);
+        tracing::info!(pid, "a new spawn helper clones sandboxes again");
+        true
     }
 
     /// Clones a sandbox's child through the helper: its pid and pidfd.
@@ -211,26 +303,29 @@ impl Spawner {
         if !self.alive() {
             return Err(HelperError::NotSent);
         }
-        let sock = self.sock.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = send(&sock, &bytes, &attached) {
+        let helper = self.helper();
+        if !self.alive.load(Ordering::Acquire) {
+            // Lost while this caller waited for the lock.
+            return Err(HelperError::NotSent);
+        }
+        if let Err(e) = send(&helper.sock, &bytes, &attached) {
             // A datagram socket takes all or nothing: nothing went out.
-            self.lost(&format!("sending a request failed: {e}"));
+            self.lost(&helper, &format!("sending a request failed: {e}"));
             return Err(HelperError::NotSent);
         }
         let mut buf = [0u8; 1024];
         let mut cmsg_space = nix::cmsg_space!([RawFd; 1]);
-        let (len, pidfd) = match receive(&sock, &mut buf, &mut cmsg_space) {
+        let (len, pidfd) = match receive(&helper.sock, &mut buf, &mut cmsg_space) {
             Ok(Message { len: 0, .. }) => {
-                self.lost("it exited");
+                self.lost(&helper, "it exited");
                 return Err(gone("the spawn helper exited during a spawn"));
             }
             Ok(msg) => (msg.len, msg.fds.into_iter().next()),
             Err(e) => {
-                self.lost(&format!("no reply ({e})"));
+                self.lost(&helper, &format!("no reply ({e})"));
                 return Err(gone("the spawn helper did not answer"));
             }
         };
-        drop(sock);
         match postcard::from_bytes::<Reply>(&buf[..len]) {
             Ok(Reply::Cloned { pid }) => Ok((pid, pidfd)),
             Ok(Reply::Failed { errno, .. }) if errno != 0 => Err(HelperError::Failed(
@@ -239,35 +334,208 @@ impl Spawner {
             Ok(Reply::Failed { message, .. }) => {
                 Err(HelperError::Failed(IsolateError::Spawner(message)))
             }
-            Err(e) => {
-                self.lost(&format!("an unreadable reply ({e})"));
+            Ok(Reply::Ready) | Err(_) => {
+                self.lost(&helper, "an unreadable reply");
                 Err(gone("the spawn helper's reply was unreadable"))
             }
         }
     }
 
-    /// Gives up on the helper: kills it (the drop reaps it); later clones happen in the caller.
-    fn lost(&self, why: &str) {
+    /// Gives up on `helper` (held locked): kills it (it is reaped when replaced or dropped);
+    /// clones happen in the caller until a relaunched helper is ready.
+    fn lost(&self, helper: &Helper, why: &str) {
         if self.alive.swap(false, Ordering::AcqRel) {
+            let next = if self.relaunch.is_some() {
+                "until a new one is ready"
+            } else {
+                "from now on"
+            };
             tracing::error!(
-                pid = self.pid,
-                "the spawn helper is lost: {why}; sandboxes are cloned by this process from now on"
+                pid = helper.pid,
+                "the spawn helper is lost: {why}; sandboxes are cloned by this process {next}"
             );
             // SAFETY: signalling our own child, not yet reaped (so the pid is still its).
-            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+            unsafe { libc::kill(helper.pid, libc::SIGKILL) };
+            if let Some(relaunch) = &self.relaunch {
+                let _ = relaunch.wanted.send(());
+            }
         }
     }
+}
+
+/// The relaunching thread: a new helper each time one is asked for, backing off while they
+/// keep getting lost, and retrying until one is ready. It never returns: the helpers it
+/// launched die with it.
+fn relaunch_thread(
+    program: &Path,
+    wanted: &mpsc::Receiver<()>,
+    ready: &Mutex<Option<Helper>>,
+) -> ! {
+    let mut backoff = Duration::ZERO;
+    let mut last_launch: Option<Instant> = None;
+    while wanted.recv().is_ok() {
+        while wanted.try_recv().is_ok() {}
+        loop {
+            backoff = next_backoff(backoff, last_launch.map(|t| t.elapsed()));
+            std::thread::sleep(backoff);
+            let started = Instant::now();
+            last_launch = Some(started);
+            match launch(program) {
+                Ok(helper) => {
+                    tracing::info!(
+                        pid = helper.pid,
+                        took_ms = started.elapsed().as_secs_f64() * 1e3,
+                        "a new spawn helper is ready"
+                    );
+                    // One still waiting (never taken) is replaced; its drop reaps it.
+                    drop(
+                        ready
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .replace(helper),
+                    );
+                    break;
+                }
+                Err(e) => tracing::error!(
+                    "relaunching the spawn helper ({}): {e}; trying again",
+                    program.display()
+                ),
+            }
+        }
+    }
+    // The spawner is gone; this thread stays, for what its helpers cloned.
+    loop {
+        std::thread::park();
+    }
+}
+
+/// The wait before the next launch: none after a helper that served [`STABLE`] or longer (or
+/// the first time), else twice the last wait, from one second up to
+/// [`MAX_RELAUNCH_BACKOFF`].
+fn next_backoff(last: Duration, since_last_launch: Option<Duration>) -> Duration {
+    match since_last_launch {
+        Some(served) if served < STABLE => {
+            (last * 2).clamp(Duration::from_secs(1), MAX_RELAUNCH_BACKOFF)
+        }
+        _ => Duration::ZERO,
+    }
+}
+
+/// The caller's and the helper's ends of a new socket pair; replies time out on the caller's.
+fn socket_pair() -> Result<(OwnedFd, OwnedFd)> {
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| IsolateError::sys("socketpair for the spawn helper", e))?;
+    let timeout = nix::sys::time::TimeVal::new(REPLY_TIMEOUT.as_secs() as i64, 0);
+    nix::sys::socket::setsockopt(&ours, nix::sys::socket::sockopt::ReceiveTimeout, &timeout)
+        .map_err(|e| IsolateError::sys("set the spawn helper's reply timeout", e))?;
+    Ok((ours, theirs))
+}
+
+/// Execs `program LAUNCH_ARG <our pid>` with the helper's end of a new socket as descriptor 3,
+/// and waits for its [`Reply::Ready`].
+fn launch(program: &Path) -> Result<Helper> {
+    let (ours, theirs) = socket_pair()?;
+    let parent = nix::unistd::getpid().as_raw();
+    let fd = theirs.as_raw_fd();
+    let mut command = std::process::Command::new(program);
+    command
+        .arg(LAUNCH_ARG)
+        .arg(parent.to_string())
+        .stdin(std::process::Stdio::null());
+    // SAFETY: runs in the forked child before exec and only makes system calls that are
+    // async-signal-safe (dup2, fcntl, prctl, getppid); it allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            let moved = if fd == LAUNCHED_FD {
+                libc::fcntl(fd, libc::F_SETFD, 0)
+            } else {
+                // dup2's copy does not close on exec.
+                libc::dup2(fd, LAUNCHED_FD)
+            };
+            if moved < 0 || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) < 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other("the caller is gone"));
+            }
+            Ok(())
+        });
+    }
+    let child = command
+        .spawn()
+        .map_err(|e| IsolateError::Spawner(format!("launching {}: {e}", program.display())))?;
+    drop(theirs);
+    // From here the drop ends it (EOF on its socket) and reaps it.
+    let helper = Helper {
+        sock: ours,
+        pid: child.id() as libc::pid_t,
+    };
+    let mut buf = [0u8; 64];
+    let mut cmsg_space = nix::cmsg_space!([RawFd; 1]);
+    let failure = match receive(&helper.sock, &mut buf, &mut cmsg_space) {
+        Ok(Message { len: 0, .. }) => "it exited before it was ready".to_string(),
+        Ok(msg) => match postcard::from_bytes::<Reply>(&buf[..msg.len]) {
+            Ok(Reply::Ready) => return Ok(helper),
+            _ => "its first message was not Ready".to_string(),
+        },
+        Err(e) => format!("no word from it ({e})"),
+    };
+    // SAFETY: signalling our own child, not yet reaped.
+    unsafe { libc::kill(helper.pid, libc::SIGKILL) };
+    Err(IsolateError::Spawner(format!(
+        "{} as a spawn helper: {failure}",
+        program.display()
+    )))
+}
+
+/// A launched helper's `main` (the program [`Spawner::relaunch_with`] names, called with
+/// [`LAUNCH_ARG`] first): `parent` is the argument after it. Serves on descriptor 3 until the
+/// caller's end closes; never returns. Run any other way, it says so and exits 2.
+pub fn serve_launched(parent: Option<&OsStr>) -> ! {
+    let parent = parent
+        .and_then(OsStr::to_str)
+        .and_then(|p| p.parse::<libc::pid_t>().ok());
+    let is_socket = nix::sys::socket::getsockopt(
+        // SAFETY: borrowed for this call only; a closed descriptor makes getsockopt fail.
+        &unsafe { std::os::fd::BorrowedFd::borrow_raw(LAUNCHED_FD) },
+        nix::sys::socket::sockopt::SockType,
+    )
+    .is_ok_and(|t| t == SockType::SeqPacket);
+    let (Some(parent), true) = (parent, is_socket) else {
+        eprintln!(
+            "{LAUNCH_ARG}: this is the fnlet agent's spawn helper; the agent starts it when it needs one"
+        );
+        sys::exit_now(2)
+    };
+    // SAFETY: descriptor 3 is the socket the launcher put there, and nothing else owns it.
+    let sock = unsafe { OwnedFd::from_raw_fd(LAUNCHED_FD) };
+    let _ = nix::fcntl::fcntl(
+        &sock,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    );
+    let Ok(ready) = postcard::to_stdvec(&Reply::Ready) else {
+        sys::exit_now(1)
+    };
+    if send(&sock, &ready, &[]).is_err() {
+        sys::exit_now(1);
+    }
+    helper_main(sock, parent)
 }
 
 fn gone(what: &str) -> HelperError {
     HelperError::Failed(IsolateError::Spawner(what.into()))
 }
 
-impl Drop for Spawner {
+impl Drop for Helper {
     fn drop(&mut self) {
-        let sock = self.sock.get_mut().unwrap_or_else(|e| e.into_inner());
         // EOF on its socket ends the helper.
-        let _ = nix::sys::socket::shutdown(sock.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        let _ = nix::sys::socket::shutdown(self.sock.as_raw_fd(), nix::sys::socket::Shutdown::Both);
         let mut status = 0;
         // SAFETY: reaping our own child; status is a valid out-pointer.
         while unsafe { libc::waitpid(self.pid, &mut status, libc::__WALL) } < 0
@@ -474,6 +742,39 @@ fn serve_one(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relaunches_back_off_while_helpers_keep_getting_lost() {
+        let s = Duration::from_secs;
+        // The first relaunch, and one after a helper that served long enough: at once.
+        assert_eq!(next_backoff(Duration::ZERO, None), Duration::ZERO);
+        assert_eq!(next_backoff(s(8), Some(STABLE)), Duration::ZERO);
+        // Lost again soon after a launch: 1, 2, 4 ... seconds, never past the cap.
+        let mut wait = Duration::ZERO;
+        let mut waits = Vec::new();
+        for _ in 0..9 {
+            wait = next_backoff(wait, Some(s(3)));
+            waits.push(wait.as_secs());
+        }
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+    }
+
+    #[test]
+    fn a_launch_of_something_that_is_no_helper_fails_and_leaves_no_child() {
+        // `true` exits without a word: no Ready, so no helper, and the child is reaped.
+        let e = launch(Path::new("/bin/true")).unwrap_err().to_string();
+        assert!(e.contains("exited before it was ready"), "{e}");
+        let e = launch(Path::new("/nonexistent/fnlet"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("launching /nonexistent/fnlet"), "{e}");
+        let children = std::fs::read_to_string(format!(
+            "/proc/self/task/{}/children",
+            nix::unistd::gettid()
+        ))
+        .unwrap_or_default();
+        assert_eq!(children.trim(), "", "children left: {children}");
+    }
 
     fn spec() -> SandboxSpec {
         let mut spec = SandboxSpec {

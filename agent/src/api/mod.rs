@@ -413,8 +413,11 @@ async fn metrics(State(app): Shared) -> Response {
             app.router.metrics.net_addresses.set(in_use as i64);
         }
     }
-    let helper_up = app.router.isolator.spawner_pid().is_some();
-    app.router.metrics.spawn_helper_up.set(i64::from(helper_up));
+    let isolator = &app.router.isolator;
+    app.router.metrics.set_spawn_helper(
+        isolator.spawner_pid().is_some(),
+        isolator.spawner_restarts(),
+    );
     let reg = &app.router.registry;
     app.router.metrics.set_capacity(
         reg.capacity.capacity(),
@@ -444,9 +447,9 @@ async fn status(State(app): Shared, headers: HeaderMap) -> Result<Response, AppE
         // Who clones sandboxes: the spawn helper (its pid), or the agent itself because the
         // helper is off (sandbox.spawn_helper) or was lost.
         "spawn_helper": match (app.config.sandbox.spawn_helper, app.router.isolator.spawner_pid()) {
-            (_, Some(pid)) => json!({ "state": "up", "pid": pid }),
+            (_, Some(pid)) => json!({ "state": "up", "pid": pid, "restarts": app.router.isolator.spawner_restarts() }),
             (false, None) => json!({ "state": "off" }),
-            (true, None) => json!({ "state": "lost" }),
+            (true, None) => json!({ "state": "lost", "restarts": app.router.isolator.spawner_restarts() }),
         },
         "state_dir": app.config.state_dir,
         "draining": app.router.draining.is_cancelled(),

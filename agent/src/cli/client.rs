@@ -468,12 +468,14 @@ pub struct StatusInfo {
     pub capacity: Option<CapacityStatus>,
 }
 
-/// The spawn helper: `up` (with its pid), `off` (`sandbox.spawn_helper = false`) or `lost`.
+/// The spawn helper: `up` (with its pid), `off` (`sandbox.spawn_helper = false`) or `lost`
+/// (until a new one is ready), and how many lost ones were replaced.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
 pub struct SpawnHelperStatus {
     pub state: String,
     pub pid: Option<u32>,
+    pub restarts: Option<u64>,
 }
 
 /// Committed and capacity of one resource.

@@ -1233,16 +1233,21 @@ fn status_text(s: &StatusInfo, endpoint: &str) -> String {
         ),
         (
             "spawner",
-            s.spawn_helper
-                .as_ref()
-                .map_or_else(none, |h| match (h.state.as_str(), h.pid) {
-                    ("up", Some(pid)) => format!("spawn helper, pid {pid}"),
+            s.spawn_helper.as_ref().map_or_else(none, |h| {
+                let restarts = match h.restarts {
+                    Some(n @ 1..) => format!(" ({n} lost and replaced)"),
+                    _ => String::new(),
+                };
+                match (h.state.as_str(), h.pid) {
+                    ("up", Some(pid)) => format!("spawn helper, pid {pid}{restarts}"),
                     ("off", _) => "the agent itself (sandbox.spawn_helper = false)".into(),
-                    ("lost", _) => {
-                        "the agent itself: the spawn helper was LOST (see the log)".into()
-                    }
+                    ("lost", _) => format!(
+                        "the agent itself: the spawn helper was LOST (see the log), a new \
+                             one is on its way{restarts}"
+                    ),
                     (other, _) => other.to_string(),
-                }),
+                }
+            }),
         ),
         (
             "state dir",
@@ -1771,6 +1776,7 @@ mod tests {
             spawn_helper: Some(crate::cli::client::SpawnHelperStatus {
                 state: "up".into(),
                 pid: Some(4242),
+                restarts: Some(1),
             }),
             cluster: Some(crate::cli::client::ClusterStatus {
                 node_id: "host-a".into(),
@@ -1805,7 +1811,7 @@ mod tests {
              cgroup:       v2\n\
              cgroup root:  fnlet\n\
              limits:       NOT enforced: no memory, pids controller here\n\
-             spawner:      spawn helper, pid 4242\n\
+             spawner:      spawn helper, pid 4242 (1 lost and replaced)\n\
              state dir:    /var/lib/fnlet\n\
              draining:     no\n\
              cluster:      node host-a at 10.0.0.1:8741; other members: 2 alive, 1 down\n"

@@ -139,6 +139,12 @@ Examples:
 }
 
 pub fn main() -> ExitCode {
+    // The agent's relaunched spawn helper: before anything else is set up (no logging, no
+    // runtime), and never a command a user types.
+    let mut args = std::env::args_os().skip(1);
+    if args.next().as_deref() == Some(std::ffi::OsStr::new(isolate::spawner::LAUNCH_ARG)) {
+        isolate::spawner::serve_launched(args.next().as_deref());
+    }
     let cli = Cli::parse();
     // The daemon logs one line per invocation; the CLI only its warnings.
     let default_level = if matches!(cli.command, Command::Agent(_)) {
