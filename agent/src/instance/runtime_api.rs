@@ -11,11 +11,8 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use axum::Router;
-use axum::extract::{Path, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use base64::Engine;
 use bytes::Bytes;
 use futures_util::stream::FuturesUnordered;
@@ -131,31 +128,84 @@ pub const MAX_RESPONSE: usize = 6 * 1024 * 1024;
 /// Error bodies are small; a runtime that sends more is cut off.
 const MAX_ERROR_BODY: usize = 1024 * 1024;
 
-const NEXT: &str = "/2018-06-01/runtime/invocation/next";
-const RESPONSE: &str = "/2018-06-01/runtime/invocation/{id}/response";
-const ERROR: &str = "/2018-06-01/runtime/invocation/{id}/error";
-const INIT_ERROR: &str = "/2018-06-01/runtime/init/error";
+/// Every path of the Runtime API starts so.
+const PREFIX: &str = "/2018-06-01/runtime/";
 
-/// The Runtime API's routes, built once: each instance gets them with its own state.
-fn routes() -> Router<Arc<RuntimeApi>> {
-    static ROUTES: std::sync::OnceLock<Router<Arc<RuntimeApi>>> = std::sync::OnceLock::new();
-    ROUTES
-        .get_or_init(|| {
-            Router::new()
-                .route(NEXT, get(next))
-                .route(RESPONSE, post(response))
-                .route(ERROR, post(invocation_error))
-                .route(INIT_ERROR, post(init_error))
-                .fallback(|| async {
-                    lambda_error(
-                        StatusCode::NOT_FOUND,
-                        "InvalidRequest",
-                        "no such Runtime API path (this is the 2018-06-01 Runtime API)",
-                    )
-                })
-        })
-        .clone()
+/// A Runtime API path, matched by hand: two requests of every invocation come here, and a
+/// general router's matching, extractors and boxed layers cost more than the work itself.
+#[derive(Debug, PartialEq)]
+enum Route<'a> {
+    /// `invocation/next`
+    Next,
+    /// `invocation/{id}/response`
+    Response(&'a str),
+    /// `invocation/{id}/error`
+    Error(&'a str),
+    /// `init/error`
+    InitError,
+    NotFound,
 }
+
+fn route(path: &str) -> Route<'_> {
+    let Some(rest) = path.strip_prefix(PREFIX) else {
+        return Route::NotFound;
+    };
+    if rest == "invocation/next" {
+        return Route::Next;
+    }
+    if rest == "init/error" {
+        return Route::InitError;
+    }
+    let Some(rest) = rest.strip_prefix("invocation/") else {
+        return Route::NotFound;
+    };
+    match rest.split_once('/') {
+        Some((id, "response")) if !id.is_empty() => Route::Response(id),
+        Some((id, "error")) if !id.is_empty() => Route::Error(id),
+        _ => Route::NotFound,
+    }
+}
+
+/// A request id from the path, percent-decoded (ids we hand out never need it).
+fn request_id(raw: &str) -> String {
+    if raw.contains('%') {
+        percent_encoding::percent_decode_str(raw)
+            .decode_utf8_lossy()
+            .into_owned()
+    } else {
+        raw.to_owned()
+    }
+}
+
+/// One request of the runtime's.
+async fn dispatch(api: Arc<RuntimeApi>, req: Request) -> Response {
+    let method = req.method().clone();
+    match route(req.uri().path()) {
+        Route::Next if method == Method::GET => next(&api).await,
+        Route::Response(id) if method == Method::POST => {
+            let id = request_id(id);
+            response(&api, &id, req).await
+        }
+        Route::Error(id) if method == Method::POST => {
+            let id = request_id(id);
+            invocation_error(&api, &id, req).await
+        }
+        Route::InitError if method == Method::POST => init_error(&api, req).await,
+        Route::NotFound => lambda_error(
+            StatusCode::NOT_FOUND,
+            "InvalidRequest",
+            "no such Runtime API path (this is the 2018-06-01 Runtime API)",
+        ),
+        _ => lambda_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "InvalidRequest",
+            &format!("{method} is not allowed on this Runtime API path"),
+        ),
+    }
+}
+
+/// A request as hyper reads it off the runtime's connection.
+type Request = axum::http::Request<hyper::body::Incoming>;
 
 /// One instance's Runtime API server: its listener and the runtime's connections, with no task
 /// of its own. Whoever waits on the instance drives it ([`Server::drive`]): its start until the
@@ -165,7 +215,7 @@ fn routes() -> Router<Arc<RuntimeApi>> {
 /// the socket until an invocation comes.
 pub struct Server {
     listener: Option<tokio::net::TcpListener>,
-    app: Router,
+    api: Arc<RuntimeApi>,
     conns: FuturesUnordered<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
@@ -178,7 +228,7 @@ impl Server {
                     Poll::Ready(Ok((tcp, _))) => {
                         // Small answers on a kept-alive connection: never wait for Nagle.
                         let _ = tcp.set_nodelay(true);
-                        self.conns.push(connection(tcp, self.app.clone()));
+                        self.conns.push(connection(tcp, self.api.clone()));
                     }
                     Poll::Ready(Err(e)) => {
                         // Tried again at the next poll (a full descriptor table, a connection
@@ -217,10 +267,13 @@ impl Server {
 }
 
 /// One kept-alive HTTP/1.1 connection of the runtime.
-fn connection(tcp: tokio::net::TcpStream, app: Router) -> Pin<Box<dyn Future<Output = ()> + Send>> {
-    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-        let mut app = app.clone();
-        tower::Service::call(&mut app, req)
+fn connection(
+    tcp: tokio::net::TcpStream,
+    api: Arc<RuntimeApi>,
+) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    let service = hyper::service::service_fn(move |req: Request| {
+        let api = api.clone();
+        async move { Ok::<_, std::convert::Infallible>(dispatch(api, req).await) }
     });
     let tcp = super::roaming::RoamingStream::new(tcp);
     let conn = hyper::server::conn::http1::Builder::new()
@@ -250,7 +303,7 @@ pub fn server(
     });
     let server = Server {
         listener: Some(listener),
-        app: routes().with_state(api.clone()),
+        api: api.clone(),
         conns: FuturesUnordered::new(),
     };
     let handle = RuntimeHandle {
@@ -281,10 +334,15 @@ fn lambda_error(status: StatusCode, error_type: &str, message: &str) -> Response
         .into_response()
 }
 
+/// 202 `{"status":"OK"}`, as Lambda answers an accepted response or error.
 fn accepted() -> Response {
     (
         StatusCode::ACCEPTED,
-        axum::Json(serde_json::json!({ "status": "OK" })),
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        Bytes::from_static(br#"{"status":"OK"}"#),
     )
         .into_response()
 }
@@ -297,7 +355,7 @@ fn state_transition(from: &str, to: &str, why: &str) -> Response {
     )
 }
 
-async fn next(State(api): State<Arc<RuntimeApi>>) -> Response {
+async fn next(api: &RuntimeApi) -> Response {
     if api
         .current
         .lock()
@@ -423,11 +481,7 @@ fn default_error_body(error_type: &str) -> Bytes {
     )
 }
 
-async fn response(
-    State(api): State<Arc<RuntimeApi>>,
-    Path(id): Path<String>,
-    req: Request,
-) -> Response {
+async fn response(api: &RuntimeApi, id: &str, req: Request) -> Response {
     let mode = req.headers().get("lambda-runtime-function-response-mode");
     if mode.is_some_and(|m| {
         !(m.as_bytes().eq_ignore_ascii_case(b"streaming")
@@ -439,7 +493,7 @@ async fn response(
             "Invalid function response mode",
         );
     }
-    let Some(reply) = take_current(&api, &id) else {
+    let Some(reply) = take_current(api, id) else {
         return invalid_request_id();
     };
     if mode.is_some_and(|m| m.as_bytes().eq_ignore_ascii_case(b"streaming")) {
@@ -526,7 +580,7 @@ async fn reported_error(req: Request) -> (String, Bytes) {
 async fn stream_response(req: Request, reply: oneshot::Sender<Reply>) -> Response {
     let content_type = req
         .headers()
-        .get(axum::http::header::CONTENT_TYPE)
+        .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let (tx, frames) = mpsc::channel(16);
@@ -643,12 +697,8 @@ pub async fn collect_stream(
     Ok(Bytes::from(out))
 }
 
-async fn invocation_error(
-    State(api): State<Arc<RuntimeApi>>,
-    Path(id): Path<String>,
-    req: Request,
-) -> Response {
-    let Some(reply) = take_current(&api, &id) else {
+async fn invocation_error(api: &RuntimeApi, id: &str, req: Request) -> Response {
+    let Some(reply) = take_current(api, id) else {
         return invalid_request_id();
     };
     let (error_type, body) = reported_error(req).await;
@@ -656,7 +706,7 @@ async fn invocation_error(
     accepted()
 }
 
-async fn init_error(State(api): State<Arc<RuntimeApi>>, req: Request) -> Response {
+async fn init_error(api: &RuntimeApi, req: Request) -> Response {
     if *api.init.borrow() != Init::Starting {
         return state_transition(
             "Ready",
@@ -673,6 +723,36 @@ async fn init_error(State(api): State<Arc<RuntimeApi>>, req: Request) -> Respons
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn paths_route_as_the_runtime_api_names_them() {
+        let r = route;
+        assert_eq!(r("/2018-06-01/runtime/invocation/next"), Route::Next);
+        assert_eq!(
+            r("/2018-06-01/runtime/invocation/8476a536-e9f4-11e8-9739-2dfe598c3fcd/response"),
+            Route::Response("8476a536-e9f4-11e8-9739-2dfe598c3fcd")
+        );
+        assert_eq!(
+            r("/2018-06-01/runtime/invocation/a/error"),
+            Route::Error("a")
+        );
+        assert_eq!(r("/2018-06-01/runtime/init/error"), Route::InitError);
+        for other in [
+            "/",
+            "/2018-06-01/runtime/",
+            "/2018-06-01/runtime/invocation/next/",
+            "/2018-06-01/runtime/invocation//response",
+            "/2018-06-01/runtime/invocation/a/b/response",
+            "/2018-06-01/runtime/invocation/a/answer",
+            "/2018-06-01/runtime/invocation/a",
+            "/2020-01-01/runtime/invocation/next",
+            "/2018-06-01/runtime/init/error/x",
+        ] {
+            assert_eq!(r(other), Route::NotFound, "{other}");
+        }
+        assert_eq!(request_id("a%2Fb"), "a/b");
+        assert_eq!(request_id("plain"), "plain");
+    }
 
     struct Served {
         base: String,
