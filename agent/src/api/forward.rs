@@ -5,12 +5,13 @@
 //! where it ran. A call is forwarded at most once, and sent elsewhere only if it provably never
 //! started.
 
+use std::convert::Infallible;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
-use axum::middleware::Next;
+use axum::extract::{ConnectInfo, Request};
 use axum::response::{IntoResponse, Response};
 
 use super::{App, authorized, read_body};
@@ -103,8 +104,78 @@ fn passing_of(call: Option<&super::ClusterCall>, wait: Duration) -> (String, u64
     }
 }
 
-/// The routing layer in front of the invocation routes.
-pub(super) async fn route(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+/// The forwarding layer in front of the invocation routes ([`route`]). Outside a cluster it passes requests straight to the route
+/// below: no boxed future, no clone of the route, nothing per call but one check.
+#[derive(Clone)]
+pub(super) struct ForwardLayer(pub Arc<App>);
+
+impl<S> tower::Layer<S> for ForwardLayer {
+    type Service = Forward<S>;
+
+    fn layer(&self, inner: S) -> Forward<S> {
+        Forward {
+            app: self.0.clone(),
+            inner,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(super) struct Forward<S> {
+    app: Arc<App>,
+    inner: S,
+}
+
+impl<S> tower::Service<Request> for Forward<S>
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = futures_util::future::Either<
+        S::Future,
+        futures_util::future::BoxFuture<'static, Result<Response, Infallible>>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        if self.app.cluster.get().is_none() {
+            return futures_util::future::Either::Left(self.inner.call(req));
+        }
+        // The service polled ready is the one to call; its clone stays for the next call.
+        let clone = self.inner.clone();
+        let ready = std::mem::replace(&mut self.inner, clone);
+        let app = self.app.clone();
+        futures_util::future::Either::Right(Box::pin(async move {
+            Ok(route(app, req, Next(ready)).await)
+        }))
+    }
+}
+
+/// The route below the forwarding layer.
+struct Next<S>(S);
+
+impl<S> Next<S>
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible>,
+{
+    async fn run(self, req: Request) -> Response {
+        match tower::ServiceExt::oneshot(self.0, req).await {
+            Ok(r) => r,
+            Err(never) => match never {},
+        }
+    }
+}
+
+/// A call for a function: served here, or forwarded to the host that should serve it.
+async fn route<S>(app: Arc<App>, req: Request, next: Next<S>) -> Response
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible>,
+{
     let Some(node) = app.cluster.get().cloned() else {
         return next.run(req).await;
     };

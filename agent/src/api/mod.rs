@@ -299,10 +299,7 @@ pub fn app(state: Arc<App>) -> AxumRouter {
             )
         })
         .layer(axum::middleware::map_request(drain::drain_refused_bodies))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            forward::route,
-        ))
+        .layer(forward::ForwardLayer(state.clone()))
         .with_state(state)
 }
 
