@@ -262,9 +262,7 @@ impl Server {
     /// Polls once more without a waker: what the connections wait for next (the runtime's
     /// next `/next`) wakes nobody until the next invocation drives them again.
     pub fn park(&mut self) {
-        super::roaming::parking(|| {
-            self.poll_serve(&mut Context::from_waker(std::task::Waker::noop()));
-        });
+        self.poll_serve(&mut Context::from_waker(std::task::Waker::noop()));
     }
 }
 
