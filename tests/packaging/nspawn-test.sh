@@ -422,12 +422,36 @@ check_egress() {
   note "egress: removed functions took their chains; the upstream namespace is gone"
 }
 
+# A lost spawn helper: calls go on (the agent clones in-process), and a fresh one, the agent's
+# child in its delegated leaf, takes over; `fnlet status` counts it.
+helper_relaunch() {
+  local pid old new cg out
+  pid=$(main_pid)
+  old=$(sh_ct "pgrep -P $pid -x fnlet-spawner" || true)
+  [ -n "$old" ] || fail "the agent ($pid) has no fnlet-spawner child"
+  in_ct kill -KILL "$old"
+  out=$(in_ct fnlet invoke hello-sh -d Ada 2>&1) || fail "fnlet invoke hello-sh after the helper was killed: $out"
+  for _ in $(seq 300); do
+    new=$(sh_ct "pgrep -P $pid -x fnlet-spawner" || true)
+    [ -n "$new" ] && [ "$new" != "$old" ] && break
+    sleep 0.1
+  done
+  [ -n "$new" ] && [ "$new" != "$old" ] || fail "no new fnlet-spawner after $old was killed"
+  cg=$(sh_ct "grep '^0::' /proc/$new/cgroup")
+  [ "$cg" = "0::/system.slice/fnlet.service/agent" ] || fail "the relaunched spawn helper is in $cg, not the agent's leaf"
+  out=$(in_ct fnlet invoke hello-sh -d Ada 2>&1) || fail "fnlet invoke hello-sh with the new helper: $out"
+  out=$(in_ct fnlet status 2>&1) || fail "fnlet status: $out"
+  case "$out" in *"spawn helper, pid $new (1 lost and replaced)"*) ;; *) fail "fnlet status after the relaunch: $out" ;; esac
+  note "spawn helper $old killed: calls went on, $new took over in the agent's leaf"
+}
+
 check_running() {
   local label=$1
   timed "$label: active" wait_active
   timed "$label: unit, delegation, STATUS" check_unit
   timed "$label: deploy (CLI)" sh_ct 'fnlet deploy /mnt/ci/examples/hello-sh >/dev/null && fnlet deploy /mnt/ci/examples/hello-py >/dev/null'
   timed "$label: invoke + journal" invoke_examples "$label"
+  timed "$label: spawn helper relaunch" helper_relaunch
   limits_note
   egress_probe
   timed "$label: egress" check_egress
