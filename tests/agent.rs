@@ -856,8 +856,11 @@ fn a_lost_spawn_helper_is_replaced_by_a_fresh_one() {
         let _ = std::process::Command::new("kill")
             .args(["-KILL", &pid.to_string()])
             .status();
-        // Calls never fail for it: the agent clones in-process until a new helper is ready.
-        assert_eq!(agent.invoke("counted", b"").expect_ok(200).text(), "ok\n");
+        if round == 2 {
+            // Calls never fail for it: the agent clones in-process until a new helper is
+            // ready. (Round 1 makes no call: the agent sees the exit itself and relaunches.)
+            assert_eq!(agent.invoke("counted", b"").expect_ok(200).text(), "ok\n");
+        }
         // The second relaunch backs off a second; allow many times that on a loaded host.
         let deadline = Instant::now() + Duration::from_secs(30);
         let (new_pid, restarts) = loop {
@@ -897,8 +900,10 @@ fn a_lost_spawn_helper_is_replaced_by_a_fresh_one() {
     ] {
         assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
     }
-    assert!(
-        agent.log().contains("the spawn helper is lost"),
+    // The agent saw each exit itself (the helper's pidfd), not at a failed spawn.
+    assert_eq!(
+        agent.log().matches("the spawn helper exited").count(),
+        2,
         "{}",
         agent.log()
     );

@@ -22,12 +22,13 @@
 //! asking for `die_with_parent` follows that same thread: start the helper from a thread that
 //! lives as long as the process (the main thread).
 //!
-//! A lost helper (killed, crashed, hung) can be replaced ([`Spawner::relaunch_with`]): a
-//! thread of its own, which never ends, launches the program again (`/proc/self/exe` in the
-//! agent: a fresh exec, not a fork of the grown process) with [`LAUNCH_ARG`], the helper's end
-//! of a new socket pair as descriptor 3. That program calls [`serve_launched`]. Until the new
-//! helper says it is ready, and between failed launches (backing off up to
-//! [`MAX_RELAUNCH_BACKOFF`]), the caller clones in-process.
+//! A helper that exits or is lost (killed, crashed, hung: a hung one is killed) can be
+//! replaced ([`Spawner::relaunch_with`]): a thread of its own, which never ends, waits on the
+//! helper's pidfd and then launches the program again (`/proc/self/exe` in the agent: a fresh
+//! exec, not a fork of the grown process) with [`LAUNCH_ARG`], the helper's end of a new
+//! socket pair as descriptor 3. That program calls [`serve_launched`]. Until the new helper
+//! says it is ready, and between failed launches (backing off up to [`MAX_RELAUNCH_BACKOFF`]),
+//! the caller clones in-process.
 
 use std::ffi::{CString, OsStr};
 use std::io::{IoSlice, IoSliceMut};
@@ -35,7 +36,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -138,28 +139,47 @@ pub(crate) enum HelperError {
 /// The caller's handle on a spawn helper. Give it to [`crate::Isolator::use_spawner`].
 #[derive(Debug)]
 pub struct Spawner {
+    state: Arc<State>,
+    /// The write end of a pipe the relaunching thread watches ([`Spawner::relaunch_with`]):
+    /// closed with the spawner, it ends the thread's watch.
+    relaunching: Option<OwnedFd>,
+}
+
+/// What the spawner and its relaunching thread share.
+#[derive(Debug)]
+struct State {
     helper: Mutex<Helper>,
     alive: AtomicBool,
-    /// Where lost helpers are replaced from ([`Spawner::relaunch_with`]).
-    relaunch: Option<Relaunch>,
+    /// A relaunched helper, ready, until the next spawn (or status query) takes it.
+    ready: Mutex<Option<Helper>>,
     restarts: AtomicU64,
 }
 
-/// One helper process: the caller's end of its socket, and its pid (our child, reaped once,
-/// by the drop).
+/// One helper process: the caller's end of its socket, its pid and a pidfd (our child, reaped
+/// once, by the drop).
 #[derive(Debug)]
 struct Helper {
     sock: OwnedFd,
     pid: libc::pid_t,
+    /// Readable once it has exited: what the relaunching thread waits on.
+    pidfd: OwnedFd,
 }
 
-/// The caller's side of the relaunching thread.
-#[derive(Debug)]
-struct Relaunch {
-    /// Asks for a new helper (one message per lost helper).
-    wanted: mpsc::Sender<()>,
-    /// A new helper, ready, until the next spawn (or status query) takes it.
-    ready: Arc<Mutex<Option<Helper>>>,
+impl Helper {
+    /// A helper just started; one whose pidfd cannot be had is killed and reaped.
+    fn new(sock: OwnedFd, pid: libc::pid_t) -> Result<Helper> {
+        match sys::pidfd_open(pid) {
+            Ok(pidfd) => Ok(Helper { sock, pid, pidfd }),
+            Err(e) => {
+                // SAFETY: signalling and reaping our own child, not yet reaped.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                    libc::waitpid(pid, std::ptr::null_mut(), libc::__WALL);
+                }
+                Err(IsolateError::sys("pidfd_open of the spawn helper", e))
+            }
+        }
+    }
 }
 
 impl Spawner {
@@ -180,86 +200,57 @@ impl Spawner {
             }
             pid => {
                 drop(theirs);
-                Ok(Spawner::serving(Helper { sock: ours, pid }))
+                Ok(Spawner::serving(Helper::new(ours, pid)?))
             }
         }
     }
 
     fn serving(helper: Helper) -> Spawner {
         Spawner {
-            helper: Mutex::new(helper),
-            alive: AtomicBool::new(true),
-            relaunch: None,
-            restarts: AtomicU64::new(0),
+            state: Arc::new(State {
+                helper: Mutex::new(helper),
+                alive: AtomicBool::new(true),
+                ready: Mutex::new(None),
+                restarts: AtomicU64::new(0),
+            }),
+            relaunching: None,
         }
     }
 
-    /// Replaces a lost helper with `program` launched anew (`/proc/self/exe` for a program
-    /// whose `main` calls [`serve_launched`] on [`LAUNCH_ARG`]). Starts the thread that
-    /// launches them; it never ends, as the helpers (and sandboxes asking for
-    /// `die_with_parent`) die with the thread that started them.
+    /// Replaces a helper that exits or is lost with `program` launched anew (`/proc/self/exe`
+    /// for a program whose `main` calls [`serve_launched`] on [`LAUNCH_ARG`]). Starts the
+    /// thread that waits on the helper's pidfd and launches the next; it never ends, as the
+    /// helpers (and sandboxes asking for `die_with_parent`) die with the thread that started
+    /// them.
     pub fn relaunch_with(&mut self, program: PathBuf) -> Result<()> {
-        if self.relaunch.is_some() {
+        if self.relaunching.is_some() {
             return Ok(());
         }
-        let (wanted, requests) = mpsc::channel();
-        let ready = Arc::new(Mutex::new(None));
-        let slot = ready.clone();
+        let (watch, relaunching) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| IsolateError::sys("pipe for the relaunching thread", e))?;
+        let state = Arc::downgrade(&self.state);
         std::thread::Builder::new()
             .name("fnlet-respawn".into())
-            .spawn(move || relaunch_thread(&program, &requests, &slot))
+            .spawn(move || relaunch_thread(&program, &state, &watch))
             .map_err(|e| IsolateError::Spawner(format!("starting the relaunch thread: {e}")))?;
-        self.relaunch = Some(Relaunch { wanted, ready });
+        self.relaunching = Some(relaunching);
         Ok(())
     }
 
     /// How many times a lost helper was replaced.
     pub fn restarts(&self) -> u64 {
-        self.restarts.load(Ordering::Relaxed)
+        self.state.restarts.load(Ordering::Relaxed)
     }
 
     /// The helper's pid.
     pub fn pid(&self) -> u32 {
-        self.helper().pid as u32
-    }
-
-    fn helper(&self) -> std::sync::MutexGuard<'_, Helper> {
-        self.helper.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.helper().pid as u32
     }
 
     /// False while the helper is lost (it died or stopped answering) and no new one is ready;
     /// clones then happen in the caller.
     pub fn alive(&self) -> bool {
-        self.alive.load(Ordering::Acquire) || self.take_relaunched()
-    }
-
-    /// Puts a relaunched helper in the lost one's place, if one is ready.
-    fn take_relaunched(&self) -> bool {
-        let Some(relaunch) = &self.relaunch else {
-            return false;
-        };
-        let Some(new) = relaunch
-            .ready
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        else {
-            return false;
-        };
-        let mut helper = self.helper();
-        if self.alive.load(Ordering::Acquire) {
-            // Another caller installed one first; this one's drop ends and reaps it.
-            drop(helper);
-            drop(new);
-            return true;
-        }
-        let pid = new.pid;
-        // The lost one (killed by `lost`) is reaped here, by its own pid, exactly once.
-        drop(std::mem::replace(&mut *helper, new));
-        self.restarts.fetch_add(1, Ordering::Relaxed);
-        self.alive.store(true, Ordering::Release);
-        tracing::info!(pid, "a new spawn helper clones sandboxes again");
-        true
+        self.state.alive.load(Ordering::Acquire) || self.state.take_relaunched()
     }
 
     /// Clones a sandbox's child through the helper: its pid and pidfd.
@@ -303,8 +294,8 @@ impl Spawner {
         if !self.alive() {
             return Err(HelperError::NotSent);
         }
-        let helper = self.helper();
-        if !self.alive.load(Ordering::Acquire) {
+        let helper = self.state.helper();
+        if !self.state.alive.load(Ordering::Acquire) {
             // Lost while this caller waited for the lock.
             return Err(HelperError::NotSent);
         }
@@ -344,8 +335,8 @@ impl Spawner {
     /// Gives up on `helper` (held locked): kills it (it is reaped when replaced or dropped);
     /// clones happen in the caller until a relaunched helper is ready.
     fn lost(&self, helper: &Helper, why: &str) {
-        if self.alive.swap(false, Ordering::AcqRel) {
-            let next = if self.relaunch.is_some() {
+        if self.state.alive.swap(false, Ordering::AcqRel) {
+            let next = if self.relaunching.is_some() {
                 "until a new one is ready"
             } else {
                 "from now on"
@@ -354,30 +345,103 @@ impl Spawner {
                 pid = helper.pid,
                 "the spawn helper is lost: {why}; sandboxes are cloned by this process {next}"
             );
-            // SAFETY: signalling our own child, not yet reaped (so the pid is still its).
+            // SAFETY: signalling our own child, not yet reaped (so the pid is still its). Its
+            // pidfd turns readable: the relaunching thread launches the next.
             unsafe { libc::kill(helper.pid, libc::SIGKILL) };
-            if let Some(relaunch) = &self.relaunch {
-                let _ = relaunch.wanted.send(());
-            }
         }
     }
 }
 
-/// The relaunching thread: a new helper each time one is asked for, backing off while they
-/// keep getting lost, and retrying until one is ready. It never returns: the helpers it
-/// launched die with it.
-fn relaunch_thread(
-    program: &Path,
-    wanted: &mpsc::Receiver<()>,
-    ready: &Mutex<Option<Helper>>,
-) -> ! {
+impl State {
+    fn helper(&self) -> std::sync::MutexGuard<'_, Helper> {
+        self.helper.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn ready(&self) -> std::sync::MutexGuard<'_, Option<Helper>> {
+        self.ready.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Puts a relaunched helper in the lost one's place, if one is ready.
+    fn take_relaunched(&self) -> bool {
+        let Some(new) = self.ready().take() else {
+            return false;
+        };
+        let mut helper = self.helper();
+        if self.alive.load(Ordering::Acquire) {
+            // Another caller installed one first; this one's drop ends and reaps it.
+            drop(helper);
+            drop(new);
+            return true;
+        }
+        let pid = new.pid;
+        // The lost one (killed by `lost`, or exited) is reaped here, by its own pid, once.
+        drop(std::mem::replace(&mut *helper, new));
+        self.restarts.fetch_add(1, Ordering::Relaxed);
+        self.alive.store(true, Ordering::Release);
+        tracing::info!(pid, "a new spawn helper clones sandboxes again");
+        true
+    }
+
+    /// The helper to watch (the serving one, else one waiting to serve): its pid and a copy of
+    /// its pidfd. None: nothing alive to watch.
+    fn watched(&self) -> Option<(libc::pid_t, OwnedFd)> {
+        let ready = self.ready();
+        let helper = self.helper();
+        let current = if self.alive.load(Ordering::Acquire) {
+            Some(&*helper)
+        } else {
+            ready.as_ref()
+        }?;
+        let pidfd = current.pidfd.try_clone().ok()?;
+        Some((current.pid, pidfd))
+    }
+
+    /// `pid` has exited: if it was the serving helper, clones happen in the caller until a
+    /// new one is ready; if it was waiting to serve, it is dropped (and reaped).
+    fn exited(&self, pid: libc::pid_t) {
+        let mut ready = self.ready();
+        if ready.as_ref().is_some_and(|h| h.pid == pid) {
+            drop(ready.take());
+        }
+        drop(ready);
+        let helper = self.helper();
+        if helper.pid == pid && self.alive.swap(false, Ordering::AcqRel) {
+            tracing::error!(
+                pid,
+                "the spawn helper exited; sandboxes are cloned by this process until a new one is ready"
+            );
+        }
+    }
+}
+
+/// The relaunching thread: waits for the helper to exit (its pidfd; a lost helper is killed,
+/// so it exits too), then launches the next, backing off while they keep getting lost and
+/// retrying until one is ready. Its watch ends with the spawner (`stop` hangs up); the thread
+/// never returns: the helpers it launched die with it.
+fn relaunch_thread(program: &Path, state: &std::sync::Weak<State>, stop: &OwnedFd) -> ! {
     let mut backoff = Duration::ZERO;
     let mut last_launch: Option<Instant> = None;
-    while wanted.recv().is_ok() {
-        while wanted.try_recv().is_ok() {}
+    'watch: loop {
+        let Some(shared) = state.upgrade() else {
+            break;
+        };
+        let watched = shared.watched();
+        drop(shared);
+        // With nothing alive to watch, the next is launched at once.
+        if let Some((pid, pidfd)) = watched {
+            if wait_readable(&pidfd, stop, None) == Woken::Stop {
+                break;
+            }
+            match state.upgrade() {
+                Some(shared) => shared.exited(pid),
+                None => break,
+            }
+        }
         loop {
             backoff = next_backoff(backoff, last_launch.map(|t| t.elapsed()));
-            std::thread::sleep(backoff);
+            if !backoff.is_zero() && wait_readable(stop, stop, Some(backoff)) == Woken::Stop {
+                break 'watch;
+            }
             let started = Instant::now();
             last_launch = Some(started);
             match launch(program) {
@@ -387,13 +451,12 @@ fn relaunch_thread(
                         took_ms = started.elapsed().as_secs_f64() * 1e3,
                         "a new spawn helper is ready"
                     );
+                    let Some(s) = state.upgrade() else {
+                        // The spawner is gone: the new helper's drop ends and reaps it.
+                        break 'watch;
+                    };
                     // One still waiting (never taken) is replaced; its drop reaps it.
-                    drop(
-                        ready
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .replace(helper),
-                    );
+                    drop(s.ready().replace(helper));
                     break;
                 }
                 Err(e) => tracing::error!(
@@ -406,6 +469,40 @@ fn relaunch_thread(
     // The spawner is gone; this thread stays, for what its helpers cloned.
     loop {
         std::thread::park();
+    }
+}
+
+#[derive(Debug, PartialEq)]
+enum Woken {
+    Ready,
+    Stop,
+    TimedOut,
+}
+
+/// Waits until `fd` is readable, `stop` hangs up (or is readable), or `timeout` passes.
+fn wait_readable(fd: &OwnedFd, stop: &OwnedFd, timeout: Option<Duration>) -> Woken {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let timeout = timeout.map_or(PollTimeout::NONE, |t| {
+        PollTimeout::try_from(t).unwrap_or(PollTimeout::MAX)
+    });
+    loop {
+        let mut fds = [
+            PollFd::new(stop.as_fd(), PollFlags::POLLIN),
+            PollFd::new(fd.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, timeout) {
+            Ok(0) => return Woken::TimedOut,
+            Ok(_) => {
+                if fds[0].revents().is_some_and(|r| !r.is_empty()) {
+                    return Woken::Stop;
+                }
+                return Woken::Ready;
+            }
+            Err(Errno::EINTR) => continue,
+            // Nothing sensible to wait on: taken as the end, not as a spin.
+            Err(_) => return Woken::Stop,
+        }
     }
 }
 
@@ -472,10 +569,7 @@ fn launch(program: &Path) -> Result<Helper> {
         .map_err(|e| IsolateError::Spawner(format!("launching {}: {e}", program.display())))?;
     drop(theirs);
     // From here the drop ends it (EOF on its socket) and reaps it.
-    let helper = Helper {
-        sock: ours,
-        pid: child.id() as libc::pid_t,
-    };
+    let helper = Helper::new(ours, child.id() as libc::pid_t)?;
     let mut buf = [0u8; 64];
     let mut cmsg_space = nix::cmsg_space!([RawFd; 1]);
     let failure = match receive(&helper.sock, &mut buf, &mut cmsg_space) {
