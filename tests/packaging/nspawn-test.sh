@@ -431,12 +431,13 @@ helper_relaunch() {
   [ -n "$old" ] || fail "the agent ($pid) has no fnlet-spawner child"
   in_ct kill -KILL "$old"
   out=$(in_ct fnlet invoke hello-sh -d Ada 2>&1) || fail "fnlet invoke hello-sh after the helper was killed: $out"
+  # (The killed one stays a zombie, the agent's to reap, until the new one takes its place.)
   for _ in $(seq 300); do
-    new=$(sh_ct "pgrep -P $pid -x fnlet-spawner" || true)
-    [ -n "$new" ] && [ "$new" != "$old" ] && break
+    new=$(sh_ct "pgrep -P $pid -x fnlet-spawner" | grep -vx "$old" | head -n 1 || true)
+    [ -n "$new" ] && break
     sleep 0.1
   done
-  [ -n "$new" ] && [ "$new" != "$old" ] || fail "no new fnlet-spawner after $old was killed"
+  [ -n "$new" ] || fail "no new fnlet-spawner after $old was killed"
   cg=$(sh_ct "grep '^0::' /proc/$new/cgroup")
   [ "$cg" = "0::/system.slice/fnlet.service/agent" ] || fail "the relaunched spawn helper is in $cg, not the agent's leaf"
   out=$(in_ct fnlet invoke hello-sh -d Ada 2>&1) || fail "fnlet invoke hello-sh with the new helper: $out"
