@@ -384,16 +384,17 @@ impl State {
 
     /// The helper to watch (the serving one, else one waiting to serve): its pid and a copy of
     /// its pidfd. None: nothing alive to watch.
-    fn watched(&self) -> Option<(libc::pid_t, OwnedFd)> {
+    fn watched(&self) -> std::io::Result<Option<(libc::pid_t, OwnedFd)>> {
         let ready = self.ready();
         let helper = self.helper();
         let current = if self.alive.load(Ordering::Acquire) {
             Some(&*helper)
         } else {
             ready.as_ref()
-        }?;
-        let pidfd = current.pidfd.try_clone().ok()?;
-        Some((current.pid, pidfd))
+        };
+        current
+            .map(|h| Ok((h.pid, h.pidfd.try_clone()?)))
+            .transpose()
     }
 
     /// `pid` has exited: if it was the serving helper, clones happen in the caller until a
@@ -427,6 +428,18 @@ fn relaunch_thread(program: &Path, state: &std::sync::Weak<State>, stop: &OwnedF
         };
         let watched = shared.watched();
         drop(shared);
+        let watched = match watched {
+            Ok(w) => w,
+            Err(e) => {
+                // No descriptor to watch with (the table is full): look again in a while,
+                // rather than launch helpers beside a live one.
+                tracing::warn!("watching the spawn helper: {e}");
+                if wait_readable(stop, stop, Some(Duration::from_secs(1))) == Woken::Stop {
+                    break;
+                }
+                continue;
+            }
+        };
         // With nothing alive to watch, the next is launched at once.
         if let Some((pid, pidfd)) = watched {
             if wait_readable(&pidfd, stop, None) == Woken::Stop {
