@@ -104,8 +104,9 @@ fn passing_of(call: Option<&super::ClusterCall>, wait: Duration) -> (String, u64
     }
 }
 
-/// The forwarding layer in front of the invocation routes ([`route`]). Outside a cluster it passes requests straight to the route
-/// below: no boxed future, no clone of the route, nothing per call but one check.
+/// The forwarding layer in front of the invocation routes ([`route`]). Outside a cluster it
+/// passes requests straight to the route below: no boxed future, no clone of the route,
+/// nothing per call but one check.
 #[derive(Clone)]
 pub(super) struct ForwardLayer(pub Arc<App>);
 
