@@ -913,6 +913,99 @@ fn a_lost_spawn_helper_is_replaced_by_a_fresh_one() {
     agent.finish();
 }
 
+/// The sum of `field=N` over the agent's "were not logged" lines.
+fn skipped_in(log: &str, field: &str) -> u64 {
+    log.lines()
+        .filter(|l| l.contains("were not logged"))
+        .map(|l| {
+            let at = l
+                .find(&format!("{field}="))
+                .unwrap_or_else(|| panic!("no {field}= in {l:?}"));
+            let digits: String = l[at + field.len() + 1..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits.parse::<u64>().unwrap_or_else(|_| panic!("{l:?}"))
+        })
+        .sum()
+}
+
+/// `limits.log_lines_per_s`: a burst of calls logs at most that many lines a second, and every
+/// line it did not log is counted in the next window's summary, exactly; the function's own log
+/// keeps every line.
+#[test]
+fn a_burst_of_calls_stays_within_log_lines_per_s_and_counts_the_rest() {
+    let agent = Agent::start_with(
+        "logbudget",
+        Settings {
+            limits_extra: "log_lines_per_s = 5\n".into(),
+            ..Settings::default()
+        },
+    );
+    let f = Fixture::sh(
+        "chatty",
+        "timeout_s = 5\npublic = true",
+        "echo chatty-marker >&2; echo ok",
+    );
+    agent.deploy(f.path());
+    // The deploy's own line in a window of its own.
+    std::thread::sleep(Duration::from_millis(1100));
+    let calls = 31;
+    let started = Instant::now();
+    for i in 0..calls - 1 {
+        let r = agent.invoke("chatty", b"");
+        assert_eq!(r.status, 200, "call {i}: {}", r.text());
+    }
+    let burst = started.elapsed();
+    // The next window's first line says what the burst's last window skipped.
+    std::thread::sleep(Duration::from_millis(1100));
+    agent.invoke("chatty", b"").expect_ok(200);
+
+    let log = agent.log();
+    let ours = |l: &&str| l.contains("chatty");
+    let invocation_lines = log
+        .lines()
+        .filter(ours)
+        .filter(|l| l.contains("invocation ok"))
+        .count() as u64;
+    let function_lines = log
+        .lines()
+        .filter(ours)
+        .filter(|l| l.contains("chatty-marker") || l.contains("END ok"))
+        .count() as u64;
+    let skipped_invocations = skipped_in(&log, "invocation_lines");
+    let skipped_function = skipped_in(&log, "function_lines");
+    let ctx = format!(
+        "burst of {} calls in {burst:?}: logged {invocation_lines} invocation lines and \
+         {function_lines} function lines, skipped {skipped_invocations} and \
+         {skipped_function}\n{log}",
+        calls - 1
+    );
+    assert!(
+        skipped_invocations + skipped_function > 0,
+        "nothing skipped: {ctx}"
+    );
+    // Five a second at most: the burst spans at most ceil(its length) + 1 windows.
+    let windows = burst.as_secs() + 2;
+    assert!(
+        invocation_lines + function_lines <= 5 * (windows + 1),
+        "more than 5 lines a second: {ctx}"
+    );
+    assert_eq!(invocation_lines + skipped_invocations, calls, "{ctx}");
+    // Each call: the function's stderr line and the agent's END line.
+    assert_eq!(function_lines + skipped_function, 2 * calls, "{ctx}");
+    // The function's log has every line.
+    let out = agent.cli(&["logs", "chatty", "-n", "1000"]);
+    let text = stdout(&out);
+    assert_eq!(
+        text.matches("chatty-marker").count() as u64,
+        calls,
+        "fnlet logs chatty:\n{text}\n{}",
+        stderr(&out)
+    );
+    agent.finish();
+}
+
 /// (METHOD, path, documented status codes, needs the token) for every operation in the API
 /// reference.
 fn documented_operations() -> Vec<(Method, String, BTreeSet<u16>, bool)> {

@@ -313,6 +313,11 @@ pub struct LimitsConfig {
     pub queue_timeout_ms: u64,
     /// Bytes of log kept per function (two files of this size).
     pub log_max_kb: u64,
+    /// Lines that come with calls (the agent's one line per invocation, the functions' own
+    /// output copied to the agent's log) at most this many a second; the rest are counted in one
+    /// line. Keeps a busy agent under journald's rate limit, past which its warnings are dropped
+    /// too. 0: none (the function logs and /metrics keep everything either way).
+    pub log_lines_per_s: u32,
     /// A connection's first request head must arrive within this of the connect, and every
     /// later one within this of its first byte; else the connection is closed.
     pub header_timeout_s: f64,
@@ -431,6 +436,7 @@ impl Default for LimitsConfig {
             max_response_mb: 6,
             queue_timeout_ms: 1000,
             log_max_kb: 1024,
+            log_lines_per_s: 100,
             header_timeout_s: 10.0,
             body_timeout_s: 30.0,
             idle_timeout_s: 60.0,

@@ -297,6 +297,7 @@ async fn serve(
     let logs_dir = logs_dir(state);
     let logs = Arc::new(
         Logs::open(&logs_dir, config.limits.log_max_kb << 10)
+            .map(|logs| logs.with_line_budget(config.limits.log_lines_per_s))
             .with_context(|| format!("opening the log dir {}", logs_dir.display()))?,
     );
     // Functions' egress: nothing changes on the host until an instance needs it, but what a

@@ -1,12 +1,14 @@
 //! Function logs: one JSON line per output line, kept in a size-bounded file per function
 //! (`<state>/logs/<name>.log`, rotated once to `.log.1`), streamed live to followers, and
-//! emitted as tracing events so they reach the journal attributed to their function.
+//! emitted as tracing events so they reach the journal attributed to their function, within
+//! the agent's [`LineBudget`].
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::broadcast;
@@ -34,6 +36,102 @@ pub struct Logs {
     dir: PathBuf,
     max_bytes: u64,
     inner: Mutex<HashMap<String, FnLog>>,
+    budget: LineBudget,
+}
+
+/// What a line that comes with calls is, for the count of those not logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LineKind {
+    /// The agent's `invocation ok` / `invocation failed` line.
+    Invocation,
+    /// A line of a function's own output (or the agent's line in an exec function's log).
+    Function,
+}
+
+/// How many lines of each kind a one-second window did not log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Skipped {
+    pub invocations: u64,
+    pub function_lines: u64,
+}
+
+/// The lines that come with every call (`limits.log_lines_per_s`): at most `per_s` a second
+/// reach the agent's log; past that they are counted, and the next line after the window says
+/// how many were not logged. journald drops everything a service logs past its rate limit
+/// (10,000 messages per 30 s by default), the agent's own warnings included, so a busy host
+/// must stay under it on its own. The function's log file and /metrics still get every line and
+/// every call. A fixed window, one lock per line: no timer, nothing runs while nothing is
+/// logged.
+pub struct LineBudget {
+    per_s: u32,
+    window: Mutex<Window>,
+}
+
+struct Window {
+    start: Instant,
+    logged: u32,
+    skipped: Skipped,
+}
+
+const WINDOW: Duration = Duration::from_secs(1);
+
+impl LineBudget {
+    pub fn new(per_s: u32) -> LineBudget {
+        LineBudget {
+            per_s,
+            window: Mutex::new(Window {
+                start: Instant::now(),
+                logged: 0,
+                skipped: Skipped::default(),
+            }),
+        }
+    }
+
+    /// Whether a line of `kind` may be logged now. The first call after a window that skipped
+    /// lines logs how many, whatever it returns.
+    pub fn admit(&self, kind: LineKind) -> bool {
+        let (admit, ended) = self.admit_at(Instant::now(), kind);
+        if let Some((skipped, began)) = ended {
+            tracing::info!(
+                invocation_lines = skipped.invocations,
+                function_lines = skipped.function_lines,
+                window_began_s_ago = began.as_secs_f64(),
+                "{} invocation and {} function output lines of a 1 s window were not logged \
+                 (limits.log_lines_per_s = {}; /metrics counts every call, `fnlet logs` keeps \
+                 every line)",
+                skipped.invocations,
+                skipped.function_lines,
+                self.per_s
+            );
+        }
+        admit
+    }
+
+    /// [`LineBudget::admit`] at `now`: whether to log, and what an ended window skipped (with
+    /// how long ago it began), to be said once.
+    fn admit_at(&self, now: Instant, kind: LineKind) -> (bool, Option<(Skipped, Duration)>) {
+        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ended = None;
+        let age = now.saturating_duration_since(w.start);
+        if age >= WINDOW {
+            let skipped = std::mem::take(&mut w.skipped);
+            if skipped != Skipped::default() {
+                ended = Some((skipped, age));
+            }
+            w.start = now;
+            w.logged = 0;
+        }
+        let admit = w.logged < self.per_s;
+        if admit {
+            w.logged += 1;
+        } else {
+            match kind {
+                LineKind::Invocation => w.skipped.invocations += 1,
+                LineKind::Function => w.skipped.function_lines += 1,
+            }
+        }
+        (admit, ended)
+    }
 }
 
 /// Longest line kept; longer output is cut (a function cannot fill memory through its log).
@@ -67,7 +165,20 @@ impl Logs {
             dir: dir.to_path_buf(),
             max_bytes,
             inner: Mutex::new(HashMap::new()),
+            budget: LineBudget::new(u32::MAX),
         })
+    }
+
+    /// At most `per_s` lines a second that come with calls reach the agent's log
+    /// ([`LineBudget`]); unlimited unless set.
+    pub fn with_line_budget(mut self, per_s: u32) -> Logs {
+        self.budget = LineBudget::new(per_s);
+        self
+    }
+
+    /// The budget of lines that come with calls, shared with the router's invocation lines.
+    pub fn line_budget(&self) -> &LineBudget {
+        &self.budget
     }
 
     fn path(&self, function: &str) -> PathBuf {
@@ -114,7 +225,11 @@ impl Logs {
         line: &str,
     ) {
         let line = cut(line);
-        tracing::info!(target: "fnlet::function", function, version, request_id, instance = instance.unwrap_or("-"), stream, "{line}");
+        if tracing::enabled!(target: "fnlet::function", tracing::Level::INFO)
+            && self.budget.admit(LineKind::Function)
+        {
+            tracing::info!(target: "fnlet::function", function, version, request_id, instance = instance.unwrap_or("-"), stream, "{line}");
+        }
         let rec = LogLine {
             ts: crate::store::now_rfc3339(),
             function,
@@ -232,6 +347,71 @@ impl Logs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_line_budget_admits_per_s_a_second_and_counts_the_rest_once() {
+        let budget = LineBudget::new(3);
+        let t0 = budget.window.lock().unwrap().start;
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let kinds = [
+            LineKind::Invocation,
+            LineKind::Function,
+            LineKind::Invocation,
+            LineKind::Invocation,
+            LineKind::Function,
+            LineKind::Invocation,
+        ];
+        let admitted: Vec<bool> = kinds
+            .iter()
+            .enumerate()
+            .map(|(i, &k)| {
+                let (admit, ended) = budget.admit_at(at(i as u64 * 10), k);
+                assert_eq!(ended, None, "line {i}: nothing ended yet");
+                admit
+            })
+            .collect();
+        assert_eq!(admitted, [true, true, true, false, false, false]);
+
+        // The first line of the next window is admitted and says what the last one skipped,
+        // with how long ago that window began.
+        let (admit, ended) = budget.admit_at(at(1_500), LineKind::Function);
+        assert!(admit);
+        assert_eq!(
+            ended,
+            Some((
+                Skipped {
+                    invocations: 2,
+                    function_lines: 1
+                },
+                Duration::from_millis(1_500)
+            ))
+        );
+        // Said once: the rest of this window, and a later one that skipped nothing, say nothing.
+        assert_eq!(budget.admit_at(at(1_600), LineKind::Function), (true, None));
+        assert_eq!(budget.admit_at(at(1_700), LineKind::Function), (true, None));
+        assert_eq!(
+            budget.admit_at(at(2_600), LineKind::Invocation),
+            (true, None)
+        );
+        // Time that seems to run backwards (another thread's earlier Instant) is no new window.
+        assert_eq!(
+            budget.admit_at(at(2_000), LineKind::Invocation),
+            (true, None)
+        );
+    }
+
+    #[test]
+    fn a_zero_budget_logs_nothing_and_still_counts() {
+        let budget = LineBudget::new(0);
+        let t0 = budget.window.lock().unwrap().start;
+        for i in 0..5 {
+            let (admit, _) = budget.admit_at(t0 + Duration::from_millis(i), LineKind::Invocation);
+            assert!(!admit);
+        }
+        let (admit, ended) = budget.admit_at(t0 + Duration::from_secs(1), LineKind::Invocation);
+        assert!(!admit);
+        assert_eq!(ended.map(|(s, _)| s.invocations), Some(5));
+    }
 
     #[test]
     fn appends_tails_and_rotates() {

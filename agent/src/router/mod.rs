@@ -16,7 +16,7 @@ use crate::config::Config;
 pub use crate::instance::lambda::Payload;
 use crate::instance::lambda::{EndReport, EventArgs, InvokeLog, LambdaInstance, StartArgs};
 use crate::instance::{self, ExecCall, InvokeError, runtime_api};
-use crate::logs::Logs;
+use crate::logs::{LineKind, Logs};
 use crate::manifest::Mode;
 use crate::metrics::Metrics;
 use crate::network::Network;
@@ -385,7 +385,9 @@ impl Router {
                     Err(short) => {
                         let e = InvokeError::NoCapacity(short);
                         self.metrics.error(name, e.kind());
-                        tracing::info!(function = name, request_id, "invocation refused: {e}");
+                        if self.log_invocation() {
+                            tracing::info!(function = name, request_id, "invocation refused: {e}");
+                        }
                         return Err(fail(e, Some(f.version)));
                     }
                 };
@@ -450,14 +452,16 @@ impl Router {
         let ms = elapsed.as_secs_f64() * 1000.0;
         match result {
             Ok(body) => {
-                tracing::info!(
-                    function = name,
-                    version = f.version,
-                    request_id,
-                    duration_ms = ms,
-                    bytes = body.len(),
-                    "invocation ok"
-                );
+                if self.log_invocation() {
+                    tracing::info!(
+                        function = name,
+                        version = f.version,
+                        request_id,
+                        duration_ms = ms,
+                        bytes = body.len(),
+                        "invocation ok"
+                    );
+                }
                 if f.manifest.mode == Mode::Exec {
                     self.logs.append(
                         name,
@@ -480,14 +484,16 @@ impl Router {
             }
             Err(e) => {
                 self.metrics.error(name, e.kind());
-                tracing::info!(
-                    function = name,
-                    version = f.version,
-                    request_id,
-                    duration_ms = ms,
-                    kind = e.kind(),
-                    "invocation failed: {e}"
-                );
+                if self.log_invocation() {
+                    tracing::info!(
+                        function = name,
+                        version = f.version,
+                        request_id,
+                        duration_ms = ms,
+                        kind = e.kind(),
+                        "invocation failed: {e}"
+                    );
+                }
                 if f.manifest.mode == Mode::Exec {
                     self.logs.append(
                         name,
@@ -506,18 +512,27 @@ impl Router {
         }
     }
 
+    /// Whether this call's `invocation ok` / `invocation failed` line is logged: info is on and
+    /// the agent's [`LineBudget`](crate::logs::LineBudget) has room this second.
+    fn log_invocation(&self) -> bool {
+        tracing::enabled!(tracing::Level::INFO)
+            && self.logs.line_budget().admit(LineKind::Invocation)
+    }
+
     /// Counts and logs a call whose caller disconnected before the answer.
     fn caller_left(&self, function: &str, version: u64, request_id: &str, outcome: &str) {
         self.metrics
             .abandoned
             .get_or_create(&Metrics::function(function))
             .inc();
-        tracing::info!(
-            function,
-            version,
-            request_id,
-            "the caller disconnected before the answer; {outcome}"
-        );
+        if self.log_invocation() {
+            tracing::info!(
+                function,
+                version,
+                request_id,
+                "the caller disconnected before the answer; {outcome}"
+            );
+        }
         self.logs.append(
             function,
             version,
