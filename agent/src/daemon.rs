@@ -297,9 +297,13 @@ async fn serve(
     let logs_dir = logs_dir(state);
     let logs = Arc::new(
         Logs::open(&logs_dir, config.limits.log_max_kb << 10)
-            .map(|logs| logs.with_line_budget(config.limits.log_lines_per_s))
+            .map(|logs| {
+                logs.with_line_budget(config.limits.log_lines_per_s)
+                    .write_behind(LOG_WRITE_DELAY)
+            })
             .with_context(|| format!("opening the log dir {}", logs_dir.display()))?,
     );
+    logs.start_flusher();
     // Functions' egress: nothing changes on the host until an instance needs it, but what a
     // crashed predecessor left (bridge, veths, tables) goes now.
     let network = crate::network::Network::new(&config.network, state)
@@ -479,10 +483,16 @@ async fn serve(
     if let Err(e) = isolator.remove_root() {
         tracing::warn!("removing the cgroup root: {e}");
     }
+    // The function logs' last lines (see LOG_WRITE_DELAY) reach their files.
+    app.router.logs.flush();
     systemd::status("stopped");
     tracing::info!("fnlet agent stopped");
     Ok(())
 }
+
+/// How long a function's log lines may wait to be written to its file, together with the
+/// lines logged meanwhile (one write then, not one per call; see `Logs::write_behind`).
+const LOG_WRITE_DELAY: Duration = Duration::from_millis(100);
 
 /// Removes the agent's cgroup root when start-up fails after the agent claimed it (no
 /// sandbox runs yet); emptied once the agent serves.
