@@ -667,6 +667,11 @@ impl LambdaInstance {
         !self.ended.is_cancelled()
     }
 
+    /// The HTTP thread whose event loop the runtime's connection is registered with.
+    pub fn home(&self) -> Option<usize> {
+        self.runtime.home()
+    }
+
     /// Drives the Runtime API's server while `until` runs (the instance's start, an
     /// invocation): the runtime's requests are served by this task.
     async fn serving<T>(&self, until: impl Future<Output = T>) -> T {

@@ -6,6 +6,8 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -17,13 +19,41 @@ pub struct RoamingStream {
     tcp: Option<TcpStream>,
     /// The HTTP thread whose loop `tcp` is registered with; None: the agent's shared runtime.
     home: Option<usize>,
+    /// `home`, for the pool to read: a call prefers an idle instance whose connection is
+    /// already on its own thread (no move, no `epoll_ctl`).
+    shared: Arc<Home>,
+}
+
+/// Where a [`RoamingStream`] is registered, readable from other threads.
+#[derive(Debug)]
+pub struct Home(AtomicUsize);
+
+const NO_HOME: usize = usize::MAX;
+
+impl Default for Home {
+    fn default() -> Home {
+        Home(AtomicUsize::new(NO_HOME))
+    }
+}
+
+impl Home {
+    pub fn get(&self) -> Option<usize> {
+        Some(self.0.load(Ordering::Relaxed)).filter(|&t| t != NO_HOME)
+    }
+
+    fn set(&self, thread: Option<usize>) {
+        self.0.store(thread.unwrap_or(NO_HOME), Ordering::Relaxed);
+    }
 }
 
 impl RoamingStream {
-    pub fn new(tcp: TcpStream) -> RoamingStream {
+    pub fn new(tcp: TcpStream, shared: Arc<Home>) -> RoamingStream {
+        let home = serving_thread();
+        shared.set(home);
         RoamingStream {
             tcp: Some(tcp),
-            home: serving_thread(),
+            home,
+            shared,
         }
     }
 
@@ -38,6 +68,7 @@ impl RoamingStream {
             // Readiness is not lost: registering a ready socket reports it at once.
             self.tcp = Some(TcpStream::from_std(registered.into_std()?)?);
             self.home = here;
+            self.shared.set(here);
         }
         match self.tcp.as_mut() {
             Some(tcp) => Ok(Pin::new(tcp)),
@@ -120,8 +151,9 @@ mod tests {
             }
         });
         // Made on the shared runtime, as an instance started by the reaper would be.
-        let stream = RoamingStream::new(near);
-        assert_eq!(stream.home, None);
+        let home = Arc::new(Home::default());
+        let stream = RoamingStream::new(near, home.clone());
+        assert_eq!((stream.home, home.get()), (None, None));
         let stream = Arc::new(tokio::sync::Mutex::new(stream));
         let app = axum::Router::new().route(
             "/roam",
@@ -133,7 +165,7 @@ mod tests {
                     let mut b = [0u8; 1];
                     s.read_exact(&mut b).await.unwrap();
                     assert_eq!(&b, b"x");
-                    format!("{:?} {:?}", serving_thread(), s.home)
+                    format!("{:?} {:?} {:?}", serving_thread(), s.home, s.shared.get())
                 }
             }),
         );
@@ -182,7 +214,7 @@ mod tests {
         }
         assert_eq!(
             answers.into_iter().collect::<Vec<_>>(),
-            ["Some(0) Some(0)", "Some(1) Some(1)"]
+            ["Some(0) Some(0) Some(0)", "Some(1) Some(1) Some(1)"]
         );
         let _ = stop.send(());
         drop(server.await.unwrap());

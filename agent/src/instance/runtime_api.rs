@@ -93,6 +93,9 @@ pub struct RuntimeApi {
     /// Cancelled when the instance ends: pending long polls return.
     ended: CancellationToken,
     max_response: usize,
+    /// The HTTP thread whose event loop the runtime's connection is registered with
+    /// ([`super::roaming::RoamingStream`]), so a call on that thread can prefer this instance.
+    home: Arc<super::roaming::Home>,
 }
 
 /// The agent's side of an instance's Runtime API.
@@ -103,6 +106,11 @@ pub struct RuntimeHandle {
 }
 
 impl RuntimeHandle {
+    /// The HTTP thread the runtime's connection is registered with, if any.
+    pub fn home(&self) -> Option<usize> {
+        self.api.home.get()
+    }
+
     /// The request id of the invocation the runtime is working on, if any.
     pub fn current_request(&self) -> Option<String> {
         self.api
@@ -271,11 +279,11 @@ fn connection(
     tcp: tokio::net::TcpStream,
     api: Arc<RuntimeApi>,
 ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    let tcp = super::roaming::RoamingStream::new(tcp, api.home.clone());
     let service = hyper::service::service_fn(move |req: Request| {
         let api = api.clone();
         async move { Ok::<_, std::convert::Infallible>(dispatch(api, req).await) }
     });
-    let tcp = super::roaming::RoamingStream::new(tcp);
     let conn = hyper::server::conn::http1::Builder::new()
         .serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
     Box::pin(async move {
@@ -300,6 +308,7 @@ pub fn server(
         init: init_tx,
         ended,
         max_response,
+        home: Arc::default(),
     });
     let server = Server {
         listener: Some(listener),

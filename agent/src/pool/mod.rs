@@ -309,6 +309,20 @@ pub struct FunctionSlot {
     capacity: Arc<Capacity>,
 }
 
+/// Where in `idle` ((version, home thread) of each, least recently used first) the instance
+/// for a call of `version` on HTTP thread `near` is: the last of that version on that thread,
+/// else the last of that version.
+fn pick_idle<I>(idle: I, version: u64, near: Option<usize>) -> Option<usize>
+where
+    I: Clone + DoubleEndedIterator<Item = (u64, Option<usize>)> + ExactSizeIterator,
+{
+    near.and_then(|t| {
+        idle.clone()
+            .rposition(|(v, home)| v == version && home == Some(t))
+    })
+    .or_else(|| idle.clone().rposition(|(v, _)| v == version))
+}
+
 /// How many of the idle instances of `idle_versions` eviction may take when `alive`
 /// instances of the function live and `active` is its version: every one of another version
 /// (kept for qualified calls; they never count towards `min`), and the active version's
@@ -441,14 +455,20 @@ impl FunctionSlot {
         }
     }
 
-    /// A warm instance of `version`, the most recently used (its caches are warmest).
-    /// Instances that have died, or whose version is neither active nor kept for qualified
-    /// calls, are dropped on the way; the others stay for their callers.
-    pub fn take_idle(&self, version: u64) -> Option<Tracked> {
+    /// A warm instance of `version`, the most recently used (its caches are warmest) of those
+    /// whose Runtime API connection is on the HTTP thread `near` if there is one (the call
+    /// drives it from there: no move between event loops), else of all. Instances that have
+    /// died, or whose version is neither active nor kept for qualified calls, are dropped on
+    /// the way; the others stay for their callers.
+    pub fn take_idle(&self, version: u64, near: Option<usize>) -> Option<Tracked> {
         let active = self.active().version;
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         idle.retain(|i| i.keep(active) || (i.instance.is_alive() && i.instance.version == version));
-        let at = idle.iter().rposition(|i| i.instance.version == version)?;
+        let at = pick_idle(
+            idle.iter().map(|i| (i.instance.version, i.instance.home())),
+            version,
+            near,
+        )?;
         Some(idle.remove(at).instance)
     }
 
@@ -989,6 +1009,28 @@ impl Drop for Queued<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_idle_instance_on_the_calling_thread_comes_first_then_the_most_recent() {
+        // Least recently used first: (version, home thread).
+        let idle = [
+            (1, Some(0)),
+            (1, Some(1)),
+            (2, Some(0)),
+            (1, Some(0)),
+            (1, None),
+        ];
+        let pick = |version, near| pick_idle(idle.iter().copied(), version, near);
+        // The most recent of version 1 on thread 0, though one of thread 1 and one on no
+        // thread were used since.
+        assert_eq!(pick(1, Some(0)), Some(3));
+        assert_eq!(pick(1, Some(1)), Some(1));
+        // None on that thread, or no thread asking (the shared runtime): the most recent.
+        assert_eq!(pick(1, Some(7)), Some(4));
+        assert_eq!(pick(1, None), Some(4));
+        assert_eq!(pick(2, Some(1)), Some(2));
+        assert_eq!(pick(3, Some(0)), None);
+    }
 
     fn function(limit: u32) -> ActiveFunction {
         let manifest = Manifest::parse(&format!(

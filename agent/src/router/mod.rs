@@ -604,7 +604,7 @@ impl Router {
         // functions, or waiting until one of this function turns idle or room is freed).
         let deadline = tokio::time::Instant::now() + self.queue_timeout;
         let warm = loop {
-            if let Some(i) = slot.take_idle(f.version) {
+            if let Some(i) = slot.take_idle(f.version, crate::api::listener::serving_thread()) {
                 break Ok(i);
             }
             match self
