@@ -994,6 +994,18 @@ fn a_burst_of_calls_stays_within_log_lines_per_s_and_counts_the_rest() {
     assert_eq!(invocation_lines + skipped_invocations, calls, "{ctx}");
     // Each call: the function's stderr line and the agent's END line.
     assert_eq!(function_lines + skipped_function, 2 * calls, "{ctx}");
+    // /metrics counts the same lines.
+    let metrics = agent.get("/metrics").text();
+    for (kind, n) in [
+        ("invocation", skipped_invocations),
+        ("function", skipped_function),
+    ] {
+        let line = format!("fnlet_log_lines_not_logged_total{{kind=\"{kind}\"}} {n}");
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in /metrics:\n{metrics}"
+        );
+    }
     // The function's log has every line.
     let out = agent.cli(&["logs", "chatty", "-n", "1000"]);
     let text = stdout(&out);

@@ -102,6 +102,8 @@ struct Window {
     start: Instant,
     logged: u32,
     skipped: Skipped,
+    /// Every line not logged since the start (/metrics).
+    total: Skipped,
 }
 
 const WINDOW: Duration = Duration::from_secs(1);
@@ -114,6 +116,7 @@ impl LineBudget {
                 start: Instant::now(),
                 logged: 0,
                 skipped: Skipped::default(),
+                total: Skipped::default(),
             }),
         }
     }
@@ -138,6 +141,11 @@ impl LineBudget {
         admit
     }
 
+    /// Every line not logged since the start, by kind.
+    pub fn not_logged(&self) -> Skipped {
+        self.window.lock().unwrap_or_else(|p| p.into_inner()).total
+    }
+
     /// [`LineBudget::admit`] at `now`: whether to log, and what an ended window skipped (with
     /// how long ago it began), to be said once.
     fn admit_at(&self, now: Instant, kind: LineKind) -> (bool, Option<(Skipped, Duration)>) {
@@ -157,8 +165,14 @@ impl LineBudget {
             w.logged += 1;
         } else {
             match kind {
-                LineKind::Invocation => w.skipped.invocations += 1,
-                LineKind::Function => w.skipped.function_lines += 1,
+                LineKind::Invocation => {
+                    w.skipped.invocations += 1;
+                    w.total.invocations += 1;
+                }
+                LineKind::Function => {
+                    w.skipped.function_lines += 1;
+                    w.total.function_lines += 1;
+                }
             }
         }
         (admit, ended)
@@ -489,6 +503,19 @@ mod tests {
         assert_eq!(
             budget.admit_at(at(2_000), LineKind::Invocation),
             (true, None)
+        );
+        // The totals for /metrics keep counting across windows.
+        assert_eq!(budget.admit_at(at(2_700), LineKind::Function), (true, None));
+        assert_eq!(
+            budget.admit_at(at(2_800), LineKind::Function),
+            (false, None)
+        );
+        assert_eq!(
+            budget.not_logged(),
+            Skipped {
+                invocations: 2,
+                function_lines: 2
+            }
         );
     }
 

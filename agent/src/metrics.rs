@@ -34,6 +34,12 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+/// What a log line not logged was (`limits.log_lines_per_s`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LineKindLabels {
+    pub kind: String,
+}
+
 /// A forwarded call's result.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -281,6 +287,9 @@ pub struct Metrics {
     pub spawn_helper_up: Gauge,
     spawn_helper_restarts: Counter,
     spawn_helper_restarts_seen: AtomicU64,
+    log_lines_not_logged: Family<LineKindLabels, Counter>,
+    /// What the logs had counted at the last scrape: invocation lines, function lines.
+    log_lines_not_logged_seen: [AtomicU64; 2],
     /// The host's capacity for instances and what live ones hold of it, by resource (memory
     /// in bytes, cpu in cpus, instances).
     capacity: Family<ResourceLabels, Gauge<f64, AtomicU64>>,
@@ -500,6 +509,7 @@ impl Metrics {
         let rss = Gauge::default();
         let spawn_helper_up = Gauge::default();
         let spawn_helper_restarts = Counter::default();
+        let log_lines_not_logged = Family::<LineKindLabels, Counter>::default();
         let capacity = Family::<ResourceLabels, Gauge<f64, AtomicU64>>::default();
         let committed = Family::<ResourceLabels, Gauge<f64, AtomicU64>>::default();
         let evictions = Counter::default();
@@ -608,6 +618,13 @@ impl Metrics {
              the loss and the new helper's start)",
             spawn_helper_restarts.clone(),
         );
+        registry.register(
+            "log_lines_not_logged",
+            "Lines that come with calls left out of the agent's log past limits.log_lines_per_s, \
+             by kind (invocation: the agent's line per call; function: a function's output); the \
+             function logs keep every line",
+            log_lines_not_logged.clone(),
+        );
         let schedules = ScheduleMetrics::register(&mut registry);
         Metrics {
             registry,
@@ -644,6 +661,8 @@ impl Metrics {
             spawn_helper_up,
             spawn_helper_restarts,
             spawn_helper_restarts_seen: AtomicU64::new(0),
+            log_lines_not_logged,
+            log_lines_not_logged_seen: [AtomicU64::new(0), AtomicU64::new(0)],
             capacity,
             committed,
             evictions,
@@ -828,6 +847,21 @@ impl Metrics {
             .swap(restarts, std::sync::atomic::Ordering::Relaxed);
         self.spawn_helper_restarts
             .inc_by(restarts.saturating_sub(seen));
+    }
+
+    /// The lines the logs' budget left out so far ([`crate::logs::LineBudget::not_logged`]).
+    pub fn set_log_lines_not_logged(&self, not_logged: crate::logs::Skipped) {
+        let totals = [not_logged.invocations, not_logged.function_lines];
+        for ((kind, total), seen) in ["invocation", "function"]
+            .into_iter()
+            .zip(totals)
+            .zip(&self.log_lines_not_logged_seen)
+        {
+            let before = seen.swap(total, std::sync::atomic::Ordering::Relaxed);
+            self.log_lines_not_logged
+                .get_or_create(&LineKindLabels { kind: kind.into() })
+                .inc_by(total.saturating_sub(before));
+        }
     }
 
     /// The text exposition, with the agent's own gauges refreshed.

@@ -410,6 +410,9 @@ async fn metrics(State(app): Shared) -> Response {
             app.router.metrics.net_addresses.set(in_use as i64);
         }
     }
+    app.router
+        .metrics
+        .set_log_lines_not_logged(app.router.logs.line_budget().not_logged());
     let isolator = &app.router.isolator;
     app.router.metrics.set_spawn_helper(
         isolator.spawner_pid().is_some(),
