@@ -1015,7 +1015,20 @@ fn a_burst_of_calls_stays_within_log_lines_per_s_and_counts_the_rest() {
         "fnlet logs chatty:\n{text}\n{}",
         stderr(&out)
     );
-    agent.finish();
+    // A call right before the stop: the file has its lines once the agent has stopped (they
+    // are written behind, and the stop writes what waits).
+    agent.invoke("chatty", b"").expect_ok(200);
+    let mut agent = agent;
+    agent.stop();
+    let file = agent.state_dir().join("logs/chatty.log");
+    let on_disk = std::fs::read_to_string(&file).unwrap_or_default();
+    assert_eq!(
+        on_disk.matches("chatty-marker").count() as u64,
+        calls + 1,
+        "{}:\n{on_disk}",
+        file.display()
+    );
+    agent.assert_clean();
 }
 
 /// (METHOD, path, documented status codes, needs the token) for every operation in the API
