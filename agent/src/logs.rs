@@ -254,7 +254,7 @@ impl Logs {
     /// Writes every pending line to its file.
     pub fn flush(&self) {
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        for (function, log) in map.iter_mut() {
+        for (function, log) in map.iter_mut().filter(|(_, log)| !log.pending.is_empty()) {
             log.flush(function, &self.path(function));
         }
     }
@@ -410,8 +410,15 @@ impl Logs {
 
     /// The last `n` lines (JSON, with newline), oldest first.
     pub fn tail(&self, function: &str, n: usize) -> Vec<String> {
-        self.with(function, |log, path| log.flush(function, path));
         let path = self.path(function);
+        if let Some(log) = self
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(function)
+        {
+            log.flush(function, &path);
+        }
         let mut lines = Vec::new();
         for p in [path.with_extension("log.1"), path] {
             if let Ok(f) = File::open(&p) {
