@@ -173,3 +173,34 @@ pub fn filter() -> Result<ScmpFilterContext, String> {
     .map_err(|e| err(format!("personality: {e:?}")))?;
     Ok(ctx)
 }
+
+/// A second filter, stacked on [`filter`] for sandboxes whose loopback service is reached over
+/// a Unix socket pair (`SandboxSpec::loopback_socketpair`): `connect` and TCP-level `setsockopt`
+/// stop for the agent's verdict (`SECCOMP_RET_USER_NOTIF`), everything else is left to the
+/// first filter. Foreign ABIs are allowed here because the first filter already refuses them
+/// (the strictest verdict of a stack wins).
+pub fn connect_filter() -> Result<ScmpFilterContext, String> {
+    let mut ctx = ScmpFilterContext::new(ScmpAction::Allow).map_err(err)?;
+    ctx.set_act_badarch(ScmpAction::Allow)
+        .map_err(|e| err(format!("badarch: {e:?}")))?;
+    ctx.set_ctl_nnp(false)
+        .map_err(|e| err(format!("nnp: {e:?}")))?;
+    ctx.add_rule(
+        ScmpAction::Notify,
+        ScmpSyscall::from(libc::SYS_connect as i32),
+    )
+    .map_err(|e| err(format!("connect: {e:?}")))?;
+    // TCP_NODELAY and friends on a socket that became a Unix one would fail (EOPNOTSUPP):
+    // the agent answers them for the sockets it swapped and lets the rest through.
+    ctx.add_rule_conditional(
+        ScmpAction::Notify,
+        ScmpSyscall::from(libc::SYS_setsockopt as i32),
+        &[ScmpArgCompare::new(
+            1,
+            ScmpCompareOp::MaskedEqual(0xffff_ffff),
+            libc::IPPROTO_TCP as u64,
+        )],
+    )
+    .map_err(|e| err(format!("setsockopt: {e:?}")))?;
+    Ok(ctx)
+}

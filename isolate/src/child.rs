@@ -11,6 +11,7 @@
 
 use std::ffi::CString;
 use std::os::fd::RawFd;
+use std::sync::atomic::Ordering;
 
 use nix::errno::Errno;
 
@@ -53,6 +54,12 @@ pub struct Prepared {
     /// Capabilities the running kernel has beyond what the `caps` crate knows.
     pub bounding_extra: Vec<u8>,
     pub bpf: &'static [libc::sock_filter],
+    /// A second filter whose `connect` calls the caller answers: loaded with a listener, whose
+    /// fd a prepared sandbox's ready report carries for the caller to take (`pidfd_getfd`).
+    pub connect_bpf: Option<&'static [libc::sock_filter]>,
+    /// The listener's fd in this process once loaded (init sets it, the function's process,
+    /// sharing init's memory until its exec, reads it); -1 without one.
+    pub connect_listener: std::sync::atomic::AtomicI32,
     /// Sources for fds 0, 1, 2 (None: keep the parent's).
     pub stdio: [Option<RawFd>; 3],
     pub cwd: CString,
@@ -206,6 +213,10 @@ pub fn run(p: &Prepared) -> ! {
     unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
 
     check_r(p, Step::Seccomp, sys::seccomp_load(p.bpf));
+    if let Some(bpf) = p.connect_bpf {
+        let fd = check_r(p, Step::Seccomp, sys::seccomp_load_listener(bpf));
+        p.connect_listener.store(fd, Ordering::SeqCst);
+    }
 
     // The function's process exists before a prepared sandbox waits for its start, so a start
     // costs only the exec. It shares this process's memory until then (this process waits): a
@@ -213,7 +224,17 @@ pub fn run(p: &Prepared) -> ! {
     // free that copy on the start's path (measured: +0.6 ms from a 20 MB parent).
     match sys::spawn_sharing_memory(p, function_process) {
         Err(e) => fail(p, KIND_STEP, Step::ForkWorker, 0, e),
-        Ok(pid) => init(p, pid),
+        Ok(pid) => {
+            // The function has exec'd (or exited): the caller took the listener after the
+            // ready report, and init keeps no copy of it (with none left, a connect the
+            // caller no longer answers fails instead of waiting).
+            let fd = p.connect_listener.load(Ordering::SeqCst);
+            if fd >= 0 {
+                // SAFETY: the listener fd is ours; nothing uses it after this point.
+                unsafe { libc::close(fd) };
+            }
+            init(p, pid)
+        }
     }
 }
 
@@ -234,6 +255,9 @@ fn function_process(p: &Prepared) -> ! {
 fn wait_for_start(p: &Prepared, fd: RawFd) {
     let mut rec = [0u8; RECORD_LEN];
     rec[0..4].copy_from_slice(&KIND_READY.to_ne_bytes());
+    // The index field: the connect listener's fd in init (0: none; fds 0-2 are stdio).
+    let listener = p.connect_listener.load(Ordering::SeqCst).max(0) as u32;
+    rec[8..12].copy_from_slice(&listener.to_ne_bytes());
     sys::write_record(p.report_fd, &rec);
     let mut len = [0u8; 1];
     if !read_exact(fd, &mut len) {

@@ -155,6 +155,9 @@ impl ChildImage {
                 bounding: bounding.0.clone(),
                 bounding_extra: bounding.1.clone(),
                 bpf: crate::seccomp::program(),
+                connect_bpf: (hold && spec.loopback_socketpair.is_some())
+                    .then(crate::seccomp::connect_program),
+                connect_listener: std::sync::atomic::AtomicI32::new(-1),
                 stdio: fds.stdio,
                 cwd: cstring(&spec.cwd, "cwd")?,
                 argv: ptrs(&argv),

@@ -36,6 +36,7 @@ mod child;
 mod error;
 mod image;
 mod netns;
+mod notify;
 mod rootfs;
 pub mod seccomp;
 pub mod spawner;
@@ -44,7 +45,7 @@ pub mod steps;
 mod sys;
 
 use std::ffi::CString;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -56,6 +57,7 @@ use serde::{Deserialize, Serialize};
 
 pub use cgroup::{CgroupMode, CgroupUsage, CgroupVersion, PeakMemory};
 pub use error::{IsolateError, Result, Step};
+pub use notify::{Answer as ConnectAnswer, ConnectNotifier};
 pub use spec::{
     Bind, Limits, SandboxSpec, Stdio, StdioSpec, TASK_ROOT, bind_dest_allowed,
     default_runtime_binds,
@@ -243,9 +245,10 @@ impl Isolator {
 
     /// Starts a sandbox. Returns once the function has been exec'd, or with the step that failed.
     pub fn spawn(&self, spec: &SandboxSpec) -> Result<Sandbox> {
-        if spec.loopback_listener.is_some() {
-            // The listener must exist before the function runs: hold the child at the exec
-            // while it is made. A plain spawn has no late variable.
+        if spec.loopback_listener.is_some() || spec.loopback_socketpair.is_some() {
+            // The listener (or the connect filter's listener) must be ours before the function
+            // runs: hold the child at the exec while it is made. A plain spawn has no late
+            // variable.
             let spec = SandboxSpec {
                 late_env: None,
                 ..spec.clone()
@@ -262,6 +265,12 @@ impl Isolator {
     pub fn prepare(&self, spec: &SandboxSpec) -> Result<PreparedSandbox> {
         let (sandbox, mut pending) = self.launch(spec, true)?;
         let mut sandbox = pending.finish(sandbox, Report::Ready)?;
+        if let (Some(port), Some(fd)) = (spec.loopback_socketpair, pending.connect_listener) {
+            // Init holds the listener until the function's exec; a copy of ours outlives it.
+            let taken = sys::pidfd_getfd(sandbox.pidfd.as_fd(), fd)
+                .map_err(|e| IsolateError::sys("pidfd_getfd (connect listener)", e))?;
+            sandbox.connect_notifier = Some(ConnectNotifier::new(taken, port));
+        }
         if let Some(port) = spec.loopback_listener {
             // The child is held before its exec, its loopback already up. On failure the
             // sandbox's drop kills it and removes its cgroup.
@@ -434,6 +443,7 @@ impl Isolator {
             stdout: stdout_parent,
             stderr: stderr_parent,
             listener: None,
+            connect_notifier: None,
             attached: Vec::new(),
             outcome: None,
             started,
@@ -450,6 +460,7 @@ impl Isolator {
             report_r,
             start_w,
             decoder,
+            connect_listener: None,
         };
         Ok((sandbox, pending))
     }
@@ -470,6 +481,8 @@ struct Pending {
     report_r: OwnedFd,
     start_w: Option<OwnedFd>,
     decoder: Decoder,
+    /// The connect filter's listener fd in the child, from its ready report.
+    connect_listener: Option<RawFd>,
 }
 
 #[derive(Debug)]
@@ -530,6 +543,7 @@ impl Pending {
         }
         let word = |i: usize| u32::from_ne_bytes([rec[i], rec[i + 1], rec[i + 2], rec[i + 3]]);
         if n == child::RECORD_LEN && word(0) == child::KIND_READY {
+            self.connect_listener = Some(word(8) as RawFd).filter(|&fd| fd > 0);
             return Ok(Ok(Report::Ready));
         }
         if n != child::RECORD_LEN {
@@ -840,6 +854,7 @@ pub struct Sandbox {
     stdout: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
     listener: Option<std::net::TcpListener>,
+    connect_notifier: Option<ConnectNotifier>,
     outcome: Option<Outcome>,
     started: Instant,
     /// Dropped after the teardown: see [`PreparedSandbox::attach`].
@@ -876,6 +891,12 @@ impl Sandbox {
     /// one ([`SandboxSpec::loopback_listener`]); non-blocking.
     pub fn take_listener(&mut self) -> Option<std::net::TcpListener> {
         self.listener.take()
+    }
+
+    /// The answering end of the function's connect calls, when the spec asked for a socket
+    /// pair behind its loopback port ([`SandboxSpec::loopback_socketpair`]).
+    pub fn take_connect_notifier(&mut self) -> Option<ConnectNotifier> {
+        self.connect_notifier.take()
     }
 
     /// A handle that can kill the sandbox and learn when it ends from another task, while the

@@ -13,6 +13,12 @@ pub fn program() -> &'static [libc::sock_filter] {
     PROGRAM
 }
 
+/// The filter stacked on [`program`] when the caller answers the function's `connect` calls
+/// (and TCP-level `setsockopt`) through a [`crate::ConnectNotifier`].
+pub fn connect_program() -> &'static [libc::sock_filter] {
+    CONNECT_PROGRAM
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicI32, Ordering};

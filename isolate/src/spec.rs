@@ -50,6 +50,12 @@ pub struct SandboxSpec {
     /// starts, and hand the socket to the caller ([`crate::Sandbox::take_listener`]): a service
     /// the function reaches on its loopback while it has no other network.
     pub loopback_listener: Option<u16>,
+    /// A function's `connect` to 127.0.0.1:PORT gets one end of a Unix socket pair instead of
+    /// a TCP connection, and the caller the other ([`crate::Sandbox::take_connect_notifier`]):
+    /// the same service as [`SandboxSpec::loopback_listener`] at a Unix socket's cost. Every
+    /// `connect` of the function then waits for the caller's verdict (a seccomp user
+    /// notification); others proceed unchanged. Needs a prepared sandbox (a spawn prepares).
+    pub loopback_socketpair: Option<u16>,
 }
 
 /// A read-only bind mount of a host path.
@@ -184,6 +190,7 @@ impl Default for SandboxSpec {
             user_namespace: false,
             late_env: None,
             loopback_listener: None,
+            loopback_socketpair: None,
         }
     }
 }
@@ -235,6 +242,9 @@ impl SandboxSpec {
         }
         if self.loopback_listener == Some(0) {
             return bad("loopback_listener", "the port must not be 0".into());
+        }
+        if self.loopback_socketpair == Some(0) {
+            return bad("loopback_socketpair", "the port must not be 0".into());
         }
         if let Some(name) = &self.late_env
             && (name.is_empty()

@@ -156,6 +156,39 @@ pub fn pidfd_open(pid: libc::pid_t) -> Result<OwnedFd, Errno> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
+/// An int-valued SOL_SOCKET option of a socket (SO_DOMAIN, SO_TYPE).
+pub fn socket_option(fd: &OwnedFd, name: libc::c_int) -> Result<libc::c_int, Errno> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: value and len are live locals of the sizes passed.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 { Err(Errno::last()) } else { Ok(value) }
+}
+
+/// The inode number of an open file.
+pub fn inode(fd: BorrowedFd<'_>) -> Result<u64, Errno> {
+    nix::sys::stat::fstat(fd).map(|st| st.st_ino)
+}
+
+/// pidfd_getfd(2): a copy of the file at `fd` in the process `pidfd` names.
+pub fn pidfd_getfd(pidfd: BorrowedFd<'_>, fd: RawFd) -> Result<OwnedFd, Errno> {
+    // SAFETY: plain syscall with integer arguments.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: the kernel returned a new fd that nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+}
+
 /// pidfd_send_signal(2): signals exactly the process the pidfd names, even if its pid was reused.
 pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, sig: libc::c_int) -> Result<(), Errno> {
     // SAFETY: the fd is borrowed and open; a null siginfo is allowed.
@@ -194,6 +227,28 @@ pub fn seccomp_load(prog: &[libc::sock_filter]) -> Result<(), Errno> {
         )
     };
     if r < 0 { Err(Errno::last()) } else { Ok(()) }
+}
+
+/// Loads `prog` with a user-notification listener and returns the listener's fd (close-on-exec).
+pub fn seccomp_load_listener(prog: &[libc::sock_filter]) -> Result<RawFd, Errno> {
+    let fprog = libc::sock_fprog {
+        len: prog.len() as libc::c_ushort,
+        filter: prog.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: as in seccomp_load; the returned fd is new and the caller's.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
+            &fprog as *const libc::sock_fprog,
+        )
+    };
+    if r < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(r as RawFd)
+    }
 }
 
 /// Sets IFF_UP on the loopback interface of the current network namespace.

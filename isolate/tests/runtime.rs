@@ -342,6 +342,127 @@ async fn a_loopback_listener_is_served_from_the_host_side() {
     iso.remove_root().unwrap();
 }
 
+/// The function's side of [`a_connect_to_the_loopback_port_gets_a_socket_pair`]: a blocking
+/// and a non-blocking connect to 127.0.0.1:9001, TCP options on both, a connect elsewhere.
+const SOCKETPAIR_CLIENT: &str = r#"
+import errno, select, socket
+def talk(s, word):
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    s.sendall(word.encode() + b"\n")
+    print(word, s.recv(64).decode().strip(), s.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN))
+s = socket.create_connection(("127.0.0.1", 9001))
+talk(s, "blocking")
+n = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+r = n.connect_ex(("127.0.0.1", 9001))
+select.select([], [n], [], 5)
+print("nonblocking-connect", r in (0, errno.EINPROGRESS), n.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+n.setblocking(True)
+talk(n, "nonblocking")
+o = socket.socket()
+o.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+try:
+    o.connect(("127.0.0.1", 9002))
+    print("elsewhere connected")
+except ConnectionRefusedError:
+    print("elsewhere refused")
+"#;
+
+/// With `loopback_socketpair`, the function's connects to 127.0.0.1:9001 come out on the host
+/// as Unix sockets (the TCP listener behind the same port sees nothing); TCP options on them
+/// succeed; a connect to another port goes on as usual.
+#[tokio::test]
+async fn a_connect_to_the_loopback_port_gets_a_socket_pair() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    require_root();
+    let root = format!("fnlet-test-{}-pair", std::process::id());
+    let iso = Isolator::new(IsolatorConfig {
+        cgroup_root: root,
+        ..Default::default()
+    })
+    .unwrap();
+    let spec = SandboxSpec {
+        name: "pair".into(),
+        program: "/usr/bin/python3".into(),
+        args: vec!["-c".into(), SOCKETPAIR_CLIENT.into()],
+        loopback_listener: Some(9001),
+        loopback_socketpair: Some(9001),
+        stdio: isolate::StdioSpec {
+            stdout: isolate::Stdio::Piped,
+            stderr: isolate::Stdio::Piped,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut sb = iso.prepare(&spec).unwrap().start(None).unwrap();
+    let err = std::fs::File::from(sb.take_stderr().unwrap());
+    let errors = std::thread::spawn(move || std::io::read_to_string(err).unwrap());
+    let listener = sb.take_listener().expect("a listener");
+    let notifier = sb.take_connect_notifier().expect("a connect notifier");
+    let notifier = tokio::io::unix::AsyncFd::new(notifier).unwrap();
+    let answering = tokio::spawn(async move {
+        let mut served = 0;
+        loop {
+            let mut ready = notifier.readable().await.unwrap();
+            match ready.get_inner().answer().unwrap() {
+                isolate::ConnectAnswer::Swapped(ours) => {
+                    // Served beside the answering: the function's next call (a TCP option)
+                    // waits for us before it writes.
+                    let mut conn = tokio::net::UnixStream::from_std(ours).unwrap();
+                    tokio::spawn(async move {
+                        let mut line = String::new();
+                        tokio::io::BufReader::new(&mut conn)
+                            .read_line(&mut line)
+                            .await
+                            .unwrap();
+                        conn.write_all(format!("ok-{}", line.trim()).as_bytes())
+                            .await
+                            .unwrap();
+                    });
+                    served += 1;
+                }
+                isolate::ConnectAnswer::Passed => {}
+                isolate::ConnectAnswer::Idle => ready.clear_ready(),
+                isolate::ConnectAnswer::Closed => return served,
+            }
+        }
+    });
+    let out = std::fs::File::from(sb.take_stdout().unwrap());
+    let text = tokio::task::spawn_blocking(move || std::io::read_to_string(out).unwrap())
+        .await
+        .unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(10), sb.wait())
+        .await
+        .expect("the function ends")
+        .unwrap();
+    let errors = errors.join().unwrap();
+    assert_eq!(
+        (outcome.status, errors.as_str()),
+        (ExitStatus::Exited(0), ""),
+        "printed: {text}"
+    );
+    assert_eq!(
+        text,
+        format!(
+            "blocking ok-blocking {unix}\nnonblocking-connect True 0\nnonblocking ok-nonblocking {unix}\nelsewhere refused\n",
+            unix = libc::AF_UNIX
+        )
+    );
+    let served = tokio::time::timeout(Duration::from_secs(5), answering)
+        .await
+        .expect("the listener closes once the sandbox is gone")
+        .unwrap();
+    assert_eq!(served, 2);
+    listener.set_nonblocking(true).unwrap();
+    assert_eq!(
+        listener.accept().unwrap_err().kind(),
+        std::io::ErrorKind::WouldBlock,
+        "no connection may reach the TCP listener"
+    );
+    iso.remove_root().unwrap();
+}
+
 /// A group is removed after its sandbox ends without reading it first; a process still in it
 /// (one the sandbox's pid namespace did not hold: here a host process the test moved in) makes
 /// the removal kill it, and the group still goes.
