@@ -64,7 +64,7 @@ fn emit(
     let bytes = std::fs::read(&raw).unwrap_or_else(|e| panic!("reading {}: {e}", raw.display()));
     // struct sock_filter { u16 code; u8 jt; u8 jf; u32 k; } in the host's byte order.
     assert!(
-        !bytes.is_empty() && bytes.len() % 8 == 0,
+        !bytes.is_empty() && bytes.len().is_multiple_of(8),
         "libseccomp exported {} bytes for {name}",
         bytes.len()
     );

@@ -579,7 +579,9 @@ fn a_new_version_gets_new_instances() {
 }
 
 /// A custom runtime in bash, speaking the Runtime API over /dev/tcp: it reaches the API on its
-/// loopback, and nothing else of the host (the agent's own port, the host's loopback).
+/// loopback, and nothing else of the host (the agent's own port, the host's loopback). It also
+/// counts the TCP connections to the API its network namespace has while it posts (none when
+/// the agent answers its connects with a Unix socket pair).
 const BASH_RUNTIME: &str = r#"#!/bin/bash
 set -u
 api=${AWS_LAMBDA_RUNTIME_API%:*}; port=${AWS_LAMBDA_RUNTIME_API#*:}
@@ -600,8 +602,10 @@ while true; do
   # The event names a port of the host's loopback to try.
   target=${event//[^0-9]/}
   if (exec 4<>"/dev/tcp/127.0.0.1/$target") 2>/dev/null; then reach=true; else reach=false; fi
-  body="{\"reached\": $reach, \"uid\": $(id -u), \"runtime_api\": \"$AWS_LAMBDA_RUNTIME_API\"}"
   exec 3<>"/dev/tcp/$api/$port"
+  # /proc/net/tcp: "sl local rem st": a connection to 127.0.0.1:9001 (0x2329), established (01).
+  tcp=$(grep -c " 0100007F:2329 01 " /proc/net/tcp)
+  body="{\"reached\": $reach, \"uid\": $(id -u), \"runtime_api\": \"$AWS_LAMBDA_RUNTIME_API\", \"tcp_to_api\": $tcp}"
   printf 'POST /2018-06-01/runtime/invocation/%s/response HTTP/1.1\r\nHost: rt\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s' "$id" "${#body}" "$body" >&3
   cat <&3 >/dev/null
   exec 3<&-
@@ -610,32 +614,48 @@ done
 
 #[test]
 fn the_runtime_api_is_the_only_thing_an_instance_reaches() {
-    let agent = Agent::start("lambda-net");
     let f = Fixture::new(
         "name = \"net\"\nmode = \"lambda\"\npublic = true\ntimeout_s = 5\n",
         &[("bootstrap", BASH_RUNTIME.as_bytes(), 0o755)],
     );
-    agent.deploy(f.path());
-    for port in [agent.port, 9001] {
-        let r = invoke_api(&agent, "net", &json!(port), &[]);
-        r.expect_ok(200);
-        let out = r.json();
-        assert_eq!(out["runtime_api"], "127.0.0.1:9001", "{out}");
-        assert!(
-            agent.uids.contains(&(out["uid"].as_u64().unwrap() as u32)),
-            "{out}"
+    // By default the runtime's connects to its API become Unix socket pairs; with
+    // `runtime_api_socketpair = false` they stay loopback TCP. Either way the API is all the
+    // runtime reaches.
+    for (test, socketpair) in [("lambda-net", true), ("lambda-net-tcp", false)] {
+        let agent = Agent::start_with(
+            test,
+            Settings {
+                lambda_extra: format!("runtime_api_socketpair = {socketpair}\n"),
+                ..Settings::default()
+            },
         );
-        if port == 9001 {
-            // Its own Runtime API, from a second connection: reachable.
-            assert_eq!(out["reached"], true, "{out}");
-        } else {
+        agent.deploy(f.path());
+        for port in [agent.port, 9001] {
+            let r = invoke_api(&agent, "net", &json!(port), &[]);
+            r.expect_ok(200);
+            let out = r.json();
+            assert_eq!(out["runtime_api"], "127.0.0.1:9001", "{out}");
             assert_eq!(
-                out["reached"], false,
-                "the agent's API port is reachable: {out}"
+                out["tcp_to_api"],
+                if socketpair { 0 } else { 1 },
+                "socketpair {socketpair}: {out}"
             );
+            assert!(
+                agent.uids.contains(&(out["uid"].as_u64().unwrap() as u32)),
+                "{out}"
+            );
+            if port == 9001 {
+                // Its own Runtime API, from a second connection: reachable.
+                assert_eq!(out["reached"], true, "{out}");
+            } else {
+                assert_eq!(
+                    out["reached"], false,
+                    "the agent's API port is reachable: {out}"
+                );
+            }
         }
+        agent.finish();
     }
-    agent.finish();
 }
 
 #[test]

@@ -386,6 +386,9 @@ pub struct LambdaConfig {
     pub account_id: String,
     /// The Runtime API's port on each instance's own loopback (AWS_LAMBDA_RUNTIME_API).
     pub runtime_api_port: u16,
+    /// The runtime's connections to that port become Unix socket pairs (its `connect` calls
+    /// stop for the agent's answer); false: plain loopback TCP.
+    pub runtime_api_socketpair: bool,
 }
 
 /// A Lambda runtime: the host interpreter and runtime client that run `handler`s of functions
@@ -482,6 +485,7 @@ impl Default for LambdaConfig {
             region: "us-east-1".into(),
             account_id: "000000000000".into(),
             runtime_api_port: 9001,
+            runtime_api_socketpair: true,
         }
     }
 }

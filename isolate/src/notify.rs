@@ -118,6 +118,39 @@ impl ConnectNotifier {
         }
     }
 
+    /// Answers every call until no task of the sandbox can make one (the sandbox has ended);
+    /// each swapped connect's other end goes to `on_pair`. Needs a tokio runtime.
+    pub async fn answer_all(self, mut on_pair: impl FnMut(UnixStream)) -> Result<()> {
+        // SAFETY: the listener fd is owned by `self`, which lives until this function returns,
+        // after `afd` is dropped.
+        let afd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(
+                self.fd.as_raw_fd(),
+                tokio::io::Interest::READABLE,
+            )
+        }
+        .map_err(|e| {
+            IsolateError::sys(
+                "register seccomp listener",
+                Errno::from_raw(e.into_parts().1.raw_os_error().unwrap_or(0)),
+            )
+        })?;
+        loop {
+            let mut ready = afd.readable().await.map_err(|e| {
+                IsolateError::sys(
+                    "poll seccomp listener",
+                    Errno::from_raw(e.raw_os_error().unwrap_or(0)),
+                )
+            })?;
+            match self.answer()? {
+                Answer::Swapped(ours) => on_pair(ours),
+                Answer::Passed => {}
+                Answer::Idle => ready.clear_ready(),
+                Answer::Closed => return Ok(()),
+            }
+        }
+    }
+
     fn receive(&self) -> Result<Option<Call>> {
         // SAFETY: seccomp_notif is plain data; RECV wants it zeroed.
         let mut req: libc::seccomp_notif = unsafe { std::mem::zeroed() };

@@ -400,33 +400,28 @@ async fn a_connect_to_the_loopback_port_gets_a_socket_pair() {
     let errors = std::thread::spawn(move || std::io::read_to_string(err).unwrap());
     let listener = sb.take_listener().expect("a listener");
     let notifier = sb.take_connect_notifier().expect("a connect notifier");
-    let notifier = tokio::io::unix::AsyncFd::new(notifier).unwrap();
     let answering = tokio::spawn(async move {
         let mut served = 0;
-        loop {
-            let mut ready = notifier.readable().await.unwrap();
-            match ready.get_inner().answer().unwrap() {
-                isolate::ConnectAnswer::Swapped(ours) => {
-                    // Served beside the answering: the function's next call (a TCP option)
-                    // waits for us before it writes.
-                    let mut conn = tokio::net::UnixStream::from_std(ours).unwrap();
-                    tokio::spawn(async move {
-                        let mut line = String::new();
-                        tokio::io::BufReader::new(&mut conn)
-                            .read_line(&mut line)
-                            .await
-                            .unwrap();
-                        conn.write_all(format!("ok-{}", line.trim()).as_bytes())
-                            .await
-                            .unwrap();
-                    });
-                    served += 1;
-                }
-                isolate::ConnectAnswer::Passed => {}
-                isolate::ConnectAnswer::Idle => ready.clear_ready(),
-                isolate::ConnectAnswer::Closed => return served,
-            }
-        }
+        notifier
+            .answer_all(|ours| {
+                // Served beside the answering: the function's next call (a TCP option) waits
+                // for us before it writes.
+                let mut conn = tokio::net::UnixStream::from_std(ours).unwrap();
+                tokio::spawn(async move {
+                    let mut line = String::new();
+                    tokio::io::BufReader::new(&mut conn)
+                        .read_line(&mut line)
+                        .await
+                        .unwrap();
+                    conn.write_all(format!("ok-{}", line.trim()).as_bytes())
+                        .await
+                        .unwrap();
+                });
+                served += 1;
+            })
+            .await
+            .unwrap();
+        served
     });
     let out = std::fs::File::from(sb.take_stdout().unwrap());
     let text = tokio::task::spawn_blocking(move || std::io::read_to_string(out).unwrap())

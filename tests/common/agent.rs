@@ -57,6 +57,8 @@ pub struct Settings {
     pub capacity_extra: String,
     /// More `[sandbox]` lines, as TOML (`"user_namespace = true\n"`).
     pub sandbox_extra: String,
+    /// `[lambda]` lines, as TOML (`"runtime_api_socketpair = false\n"`).
+    pub lambda_extra: String,
 }
 
 impl Default for Settings {
@@ -78,6 +80,7 @@ impl Default for Settings {
             network_extra: String::new(),
             capacity_extra: String::new(),
             sandbox_extra: String::new(),
+            lambda_extra: String::new(),
         }
     }
 }
@@ -429,7 +432,7 @@ impl Agent {
         // The file is named after the cgroup root, so the agent's command line (and that of
         // any process it forked) mentions the root: processes_matching(root) finds them.
         let config = format!(
-            "shutdown_grace_s = {}\n\n[limits]\nqueue_timeout_ms = {}\n{}\n[sandbox]\ncgroup_root = \"{root}\"\nuid_base = {}\nuid_count = {}\nprepare_ahead = {}\n{}\n[cluster]\nlisten = \"{peer_listen}\"\n{}\n[network]\n{}\n[capacity]\n{}",
+            "shutdown_grace_s = {}\n\n[limits]\nqueue_timeout_ms = {}\n{}\n[sandbox]\ncgroup_root = \"{root}\"\nuid_base = {}\nuid_count = {}\nprepare_ahead = {}\n{}\n[cluster]\nlisten = \"{peer_listen}\"\n{}\n[network]\n{}\n[capacity]\n{}\n[lambda]\n{}",
             settings.shutdown_grace_s,
             settings.queue_timeout_ms,
             settings.limits_extra,
@@ -440,6 +443,7 @@ impl Agent {
             settings.cluster_extra,
             settings.network_extra,
             settings.capacity_extra,
+            settings.lambda_extra,
         );
         std::fs::write(dir.path().join(format!("{root}.toml")), config).expect("write config");
         let api = match &settings.netns {

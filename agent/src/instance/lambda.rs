@@ -476,8 +476,15 @@ impl Wiring {
             .take_listener()
             .ok_or_else(|| InvokeError::Internal("the sandbox has no Runtime API socket".into()))?;
         let stop = CancellationToken::new();
-        let (runtime, server) = runtime_api::server(listener, stop.clone(), max_response)
+        let (runtime, mut server) = runtime_api::server(listener, stop.clone(), max_response)
             .map_err(|e| InvokeError::Internal(format!("serving the Runtime API: {e}")))?;
+        if let Some(notifier) = sandbox.take_connect_notifier() {
+            server.serve_paired(super::paired::answer_connects(
+                notifier,
+                id.clone(),
+                stop.clone(),
+            ));
+        }
         // Without it REPORT says 0 MB; not worth failing the start for.
         let peak = sandbox.peak_memory().unwrap_or_else(|e| {
             tracing::debug!(instance = %id, "peak memory not readable: {e}");

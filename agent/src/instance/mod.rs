@@ -4,6 +4,7 @@
 //! Runtime API ([`runtime_api`]).
 
 pub mod lambda;
+pub mod paired;
 pub mod roaming;
 pub mod runtime_api;
 

@@ -1,4 +1,5 @@
-//! A TCP stream that follows the thread serving it: registered with the event loop of the HTTP
+//! A stream (TCP, or the Unix socket pair behind an instance's Runtime API port) that follows
+//! the thread serving it: registered with the event loop of the HTTP
 //! thread that polls it, and moved to another's (one `epoll_ctl` out, one in) when a call on
 //! that thread takes its instance. A Lambda instance's Runtime API connection is driven by
 //! whichever call holds the instance; polled from another thread's loop, each of its events
@@ -11,12 +12,29 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 
 use crate::api::listener::serving_thread;
 
-pub struct RoamingStream {
-    tcp: Option<TcpStream>,
+/// A tokio stream that can leave the event loop it is registered with for the current one.
+pub trait Roam: AsyncRead + AsyncWrite + Unpin + Sized {
+    fn reregister(self) -> io::Result<Self>;
+}
+
+impl Roam for TcpStream {
+    fn reregister(self) -> io::Result<Self> {
+        TcpStream::from_std(self.into_std()?)
+    }
+}
+
+impl Roam for UnixStream {
+    fn reregister(self) -> io::Result<Self> {
+        UnixStream::from_std(self.into_std()?)
+    }
+}
+
+pub struct RoamingStream<S = TcpStream> {
+    tcp: Option<S>,
     /// The HTTP thread whose loop `tcp` is registered with; None: the agent's shared runtime.
     home: Option<usize>,
     /// `home`, for the pool to read: a call prefers an idle instance whose connection is
@@ -46,8 +64,8 @@ impl Home {
     }
 }
 
-impl RoamingStream {
-    pub fn new(tcp: TcpStream, shared: Arc<Home>) -> RoamingStream {
+impl<S: Roam> RoamingStream<S> {
+    pub fn new(tcp: S, shared: Arc<Home>) -> RoamingStream<S> {
         let home = serving_thread();
         shared.set(home);
         RoamingStream {
@@ -59,14 +77,14 @@ impl RoamingStream {
 
     /// The stream, registered with this thread's loop if this is an HTTP thread. Polled from
     /// the shared runtime (a forwarded call, an async event) it stays where it is.
-    fn settle(&mut self) -> io::Result<Pin<&mut TcpStream>> {
+    fn settle(&mut self) -> io::Result<Pin<&mut S>> {
         let here = serving_thread();
         if here.is_some()
             && here != self.home
             && let Some(registered) = self.tcp.take()
         {
             // Readiness is not lost: registering a ready socket reports it at once.
-            self.tcp = Some(TcpStream::from_std(registered.into_std()?)?);
+            self.tcp = Some(registered.reregister()?);
             self.home = here;
             self.shared.set(here);
         }
@@ -79,7 +97,7 @@ impl RoamingStream {
     }
 }
 
-impl AsyncRead for RoamingStream {
+impl<S: Roam> AsyncRead for RoamingStream<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -89,7 +107,7 @@ impl AsyncRead for RoamingStream {
     }
 }
 
-impl AsyncWrite for RoamingStream {
+impl<S: Roam> AsyncWrite for RoamingStream<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

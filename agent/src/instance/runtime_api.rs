@@ -223,6 +223,9 @@ type Request = axum::http::Request<hyper::body::Incoming>;
 /// the socket until an invocation comes.
 pub struct Server {
     listener: Option<tokio::net::TcpListener>,
+    /// Connections the runtime made to the Runtime API's address that the agent answered with
+    /// a Unix socket pair ([`super::paired`]).
+    paired: Option<mpsc::UnboundedReceiver<std::os::unix::net::UnixStream>>,
     api: Arc<RuntimeApi>,
     conns: FuturesUnordered<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
@@ -248,9 +251,32 @@ impl Server {
                 }
             }
         }
+        if let Some(paired) = &mut self.paired {
+            loop {
+                match paired.poll_recv(cx) {
+                    Poll::Ready(Some(unix)) => match tokio::net::UnixStream::from_std(unix) {
+                        Ok(unix) => self.conns.push(connection(unix, self.api.clone())),
+                        Err(e) => tracing::debug!("runtime API socket pair: {e}"),
+                    },
+                    Poll::Ready(None) => {
+                        self.paired = None;
+                        break;
+                    }
+                    Poll::Pending => break,
+                }
+            }
+        }
         while let Poll::Ready(Some(())) =
             futures_util::StreamExt::poll_next_unpin(&mut self.conns, cx)
         {}
+    }
+
+    /// Also serves the connections `paired` brings (a socket pair's agent ends).
+    pub fn serve_paired(
+        &mut self,
+        paired: mpsc::UnboundedReceiver<std::os::unix::net::UnixStream>,
+    ) {
+        self.paired = Some(paired);
     }
 
     /// Serves until `until` resolves, and returns its output.
@@ -275,11 +301,11 @@ impl Server {
 }
 
 /// One kept-alive HTTP/1.1 connection of the runtime.
-fn connection(
-    tcp: tokio::net::TcpStream,
+fn connection<S: super::roaming::Roam + Send + 'static>(
+    stream: S,
     api: Arc<RuntimeApi>,
 ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
-    let tcp = super::roaming::RoamingStream::new(tcp, api.home.clone());
+    let tcp = super::roaming::RoamingStream::new(stream, api.home.clone());
     let service = hyper::service::service_fn(move |req: Request| {
         let api = api.clone();
         async move { Ok::<_, std::convert::Infallible>(dispatch(api, req).await) }
@@ -312,6 +338,7 @@ pub fn server(
     });
     let server = Server {
         listener: Some(listener),
+        paired: None,
         api: api.clone(),
         conns: FuturesUnordered::new(),
     };

@@ -160,6 +160,8 @@ impl ActiveFunction {
             // request). A Lambda instance learns its request ids from the Runtime API.
             late_env: (!lambda).then(|| REQUEST_ID_ENV.into()),
             loopback_listener: lambda.then_some(config.lambda.runtime_api_port),
+            loopback_socketpair: (lambda && config.lambda.runtime_api_socketpair)
+                .then_some(config.lambda.runtime_api_port),
             ..Default::default()
         };
         if let Some(r) = &runtime {
