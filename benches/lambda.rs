@@ -32,7 +32,8 @@
 //! `perf record` of the agent under one warm client at the end, default 0: off),
 //! `FNLET_BENCH_PERF_OUT` (where the perf report goes, default: printed),
 //! `FNLET_BENCH_PROFILE_CLIENTS` (1: one client on noop-warm; more: that many on the largest N),
-//! `FNLET_BENCH_AGENT_WORKERS` (an experiment: the agent's TOKIO_WORKER_THREADS), `FNLET_BIN`,
+//! `FNLET_BENCH_AGENT_WORKERS` (an experiment: the agent's TOKIO_WORKER_THREADS),
+//! `FNLET_BENCH_LAMBDA_CONFIG` (an experiment: more `[lambda]` lines for the agent), `FNLET_BIN`,
 //! `FNLET_NOOP_BIN` (default tests/fixtures/lambda-noop/bundle/bootstrap), `NGINX_BIN`.
 
 #![forbid(unsafe_code)]
@@ -2194,7 +2195,9 @@ impl Agent {
         let config_text = format!(
             "shutdown_grace_s = 5.0\n[limits]\nlog_max_kb = {FN_LOG_MAX_KB}\n[sandbox]\n\
              cgroup_root = \"{cgroup_root}\"\ntmp_mb = {TMP_MB}\npids = {PIDS}\n\
-             prepare_ahead = true\n[lambda]\nruntime_api_port = {RUNTIME_API_PORT}\n"
+             prepare_ahead = true\n[lambda]\nruntime_api_port = {RUNTIME_API_PORT}\n{}",
+            // An experiment knob: more `[lambda]` lines ("runtime_api_socketpair = false").
+            std::env::var("FNLET_BENCH_LAMBDA_CONFIG").unwrap_or_default()
         );
         fs::write(&config, &config_text).expect("writing the agent's config");
         let log = dir.join("agent.log");

@@ -618,9 +618,8 @@ fn the_runtime_api_is_the_only_thing_an_instance_reaches() {
         "name = \"net\"\nmode = \"lambda\"\npublic = true\ntimeout_s = 5\n",
         &[("bootstrap", BASH_RUNTIME.as_bytes(), 0o755)],
     );
-    // By default the runtime's connects to its API become Unix socket pairs; with
-    // `runtime_api_socketpair = false` they stay loopback TCP. Either way the API is all the
-    // runtime reaches.
+    // With `runtime_api_socketpair = true` the runtime's connects to its API become Unix socket
+    // pairs; by default they stay loopback TCP. Either way the API is all the runtime reaches.
     for (test, socketpair) in [("lambda-net", true), ("lambda-net-tcp", false)] {
         let agent = Agent::start_with(
             test,

@@ -387,7 +387,8 @@ pub struct LambdaConfig {
     /// The Runtime API's port on each instance's own loopback (AWS_LAMBDA_RUNTIME_API).
     pub runtime_api_port: u16,
     /// The runtime's connections to that port become Unix socket pairs (its `connect` calls
-    /// stop for the agent's answer); false: plain loopback TCP.
+    /// stop for the agent's answer). Off by default: lower latency at one client, less
+    /// throughput under load (BENCHMARKS.md, Lambda run 16).
     pub runtime_api_socketpair: bool,
 }
 
@@ -485,7 +486,7 @@ impl Default for LambdaConfig {
             region: "us-east-1".into(),
             account_id: "000000000000".into(),
             runtime_api_port: 9001,
-            runtime_api_socketpair: true,
+            runtime_api_socketpair: false,
         }
     }
 }

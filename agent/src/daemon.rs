@@ -102,6 +102,15 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     if !nix::unistd::geteuid().is_root() {
         bail!("fnlet agent must run as root: it creates namespaces and cgroups for every function");
     }
+    if config.lambda.runtime_api_socketpair && ptrace_attach_forbidden() {
+        // The socket pair needs the sandbox's seccomp listener (pidfd_getfd) and the caller's
+        // memory (process_vm_readv), both ptrace-attach checks that Yama's scope 3 refuses.
+        tracing::warn!(
+            "kernel.yama.ptrace_scope is 3: the Runtime API stays on loopback TCP \
+             (lambda.runtime_api_socketpair needs pidfd_getfd)"
+        );
+        config.lambda.runtime_api_socketpair = false;
+    }
     // Forked now, while the agent is small and has one thread, by the thread that lives as
     // long as the agent (the helper dies with it).
     let spawner = if config.sandbox.spawn_helper {
@@ -125,6 +134,11 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     };
     rt.block_on(serve(config, join_token, spawner))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Yama's `ptrace_scope` 3: no process may attach to another, root included.
+fn ptrace_attach_forbidden() -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope").is_ok_and(|v| v.trim() == "3")
 }
 
 /// Reads the admin token, creating it (mode 0600) at first start.
