@@ -619,12 +619,18 @@ fn the_runtime_api_is_the_only_thing_an_instance_reaches() {
         &[("bootstrap", BASH_RUNTIME.as_bytes(), 0o755)],
     );
     // With `runtime_api_socketpair = true` the runtime's connects to its API become Unix socket
-    // pairs; by default they stay loopback TCP. Either way the API is all the runtime reaches.
-    for (test, socketpair) in [("lambda-net", true), ("lambda-net-tcp", false)] {
+    // pairs (also when a user namespace holds the instance); by default they stay loopback TCP.
+    // Either way the API is all the runtime reaches.
+    for (test, socketpair, userns) in [
+        ("lambda-net", true, false),
+        ("lambda-net-userns", true, true),
+        ("lambda-net-tcp", false, false),
+    ] {
         let agent = Agent::start_with(
             test,
             Settings {
                 lambda_extra: format!("runtime_api_socketpair = {socketpair}\n"),
+                sandbox_extra: format!("user_namespace = {userns}\n"),
                 ..Settings::default()
             },
         );
@@ -637,7 +643,7 @@ fn the_runtime_api_is_the_only_thing_an_instance_reaches() {
             assert_eq!(
                 out["tcp_to_api"],
                 if socketpair { 0 } else { 1 },
-                "socketpair {socketpair}: {out}"
+                "socketpair {socketpair}, user namespace {userns}: {out}"
             );
             assert!(
                 agent.uids.contains(&(out["uid"].as_u64().unwrap() as u32)),
