@@ -213,42 +213,30 @@ pub fn close_range(first: u32, last: u32, flags: u32) -> Result<(), Errno> {
 
 /// Installs a classic-BPF seccomp filter that was compiled in the parent.
 pub fn seccomp_load(prog: &[libc::sock_filter]) -> Result<(), Errno> {
+    seccomp_filter(prog, 0).map(drop)
+}
+
+/// Loads `prog` with a user-notification listener and returns the listener's fd (close-on-exec).
+pub fn seccomp_load_listener(prog: &[libc::sock_filter]) -> Result<RawFd, Errno> {
+    seccomp_filter(prog, libc::SECCOMP_FILTER_FLAG_NEW_LISTENER)
+}
+
+fn seccomp_filter(prog: &[libc::sock_filter], flags: libc::c_ulong) -> Result<RawFd, Errno> {
     let fprog = libc::sock_fprog {
         len: prog.len() as libc::c_ushort,
         filter: prog.as_ptr() as *mut libc::sock_filter,
     };
     // SAFETY: fprog points at a live slice for the duration of the call; the kernel copies it.
+    // With NEW_LISTENER the result is a new fd, the caller's.
     let r = unsafe {
         libc::syscall(
             libc::SYS_seccomp,
             libc::SECCOMP_SET_MODE_FILTER,
-            0,
+            flags,
             &fprog as *const libc::sock_fprog,
         )
     };
-    if r < 0 { Err(Errno::last()) } else { Ok(()) }
-}
-
-/// Loads `prog` with a user-notification listener and returns the listener's fd (close-on-exec).
-pub fn seccomp_load_listener(prog: &[libc::sock_filter]) -> Result<RawFd, Errno> {
-    let fprog = libc::sock_fprog {
-        len: prog.len() as libc::c_ushort,
-        filter: prog.as_ptr() as *mut libc::sock_filter,
-    };
-    // SAFETY: as in seccomp_load; the returned fd is new and the caller's.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_seccomp,
-            libc::SECCOMP_SET_MODE_FILTER,
-            libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
-            &fprog as *const libc::sock_fprog,
-        )
-    };
-    if r < 0 {
-        Err(Errno::last())
-    } else {
-        Ok(r as RawFd)
-    }
+    if r < 0 { Err(Errno::last()) } else { Ok(r as RawFd) }
 }
 
 /// Sets IFF_UP on the loopback interface of the current network namespace.
