@@ -140,6 +140,14 @@ impl ExitStatus {
     }
 }
 
+/// How the function's own process ended ([`Sandbox::function_ended`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FunctionEnd {
+    pub status: ExitStatus,
+    /// The memory cgroup killed something in the sandbox.
+    pub oom_killed: bool,
+}
+
 /// What [`Sandbox::wait`] reports.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Outcome {
@@ -976,15 +984,19 @@ impl Sandbox {
         self.finish()
     }
 
-    /// Waits until the function's own process has ended and returns its outcome, with the
-    /// accounting read right then, while the init is still exiting: its exit tears the
-    /// namespaces down (the mounts are the dearest part, ~0.4 ms), which [`Sandbox::wait`]
-    /// waits for, then reaps the init and removes the cgroup; call it (or drop the sandbox)
-    /// afterwards. It returns the same status. None when the init ended without saying (it was
+    /// Waits until the function's own process has ended and says how, while the init is still
+    /// exiting: its exit tears the namespaces down (the mounts are the dearest part, ~0.4 ms),
+    /// which [`Sandbox::wait`] waits for, then reaps the init and removes the cgroup; call it
+    /// (or drop the sandbox) afterwards. It returns the same status, and the accounting (peak
+    /// memory, CPU), which is not read here: this is the answer's path, and of the group's
+    /// files only the OOM count decides it. None when the init ended without saying (it was
     /// killed): `wait` tells what happened.
-    pub async fn function_ended(&mut self) -> Result<Option<Outcome>> {
+    pub async fn function_ended(&mut self) -> Result<Option<FunctionEnd>> {
         if let Some(o) = &self.outcome {
-            return Ok(Some(o.clone()));
+            return Ok(Some(FunctionEnd {
+                status: o.status,
+                oom_killed: o.oom_killed,
+            }));
         }
         if self.function_status.is_none() {
             let fd = self.status_r.as_raw_fd();
@@ -1017,13 +1029,10 @@ impl Sandbox {
             }
         }
         let raw = self.function_status.unwrap_or_default();
-        let usage = self.usage();
-        Ok(Some(Outcome {
+        let oom_kills = self.cgroup.as_ref().map_or(0, |c| c.oom_kills());
+        Ok(Some(FunctionEnd {
             status: ExitStatus::from_raw(raw),
-            oom_killed: usage.oom_kills > 0,
-            peak_memory_bytes: usage.peak_memory_bytes,
-            cpu_time: usage.cpu_time,
-            wall_time: self.started.elapsed(),
+            oom_killed: oom_kills > 0,
         }))
     }
 

@@ -236,7 +236,11 @@ fn seccomp_filter(prog: &[libc::sock_filter], flags: libc::c_ulong) -> Result<Ra
             &fprog as *const libc::sock_fprog,
         )
     };
-    if r < 0 { Err(Errno::last()) } else { Ok(r as RawFd) }
+    if r < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(r as RawFd)
+    }
 }
 
 /// Sets IFF_UP on the loopback interface of the current network namespace.

@@ -88,6 +88,9 @@ pub trait SandboxCgroup: Send + Sync + fmt::Debug {
     /// v2: a directory fd for clone3's CLONE_INTO_CGROUP.
     fn clone_into_fd(&self) -> Option<RawFd>;
     fn usage(&self) -> CgroupUsage;
+    /// How many processes the memory limit killed (what [`CgroupUsage::oom_kills`] reads): one
+    /// file, for a caller that needs only this.
+    fn oom_kills(&self) -> u64;
     /// The file holding the group's peak memory (what [`CgroupUsage::peak_memory_bytes`]
     /// reads), for a caller that keeps it open and reads it often.
     fn peak_memory_file(&self) -> PathBuf;

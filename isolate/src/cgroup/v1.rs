@@ -227,10 +227,14 @@ impl SandboxCgroup for V1Group {
         CgroupUsage {
             peak_memory_bytes: read_u64(mem, "memory.max_usage_in_bytes"),
             cpu_time: read_u64(self.dir("cpuacct"), "cpuacct.usage").map(Duration::from_nanos),
-            oom_kills: read_file(mem, "memory.oom_control")
-                .and_then(|t| keyed(&t, "oom_kill"))
-                .unwrap_or(0),
+            oom_kills: self.oom_kills(),
         }
+    }
+
+    fn oom_kills(&self) -> u64 {
+        read_file(self.dir("memory"), "memory.oom_control")
+            .and_then(|t| keyed(&t, "oom_kill"))
+            .unwrap_or(0)
     }
 
     fn peak_memory_file(&self) -> PathBuf {

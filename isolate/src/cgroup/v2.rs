@@ -247,10 +247,14 @@ impl SandboxCgroup for V2Group {
             cpu_time: read_file(&self.dir, "cpu.stat")
                 .and_then(|t| keyed(&t, "usage_usec"))
                 .map(Duration::from_micros),
-            oom_kills: read_file(&self.dir, "memory.events")
-                .and_then(|t| keyed(&t, "oom_kill"))
-                .unwrap_or(0),
+            oom_kills: self.oom_kills(),
         }
+    }
+
+    fn oom_kills(&self) -> u64 {
+        read_file(&self.dir, "memory.events")
+            .and_then(|t| keyed(&t, "oom_kill"))
+            .unwrap_or(0)
     }
 
     fn peak_memory_file(&self) -> PathBuf {
