@@ -291,6 +291,19 @@ fn function_failures_have_their_status_and_kind() {
             ("probe", &probe, 0o755),
         ],
     );
+    // A child killed for memory while the function itself exits 0: still out of memory (the
+    // answer's path reads the group's OOM count, not only the exit status).
+    let child_hog = Fixture::new(
+        "name = \"child-hog\"\nentrypoint = \"run.sh\"\nmemory_mb = 32\ntimeout_s = 10\npublic = true\n",
+        &[
+            (
+                "run.sh",
+                b"#!/bin/sh\n/var/task/probe alloc 100\necho survived\nexit 0\n",
+                0o755,
+            ),
+            ("probe", &probe, 0o755),
+        ],
+    );
     for f in [
         Fixture::sh(
             "slow",
@@ -298,6 +311,7 @@ fn function_failures_have_their_status_and_kind() {
             "sleep 10 & sleep 10; echo late",
         ),
         hog,
+        child_hog,
         Fixture::sh("segv", "public = true\ntimeout_s = 2", "kill -SEGV $$"),
         Fixture::sh(
             "fail",
@@ -319,9 +333,11 @@ fn function_failures_have_their_status_and_kind() {
         "a 1 s timeout answered after {took:?}"
     );
 
-    let r = agent.invoke("hog", b"");
-    let msg = r.expect_error(502, "out_of_memory");
-    assert!(msg.contains("32 MB"), "{msg}");
+    for name in ["hog", "child-hog"] {
+        let r = agent.invoke(name, b"");
+        let msg = r.expect_error(502, "out_of_memory");
+        assert!(msg.contains("32 MB"), "{name}: {msg}");
+    }
 
     let msg = agent.invoke("segv", b"").expect_error(502, "crashed");
     assert!(msg.contains("SIGSEGV"), "{msg}");
