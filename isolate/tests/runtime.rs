@@ -17,6 +17,33 @@ fn require_root() {
     );
 }
 
+/// An isolator whose cgroup root goes even when its test fails: a failed assertion would
+/// otherwise leave the test's `fnlet-test-*` groups on the host. A test that passes removes
+/// the root itself (and checks that it could).
+struct TestIsolator(Isolator);
+
+impl std::ops::Deref for TestIsolator {
+    type Target = Isolator;
+    fn deref(&self) -> &Isolator {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for TestIsolator {
+    fn deref_mut(&mut self) -> &mut Isolator {
+        &mut self.0
+    }
+}
+
+impl Drop for TestIsolator {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = self.0.reap_stale();
+            let _ = self.0.remove_root();
+        }
+    }
+}
+
 /// A writable cgroup2 mount: pure v2, or the hybrid host's unified tree.
 fn cgroup2_mount() -> PathBuf {
     for p in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
@@ -58,12 +85,14 @@ async fn v2_puts_the_sandbox_in_its_group_and_removes_it() {
     require_root();
     let mount = cgroup2_mount();
     let root = format!("fnlet-test-{}-v2", std::process::id());
-    let iso = Isolator::new(IsolatorConfig {
-        cgroup_root: root.clone(),
-        cgroup_mode: CgroupMode::V2At(mount.clone()),
-        ..Default::default()
-    })
-    .unwrap();
+    let iso = TestIsolator(
+        Isolator::new(IsolatorConfig {
+            cgroup_root: root.clone(),
+            cgroup_mode: CgroupMode::V2At(mount.clone()),
+            ..Default::default()
+        })
+        .unwrap(),
+    );
     assert_eq!(iso.cgroup_version(), CgroupVersion::V2);
 
     let mut sb = iso.spawn(&sleeper("v2fn")).unwrap();
@@ -94,12 +123,14 @@ fn v2_refuses_limits_whose_controller_is_not_delegated() {
     let mount = cgroup2_mount();
     let controllers = std::fs::read_to_string(mount.join("cgroup.controllers")).unwrap();
     let root = format!("fnlet-test-{}-v2lim", std::process::id());
-    let iso = Isolator::new(IsolatorConfig {
-        cgroup_root: root,
-        cgroup_mode: CgroupMode::V2At(mount.clone()),
-        ..Default::default()
-    })
-    .unwrap();
+    let iso = TestIsolator(
+        Isolator::new(IsolatorConfig {
+            cgroup_root: root,
+            cgroup_mode: CgroupMode::V2At(mount.clone()),
+            ..Default::default()
+        })
+        .unwrap(),
+    );
     let mut spec = sleeper("v2lim");
     spec.limits.pids = Some(16);
     match iso.spawn(&spec) {
@@ -128,12 +159,14 @@ fn v2_refuses_limits_whose_controller_is_not_delegated() {
 /// removes its group.
 fn reap_after_crash(mode: CgroupMode, tag: &str) {
     let root = format!("fnlet-test-{}-{tag}", std::process::id());
-    let iso = Isolator::new(IsolatorConfig {
-        cgroup_root: root.clone(),
-        cgroup_mode: mode.clone(),
-        ..Default::default()
-    })
-    .unwrap();
+    let iso = TestIsolator(
+        Isolator::new(IsolatorConfig {
+            cgroup_root: root.clone(),
+            cgroup_mode: mode.clone(),
+            ..Default::default()
+        })
+        .unwrap(),
+    );
     let sb = iso.spawn(&sleeper(tag)).unwrap();
     let pid = sb.pid();
     let dir = PathBuf::from(sb.cgroup_path().unwrap());
@@ -178,11 +211,13 @@ fn reap_stale_on_the_hosts_own_hierarchy() {
 fn prepared_sandboxes_start_on_demand_and_clean_up_unused() {
     require_root();
     let root = format!("fnlet-test-{}-prepared", std::process::id());
-    let iso = Isolator::new(IsolatorConfig {
-        cgroup_root: root.clone(),
-        ..Default::default()
-    })
-    .unwrap();
+    let iso = TestIsolator(
+        Isolator::new(IsolatorConfig {
+            cgroup_root: root.clone(),
+            ..Default::default()
+        })
+        .unwrap(),
+    );
     let spec = SandboxSpec {
         name: "prep".into(),
         program: "/bin/sh".into(),
@@ -254,11 +289,13 @@ fn start_and_read(prepared: isolate::PreparedSandbox, value: &str) -> (String, E
 fn a_prepared_sandbox_gets_its_late_variable_at_start() {
     require_root();
     let root = format!("fnlet-test-{}-late", std::process::id());
-    let iso = Isolator::new(IsolatorConfig {
-        cgroup_root: root,
-        ..Default::default()
-    })
-    .unwrap();
+    let iso = TestIsolator(
+        Isolator::new(IsolatorConfig {
+            cgroup_root: root,
+            ..Default::default()
+        })
+        .unwrap(),
+    );
     let spec = prints_its_late_variable("late", 0);
     for value in ["4b2f-request-1", ""] {
         let got = start_and_read(iso.prepare(&spec).unwrap(), value);
@@ -317,11 +354,13 @@ async fn converse(sb: &mut isolate::Sandbox) {
 async fn a_loopback_listener_is_served_from_the_host_side() {
     require_root();
     let root = format!("fnlet-test-{}-listen", std::process::id());
-    let iso = Isolator::new(IsolatorConfig {
-        cgroup_root: root,
-        ..Default::default()
-    })
-    .unwrap();
+    let iso = TestIsolator(
+        Isolator::new(IsolatorConfig {
+            cgroup_root: root,
+            ..Default::default()
+        })
+        .unwrap(),
+    );
     let spec = talking_spec("listen");
     for prepared in [false, true] {
         let mut sb = if prepared {
@@ -377,11 +416,13 @@ async fn a_connect_to_the_loopback_port_gets_a_socket_pair() {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     require_root();
     let root = format!("fnlet-test-{}-pair", std::process::id());
-    let iso = Isolator::new(IsolatorConfig {
-        cgroup_root: root,
-        ..Default::default()
-    })
-    .unwrap();
+    let iso = TestIsolator(
+        Isolator::new(IsolatorConfig {
+            cgroup_root: root,
+            ..Default::default()
+        })
+        .unwrap(),
+    );
     let spec = SandboxSpec {
         name: "pair".into(),
         program: "/usr/bin/python3".into(),
@@ -465,11 +506,13 @@ async fn a_connect_to_the_loopback_port_gets_a_socket_pair() {
 fn a_group_still_busy_after_its_sandbox_ends_is_killed_and_removed() {
     require_root();
     let root = format!("fnlet-test-{}-busy", std::process::id());
-    let iso = Isolator::new(IsolatorConfig {
-        cgroup_root: root,
-        ..Default::default()
-    })
-    .unwrap();
+    let iso = TestIsolator(
+        Isolator::new(IsolatorConfig {
+            cgroup_root: root,
+            ..Default::default()
+        })
+        .unwrap(),
+    );
     let mut spec = sleeper("busy");
     spec.args = vec!["1".into()];
     let mut sb = iso.spawn(&spec).unwrap();
@@ -517,12 +560,14 @@ fn a_group_still_busy_after_its_sandbox_ends_is_killed_and_removed() {
 async fn sandboxes_from_the_netns_pool_each_get_a_fresh_namespace_with_lo_up() {
     require_root();
     let root = format!("fnlet-test-{}-netpool", std::process::id());
-    let iso = Isolator::new(IsolatorConfig {
-        cgroup_root: root,
-        netns_pool: 2,
-        ..Default::default()
-    })
-    .unwrap();
+    let iso = TestIsolator(
+        Isolator::new(IsolatorConfig {
+            cgroup_root: root,
+            netns_pool: 2,
+            ..Default::default()
+        })
+        .unwrap(),
+    );
     assert_eq!(
         iso.netns_ready(),
         0,
@@ -566,11 +611,13 @@ async fn sandboxes_from_the_netns_pool_each_get_a_fresh_namespace_with_lo_up() {
 async fn the_functions_end_is_known_before_the_sandbox_is_torn_down() {
     require_root();
     let root = format!("fnlet-test-{}-ended", std::process::id());
-    let iso = Isolator::new(IsolatorConfig {
-        cgroup_root: root,
-        ..Default::default()
-    })
-    .unwrap();
+    let iso = TestIsolator(
+        Isolator::new(IsolatorConfig {
+            cgroup_root: root,
+            ..Default::default()
+        })
+        .unwrap(),
+    );
     let spec = SandboxSpec {
         name: "ended".into(),
         program: "/bin/sh".into(),
@@ -634,11 +681,13 @@ fn ppid_of(pid: u32) -> u32 {
 async fn sandboxes_cloned_by_the_spawn_helper_are_the_callers_children() {
     require_root();
     let root = format!("fnlet-test-{}-spawner", std::process::id());
-    let mut iso = Isolator::new(IsolatorConfig {
-        cgroup_root: root.clone(),
-        ..Default::default()
-    })
-    .unwrap();
+    let mut iso = TestIsolator(
+        Isolator::new(IsolatorConfig {
+            cgroup_root: root.clone(),
+            ..Default::default()
+        })
+        .unwrap(),
+    );
     iso.use_spawner(isolate::spawner::Spawner::start().unwrap())
         .unwrap();
     let helper = iso.spawner_pid().expect("a helper");
@@ -723,11 +772,13 @@ fn a_dropped_spawn_helper_exits_and_leaves_its_sandboxes_running() {
     let root = format!("fnlet-test-{}-spawner-drop", std::process::id());
     let spawner = isolate::spawner::Spawner::start().unwrap();
     let helper = spawner.pid();
-    let mut iso = Isolator::new(IsolatorConfig {
-        cgroup_root: root,
-        ..Default::default()
-    })
-    .unwrap();
+    let mut iso = TestIsolator(
+        Isolator::new(IsolatorConfig {
+            cgroup_root: root,
+            ..Default::default()
+        })
+        .unwrap(),
+    );
     iso.use_spawner(spawner).unwrap();
     let mut sb = iso.spawn(&sleeper("outlives")).unwrap();
     // Swap the helper out: the old one is dropped (and reaped) while the sandbox runs.
