@@ -44,6 +44,17 @@ impl Drop for TestIsolator {
     }
 }
 
+/// An isolator on the host's cgroups under `fnlet-test-<pid>-<suffix>`.
+fn isolator(suffix: &str) -> TestIsolator {
+    TestIsolator(
+        Isolator::new(IsolatorConfig {
+            cgroup_root: format!("fnlet-test-{}-{suffix}", std::process::id()),
+            ..Default::default()
+        })
+        .unwrap(),
+    )
+}
+
 /// A writable cgroup2 mount: pure v2, or the hybrid host's unified tree.
 fn cgroup2_mount() -> PathBuf {
     for p in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
@@ -288,14 +299,7 @@ fn start_and_read(prepared: isolate::PreparedSandbox, value: &str) -> (String, E
 #[test]
 fn a_prepared_sandbox_gets_its_late_variable_at_start() {
     require_root();
-    let root = format!("fnlet-test-{}-late", std::process::id());
-    let iso = TestIsolator(
-        Isolator::new(IsolatorConfig {
-            cgroup_root: root,
-            ..Default::default()
-        })
-        .unwrap(),
-    );
+    let iso = isolator("late");
     let spec = prints_its_late_variable("late", 0);
     for value in ["4b2f-request-1", ""] {
         let got = start_and_read(iso.prepare(&spec).unwrap(), value);
@@ -353,14 +357,7 @@ async fn converse(sb: &mut isolate::Sandbox) {
 #[tokio::test]
 async fn a_loopback_listener_is_served_from_the_host_side() {
     require_root();
-    let root = format!("fnlet-test-{}-listen", std::process::id());
-    let iso = TestIsolator(
-        Isolator::new(IsolatorConfig {
-            cgroup_root: root,
-            ..Default::default()
-        })
-        .unwrap(),
-    );
+    let iso = isolator("listen");
     let spec = talking_spec("listen");
     for prepared in [false, true] {
         let mut sb = if prepared {
@@ -415,14 +412,7 @@ except ConnectionRefusedError:
 async fn a_connect_to_the_loopback_port_gets_a_socket_pair() {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     require_root();
-    let root = format!("fnlet-test-{}-pair", std::process::id());
-    let iso = TestIsolator(
-        Isolator::new(IsolatorConfig {
-            cgroup_root: root,
-            ..Default::default()
-        })
-        .unwrap(),
-    );
+    let iso = isolator("pair");
     let spec = SandboxSpec {
         name: "pair".into(),
         program: "/usr/bin/python3".into(),
@@ -505,14 +495,7 @@ async fn a_connect_to_the_loopback_port_gets_a_socket_pair() {
 #[test]
 fn a_group_still_busy_after_its_sandbox_ends_is_killed_and_removed() {
     require_root();
-    let root = format!("fnlet-test-{}-busy", std::process::id());
-    let iso = TestIsolator(
-        Isolator::new(IsolatorConfig {
-            cgroup_root: root,
-            ..Default::default()
-        })
-        .unwrap(),
-    );
+    let iso = isolator("busy");
     let mut spec = sleeper("busy");
     spec.args = vec!["1".into()];
     let mut sb = iso.spawn(&spec).unwrap();
@@ -610,14 +593,7 @@ async fn sandboxes_from_the_netns_pool_each_get_a_fresh_namespace_with_lo_up() {
 #[tokio::test]
 async fn the_functions_end_is_known_before_the_sandbox_is_torn_down() {
     require_root();
-    let root = format!("fnlet-test-{}-ended", std::process::id());
-    let iso = TestIsolator(
-        Isolator::new(IsolatorConfig {
-            cgroup_root: root,
-            ..Default::default()
-        })
-        .unwrap(),
-    );
+    let iso = isolator("ended");
     let spec = SandboxSpec {
         name: "ended".into(),
         program: "/bin/sh".into(),
