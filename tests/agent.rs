@@ -280,30 +280,26 @@ fn function_failures_have_their_status_and_kind() {
         },
     );
     let probe = std::fs::read(common::probe()).expect("read the probe");
-    let hog = Fixture::new(
-        "name = \"hog\"\nentrypoint = \"run.sh\"\nmemory_mb = 32\ntimeout_s = 10\npublic = true\n",
-        &[
-            (
-                "run.sh",
-                b"#!/bin/sh\nexec /var/task/probe alloc 100\n",
-                0o755,
+    // A 32 MB function whose run.sh runs the probe's 100 MB allocation.
+    let hog = |name: &str, script: &str| {
+        Fixture::new(
+            &format!(
+                "name = \"{name}\"\nentrypoint = \"run.sh\"\nmemory_mb = 32\ntimeout_s = 10\npublic = true\n"
             ),
-            ("probe", &probe, 0o755),
-        ],
+            &[
+                ("run.sh", format!("#!/bin/sh\n{script}\n").as_bytes(), 0o755),
+                ("probe", &probe, 0o755),
+            ],
+        )
+    };
+    // The function itself killed for memory; and a child killed while the function exits 0:
+    // still out of memory (the answer's path reads the group's OOM count, not only the exit
+    // status).
+    let child_hog = hog(
+        "child-hog",
+        "/var/task/probe alloc 100\necho survived\nexit 0",
     );
-    // A child killed for memory while the function itself exits 0: still out of memory (the
-    // answer's path reads the group's OOM count, not only the exit status).
-    let child_hog = Fixture::new(
-        "name = \"child-hog\"\nentrypoint = \"run.sh\"\nmemory_mb = 32\ntimeout_s = 10\npublic = true\n",
-        &[
-            (
-                "run.sh",
-                b"#!/bin/sh\n/var/task/probe alloc 100\necho survived\nexit 0\n",
-                0o755,
-            ),
-            ("probe", &probe, 0o755),
-        ],
-    );
+    let hog = hog("hog", "exec /var/task/probe alloc 100");
     for f in [
         Fixture::sh(
             "slow",
