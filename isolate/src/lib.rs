@@ -961,24 +961,12 @@ impl Sandbox {
         if let Some(o) = &self.outcome {
             return Ok(o.clone());
         }
-        // SAFETY: the pidfd is owned by `self` and stays open for the whole life of `afd`,
-        // which is dropped before this function returns.
-        let afd = unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(
-                self.pidfd.as_raw_fd(),
-                tokio::io::Interest::READABLE,
-            )
-        }
-        .map_err(|e| {
-            IsolateError::sys(
-                "register pidfd",
-                Errno::from_raw(e.into_parts().1.raw_os_error().unwrap_or(0)),
-            )
-        })?;
+        let afd = register_readable(self.pidfd.as_fd(), "register pidfd")?;
         // A pidfd turns readable when the process exits.
-        let _guard = afd.readable().await.map_err(|e| {
-            IsolateError::sys("poll pidfd", Errno::from_raw(e.raw_os_error().unwrap_or(0)))
-        })?;
+        let _guard = afd
+            .readable()
+            .await
+            .map_err(|e| IsolateError::sys("poll pidfd", errno_of(&e)))?;
         drop(_guard);
         drop(afd);
         self.finish()
@@ -999,17 +987,11 @@ impl Sandbox {
             }));
         }
         if self.function_status.is_none() {
-            let fd = self.status_r.as_raw_fd();
             // Non-blocking for the event loop; finish() reads it only after the init is reaped,
             // when the write end is closed (a record or EOF, never EAGAIN).
             sys::set_nonblocking(self.status_r.as_fd())
                 .map_err(|e| IsolateError::sys("fcntl status pipe", e))?;
-            // SAFETY: the status pipe is owned by `self` and stays open for the whole life of
-            // `afd`, which is dropped before this function returns.
-            let afd = unsafe {
-                tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
-            }
-            .map_err(|e| IsolateError::sys("register status pipe", errno_of(&e.into_parts().1)))?;
+            let afd = register_readable(self.status_r.as_fd(), "register status pipe")?;
             let mut buf = [0u8; 4];
             let got = loop {
                 let mut guard = afd
@@ -1127,14 +1109,7 @@ impl SandboxWatch {
             .pidfd
             .try_clone()
             .map_err(|e| IsolateError::sys("dup pidfd", errno_of(&e)))?;
-        // SAFETY: `fd` is owned here and outlives `afd`, which is dropped before it.
-        let afd = unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(
-                fd.as_raw_fd(),
-                tokio::io::Interest::READABLE,
-            )
-        }
-        .map_err(|e| IsolateError::sys("register pidfd", errno_of(&e.into_parts().1)))?;
+        let afd = register_readable(fd.as_fd(), "register pidfd")?;
         let ready = afd
             .readable()
             .await
@@ -1151,8 +1126,19 @@ impl SandboxWatch {
     }
 }
 
-fn errno_of(e: &std::io::Error) -> Errno {
+pub(crate) fn errno_of(e: &std::io::Error) -> Errno {
     Errno::from_raw(e.raw_os_error().unwrap_or(0))
+}
+
+/// `fd` registered for readability with the current tokio reactor, for as long as it is
+/// borrowed (the registration is dropped, and deregistered, before the fd can close).
+pub(crate) fn register_readable<'a>(
+    fd: std::os::fd::BorrowedFd<'a>,
+    op: &'static str,
+) -> Result<tokio::io::unix::AsyncFd<std::os::fd::BorrowedFd<'a>>> {
+    // SAFETY: the registration holds the borrow, so the fd stays open while it is registered.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(|e| IsolateError::sys(op, errno_of(&e.into_parts().1)))
 }
 
 fn ignore_esrch(e: Errno) -> Result<()> {

@@ -121,27 +121,12 @@ impl ConnectNotifier {
     /// Answers every call until no task of the sandbox can make one (the sandbox has ended);
     /// each swapped connect's other end goes to `on_pair`. Needs a tokio runtime.
     pub async fn answer_all(self, mut on_pair: impl FnMut(UnixStream)) -> Result<()> {
-        // SAFETY: the listener fd is owned by `self`, which lives until this function returns,
-        // after `afd` is dropped.
-        let afd = unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(
-                self.fd.as_raw_fd(),
-                tokio::io::Interest::READABLE,
-            )
-        }
-        .map_err(|e| {
-            IsolateError::sys(
-                "register seccomp listener",
-                Errno::from_raw(e.into_parts().1.raw_os_error().unwrap_or(0)),
-            )
-        })?;
+        let afd = crate::register_readable(self.fd.as_fd(), "register seccomp listener")?;
         loop {
-            let mut ready = afd.readable().await.map_err(|e| {
-                IsolateError::sys(
-                    "poll seccomp listener",
-                    Errno::from_raw(e.raw_os_error().unwrap_or(0)),
-                )
-            })?;
+            let mut ready = afd
+                .readable()
+                .await
+                .map_err(|e| IsolateError::sys("poll seccomp listener", crate::errno_of(&e)))?;
             match self.answer()? {
                 Answer::Swapped(ours) => on_pair(ours),
                 Answer::Passed => {}
@@ -192,22 +177,23 @@ impl ConnectNotifier {
         if family != libc::AF_INET as u16 || port != self.port || ip != [127, 0, 0, 1] {
             return Ok(Verdict::Proceed);
         }
-        let (flags, ino) = fd_info(call.tid, fd)?;
+        let flags = fd_flags(call.tid, fd)?;
+        // Not a socket: ENOTSOCK here, and the connect goes on to fail as it would.
         let theirs = take_fd(call.tid, fd)?;
         if sys::socket_option(&theirs, libc::SO_DOMAIN)? != libc::AF_INET
             || sys::socket_option(&theirs, libc::SO_TYPE)? != libc::SOCK_STREAM
-            || ino.is_none()
         {
             return Ok(Verdict::Proceed);
         }
         drop(theirs);
         // Still the call we read (its thread did not die and its tid was not reused).
         self.still_valid(call)?;
-        let (ours, theirs) = UnixStream::pair().map_err(|e| errno(&e))?;
-        ours.set_nonblocking(true).map_err(|e| errno(&e))?;
+        let (ours, theirs) = UnixStream::pair().map_err(|e| crate::errno_of(&e))?;
+        ours.set_nonblocking(true)
+            .map_err(|e| crate::errno_of(&e))?;
         theirs
             .set_nonblocking(flags & libc::O_NONBLOCK as u32 != 0)
-            .map_err(|e| errno(&e))?;
+            .map_err(|e| crate::errno_of(&e))?;
         let their_ino = sys::inode(theirs.as_fd())?;
         let addfd = libc::seccomp_notif_addfd {
             id: call.id,
@@ -339,10 +325,6 @@ fn poll_now(fd: &OwnedFd) -> Result<Pending> {
     })
 }
 
-fn errno(e: &std::io::Error) -> Errno {
-    Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
-}
-
 /// Reads `buf.len()` bytes at `addr` in the memory of thread `tid`.
 fn read_memory(tid: libc::pid_t, addr: u64, buf: &mut [u8]) -> std::result::Result<(), Errno> {
     let local = libc::iovec {
@@ -374,7 +356,8 @@ fn take_fd(tid: libc::pid_t, fd: RawFd) -> std::result::Result<OwnedFd, Errno> {
 
 /// The process (thread group) of thread `tid`, from /proc (a tid's pidfd needs kernel 6.9).
 fn thread_group(tid: libc::pid_t) -> std::result::Result<libc::pid_t, Errno> {
-    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).map_err(|e| errno(&e))?;
+    let status =
+        std::fs::read_to_string(format!("/proc/{tid}/status")).map_err(|e| crate::errno_of(&e))?;
     status
         .lines()
         .find_map(|l| l.strip_prefix("Tgid:"))
@@ -382,21 +365,20 @@ fn thread_group(tid: libc::pid_t) -> std::result::Result<libc::pid_t, Errno> {
         .ok_or(Errno::ESRCH)
 }
 
-/// The open flags of thread `tid`'s `fd` (octal in fdinfo), and its socket inode if a socket.
-fn fd_info(tid: libc::pid_t, fd: RawFd) -> std::result::Result<(u32, Option<u64>), Errno> {
-    let info =
-        std::fs::read_to_string(format!("/proc/{tid}/fdinfo/{fd}")).map_err(|e| errno(&e))?;
-    let flags = info
-        .lines()
+/// The open flags of thread `tid`'s `fd` (octal in fdinfo): `O_CLOEXEC` is the fd's own.
+fn fd_flags(tid: libc::pid_t, fd: RawFd) -> std::result::Result<u32, Errno> {
+    let info = std::fs::read_to_string(format!("/proc/{tid}/fdinfo/{fd}"))
+        .map_err(|e| crate::errno_of(&e))?;
+    info.lines()
         .find_map(|l| l.strip_prefix("flags:"))
         .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
-        .ok_or(Errno::EINVAL)?;
-    Ok((flags, socket_inode(tid, fd)?))
+        .ok_or(Errno::EINVAL)
 }
 
 /// The inode of thread `tid`'s `fd` when it is a socket (its /proc link reads `socket:[N]`).
 fn socket_inode(tid: libc::pid_t, fd: RawFd) -> std::result::Result<Option<u64>, Errno> {
-    let link = std::fs::read_link(format!("/proc/{tid}/fd/{fd}")).map_err(|e| errno(&e))?;
+    let link =
+        std::fs::read_link(format!("/proc/{tid}/fd/{fd}")).map_err(|e| crate::errno_of(&e))?;
     Ok(parse_socket_link(&link.to_string_lossy()))
 }
 
