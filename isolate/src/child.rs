@@ -80,6 +80,9 @@ pub struct Prepared {
     pub start_fd: Option<RawFd>,
     /// Where the start message's value goes: an environment entry `NAME=` already in `envp`.
     pub late_env: Option<LateEnv>,
+    /// A reusable sandbox: `start_fd` is a `SOCK_SEQPACKET` socket, and init runs the function
+    /// once per message on it ([`serve`]) instead of once.
+    pub reusable: bool,
 }
 
 /// A buffer the parent allocated for one environment entry whose value comes with the start
@@ -92,13 +95,17 @@ pub struct LateEnv {
 }
 
 fn fail(p: &Prepared, kind: u32, step: Step, index: u32, errno: Errno) -> ! {
+    record_failure(p, kind, step, index, errno);
+    sys::exit_now(1)
+}
+
+fn record_failure(p: &Prepared, kind: u32, step: Step, index: u32, errno: Errno) {
     let mut rec = [0u8; RECORD_LEN];
     rec[0..4].copy_from_slice(&kind.to_ne_bytes());
     rec[4..8].copy_from_slice(&(step as u32).to_ne_bytes());
     rec[8..12].copy_from_slice(&index.to_ne_bytes());
     rec[12..16].copy_from_slice(&(errno as i32).to_ne_bytes());
     sys::write_record(p.report_fd, &rec);
-    sys::exit_now(1)
 }
 
 fn check(p: &Prepared, step: Step, ret: libc::c_int) {
@@ -217,6 +224,9 @@ pub fn run(p: &Prepared) -> ! {
         let fd = check_r(p, Step::Seccomp, sys::seccomp_load_listener(bpf));
         p.connect_listener.store(fd, Ordering::SeqCst);
     }
+    if let (true, Some(control)) = (p.reusable, p.start_fd) {
+        serve(p, control)
+    }
 
     // The function's process exists before a prepared sandbox waits for its start, so a start
     // costs only the exec. It shares this process's memory until then (this process waits): a
@@ -241,7 +251,7 @@ pub fn run(p: &Prepared) -> ! {
 /// The function's process, in the memory of init (which waits until it execs): set up its
 /// stdio, signals and cwd, wait for a prepared sandbox's start, exec.
 fn function_process(p: &Prepared) -> ! {
-    worker_setup(p);
+    worker_setup(p, &p.stdio);
     if let Some(fd) = p.start_fd {
         // Cosmetic (ps, pgrep), until the exec names it.
         let _ = sys::set_name(c"fnlet-start");
@@ -253,28 +263,203 @@ fn function_process(p: &Prepared) -> ! {
 /// A prepared sandbox's function process: report ready, then wait for the start message on
 /// `fd` (one length byte, then that many bytes of the late variable's value).
 fn wait_for_start(p: &Prepared, fd: RawFd) {
+    report_ready(p);
+    let mut len = [0u8; 1];
+    if !read_exact(fd, &mut len) {
+        sys::exit_now(1);
+    }
+    let mut value = [0u8; 255];
+    let value = &mut value[..usize::from(len[0])];
+    if !read_exact(fd, value) {
+        sys::exit_now(1);
+    }
+    set_late_value(p, value);
+    // SAFETY: fd is ours and no longer needed.
+    unsafe { libc::close(fd) };
+}
+
+/// Tells the parent the sandbox is ready for its start.
+fn report_ready(p: &Prepared) {
     let mut rec = [0u8; RECORD_LEN];
     rec[0..4].copy_from_slice(&KIND_READY.to_ne_bytes());
     // The index field: the connect listener's fd in init (0: none; fds 0-2 are stdio).
     let listener = p.connect_listener.load(Ordering::SeqCst).max(0) as u32;
     rec[8..12].copy_from_slice(&listener.to_ne_bytes());
     sys::write_record(p.report_fd, &rec);
-    let mut len = [0u8; 1];
-    if !read_exact(fd, &mut len) {
-        sys::exit_now(1);
-    }
+}
+
+/// Writes `value` (cut to the room there is) after `NAME=` in the late variable's buffer.
+fn set_late_value(p: &Prepared, value: &[u8]) {
     if let Some(slot) = &p.late_env {
-        let want = usize::from(len[0]).min(slot.cap - slot.prefix - 1);
+        let want = value.len().min(slot.cap - slot.prefix - 1);
         // SAFETY: ptr..ptr+cap is the buffer the parent allocated for this entry; the range
-        // written stays inside it, and no Rust reference to it exists in this process.
-        let value = unsafe { std::slice::from_raw_parts_mut(slot.ptr.add(slot.prefix), want + 1) };
-        if !read_exact(fd, &mut value[..want]) {
-            sys::exit_now(1);
-        }
-        value[want] = 0;
+        // written stays inside it, and no Rust reference to it exists in this process (the
+        // function's process reads it through envp only after this write, at its exec).
+        let dest = unsafe { std::slice::from_raw_parts_mut(slot.ptr.add(slot.prefix), want + 1) };
+        dest[..want].copy_from_slice(&value[..want]);
+        dest[want] = 0;
     }
-    // SAFETY: fd is ours and no longer needed.
-    unsafe { libc::close(fd) };
+}
+
+/// One run of a reusable sandbox: the function's process with the run's stdio.
+struct Run<'a> {
+    p: &'a Prepared,
+    stdio: [Option<RawFd>; 3],
+}
+
+fn run_process(run: &Run<'_>) -> ! {
+    worker_setup(run.p, &run.stdio);
+    worker_exec(run.p)
+}
+
+/// pid 1 of a reusable sandbox. Reports ready, then for each message on `control` (one length
+/// byte, the late variable's value, and the run's stdin, stdout and stderr as `SCM_RIGHTS`):
+/// runs the function in a new process, waits for it (forwarding signals), kills and reaps
+/// whatever the run left behind, and writes the run's wait status on the status pipe. A run
+/// whose process could not be made or exec'd leaves a failure record on the report pipe (kept
+/// open for that) and exit status 127. EOF on `control`: the owner is done with the sandbox.
+fn serve(p: &Prepared, control: RawFd) -> ! {
+    report_ready(p);
+    // Keep the report and status pipes and the control socket; 0-2 are the agent's.
+    for fd in 0..3 {
+        if fd != p.report_fd && fd != p.status_fd && fd != control {
+            // SAFETY: closing a descriptor of ours that nothing here uses.
+            unsafe { libc::close(fd) };
+        }
+    }
+    loop {
+        let Some(stdio) = receive_run(p, control) else {
+            sys::exit_now(0)
+        };
+        // A signal meant for the last run must not reach this one.
+        drain_signals(p);
+        let run = Run {
+            p,
+            stdio: stdio.map(Some),
+        };
+        let spawned = sys::spawn_sharing_memory(&run, run_process);
+        for fd in stdio {
+            // SAFETY: received for this run; the function's process has its own copies now,
+            // and ours must go for the parent to see EOF on stdout and stderr.
+            unsafe { libc::close(fd) };
+        }
+        let status = match spawned {
+            Ok(pid) => wait_for(p, pid),
+            Err(e) => {
+                record_failure(p, KIND_STEP, Step::ForkWorker, 0, e);
+                127 << 8
+            }
+        };
+        kill_leftovers();
+        sys::write_record(p.status_fd, &status.to_ne_bytes());
+    }
+}
+
+/// Receives a run's message (see [`serve`]) and sets the late variable; the run's stdio, each
+/// above 2. None when the owner closed the socket, or sent something else.
+fn receive_run(p: &Prepared, control: RawFd) -> Option<[RawFd; 3]> {
+    let mut data = [0u8; 256];
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: data.len(),
+    };
+    // Room for a header and three descriptors (CMSG_SPACE(12) is 32 on 64-bit), aligned.
+    let mut control_buf = [0u64; 8];
+    // SAFETY: msghdr is plain data; the fields used are set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control_buf.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control_buf);
+    let n = loop {
+        // SAFETY: msg points at live buffers of the sizes it gives.
+        let n = unsafe { libc::recvmsg(control, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 || Errno::last() != Errno::EINTR {
+            break n;
+        }
+    };
+    let mut fds = [-1; 3];
+    let mut got = 0;
+    // SAFETY: msg was filled by recvmsg; the CMSG_* walk stays inside msg_control.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while n > 0 && !cmsg.is_null() {
+        // SAFETY: cmsg points at a header inside msg_control (CMSG_FIRSTHDR/NXTHDR).
+        let header = unsafe { &*cmsg };
+        if header.cmsg_level == libc::SOL_SOCKET && header.cmsg_type == libc::SCM_RIGHTS {
+            // SAFETY: computes a length, touches no memory.
+            let head = unsafe { libc::CMSG_LEN(0) } as usize;
+            let count = (header.cmsg_len as usize).saturating_sub(head) / 4;
+            // SAFETY: the data of an SCM_RIGHTS header is `count` ints.
+            let first = unsafe { libc::CMSG_DATA(cmsg) } as *const libc::c_int;
+            for i in 0..count {
+                // SAFETY: i < count, inside this header's data; may be unaligned.
+                let fd = unsafe { first.add(i).read_unaligned() };
+                if got < fds.len() {
+                    fds[got] = fd;
+                    got += 1;
+                } else {
+                    // SAFETY: a descriptor just received, ours, unused.
+                    unsafe { libc::close(fd) };
+                }
+            }
+        }
+        // SAFETY: as CMSG_FIRSTHDR above.
+        cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
+    }
+    let len = usize::from(data[0]);
+    if n <= 0 || got != fds.len() || 1 + len > n as usize {
+        for &fd in &fds[..got] {
+            // SAFETY: received above, ours.
+            unsafe { libc::close(fd) };
+        }
+        return None;
+    }
+    // The function's process dup2()s them onto 0-2: none may sit there already.
+    for fd in fds.iter_mut() {
+        if *fd <= 2 {
+            // SAFETY: duplicating a descriptor of ours above 2, then closing the original.
+            let moved = unsafe { libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 3) };
+            // SAFETY: ours.
+            unsafe { libc::close(*fd) };
+            *fd = moved;
+        }
+    }
+    if fds.iter().any(|&fd| fd < 0) {
+        return None;
+    }
+    set_late_value(p, &data[1..1 + len]);
+    Some(fds)
+}
+
+/// Discards the signals pending for init (those it forwards and SIGCHLD).
+fn drain_signals(p: &Prepared) {
+    let now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: the set is valid and blocked here; a null siginfo is allowed.
+    while unsafe { libc::sigtimedwait(&p.signals, std::ptr::null_mut(), &now) } > 0 {}
+}
+
+/// Kills every other process of the pid namespace and reaps them (orphans are init's), until
+/// none is left: nothing a run started outlives it.
+fn kill_leftovers() {
+    loop {
+        // SAFETY: from pid 1, kill(-1) signals every other process of this pid namespace.
+        let r = unsafe { libc::kill(-1, libc::SIGKILL) };
+        loop {
+            let mut status = 0;
+            // SAFETY: status is a valid out-pointer.
+            let w = unsafe { libc::waitpid(-1, &mut status, libc::__WALL) };
+            if w > 0 || (w < 0 && Errno::last() == Errno::EINTR) {
+                continue;
+            }
+            break;
+        }
+        if r < 0 {
+            return;
+        }
+    }
 }
 
 /// Closes every fd above 2 except the ones `p` names. No allocation: a fixed, sorted array.
@@ -373,7 +558,7 @@ fn drop_privileges(p: &Prepared) {
 }
 
 /// The function process, before its exec: stdio, a clean signal state, the working directory.
-fn worker_setup(p: &Prepared) {
+fn worker_setup(p: &Prepared, stdio: &[Option<RawFd>; 3]) {
     // Ignored signals stay ignored across exec (Rust ignores SIGPIPE): reset them, before
     // unblocking anything, so no handler of the agent's ever runs in this process (it shares
     // init's memory until the exec).
@@ -389,7 +574,7 @@ fn worker_setup(p: &Prepared) {
         libc::sigemptyset(&mut empty);
         libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
     }
-    for (target, src) in p.stdio.iter().enumerate() {
+    for (target, src) in stdio.iter().enumerate() {
         if let Some(src) = *src {
             // SAFETY: src is an open fd (>= 3) prepared by the parent.
             check(p, Step::Stdio, unsafe {
@@ -439,7 +624,14 @@ fn init(p: &Prepared, worker: libc::pid_t) -> ! {
         let _ = sys::close_range(0, keep - 1, 0);
     }
     let _ = sys::close_range(keep + 1, u32::MAX, 0);
+    let status = wait_for(p, worker);
+    sys::write_record(p.status_fd, &status.to_ne_bytes());
+    sys::exit_now(0)
+}
 
+/// Waits for `worker` to end, reaping every other child on the way and forwarding the
+/// signals init receives to it; its wait status.
+fn wait_for(p: &Prepared, worker: libc::pid_t) -> i32 {
     loop {
         // SAFETY: siginfo is plain data filled by the kernel.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
@@ -451,8 +643,7 @@ fn init(p: &Prepared, worker: libc::pid_t) -> ! {
                 // SAFETY: status is a valid out-pointer.
                 let r = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
                 if r == worker {
-                    sys::write_record(p.status_fd, &status.to_ne_bytes());
-                    sys::exit_now(0);
+                    return status;
                 }
                 if r <= 0 {
                     break;

@@ -170,6 +170,7 @@ impl ChildImage {
                 go_fd: fds.go,
                 netns_fd: fds.netns,
                 start_fd: fds.start,
+                reusable: hold && spec.reusable,
                 late_env: late_env.map(|(ptr, prefix)| child::LateEnv {
                     ptr: ptr.cast::<u8>(),
                     prefix,

@@ -322,9 +322,19 @@ impl Isolator {
         hold: bool,
     ) -> Result<(Sandbox, Pending)> {
         let started = Instant::now();
-        let (stdin_child, stdin_parent) = stdio_pair(spec.stdio.stdin, true)?;
-        let (stdout_child, stdout_parent) = stdio_pair(spec.stdio.stdout, false)?;
-        let (stderr_child, stderr_parent) = stdio_pair(spec.stdio.stderr, false)?;
+        // A reusable sandbox's runs bring their own stdio; its init keeps none.
+        let reusable = hold && spec.reusable;
+        let stdio = match reusable {
+            true => StdioSpec {
+                stdin: Stdio::Inherit,
+                stdout: Stdio::Inherit,
+                stderr: Stdio::Inherit,
+            },
+            false => spec.stdio,
+        };
+        let (stdin_child, stdin_parent) = stdio_pair(stdio.stdin, true)?;
+        let (stdout_child, stdout_parent) = stdio_pair(stdio.stdout, false)?;
+        let (stderr_child, stderr_parent) = stdio_pair(stdio.stderr, false)?;
         let (report_r, report_w) = pipe()?;
         let (status_r, status_w) = pipe()?;
         // With a user namespace the child cannot join its cgroup itself (cgroupfs belongs to the
@@ -338,7 +348,10 @@ impl Isolator {
         };
         // A network namespace made ahead, joined by the child instead of a CLONE_NEWNET.
         let netns = if userns { None } else { self.netns.take() };
-        let (start_r, start_w) = if hold {
+        let (start_r, start_w) = if reusable {
+            let (r, w) = seqpacket_pair()?;
+            (Some(r), Some(w))
+        } else if hold {
             let (r, w) = pipe()?;
             (Some(r), Some(w))
         } else {
@@ -469,6 +482,7 @@ impl Isolator {
             start_w,
             decoder,
             connect_listener: None,
+            reusable,
         };
         Ok((sandbox, pending))
     }
@@ -491,6 +505,8 @@ struct Pending {
     decoder: Decoder,
     /// The connect filter's listener fd in the child, from its ready report.
     connect_listener: Option<RawFd>,
+    /// `start_w` is a reusable sandbox's control socket ([`PreparedSandbox::into_reusable`]).
+    reusable: bool,
 }
 
 #[derive(Debug)]
@@ -667,16 +683,7 @@ impl PreparedSandbox {
     /// Execs the function, with the spec's `late_env` variable set to `late_value` (when the
     /// spec names one); returns once it runs, or with the step that failed.
     pub fn start(mut self, late_value: Option<&str>) -> Result<Sandbox> {
-        let value = late_value.unwrap_or("");
-        if value.len() > 200 || value.contains('\0') {
-            return Err(IsolateError::InvalidSpec {
-                field: "late_env",
-                reason: "the value must be at most 200 bytes without NUL".into(),
-            });
-        }
-        let mut msg = Vec::with_capacity(value.len() + 1);
-        msg.push(value.len() as u8);
-        msg.extend_from_slice(value.as_bytes());
+        let msg = self.start_message(late_value)?;
         let mut sandbox = self
             .sandbox
             .take()
@@ -700,13 +707,7 @@ impl PreparedSandbox {
     /// runtime's first request), and reads the [`ExecReport`] only if the sandbox ends first.
     /// A failed exec ends the sandbox.
     pub fn release(self, late_value: Option<&str>) -> Result<(Sandbox, ExecReport)> {
-        let value = late_value.unwrap_or("");
-        if value.len() > 200 || value.contains('\0') {
-            return Err(IsolateError::InvalidSpec {
-                field: "late_env",
-                reason: "the value must be at most 200 bytes without NUL".into(),
-            });
-        }
+        let msg = self.start_message(late_value)?;
         let PreparedSandbox {
             sandbox,
             mut pending,
@@ -717,15 +718,179 @@ impl PreparedSandbox {
             .start_w
             .take()
             .ok_or(IsolateError::Protocol("prepared sandbox already started"))?;
-        let mut msg = Vec::with_capacity(value.len() + 1);
-        msg.push(value.len() as u8);
-        msg.extend_from_slice(value.as_bytes());
         sandbox.started = Instant::now();
         // At most 201 bytes into an empty pipe: never blocks. On failure the sandbox's drop
         // kills it.
         write_all(&go, &msg).map_err(|e| IsolateError::sys("start prepared sandbox", e))?;
         drop(go);
         Ok((sandbox, ExecReport { pending }))
+    }
+
+    /// The start message (see [`start_message`]); a reusable sandbox is not started this way.
+    fn start_message(&self, late_value: Option<&str>) -> Result<Vec<u8>> {
+        if self.pending.reusable {
+            return Err(IsolateError::Protocol(
+                "a reusable sandbox runs through ReusableSandbox::run",
+            ));
+        }
+        start_message(late_value)
+    }
+
+    /// The sandbox of a spec with [`SandboxSpec::reusable`], ready for its first run.
+    pub fn into_reusable(self) -> Result<ReusableSandbox> {
+        let PreparedSandbox {
+            sandbox,
+            mut pending,
+        } = self;
+        let sandbox = sandbox.ok_or(IsolateError::Protocol("prepared sandbox already started"))?;
+        let control = match (pending.reusable, pending.start_w.take()) {
+            (true, Some(control)) => control,
+            _ => {
+                return Err(IsolateError::Protocol(
+                    "the sandbox was not prepared as reusable",
+                ));
+            }
+        };
+        Ok(ReusableSandbox {
+            sandbox,
+            control,
+            pending,
+            oom_kills: 0,
+            running: false,
+            runs: 0,
+        })
+    }
+}
+
+/// One length byte, then the late variable's value (at most 200 bytes, no NUL).
+fn start_message(late_value: Option<&str>) -> Result<Vec<u8>> {
+    let value = late_value.unwrap_or("");
+    if value.len() > 200 || value.contains('\0') {
+        return Err(IsolateError::InvalidSpec {
+            field: "late_env",
+            reason: "the value must be at most 200 bytes without NUL".into(),
+        });
+    }
+    let mut msg = Vec::with_capacity(value.len() + 1);
+    msg.push(value.len() as u8);
+    msg.extend_from_slice(value.as_bytes());
+    Ok(msg)
+}
+
+/// A sandbox that runs its function once per [`ReusableSandbox::run`] (its spec has
+/// [`SandboxSpec::reusable`]): namespaces, cgroup, root and /tmp are built once; each run is a
+/// new process of the function with pipes of its own, and nothing a run started outlives it
+/// (its init kills and reaps the rest before it says the run ended). One run at a time.
+/// Dropping it kills it and removes its cgroup.
+#[derive(Debug)]
+pub struct ReusableSandbox {
+    sandbox: Sandbox,
+    /// The init's control socket: one message per run (see `child::serve`).
+    control: OwnedFd,
+    /// The report pipe, where a run that did not reach its exec leaves its failure.
+    pending: Pending,
+    /// The cgroup's OOM kills at the end of the last run.
+    oom_kills: u64,
+    running: bool,
+    runs: u64,
+}
+
+/// The caller's ends of one run's standard streams.
+#[derive(Debug)]
+pub struct RunPipes {
+    pub stdin: OwnedFd,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+}
+
+impl ReusableSandbox {
+    /// The sandbox itself (its pid, cgroup, accounting, a watch).
+    pub fn sandbox(&self) -> &Sandbox {
+        &self.sandbox
+    }
+
+    /// The sandbox, to end it: [`Sandbox::wait`] after a kill, or its drop.
+    pub fn into_sandbox(self) -> Sandbox {
+        self.sandbox
+    }
+
+    /// Runs started so far.
+    pub fn runs(&self) -> u64 {
+        self.runs
+    }
+
+    /// Kills the sandbox (and so the run, if one is going).
+    pub fn kill(&self) -> Result<()> {
+        self.sandbox.kill()
+    }
+
+    /// Starts a run with the spec's `late_env` variable set to `late_value`; the caller's ends
+    /// of its stdin, stdout and stderr. [`ReusableSandbox::run_ended`] says how it ended.
+    /// Never blocks (one small message on an idle socket).
+    pub fn run(&mut self, late_value: Option<&str>) -> Result<RunPipes> {
+        use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+        if self.running {
+            return Err(IsolateError::Protocol(
+                "the sandbox's last run has not ended",
+            ));
+        }
+        let msg = start_message(late_value)?;
+        let (stdin_r, stdin_w) = pipe()?;
+        let (stdout_r, stdout_w) = pipe()?;
+        let (stderr_r, stderr_w) = pipe()?;
+        let fds = [
+            stdin_r.as_raw_fd(),
+            stdout_w.as_raw_fd(),
+            stderr_w.as_raw_fd(),
+        ];
+        let iov = [std::io::IoSlice::new(&msg)];
+        loop {
+            match sendmsg::<()>(
+                self.control.as_raw_fd(),
+                &iov,
+                &[ControlMessage::ScmRights(&fds)],
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            ) {
+                Ok(_) => break,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(IsolateError::sys("start a run of the sandbox", e)),
+            }
+        }
+        self.running = true;
+        self.runs += 1;
+        self.sandbox.started = Instant::now();
+        Ok(RunPipes {
+            stdin: stdin_w,
+            stdout: stdout_r,
+            stderr: stderr_r,
+        })
+    }
+
+    /// Waits until the run's process has ended and everything it started has been killed, and
+    /// says how it ended; an error names the step when its process never reached the exec.
+    /// None when the sandbox itself ended (it was killed): it cannot run again.
+    /// Cancel-safe: dropped before it returns, the run is still going.
+    pub async fn run_ended(&mut self) -> Result<Option<FunctionEnd>> {
+        if !self.running {
+            return Err(IsolateError::Protocol("the sandbox has no run going"));
+        }
+        let Some(raw) = read_status(&self.sandbox.status_r).await? else {
+            return Ok(None);
+        };
+        self.running = false;
+        let oom_kills = self.sandbox.cgroup.as_ref().map_or(0, |c| c.oom_kills());
+        let oom_killed = oom_kills > self.oom_kills;
+        self.oom_kills = oom_kills;
+        let status = ExitStatus::from_raw(raw);
+        if !status.success()
+            && wait_readable(&self.pending.report_r, Duration::ZERO)
+                .map_err(|e| IsolateError::sys("poll sandbox report", e))?
+            && let Err(failed) = self.pending.read_report()?
+        {
+            return Err(failed);
+        }
+        Ok(Some(FunctionEnd { status, oom_killed }))
     }
 }
 
@@ -758,6 +923,19 @@ impl Isolator {
         nix::unistd::write(&go, b"g").map_err(|e| IsolateError::sys("release sandbox child", e))?;
         Ok(())
     }
+}
+
+/// A reusable sandbox's control socket: (child end, parent end), one message per run.
+fn seqpacket_pair() -> Result<(OwnedFd, OwnedFd)> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    let (a, b) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| IsolateError::sys("socketpair", e))?;
+    Ok((above_stdio(a)?, above_stdio(b)?))
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd)> {
@@ -987,27 +1165,9 @@ impl Sandbox {
             }));
         }
         if self.function_status.is_none() {
-            // Non-blocking for the event loop; finish() reads it only after the init is reaped,
-            // when the write end is closed (a record or EOF, never EAGAIN).
-            sys::set_nonblocking(self.status_r.as_fd())
-                .map_err(|e| IsolateError::sys("fcntl status pipe", e))?;
-            let afd = register_readable(self.status_r.as_fd(), "register status pipe")?;
-            let mut buf = [0u8; 4];
-            let got = loop {
-                let mut guard = afd
-                    .readable()
-                    .await
-                    .map_err(|e| IsolateError::sys("poll status pipe", errno_of(&e)))?;
-                match read_full(&self.status_r, &mut buf) {
-                    Err(Errno::EAGAIN) => guard.clear_ready(),
-                    other => break other,
-                }
-            };
-            drop(afd);
-            match got {
-                // The init writes the four bytes at once (below PIPE_BUF): all or nothing.
-                Ok(4) => self.function_status = Some(i32::from_ne_bytes(buf)),
-                _ => return Ok(None),
+            match read_status(&self.status_r).await? {
+                Some(raw) => self.function_status = Some(raw),
+                None => return Ok(None),
             }
         }
         let raw = self.function_status.unwrap_or_default();
@@ -1085,6 +1245,33 @@ impl Sandbox {
         self.attached.clear();
         Ok(())
     }
+}
+
+/// Reads the next wait status the init writes on its status pipe; None at EOF (the init
+/// ended without one). The pipe is made non-blocking for the event loop; [`Sandbox::finish`]
+/// reads it only after the init is reaped, when the write end is closed (a record or EOF,
+/// never EAGAIN).
+async fn read_status(status_r: &OwnedFd) -> Result<Option<i32>> {
+    sys::set_nonblocking(status_r.as_fd())
+        .map_err(|e| IsolateError::sys("fcntl status pipe", e))?;
+    let afd = register_readable(status_r.as_fd(), "register status pipe")?;
+    let mut buf = [0u8; 4];
+    let got = loop {
+        let mut guard = afd
+            .readable()
+            .await
+            .map_err(|e| IsolateError::sys("poll status pipe", errno_of(&e)))?;
+        match read_full(status_r, &mut buf) {
+            Err(Errno::EAGAIN) => guard.clear_ready(),
+            other => break other,
+        }
+    };
+    drop(afd);
+    // The init writes the four bytes at once (below PIPE_BUF): all or nothing.
+    Ok(match got {
+        Ok(4) => Some(i32::from_ne_bytes(buf)),
+        _ => None,
+    })
 }
 
 /// A second handle on a running sandbox: kill it, or wait until it has ended. Cheap to clone.

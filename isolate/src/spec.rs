@@ -56,6 +56,12 @@ pub struct SandboxSpec {
     /// `connect` of the function then waits for the caller's verdict (a seccomp user
     /// notification); others proceed unchanged. Needs a prepared sandbox (a spawn prepares).
     pub loopback_socketpair: Option<u16>,
+    /// A sandbox that runs its function again and again ([`crate::ReusableSandbox`]): its
+    /// init stays, and each run is a new process with its own stdin, stdout and stderr, after
+    /// which everything the run started is killed. The namespaces, the cgroup and /tmp carry
+    /// over from run to run, as a Lambda execution environment's do. Needs a prepared sandbox
+    /// ([`crate::Isolator::prepare`]); `stdio` is not used (each run brings its pipes).
+    pub reusable: bool,
 }
 
 /// A read-only bind mount of a host path.
@@ -191,6 +197,7 @@ impl Default for SandboxSpec {
             late_env: None,
             loopback_listener: None,
             loopback_socketpair: None,
+            reusable: false,
         }
     }
 }
@@ -245,6 +252,13 @@ impl SandboxSpec {
         }
         if self.loopback_socketpair == Some(0) {
             return bad("loopback_socketpair", "the port must not be 0".into());
+        }
+        if self.reusable && (self.loopback_listener.is_some() || self.loopback_socketpair.is_some())
+        {
+            return bad(
+                "reusable",
+                "a reusable sandbox has no loopback listener or socket pair".into(),
+            );
         }
         if let Some(name) = &self.late_env
             && (name.is_empty()

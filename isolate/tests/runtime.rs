@@ -314,6 +314,142 @@ fn a_prepared_sandbox_gets_its_late_variable_at_start() {
     iso.remove_root().unwrap();
 }
 
+/// One run of a reusable sandbox: `input` on stdin; what it printed on stdout and stderr, and
+/// how it ended (None: the sandbox itself ended).
+async fn run_once(
+    sb: &mut isolate::ReusableSandbox,
+    request: &str,
+    input: &str,
+) -> isolate::Result<(String, String, Option<isolate::FunctionEnd>)> {
+    use std::io::Write;
+    let pipes = sb.run(Some(request))?;
+    let mut stdin = std::fs::File::from(pipes.stdin);
+    let _ = stdin.write_all(input.as_bytes());
+    drop(stdin);
+    let out = std::fs::File::from(pipes.stdout);
+    let err = std::fs::File::from(pipes.stderr);
+    let (out, err) = tokio::task::spawn_blocking(move || {
+        (
+            std::io::read_to_string(out).unwrap(),
+            std::io::read_to_string(err).unwrap(),
+        )
+    })
+    .await
+    .unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(10), sb.run_ended())
+        .await
+        .expect("a run ends within 10 s")?;
+    Ok((out, err, end))
+}
+
+#[tokio::test]
+async fn a_reusable_sandbox_runs_its_function_again_and_nothing_of_a_run_outlives_it() {
+    require_root();
+    let iso = isolator("reuse");
+    // Prints its request id, its input, whether /tmp kept the last run's mark, and whether the
+    // process the last run left behind still lives; then does what the input says.
+    let script = r#"read -r line
+seen=no; [ -e /tmp/mark ] && seen=yes; touch /tmp/mark
+left=none; [ -e /tmp/leftover ] && { left=dead; kill -0 "$(cat /tmp/leftover)" 2>/dev/null && left=alive; }
+printf '%s %s %s %s' "$REQ" "$line" "$seen" "$left"
+echo "err of $REQ" >&2
+case "$line" in
+  leave) sleep 1000 >/dev/null 2>&1 </dev/null & echo $! > /tmp/leftover ;;
+  fail) exit 3 ;;
+  crash) kill -9 $$ ;;
+  hog) exec python3 -c 'b = bytearray(256 << 20); print(len(b))' ;;
+esac"#;
+    let spec = SandboxSpec {
+        name: "reuse".into(),
+        program: "/bin/sh".into(),
+        args: vec!["-c".into(), script.into()],
+        late_env: Some("REQ".into()),
+        reusable: true,
+        limits: Limits {
+            memory_bytes: Some(64 << 20),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut sb = iso.prepare(&spec).unwrap().into_reusable().unwrap();
+    let init = sb.sandbox().pid();
+    let ok = |status| {
+        Some(isolate::FunctionEnd {
+            status,
+            oom_killed: false,
+        })
+    };
+
+    let got = run_once(&mut sb, "r1", "leave\n").await.unwrap();
+    assert_eq!(
+        got,
+        (
+            "r1 leave no none".into(),
+            "err of r1\n".into(),
+            ok(ExitStatus::Exited(0))
+        )
+    );
+    // The sleep the first run left was killed before the run was said to end.
+    let got = run_once(&mut sb, "r2", "look\n").await.unwrap();
+    assert_eq!(got.0, "r2 look yes dead");
+    assert_eq!(got.2, ok(ExitStatus::Exited(0)));
+    let got = run_once(&mut sb, "r3", "fail\n").await.unwrap();
+    assert_eq!(got.2, ok(ExitStatus::Exited(3)));
+    let got = run_once(&mut sb, "r4", "crash\n").await.unwrap();
+    assert_eq!(got.2, ok(ExitStatus::Signaled(9)));
+    let got = run_once(&mut sb, "r5", "hog\n").await.unwrap();
+    let end = got.2.expect("the sandbox outlives its run's OOM kill");
+    assert!(end.oom_killed, "{end:?}");
+    // The OOM kill was the last run's only.
+    let got = run_once(&mut sb, "a-much-longer-request-id-6", "look\n")
+        .await
+        .unwrap();
+    assert_eq!(got.0, "a-much-longer-request-id-6 look yes dead");
+    assert_eq!(got.2, ok(ExitStatus::Exited(0)));
+    assert_eq!((sb.runs(), sb.sandbox().pid()), (6, init));
+
+    // One run at a time.
+    let _pipes = sb.run(Some("r7")).unwrap();
+    assert!(sb.run(Some("r8")).is_err());
+    // A killed sandbox says so instead of a status, and ends.
+    sb.kill().unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(5), sb.run_ended())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(end, None);
+    let mut ended = sb.into_sandbox();
+    tokio::time::timeout(Duration::from_secs(5), ended.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!Path::new(&format!("/proc/{init}")).exists());
+
+    // A run whose program is missing names the step, and the sandbox serves the next.
+    let missing = SandboxSpec {
+        program: "/var/task/missing".into(),
+        ..spec.clone()
+    };
+    let mut sb = iso.prepare(&missing).unwrap().into_reusable().unwrap();
+    for _ in 0..2 {
+        let err = run_once(&mut sb, "r", "").await.unwrap_err();
+        assert!(
+            err.to_string().contains("exec /var/task/missing: ENOENT"),
+            "{err}"
+        );
+    }
+    drop(sb);
+
+    // The two kinds do not mix.
+    let plain = SandboxSpec {
+        reusable: false,
+        ..spec.clone()
+    };
+    assert!(iso.prepare(&plain).unwrap().into_reusable().is_err());
+    assert!(iso.prepare(&spec).unwrap().start(Some("x")).is_err());
+    iso.remove_root().unwrap();
+}
+
 /// A function that connects to its Runtime-API-style listener on 127.0.0.1:9001 (inside its
 /// own namespace), says hello and exits 0 once told ok.
 fn talking_spec(name: &str) -> SandboxSpec {
