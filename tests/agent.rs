@@ -1439,6 +1439,92 @@ fn a_sandbox_built_ahead_serves_the_next_invocation() {
     agent.finish();
 }
 
+/// `reuse_sandbox = true`: an exec function's calls run one after another in a sandbox kept
+/// between them, each a new process: /tmp carries over, what a call started does not, a
+/// function error keeps the sandbox, a timeout ends it, and an idle one is stopped after its
+/// keep-alive.
+#[test]
+fn an_exec_function_that_reuses_its_sandbox_runs_each_call_in_it() {
+    let agent = Agent::start("reuse");
+    agent.deploy(
+        Fixture::sh(
+            "reuse",
+            "public = true\ntimeout_s = 2\nreuse_sandbox = true\nkeep_alive_s = 1",
+            r#"read -r line
+n=$(cat /tmp/count 2>/dev/null || echo 0); n=$((n + 1)); echo "$n" > /tmp/count
+left=none; [ -e /tmp/leftover ] && { left=dead; kill -0 "$(cat /tmp/leftover)" 2>/dev/null && left=alive; }
+echo "call=$n req=$FNLET_REQUEST_ID left=$left"
+case "$line" in
+  leave) sleep 1000 >/dev/null 2>&1 </dev/null & echo $! > /tmp/leftover ;;
+  fail) echo oops >&2; exit 3 ;;
+  slow) sleep 10 ;;
+esac"#,
+        )
+        .path(),
+    );
+    let call = |input: &str| {
+        let r = agent.invoke("reuse", format!("{input}\n").as_bytes());
+        let id = r.header("x-fnlet-request-id").expect("request id");
+        (r, id)
+    };
+    let (r, id) = call("leave");
+    assert_eq!(
+        r.expect_ok(200).text(),
+        format!("call=1 req={id} left=none\n")
+    );
+    // The same sandbox (its /tmp), a new process (its request id), and the sleep the last
+    // call left behind was killed when that call ended.
+    let (r, id) = call("look");
+    assert_eq!(
+        r.expect_ok(200).text(),
+        format!("call=2 req={id} left=dead\n")
+    );
+    let msg = call("fail").0.expect_error(502, "function_error");
+    assert!(msg.contains("exit status 3"), "{msg}");
+    let (r, id) = call("look");
+    assert_eq!(
+        r.expect_ok(200).text(),
+        format!("call=4 req={id} left=dead\n")
+    );
+    let instances =
+        || agent.admin(Method::GET, "/v1/functions/reuse", None).json()["instances"].clone();
+    assert_eq!(instances()["alive"], 1, "{}", instances());
+    assert_eq!(instances()["idle"], 1, "{}", instances());
+
+    // A timeout kills the sandbox: the next call starts over in another.
+    call("slow").0.expect_error(504, "timeout");
+    let (r, id) = call("look");
+    assert_eq!(
+        r.expect_ok(200).text(),
+        format!("call=1 req={id} left=none\n")
+    );
+
+    // Idle past its keep-alive (1 s), the sandbox is stopped; the next call gets a new one.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while instances()["alive"] != 0 {
+        assert!(Instant::now() < deadline, "still alive: {}", instances());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (r, id) = call("look");
+    assert_eq!(
+        r.expect_ok(200).text(),
+        format!("call=1 req={id} left=none\n")
+    );
+    assert_eq!(instances()["peak"], 1, "{}", instances());
+
+    // Only an exec function reuses its sandbox.
+    let bad = Fixture::new(
+        "name = \"lam\"\nmode = \"lambda\"\nreuse_sandbox = true\n",
+        &[("bootstrap", b"#!/bin/sh\nexit 0\n", 0o755)],
+    );
+    let msg = agent
+        .deploy_archive(bad.tar_gz(), "application/gzip")
+        .expect_error(400, "bad_manifest");
+    assert!(msg.contains("reuse_sandbox"), "{msg}");
+    // finish() checks that stopping the agent leaves no sandbox and no process behind.
+    agent.finish();
+}
+
 /// `sandbox.user_namespace = true`: exec and Lambda functions run, although the bundles sit in
 /// the agent's 0750 state directory, which the function's own uid (the child's filesystem ids
 /// while it builds the root) may not traverse: the bind sources are opened first, as root.

@@ -66,6 +66,11 @@ pub struct Manifest {
     /// Lambda mode: how long a new instance may take to ask for its first event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_timeout_s: Option<f64>,
+    /// Exec mode: a call runs in a sandbox kept from an earlier call of the same version (a
+    /// new process each call; what the last call started is gone, its /tmp is not), as a
+    /// Lambda execution environment is reused, instead of a fresh sandbox per call.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reuse_sandbox: bool,
     #[serde(default)]
     pub public: bool,
     /// Safe to run twice: a call whose host was lost mid-call may be run again elsewhere.
@@ -416,7 +421,10 @@ impl Manifest {
                 ("runtime", self.runtime.is_some()),
                 ("handler", self.handler.is_some()),
                 ("min_instances", self.min_instances.is_some()),
-                ("keep_alive_s", self.keep_alive_s.is_some()),
+                (
+                    "keep_alive_s",
+                    self.keep_alive_s.is_some() && !self.reuse_sandbox,
+                ),
                 ("init_timeout_s", self.init_timeout_s.is_some()),
             ] {
                 if set {
@@ -427,7 +435,14 @@ impl Manifest {
                     );
                 }
             }
-            return Ok(());
+            return self.validate_keep_alive();
+        }
+        if self.reuse_sandbox {
+            return bad(
+                "reuse_sandbox",
+                "applies to mode = \"exec\" only (a Lambda instance always serves many calls)"
+                    .into(),
+            );
         }
         match (&self.runtime, &self.handler) {
             (Some(_), None) => return bad("handler", "is required with runtime".into()),
@@ -461,14 +476,7 @@ impl Manifest {
                 format!("{h:?} must be 1-128 characters, without '/', spaces or NUL"),
             );
         }
-        if let Some(t) = self.keep_alive_s
-            && !(t.is_finite() && (0.0..=86400.0).contains(&t))
-        {
-            return bad(
-                "keep_alive_s",
-                format!("{t} must be between 0 and 86400 seconds"),
-            );
-        }
+        self.validate_keep_alive()?;
         if let Some(t) = self.init_timeout_s
             && !(t.is_finite() && (0.01..=900.0).contains(&t))
         {
@@ -487,6 +495,18 @@ impl Manifest {
         }
         if self.min_instances.is_some_and(|m| m > 1000) {
             return bad("min_instances", "must be at most 1000".into());
+        }
+        Ok(())
+    }
+
+    fn validate_keep_alive(&self) -> Result<(), ManifestError> {
+        if let Some(t) = self.keep_alive_s
+            && !(t.is_finite() && (0.0..=86400.0).contains(&t))
+        {
+            return Err(ManifestError::Invalid {
+                field: "keep_alive_s",
+                reason: format!("{t} must be between 0 and 86400 seconds"),
+            });
         }
         Ok(())
     }
@@ -688,6 +708,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(m.handler.as_deref(), Some("app.lambda_handler"));
+        // An exec function that reuses its sandbox has a keep-alive too.
+        let m = Manifest::parse(
+            "name = \"sh\"\nentrypoint = \"run.sh\"\nreuse_sandbox = true\nkeep_alive_s = 30\n",
+        )
+        .unwrap();
+        assert!(m.reuse_sandbox);
+        assert_eq!(m.resolve(&FunctionDefaults::default()).keep_alive_s, 30.0);
         for (text, field) in [
             ("name = \"x\"\nmode = \"exec\"", "entrypoint"),
             (
@@ -717,6 +744,18 @@ mod tests {
             (
                 "name = \"x\"\nmode = \"lambda\"\ninit_timeout_s = 0",
                 "init_timeout_s",
+            ),
+            (
+                "name = \"x\"\nmode = \"lambda\"\nreuse_sandbox = true",
+                "reuse_sandbox",
+            ),
+            (
+                "name = \"x\"\nentrypoint = \"a\"\nkeep_alive_s = 5",
+                "keep_alive_s",
+            ),
+            (
+                "name = \"x\"\nentrypoint = \"a\"\nreuse_sandbox = true\nkeep_alive_s = -1",
+                "keep_alive_s",
             ),
         ] {
             let err = Manifest::parse(text).unwrap_err().to_string();

@@ -156,6 +156,9 @@ pub async fn run_exec(
     } else {
         let mut spec = call.spec.clone();
         spec.stdio = StdioSpec::piped();
+        // A function that reuses its sandbox but gets a call it cannot serve that way (one
+        // with variables of its own) runs this call in a sandbox of its own.
+        spec.reusable = false;
         spec.env.extend(call.env.iter().cloned());
         let spawn = if call.net.is_some() {
             // With a network the sandbox is prepared, given its veth, then started.
@@ -177,62 +180,19 @@ pub async fn run_exec(
 
     let take =
         |fd: Option<OwnedFd>| fd.ok_or_else(|| InvokeError::Internal("missing stdio pipe".into()));
-    let stdin = tokio::net::unix::pipe::Sender::from_owned_fd(take(sandbox.take_stdin())?)
-        .map_err(pipe_err)?;
-    let out_pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(take(sandbox.take_stdout())?)
-        .map_err(pipe_err)?;
-    let stderr = tokio::net::unix::pipe::Receiver::from_owned_fd(take(sandbox.take_stderr())?)
-        .map_err(pipe_err)?;
-
-    let write = async move {
-        let mut stdin = stdin;
-        // A function that does not read its input is fine: ignore EPIPE.
-        let _ = stdin.write_all(&body).await;
-        drop(stdin);
+    let pipes = isolate::RunPipes {
+        stdin: take(sandbox.take_stdin())?,
+        stdout: take(sandbox.take_stdout())?,
+        stderr: take(sandbox.take_stderr())?,
     };
-    let limit = call.max_response;
-    // What was read (kept, or passed on) and how much: past `limit` the function is killed.
-    let read_out = async move {
-        let mut buf = Vec::new();
-        let mut r = out_pipe.take(limit as u64 + 1);
-        let Some(tx) = stdout else {
-            let res = r.read_to_end(&mut buf).await.map(|_| buf.len());
-            return (buf, res);
-        };
-        let mut total = 0;
-        loop {
-            let mut chunk = bytes::BytesMut::with_capacity(STREAM_READ);
-            match r.read_buf(&mut chunk).await {
-                Ok(0) => return (buf, Ok(total)),
-                Ok(n) => {
-                    total += n;
-                    if total > limit {
-                        return (buf, Ok(total));
-                    }
-                    // A caller that went away is the router's to notice (it drops this call).
-                    let _ = tx.send(chunk.freeze()).await;
-                }
-                Err(e) => return (buf, Err(e)),
-            }
-        }
-    };
-    let (function, version, request_id) = (call.function, call.version, call.request_id);
     // The instance is named after its cgroup leaf: unique, and what an operator finds on the host.
     let instance = sandbox
         .cgroup_path()
         .and_then(|p| p.rsplit('/').next().map(str::to_string))
         .unwrap_or_else(|| sandbox.pid().to_string());
-    let read_err = async move {
-        let mut lines = tokio::io::BufReader::new(stderr).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            logs.append_from_instance(function, version, request_id, &instance, "stderr", &line);
-        }
-    };
+    let limit = call.max_response;
+    let run = exchange(logs, &call, instance, pipes, body, stdout)?;
 
-    let run = async {
-        let ((), (out, out_res), ()) = tokio::join!(write, read_out, read_err);
-        (out, out_res)
-    };
     let outcome = tokio::select! {
         (out, res) = run => {
             let read = res.map_err(pipe_err)?;
@@ -302,5 +262,146 @@ pub async fn run_exec(
             signal: sig,
             name: signal_name(sig),
         }),
+    }
+}
+
+/// The exchange with a running function: its input written to stdin, its stdout read (kept,
+/// or passed on to `stdout` as read) up to one byte past the response limit, its stderr copied
+/// to the function's log line by line under `instance`. Resolves once stdout and stderr are
+/// closed: what was kept, and how much was read.
+fn exchange<'a>(
+    logs: &'a Arc<Logs>,
+    call: &ExecCall<'a>,
+    instance: String,
+    pipes: isolate::RunPipes,
+    body: Bytes,
+    stdout: Option<tokio::sync::mpsc::Sender<Bytes>>,
+) -> Result<impl std::future::Future<Output = (Vec<u8>, std::io::Result<usize>)> + 'a, InvokeError>
+{
+    let stdin = tokio::net::unix::pipe::Sender::from_owned_fd(pipes.stdin).map_err(pipe_err)?;
+    let out_pipe =
+        tokio::net::unix::pipe::Receiver::from_owned_fd(pipes.stdout).map_err(pipe_err)?;
+    let stderr = tokio::net::unix::pipe::Receiver::from_owned_fd(pipes.stderr).map_err(pipe_err)?;
+    let write = async move {
+        let mut stdin = stdin;
+        // A function that does not read its input is fine: ignore EPIPE.
+        let _ = stdin.write_all(&body).await;
+        drop(stdin);
+    };
+    let limit = call.max_response;
+    // What was read (kept, or passed on) and how much: past `limit` the function is killed.
+    let read_out = async move {
+        let mut buf = Vec::new();
+        let mut r = out_pipe.take(limit as u64 + 1);
+        let Some(tx) = stdout else {
+            let res = r.read_to_end(&mut buf).await.map(|_| buf.len());
+            return (buf, res);
+        };
+        let mut total = 0;
+        loop {
+            let mut chunk = bytes::BytesMut::with_capacity(STREAM_READ);
+            match r.read_buf(&mut chunk).await {
+                Ok(0) => return (buf, Ok(total)),
+                Ok(n) => {
+                    total += n;
+                    if total > limit {
+                        return (buf, Ok(total));
+                    }
+                    // A caller that went away is the router's to notice (it drops this call).
+                    let _ = tx.send(chunk.freeze()).await;
+                }
+                Err(e) => return (buf, Err(e)),
+            }
+        }
+    };
+    let (function, version, request_id) = (call.function, call.version, call.request_id);
+    let read_err = async move {
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            logs.append_from_instance(function, version, request_id, &instance, "stderr", &line);
+        }
+    };
+    Ok(async move {
+        let ((), (out, out_res), ()) = tokio::join!(write, read_out, read_err);
+        (out, out_res)
+    })
+}
+
+/// Runs one exec-mode invocation in a sandbox kept between calls (`reuse_sandbox`), as
+/// [`run_exec`] does in a fresh one. Also says whether the sandbox may serve the next call: it
+/// may after the function ended by itself, well or not (its init has killed whatever the call
+/// left); not after a kill (timeout, response too large, shutdown) or an OOM kill, nor when
+/// the sandbox itself failed.
+pub async fn run_reused(
+    logs: &Arc<Logs>,
+    call: ExecCall<'_>,
+    body: Bytes,
+    stdout: Option<tokio::sync::mpsc::Sender<Bytes>>,
+    sandbox: &mut isolate::ReusableSandbox,
+    cancel: &CancellationToken,
+) -> (Result<Bytes, InvokeError>, bool) {
+    let deadline = tokio::time::Instant::now() + call.timeout;
+    let timeout = call.timeout;
+    let pipes = match sandbox.run(Some(call.request_id)) {
+        Ok(p) => p,
+        Err(e) => return (Err(InvokeError::Spawn(e)), false),
+    };
+    let instance = sandbox
+        .sandbox()
+        .cgroup_path()
+        .and_then(|p| p.rsplit('/').next().map(str::to_string))
+        .unwrap_or_else(|| sandbox.sandbox().pid().to_string());
+    let limit = call.max_response;
+    let memory_mb = call.memory_mb;
+    let run = match exchange(logs, &call, instance, pipes, body, stdout) {
+        Ok(run) => run,
+        Err(e) => {
+            let _ = sandbox.kill();
+            return (Err(e), false);
+        }
+    };
+    let killed = |sandbox: &isolate::ReusableSandbox, e: InvokeError| {
+        let _ = sandbox.kill();
+        (Err(e), false)
+    };
+    tokio::select! {
+        (out, res) = run => {
+            let read = match res {
+                Ok(n) => n,
+                Err(e) => return killed(sandbox, pipe_err(e)),
+            };
+            if read > limit {
+                return killed(sandbox, InvokeError::ResponseTooLarge { limit });
+            }
+            match tokio::time::timeout_at(deadline, sandbox.run_ended()).await {
+                Ok(Ok(Some(end))) if end.oom_killed => {
+                    (Err(InvokeError::OutOfMemory { limit_mb: memory_mb }), false)
+                }
+                Ok(Ok(Some(end))) => match end.status {
+                    ExitStatus::Exited(0) => (Ok(Bytes::from(out)), true),
+                    ExitStatus::Exited(code) => (Err(InvokeError::FunctionError(code)), true),
+                    ExitStatus::Signaled(sig) => (
+                        Err(InvokeError::Crashed {
+                            signal: sig,
+                            name: signal_name(sig),
+                        }),
+                        true,
+                    ),
+                },
+                // The sandbox itself ended: its init was killed, by the OOM killer if the
+                // group says so.
+                Ok(Ok(None)) => {
+                    let e = match sandbox.sandbox().usage().oom_kills {
+                        0 => InvokeError::Internal("the function's sandbox ended during the call".into()),
+                        _ => InvokeError::OutOfMemory { limit_mb: memory_mb },
+                    };
+                    (Err(e), false)
+                }
+                Ok(Err(e)) => (Err(InvokeError::Spawn(e)), false),
+                Err(_) => killed(sandbox, InvokeError::Timeout(timeout)),
+            }
+        }
+        _ = tokio::time::sleep_until(deadline) => killed(sandbox, InvokeError::Timeout(timeout)),
+        _ = cancel.cancelled() => killed(sandbox, InvokeError::Draining),
     }
 }

@@ -5,6 +5,7 @@
 //! Every live instance also holds its share of the host ([`capacity`]).
 
 pub mod capacity;
+pub mod reused;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -23,6 +24,7 @@ use crate::manifest::{BOOTSTRAP, Entrypoint, Manifest, Mode, Resolved};
 use crate::network::{FunctionNetwork, Network};
 use crate::store::{FunctionRecord, VersionRecord};
 use capacity::{Capacity, Commitment, Need};
+use reused::{IdleSandbox, WarmSandbox};
 
 /// The variable that tells an instance its request id.
 pub const REQUEST_ID_ENV: &str = "FNLET_REQUEST_ID";
@@ -162,6 +164,7 @@ impl ActiveFunction {
             loopback_listener: lambda.then_some(config.lambda.runtime_api_port),
             loopback_socketpair: (lambda && config.lambda.runtime_api_socketpair)
                 .then_some(config.lambda.runtime_api_port),
+            reusable: !lambda && m.reuse_sandbox,
             ..Default::default()
         };
         if let Some(r) = &runtime {
@@ -303,6 +306,8 @@ pub struct FunctionSlot {
     refilling: AtomicBool,
     /// Lambda mode: warm instances waiting for an invocation, most recently used last.
     idle: Mutex<Vec<Idle>>,
+    /// Exec mode with `reuse_sandbox`: sandboxes waiting for a call, most recently used last.
+    reused: Mutex<Vec<IdleSandbox>>,
     /// Lambda mode: instances alive (starting, busy or idle), and the most there ever were.
     pub instances: Arc<InstanceCounts>,
     /// Told whenever `running` changes (the registry's [`Registry::load_changed`]).
@@ -451,6 +456,7 @@ impl FunctionSlot {
             ready: Mutex::new(None),
             refilling: AtomicBool::new(false),
             idle: Mutex::new(Vec::new()),
+            reused: Mutex::new(Vec::new()),
             instances: Arc::new(InstanceCounts::default()),
             load_changed,
             capacity,
@@ -514,18 +520,47 @@ impl FunctionSlot {
         })
     }
 
-    /// When the least recently used idle instance that may be evicted went idle.
+    /// When the least recently used idle instance that may be evicted went idle (a reused
+    /// exec sandbox, idle, always may, unless it is of `spare`).
     fn evictable_since(&self, spare: Option<u64>) -> Option<Instant> {
-        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        self.evictable(&idle, spare).map(|at| idle[at].since)
+        let lambda = {
+            let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            self.evictable(&idle, spare).map(|at| idle[at].since)
+        };
+        let reused = self.reused_evictable_since(spare);
+        lambda.into_iter().chain(reused).min()
     }
 
-    /// Takes the least recently used idle instance out, if it may be evicted (dropping it
-    /// kills it).
-    fn take_evictable(&self, spare: Option<u64>) -> Option<Tracked> {
+    fn reused_evictable_since(&self, spare: Option<u64>) -> Option<Instant> {
+        let reused = self.reused.lock().unwrap_or_else(|p| p.into_inner());
+        reused
+            .iter()
+            .find(|i| Some(i.sandbox.version) != spare)
+            .map(|i| i.since)
+    }
+
+    /// Stops the least recently used idle instance, if one may be evicted; its id.
+    fn take_evictable(&self, spare: Option<u64>) -> Option<String> {
+        let lambda_since = {
+            let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            self.evictable(&idle, spare).map(|at| idle[at].since)
+        };
+        let reused_since = self.reused_evictable_since(spare);
+        if reused_since.is_some() && (lambda_since.is_none() || reused_since < lambda_since) {
+            let mut reused = self.reused.lock().unwrap_or_else(|p| p.into_inner());
+            let at = reused
+                .iter()
+                .position(|i| Some(i.sandbox.version) != spare)?;
+            let victim = reused.remove(at).sandbox;
+            drop(reused);
+            // Dropped: killed, and its commitment given back once it is gone.
+            return Some(victim.id());
+        }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let at = self.evictable(&idle, spare)?;
-        Some(idle.remove(at).instance)
+        let victim = idle.remove(at).instance;
+        drop(idle);
+        Some(victim.id.clone())
     }
 
     /// How many of its idle instances eviction could take now: as [`Self::evictable`] picks
@@ -534,12 +569,46 @@ impl FunctionSlot {
         let f = self.active();
         let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let versions: Vec<u64> = idle.iter().map(|i| i.instance.version).collect();
-        evictable_among(
-            &versions,
-            self.instances.alive.load(Ordering::Acquire),
-            f.version,
-            u64::from(f.resolved.min_instances),
-        )
+        let reused = self.reused.lock().unwrap_or_else(|p| p.into_inner()).len() as u64;
+        reused
+            + evictable_among(
+                &versions,
+                self.instances.alive.load(Ordering::Acquire),
+                f.version,
+                u64::from(f.resolved.min_instances),
+            )
+    }
+
+    /// A reused exec sandbox of `version` waiting for a call, the most recently used.
+    pub fn take_reused(&self, version: u64) -> Option<WarmSandbox> {
+        let mut reused = self.reused.lock().unwrap_or_else(|p| p.into_inner());
+        let at = reused.iter().rposition(|i| i.sandbox.version == version)?;
+        Some(reused.remove(at).sandbox)
+    }
+
+    /// Puts a reused exec sandbox whose call ended well back, to wait for the next call of its
+    /// version; one of a version no longer active is dropped (killed) instead.
+    pub fn put_reused(&self, sandbox: WarmSandbox) {
+        if sandbox.version != self.active().version {
+            return;
+        }
+        self.reused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(IdleSandbox {
+                sandbox,
+                since: Instant::now(),
+            });
+        self.capacity.released.notify_waiters();
+    }
+
+    /// Whether a reused exec sandbox of `version` waits.
+    pub fn has_reused_of(&self, version: u64) -> bool {
+        self.reused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|i| i.sandbox.version == version)
     }
 
     /// Whether a warm instance of `version` waits.
@@ -551,8 +620,27 @@ impl FunctionSlot {
             .any(|i| i.instance.version == version && i.instance.is_alive())
     }
 
+    /// Idle Lambda instances and reused exec sandboxes.
     pub fn idle_count(&self) -> usize {
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).len()
+            + self.reused.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Stops reused exec sandboxes idle for `keep_alive_s` or more, and those of versions no
+    /// longer active.
+    pub fn reap_reused(&self, now: Instant) {
+        let f = self.active();
+        let keep_alive = Duration::from_secs_f64(f.resolved.keep_alive_s);
+        let gone: Vec<IdleSandbox> = {
+            let mut reused = self.reused.lock().unwrap_or_else(|p| p.into_inner());
+            let (keep, gone) = std::mem::take(&mut *reused).into_iter().partition(|i| {
+                i.sandbox.version == f.version
+                    && now.saturating_duration_since(i.since) < keep_alive
+            });
+            *reused = keep;
+            gone
+        };
+        drop(gone);
     }
 
     /// Stops idle instances that have waited longer than `keep_alive` (the oldest first),
@@ -592,6 +680,8 @@ impl FunctionSlot {
     pub fn drop_idle(&self) {
         let all = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|p| p.into_inner()));
         drop(all);
+        let reused = std::mem::take(&mut *self.reused.lock().unwrap_or_else(|p| p.into_inner()));
+        drop(reused);
     }
 
     /// A slot without queueing, for background warm-ups (min_instances): they never take a
@@ -815,6 +905,9 @@ impl Registry {
         if f.manifest.mode == crate::manifest::Mode::Lambda && slot.has_idle_of(f.version) {
             return true;
         }
+        if f.manifest.reuse_sandbox && slot.has_reused_of(f.version) {
+            return true;
+        }
         let mut freeable = capacity::Amounts::default();
         for (other, s) in self.map.read().unwrap_or_else(|p| p.into_inner()).iter() {
             if other == name {
@@ -860,10 +953,7 @@ impl Registry {
         order.sort();
         for (_, i) in order {
             let (name, slot, spare) = &slots[i];
-            if let Some(victim) = slot.take_evictable(*spare) {
-                let id = victim.id.clone();
-                // Dropped: killed, and its commitment given back.
-                drop(victim);
+            if let Some(id) = slot.take_evictable(*spare) {
                 self.evictions.fetch_add(1, Ordering::Relaxed);
                 return Some((name.clone(), id));
             }

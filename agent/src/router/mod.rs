@@ -359,6 +359,25 @@ impl Router {
         let mut log_tail = None;
         let mut ending = None;
         let result = match f.manifest.mode {
+            // A call with variables of its own needs a sandbox of its own.
+            Mode::Exec if f.manifest.reuse_sandbox && req.env.is_empty() => {
+                let call = ExecCall {
+                    spec: &f.spec,
+                    function: &f.name,
+                    version: f.version,
+                    request_id,
+                    timeout: Duration::from_secs_f64(f.resolved.timeout_s),
+                    max_response,
+                    memory_mb: f.resolved.memory_mb,
+                    net: f.net.as_ref(),
+                    env: &req.env,
+                };
+                let r = self
+                    .invoke_reused(&slot, &f, call, req.body, req.stdout)
+                    .await;
+                drop(held);
+                r.map(Payload::Full)
+            }
             Mode::Exec => {
                 // Exec mode starts a new instance for every call. With a sandbox built ahead of
                 // time only the exec is left; without one it is a full cold start.
@@ -510,6 +529,96 @@ impl Router {
                 })
             }
         }
+    }
+
+    /// An exec call in a sandbox kept from an earlier call of `f` (`reuse_sandbox`), or, when
+    /// none waits, in a new one (a prepared one when ready) that is kept afterwards if the
+    /// call left it fit to serve the next.
+    async fn invoke_reused(
+        &self,
+        slot: &Arc<FunctionSlot>,
+        f: &Arc<ActiveFunction>,
+        call: ExecCall<'_>,
+        body: Bytes,
+        stdout: Option<tokio::sync::mpsc::Sender<Bytes>>,
+    ) -> Result<Bytes, InvokeError> {
+        let mut warm = match slot.take_reused(f.version) {
+            Some(w) => w,
+            None => self.new_reused(slot, f, call.request_id).await?,
+        };
+        let sandbox = warm
+            .sandbox()
+            .ok_or_else(|| InvokeError::Internal("reused sandbox missing".into()))?;
+        // Dropped with this future when the caller hangs up: the sandbox is killed (nobody
+        // reads its answer), and that is said.
+        let left = CallerLeft {
+            router: self,
+            function: f,
+            request_id: call.request_id,
+        };
+        let (r, reusable) =
+            instance::run_reused(&self.logs, call, body, stdout, sandbox, &self.kill).await;
+        std::mem::forget(left);
+        if reusable && !self.draining.is_cancelled() {
+            slot.put_reused(warm);
+        }
+        r
+    }
+
+    /// A new reusable sandbox of `f`, holding its share of the host.
+    async fn new_reused(
+        &self,
+        slot: &Arc<FunctionSlot>,
+        f: &Arc<ActiveFunction>,
+        request_id: &str,
+    ) -> Result<crate::pool::reused::WarmSandbox, InvokeError> {
+        self.metrics
+            .cold_starts
+            .get_or_create(&Metrics::function(&f.name))
+            .inc();
+        let deadline = tokio::time::Instant::now() + self.queue_timeout;
+        let commitment = match self
+            .registry
+            .commit(&f.name, None, f.need(), deadline, || false)
+            .await
+        {
+            Ok(Some(c)) => c,
+            Ok(None) => return Err(InvokeError::Internal("no commitment".into())),
+            Err(short) => {
+                if self.log_invocation() {
+                    tracing::info!(function = %f.name, request_id, "invocation refused: no capacity ({})", short.resource());
+                }
+                return Err(InvokeError::NoCapacity(short));
+            }
+        };
+        let ready = match self.prepare_ahead {
+            true => slot.take_ready(f.version),
+            false => None,
+        };
+        let prepared = match ready {
+            Some(p) => p,
+            None => {
+                let (iso, network, f) = (self.isolator.clone(), self.network.clone(), f.clone());
+                let timeout = Duration::from_secs_f64(f.resolved.timeout_s);
+                let build = tokio::task::spawn_blocking(move || {
+                    crate::pool::prepare_sandbox(&iso, network.as_ref(), &f.spec, f.net.as_ref())
+                });
+                // A build that overruns the call's timeout finishes on its thread, and the
+                // sandbox is dropped, hence killed, there.
+                tokio::time::timeout(timeout, build)
+                    .await
+                    .map_err(|_| InvokeError::Timeout(timeout))?
+                    .map_err(|e| InvokeError::Internal(e.to_string()))??
+            }
+        };
+        let sandbox = prepared.into_reusable().map_err(InvokeError::Spawn)?;
+        Ok(crate::pool::reused::WarmSandbox::new(
+            f.version,
+            sandbox,
+            commitment,
+            &slot.instances,
+            &self.instances,
+        ))
     }
 
     /// Whether this call's `invocation ok` / `invocation failed` line is logged: info is on and
@@ -797,6 +906,21 @@ impl Router {
         let now = Instant::now();
         for slot in self.registry.slots() {
             let f = slot.active();
+            if f.manifest.reuse_sandbox {
+                slot.reap_reused(now);
+                let idle = slot.idle_count() as u64;
+                let alive = slot.instances.alive.load(Ordering::Acquire);
+                for (state, n) in [("idle", idle), ("busy", alive.saturating_sub(idle))] {
+                    self.metrics
+                        .instances
+                        .get_or_create(&crate::metrics::InstanceLabels {
+                            function: f.name.clone(),
+                            state: state.into(),
+                        })
+                        .set(n as i64);
+                }
+                continue;
+            }
             if f.manifest.mode != Mode::Lambda {
                 continue;
             }
