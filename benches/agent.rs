@@ -68,6 +68,7 @@ const PREPARED: &str = "library, prepared ahead (start only)";
 const CLI: &str = "fnlet sandbox run (CLI)";
 const AGENT_ON: &str = "agent POST, prepare_ahead on (default)";
 const AGENT_OFF: &str = "agent POST, prepare_ahead off";
+const AGENT_REUSE: &str = "agent POST, reuse_sandbox = true";
 const HEALTHZ: &str = "agent GET /healthz (no sandbox)";
 
 struct Settings {
@@ -140,8 +141,10 @@ fn main() {
     let off_root = format!("fnlet-bench-agent-{pid}-off");
     let cli_root = format!("fnlet-bench-agent-{pid}-cli");
     let lib_root = format!("fnlet-bench-agent-{pid}-lib");
+    let reuse_root = format!("fnlet-bench-agent-{pid}-reuse");
     let mut cleanup = Cleanup {
         roots: vec![
+            reuse_root.clone(),
             agent_root.clone(),
             off_root.clone(),
             cli_root.clone(),
@@ -172,12 +175,39 @@ fn main() {
         .build()
         .expect("starting tokio");
     let mut agents = Vec::new();
-    for (name, dir, root, ahead) in [
-        (AGENT_ON, "agent-on", &agent_root, true),
-        (AGENT_OFF, "agent-off", &off_root, false),
+    // The third agent's function keeps its sandboxes between calls.
+    let reuse_bundle = work.path().join("bundle-reuse");
+    copy_bundle(&f.bundle, &reuse_bundle, "reuse_sandbox = true\n");
+    let mut bundles = Vec::new();
+    for (name, short, dir, root, ahead, bundle) in [
+        (
+            AGENT_ON,
+            "ahead on",
+            "agent-on",
+            &agent_root,
+            true,
+            &f.bundle,
+        ),
+        (
+            AGENT_OFF,
+            "ahead off",
+            "agent-off",
+            &off_root,
+            false,
+            &f.bundle,
+        ),
+        (
+            AGENT_REUSE,
+            "reuse",
+            "agent-reuse",
+            &reuse_root,
+            true,
+            &reuse_bundle,
+        ),
     ] {
         let a = Agent::start(
             name,
+            short,
             &fnlet,
             &work.path().join(dir),
             root,
@@ -186,6 +216,7 @@ fn main() {
             &f.manifest.name,
         );
         agents.push(a);
+        bundles.push(bundle.clone());
     }
     let mut rss: Vec<(String, Vec<Option<u64>>)> = Vec::new();
     for a in &mut agents {
@@ -195,11 +226,11 @@ fn main() {
         "after start, no function deployed".into(),
         agents.iter().map(Agent::rss_kib).collect(),
     ));
-    for a in &mut agents {
+    for (a, bundle) in agents.iter_mut().zip(&bundles) {
         let deployed = run_quiet(
             Command::new(&fnlet)
                 .arg("deploy")
-                .arg(&f.bundle)
+                .arg(bundle)
                 .args(["--endpoint", &a.base, "--state-dir"])
                 .arg(&a.state_dir),
         );
@@ -399,7 +430,7 @@ fn sequential(
     let prepared: RefCell<Option<PreparedSandbox>> =
         RefCell::new(Some(prepare().expect("Isolator::prepare")));
     let client = http_client();
-    let (on, off) = (&agents[0], &agents[1]);
+    let (on, off, reuse) = (&agents[0], &agents[1], &agents[2]);
     let post = |url: &str| -> Result<(), String> {
         let (status, body) = rt.block_on(post(&client, url))?;
         if status != 200 {
@@ -464,6 +495,12 @@ fn sequential(
             AGENT_OFF,
             "the same POST to the agent with prepare_ahead off: every call builds its sandbox",
             Box::new(|_| post(&off.url)),
+        ),
+        Contender::new(
+            AGENT_REUSE,
+            "the same POST to a third agent (prepare_ahead on) whose function has reuse_sandbox \
+             = true: each call a new process in a sandbox kept from the last call",
+            Box::new(|_| post(&reuse.url)),
         ),
         Contender::new(
             HEALTHZ,
@@ -626,6 +663,20 @@ struct Manifest {
 
 /// A bundle of the example's manifest and the freshly built binary as its entrypoint (the same
 /// as `scripts/build-examples.sh` makes in examples/wordcount-rust/bundle).
+/// A copy of the bundle in `from` whose fnlet.toml starts with `extra` (top-level keys go
+/// before any table).
+fn copy_bundle(from: &Path, to: &Path, extra: &str) {
+    fs::create_dir(to).expect("creating the bundle copy");
+    fs::set_permissions(to, fs::Permissions::from_mode(0o755)).expect("chmod 0755");
+    for entry in fs::read_dir(from).expect("reading the bundle") {
+        let entry = entry.expect("reading the bundle");
+        fs::copy(entry.path(), to.join(entry.file_name())).expect("copying the bundle");
+    }
+    let manifest = to.join("fnlet.toml");
+    let text = fs::read_to_string(&manifest).expect("reading the bundle's fnlet.toml");
+    fs::write(&manifest, format!("{extra}{text}")).expect("writing the bundle's fnlet.toml");
+}
+
 fn make_bundle(dir: &Path, binary: &Path) -> Manifest {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/wordcount-rust/bundle");
     let text =
@@ -1230,6 +1281,12 @@ fn print_differences(results: &[Measured]) {
             AGENT_ON,
             CLI,
         ),
+        ("reuse_sandbox: agent reuse - floor", AGENT_REUSE, FLOOR),
+        (
+            "reuse_sandbox saves: agent prepare_ahead on - agent reuse",
+            AGENT_ON,
+            AGENT_REUSE,
+        ),
     ] {
         let Some(ra) = get(a) else {
             continue;
@@ -1437,8 +1494,10 @@ struct Agent {
 impl Agent {
     /// `fnlet agent --listen 127.0.0.1:<free port> --state-dir <dir>/state --config
     /// <dir>/config.toml`, its output into `<dir>/agent.log`.
+    #[allow(clippy::too_many_arguments)]
     fn start(
         name: &str,
+        short: &str,
         fnlet: &Path,
         dir: &Path,
         cgroup_root: &str,
@@ -1476,7 +1535,7 @@ impl Agent {
         let base = format!("http://127.0.0.1:{port}");
         Agent {
             name: name.into(),
-            short: format!("ahead {}", if prepare_ahead { "on" } else { "off" }),
+            short: short.into(),
             pid: child.id(),
             child,
             url: format!("{base}/fn/{function}"),
