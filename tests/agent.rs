@@ -1545,26 +1545,42 @@ fn functions_run_in_a_user_namespace_from_the_agents_private_state_dir() {
         &[("bootstrap", &noop, 0o755)],
     );
     agent.deploy(lf.path());
-    for _ in 0..2 {
+    // An exec function that keeps its sandbox: its init runs each call in the namespace too.
+    agent.deploy(
+        Fixture::sh(
+            "userreuse",
+            "public = true\nreuse_sandbox = true",
+            "n=$(cat /tmp/n 2>/dev/null || echo 0); echo $((n + 1)) | tee /tmp/n",
+        )
+        .path(),
+    );
+    for i in 1..=2 {
         let r = agent.invoke("hello-sh", b"Ada");
         assert_eq!(
             r.expect_ok(200).text(),
             "Hello, Ada! (from hello-sh version 1)\n"
         );
         agent.invoke("usernoop", b"{}").expect_ok(200);
+        let r = agent.invoke("userreuse", b"");
+        assert_eq!(r.expect_ok(200).text(), format!("{i}\n"));
     }
-    // The warm instance really is in a user namespace of its own.
+    // The warm instance and the kept sandbox really are in user namespaces of their own.
     let own = std::fs::read_link("/proc/self/ns/user").unwrap();
-    let procs: Vec<String> = sandbox_cgroups(&agent.root)
-        .into_iter()
-        .filter(|g| g.to_string_lossy().contains("usernoop"))
-        .filter_map(|g| std::fs::read_to_string(g.join("cgroup.procs")).ok())
-        .flat_map(|t| t.lines().map(String::from).collect::<Vec<_>>())
-        .collect();
-    assert!(!procs.is_empty(), "no process of the warm instance found");
-    for pid in &procs {
-        if let Ok(ns) = std::fs::read_link(format!("/proc/{pid}/ns/user")) {
-            assert_ne!(ns, own, "process {pid} shares the host's user namespace");
+    for name in ["usernoop", "userreuse"] {
+        let procs: Vec<String> = sandbox_cgroups(&agent.root)
+            .into_iter()
+            .filter(|g| g.to_string_lossy().contains(name))
+            .filter_map(|g| std::fs::read_to_string(g.join("cgroup.procs")).ok())
+            .flat_map(|t| t.lines().map(String::from).collect::<Vec<_>>())
+            .collect();
+        assert!(!procs.is_empty(), "no process of {name} found");
+        for pid in &procs {
+            if let Ok(ns) = std::fs::read_link(format!("/proc/{pid}/ns/user")) {
+                assert_ne!(
+                    ns, own,
+                    "{name}: process {pid} shares the host's user namespace"
+                );
+            }
         }
     }
     agent.finish();

@@ -155,6 +155,49 @@ fn idle_instances_of_other_functions_are_evicted_least_recently_used_first() {
     agent.finish();
 }
 
+/// An exec function with `reuse_sandbox`: its idle sandbox holds its share of the host until
+/// it is evicted for another function's call, least recently used first, like an idle Lambda
+/// instance.
+#[test]
+fn a_reused_exec_sandbox_holds_its_room_and_is_evicted_for_another_function() {
+    let agent = Agent::start_with(
+        "capacity-reuse",
+        Settings {
+            prepare_ahead: false,
+            capacity_extra: "memory_mb = 100\n".into(),
+            ..Default::default()
+        },
+    );
+    agent.deploy(
+        Fixture::sh(
+            "r",
+            "public = true\nreuse_sandbox = true\nmemory_mb = 64\ncpus = 0.1",
+            "echo ok",
+        )
+        .path(),
+    );
+    agent.deploy(noop("c", "memory_mb = 48\ncpus = 0.1").path());
+    agent.invoke("r", b"").expect_ok(200);
+    assert_eq!(alive(&agent, "r"), 1, "{}", describe(&agent, "r"));
+    let cap = status(&agent)["capacity"].clone();
+    assert_eq!(cap["memory_bytes"]["committed"], 64 * MIB, "{cap}");
+
+    // c needs 48 MiB: r's idle sandbox goes.
+    agent.invoke_lambda("c", b"{}".to_vec(), &[]).expect_ok(200);
+    assert_eq!(alive(&agent, "r"), 0, "{}", describe(&agent, "r"));
+    wait_until("r's sandbox gone", Duration::from_secs(20), &agent, || {
+        sandboxes_of(&agent, "r") == 0
+    });
+    // And r's next call evicts c's idle instance in turn.
+    agent.invoke("r", b"").expect_ok(200);
+    assert_eq!(alive(&agent, "c"), 0, "{}", describe(&agent, "c"));
+    assert_eq!(alive(&agent, "r"), 1, "{}", describe(&agent, "r"));
+    let cap = status(&agent)["capacity"].clone();
+    assert_eq!(cap["memory_bytes"]["committed"], 64 * MIB, "{cap}");
+    assert_eq!(cap["evictions"], 2, "{cap}");
+    agent.finish();
+}
+
 #[test]
 fn a_call_with_nothing_to_evict_is_refused_naming_the_resource() {
     let agent = Agent::start_with(
