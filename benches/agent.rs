@@ -65,6 +65,7 @@ const REQUEST_ID_ENV: &str = "FNLET_REQUEST_ID";
 const FLOOR: &str = "floor: fork+exec";
 const LIBRARY: &str = "fnlet library (Isolator::spawn)";
 const PREPARED: &str = "library, prepared ahead (start only)";
+const REUSED: &str = "library, reusable sandbox (a run)";
 const CLI: &str = "fnlet sandbox run (CLI)";
 const AGENT_ON: &str = "agent POST, prepare_ahead on (default)";
 const AGENT_OFF: &str = "agent POST, prepare_ahead off";
@@ -429,6 +430,16 @@ fn sequential(
     let prepare = || isolator.prepare(&prepared_spec).map_err(|e| e.to_string());
     let prepared: RefCell<Option<PreparedSandbox>> =
         RefCell::new(Some(prepare().expect("Isolator::prepare")));
+    // One sandbox kept for every run, as an agent's function with reuse_sandbox keeps it.
+    let reused = RefCell::new(
+        isolator
+            .prepare(&SandboxSpec {
+                reusable: true,
+                ..prepared_spec.clone()
+            })
+            .and_then(|p| p.into_reusable())
+            .expect("Isolator::prepare (reusable)"),
+    );
     let client = http_client();
     let (on, off, reuse) = (&agents[0], &agents[1], &agents[2]);
     let post = |url: &str| -> Result<(), String> {
@@ -470,6 +481,12 @@ fn sequential(
             *prepared.borrow_mut() = Some(prepare()?);
             Ok(())
         })),
+        Contender::new(
+            REUSED,
+            "ReusableSandbox::run (the request id as its late variable) in one sandbox kept \
+             for every run, then the same I/O and run_ended",
+            Box::new(|i| check(talk_reused(rt, &mut reused.borrow_mut(), i)?)),
+        ),
         Contender::new(
             CLI,
             "a new fnlet process each run: fnlet sandbox run --bundle B --memory/--cpus/--pids/\
@@ -798,6 +815,36 @@ fn talk(mut sb: Sandbox) -> Result<Vec<u8>, String> {
         return Err(format!(
             "exited {:?}: {}",
             outcome.status,
+            String::from_utf8_lossy(&err).trim()
+        ));
+    }
+    Ok(out)
+}
+
+/// One run of a reusable sandbox: the payload in, the answer out, its end.
+fn talk_reused(
+    rt: &tokio::runtime::Runtime,
+    sb: &mut isolate::ReusableSandbox,
+    i: usize,
+) -> Result<Vec<u8>, String> {
+    let pipes = sb
+        .run(Some(&format!("bench-{i}")))
+        .map_err(|e| e.to_string())?;
+    let _ = fs::File::from(pipes.stdin).write_all(PAYLOAD.as_bytes());
+    let mut out = Vec::new();
+    fs::File::from(pipes.stdout)
+        .read_to_end(&mut out)
+        .map_err(|e| format!("reading stdout: {e}"))?;
+    let mut err = Vec::new();
+    let _ = fs::File::from(pipes.stderr).read_to_end(&mut err);
+    let end = rt
+        .block_on(sb.run_ended())
+        .map_err(|e| e.to_string())?
+        .ok_or("the reusable sandbox ended")?;
+    if !end.status.success() {
+        return Err(format!(
+            "exited {:?}: {}",
+            end.status,
             String::from_utf8_lossy(&err).trim()
         ));
     }
@@ -1282,6 +1329,12 @@ fn print_differences(results: &[Measured]) {
             CLI,
         ),
         ("reuse_sandbox: agent reuse - floor", AGENT_REUSE, FLOOR),
+        ("a reusable sandbox's run: library reused - floor", REUSED, FLOOR),
+        (
+            "AGENT OVERHEAD, reuse_sandbox: agent reuse - library reused",
+            AGENT_REUSE,
+            REUSED,
+        ),
         (
             "reuse_sandbox saves: agent prepare_ahead on - agent reuse",
             AGENT_ON,
