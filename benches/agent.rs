@@ -6,10 +6,12 @@
 //! concurrent clients (beside the library and plain fork+exec from as many threads, in the same
 //! rounds); and the agents' RSS, idle and under load.
 //!
-//! Two agents run side by side: one with `[sandbox] prepare_ahead = true` (the default: one
-//! sandbox per function built ahead of time, so an invocation only pays for the exec) and one
-//! with it off (every invocation builds its sandbox on the request path). The first is compared
-//! with the library's prepared start, the second with its full spawn.
+//! Three agents run side by side: one with `[sandbox] prepare_ahead = true` (the default: one
+//! sandbox per function built ahead of time, so an invocation only pays for the exec), one
+//! with it off (every invocation builds its sandbox on the request path), and one whose copy of
+//! the function has `reuse_sandbox = true` (each call a new process in a sandbox kept between
+//! calls). They are compared with the library's prepared start, its full spawn, and a run of
+//! its `ReusableSandbox`.
 //!
 //! Run as root through `benches/run.sh agent`, which builds fnlet and the example first.
 //! Environment: `FNLET_BENCH_RUNS` (sequential samples per contender, default 300),
