@@ -1331,7 +1331,11 @@ fn print_differences(results: &[Measured]) {
             CLI,
         ),
         ("reuse_sandbox: agent reuse - floor", AGENT_REUSE, FLOOR),
-        ("a reusable sandbox's run: library reused - floor", REUSED, FLOOR),
+        (
+            "a reusable sandbox's run: library reused - floor",
+            REUSED,
+            FLOOR,
+        ),
         (
             "AGENT OVERHEAD, reuse_sandbox: agent reuse - library reused",
             AGENT_REUSE,
