@@ -1490,6 +1490,12 @@ esac"#,
         || agent.admin(Method::GET, "/v1/functions/reuse", None).json()["instances"].clone();
     assert_eq!(instances()["alive"], 1, "{}", instances());
     assert_eq!(instances()["idle"], 1, "{}", instances());
+    let out = agent.cli(&["describe", "reuse"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("kept between calls (reuse_sandbox)"),
+        "{text}"
+    );
 
     // A timeout kills the sandbox: the next call starts over in another.
     call("slow").0.expect_error(504, "timeout");

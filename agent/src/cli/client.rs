@@ -368,6 +368,8 @@ pub struct ManifestInfo {
     pub runtime: Option<String>,
     #[serde(default)]
     pub handler: Option<String>,
+    #[serde(default)]
+    pub reuse_sandbox: bool,
     /// `[aws]`: what the AWS tools set (role, a bootstrap's provided.* runtime and handler).
     #[serde(default)]
     pub aws: AwsInfo,

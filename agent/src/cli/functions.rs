@@ -1048,6 +1048,9 @@ fn describe_text(f: &FunctionInfo, versions: &[VersionInfo]) -> String {
         pairs.push(("sha256", sha.clone()));
     }
     pairs.push(("mode", or_default(m.mode.clone(), DEFAULT_MODE.into())));
+    if m.reuse_sandbox {
+        pairs.push(("sandbox", "kept between calls (reuse_sandbox)".into()));
+    }
     pairs.push((
         "entrypoint",
         m.entrypoint.as_ref().map_or("-".into(), entrypoint),
