@@ -361,17 +361,7 @@ impl Router {
         let result = match f.manifest.mode {
             // A call with variables of its own needs a sandbox of its own.
             Mode::Exec if f.manifest.reuse_sandbox && req.env.is_empty() => {
-                let call = ExecCall {
-                    spec: &f.spec,
-                    function: &f.name,
-                    version: f.version,
-                    request_id,
-                    timeout: Duration::from_secs_f64(f.resolved.timeout_s),
-                    max_response,
-                    memory_mb: f.resolved.memory_mb,
-                    net: f.net.as_ref(),
-                    env: &req.env,
-                };
+                let call = exec_call(&f, request_id, max_response, &req.env);
                 let r = self
                     .invoke_reused(&slot, &f, call, req.body, req.stdout)
                     .await;
@@ -390,19 +380,9 @@ impl Router {
                     self.metrics.cold_starts.get_or_create(&labels).inc();
                 }
                 // Its share of the host, for as long as the sandbox runs.
-                let deadline = tokio::time::Instant::now() + self.queue_timeout;
-                let commitment = match self
-                    .registry
-                    .commit(&f.name, None, f.need(), deadline, || false)
-                    .await
-                {
-                    Ok(Some(c)) => c,
-                    // Only when `ready` says so, which it never does here.
-                    Ok(None) => {
-                        return Err(fail(InvokeError::Internal("no commitment".into()), None));
-                    }
-                    Err(short) => {
-                        let e = InvokeError::NoCapacity(short);
+                let commitment = match self.commit_exec(&f).await {
+                    Ok(c) => c,
+                    Err(e) => {
                         self.metrics.error(name, e.kind());
                         if self.log_invocation() {
                             tracing::info!(function = name, request_id, "invocation refused: {e}");
@@ -410,17 +390,7 @@ impl Router {
                         return Err(fail(e, Some(f.version)));
                     }
                 };
-                let call = ExecCall {
-                    spec: &f.spec,
-                    function: &f.name,
-                    version: f.version,
-                    request_id,
-                    timeout: Duration::from_secs_f64(f.resolved.timeout_s),
-                    max_response,
-                    memory_mb: f.resolved.memory_mb,
-                    net: f.net.as_ref(),
-                    env: &req.env,
-                };
+                let call = exec_call(&f, request_id, max_response, &req.env);
                 // Dropped with this future when the caller hangs up: the sandbox is killed
                 // (nobody reads its answer), and that is said.
                 let left = CallerLeft {
@@ -544,7 +514,7 @@ impl Router {
     ) -> Result<Bytes, InvokeError> {
         let mut warm = match slot.take_reused(f.version) {
             Some(w) => w,
-            None => self.new_reused(slot, f, call.request_id).await?,
+            None => self.new_reused(slot, f).await?,
         };
         let sandbox = warm
             .sandbox()
@@ -565,32 +535,33 @@ impl Router {
         r
     }
 
+    /// An exec sandbox's share of the host, waiting up to the queue timeout for room (evicting
+    /// idle instances of other functions).
+    async fn commit_exec(&self, f: &ActiveFunction) -> Result<Commitment, InvokeError> {
+        let deadline = tokio::time::Instant::now() + self.queue_timeout;
+        match self
+            .registry
+            .commit(&f.name, None, f.need(), deadline, || false)
+            .await
+        {
+            Ok(Some(c)) => Ok(c),
+            // Only when `ready` says so, which it never does here.
+            Ok(None) => Err(InvokeError::Internal("no commitment".into())),
+            Err(short) => Err(InvokeError::NoCapacity(short)),
+        }
+    }
+
     /// A new reusable sandbox of `f`, holding its share of the host.
     async fn new_reused(
         &self,
         slot: &Arc<FunctionSlot>,
         f: &Arc<ActiveFunction>,
-        request_id: &str,
     ) -> Result<crate::pool::reused::WarmSandbox, InvokeError> {
         self.metrics
             .cold_starts
             .get_or_create(&Metrics::function(&f.name))
             .inc();
-        let deadline = tokio::time::Instant::now() + self.queue_timeout;
-        let commitment = match self
-            .registry
-            .commit(&f.name, None, f.need(), deadline, || false)
-            .await
-        {
-            Ok(Some(c)) => c,
-            Ok(None) => return Err(InvokeError::Internal("no commitment".into())),
-            Err(short) => {
-                if self.log_invocation() {
-                    tracing::info!(function = %f.name, request_id, "invocation refused: no capacity ({})", short.resource());
-                }
-                return Err(InvokeError::NoCapacity(short));
-            }
-        };
+        let commitment = self.commit_exec(f).await?;
         let ready = match self.prepare_ahead {
             true => slot.take_ready(f.version),
             false => None,
@@ -906,25 +877,19 @@ impl Router {
         let now = Instant::now();
         for slot in self.registry.slots() {
             let f = slot.active();
-            if f.manifest.reuse_sandbox {
-                slot.reap_reused(now);
-                let idle = slot.idle_count() as u64;
-                let alive = slot.instances.alive.load(Ordering::Acquire);
-                for (state, n) in [("idle", idle), ("busy", alive.saturating_sub(idle))] {
-                    self.metrics
-                        .instances
-                        .get_or_create(&crate::metrics::InstanceLabels {
-                            function: f.name.clone(),
-                            state: state.into(),
-                        })
-                        .set(n as i64);
+            // Exec functions that keep their sandboxes have idle ones too (none starting, no
+            // minimum to keep).
+            let reused = f.manifest.reuse_sandbox;
+            if f.manifest.mode != Mode::Lambda && !reused {
+                continue;
+            }
+            let missing = match reused {
+                true => {
+                    slot.reap_reused(now);
+                    0
                 }
-                continue;
-            }
-            if f.manifest.mode != Mode::Lambda {
-                continue;
-            }
-            let missing = slot.reap_idle(now);
+                false => slot.reap_idle(now),
+            };
             let counts = &slot.instances;
             let starting = counts.starting.load(Ordering::Acquire);
             let alive = counts.alive.load(Ordering::Acquire);
@@ -942,7 +907,7 @@ impl Router {
                     })
                     .set(n as i64);
             }
-            if self.draining.is_cancelled() || starting > 0 {
+            if self.draining.is_cancelled() || starting > 0 || missing == 0 {
                 continue;
             }
             for _ in 0..missing {
@@ -993,6 +958,26 @@ impl Router {
                 "instances still ending after {limit:?}; they are swept with the cgroups"
             );
         }
+    }
+}
+
+/// What an exec call of `f` needs to know about it.
+fn exec_call<'a>(
+    f: &'a ActiveFunction,
+    request_id: &'a str,
+    max_response: usize,
+    env: &'a [(String, String)],
+) -> ExecCall<'a> {
+    ExecCall {
+        spec: &f.spec,
+        function: &f.name,
+        version: f.version,
+        request_id,
+        timeout: Duration::from_secs_f64(f.resolved.timeout_s),
+        max_response,
+        memory_mb: f.resolved.memory_mb,
+        net: f.net.as_ref(),
+        env,
     }
 }
 
