@@ -15,7 +15,7 @@ pub struct FnLabels {
     pub function: String,
 }
 
-/// A function's Lambda instances in one state: starting, idle or busy.
+/// A function's Lambda instances (or kept exec sandboxes) in one state: starting, idle or busy.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct InstanceLabels {
     pub function: String,
@@ -573,7 +573,8 @@ impl Metrics {
         );
         registry.register(
             "lambda_instances",
-            "Lambda-mode instances by function and state (starting, idle, busy)",
+            "Lambda-mode instances (and exec functions' kept sandboxes, reuse_sandbox) by \
+             function and state (starting, idle, busy)",
             instances.clone(),
         );
         registry.register(
