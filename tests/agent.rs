@@ -1458,6 +1458,7 @@ case "$line" in
   leave) sleep 1000 >/dev/null 2>&1 </dev/null & echo $! > /tmp/leftover ;;
   fail) echo oops >&2; exit 3 ;;
   slow) sleep 10 ;;
+  wait) sleep 0.5 ;;
 esac"#,
         )
         .path(),
@@ -1517,6 +1518,19 @@ esac"#,
         format!("call=1 req={id} left=none\n")
     );
     assert_eq!(instances()["peak"], 1, "{}", instances());
+
+    // Calls at the same time get sandboxes of their own (a sandbox refuses a second run while
+    // one goes), and each is kept afterwards.
+    let answers: Vec<String> = std::thread::scope(|s| {
+        let calls: Vec<_> = (0..3)
+            .map(|_| s.spawn(|| call("wait").0.expect_ok(200).text()))
+            .collect();
+        calls.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    let peak = instances()["peak"].as_u64().unwrap_or(0);
+    assert!((2..=3).contains(&peak), "{answers:?} {}", instances());
+    assert_eq!(instances()["alive"], peak, "{}", instances());
+    assert_eq!(instances()["idle"], peak, "{}", instances());
 
     // Only an exec function reuses its sandbox.
     let bad = Fixture::new(
