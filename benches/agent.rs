@@ -830,7 +830,7 @@ fn talk_reused(
     i: usize,
 ) -> Result<Vec<u8>, String> {
     let pipes = sb
-        .run(Some(&format!("bench-{i}")))
+        .run(Some(&format!("bench-{i}")), &[])
         .map_err(|e| e.to_string())?;
     let _ = fs::File::from(pipes.stdin).write_all(PAYLOAD.as_bytes());
     let mut out = Vec::new();

@@ -253,9 +253,13 @@ fn topics_with_the_cloudevents_sdk() {
     let sdk = Sdk { dir: sdk_dir() };
     let sink = Sink::start();
 
-    // Three subscribers of `orders`: everything; orders from the shop; tenant acme (Lambda
-    // mode: its records, sent to the sink, show the CloudEvent it got).
-    let all = subscriber("all", "[[triggers]]\ntopic = \"orders\"");
+    // Three subscribers of `orders`: everything (in a sandbox kept between its runs, each
+    // run with its own event's variables); orders from the shop; tenant acme (Lambda mode:
+    // its records, sent to the sink, show the CloudEvent it got).
+    let all = subscriber(
+        "all",
+        "reuse_sandbox = true\n[[triggers]]\ntopic = \"orders\"",
+    );
     agent.deploy(all.path());
     let created = subscriber(
         "created",
@@ -416,6 +420,17 @@ fn topics_with_the_cloudevents_sdk() {
         .1;
     assert_eq!(e5["data"], "hello text");
     assert_eq!(e5["ct"], "text/plain");
+    // An event without a tenant or subject shows none, whatever ran before it in the sandbox.
+    let e6 = &seen_all
+        .iter()
+        .find(|(_, m)| m["id"] == "e6")
+        .expect("e6")
+        .1;
+    assert_eq!(
+        (e6["tenant"].as_str(), e6["subject"].as_str()),
+        ("", ""),
+        "{e6:?}"
+    );
     let elsewhere = seen_all
         .iter()
         .filter(|(_, m)| m["id"] == "e3" && m["source"] == "/elsewhere")

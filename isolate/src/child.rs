@@ -83,6 +83,18 @@ pub struct Prepared {
     /// A reusable sandbox: `start_fd` is a `SOCK_SEQPACKET` socket, and init runs the function
     /// once per message on it ([`serve`]) instead of once.
     pub reusable: bool,
+    /// A reusable sandbox's buffers for the variables of one run.
+    pub run_env: Option<RunEnv>,
+}
+
+/// Buffers the parent allocated for a reusable sandbox's per-run variables: `cap` bytes for
+/// the `NAME=value\0` entries, and an envp of `envp_cap` pointers (the spec's variables, the
+/// run's, a NULL). In the child they are init's own copy, referenced by nothing else.
+pub struct RunEnv {
+    pub buf: *mut u8,
+    pub cap: usize,
+    pub envp: *mut *const libc::c_char,
+    pub envp_cap: usize,
 }
 
 /// A buffer the parent allocated for one environment entry whose value comes with the start
@@ -257,7 +269,7 @@ fn function_process(p: &Prepared) -> ! {
         let _ = sys::set_name(c"fnlet-start");
         wait_for_start(p, fd);
     }
-    worker_exec(p)
+    worker_exec(p, p.envp.as_ptr())
 }
 
 /// A prepared sandbox's function process: report ready, then wait for the start message on
@@ -301,15 +313,72 @@ fn set_late_value(p: &Prepared, value: &[u8]) {
     }
 }
 
-/// One run of a reusable sandbox: the function's process with the run's stdio.
+/// One run of a reusable sandbox: the function's process with the run's stdio and variables.
 struct Run<'a> {
     p: &'a Prepared,
     stdio: [Option<RawFd>; 3],
+    envp: *const *const libc::c_char,
 }
 
 fn run_process(run: &Run<'_>) -> ! {
     worker_setup(run.p, &run.stdio);
-    worker_exec(run.p)
+    worker_exec(run.p, run.envp)
+}
+
+/// A `NAME=value` entry's name.
+fn name_of(entry: &[u8]) -> &[u8] {
+    entry.split(|&b| b == b'=').next().unwrap_or(entry)
+}
+
+/// The run's envp: the spec's variables but those `extra` names again, then `extra`'s entries
+/// (`NAME=value\0` each), copied into the run buffers. None when they do not fit.
+fn run_envp(p: &Prepared, extra: &[u8]) -> Option<*const *const libc::c_char> {
+    let Some(r) = &p.run_env else {
+        return extra.is_empty().then_some(p.envp.as_ptr());
+    };
+    if extra.len() > r.cap || extra.last().is_some_and(|&b| b != 0) {
+        return None;
+    }
+    // SAFETY: buf..buf+cap and envp..envp+envp_cap are the buffers the parent allocated for
+    // this; init alone writes them, before the run's process exists, and no Rust reference
+    // to them lives in this process.
+    let (buf, envp) = unsafe {
+        (
+            std::slice::from_raw_parts_mut(r.buf, r.cap),
+            std::slice::from_raw_parts_mut(r.envp, r.envp_cap),
+        )
+    };
+    buf[..extra.len()].copy_from_slice(extra);
+    let entries = &buf[..extra.len()];
+    let overridden = |name: &[u8]| {
+        entries
+            .split(|&b| b == 0)
+            .any(|e| !e.is_empty() && name_of(e) == name)
+    };
+    let mut n = 0;
+    for &base in p.envp.iter().take_while(|e| !e.is_null()) {
+        // SAFETY: a NUL-terminated entry of the spec's envp, alive as long as `p`.
+        let entry = unsafe { std::ffi::CStr::from_ptr(base) }.to_bytes();
+        if !overridden(name_of(entry)) && n + 1 < envp.len() {
+            envp[n] = base;
+            n += 1;
+        }
+    }
+    let mut start = 0;
+    for (i, &b) in entries.iter().enumerate() {
+        if b == 0 {
+            if i > start {
+                if n + 1 >= envp.len() {
+                    return None;
+                }
+                envp[n] = entries[start..].as_ptr().cast();
+                n += 1;
+            }
+            start = i + 1;
+        }
+    }
+    envp[n] = std::ptr::null();
+    Some(envp.as_ptr())
 }
 
 /// pid 1 of a reusable sandbox. Reports ready, then for each message on `control` (one length
@@ -328,7 +397,7 @@ fn serve(p: &Prepared, control: RawFd) -> ! {
         }
     }
     loop {
-        let Some(stdio) = receive_run(p, control) else {
+        let Some((stdio, envp)) = receive_run(p, control) else {
             sys::exit_now(0)
         };
         // A signal meant for the last run must not reach this one.
@@ -336,6 +405,7 @@ fn serve(p: &Prepared, control: RawFd) -> ! {
         let run = Run {
             p,
             stdio: stdio.map(Some),
+            envp,
         };
         let spawned = sys::spawn_sharing_memory(&run, run_process);
         for fd in stdio {
@@ -355,10 +425,11 @@ fn serve(p: &Prepared, control: RawFd) -> ! {
     }
 }
 
-/// Receives a run's message (see [`serve`]) and sets the late variable; the run's stdio, each
-/// above 2. None when the owner closed the socket, or sent something else.
-fn receive_run(p: &Prepared, control: RawFd) -> Option<[RawFd; 3]> {
-    let mut data = [0u8; 256];
+/// Receives a run's message (see [`serve`]) and sets the late variable and the run's own
+/// variables; the run's stdio, each above 2, and its envp. None when the owner closed the
+/// socket, or sent something else.
+fn receive_run(p: &Prepared, control: RawFd) -> Option<([RawFd; 3], *const *const libc::c_char)> {
+    let mut data = [0u8; 256 + crate::image::RUN_ENV_CAP];
     let mut iov = libc::iovec {
         iov_base: data.as_mut_ptr().cast(),
         iov_len: data.len(),
@@ -407,7 +478,8 @@ fn receive_run(p: &Prepared, control: RawFd) -> Option<[RawFd; 3]> {
         cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
     }
     let len = usize::from(data[0]);
-    if n <= 0 || got != fds.len() || 1 + len > n as usize {
+    let truncated = msg.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0;
+    if n <= 0 || truncated || got != fds.len() || 1 + len > n as usize {
         for &fd in &fds[..got] {
             // SAFETY: received above, ours.
             unsafe { libc::close(fd) };
@@ -427,8 +499,15 @@ fn receive_run(p: &Prepared, control: RawFd) -> Option<[RawFd; 3]> {
     if fds.iter().any(|&fd| fd < 0) {
         return None;
     }
+    let Some(envp) = run_envp(p, &data[1 + len..n as usize]) else {
+        for fd in fds {
+            // SAFETY: received above, ours.
+            unsafe { libc::close(fd) };
+        }
+        return None;
+    };
     set_late_value(p, &data[1..1 + len]);
-    Some(fds)
+    Some((fds, envp))
 }
 
 /// Discards the signals pending for init (those it forwards and SIGCHLD).
@@ -592,13 +671,13 @@ fn worker_setup(p: &Prepared, stdio: &[Option<RawFd>; 3]) {
     check(p, Step::Chdir, unsafe { libc::chdir(p.cwd.as_ptr()) });
 }
 
-/// The function process: exec the program.
-fn worker_exec(p: &Prepared) -> ! {
+/// The function process: exec the program with `envp`.
+fn worker_exec(p: &Prepared, envp: *const *const libc::c_char) -> ! {
     let mut first_err: Option<(u32, Errno)> = None;
     for (i, path) in p.exec_paths.iter().enumerate() {
         // SAFETY: argv and envp are NULL-terminated arrays of pointers into CStrings the parent
-        // keeps alive in `Prepared`.
-        unsafe { libc::execve(path.as_ptr(), p.argv.as_ptr(), p.envp.as_ptr()) };
+        // keeps alive in `Prepared` (a run's envp: into the run buffers, see `run_envp`).
+        unsafe { libc::execve(path.as_ptr(), p.argv.as_ptr(), envp) };
         let e = Errno::last();
         // Like execvpe: keep searching PATH past "not here", but report the first real error.
         let not_here = |e: Errno| matches!(e, Errno::ENOENT | Errno::ENOTDIR);

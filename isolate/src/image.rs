@@ -15,6 +15,10 @@ use crate::sys;
 
 /// Room for a prepared sandbox's late variable, `NAME=value` and its NUL.
 pub const LATE_ENV_CAP: usize = 256;
+/// Room for a reusable sandbox's variables of one run (`NAME=value` and a NUL each), and how
+/// many there may be.
+pub const RUN_ENV_CAP: usize = 8192;
+pub const RUN_ENV_MAX: usize = 64;
 
 /// The child's ends of its pipes and the namespace it joins, as this process numbers them.
 #[derive(Debug, Clone, Copy)]
@@ -89,6 +93,8 @@ pub struct ChildImage {
     _argv: Vec<CString>,
     _envp: Vec<CString>,
     late_env: Option<*mut [u8]>,
+    /// A reusable sandbox's per-run buffers: the variables' bytes, and the run's envp.
+    run_env: Option<(*mut [u8], *mut [*const libc::c_char])>,
 }
 
 impl ChildImage {
@@ -128,6 +134,12 @@ impl ChildImage {
             .chain(late_env.map(|(ptr, _)| ptr.cast::<libc::c_char>() as *const libc::c_char))
             .chain(std::iter::once(std::ptr::null()))
             .collect();
+        // A reusable sandbox's runs: their own variables, and an envp with room for them.
+        let run_env = (hold && spec.reusable).then(|| {
+            let buf = vec![0u8; RUN_ENV_CAP].into_boxed_slice();
+            let run_envp = vec![std::ptr::null(); envp.len() + RUN_ENV_MAX].into_boxed_slice();
+            (Box::into_raw(buf), Box::into_raw(run_envp))
+        });
         let ptrs = |v: &[CString]| {
             v.iter()
                 .map(|c| c.as_ptr())
@@ -171,6 +183,12 @@ impl ChildImage {
                 netns_fd: fds.netns,
                 start_fd: fds.start,
                 reusable: hold && spec.reusable,
+                run_env: run_env.map(|(buf, envp)| child::RunEnv {
+                    buf: buf.cast::<u8>(),
+                    cap: RUN_ENV_CAP,
+                    envp: envp.cast::<*const libc::c_char>(),
+                    envp_cap: envp.len(),
+                }),
                 late_env: late_env.map(|(ptr, prefix)| child::LateEnv {
                     ptr: ptr.cast::<u8>(),
                     prefix,
@@ -180,6 +198,7 @@ impl ChildImage {
             _argv: argv,
             _envp: envp_owned,
             late_env: late_env.map(|(ptr, _)| ptr),
+            run_env,
         };
         Ok(image)
     }
@@ -219,6 +238,13 @@ impl Drop for ChildImage {
             // SAFETY: ptr came from Box::into_raw in `new` and is freed once; a child has its
             // own copy of the memory.
             drop(unsafe { Box::from_raw(ptr) });
+        }
+        if let Some((buf, envp)) = self.run_env.take() {
+            // SAFETY: both came from Box::into_raw in `new` and are freed once; a child has
+            // its own copy of the memory.
+            drop(unsafe { Box::from_raw(buf) });
+            // SAFETY: as above.
+            drop(unsafe { Box::from_raw(envp) });
         }
     }
 }

@@ -777,6 +777,39 @@ fn start_message(late_value: Option<&str>) -> Result<Vec<u8>> {
     Ok(msg)
 }
 
+/// A run's own variables as the init takes them: `NAME=value\0` each, within the run buffers.
+fn run_env_entries(env: &[(String, String)]) -> Result<Vec<u8>> {
+    let bad = |reason: String| IsolateError::InvalidSpec {
+        field: "env",
+        reason,
+    };
+    if env.len() > image::RUN_ENV_MAX {
+        return Err(bad(format!(
+            "{} variables for one run; at most {}",
+            env.len(),
+            image::RUN_ENV_MAX
+        )));
+    }
+    let mut out = Vec::new();
+    for (k, v) in env {
+        if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {
+            return Err(bad(format!("{k:?} is not a valid variable")));
+        }
+        out.extend_from_slice(k.as_bytes());
+        out.push(b'=');
+        out.extend_from_slice(v.as_bytes());
+        out.push(0);
+    }
+    if out.len() > image::RUN_ENV_CAP {
+        return Err(bad(format!(
+            "{} bytes of variables for one run; at most {}",
+            out.len(),
+            image::RUN_ENV_CAP
+        )));
+    }
+    Ok(out)
+}
+
 /// A sandbox that runs its function once per [`ReusableSandbox::run`] (its spec has
 /// [`SandboxSpec::reusable`]): namespaces, cgroup, root and /tmp are built once; each run is a
 /// new process of the function with pipes of its own, and nothing a run started outlives it
@@ -824,17 +857,19 @@ impl ReusableSandbox {
         self.sandbox.kill()
     }
 
-    /// Starts a run with the spec's `late_env` variable set to `late_value`; the caller's ends
-    /// of its stdin, stdout and stderr. [`ReusableSandbox::run_ended`] says how it ended.
-    /// Never blocks (one small message on an idle socket).
-    pub fn run(&mut self, late_value: Option<&str>) -> Result<RunPipes> {
+    /// Starts a run with the spec's `late_env` variable set to `late_value` and `env` set for
+    /// this run only (over the spec's variables of the same names); the caller's ends of its
+    /// stdin, stdout and stderr. [`ReusableSandbox::run_ended`] says how it ended. Never
+    /// blocks (one small message on an idle socket).
+    pub fn run(&mut self, late_value: Option<&str>, env: &[(String, String)]) -> Result<RunPipes> {
         use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
         if self.running {
             return Err(IsolateError::Protocol(
                 "the sandbox's last run has not ended",
             ));
         }
-        let msg = start_message(late_value)?;
+        let mut msg = start_message(late_value)?;
+        msg.extend(run_env_entries(env)?);
         let (stdin_r, stdin_w) = pipe()?;
         let (stdout_r, stdout_w) = pipe()?;
         let (stderr_r, stderr_w) = pipe()?;

@@ -321,8 +321,18 @@ async fn run_once(
     request: &str,
     input: &str,
 ) -> isolate::Result<(String, String, Option<isolate::FunctionEnd>)> {
+    run_with(sb, request, input, &[]).await
+}
+
+/// [`run_once`] with variables of the run's own.
+async fn run_with(
+    sb: &mut isolate::ReusableSandbox,
+    request: &str,
+    input: &str,
+    env: &[(String, String)],
+) -> isolate::Result<(String, String, Option<isolate::FunctionEnd>)> {
     use std::io::Write;
-    let pipes = sb.run(Some(request))?;
+    let pipes = sb.run(Some(request), env)?;
     let mut stdin = std::fs::File::from(pipes.stdin);
     let _ = stdin.write_all(input.as_bytes());
     drop(stdin);
@@ -358,6 +368,7 @@ case "$line" in
   fail) exit 3 ;;
   crash) kill -9 $$ ;;
   hog) exec python3 -c 'b = bytearray(256 << 20); print(len(b))' ;;
+  env) printf ' %s/%s' "${GREETING:-unset}" "${CE_TYPE:-unset}" ;;
 esac"#;
     let spec = SandboxSpec {
         name: "reuse".into(),
@@ -371,6 +382,8 @@ esac"#;
         },
         ..Default::default()
     };
+    let mut spec = spec;
+    spec.env.insert("GREETING".into(), "base".into());
     let mut sb = iso.prepare(&spec).unwrap().into_reusable().unwrap();
     let init = sb.sandbox().pid();
     let ok = |status| {
@@ -408,9 +421,27 @@ esac"#;
     assert_eq!(got.2, ok(ExitStatus::Exited(0)));
     assert_eq!((sb.runs(), sb.sandbox().pid()), (6, init));
 
+    // A run's own variables, over the spec's of the same name, for that run only.
+    let own = [
+        ("CE_TYPE".to_string(), "order.created".to_string()),
+        ("GREETING".to_string(), "call".to_string()),
+    ];
+    let got = run_with(&mut sb, "r7", "env\n", &own).await.unwrap();
+    assert_eq!(got.0, "r7 env yes dead call/order.created");
+    let got = run_once(&mut sb, "r8", "env\n").await.unwrap();
+    assert_eq!(got.0, "r8 env yes dead base/unset");
+    // A bad one starts no run.
+    let bad = [("A=B".to_string(), "v".to_string())];
+    assert!(sb.run(Some("r9"), &bad).is_err());
+    let many: Vec<(String, String)> = (0..65).map(|i| (format!("V{i}"), "x".into())).collect();
+    assert!(sb.run(Some("r9"), &many).is_err());
+    let big = [("BIG".to_string(), "x".repeat(9000))];
+    assert!(sb.run(Some("r9"), &big).is_err());
+    assert_eq!(sb.runs(), 8);
+
     // One run at a time.
-    let _pipes = sb.run(Some("r7")).unwrap();
-    assert!(sb.run(Some("r8")).is_err());
+    let _pipes = sb.run(Some("r10"), &[]).unwrap();
+    assert!(sb.run(Some("r11"), &[]).is_err());
     // A killed sandbox says so instead of a status, and ends.
     sb.kill().unwrap();
     let end = tokio::time::timeout(Duration::from_secs(5), sb.run_ended())

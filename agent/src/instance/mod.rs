@@ -156,8 +156,8 @@ pub async fn run_exec(
     } else {
         let mut spec = call.spec.clone();
         spec.stdio = StdioSpec::piped();
-        // A function that reuses its sandbox but gets a call it cannot serve that way (one
-        // with variables of its own) runs this call in a sandbox of its own.
+        // This sandbox serves this call only, whatever the spec says ([`run_reused`] serves
+        // the functions that keep theirs).
         spec.reusable = false;
         spec.env.extend(call.env.iter().cloned());
         let spawn = if call.net.is_some() {
@@ -342,7 +342,7 @@ pub async fn run_reused(
 ) -> (Result<Bytes, InvokeError>, bool) {
     let deadline = tokio::time::Instant::now() + call.timeout;
     let timeout = call.timeout;
-    let pipes = match sandbox.run(Some(call.request_id)) {
+    let pipes = match sandbox.run(Some(call.request_id), call.env) {
         Ok(p) => p,
         Err(e) => return (Err(InvokeError::Spawn(e)), false),
     };

@@ -54,7 +54,8 @@ pub struct InvokeRequest<'a> {
     /// Lambda mode: the caller's client context (X-Amz-Client-Context), passed to the runtime.
     pub client_context: Option<String>,
     /// Exec mode: variables set for this call only (a topic event's `CE_*` attributes). A
-    /// call with some starts a sandbox of its own rather than one prepared ahead.
+    /// call with some starts a sandbox of its own rather than one prepared ahead, unless its
+    /// function keeps its sandboxes (`reuse_sandbox`): they are then set for its run.
     pub env: Vec<(String, String)>,
     /// A version other than the active one (a qualified call: a version number or an alias),
     /// run within the function's concurrency; None: the active version.
@@ -359,8 +360,7 @@ impl Router {
         let mut log_tail = None;
         let mut ending = None;
         let result = match f.manifest.mode {
-            // A call with variables of its own needs a sandbox of its own.
-            Mode::Exec if f.manifest.reuse_sandbox && req.env.is_empty() => {
+            Mode::Exec if f.manifest.reuse_sandbox => {
                 let call = exec_call(&f, request_id, max_response, &req.env);
                 let r = self
                     .invoke_reused(&slot, &f, call, req.body, req.stdout)
