@@ -613,7 +613,7 @@ fn throughput(
             for t in 0..n_targets {
                 let ti = (round + k + t) % n_targets;
                 if let Some(a) = agents.get(ti) {
-                    let before = Usage::now(Some(a.pid));
+                    let before = Usage::now(Some((a.pid, &a.cgroup_root)));
                     let sampler = RssSampler::start(a.pid);
                     let s = agent_load(
                         rt,
@@ -625,7 +625,11 @@ fn throughput(
                     );
                     let peak = sampler.stop();
                     peaks[ti] = peaks[ti].max(peak);
-                    rows[ti][li].add(s, Usage::now(Some(a.pid)).since(&before), peak);
+                    rows[ti][li].add(
+                        s,
+                        Usage::now(Some((a.pid, &a.cgroup_root))).since(&before),
+                        peak,
+                    );
                 } else {
                     let before = Usage::now(None);
                     let threads = n.min(set.max_concurrency);
@@ -1048,6 +1052,17 @@ impl ProcUsage {
     }
 }
 
+/// The CPU time (in 10 ms ticks, as /proc/PID/stat counts) that the cgroup v1 cpuacct group
+/// `root` and everything below it were charged, when the host has that hierarchy.
+fn cgroup_cpu_ticks(root: &str) -> Option<u64> {
+    let ns: u64 = fs::read_to_string(format!("/sys/fs/cgroup/cpuacct/{root}/cpuacct.usage"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(ns / 10_000_000)
+}
+
 /// The CPU and faults of `agent`'s spawn helper (`fnlet-spawner`, a child of its main thread),
 /// when it has one.
 fn spawn_helper_of(agent: u32) -> Option<ProcUsage> {
@@ -1070,16 +1085,22 @@ struct Usage {
 }
 
 impl Usage {
-    /// `agent`: the agent's pid, or None for this process.
-    fn now(agent: Option<u32>) -> Usage {
+    /// `agent`: the agent's pid and cgroup root, or None for this process.
+    fn now(agent: Option<(u32, &str)>) -> Usage {
         let me = ProcUsage::read("/proc/self/stat");
         let (server, client) = match agent {
-            Some(pid) => {
+            Some((pid, root)) => {
                 let mut agent = ProcUsage::read(&format!("/proc/{pid}/stat"));
                 // The agent's spawn helper clones its sandboxes: its work is the agent's.
                 if let Some(helper) = spawn_helper_of(pid) {
                     agent.cpu += helper.cpu;
                     agent.faults += helper.faults;
+                }
+                // Its sandboxes' CPU as their cgroups counted it: a sandbox kept between calls
+                // (reuse_sandbox) is reaped only when it ends, so its runs never reach the
+                // agent's children's times while it serves.
+                if let Some(ticks) = cgroup_cpu_ticks(root) {
+                    agent.children = ticks;
                 }
                 (agent, Some(me))
             }
@@ -1503,9 +1524,10 @@ fn print_cpu_table(names: &[&str], rows: &[Vec<LoadRow>]) {
          level. own = the process serving the requests: the agent's own threads (the cgroup work, \
          and the parent's side of each sandbox's clone3 when the agent clones) plus its spawn \
          helper's (which clones when there is one), or, for the library and the floor, this \
-         process; own faults = its own minor page faults; sandbox = its reaped children, i.e. \
-         each sandbox's init and function, the child's setup included; client = this process as \
-         the load generator)"
+         process; own faults = its own minor page faults; sandbox = for an agent, what its \
+         sandboxes' cgroups were charged (cpuacct under its cgroup root, v1; else its reaped \
+         children), for the library and the floor their reaped children: each sandbox's init \
+         and function; client = this process as the load generator)"
     );
 }
 
@@ -1536,6 +1558,8 @@ fn print_rss(agents: &[Agent], rss: &[(String, Vec<Option<u64>>)]) {
 
 struct Agent {
     name: String,
+    /// Its sandboxes' cgroup root (`[sandbox] cgroup_root`).
+    cgroup_root: String,
     /// "ahead on" or "ahead off", for narrow columns.
     short: String,
     child: Child,
@@ -1594,6 +1618,7 @@ impl Agent {
         let base = format!("http://127.0.0.1:{port}");
         Agent {
             name: name.into(),
+            cgroup_root: cgroup_root.into(),
             short: short.into(),
             pid: child.id(),
             child,
