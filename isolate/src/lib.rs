@@ -26,8 +26,11 @@
 //!
 //! [`Isolator::prepare`] builds a sandbox ahead of time (everything but the function's exec),
 //! and [`PreparedSandbox::start`] runs the function in it: a cold start then costs little more
-//! than fork and exec. With [`SandboxSpec::user_namespace`] the sandbox also gets a user
-//! namespace in which only the function's uid and gid exist.
+//! than fork and exec. With [`SandboxSpec::reusable`], [`PreparedSandbox::into_reusable`] gives
+//! a [`ReusableSandbox`] instead: its init stays and runs the function again for each
+//! [`ReusableSandbox::run`], a new process with pipes and variables of its own, and kills
+//! whatever a run left before it says the run ended. With [`SandboxSpec::user_namespace`] the
+//! sandbox also gets a user namespace in which only the function's uid and gid exist.
 //!
 //! All `unsafe` code of fnlet lives in this crate.
 
