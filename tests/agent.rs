@@ -864,6 +864,21 @@ fn a_lost_spawn_helper_is_replaced_by_a_fresh_one() {
     let (mut pid, restarts) = helper_up(&agent).expect("the spawn helper is up");
     assert_eq!(restarts, 0);
     for round in 1..=2u64 {
+        // Killed while idle: once the sandbox built ahead after the last call is ready (a
+        // kill during that build is seen as a lost reply, not as the exit this test counts).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while agent
+            .admin(Method::GET, "/v1/functions/counted", None)
+            .json()["prepared"]
+            != true
+        {
+            assert!(
+                Instant::now() < deadline,
+                "no sandbox built ahead:\n{}",
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         // The agent's own child (we started the agent); SIGKILL, as an OOM kill would.
         let _ = std::process::Command::new("kill")
             .args(["-KILL", &pid.to_string()])
