@@ -523,12 +523,14 @@ impl FunctionSlot {
     /// When the least recently used idle instance that may be evicted went idle (a reused
     /// exec sandbox, idle, always may, unless it is of `spare`).
     fn evictable_since(&self, spare: Option<u64>) -> Option<Instant> {
-        let lambda = {
-            let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            self.evictable(&idle, spare).map(|at| idle[at].since)
-        };
+        let lambda = self.lambda_evictable_since(spare);
         let reused = self.reused_evictable_since(spare);
         lambda.into_iter().chain(reused).min()
+    }
+
+    fn lambda_evictable_since(&self, spare: Option<u64>) -> Option<Instant> {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        self.evictable(&idle, spare).map(|at| idle[at].since)
     }
 
     fn reused_evictable_since(&self, spare: Option<u64>) -> Option<Instant> {
@@ -541,10 +543,7 @@ impl FunctionSlot {
 
     /// Stops the least recently used idle instance, if one may be evicted; its id.
     fn take_evictable(&self, spare: Option<u64>) -> Option<String> {
-        let lambda_since = {
-            let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            self.evictable(&idle, spare).map(|at| idle[at].since)
-        };
+        let lambda_since = self.lambda_evictable_since(spare);
         let reused_since = self.reused_evictable_since(spare);
         if reused_since.is_some() && (lambda_since.is_none() || reused_since < lambda_since) {
             let mut reused = self.reused.lock().unwrap_or_else(|p| p.into_inner());
