@@ -14,10 +14,12 @@
 //! 2. Warm invocation with one client over one keep-alive connection: `POST /fn/noop-warm` (and
 //!    the Invoke API, and `GET /healthz` for the bare HTTP round trip), beside the floor (the
 //!    same no-op as a plain HTTP server on loopback: a second mode of this binary answering
-//!    `{}`) and that server behind nginx (Debian's, keep-alive upstream).
+//!    `{}`) and that server behind nginx (Debian's, keep-alive upstream), and the Runtime API's own
+//!    floor: a relay (a third mode of this binary, `relay.rs`) that does the protocol's exchange
+//!    and nothing else in front of the same no-op runtime as plain processes.
 //! 3. Throughput with a fixed number of concurrent clients (32) for fnlet with N warm
 //!    instances (`max_concurrency = min_instances = N`) through `/fn` (and through the Invoke
-//!    API at the largest N), the floor and nginx, in interleaved rounds of fixed length.
+//!    API at the largest N), the floor, nginx and the relay (with the largest N runtimes), in interleaved rounds of fixed length.
 //!
 //! The same client serves every contender: a small HTTP/1.1 client over a plain TCP socket
 //! (blocking for the latency parts, a one-thread tokio runtime with one task per client for
@@ -39,6 +41,7 @@
 #![forbid(unsafe_code)]
 
 mod common;
+mod relay;
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -83,6 +86,7 @@ const FN_WARM: &str = "noop-warm";
 /// Set in the environment of this binary's second mode, the floor's HTTP server.
 const ROLE_ENV: &str = "FNLET_BENCH_LAMBDA_ROLE";
 const ROLE_HTTP_FLOOR: &str = "http-floor";
+const ROLE_RELAY_FLOOR: &str = "relay-floor";
 
 // Contender names.
 const COLD_FLOOR: &str = "floor: fork+exec, Runtime API here";
@@ -91,6 +95,7 @@ const COLD_LIB_SPAWN: &str = "isolate: Isolator::spawn";
 const COLD_FNLET: &str = "fnlet cold start (POST /fn, prepared)";
 const WARM_FLOOR: &str = "floor: plain HTTP server, direct";
 const WARM_NGINX: &str = "nginx -> floor server";
+const WARM_RELAY: &str = "protocol floor: relay -> no-op";
 const WARM_FNLET: &str = "fnlet warm: POST /fn/noop-warm";
 const WARM_INVOKE: &str = "fnlet warm: Invoke API";
 const WARM_HEALTHZ: &str = "fnlet GET /healthz (no function)";
@@ -132,8 +137,10 @@ fn settings() -> Settings {
 }
 
 fn main() {
-    if std::env::var(ROLE_ENV).as_deref() == Ok(ROLE_HTTP_FLOOR) {
-        http_floor_main();
+    match std::env::var(ROLE_ENV).as_deref() {
+        Ok(ROLE_HTTP_FLOOR) => http_floor_main(),
+        Ok(ROLE_RELAY_FLOOR) => relay::main(|api| lambda_env(api, "noop-relay")),
+        _ => {}
     }
     if !nix::unistd::geteuid().is_root() {
         eprintln!(
@@ -272,6 +279,16 @@ fn main() {
         nginx.workers(),
         nginx.conf_summary()
     );
+    let relay_n = set.instances.iter().copied().max().unwrap_or(1);
+    let relay = FloorServer::start_relay(&bootstrap, relay_n)
+        .unwrap_or_else(|e| panic!("the Runtime API's floor (relay): {e}"));
+    println!(
+        "  protocol floor: pid {}, 127.0.0.1:{} (this binary, {ROLE_ENV}={ROLE_RELAY_FLOOR}: a thread per caller, \
+         blocking I/O, only the Runtime API's exchange) in front of {relay_n} no-op runtimes as plain processes, pids {:?}",
+        relay.child.id(),
+        relay.port,
+        relay.behind
+    );
     let _ = std::io::stdout().flush();
 
     let isolator = Isolator::new(IsolatorConfig {
@@ -287,12 +304,12 @@ fn main() {
 
     // ---- 2. warm, one client ----
     let log_at = agent.log_marks(FN_WARM);
-    warm_phase(&set, &agent, &floor, &nginx);
+    warm_phase(&set, &agent, &floor, &nginx, &relay);
     agent.print_stages(log_at, FN_WARM, false);
-    warm_costs(&agent, &floor, &nginx, &agent_root, set.runs);
+    warm_costs(&agent, &floor, &nginx, &relay, &agent_root, set.runs);
 
     // ---- 3. throughput ----
-    throughput_phase(&set, &agent, &floor, &nginx, &agent_root);
+    throughput_phase(&set, &agent, &floor, &nginx, &relay, &agent_root);
 
     if set.profile_s > 0 {
         let clients = env_count("FNLET_BENCH_PROFILE_CLIENTS", 1);
@@ -322,6 +339,7 @@ fn main() {
         Err(e) => println!("nginx: {e}"),
     }
     floor.stop();
+    relay.stop();
     match agent.stop() {
         Ok((took, status)) => println!(
             "agent: stopped by SIGTERM in {:.0} ms ({status})",
@@ -887,11 +905,19 @@ fn cgroup_leaves(root: &str, prefix: &str) -> Option<usize> {
 // ---------------------------------------------------------------------------------------------
 // 2. warm, one client
 
-fn warm_phase(set: &Settings, agent: &Agent, floor: &FloorServer, nginx: &Nginx) {
+fn warm_phase(
+    set: &Settings,
+    agent: &Agent,
+    floor: &FloorServer,
+    nginx: &Nginx,
+    relay: &FloorServer,
+) {
     let floor_addr = SocketAddr::from(([127, 0, 0, 1], floor.port));
     let nginx_addr = SocketAddr::from(([127, 0, 0, 1], nginx.port));
+    let relay_addr = SocketAddr::from(([127, 0, 0, 1], relay.port));
     let floor_req = request_bytes("POST", "/", &floor_addr.to_string(), &[], PAYLOAD);
     let nginx_req = request_bytes("POST", "/", &nginx_addr.to_string(), &[], PAYLOAD);
+    let relay_req = request_bytes("POST", "/", &relay_addr.to_string(), &[], PAYLOAD);
     let url_req = request_bytes(
         "POST",
         &format!("/fn/{FN_WARM}"),
@@ -928,6 +954,11 @@ fn warm_phase(set: &Settings, agent: &Agent, floor: &FloorServer, nginx: &Nginx)
             WARM_NGINX,
             "the same POST / to nginx, which proxies it to the floor server (kept-alive upstream)",
             post(nginx_addr, nginx_req),
+        ),
+        Timed::new(
+            WARM_RELAY,
+            "the same POST / to the relay: its body as the event to a no-op runtime (a plain process), the runtime's answer back",
+            post(relay_addr, relay_req),
         ),
         Timed::new(
             WARM_FNLET,
@@ -967,7 +998,14 @@ fn warm_phase(set: &Settings, agent: &Agent, floor: &FloorServer, nginx: &Nginx)
     let started = Instant::now();
     interleave(&mut cs, set.warmup, set.runs);
     let secs = started.elapsed().as_secs_f64();
-    print_latency_table(&cs, &[("x floor", WARM_FLOOR), ("x nginx", WARM_NGINX)]);
+    print_latency_table(
+        &cs,
+        &[
+            ("x floor", WARM_FLOOR),
+            ("x nginx", WARM_NGINX),
+            ("x protocol", WARM_RELAY),
+        ],
+    );
     println!(
         "(measured in {secs:.1} s, load average now {})",
         load_average()
@@ -978,6 +1016,12 @@ fn warm_phase(set: &Settings, agent: &Agent, floor: &FloorServer, nginx: &Nginx)
             ("nginx's proxy hop: nginx - floor", WARM_NGINX, WARM_FLOOR),
             ("fnlet's own: fnlet /fn - floor", WARM_FNLET, WARM_FLOOR),
             ("fnlet /fn - nginx", WARM_FNLET, WARM_NGINX),
+            ("the protocol's own: relay - nginx", WARM_RELAY, WARM_NGINX),
+            (
+                "fnlet's over the protocol: fnlet /fn - relay",
+                WARM_FNLET,
+                WARM_RELAY,
+            ),
             ("fnlet /fn - fnlet GET /healthz", WARM_FNLET, WARM_HEALTHZ),
             ("Invoke API - function URL", WARM_INVOKE, WARM_FNLET),
         ],
@@ -989,6 +1033,13 @@ fn warm_phase(set: &Settings, agent: &Agent, floor: &FloorServer, nginx: &Nginx)
         median_of(&cs, WARM_NGINX),
         1.0,
         true,
+    );
+    goal(
+        "the protocol floor (relay) at or below nginx's proxy path (median): can any agent meet the goal?",
+        median_of(&cs, WARM_RELAY),
+        median_of(&cs, WARM_NGINX),
+        1.0,
+        false,
     );
     goal(
         "warm /fn within 1.5x of the floor (median)",
@@ -1070,9 +1121,11 @@ fn throughput_phase(
     agent: &Agent,
     floor: &FloorServer,
     nginx: &Nginx,
+    relay: &FloorServer,
     agent_root: &str,
 ) {
     let floor_addr = SocketAddr::from(([127, 0, 0, 1], floor.port));
+    let relay_addr = SocketAddr::from(([127, 0, 0, 1], relay.port));
     let nginx_addr = SocketAddr::from(([127, 0, 0, 1], nginx.port));
     let mut nginx_pids = vec![nginx.child.id()];
     nginx_pids.extend(nginx.workers());
@@ -1112,6 +1165,22 @@ fn throughput_phase(
                 PAYLOAD,
             )),
             pids: nginx_pids,
+            cpuacct: None,
+        },
+        Target {
+            name: "protocol floor: relay".into(),
+            instances: Some(relay.behind.len()),
+            addr: relay_addr,
+            req: Arc::new(request_bytes(
+                "POST",
+                "/",
+                &relay_addr.to_string(),
+                &[],
+                PAYLOAD,
+            )),
+            pids: std::iter::once(relay.child.id())
+                .chain(relay.behind.iter().copied())
+                .collect(),
             cpuacct: None,
         },
     ];
@@ -1266,10 +1335,26 @@ fn throughput_phase(
         "(x floor, x nginx: requests/s over theirs; latency over the successful requests; host %: \
          busy share of all cores; server CPU: the serving processes' own CPU per request from \
          /proc/<pid>/stat in 10 ms ticks (floor: its server; nginx: master, workers and the floor \
-         server behind it; fnlet: the agent + its instances' cgroup tree, cpuacct); server cs: \
-         context switches of the serving processes' threads (fnlet: the agent's only) per request; \
-         client: this process)"
+         server behind it; protocol floor: the relay and its runtimes; fnlet: the agent + its \
+         instances' cgroup tree, cpuacct); server cs: context switches of the serving processes' \
+         threads (fnlet: the agent's only) per request; client: this process)"
     );
+    // What any agent could reach through the Runtime API here, and fnlet's share of it.
+    let relay_rps = rows[2].rps();
+    if relay_rps > 0.0 && nginx_rps > 0.0 {
+        println!(
+            "protocol floor: {:.2}x nginx's requests/s with {} runtimes",
+            relay_rps / nginx_rps,
+            targets[2].instances.unwrap_or(0)
+        );
+        for (t, r) in targets.iter().zip(&rows).skip(3) {
+            println!(
+                "  {}: {:.2}x the protocol floor",
+                t.name,
+                r.rps() / relay_rps
+            );
+        }
+    }
 }
 
 /// CPU counters at one moment, for one target.
@@ -1329,7 +1414,15 @@ impl Snapshot {
 /// What one warm call costs each side, at one client: `calls` back-to-back requests per
 /// contender, CPU time and context switches of the serving processes (schedstat, ns), of the
 /// instance behind fnlet, and of this process.
-fn warm_costs(agent: &Agent, floor: &FloorServer, nginx: &Nginx, agent_root: &str, calls: usize) {
+fn warm_costs(
+    agent: &Agent,
+    floor: &FloorServer,
+    nginx: &Nginx,
+    relay: &FloorServer,
+    agent_root: &str,
+    calls: usize,
+) {
+    let relay_addr = SocketAddr::from(([127, 0, 0, 1], relay.port));
     let floor_addr = SocketAddr::from(([127, 0, 0, 1], floor.port));
     let nginx_addr = SocketAddr::from(([127, 0, 0, 1], nginx.port));
     let mut nginx_side = vec![nginx.child.id()];
@@ -1353,6 +1446,13 @@ fn warm_costs(agent: &Agent, floor: &FloorServer, nginx: &Nginx, agent_root: &st
             vec![floor.child.id()],
         ),
         (
+            WARM_RELAY,
+            relay_addr,
+            request_bytes("POST", "/", &relay_addr.to_string(), &[], PAYLOAD),
+            vec![relay.child.id()],
+            relay.behind.clone(),
+        ),
+        (
             WARM_FNLET,
             agent.addr,
             request_bytes(
@@ -1368,7 +1468,7 @@ fn warm_costs(agent: &Agent, floor: &FloorServer, nginx: &Nginx, agent_root: &st
     ];
     println!(
         "\nper warm call at one client ({calls} back-to-back calls each; CPU from schedstat, summed over \
-         the threads alive; \"behind\": the floor server behind nginx, the no-op instance behind fnlet, pids {instance:?}):\n"
+         the threads alive; \"behind\": the floor server behind nginx, the no-op runtimes behind the relay, the no-op instance behind fnlet, pids {instance:?}):\n"
     );
     println!(
         "| {:<34} | {:>11} | {:>16} | {:>12} | {:>17} | {:>13} | {:>14} |",
@@ -1837,17 +1937,37 @@ fn serve_floor_conn(mut s: TcpStream) {
     }
 }
 
+/// This binary in one of its server roles: the plain HTTP floor, or the relay in front of
+/// no-op runtimes (`behind`: their pids).
 struct FloorServer {
     child: Child,
     port: u16,
+    behind: Vec<u32>,
     stdin: Option<ChildStdin>,
 }
 
 impl FloorServer {
     fn start() -> Result<FloorServer, String> {
+        Self::start_role(ROLE_HTTP_FLOOR, &[])
+    }
+
+    /// The Runtime API's floor: the relay with `instances` copies of `bootstrap` behind it.
+    fn start_relay(bootstrap: &Path, instances: usize) -> Result<FloorServer, String> {
+        Self::start_role(
+            ROLE_RELAY_FLOOR,
+            &[
+                (relay::INSTANCES_ENV, instances.to_string()),
+                (relay::BOOTSTRAP_ENV, bootstrap.display().to_string()),
+            ],
+        )
+    }
+
+    /// Starts the role; it prints its port (and the relay its runtimes' pids) when ready.
+    fn start_role(role: &str, env: &[(&str, String)]) -> Result<FloorServer, String> {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let mut child = Command::new(exe)
-            .env(ROLE_ENV, ROLE_HTTP_FLOOR)
+            .env(ROLE_ENV, role)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -1859,11 +1979,21 @@ impl FloorServer {
         std::io::BufReader::new(out)
             .read_line(&mut line)
             .map_err(|e| e.to_string())?;
-        let port = line
-            .trim()
-            .parse()
-            .map_err(|_| format!("the floor server said {line:?}"))?;
-        Ok(FloorServer { child, port, stdin })
+        let mut words = line.split_whitespace();
+        let port = words
+            .next()
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| format!("{role} said {line:?}"))?;
+        let behind = words
+            .next()
+            .map(|pids| pids.split(',').filter_map(|p| p.parse().ok()).collect())
+            .unwrap_or_default();
+        Ok(FloorServer {
+            child,
+            port,
+            behind,
+            stdin,
+        })
     }
 
     fn stop(mut self) {

@@ -1,0 +1,200 @@
+//! The Runtime API's own floor, for the Lambda bench: the least any agent can do per warm call.
+//!
+//! A relay (a third mode of the bench binary) between HTTP callers and N copies of the no-op
+//! runtime, run as plain processes (no sandbox). A thread per caller connection with blocking
+//! I/O, each runtime's connection taken from an idle stack. Per call it makes the Runtime
+//! API's exchange and nothing else: read the caller's request, read the runtime's parked
+//! `GET /next`, write the event, read its `POST .../response`, write the answer to the caller,
+//! then the `202` to the runtime. Six system calls and the protocol's wake-ups: no routing,
+//! logs, metrics, limits or event loop. So fnlet over this relay is what the agent adds, and
+//! this relay over nginx is what the Runtime API's shape costs on this host.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::{Request, read_request};
+
+/// The role's environment: how many runtimes, and which bootstrap.
+pub const INSTANCES_ENV: &str = "FNLET_BENCH_RELAY_INSTANCES";
+pub const BOOTSTRAP_ENV: &str = "FNLET_BENCH_RELAY_BOOTSTRAP";
+
+const NEXT: &str = "/2018-06-01/runtime/invocation/next";
+const ACCEPTED: &[u8] = b"HTTP/1.1 202 Accepted\r\ncontent-type: application/json\r\ncontent-length: 15\r\n\r\n{\"status\":\"OK\"}";
+
+/// A runtime's kept-alive connection and what was read past the last request.
+struct Runtime {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+/// Idle runtimes, most recently used on top (a warm one-client run keeps one runtime busy).
+struct Pool {
+    idle: Mutex<Vec<Runtime>>,
+    freed: Condvar,
+}
+
+impl Pool {
+    fn take(&self) -> Runtime {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(r) = idle.pop() {
+                return r;
+            }
+            idle = self.freed.wait(idle).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn put(&self, r: Runtime) {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(r);
+        self.freed.notify_one();
+    }
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// The relay's main: starts the runtimes with `env(api)`, prints "port pid,pid,..." once all
+/// have connected, serves callers until its stdin closes, then kills and reaps the runtimes.
+pub fn main(env: impl Fn(&str) -> BTreeMap<String, String>) -> ! {
+    let fail = |what: &str, e: &dyn std::fmt::Display| -> ! {
+        eprintln!("relay floor: {what}: {e}");
+        std::process::exit(1)
+    };
+    let n: usize = std::env::var(INSTANCES_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| fail(INSTANCES_ENV, &"not a count above 0"));
+    let bootstrap = std::env::var_os(BOOTSTRAP_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| fail(BOOTSTRAP_ENV, &"unset"));
+    let callers = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| fail("bind", &e));
+    let api = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| fail("bind", &e));
+    let api_addr = api
+        .local_addr()
+        .unwrap_or_else(|e| fail("local_addr", &e))
+        .to_string();
+    let mut children: Vec<Child> = Vec::with_capacity(n);
+    for _ in 0..n {
+        let child = Command::new(&bootstrap)
+            .env_clear()
+            .envs(env(&api_addr))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| fail(&format!("starting {}", bootstrap.display()), &e));
+        children.push(child);
+    }
+    let pool = Arc::new(Pool {
+        idle: Mutex::new(Vec::with_capacity(n)),
+        freed: Condvar::new(),
+    });
+    for _ in 0..n {
+        let (s, _) = api.accept().unwrap_or_else(|e| fail("accept", &e));
+        s.set_nodelay(true)
+            .unwrap_or_else(|e| fail("TCP_NODELAY", &e));
+        pool.put(Runtime {
+            stream: s,
+            buf: Vec::with_capacity(4096),
+        });
+    }
+    let port = callers.local_addr().map_or(0, |a| a.port());
+    let pids: Vec<String> = children.iter().map(|c| c.id().to_string()).collect();
+    println!("{port} {}", pids.join(","));
+    let _ = std::io::stdout().flush();
+    std::thread::spawn(move || {
+        let mut b = [0u8; 64];
+        while matches!(std::io::stdin().read(&mut b), Ok(n) if n > 0) {}
+        for c in &mut children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        std::process::exit(0);
+    });
+    for s in callers.incoming().flatten() {
+        let pool = pool.clone();
+        std::thread::spawn(move || serve_caller(s, &pool));
+    }
+    std::process::exit(0)
+}
+
+fn serve_caller(mut caller: TcpStream, pool: &Pool) {
+    let _ = caller.set_nodelay(true);
+    let mut buf = Vec::with_capacity(8192);
+    // A caller that closes its connection ends this thread; a runtime that misbehaves ends
+    // the relay, so the bench sees its errors rather than a slower floor.
+    while let Ok(req) = read_request(&mut caller, &mut buf) {
+        let mut rt = pool.take();
+        let answered = match exchange(&mut rt, &req, &mut caller) {
+            Ok(answered) => answered,
+            Err(e) => {
+                eprintln!("relay floor: {e}");
+                std::process::exit(1);
+            }
+        };
+        pool.put(rt);
+        if req.close || !answered {
+            return;
+        }
+    }
+}
+
+/// One invocation: the event to the runtime's parked `GET /next`, its answer to the caller.
+/// Errs on the runtime's side only; returns whether the caller took the answer (a load
+/// generator may close its connections with calls in flight).
+fn exchange(rt: &mut Runtime, req: &Request, caller: &mut TcpStream) -> Result<bool, String> {
+    let next = read_request(&mut rt.stream, &mut rt.buf)?;
+    if next.method != "GET" || next.path != NEXT {
+        return Err(format!(
+            "expected GET {NEXT}, got {} {}",
+            next.method, next.path
+        ));
+    }
+    let id = format!(
+        "00000000-0000-4000-8000-{:012x}",
+        NEXT_ID.fetch_add(1, Ordering::Relaxed)
+    );
+    let deadline_ms = SystemTime::now()
+        .checked_add(Duration::from_secs(crate::TIMEOUT_S))
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis());
+    let mut out = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nlambda-runtime-aws-request-id: {id}\r\n\
+         lambda-runtime-deadline-ms: {deadline_ms}\r\n\
+         lambda-runtime-invoked-function-arn: arn:aws:lambda:us-east-1:000000000000:function:noop-relay\r\n\
+         lambda-runtime-trace-id: Root=1-00000000-000000000000000000000000;Parent=0000000000000000;Sampled=0\r\n\
+         content-length: {}\r\n\r\n",
+        req.body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(&req.body);
+    rt.stream
+        .write_all(&out)
+        .map_err(|e| format!("writing the event: {e}"))?;
+    let resp = read_request(&mut rt.stream, &mut rt.buf)?;
+    let want = format!("/2018-06-01/runtime/invocation/{id}/response");
+    if resp.method != "POST" || resp.path != want {
+        return Err(format!(
+            "expected POST {want}, got {} {}",
+            resp.method, resp.path
+        ));
+    }
+    let mut answer = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        resp.body.len()
+    )
+    .into_bytes();
+    answer.extend_from_slice(&resp.body);
+    // The caller first, as fnlet does: the 202 is off the caller's path.
+    let answered = caller.write_all(&answer).is_ok();
+    rt.stream
+        .write_all(ACCEPTED)
+        .map_err(|e| format!("writing the 202: {e}"))?;
+    Ok(answered)
+}
