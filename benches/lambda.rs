@@ -16,10 +16,12 @@
 //!    same no-op as a plain HTTP server on loopback: a second mode of this binary answering
 //!    `{}`) and that server behind nginx (Debian's, keep-alive upstream), and the Runtime API's own
 //!    floor: a relay (a third mode of this binary, `relay.rs`) that does the protocol's exchange
-//!    and nothing else in front of the same no-op runtime as plain processes.
+//!    and nothing else in front of the same no-op runtime as plain processes, with blocking I/O
+//!    and, as a fourth mode, on tokio (a current-thread runtime per CPU, as the agent's HTTP
+//!    threads).
 //! 3. Throughput with a fixed number of concurrent clients (32) for fnlet with N warm
 //!    instances (`max_concurrency = min_instances = N`) through `/fn` (and through the Invoke
-//!    API at the largest N), the floor, nginx and the relay (with the largest N runtimes), in interleaved rounds of fixed length.
+//!    API at the largest N), the floor, nginx and both relays (with the largest N runtimes), in interleaved rounds of fixed length.
 //!
 //! The same client serves every contender: a small HTTP/1.1 client over a plain TCP socket
 //! (blocking for the latency parts, a one-thread tokio runtime with one task per client for
@@ -87,6 +89,7 @@ const FN_WARM: &str = "noop-warm";
 const ROLE_ENV: &str = "FNLET_BENCH_LAMBDA_ROLE";
 const ROLE_HTTP_FLOOR: &str = "http-floor";
 const ROLE_RELAY_FLOOR: &str = "relay-floor";
+const ROLE_RELAY_EVENTED: &str = "relay-evented";
 
 // Contender names.
 const COLD_FLOOR: &str = "floor: fork+exec, Runtime API here";
@@ -96,6 +99,7 @@ const COLD_FNLET: &str = "fnlet cold start (POST /fn, prepared)";
 const WARM_FLOOR: &str = "floor: plain HTTP server, direct";
 const WARM_NGINX: &str = "nginx -> floor server";
 const WARM_RELAY: &str = "protocol floor: relay -> no-op";
+const WARM_EVENTED: &str = "protocol floor on tokio";
 const WARM_FNLET: &str = "fnlet warm: POST /fn/noop-warm";
 const WARM_INVOKE: &str = "fnlet warm: Invoke API";
 const WARM_HEALTHZ: &str = "fnlet GET /healthz (no function)";
@@ -140,6 +144,7 @@ fn main() {
     match std::env::var(ROLE_ENV).as_deref() {
         Ok(ROLE_HTTP_FLOOR) => http_floor_main(),
         Ok(ROLE_RELAY_FLOOR) => relay::main(|api| lambda_env(api, "noop-relay")),
+        Ok(ROLE_RELAY_EVENTED) => relay::main_evented(|api| lambda_env(api, "noop-relay")),
         _ => {}
     }
     if !nix::unistd::geteuid().is_root() {
@@ -280,14 +285,23 @@ fn main() {
         nginx.conf_summary()
     );
     let relay_n = set.instances.iter().copied().max().unwrap_or(1);
-    let relay = FloorServer::start_relay(&bootstrap, relay_n)
+    let relay = FloorServer::start_relay(ROLE_RELAY_FLOOR, &bootstrap, relay_n)
         .unwrap_or_else(|e| panic!("the Runtime API's floor (relay): {e}"));
+    let evented = FloorServer::start_relay(ROLE_RELAY_EVENTED, &bootstrap, relay_n)
+        .unwrap_or_else(|e| panic!("the Runtime API's floor on tokio (relay): {e}"));
     println!(
         "  protocol floor: pid {}, 127.0.0.1:{} (this binary, {ROLE_ENV}={ROLE_RELAY_FLOOR}: a thread per caller, \
          blocking I/O, only the Runtime API's exchange) in front of {relay_n} no-op runtimes as plain processes, pids {:?}",
         relay.child.id(),
         relay.port,
         relay.behind
+    );
+    println!(
+        "  protocol floor on tokio: pid {}, 127.0.0.1:{} ({ROLE_ENV}={ROLE_RELAY_EVENTED}: the same exchange on one current-thread \
+         tokio runtime per CPU, each with its own listener (one SO_REUSEPORT group) and its share of the {relay_n} runtimes, pids {:?})",
+        evented.child.id(),
+        evented.port,
+        evented.behind
     );
     let _ = std::io::stdout().flush();
 
@@ -304,12 +318,26 @@ fn main() {
 
     // ---- 2. warm, one client ----
     let log_at = agent.log_marks(FN_WARM);
-    warm_phase(&set, &agent, &floor, &nginx, &relay);
+    warm_phase(&set, &agent, &floor, &nginx, &[&relay, &evented]);
     agent.print_stages(log_at, FN_WARM, false);
-    warm_costs(&agent, &floor, &nginx, &relay, &agent_root, set.runs);
+    warm_costs(
+        &agent,
+        &floor,
+        &nginx,
+        &[&relay, &evented],
+        &agent_root,
+        set.runs,
+    );
 
     // ---- 3. throughput ----
-    throughput_phase(&set, &agent, &floor, &nginx, &relay, &agent_root);
+    throughput_phase(
+        &set,
+        &agent,
+        &floor,
+        &nginx,
+        &[&relay, &evented],
+        &agent_root,
+    );
 
     if set.profile_s > 0 {
         let clients = env_count("FNLET_BENCH_PROFILE_CLIENTS", 1);
@@ -340,6 +368,7 @@ fn main() {
     }
     floor.stop();
     relay.stop();
+    evented.stop();
     match agent.stop() {
         Ok((took, status)) => println!(
             "agent: stopped by SIGTERM in {:.0} ms ({status})",
@@ -910,14 +939,16 @@ fn warm_phase(
     agent: &Agent,
     floor: &FloorServer,
     nginx: &Nginx,
-    relay: &FloorServer,
+    relays: &[&FloorServer; 2],
 ) {
     let floor_addr = SocketAddr::from(([127, 0, 0, 1], floor.port));
     let nginx_addr = SocketAddr::from(([127, 0, 0, 1], nginx.port));
-    let relay_addr = SocketAddr::from(([127, 0, 0, 1], relay.port));
+    let relay_addr = SocketAddr::from(([127, 0, 0, 1], relays[0].port));
+    let evented_addr = SocketAddr::from(([127, 0, 0, 1], relays[1].port));
     let floor_req = request_bytes("POST", "/", &floor_addr.to_string(), &[], PAYLOAD);
     let nginx_req = request_bytes("POST", "/", &nginx_addr.to_string(), &[], PAYLOAD);
     let relay_req = request_bytes("POST", "/", &relay_addr.to_string(), &[], PAYLOAD);
+    let evented_req = request_bytes("POST", "/", &evented_addr.to_string(), &[], PAYLOAD);
     let url_req = request_bytes(
         "POST",
         &format!("/fn/{FN_WARM}"),
@@ -959,6 +990,11 @@ fn warm_phase(
             WARM_RELAY,
             "the same POST / to the relay: its body as the event to a no-op runtime (a plain process), the runtime's answer back",
             post(relay_addr, relay_req),
+        ),
+        Timed::new(
+            WARM_EVENTED,
+            "the same relay on tokio: a current-thread runtime per CPU, as the agent's HTTP threads",
+            post(evented_addr, evented_req),
         ),
         Timed::new(
             WARM_FNLET,
@@ -1022,6 +1058,12 @@ fn warm_phase(
                 WARM_FNLET,
                 WARM_RELAY,
             ),
+            (
+                "an event loop's own: relay on tokio - relay",
+                WARM_EVENTED,
+                WARM_RELAY,
+            ),
+            ("fnlet over the relay on tokio", WARM_FNLET, WARM_EVENTED),
             ("fnlet /fn - fnlet GET /healthz", WARM_FNLET, WARM_HEALTHZ),
             ("Invoke API - function URL", WARM_INVOKE, WARM_FNLET),
         ],
@@ -1121,11 +1163,10 @@ fn throughput_phase(
     agent: &Agent,
     floor: &FloorServer,
     nginx: &Nginx,
-    relay: &FloorServer,
+    relays: &[&FloorServer; 2],
     agent_root: &str,
 ) {
     let floor_addr = SocketAddr::from(([127, 0, 0, 1], floor.port));
-    let relay_addr = SocketAddr::from(([127, 0, 0, 1], relay.port));
     let nginx_addr = SocketAddr::from(([127, 0, 0, 1], nginx.port));
     let mut nginx_pids = vec![nginx.child.id()];
     nginx_pids.extend(nginx.workers());
@@ -1167,23 +1208,23 @@ fn throughput_phase(
             pids: nginx_pids,
             cpuacct: None,
         },
-        Target {
-            name: "protocol floor: relay".into(),
+    ];
+    for (name, relay) in ["protocol floor: relay", "protocol floor on tokio"]
+        .into_iter()
+        .zip(relays)
+    {
+        let addr = SocketAddr::from(([127, 0, 0, 1], relay.port));
+        targets.push(Target {
+            name: name.into(),
             instances: Some(relay.behind.len()),
-            addr: relay_addr,
-            req: Arc::new(request_bytes(
-                "POST",
-                "/",
-                &relay_addr.to_string(),
-                &[],
-                PAYLOAD,
-            )),
+            addr,
+            req: Arc::new(request_bytes("POST", "/", &addr.to_string(), &[], PAYLOAD)),
             pids: std::iter::once(relay.child.id())
                 .chain(relay.behind.iter().copied())
                 .collect(),
             cpuacct: None,
-        },
-    ];
+        });
+    }
     // fnlet on `noop-n{n}` through `path`.
     let fnlet = |label: String, n: usize, path: String| Target {
         name: label,
@@ -1347,7 +1388,11 @@ fn throughput_phase(
             relay_rps / nginx_rps,
             targets[2].instances.unwrap_or(0)
         );
-        for (t, r) in targets.iter().zip(&rows).skip(3) {
+        println!(
+            "protocol floor on tokio: {:.2}x the blocking relay's",
+            rows[3].rps() / relay_rps
+        );
+        for (t, r) in targets.iter().zip(&rows).skip(4) {
             println!(
                 "  {}: {:.2}x the protocol floor",
                 t.name,
@@ -1418,11 +1463,12 @@ fn warm_costs(
     agent: &Agent,
     floor: &FloorServer,
     nginx: &Nginx,
-    relay: &FloorServer,
+    relays: &[&FloorServer; 2],
     agent_root: &str,
     calls: usize,
 ) {
-    let relay_addr = SocketAddr::from(([127, 0, 0, 1], relay.port));
+    let relay_addr = SocketAddr::from(([127, 0, 0, 1], relays[0].port));
+    let evented_addr = SocketAddr::from(([127, 0, 0, 1], relays[1].port));
     let floor_addr = SocketAddr::from(([127, 0, 0, 1], floor.port));
     let nginx_addr = SocketAddr::from(([127, 0, 0, 1], nginx.port));
     let mut nginx_side = vec![nginx.child.id()];
@@ -1449,8 +1495,15 @@ fn warm_costs(
             WARM_RELAY,
             relay_addr,
             request_bytes("POST", "/", &relay_addr.to_string(), &[], PAYLOAD),
-            vec![relay.child.id()],
-            relay.behind.clone(),
+            vec![relays[0].child.id()],
+            relays[0].behind.clone(),
+        ),
+        (
+            WARM_EVENTED,
+            evented_addr,
+            request_bytes("POST", "/", &evented_addr.to_string(), &[], PAYLOAD),
+            vec![relays[1].child.id()],
+            relays[1].behind.clone(),
         ),
         (
             WARM_FNLET,
@@ -1951,10 +2004,11 @@ impl FloorServer {
         Self::start_role(ROLE_HTTP_FLOOR, &[])
     }
 
-    /// The Runtime API's floor: the relay with `instances` copies of `bootstrap` behind it.
-    fn start_relay(bootstrap: &Path, instances: usize) -> Result<FloorServer, String> {
+    /// The Runtime API's floor: the relay (`ROLE_RELAY_FLOOR`, or on tokio
+    /// `ROLE_RELAY_EVENTED`) with `instances` copies of `bootstrap` behind it.
+    fn start_relay(role: &str, bootstrap: &Path, instances: usize) -> Result<FloorServer, String> {
         Self::start_role(
-            ROLE_RELAY_FLOOR,
+            role,
             &[
                 (relay::INSTANCES_ENV, instances.to_string()),
                 (relay::BOOTSTRAP_ENV, bootstrap.display().to_string()),

@@ -156,6 +156,22 @@ fn exchange(rt: &mut Runtime, req: &Request, caller: &mut TcpStream) -> Result<b
             next.method, next.path
         ));
     }
+    let (id, event) = event_for(&req.body);
+    rt.stream
+        .write_all(&event)
+        .map_err(|e| format!("writing the event: {e}"))?;
+    let resp = read_request(&mut rt.stream, &mut rt.buf)?;
+    check_response(&resp, &id)?;
+    // The caller first, as fnlet does: the 202 is off the caller's path.
+    let answered = caller.write_all(&answer_for(&resp.body)).is_ok();
+    rt.stream
+        .write_all(ACCEPTED)
+        .map_err(|e| format!("writing the 202: {e}"))?;
+    Ok(answered)
+}
+
+/// A fresh request id and the `/next` answer carrying `body` as the event.
+fn event_for(body: &[u8]) -> (String, Vec<u8>) {
     let id = format!(
         "00000000-0000-4000-8000-{:012x}",
         NEXT_ID.fetch_add(1, Ordering::Relaxed)
@@ -170,14 +186,14 @@ fn exchange(rt: &mut Runtime, req: &Request, caller: &mut TcpStream) -> Result<b
          lambda-runtime-invoked-function-arn: arn:aws:lambda:us-east-1:000000000000:function:noop-relay\r\n\
          lambda-runtime-trace-id: Root=1-00000000-000000000000000000000000;Parent=0000000000000000;Sampled=0\r\n\
          content-length: {}\r\n\r\n",
-        req.body.len()
+        body.len()
     )
     .into_bytes();
-    out.extend_from_slice(&req.body);
-    rt.stream
-        .write_all(&out)
-        .map_err(|e| format!("writing the event: {e}"))?;
-    let resp = read_request(&mut rt.stream, &mut rt.buf)?;
+    out.extend_from_slice(body);
+    (id, out)
+}
+
+fn check_response(resp: &Request, id: &str) -> Result<(), String> {
     let want = format!("/2018-06-01/runtime/invocation/{id}/response");
     if resp.method != "POST" || resp.path != want {
         return Err(format!(
@@ -185,16 +201,199 @@ fn exchange(rt: &mut Runtime, req: &Request, caller: &mut TcpStream) -> Result<b
             resp.method, resp.path
         ));
     }
+    Ok(())
+}
+
+/// The caller's answer: the runtime's response body.
+fn answer_for(body: &[u8]) -> Vec<u8> {
     let mut answer = format!(
         "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-        resp.body.len()
+        body.len()
     )
     .into_bytes();
-    answer.extend_from_slice(&resp.body);
-    // The caller first, as fnlet does: the 202 is off the caller's path.
-    let answered = caller.write_all(&answer).is_ok();
-    rt.stream
-        .write_all(ACCEPTED)
-        .map_err(|e| format!("writing the 202: {e}"))?;
-    Ok(answered)
+    answer.extend_from_slice(body);
+    answer
+}
+
+/// The same relay on tokio, shaped as the agent's HTTP side: one current-thread runtime per
+/// CPU, each with its own caller listener in one `SO_REUSEPORT` group and its own share of the
+/// runtimes' connections. Its figure against the blocking relay is what an event loop costs;
+/// fnlet's against it, what the layers above one cost.
+pub fn main_evented(env: impl Fn(&str) -> BTreeMap<String, String>) -> ! {
+    use tokio::net::TcpSocket;
+    let fail = |what: &str, e: &dyn std::fmt::Display| -> ! {
+        eprintln!("evented relay floor: {what}: {e}");
+        std::process::exit(1)
+    };
+    let n: usize = std::env::var(INSTANCES_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| fail(INSTANCES_ENV, &"not a count above 0"));
+    let bootstrap = std::env::var_os(BOOTSTRAP_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| fail(BOOTSTRAP_ENV, &"unset"));
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    let api = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| fail("bind", &e));
+    let api_addr = api
+        .local_addr()
+        .unwrap_or_else(|e| fail("local_addr", &e))
+        .to_string();
+    let mut children: Vec<Child> = Vec::with_capacity(n);
+    for _ in 0..n {
+        let child = Command::new(&bootstrap)
+            .env_clear()
+            .envs(env(&api_addr))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| fail(&format!("starting {}", bootstrap.display()), &e));
+        children.push(child);
+    }
+    // Round robin: thread i serves runtimes i, i + threads, ...
+    let mut shares: Vec<Vec<TcpStream>> = (0..threads).map(|_| Vec::new()).collect();
+    for i in 0..n {
+        let (s, _) = api.accept().unwrap_or_else(|e| fail("accept", &e));
+        s.set_nodelay(true)
+            .unwrap_or_else(|e| fail("TCP_NODELAY", &e));
+        s.set_nonblocking(true)
+            .unwrap_or_else(|e| fail("O_NONBLOCK", &e));
+        shares[i % threads].push(s);
+    }
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel::<u16>();
+    let mut port = 0u16;
+    for (i, share) in shares.into_iter().enumerate() {
+        let bound_tx = bound_tx.clone();
+        let want = port;
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap_or_else(|e| fail("tokio", &e));
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, async move {
+                let listener = TcpSocket::new_v4()
+                    .and_then(|s| {
+                        s.set_reuseport(true)?;
+                        s.bind(([127, 0, 0, 1], want).into())?;
+                        s.listen(1024)
+                    })
+                    .unwrap_or_else(|e| fail(&format!("listening (thread {i})"), &e));
+                let _ = bound_tx.send(listener.local_addr().map_or(0, |a| a.port()));
+                let pool = std::rc::Rc::new(LocalPool {
+                    idle: std::cell::RefCell::new(
+                        share
+                            .into_iter()
+                            .filter_map(|s| tokio::net::TcpStream::from_std(s).ok())
+                            .map(|stream| EventedRuntime {
+                                stream,
+                                buf: Vec::with_capacity(4096),
+                            })
+                            .collect(),
+                    ),
+                    freed: tokio::sync::Notify::new(),
+                });
+                while let Ok((s, _)) = listener.accept().await {
+                    tokio::task::spawn_local(serve_caller_evented(s, pool.clone()));
+                }
+            });
+        });
+        port = bound_rx
+            .recv()
+            .unwrap_or_else(|e| fail("a serving thread", &e));
+    }
+    let pids: Vec<String> = children.iter().map(|c| c.id().to_string()).collect();
+    println!("{port} {}", pids.join(","));
+    let _ = std::io::stdout().flush();
+    let mut b = [0u8; 64];
+    while matches!(std::io::stdin().read(&mut b), Ok(n) if n > 0) {}
+    for c in &mut children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    std::process::exit(0)
+}
+
+struct EventedRuntime {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+/// One thread's idle runtimes; tasks of that thread only.
+struct LocalPool {
+    idle: std::cell::RefCell<Vec<EventedRuntime>>,
+    freed: tokio::sync::Notify,
+}
+
+async fn read_request_evented(
+    s: &mut tokio::net::TcpStream,
+    buf: &mut Vec<u8>,
+) -> Result<Request, String> {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 16384];
+    loop {
+        if let Some(r) = crate::parse_request(buf)? {
+            buf.drain(..r.len);
+            return Ok(r);
+        }
+        let n = s
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("reading a request: {e}"))?;
+        if n == 0 {
+            return Err("the peer closed its connection".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+async fn serve_caller_evented(mut caller: tokio::net::TcpStream, pool: std::rc::Rc<LocalPool>) {
+    use tokio::io::AsyncWriteExt;
+    let _ = caller.set_nodelay(true);
+    let mut buf = Vec::with_capacity(8192);
+    while let Ok(req) = read_request_evented(&mut caller, &mut buf).await {
+        let mut rt = loop {
+            let freed = pool.freed.notified();
+            if let Some(r) = pool.idle.borrow_mut().pop() {
+                break r;
+            }
+            freed.await;
+        };
+        let exchanged: Result<Vec<u8>, String> = async {
+            let next = read_request_evented(&mut rt.stream, &mut rt.buf).await?;
+            if next.method != "GET" || next.path != NEXT {
+                return Err(format!(
+                    "expected GET {NEXT}, got {} {}",
+                    next.method, next.path
+                ));
+            }
+            let (id, event) = event_for(&req.body);
+            rt.stream
+                .write_all(&event)
+                .await
+                .map_err(|e| format!("writing the event: {e}"))?;
+            let resp = read_request_evented(&mut rt.stream, &mut rt.buf).await?;
+            check_response(&resp, &id)?;
+            Ok(answer_for(&resp.body))
+        }
+        .await;
+        let answer = match exchanged {
+            Ok(answer) => answer,
+            Err(e) => {
+                eprintln!("evented relay floor: {e}");
+                std::process::exit(1);
+            }
+        };
+        let answered = caller.write_all(&answer).await.is_ok();
+        if let Err(e) = rt.stream.write_all(ACCEPTED).await {
+            eprintln!("evented relay floor: writing the 202: {e}");
+            std::process::exit(1);
+        }
+        pool.idle.borrow_mut().push(rt);
+        pool.freed.notify_one();
+        if req.close || !answered {
+            return;
+        }
+    }
 }
