@@ -21,7 +21,8 @@
 //!    threads).
 //! 3. Throughput with a fixed number of concurrent clients (32) for fnlet with N warm
 //!    instances (`max_concurrency = min_instances = N`) through `/fn` (and through the Invoke
-//!    API at the largest N), the floor, nginx and both relays (with the largest N runtimes), in interleaved rounds of fixed length.
+//!    API at the largest N), the floor, nginx and both relays (with the largest N runtimes), in
+//!    interleaved rounds of fixed length.
 //!
 //! The same client serves every contender: a small HTTP/1.1 client over a plain TCP socket
 //! (blocking for the latency parts, a one-thread tokio runtime with one task per client for
