@@ -61,10 +61,35 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 /// The relay's main: starts the runtimes with `env(api)`, prints "port pid,pid,..." once all
 /// have connected, serves callers until its stdin closes, then kills and reaps the runtimes.
 pub fn main(env: impl Fn(&str) -> BTreeMap<String, String>) -> ! {
-    let fail = |what: &str, e: &dyn std::fmt::Display| -> ! {
-        eprintln!("relay floor: {what}: {e}");
-        std::process::exit(1)
-    };
+    let callers = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| fail("bind", &e));
+    let (children, conns) = start_runtimes(env);
+    let pool = Arc::new(Pool {
+        idle: Mutex::new(Vec::with_capacity(conns.len())),
+        freed: Condvar::new(),
+    });
+    for s in conns {
+        pool.put(Runtime {
+            stream: s,
+            buf: Vec::with_capacity(4096),
+        });
+    }
+    announce(callers.local_addr().map_or(0, |a| a.port()), &children);
+    std::thread::spawn(move || serve_until_stdin_closes(children));
+    for s in callers.incoming().flatten() {
+        let pool = pool.clone();
+        std::thread::spawn(move || serve_caller(s, &pool));
+    }
+    std::process::exit(0)
+}
+
+fn fail(what: &str, e: &dyn std::fmt::Display) -> ! {
+    eprintln!("relay floor: {what}: {e}");
+    std::process::exit(1)
+}
+
+/// Starts the role's runtimes (`INSTANCES_ENV` copies of `BOOTSTRAP_ENV`) against a Runtime
+/// API listener of ours; returns them and their connections, once every one has connected.
+fn start_runtimes(env: impl Fn(&str) -> BTreeMap<String, String>) -> (Vec<Child>, Vec<TcpStream>) {
     let n: usize = std::env::var(INSTANCES_ENV)
         .ok()
         .and_then(|v| v.parse().ok())
@@ -73,53 +98,48 @@ pub fn main(env: impl Fn(&str) -> BTreeMap<String, String>) -> ! {
     let bootstrap = std::env::var_os(BOOTSTRAP_ENV)
         .map(PathBuf::from)
         .unwrap_or_else(|| fail(BOOTSTRAP_ENV, &"unset"));
-    let callers = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| fail("bind", &e));
     let api = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| fail("bind", &e));
     let api_addr = api
         .local_addr()
         .unwrap_or_else(|e| fail("local_addr", &e))
         .to_string();
-    let mut children: Vec<Child> = Vec::with_capacity(n);
-    for _ in 0..n {
-        let child = Command::new(&bootstrap)
-            .env_clear()
-            .envs(env(&api_addr))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| fail(&format!("starting {}", bootstrap.display()), &e));
-        children.push(child);
-    }
-    let pool = Arc::new(Pool {
-        idle: Mutex::new(Vec::with_capacity(n)),
-        freed: Condvar::new(),
-    });
-    for _ in 0..n {
-        let (s, _) = api.accept().unwrap_or_else(|e| fail("accept", &e));
-        s.set_nodelay(true)
-            .unwrap_or_else(|e| fail("TCP_NODELAY", &e));
-        pool.put(Runtime {
-            stream: s,
-            buf: Vec::with_capacity(4096),
-        });
-    }
-    let port = callers.local_addr().map_or(0, |a| a.port());
+    let children = (0..n)
+        .map(|_| {
+            Command::new(&bootstrap)
+                .env_clear()
+                .envs(env(&api_addr))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap_or_else(|e| fail(&format!("starting {}", bootstrap.display()), &e))
+        })
+        .collect();
+    let conns = (0..n)
+        .map(|_| {
+            let (s, _) = api.accept().unwrap_or_else(|e| fail("accept", &e));
+            s.set_nodelay(true)
+                .unwrap_or_else(|e| fail("TCP_NODELAY", &e));
+            s
+        })
+        .collect();
+    (children, conns)
+}
+
+/// The ready line the bench waits for: the callers' port and the runtimes' pids.
+fn announce(port: u16, children: &[Child]) {
     let pids: Vec<String> = children.iter().map(|c| c.id().to_string()).collect();
     println!("{port} {}", pids.join(","));
     let _ = std::io::stdout().flush();
-    std::thread::spawn(move || {
-        let mut b = [0u8; 64];
-        while matches!(std::io::stdin().read(&mut b), Ok(n) if n > 0) {}
-        for c in &mut children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        std::process::exit(0);
-    });
-    for s in callers.incoming().flatten() {
-        let pool = pool.clone();
-        std::thread::spawn(move || serve_caller(s, &pool));
+}
+
+/// Waits for the bench to close our stdin, then kills and reaps the runtimes and exits.
+fn serve_until_stdin_closes(mut children: Vec<Child>) -> ! {
+    let mut b = [0u8; 64];
+    while matches!(std::io::stdin().read(&mut b), Ok(n) if n > 0) {}
+    for c in &mut children {
+        let _ = c.kill();
+        let _ = c.wait();
     }
     std::process::exit(0)
 }
@@ -221,42 +241,11 @@ fn answer_for(body: &[u8]) -> Vec<u8> {
 /// fnlet's against it, what the layers above one cost.
 pub fn main_evented(env: impl Fn(&str) -> BTreeMap<String, String>) -> ! {
     use tokio::net::TcpSocket;
-    let fail = |what: &str, e: &dyn std::fmt::Display| -> ! {
-        eprintln!("evented relay floor: {what}: {e}");
-        std::process::exit(1)
-    };
-    let n: usize = std::env::var(INSTANCES_ENV)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or_else(|| fail(INSTANCES_ENV, &"not a count above 0"));
-    let bootstrap = std::env::var_os(BOOTSTRAP_ENV)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| fail(BOOTSTRAP_ENV, &"unset"));
     let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
-    let api = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| fail("bind", &e));
-    let api_addr = api
-        .local_addr()
-        .unwrap_or_else(|e| fail("local_addr", &e))
-        .to_string();
-    let mut children: Vec<Child> = Vec::with_capacity(n);
-    for _ in 0..n {
-        let child = Command::new(&bootstrap)
-            .env_clear()
-            .envs(env(&api_addr))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| fail(&format!("starting {}", bootstrap.display()), &e));
-        children.push(child);
-    }
+    let (children, conns) = start_runtimes(env);
     // Round robin: thread i serves runtimes i, i + threads, ...
     let mut shares: Vec<Vec<TcpStream>> = (0..threads).map(|_| Vec::new()).collect();
-    for i in 0..n {
-        let (s, _) = api.accept().unwrap_or_else(|e| fail("accept", &e));
-        s.set_nodelay(true)
-            .unwrap_or_else(|e| fail("TCP_NODELAY", &e));
+    for (i, s) in conns.into_iter().enumerate() {
         s.set_nonblocking(true)
             .unwrap_or_else(|e| fail("O_NONBLOCK", &e));
         shares[i % threads].push(s);
@@ -303,16 +292,8 @@ pub fn main_evented(env: impl Fn(&str) -> BTreeMap<String, String>) -> ! {
             .recv()
             .unwrap_or_else(|e| fail("a serving thread", &e));
     }
-    let pids: Vec<String> = children.iter().map(|c| c.id().to_string()).collect();
-    println!("{port} {}", pids.join(","));
-    let _ = std::io::stdout().flush();
-    let mut b = [0u8; 64];
-    while matches!(std::io::stdin().read(&mut b), Ok(n) if n > 0) {}
-    for c in &mut children {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-    std::process::exit(0)
+    announce(port, &children);
+    serve_until_stdin_closes(children)
 }
 
 struct EventedRuntime {
@@ -381,13 +362,13 @@ async fn serve_caller_evented(mut caller: tokio::net::TcpStream, pool: std::rc::
         let answer = match exchanged {
             Ok(answer) => answer,
             Err(e) => {
-                eprintln!("evented relay floor: {e}");
+                eprintln!("relay floor on tokio: {e}");
                 std::process::exit(1);
             }
         };
         let answered = caller.write_all(&answer).await.is_ok();
         if let Err(e) = rt.stream.write_all(ACCEPTED).await {
-            eprintln!("evented relay floor: writing the 202: {e}");
+            eprintln!("relay floor on tokio: writing the 202: {e}");
             std::process::exit(1);
         }
         pool.idle.borrow_mut().push(rt);
