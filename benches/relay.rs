@@ -169,13 +169,7 @@ fn serve_caller(mut caller: TcpStream, pool: &Pool) {
 /// Errs on the runtime's side only; returns whether the caller took the answer (a load
 /// generator may close its connections with calls in flight).
 fn exchange(rt: &mut Runtime, req: &Request, caller: &mut TcpStream) -> Result<bool, String> {
-    let next = read_request(&mut rt.stream, &mut rt.buf)?;
-    if next.method != "GET" || next.path != NEXT {
-        return Err(format!(
-            "expected GET {NEXT}, got {} {}",
-            next.method, next.path
-        ));
-    }
+    check_next(&read_request(&mut rt.stream, &mut rt.buf)?)?;
     let (id, event) = event_for(&req.body);
     rt.stream
         .write_all(&event)
@@ -213,6 +207,18 @@ fn event_for(body: &[u8]) -> (String, Vec<u8>) {
     (id, out)
 }
 
+/// The runtime's request must be the `GET /next` it parks between invocations.
+fn check_next(next: &Request) -> Result<(), String> {
+    if next.method != "GET" || next.path != NEXT {
+        return Err(format!(
+            "expected GET {NEXT}, got {} {}",
+            next.method, next.path
+        ));
+    }
+    Ok(())
+}
+
+/// The runtime's request must be its answer to the invocation `id`.
 fn check_response(resp: &Request, id: &str) -> Result<(), String> {
     let want = format!("/2018-06-01/runtime/invocation/{id}/response");
     if resp.method != "POST" || resp.path != want {
@@ -342,13 +348,7 @@ async fn serve_caller_evented(mut caller: tokio::net::TcpStream, pool: std::rc::
             freed.await;
         };
         let exchanged: Result<Vec<u8>, String> = async {
-            let next = read_request_evented(&mut rt.stream, &mut rt.buf).await?;
-            if next.method != "GET" || next.path != NEXT {
-                return Err(format!(
-                    "expected GET {NEXT}, got {} {}",
-                    next.method, next.path
-                ));
-            }
+            check_next(&read_request_evented(&mut rt.stream, &mut rt.buf).await?)?;
             let (id, event) = event_for(&req.body);
             rt.stream
                 .write_all(&event)
