@@ -18,7 +18,9 @@
 //!    floor: a relay (a third mode of this binary, `relay.rs`) that does the protocol's exchange
 //!    and nothing else in front of the same no-op runtime as plain processes, with blocking I/O
 //!    and, as a fourth mode, on tokio (a current-thread runtime per CPU, as the agent's HTTP
-//!    threads).
+//!    threads). With `FNLET_BENCH_RELAYS=all`, two more: the tokio relay with hyper's server on
+//!    the callers' side, and with hyper on both sides (the runtimes' connections served by
+//!    hyper, events on channels), so the layers can be told apart.
 //! 3. Throughput with a fixed number of concurrent clients (32) for fnlet with N warm
 //!    instances (`max_concurrency = min_instances = N`) through `/fn` (and through the Invoke
 //!    API at the largest N), the floor, nginx and both relays (with the largest N runtimes), in
@@ -38,7 +40,8 @@
 //! `FNLET_BENCH_PERF_OUT` (where the perf report goes, default: printed),
 //! `FNLET_BENCH_PROFILE_CLIENTS` (1: one client on noop-warm; more: that many on the largest N),
 //! `FNLET_BENCH_AGENT_WORKERS` (an experiment: the agent's TOKIO_WORKER_THREADS),
-//! `FNLET_BENCH_LAMBDA_CONFIG` (an experiment: more `[lambda]` lines for the agent), `FNLET_BIN`,
+//! `FNLET_BENCH_LAMBDA_CONFIG` (an experiment: more `[lambda]` lines for the agent),
+//! `FNLET_BENCH_RELAYS` (`all`: the four relays; else the first two), `FNLET_BIN`,
 //! `FNLET_NOOP_BIN` (default tests/fixtures/lambda-noop/bundle/bootstrap), `NGINX_BIN`.
 
 #![forbid(unsafe_code)]
@@ -91,6 +94,8 @@ const ROLE_ENV: &str = "FNLET_BENCH_LAMBDA_ROLE";
 const ROLE_HTTP_FLOOR: &str = "http-floor";
 const ROLE_RELAY_FLOOR: &str = "relay-floor";
 const ROLE_RELAY_EVENTED: &str = "relay-evented";
+const ROLE_RELAY_HYPER: &str = "relay-hyper";
+const ROLE_RELAY_HYPER_BOTH: &str = "relay-hyper-both";
 
 // Contender names.
 const COLD_FLOOR: &str = "floor: fork+exec, Runtime API here";
@@ -101,6 +106,39 @@ const WARM_FLOOR: &str = "floor: plain HTTP server, direct";
 const WARM_NGINX: &str = "nginx -> floor server";
 const WARM_RELAY: &str = "protocol floor: relay -> no-op";
 const WARM_EVENTED: &str = "protocol floor on tokio";
+
+/// The relays (`relay.rs`): (role, contender name, what it is). The first two always run; all
+/// four with `FNLET_BENCH_RELAYS=all`.
+const RELAYS: [(&str, &str, &str); 4] = [
+    (
+        ROLE_RELAY_FLOOR,
+        WARM_RELAY,
+        "a thread per caller, blocking I/O, only the Runtime API's exchange",
+    ),
+    (
+        ROLE_RELAY_EVENTED,
+        WARM_EVENTED,
+        "the same exchange on one current-thread tokio runtime per CPU, each with its own listener \
+         (one SO_REUSEPORT group) and its share of the runtimes",
+    ),
+    (
+        ROLE_RELAY_HYPER,
+        "relay on tokio, hyper to callers",
+        "as on tokio, with hyper's HTTP/1 server on the callers' side",
+    ),
+    (
+        ROLE_RELAY_HYPER_BOTH,
+        "relay on tokio, hyper both sides",
+        "as on tokio, with hyper's HTTP/1 server on both sides: each runtime's connection served \
+         by hyper, its GET /next waiting on a channel, its answer back on a oneshot",
+    ),
+];
+
+/// A relay of [`RELAYS`], started.
+struct Relay {
+    name: &'static str,
+    server: FloorServer,
+}
 const WARM_FNLET: &str = "fnlet warm: POST /fn/noop-warm";
 const WARM_INVOKE: &str = "fnlet warm: Invoke API";
 const WARM_HEALTHZ: &str = "fnlet GET /healthz (no function)";
@@ -146,6 +184,8 @@ fn main() {
         Ok(ROLE_HTTP_FLOOR) => http_floor_main(),
         Ok(ROLE_RELAY_FLOOR) => relay::main(|api| lambda_env(api, "noop-relay")),
         Ok(ROLE_RELAY_EVENTED) => relay::main_evented(|api| lambda_env(api, "noop-relay")),
+        Ok(ROLE_RELAY_HYPER) => relay::main_hyper(|api| lambda_env(api, "noop-relay")),
+        Ok(ROLE_RELAY_HYPER_BOTH) => relay::main_hyper_both(|api| lambda_env(api, "noop-relay")),
         _ => {}
     }
     if !nix::unistd::geteuid().is_root() {
@@ -286,24 +326,23 @@ fn main() {
         nginx.conf_summary()
     );
     let relay_n = set.instances.iter().copied().max().unwrap_or(1);
-    let relay = FloorServer::start_relay(ROLE_RELAY_FLOOR, &bootstrap, relay_n)
-        .unwrap_or_else(|e| panic!("the Runtime API's floor (relay): {e}"));
-    let evented = FloorServer::start_relay(ROLE_RELAY_EVENTED, &bootstrap, relay_n)
-        .unwrap_or_else(|e| panic!("the Runtime API's floor on tokio (relay): {e}"));
-    println!(
-        "  protocol floor: pid {}, 127.0.0.1:{} (this binary, {ROLE_ENV}={ROLE_RELAY_FLOOR}: a thread per caller, \
-         blocking I/O, only the Runtime API's exchange) in front of {relay_n} no-op runtimes as plain processes, pids {:?}",
-        relay.child.id(),
-        relay.port,
-        relay.behind
-    );
-    println!(
-        "  protocol floor on tokio: pid {}, 127.0.0.1:{} ({ROLE_ENV}={ROLE_RELAY_EVENTED}: the same exchange on one current-thread \
-         tokio runtime per CPU, each with its own listener (one SO_REUSEPORT group) and its share of the {relay_n} runtimes, pids {:?})",
-        evented.child.id(),
-        evented.port,
-        evented.behind
-    );
+    let all_relays = std::env::var("FNLET_BENCH_RELAYS").as_deref() == Ok("all");
+    let relays: Vec<Relay> = RELAYS
+        .iter()
+        .take(if all_relays { RELAYS.len() } else { 2 })
+        .map(|&(role, name, what)| {
+            let server = FloorServer::start_relay(role, &bootstrap, relay_n)
+                .unwrap_or_else(|e| panic!("{name} ({role}): {e}"));
+            println!(
+                "  {name}: pid {}, 127.0.0.1:{} (this binary, {ROLE_ENV}={role}: {what}) in front of {relay_n} \
+                 no-op runtimes as plain processes, pids {:?}",
+                server.child.id(),
+                server.port,
+                server.behind
+            );
+            Relay { name, server }
+        })
+        .collect();
     let _ = std::io::stdout().flush();
 
     let isolator = Isolator::new(IsolatorConfig {
@@ -319,26 +358,12 @@ fn main() {
 
     // ---- 2. warm, one client ----
     let log_at = agent.log_marks(FN_WARM);
-    warm_phase(&set, &agent, &floor, &nginx, &[&relay, &evented]);
+    warm_phase(&set, &agent, &floor, &nginx, &relays);
     agent.print_stages(log_at, FN_WARM, false);
-    warm_costs(
-        &agent,
-        &floor,
-        &nginx,
-        &[&relay, &evented],
-        &agent_root,
-        set.runs,
-    );
+    warm_costs(&agent, &floor, &nginx, &relays, &agent_root, set.runs);
 
     // ---- 3. throughput ----
-    throughput_phase(
-        &set,
-        &agent,
-        &floor,
-        &nginx,
-        &[&relay, &evented],
-        &agent_root,
-    );
+    throughput_phase(&set, &agent, &floor, &nginx, &relays, &agent_root);
 
     if set.profile_s > 0 {
         let clients = env_count("FNLET_BENCH_PROFILE_CLIENTS", 1);
@@ -368,8 +393,9 @@ fn main() {
         Err(e) => println!("nginx: {e}"),
     }
     floor.stop();
-    relay.stop();
-    evented.stop();
+    for r in relays {
+        r.server.stop();
+    }
     match agent.stop() {
         Ok((took, status)) => println!(
             "agent: stopped by SIGTERM in {:.0} ms ({status})",
@@ -935,21 +961,11 @@ fn cgroup_leaves(root: &str, prefix: &str) -> Option<usize> {
 // ---------------------------------------------------------------------------------------------
 // 2. warm, one client
 
-fn warm_phase(
-    set: &Settings,
-    agent: &Agent,
-    floor: &FloorServer,
-    nginx: &Nginx,
-    relays: &[&FloorServer; 2],
-) {
+fn warm_phase(set: &Settings, agent: &Agent, floor: &FloorServer, nginx: &Nginx, relays: &[Relay]) {
     let floor_addr = SocketAddr::from(([127, 0, 0, 1], floor.port));
     let nginx_addr = SocketAddr::from(([127, 0, 0, 1], nginx.port));
-    let relay_addr = SocketAddr::from(([127, 0, 0, 1], relays[0].port));
-    let evented_addr = SocketAddr::from(([127, 0, 0, 1], relays[1].port));
     let floor_req = request_bytes("POST", "/", &floor_addr.to_string(), &[], PAYLOAD);
     let nginx_req = request_bytes("POST", "/", &nginx_addr.to_string(), &[], PAYLOAD);
-    let relay_req = request_bytes("POST", "/", &relay_addr.to_string(), &[], PAYLOAD);
-    let evented_req = request_bytes("POST", "/", &evented_addr.to_string(), &[], PAYLOAD);
     let url_req = request_bytes(
         "POST",
         &format!("/fn/{FN_WARM}"),
@@ -988,16 +1004,6 @@ fn warm_phase(
             post(nginx_addr, nginx_req),
         ),
         Timed::new(
-            WARM_RELAY,
-            "the same POST / to the relay: its body as the event to a no-op runtime (a plain process), the runtime's answer back",
-            post(relay_addr, relay_req),
-        ),
-        Timed::new(
-            WARM_EVENTED,
-            "the same relay on tokio: a current-thread runtime per CPU, as the agent's HTTP threads",
-            post(evented_addr, evented_req),
-        ),
-        Timed::new(
             WARM_FNLET,
             format!(
                 "POST /fn/{FN_WARM} (function URL: payload 2.0 event; the answer {{}} has no statusCode so it is returned as is with 200), one warm instance (min_instances = 1, max_concurrency = 1)"
@@ -1023,6 +1029,22 @@ fn warm_phase(
             }),
         ),
     ];
+    // The relays after nginx, in `RELAYS`' order.
+    for (i, r) in relays.iter().enumerate() {
+        let addr = SocketAddr::from(([127, 0, 0, 1], r.server.port));
+        let req = request_bytes("POST", "/", &addr.to_string(), &[], PAYLOAD);
+        cs.insert(
+            2 + i,
+            Timed::new(
+                r.name,
+                format!(
+                    "the same POST / to {}: its body as the event to a no-op runtime (a plain process), the runtime's answer back",
+                    r.name
+                ),
+                post(addr, req),
+            ),
+        );
+    }
     for c in &mut cs {
         if let Err(e) = c.once(usize::MAX) {
             panic!("{}: trial call failed: {e}", c.name);
@@ -1065,6 +1087,17 @@ fn warm_phase(
                 WARM_RELAY,
             ),
             ("fnlet over the relay on tokio", WARM_FNLET, WARM_EVENTED),
+            (
+                "hyper to callers: its relay - the relay on tokio",
+                RELAYS[2].1,
+                WARM_EVENTED,
+            ),
+            (
+                "hyper on both sides: its relay - the relay on tokio",
+                RELAYS[3].1,
+                WARM_EVENTED,
+            ),
+            ("fnlet over hyper on both sides", WARM_FNLET, RELAYS[3].1),
             ("fnlet /fn - fnlet GET /healthz", WARM_FNLET, WARM_HEALTHZ),
             ("Invoke API - function URL", WARM_INVOKE, WARM_FNLET),
         ],
@@ -1164,7 +1197,7 @@ fn throughput_phase(
     agent: &Agent,
     floor: &FloorServer,
     nginx: &Nginx,
-    relays: &[&FloorServer; 2],
+    relays: &[Relay],
     agent_root: &str,
 ) {
     let floor_addr = SocketAddr::from(([127, 0, 0, 1], floor.port));
@@ -1210,13 +1243,11 @@ fn throughput_phase(
             cpuacct: None,
         },
     ];
-    for (name, relay) in ["protocol floor: relay", "protocol floor on tokio"]
-        .into_iter()
-        .zip(relays)
-    {
+    for r in relays {
+        let relay = &r.server;
         let addr = SocketAddr::from(([127, 0, 0, 1], relay.port));
         targets.push(Target {
-            name: name.into(),
+            name: r.name.into(),
             instances: Some(relay.behind.len()),
             addr,
             req: Arc::new(request_bytes("POST", "/", &addr.to_string(), &[], PAYLOAD)),
@@ -1389,11 +1420,14 @@ fn throughput_phase(
             relay_rps / nginx_rps,
             targets[2].instances.unwrap_or(0)
         );
-        println!(
-            "protocol floor on tokio: {:.2}x the blocking relay's",
-            rows[3].rps() / relay_rps
-        );
-        for (t, r) in targets.iter().zip(&rows).skip(4) {
+        for (t, r) in targets.iter().zip(&rows).skip(3).take(relays.len() - 1) {
+            println!(
+                "{}: {:.2}x the blocking relay's",
+                t.name,
+                r.rps() / relay_rps
+            );
+        }
+        for (t, r) in targets.iter().zip(&rows).skip(2 + relays.len()) {
             println!(
                 "  {}: {:.2}x the protocol floor",
                 t.name,
@@ -1464,12 +1498,10 @@ fn warm_costs(
     agent: &Agent,
     floor: &FloorServer,
     nginx: &Nginx,
-    relays: &[&FloorServer; 2],
+    relays: &[Relay],
     agent_root: &str,
     calls: usize,
 ) {
-    let relay_addr = SocketAddr::from(([127, 0, 0, 1], relays[0].port));
-    let evented_addr = SocketAddr::from(([127, 0, 0, 1], relays[1].port));
     let floor_addr = SocketAddr::from(([127, 0, 0, 1], floor.port));
     let nginx_addr = SocketAddr::from(([127, 0, 0, 1], nginx.port));
     let mut nginx_side = vec![nginx.child.id()];
@@ -1477,7 +1509,7 @@ fn warm_costs(
     let instance = instance_pids(agent_root, FN_WARM);
     // (name, address, request, the serving processes, what serves behind them)
     type CostRow<'a> = (&'a str, SocketAddr, Vec<u8>, Vec<u32>, Vec<u32>);
-    let rows: Vec<CostRow> = vec![
+    let mut rows: Vec<CostRow> = vec![
         (
             WARM_FLOOR,
             floor_addr,
@@ -1493,20 +1525,6 @@ fn warm_costs(
             vec![floor.child.id()],
         ),
         (
-            WARM_RELAY,
-            relay_addr,
-            request_bytes("POST", "/", &relay_addr.to_string(), &[], PAYLOAD),
-            vec![relays[0].child.id()],
-            relays[0].behind.clone(),
-        ),
-        (
-            WARM_EVENTED,
-            evented_addr,
-            request_bytes("POST", "/", &evented_addr.to_string(), &[], PAYLOAD),
-            vec![relays[1].child.id()],
-            relays[1].behind.clone(),
-        ),
-        (
             WARM_FNLET,
             agent.addr,
             request_bytes(
@@ -1520,6 +1538,19 @@ fn warm_costs(
             instance.clone(),
         ),
     ];
+    for (i, r) in relays.iter().enumerate() {
+        let addr = SocketAddr::from(([127, 0, 0, 1], r.server.port));
+        rows.insert(
+            2 + i,
+            (
+                r.name,
+                addr,
+                request_bytes("POST", "/", &addr.to_string(), &[], PAYLOAD),
+                vec![r.server.child.id()],
+                r.server.behind.clone(),
+            ),
+        );
+    }
     println!(
         "\nper warm call at one client ({calls} back-to-back calls each; CPU from schedstat, summed over \
          the threads alive; \"behind\": the floor server behind nginx, the no-op runtimes behind the relay, the no-op instance behind fnlet, pids {instance:?}):\n"

@@ -184,12 +184,17 @@ fn exchange(rt: &mut Runtime, req: &Request, caller: &mut TcpStream) -> Result<b
     Ok(answered)
 }
 
-/// A fresh request id and the `/next` answer carrying `body` as the event.
-fn event_for(body: &[u8]) -> (String, Vec<u8>) {
-    let id = format!(
+/// A request id not used before in this process.
+fn next_id() -> String {
+    format!(
         "00000000-0000-4000-8000-{:012x}",
         NEXT_ID.fetch_add(1, Ordering::Relaxed)
-    );
+    )
+}
+
+/// A fresh request id and the `/next` answer carrying `body` as the event.
+fn event_for(body: &[u8]) -> (String, Vec<u8>) {
+    let id = next_id();
     let deadline_ms = SystemTime::now()
         .checked_add(Duration::from_secs(crate::TIMEOUT_S))
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
@@ -246,6 +251,22 @@ fn answer_for(body: &[u8]) -> Vec<u8> {
 /// runtimes' connections. Its figure against the blocking relay is what an event loop costs;
 /// fnlet's against it, what the layers above one cost.
 pub fn main_evented(env: impl Fn(&str) -> BTreeMap<String, String>) -> ! {
+    run_evented(env, serve_caller_evented)
+}
+
+/// The relay on tokio with hyper's HTTP/1 server on the callers' side (the runtimes' side as
+/// in [`main_evented`]): what hyper's server connection costs per call, as the agent's callers
+/// pay it.
+pub fn main_hyper(env: impl Fn(&str) -> BTreeMap<String, String>) -> ! {
+    run_evented(env, serve_caller_hyper)
+}
+
+/// The threads of the relays on tokio; `serve` serves one caller's connection.
+fn run_evented<F, Fut>(env: impl Fn(&str) -> BTreeMap<String, String>, serve: F) -> !
+where
+    F: Fn(tokio::net::TcpStream, std::rc::Rc<LocalPool>) -> Fut + Copy + Send + 'static,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
     use tokio::net::TcpSocket;
     let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
     let (children, conns) = start_runtimes(env);
@@ -290,7 +311,7 @@ pub fn main_evented(env: impl Fn(&str) -> BTreeMap<String, String>) -> ! {
                     freed: tokio::sync::Notify::new(),
                 });
                 while let Ok((s, _)) = listener.accept().await {
-                    tokio::task::spawn_local(serve_caller_evented(s, pool.clone()));
+                    tokio::task::spawn_local(serve(s, pool.clone()));
                 }
             });
         });
@@ -335,32 +356,82 @@ async fn read_request_evented(
     }
 }
 
+/// An idle runtime of this thread, waiting for one if all are busy.
+async fn take_runtime(pool: &LocalPool) -> EventedRuntime {
+    loop {
+        let freed = pool.freed.notified();
+        if let Some(r) = pool.idle.borrow_mut().pop() {
+            return r;
+        }
+        freed.await;
+    }
+}
+
+fn put_runtime(pool: &LocalPool, rt: EventedRuntime) {
+    pool.idle.borrow_mut().push(rt);
+    pool.freed.notify_one();
+}
+
+/// The event to the runtime's parked `GET /next`; returns its answer's body.
+async fn exchange_evented(rt: &mut EventedRuntime, event: &[u8]) -> Result<Vec<u8>, String> {
+    use tokio::io::AsyncWriteExt;
+    check_next(&read_request_evented(&mut rt.stream, &mut rt.buf).await?)?;
+    let (id, event) = event_for(event);
+    rt.stream
+        .write_all(&event)
+        .await
+        .map_err(|e| format!("writing the event: {e}"))?;
+    let resp = read_request_evented(&mut rt.stream, &mut rt.buf).await?;
+    check_response(&resp, &id)?;
+    Ok(resp.body)
+}
+
+async fn serve_caller_hyper(caller: tokio::net::TcpStream, pool: std::rc::Rc<LocalPool>) {
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncWriteExt;
+    let _ = caller.set_nodelay(true);
+    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let pool = pool.clone();
+        async move {
+            let event = req.into_body().collect().await?.to_bytes();
+            let mut rt = take_runtime(&pool).await;
+            let answer = match exchange_evented(&mut rt, &event).await {
+                Ok(answer) => answer,
+                Err(e) => {
+                    eprintln!("relay floor with hyper: {e}");
+                    std::process::exit(1);
+                }
+            };
+            // The 202 after hyper has written the answer, as fnlet orders them.
+            tokio::task::spawn_local(async move {
+                if let Err(e) = rt.stream.write_all(ACCEPTED).await {
+                    eprintln!("relay floor with hyper: writing the 202: {e}");
+                    std::process::exit(1);
+                }
+                put_runtime(&pool, rt);
+            });
+            let mut resp =
+                hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(answer)));
+            resp.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/json"),
+            );
+            Ok::<_, hyper::Error>(resp)
+        }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(hyper_util::rt::TokioIo::new(caller), service)
+        .await;
+}
+
 async fn serve_caller_evented(mut caller: tokio::net::TcpStream, pool: std::rc::Rc<LocalPool>) {
     use tokio::io::AsyncWriteExt;
     let _ = caller.set_nodelay(true);
     let mut buf = Vec::with_capacity(8192);
     while let Ok(req) = read_request_evented(&mut caller, &mut buf).await {
-        let mut rt = loop {
-            let freed = pool.freed.notified();
-            if let Some(r) = pool.idle.borrow_mut().pop() {
-                break r;
-            }
-            freed.await;
-        };
-        let exchanged: Result<Vec<u8>, String> = async {
-            check_next(&read_request_evented(&mut rt.stream, &mut rt.buf).await?)?;
-            let (id, event) = event_for(&req.body);
-            rt.stream
-                .write_all(&event)
-                .await
-                .map_err(|e| format!("writing the event: {e}"))?;
-            let resp = read_request_evented(&mut rt.stream, &mut rt.buf).await?;
-            check_response(&resp, &id)?;
-            Ok(answer_for(&resp.body))
-        }
-        .await;
-        let answer = match exchanged {
-            Ok(answer) => answer,
+        let mut rt = take_runtime(&pool).await;
+        let answer = match exchange_evented(&mut rt, &req.body).await {
+            Ok(body) => answer_for(&body),
             Err(e) => {
                 eprintln!("relay floor on tokio: {e}");
                 std::process::exit(1);
@@ -371,10 +442,225 @@ async fn serve_caller_evented(mut caller: tokio::net::TcpStream, pool: std::rc::
             eprintln!("relay floor on tokio: writing the 202: {e}");
             std::process::exit(1);
         }
-        pool.idle.borrow_mut().push(rt);
-        pool.freed.notify_one();
+        put_runtime(&pool, rt);
         if req.close || !answered {
             return;
         }
     }
+}
+
+/// The relay on tokio with hyper on both sides, as an agent is commonly built: each runtime's
+/// connection served by hyper's HTTP/1 server (its `GET /next` waits on a channel, its answer
+/// goes back on a oneshot), each caller's by hyper too. What is left between this and fnlet is
+/// fnlet's own layers: routing, limits, logs, metrics.
+pub fn main_hyper_both(env: impl Fn(&str) -> BTreeMap<String, String>) -> ! {
+    run_evented(env, serve_caller_hyper_both)
+}
+
+/// A runtime behind hyper's server: invocations go to it on `events`.
+#[derive(Clone)]
+struct ServedRuntime {
+    events: tokio::sync::mpsc::Sender<(bytes::Bytes, tokio::sync::oneshot::Sender<bytes::Bytes>)>,
+}
+
+thread_local! {
+    /// This thread's runtimes behind hyper, idle ones on top; made from its [`LocalPool`]'s
+    /// connections on first use.
+    static SERVED: std::cell::RefCell<Option<std::rc::Rc<ServedPool>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+struct ServedPool {
+    idle: std::cell::RefCell<Vec<ServedRuntime>>,
+    freed: tokio::sync::Notify,
+}
+
+fn served_pool(pool: &LocalPool) -> std::rc::Rc<ServedPool> {
+    SERVED.with(|s| {
+        s.borrow_mut()
+            .get_or_insert_with(|| {
+                let served = pool
+                    .idle
+                    .borrow_mut()
+                    .drain(..)
+                    .map(serve_runtime)
+                    .collect();
+                std::rc::Rc::new(ServedPool {
+                    idle: std::cell::RefCell::new(served),
+                    freed: tokio::sync::Notify::new(),
+                })
+            })
+            .clone()
+    })
+}
+
+type Reply = tokio::sync::oneshot::Sender<bytes::Bytes>;
+
+/// Serves one runtime's connection with hyper: `GET /next` takes the next event, `POST
+/// .../response` answers the invocation it was given.
+fn serve_runtime(rt: EventedRuntime) -> ServedRuntime {
+    use http_body_util::BodyExt;
+    let (events, rx) = tokio::sync::mpsc::channel::<(bytes::Bytes, Reply)>(1);
+    let rx = std::rc::Rc::new(tokio::sync::Mutex::new(rx));
+    let pending: std::rc::Rc<std::cell::RefCell<Option<(String, Reply)>>> = Default::default();
+    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let (rx, pending) = (rx.clone(), pending.clone());
+        async move {
+            let path = req.uri().path().to_string();
+            let body = req.into_body().collect().await?.to_bytes();
+            let mut resp = if path == NEXT {
+                let Some((event, reply)) = rx.lock().await.recv().await else {
+                    std::process::exit(0);
+                };
+                let id = next_id();
+                let mut r = hyper::Response::new(http_body_util::Full::new(event));
+                let h = r.headers_mut();
+                for (k, v) in [
+                    ("lambda-runtime-aws-request-id", id.as_str()),
+                    ("lambda-runtime-deadline-ms", "4102444800000"),
+                    (
+                        "lambda-runtime-invoked-function-arn",
+                        "arn:aws:lambda:us-east-1:000000000000:function:noop-relay",
+                    ),
+                ] {
+                    if let Ok(v) = hyper::header::HeaderValue::from_str(v) {
+                        h.insert(k, v);
+                    }
+                }
+                *pending.borrow_mut() = Some((id, reply));
+                r
+            } else {
+                let Some((id, reply)) = pending.borrow_mut().take() else {
+                    eprintln!("relay floor, hyper on both sides: {path} with no invocation");
+                    std::process::exit(1);
+                };
+                if path != format!("/2018-06-01/runtime/invocation/{id}/response") {
+                    eprintln!("relay floor, hyper on both sides: {path} for {id}");
+                    std::process::exit(1);
+                }
+                let _ = reply.send(body);
+                // The caller's answer first, as fnlet orders them.
+                tokio::task::yield_now().await;
+                let mut r = hyper::Response::new(http_body_util::Full::new(
+                    bytes::Bytes::from_static(b"{\"status\":\"OK\"}"),
+                ));
+                *r.status_mut() = hyper::StatusCode::ACCEPTED;
+                r
+            };
+            resp.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/json"),
+            );
+            Ok::<_, hyper::Error>(resp)
+        }
+    });
+    // The GET /next the runtime sent before this relay took its connection: hyper reads it
+    // from the buffer it is handed.
+    let io = hyper_util::rt::TokioIo::new(Prefixed {
+        head: std::mem::take(&mut { rt.buf }),
+        stream: rt.stream,
+    });
+    tokio::task::spawn_local(async move {
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(io, service)
+            .await;
+    });
+    ServedRuntime { events }
+}
+
+/// A stream whose first bytes were already read into `head`.
+struct Prefixed {
+    head: Vec<u8>,
+    stream: tokio::net::TcpStream,
+}
+
+impl tokio::io::AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.head.is_empty() {
+            let n = self.head.len().min(buf.remaining());
+            buf.put_slice(&self.head[..n]);
+            self.head.drain(..n);
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+async fn serve_caller_hyper_both(caller: tokio::net::TcpStream, pool: std::rc::Rc<LocalPool>) {
+    use http_body_util::BodyExt;
+    let _ = caller.set_nodelay(true);
+    let served = served_pool(&pool);
+    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let served = served.clone();
+        async move {
+            let event = req.into_body().collect().await?.to_bytes();
+            let rt = loop {
+                let freed = served.freed.notified();
+                if let Some(r) = served.idle.borrow_mut().pop() {
+                    break r;
+                }
+                freed.await;
+            };
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            if rt.events.send((event, reply)).await.is_err() {
+                eprintln!("relay floor, hyper on both sides: a runtime's connection ended");
+                std::process::exit(1);
+            }
+            let Ok(answer) = answer.await else {
+                eprintln!("relay floor, hyper on both sides: an invocation got no answer");
+                std::process::exit(1);
+            };
+            served.idle.borrow_mut().push(rt);
+            served.freed.notify_one();
+            let mut resp = hyper::Response::new(http_body_util::Full::new(answer));
+            resp.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/json"),
+            );
+            Ok::<_, hyper::Error>(resp)
+        }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(hyper_util::rt::TokioIo::new(caller), service)
+        .await;
 }
