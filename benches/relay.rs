@@ -1,13 +1,17 @@
-//! The Runtime API's own floor, for the Lambda bench: the least any agent can do per warm call.
+//! The Runtime API's own floor, for the Lambda bench: the least an agent can do per warm call.
 //!
-//! A relay (a third mode of the bench binary) between HTTP callers and N copies of the no-op
-//! runtime, run as plain processes (no sandbox). A thread per caller connection with blocking
-//! I/O, each runtime's connection taken from an idle stack. Per call it makes the Runtime
-//! API's exchange and nothing else: read the caller's request, read the runtime's parked
-//! `GET /next`, write the event, read its `POST .../response`, write the answer to the caller,
-//! then the `202` to the runtime. Six system calls and the protocol's wake-ups: no routing,
-//! logs, metrics, limits or event loop. So fnlet over this relay is what the agent adds, and
-//! this relay over nginx is what the Runtime API's shape costs on this host.
+//! Relays between HTTP callers and N copies of the no-op runtime, run as plain processes (no
+//! sandbox). Per call each makes the Runtime API's exchange and nothing else: read the caller's
+//! request, read the runtime's parked `GET /next`, write the event, read its `POST
+//! .../response`, write the answer to the caller, then the `202` to the runtime. No routing,
+//! logs, metrics or limits. Four modes of the bench binary, each adding one thing:
+//! - [`main`]: a thread per caller and blocking I/O, six system calls per call. Against nginx,
+//!   what the Runtime API's shape costs on this host;
+//! - [`main_evented`]: on tokio, one current-thread runtime per CPU as the agent's HTTP
+//!   threads. Against the blocking relay, what the event loop costs;
+//! - [`main_hyper`]: with hyper's HTTP/1 server on the callers' side;
+//! - [`main_hyper_both`]: with hyper's server on both sides and channels between them, as an
+//!   agent is commonly built. Against fnlet, what fnlet's own layers cost.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
