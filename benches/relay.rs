@@ -414,18 +414,22 @@ async fn serve_caller_hyper(caller: tokio::net::TcpStream, pool: std::rc::Rc<Loc
                 }
                 put_runtime(&pool, rt);
             });
-            let mut resp =
-                hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(answer)));
-            resp.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("application/json"),
-            );
-            Ok::<_, hyper::Error>(resp)
+            Ok::<_, hyper::Error>(json_response(answer.into()))
         }
     });
     let _ = hyper::server::conn::http1::Builder::new()
         .serve_connection(hyper_util::rt::TokioIo::new(caller), service)
         .await;
+}
+
+/// A response of JSON `body`, as hyper serves it.
+fn json_response(body: bytes::Bytes) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+    let mut resp = hyper::Response::new(http_body_util::Full::new(body));
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    resp
 }
 
 async fn serve_caller_evented(mut caller: tokio::net::TcpStream, pool: std::rc::Rc<LocalPool>) {
@@ -512,12 +516,12 @@ fn serve_runtime(rt: EventedRuntime) -> ServedRuntime {
         async move {
             let path = req.uri().path().to_string();
             let body = req.into_body().collect().await?.to_bytes();
-            let mut resp = if path == NEXT {
+            let resp = if path == NEXT {
                 let Some((event, reply)) = rx.lock().await.recv().await else {
                     std::process::exit(0);
                 };
                 let id = next_id();
-                let mut r = hyper::Response::new(http_body_util::Full::new(event));
+                let mut r = json_response(event);
                 let h = r.headers_mut();
                 for (k, v) in [
                     ("lambda-runtime-aws-request-id", id.as_str()),
@@ -545,16 +549,10 @@ fn serve_runtime(rt: EventedRuntime) -> ServedRuntime {
                 let _ = reply.send(body);
                 // The caller's answer first, as fnlet orders them.
                 tokio::task::yield_now().await;
-                let mut r = hyper::Response::new(http_body_util::Full::new(
-                    bytes::Bytes::from_static(b"{\"status\":\"OK\"}"),
-                ));
+                let mut r = json_response(bytes::Bytes::from_static(b"{\"status\":\"OK\"}"));
                 *r.status_mut() = hyper::StatusCode::ACCEPTED;
                 r
             };
-            resp.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("application/json"),
-            );
             Ok::<_, hyper::Error>(resp)
         }
     });
@@ -656,12 +654,7 @@ async fn serve_caller_hyper_both(caller: tokio::net::TcpStream, pool: std::rc::R
             };
             served.idle.borrow_mut().push(rt);
             served.freed.notify_one();
-            let mut resp = hyper::Response::new(http_body_util::Full::new(answer));
-            resp.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("application/json"),
-            );
-            Ok::<_, hyper::Error>(resp)
+            Ok::<_, hyper::Error>(json_response(answer))
         }
     });
     let _ = hyper::server::conn::http1::Builder::new()
