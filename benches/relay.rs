@@ -559,7 +559,7 @@ fn serve_runtime(rt: EventedRuntime) -> ServedRuntime {
     // The GET /next the runtime sent before this relay took its connection: hyper reads it
     // from the buffer it is handed.
     let io = hyper_util::rt::TokioIo::new(Prefixed {
-        head: std::mem::take(&mut { rt.buf }),
+        head: rt.buf,
         stream: rt.stream,
     });
     tokio::task::spawn_local(async move {
