@@ -27,6 +27,8 @@ pub struct LogLine<'a> {
 }
 
 struct FnLog {
+    /// `<state>/logs/<name>.log`.
+    path: PathBuf,
     file: Option<File>,
     /// Bytes in the file and in `pending`.
     size: u64,
@@ -36,8 +38,9 @@ struct FnLog {
 }
 
 impl FnLog {
-    /// Writes `pending` to the file at `path`, opening it first if needed.
-    fn flush(&mut self, function: &str, path: &Path) {
+    /// Writes `pending` to its file, opening it first if needed.
+    fn flush(&mut self, function: &str) {
+        let path = &self.path;
         if self.pending.is_empty() {
             return;
         }
@@ -255,7 +258,7 @@ impl Logs {
     pub fn flush(&self) {
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         for (function, log) in map.iter_mut().filter(|(_, log)| !log.pending.is_empty()) {
-            log.flush(function, &self.path(function));
+            log.flush(function);
         }
     }
 
@@ -275,17 +278,22 @@ impl Logs {
         self.dir.join(format!("{function}.log"))
     }
 
-    fn with<R>(&self, function: &str, f: impl FnOnce(&mut FnLog, &Path) -> R) -> R {
+    /// `f` on `function`'s log, set up at its first line (no allocation on the way after
+    /// that: every warm call comes here).
+    fn with<R>(&self, function: &str, f: impl FnOnce(&mut FnLog) -> R) -> R {
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = map.entry(function.to_string()).or_insert_with(|| FnLog {
+        if let Some(log) = map.get_mut(function) {
+            return f(log);
+        }
+        let path = self.path(function);
+        let log = map.entry(function.to_string()).or_insert_with(|| FnLog {
             file: None,
-            size: fs::metadata(self.path(function))
-                .map(|m| m.len())
-                .unwrap_or(0),
+            size: fs::metadata(&path).map(|m| m.len()).unwrap_or(0),
+            path,
             pending: Vec::new(),
             tx: broadcast::channel(1024).0,
         });
-        f(entry, &self.path(function))
+        f(log)
     }
 
     /// Appends one line; failures to write the file are logged, never fatal.
@@ -345,7 +353,8 @@ impl Logs {
         instance: Option<&str>,
         lines: &[AgentLine],
     ) {
-        let mut text = String::new();
+        // All of them JSON'd straight into one buffer.
+        let mut text = Vec::with_capacity(256 * lines.len());
         let mut ends = Vec::with_capacity(lines.len());
         for l in lines {
             let line = cut(&l.line);
@@ -362,14 +371,19 @@ impl Logs {
                 stream: "agent",
                 line,
             };
-            if let Ok(json) = serde_json::to_string(&rec) {
-                text.push_str(&json);
-                text.push('\n');
+            let start = text.len();
+            if serde_json::to_writer(&mut text, &rec).is_ok() {
+                text.push(b'\n');
                 ends.push(text.len());
+            } else {
+                text.truncate(start);
             }
         }
-        if !text.is_empty() {
-            self.write_json(function, &text, &ends);
+        // serde_json writes UTF-8 only.
+        if let Ok(text) = std::str::from_utf8(&text)
+            && !text.is_empty()
+        {
+            self.write_json(function, text, &ends);
         }
     }
 
@@ -377,18 +391,18 @@ impl Logs {
     /// first when they would not fit, and sends each line to followers.
     fn write_json(&self, function: &str, text: &str, ends: &[usize]) {
         let max = self.max_bytes;
-        let wake = self.with(function, |log, path| {
+        let wake = self.with(function, |log| {
             if log.size + text.len() as u64 > max {
-                log.flush(function, path);
+                log.flush(function);
                 log.file = None;
-                let _ = fs::rename(path, path.with_extension("log.1"));
+                let _ = fs::rename(&log.path, log.path.with_extension("log.1"));
                 log.size = 0;
             }
             let was_empty = log.pending.is_empty();
             log.pending.extend_from_slice(text.as_bytes());
             log.size += text.len() as u64;
             if self.delay.is_none() || log.pending.len() >= PENDING_MAX {
-                log.flush(function, path);
+                log.flush(function);
             }
             if log.tx.receiver_count() > 0 {
                 let mut from = 0;
@@ -417,7 +431,7 @@ impl Logs {
             .unwrap_or_else(|p| p.into_inner())
             .get_mut(function)
         {
-            log.flush(function, &path);
+            log.flush(function);
         }
         let mut lines = Vec::new();
         for p in [path.with_extension("log.1"), path] {
@@ -438,7 +452,7 @@ impl Logs {
     }
 
     pub fn subscribe(&self, function: &str) -> broadcast::Receiver<Arc<str>> {
-        self.with(function, |log, _| log.tx.subscribe())
+        self.with(function, |log| log.tx.subscribe())
     }
 
     /// Forgets a removed function's logs.
