@@ -248,6 +248,17 @@ impl ScheduleMetrics {
     }
 }
 
+/// One function's per-call series ([`Metrics::for_function`]).
+#[derive(Clone)]
+pub struct FunctionMetrics {
+    pub invocations: Counter,
+    pub running: Gauge,
+    pub queue_wait: Histogram,
+    pub duration: Histogram,
+    pub warm_starts: Counter,
+    pub cold_starts: Counter,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub events: EventMetrics,
@@ -749,6 +760,21 @@ impl Metrics {
 
     pub fn swim_dropped(&self) {
         self.swim_dropped.inc();
+    }
+
+    /// The series every call of `name` touches, looked up once: a lookup per call builds the
+    /// label, hashes it and takes the family's lock, five times a warm call. Families are
+    /// never pruned, so handles kept for a function's life stay the ones /metrics shows.
+    pub fn for_function(&self, name: &str) -> FunctionMetrics {
+        let labels = Metrics::function(name);
+        FunctionMetrics {
+            invocations: self.invocations.get_or_create(&labels).clone(),
+            running: self.running.get_or_create(&labels).clone(),
+            queue_wait: self.queue_wait.get_or_create(&labels).clone(),
+            duration: self.duration.get_or_create(&labels).clone(),
+            warm_starts: self.warm_starts.get_or_create(&labels).clone(),
+            cold_starts: self.cold_starts.get_or_create(&labels).clone(),
+        }
     }
 
     pub fn function(name: &str) -> FnLabels {

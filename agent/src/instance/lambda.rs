@@ -9,6 +9,7 @@
 
 use std::future::Future;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -32,11 +33,15 @@ pub struct EventArgs<'a> {
     pub deadline: Instant,
     pub function_arn: String,
     pub client_context: Option<String>,
+    /// The caller asked for the log tail (`X-Amz-Log-Type: Tail`): keep the call's lines.
+    pub keep_tail: bool,
 }
 
 /// Lines the instance writes, attributed to the invocation it is serving (or to its init).
 struct LogTap {
     request_id: String,
+    /// The current invocation's caller wants its tail: `tail` is kept.
+    keep_tail: bool,
     /// The current invocation's lines, newest last, for the Tail log type.
     tail: Vec<String>,
     tail_bytes: usize,
@@ -47,6 +52,9 @@ struct LogTap {
 
 impl LogTap {
     fn push(&mut self, line: &str) {
+        if !self.keep_tail {
+            return;
+        }
         self.tail_bytes += line.len() + 1;
         self.tail.push(line.to_string());
         while self.tail_bytes > TAIL_BYTES * 2 && self.tail.len() > 1 {
@@ -111,10 +119,12 @@ impl Output {
         });
     }
 
-    fn begin(&self, request_id: &str) {
+    fn begin(&self, request_id: &str, keep_tail: bool) {
         let mut tap = self.lock();
         self.write_unwritten(&mut tap);
-        tap.request_id = request_id.to_string();
+        tap.request_id.clear();
+        tap.request_id.push_str(request_id);
+        tap.keep_tail = keep_tail;
         tap.tail.clear();
         tap.tail_bytes = 0;
     }
@@ -123,7 +133,11 @@ impl Output {
     fn end(&self) -> String {
         let mut tap = self.lock();
         self.write_unwritten(&mut tap);
-        tap.request_id = "-".into();
+        tap.request_id.clear();
+        tap.request_id.push('-');
+        if !std::mem::take(&mut tap.keep_tail) {
+            return String::new();
+        }
         let mut text = tap.tail.join("\n");
         text.push('\n');
         tap.tail.clear();
@@ -314,6 +328,8 @@ pub struct LambdaInstance {
     watch: SandboxWatch,
     /// Cancelled once the sandbox has ended and its outcome is known.
     ended: CancellationToken,
+    /// False once the sandbox has ended (before `ended` is cancelled).
+    alive: Arc<AtomicBool>,
     outcome: Arc<Mutex<Option<Outcome>>>,
     /// The output side: pipes, log attribution, peak memory, and the last invocation's END
     /// and REPORT while they are not yet written.
@@ -493,6 +509,7 @@ impl Wiring {
         let output = Arc::new(Output {
             tap: Mutex::new(LogTap {
                 request_id: "init".into(),
+                keep_tail: false,
                 tail: Vec::new(),
                 tail_bytes: 0,
                 unwritten: Vec::new(),
@@ -601,13 +618,25 @@ impl LambdaInstance {
         // answered (or a connection closed) earlier would only make the runtime fail loudly
         // before the kill lands.
         let ended = CancellationToken::new();
+        let alive = Arc::new(AtomicBool::new(true));
         let outcome = Arc::new(Mutex::new(None));
         {
-            let (ended, outcome, stop) = (ended.clone(), outcome.clone(), stop.clone());
-            let server = server.clone();
+            let (ended, alive, outcome, stop) =
+                (ended.clone(), alive.clone(), outcome.clone(), stop.clone());
+            let (server, kill) = (server.clone(), args.cancel.clone());
             args.tracker.spawn(async move {
-                let o = sandbox.wait().await.ok();
+                // The shutdown's grace is over: the instance goes, idle or serving (a call in
+                // flight then ends as Draining). Watched here, once per instance, rather than
+                // by every call.
+                let o = tokio::select! {
+                    o = sandbox.wait() => o.ok(),
+                    () = kill.cancelled() => {
+                        let _ = sandbox.kill();
+                        sandbox.wait().await.ok()
+                    }
+                };
                 *outcome.lock().unwrap_or_else(|p| p.into_inner()) = o;
+                alive.store(false, Ordering::Release);
                 stop.cancel();
                 ended.cancel();
                 drop(server.lock().unwrap_or_else(|p| p.into_inner()).take());
@@ -623,6 +652,7 @@ impl LambdaInstance {
             server,
             watch,
             ended,
+            alive,
             outcome,
             ending: Arc::new(Ending {
                 pipes,
@@ -670,8 +700,9 @@ impl LambdaInstance {
         Ok(instance)
     }
 
+    /// Lock-free: the warm pool asks it of every idle instance on every call.
     pub fn is_alive(&self) -> bool {
-        !self.ended.is_cancelled()
+        self.alive.load(Ordering::Acquire)
     }
 
     /// The HTTP thread whose event loop the runtime's connection is registered with.
@@ -747,6 +778,16 @@ impl LambdaInstance {
         }
     }
 
+    /// Why a call's instance ended under it: killed at the end of the shutdown's grace (its
+    /// owner watches `cancel`), or on its own.
+    fn ended_error(&self, cancel: &CancellationToken) -> InvokeError {
+        if cancel.is_cancelled() {
+            InvokeError::Draining
+        } else {
+            self.exit_error(false)
+        }
+    }
+
     /// Reads what the function has written so far into the log.
     fn flush(&self) {
         self.ending.flush();
@@ -761,7 +802,7 @@ impl LambdaInstance {
     ) -> (Result<Payload, InvokeError>, InvokeLog) {
         // The previous invocation's END and REPORT, if its task has not written them yet.
         self.ending.write_pending();
-        self.ending.output.begin(ev.request_id);
+        self.ending.output.begin(ev.request_id, ev.keep_tail);
         self.ending.output.agent_line(
             ev.request_id,
             &format!(
@@ -804,18 +845,14 @@ impl LambdaInstance {
                     // The reply channel went with the instance.
                     Err(_) => {
                         self.ended.cancelled().await;
-                        Err(self.exit_error(false))
+                        Err(self.ended_error(cancel))
                     }
                 },
-                _ = self.ended.cancelled() => Err(self.exit_error(false)),
+                _ = self.ended.cancelled() => Err(self.ended_error(cancel)),
                 _ = tokio::time::sleep_until(deadline) => {
                     self.runtime.abandon_current();
                     let _ = self.watch.kill();
                     Err(InvokeError::Timeout(ev.deadline.saturating_duration_since(started)))
-                }
-                _ = cancel.cancelled() => {
-                    let _ = self.watch.kill();
-                    Err(InvokeError::Draining)
                 }
             }}).await
         };

@@ -314,6 +314,8 @@ pub struct FunctionSlot {
     load_changed: Arc<tokio::sync::Notify>,
     /// The host's capacity: told when an instance turns idle (it may be evicted now).
     capacity: Arc<Capacity>,
+    /// The function's per-call metric series, looked up at its first call.
+    pub metrics: std::sync::OnceLock<crate::metrics::FunctionMetrics>,
 }
 
 /// Where in `idle` ((version, home thread) of each, least recently used first) the instance
@@ -460,6 +462,7 @@ impl FunctionSlot {
             instances: Arc::new(InstanceCounts::default()),
             load_changed,
             capacity,
+            metrics: std::sync::OnceLock::new(),
         }
     }
 

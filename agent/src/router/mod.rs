@@ -70,16 +70,16 @@ pub struct InvokeRequest<'a> {
 }
 
 /// The `running` gauge of one invocation: up while it lives, down when dropped.
-struct Running(prometheus_client::metrics::gauge::Gauge);
+struct Running<'a>(&'a prometheus_client::metrics::gauge::Gauge);
 
-impl Running {
-    fn start(gauge: prometheus_client::metrics::gauge::Gauge) -> Running {
+impl Running<'_> {
+    fn start(gauge: &prometheus_client::metrics::gauge::Gauge) -> Running<'_> {
         gauge.inc();
         Running(gauge)
     }
 }
 
-impl Drop for Running {
+impl Drop for Running<'_> {
     fn drop(&mut self) {
         self.0.dec();
     }
@@ -332,7 +332,7 @@ impl Router {
             .registry
             .get(name)
             .ok_or_else(|| fail(InvokeError::NotFound(name.into()), None))?;
-        let labels = Metrics::function(name);
+        let m = slot.metrics.get_or_init(|| self.metrics.for_function(name));
         let started = Instant::now();
         let held = match slot.acquire(self.queue_timeout).await {
             Ok(h) => h,
@@ -341,10 +341,7 @@ impl Router {
                 return Err(fail(e, None));
             }
         };
-        self.metrics
-            .queue_wait
-            .get_or_create(&labels)
-            .observe(started.elapsed().as_secs_f64());
+        m.queue_wait.observe(started.elapsed().as_secs_f64());
         let f = match &req.version {
             Some(v) => v.clone(),
             None => held.function.clone(),
@@ -354,9 +351,9 @@ impl Router {
             Some(_) => runtime_api::MAX_STREAMED_RESPONSE,
             None => self.max_response,
         };
-        self.metrics.invocations.get_or_create(&labels).inc();
+        m.invocations.inc();
         // Counted down however the call ends, the caller hanging up included.
-        let _running = Running::start(self.metrics.running.get_or_create(&labels).clone());
+        let _running = Running::start(&m.running);
         let mut log_tail = None;
         let mut ending = None;
         let result = match f.manifest.mode {
@@ -377,7 +374,7 @@ impl Router {
                     None
                 };
                 if ready.is_none() {
-                    self.metrics.cold_starts.get_or_create(&labels).inc();
+                    m.cold_starts.inc();
                 }
                 // Its share of the host, for as long as the sandbox runs.
                 let commitment = match self.commit_exec(&f).await {
@@ -434,10 +431,7 @@ impl Router {
             delayed: f.manifest.mode == Mode::Lambda,
         });
         let elapsed = started.elapsed();
-        self.metrics
-            .duration
-            .get_or_create(&labels)
-            .observe(elapsed.as_secs_f64());
+        m.duration.observe(elapsed.as_secs_f64());
         let ms = elapsed.as_secs_f64() * 1000.0;
         match result {
             Ok(body) => {
@@ -678,7 +672,9 @@ impl Router {
         f: &Arc<ActiveFunction>,
         req: LambdaCall,
     ) -> (Result<Payload, InvokeError>, Option<String>) {
-        let labels = Metrics::function(&f.name);
+        let m = slot
+            .metrics
+            .get_or_init(|| self.metrics.for_function(&f.name));
         let request_id = req.request_id.as_str();
         // A warm instance, or room on the host for a new one (evicting idle instances of other
         // functions, or waiting until one of this function turns idle or room is freed).
@@ -702,11 +698,11 @@ impl Router {
         };
         let (instance, init) = match warm {
             Ok(i) => {
-                self.metrics.warm_starts.get_or_create(&labels).inc();
+                m.warm_starts.inc();
                 (i, None)
             }
             Err(commitment) => {
-                self.metrics.cold_starts.get_or_create(&labels).inc();
+                m.cold_starts.inc();
                 match self.start_instance(slot, f, commitment).await {
                     Ok(i) => {
                         let init = i.init_duration;
@@ -735,6 +731,7 @@ impl Router {
                 None => f.arn(&self.config, false),
             },
             client_context: req.client_context,
+            keep_tail: req.want_tail,
         };
         let deadline = ev.deadline;
         let (mut result, mut log) = instance.invoke(ev, &self.kill).await;
