@@ -459,7 +459,7 @@ async fn serve(
     // Kept until the end: instances started by calls live on the serving threads.
     let _http = api::listener::serve(
         listeners,
-        api::app(app.clone()),
+        api::api(app.clone()),
         api::listener::ListenerLimits::new(&config.limits, nofile, instance_fds),
         &app.router.metrics,
         self_checks,

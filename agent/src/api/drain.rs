@@ -22,6 +22,11 @@ const DRAIN_MAX_TIME: Duration = Duration::from_secs(10);
 
 /// Middleware (`axum::middleware::map_request`): wraps every request body.
 pub async fn drain_refused_bodies(req: Request) -> Request {
+    wrap(req)
+}
+
+/// [`drain_refused_bodies`], for a request that skips the router ([`super::hot`]).
+pub fn wrap(req: Request) -> Request {
     req.map(|b| Body::new(DrainOnDrop(Some(b))))
 }
 

@@ -294,8 +294,13 @@ pub async fn invoke_api(
     Query(q): Query<InvokeQuery>,
     req: Request,
 ) -> Response {
+    invoke(&app, &raw_name, q, req).await
+}
+
+/// [`invoke_api`] without axum's extractors (the router's fast path, [`super::hot`]).
+pub(super) async fn invoke(app: &App, raw_name: &str, q: InvokeQuery, req: Request) -> Response {
     let id = super::invocation_id(req.extensions());
-    let mut resp = match invoke_api_inner(&app, &raw_name, q, req, &id).await {
+    let mut resp = match invoke_api_inner(app, raw_name, q, req, &id).await {
         Ok(r) => r,
         Err(e) => e.response(&id),
     };

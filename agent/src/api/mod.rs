@@ -7,6 +7,7 @@ mod drain;
 mod error;
 mod forward;
 pub mod function_url;
+mod hot;
 mod keys;
 mod lambda;
 pub mod listener;
@@ -30,6 +31,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 pub use error::AppError;
+pub use hot::{Api, api};
 pub use lambda::StreamFailed;
 pub(crate) use lambda::{function_error_payload, parse_function_name};
 

@@ -43,7 +43,6 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tower::ServiceExt;
 
 pub use admission::{Refusal, SelfCheckPass, SelfChecks};
 pub use body::{BodyTimeout, body_timeout};
@@ -207,7 +206,7 @@ impl Drop for Threads {
 /// the shutdown grace) are dropped.
 pub async fn serve(
     listeners: Vec<std::net::TcpListener>,
-    router: axum::Router,
+    router: impl Into<super::Api>,
     limits: ListenerLimits,
     metrics: &Metrics,
     self_checks: SelfChecks,
@@ -220,7 +219,7 @@ pub async fn serve(
     builder.http1().header_read_timeout(None);
     let shared = Arc::new(Shared {
         builder,
-        router,
+        router: router.into(),
         limits: limits.clone(),
         body_timeouts: metrics.connection_timeouts("body"),
         clock_timeouts: [Expiry::Header, Expiry::Idle]
@@ -393,7 +392,7 @@ fn is_connection_error(e: &std::io::Error) -> bool {
 /// What every thread and connection shares.
 struct Shared {
     builder: auto::Builder<TokioExecutor>,
-    router: axum::Router,
+    router: super::Api,
     limits: ListenerLimits,
     body_timeouts: Counter,
     /// By [`Expiry`]: header, idle.
@@ -585,7 +584,7 @@ impl AsyncWrite for TrackedIo {
 /// `ConnectInfo`, the body timed, the request in flight until its answer's body is done.
 #[derive(Clone)]
 struct ConnService {
-    router: axum::Router,
+    router: super::Api,
     state: Arc<ConnState>,
     peer: SocketAddr,
     body_timeout: Duration,
@@ -604,9 +603,9 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         req.extensions_mut().insert(ConnectInfo(self.peer));
         let (timeout, counter) = (self.body_timeout, self.body_timeouts.clone());
         let req = req.map(|b| Body::new(TimedBody::new(b, timeout, counter)));
-        let answer = self.router.clone().oneshot(req);
+        let answer = self.router.clone().serve(req);
         Box::pin(async move {
-            let resp = answer.await?;
+            let resp = answer.await;
             Ok(resp.map(|inner| {
                 Body::new(Answer {
                     inner,
