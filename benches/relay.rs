@@ -483,6 +483,21 @@ struct ServedPool {
     freed: tokio::sync::Notify,
 }
 
+/// A runtime taken from its [`ServedPool`], put back when dropped.
+struct Lease<'a> {
+    rt: Option<ServedRuntime>,
+    served: &'a ServedPool,
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            self.served.idle.borrow_mut().push(rt);
+            self.served.freed.notify_one();
+        }
+    }
+}
+
 fn served_pool(pool: &LocalPool) -> std::rc::Rc<ServedPool> {
     SERVED.with(|s| {
         s.borrow_mut()
@@ -643,8 +658,18 @@ async fn serve_caller_hyper_both(caller: tokio::net::TcpStream, pool: std::rc::R
                 }
                 freed.await;
             };
+            // Back in the pool however this ends: a caller that hangs up mid-call leaves the
+            // runtime to answer no one, and then serve the next caller.
+            let lease = Lease {
+                rt: Some(rt),
+                served: &served,
+            };
             let (reply, answer) = tokio::sync::oneshot::channel();
-            if rt.events.send((event, reply)).await.is_err() {
+            let sent = match lease.rt.as_ref() {
+                Some(rt) => rt.events.send((event, reply)).await.is_ok(),
+                None => false,
+            };
+            if !sent {
                 eprintln!("relay floor, hyper on both sides: a runtime's connection ended");
                 std::process::exit(1);
             }
@@ -652,8 +677,7 @@ async fn serve_caller_hyper_both(caller: tokio::net::TcpStream, pool: std::rc::R
                 eprintln!("relay floor, hyper on both sides: an invocation got no answer");
                 std::process::exit(1);
             };
-            served.idle.borrow_mut().push(rt);
-            served.freed.notify_one();
+            drop(lease);
             Ok::<_, hyper::Error>(json_response(answer))
         }
     });
