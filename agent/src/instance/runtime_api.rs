@@ -196,9 +196,10 @@ async fn dispatch(api: Arc<RuntimeApi>, req: Request) -> Response {
         }
         Route::Error(id) if method == Method::POST => {
             let id = request_id(id);
-            invocation_error(&api, &id, req).await
+            // Rare, and large: boxed so they do not size every request's future.
+            Box::pin(invocation_error(&api, &id, req)).await
         }
-        Route::InitError if method == Method::POST => init_error(&api, req).await,
+        Route::InitError if method == Method::POST => Box::pin(init_error(&api, req)).await,
         Route::NotFound => lambda_error(
             StatusCode::NOT_FOUND,
             "InvalidRequest",
@@ -306,9 +307,10 @@ fn connection<S: super::roaming::Roam + Send + 'static>(
     api: Arc<RuntimeApi>,
 ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
     let tcp = super::roaming::RoamingStream::new(stream, api.home.clone());
+    // The request's future boxed once: hyper would move it (1.6 KB) on its way in.
     let service = hyper::service::service_fn(move |req: Request| {
-        let api = api.clone();
-        async move { Ok::<_, std::convert::Infallible>(dispatch(api, req).await) }
+        let answer = Box::pin(dispatch(api.clone(), req));
+        async move { Ok::<_, std::convert::Infallible>(answer.await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
@@ -533,7 +535,9 @@ async fn response(api: &RuntimeApi, id: &str, req: Request) -> Response {
         return invalid_request_id();
     };
     if mode.is_some_and(|m| m.as_bytes().eq_ignore_ascii_case(b"streaming")) {
-        return stream_response(req, reply).await;
+        // Boxed: inline it would make every buffered answer's future as large as a stream's,
+        // and hyper moves that future on every request.
+        return Box::pin(stream_response(req, reply)).await;
     }
     let limit = api.max_response;
     // A streamed response is chunked and may end with trailers that turn it into an error.
