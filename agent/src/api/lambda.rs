@@ -528,9 +528,13 @@ async fn invoke_api_inner(
         },
     };
     let mut r = (StatusCode::OK, status_body).into_response();
-    set_header(&mut r, header::CONTENT_TYPE.as_str(), "application/json");
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     set_header(&mut r, "x-amzn-requestid", id);
-    set_header(&mut r, "x-amz-executed-version", &version.to_string());
+    r.headers_mut()
+        .insert("x-amz-executed-version", HeaderValue::from(version));
     if function_error.is_some() {
         set_header(&mut r, "x-amz-function-error", "Unhandled");
     }
@@ -802,12 +806,11 @@ async fn event_invoke_config_inner(
     }
 }
 
-pub(super) fn set_header(r: &mut Response, name: &str, value: &str) {
-    if let (Ok(n), Ok(v)) = (
-        header::HeaderName::from_bytes(name.as_bytes()),
-        HeaderValue::from_str(value),
-    ) {
-        r.headers_mut().insert(n, v);
+/// `name` is a lowercase literal: inserted as it is, without a copy (a `HeaderName` made from
+/// bytes copies a name it does not know, on every answer).
+pub(super) fn set_header(r: &mut Response, name: &'static str, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        r.headers_mut().insert(name, v);
     }
 }
 

@@ -923,15 +923,17 @@ pub(crate) fn request_id() -> String {
     // and a getrandom system call per invocation is a measurable share of a warm call.
     let mut b = [0u8; 16];
     rand::Rng::fill_bytes(&mut rand::rng(), &mut b);
-    let h = hex::encode(b);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
+    // 8-4-4-4-12 hex digits, written in place.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = String::with_capacity(36);
+    for (i, byte) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            id.push('-');
+        }
+        id.push(char::from(HEX[usize::from(byte >> 4)]));
+        id.push(char::from(HEX[usize::from(byte & 0xf)]));
+    }
+    id
 }
 
 /// Why `name` has no version to invoke: it was never deployed (404), or it is stored but
@@ -1051,6 +1053,21 @@ mod tests {
     use super::ROUTES;
 
     const METHODS: [&str; 7] = ["get", "put", "post", "delete", "patch", "head", "options"];
+
+    #[test]
+    fn request_ids_are_lowercase_uuid_shaped_and_differ() {
+        let (a, b) = (super::request_id(), super::request_id());
+        assert_ne!(a, b);
+        for id in [a, b] {
+            let groups: Vec<usize> = id.split('-').map(str::len).collect();
+            assert_eq!(groups, [8, 4, 4, 4, 12], "{id}");
+            assert!(
+                id.chars()
+                    .all(|c| c == '-' || c.is_ascii_digit() || ('a'..='f').contains(&c)),
+                "{id}"
+            );
+        }
+    }
 
     fn routes() -> BTreeSet<(String, String)> {
         ROUTES

@@ -109,13 +109,13 @@ impl Output {
 
     /// An agent line (START/END/REPORT) in the invocation's tail now, and in the function's
     /// log with the next line the function writes or at the invocation's end.
-    pub fn agent_line(&self, request_id: &str, line: &str) {
+    pub fn agent_line(&self, request_id: &str, line: String) {
         let mut tap = self.lock();
-        tap.push(line);
+        tap.push(&line);
         tap.unwritten.push(AgentLine {
             at: time::OffsetDateTime::now_utc(),
             request_id: request_id.to_string(),
-            line: line.to_string(),
+            line,
         });
     }
 
@@ -427,8 +427,8 @@ impl Ending {
         if let Some(kind) = end.error_kind {
             report.push_str(&format!("\tStatus: {kind}"));
         }
-        log.agent_line(id, &format!("END RequestId: {id}"));
-        log.agent_line(id, &report);
+        log.agent_line(id, format!("END RequestId: {id}"));
+        log.agent_line(id, report);
         Some(log.finish())
     }
 }
@@ -805,7 +805,7 @@ impl LambdaInstance {
         self.ending.output.begin(ev.request_id, ev.keep_tail);
         self.ending.output.agent_line(
             ev.request_id,
-            &format!(
+            format!(
                 "START RequestId: {} Version: {}",
                 ev.request_id, self.version
             ),
@@ -816,7 +816,7 @@ impl LambdaInstance {
             .checked_add(ev.deadline.saturating_duration_since(Instant::now()))
             .unwrap_or_else(SystemTime::now)
             .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_millis())
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
             .unwrap_or(0);
         let event = Event {
             request_id: ev.request_id.to_string(),
@@ -1001,7 +1001,7 @@ impl InvokeLog {
     }
 
     /// Writes a line under the invocation (REPORT and the like).
-    pub fn agent_line(&self, request_id: &str, line: &str) {
+    pub fn agent_line(&self, request_id: &str, line: String) {
         self.output.agent_line(request_id, line);
     }
 

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 pub struct Event {
     pub request_id: String,
     /// Milliseconds since the epoch by which the function must answer.
-    pub deadline_ms: u128,
+    pub deadline_ms: u64,
     pub function_arn: String,
     pub trace_id: String,
     pub client_context: Option<String>,
@@ -435,14 +435,16 @@ async fn next(api: &RuntimeApi) -> Response {
         api.ended.cancelled().await;
         return shutting_down();
     };
-    let mut headers = HeaderMap::new();
+    // Straight into the answer's own map, sized once.
+    let mut r = Response::new(axum::body::Body::from(event.body));
+    let headers = r.headers_mut();
+    headers.reserve(8);
     let mut put = |name: &'static str, value: &str| {
         if let Ok(v) = HeaderValue::from_str(value) {
             headers.insert(name, v);
         }
     };
     put("lambda-runtime-aws-request-id", &event.request_id);
-    put("lambda-runtime-deadline-ms", &event.deadline_ms.to_string());
     put("lambda-runtime-invoked-function-arn", &event.function_arn);
     put("lambda-runtime-trace-id", &event.trace_id);
     if let Some(c) = &event.client_context {
@@ -451,10 +453,16 @@ async fn next(api: &RuntimeApi) -> Response {
     if let Some(c) = &event.cognito_identity {
         put("lambda-runtime-cognito-identity", c);
     }
-    put("content-type", "application/json");
-    *api.current.lock().unwrap_or_else(|p| p.into_inner()) =
-        Some((event.request_id.clone(), event.reply));
-    (StatusCode::OK, headers, event.body).into_response()
+    headers.insert(
+        "lambda-runtime-deadline-ms",
+        HeaderValue::from(event.deadline_ms),
+    );
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    *api.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((event.request_id, event.reply));
+    r
 }
 
 fn shutting_down() -> Response {
