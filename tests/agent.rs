@@ -1385,7 +1385,9 @@ fn a_sandbox_built_ahead_serves_the_next_invocation() {
         Fixture::sh(
             "warm",
             "public = true\ntimeout_s = 2",
-            "echo \"req=$FNLET_REQUEST_ID\"",
+            // Field 41 of /proc/PID/stat: the scheduling policy (3: SCHED_BATCH, the default
+            // `sandbox.batch_scheduling`).
+            "echo \"req=$FNLET_REQUEST_ID policy=$(cut -d' ' -f41 /proc/self/stat)\"",
         )
         .path(),
     );
@@ -1403,8 +1405,9 @@ fn a_sandbox_built_ahead_serves_the_next_invocation() {
     }
     let r = agent.invoke("warm", b"");
     let id = r.header("x-fnlet-request-id").expect("request id");
-    // The request id reaches the function although its sandbox was built before the request.
-    assert_eq!(r.expect_ok(200).text(), format!("req={id}\n"));
+    // The request id reaches the function although its sandbox was built before the request;
+    // it runs under SCHED_BATCH.
+    assert_eq!(r.expect_ok(200).text(), format!("req={id} policy=3\n"));
     let m = agent.get("/metrics").text();
     // The function's series start at 0 with its first call.
     assert!(

@@ -85,6 +85,8 @@ pub struct Prepared {
     pub reusable: bool,
     /// A reusable sandbox's buffers for the variables of one run.
     pub run_env: Option<RunEnv>,
+    /// `SCHED_BATCH` for init and so for the function ([`crate::SandboxSpec::batch_scheduling`]).
+    pub batch_scheduling: bool,
 }
 
 /// Buffers the parent allocated for a reusable sandbox's per-run variables: `cap` bytes for
@@ -218,6 +220,14 @@ pub fn run(p: &Prepared) -> ! {
         // SAFETY: lim is a valid rlimit.
         if unsafe { libc::setrlimit(resource, &lim) } < 0 {
             fail(p, KIND_STEP, Step::SetRlimit, i as u32, Errno::last());
+        }
+    }
+
+    if p.batch_scheduling {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: pid 0 is this process; param is a valid sched_param for SCHED_BATCH.
+        if unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) } < 0 {
+            fail(p, KIND_STEP, Step::SetScheduler, 0, Errno::last());
         }
     }
 

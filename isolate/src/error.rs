@@ -42,12 +42,13 @@ pub enum Step {
     Chdir,
     Exec,
     JoinNetns,
+    SetScheduler,
 }
 
 impl Step {
     pub(crate) fn from_u32(v: u32) -> Option<Step> {
         use Step::*;
-        const ALL: [Step; 33] = [
+        const ALL: [Step; 34] = [
             JoinCgroup,
             UnshareCgroupNs,
             MakeMountsPrivate,
@@ -81,6 +82,7 @@ impl Step {
             Chdir,
             Exec,
             JoinNetns,
+            SetScheduler,
         ];
         ALL.iter().copied().find(|s| *s as u32 == v)
     }
@@ -122,6 +124,7 @@ impl Step {
             Chdir => "chdir",
             Exec => "exec",
             JoinNetns => "join the network namespace made ahead",
+            SetScheduler => "sched_setscheduler SCHED_BATCH",
         }
     }
 }

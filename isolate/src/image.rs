@@ -183,6 +183,7 @@ impl ChildImage {
                 netns_fd: fds.netns,
                 start_fd: fds.start,
                 reusable: hold && spec.reusable,
+                batch_scheduling: spec.batch_scheduling,
                 run_env: run_env.map(|(buf, envp)| child::RunEnv {
                     buf: buf.cast::<u8>(),
                     cap: RUN_ENV_CAP,

@@ -62,6 +62,10 @@ pub struct SandboxSpec {
     /// over from run to run, as a Lambda execution environment's do. Needs a prepared sandbox
     /// ([`crate::Isolator::prepare`]); `stdio` is not used (each run brings its pipes).
     pub reusable: bool,
+    /// Run the function under `SCHED_BATCH`: the same share of the CPU as any process, but its
+    /// wake-ups never preempt the task running (the agent that handed it an event, say): that
+    /// task finishes its turn first. Not a boundary: the function may set its policy back.
+    pub batch_scheduling: bool,
 }
 
 /// A read-only bind mount of a host path.
@@ -198,6 +202,7 @@ impl Default for SandboxSpec {
             loopback_listener: None,
             loopback_socketpair: None,
             reusable: false,
+            batch_scheduling: false,
         }
     }
 }

@@ -937,3 +937,55 @@ fn a_dropped_spawn_helper_exits_and_leaves_its_sandboxes_running() {
     assert_eq!(out.status, ExitStatus::Signaled(9));
     iso.remove_root().unwrap();
 }
+
+/// The scheduling policy of `pid` (`/proc/<pid>/stat` field 41: 0 SCHED_OTHER, 3 SCHED_BATCH).
+fn policy(pid: u32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command's closing parenthesis start at field 3.
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    after.split(' ').nth(41 - 3).unwrap().parse().unwrap()
+}
+
+/// The function's process: init's child.
+fn function_pid(init: u32) -> u32 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let children =
+            std::fs::read_to_string(format!("/proc/{init}/task/{init}/children")).unwrap();
+        if let Some(pid) = children.split_whitespace().next() {
+            return pid.parse().unwrap();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "init {init} has no child"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[tokio::test]
+async fn batch_scheduling_puts_init_and_the_function_under_sched_batch() {
+    require_root();
+    let iso = isolator("batch");
+    for (batch, want) in [(true, libc::SCHED_BATCH), (false, libc::SCHED_OTHER)] {
+        let mut sb = iso
+            .spawn(&SandboxSpec {
+                batch_scheduling: batch,
+                ..sleeper("batch")
+            })
+            .unwrap();
+        let init = sb.pid();
+        assert_eq!(
+            policy(init),
+            want as u32,
+            "init, batch_scheduling = {batch}"
+        );
+        assert_eq!(
+            policy(function_pid(init)),
+            want as u32,
+            "the function, batch_scheduling = {batch}"
+        );
+        assert_eq!(killed(&mut sb).await.status, ExitStatus::Signaled(9));
+    }
+    iso.remove_root().unwrap();
+}

@@ -165,6 +165,7 @@ impl ActiveFunction {
             loopback_socketpair: (lambda && config.lambda.runtime_api_socketpair)
                 .then_some(config.lambda.runtime_api_port),
             reusable: !lambda && m.reuse_sandbox,
+            batch_scheduling: config.sandbox.batch_scheduling,
             ..Default::default()
         };
         if let Some(r) = &runtime {
