@@ -52,8 +52,12 @@ const INVOKE_SUFFIX: &str = "/invocations";
 fn hot(method: &Method, uri: &axum::http::Uri) -> Option<Hot> {
     let path = uri.path();
     if let Some(rest) = path.strip_prefix("/fn/") {
-        let (name, tail) = rest.split_once('/').unwrap_or((rest, "x"));
-        // `/fn/{name}/` is the fallback's (the `{*path}` route wants a character).
+        // `/fn/{name}` or `/fn/{name}/{path}`; `/fn/{name}/` is the fallback's (the `{*path}`
+        // route wants a character).
+        let (name, routed) = match rest.split_once('/') {
+            Some((name, path)) => (name, !path.is_empty()),
+            None => (rest, true),
+        };
         let url_method = [
             Method::GET,
             Method::PUT,
@@ -64,7 +68,7 @@ fn hot(method: &Method, uri: &axum::http::Uri) -> Option<Hot> {
             Method::OPTIONS,
         ]
         .contains(method);
-        return (url_method && !name.is_empty() && !tail.is_empty()).then_some(Hot::FunctionUrl);
+        return (url_method && routed && !name.is_empty()).then_some(Hot::FunctionUrl);
     }
     let raw = path
         .strip_prefix(INVOKE_PREFIX)?
