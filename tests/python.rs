@@ -178,6 +178,23 @@ fn invoke_api(agent: &Agent, name: &str, payload: &Value, headers: &[(&str, &str
     agent.invoke_lambda(name, payload.to_string().into_bytes(), headers)
 }
 
+/// The CPUs this process may use, as the agent it starts does (`Cpus_allowed_list`).
+fn allowed_cpus() -> Vec<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list")
+        .trim();
+    let mut cpus = Vec::new();
+    for part in list.split(',') {
+        let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+        let (lo, hi): (u64, u64) = (lo.parse().expect("cpu"), hi.parse().expect("cpu"));
+        cpus.extend(lo..=hi);
+    }
+    cpus
+}
+
 /// What the fixture's handler put in its answer's body.
 fn handler_saw(body: &Value) -> Value {
     serde_json::from_str(
@@ -322,6 +339,35 @@ fn python_handler_through_its_url_and_the_invoke_api() {
     let r = invoke_api(&agent, "lambda-py", &json!({"after": "error"}), &[]);
     r.expect_ok(200);
     assert_eq!(handler_saw(&r.json())["echo"], json!({"after": "error"}));
+
+    // sandbox.colocate_instances (on by default): a warm instance runs on the CPU of the HTTP
+    // thread serving its call; a call past 2 ms gets every CPU back, and the instance keeps
+    // them until a call ends sooner.
+    let all = allowed_cpus();
+    assert!(
+        all.len() >= 2,
+        "this test needs two CPUs; it may use {all:?}"
+    );
+    let cpus = |event: Value| {
+        let r = invoke_api(&agent, "lambda-py", &event, &[]);
+        r.expect_ok(200);
+        let saw = handler_saw(&r.json());
+        let list = |k: &str| -> Vec<u64> {
+            serde_json::from_value(saw[k].clone()).unwrap_or_else(|e| panic!("{k}: {e}: {saw}"))
+        };
+        (list("cpus"), list("cpus_after"))
+    };
+    // A short call on a loaded machine may itself pass 2 ms: a few tries.
+    let on_one_cpu = |what: &str| {
+        let seen: Vec<_> = (0..20).map(|_| cpus(json!({})).0).collect();
+        assert!(seen.iter().any(|c| c.len() == 1), "{what}: {seen:?}");
+    };
+    on_one_cpu("a warm instance runs on one CPU");
+    let (_, after) = cpus(json!({"sleep_ms": 100}));
+    assert_eq!(after, all, "a call past 2 ms has every CPU");
+    let (next, _) = cpus(json!({}));
+    assert_eq!(next, all, "and so does the instance's next call");
+    on_one_cpu("a call that ends within 2 ms pins the instance again");
 
     // A handler whose module is missing: awslambdaric's init error, as the Invoke API's
     // payload.

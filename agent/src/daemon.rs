@@ -111,6 +111,8 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         );
         config.lambda.runtime_api_socketpair = false;
     }
+    // The CPUs the agent may use, read before any HTTP thread is pinned to one of them.
+    crate::placement::init(config.sandbox.colocate_instances);
     // Forked now, while the agent is small and has one thread, by the thread that lives as
     // long as the agent (the helper dies with it).
     let spawner = if config.sandbox.spawn_helper {

@@ -20,6 +20,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod network;
 pub mod ownership;
+pub mod placement;
 pub mod pool;
 pub mod router;
 pub mod store;

@@ -87,6 +87,8 @@ pub struct Prepared {
     pub run_env: Option<RunEnv>,
     /// `SCHED_BATCH` for init and so for the function ([`crate::SandboxSpec::batch_scheduling`]).
     pub batch_scheduling: bool,
+    /// The CPUs init may run on ([`crate::SandboxSpec::cpus`]).
+    pub cpus: Option<nix::sched::CpuSet>,
 }
 
 /// Buffers the parent allocated for a reusable sandbox's per-run variables: `cap` bytes for
@@ -229,6 +231,12 @@ pub fn run(p: &Prepared) -> ! {
         if unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) } < 0 {
             fail(p, KIND_STEP, Step::SetScheduler, 0, Errno::last());
         }
+    }
+
+    if let Some(cpus) = &p.cpus
+        && let Err(e) = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), cpus)
+    {
+        fail(p, KIND_STEP, Step::SetAffinity, 0, e);
     }
 
     drop_privileges(p);

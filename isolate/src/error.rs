@@ -43,12 +43,13 @@ pub enum Step {
     Exec,
     JoinNetns,
     SetScheduler,
+    SetAffinity,
 }
 
 impl Step {
     pub(crate) fn from_u32(v: u32) -> Option<Step> {
         use Step::*;
-        const ALL: [Step; 34] = [
+        const ALL: [Step; 35] = [
             JoinCgroup,
             UnshareCgroupNs,
             MakeMountsPrivate,
@@ -83,6 +84,7 @@ impl Step {
             Exec,
             JoinNetns,
             SetScheduler,
+            SetAffinity,
         ];
         ALL.iter().copied().find(|s| *s as u32 == v)
     }
@@ -125,6 +127,7 @@ impl Step {
             Exec => "exec",
             JoinNetns => "join the network namespace made ahead",
             SetScheduler => "sched_setscheduler SCHED_BATCH",
+            SetAffinity => "sched_setaffinity",
         }
     }
 }

@@ -56,6 +56,23 @@ pub fn rlimits(spec: &SandboxSpec) -> Vec<(libc::__rlimit_resource_t, u64)> {
     ]
 }
 
+/// [`SandboxSpec::cpus`] as the kernel's set: at least one CPU, each below `CpuSet::count()`.
+pub fn cpu_set(cpus: &[usize]) -> Result<nix::sched::CpuSet> {
+    let bad = |reason: String| IsolateError::InvalidSpec {
+        field: "cpus",
+        reason,
+    };
+    if cpus.is_empty() {
+        return Err(bad("no CPU".into()));
+    }
+    let mut set = nix::sched::CpuSet::new();
+    for &c in cpus {
+        set.set(c)
+            .map_err(|_| bad(format!("CPU {c} is out of range")))?;
+    }
+    Ok(set)
+}
+
 pub fn cstring(s: &str, field: &'static str) -> Result<CString> {
     CString::new(s).map_err(|_| IsolateError::InvalidSpec {
         field,
@@ -184,6 +201,7 @@ impl ChildImage {
                 start_fd: fds.start,
                 reusable: hold && spec.reusable,
                 batch_scheduling: spec.batch_scheduling,
+                cpus: spec.cpus.as_deref().map(cpu_set).transpose()?,
                 run_env: run_env.map(|(buf, envp)| child::RunEnv {
                     buf: buf.cast::<u8>(),
                     cap: RUN_ENV_CAP,

@@ -1134,6 +1134,8 @@ impl Sandbox {
         Ok(SandboxWatch {
             pidfd: Arc::new(pidfd),
             cgroup_path,
+            pid: self.pid(),
+            threads: self.cgroup.as_ref().map(|c| c.threads_file()),
         })
     }
 
@@ -1318,9 +1320,41 @@ async fn read_status(status_r: &OwnedFd) -> Result<Option<i32>> {
 pub struct SandboxWatch {
     pidfd: Arc<OwnedFd>,
     cgroup_path: Option<String>,
+    /// Host pid of init.
+    pid: u32,
+    /// The cgroup's list of thread ids (`tasks`, `cgroup.threads`).
+    threads: Option<std::path::PathBuf>,
 }
 
+/// Most threads [`SandboxWatch::set_cpus`] walks to without a cgroup (the sandbox's pids limit
+/// bounds them with one).
+const MAX_TREE_THREADS: usize = 4096;
+
 impl SandboxWatch {
+    /// Moves every thread of the sandbox onto `cpus`; threads started later inherit them.
+    /// The threads are listed from the sandbox's cgroup (without one: init's and its
+    /// descendants' from /proc). One that ends meanwhile is skipped. Returns how many moved.
+    pub fn set_cpus(&self, cpus: &[usize]) -> Result<usize> {
+        let set = image::cpu_set(cpus)?;
+        let tids = match &self.threads {
+            Some(file) => std::fs::read_to_string(file)
+                .map_err(|e| IsolateError::sys("read the cgroup's threads", errno_of(&e)))?
+                .split_ascii_whitespace()
+                .filter_map(|t| t.parse::<i32>().ok())
+                .collect(),
+            None => tree_threads(self.pid),
+        };
+        let mut moved = 0;
+        for tid in tids {
+            match nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), &set) {
+                Ok(()) => moved += 1,
+                Err(Errno::ESRCH) => {}
+                Err(e) => return Err(IsolateError::sys("sched_setaffinity", e)),
+            }
+        }
+        Ok(moved)
+    }
+
     /// SIGKILL to the sandbox's init; the pid namespace goes down with it. A sandbox that has
     /// already ended (and even been reaped) is not an error.
     pub fn kill(&self) -> Result<()> {
@@ -1349,6 +1383,38 @@ impl SandboxWatch {
     pub fn cgroup_path(&self) -> Option<&str> {
         self.cgroup_path.as_deref()
     }
+}
+
+/// The thread ids of `pid` and its descendants, from /proc (at most [`MAX_TREE_THREADS`]).
+fn tree_threads(pid: u32) -> Vec<i32> {
+    let mut tids = Vec::new();
+    let mut pending = vec![pid];
+    while let Some(p) = pending.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let Some(tid) = task
+                .file_name()
+                .to_str()
+                .and_then(|t| t.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            if tids.len() >= MAX_TREE_THREADS {
+                return tids;
+            }
+            tids.push(tid);
+            if let Ok(children) = std::fs::read_to_string(task.path().join("children")) {
+                pending.extend(
+                    children
+                        .split_ascii_whitespace()
+                        .filter_map(|c| c.parse::<u32>().ok()),
+                );
+            }
+        }
+    }
+    tids
 }
 
 pub(crate) fn errno_of(e: &std::io::Error) -> Errno {

@@ -66,6 +66,10 @@ pub struct SandboxSpec {
     /// wake-ups never preempt the task running (the agent that handed it an event, say): that
     /// task finishes its turn first. Not a boundary: the function may set its policy back.
     pub batch_scheduling: bool,
+    /// The CPUs init, and so the function, may run on. `None`: those of the thread that
+    /// clones the sandbox, which may have been pinned to one CPU for its own reasons.
+    /// [`crate::SandboxWatch::set_cpus`] changes them while the sandbox runs.
+    pub cpus: Option<Vec<usize>>,
 }
 
 /// A read-only bind mount of a host path.
@@ -203,6 +207,7 @@ impl Default for SandboxSpec {
             loopback_socketpair: None,
             reusable: false,
             batch_scheduling: false,
+            cpus: None,
         }
     }
 }

@@ -989,3 +989,75 @@ async fn batch_scheduling_puts_init_and_the_function_under_sched_batch() {
     }
     iso.remove_root().unwrap();
 }
+
+/// The CPUs a task may run on (`Cpus_allowed_list` in /proc), e.g. "0-1".
+fn allowed_cpus(tid: u32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+fn pin_this_thread(cpus: &[usize]) {
+    let mut set = nix::sched::CpuSet::new();
+    for &c in cpus {
+        set.set(c).unwrap();
+    }
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+}
+
+#[tokio::test]
+async fn a_sandbox_starts_on_the_cpus_of_its_spec_and_moves_when_told() {
+    require_root();
+    let n = std::thread::available_parallelism().unwrap().get();
+    assert!(
+        n >= 2,
+        "this test needs two CPUs; this machine gives it {n}"
+    );
+    let iso = isolator("cpus");
+    // Cloned by a thread pinned to CPU 0 (as the agent's HTTP threads are).
+    pin_this_thread(&[0]);
+    let mut inherits = iso.spawn(&sleeper("cpus")).unwrap();
+    let mut sb = iso
+        .spawn(&SandboxSpec {
+            cpus: Some(vec![1]),
+            ..sleeper("cpus")
+        })
+        .unwrap();
+    pin_this_thread(&(0..n).collect::<Vec<_>>());
+    let init = inherits.pid();
+    assert_eq!(
+        allowed_cpus(function_pid(init)),
+        "0",
+        "no cpus: the cloning thread's"
+    );
+    assert_eq!(killed(&mut inherits).await.status, ExitStatus::Signaled(9));
+
+    let (init, function) = (sb.pid(), function_pid(sb.pid()));
+    assert_eq!(allowed_cpus(init), "1", "init starts on the spec's CPUs");
+    assert_eq!(allowed_cpus(function), "1", "and so does the function");
+    let watch = sb.watch().unwrap();
+    assert_eq!(
+        watch.set_cpus(&[0, 1]).unwrap(),
+        2,
+        "init's and the function's thread"
+    );
+    assert_eq!(
+        (allowed_cpus(init), allowed_cpus(function)),
+        ("0-1".into(), "0-1".into())
+    );
+    watch.set_cpus(&[0]).unwrap();
+    assert_eq!(
+        (allowed_cpus(init), allowed_cpus(function)),
+        ("0".into(), "0".into())
+    );
+    assert!(matches!(
+        watch.set_cpus(&[]),
+        Err(isolate::IsolateError::InvalidSpec { field: "cpus", .. })
+    ));
+    assert_eq!(killed(&mut sb).await.status, ExitStatus::Signaled(9));
+    iso.remove_root().unwrap();
+}

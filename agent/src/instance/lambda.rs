@@ -9,7 +9,7 @@
 
 use std::future::Future;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::InvokeError;
 use super::runtime_api::{self, Event, Init, Reply, RuntimeHandle};
 use crate::logs::{AgentLine, Logs};
+use crate::placement;
 use crate::pool::ActiveFunction;
 
 /// Bytes of an invocation's log kept for `X-Amz-Log-Type: Tail` (Lambda's 4 KB).
@@ -334,7 +335,14 @@ pub struct LambdaInstance {
     /// The output side: pipes, log attribution, peak memory, and the last invocation's END
     /// and REPORT while they are not yet written.
     ending: Arc<Ending>,
+    /// The CPU the instance is pinned to ([`crate::placement`]); [`ANY_CPU`]: every CPU.
+    placed_on: AtomicUsize,
+    /// A call ran past [`placement::SHORT_CALL`]: the instance keeps every CPU until a call
+    /// ends sooner.
+    long_calls: AtomicBool,
 }
+
+const ANY_CPU: usize = usize::MAX;
 
 /// What ends an invocation's log: the function's pipes and log attribution, the cgroup's peak
 /// memory (read through a descriptor kept open), and an invocation whose END and REPORT are
@@ -660,6 +668,8 @@ impl LambdaInstance {
                 peak,
                 pending: Mutex::new(None),
             }),
+            placed_on: AtomicUsize::new(ANY_CPU),
+            long_calls: AtomicBool::new(false),
         };
         let mut init = instance.runtime.init.clone();
         let settled = async {
@@ -698,6 +708,55 @@ impl LambdaInstance {
             return Err(e);
         }
         Ok(instance)
+    }
+
+    /// Before a call on an HTTP thread: the instance onto that thread's CPU, unless it is
+    /// there already or its calls run long. Whether it is pinned for this call.
+    fn colocate(&self) -> bool {
+        let Some(cpu) = placement::serving_cpu() else {
+            return self.placed_on.load(Ordering::Relaxed) != ANY_CPU;
+        };
+        if self.long_calls.load(Ordering::Relaxed) {
+            return false;
+        }
+        if self.placed_on.load(Ordering::Relaxed) == cpu {
+            return true;
+        }
+        match self.watch.set_cpus(&[cpu]) {
+            Ok(_) => {
+                self.placed_on.store(cpu, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                tracing::debug!(instance = %self.id, cpu, "pinning an instance: {e}");
+                false
+            }
+        }
+    }
+
+    /// A call past [`placement::SHORT_CALL`]: every CPU back, for this call and the next ones
+    /// until one ends sooner.
+    fn release_cpus(&self) {
+        self.long_calls.store(true, Ordering::Relaxed);
+        let Some(all) = placement::all_cpus() else {
+            return;
+        };
+        if self.placed_on.swap(ANY_CPU, Ordering::Relaxed) != ANY_CPU
+            && let Err(e) = self.watch.set_cpus(all)
+        {
+            tracing::warn!(instance = %self.id, "releasing an instance to every CPU: {e}");
+        }
+    }
+
+    /// The call's deadline; a pinned instance is released to every CPU on the way if the call
+    /// runs long.
+    async fn deadline(&self, deadline: tokio::time::Instant, pinned: bool) {
+        let release = tokio::time::Instant::now() + placement::SHORT_CALL;
+        if pinned && release < deadline {
+            tokio::time::sleep_until(release).await;
+            self.release_cpus();
+        }
+        tokio::time::sleep_until(deadline).await
     }
 
     /// Lock-free: the warm pool asks it of every idle instance on every call.
@@ -829,6 +888,7 @@ impl LambdaInstance {
             reply: tx,
         };
         let mut streaming = None;
+        let pinned = self.colocate();
         let result = if self.runtime.events.try_send(event).is_err() {
             Err(self.exit_error(false))
         } else {
@@ -849,7 +909,7 @@ impl LambdaInstance {
                     }
                 },
                 _ = self.ended.cancelled() => Err(self.ended_error(cancel)),
-                _ = tokio::time::sleep_until(deadline) => {
+                _ = self.deadline(deadline, pinned) => {
                     self.runtime.abandon_current();
                     let _ = self.watch.kill();
                     Err(InvokeError::Timeout(ev.deadline.saturating_duration_since(started)))
@@ -857,6 +917,9 @@ impl LambdaInstance {
             }}).await
         };
         let duration = started.elapsed();
+        if duration < placement::SHORT_CALL {
+            self.long_calls.store(false, Ordering::Relaxed);
+        }
         // What the function wrote meanwhile is flushed into the log by whoever ends the
         // invocation ([`LambdaInstance::flush`], before END), after the answer went out; a
         // streamed answer's end flushes it itself.

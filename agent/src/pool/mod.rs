@@ -166,6 +166,9 @@ impl ActiveFunction {
                 .then_some(config.lambda.runtime_api_port),
             reusable: !lambda && m.reuse_sandbox,
             batch_scheduling: config.sandbox.batch_scheduling,
+            // HTTP threads may be pinned to one CPU each: a sandbox cloned by one must not
+            // inherit that.
+            cpus: crate::placement::all_cpus().map(<[usize]>::to_vec),
             ..Default::default()
         };
         if let Some(r) = &runtime {

@@ -108,6 +108,8 @@ pub trait SandboxCgroup: Send + Sync + fmt::Debug {
         self.remove()
     }
     fn path_display(&self) -> String;
+    /// The file listing the group's thread ids.
+    fn threads_file(&self) -> PathBuf;
 }
 
 /// Picks the backend for this host.

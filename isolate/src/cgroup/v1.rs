@@ -310,6 +310,13 @@ impl SandboxCgroup for V1Group {
         Ok(())
     }
 
+    fn threads_file(&self) -> PathBuf {
+        // Every hierarchy the group is in lists the same threads.
+        self.distinct
+            .first()
+            .map_or_else(|| PathBuf::from("/nonexistent"), |d| d.join("tasks"))
+    }
+
     fn path_display(&self) -> String {
         self.dir("memory").display().to_string()
     }

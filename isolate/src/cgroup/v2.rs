@@ -290,6 +290,10 @@ impl SandboxCgroup for V2Group {
         rmdir(&self.dir)
     }
 
+    fn threads_file(&self) -> PathBuf {
+        self.dir.join("cgroup.threads")
+    }
+
     fn path_display(&self) -> String {
         self.dir.display().to_string()
     }

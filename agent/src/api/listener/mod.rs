@@ -265,6 +265,7 @@ pub async fn serve(
             .name(format!("fnlet-http-{i}"))
             .spawn(move || {
                 SERVING_THREAD.with(|t| t.set(Some(i)));
+                crate::placement::pin_serving_thread(i);
                 rt.block_on(async move {
                     match TcpListener::from_std(listener) {
                         Ok(l) => serve_socket(l, &shared, stop.cancelled(), kill).await,
