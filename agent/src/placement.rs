@@ -75,6 +75,23 @@ pub fn pin_serving_thread(index: usize) {
     }
 }
 
+/// Gives the calling thread every CPU the agent may use back (a thread started by a pinned
+/// one inherits its single CPU). Without colocation nothing was pinned: nothing to do.
+pub fn unpin_current_thread() {
+    let Some(cpus) = colocating() else {
+        return;
+    };
+    let mut set = nix::sched::CpuSet::new();
+    for &c in &cpus.all {
+        if set.set(c).is_err() {
+            return;
+        }
+    }
+    if let Err(e) = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set) {
+        tracing::warn!("giving a thread every CPU: {e}");
+    }
+}
+
 /// The CPU this HTTP thread is pinned to (None: not an HTTP thread, or not pinned).
 pub fn serving_cpu() -> Option<usize> {
     SERVING_CPU.with(|c| c.get())
@@ -92,6 +109,42 @@ mod tests {
         sorted.sort_unstable();
         sorted.dedup();
         assert_eq!(sorted, all, "ascending, no repeats");
+    }
+
+    /// The CPUs the calling thread may run on.
+    fn this_threads_cpus() -> Vec<usize> {
+        let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
+        (0..nix::sched::CpuSet::count())
+            .filter(|&c| set.is_set(c).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_serving_thread_is_pinned_and_the_threads_it_starts_are_not() {
+        init(true);
+        let all = all_cpus()
+            .expect("colocating: this test needs two CPUs")
+            .to_vec();
+        std::thread::spawn(move || {
+            pin_serving_thread(1);
+            assert_eq!(serving_cpu(), Some(all[1]));
+            assert_eq!(this_threads_cpus(), [all[1]]);
+            // A blocking thread the serving thread's runtime starts.
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .on_thread_start(unpin_current_thread)
+                .build()
+                .unwrap();
+            let started =
+                rt.block_on(async { tokio::task::spawn_blocking(this_threads_cpus).await });
+            assert_eq!(started.unwrap(), all);
+            assert_eq!(
+                this_threads_cpus(),
+                [all[1]],
+                "the serving thread stays pinned"
+            );
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

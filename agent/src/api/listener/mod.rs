@@ -260,6 +260,9 @@ pub async fn serve(
         );
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
+            // Its blocking threads are started by the serving thread, whose CPU they would
+            // inherit: they get every CPU instead.
+            .on_thread_start(crate::placement::unpin_current_thread)
             .build()?;
         std::thread::Builder::new()
             .name(format!("fnlet-http-{i}"))
