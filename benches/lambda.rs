@@ -2411,8 +2411,10 @@ impl Agent {
         let config_text = format!(
             "shutdown_grace_s = 5.0\n[limits]\nlog_max_kb = {FN_LOG_MAX_KB}\n[sandbox]\n\
              cgroup_root = \"{cgroup_root}\"\ntmp_mb = {TMP_MB}\npids = {PIDS}\n\
-             prepare_ahead = true\n[lambda]\nruntime_api_port = {RUNTIME_API_PORT}\n{}",
-            // An experiment knob: more `[lambda]` lines ("runtime_api_socketpair = false").
+             prepare_ahead = true\n{}\n[lambda]\nruntime_api_port = {RUNTIME_API_PORT}\n{}",
+            // Experiment knobs: more `[sandbox]` lines ("colocate_instances = false") and more
+            // `[lambda]` lines ("runtime_api_socketpair = true").
+            std::env::var("FNLET_BENCH_SANDBOX_CONFIG").unwrap_or_default(),
             std::env::var("FNLET_BENCH_LAMBDA_CONFIG").unwrap_or_default()
         );
         fs::write(&config, &config_text).expect("writing the agent's config");

@@ -340,9 +340,9 @@ fn python_handler_through_its_url_and_the_invoke_api() {
     r.expect_ok(200);
     assert_eq!(handler_saw(&r.json())["echo"], json!({"after": "error"}));
 
-    // sandbox.colocate_instances (on by default): a warm instance runs on the CPU of the HTTP
-    // thread serving its call; a call past 2 ms gets every CPU back, and the instance keeps
-    // them until a call ends sooner.
+    // sandbox.colocate_instances (on by default): after a call, a warm instance is moved onto
+    // the CPU of the HTTP thread that served it; a call past 2 ms gets every CPU back, and the
+    // instance keeps them until a call ends sooner.
     let all = allowed_cpus();
     assert!(
         all.len() >= 2,
@@ -367,7 +367,7 @@ fn python_handler_through_its_url_and_the_invoke_api() {
     assert_eq!(after, all, "a call past 2 ms has every CPU");
     let (next, _) = cpus(json!({}));
     assert_eq!(next, all, "and so does the instance's next call");
-    on_one_cpu("a call that ends within 2 ms pins the instance again");
+    on_one_cpu("after a call that ends within 2 ms the instance is pinned again");
 
     // A handler whose module is missing: awslambdaric's init error, as the Invoke API's
     // payload.

@@ -366,9 +366,10 @@ pub struct SandboxConfig {
     /// Under load that is ~20 % more warm calls per second on 2 cores (BENCHMARKS.md, Lambda
     /// run 21); each instance keeps its fair share of the CPU.
     pub batch_scheduling: bool,
-    /// Pin each HTTP thread to one CPU and run a Lambda instance on the CPU of the thread
-    /// serving its call, so the wake-ups of a warm call stay on one CPU; a call that runs
-    /// longer than 2 ms gets every CPU back (BENCHMARKS.md, Lambda run 23).
+    /// Pin each HTTP thread to one CPU and, after each call's answer, move the Lambda instance
+    /// onto the CPU of the thread that served it, so the wake-ups of its next warm call there
+    /// stay on one CPU; a call that runs longer than 2 ms gets every CPU back (BENCHMARKS.md,
+    /// Lambda run 23).
     pub colocate_instances: bool,
 }
 

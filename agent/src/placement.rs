@@ -4,9 +4,10 @@
 //! the event handed over, the answer back, the runtime's 202 and its next `/next`. Left to the
 //! kernel, each of those wake-ups lands on whichever CPU is idle, which costs an interrupt to
 //! another CPU and its exit from idle (BENCHMARKS.md, Lambda run 23). So each HTTP thread is
-//! pinned to one CPU, and an instance runs on the CPU of the thread serving its call; a call
-//! that runs longer than [`SHORT_CALL`] gets every CPU back, so a busy function is never held
-//! to one core while others idle.
+//! pinned to one CPU, and after a call's answer has gone out the instance is moved onto the CPU
+//! of the thread that served it (never on a caller's path), where its next call on that thread
+//! finds it; a call that runs longer than [`SHORT_CALL`] gets every CPU back, so a busy
+//! function is never held to one core while others idle.
 
 use std::sync::OnceLock;
 use std::time::Duration;

@@ -335,7 +335,16 @@ pub struct LambdaInstance {
     /// The output side: pipes, log attribution, peak memory, and the last invocation's END
     /// and REPORT while they are not yet written.
     ending: Arc<Ending>,
-    /// The CPU the instance is pinned to ([`crate::placement`]); [`ANY_CPU`]: every CPU.
+    /// Which CPUs the instance runs on ([`crate::placement`]).
+    placement: Arc<Placement>,
+}
+
+/// Where an instance runs: on one CPU, that of the HTTP thread that served its last call, or
+/// on every CPU while its calls run long. Changed after a call's answer, off the caller's path.
+struct Placement {
+    id: String,
+    watch: SandboxWatch,
+    /// The CPU the instance is pinned to; [`ANY_CPU`]: every CPU.
     placed_on: AtomicUsize,
     /// A call ran past [`placement::SHORT_CALL`]: the instance keeps every CPU until a call
     /// ends sooner.
@@ -343,6 +352,39 @@ pub struct LambdaInstance {
 }
 
 const ANY_CPU: usize = usize::MAX;
+
+impl Placement {
+    fn is_pinned(&self) -> bool {
+        self.placed_on.load(Ordering::Relaxed) != ANY_CPU
+    }
+
+    /// After a call served on `cpu`'s HTTP thread: the instance onto that CPU, unless it is
+    /// there already or its calls run long.
+    fn colocate(&self, cpu: usize) {
+        if self.long_calls.load(Ordering::Relaxed) || self.placed_on.load(Ordering::Relaxed) == cpu
+        {
+            return;
+        }
+        match self.watch.set_cpus(&[cpu]) {
+            Ok(_) => self.placed_on.store(cpu, Ordering::Relaxed),
+            Err(e) => tracing::debug!(instance = %self.id, cpu, "pinning an instance: {e}"),
+        }
+    }
+
+    /// A call past [`placement::SHORT_CALL`]: every CPU back, for this call and the next ones
+    /// until one ends sooner.
+    fn release(&self) {
+        self.long_calls.store(true, Ordering::Relaxed);
+        let Some(all) = placement::all_cpus() else {
+            return;
+        };
+        if self.placed_on.swap(ANY_CPU, Ordering::Relaxed) != ANY_CPU
+            && let Err(e) = self.watch.set_cpus(all)
+        {
+            tracing::warn!(instance = %self.id, "releasing an instance to every CPU: {e}");
+        }
+    }
+}
 
 /// What ends an invocation's log: the function's pipes and log attribution, the cgroup's peak
 /// memory (read through a descriptor kept open), and an invocation whose END and REPORT are
@@ -367,6 +409,9 @@ pub struct EndReport {
 pub struct PendingEnd {
     ending: Arc<Ending>,
     server: Arc<Mutex<Option<runtime_api::Server>>>,
+    placement: Arc<Placement>,
+    /// The CPU of the HTTP thread that served the call, if pinned.
+    serving_cpu: Option<usize>,
 }
 
 impl PendingEnd {
@@ -382,6 +427,9 @@ impl PendingEnd {
             .as_mut()
         {
             s.park();
+        }
+        if let Some(cpu) = self.serving_cpu {
+            self.placement.colocate(cpu);
         }
         tail
     }
@@ -651,6 +699,7 @@ impl LambdaInstance {
             });
         }
 
+        let (placement_id, placement_watch) = (id.clone(), watch.clone());
         let mut instance = LambdaInstance {
             id,
             version: f.version,
@@ -668,8 +717,12 @@ impl LambdaInstance {
                 peak,
                 pending: Mutex::new(None),
             }),
-            placed_on: AtomicUsize::new(ANY_CPU),
-            long_calls: AtomicBool::new(false),
+            placement: Arc::new(Placement {
+                id: placement_id,
+                watch: placement_watch,
+                placed_on: AtomicUsize::new(ANY_CPU),
+                long_calls: AtomicBool::new(false),
+            }),
         };
         let mut init = instance.runtime.init.clone();
         let settled = async {
@@ -710,51 +763,13 @@ impl LambdaInstance {
         Ok(instance)
     }
 
-    /// Before a call on an HTTP thread: the instance onto that thread's CPU, unless it is
-    /// there already or its calls run long. Whether it is pinned for this call.
-    fn colocate(&self) -> bool {
-        let Some(cpu) = placement::serving_cpu() else {
-            return self.placed_on.load(Ordering::Relaxed) != ANY_CPU;
-        };
-        if self.long_calls.load(Ordering::Relaxed) {
-            return false;
-        }
-        if self.placed_on.load(Ordering::Relaxed) == cpu {
-            return true;
-        }
-        match self.watch.set_cpus(&[cpu]) {
-            Ok(_) => {
-                self.placed_on.store(cpu, Ordering::Relaxed);
-                true
-            }
-            Err(e) => {
-                tracing::debug!(instance = %self.id, cpu, "pinning an instance: {e}");
-                false
-            }
-        }
-    }
-
-    /// A call past [`placement::SHORT_CALL`]: every CPU back, for this call and the next ones
-    /// until one ends sooner.
-    fn release_cpus(&self) {
-        self.long_calls.store(true, Ordering::Relaxed);
-        let Some(all) = placement::all_cpus() else {
-            return;
-        };
-        if self.placed_on.swap(ANY_CPU, Ordering::Relaxed) != ANY_CPU
-            && let Err(e) = self.watch.set_cpus(all)
-        {
-            tracing::warn!(instance = %self.id, "releasing an instance to every CPU: {e}");
-        }
-    }
-
     /// The call's deadline; a pinned instance is released to every CPU on the way if the call
     /// runs long.
     async fn deadline(&self, deadline: tokio::time::Instant, pinned: bool) {
         let release = tokio::time::Instant::now() + placement::SHORT_CALL;
         if pinned && release < deadline {
             tokio::time::sleep_until(release).await;
-            self.release_cpus();
+            self.placement.release();
         }
         tokio::time::sleep_until(deadline).await
     }
@@ -888,7 +903,7 @@ impl LambdaInstance {
             reply: tx,
         };
         let mut streaming = None;
-        let pinned = self.colocate();
+        let pinned = self.placement.is_pinned();
         let result = if self.runtime.events.try_send(event).is_err() {
             Err(self.exit_error(false))
         } else {
@@ -918,7 +933,7 @@ impl LambdaInstance {
         };
         let duration = started.elapsed();
         if duration < placement::SHORT_CALL {
-            self.long_calls.store(false, Ordering::Relaxed);
+            self.placement.long_calls.store(false, Ordering::Relaxed);
         }
         // What the function wrote meanwhile is flushed into the log by whoever ends the
         // invocation ([`LambdaInstance::flush`], before END), after the answer went out; a
@@ -945,6 +960,8 @@ impl LambdaInstance {
         PendingEnd {
             ending: self.ending.clone(),
             server: self.server.clone(),
+            placement: self.placement.clone(),
+            serving_cpu: placement::serving_cpu(),
         }
     }
 
