@@ -42,10 +42,15 @@ fn agents_dir() -> PathBuf {
 }
 
 fn python_agent(test: &str) -> Agent {
+    python_agent_with(test, "")
+}
+
+fn python_agent_with(test: &str, sandbox_extra: &str) -> Agent {
     Agent::start_with(
         test,
         Settings {
             dir_in: Some(agents_dir()),
+            sandbox_extra: sandbox_extra.into(),
             ..Settings::default()
         },
     )
@@ -207,7 +212,8 @@ fn handler_saw(body: &Value) -> Value {
 
 #[test]
 fn python_handler_through_its_url_and_the_invoke_api() {
-    let agent = python_agent("python-url");
+    // Colocation is off by default; its checks are below.
+    let agent = python_agent_with("python-url", "colocate_instances = true\n");
     agent.deploy(&fixture_dir());
 
     // Deployed before its runtime is installed: refused, naming what is missing.
@@ -340,7 +346,7 @@ fn python_handler_through_its_url_and_the_invoke_api() {
     r.expect_ok(200);
     assert_eq!(handler_saw(&r.json())["echo"], json!({"after": "error"}));
 
-    // sandbox.colocate_instances (on by default): after a call, a warm instance is moved onto
+    // sandbox.colocate_instances (on for this agent): after a call, a warm instance is moved onto
     // the CPU of the HTTP thread that served it; a call past 2 ms gets every CPU back, and the
     // instance keeps them until a call ends sooner.
     let all = allowed_cpus();

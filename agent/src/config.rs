@@ -368,8 +368,10 @@ pub struct SandboxConfig {
     pub batch_scheduling: bool,
     /// Pin each HTTP thread to one CPU and, after each call's answer, move the Lambda instance
     /// onto the CPU of the thread that served it, so the wake-ups of its next warm call there
-    /// stay on one CPU; a call that runs longer than 2 ms gets every CPU back (BENCHMARKS.md,
-    /// Lambda run 23).
+    /// stay on one CPU; a call that runs longer than 2 ms gets every CPU back. Off by default:
+    /// a pinned thread cannot leave a CPU that other work keeps busy (BENCHMARKS.md, Lambda
+    /// runs 23-26: back-to-back calls on a quiet host ~40 % faster, calls between other work
+    /// slower).
     pub colocate_instances: bool,
 }
 
@@ -474,7 +476,7 @@ impl Default for SandboxConfig {
             prepare_ahead: true,
             spawn_helper: true,
             batch_scheduling: true,
-            colocate_instances: true,
+            colocate_instances: false,
         }
     }
 }

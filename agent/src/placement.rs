@@ -8,6 +8,10 @@
 //! of the thread that served it (never on a caller's path), where its next call on that thread
 //! finds it; a call that runs longer than [`SHORT_CALL`] gets every CPU back, so a busy
 //! function is never held to one core while others idle.
+//!
+//! Off by default: a pinned thread cannot leave a CPU that other work keeps busy, so calls made
+//! between other processes' work got slower where back-to-back calls on a quiet host got ~40 %
+//! faster (BENCHMARKS.md, Lambda runs 24-26).
 
 use std::sync::OnceLock;
 use std::time::Duration;
