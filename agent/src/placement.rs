@@ -70,14 +70,15 @@ pub fn pin_serving_thread(index: usize) {
         return;
     };
     let cpu = cpus.all[index % cpus.all.len()];
-    let mut set = nix::sched::CpuSet::new();
-    if set.set(cpu).is_err() {
-        return;
-    }
-    match nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set) {
+    match set_this_threads_cpus(&[cpu]) {
         Ok(()) => SERVING_CPU.with(|c| c.set(Some(cpu))),
         Err(e) => tracing::warn!(thread = index, cpu, "pinning an HTTP thread: {e}"),
     }
+}
+
+fn set_this_threads_cpus(cpus: &[usize]) -> Result<(), String> {
+    let set = isolate::cpu_set(cpus).map_err(|e| e.to_string())?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).map_err(|e| e.to_string())
 }
 
 /// Gives the calling thread every CPU the agent may use back (a thread started by a pinned
@@ -86,13 +87,7 @@ pub fn unpin_current_thread() {
     let Some(cpus) = colocating() else {
         return;
     };
-    let mut set = nix::sched::CpuSet::new();
-    for &c in &cpus.all {
-        if set.set(c).is_err() {
-            return;
-        }
-    }
-    if let Err(e) = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set) {
+    if let Err(e) = set_this_threads_cpus(&cpus.all) {
         tracing::warn!("giving a thread every CPU: {e}");
     }
 }

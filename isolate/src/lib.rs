@@ -60,6 +60,7 @@ use serde::{Deserialize, Serialize};
 
 pub use cgroup::{CgroupMode, CgroupUsage, CgroupVersion, PeakMemory};
 pub use error::{IsolateError, Result, Step};
+pub use image::cpu_set;
 pub use notify::{Answer as ConnectAnswer, ConnectNotifier};
 pub use spec::{
     Bind, Limits, SandboxSpec, Stdio, StdioSpec, TASK_ROOT, bind_dest_allowed,

@@ -766,10 +766,12 @@ impl LambdaInstance {
     /// The call's deadline; a pinned instance is released to every CPU on the way if the call
     /// runs long.
     async fn deadline(&self, deadline: tokio::time::Instant, pinned: bool) {
-        let release = tokio::time::Instant::now() + placement::SHORT_CALL;
-        if pinned && release < deadline {
-            tokio::time::sleep_until(release).await;
-            self.placement.release();
+        if pinned {
+            let release = tokio::time::Instant::now() + placement::SHORT_CALL;
+            if release < deadline {
+                tokio::time::sleep_until(release).await;
+                self.placement.release();
+            }
         }
         tokio::time::sleep_until(deadline).await
     }
@@ -932,7 +934,7 @@ impl LambdaInstance {
             }}).await
         };
         let duration = started.elapsed();
-        if duration < placement::SHORT_CALL {
+        if duration < placement::SHORT_CALL && self.placement.long_calls.load(Ordering::Relaxed) {
             self.placement.long_calls.store(false, Ordering::Relaxed);
         }
         // What the function wrote meanwhile is flushed into the log by whoever ends the
