@@ -42,6 +42,13 @@ pub const FORWARDED: [libc::c_int; 8] = [
     libc::SIGCONT,
 ];
 
+/// The signal that ends a reusable sandbox's run going (see [`crate::ReusableSandbox::cancel_run`]):
+/// the init kills the run's process, and then, as after any run, whatever it left. The first
+/// real-time signal (glibc keeps the two below it for itself).
+pub fn cancel_signal() -> libc::c_int {
+    libc::SIGRTMIN()
+}
+
 /// Everything the child needs, made ready by the parent.
 pub struct Prepared {
     pub join_files: Vec<CString>,
@@ -70,6 +77,8 @@ pub struct Prepared {
     pub status_fd: RawFd,
     pub die_with_parent: bool,
     pub signals: libc::sigset_t,
+    /// [`cancel_signal`], read by the parent (a member of `signals`).
+    pub cancel: libc::c_int,
     /// With a user namespace: wait for one byte here (the parent writes the id maps and joins
     /// the cgroup for us first).
     pub go_fd: Option<RawFd>,
@@ -746,6 +755,10 @@ fn wait_for(p: &Prepared, worker: libc::pid_t) -> i32 {
                     break;
                 }
             }
+        } else if sig == p.cancel {
+            // The owner ends the run: its process first; kill_leftovers does the rest.
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(worker, libc::SIGKILL) };
         } else if sig > 0 {
             // SAFETY: signalling our own child.
             unsafe { libc::kill(worker, sig) };

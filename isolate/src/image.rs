@@ -172,6 +172,7 @@ impl ChildImage {
             for s in child::FORWARDED {
                 libc::sigaddset(&mut signals, s);
             }
+            libc::sigaddset(&mut signals, child::cancel_signal());
         }
         let image = ChildImage {
             prepared: Prepared {
@@ -196,6 +197,7 @@ impl ChildImage {
                 status_fd: fds.status,
                 die_with_parent: spec.die_with_parent,
                 signals,
+                cancel: child::cancel_signal(),
                 go_fd: fds.go,
                 netns_fd: fds.netns,
                 start_fd: fds.start,

@@ -906,6 +906,22 @@ impl ReusableSandbox {
         })
     }
 
+    /// Whether a run was started and its end not yet taken ([`ReusableSandbox::run_ended`]).
+    pub fn has_run(&self) -> bool {
+        self.running
+    }
+
+    /// Ends the run going, whatever it is doing: its process is killed, then everything it
+    /// started, as after any run; returns how it ended ([`ReusableSandbox::run_ended`]). The
+    /// sandbox then serves the next run. A run that had already ended is only reported.
+    pub async fn cancel_run(&mut self) -> Result<Option<FunctionEnd>> {
+        if !self.running {
+            return Err(IsolateError::Protocol("the sandbox has no run going"));
+        }
+        self.sandbox.send_signal(child::cancel_signal())?;
+        self.run_ended().await
+    }
+
     /// Waits until the run's process has ended and everything it started has been killed, and
     /// says how it ended; an error names the step when its process never reached the exec.
     /// None when the sandbox itself ended (it was killed): it cannot run again.
@@ -1138,6 +1154,11 @@ impl Sandbox {
             pid: self.pid(),
             threads: self.cgroup.as_ref().map(|c| c.threads_file()),
         })
+    }
+
+    /// Sends the signal numbered `sig` to the sandbox's init.
+    fn send_signal(&self, sig: libc::c_int) -> Result<()> {
+        sys::pidfd_send_signal(self.pidfd.as_fd(), sig).or_else(ignore_esrch)
     }
 
     /// Sends `sig` to the function (through its init).

@@ -352,6 +352,70 @@ async fn run_with(
     Ok((out, err, end))
 }
 
+/// A run started before its input is known (its start-up done ahead), then cancelled: its
+/// process and what it started are killed, and the sandbox serves the next run.
+#[tokio::test]
+async fn a_run_started_ahead_can_be_cancelled_and_the_sandbox_serves_the_next() {
+    require_root();
+    let iso = isolator("cancel");
+    // Says whether the child of the run before still lives, leaves one of its own, then
+    // waits for its input.
+    let script = r#"old=none; [ -e /tmp/child ] && { old=dead; kill -0 "$(cat /tmp/child)" 2>/dev/null && old=alive; }
+sleep 1000 >/dev/null 2>&1 </dev/null & echo $! > /tmp/child
+read -r line
+printf '%s %s %s' "${REQ:-none}" "$line" "$old""#;
+    let spec = SandboxSpec {
+        name: "cancel".into(),
+        program: "/bin/sh".into(),
+        args: vec!["-c".into(), script.into()],
+        late_env: Some("REQ".into()),
+        reusable: true,
+        ..Default::default()
+    };
+    let mut sb = iso.prepare(&spec).unwrap().into_reusable().unwrap();
+    let init = sb.sandbox().pid();
+    assert!(!sb.has_run());
+    // Started ahead with no request id; cancelled while it waits on stdin.
+    let pipes = sb.run(None, &[]).unwrap();
+    assert!(sb.has_run());
+    std::thread::sleep(Duration::from_millis(100));
+    let end = cancel(&mut sb).await.unwrap();
+    assert_eq!(
+        end,
+        Some(isolate::FunctionEnd {
+            status: ExitStatus::Signaled(libc::SIGKILL),
+            oom_killed: false,
+        })
+    );
+    assert!(!sb.has_run());
+    drop(pipes);
+    // The next run is a new process, and the child the cancelled one left is gone.
+    let got = run_once(&mut sb, "r2", "quick\n").await.unwrap();
+    assert_eq!(got.0, "r2 quick dead");
+    // A run that ended by itself before the cancel is only reported; no signal is left over
+    // for the run after it.
+    let pipes = sb.run(Some("r3"), &[]).unwrap();
+    drop(pipes.stdin);
+    std::thread::sleep(Duration::from_millis(300));
+    let end = cancel(&mut sb).await.unwrap().unwrap();
+    assert_eq!(end.status, ExitStatus::Exited(0));
+    let got = run_once(&mut sb, "r4", "quick\n").await.unwrap();
+    assert_eq!(got.0, "r4 quick dead");
+    assert_eq!(got.2.unwrap().status, ExitStatus::Exited(0));
+    assert!(cancel(&mut sb).await.is_err(), "no run going");
+    assert_eq!((sb.runs(), sb.sandbox().pid()), (4, init));
+    drop(sb);
+    iso.remove_root().unwrap();
+}
+
+async fn cancel(
+    sb: &mut isolate::ReusableSandbox,
+) -> isolate::Result<Option<isolate::FunctionEnd>> {
+    tokio::time::timeout(Duration::from_secs(10), sb.cancel_run())
+        .await
+        .expect("a cancelled run ends within 10 s")
+}
+
 #[tokio::test]
 async fn a_reusable_sandbox_runs_its_function_again_and_nothing_of_a_run_outlives_it() {
     require_root();
