@@ -337,6 +337,49 @@ pub struct LambdaInstance {
     ending: Arc<Ending>,
     /// Which CPUs the instance runs on ([`crate::placement`]).
     placement: Arc<Placement>,
+    /// The deadline timer of its calls, kept from one call to the next.
+    call_timer: CallTimer,
+}
+
+/// An instance's call deadline timer, kept between calls. A kept timer re-armed for a later
+/// deadline only moves its expiry. A new one is inserted into tokio's timer wheel, and as it
+/// is due before the earliest timer the event loop saw when it last slept (a connection's idle
+/// timeout), tokio wakes that loop through its eventfd: one more `write` per warm call. Each
+/// HTTP thread is an event loop with timers of its own: a timer is only reused on the thread
+/// that made it.
+#[derive(Default)]
+struct CallTimer(Mutex<Option<KeptTimer>>);
+
+struct KeptTimer {
+    thread: Option<usize>,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl CallTimer {
+    /// A timer due at `deadline`: the kept one when it was made on this thread.
+    fn arm(&self, deadline: tokio::time::Instant) -> KeptTimer {
+        let thread = crate::api::listener::serving_thread();
+        let kept = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .filter(|k| k.thread == thread);
+        match kept {
+            Some(mut k) => {
+                k.sleep.as_mut().reset(deadline);
+                k
+            }
+            None => KeptTimer {
+                thread,
+                sleep: Box::pin(tokio::time::sleep_until(deadline)),
+            },
+        }
+    }
+
+    fn keep(&self, timer: KeptTimer) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(timer);
+    }
 }
 
 /// Where an instance runs: on one CPU, that of the HTTP thread that served its last call, or
@@ -723,6 +766,7 @@ impl LambdaInstance {
                 placed_on: AtomicUsize::new(ANY_CPU),
                 long_calls: AtomicBool::new(false),
             }),
+            call_timer: CallTimer::default(),
         };
         let mut init = instance.runtime.init.clone();
         let settled = async {
@@ -765,15 +809,15 @@ impl LambdaInstance {
 
     /// The call's deadline; a pinned instance is released to every CPU on the way if the call
     /// runs long.
-    async fn deadline(&self, deadline: tokio::time::Instant, pinned: bool) {
+    async fn deadline(&self, timer: &mut KeptTimer, pinned: bool) {
         if pinned {
             let release = tokio::time::Instant::now() + placement::SHORT_CALL;
-            if release < deadline {
+            if release < timer.sleep.deadline() {
                 tokio::time::sleep_until(release).await;
                 self.placement.release();
             }
         }
-        tokio::time::sleep_until(deadline).await
+        timer.sleep.as_mut().await
     }
 
     /// Lock-free: the warm pool asks it of every idle instance on every call.
@@ -909,8 +953,10 @@ impl LambdaInstance {
         let result = if self.runtime.events.try_send(event).is_err() {
             Err(self.exit_error(false))
         } else {
-            let deadline = tokio::time::Instant::from_std(ev.deadline);
-            self.serving_call(async { tokio::select! {
+            let mut timer = self
+                .call_timer
+                .arm(tokio::time::Instant::from_std(ev.deadline));
+            let r = self.serving_call(async { tokio::select! {
                 r = rx => match r {
                     Ok(Reply::Response(body)) => Ok(Payload::Full(body)),
                     Ok(Reply::Stream { content_type, frames, finished }) => {
@@ -926,12 +972,14 @@ impl LambdaInstance {
                     }
                 },
                 _ = self.ended.cancelled() => Err(self.ended_error(cancel)),
-                _ = self.deadline(deadline, pinned) => {
+                _ = self.deadline(&mut timer, pinned) => {
                     self.runtime.abandon_current();
                     let _ = self.watch.kill();
                     Err(InvokeError::Timeout(ev.deadline.saturating_duration_since(started)))
                 }
-            }}).await
+            }}).await;
+            self.call_timer.keep(timer);
+            r
         };
         let duration = started.elapsed();
         if duration < placement::SHORT_CALL && self.placement.long_calls.load(Ordering::Relaxed) {
@@ -1106,4 +1154,34 @@ fn trace_id(request_id: &str) -> String {
         .take(24)
         .collect();
     format!("Root=1-{secs:08x}-{hex:0<24};Parent=0000000000000000;Sampled=0")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_kept_call_timer_fires_at_each_calls_own_deadline() {
+        let timers = CallTimer::default();
+        let start = tokio::time::Instant::now();
+        // A first call's timer, kept after the call ended early.
+        let first = timers.arm(start + Duration::from_millis(50));
+        timers.keep(first);
+        // The next call's later deadline moves the kept timer: it does not fire at the first.
+        let mut second = timers.arm(start + Duration::from_millis(200));
+        assert!(
+            tokio::time::timeout_at(start + Duration::from_millis(150), second.sleep.as_mut())
+                .await
+                .is_err(),
+            "fired at the earlier call's deadline"
+        );
+        second.sleep.as_mut().await;
+        assert_eq!(start.elapsed(), Duration::from_millis(200));
+        timers.keep(second);
+        // Fired and kept, then armed earlier than before: it fires again, at the new deadline.
+        let now = tokio::time::Instant::now();
+        let mut third = timers.arm(now + Duration::from_millis(20));
+        third.sleep.as_mut().await;
+        assert_eq!(now.elapsed(), Duration::from_millis(20));
+    }
 }
