@@ -6,11 +6,12 @@
 //! concurrent clients (beside the library and plain fork+exec from as many threads, in the same
 //! rounds); and the agents' RSS, idle and under load.
 //!
-//! Three agents run side by side: one with `[sandbox] prepare_ahead = true` (the default: one
+//! Four agents run side by side: one with `[sandbox] prepare_ahead = true` (the default: one
 //! sandbox per function built ahead of time, so an invocation only pays for the exec), one
-//! with it off (every invocation builds its sandbox on the request path), and one whose copy of
+//! with it off (every invocation builds its sandbox on the request path), one whose copy of
 //! the function has `reuse_sandbox = true` (each call a new process in a sandbox kept between
-//! calls). They are compared with the library's prepared start, its full spawn, and a run of
+//! calls), and one whose copy also has `start_ahead = true` (that process started when the
+//! last call ended, waiting on stdin). They are compared with the library's prepared start, its full spawn, and a run of
 //! its `ReusableSandbox`.
 //!
 //! Run as root through `benches/run.sh agent`, which builds fnlet and the example first.
@@ -72,6 +73,7 @@ const CLI: &str = "fnlet sandbox run (CLI)";
 const AGENT_ON: &str = "agent POST, prepare_ahead on (default)";
 const AGENT_OFF: &str = "agent POST, prepare_ahead off";
 const AGENT_REUSE: &str = "agent POST, reuse_sandbox = true";
+const AGENT_AHEAD: &str = "agent POST, reuse_sandbox + start_ahead";
 const HEALTHZ: &str = "agent GET /healthz (no sandbox)";
 
 struct Settings {
@@ -145,9 +147,11 @@ fn main() {
     let cli_root = format!("fnlet-bench-agent-{pid}-cli");
     let lib_root = format!("fnlet-bench-agent-{pid}-lib");
     let reuse_root = format!("fnlet-bench-agent-{pid}-reuse");
+    let ahead_root = format!("fnlet-bench-agent-{pid}-ahead");
     let mut cleanup = Cleanup {
         roots: vec![
             reuse_root.clone(),
+            ahead_root.clone(),
             agent_root.clone(),
             off_root.clone(),
             cli_root.clone(),
@@ -181,6 +185,13 @@ fn main() {
     // The third agent's function keeps its sandboxes between calls.
     let reuse_bundle = work.path().join("bundle-reuse");
     copy_bundle(&f.bundle, &reuse_bundle, "reuse_sandbox = true\n");
+    // The fourth's also starts each call's process ahead.
+    let ahead_bundle = work.path().join("bundle-ahead");
+    copy_bundle(
+        &f.bundle,
+        &ahead_bundle,
+        "reuse_sandbox = true\nstart_ahead = true\n",
+    );
     let mut bundles = Vec::new();
     for (name, short, dir, root, ahead, bundle) in [
         (
@@ -206,6 +217,14 @@ fn main() {
             &reuse_root,
             true,
             &reuse_bundle,
+        ),
+        (
+            AGENT_AHEAD,
+            "ahead",
+            "agent-ahead",
+            &ahead_root,
+            true,
+            &ahead_bundle,
         ),
     ] {
         let a = Agent::start(
@@ -443,7 +462,7 @@ fn sequential(
             .expect("Isolator::prepare (reusable)"),
     );
     let client = http_client();
-    let (on, off, reuse) = (&agents[0], &agents[1], &agents[2]);
+    let (on, off, reuse, ahead) = (&agents[0], &agents[1], &agents[2], &agents[3]);
     let post = |url: &str| -> Result<(), String> {
         let (status, body) = rt.block_on(post(&client, url))?;
         if status != 200 {
@@ -520,6 +539,13 @@ fn sequential(
             "the same POST to a third agent (prepare_ahead on) whose function has reuse_sandbox \
              = true: each call a new process in a sandbox kept from the last call",
             Box::new(|_| post(&reuse.url)),
+        ),
+        Contender::new(
+            AGENT_AHEAD,
+            "the same POST to a fourth agent (prepare_ahead on) whose function has reuse_sandbox \
+             = true and start_ahead = true: each call's process was started when the last call \
+             ended and waits on stdin",
+            Box::new(|_| post(&ahead.url)),
         ),
         Contender::new(
             HEALTHZ,
@@ -1366,6 +1392,12 @@ fn print_differences(results: &[Measured]) {
             "reuse_sandbox saves: agent prepare_ahead on - agent reuse",
             AGENT_ON,
             AGENT_REUSE,
+        ),
+        ("start_ahead: agent ahead - floor", AGENT_AHEAD, FLOOR),
+        (
+            "start_ahead saves: agent reuse - agent ahead",
+            AGENT_REUSE,
+            AGENT_AHEAD,
         ),
     ] {
         let Some(ra) = get(a) else {

@@ -1564,6 +1564,80 @@ esac"#,
     agent.finish();
 }
 
+/// `start_ahead = true`: a kept sandbox starts the function's next process when a call ends;
+/// it waits on stdin for its call (its start-up is off the caller's path) and has no request
+/// id. A timeout ends the sandbox with it, and the next call starts over in a new one.
+#[test]
+fn an_exec_function_started_ahead_waits_for_its_call_on_stdin() {
+    let agent = Agent::start("ahead");
+    agent.deploy(
+        Fixture::sh(
+            "ahead",
+            "public = true\ntimeout_s = 2\nreuse_sandbox = true\nstart_ahead = true",
+            r#"start=$(date +%s%N)
+echo "starting" >&2
+read -r line
+waited=$(( ($(date +%s%N) - start) / 1000000 ))
+echo "req=${FNLET_REQUEST_ID:-none} line=$line waited_ms=$waited"
+[ "$line" = slow ] && sleep 10
+exit 0"#,
+        )
+        .path(),
+    );
+    let call = |input: &str| {
+        let r = agent.invoke("ahead", format!("{input}\n").as_bytes());
+        let id = r.header("x-fnlet-request-id").expect("request id");
+        let text = r.expect_ok(200).text();
+        (text, id)
+    };
+    let waited = |text: &str| -> u64 {
+        text.trim()
+            .rsplit_once("waited_ms=")
+            .and_then(|(_, ms)| ms.parse().ok())
+            .unwrap_or_else(|| panic!("no waited_ms in {text:?}"))
+    };
+    // A new sandbox's first call starts its process itself, with the call's request id.
+    let (text, id) = call("one");
+    assert!(text.starts_with(&format!("req={id} line=one ")), "{text}");
+    // The next process was started when that call ended, and has waited since.
+    std::thread::sleep(Duration::from_millis(800));
+    let (text, id) = call("two");
+    assert!(text.starts_with("req=none line=two "), "{text}");
+    assert!(waited(&text) >= 600, "started ahead 800 ms before: {text}");
+    // What it wrote while it waited is logged under the call that took it.
+    let logs = agent.cli(&["logs", "ahead", "--json", "--tail", "100"]);
+    let starting: Vec<String> = String::from_utf8_lossy(&logs.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["line"] == "starting")
+        .filter_map(|l| l["request_id"].as_str().map(str::to_string))
+        .collect();
+    assert!(starting.contains(&id), "{starting:?} lack {id}");
+    let out = agent.cli(&["describe", "ahead"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("started ahead (start_ahead)"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // A timeout ends the sandbox and its next process; the next call starts over.
+    agent
+        .invoke("ahead", b"slow\n")
+        .expect_error(504, "timeout");
+    let (text, id) = call("three");
+    assert!(text.starts_with(&format!("req={id} line=three ")), "{text}");
+
+    // Only with reuse_sandbox.
+    let bad = Fixture::sh("bad", "start_ahead = true", "cat");
+    let msg = agent
+        .deploy_archive(bad.tar_gz(), "application/gzip")
+        .expect_error(400, "bad_manifest");
+    assert!(msg.contains("start_ahead"), "{msg}");
+    // finish() checks that stopping the agent leaves no sandbox and no process behind: the
+    // idle sandbox's waiting process included.
+    agent.finish();
+}
+
 /// `sandbox.user_namespace = true`: exec and Lambda functions run, although the bundles sit in
 /// the agent's 0750 state directory, which the function's own uid (the child's filesystem ids
 /// while it builds the root) may not traverse: the bind sources are opened first, as root.

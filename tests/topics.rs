@@ -254,11 +254,12 @@ fn topics_with_the_cloudevents_sdk() {
     let sink = Sink::start();
 
     // Three subscribers of `orders`: everything (in a sandbox kept between its runs, each
-    // run with its own event's variables); orders from the shop; tenant acme (Lambda mode:
-    // its records, sent to the sink, show the CloudEvent it got).
+    // run with its own event's variables, although the process started ahead for each run
+    // has none: it is ended and the run starts its own); orders from the shop; tenant acme
+    // (Lambda mode: its records, sent to the sink, show the CloudEvent it got).
     let all = subscriber(
         "all",
-        "reuse_sandbox = true\n[[triggers]]\ntopic = \"orders\"",
+        "reuse_sandbox = true\nstart_ahead = true\n[[triggers]]\ntopic = \"orders\"",
     );
     agent.deploy(all.path());
     let created = subscriber(

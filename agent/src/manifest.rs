@@ -71,6 +71,12 @@ pub struct Manifest {
     /// Lambda execution environment is reused, instead of a fresh sandbox per call.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reuse_sandbox: bool,
+    /// Exec mode with `reuse_sandbox`: each kept sandbox starts the function's next process as
+    /// soon as a call ends, and it waits for its request on stdin: its start-up (exec, dynamic
+    /// loading, an interpreter and its imports) is off the next caller's path. It starts
+    /// before its call is known, so `FNLET_REQUEST_ID` is empty in its environment.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub start_ahead: bool,
     #[serde(default)]
     pub public: bool,
     /// Safe to run twice: a call whose host was lost mid-call may be run again elsewhere.
@@ -435,11 +441,22 @@ impl Manifest {
                     );
                 }
             }
+            if self.start_ahead && !self.reuse_sandbox {
+                return bad(
+                    "start_ahead",
+                    "needs reuse_sandbox = true (the process is started in a kept sandbox)".into(),
+                );
+            }
             return self.validate_keep_alive();
         }
-        if self.reuse_sandbox {
+        if self.reuse_sandbox || self.start_ahead {
+            let field = if self.reuse_sandbox {
+                "reuse_sandbox"
+            } else {
+                "start_ahead"
+            };
             return bad(
-                "reuse_sandbox",
+                field,
                 "applies to mode = \"exec\" only (a Lambda instance always serves many calls)"
                     .into(),
             );
@@ -714,7 +731,13 @@ mod tests {
         )
         .unwrap();
         assert!(m.reuse_sandbox);
+        assert!(!m.start_ahead);
         assert_eq!(m.resolve(&FunctionDefaults::default()).keep_alive_s, 30.0);
+        let m = Manifest::parse(
+            "name = \"py\"\nentrypoint = \"run.py\"\nreuse_sandbox = true\nstart_ahead = true\n",
+        )
+        .unwrap();
+        assert!(m.start_ahead);
         for (text, field) in [
             ("name = \"x\"\nmode = \"exec\"", "entrypoint"),
             (
@@ -752,6 +775,14 @@ mod tests {
             (
                 "name = \"x\"\nentrypoint = \"a\"\nkeep_alive_s = 5",
                 "keep_alive_s",
+            ),
+            (
+                "name = \"x\"\nentrypoint = \"a\"\nstart_ahead = true",
+                "start_ahead",
+            ),
+            (
+                "name = \"x\"\nmode = \"lambda\"\nstart_ahead = true",
+                "start_ahead",
             ),
             (
                 "name = \"x\"\nentrypoint = \"a\"\nreuse_sandbox = true\nkeep_alive_s = -1",

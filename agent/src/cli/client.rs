@@ -370,6 +370,8 @@ pub struct ManifestInfo {
     pub handler: Option<String>,
     #[serde(default)]
     pub reuse_sandbox: bool,
+    #[serde(default)]
+    pub start_ahead: bool,
     /// `[aws]`: what the AWS tools set (role, a bootstrap's provided.* runtime and handler).
     #[serde(default)]
     pub aws: AwsInfo,

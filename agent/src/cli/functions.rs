@@ -1048,8 +1048,14 @@ fn describe_text(f: &FunctionInfo, versions: &[VersionInfo]) -> String {
         pairs.push(("sha256", sha.clone()));
     }
     pairs.push(("mode", or_default(m.mode.clone(), DEFAULT_MODE.into())));
-    if m.reuse_sandbox {
-        pairs.push(("sandbox", "kept between calls (reuse_sandbox)".into()));
+    match (m.reuse_sandbox, m.start_ahead) {
+        (true, true) => pairs.push((
+            "sandbox",
+            "kept between calls (reuse_sandbox), the next process started ahead (start_ahead)"
+                .into(),
+        )),
+        (true, false) => pairs.push(("sandbox", "kept between calls (reuse_sandbox)".into())),
+        _ => {}
     }
     pairs.push((
         "entrypoint",

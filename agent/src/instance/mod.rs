@@ -328,7 +328,8 @@ fn exchange<'a>(
 }
 
 /// Runs one exec-mode invocation in a sandbox kept between calls (`reuse_sandbox`), as
-/// [`run_exec`] does in a fresh one. Also says whether the sandbox may serve the next call: it
+/// [`run_exec`] does in a fresh one: in `started`, the process started ahead for it
+/// (`start_ahead`), else in a new one. Also says whether the sandbox may serve the next call: it
 /// may after the function ended by itself, well or not (its init has killed whatever the call
 /// left); not after a kill (timeout, response too large, shutdown) or an OOM kill, nor when
 /// the sandbox itself failed.
@@ -338,13 +339,17 @@ pub async fn run_reused(
     body: Bytes,
     stdout: Option<tokio::sync::mpsc::Sender<Bytes>>,
     sandbox: &mut isolate::ReusableSandbox,
+    started: Option<isolate::RunPipes>,
     cancel: &CancellationToken,
 ) -> (Result<Bytes, InvokeError>, bool) {
     let deadline = tokio::time::Instant::now() + call.timeout;
     let timeout = call.timeout;
-    let pipes = match sandbox.run(Some(call.request_id), call.env) {
-        Ok(p) => p,
-        Err(e) => return (Err(InvokeError::Spawn(e)), false),
+    let pipes = match started {
+        Some(p) => p,
+        None => match sandbox.run(Some(call.request_id), call.env) {
+            Ok(p) => p,
+            Err(e) => return (Err(InvokeError::Spawn(e)), false),
+        },
     };
     let instance = sandbox
         .sandbox()

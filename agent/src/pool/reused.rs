@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use isolate::ReusableSandbox;
+use isolate::{ReusableSandbox, RunPipes};
 use tokio_util::task::TaskTracker;
 
 use super::InstanceCounts;
@@ -18,6 +18,8 @@ use super::capacity::Commitment;
 pub struct WarmSandbox {
     pub version: u64,
     sandbox: Option<ReusableSandbox>,
+    /// The function's next process, started ahead (`start_ahead`), waiting on stdin.
+    started: Option<RunPipes>,
     commitment: Option<Commitment>,
     counts: Arc<InstanceCounts>,
     tracker: TaskTracker,
@@ -36,6 +38,7 @@ impl WarmSandbox {
         WarmSandbox {
             version,
             sandbox: Some(sandbox),
+            started: None,
             commitment: Some(commitment),
             counts: counts.clone(),
             tracker: tracker.clone(),
@@ -45,6 +48,27 @@ impl WarmSandbox {
     /// The sandbox (always there until the drop).
     pub fn sandbox(&mut self) -> Option<&mut ReusableSandbox> {
         self.sandbox.as_mut()
+    }
+
+    /// Starts the function's next process now (`start_ahead`): it runs its start-up and
+    /// waits for its call on stdin. A sandbox that cannot start it is left as it is: the
+    /// call then starts its own process.
+    pub fn start_ahead(&mut self) {
+        let Some(sandbox) = self.sandbox.as_mut() else {
+            return;
+        };
+        if sandbox.has_run() {
+            return;
+        }
+        match sandbox.run(None, &[]) {
+            Ok(pipes) => self.started = Some(pipes),
+            Err(e) => tracing::debug!(pid = sandbox.sandbox().pid(), "start ahead: {e}"),
+        }
+    }
+
+    /// The process started ahead for the next call, if one waits.
+    pub fn take_started(&mut self) -> Option<RunPipes> {
+        self.started.take()
     }
 
     /// Its cgroup leaf: the instance's name in logs, unique on the host.

@@ -510,6 +510,23 @@ impl Router {
             Some(w) => w,
             None => self.new_reused(slot, f).await?,
         };
+        let mut started = warm.take_started();
+        if started.is_some() && !call.env.is_empty() {
+            // A process started ahead has none of this call's own variables: it is ended,
+            // and the call starts its own in the same sandbox (or, failing that, a new one).
+            started = None;
+            let cancelled = match warm.sandbox() {
+                Some(sandbox) => tokio::time::timeout(call.timeout, sandbox.cancel_run())
+                    .await
+                    .ok()
+                    .and_then(|end| end.ok().flatten()),
+                None => None,
+            };
+            if cancelled.is_none() {
+                drop(warm);
+                warm = self.new_reused(slot, f).await?;
+            }
+        }
         let sandbox = warm
             .sandbox()
             .ok_or_else(|| InvokeError::Internal("reused sandbox missing".into()))?;
@@ -521,9 +538,13 @@ impl Router {
             request_id: call.request_id,
         };
         let (r, reusable) =
-            instance::run_reused(&self.logs, call, body, stdout, sandbox, &self.kill).await;
+            instance::run_reused(&self.logs, call, body, stdout, sandbox, started, &self.kill)
+                .await;
         std::mem::forget(left);
         if reusable && !self.draining.is_cancelled() {
+            if f.manifest.start_ahead {
+                warm.start_ahead();
+            }
             slot.put_reused(warm);
         }
         r
