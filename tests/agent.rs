@@ -1566,21 +1566,23 @@ esac"#,
 
 /// `start_ahead = true`: a kept sandbox starts the function's next process when a call ends;
 /// it waits on stdin for its call (its start-up is off the caller's path) and has no request
-/// id. A timeout ends the sandbox with it, and the next call starts over in a new one.
+/// id. A timeout ends the sandbox with it, and the next call starts over in a new one. Without
+/// `reuse_sandbox`, the sandbox built ahead for the next call has its function started.
 #[test]
 fn an_exec_function_started_ahead_waits_for_its_call_on_stdin() {
     let agent = Agent::start("ahead");
-    agent.deploy(
-        Fixture::sh(
-            "ahead",
-            "public = true\ntimeout_s = 2\nreuse_sandbox = true\nstart_ahead = true",
-            r#"start=$(date +%s%N)
+    let script = r#"start=$(date +%s%N)
 echo "starting" >&2
 read -r line
 waited=$(( ($(date +%s%N) - start) / 1000000 ))
 echo "req=${FNLET_REQUEST_ID:-none} line=$line waited_ms=$waited"
 [ "$line" = slow ] && sleep 10
-exit 0"#,
+exit 0"#;
+    agent.deploy(
+        Fixture::sh(
+            "ahead",
+            "public = true\ntimeout_s = 2\nreuse_sandbox = true\nstart_ahead = true",
+            script,
         )
         .path(),
     );
@@ -1627,8 +1629,35 @@ exit 0"#,
     let (text, id) = call("three");
     assert!(text.starts_with(&format!("req={id} line=three ")), "{text}");
 
-    // Only with reuse_sandbox.
-    let bad = Fixture::sh("bad", "start_ahead = true", "cat");
+    // A fresh sandbox per call: the sandbox built ahead has its function started too, from
+    // the deploy on, and again after each call.
+    agent.deploy(Fixture::sh("fresh", "public = true\nstart_ahead = true", script).path());
+    let prepared =
+        || agent.admin(Method::GET, "/v1/functions/fresh", None).json()["prepared"].clone();
+    for n in ["one", "two"] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while prepared() != true {
+            assert!(Instant::now() < deadline, "nothing started ahead");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(800));
+        let r = agent.invoke("fresh", format!("{n}\n").as_bytes());
+        let text = r.expect_ok(200).text();
+        assert!(text.starts_with(&format!("req=none line={n} ")), "{text}");
+        assert!(waited(&text) >= 600, "started ahead 800 ms before: {text}");
+    }
+    let out = agent.cli(&["describe", "fresh"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("fresh per call, its process started ahead"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // Exec mode only.
+    let bad = Fixture::new(
+        "name = \"lam\"\nmode = \"lambda\"\nstart_ahead = true\n",
+        &[("bootstrap", b"#!/bin/sh\nexit 0\n", 0o755)],
+    );
     let msg = agent
         .deploy_archive(bad.tar_gz(), "application/gzip")
         .expect_error(400, "bad_manifest");

@@ -71,10 +71,11 @@ pub struct Manifest {
     /// Lambda execution environment is reused, instead of a fresh sandbox per call.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reuse_sandbox: bool,
-    /// Exec mode with `reuse_sandbox`: each kept sandbox starts the function's next process as
-    /// soon as a call ends, and it waits for its request on stdin: its start-up (exec, dynamic
-    /// loading, an interpreter and its imports) is off the next caller's path. It starts
-    /// before its call is known, so `FNLET_REQUEST_ID` is empty in its environment.
+    /// Exec mode: the function's next process is started before its call, and waits for its
+    /// request on stdin: its start-up (exec, dynamic loading, an interpreter and its imports)
+    /// is off the caller's path. A kept sandbox (`reuse_sandbox`) starts it as soon as a call
+    /// ends; a fresh one, in the sandbox built ahead (`sandbox.prepare_ahead`). It starts before
+    /// its call is known, so `FNLET_REQUEST_ID` is empty in its environment.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub start_ahead: bool,
     #[serde(default)]
@@ -441,12 +442,6 @@ impl Manifest {
                     );
                 }
             }
-            if self.start_ahead && !self.reuse_sandbox {
-                return bad(
-                    "start_ahead",
-                    "needs reuse_sandbox = true (the process is started in a kept sandbox)".into(),
-                );
-            }
             return self.validate_keep_alive();
         }
         if self.reuse_sandbox || self.start_ahead {
@@ -738,6 +733,10 @@ mod tests {
         )
         .unwrap();
         assert!(m.start_ahead);
+        // A fresh sandbox per call starts its function ahead too.
+        let m = Manifest::parse("name = \"sh\"\nentrypoint = \"run.sh\"\nstart_ahead = true\n")
+            .unwrap();
+        assert!(m.start_ahead && !m.reuse_sandbox);
         for (text, field) in [
             ("name = \"x\"\nmode = \"exec\"", "entrypoint"),
             (
@@ -775,10 +774,6 @@ mod tests {
             (
                 "name = \"x\"\nentrypoint = \"a\"\nkeep_alive_s = 5",
                 "keep_alive_s",
-            ),
-            (
-                "name = \"x\"\nentrypoint = \"a\"\nstart_ahead = true",
-                "start_ahead",
             ),
             (
                 "name = \"x\"\nmode = \"lambda\"\nstart_ahead = true",

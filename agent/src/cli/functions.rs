@@ -1055,6 +1055,10 @@ fn describe_text(f: &FunctionInfo, versions: &[VersionInfo]) -> String {
                 .into(),
         )),
         (true, false) => pairs.push(("sandbox", "kept between calls (reuse_sandbox)".into())),
+        (false, true) => pairs.push((
+            "sandbox",
+            "fresh per call, its process started ahead (start_ahead)".into(),
+        )),
         _ => {}
     }
     pairs.push((

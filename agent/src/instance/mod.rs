@@ -125,6 +125,14 @@ fn pipe_err(e: std::io::Error) -> InvokeError {
     InvokeError::Internal(format!("sandbox pipe: {e}"))
 }
 
+/// A fresh sandbox built ahead of an exec call.
+pub enum Ready {
+    /// Everything but the function's exec.
+    Prepared(PreparedSandbox),
+    /// With its function started, waiting on stdin (`start_ahead`).
+    Started(crate::pool::StartedAhead),
+}
+
 /// Runs one exec-mode invocation. `cancel` kills it early (agent shutdown after the grace).
 /// With `stdout`, the output goes there as the function writes it (each read of its pipe, as
 /// read) and the answer is empty; without, the answer is all of it.
@@ -136,7 +144,7 @@ pub async fn run_exec(
     call: ExecCall<'_>,
     body: Bytes,
     stdout: Option<tokio::sync::mpsc::Sender<Bytes>>,
-    ready: Option<PreparedSandbox>,
+    ready: Option<Ready>,
     cancel: &CancellationToken,
 ) -> Result<ExecAnswer, InvokeError> {
     // The timeout covers the sandbox's setup too. A setup that overruns it finishes (or fails)
@@ -144,38 +152,46 @@ pub async fn run_exec(
     let deadline = tokio::time::Instant::now() + call.timeout;
     let request_id = call.request_id.to_string();
     // Built ahead of time: only the exec is left, which the sandbox is told to do without
-    // waiting for it here (a write to an empty pipe). Its I/O goes on meanwhile; whether the
-    // exec failed is read only if the function does not end well.
+    // waiting for it here (a write to an empty pipe); started ahead, not even that. Its I/O
+    // goes on meanwhile; whether the exec failed is read only if the function does not end
+    // well.
     let mut exec_report = None;
-    let mut sandbox = if let Some(prepared) = ready {
-        let (sandbox, report) = prepared
-            .release(Some(&request_id))
-            .map_err(InvokeError::Spawn)?;
-        exec_report = Some(report);
-        sandbox
-    } else {
-        let mut spec = call.spec.clone();
-        spec.stdio = StdioSpec::piped();
-        // This sandbox serves this call only, whatever the spec says ([`run_reused`] serves
-        // the functions that keep theirs).
-        spec.reusable = false;
-        spec.env.extend(call.env.iter().cloned());
-        let spawn = if call.net.is_some() {
-            // With a network the sandbox is prepared, given its veth, then started.
-            let (iso, network, net) = (isolator.clone(), network.cloned(), call.net.cloned());
-            tokio::task::spawn_blocking(move || {
-                crate::pool::prepare_sandbox(&iso, network.as_ref(), &spec, net.as_ref())
-                    .and_then(|p| p.start(Some(&request_id)).map_err(InvokeError::Spawn))
-            })
-        } else {
-            spec.env.insert(REQUEST_ID_ENV.into(), request_id);
-            let iso = isolator.clone();
-            tokio::task::spawn_blocking(move || iso.spawn(&spec).map_err(InvokeError::Spawn))
-        };
-        tokio::time::timeout_at(deadline, spawn)
-            .await
-            .map_err(|_| InvokeError::Timeout(call.timeout))?
-            .map_err(|e| InvokeError::Internal(e.to_string()))??
+    let mut sandbox = match ready {
+        Some(Ready::Started(started)) => {
+            exec_report = Some(started.report);
+            started.sandbox
+        }
+        Some(Ready::Prepared(prepared)) => {
+            let (sandbox, report) = prepared
+                .release(Some(&request_id))
+                .map_err(InvokeError::Spawn)?;
+            exec_report = Some(report);
+            sandbox
+        }
+        None => {
+            let mut spec = call.spec.clone();
+            spec.stdio = StdioSpec::piped();
+            // This sandbox serves this call only, whatever the spec says ([`run_reused`] serves
+            // the functions that keep theirs).
+            spec.reusable = false;
+            spec.env.extend(call.env.iter().cloned());
+            let spawn = if call.net.is_some() {
+                // With a network the sandbox is prepared, given its veth, then started.
+                let (iso, network, net) = (isolator.clone(), network.cloned(), call.net.cloned());
+                tokio::task::spawn_blocking(move || {
+                    crate::pool::prepare_sandbox(&iso, network.as_ref(), &spec, net.as_ref())
+                        .and_then(|p| p.start(Some(&request_id)).map_err(InvokeError::Spawn))
+                })
+            } else {
+                spec.env.insert(REQUEST_ID_ENV.into(), request_id);
+                let iso = isolator.clone();
+                tokio::task::spawn_blocking(move || iso.spawn(&spec).map_err(InvokeError::Spawn))
+            };
+            tokio::time::timeout_at(deadline, spawn)
+                .await
+                .map_err(|_| InvokeError::Timeout(call.timeout))?
+                .map_err(|e| InvokeError::Internal(e.to_string()))??
+        }
     };
 
     let take =

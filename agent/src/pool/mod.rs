@@ -75,6 +75,14 @@ pub enum FunctionConfigError {
 }
 
 impl ActiveFunction {
+    /// An exec function whose fresh sandbox, built ahead, also starts its function ahead
+    /// (`start_ahead` without `reuse_sandbox`; kept sandboxes start theirs themselves).
+    pub fn starts_ahead(&self) -> bool {
+        self.manifest.mode == Mode::Exec
+            && self.manifest.start_ahead
+            && !self.manifest.reuse_sandbox
+    }
+
     pub fn new(
         rec: &FunctionRecord,
         v: &VersionRecord,
@@ -298,6 +306,14 @@ fn lambda_env(
     }
 }
 
+/// A sandbox built ahead of time whose function was started too (`start_ahead`): it waits
+/// on stdin for its call. Dropping it kills it.
+pub struct StartedAhead {
+    pub sandbox: isolate::Sandbox,
+    /// Read when the function does not end well: a failed exec says which step.
+    pub report: isolate::ExecReport,
+}
+
 /// One function's slot in the registry; survives version changes.
 pub struct FunctionSlot {
     active: RwLock<Arc<ActiveFunction>>,
@@ -307,6 +323,9 @@ pub struct FunctionSlot {
     waiting: AtomicU64,
     /// A sandbox built ahead of time for the active version: (version, sandbox).
     ready: Mutex<Option<(u64, PreparedSandbox)>>,
+    /// Exec mode with `start_ahead` (a fresh sandbox per call): the sandbox built ahead with
+    /// its function already started, waiting on stdin: (version, it).
+    started: Mutex<Option<(u64, StartedAhead)>>,
     refilling: AtomicBool,
     /// Lambda mode: warm instances waiting for an invocation, most recently used last.
     idle: Mutex<Vec<Idle>>,
@@ -460,6 +479,7 @@ impl FunctionSlot {
             running: AtomicU64::new(0),
             waiting: AtomicU64::new(0),
             ready: Mutex::new(None),
+            started: Mutex::new(None),
             refilling: AtomicBool::new(false),
             idle: Mutex::new(Vec::new()),
             reused: Mutex::new(Vec::new()),
@@ -725,7 +745,8 @@ impl FunctionSlot {
         *self.active.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(f);
     }
 
-    /// Whether a sandbox built ahead of time waits for the active version.
+    /// Whether a sandbox built ahead of time (its function started or not) waits for the
+    /// active version.
     pub fn has_ready(&self) -> bool {
         let version = self.active().version;
         self.ready
@@ -733,6 +754,23 @@ impl FunctionSlot {
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
             .is_some_and(|(v, _)| *v == version)
+            || self
+                .started
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .is_some_and(|(v, _)| *v == version)
+    }
+
+    /// The sandbox built ahead of time for `version` with its function started
+    /// (`start_ahead`), if one waits.
+    pub fn take_started(&self, version: u64) -> Option<StartedAhead> {
+        let mut started = self.started.lock().unwrap_or_else(|p| p.into_inner());
+        match started.take() {
+            Some((v, sb)) if v == version => Some(sb),
+            // Started for a version no longer active: dropping it kills it.
+            _ => None,
+        }
     }
 
     /// The sandbox built ahead of time for `version`, if one is ready.
@@ -749,11 +787,8 @@ impl FunctionSlot {
     /// built.
     pub fn refill(self: &Arc<Self>, isolator: &Arc<Isolator>, network: Option<&Arc<Network>>) {
         let f = self.active();
-        {
-            let ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
-            if ready.as_ref().is_some_and(|(v, _)| *v == f.version) {
-                return;
-            }
+        if self.has_ready() {
+            return;
         }
         if self.refilling.swap(true, Ordering::AcqRel) {
             return;
@@ -765,6 +800,21 @@ impl FunctionSlot {
             let res = prepare_sandbox(&iso, network.as_ref(), &f.spec, f.net.as_ref());
             slot.refilling.store(false, Ordering::Release);
             match res {
+                // Its function started now, to wait for its call on stdin.
+                Ok(sb) if f.starts_ahead() => match sb.release(None) {
+                    Ok((sandbox, report)) if slot.active().version == f.version => {
+                        let old = slot
+                            .started
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .replace((f.version, StartedAhead { sandbox, report }));
+                        drop(old);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(function = %f.name, version = f.version, "starting a function ahead of time failed: {e}")
+                    }
+                },
                 Ok(sb) => {
                     if slot.active().version == f.version {
                         let old = slot
@@ -1080,6 +1130,8 @@ impl Registry {
         for s in &slots {
             let ready = s.ready.lock().unwrap_or_else(|p| p.into_inner()).take();
             drop(ready);
+            let started = s.started.lock().unwrap_or_else(|p| p.into_inner()).take();
+            drop(started);
             s.drop_idle();
         }
     }

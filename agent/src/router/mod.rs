@@ -368,10 +368,12 @@ impl Router {
             Mode::Exec => {
                 // Exec mode starts a new instance for every call. With a sandbox built ahead of
                 // time only the exec is left; without one it is a full cold start.
-                let ready = if self.prepare_ahead && req.env.is_empty() {
-                    slot.take_ready(f.version)
-                } else {
-                    None
+                // With `start_ahead` the sandbox built ahead has its function started too;
+                // a call with variables of its own needs a function started for it.
+                let ready = match (self.prepare_ahead && req.env.is_empty(), f.starts_ahead()) {
+                    (false, _) => None,
+                    (true, false) => slot.take_ready(f.version).map(instance::Ready::Prepared),
+                    (true, true) => slot.take_started(f.version).map(instance::Ready::Started),
                 };
                 if ready.is_none() {
                     m.cold_starts.inc();
