@@ -6,12 +6,13 @@
 //! concurrent clients (beside the library and plain fork+exec from as many threads, in the same
 //! rounds); and the agents' RSS, idle and under load.
 //!
-//! Four agents run side by side: one with `[sandbox] prepare_ahead = true` (the default: one
+//! Five agents run side by side: one with `[sandbox] prepare_ahead = true` (the default: one
 //! sandbox per function built ahead of time, so an invocation only pays for the exec), one
 //! with it off (every invocation builds its sandbox on the request path), one whose copy of
 //! the function has `reuse_sandbox = true` (each call a new process in a sandbox kept between
-//! calls), and one whose copy also has `start_ahead = true` (that process started when the
-//! last call ended, waiting on stdin). They are compared with the library's prepared start, its full spawn, and a run of
+//! calls), one whose copy also has `start_ahead = true` (that process started when the last
+//! call ended, waiting on stdin), and one with `start_ahead = true` alone (a fresh sandbox per
+//! call, built ahead with its process started in it). They are compared with the library's prepared start, its full spawn, and a run of
 //! its `ReusableSandbox`.
 //!
 //! Run as root through `benches/run.sh agent`, which builds fnlet and the example first.
@@ -74,6 +75,7 @@ const AGENT_ON: &str = "agent POST, prepare_ahead on (default)";
 const AGENT_OFF: &str = "agent POST, prepare_ahead off";
 const AGENT_REUSE: &str = "agent POST, reuse_sandbox = true";
 const AGENT_AHEAD: &str = "agent POST, reuse_sandbox + start_ahead";
+const AGENT_FRESH_AHEAD: &str = "agent POST, start_ahead (fresh sandbox)";
 const HEALTHZ: &str = "agent GET /healthz (no sandbox)";
 
 struct Settings {
@@ -148,10 +150,12 @@ fn main() {
     let lib_root = format!("fnlet-bench-agent-{pid}-lib");
     let reuse_root = format!("fnlet-bench-agent-{pid}-reuse");
     let ahead_root = format!("fnlet-bench-agent-{pid}-ahead");
+    let fresh_ahead_root = format!("fnlet-bench-agent-{pid}-fresh-ahead");
     let mut cleanup = Cleanup {
         roots: vec![
             reuse_root.clone(),
             ahead_root.clone(),
+            fresh_ahead_root.clone(),
             agent_root.clone(),
             off_root.clone(),
             cli_root.clone(),
@@ -192,6 +196,9 @@ fn main() {
         &ahead_bundle,
         "reuse_sandbox = true\nstart_ahead = true\n",
     );
+    // The fifth's starts it in the fresh sandbox built ahead for each call.
+    let fresh_ahead_bundle = work.path().join("bundle-fresh-ahead");
+    copy_bundle(&f.bundle, &fresh_ahead_bundle, "start_ahead = true\n");
     let mut bundles = Vec::new();
     for (name, short, dir, root, ahead, bundle) in [
         (
@@ -225,6 +232,14 @@ fn main() {
             &ahead_root,
             true,
             &ahead_bundle,
+        ),
+        (
+            AGENT_FRESH_AHEAD,
+            "fresh ahead",
+            "agent-fresh-ahead",
+            &fresh_ahead_root,
+            true,
+            &fresh_ahead_bundle,
         ),
     ] {
         let a = Agent::start(
@@ -462,7 +477,8 @@ fn sequential(
             .expect("Isolator::prepare (reusable)"),
     );
     let client = http_client();
-    let (on, off, reuse, ahead) = (&agents[0], &agents[1], &agents[2], &agents[3]);
+    let (on, off, reuse, ahead, fresh_ahead) =
+        (&agents[0], &agents[1], &agents[2], &agents[3], &agents[4]);
     let post = |url: &str| -> Result<(), String> {
         let (status, body) = rt.block_on(post(&client, url))?;
         if status != 200 {
@@ -546,6 +562,13 @@ fn sequential(
              = true and start_ahead = true: each call's process was started when the last call \
              ended and waits on stdin",
             Box::new(|_| post(&ahead.url)),
+        ),
+        Contender::new(
+            AGENT_FRESH_AHEAD,
+            "the same POST to a fifth agent (prepare_ahead on) whose function has start_ahead = \
+             true: each call in a fresh sandbox, built after the last call with its process \
+             started in it, waiting on stdin",
+            Box::new(|_| post(&fresh_ahead.url)),
         ),
         Contender::new(
             HEALTHZ,
@@ -1398,6 +1421,16 @@ fn print_differences(results: &[Measured]) {
             "start_ahead saves: agent reuse - agent ahead",
             AGENT_REUSE,
             AGENT_AHEAD,
+        ),
+        (
+            "start_ahead, fresh sandbox: agent fresh ahead - floor",
+            AGENT_FRESH_AHEAD,
+            FLOOR,
+        ),
+        (
+            "start_ahead saves, fresh sandbox: agent prepare_ahead on - agent fresh ahead",
+            AGENT_ON,
+            AGENT_FRESH_AHEAD,
         ),
     ] {
         let Some(ra) = get(a) else {
