@@ -1646,6 +1646,16 @@ exit 0"#;
         assert!(text.starts_with(&format!("req=none line={n} ")), "{text}");
         assert!(waited(&text) >= 600, "started ahead 800 ms before: {text}");
     }
+    // Counted: the kept sandbox's second and third calls (the first sandbox's), and both of
+    // these.
+    let text = agent.get("/metrics").text();
+    for (function, n) in [("ahead", 2), ("fresh", 2)] {
+        let sample = format!("fnlet_started_ahead_total{{function=\"{function}\"}} {n}");
+        assert!(
+            text.lines().any(|l| l == sample),
+            "no {sample:?} in /metrics"
+        );
+    }
     let out = agent.cli(&["describe", "fresh"]);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("fresh per call, its process started ahead"),

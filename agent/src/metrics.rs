@@ -257,6 +257,7 @@ pub struct FunctionMetrics {
     pub duration: Histogram,
     pub warm_starts: Counter,
     pub cold_starts: Counter,
+    pub started_ahead: Counter,
 }
 
 pub struct Metrics {
@@ -269,6 +270,7 @@ pub struct Metrics {
     pub duration: Family<FnLabels, Histogram, fn() -> Histogram>,
     pub cold_starts: Family<FnLabels, Counter>,
     pub warm_starts: Family<FnLabels, Counter>,
+    pub started_ahead: Family<FnLabels, Counter>,
     pub init_duration: Family<FnLabels, Histogram, fn() -> Histogram>,
     pub queue_wait: Family<FnLabels, Histogram, fn() -> Histogram>,
     pub instances: Family<InstanceLabels, Gauge>,
@@ -337,6 +339,7 @@ impl Metrics {
         );
         let cold_starts = Family::<FnLabels, Counter>::default();
         let warm_starts = Family::<FnLabels, Counter>::default();
+        let started_ahead = Family::<FnLabels, Counter>::default();
         let init_duration = Family::<FnLabels, Histogram, fn() -> Histogram>::new_with_constructor(
             duration_histogram,
         );
@@ -567,6 +570,11 @@ impl Metrics {
             warm_starts.clone(),
         );
         registry.register(
+            "started_ahead",
+            "Exec-mode invocations whose process was started ahead and waited for them (start_ahead)",
+            started_ahead.clone(),
+        );
+        registry.register(
             "init_duration_seconds",
             "Lambda-mode instance start until its runtime's first /next, by function",
             init_duration.clone(),
@@ -648,6 +656,7 @@ impl Metrics {
             duration,
             cold_starts,
             warm_starts,
+            started_ahead,
             init_duration,
             queue_wait,
             instances,
@@ -774,6 +783,7 @@ impl Metrics {
             duration: self.duration.get_or_create(&labels).clone(),
             warm_starts: self.warm_starts.get_or_create(&labels).clone(),
             cold_starts: self.cold_starts.get_or_create(&labels).clone(),
+            started_ahead: self.started_ahead.get_or_create(&labels).clone(),
         }
     }
 

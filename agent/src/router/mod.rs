@@ -375,8 +375,14 @@ impl Router {
                     (true, false) => slot.take_ready(f.version).map(instance::Ready::Prepared),
                     (true, true) => slot.take_started(f.version).map(instance::Ready::Started),
                 };
-                if ready.is_none() {
-                    m.cold_starts.inc();
+                match ready {
+                    None => {
+                        m.cold_starts.inc();
+                    }
+                    Some(instance::Ready::Started(_)) => {
+                        m.started_ahead.inc();
+                    }
+                    Some(instance::Ready::Prepared(_)) => {}
                 }
                 // Its share of the host, for as long as the sandbox runs.
                 let commitment = match self.commit_exec(&f).await {
@@ -528,6 +534,9 @@ impl Router {
                 drop(warm);
                 warm = self.new_reused(slot, f).await?;
             }
+        }
+        if let (Some(_), Some(m)) = (&started, slot.metrics.get()) {
+            m.started_ahead.inc();
         }
         let sandbox = warm
             .sandbox()
