@@ -522,7 +522,7 @@ impl Router {
         if started.is_some() && !call.env.is_empty() {
             // A process started ahead has none of this call's own variables: it is ended,
             // and the call starts its own in the same sandbox (or, failing that, a new one).
-            started = None;
+            // Its stdin stays open until it is gone: it never reads an end of input.
             let cancelled = match warm.sandbox() {
                 Some(sandbox) => tokio::time::timeout(call.timeout, sandbox.cancel_run())
                     .await
@@ -531,9 +531,11 @@ impl Router {
                 None => None,
             };
             if cancelled.is_none() {
+                // Killed with its sandbox.
                 drop(warm);
                 warm = self.new_reused(slot, f).await?;
             }
+            started = None;
         }
         if let (Some(_), Some(m)) = (&started, slot.metrics.get()) {
             m.started_ahead.inc();
