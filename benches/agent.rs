@@ -6,13 +6,14 @@
 //! concurrent clients (beside the library and plain fork+exec from as many threads, in the same
 //! rounds); and the agents' RSS, idle and under load.
 //!
-//! Five agents run side by side: one with `[sandbox] prepare_ahead = true` (the default: one
+//! Six agents run side by side: one with `[sandbox] prepare_ahead = true` (the default: one
 //! sandbox per function built ahead of time, so an invocation only pays for the exec), one
 //! with it off (every invocation builds its sandbox on the request path), one whose copy of
 //! the function has `reuse_sandbox = true` (each call a new process in a sandbox kept between
 //! calls), one whose copy also has `start_ahead = true` (that process started when the last
 //! call ended, waiting on stdin), and one with `start_ahead = true` alone (a fresh sandbox per
-//! call, built ahead with its process started in it). They are compared with the library's prepared start, its full spawn, and a run of
+//! call, built ahead with its process started in it), and one with `reuse_sandbox`,
+//! `start_ahead` and `min_instances = 2` (two kept sandboxes taking calls in turn). They are compared with the library's prepared start, its full spawn, and a run of
 //! its `ReusableSandbox`.
 //!
 //! Run as root through `benches/run.sh agent`, which builds fnlet and the example first.
@@ -76,6 +77,7 @@ const AGENT_OFF: &str = "agent POST, prepare_ahead off";
 const AGENT_REUSE: &str = "agent POST, reuse_sandbox = true";
 const AGENT_AHEAD: &str = "agent POST, reuse_sandbox + start_ahead";
 const AGENT_FRESH_AHEAD: &str = "agent POST, start_ahead (fresh sandbox)";
+const AGENT_TURNS: &str = "agent POST, reuse + start_ahead, min_instances = 2";
 const HEALTHZ: &str = "agent GET /healthz (no sandbox)";
 
 struct Settings {
@@ -151,11 +153,13 @@ fn main() {
     let reuse_root = format!("fnlet-bench-agent-{pid}-reuse");
     let ahead_root = format!("fnlet-bench-agent-{pid}-ahead");
     let fresh_ahead_root = format!("fnlet-bench-agent-{pid}-fresh-ahead");
+    let turns_root = format!("fnlet-bench-agent-{pid}-turns");
     let mut cleanup = Cleanup {
         roots: vec![
             reuse_root.clone(),
             ahead_root.clone(),
             fresh_ahead_root.clone(),
+            turns_root.clone(),
             agent_root.clone(),
             off_root.clone(),
             cli_root.clone(),
@@ -199,6 +203,14 @@ fn main() {
     // The fifth's starts it in the fresh sandbox built ahead for each call.
     let fresh_ahead_bundle = work.path().join("bundle-fresh-ahead");
     copy_bundle(&f.bundle, &fresh_ahead_bundle, "start_ahead = true\n");
+    // The sixth's keeps two sandboxes provisioned, taking calls in turn, each starting its
+    // next process ahead while the other serves.
+    let turns_bundle = work.path().join("bundle-turns");
+    copy_bundle(
+        &f.bundle,
+        &turns_bundle,
+        "reuse_sandbox = true\nstart_ahead = true\nmin_instances = 2\n",
+    );
     let mut bundles = Vec::new();
     for (name, short, dir, root, ahead, bundle) in [
         (
@@ -240,6 +252,14 @@ fn main() {
             &fresh_ahead_root,
             true,
             &fresh_ahead_bundle,
+        ),
+        (
+            AGENT_TURNS,
+            "turns",
+            "agent-turns",
+            &turns_root,
+            true,
+            &turns_bundle,
         ),
     ] {
         let a = Agent::start(
@@ -477,8 +497,9 @@ fn sequential(
             .expect("Isolator::prepare (reusable)"),
     );
     let client = http_client();
-    let (on, off, reuse, ahead, fresh_ahead) =
-        (&agents[0], &agents[1], &agents[2], &agents[3], &agents[4]);
+    let (on, off, reuse, ahead, fresh_ahead, turns) = (
+        &agents[0], &agents[1], &agents[2], &agents[3], &agents[4], &agents[5],
+    );
     let post = |url: &str| -> Result<(), String> {
         let (status, body) = rt.block_on(post(&client, url))?;
         if status != 200 {
@@ -569,6 +590,13 @@ fn sequential(
              true: each call in a fresh sandbox, built after the last call with its process \
              started in it, waiting on stdin",
             Box::new(|_| post(&fresh_ahead.url)),
+        ),
+        Contender::new(
+            AGENT_TURNS,
+            "the same POST to a sixth agent (prepare_ahead on) whose function has reuse_sandbox \
+             = true, start_ahead = true and min_instances = 2: two kept sandboxes take calls in \
+             turn, each starting its next process when its call ends",
+            Box::new(|_| post(&turns.url)),
         ),
         Contender::new(
             HEALTHZ,
@@ -1431,6 +1459,11 @@ fn print_differences(results: &[Measured]) {
             "start_ahead saves, fresh sandbox: agent prepare_ahead on - agent fresh ahead",
             AGENT_ON,
             AGENT_FRESH_AHEAD,
+        ),
+        (
+            "start_ahead in turns: agent turns - floor",
+            AGENT_TURNS,
+            FLOOR,
         ),
     ] {
         let Some(ra) = get(a) else {

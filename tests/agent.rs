@@ -1677,6 +1677,69 @@ exit 0"#;
     agent.finish();
 }
 
+/// `min_instances` with `reuse_sandbox`: kept sandboxes are started before any call and stay
+/// past their keep-alive; with `start_ahead` they take calls in turn, so a caller calling back
+/// to back finds a process that had the other call's time to start.
+#[test]
+fn provisioned_kept_sandboxes_take_calls_in_turn() {
+    let agent = Agent::start("provisioned");
+    let script = r#"[ -f /tmp/id ] || cat /proc/sys/kernel/random/uuid > /tmp/id
+read -r line
+echo "sandbox=$(cat /tmp/id) req=${FNLET_REQUEST_ID:-none} line=$line""#;
+    agent.deploy(
+        Fixture::sh(
+            "prov",
+            "public = true\ntimeout_s = 5\nreuse_sandbox = true\nstart_ahead = true\n\
+             min_instances = 2\nmax_concurrency = 4\nkeep_alive_s = 1",
+            script,
+        )
+        .path(),
+    );
+    let instances =
+        || agent.admin(Method::GET, "/v1/functions/prov", None).json()["instances"].clone();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while instances()["idle"] != 2 {
+        assert!(
+            Instant::now() < deadline,
+            "not provisioned: {}",
+            instances()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Past the keep-alive (1 s) the minimum stays.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(instances()["alive"], 2, "{}", instances());
+    assert_eq!(instances()["idle"], 2, "{}", instances());
+    let sandboxes: Vec<String> = (0..4)
+        .map(|n| {
+            let text = agent
+                .invoke("prov", format!("{n}\n").as_bytes())
+                .expect_ok(200)
+                .text();
+            // Every process was started ahead: none has a request id of its own.
+            let rest = format!(" req=none line={n}\n");
+            let sandbox = text
+                .strip_prefix("sandbox=")
+                .and_then(|t| t.strip_suffix(&rest))
+                .unwrap_or_else(|| panic!("{text:?}"));
+            sandbox.to_string()
+        })
+        .collect();
+    assert_ne!(sandboxes[0], sandboxes[1], "{sandboxes:?}");
+    assert_eq!(sandboxes[0], sandboxes[2], "{sandboxes:?}");
+    assert_eq!(sandboxes[1], sandboxes[3], "{sandboxes:?}");
+    assert_eq!(instances()["peak"], 2, "{}", instances());
+
+    // Without a kept sandbox there is nothing to keep warm.
+    let bad = Fixture::sh("bad", "min_instances = 1", "cat");
+    let msg = agent
+        .deploy_archive(bad.tar_gz(), "application/gzip")
+        .expect_error(400, "bad_manifest");
+    assert!(msg.contains("min_instances"), "{msg}");
+    // finish() checks that stopping the agent leaves no sandbox and no process behind.
+    agent.finish();
+}
+
 /// `sandbox.user_namespace = true`: exec and Lambda functions run, although the bundles sit in
 /// the agent's 0750 state directory, which the function's own uid (the child's filesystem ids
 /// while it builds the root) may not traverse: the bind sources are opened first, as root.

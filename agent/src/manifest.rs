@@ -57,7 +57,8 @@ pub struct Manifest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     /// Instances at once; 0 refuses every call (Lambda's reserved concurrency 0).
     pub max_concurrency: Option<u32>,
-    /// Lambda mode: instances kept warm even when idle.
+    /// Lambda mode, and exec mode with `reuse_sandbox`: instances (kept sandboxes) kept warm
+    /// even when idle.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_instances: Option<u32>,
     /// Lambda mode: how long an idle instance is kept before it is stopped.
@@ -427,7 +428,10 @@ impl Manifest {
             for (field, set) in [
                 ("runtime", self.runtime.is_some()),
                 ("handler", self.handler.is_some()),
-                ("min_instances", self.min_instances.is_some()),
+                (
+                    "min_instances",
+                    self.min_instances.is_some() && !self.reuse_sandbox,
+                ),
                 (
                     "keep_alive_s",
                     self.keep_alive_s.is_some() && !self.reuse_sandbox,
@@ -442,7 +446,8 @@ impl Manifest {
                     );
                 }
             }
-            return self.validate_keep_alive();
+            self.validate_keep_alive()?;
+            return self.validate_min_instances();
         }
         if self.reuse_sandbox || self.start_ahead {
             let field = if self.reuse_sandbox {
@@ -497,16 +502,24 @@ impl Manifest {
                 format!("{t} must be between 0.01 and 900 seconds"),
             );
         }
+        self.validate_min_instances()
+    }
+
+    /// Lambda instances, or kept exec sandboxes (`reuse_sandbox`), provisioned ahead.
+    fn validate_min_instances(&self) -> Result<(), ManifestError> {
+        let bad = |reason: String| {
+            Err(ManifestError::Invalid {
+                field: "min_instances",
+                reason,
+            })
+        };
         if let (Some(min), Some(max)) = (self.min_instances, self.max_concurrency)
             && min > max
         {
-            return bad(
-                "min_instances",
-                format!("{min} must not exceed max_concurrency ({max})"),
-            );
+            return bad(format!("{min} must not exceed max_concurrency ({max})"));
         }
         if self.min_instances.is_some_and(|m| m > 1000) {
-            return bad("min_instances", "must be at most 1000".into());
+            return bad("must be at most 1000".into());
         }
         Ok(())
     }
@@ -733,6 +746,12 @@ mod tests {
         )
         .unwrap();
         assert!(m.start_ahead);
+        // Kept sandboxes can be provisioned ahead, as Lambda instances are.
+        let m = Manifest::parse(
+            "name = \"py\"\nentrypoint = \"run.py\"\nreuse_sandbox = true\nmin_instances = 2\n",
+        )
+        .unwrap();
+        assert_eq!(m.resolve(&FunctionDefaults::default()).min_instances, 2);
         // A fresh sandbox per call starts its function ahead too.
         let m = Manifest::parse("name = \"sh\"\nentrypoint = \"run.sh\"\nstart_ahead = true\n")
             .unwrap();
@@ -757,6 +776,10 @@ mod tests {
             ),
             (
                 "name = \"x\"\nmode = \"lambda\"\nmin_instances = 3\nmax_concurrency = 2",
+                "min_instances",
+            ),
+            (
+                "name = \"x\"\nentrypoint = \"a\"\nreuse_sandbox = true\nmin_instances = 3\nmax_concurrency = 2",
                 "min_instances",
             ),
             (

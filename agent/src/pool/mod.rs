@@ -425,6 +425,23 @@ impl Drop for Tracked {
     }
 }
 
+/// A kept exec sandbox being built in the background (`min_instances`), counted as starting
+/// so the warm pool's clock does not start another meanwhile.
+pub struct Starting(Arc<InstanceCounts>);
+
+impl Starting {
+    pub fn new(counts: &Arc<InstanceCounts>) -> Starting {
+        counts.starting.fetch_add(1, Ordering::AcqRel);
+        Starting(counts.clone())
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        self.0.starting.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// An instance being started, counted as alive and starting.
 pub struct Reservation {
     counts: Option<(Arc<InstanceCounts>, Commitment)>,
@@ -562,10 +579,33 @@ impl FunctionSlot {
 
     fn reused_evictable_since(&self, spare: Option<u64>) -> Option<Instant> {
         let reused = self.reused.lock().unwrap_or_else(|p| p.into_inner());
-        reused
+        self.reused_evictable(&reused, spare)
+            .map(|at| reused[at].since)
+    }
+
+    /// Where in `reused` the least recently used kept sandbox that may be evicted is: as
+    /// [`Self::evictable`] picks Lambda instances, the active version's `min_instances` stay.
+    fn reused_evictable(&self, reused: &[IdleSandbox], spare: Option<u64>) -> Option<usize> {
+        let f = self.active();
+        let above_min = self.reused_active_alive(reused) > u64::from(f.resolved.min_instances);
+        reused.iter().position(|i| {
+            Some(i.sandbox.version) != spare && (above_min || i.sandbox.version != f.version)
+        })
+    }
+
+    /// Kept sandboxes of the active version alive (idle or serving a call): every one alive
+    /// but the idle ones of other versions (a busy one of another version is dropped when its
+    /// call ends).
+    fn reused_active_alive(&self, reused: &[IdleSandbox]) -> u64 {
+        let active = self.active().version;
+        let others = reused
             .iter()
-            .find(|i| Some(i.sandbox.version) != spare)
-            .map(|i| i.since)
+            .filter(|i| i.sandbox.version != active)
+            .count() as u64;
+        self.instances
+            .alive
+            .load(Ordering::Acquire)
+            .saturating_sub(others)
     }
 
     /// Stops the least recently used idle instance, if one may be evicted; its id.
@@ -574,9 +614,7 @@ impl FunctionSlot {
         let reused_since = self.reused_evictable_since(spare);
         if reused_since.is_some() && (lambda_since.is_none() || reused_since < lambda_since) {
             let mut reused = self.reused.lock().unwrap_or_else(|p| p.into_inner());
-            let at = reused
-                .iter()
-                .position(|i| Some(i.sandbox.version) != spare)?;
+            let at = self.reused_evictable(&reused, spare)?;
             let victim = reused.remove(at).sandbox;
             drop(reused);
             // Dropped: killed, and its commitment given back once it is gone.
@@ -595,7 +633,16 @@ impl FunctionSlot {
         let f = self.active();
         let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let versions: Vec<u64> = idle.iter().map(|i| i.instance.version).collect();
-        let reused = self.reused.lock().unwrap_or_else(|p| p.into_inner()).len() as u64;
+        let reused = {
+            let reused = self.reused.lock().unwrap_or_else(|p| p.into_inner());
+            let versions: Vec<u64> = reused.iter().map(|i| i.sandbox.version).collect();
+            evictable_among(
+                &versions,
+                self.reused_active_alive(&reused),
+                f.version,
+                u64::from(f.resolved.min_instances),
+            )
+        };
         reused
             + evictable_among(
                 &versions,
@@ -605,10 +652,29 @@ impl FunctionSlot {
             )
     }
 
-    /// A reused exec sandbox of `version` waiting for a call, the most recently used.
+    /// A reused exec sandbox of `version` waiting for a call: the most recently used, so that
+    /// sandboxes a burst left behind age out. With `start_ahead`, while no more than
+    /// `min_instances` wait, the one that has waited longest: the provisioned sandboxes take
+    /// calls in turn, and each has had the others' calls' time to start its next process.
     pub fn take_reused(&self, version: u64) -> Option<WarmSandbox> {
+        let f = self.active();
         let mut reused = self.reused.lock().unwrap_or_else(|p| p.into_inner());
-        let at = reused.iter().rposition(|i| i.sandbox.version == version)?;
+        let mut of_version = reused
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| i.sandbox.version == version)
+            .map(|(at, _)| at);
+        let in_turn = f.manifest.start_ahead
+            && version == f.version
+            && reused
+                .iter()
+                .filter(|i| i.sandbox.version == version)
+                .count() as u64
+                <= u64::from(f.resolved.min_instances);
+        let at = match in_turn {
+            true => of_version.next()?,
+            false => of_version.next_back()?,
+        };
         Some(reused.remove(at).sandbox)
     }
 
@@ -652,21 +718,39 @@ impl FunctionSlot {
             + self.reused.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
-    /// Stops reused exec sandboxes idle for `keep_alive_s` or more, and those of versions no
-    /// longer active.
-    pub fn reap_reused(&self, now: Instant) {
+    /// Stops reused exec sandboxes idle for `keep_alive_s` or more (the oldest first, keeping
+    /// `min_instances` of the active version alive), and those of versions no longer active.
+    /// Returns how many should be started to reach `min_instances`.
+    pub fn reap_reused(&self, now: Instant) -> u32 {
         let f = self.active();
         let keep_alive = Duration::from_secs_f64(f.resolved.keep_alive_s);
+        let min = u64::from(f.resolved.min_instances);
         let gone: Vec<IdleSandbox> = {
             let mut reused = self.reused.lock().unwrap_or_else(|p| p.into_inner());
+            let mut alive = self.reused_active_alive(&reused);
+            // Oldest first: `reused` is in the order the sandboxes went idle.
             let (keep, gone) = std::mem::take(&mut *reused).into_iter().partition(|i| {
-                i.sandbox.version == f.version
-                    && now.saturating_duration_since(i.since) < keep_alive
+                if i.sandbox.version != f.version {
+                    return false;
+                }
+                let expired = now.saturating_duration_since(i.since) >= keep_alive;
+                if expired && alive > min {
+                    alive -= 1;
+                    return false;
+                }
+                true
             });
             *reused = keep;
             gone
         };
+        let alive_after = {
+            let reused = self.reused.lock().unwrap_or_else(|p| p.into_inner());
+            // Those in `gone` are still counted until they drop below.
+            self.reused_active_alive(&reused)
+                .saturating_sub(gone.len() as u64)
+        };
         drop(gone);
+        min.saturating_sub(alive_after) as u32
     }
 
     /// Stops idle instances that have waited longer than `keep_alive` (the oldest first),

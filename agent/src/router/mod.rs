@@ -590,6 +590,17 @@ impl Router {
             .get_or_create(&Metrics::function(&f.name))
             .inc();
         let commitment = self.commit_exec(f).await?;
+        self.build_reused(slot, f, commitment).await
+    }
+
+    /// A reusable sandbox of `f` holding `commitment`: a prepared one when ready, else one
+    /// built now.
+    async fn build_reused(
+        &self,
+        slot: &Arc<FunctionSlot>,
+        f: &Arc<ActiveFunction>,
+        commitment: Commitment,
+    ) -> Result<crate::pool::reused::WarmSandbox, InvokeError> {
         let ready = match self.prepare_ahead {
             true => slot.take_ready(f.version),
             false => None,
@@ -908,17 +919,13 @@ impl Router {
         let now = Instant::now();
         for slot in self.registry.slots() {
             let f = slot.active();
-            // Exec functions that keep their sandboxes have idle ones too (none starting, no
-            // minimum to keep).
-            let reused = f.manifest.reuse_sandbox;
+            // Exec functions that keep their sandboxes have idle ones too.
+            let reused = f.manifest.mode == Mode::Exec && f.manifest.reuse_sandbox;
             if f.manifest.mode != Mode::Lambda && !reused {
                 continue;
             }
             let missing = match reused {
-                true => {
-                    slot.reap_reused(now);
-                    0
-                }
+                true => slot.reap_reused(now),
                 false => slot.reap_idle(now),
             };
             let counts = &slot.instances;
@@ -955,6 +962,13 @@ impl Router {
                     break;
                 };
                 let (router, slot, f) = (self.clone(), slot.clone(), f.clone());
+                if reused {
+                    tokio::spawn(async move {
+                        router.provision_reused(&slot, &f, commitment).await;
+                        drop(held);
+                    });
+                    continue;
+                }
                 tokio::spawn(async move {
                     match router.start_instance(&slot, &f, commitment).await {
                         Ok(i) => {
@@ -971,6 +985,35 @@ impl Router {
                     }
                 });
             }
+        }
+    }
+
+    /// A kept sandbox of an exec function with `reuse_sandbox`, started to reach its
+    /// `min_instances`: with `start_ahead` its first process starts now too.
+    async fn provision_reused(
+        &self,
+        slot: &Arc<FunctionSlot>,
+        f: &Arc<ActiveFunction>,
+        commitment: Commitment,
+    ) {
+        let starting = crate::pool::Starting::new(&slot.instances);
+        match self.build_reused(slot, f, commitment).await {
+            Ok(mut warm) if !self.draining.is_cancelled() => {
+                tracing::info!(function = %f.name, version = f.version, instance = %warm.id(), "warm sandbox started (min_instances)");
+                if f.manifest.start_ahead {
+                    warm.start_ahead();
+                }
+                slot.put_reused(warm);
+            }
+            // Draining: dropped, hence killed.
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(function = %f.name, "starting a warm sandbox failed: {e}")
+            }
+        }
+        drop(starting);
+        if self.prepare_ahead {
+            slot.refill(&self.isolator, self.network.as_ref());
         }
     }
 
