@@ -198,6 +198,43 @@ fn a_reused_exec_sandbox_holds_its_room_and_is_evicted_for_another_function() {
     agent.finish();
 }
 
+/// A kept exec sandbox provisioned by `min_instances` holds its room as a provisioned Lambda
+/// instance does: another function's call is refused rather than evicting it.
+#[test]
+fn a_provisioned_kept_sandbox_is_not_evicted() {
+    let agent = Agent::start_with(
+        "capacity-reuse-min",
+        Settings {
+            prepare_ahead: false,
+            capacity_extra: "memory_mb = 100\n".into(),
+            ..Default::default()
+        },
+    );
+    agent.deploy(
+        Fixture::sh(
+            "p",
+            "public = true\nreuse_sandbox = true\nmin_instances = 1\nmemory_mb = 64\ncpus = 0.1",
+            "echo ok",
+        )
+        .path(),
+    );
+    wait_until(
+        "a provisioned sandbox",
+        Duration::from_secs(60),
+        &agent,
+        || describe(&agent, "p")["instances"]["idle"] == 1,
+    );
+    agent.deploy(noop("c", "memory_mb = 48\ncpus = 0.1").path());
+    let r = agent.invoke_lambda("c", b"{}".to_vec(), &[]);
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(alive(&agent, "p"), 1, "{}", describe(&agent, "p"));
+    assert_eq!(status(&agent)["capacity"]["evictions"], 0);
+    // Its own calls use it.
+    agent.invoke("p", b"").expect_ok(200);
+    assert_eq!(describe(&agent, "p")["instances"]["peak"], 1);
+    agent.finish();
+}
+
 #[test]
 fn a_call_with_nothing_to_evict_is_refused_naming_the_resource() {
     let agent = Agent::start_with(
