@@ -478,7 +478,9 @@ async fn invoke_api_inner(
                 "Qualifier: Event invokes run $LATEST (version {active}) only for now, not version {executed}"
             )));
         }
-        "Event" => return accept_event(app, &name, id, body).await,
+        // Boxed, as the rare branches below: inline, each would size every call's future
+        // (which is moved into a box per request) by its own.
+        "Event" => return Box::pin(accept_event(app, &name, id, body)).await,
         other => {
             return Err(LambdaError::invalid(format!(
                 "InvocationType must be RequestResponse, Event or DryRun, not {other:?}"
@@ -865,7 +867,14 @@ async fn function_url_inner(
                 None,
             ));
         }
-        return super::invoke_exec(app, req.headers().clone(), name, req, id).await;
+        return Box::pin(super::invoke_exec(
+            app,
+            req.headers().clone(),
+            name,
+            req,
+            id,
+        ))
+        .await;
     }
     let source_ip = req
         .extensions()

@@ -359,9 +359,9 @@ impl Router {
         let result = match f.manifest.mode {
             Mode::Exec if f.manifest.reuse_sandbox => {
                 let call = exec_call(&f, request_id, max_response, &req.env);
-                let r = self
-                    .invoke_reused(&slot, &f, call, req.body, req.stdout)
-                    .await;
+                // The exec paths are boxed: inline they would make every Lambda call's future
+                // (moved into a box per request) several KB larger.
+                let r = Box::pin(self.invoke_reused(&slot, &f, call, req.body, req.stdout)).await;
                 drop(held);
                 r.map(Payload::Full)
             }
@@ -403,7 +403,7 @@ impl Router {
                     function: &f,
                     request_id,
                 };
-                let r = instance::run_exec(
+                let r = Box::pin(instance::run_exec(
                     &self.isolator,
                     self.network.as_ref(),
                     &self.logs,
@@ -412,7 +412,7 @@ impl Router {
                     req.stdout,
                     ready,
                     &self.kill,
-                )
+                ))
                 .await;
                 std::mem::forget(left);
                 drop(held);

@@ -607,9 +607,11 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         req.extensions_mut().insert(ConnectInfo(self.peer));
         let (timeout, counter) = (self.body_timeout, self.body_timeouts.clone());
         let req = req.map(|b| Body::new(TimedBody::new(b, timeout, counter)));
-        let answer = self.router.clone().serve(req);
+        let router = self.router.clone();
+        // The answer's future is made in the box: made here, its several KB would be copied
+        // into it.
         Box::pin(async move {
-            let resp = answer.await;
+            let resp = router.serve(req).await;
             Ok(resp.map(|inner| {
                 Body::new(Answer {
                     inner,
