@@ -1730,6 +1730,35 @@ echo "sandbox=$(cat /tmp/id) req=${FNLET_REQUEST_ID:-none} line=$line""#;
     assert_eq!(sandboxes[1], sandboxes[3], "{sandboxes:?}");
     assert_eq!(instances()["peak"], 2, "{}", instances());
 
+    // A new version: the old one's sandboxes go, two of the new one's are started.
+    agent.deploy(
+        Fixture::sh(
+            "prov",
+            "public = true\ntimeout_s = 5\nreuse_sandbox = true\nstart_ahead = true\n\
+             min_instances = 2\nmax_concurrency = 4\nkeep_alive_s = 1",
+            &format!("{script}\necho v2"),
+        )
+        .path(),
+    );
+    // The warm pool's clock (every 250 ms) drops the old ones and starts the new ones: six
+    // ticks, then the two idle are the new version's.
+    std::thread::sleep(Duration::from_millis(1500));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while instances()["idle"] != 2 || instances()["alive"] != 2 {
+        assert!(
+            Instant::now() < deadline,
+            "not reprovisioned: {}",
+            instances()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let text = agent.invoke("prov", b"x\n").expect_ok(200).text();
+    assert!(text.ends_with(" req=none line=x\nv2\n"), "{text:?}");
+    assert!(
+        !sandboxes.iter().any(|s| text.contains(s.as_str())),
+        "{text:?}"
+    );
+
     // Without a kept sandbox there is nothing to keep warm.
     let bad = Fixture::sh("bad", "min_instances = 1", "cat");
     let msg = agent
