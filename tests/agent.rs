@@ -1706,6 +1706,12 @@ echo "sandbox=$(cat /tmp/id) req=${FNLET_REQUEST_ID:-none} line=$line""#;
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    let out = agent.cli(&["describe", "prov"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("2 kept sandboxes kept warm (min_instances)"),
+        "{text}"
+    );
     // Past the keep-alive (1 s) the minimum stays.
     std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(instances()["alive"], 2, "{}", instances());

@@ -359,6 +359,8 @@ pub struct ManifestInfo {
     #[serde(default)]
     pub max_concurrency: Option<u64>,
     #[serde(default)]
+    pub min_instances: Option<u64>,
+    #[serde(default)]
     pub public: Option<bool>,
     #[serde(default)]
     pub description: Option<String>,

@@ -1101,6 +1101,14 @@ fn describe_text(f: &FunctionInfo, versions: &[VersionInfo]) -> String {
             lim.max_concurrency.to_string(),
         ),
     ));
+    if let Some(n) = m.min_instances.filter(|&n| n > 0) {
+        let what = if m.reuse_sandbox {
+            "kept sandboxes"
+        } else {
+            "instances"
+        };
+        pairs.push(("warm", format!("{n} {what} kept warm (min_instances)")));
+    }
     pairs.push((
         "public",
         or_default(m.public.map(|p| yes_no(p).into()), "no".into()),
@@ -1755,6 +1763,21 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("bandwidth"), "{text}");
+    }
+
+    #[test]
+    fn describe_shows_what_is_kept_warm() {
+        let mut f = function();
+        assert!(!describe_text(&f, &[]).contains("warm:"));
+        f.manifest.min_instances = Some(2);
+        f.manifest.reuse_sandbox = true;
+        let text = describe_text(&f, &[]);
+        assert!(
+            text.contains(
+                "\nconcurrency:  4\nwarm:         2 kept sandboxes kept warm (min_instances)\n"
+            ),
+            "{text}"
+        );
     }
 
     #[test]
