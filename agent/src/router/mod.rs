@@ -219,11 +219,11 @@ struct FinishOnDrop<T: Send + 'static> {
 
 impl<T: Send + 'static> FinishOnDrop<T> {
     fn new(
-        fut: impl std::future::Future<Output = T> + Send + 'static,
+        fut: std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>,
         abandoned: impl FnOnce(T) + Send + 'static,
     ) -> Self {
         FinishOnDrop {
-            fut: Some(Box::pin(fut)),
+            fut: Some(fut),
             abandoned: Some(Box::new(abandoned)),
         }
     }
@@ -693,7 +693,8 @@ impl Router {
                 )
             }
         };
-        let run = async move {
+        // Boxed where it is made: passed on by value, it would be copied on its way in.
+        let run = Box::pin(async move {
             use futures_util::FutureExt;
             std::panic::AssertUnwindSafe(router.invoke_lambda(&slot, held, &f, call))
                 .catch_unwind()
@@ -704,7 +705,7 @@ impl Router {
                         None,
                     )
                 })
-        };
+        });
         FinishOnDrop::new(run, left).await
     }
 
@@ -748,7 +749,8 @@ impl Router {
             }
             Err(commitment) => {
                 m.cold_starts.inc();
-                match self.start_instance(slot, f, commitment).await {
+                // Boxed: inline, a start's future would size every warm call's (5 KB).
+                match Box::pin(self.start_instance(slot, f, commitment)).await {
                     Ok(i) => {
                         let init = i.init_duration;
                         (i, Some(init))
@@ -1067,7 +1069,7 @@ mod tests {
         // Dropped before its end: it finishes on its own and `abandoned` gets the output.
         let (go, wait) = tokio::sync::oneshot::channel::<()>();
         let (left, outcome) = tokio::sync::oneshot::channel();
-        let f = FinishOnDrop::new(async move { wait.await.is_ok() }, move |v| {
+        let f = FinishOnDrop::new(Box::pin(async move { wait.await.is_ok() }), move |v| {
             let _ = left.send(v);
         });
         assert!(
@@ -1081,7 +1083,7 @@ mod tests {
 
         // Awaited to its end: the caller gets the output and `abandoned` is never called.
         let (left, outcome) = tokio::sync::oneshot::channel::<u32>();
-        let f = FinishOnDrop::new(async { 7 }, move |v| {
+        let f = FinishOnDrop::new(Box::pin(async { 7 }), move |v| {
             let _ = left.send(v);
         });
         assert_eq!(f.await, 7);
