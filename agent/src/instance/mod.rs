@@ -7,6 +7,7 @@ pub mod lambda;
 pub mod paired;
 pub mod roaming;
 pub mod runtime_api;
+mod runtime_http;
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;

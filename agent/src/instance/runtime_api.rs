@@ -92,7 +92,7 @@ pub struct RuntimeApi {
     init: watch::Sender<Init>,
     /// Cancelled when the instance ends: pending long polls return.
     ended: CancellationToken,
-    max_response: usize,
+    pub(super) max_response: usize,
     /// The HTTP thread whose event loop the runtime's connection is registered with
     /// ([`super::roaming::RoamingStream`]), so a call on that thread can prefer this instance.
     home: Arc<super::roaming::Home>,
@@ -185,21 +185,34 @@ fn request_id(raw: &str) -> String {
     }
 }
 
+/// A request body of the runtime's: hyper's, or one [`super::runtime_http`] read whole.
+pub(super) trait RequestBody:
+    http_body::Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static
+{
+}
+
+impl<B> RequestBody for B where
+    B: http_body::Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static
+{
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// One request of the runtime's.
-async fn dispatch(api: Arc<RuntimeApi>, req: Request) -> Response {
+pub(super) async fn dispatch<B: RequestBody>(api: &RuntimeApi, req: Request<B>) -> Response {
     let method = req.method().clone();
     match route(req.uri().path()) {
-        Route::Next if method == Method::GET => next(&api).await,
+        Route::Next if method == Method::GET => next(api).await,
         Route::Response(id) if method == Method::POST => {
             let id = request_id(id);
-            response(&api, &id, req).await
+            response(api, &id, req).await
         }
         Route::Error(id) if method == Method::POST => {
             let id = request_id(id);
             // Rare, and large: boxed so they do not size every request's future.
-            Box::pin(invocation_error(&api, &id, req)).await
+            Box::pin(invocation_error(api, &id, req)).await
         }
-        Route::InitError if method == Method::POST => Box::pin(init_error(&api, req)).await,
+        Route::InitError if method == Method::POST => Box::pin(init_error(api, req)).await,
         Route::NotFound => lambda_error(
             StatusCode::NOT_FOUND,
             "InvalidRequest",
@@ -213,8 +226,7 @@ async fn dispatch(api: Arc<RuntimeApi>, req: Request) -> Response {
     }
 }
 
-/// A request as hyper reads it off the runtime's connection.
-type Request = axum::http::Request<hyper::body::Incoming>;
+type Request<B> = axum::http::Request<B>;
 
 /// One instance's Runtime API server: its listener and the runtime's connections, with no task
 /// of its own. Whoever waits on the instance drives it ([`Server::drive`]): its start until the
@@ -301,24 +313,13 @@ impl Server {
     }
 }
 
-/// One kept-alive HTTP/1.1 connection of the runtime.
+/// One kept-alive HTTP/1.1 connection of the runtime ([`super::runtime_http`]).
 fn connection<S: super::roaming::Roam + Send + 'static>(
     stream: S,
     api: Arc<RuntimeApi>,
 ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
-    let tcp = super::roaming::RoamingStream::new(stream, api.home.clone());
-    // The request's future boxed once: hyper would move it (1.6 KB) on its way in.
-    let service = hyper::service::service_fn(move |req: Request| {
-        let answer = Box::pin(dispatch(api.clone(), req));
-        async move { Ok::<_, std::convert::Infallible>(answer.await) }
-    });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
-    Box::pin(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!("runtime API connection: {e}");
-        }
-    })
+    let stream = super::roaming::RoamingStream::new(stream, api.home.clone());
+    Box::pin(super::runtime_http::serve(stream, api))
 }
 
 /// The Runtime API on `listener`, for the caller to drive ([`Server::drive`]).
@@ -527,7 +528,7 @@ fn default_error_body(error_type: &str) -> Bytes {
     )
 }
 
-async fn response(api: &RuntimeApi, id: &str, req: Request) -> Response {
+async fn response<B: RequestBody>(api: &RuntimeApi, id: &str, req: Request<B>) -> Response {
     let mode = req.headers().get("lambda-runtime-function-response-mode");
     if mode.is_some_and(|m| {
         !(m.as_bytes().eq_ignore_ascii_case(b"streaming")
@@ -602,7 +603,7 @@ async fn answered() -> Response {
 }
 
 /// The error a runtime reported (`/invocation/{id}/error`, `/init/error`): its type and body.
-async fn reported_error(req: Request) -> (String, Bytes) {
+async fn reported_error<B: RequestBody>(req: Request<B>) -> (String, Bytes) {
     let header_type = error_type(req.headers(), "lambda-runtime-function-error-type");
     let body = match http_body_util::Limited::new(req.into_body(), MAX_ERROR_BODY)
         .collect()
@@ -625,7 +626,10 @@ async fn reported_error(req: Request) -> (String, Bytes) {
 
 /// A streamed response: each chunk goes to the caller as it arrives; error trailers (or a
 /// body cut off, or one over [`MAX_STREAMED_RESPONSE`]) end the stream with an error.
-async fn stream_response(req: Request, reply: oneshot::Sender<Reply>) -> Response {
+async fn stream_response<B: RequestBody>(
+    req: Request<B>,
+    reply: oneshot::Sender<Reply>,
+) -> Response {
     let content_type = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -645,6 +649,7 @@ async fn stream_response(req: Request, reply: oneshot::Sender<Reply>) -> Respons
         let frame = match frame {
             Ok(f) => f,
             Err(e) => {
+                let e: BoxError = e.into();
                 failed = Some(stream_error(
                     "Runtime.TruncatedResponse",
                     &format!("the runtime's streamed response was cut off: {e}"),
@@ -745,7 +750,7 @@ pub async fn collect_stream(
     Ok(Bytes::from(out))
 }
 
-async fn invocation_error(api: &RuntimeApi, id: &str, req: Request) -> Response {
+async fn invocation_error<B: RequestBody>(api: &RuntimeApi, id: &str, req: Request<B>) -> Response {
     let Some(reply) = take_current(api, id) else {
         return invalid_request_id();
     };
@@ -754,7 +759,7 @@ async fn invocation_error(api: &RuntimeApi, id: &str, req: Request) -> Response 
     accepted()
 }
 
-async fn init_error(api: &RuntimeApi, req: Request) -> Response {
+async fn init_error<B: RequestBody>(api: &RuntimeApi, req: Request<B>) -> Response {
     if *api.init.borrow() != Init::Starting {
         return state_transition(
             "Ready",
