@@ -142,7 +142,7 @@ const PREFIX: &str = "/2018-06-01/runtime/";
 /// A Runtime API path, matched by hand: two requests of every invocation come here, and a
 /// general router's matching, extractors and boxed layers cost more than the work itself.
 #[derive(Debug, PartialEq)]
-enum Route<'a> {
+pub(super) enum Route<'a> {
     /// `invocation/next`
     Next,
     /// `invocation/{id}/response`
@@ -154,7 +154,7 @@ enum Route<'a> {
     NotFound,
 }
 
-fn route(path: &str) -> Route<'_> {
+pub(super) fn route(path: &str) -> Route<'_> {
     let Some(rest) = path.strip_prefix(PREFIX) else {
         return Route::NotFound;
     };
@@ -395,25 +395,75 @@ fn state_transition(from: &str, to: &str, why: &str) -> Response {
 }
 
 async fn next(api: &RuntimeApi) -> Response {
+    let handout = match handout(api).await {
+        Ok(h) => h,
+        Err(refused) => return refused,
+    };
+    // Straight into the answer's own map, sized once.
+    let mut r = Response::new(axum::body::Body::from(handout.body));
+    let headers = r.headers_mut();
+    headers.reserve(8);
+    let mut put = |name: &'static str, value: &str| {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            headers.insert(name, v);
+        }
+    };
+    put("lambda-runtime-aws-request-id", &handout.request_id);
+    put("lambda-runtime-invoked-function-arn", &handout.function_arn);
+    put("lambda-runtime-trace-id", &handout.trace_id);
+    if let Some(c) = &handout.client_context {
+        put("lambda-runtime-client-context", c);
+    }
+    if let Some(c) = &handout.cognito_identity {
+        put("lambda-runtime-cognito-identity", c);
+    }
+    headers.insert(
+        "lambda-runtime-deadline-ms",
+        HeaderValue::from(handout.deadline_ms),
+    );
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// An event as `/next` hands it to the runtime: the invocation is the runtime's current one.
+pub(super) struct Handout {
+    pub request_id: String,
+    pub deadline_ms: u64,
+    pub function_arn: String,
+    pub trace_id: String,
+    pub client_context: Option<String>,
+    pub cognito_identity: Option<String>,
+    pub body: Bytes,
+}
+
+/// `/next`: waits for an event and makes it the current invocation, or refuses as Lambda does.
+pub(super) async fn handout(api: &RuntimeApi) -> Result<Handout, Response> {
     if api
         .current
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .is_some()
     {
-        return state_transition(
+        return Err(state_transition(
             "Invoke",
             "Ready",
             "the current invocation has not been answered",
-        );
+        ));
     }
     if matches!(*api.init.borrow(), Init::Failed { .. }) {
-        return state_transition("InitError", "Ready", "init already failed");
+        return Err(state_transition(
+            "InitError",
+            "Ready",
+            "init already failed",
+        ));
     }
     // Only one long poll at a time takes events; the first one marks the end of init.
     let mut events = tokio::select! {
         e = api.events.lock() => e,
-        _ = api.ended.cancelled() => return shutting_down(),
+        _ = api.ended.cancelled() => return Err(shutting_down()),
     };
     api.init.send_if_modified(|s| {
         if *s == Init::Starting {
@@ -434,36 +484,28 @@ async fn next(api: &RuntimeApi) -> Response {
         // event (lambda_runtime panics on the missing request id), and Lambda never answers a
         // runtime it is stopping either.
         api.ended.cancelled().await;
-        return shutting_down();
+        return Err(shutting_down());
     };
-    // Straight into the answer's own map, sized once.
-    let mut r = Response::new(axum::body::Body::from(event.body));
-    let headers = r.headers_mut();
-    headers.reserve(8);
-    let mut put = |name: &'static str, value: &str| {
-        if let Ok(v) = HeaderValue::from_str(value) {
-            headers.insert(name, v);
-        }
-    };
-    put("lambda-runtime-aws-request-id", &event.request_id);
-    put("lambda-runtime-invoked-function-arn", &event.function_arn);
-    put("lambda-runtime-trace-id", &event.trace_id);
-    if let Some(c) = &event.client_context {
-        put("lambda-runtime-client-context", c);
-    }
-    if let Some(c) = &event.cognito_identity {
-        put("lambda-runtime-cognito-identity", c);
-    }
-    headers.insert(
-        "lambda-runtime-deadline-ms",
-        HeaderValue::from(event.deadline_ms),
-    );
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    *api.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((event.request_id, event.reply));
-    r
+    let Event {
+        request_id,
+        deadline_ms,
+        function_arn,
+        trace_id,
+        client_context,
+        cognito_identity,
+        body,
+        reply,
+    } = event;
+    *api.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((request_id.clone(), reply));
+    Ok(Handout {
+        request_id,
+        deadline_ms,
+        function_arn,
+        trace_id,
+        client_context,
+        cognito_identity,
+        body,
+    })
 }
 
 fn shutting_down() -> Response {

@@ -20,7 +20,7 @@ use http_body_util::{BodyExt, Full};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::roaming::{Roam, RoamingStream};
-use super::runtime_api::{RuntimeApi, dispatch};
+use super::runtime_api::{Handout, Route, RuntimeApi, dispatch, handout, route};
 
 /// A head longer than this is hyper's to judge (runtime clients send a few hundred bytes).
 const MAX_HEAD: usize = 16 * 1024;
@@ -77,8 +77,17 @@ pub(super) async fn serve<S: Roam + Send + 'static>(
         }
         buf.advance(plain.head_len);
         let body = buf.split_to(plain.content_length).freeze();
-        let answer = dispatch(&api, request(plain, body)).await;
-        if let Err(e) = write_answer(&mut io, &mut out, answer).await {
+        let written = if plain.method == Method::GET && route(&plain.path) == Route::Next {
+            // The hot answer written straight from the event, without a header map.
+            match handout(&api).await {
+                Ok(event) => write_event(&mut io, &mut out, event).await,
+                Err(refused) => write_answer(&mut io, &mut out, refused).await,
+            }
+        } else {
+            let answer = dispatch(&api, request(plain, body)).await;
+            write_answer(&mut io, &mut out, answer).await
+        };
+        if let Err(e) = written {
             tracing::debug!("runtime API connection: {e}");
             return;
         }
@@ -230,6 +239,51 @@ async fn write_answer<S: Roam>(
     write_both(io, out, &body).await
 }
 
+/// Writes `/next`'s answer: the event and its `Lambda-Runtime-*` headers, as
+/// [`super::runtime_api`]'s `next` makes them (a value a header cannot carry is left out).
+async fn write_event<S: Roam>(
+    io: &mut RoamingStream<S>,
+    out: &mut Vec<u8>,
+    event: Handout,
+) -> io::Result<()> {
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n");
+    let mut put = |name: &str, value: &str| {
+        if value
+            .bytes()
+            .all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
+        {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+    };
+    put("lambda-runtime-aws-request-id", &event.request_id);
+    put(
+        "lambda-runtime-deadline-ms",
+        itoa::Buffer::new().format(event.deadline_ms),
+    );
+    put("lambda-runtime-invoked-function-arn", &event.function_arn);
+    put("lambda-runtime-trace-id", &event.trace_id);
+    if let Some(c) = &event.client_context {
+        put("lambda-runtime-client-context", c);
+    }
+    if let Some(c) = &event.cognito_identity {
+        put("lambda-runtime-cognito-identity", c);
+    }
+    put(
+        "content-length",
+        itoa::Buffer::new().format(event.body.len()),
+    );
+    out.extend_from_slice(b"\r\n");
+    if event.body.len() < COPY_BODY_UNDER {
+        out.extend_from_slice(&event.body);
+        return io.write_all(out).await;
+    }
+    write_both(io, out, &event.body).await
+}
+
 /// Writes `head` then `body`, vectored: a large event is not copied behind its head.
 async fn write_both<S: Roam>(
     io: &mut RoamingStream<S>,
@@ -363,8 +417,9 @@ mod tests {
             deadline_ms: 1_700_000_000_000,
             function_arn: "arn:aws:lambda:us-east-1:000000000000:function:f".into(),
             trace_id: "Root=1-0-0".into(),
-            client_context: None,
-            cognito_identity: None,
+            client_context: Some("{\"custom\":{}}".into()),
+            // Not a header's value: left out, as hyper's path leaves it out.
+            cognito_identity: Some("not\r\nsafe".into()),
             body: Bytes::from_static(body.as_bytes()),
             reply: tx,
         };
@@ -502,6 +557,16 @@ mod tests {
             Some("1700000000000")
         );
         assert_eq!(a.header("content-type"), Some("application/json"));
+        assert_eq!(
+            a.header("lambda-runtime-invoked-function-arn"),
+            Some("arn:aws:lambda:us-east-1:000000000000:function:f")
+        );
+        assert_eq!(a.header("lambda-runtime-trace-id"), Some("Root=1-0-0"));
+        assert_eq!(
+            a.header("lambda-runtime-client-context"),
+            Some("{\"custom\":{}}")
+        );
+        assert_eq!(a.header("lambda-runtime-cognito-identity"), None);
         assert_eq!(a.body, b"{\"n\":1}");
         // Framed here, not by hyper (which adds a `date`).
         assert_eq!(a.header("date"), None);
@@ -583,6 +648,9 @@ mod tests {
         raw.write(NEXT).await;
         let a = raw.answer().await;
         assert_eq!((a.status, &a.body[..]), (200, &b"two"[..]));
+        assert_eq!(a.header("lambda-runtime-aws-request-id"), Some("req-2"));
+        assert_eq!(a.header("lambda-runtime-cognito-identity"), None);
+        assert!(a.header("lambda-runtime-client-context").is_some());
         raw.write(&post("req-2", "2")).await;
         assert_eq!(raw.answer().await.status, 202);
         assert_eq!(response_body(rx.await.unwrap()), b"2");
