@@ -175,7 +175,7 @@ pub(super) fn route(path: &str) -> Route<'_> {
 }
 
 /// A request id from the path, percent-decoded (ids we hand out never need it).
-fn request_id(raw: &str) -> String {
+pub(super) fn request_id(raw: &str) -> String {
     if raw.contains('%') {
         percent_encoding::percent_decode_str(raw)
             .decode_utf8_lossy()
@@ -625,11 +625,32 @@ async fn response<B: RequestBody>(api: &RuntimeApi, id: &str, req: Request<B>) -
     answered().await
 }
 
+/// A buffered response already in hand, for the invocation `id` names: passed on, and
+/// resolved when the runtime's 202 may go out (after the caller's answer, as [`answered`]).
+pub(super) async fn buffered_response(
+    api: &RuntimeApi,
+    id: &str,
+    body: Bytes,
+) -> Result<(), Response> {
+    let Some(reply) = take_current(api, id) else {
+        return Err(invalid_request_id());
+    };
+    let _ = reply.send(Reply::Response(body));
+    after_the_caller().await;
+    Ok(())
+}
+
 /// The runtime's 202 for an answer it posted, written at the connection's next poll: the
 /// invocation that drives this connection returns as soon as it has the answer, and the
 /// caller's response goes out before this one (the instance's end of invocation polls the
 /// connection again right after it, [`Server::park`]).
 async fn answered() -> Response {
+    after_the_caller().await;
+    accepted()
+}
+
+/// Resolves at the connection's next poll ([`answered`]).
+async fn after_the_caller() {
     let mut later = false;
     std::future::poll_fn(|cx| {
         if std::mem::replace(&mut later, true) {
@@ -640,8 +661,7 @@ async fn answered() -> Response {
             Poll::Pending
         }
     })
-    .await;
-    accepted()
+    .await
 }
 
 /// The error a runtime reported (`/invocation/{id}/error`, `/init/error`): its type and body.

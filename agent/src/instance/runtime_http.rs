@@ -14,13 +14,15 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, header};
+use axum::http::{HeaderName, HeaderValue, Method, Request, header};
 use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::roaming::{Roam, RoamingStream};
-use super::runtime_api::{Handout, Route, RuntimeApi, dispatch, handout, route};
+use super::runtime_api::{
+    Handout, Route, RuntimeApi, buffered_response, dispatch, handout, request_id, route,
+};
 
 /// A head longer than this is hyper's to judge (runtime clients send a few hundred bytes).
 const MAX_HEAD: usize = 16 * 1024;
@@ -75,17 +77,25 @@ pub(super) async fn serve<S: Roam + Send + 'static>(
                 }
             }
         }
-        buf.advance(plain.head_len);
+        let head = buf.split_to(plain.head_len).freeze();
         let body = buf.split_to(plain.content_length).freeze();
-        let written = if plain.method == Method::GET && route(&plain.path) == Route::Next {
-            // The hot answer written straight from the event, without a header map.
-            match handout(&api).await {
+        let path = std::str::from_utf8(&head[plain.path.clone()]).unwrap_or_default();
+        let written = match route(path) {
+            // The two requests of every warm call answered without a header map.
+            Route::Next if plain.method == Method::GET => match handout(&api).await {
                 Ok(event) => write_event(&mut io, &mut out, event).await,
                 Err(refused) => write_answer(&mut io, &mut out, refused).await,
+            },
+            Route::Response(id) if plain.method == Method::POST && !plain.names_mode => {
+                match buffered_response(&api, &request_id(id), body).await {
+                    Ok(()) => io.write_all(ACCEPTED).await,
+                    Err(refused) => write_answer(&mut io, &mut out, refused).await,
+                }
             }
-        } else {
-            let answer = dispatch(&api, request(plain, body)).await;
-            write_answer(&mut io, &mut out, answer).await
+            _ => {
+                let answer = dispatch(&api, request(&head, &plain, body)).await;
+                write_answer(&mut io, &mut out, answer).await
+            }
         };
         if let Err(e) = written {
             tracing::debug!("runtime API connection: {e}");
@@ -94,16 +104,22 @@ pub(super) async fn serve<S: Roam + Send + 'static>(
     }
 }
 
-/// A request head as framed here: owned, so the buffer it came from can move on.
+/// A request head as framed here; it stays in the bytes it came in.
 struct Plain {
     method: Method,
-    path: String,
-    headers: HeaderMap,
+    /// Where the request target is in the head.
+    path: std::ops::Range<usize>,
     head_len: usize,
     content_length: usize,
     /// `Expect: 100-continue`: the body comes after the interim answer.
     expects_continue: bool,
+    /// It names a response mode (`Lambda-Runtime-Function-Response-Mode`), which the
+    /// general handler reads.
+    names_mode: bool,
 }
+
+/// The runtime's 202 for an answer it posted, as [`super::runtime_api`] makes it.
+const ACCEPTED: &[u8] = b"HTTP/1.1 202 Accepted\r\ncontent-type: application/json\r\ncontent-length: 15\r\n\r\n{\"status\":\"OK\"}";
 
 enum Framing {
     /// The head, and (unless it asked to continue) the whole body, are in the buffer.
@@ -134,14 +150,25 @@ fn frame(buf: &[u8], max_body: usize) -> Framing {
     let Some(path) = req.path else {
         return Framing::Hyper;
     };
-    let mut headers = HeaderMap::with_capacity(req.headers.len());
+    // httparse's target is a slice of `buf`: its place, to find it again.
+    let Some(path_at) = (path.as_ptr() as usize).checked_sub(buf.as_ptr() as usize) else {
+        return Framing::Hyper;
+    };
+    let path = path_at..path_at + path.len();
     let mut content_length = None;
     let mut expects_continue = false;
+    let mut names_mode = false;
     for h in req.headers.iter() {
-        let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
+        // httparse checked the name; a value a header map would refuse is hyper's to judge.
+        if !h
+            .value
+            .iter()
+            .all(|&b| b == b'\t' || (b >= 0x20 && b != 0x7f))
+        {
             return Framing::Hyper;
-        };
-        if name == header::CONTENT_LENGTH {
+        }
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
             let n = std::str::from_utf8(h.value)
                 .ok()
                 .and_then(|v| v.trim().parse::<usize>().ok());
@@ -150,22 +177,22 @@ fn frame(buf: &[u8], max_body: usize) -> Framing {
                 // Unreadable, or given twice: hyper decides (and refuses what is ambiguous).
                 _ => return Framing::Hyper,
             }
-        } else if name == header::TRANSFER_ENCODING || name == header::UPGRADE {
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding")
+            || name.eq_ignore_ascii_case(b"upgrade")
+        {
             return Framing::Hyper;
-        } else if name == header::CONNECTION {
+        } else if name.eq_ignore_ascii_case(b"connection") {
             if !h.value.eq_ignore_ascii_case(b"keep-alive") {
                 return Framing::Hyper;
             }
-        } else if name == header::EXPECT {
+        } else if name.eq_ignore_ascii_case(b"expect") {
             if !h.value.eq_ignore_ascii_case(b"100-continue") {
                 return Framing::Hyper;
             }
             expects_continue = true;
+        } else if name.eq_ignore_ascii_case(b"lambda-runtime-function-response-mode") {
+            names_mode = true;
         }
-        let Ok(value) = HeaderValue::from_bytes(h.value) else {
-            return Framing::Hyper;
-        };
-        headers.append(name, value);
     }
     let content_length = content_length.unwrap_or(0);
     if content_length > max_body || (method == Method::GET && content_length > 0) {
@@ -178,21 +205,39 @@ fn frame(buf: &[u8], max_body: usize) -> Framing {
     }
     Framing::Complete(Plain {
         method,
-        path: path.to_owned(),
-        headers,
+        path,
         head_len,
         content_length,
         expects_continue,
+        names_mode,
     })
 }
 
-fn request(head: Plain, body: Bytes) -> Request<Full<Bytes>> {
+/// The request for the general handler, its header map made from the head.
+fn request(head: &[u8], plain: &Plain, body: Bytes) -> Request<Full<Bytes>> {
     let mut req = Request::new(Full::new(body));
-    *req.method_mut() = head.method;
-    if let Ok(uri) = head.path.parse() {
+    *req.method_mut() = plain.method.clone();
+    if let Ok(uri) = std::str::from_utf8(&head[plain.path.clone()])
+        .unwrap_or_default()
+        .parse()
+    {
         *req.uri_mut() = uri;
     }
-    *req.headers_mut() = head.headers;
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut slots);
+    // The same bytes parsed once already: this cannot fail.
+    if parsed.parse(head).is_ok() {
+        let headers = req.headers_mut();
+        headers.reserve(parsed.headers.len());
+        for h in parsed.headers.iter() {
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(h.name.as_bytes()),
+                HeaderValue::from_bytes(h.value),
+            ) {
+                headers.append(name, value);
+            }
+        }
+    }
     req
 }
 
@@ -613,6 +658,15 @@ mod tests {
         assert_eq!(a.status, 400);
         let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
         assert_eq!(v["errorType"], "InvalidRequestID");
+        // A header the general handler reads reaches it from the head framed here.
+        raw.write(
+            b"POST /2018-06-01/runtime/invocation/x/response HTTP/1.1\r\nLambda-Runtime-Function-Response-Mode: sideways\r\nContent-Length: 1\r\n\r\nx",
+        )
+        .await;
+        let a = raw.answer().await;
+        assert_eq!((a.status, a.header("date")), (400, None));
+        let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+        assert_eq!(v["errorType"], "InvalidFunctionResponseMode");
         raw.write(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert_eq!(raw.answer().await.status, 404);
         raw.write(
