@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::InvokeError;
-use super::runtime_api::{self, Event, Init, Reply, RuntimeHandle};
+use super::runtime_api::{self, Event, Init, Invocation, Reply, RuntimeHandle};
 use crate::logs::{AgentLine, Logs};
 use crate::placement;
 use crate::pool::ActiveFunction;
@@ -939,13 +939,15 @@ impl LambdaInstance {
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
             .unwrap_or(0);
         let event = Event {
-            request_id: ev.request_id.to_string(),
-            deadline_ms,
-            function_arn: ev.function_arn,
-            trace_id: trace_id(ev.request_id),
-            client_context: ev.client_context,
-            cognito_identity: None,
-            body: ev.body,
+            invocation: Invocation {
+                request_id: ev.request_id.to_string(),
+                deadline_ms,
+                function_arn: ev.function_arn,
+                trace_id: trace_id(ev.request_id),
+                client_context: ev.client_context,
+                cognito_identity: None,
+                body: ev.body,
+            },
             reply: tx,
         };
         let mut streaming = None;

@@ -20,9 +20,16 @@ use http_body_util::BodyExt;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-/// One invocation handed to the instance.
+/// One invocation handed to the instance, and where its answer goes.
 #[derive(Debug)]
 pub struct Event {
+    pub invocation: Invocation,
+    pub reply: oneshot::Sender<Reply>,
+}
+
+/// An invocation as `/next` hands it to the runtime.
+#[derive(Debug)]
+pub struct Invocation {
     pub request_id: String,
     /// Milliseconds since the epoch by which the function must answer.
     pub deadline_ms: u64,
@@ -31,7 +38,6 @@ pub struct Event {
     pub client_context: Option<String>,
     pub cognito_identity: Option<String>,
     pub body: Bytes,
-    pub reply: oneshot::Sender<Reply>,
 }
 
 /// What the runtime answered.
@@ -395,12 +401,12 @@ fn state_transition(from: &str, to: &str, why: &str) -> Response {
 }
 
 async fn next(api: &RuntimeApi) -> Response {
-    let handout = match handout(api).await {
+    let invocation = match handout(api).await {
         Ok(h) => h,
         Err(refused) => return refused,
     };
     // Straight into the answer's own map, sized once.
-    let mut r = Response::new(axum::body::Body::from(handout.body));
+    let mut r = Response::new(axum::body::Body::from(invocation.body));
     let headers = r.headers_mut();
     headers.reserve(8);
     let mut put = |name: &'static str, value: &str| {
@@ -408,18 +414,21 @@ async fn next(api: &RuntimeApi) -> Response {
             headers.insert(name, v);
         }
     };
-    put("lambda-runtime-aws-request-id", &handout.request_id);
-    put("lambda-runtime-invoked-function-arn", &handout.function_arn);
-    put("lambda-runtime-trace-id", &handout.trace_id);
-    if let Some(c) = &handout.client_context {
+    put("lambda-runtime-aws-request-id", &invocation.request_id);
+    put(
+        "lambda-runtime-invoked-function-arn",
+        &invocation.function_arn,
+    );
+    put("lambda-runtime-trace-id", &invocation.trace_id);
+    if let Some(c) = &invocation.client_context {
         put("lambda-runtime-client-context", c);
     }
-    if let Some(c) = &handout.cognito_identity {
+    if let Some(c) = &invocation.cognito_identity {
         put("lambda-runtime-cognito-identity", c);
     }
     headers.insert(
         "lambda-runtime-deadline-ms",
-        HeaderValue::from(handout.deadline_ms),
+        HeaderValue::from(invocation.deadline_ms),
     );
     headers.insert(
         header::CONTENT_TYPE,
@@ -428,19 +437,8 @@ async fn next(api: &RuntimeApi) -> Response {
     r
 }
 
-/// An event as `/next` hands it to the runtime: the invocation is the runtime's current one.
-pub(super) struct Handout {
-    pub request_id: String,
-    pub deadline_ms: u64,
-    pub function_arn: String,
-    pub trace_id: String,
-    pub client_context: Option<String>,
-    pub cognito_identity: Option<String>,
-    pub body: Bytes,
-}
-
 /// `/next`: waits for an event and makes it the current invocation, or refuses as Lambda does.
-pub(super) async fn handout(api: &RuntimeApi) -> Result<Handout, Response> {
+pub(super) async fn handout(api: &RuntimeApi) -> Result<Invocation, Response> {
     if api
         .current
         .lock()
@@ -486,26 +484,10 @@ pub(super) async fn handout(api: &RuntimeApi) -> Result<Handout, Response> {
         api.ended.cancelled().await;
         return Err(shutting_down());
     };
-    let Event {
-        request_id,
-        deadline_ms,
-        function_arn,
-        trace_id,
-        client_context,
-        cognito_identity,
-        body,
-        reply,
-    } = event;
-    *api.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((request_id.clone(), reply));
-    Ok(Handout {
-        request_id,
-        deadline_ms,
-        function_arn,
-        trace_id,
-        client_context,
-        cognito_identity,
-        body,
-    })
+    let Event { invocation, reply } = event;
+    *api.current.lock().unwrap_or_else(|p| p.into_inner()) =
+        Some((invocation.request_id.clone(), reply));
+    Ok(invocation)
 }
 
 fn shutting_down() -> Response {
@@ -835,7 +817,7 @@ async fn init_error<B: RequestBody>(api: &RuntimeApi, req: Request<B>) -> Respon
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use std::time::Duration;
 
@@ -884,9 +866,13 @@ mod tests {
         Served { base, handle, stop }
     }
 
-    fn event(id: &str, body: &'static str) -> (Event, oneshot::Receiver<Reply>) {
-        let (tx, rx) = oneshot::channel();
-        let e = Event {
+    /// An event for `id` with `body`, and where its answer arrives.
+    pub(in crate::instance) fn event(
+        id: &str,
+        body: &'static str,
+    ) -> (Event, oneshot::Receiver<Reply>) {
+        let (reply, rx) = oneshot::channel();
+        let invocation = Invocation {
             request_id: id.into(),
             deadline_ms: 1_700_000_000_000,
             function_arn: "arn:aws:lambda:us-east-1:000000000000:function:f".into(),
@@ -894,9 +880,8 @@ mod tests {
             client_context: Some("{\"custom\":{}}".into()),
             cognito_identity: None,
             body: Bytes::from_static(body.as_bytes()),
-            reply: tx,
         };
-        (e, rx)
+        (Event { invocation, reply }, rx)
     }
 
     async fn json(r: reqwest::Response) -> (u16, serde_json::Value) {

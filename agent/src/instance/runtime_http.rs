@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::roaming::{Roam, RoamingStream};
 use super::runtime_api::{
-    Handout, Route, RuntimeApi, buffered_response, dispatch, handout, request_id, route,
+    Invocation, Route, RuntimeApi, buffered_response, dispatch, handout, request_id, route,
 };
 
 /// A head longer than this is hyper's to judge (runtime clients send a few hundred bytes).
@@ -289,7 +289,7 @@ async fn write_answer<S: Roam>(
 async fn write_event<S: Roam>(
     io: &mut RoamingStream<S>,
     out: &mut Vec<u8>,
-    event: Handout,
+    event: Invocation,
 ) -> io::Result<()> {
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n");
@@ -438,8 +438,7 @@ mod tests {
     use tokio::sync::oneshot;
     use tokio_util::sync::CancellationToken;
 
-    use super::super::runtime_api::{Event, Reply, RuntimeHandle, serve};
-    use bytes::Bytes;
+    use super::super::runtime_api::{Reply, RuntimeHandle, serve};
 
     /// The Runtime API with a 1,024-byte response limit, and its address.
     fn start() -> (RuntimeHandle, std::net::SocketAddr, CancellationToken) {
@@ -456,18 +455,9 @@ mod tests {
         id: &str,
         body: &'static str,
     ) -> oneshot::Receiver<Reply> {
-        let (tx, rx) = oneshot::channel();
-        let e = Event {
-            request_id: id.into(),
-            deadline_ms: 1_700_000_000_000,
-            function_arn: "arn:aws:lambda:us-east-1:000000000000:function:f".into(),
-            trace_id: "Root=1-0-0".into(),
-            client_context: Some("{\"custom\":{}}".into()),
-            // Not a header's value: left out, as hyper's path leaves it out.
-            cognito_identity: Some("not\r\nsafe".into()),
-            body: Bytes::from_static(body.as_bytes()),
-            reply: tx,
-        };
+        let (mut e, rx) = super::super::runtime_api::tests::event(id, body);
+        // Not a header's value: left out, as hyper's path leaves it out.
+        e.invocation.cognito_identity = Some("not\r\nsafe".into());
         h.events.send(e).await.unwrap();
         rx
     }
