@@ -43,6 +43,8 @@ pub(super) async fn serve<S: Roam + Send + 'static>(
             match frame(&buf, api.max_response) {
                 Framing::Complete(plain) => break plain,
                 Framing::Partial => {}
+                // Room for the whole body at once: no growing by small steps.
+                Framing::Body { whole } => buf.reserve(whole.saturating_sub(buf.len())),
                 Framing::Hyper => return hyper_rest(io, buf.freeze(), api).await,
             }
             match io.read_buf(&mut buf).await {
@@ -65,6 +67,7 @@ pub(super) async fn serve<S: Roam + Send + 'static>(
                 return;
             }
             let whole = plain.head_len + plain.content_length;
+            buf.reserve(whole.saturating_sub(buf.len()));
             while buf.len() < whole {
                 match io.read_buf(&mut buf).await {
                     // Cut off inside the body: hyper is given it as it came.
@@ -126,6 +129,8 @@ enum Framing {
     Complete(Plain),
     /// More bytes are needed.
     Partial,
+    /// The head is here; the body is not, and the request ends at `whole` bytes.
+    Body { whole: usize },
     /// Not a plain request: hyper serves it, and the rest of the connection.
     Hyper,
 }
@@ -147,7 +152,8 @@ fn frame(buf: &[u8], max_body: usize) -> Framing {
         Some("POST") => Method::POST,
         _ => return Framing::Hyper,
     };
-    let Some(path) = req.path else {
+    // The origin form without a query, as runtime clients send: the rest is hyper's to parse.
+    let Some(path) = req.path.filter(|p| p.starts_with('/') && !p.contains('?')) else {
         return Framing::Hyper;
     };
     // httparse's target is a slice of `buf`: its place, to find it again.
@@ -169,9 +175,12 @@ fn frame(buf: &[u8], max_body: usize) -> Framing {
         }
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length") {
+            // Digits only, as hyper reads it (`parse` alone would take a sign).
             let n = std::str::from_utf8(h.value)
                 .ok()
-                .and_then(|v| v.trim().parse::<usize>().ok());
+                .map(str::trim)
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<usize>().ok());
             match (n, content_length) {
                 (Some(n), None) => content_length = Some(n),
                 // Unreadable, or given twice: hyper decides (and refuses what is ambiguous).
@@ -201,7 +210,9 @@ fn frame(buf: &[u8], max_body: usize) -> Framing {
     // Asked to continue with the body already here: the client did not wait, nothing to ask.
     let expects_continue = expects_continue && content_length > 0 && buf.len() == head_len;
     if !expects_continue && buf.len() < head_len + content_length {
-        return Framing::Partial;
+        return Framing::Body {
+            whole: head_len + content_length,
+        };
     }
     Framing::Complete(Plain {
         method,
@@ -439,6 +450,7 @@ mod tests {
     use tokio_util::sync::CancellationToken;
 
     use super::super::runtime_api::{Reply, RuntimeHandle, serve};
+    use super::{Framing, MAX_HEAD, frame};
 
     /// The Runtime API with a 1,024-byte response limit, and its address.
     fn start() -> (RuntimeHandle, std::net::SocketAddr, CancellationToken) {
@@ -574,6 +586,73 @@ mod tests {
             Reply::Response(b) => b.to_vec(),
             other => panic!("not a response: {other:?}"),
         }
+    }
+
+    /// What [`frame`] makes of `req` with a 1,024-byte body limit.
+    fn framed(req: &[u8]) -> String {
+        match frame(req, 1024) {
+            Framing::Complete(p) => format!(
+                "{} {} body {}{}{}",
+                p.method,
+                std::str::from_utf8(&req[p.path]).unwrap(),
+                p.content_length,
+                if p.expects_continue { " continue" } else { "" },
+                if p.names_mode { " mode" } else { "" },
+            ),
+            Framing::Partial => "partial".into(),
+            Framing::Body { whole } => format!("body to {whole}"),
+            Framing::Hyper => "hyper".into(),
+        }
+    }
+
+    #[test]
+    fn what_is_framed_here_and_what_goes_to_hyper() {
+        let next = "GET /2018-06-01/runtime/invocation/next HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(
+            framed(next.as_bytes()),
+            "GET /2018-06-01/runtime/invocation/next body 0"
+        );
+        assert_eq!(framed(&next.as_bytes()[..30]), "partial");
+        let post = "POST /r HTTP/1.1\r\ncontent-length: 3\r\nLambda-Runtime-Function-Response-Mode: buffered\r\n\r\n";
+        assert_eq!(
+            framed(format!("{post}abc").as_bytes()),
+            "POST /r body 3 mode"
+        );
+        assert_eq!(
+            framed(format!("{post}ab").as_bytes()),
+            format!("body to {}", post.len() + 3)
+        );
+        let cont = "POST /r HTTP/1.1\r\nContent-Length: 3\r\nExpect: 100-Continue\r\n\r\n";
+        assert_eq!(framed(cont.as_bytes()), "POST /r body 3 continue");
+        // The client did not wait: nothing to ask for.
+        assert_eq!(framed(format!("{cont}abc").as_bytes()), "POST /r body 3");
+        for other in [
+            "GET /r HTTP/1.0\r\n\r\n",
+            "PUT /r HTTP/1.1\r\n\r\n",
+            "HEAD /r HTTP/1.1\r\n\r\n",
+            "GET http://x/r HTTP/1.1\r\n\r\n",
+            "GET /r?x=1 HTTP/1.1\r\n\r\n",
+            "GET /r HTTP/1.1\r\nContent-Length: 1\r\n\r\nx",
+            "POST /r HTTP/1.1\r\nContent-Length: 1025\r\n\r\n",
+            "POST /r HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
+            "POST /r HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+            "POST /r HTTP/1.1\r\nContent-Length: +1\r\n\r\nx",
+            "POST /r HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET /r HTTP/1.1\r\nConnection: close\r\n\r\n",
+            "GET /r HTTP/1.1\r\nUpgrade: h2c\r\n\r\n",
+            "POST /r HTTP/1.1\r\nExpect: something\r\n\r\n",
+            "GET /r HTTP/1.1\r\nX-Bad: a\x7fb\r\n\r\n",
+            "NOT HTTP\r\n\r\n",
+        ] {
+            assert_eq!(framed(other.as_bytes()), "hyper", "{other:?}");
+        }
+        // A head that never ends is hyper's past the limit.
+        let long = format!("GET /r HTTP/1.1\r\nX-Long: {}", "a".repeat(MAX_HEAD));
+        assert_eq!(framed(long.as_bytes()), "hyper");
+        assert_eq!(
+            framed(b"GET /r HTTP/1.1\r\nConnection: Keep-Alive\r\n\r\n"),
+            "GET /r body 0"
+        );
     }
 
     #[tokio::test]
