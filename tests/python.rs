@@ -345,6 +345,15 @@ fn python_handler_through_its_url_and_the_invoke_api() {
     let r = invoke_api(&agent, "lambda-py", &json!({"after": "error"}), &[]);
     r.expect_ok(200);
     assert_eq!(handler_saw(&r.json())["echo"], json!({"after": "error"}));
+    // A large event and answer (1.5 MB each way): the event goes out beside its head, and the
+    // answer comes in over many reads.
+    let big = "x".repeat(1_500_000);
+    let r = invoke_api(&agent, "lambda-py", &json!({ "big": big }), &[]);
+    r.expect_ok(200);
+    assert_eq!(
+        handler_saw(&r.json())["echo"]["big"].as_str(),
+        Some(big.as_str())
+    );
 
     // sandbox.colocate_instances (on for this agent): after a call, a warm instance is moved onto
     // the CPU of the HTTP thread that served it; a call past 2 ms gets every CPU back, and the
