@@ -2,7 +2,7 @@
 //! `GET .../invocation/next` and a buffered `POST .../invocation/{id}/response`, and hyper's
 //! connection machinery (its dispatcher, the body channel between the connection and the
 //! handler, the service call) cost more than the work they carry (BENCHMARKS.md, Lambda runs
-//! 18-20). So a plain request, its whole head and `Content-Length` body in hand, is framed
+//! 18-20; what leaving it saved: run 31). So a plain request, its whole head and `Content-Length` body in hand, is framed
 //! here on httparse (hyper's own parser) and answered by the same [`super::runtime_api`]
 //! handlers. Anything else (a chunked or streamed body, an `Expect` other than `100-continue`,
 //! HTTP/1.0, `Connection: close` or `Upgrade`, a body over the response limit, a head that does
@@ -61,7 +61,8 @@ pub(super) async fn serve<S: Roam + Send + 'static>(
             }
         };
         if plain.expects_continue {
-            // The body is not sent until it is asked for (libcurl asks so for large bodies).
+            // The body is not sent until it is asked for (curl does so for large bodies unless
+            // told not to).
             if let Err(e) = io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await {
                 tracing::debug!("runtime API connection: {e}");
                 return;
