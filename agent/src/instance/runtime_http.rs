@@ -1,13 +1,14 @@
 //! One runtime connection to the Runtime API. Every warm invocation makes two requests here, a
 //! `GET .../invocation/next` and a buffered `POST .../invocation/{id}/response`, and hyper's
 //! connection machinery (its dispatcher, the body channel between the connection and the
-//! handler, the service call) cost more than the work they carry (BENCHMARKS.md, Lambda runs
-//! 18-20; what leaving it saved: run 31). So a plain request, its whole head and `Content-Length` body in hand, is framed
-//! here on httparse (hyper's own parser) and answered by the same [`super::runtime_api`]
-//! handlers. Anything else (a chunked or streamed body, an `Expect` other than `100-continue`,
-//! HTTP/1.0, `Connection: close` or `Upgrade`, a body over the response limit, a head that does
-//! not parse, a request cut off) goes to hyper with the bytes already read, and the
-//! connection stays with hyper from then on: what hyper handles well, we do not redo.
+//! handler, the service call, a header map each way) cost more than the work they carry
+//! (BENCHMARKS.md, Lambda runs 18-20; what leaving it saved: run 31). So a plain request, its
+//! whole head and `Content-Length` body in hand, is framed here on httparse (hyper's own
+//! parser) and answered by the same [`super::runtime_api`] handlers. Anything else (a chunked
+//! or streamed body, an `Expect` other than `100-continue`, HTTP/1.0, `Connection: close` or
+//! `Upgrade`, a body over the response limit, a head that does not parse, a request cut off)
+//! goes to hyper with the bytes already read, and the connection stays with hyper from then
+//! on: what hyper handles well, we do not redo.
 
 use std::io;
 use std::pin::Pin;
