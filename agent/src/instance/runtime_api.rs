@@ -406,35 +406,40 @@ async fn next(api: &RuntimeApi) -> Response {
         Err(refused) => return refused,
     };
     // Straight into the answer's own map, sized once.
-    let mut r = Response::new(axum::body::Body::from(invocation.body));
+    let mut r = Response::new(axum::body::Body::empty());
     let headers = r.headers_mut();
     headers.reserve(8);
-    let mut put = |name: &'static str, value: &str| {
+    invocation.each_header(|name, value| {
         if let Ok(v) = HeaderValue::from_str(value) {
             headers.insert(name, v);
         }
-    };
-    put("lambda-runtime-aws-request-id", &invocation.request_id);
-    put(
-        "lambda-runtime-invoked-function-arn",
-        &invocation.function_arn,
-    );
-    put("lambda-runtime-trace-id", &invocation.trace_id);
-    if let Some(c) = &invocation.client_context {
-        put("lambda-runtime-client-context", c);
-    }
-    if let Some(c) = &invocation.cognito_identity {
-        put("lambda-runtime-cognito-identity", c);
-    }
-    headers.insert(
-        "lambda-runtime-deadline-ms",
-        HeaderValue::from(invocation.deadline_ms),
-    );
+    });
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
+    *r.body_mut() = axum::body::Body::from(invocation.body);
     r
+}
+
+impl Invocation {
+    /// The `Lambda-Runtime-*` headers of `/next`'s answer, by name and value (values are
+    /// not checked here: each writer leaves out what a header cannot carry).
+    pub(super) fn each_header(&self, mut put: impl FnMut(&'static str, &str)) {
+        put("lambda-runtime-aws-request-id", &self.request_id);
+        put(
+            "lambda-runtime-deadline-ms",
+            itoa::Buffer::new().format(self.deadline_ms),
+        );
+        put("lambda-runtime-invoked-function-arn", &self.function_arn);
+        put("lambda-runtime-trace-id", &self.trace_id);
+        if let Some(c) = &self.client_context {
+            put("lambda-runtime-client-context", c);
+        }
+        if let Some(c) = &self.cognito_identity {
+            put("lambda-runtime-cognito-identity", c);
+        }
+    }
 }
 
 /// `/next`: waits for an event and makes it the current invocation, or refuses as Lambda does.

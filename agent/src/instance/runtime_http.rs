@@ -290,15 +290,11 @@ async fn write_answer<S: Roam>(
     out.extend_from_slice(b"content-length: ");
     out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
     out.extend_from_slice(b"\r\n\r\n");
-    if body.len() < COPY_BODY_UNDER {
-        out.extend_from_slice(&body);
-        return io.write_all(out).await;
-    }
-    write_both(io, out, &body).await
+    send(io, out, &body).await
 }
 
-/// Writes `/next`'s answer: the event and its `Lambda-Runtime-*` headers, as
-/// [`super::runtime_api`]'s `next` makes them (a value a header cannot carry is left out).
+/// Writes `/next`'s answer: the event and its `Lambda-Runtime-*` headers
+/// ([`Invocation::each_header`]; a value a header cannot carry is left out).
 async fn write_event<S: Roam>(
     io: &mut RoamingStream<S>,
     out: &mut Vec<u8>,
@@ -306,7 +302,8 @@ async fn write_event<S: Roam>(
 ) -> io::Result<()> {
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n");
-    let mut put = |name: &str, value: &str| {
+    event.each_header(|name, value| {
+        // What `HeaderValue::from_str` takes (visible ASCII and tab), as hyper's path does.
         if value
             .bytes()
             .all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
@@ -316,30 +313,25 @@ async fn write_event<S: Roam>(
             out.extend_from_slice(value.as_bytes());
             out.extend_from_slice(b"\r\n");
         }
-    };
-    put("lambda-runtime-aws-request-id", &event.request_id);
-    put(
-        "lambda-runtime-deadline-ms",
-        itoa::Buffer::new().format(event.deadline_ms),
-    );
-    put("lambda-runtime-invoked-function-arn", &event.function_arn);
-    put("lambda-runtime-trace-id", &event.trace_id);
-    if let Some(c) = &event.client_context {
-        put("lambda-runtime-client-context", c);
-    }
-    if let Some(c) = &event.cognito_identity {
-        put("lambda-runtime-cognito-identity", c);
-    }
-    put(
-        "content-length",
-        itoa::Buffer::new().format(event.body.len()),
-    );
-    out.extend_from_slice(b"\r\n");
-    if event.body.len() < COPY_BODY_UNDER {
-        out.extend_from_slice(&event.body);
+    });
+    out.extend_from_slice(b"content-length: ");
+    out.extend_from_slice(itoa::Buffer::new().format(event.body.len()).as_bytes());
+    out.extend_from_slice(b"\r\n\r\n");
+    send(io, out, &event.body).await
+}
+
+/// Writes the head in `out`, then `body`: copied behind the head when small, beside it
+/// (vectored) when large.
+async fn send<S: Roam>(
+    io: &mut RoamingStream<S>,
+    out: &mut Vec<u8>,
+    body: &[u8],
+) -> io::Result<()> {
+    if body.len() < COPY_BODY_UNDER {
+        out.extend_from_slice(body);
         return io.write_all(out).await;
     }
-    write_both(io, out, &event.body).await
+    write_both(io, out, body).await
 }
 
 /// Writes `head` then `body`, vectored: a large event is not copied behind its head.
